@@ -1,0 +1,79 @@
+"""Token and compute accounting: tokens per block and GFLOPs of a (patched) ViT versus the original."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from timm.models.vision_transformer import VisionTransformer
+
+from tofu_export.models.timm_vit import num_tokens, tofu_state
+from tofu_export.schedule import block_macs, plan_tokens
+
+
+@dataclass(frozen=True)
+class TokenSchedule:
+    """Per-block token counts and the compute they imply, for one input size.
+
+    GFLOPs follow the papers' convention (fvcore): one multiply-accumulate counts as one FLOP.
+    """
+
+    img_size: tuple[int, int]
+    tokens: list[int]  # [depth] tokens entering each block
+    r: list[int]  # [depth] tokens removed in each block
+    modes: list[str]  # [depth] reduce mode per block ("none" when unpatched)
+    gflops_original: float
+    gflops_reduced: float
+
+    @property
+    def flop_ratio(self) -> float:
+        """How many times fewer FLOPs the reduced model needs."""
+        return self.gflops_original / self.gflops_reduced
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "flop_ratio": self.flop_ratio}
+
+
+def _model_gflops(model: VisionTransformer, tokens: Sequence[int], removed: Sequence[int], n_in: int) -> float:
+    block = model.blocks[0]
+    dim = model.embed_dim
+    hidden = block.mlp.fc1.out_features
+    metric_dim = dim // block.attn.num_heads
+    patch = model.patch_embed.proj
+    patches = n_in - model.num_prefix_tokens
+    embed = patches * patch.in_channels * patch.out_channels * patch.kernel_size[0] * patch.kernel_size[1]
+    head_out = getattr(model.head, "out_features", 0)
+    head = dim * head_out * (2 if hasattr(model, "head_dist") else 1)
+    blocks = sum(
+        block_macs(n, r, dim, hidden, model.num_prefix_tokens, metric_dim)
+        for n, r in zip(tokens, removed, strict=True)
+    )
+    return (embed + blocks + head) / 1e9
+
+
+def token_schedule(model: VisionTransformer, img_size: int | Sequence[int] | None = None) -> TokenSchedule:
+    """Tokens per block and GFLOPs of ``model`` (patched or not) against the same model without ToFu."""
+    state = tofu_state(model)
+    if img_size is None and state is not None and state.img_size is not None:
+        img_size = state.img_size
+    n_in = num_tokens(model, img_size)
+    depth = len(model.blocks)
+    if state is None:
+        tokens, removed, modes = [n_in] * depth, [0] * depth, ["none"] * depth
+    else:
+        plan = state.plan if state.plan is not None and state.plan.tokens[0] == n_in else None
+        plan = plan or plan_tokens(n_in, state.num_prefix, state.r)
+        tokens, removed, modes = plan.tokens, plan.r, list(state.modes)
+    size = tuple(model.patch_embed.img_size) if img_size is None else _pair(img_size)
+    return TokenSchedule(
+        img_size=size,
+        tokens=list(tokens),
+        r=list(removed),
+        modes=modes,
+        gflops_original=_model_gflops(model, [n_in] * depth, [0] * depth, n_in),
+        gflops_reduced=_model_gflops(model, tokens, removed, n_in),
+    )
+
+
+def _pair(img_size: int | Sequence[int]) -> tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))

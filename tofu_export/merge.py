@@ -1,0 +1,190 @@
+"""Token Fusion: bipartite soft matching and the three ways a matched token is reduced.
+
+The whole algorithm lives here as pure functions of tensors; `tofu_export.models` only decides where to call it.
+
+Matching is ToMe's (Bolya et al., ICLR 2023), unchanged: tokens alternate between set A (even positions) and set B
+(odd positions), every A token proposes its most similar B token (cosine of the attention keys averaged over heads),
+and the r most similar proposals are carried out. Prefix tokens (class, distillation, register) are never matched.
+
+What happens to a matched source token is ToFu's choice (Kim et al., WACV 2024, arXiv 2312.01026):
+
+- ``"mean"``  (ToMe): size-weighted average of the source tokens and their destination.
+- ``"prune"``:        the source token is dropped; the destination is unchanged.
+- ``"mlerp"``:        MLERP, the multi-token generalisation of norm-preserving interpolation: the direction of the
+                      size-weighted average, rescaled to the largest norm among the merged tokens, so merging does
+                      not shrink feature norms the way plain averaging does.
+
+Two implementations of the combine step give the same numbers (to float rounding):
+
+- *eager*  (``static=False``): ``scatter_reduce``, as ToMe does it; convenient and fast in PyTorch.
+- *static* (``static=True``):  a one-hot assignment matrix and a batched matmul, with max-norms taken by masking.
+  It uses only Gather/Equal/MatMul/ReduceMax-style ops, so the exported ONNX graph has no ScatterElements with a
+  reduction (a TensorRT plugin-only op) and no data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+ReduceMode = Literal["mean", "prune", "mlerp"]
+REDUCE_MODES: tuple[str, ...] = ("mean", "prune", "mlerp")
+_NORM_EPS = 1e-6
+
+
+class Matching(NamedTuple):
+    """The outcome of one bipartite soft matching step.
+
+    Indices refer to the *matchable* part of each set (prefix tokens excluded).
+    ``Na``/``Nb`` are the numbers of matchable tokens in set A / set B.
+    """
+
+    unm_idx: Tensor  # [B, Na - r] A tokens that stay, in the order they are emitted
+    src_idx: Tensor  # [B, r]      A tokens that are reduced away
+    dst_idx: Tensor  # [B, r]      the B token each source token was matched to
+
+
+def split_sets(x: Tensor, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split ``x [B, N, C]`` into prefix ``[B, p, C]``, matchable set A ``[B, Na, C]`` and set B ``[B, Nb, C]``.
+
+    Sets alternate over the *whole* sequence (A = even positions, B = odd positions), exactly as in ToMe, and the
+    prefix tokens are then taken out of whichever set they fell into.
+    """
+    a_skip, b_skip = (num_prefix + 1) // 2, num_prefix // 2
+    return x[:, :num_prefix], x[:, 0::2][:, a_skip:], x[:, 1::2][:, b_skip:]
+
+
+def max_reduction(num_tokens: int, num_prefix: int) -> int:
+    """Largest r one bipartite matching step can remove from ``num_tokens`` tokens."""
+    return max(0, (num_tokens - num_prefix) // 2)
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching:
+    """Match ``r`` tokens of set A onto set B by cosine similarity of ``metric [B, N, C]``.
+
+    ``r`` must already be clipped to ``max_reduction(N, num_prefix)``. Indices are computed without gradient.
+    """
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        _, a, b = split_sets(metric, num_prefix)
+        scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
+
+        node_max, node_idx = scores.max(dim=-1)  # [B, Na]
+        edge_idx = node_max.argsort(dim=-1, descending=True)  # [B, Na]
+
+        unm_idx = edge_idx[:, r:]  # [B, Na - r]
+        src_idx = edge_idx[:, :r]  # [B, r]
+        dst_idx = node_idx.gather(dim=-1, index=src_idx)  # [B, r]
+        if num_prefix > 0:
+            # ToMe keeps the unmerged tokens in their original order when a class token is present.
+            unm_idx = unm_idx.sort(dim=-1).values
+    return Matching(unm_idx, src_idx, dst_idx)
+
+
+def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """``x [B, N, C]``, ``idx [B, K]`` -> ``[B, K, C]``."""
+    return x.gather(dim=1, index=idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _combine_eager(
+    dst: Tensor, dst_size: Tensor, src: Tensor, src_size: Tensor, dst_idx: Tensor, mode: ReduceMode
+) -> tuple[Tensor, Tensor]:
+    """Fold ``src [B, r, C]`` into ``dst [B, Nb, C]`` with ``scatter_reduce`` (ToMe's way)."""
+    index = dst_idx.unsqueeze(-1)  # [B, r, 1]
+    weighted = dst * dst_size
+    weighted = weighted.scatter_reduce(1, index.expand_as(src), src * src_size, reduce="sum")
+    size = dst_size.scatter_reduce(1, index, src_size, reduce="sum")  # [B, Nb, 1]
+    mean = weighted / size
+    if mode == "mean":
+        return mean, size
+    max_norm = dst.norm(dim=-1).scatter_reduce(1, dst_idx, src.norm(dim=-1), reduce="amax")  # [B, Nb]
+    merged = size > dst_size  # [B, Nb, 1] destinations that received at least one source
+    return torch.where(merged, _rescale(mean, max_norm), dst), size
+
+
+def _rescale(x: Tensor, norm: Tensor) -> Tensor:
+    """Give every token of ``x [B, N, C]`` the norm ``norm [B, N]`` (MLERP's last step)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS) * norm.unsqueeze(-1)
+
+
+def reduce_tokens(
+    x: Tensor,
+    size: Tensor | None,
+    matching: Matching,
+    mode: ReduceMode,
+    num_prefix: int,
+    static: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Apply a matching to tokens ``x [B, N, C]`` with sizes ``size [B, N, 1]`` (None: all ones).
+
+    Returns the reduced tokens ``[B, N - r, C]``, ordered ``[prefix, unmerged A, B]`` as in ToMe, and their sizes.
+    ``"prune"`` leaves sizes untouched (None stays None), so sizes are only tracked once something was merged.
+    """
+    if mode not in REDUCE_MODES:
+        raise ValueError(f"unknown reduce mode {mode!r}; expected one of {REDUCE_MODES}")
+    if static:
+        return _reduce_static(x, size, matching, mode, num_prefix)
+    prefix, a, b = split_sets(x, num_prefix)
+    unm = _gather_tokens(a, matching.unm_idx)  # [B, Na - r, C]
+    if mode == "prune":
+        if size is not None:
+            size_prefix, size_a, size_b = split_sets(size, num_prefix)
+            size = torch.cat([size_prefix, _gather_tokens(size_a, matching.unm_idx), size_b], dim=1)
+        return torch.cat([prefix, unm, b], dim=1), size
+
+    if size is None:
+        size = torch.ones_like(x[..., :1])  # [B, N, 1]
+    size_prefix, size_a, size_b = split_sets(size, num_prefix)
+    src = _gather_tokens(a, matching.src_idx)  # [B, r, C]
+    src_size = _gather_tokens(size_a, matching.src_idx)  # [B, r, 1]
+    dst, dst_size = _combine_eager(b, size_b, src, src_size, matching.dst_idx, mode)
+    x = torch.cat([prefix, unm, dst], dim=1)
+    size = torch.cat([size_prefix, _gather_tokens(size_a, matching.unm_idx), dst_size], dim=1)
+    return x, size
+
+
+def combination_matrix(matching: Matching, num_tokens: int, num_prefix: int, merge: bool) -> Tensor:
+    """The reduction as a 0/1 matrix ``M [B, N - r, N]``: output token i combines the inputs j with ``M[i, j] = 1``.
+
+    Rows are ordered ``[prefix, unmerged A, B]``. Built from one-hot comparisons of index arithmetic only (no
+    scatter), so that ``M @ x`` is the whole reduction in one static-shape batched matmul. ``merge=False`` (prune)
+    leaves the source tokens' columns empty.
+    """
+    unm_idx, src_idx, dst_idx = matching
+    batch, r = src_idx.shape
+    a_skip, b_skip = (num_prefix + 1) // 2, num_prefix // 2
+    num_b = num_tokens // 2 - b_skip
+    first_b_row = num_prefix + unm_idx.shape[1]
+    device = src_idx.device
+    inputs = torch.arange(num_tokens, device=device)  # [N]
+
+    prefix_pos = torch.arange(num_prefix, device=device).expand(batch, -1)  # [B, p]
+    b_pos = (2 * (torch.arange(num_b, device=device) + b_skip) + 1).expand(batch, -1)  # [B, Nb]
+    row_pos = torch.cat([prefix_pos, 2 * (unm_idx + a_skip), b_pos], dim=1)  # [B, N - r] input feeding each row
+    select = (row_pos.unsqueeze(-1) == inputs).float()  # [B, N - r, N]
+    if not merge or r == 0:
+        return select
+    src_onehot = ((2 * (src_idx + a_skip)).unsqueeze(-1) == inputs).float()  # [B, r, N]
+    rows = torch.arange(first_b_row + num_b, device=device)
+    dst_onehot = ((first_b_row + dst_idx).unsqueeze(-1) == rows).float()  # [B, r, N - r]
+    return select + dst_onehot.transpose(1, 2) @ src_onehot
+
+
+def _reduce_static(
+    x: Tensor, size: Tensor | None, matching: Matching, mode: ReduceMode, num_prefix: int
+) -> tuple[Tensor, Tensor | None]:
+    """``reduce_tokens`` as matmuls with the combination matrix: static shapes, no scatter, no data-dependent ops."""
+    combine = combination_matrix(matching, x.shape[1], num_prefix, merge=mode != "prune").to(x.dtype)
+    if mode == "prune":
+        return combine @ x, None if size is None else combine @ size
+    if size is None:
+        size = torch.ones_like(x[..., :1])  # [B, N, 1]
+    summed = combine @ torch.cat([x * size, size], dim=-1)  # [B, N - r, C + 1]
+    x_sum, new_size = summed[..., :-1], summed[..., -1:]
+    mean = x_sum / new_size
+    if mode == "mean":
+        return mean, new_size
+    max_norm = (combine * x.norm(dim=-1).unsqueeze(1)).amax(dim=-1)  # [B, N - r]
+    return _rescale(mean, max_norm), new_size

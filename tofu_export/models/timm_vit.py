@@ -1,0 +1,225 @@
+"""Patch a timm ``VisionTransformer`` with Token Fusion in one call, and take it off again.
+
+All ToFu state of a model lives in one ``ToFuState`` object (``model._tofu``) shared by its blocks. Each block gets
+a ``reduce`` submodule (so profilers and ONNX node names show the token reduction as ``blocks.N.reduce``) and a
+forward hook on ``attn.qkv`` that hands the keys to it; the attention itself is timm's own forward, called with
+an additive ``log(size)`` mask for proportional attention, which works with fused (SDPA) attention too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import Tensor, nn
+
+from tofu_export.merge import bipartite_soft_matching, max_reduction, reduce_tokens
+from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, plan_tokens
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a timm VisionTransformer whose blocks ToFu knows how to patch."""
+
+
+@dataclass
+class ToFuState:
+    """Everything ToFu knows about a patched model. ``size`` is the only field that changes during a forward."""
+
+    r: list[int]  # [depth] requested tokens to remove per block
+    modes: list[str]  # [depth] "mean" | "prune" | "mlerp"
+    prop_attn: bool
+    num_prefix: int
+    plan: TokenPlan | None  # static token counts, or None for the eager (any input size) path
+    img_size: tuple[int, int] | None
+    size: Tensor | None = field(default=None, repr=False)  # [B, N, 1] token sizes of the forward in flight
+
+    @property
+    def static(self) -> bool:
+        return self.plan is not None
+
+
+class TokenReduction(nn.Module):
+    """Removes ``r`` tokens after a block's attention, using the keys its ``attn.qkv`` just produced."""
+
+    def __init__(self, state: ToFuState, index: int, num_heads: int) -> None:
+        super().__init__()
+        self.state, self.index, self.num_heads = state, index, num_heads
+        self.metric: Tensor | None = None  # [B, N, head_dim], set by the qkv hook
+
+    def capture_keys(self, module: nn.Module, args: tuple, qkv: Tensor) -> None:
+        """Forward hook on ``attn.qkv``: keep the keys averaged over heads, ``[B, N, 3C] -> [B, N, C / heads]``."""
+        keys = qkv.chunk(3, dim=-1)[1]  # [B, N, C]
+        self.metric = keys.unflatten(-1, (self.num_heads, -1)).mean(dim=-2)
+
+    def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes."""
+        state, metric = self.state, self.metric
+        self.metric = None
+        if state.plan is not None:
+            expected = state.plan.tokens[self.index]
+            if x.shape[1] != expected:
+                raise ValueError(
+                    f"block {self.index} expected {expected} tokens (model patched statically for input size "
+                    f"{state.img_size}) but got {x.shape[1]}; patch again with img_size=None for any input size, "
+                    "or with the input size you feed."
+                )
+            r = state.plan.r[self.index]
+        else:
+            r = min(state.r[self.index], max_reduction(x.shape[1], state.num_prefix))
+        if r == 0:
+            return x, size
+        if metric is None:
+            raise RuntimeError("ToFu found no keys for this block: was attn.qkv skipped or replaced?")
+        matching = bipartite_soft_matching(metric, r, state.num_prefix)
+        return reduce_tokens(x, size, matching, state.modes[self.index], state.num_prefix, static=state.static)
+
+    def extra_repr(self) -> str:
+        plan = self.state.plan
+        r = plan.r[self.index] if plan is not None else self.state.r[self.index]
+        return f"r={r}, mode={self.state.modes[self.index]}, static={self.state.static}"
+
+
+class ToFuBlock(Block):
+    """timm's ``Block`` with the token reduction between attention and MLP (as in ToMe)."""
+
+    _tofu: ToFuState
+    _tofu_original_class: type
+    reduce: TokenReduction
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        state = self._tofu
+        if self.reduce.index == 0:
+            state.size = None  # a new forward starts
+        if attn_mask is not None or is_causal:
+            raise ValueError("ToFu-patched blocks do not take an attention mask or is_causal")
+        size = state.size
+        prop_mask = size.log()[:, None, None, :, 0] if state.prop_attn and size is not None else None  # [B,1,1,N]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=prop_mask)))
+        x, state.size = self.reduce(x, size)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def _size_weighted_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """Global average pooling that counts each token as many times as the patches it stands for."""
+    size = self._tofu.size
+    if size is None or (pool_type or self.global_pool) != "avg" or self.attn_pool is not None:
+        return type(self).pool(self, x, pool_type)
+    p = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    weight = size[:, p:]  # [B, N - p, 1]
+    return (x[:, p:] * weight).sum(dim=1) / weight.sum(dim=1)
+
+
+def _check_supported(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"ToFu patches timm VisionTransformer models (ViT, DeiT, DINOv2, MAE, ...); got {type(model).__name__}."
+        )
+    for i, block in enumerate(model.blocks):
+        if type(block) not in (Block, ToFuBlock) or not isinstance(block.attn, Attention):
+            raise UnsupportedModelError(
+                f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; ToFu supports timm's "
+                "standard pre-norm Block with Attention (qkv projection). Parallel, res-post-norm or rotary blocks "
+                "are not supported yet."
+            )
+    if "attn_mask" not in inspect.signature(Attention.forward).parameters:
+        raise UnsupportedModelError("this timm version's Attention takes no attn_mask; install timm>=1.0.20")
+
+
+def num_tokens(model: VisionTransformer, img_size: int | Sequence[int] | None = None) -> int:
+    """Tokens entering the first block for an input of ``img_size`` (default: the model's own input size)."""
+    embed = model.patch_embed
+    height, width = embed.img_size if img_size is None else _as_pair(img_size)
+    if (height, width) != tuple(embed.img_size) and embed.strict_img_size:
+        raise ValueError(
+            f"the model was built for {tuple(embed.img_size)} inputs and takes no other size; create it with "
+            f"img_size={height} (timm resamples the position embedding) or dynamic_img_size=True."
+        )
+    grid = embed.dynamic_feat_size((height, width)) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
+    return grid[0] * grid[1] + model.num_prefix_tokens
+
+
+def _as_pair(img_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    height, width = img_size
+    return int(height), int(width)
+
+
+def patch(
+    model: VisionTransformer,
+    r: RSpec = 16,
+    mode: str | Sequence[str] = "tofu",
+    prop_attn: bool = True,
+    img_size: int | Sequence[int] | None = None,
+    *,
+    prune_layers: int | None = None,
+    strict: bool = False,
+) -> VisionTransformer:
+    """Apply Token Fusion to a timm ``VisionTransformer`` in place and return it.
+
+    Args:
+        model: a timm VisionTransformer (class, distillation and register tokens are protected).
+        r: tokens removed per block: an int, a per-block list, or ``(r, inflection)`` (see ``parse_r``).
+        mode: ``"tofu"`` (prune early, MLERP later), ``"tome"`` (average merge), ``"prune"``, ``"mlerp"``, or a
+            per-block list of ``"mean" | "prune" | "mlerp"``.
+        prop_attn: proportional attention (add ``log(size)`` to the attention logits).
+        img_size: fix the input size and take the *static* path: token counts per block become Python constants
+            and the reduction uses no scatter, ready for ONNX/TensorRT export. None: the eager path, any input size.
+        prune_layers: with ``mode="tofu"``, how many leading blocks prune (default: a quarter of the depth).
+        strict: raise instead of warning when a block cannot remove the r asked of it.
+
+    Patching an already patched model replaces its settings.
+    """
+    _check_supported(model)
+    if is_patched(model):
+        unpatch(model)
+    depth = len(model.blocks)
+    state = ToFuState(
+        r=parse_r(r, depth),
+        modes=layer_modes(mode, depth, prune_layers),
+        prop_attn=prop_attn,
+        num_prefix=model.num_prefix_tokens,
+        plan=None,
+        img_size=None if img_size is None else _as_pair(img_size),
+    )
+    if img_size is not None:
+        state.plan = plan_tokens(num_tokens(model, img_size), model.num_prefix_tokens, state.r, strict=strict)
+    elif strict:  # check the model's own input size up front
+        plan_tokens(num_tokens(model), model.num_prefix_tokens, state.r, strict=True)
+    if model.attn_pool is not None:
+        warnings.warn("attention-pool heads see reduced tokens without size weighting", stacklevel=2)
+
+    model._tofu = state
+    model.pool = types.MethodType(_size_weighted_pool, model)
+    for index, block in enumerate(model.blocks):
+        block._tofu = state
+        block._tofu_original_class = type(block)
+        block.reduce = TokenReduction(state, index, block.attn.num_heads)
+        block._tofu_hook = block.attn.qkv.register_forward_hook(block.reduce.capture_keys)
+        block.__class__ = ToFuBlock
+    return model
+
+
+def unpatch(model: VisionTransformer) -> VisionTransformer:
+    """Restore a patched model to plain timm (its weights were never touched)."""
+    if not is_patched(model):
+        return model
+    for block in model.blocks:
+        block._tofu_hook.remove()
+        block.__class__ = block._tofu_original_class
+        del block.reduce, block._tofu, block._tofu_hook, block._tofu_original_class
+    del model._tofu, model.pool
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "_tofu")
+
+
+def tofu_state(model: nn.Module) -> ToFuState | None:
+    return getattr(model, "_tofu", None)
