@@ -72,14 +72,15 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
         scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
 
         node_max, node_idx = scores.max(dim=-1)  # [B, Na]
-        edge_idx = node_max.argsort(dim=-1, descending=True)  # [B, Na]
+        # argsort(descending) written as a full top-k so the exported TopK has a constant K (TensorRT needs one)
+        edge_idx = node_max.topk(node_max.shape[-1], dim=-1).indices  # [B, Na]
 
         unm_idx = edge_idx[:, r:]  # [B, Na - r]
         src_idx = edge_idx[:, :r]  # [B, r]
         dst_idx = node_idx.gather(dim=-1, index=src_idx)  # [B, r]
-        if num_prefix > 0:
+        if num_prefix > 0 and unm_idx.shape[-1] > 0:
             # ToMe keeps the unmerged tokens in their original order when a class token is present.
-            unm_idx = unm_idx.sort(dim=-1).values
+            unm_idx = unm_idx.topk(unm_idx.shape[-1], dim=-1, largest=False).values
     return Matching(unm_idx, src_idx, dst_idx)
 
 
@@ -102,6 +103,12 @@ def _combine_eager(
     max_norm = dst.norm(dim=-1).scatter_reduce(1, dst_idx, src.norm(dim=-1), reduce="amax")  # [B, Nb]
     merged = size > dst_size  # [B, Nb, 1] destinations that received at least one source
     return torch.where(merged, _rescale(mean, max_norm), dst), size
+
+
+def _unit_sizes(x: Tensor) -> Tensor:
+    """Sizes of fresh tokens, ``[B, N, 1]`` of ones. Computed from ``x`` (not ``ones_like``, which the ONNX tracer
+    records as a constant of the example's batch size)."""
+    return x[..., :1].detach() * 0 + 1
 
 
 def _rescale(x: Tensor, norm: Tensor) -> Tensor:
@@ -135,7 +142,7 @@ def reduce_tokens(
         return torch.cat([prefix, unm, b], dim=1), size
 
     if size is None:
-        size = torch.ones_like(x[..., :1])  # [B, N, 1]
+        size = _unit_sizes(x)
     size_prefix, size_a, size_b = split_sets(size, num_prefix)
     src = _gather_tokens(a, matching.src_idx)  # [B, r, C]
     src_size = _gather_tokens(size_a, matching.src_idx)  # [B, r, 1]
@@ -153,15 +160,16 @@ def combination_matrix(matching: Matching, num_tokens: int, num_prefix: int, mer
     leaves the source tokens' columns empty.
     """
     unm_idx, src_idx, dst_idx = matching
-    batch, r = src_idx.shape
+    r = src_idx.shape[1]
     a_skip, b_skip = (num_prefix + 1) // 2, num_prefix // 2
     num_b = num_tokens // 2 - b_skip
     first_b_row = num_prefix + unm_idx.shape[1]
     device = src_idx.device
     inputs = torch.arange(num_tokens, device=device)  # [N]
+    zero = src_idx[:, :1] * 0  # [B, 1]: computed from data so the ONNX trace keeps the batch dim dynamic
 
-    prefix_pos = torch.arange(num_prefix, device=device).expand(batch, -1)  # [B, p]
-    b_pos = (2 * (torch.arange(num_b, device=device) + b_skip) + 1).expand(batch, -1)  # [B, Nb]
+    prefix_pos = torch.arange(num_prefix, device=device) + zero  # [B, p]
+    b_pos = 2 * (torch.arange(num_b, device=device) + b_skip) + 1 + zero  # [B, Nb]
     row_pos = torch.cat([prefix_pos, 2 * (unm_idx + a_skip), b_pos], dim=1)  # [B, N - r] input feeding each row
     select = (row_pos.unsqueeze(-1) == inputs).float()  # [B, N - r, N]
     if not merge or r == 0:
@@ -180,7 +188,7 @@ def _reduce_static(
     if mode == "prune":
         return combine @ x, None if size is None else combine @ size
     if size is None:
-        size = torch.ones_like(x[..., :1])  # [B, N, 1]
+        size = _unit_sizes(x)
     summed = combine @ torch.cat([x * size, size], dim=-1)  # [B, N - r, C + 1]
     x_sum, new_size = summed[..., :-1], summed[..., -1:]
     mean = x_sum / new_size
