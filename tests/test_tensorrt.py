@@ -1,0 +1,155 @@
+"""TensorRT engine builder: trtexec command, behaviour without TensorRT, and (on a GPU box) build + parity."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import timm
+import torch
+from onnx import TensorProto, helper
+
+from tofu_export.exporters.tensorrt import (
+    EngineInputError,
+    TensorRTUnavailable,
+    TrtRunner,
+    build_engine,
+    check_batch_range,
+    load_engine,
+    read_image_input,
+    trtexec_command,
+)
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+needs_tensorrt = pytest.mark.skipif(
+    not (HAS_TENSORRT and torch.cuda.is_available()),
+    reason="needs the tensorrt Python package and a CUDA GPU (JetPack or NVIDIA's wheels)",
+)
+
+
+def _image_model(path: Path, batch: int | str = "batch", chw: tuple[int, int, int] = (3, 32, 32)) -> Path:
+    """``pixels [B, C, H, W] -> GlobalAveragePool -> [B, C, 1, 1]`` saved at ``path``."""
+    node = helper.make_node("GlobalAveragePool", ["pixels"], ["pooled"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, *chw])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [batch, chw[0], 1, 1])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _flags(command: str) -> dict[str, str]:
+    words = shlex.split(command)
+    assert words[0] == "trtexec"
+    return dict(word.partition("=")[::2] for word in words[1:])
+
+
+def test_trtexec_command_flags() -> None:
+    command = trtexec_command(
+        "out dir/model.onnx", "out dir/model.engine", fp16=True, min_batch=1, opt_batch=4, max_batch=16,
+        input_name="input", input_shape_chw=(3, 224, 224), workspace_mib=2048, timing_cache="cache/trt.cache",
+    )  # fmt: skip
+    flags = _flags(command)
+    assert flags == {
+        "--onnx": "out dir/model.onnx",
+        "--saveEngine": "out dir/model.engine",
+        "--minShapes": "input:1x3x224x224",
+        "--optShapes": "input:4x3x224x224",
+        "--maxShapes": "input:16x3x224x224",
+        "--memPoolSize": "workspace:2048",
+        "--fp16": "",
+        "--timingCacheFile": "cache/trt.cache",
+    }
+    assert "--workspace" not in command  # deprecated in 8.x, removed in 10
+
+
+def test_trtexec_command_without_fp16_or_cache() -> None:
+    command = trtexec_command(
+        "m.onnx", "m.engine", fp16=False, min_batch=2, opt_batch=2, max_batch=2, input_name="x",
+        input_shape_chw=(1, 28, 28), workspace_mib=512, timing_cache=None,
+    )  # fmt: skip
+    flags = _flags(command)
+    assert "--fp16" not in flags and "--timingCacheFile" not in flags
+    assert flags["--minShapes"] == flags["--maxShapes"] == "x:2x1x28x28"
+
+
+@pytest.mark.parametrize(("low", "opt", "high"), [(0, 1, 1), (2, 1, 4), (1, 8, 4)])
+def test_bad_batch_range_is_rejected(low: int, opt: int, high: int) -> None:
+    with pytest.raises(EngineInputError, match="min <= opt <= max"):
+        check_batch_range(low, opt, high)
+
+
+def test_read_image_input(tmp_path: Path) -> None:
+    image = read_image_input(_image_model(tmp_path / "m.onnx", chw=(1, 28, 40)))
+    assert (image.name, image.chw, image.batch) == ("pixels", (1, 28, 40), None)
+    static = read_image_input(_image_model(tmp_path / "s.onnx", batch=2))
+    assert static.batch == 2
+
+
+def test_read_image_input_rejects_non_image_graphs(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.onnx"
+    node = helper.make_node("Relu", ["tokens"], ["y"])
+    value = helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", 197, 192])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 197, 192])
+    onnx.save(helper.make_model(helper.make_graph([node], "g", [value], [out])), str(path))
+    with pytest.raises(EngineInputError, match=r"\[batch, C, H, W\]"):
+        read_image_input(path)
+    with pytest.raises(EngineInputError, match="does not exist"):
+        read_image_input(tmp_path / "missing.onnx")
+
+
+def test_build_engine_without_tensorrt_gives_the_trtexec_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+    onnx_path = _image_model(tmp_path / "vit.onnx", chw=(3, 64, 64))
+    engine_path = tmp_path / "vit.engine"
+    with pytest.raises(TensorRTUnavailable) as caught:
+        build_engine(onnx_path, engine_path, fp16=True, max_batch=4, workspace_gib=1.5, timing_cache_path="t.cache")
+    message = str(caught.value)
+    assert "not installed" in message and str(onnx_path) in message
+    assert caught.value.command is not None and caught.value.command in message
+    flags = _flags(caught.value.command)
+    assert flags["--maxShapes"] == "pixels:4x3x64x64"
+    assert flags["--memPoolSize"] == "workspace:1536"
+    assert flags["--timingCacheFile"] == "t.cache" and "--fp16" in flags
+    assert list(tmp_path.iterdir()) == [onnx_path]  # nothing half-written
+
+
+def test_build_engine_rejects_range_beyond_static_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    onnx_path = _image_model(tmp_path / "static.onnx", batch=1)
+    with pytest.raises(EngineInputError, match="static batch of 1"):
+        build_engine(onnx_path, tmp_path / "e.engine", max_batch=8)
+
+
+def test_load_engine_without_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(TensorRTUnavailable, match="not installed"):
+        load_engine(tmp_path / "any.engine")
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_tensorrt
+def test_build_and_parity_with_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    onnx_path = tmp_path / "vit.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(onnx_path), dynamo=False, opset_version=16,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+    cache = tmp_path / "timing.cache"
+    engine_path = build_engine(onnx_path, tmp_path / "vit.engine", max_batch=4, timing_cache_path=cache)
+    assert engine_path.stat().st_size > 0 and cache.stat().st_size > 0
+    runner = TrtRunner(load_engine(engine_path))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    actual = runner(images).float().cpu()
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, atol=2e-3, rtol=2e-3)

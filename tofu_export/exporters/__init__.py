@@ -1,0 +1,1 @@
+"""Exporters: ONNX, TensorRT engines and their static compatibility checks."""
