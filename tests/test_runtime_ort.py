@@ -1,0 +1,126 @@
+"""ONNX Runtime backend on a tiny exported timm ViT: providers, inputs, profile parsing and the breakdown."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+
+from tofu_export.runtime.breakdown import categorize, summarize
+from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
+from tofu_export.runtime.ort_backend import OrtBackend, resolve_providers
+from tofu_export.runtime.ort_profile import parse_ort_profile
+
+IMG = 64
+
+
+def tiny_vit(depth: int = 2) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=depth).eval()
+
+
+def export(model: torch.nn.Module, path: Path, *, dynamic_batch: bool = True) -> Path:
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    torch.onnx.export(
+        model, torch.randn(1, 3, IMG, IMG), str(path), dynamo=False, opset_version=17,
+        input_names=["input"], output_names=["output"], dynamic_axes=axes,
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(tiny_vit(), tmp_path_factory.mktemp("ort") / "vit.onnx")
+
+
+def test_resolve_providers() -> None:
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("auto", available) == available
+    assert resolve_providers("cuda", available) == available
+    assert resolve_providers("cpu", available) == ["CPUExecutionProvider"]
+    with pytest.raises(BackendUnavailableError, match="available: CUDAExecutionProvider, CPUExecutionProvider"):
+        resolve_providers("tensorrt", available)
+    with pytest.raises(ProfilerError, match="Unknown provider"):
+        resolve_providers("rocm", available)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA EP is installed")
+def test_unavailable_provider_fails_clearly(onnx_path: Path) -> None:
+    with pytest.raises(BackendUnavailableError, match="CPUExecutionProvider"):
+        OrtBackend(onnx_path, provider="cuda")
+
+
+def test_backend_reads_input_and_runs(onnx_path: Path) -> None:
+    backend = OrtBackend(onnx_path, threads=1, provider="cpu")
+    assert (backend.input_name, backend.fixed_batch, backend.chw) == ("input", None, (3, IMG, IMG))
+    backend.run(2)
+    backend.run(3)
+    assert backend._input(2).shape == (2, 3, IMG, IMG)
+    assert backend._input(2) is backend._input(2)  # fixed input, not regenerated per run
+
+
+def test_static_batch_model_rejects_other_batch_sizes(tmp_path: Path) -> None:
+    backend = OrtBackend(export(tiny_vit(depth=1), tmp_path / "b1.onnx", dynamic_batch=False), provider="cpu")
+    backend.run(1)
+    with pytest.raises(ProfilerError, match="static batch size of 1"):
+        backend.run(4)
+
+
+def test_missing_model_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ProfilerError, match="not found"):
+        OrtBackend(tmp_path / "absent.onnx")
+
+
+def _node(name: str, op: str, ts: int, dur: int) -> dict:
+    return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+
+def test_parse_ort_profile_groups_runs_and_skips_warmup() -> None:
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},
+        _node("/a/MatMul", "MatMul", 10, 90),  # warm-up run, skipped
+        {"cat": "Session", "name": "model_run", "ts": 200, "dur": 50},
+        _node("/a/MatMul", "MatMul", 201, 20),
+        _node("/b/Add", "Add", 222, 10),
+        _node("/b/Add", "Add", 233, 10),  # second call in the same run is summed
+        {"cat": "Node", "name": "/b/Add_fence_before", "ts": 221, "dur": 1, "args": {}},
+        {"cat": "Session", "name": "model_run", "ts": 300, "dur": 40},
+        _node("/a/MatMul", "MatMul", 301, 30),
+    ]
+    profile = parse_ort_profile(events, skip_runs=1)
+    assert profile.run_ms == pytest.approx([0.05, 0.04])
+    times = {op.name: (op.op_type, op.ms) for op in profile.ops}
+    assert times == {"/a/MatMul": ("MatMul", pytest.approx(0.025)), "/b/Add": ("Add", pytest.approx(0.01))}
+
+
+def test_parse_ort_profile_needs_runs() -> None:
+    with pytest.raises(ProfilerError, match="model_run"):
+        parse_ort_profile([{"cat": "Session", "name": "model_run", "ts": 0, "dur": 5}], skip_runs=1)
+
+
+def test_profile_parts_sum_to_measured_latency(onnx_path: Path) -> None:
+    """Issue requirement: a real ORT profile's parts sum to within 10% of that session's mean latency."""
+    profile = OrtBackend(onnx_path, threads=1, provider="cpu").profile(batch_size=16, iters=10)
+    parts = summarize(profile.ops)
+    measured = float(np.mean(profile.wall_ms))
+    assert len(profile.wall_ms) == len(profile.run_ms) == 10
+    assert abs(parts.total_ms - measured) <= 0.10 * measured, (parts.by_category_ms, measured)
+    for category in ("attention", "mlp", "embed", "head"):
+        assert parts.by_category_ms[category] > 0, category
+    assert parts.by_category_ms["token_reduction"] == 0.0
+    assert any(op.name.startswith("/blocks") and "/attn/" in op.name for op in profile.ops)
+
+
+def test_patched_model_has_token_reduction_time(tmp_path: Path) -> None:
+    tofu_export = pytest.importorskip("tofu_export")
+    if not hasattr(tofu_export, "patch"):
+        pytest.skip("tofu_export.patch (the ToFu core) is not available yet")
+    model = tiny_vit(depth=3)
+    tofu_export.patch(model, r=4, mode="tofu", img_size=IMG)
+    # ToFu artifacts are static-shape: export and profile at the batch size they are built for.
+    backend = OrtBackend(export(model, tmp_path / "tofu.onnx", dynamic_batch=False), threads=1, provider="cpu")
+    ops = backend.profile_ops(batch_size=1, iters=5)
+    assert any(categorize(op.name, op.op_type) == "token_reduction" for op in ops)
+    assert summarize(ops).by_category_ms["token_reduction"] > 0

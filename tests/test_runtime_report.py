@@ -1,0 +1,97 @@
+"""Reports: Markdown table, atomic JSON / Markdown writes, Pareto front and PNG plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tofu_export.runtime.atomic import write_json_atomic
+from tofu_export.runtime.backend import OpTime
+from tofu_export.runtime.breakdown import summarize
+from tofu_export.runtime.device import describe_device
+from tofu_export.runtime.errors import ProfilerError
+from tofu_export.runtime.memory import MemoryReport
+from tofu_export.runtime.pareto import TradeoffPoint, pareto_front
+from tofu_export.runtime.profiler import BatchResult, ProfileResult
+from tofu_export.runtime.report import plot_latency_vs_r, plot_pareto, render_table, write_json, write_markdown
+from tofu_export.runtime.stats import LatencyStats
+from tofu_export.runtime.tegrastats import PowerReport
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_result() -> ProfileResult:
+    ops = [OpTime("/blocks.0/mlp/fc1/MatMul", "MatMul", 2.0), OpTime("/blocks.0/reduce/TopK", "TopK", 0.5)]
+    batches = [
+        BatchResult(
+            batch_size=batch,
+            latency=LatencyStats.from_samples([0.002 * batch, 0.004 * batch], batch),
+            memory=MemoryReport(512.0, None, None, "backend runs on cpu, not CUDA"),
+            power=PowerReport(True, None, 3, "VDD_IN", 6000.0, 12.5, 50.0, 3000, 7620),
+            breakdown=summarize(ops) if batch == 1 else None,
+        )
+        for batch in (1, 8)
+    ]
+    return ProfileResult(backend="onnxruntime[CPU]", device=describe_device(), batches=batches)
+
+
+def test_render_table_has_one_row_per_batch_and_a_breakdown_table() -> None:
+    text = render_table([make_result()])
+    rows = [line for line in text.splitlines() if line.startswith("| onnxruntime[CPU] |")]
+    assert len(rows) == 3  # two latency rows, one breakdown row (only batch 1 was op-profiled)
+    assert rows[0].split(" | ")[3] == "3.000"  # mean of 2 ms and 4 ms
+    assert "6.000" in rows[0] and "12.500" in rows[0]  # watts and mJ/image
+    assert "token_reduction ms" in text and "n/a" in rows[0]
+
+
+def test_write_markdown_and_json(tmp_path: Path) -> None:
+    result = make_result()
+    markdown = write_markdown(tmp_path / "out" / "report.md", [result], title="Tiny ViT")
+    text = markdown.read_text()
+    assert text.startswith("# Tiny ViT") and "/blocks.0/reduce/TopK" in text and "token_reduction" in text
+    written = write_json(tmp_path / "report.json", [result])
+    assert json.loads(written.read_text()) == [json.loads(json.dumps(result.to_dict()))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "report.json"]  # no temp files left
+
+
+def test_failed_atomic_write_keeps_the_old_file(tmp_path: Path) -> None:
+    target = write_json_atomic(tmp_path / "state.json", {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_pareto_front_hand_checked() -> None:
+    points = [
+        {"mode": "none", "r": 0, "latency_ms": 10.0, "accuracy": 80.0},
+        {"mode": "tofu", "r": 4, "latency_ms": 7.0, "accuracy": 79.5},
+        {"mode": "tome", "r": 4, "latency_ms": 7.0, "accuracy": 79.0},  # dominated by tofu r=4
+        {"mode": "tofu", "r": 8, "latency_ms": 5.0, "accuracy": 77.0},
+        {"mode": "tome", "r": 8, "latency_ms": 6.0, "accuracy": 76.0},  # dominated by tofu r=8
+        {"mode": "tofu", "r": 16, "latency_ms": 4.0},  # no accuracy: not ranked
+    ]
+    front = pareto_front(points)
+    assert [(p.mode, p.r) for p in front] == [("tofu", 8), ("tofu", 4), ("none", 0)]
+
+
+def test_point_coercion_errors_name_missing_fields() -> None:
+    with pytest.raises(ProfilerError, match="latency_ms"):
+        TradeoffPoint.coerce({"mode": "tofu", "r": 4})
+
+
+def test_plots_write_png_files(tmp_path: Path) -> None:
+    points = [
+        TradeoffPoint(mode, r, latency_ms=10.0 - r * speed, accuracy=80.0 - r * 0.2)
+        for mode, speed in (("tofu", 0.4), ("tome", 0.35))
+        for r in (0, 4, 8, 12)
+    ]
+    for path in (plot_latency_vs_r(points, tmp_path / "lat.png"), plot_pareto(points, tmp_path / "pareto.png")):
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_pareto_plot_needs_accuracy(tmp_path: Path) -> None:
+    with pytest.raises(ProfilerError, match="accuracy"):
+        plot_pareto([TradeoffPoint("tofu", 4, 5.0)], tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()

@@ -1,0 +1,75 @@
+"""A description of the machine a profile was taken on: CPU, core count, GPU, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Hardware and software identifiers; ``None`` where a value cannot be read."""
+
+    cpu_model: str | None
+    cpu_cores: int | None
+    board: str | None  # e.g. "NVIDIA Jetson Orin Nano Developer Kit" from the device tree
+    gpu_name: str | None
+    platform: str
+    python: str
+    torch: str | None
+    onnxruntime: str | None
+    tensorrt: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_device(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> DeviceInfo:
+    """Read the CPU model, board name, CUDA GPU name and installed versions."""
+    return DeviceInfo(
+        cpu_model=cpu_model_from_cpuinfo(_read(cpuinfo_path)) or platform.processor() or None,
+        cpu_cores=os.cpu_count(),
+        board=(_read(Path("/proc/device-tree/model")) or "").rstrip("\x00\n") or None,
+        gpu_name=_cuda_gpu_name(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=_version("torch"),
+        onnxruntime=_version("onnxruntime") or _version("onnxruntime-gpu"),
+        tensorrt=_version("tensorrt"),
+    )
+
+
+def cpu_model_from_cpuinfo(text: str | None) -> str | None:
+    """The first ``model name`` (x86) or ``Model`` / ``Hardware`` (ARM) value in /proc/cpuinfo text."""
+    for key in ("model name", "Model", "Hardware"):
+        for line in (text or "").splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() == key and value.strip():
+                return value.strip()
+    return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_gpu_name() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -1,0 +1,75 @@
+"""PNG plots of a sweep: latency against the reduction rate r, and the latency/accuracy Pareto front.
+
+Uses matplotlib's object API on the Agg canvas, so no display and no global backend switch are needed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tofu_export.runtime.atomic import write_bytes_atomic
+from tofu_export.runtime.errors import ProfilerError
+from tofu_export.runtime.pareto import TradeoffPoint, pareto_front
+
+PointLike = TradeoffPoint | Mapping[str, Any] | Any
+
+
+def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path) -> Path:
+    """One line per mode: latency (ms) against r. Writes a PNG atomically and returns its path."""
+    coerced = [TradeoffPoint.coerce(point) for point in points]
+    if not coerced:
+        raise ProfilerError("plot_latency_vs_r needs at least one point.")
+    figure = Figure(figsize=(6, 4), dpi=120)
+    axes = figure.add_subplot()
+    for mode, group in _by_mode(coerced).items():
+        group.sort(key=lambda p: p.r)
+        axes.plot([p.r for p in group], [p.latency_ms for p in group], marker="o", label=mode)
+    axes.set(xlabel="tokens reduced per layer (r)", ylabel="latency (ms)", title="Latency vs reduction rate")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save_png(figure, path)
+
+
+def plot_pareto(points: Iterable[PointLike], path: str | Path) -> Path:
+    """Accuracy against latency, one colour per mode, points labelled with r, the Pareto front as a line."""
+    coerced = [p for p in map(TradeoffPoint.coerce, points) if p.accuracy is not None]
+    if not coerced:
+        raise ProfilerError("plot_pareto needs points with an accuracy; run the sweep with evaluation enabled.")
+    figure = Figure(figsize=(6, 4), dpi=120)
+    axes = figure.add_subplot()
+    for mode, group in _by_mode(coerced).items():
+        axes.scatter([p.latency_ms for p in group], [p.accuracy for p in group], label=mode, zorder=3)
+        for p in group:
+            axes.annotate(f"r={p.r}", (p.latency_ms, p.accuracy), textcoords="offset points", xytext=(4, 4))
+    front = pareto_front(coerced)
+    axes.step(
+        [p.latency_ms for p in front],
+        [p.accuracy for p in front],
+        where="post",
+        color="black",
+        alpha=0.5,
+        label="Pareto front",
+    )
+    axes.set(xlabel="latency (ms)", ylabel="accuracy", title="Speed / accuracy trade-off")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save_png(figure, path)
+
+
+def _by_mode(points: list[TradeoffPoint]) -> dict[str, list[TradeoffPoint]]:
+    groups: dict[str, list[TradeoffPoint]] = {}
+    for point in points:
+        groups.setdefault(point.mode, []).append(point)
+    return groups
+
+
+def _save_png(figure: Figure, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -1,0 +1,112 @@
+"""Resumable sweep over (mode, r): export, profile and optionally evaluate each point, saving after each one.
+
+The state file maps a content key (mode, r, config) to the finished record, so an interrupted sweep resumes
+where it stopped and a sweep with a different ``config_key`` (checkpoint, image size, ...) starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tofu_export.runtime.atomic import write_json_atomic
+from tofu_export.runtime.errors import SweepError
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One variant to build: token-reduction ``mode`` (e.g. "tofu", "tome", "none") and rate ``r``."""
+
+    mode: str
+    r: int
+
+
+def point_key(point: SweepPoint, config_key: str) -> str:
+    """Stable content hash of the point and the configuration it is built with."""
+    payload = json.dumps({"mode": point.mode, "r": point.r, "config": config_key}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def run_sweep(
+    points: Sequence[SweepPoint],
+    *,
+    state_path: str | Path,
+    export_fn: Callable[[SweepPoint], Path],
+    profile_fn: Callable[[Path], dict[str, Any]],
+    eval_fn: Callable[[Path], dict[str, Any]] | None = None,
+    config_key: str = "",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every point not already finished in ``state_path``; return one record per point, in order.
+
+    A record is ``{"key", "mode", "r", "config_key", "artifact", "profile", "eval"}``. ``export_fn`` should
+    cache its artifacts by key so a resumed point whose export finished is not rebuilt. A failing point
+    raises ``SweepError`` after every earlier point has been saved.
+    """
+    state_path = Path(state_path)
+    state = load_state(state_path)
+    records = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("sweep", total=len(points))
+        for point in points:
+            key = point_key(point, config_key)
+            bar.update(task, description=f"{point.mode} r={point.r}")
+            if key not in state["points"]:
+                state["points"][key] = _run_point(point, key, config_key, export_fn, profile_fn, eval_fn)
+                write_json_atomic(state_path, state)
+            records.append(state["points"][key])
+            bar.advance(task)
+    return records
+
+
+def load_state(state_path: Path) -> dict[str, Any]:
+    """The saved sweep state, or an empty one when the file does not exist yet."""
+    if not state_path.exists():
+        return {"version": STATE_VERSION, "points": {}}
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SweepError(f"Cannot read sweep state {state_path} ({exc}); delete it to start the sweep over.") from exc
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "points" not in state:
+        raise SweepError(
+            f"{state_path} is not a version-{STATE_VERSION} sweep state file; pass another --state path "
+            "or delete it to start the sweep over."
+        )
+    return state
+
+
+def _run_point(
+    point: SweepPoint,
+    key: str,
+    config_key: str,
+    export_fn: Callable[[SweepPoint], Path],
+    profile_fn: Callable[[Path], dict[str, Any]],
+    eval_fn: Callable[[Path], dict[str, Any]] | None,
+) -> dict[str, Any]:
+    try:
+        artifact = export_fn(point)
+        profile = profile_fn(artifact)
+        evaluation = eval_fn(artifact) if eval_fn is not None else None
+    except Exception as exc:
+        raise SweepError(
+            f"Sweep point mode={point.mode!r} r={point.r} failed: {exc}. Finished points are saved; "
+            "fix the cause and rerun the same command to resume."
+        ) from exc
+    return {
+        "key": key,
+        "mode": point.mode,
+        "r": point.r,
+        "config_key": config_key,
+        "artifact": str(artifact),
+        "profile": profile,
+        "eval": evaluation,
+    }

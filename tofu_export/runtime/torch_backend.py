@@ -1,0 +1,124 @@
+"""PyTorch eager backend: a model over a fixed random input, plus per-module profiling via torch.profiler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tofu_export.runtime.backend import OpTime
+from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
+
+ROOT_NAME = "<model>"
+_SCOPE_PREFIX = "module::"
+
+
+class TorchBackend:
+    """Runs ``model`` on ``[B, in_chans, H, W]`` inputs in inference mode on ``device``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: Literal["cpu", "cuda"] = "cpu",
+        img_size: int | tuple[int, int],
+        threads: int | None = None,
+        in_chans: int = 3,
+        seed: int = 0,
+    ) -> None:
+        if device not in ("cpu", "cuda"):
+            raise ProfilerError(f"device must be 'cpu' or 'cuda', got {device!r}.")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "TorchBackend(device='cuda') needs a CUDA GPU and a CUDA build of torch; "
+                "torch.cuda.is_available() is False here. Use device='cpu'."
+            )
+        if threads is not None:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
+        self.device = device
+        self.name = f"torch[{device}]"
+        self.model = model.eval().to(device)
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        self.chw = (in_chans, height, width)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    def _input(self, batch_size: int) -> torch.Tensor:
+        """Cached random batch ``[B, C, H, W]`` on the backend's device."""
+        if batch_size not in self._inputs:
+            batch = torch.randn((batch_size, *self.chw), generator=self._generator)
+            self._inputs[batch_size] = batch.to(self.device)
+        return self._inputs[batch_size]
+
+    @torch.inference_mode()
+    def run(self, batch_size: int) -> None:
+        self.model(self._input(batch_size))
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def profile_ops(self, batch_size: int, iters: int) -> list[OpTime]:
+        """Exclusive (self) time per module, per run, in ms: each module's scope minus its child modules'.
+
+        Module names are ``named_modules`` paths (``blocks.3.attn.qkv``); time spent in the model's own
+        ``forward`` outside any submodule is reported as ``<model>``. The parts sum to the forward time.
+        On CUDA the times are GPU kernel times, on CPU host wall time.
+        """
+        self.run(batch_size)  # warm-up, outside the profile
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with _module_scopes(self.model), torch.profiler.profile(activities=activities) as prof:
+            for _ in range(iters):
+                self.run(batch_size)
+            self.sync()
+        inclusive_us = {
+            event.key.removeprefix(_SCOPE_PREFIX): (
+                event.device_time_total if self.device == "cuda" else event.cpu_time_total
+            )
+            for event in prof.key_averages()
+            if event.key.startswith(_SCOPE_PREFIX)
+        }
+        return _exclusive_times(self.model, inclusive_us, iters)
+
+
+@contextmanager
+def _module_scopes(model: nn.Module) -> Iterator[None]:
+    """Wrap every module's forward in a ``record_function("module::<path>")`` scope via forward hooks."""
+    open_scopes: dict[str, list[torch.autograd.profiler.record_function]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        label = name or ROOT_NAME
+
+        def enter(_module: nn.Module, _args: object, label: str = label) -> None:
+            scope = torch.autograd.profiler.record_function(_SCOPE_PREFIX + label)
+            scope.__enter__()
+            open_scopes.setdefault(label, []).append(scope)
+
+        def leave(_module: nn.Module, _args: object, _output: object, label: str = label) -> None:
+            open_scopes[label].pop().__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _exclusive_times(model: nn.Module, inclusive_us: dict[str, float], iters: int) -> list[OpTime]:
+    """Per-module self time: inclusive time minus the inclusive times of its direct children, per run."""
+    ops = []
+    for name, module in model.named_modules():
+        label = name or ROOT_NAME
+        if label not in inclusive_us:
+            continue
+        children = (f"{name}.{child}" if name else child for child, _ in module.named_children())
+        self_us = inclusive_us[label] - sum(inclusive_us.get(child, 0.0) for child in children)
+        ops.append(OpTime(name=label, op_type=type(module).__name__, ms=max(self_us, 0.0) / 1e3 / iters))
+    return ops
