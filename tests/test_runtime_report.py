@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tofu_export.runtime.atomic import write_json_atomic
+from tofu_export.atomic import write_json_atomic
 from tofu_export.runtime.backend import OpTime
 from tofu_export.runtime.breakdown import summarize
 from tofu_export.runtime.device import describe_device

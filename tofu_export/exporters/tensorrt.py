@@ -6,9 +6,7 @@ builder raises :class:`TensorRTUnavailable`, whose message is the ``trtexec`` li
 
 from __future__ import annotations
 
-import os
 import shlex
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +15,8 @@ from types import ModuleType
 from typing import Any
 
 import onnx
+
+from tofu_export.atomic import write_bytes_atomic
 
 LOG_LEVELS = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
 
@@ -189,9 +189,9 @@ def build_engine(
             "log_level='VERBOSE' to see the failing layer (often too small a workspace or an unsupported op)."
         )
     engine_path = Path(engine_path)
-    _write_atomic(engine_path, memoryview(serialized).tobytes())
+    write_bytes_atomic(engine_path, memoryview(serialized).tobytes())
     if cache_path is not None:
-        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()).tobytes())
+        write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()).tobytes())
     return engine_path
 
 
@@ -367,16 +367,3 @@ def _load_timing_cache(config: Any, cache_path: Path) -> None:
             stacklevel=3,
         )
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

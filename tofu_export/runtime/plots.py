@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tofu_export.runtime.atomic import write_bytes_atomic
+from tofu_export.atomic import write_bytes_atomic
 from tofu_export.runtime.errors import ProfilerError
 from tofu_export.runtime.pareto import TradeoffPoint, pareto_front
 

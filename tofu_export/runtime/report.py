@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tofu_export.runtime.atomic import write_json_atomic, write_text_atomic
+from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.runtime.breakdown import CATEGORIES, categorize
 from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
 from tofu_export.runtime.profiler import ProfileResult

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tofu_export.runtime.atomic import write_json_atomic
+from tofu_export.atomic import write_json_atomic
 from tofu_export.runtime.errors import SweepError
 
 STATE_VERSION = 1
