@@ -1,0 +1,115 @@
+"""`tofu-export sweep`: export, profile (and score) every (mode, r) point; write a table, JSON and plots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tofu_export.atomic import write_json_atomic, write_text_atomic
+from tofu_export.checkpoint import sha256_file
+from tofu_export.pipeline import ONNX_NAME, ExportOptions, run_export
+from tofu_export.runtime.ort_backend import OrtBackend
+from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
+from tofu_export.runtime.profiler import profile
+from tofu_export.runtime.sweep import SweepPoint, point_key, run_sweep
+
+STATE = "sweep_state.json"
+
+
+def _checkpoint_file(source: str, out: Path, arch: str | None, load: Callable[..., Any]) -> Path:
+    """A checkpoint path as is; a timm model name is saved once (random weights) so it can be exported."""
+    if Path(source).exists():
+        return Path(source)
+    from safetensors.torch import save_file
+
+    path = out / f"{source}.random.safetensors"
+    if not path.exists():
+        model = load(source, arch, None, False)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), str(path))
+    return path
+
+
+def _record_row(record: dict[str, Any]) -> dict[str, Any]:
+    latency = record["profile"]
+    row = {"mode": record["mode"], "r": record["r"], "latency_ms": latency["p50_ms"], "p90_ms": latency["p90_ms"],
+           "images_per_s": latency["throughput_ips"], "gflops": latency["gflops"]}
+    metrics = (record.get("eval") or {}).get("metrics", {})
+    accuracy = metrics.get("candidate_top1", metrics.get("candidate_knn_top1"))
+    if accuracy is not None:
+        row["accuracy"] = accuracy
+    if "cosine_mean" in metrics:
+        row["cosine"] = metrics["cosine_mean"]
+    return row
+
+
+def _markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_cli_sweep(
+    source: str,
+    out: Path,
+    *,
+    r_values: Sequence[int],
+    modes: Sequence[str],
+    backend: str,
+    device: str,
+    data: Path | None,
+    limit: int | None,
+    iters: int,
+    threads: int | None,
+    arch: str | None,
+    trust_pickle: bool,
+    load: Callable[..., Any],
+) -> list[Path]:
+    """Run (or resume) the sweep in ``out``; returns the report files written."""
+    if backend != "ort":
+        raise ValueError("sweep profiles exported ONNX graphs: use --backend ort (CPU, or --device cuda)")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = _checkpoint_file(source, out, arch, load)
+    digest = sha256_file(checkpoint)
+    config_key = f"{digest}:{arch}"
+    points = [SweepPoint(mode, r) for mode in modes for r in r_values]
+
+    def export_fn(point: SweepPoint) -> Path:
+        folder = out / "artifacts" / point_key(point, config_key)[:16]
+        if not (folder / ONNX_NAME).exists():
+            options = ExportOptions(r=point.r, mode=point.mode, arch=arch, trust_pickle=trust_pickle, force=True)
+            run_export(checkpoint, folder, options)
+        return folder / ONNX_NAME
+
+    def profile_fn(onnx_path: Path) -> dict[str, Any]:
+        import json
+
+        runner = OrtBackend(onnx_path, threads=threads, provider="cuda" if device == "cuda" else "cpu")
+        result = profile(runner, batch_sizes=[1], warmup=5, iters=iters).batches[0].latency.to_dict()
+        manifest = json.loads((onnx_path.parent / "manifest.json").read_text())
+        return {**result, "gflops": manifest["gflops"]["tofu"]}
+
+    eval_fn = None
+    if data is not None:
+        from tofu_export.evaluation import OrtPredictor, evaluate
+
+        reference = load(str(checkpoint), arch, None, trust_pickle)
+
+        def eval_fn(onnx_path: Path) -> dict[str, Any]:
+            return evaluate(reference, OrtPredictor(onnx_path, threads), data, limit=limit).to_dict()
+
+    records = run_sweep(points, state_path=out / STATE, export_fn=export_fn, profile_fn=profile_fn,
+                        eval_fn=eval_fn, config_key=config_key)
+    rows = [_record_row(record) for record in records]
+    written = [
+        write_text_atomic(out / "sweep.md", _markdown(rows, f"ToFu sweep of {source}")),
+        write_json_atomic(out / "sweep.json", {"source": source, "sha256": digest, "rows": rows}),
+        plot_latency_vs_r(rows, out / "latency_vs_r.png"),
+    ]
+    if all("accuracy" in row for row in rows):
+        written.append(plot_pareto(rows, out / "pareto.png"))
+    return written
