@@ -56,6 +56,11 @@ def split_sets(x: Tensor, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
     return x[:, :num_prefix], x[:, 0::2][:, a_skip:], x[:, 1::2][:, b_skip:]
 
 
+def set_sizes(num_tokens: int, num_prefix: int) -> tuple[int, int]:
+    """Matchable tokens ``(Na, Nb)`` in sets A and B when ``num_prefix`` of ``num_tokens`` tokens are protected."""
+    return (num_tokens + 1) // 2 - (num_prefix + 1) // 2, num_tokens // 2 - num_prefix // 2
+
+
 def max_reduction(num_tokens: int, num_prefix: int) -> int:
     """Largest r one bipartite matching step can remove from ``num_tokens`` tokens."""
     return max(0, (num_tokens - num_prefix) // 2)
@@ -65,7 +70,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
     """Match ``r`` tokens of set A onto set B by cosine similarity of ``metric [B, N, C]``.
 
     ``r`` must already be clipped to ``max_reduction(N, num_prefix)``. Indices are computed without gradient.
+    Every count is a Python int derived from ``N``, so an exported graph gets constant TopK sizes.
     """
+    num_a, _ = set_sizes(int(metric.shape[1]), num_prefix)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         _, a, b = split_sets(metric, num_prefix)
@@ -73,14 +80,14 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
 
         node_max, node_idx = scores.max(dim=-1)  # [B, Na]
         # argsort(descending) written as a full top-k so the exported TopK has a constant K (TensorRT needs one)
-        edge_idx = node_max.topk(node_max.shape[-1], dim=-1).indices  # [B, Na]
+        edge_idx = node_max.topk(num_a, dim=-1).indices  # [B, Na]
 
         unm_idx = edge_idx[:, r:]  # [B, Na - r]
         src_idx = edge_idx[:, :r]  # [B, r]
         dst_idx = node_idx.gather(dim=-1, index=src_idx)  # [B, r]
-        if num_prefix > 0 and unm_idx.shape[-1] > 0:
+        if num_prefix > 0 and num_a > r:
             # ToMe keeps the unmerged tokens in their original order when a class token is present.
-            unm_idx = unm_idx.topk(unm_idx.shape[-1], dim=-1, largest=False).values
+            unm_idx = unm_idx.topk(num_a - r, dim=-1, largest=False).values
     return Matching(unm_idx, src_idx, dst_idx)
 
 
@@ -160,10 +167,10 @@ def combination_matrix(matching: Matching, num_tokens: int, num_prefix: int, mer
     leaves the source tokens' columns empty.
     """
     unm_idx, src_idx, dst_idx = matching
-    r = src_idx.shape[1]
+    r = int(src_idx.shape[1])
     a_skip, b_skip = (num_prefix + 1) // 2, num_prefix // 2
-    num_b = num_tokens // 2 - b_skip
-    first_b_row = num_prefix + unm_idx.shape[1]
+    num_a, num_b = set_sizes(num_tokens, num_prefix)
+    first_b_row = num_prefix + num_a - r
     device = src_idx.device
     inputs = torch.arange(num_tokens, device=device)  # [N]
     zero = src_idx[:, :1] * 0  # [B, 1]: computed from data so the ONNX trace keeps the batch dim dynamic
@@ -184,7 +191,7 @@ def _reduce_static(
     x: Tensor, size: Tensor | None, matching: Matching, mode: ReduceMode, num_prefix: int
 ) -> tuple[Tensor, Tensor | None]:
     """``reduce_tokens`` as matmuls with the combination matrix: static shapes, no scatter, no data-dependent ops."""
-    combine = combination_matrix(matching, x.shape[1], num_prefix, merge=mode != "prune").to(x.dtype)
+    combine = combination_matrix(matching, int(x.shape[1]), num_prefix, merge=mode != "prune").to(x.dtype)
     if mode == "prune":
         return combine @ x, None if size is None else combine @ size
     if size is None:
