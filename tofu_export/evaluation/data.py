@@ -1,0 +1,118 @@
+"""Image folders and eval transforms: ``<root>/<class>/<image>`` in, batches ``[B, 3, H, W]`` + labels out.
+
+Class indices: when every class folder name is all digits (``0243``, ``7``) the index is that integer
+(the ImageNet / dataset class index, so a 1000-way head is scored against the right logit even when only
+20 classes are present); otherwise it is the folder's position in sorted order (torchvision's rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+
+from tofu_export.evaluation.errors import EvaluationError
+
+Transform = Callable[[Image.Image], torch.Tensor]
+EVAL_SPLITS = ("test", "val")
+
+
+class IndexedImageFolder(ImageFolder):
+    """``ImageFolder`` whose class index is ``int(folder name)`` when all folder names are digits."""
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes, class_to_idx = super().find_classes(directory)
+        if not all(name.isdigit() for name in classes):
+            return classes, class_to_idx
+        by_value = {name: int(name) for name in classes}
+        if len(set(by_value.values())) != len(by_value):
+            raise EvaluationError(
+                f"{directory}: class folders {classes} name the same class index twice (e.g. '7' and '007'). "
+                "Rename them so that each integer class index has exactly one folder."
+            )
+        return classes, by_value
+
+
+def image_folder(root: str | Path, transform: Transform) -> IndexedImageFolder:
+    """The dataset under ``root`` (``<root>/<class>/<image>``), each image passed through ``transform``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvaluationError(
+            f"Dataset folder {root} does not exist. Prepare one with scripts/prepare_data.py "
+            "(foolbox or fashion-mnist), or point to any folder laid out as <root>/<class>/<image>."
+        )
+    try:
+        return IndexedImageFolder(str(root), transform=transform)
+    except FileNotFoundError as error:
+        raise EvaluationError(
+            f"{root} holds no <class>/<image> files ({error}). Expected an ImageFolder layout, e.g. "
+            f"{root}/0/a.png, {root}/1/b.png; for a folder with train/ and test/, pass the parent folder."
+        ) from error
+
+
+def split_folders(root: str | Path) -> tuple[Path | None, Path]:
+    """``(train, eval)`` folders: ``train/`` or None, and ``test/`` or ``val/`` (else ``root`` itself)."""
+    root = Path(root)
+    train = root / "train"
+    eval_dir = next((root / name for name in EVAL_SPLITS if (root / name).is_dir()), root)
+    return (train if train.is_dir() and eval_dir != root else None), eval_dir
+
+
+def model_data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """timm's eval data config for ``model``, with ``input_size`` taken from the model actually built.
+
+    ``resolve_data_config`` reads the pretrained config, which keeps the pretrained resolution
+    (518 for DINOv2) even when the model was created with ``img_size=224``; the patch embed knows better.
+    """
+    config = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        config["input_size"] = (config["input_size"][0], *img_size)
+    return config
+
+
+def model_transform(model: torch.nn.Module) -> Transform:
+    """The eval transform (resize, center crop, normalize) of ``model``; images are loaded as RGB."""
+    return create_transform(**model_data_config(model))
+
+
+def artifact_transform(
+    img_size: int,
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+) -> Transform:
+    """Eval transform for an ONNX / TensorRT artifact that carries no data config: ``[3, S, S]`` output."""
+    return create_transform(
+        input_size=(3, img_size, img_size), mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation
+    )
+
+
+def subsample(dataset: Dataset, limit: int | None) -> Dataset:
+    """At most ``limit`` items, evenly strided over the (class-sorted) dataset so classes stay balanced."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if limit is None or limit >= size:
+        return dataset
+    if limit <= 0:
+        raise EvaluationError(f"limit must be a positive number of images, got {limit}.")
+    return Subset(dataset, [i * size // limit for i in range(limit)])
+
+
+def make_loader(
+    root: str | Path,
+    transform: Transform,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    limit: int | None = None,
+) -> DataLoader:
+    """Ordered (unshuffled) batches ``([B, 3, H, W] float32, [B] int64)`` of the ImageFolder at ``root``."""
+    dataset = subsample(image_folder(root, transform), limit)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

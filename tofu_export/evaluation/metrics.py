@@ -1,0 +1,142 @@
+"""Accuracy and backbone-fidelity metrics over any :class:`Predictor` and any iterable of batches.
+
+A *loader* is any iterable of ``(images [B, 3, H, W], labels [B])`` (a ``DataLoader`` from
+:func:`tofu_export.evaluation.data.make_loader`). Percentages are in ``[0, 100]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tofu_export.evaluation.errors import EvaluationError
+from tofu_export.evaluation.predictors import Predictor
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracies in % (keys ``top1``, ``top5``, ...) and the image count ``n``.
+
+    ``k`` larger than the number of classes ``K`` counts as ``K`` (every label is then in the top-k).
+    """
+    correct = dict.fromkeys(topk, 0)
+    count = 0
+    for images, labels in loader:
+        logits = predictor(images)
+        if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+            shape = list(logits.shape)
+            raise EvaluationError(f"Expected logits [B, K] for B={labels.shape[0]} images, got {shape}.")
+        num_classes = logits.shape[1]
+        if int(labels.max()) >= num_classes:
+            raise EvaluationError(
+                f"Label {int(labels.max())} does not fit the model's {num_classes} classes. Class folders "
+                "named by integers are read as class indices (ImageNet: 0..999); use a matching head."
+            )
+        ranked = logits.topk(min(max(topk), num_classes), dim=1).indices  # [B, k_max]
+        hits = ranked == labels.unsqueeze(1)  # [B, k_max]
+        for k in topk:
+            correct[k] += int(hits[:, :k].any(dim=1).sum())
+        count += labels.shape[0]
+    if count == 0:
+        raise EvaluationError("The loader yielded no images; check the dataset folder.")
+    return {**{f"top{k}": 100.0 * correct[k] / count for k in topk}, "n": float(count)}
+
+
+def extract_features(predictor: Predictor, loader: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the predictor's outputs and the labels: ``(features [N, D] float32, labels [N] int64)``."""
+    features, labels = [], []
+    for images, batch_labels in loader:
+        output = predictor(images)
+        if output.ndim != 2:
+            raise EvaluationError(
+                f"Expected pooled features [B, D], got {list(output.shape)}. Use a headless model "
+                "(num_classes=0) or TorchPredictor(model, features=True)."
+            )
+        features.append(output.float().cpu())
+        labels.append(batch_labels.long().cpu())
+    if not features:
+        raise EvaluationError("The loader yielded no images; check the dataset folder.")
+    return torch.cat(features), torch.cat(labels)
+
+
+def feature_cosine(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+    """Per-image cosine similarity of ``test [N, D]`` to ``reference [N, D]``: mean, min and 5th percentile.
+
+    Computed in float64 as ``<a, b> / sqrt(<a, a> <b, b>)`` so identical rows give exactly 1.0.
+    """
+    if reference.shape != test.shape or reference.ndim != 2:
+        raise EvaluationError(
+            f"Feature shapes differ: reference {list(reference.shape)} vs test {list(test.shape)}; both "
+            "must be [N, D] from the same images, with the same feature width D."
+        )
+    a, b = reference.double(), test.double()
+    dot = (a * b).sum(dim=1)
+    norms = ((a * a).sum(dim=1) * (b * b).sum(dim=1)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    cosine = (dot / norms).clamp(-1.0, 1.0)
+    p5 = torch.quantile(cosine, 0.05)
+    return {"mean": float(cosine.mean()), "min": float(cosine.min()), "p5": float(p5)}
+
+
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> float:
+    """DINO-style weighted k-NN top-1 accuracy in %.
+
+    Features ``[N, D]`` are L2-normalized; each test image votes with its ``k`` most cosine-similar train
+    images, weighted ``exp(similarity / temperature)``; the class with the largest vote wins.
+    """
+    if train_features.shape[1] != test_features.shape[1]:
+        raise EvaluationError(
+            f"Train features are {train_features.shape[1]}-d, test features {test_features.shape[1]}-d."
+        )
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, train.shape[0])
+    correct = 0
+    for start in range(0, test.shape[0], chunk_size):
+        similarity, index = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)  # [T, k]
+        votes = torch.zeros(similarity.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
+        correct += int((votes.argmax(dim=1) == test_labels[start : start + chunk_size]).sum())
+    return 100.0 * correct / test.shape[0]
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    steps: int = 300,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> float:
+    """Top-1 accuracy in % of a logistic-regression probe fit full-batch (L-BFGS) on standardized features."""
+    mean, std = train_features.mean(dim=0), train_features.std(dim=0).clamp_min(1e-6)
+    train, test = (train_features - mean) / std, (test_features - mean) / std
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(train.shape[1], num_classes)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(probe.weight.shape, generator=generator) * 0.01)
+        probe.bias.zero_()
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(train), train_labels) + weight_decay * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return 100.0 * float((probe(test).argmax(dim=1) == test_labels).float().mean())

@@ -1,0 +1,159 @@
+"""Predictors: anything that maps a batch of images ``[B, 3, H, W]`` to outputs ``[B, K]``.
+
+``K`` is the number of classes for a classifier, or the feature width for a headless backbone.
+PyTorch modules, ONNX Runtime sessions (CPU) and TensorRT engines (lazy import) share this interface,
+so every metric in :mod:`tofu_export.evaluation.metrics` runs on any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from tofu_export.evaluation.errors import EvaluationError
+from tofu_export.runtime.errors import BackendUnavailableError
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` float32 on CPU -> ``[B, K]`` float32 on CPU."""
+        ...
+
+
+def run_in_fixed_batches(
+    run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, fixed_batch: int | None
+) -> torch.Tensor:
+    """``run`` over ``images`` ``[B, ...]`` in chunks of exactly ``fixed_batch`` (zero-padding the last one).
+
+    Static-shape artifacts accept one batch size only; the padded rows are dropped from the result.
+    With ``fixed_batch=None`` the batch is run as is.
+    """
+    if fixed_batch is None or images.shape[0] == fixed_batch:
+        return run(images)
+    outputs = []
+    for start in range(0, images.shape[0], fixed_batch):
+        chunk = images[start : start + fixed_batch]
+        missing = fixed_batch - chunk.shape[0]
+        if missing:
+            chunk = torch.cat([chunk, chunk.new_zeros((missing, *chunk.shape[1:]))])
+        outputs.append(run(chunk)[: fixed_batch - missing])
+    return torch.cat(outputs)
+
+
+def _check_image_shape(images: torch.Tensor, expected: Sequence[Any], source: str) -> None:
+    """Raise if ``images`` ``[B, C, H, W]`` does not fit the static ``(C, H, W)`` of an artifact."""
+    static = [dim if isinstance(dim, int) and dim > 0 else None for dim in expected]
+    actual = list(images.shape[1:])
+    mismatch = any(s is not None and s != a for s, a in zip(static, actual, strict=False))
+    if len(static) != len(actual) or mismatch:
+        raise EvaluationError(
+            f"{source} expects images shaped {list(expected)} per sample but got {actual}. Build the loader "
+            "with artifact_transform(img_size=...) matching the size the artifact was exported at."
+        )
+
+
+class TorchPredictor:
+    """A PyTorch module in eval mode; ``features=True`` returns pre-logits pooled features, not logits."""
+
+    def __init__(self, model: torch.nn.Module, *, features: bool = False) -> None:
+        self.model = model.eval()
+        self.features = features
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if not self.features:
+                return self.model(images)
+            return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+
+class OrtPredictor:
+    """An ONNX model on ONNX Runtime's CPU provider, ``threads`` intra-op threads (None: ORT's default)."""
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
+        self.onnx_path = Path(onnx_path)
+        if not self.onnx_path.is_file():
+            raise EvaluationError(f"ONNX model not found: {self.onnx_path}. Export it (tofu-export export).")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+        model_input = self.session.get_inputs()[0]
+        self.input_name: str = model_input.name
+        self.input_shape: list[Any] = list(model_input.shape)
+        self.fixed_batch = self.input_shape[0] if isinstance(self.input_shape[0], int) else None
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        feed = {self.input_name: images.numpy().astype(np.float32, copy=False)}
+        (output, *_) = self.session.run(None, feed)
+        return torch.from_numpy(output)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        _check_image_shape(images, self.input_shape[1:], self.onnx_path.name)
+        return run_in_fixed_batches(self._run, images.detach().cpu().contiguous(), self.fixed_batch)
+
+
+def _import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise BackendUnavailableError(
+            "TrtPredictor needs the tensorrt Python package, which is not installed here. On a Jetson it "
+            "comes with JetPack; on an NVIDIA GPU install it with pip install 'tofu-export[trt]'. Use "
+            "OrtPredictor to evaluate the ONNX artifact on the CPU instead."
+        ) from error
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("TrtPredictor needs a CUDA GPU, and torch sees none on this machine.")
+    return tensorrt
+
+
+class TrtPredictor:
+    """A serialized TensorRT engine (one image input, first output returned) run on ``device``."""
+
+    def __init__(self, engine_path: str | Path, device: str = "cuda") -> None:
+        trt = _import_tensorrt()
+        self.engine_path = Path(engine_path)
+        if not self.engine_path.is_file():
+            raise EvaluationError(f"TensorRT engine not found: {self.engine_path}. Build it first.")
+        self.device = torch.device(device)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise EvaluationError(
+                f"{self.engine_path} could not be deserialized: it was built with another TensorRT version "
+                "or for another GPU. Rebuild the engine on this device."
+            )
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {name: self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
+        self.input_name = next(name for name in names if is_input[name])
+        self.output_name = next(name for name in names if not is_input[name])
+        self.input_shape = list(self.engine.get_tensor_shape(self.input_name))
+        self.fixed_batch = self.input_shape[0] if self.input_shape[0] > 0 else None
+        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
+        self._input_dtype = dtypes[self.engine.get_tensor_dtype(self.input_name)]
+        self._output_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images.to(self.device, self._input_dtype).contiguous()
+        if self.fixed_batch is None:
+            self.context.set_input_shape(self.input_name, tuple(batch.shape))
+        output_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        output = torch.empty(output_shape, device=self.device, dtype=self._output_dtype)
+        self.context.set_tensor_address(self.input_name, batch.data_ptr())
+        self.context.set_tensor_address(self.output_name, output.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EvaluationError(f"TensorRT failed on {self.engine_path.name}, batch {list(batch.shape)}.")
+        stream.synchronize()
+        return output.float().cpu()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        _check_image_shape(images, self.input_shape[1:], self.engine_path.name)
+        return run_in_fixed_batches(self._run, images, self.fixed_batch)
