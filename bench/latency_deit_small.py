@@ -1,0 +1,121 @@
+"""ONNX Runtime CPU latency of deit_small_patch16_224: baseline vs ToMe vs ToFu at the same r.
+
+Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified) and timed in one
+process, interleaved round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads,
+median of --iters runs after --warmup. Weights are random (latency does not depend on them).
+
+Variants:
+  baseline      timm's model, no token reduction
+  tome-scatter  the official ToMe algorithm as ToMe writes it (scatter_reduce), our eager path, exported as is
+  tome          ToMe's algorithm through our static rewrite (one-hot combination matmul, no scatter)
+  tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
+
+Usage: python bench/latency_deit_small.py [--r 16] [--iters 50] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import timm
+import torch
+
+import tofu_export
+from tofu_export.exporters.onnx import export_onnx
+from tofu_export.runtime.device import describe_device
+
+MODEL = "deit_small_patch16_224"
+
+
+def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
+    """Export each variant; returns name -> (onnx path, GFLOPs)."""
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, pretrained=False).eval()
+    variants = {}
+    setups = [
+        ("baseline", None),
+        ("tome-scatter", dict(mode="tome")),  # eager path: ToMe's own scatter_reduce formulation
+        ("tome", dict(mode="tome", img_size=224)),
+        ("tofu", dict(mode="tofu", img_size=224)),
+    ]
+    for name, patch_kwargs in setups:
+        tofu_export.unpatch(model)
+        if patch_kwargs is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # r=16 is clipped in the last block; that is expected
+                tofu_export.patch(model, r=r, **patch_kwargs)
+        path = folder / f"{name}.onnx"
+        result = export_onnx(model, path, 224)
+        assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
+        variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
+    return variants
+
+
+def time_interleaved(paths: dict[str, Path], threads: int, warmup: int, iters: int) -> dict[str, list[float]]:
+    sessions = {}
+    for name, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, {"input": image})
+    for _ in range(iters):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {"input": image})
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = build_variants(args.r, Path(tmp))
+        samples = time_interleaved({k: v[0] for k, v in variants.items()}, args.threads, args.warmup, args.iters)
+    base = statistics.median(samples["baseline"])
+    rows = []
+    for name, times in samples.items():
+        median = statistics.median(times)
+        rows.append({
+            "variant": name, "r": 0 if name == "baseline" else args.r, "median_ms": round(median, 2),
+            "p90_ms": round(float(np.percentile(times, 90)), 2), "speedup": round(base / median, 3),
+            "gflops": round(variants[name][1], 3), "flop_ratio": round(variants["baseline"][1] / variants[name][1], 3),
+        })
+    result = {
+        "benchmark": "ORT CPU latency, deit_small_patch16_224, batch 1",
+        "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads}",
+        "threads": args.threads, "iters": args.iters, "warmup": args.warmup, "rows": rows,
+        "machine": describe_device().to_dict(), "python": platform.python_version(),
+        "onnxruntime": ort.__version__, "torch": torch.__version__,
+    }
+    table = ["| variant | r | median ms | p90 ms | speedup vs baseline | GFLOPs | FLOP ratio |", "|---" * 7 + "|"]
+    table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | {r['gflops']} | "
+              f"{r['flop_ratio']}x |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latency_deit_small.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "latency_deit_small.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
