@@ -30,7 +30,7 @@ bench-eval: install dinov2 data  ## DINOv2-S/14 fidelity + k-NN on Fashion-MNIST
 	$(PYTHON) bench/eval_dinov2.py
 
 bench-sweep: install  ## the profiler sweep for deit_small on this CPU (writes bench/results/sweep_deit_small/)
-	$(PYTHON) bench/sweep_deit_small.py
+	bash bench/sweep_deit_small.sh
 
 ci-artifacts: install  ## CI's deployment artifacts: a small model exported end to end and checked
 	bash .ci/artifacts.sh $(ARTIFACTS)/ci
