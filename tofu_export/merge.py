@@ -173,7 +173,7 @@ def combination_matrix(matching: Matching, num_tokens: int, num_prefix: int, mer
     first_b_row = num_prefix + num_a - r
     device = src_idx.device
     inputs = torch.arange(num_tokens, device=device)  # [N]
-    zero = src_idx[:, :1] * 0  # [B, 1]: computed from data so the ONNX trace keeps the batch dim dynamic
+    zero = (src_idx if r else unm_idx)[:, :1] * 0  # [B, 1], from data so the ONNX trace keeps batch dynamic
 
     prefix_pos = torch.arange(num_prefix, device=device) + zero  # [B, p]
     b_pos = 2 * (torch.arange(num_b, device=device) + b_skip) + 1 + zero  # [B, Nb]

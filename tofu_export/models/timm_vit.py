@@ -45,15 +45,19 @@ class ToFuState:
 class TokenReduction(nn.Module):
     """Removes ``r`` tokens after a block's attention, using the keys its ``attn.qkv`` just produced."""
 
-    def __init__(self, state: ToFuState, index: int, num_heads: int) -> None:
+    def __init__(self, state: ToFuState, index: int, num_heads: int, dim: int) -> None:
         super().__init__()
-        self.state, self.index, self.num_heads = state, index, num_heads
+        self.state, self.index, self.num_heads, self.dim = state, index, num_heads, dim
         self.metric: Tensor | None = None  # [B, N, head_dim], set by the qkv hook
 
     def capture_keys(self, module: nn.Module, args: tuple, qkv: Tensor) -> None:
-        """Forward hook on ``attn.qkv``: keep the keys averaged over heads, ``[B, N, 3C] -> [B, N, C / heads]``."""
-        keys = qkv.chunk(3, dim=-1)[1]  # [B, N, C]
-        self.metric = keys.unflatten(-1, (self.num_heads, -1)).mean(dim=-2)
+        """Forward hook on ``attn.qkv``: keep the keys averaged over heads, ``[B, N, 3C] -> [B, N, C / heads]``.
+
+        Slices and reshapes use Python ints (not ``chunk``/``unflatten(-1)``) so ONNX shape inference stays exact.
+        """
+        keys = qkv[..., self.dim : 2 * self.dim]  # [B, N, C]
+        heads = keys.reshape(qkv.shape[0], qkv.shape[1], self.num_heads, self.dim // self.num_heads)
+        self.metric = heads.mean(dim=2)
 
     def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes."""
@@ -199,7 +203,7 @@ def patch(
     for index, block in enumerate(model.blocks):
         block._tofu = state
         block._tofu_original_class = type(block)
-        block.reduce = TokenReduction(state, index, block.attn.num_heads)
+        block.reduce = TokenReduction(state, index, block.attn.num_heads, block.attn.qkv.out_features // 3)
         block._tofu_hook = block.attn.qkv.register_forward_hook(block.reduce.capture_keys)
         block.__class__ = ToFuBlock
     return model

@@ -1,0 +1,59 @@
+"""Shared fixtures: seeded random-init timm ViTs small enough for a 2-core CPU, and seeded image batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import timm
+import torch
+from timm.layers import LayerScale
+from timm.models.vision_transformer import VisionTransformer
+
+VitFactory = Callable[..., VisionTransformer]
+ImageFactory = Callable[..., torch.Tensor]
+
+
+def _build_vit(name: str, seed: int = 0, **kwargs: Any) -> VisionTransformer:
+    """A random-init timm model in eval mode; layer-scale gammas are drawn from U(0.5, 1.5).
+
+    DINOv2's layer scale starts at 1e-5, which would make every block nearly the identity and every comparison
+    between two ways of computing the blocks vacuous.
+    """
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    for module in model.modules():
+        if isinstance(module, LayerScale):
+            with torch.no_grad():
+                module.gamma.uniform_(0.5, 1.5)
+    return model
+
+
+def _images(batch: int, img_size: int, seed: int = 1) -> torch.Tensor:
+    """``[batch, 3, img_size, img_size]`` standard-normal images from a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, img_size, img_size, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def make_vit() -> VitFactory:
+    """``make_vit(name, seed=0, **timm_kwargs)``: a fresh random-init model (e.g. ``depth=4, img_size=64``)."""
+    return _build_vit
+
+
+@pytest.fixture(scope="session")
+def make_images() -> ImageFactory:
+    """``make_images(batch, img_size, seed=1)``: a seeded ``[B, 3, H, W]`` batch."""
+    return _images
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Run a test module on one intra-op thread: on 2 busy cores, two threads make tiny-model ops 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
