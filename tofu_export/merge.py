@@ -159,47 +159,62 @@ def reduce_tokens(
     return x, size
 
 
-def combination_matrix(matching: Matching, num_tokens: int, num_prefix: int, merge: bool) -> Tensor:
-    """The reduction as a 0/1 matrix ``M [B, N - r, N]``: output token i combines the inputs j with ``M[i, j] = 1``.
+def static_layout(matching: Matching, num_tokens: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where every token goes, as index arithmetic on the matching (no scatter, Python-int sizes).
 
-    Rows are ordered ``[prefix, unmerged A, B]``. Built from one-hot comparisons of index arithmetic only (no
-    scatter), so that ``M @ x`` is the whole reduction in one static-shape batched matmul. ``merge=False`` (prune)
-    leaves the source tokens' columns empty.
+    Returns ``row_pos [B, N - r]`` (the input position each output row copies: prefix, unmerged A, all of B),
+    ``src_pos [B, r]`` (input positions of the source tokens) and ``dst_row [B, r]`` (the output row each source
+    token is folded into).
     """
     unm_idx, src_idx, dst_idx = matching
     r = int(src_idx.shape[1])
     a_skip, b_skip = (num_prefix + 1) // 2, num_prefix // 2
     num_a, num_b = set_sizes(num_tokens, num_prefix)
-    first_b_row = num_prefix + num_a - r
     device = src_idx.device
-    inputs = torch.arange(num_tokens, device=device)  # [N]
     zero = (src_idx if r else unm_idx)[:, :1] * 0  # [B, 1], from data so the ONNX trace keeps batch dynamic
-
     prefix_pos = torch.arange(num_prefix, device=device) + zero  # [B, p]
     b_pos = 2 * (torch.arange(num_b, device=device) + b_skip) + 1 + zero  # [B, Nb]
-    row_pos = torch.cat([prefix_pos, 2 * (unm_idx + a_skip), b_pos], dim=1)  # [B, N - r] input feeding each row
-    select = (row_pos.unsqueeze(-1) == inputs).float()  # [B, N - r, N]
-    if not merge or r == 0:
-        return select
-    src_onehot = ((2 * (src_idx + a_skip)).unsqueeze(-1) == inputs).float()  # [B, r, N]
-    rows = torch.arange(first_b_row + num_b, device=device)
-    dst_onehot = ((first_b_row + dst_idx).unsqueeze(-1) == rows).float()  # [B, r, N - r]
-    return select + dst_onehot.transpose(1, 2) @ src_onehot
+    row_pos = torch.cat([prefix_pos, 2 * (unm_idx + a_skip), b_pos], dim=1)
+    return row_pos, 2 * (src_idx + a_skip), num_prefix + num_a - r + dst_idx
+
+
+def _gather_rows(x: Tensor, positions: Tensor) -> Tensor:
+    """``x [B, N, C]``, ``positions [B, K]`` -> ``[B, K, C]`` as one row Gather on the flattened batch.
+
+    (A row gather copies whole tokens; ``torch.gather`` would need a ``[B, K, C]`` index and exports to the
+    element-wise GatherElements.)
+    """
+    batch, tokens, channels = x.shape
+    offsets = torch.arange(batch, device=x.device).unsqueeze(1) * int(tokens)  # [B, 1]
+    flat = (positions + offsets).reshape(-1)
+    return x.reshape(-1, int(channels)).index_select(0, flat).reshape(batch, -1, int(channels))
 
 
 def _reduce_static(
     x: Tensor, size: Tensor | None, matching: Matching, mode: ReduceMode, num_prefix: int
 ) -> tuple[Tensor, Tensor | None]:
-    """``reduce_tokens`` as matmuls with the combination matrix: static shapes, no scatter, no data-dependent ops."""
-    combine = combination_matrix(matching, int(x.shape[1]), num_prefix, merge=mode != "prune").to(x.dtype)
+    """``reduce_tokens`` with row gathers and a small one-hot matmul: static shapes, no scatter.
+
+    Unmerged tokens and destinations are copied by one row gather; the ``r`` source tokens are folded into their
+    destinations by ``[B, N - r, r] @ [B, r, C]``, where the ``[B, N - r, r]`` one-hot comes from ``Equal`` on
+    index arithmetic. MLERP's max-norm is a masked max over that one-hot.
+    """
+    row_pos, src_pos, dst_row = static_layout(matching, int(x.shape[1]), num_prefix)
     if mode == "prune":
-        return combine @ x, None if size is None else combine @ size
+        return _gather_rows(x, row_pos), None if size is None else _gather_rows(size, row_pos)
     if size is None:
         size = _unit_sizes(x)
-    summed = combine @ torch.cat([x * size, size], dim=-1)  # [B, N - r, C + 1]
-    x_sum, new_size = summed[..., :-1], summed[..., -1:]
-    mean = x_sum / new_size
+    if src_pos.shape[1] == 0:  # nothing to fold in: a pure reordering
+        return _gather_rows(x, row_pos), _gather_rows(size, row_pos)
+    channels = int(x.shape[2])
+    rows = torch.arange(int(row_pos.shape[1]), device=x.device)
+    to_dst = (dst_row.unsqueeze(1) == rows.unsqueeze(1)).to(x.dtype)  # [B, N - r, r]
+    parts = [x * size, size] if mode == "mean" else [x * size, size, x.norm(dim=-1, keepdim=True)]
+    packed = torch.cat(parts, dim=-1)  # [B, N, C + 1 (+ 1)]
+    kept, sources = _gather_rows(packed, row_pos), _gather_rows(packed, src_pos)
+    summed = kept[..., : channels + 1] + to_dst @ sources[..., : channels + 1]
+    mean, new_size = summed[..., :channels] / summed[..., channels:], summed[..., channels:]
     if mode == "mean":
         return mean, new_size
-    max_norm = (combine * x.norm(dim=-1).unsqueeze(1)).amax(dim=-1)  # [B, N - r]
-    return _rescale(mean, max_norm), new_size
+    incoming_norm = (to_dst * sources[..., -1].unsqueeze(1)).amax(dim=-1)  # [B, N - r]
+    return _rescale(mean, torch.maximum(kept[..., -1], incoming_norm)), new_size
