@@ -133,7 +133,8 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
-        unsafe_global = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        # torch words it "Unsupported global: GLOBAL x" or, for blocked modules, "unsupported GLOBAL x whose module..."
+        unsafe_global = re.search(r"unsupported global(?:: GLOBAL)? ([\w.]+)", str(err), flags=re.IGNORECASE)
         if not trust_pickle and unsafe_global:
             raise CheckpointError(
                 f"{path} contains Python objects beyond tensors (it references {unsafe_global.group(1)}), "

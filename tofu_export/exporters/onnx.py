@@ -200,7 +200,8 @@ def export_onnx(
             if not result.parity.ok:
                 raise ExportError(
                     f"ONNX Runtime disagrees with PyTorch: max |diff| = {result.parity.max_abs_diff:.3g} on outputs "
-                    f"up to {result.parity.output_scale:.3g} (tolerance {tolerance:g} relative); nothing was written."
+                    f"up to {result.parity.output_scale:.3g} (tolerance {tolerance:g} relative); nothing was written. "
+                    "If the model is numerically sensitive, raise --tolerance; otherwise please report it."
                 )
         for staged_file in sorted(Path(workdir).iterdir(), key=lambda p: p.suffix != ".data"):  # data first
             os.replace(staged_file, path.parent / staged_file.name)

@@ -1,0 +1,547 @@
+"""End-to-end tests of the ``tofu-export`` command line, run as subprocesses on real checkpoint files.
+
+Every command runs as ``python -m tofu_export.cli ...`` in a fresh interpreter (one test also runs the ``tofu-export``
+console script). A subprocess spends most of its time importing torch, so the commands that do not depend on each
+other are started together, a few at a time (``_run_all``), in two module-scoped waves; each test then inspects the
+result of its own command. The model is a random-init ``deit_tiny_patch16_224`` with 2 blocks at 64 px: 16 patches
+plus the class token, so one matching step removes at most 8 tokens.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import timm
+import torch
+from onnx import TensorProto, helper
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tofu_export.cli import app
+
+ARCH, PATCH, IMG, DEPTH, R = "deit_tiny_patch16_224", 16, 64, 2, 2
+TOKENS = (IMG // PATCH) ** 2 + 1  # patches + class token entering block 0
+MAX_R = (TOKENS - 1) // 2  # one bipartite matching step removes at most half the non-protected tokens
+CLI = (sys.executable, "-m", "tofu_export.cli")
+PARALLEL = 4  # concurrent subprocesses: enough to overlap the torch imports, few enough for a 2-core machine
+TIMEOUT_S = 300
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+CONSOLE_SCRIPT = shutil.which("tofu-export")
+SUBCOMMANDS = ("export", "check", "schedule", "profile", "sweep", "eval", "demo")
+FAILURES = ("truncated", "code_os_system", "code_exec", "wrong_arch", "impossible_r", "exists_no_force", "resnet",
+            "parity_fail")
+
+
+def _cli_env() -> dict[str, str]:
+    """Plain, wide, single-threaded-torch output: no colour codes and no wrapped error lines."""
+    env = {key: value for key, value in os.environ.items() if key != "FORCE_COLOR"}
+    return {**env, "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished CLI invocation."""
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error(self) -> str:
+        """The message after ``error:`` on stderr, or '' when the command printed none."""
+        _, found, message = self.stderr.partition("error:")
+        return message.strip() if found else ""
+
+    @property
+    def error_paragraph(self) -> str:
+        """The first line of the error: the one paragraph that must name the problem and the fix."""
+        return self.error.split("\n", 1)[0]
+
+    def __str__(self) -> str:
+        return (
+            f"$ {shlex.join(self.args)}\n-> exit {self.returncode}\n"
+            f"stdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}"
+        )
+
+
+def _run(args: Sequence[str | Path], cwd: Path) -> Run:
+    command = tuple(str(arg) for arg in args)
+    done = subprocess.run(command, cwd=cwd, env=_cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    return Run(command, done.returncode, done.stdout, done.stderr)
+
+
+def _run_all(commands: Mapping[str, Sequence[str | Path]], cwd: Path) -> dict[str, Run]:
+    """Run every command (``PARALLEL`` at a time) in ``cwd``; results keyed like ``commands``."""
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        futures = {name: pool.submit(_run, args, cwd) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Staging (``.NAME.partial-*``) or trash (``.NAME.old-*``) folders left anywhere under ``root``."""
+    if not root.exists():
+        return []
+    return [path for path in root.rglob(".*") if ".partial-" in path.name or ".old-" in path.name]
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def _ort_logits(onnx_path: Path, images: np.ndarray) -> np.ndarray:
+    """``[B, num_classes]`` logits of ``images`` ``[B, 3, H, W]`` from ONNX Runtime on CPU."""
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
+def _images(batch: int) -> np.ndarray:
+    return np.random.default_rng(batch).standard_normal((batch, 3, IMG, IMG)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _RunsOnLoad:
+    """Pickles to ``call(*args)``: unpickling runs the call, which is what a malicious checkpoint does."""
+
+    call: Callable[..., Any]
+    args: tuple[Any, ...]
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return self.call, self.args
+
+
+def _scatter_add_onnx(path: Path) -> Path:
+    """A one-node graph: ``ScatterElements(reduction="add")``, which TensorRT builds only with a plugin."""
+    node = helper.make_node("ScatterElements", ["data", "indices", "updates"], ["out"], axis=0, reduction="add",
+                            name="scatter_add")
+    graph = helper.make_graph(
+        [node], "scatter_add",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [4, 3]),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, [2, 3]),
+         helper.make_tensor_value_info("updates", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files and the two waves of commands
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The working directory of every command (the headline export writes its default ``artifacts/`` here)."""
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def files(work: Path) -> dict[str, Path]:
+    """Checkpoints in every supported format (same weights), broken ones, and a marker path per code pickle."""
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, depth=DEPTH, img_size=IMG).eval()
+    state_dict = model.state_dict()
+    paths = {name: work / "inputs" / name for name in (
+        "model.pth", "model_key.pth", "ddp_state_dict.pt", "model.safetensors", "truncated.pth",
+        "code_os_system.pth", "code_exec.pth", "resnet.pth", "scatter_add.onnx")}
+    paths["model.pth"].parent.mkdir()
+    torch.save(state_dict, paths["model.pth"])
+    torch.save({"model": state_dict, "epoch": 3}, paths["model_key.pth"])
+    ddp = {f"module.{key}": value for key, value in state_dict.items()}
+    torch.save({"state_dict": ddp}, paths["ddp_state_dict.pt"])
+    save_file(state_dict, str(paths["model.safetensors"]))
+    good = paths["model.pth"].read_bytes()
+    paths["truncated.pth"].write_bytes(good[: len(good) // 2])
+    paths["marker_os_system"], paths["marker_exec"] = work / "ran-os-system", work / "ran-exec"
+    shell_touch = _RunsOnLoad(os.system, (f"touch {shlex.quote(str(paths['marker_os_system']))}",))
+    python_touch = _RunsOnLoad(builtins.exec, (f"open({str(paths['marker_exec'])!r}, 'w').close()",))
+    torch.save({"model": state_dict, "hook": shell_touch}, paths["code_os_system.pth"])
+    torch.save({"model": state_dict, "hook": python_touch}, paths["code_exec.pth"])
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=10).state_dict(), paths["resnet.pth"])
+    _scatter_add_onnx(paths["scatter_add.onnx"])
+    return paths
+
+
+def _out(work: Path, name: str) -> Path:
+    """Artifact folder of the run ``name``, alone in its own parent so leftovers are easy to spot."""
+    return work / "out" / name / "artifact"
+
+
+@pytest.fixture(scope="module")
+def first(work: Path, files: dict[str, Path]) -> dict[str, Run]:
+    """Every command that needs only the input files."""
+    for name in ("exists_no_force", "force"):
+        _out(work, name).mkdir(parents=True)
+        (_out(work, name) / "keep.txt").write_text("written before the export")
+
+    def export(checkpoint: str, name: str, *extra: str) -> list[str | Path]:
+        return [*CLI, "export", files[checkpoint], "--r", str(R), "-o", _out(work, name), *extra]
+
+    commands: dict[str, Sequence[str | Path]] = {  # longest first, so the pool does not end on a long one
+        "sweep": [*CLI, "sweep", files["model.pth"], "--r", f"0,{R}", "--modes", "tome,tofu", "--iters", "3",
+                  "-o", work / "sweep"],
+        "ort_json": export("model.pth", "ort_json", "--target", "ort", "--json"),
+        "model_key": export("model_key.pth", "model_key"),
+        "ddp_state_dict": export("ddp_state_dict.pt", "ddp_state_dict"),
+        "safetensors": export("model.safetensors", "safetensors"),
+        "force": export("model.pth", "force", "--force"),
+        # the headline form, without the word `export`, writing to its default folder artifacts/model-tofu-r2
+        **({} if HAS_TENSORRT else {
+            "headline_trt": [*CLI, files["model.pth"].relative_to(work), "--r", str(R), "--target", "trt"]}),
+        "truncated": export("truncated.pth", "truncated"),
+        "code_os_system": export("code_os_system.pth", "code_os_system"),
+        "code_exec": export("code_exec.pth", "code_exec"),
+        "wrong_arch": export("model.pth", "wrong_arch", "--arch", "deit_small_patch16_224"),
+        "impossible_r": [*CLI, "export", files["model.pth"], "--r", "50", "-o", _out(work, "impossible_r")],
+        "exists_no_force": export("model.pth", "exists_no_force"),
+        "resnet": export("resnet.pth", "resnet"),
+        "parity_fail": export("model.pth", "parity_fail", "--tolerance", "1e-12"),
+        "schedule": [*CLI, "schedule", "deit_small_patch16_224", "--r", "16", "--json"],
+        "check_scatter": [*CLI, "check", files["scatter_add.onnx"]],
+        "check_scatter_json": [*CLI, "check", files["scatter_add.onnx"], "--json"],
+        "help": [*CLI, "--help"],
+    }
+    if CONSOLE_SCRIPT is not None:
+        commands["console_help"] = [CONSOLE_SCRIPT, "--help"]
+    return _run_all(commands, work)
+
+
+@dataclass(frozen=True)
+class SecondWave:
+    runs: dict[str, Run]
+    sweep_mtimes_before: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def second(work: Path, files: dict[str, Path], first: dict[str, Run]) -> SecondWave:
+    """Commands on the first wave's outputs: check and profile the exported graph, rerun the sweep."""
+    model = _out(work, "ort_json") / "model.onnx"
+    before = _mtimes(work / "sweep" / "artifacts")
+    runs = _run_all({
+        "check_good": [*CLI, "check", model, "--trt", "10"],
+        "profile": [*CLI, "profile", model, "--batch", "1", "--iters", "5", "--warmup", "1", "--json"],
+        "sweep_again": [*CLI, "sweep", files["model.pth"], "--r", f"0,{R}", "--modes", "tome,tofu", "--iters", "3",
+                        "-o", work / "sweep"],
+    }, work)
+    return SecondWave(runs, before)
+
+
+def _assert_user_error(run: Run, out: Path, problem: str, fix: str) -> None:
+    """Exit 2, no traceback, one paragraph with ``problem`` and ``fix``, and nothing left where it would write."""
+    assert run.returncode == 2, run
+    assert "Traceback" not in run.stderr, run
+    assert problem.lower() in run.error_paragraph.lower(), run
+    assert fix in run.error_paragraph, run
+    assert not out.exists(), run
+    assert not _leftovers(out.parent), run
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. good checkpoints, manifest, JSON, ONNX Runtime
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("run_name", "checkpoint"), [
+    ("ort_json", "model.pth"), ("model_key", "model_key.pth"), ("ddp_state_dict", "ddp_state_dict.pt"),
+    ("safetensors", "model.safetensors"),
+])
+def test_export_accepts_every_checkpoint_format(
+    work: Path, files: dict[str, Path], first: dict[str, Run], run_name: str, checkpoint: str
+) -> None:
+    run, out = first[run_name], _out(work, run_name)
+    assert run.returncode == 0, run
+    assert {"model.onnx", "manifest.json"} <= {path.name for path in out.iterdir()}, run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["sha256"] == _sha256(files[checkpoint])
+    assert manifest["arch"]["name"] == ARCH
+    assert not _leftovers(out.parent)
+
+
+@pytest.mark.parametrize("run_name", ["model_key", "ddp_state_dict", "safetensors"])
+def test_every_format_exports_the_same_weights(work: Path, first: dict[str, Run], run_name: str) -> None:
+    """Same weights in, same logits out: a loader that dropped keys would leave timm's random init in place."""
+    images = _images(2)
+    reference = _ort_logits(_out(work, "ort_json") / "model.onnx", images)
+    np.testing.assert_allclose(_ort_logits(_out(work, run_name) / "model.onnx", images), reference, atol=1e-5)
+
+
+def test_manifest_describes_the_export(work: Path, files: dict[str, Path], first: dict[str, Run]) -> None:
+    assert first["ort_json"].returncode == 0, first["ort_json"]
+    out = _out(work, "ort_json")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["sha256"] == _sha256(files["model.pth"])
+    assert manifest["arch"]["name"] == ARCH
+    assert manifest["tofu"]["mode"] == "tofu"
+    assert manifest["tofu"]["r"] == [R] * DEPTH
+    assert manifest["tofu"]["tokens"] == [TOKENS - R * block for block in range(DEPTH)]
+    gflops = manifest["gflops"]
+    assert 0 < gflops["tofu"] < gflops["original"]
+    assert gflops["ratio"] == pytest.approx(gflops["original"] / gflops["tofu"])
+    assert manifest["onnx"]["opset"] == 17
+    parity = manifest["onnx"]["parity"]
+    assert parity["max_abs_diff"] <= 1e-4
+    assert parity["top1_agreement"] == 1.0
+    assert set(manifest["tensorrt_check"]["per_target"]) == {"8.5", "10"}
+    assert manifest["tensorrt_check"]["per_target"]["10"] is True
+    versions = manifest["versions"]
+    assert versions["torch"] == torch.__version__.split("+")[0]
+    assert versions["timm"] == timm.__version__
+    assert versions["onnxruntime"] == onnxruntime.__version__
+    listed = {entry["name"]: entry["sha256"] for entry in manifest["files"]}
+    assert listed["model.onnx"] == _sha256(out / "model.onnx")
+
+
+def test_json_flag_prints_the_manifest_on_stdout(work: Path, first: dict[str, Run]) -> None:
+    run = first["ort_json"]
+    printed = json.loads(run.stdout)
+    on_disk = json.loads((_out(work, "ort_json") / "manifest.json").read_text())
+    assert Path(printed["out_dir"]) == _out(work, "ort_json")
+    assert printed["engine_error"] is None
+    assert printed["input"] == on_disk["input"]
+    assert printed["tofu"] == on_disk["tofu"]
+
+
+def test_exported_onnx_runs_at_batch_1_and_3(work: Path, first: dict[str, Run]) -> None:
+    model = _out(work, "ort_json") / "model.onnx"
+    three = _images(3)
+    logits3 = _ort_logits(model, three)
+    logits1 = _ort_logits(model, three[:1])
+    assert logits3.shape == (3, 1000)
+    assert np.isfinite(logits3).all()
+    np.testing.assert_allclose(logits1[0], logits3[0], atol=1e-5)  # images do not leak across the batch
+    assert not np.allclose(logits3[0], logits3[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2-3. targets
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is importable here, so --target trt would try to build an engine")
+def test_headline_trt_without_tensorrt_keeps_onnx_and_prints_trtexec(work: Path, first: dict[str, Run]) -> None:
+    run, out = first["headline_trt"], Path("artifacts") / "model-tofu-r2"
+    assert run.returncode == 3, run
+    assert ".partial-" not in run.stderr, run
+    trtexec = [line.strip() for line in run.stderr.splitlines() if line.strip().startswith("trtexec ")]
+    assert len(trtexec) == 1, run
+    assert f"--onnx={out / 'model.onnx'} " in trtexec[0]
+    assert f"--saveEngine={out / 'model.engine'} " in trtexec[0]
+    folder = work / out
+    assert sorted(path.name for path in folder.iterdir()) == ["manifest.json", "model.onnx"]
+    tensorrt = json.loads((folder / "manifest.json").read_text())["tensorrt"]
+    assert tensorrt["file"] is None
+    assert tensorrt["trtexec"] == trtexec[0]
+    assert not _leftovers(work / "artifacts")
+
+
+def test_target_ort_writes_an_optimised_model_and_its_latency(work: Path, first: dict[str, Run]) -> None:
+    out = _out(work, "ort_json")
+    assert (out / "model.ort.onnx").is_file()
+    ort = json.loads((out / "manifest.json").read_text())["ort"]
+    assert ort["file"] == "model.ort.onnx"
+    assert ort["quick_latency_ms"]["p50"] > 0
+    images = _images(1)
+    np.testing.assert_allclose(_ort_logits(out / "model.ort.onnx", images), _ort_logits(out / "model.onnx", images),
+                               atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4-9. user errors: exit 2, one actionable paragraph, nothing written
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_truncated_checkpoint(work: Path, files: dict[str, Path], first: dict[str, Run]) -> None:
+    run = first["truncated"]
+    _assert_user_error(run, _out(work, "truncated"), "truncated", "save it again")
+    assert str(files["truncated.pth"]) in run.error_paragraph
+
+
+@pytest.mark.parametrize("name", ["code_os_system", "code_exec"])
+def test_code_in_a_pickle_never_runs(work: Path, files: dict[str, Path], first: dict[str, Run], name: str) -> None:
+    run = first[name]
+    assert run.returncode == 2, run
+    assert not files[name.replace("code_", "marker_")].exists(), "loading the checkpoint ran the code inside it"
+    assert not _out(work, name).exists()
+
+
+@pytest.mark.parametrize("name", ["code_os_system", "code_exec"])
+def test_code_in_a_pickle_is_refused_with_trust_pickle_advice(
+    work: Path, files: dict[str, Path], first: dict[str, Run], name: str
+) -> None:
+    run = first[name]
+    _assert_user_error(run, _out(work, name), "could execute arbitrary code", "--trust-pickle")
+    assert str(files[f"{name}.pth"]) in run.error_paragraph
+
+
+def test_wrong_arch_names_the_mismatch_and_the_right_arch(work: Path, first: dict[str, Run]) -> None:
+    run = first["wrong_arch"]
+    _assert_user_error(run, _out(work, "wrong_arch"), "shape mismatch", f"--arch {ARCH}")
+    assert "patch_embed.proj.weight: model expects [384, 3, 16, 16], checkpoint has [192, 3, 16, 16]" in run.error
+
+
+def test_impossible_r_names_the_largest_possible(work: Path, first: dict[str, Run]) -> None:
+    run = first["impossible_r"]
+    _assert_user_error(run, _out(work, "impossible_r"), "r=50 is impossible", f"--r {MAX_R} or less")
+    assert f"receives {TOKENS} tokens" in run.error_paragraph
+
+
+def test_existing_output_is_left_untouched_without_force(work: Path, first: dict[str, Run]) -> None:
+    run, out = first["exists_no_force"], _out(work, "exists_no_force")
+    assert run.returncode == 2, run
+    assert "already exists" in run.error_paragraph and "--force" in run.error_paragraph, run
+    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "written before the export"
+    assert not _leftovers(out.parent)
+
+
+def test_force_replaces_an_existing_output(work: Path, first: dict[str, Run]) -> None:
+    run, out = first["force"], _out(work, "force")
+    assert run.returncode == 0, run
+    assert sorted(path.name for path in out.iterdir()) == ["manifest.json", "model.onnx"]
+    assert not _leftovers(out.parent)
+
+
+def test_non_vit_checkpoint_is_rejected(work: Path, first: dict[str, Run]) -> None:
+    _assert_user_error(first["resnet"], _out(work, "resnet"), "not a timm VisionTransformer checkpoint",
+                       "convert weights")
+
+
+def test_failed_parity_leaves_no_staging_folder(work: Path, first: dict[str, Run]) -> None:
+    """The one failure here that happens after the staging folder was created and model.onnx was written."""
+    run, out = first["parity_fail"], _out(work, "parity_fail")
+    assert run.returncode == 2, run
+    assert "disagrees with PyTorch" in run.error_paragraph, run
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # the staging folder was created here, and removed
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_user_errors_are_one_red_line_not_a_traceback(first: dict[str, Run], name: str) -> None:
+    run = first[name]
+    assert "Traceback" not in run.stderr, run
+    assert run.stdout == "", run
+    assert re.search(r"^error: \S", run.stderr, flags=re.MULTILINE), run
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10-14. check, schedule, help, profile, sweep
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_check_passes_the_exported_graph_for_trt10(second: SecondWave) -> None:
+    run = second.runs["check_good"]
+    assert run.returncode == 0, run
+    assert re.search(r"TensorRT 10\b.*: OK", run.stdout), run
+    assert "8.5" not in run.stdout  # only the requested target is checked
+
+
+def test_check_flags_scatter_elements_with_reduction(first: dict[str, Run]) -> None:
+    run = first["check_scatter"]
+    assert run.returncode == 1, run
+    flagged = [line for line in run.stdout.splitlines() if "[error]" in line and "ScatterElements" in line]
+    assert flagged and "reduction" in flagged[0], run
+
+
+def test_check_json_reports_scatter_elements(first: dict[str, Run]) -> None:
+    run = first["check_scatter_json"]
+    assert run.returncode == 1, run
+    report = json.loads(run.stdout)
+    assert report["ok"] is False
+    assert report["per_target"] == {"8.5": False, "10": False}
+    errors = {(issue["target"], issue["op_type"]) for issue in report["issues"] if issue["severity"] == "error"}
+    assert errors == {("8.5", "ScatterElements"), ("10", "ScatterElements")}
+
+
+def test_schedule_json_for_deit_small(first: dict[str, Run]) -> None:
+    run = first["schedule"]
+    assert run.returncode == 0, run
+    result = json.loads(run.stdout)
+    assert result["tokens"][:2] == [197, 181]
+    assert len(result["tokens"]) == 12
+    assert result["flop_ratio"] > 1.8
+    assert result["flop_ratio"] == pytest.approx(result["gflops_original"] / result["gflops_reduced"])
+
+
+def _example_lines(text: str) -> list[str]:
+    """Lines that show a ``tofu-export ...`` invocation (not the Usage line)."""
+    return [line for line in text.splitlines() if re.match(r"\s*(Examples?:\s*)?tofu-export \S", line)]
+
+
+def test_app_help_lists_commands_and_examples(first: dict[str, Run]) -> None:
+    run = first["help"]
+    assert run.returncode == 0, run
+    assert _example_lines(run.stdout), run
+    for command in SUBCOMMANDS:
+        assert re.search(rf"^\W*{command}\b", run.stdout, flags=re.MULTILINE), command
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help_shows_an_example(command: str) -> None:
+    """In-process (a subprocess per help page would cost ~5 s of torch import each)."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert f"tofu-export {command}" in result.output
+    assert _example_lines(result.output), result.output
+
+
+@pytest.mark.skipif(CONSOLE_SCRIPT is None, reason="the tofu-export console script is not on PATH")
+def test_console_script_runs(first: dict[str, Run]) -> None:
+    run = first["console_help"]
+    assert run.returncode == 0, run
+    assert "tofu-export model.pth --r 16 --target trt" in run.stdout, run
+
+
+def test_profile_json_reports_latency_and_token_reduction_time(second: SecondWave) -> None:
+    run = second.runs["profile"]
+    assert run.returncode == 0, run
+    batch = json.loads(run.stdout)["batches"]
+    assert [entry["batch_size"] for entry in batch] == [1]
+    assert batch[0]["latency"]["n"] == 5
+    assert batch[0]["latency"]["p50_ms"] > 0
+    assert batch[0]["breakdown"]["by_category_ms"]["token_reduction"] > 0
+
+
+def test_sweep_writes_reports(work: Path, first: dict[str, Run]) -> None:
+    run, out = first["sweep"], work / "sweep"
+    assert run.returncode == 0, run
+    for name in ("sweep.md", "sweep.json", "latency_vs_r.png"):
+        assert (out / name).is_file(), name
+    assert (out / "latency_vs_r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert sorted((row["mode"], row["r"]) for row in rows) == [("tofu", 0), ("tofu", R), ("tome", 0), ("tome", R)]
+    gflops = {(row["mode"], row["r"]): row["gflops"] for row in rows}
+    assert gflops["tofu", R] < gflops["tofu", 0]
+    assert all(row["latency_ms"] > 0 for row in rows)
+    assert "| tome | 0 |" in (out / "sweep.md").read_text()
+
+
+def test_sweep_rerun_does_not_export_again(work: Path, second: SecondWave) -> None:
+    run = second.runs["sweep_again"]
+    assert run.returncode == 0, run
+    assert len([name for name in second.sweep_mtimes_before if name.endswith("model.onnx")]) == 4
+    assert _mtimes(work / "sweep" / "artifacts") == second.sweep_mtimes_before
