@@ -52,8 +52,8 @@ def split_sets(x: Tensor, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
     Sets alternate over the *whole* sequence (A = even positions, B = odd positions), exactly as in ToMe, and the
     prefix tokens are then taken out of whichever set they fell into.
     """
-    a_skip, b_skip = (num_prefix + 1) // 2, num_prefix // 2
-    return x[:, :num_prefix], x[:, 0::2][:, a_skip:], x[:, 1::2][:, b_skip:]
+    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1  # first matchable A / B positions
+    return x[:, :num_prefix], x[:, a_start::2], x[:, b_start::2]
 
 
 def set_sizes(num_tokens: int, num_prefix: int) -> tuple[int, int]:
@@ -178,16 +178,17 @@ def static_layout(matching: Matching, num_tokens: int, num_prefix: int) -> tuple
     return row_pos, 2 * (src_idx + a_skip), num_prefix + num_a - r + dst_idx
 
 
-def _gather_rows(x: Tensor, positions: Tensor) -> Tensor:
-    """``x [B, N, C]``, ``positions [B, K]`` -> ``[B, K, C]`` as one row Gather on the flattened batch.
+def _flat_rows(positions: Tensor, num_tokens: int) -> Tensor:
+    """``positions [B, K]`` into ``[B * K]`` row numbers of a batch-flattened ``[B * N, C]`` tensor."""
+    offsets = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1) * num_tokens  # [B, 1]
+    return (positions + offsets).reshape(-1)
 
-    (A row gather copies whole tokens; ``torch.gather`` would need a ``[B, K, C]`` index and exports to the
-    element-wise GatherElements.)
-    """
-    batch, tokens, channels = x.shape
-    offsets = torch.arange(batch, device=x.device).unsqueeze(1) * int(tokens)  # [B, 1]
-    flat = (positions + offsets).reshape(-1)
-    return x.reshape(-1, int(channels)).index_select(0, flat).reshape(batch, -1, int(channels))
+
+def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x [B, N, C]``, flat ``rows [B * K]`` -> ``[B, K, C]``: one row Gather (whole tokens are copied; the
+    element-wise ``torch.gather`` would need a ``[B, K, C]`` index)."""
+    channels = int(x.shape[2])
+    return x.reshape(-1, channels).index_select(0, rows).reshape(x.shape[0], -1, channels)
 
 
 def _reduce_static(
@@ -199,22 +200,25 @@ def _reduce_static(
     destinations by ``[B, N - r, r] @ [B, r, C]``, where the ``[B, N - r, r]`` one-hot comes from ``Equal`` on
     index arithmetic. MLERP's max-norm is a masked max over that one-hot.
     """
-    row_pos, src_pos, dst_row = static_layout(matching, int(x.shape[1]), num_prefix)
+    num_tokens = int(x.shape[1])
+    row_pos, src_pos, dst_row = static_layout(matching, num_tokens, num_prefix)
+    kept_rows = _flat_rows(row_pos, num_tokens)
+    x_kept = _take_rows(x, kept_rows)  # [B, N - r, C]
     if mode == "prune":
-        return _gather_rows(x, row_pos), None if size is None else _gather_rows(size, row_pos)
+        return x_kept, None if size is None else _take_rows(size, kept_rows)
     if size is None:
         size = _unit_sizes(x)
+    size_kept = _take_rows(size, kept_rows)  # [B, N - r, 1]
     if src_pos.shape[1] == 0:  # nothing to fold in: a pure reordering
-        return _gather_rows(x, row_pos), _gather_rows(size, row_pos)
-    channels = int(x.shape[2])
+        return x_kept, size_kept
+    src_rows = _flat_rows(src_pos, num_tokens)
+    x_src, size_src = _take_rows(x, src_rows), _take_rows(size, src_rows)  # [B, r, C], [B, r, 1]
     rows = torch.arange(int(row_pos.shape[1]), device=x.device)
     to_dst = (dst_row.unsqueeze(1) == rows.unsqueeze(1)).to(x.dtype)  # [B, N - r, r]
-    parts = [x * size, size] if mode == "mean" else [x * size, size, x.norm(dim=-1, keepdim=True)]
-    packed = torch.cat(parts, dim=-1)  # [B, N, C + 1 (+ 1)]
-    kept, sources = _gather_rows(packed, row_pos), _gather_rows(packed, src_pos)
-    summed = kept[..., : channels + 1] + to_dst @ sources[..., : channels + 1]
-    mean, new_size = summed[..., :channels] / summed[..., channels:], summed[..., channels:]
+    new_size = size_kept + to_dst @ size_src
+    x_sum = x_kept * size_kept + to_dst @ (x_src * size_src)  # [B, N - r, C]: size-weighted sums
     if mode == "mean":
-        return mean, new_size
-    incoming_norm = (to_dst * sources[..., -1].unsqueeze(1)).amax(dim=-1)  # [B, N - r]
-    return _rescale(mean, torch.maximum(kept[..., -1], incoming_norm)), new_size
+        return x_sum / new_size, new_size
+    # MLERP: the direction of the size-weighted mean is that of the weighted sum; give it the largest norm.
+    incoming_norm = (to_dst * x_src.norm(dim=-1).unsqueeze(1)).amax(dim=-1)  # [B, N - r]
+    return _rescale(x_sum, torch.maximum(x_kept.norm(dim=-1), incoming_norm)), new_size
