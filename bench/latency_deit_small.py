@@ -2,12 +2,14 @@
 
 Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified) and timed in one
 process, interleaved round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads,
-median of --iters runs after --warmup. Weights are random (latency does not depend on them).
+median of --iters runs after --warmup, thread spinning off (see below). Weights are random (latency does not
+depend on them).
 
 Variants:
   baseline      timm's model, no token reduction
   tome-scatter  the official ToMe algorithm as ToMe writes it (scatter_reduce), our eager path, exported as is
   tome          ToMe's algorithm through our static rewrite (one-hot combination matmul, no scatter)
+  tofu-scatter  ToFu through the eager path (scatter_reduce sum / amax), exported as is
   tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
 
 Usage: python bench/latency_deit_small.py [--r 16] [--iters 50] [--out bench/results]
@@ -45,6 +47,7 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
         ("baseline", None),
         ("tome-scatter", dict(mode="tome")),  # eager path: ToMe's own scatter_reduce formulation
         ("tome", dict(mode="tome", img_size=224)),
+        ("tofu-scatter", dict(mode="tofu")),  # eager path: scatter_reduce (sum / amax), like ToMe's code
         ("tofu", dict(mode="tofu", img_size=224)),
     ]
     for name, patch_kwargs in setups:
@@ -66,6 +69,9 @@ def time_interleaved(paths: dict[str, Path], threads: int, warmup: int, iters: i
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle ORT workers spin for a while after each run; with several sessions timed round-robin they would
+        # steal the cores from the next session. Without spinning every session gets the cores to itself.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     image = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
     samples: dict[str, list[float]] = {name: [] for name in sessions}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -62,7 +63,10 @@ def token_schedule(model: VisionTransformer, img_size: int | Sequence[int] | Non
         tokens, removed, modes = [n_in] * depth, [0] * depth, ["none"] * depth
     else:
         plan = state.plan if state.plan is not None and state.plan.tokens[0] == n_in else None
-        plan = plan or plan_tokens(n_in, state.num_prefix, state.r)
+        if plan is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # clipping was reported when the model was patched or run
+                plan = plan_tokens(n_in, state.num_prefix, state.r)
         tokens, removed, modes = plan.tokens, plan.r, list(state.modes)
     size = tuple(model.patch_embed.img_size) if img_size is None else _pair(img_size)
     return TokenSchedule(

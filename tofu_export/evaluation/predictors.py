@@ -99,61 +99,28 @@ class OrtPredictor:
         return run_in_fixed_batches(self._run, images.detach().cpu().contiguous(), self.fixed_batch)
 
 
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as error:
-        raise BackendUnavailableError(
-            "TrtPredictor needs the tensorrt Python package, which is not installed here. On a Jetson it "
-            "comes with JetPack; on an NVIDIA GPU install it with pip install 'tofu-export[trt]'. Use "
-            "OrtPredictor to evaluate the ONNX artifact on the CPU instead."
-        ) from error
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("TrtPredictor needs a CUDA GPU, and torch sees none on this machine.")
-    return tensorrt
-
-
 class TrtPredictor:
-    """A serialized TensorRT engine (one image input, first output returned) run on ``device``."""
+    """A serialized TensorRT engine (one image input, first output returned), run on the CUDA GPU through
+    ``tofu_export.exporters.tensorrt.TrtRunner``."""
 
-    def __init__(self, engine_path: str | Path, device: str = "cuda") -> None:
-        trt = _import_tensorrt()
+    def __init__(self, engine_path: str | Path) -> None:
+        from tofu_export.exporters.tensorrt import TensorRTUnavailable, TrtRunner, load_engine
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("TrtPredictor needs a CUDA GPU, and torch sees none on this machine.")
         self.engine_path = Path(engine_path)
-        if not self.engine_path.is_file():
-            raise EvaluationError(f"TensorRT engine not found: {self.engine_path}. Build it first.")
-        self.device = torch.device(device)
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self.engine is None:
-            raise EvaluationError(
-                f"{self.engine_path} could not be deserialized: it was built with another TensorRT version "
-                "or for another GPU. Rebuild the engine on this device."
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = {name: self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
-        self.input_name = next(name for name in names if is_input[name])
-        self.output_name = next(name for name in names if not is_input[name])
-        self.input_shape = list(self.engine.get_tensor_shape(self.input_name))
+        try:
+            if not self.engine_path.is_file():
+                raise EvaluationError(f"TensorRT engine not found: {self.engine_path}. Build it first.")
+            self.runner = TrtRunner(load_engine(self.engine_path))
+        except TensorRTUnavailable as error:
+            raise BackendUnavailableError(
+                f"{error} To score the ONNX artifact on the CPU instead, use OrtPredictor."
+            ) from error
+        engine = self.runner.engine
+        self.input_shape = list(engine.get_tensor_shape(self.runner.input_names[0]))
         self.fixed_batch = self.input_shape[0] if self.input_shape[0] > 0 else None
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
-        self._input_dtype = dtypes[self.engine.get_tensor_dtype(self.input_name)]
-        self._output_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
-
-    def _run(self, images: torch.Tensor) -> torch.Tensor:
-        batch = images.to(self.device, self._input_dtype).contiguous()
-        if self.fixed_batch is None:
-            self.context.set_input_shape(self.input_name, tuple(batch.shape))
-        output_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        output = torch.empty(output_shape, device=self.device, dtype=self._output_dtype)
-        self.context.set_tensor_address(self.input_name, batch.data_ptr())
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise EvaluationError(f"TensorRT failed on {self.engine_path.name}, batch {list(batch.shape)}.")
-        stream.synchronize()
-        return output.float().cpu()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         _check_image_shape(images, self.input_shape[1:], self.engine_path.name)
-        return run_in_fixed_batches(self._run, images, self.fixed_batch)
+        return run_in_fixed_batches(lambda batch: self.runner(batch).float().cpu(), images, self.fixed_batch)
