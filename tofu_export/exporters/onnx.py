@@ -90,7 +90,31 @@ def _simplify(graph: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     # onnxsim can fuse ops (e.g. ReduceMax + Unsqueeze -> ReduceMax keepdims=1) and keep stale shape annotations:
     # drop them and infer shapes afresh.
     del simplified.graph.value_info[:]
+    _restore_scope_names(graph, simplified)
     return onnx.shape_inference.infer_shapes(simplified, strict_mode=True), None
+
+
+def _restore_scope_names(original: onnx.ModelProto, simplified: onnx.ModelProto) -> None:
+    """Give fused nodes (onnxsim names its MatMul+Add -> Gemm fusions ``Gemm_3``) the module scope of the node
+    whose weight they took over, e.g. ``/blocks/blocks.0/mlp/fc2/Gemm``, so profiles can attribute their time."""
+    weights = {init.name for init in original.graph.initializer}
+    scope_of = {
+        name: node.name.rsplit("/", 1)[0]
+        for node in original.graph.node
+        if node.name.startswith("/")
+        for name in node.input
+        if name in weights
+    }
+    taken = {node.name for node in simplified.graph.node}
+    for node in simplified.graph.node:
+        scope = next((scope_of[name] for name in node.input if name in scope_of), None)
+        if node.name.startswith("/") or scope is None:
+            continue
+        name, k = f"{scope}/{node.op_type}", 1
+        while name in taken:
+            name, k = f"{scope}/{node.op_type}_{k}", k + 1
+        taken.add(name)
+        node.name = name
 
 
 def _save(graph: onnx.ModelProto, path: Path) -> bool:
