@@ -60,9 +60,9 @@ def decreasing_schedule(r: int, depth: int) -> list[int]:
 def default_prune_layers(depth: int) -> int:
     """How many leading blocks ToFu prunes in before it switches to MLERP merging: the first quarter of the depth.
 
-    The paper motivates the split by measuring how linearly each block responds to interpolated inputs (the early
-    blocks are the non-linear ones). Measure it on your own model with ``tofu_export.linearity`` and pass
-    ``prune_layers`` to override.
+    The paper motivates the split by how linearly each block responds to interpolated inputs: the early blocks are
+    the non-linear ones, where merging (interpolating) tokens hurts and pruning is the better choice. Pass
+    ``prune_layers`` to choose another split for your model.
     """
     return max(1, round(depth / 4))
 

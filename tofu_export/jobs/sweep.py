@@ -9,6 +9,7 @@ from typing import Any
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.checkpoint import sha256_file
 from tofu_export.pipeline import ONNX_NAME, ExportOptions, run_export
+from tofu_export.runtime.errors import ProfilerError
 from tofu_export.runtime.ort_backend import OrtBackend
 from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
 from tofu_export.runtime.profiler import profile
@@ -71,7 +72,7 @@ def run_cli_sweep(
 ) -> list[Path]:
     """Run (or resume) the sweep in ``out``; returns the report files written."""
     if backend != "ort":
-        raise ValueError("sweep profiles exported ONNX graphs: use --backend ort (CPU, or --device cuda)")
+        raise ProfilerError("sweep profiles the exported ONNX graphs: use --backend ort (CPU, or --device cuda)")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_file(source, out, arch, load)
     digest = sha256_file(checkpoint)
