@@ -6,7 +6,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +52,6 @@ class ExportOutcome:
     out_dir: Path
     manifest: dict[str, Any]
     engine_error: str | None = None  # set when the ONNX was written but the TensorRT engine could not be built
-    warnings: list[str] = field(default_factory=list)
 
 
 def check_r_possible(model: Any, r: RSpec, img_size: int | None) -> list[int]:
@@ -134,7 +133,7 @@ def run_export(
         }
         step("writing manifest")
         write_manifest(staging, manifest)
-    return ExportOutcome(out_dir, manifest, engine_error, notes)
+    return ExportOutcome(out_dir, manifest, engine_error)
 
 
 def _ort_artifact(folder: Path) -> dict[str, Any]:
