@@ -193,8 +193,8 @@ def patch(
     )
     if img_size is not None:
         state.plan = plan_tokens(num_tokens(model, img_size), model.num_prefix_tokens, state.r, strict=strict)
-    elif strict:  # check the model's own input size up front
-        plan_tokens(num_tokens(model), model.num_prefix_tokens, state.r, strict=True)
+    else:  # eager: any input size; check the model's own size up front (warns, or raises when strict)
+        plan_tokens(num_tokens(model), model.num_prefix_tokens, state.r, strict=strict)
     if model.attn_pool is not None:
         warnings.warn("attention-pool heads see reduced tokens without size weighting", stacklevel=2)
 
