@@ -1,0 +1,41 @@
+"""The ONNX exporter's own guarantees: parity is measured honestly and a failed export leaves nothing behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import tofu_export
+from tofu_export.exporters.onnx import ExportError, export_onnx, verify_parity
+
+
+def _tiny(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    return tofu_export.patch(model, r=4, mode="tofu", img_size=64)
+
+
+def test_parity_of_a_faithful_export(tmp_path: Path) -> None:
+    model = _tiny(0)
+    result = export_onnx(model, tmp_path / "m.onnx", 64)
+    parity = result.parity
+    assert parity is not None and parity.ok
+    assert parity.batch_sizes == [1, 8]
+    assert parity.images_within_tolerance == 1.0 and parity.min_cosine > 0.99999
+    assert parity.max_abs_diff <= 1e-4 * max(1.0, parity.output_scale)
+
+
+def test_parity_catches_a_different_model(tmp_path: Path) -> None:
+    export_onnx(_tiny(0), tmp_path / "m.onnx", 64)
+    parity = verify_parity(_tiny(1), tmp_path / "m.onnx", (64, 64))
+    assert not parity.ok
+    assert parity.images_within_tolerance == 0.0 and parity.min_cosine < 0.999
+
+
+def test_failed_parity_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="nothing was written"):
+        export_onnx(_tiny(0), tmp_path / "m.onnx", 64, tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
