@@ -82,7 +82,7 @@ def run_export(
     state_dict = load_state_dict(checkpoint, trust_pickle=options.trust_pickle)
     model, guess = build_model(state_dict, arch=options.arch, img_size=options.img_size)
     img_size = options.img_size or int(model.patch_embed.img_size[0])
-    check_r_possible(model, options.r, img_size)
+    r_requested = check_r_possible(model, options.r, img_size)
 
     step("patching with ToFu")
     with warnings.catch_warnings(record=True) as caught:
@@ -116,7 +116,7 @@ def run_export(
             "tofu": {
                 "mode": options.mode,
                 "layer_modes": schedule.modes,
-                "r_requested": parse_r(options.r, len(model.blocks)),
+                "r_requested": r_requested,
                 "r": schedule.r,
                 "prop_attn": options.prop_attn,
                 "tokens": schedule.tokens,
