@@ -11,6 +11,7 @@ Variants:
   tome          ToMe's algorithm through our static rewrite (one-hot combination matmul, no scatter)
   tofu-scatter  ToFu through the eager path (scatter_reduce sum / amax), exported as is
   tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
+  bound-free-slice  not a method: each block keeps its first N - r tokens, the speed ceiling of any reduction
 
 Usage: python bench/latency_deit_small.py [--r 16] [--iters 50] [--out bench/results]
 """
@@ -18,11 +19,13 @@ Usage: python bench/latency_deit_small.py [--r 16] [--iters 50] [--out bench/res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,7 @@ import torch
 
 import tofu_export
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.models.timm_vit import TokenReduction
 from tofu_export.runtime.compare import interleaved_latency_ms
 from tofu_export.runtime.device import describe_device
 
@@ -60,7 +64,29 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
         result = export_onnx(model, path, 224)
         assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
         variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
+    # A bound, not a method: every block keeps its first N - r tokens, i.e. token reduction that costs nothing.
+    tofu_export.patch(model, r=r, mode="prune", img_size=224)
+    with _free_reduction():
+        path = folder / "bound-free-slice.onnx"
+        export_onnx(model, path, 224, verify=False)  # it is not meant to match anything
+    variants["bound-free-slice"] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
     return variants
+
+
+@contextlib.contextmanager
+def _free_reduction() -> Iterator[None]:
+    """Temporarily replace every block's token reduction by a slice (the speed ceiling of any reduction)."""
+    original = TokenReduction.forward
+
+    def sliced(self: TokenReduction, x: torch.Tensor, size: torch.Tensor | None) -> tuple:
+        self.metric = None
+        return x[:, : x.shape[1] - self.state.plan.r[self.index]], size
+
+    TokenReduction.forward = sliced
+    try:
+        yield
+    finally:
+        TokenReduction.forward = original
 
 
 def main() -> None:
