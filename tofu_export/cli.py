@@ -198,11 +198,16 @@ def _print_export_summary(outcome: Any) -> None:
     table.add_row("tokens per block", ", ".join(map(str, m["tofu"]["tokens"])))
     g = m["gflops"]
     table.add_row("GFLOPs", f"{g['original']:.2f} -> {g['tofu']:.2f}  ({g['ratio']:.2f}x fewer)")
-    table.add_row("parity (ORT vs PyTorch)",
-                  f"max |diff| {parity.get('max_abs_diff', float('nan')):.2e}, top-1 agreement "
-                  f"{parity.get('top1_agreement')}")
+    agreement = f", top-1 agreement {parity['top1_agreement']:.0%}" if parity.get("top1_agreement") is not None else ""
+    table.add_row(
+        "parity (ORT vs PyTorch)",
+        f"max |diff| {parity.get('max_abs_diff', float('nan')):.2e}, {parity.get('images_within_tolerance', 0):.0%} "
+        f"of images within tolerance, min cosine {parity.get('min_cosine', float('nan')):.7f}{agreement}",
+    )
     check = m["tensorrt_check"]
-    verdicts = (f"TensorRT {target}: {'OK' if ok else 'FAIL'}" for target, ok in check["per_target"].items())
+    verdicts = [f"TensorRT {target}: {'OK' if ok else 'FAIL'}" for target, ok in check["per_target"].items()]
+    if not check["per_target"].get("8.5", True) and m["onnx"]["opset"] >= 17:
+        verdicts.append("(JetPack 5 has no LayerNormalization importer: export with --opset 16 for it)")
     table.add_row("TensorRT check", ", ".join(verdicts))
     if "ort" in m:
         table.add_row("ORT CPU latency (batch 1)", f"p50 {m['ort']['quick_latency_ms']['p50']:.2f} ms")
