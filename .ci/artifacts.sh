@@ -19,4 +19,7 @@ tofu-export "$out/deit_tiny.safetensors" --r 16 --mode tofu --target trt --opset
 if [ "$status" -ne 0 ] && [ "$status" -ne 3 ]; then echo "trt export failed with $status"; exit "$status"; fi
 tofu-export check "$out/deit_tiny-tofu-r16-opset16/model.onnx" --trt 8.5 --trt 10
 tofu-export check "$out/deit_tiny-tofu-r16/model.onnx" --trt 10
+# A latency report beside the artifact (CI's CPU; numbers are indicative only).
+tofu-export profile "$out/deit_tiny-tofu-r16/model.onnx" --batch 1,4 --iters 20 --threads 2 \
+  --report "$out/deit_tiny-tofu-r16/profile.md"
 ls -la "$out"/*
