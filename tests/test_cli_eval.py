@@ -1,0 +1,64 @@
+"""`tofu-export eval` end to end (in-process): a checkpoint, and a deployed ONNX artifact against its reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tofu_export.cli import app
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=3)
+    save_file(model.state_dict(), str(root / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (root / "data" / str(label)).mkdir(parents=True)
+        for k in range(2):
+            pixels = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "data" / str(label) / f"{k}.png")
+    return {"checkpoint": root / "model.safetensors", "data": root / "data", "root": root}
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "NO_COLOR": "1"})
+    return result.exit_code, result.output
+
+
+def test_eval_of_a_checkpoint_scores_reference_and_candidate(files: dict[str, Path]) -> None:
+    code, output = _invoke("eval", str(files["checkpoint"]), str(files["data"]), "--r", "2", "--json")
+    assert code == 0, output
+    report = json.loads(output[output.index("{"):])
+    assert report["task"] == "classification" and report["n_eval"] == 6
+    for key in ("reference_top1", "candidate_top1", "reference_top5", "candidate_top5"):
+        assert 0.0 <= report["metrics"][key] <= 100.0
+    assert report["metrics"]["candidate_top5"] == 100.0  # 3 classes: the top 5 always holds the label
+
+
+def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path]) -> None:
+    out = files["root"] / "artifact"
+    code, output = _invoke("export", str(files["checkpoint"]), "--r", "2", "-o", str(out))
+    assert code == 0, output
+    code, output = _invoke("eval", str(out / "model.onnx"), str(files["data"]))
+    assert code == 2 and "--reference" in output
+    code, output = _invoke(
+        "eval", str(out / "model.onnx"), str(files["data"]), "--reference", str(files["checkpoint"]), "--json"
+    )
+    assert code == 0, output
+    assert json.loads(output[output.index("{"):])["candidate"].endswith("model.onnx")
+
+
+def test_eval_of_a_missing_folder_is_a_user_error(files: dict[str, Path]) -> None:
+    code, output = _invoke("eval", str(files["checkpoint"]), str(files["root"] / "nowhere"))
+    assert code == 2 and "nowhere" in output
