@@ -178,17 +178,20 @@ def static_layout(matching: Matching, num_tokens: int, num_prefix: int) -> tuple
     return row_pos, 2 * (src_idx + a_skip), num_prefix + num_a - r + dst_idx
 
 
-def _flat_rows(positions: Tensor, num_tokens: int) -> Tensor:
-    """``positions [B, K]`` into ``[B * K]`` row numbers of a batch-flattened ``[B * N, C]`` tensor."""
-    offsets = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1) * num_tokens  # [B, 1]
-    return (positions + offsets).reshape(-1)
+def _batch_offsets(positions: Tensor, num_tokens: int) -> Tensor:
+    """``[B, 1]`` offsets ``b * N`` that turn per-sample token positions into rows of a ``[B * N, C]`` tensor."""
+    return torch.arange(positions.shape[0], device=positions.device).unsqueeze(1) * num_tokens
 
 
-def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """``x [B, N, C]``, flat ``rows [B * K]`` -> ``[B, K, C]``: one row Gather (whole tokens are copied; the
-    element-wise ``torch.gather`` would need a ``[B, K, C]`` index)."""
-    channels = int(x.shape[2])
-    return x.reshape(-1, channels).index_select(0, rows).reshape(x.shape[0], -1, channels)
+def _take_rows(x: Tensor, positions: Tensor, offsets: Tensor) -> Tensor:
+    """``x [B, N, C]``, ``positions [B, K]`` -> ``[B, K, C]``: one row Gather on the batch-flattened tensor.
+
+    Whole tokens are copied (``torch.gather`` would need a ``[B, K, C]`` index and export element-wise
+    GatherElements), and every reshape uses constant sizes, so no Shape arithmetic enters the graph.
+    """
+    count, channels = int(positions.shape[1]), int(x.shape[2])
+    rows = (positions + offsets).reshape(-1)
+    return x.reshape(-1, channels).index_select(0, rows).reshape(-1, count, channels)
 
 
 def _reduce_static(
@@ -202,17 +205,16 @@ def _reduce_static(
     """
     num_tokens = int(x.shape[1])
     row_pos, src_pos, dst_row = static_layout(matching, num_tokens, num_prefix)
-    kept_rows = _flat_rows(row_pos, num_tokens)
-    x_kept = _take_rows(x, kept_rows)  # [B, N - r, C]
+    offsets = _batch_offsets(row_pos, num_tokens)  # [B, 1]
+    x_kept = _take_rows(x, row_pos, offsets)  # [B, N - r, C]
     if mode == "prune":
-        return x_kept, None if size is None else _take_rows(size, kept_rows)
+        return x_kept, None if size is None else _take_rows(size, row_pos, offsets)
     if size is None:
         size = _unit_sizes(x)
-    size_kept = _take_rows(size, kept_rows)  # [B, N - r, 1]
+    size_kept = _take_rows(size, row_pos, offsets)  # [B, N - r, 1]
     if src_pos.shape[1] == 0:  # nothing to fold in: a pure reordering
         return x_kept, size_kept
-    src_rows = _flat_rows(src_pos, num_tokens)
-    x_src, size_src = _take_rows(x, src_rows), _take_rows(size, src_rows)  # [B, r, C], [B, r, 1]
+    x_src, size_src = _take_rows(x, src_pos, offsets), _take_rows(size, src_pos, offsets)  # [B, r, C], [B, r, 1]
     rows = torch.arange(int(row_pos.shape[1]), device=x.device)
     to_dst = (dst_row.unsqueeze(1) == rows.unsqueeze(1)).to(x.dtype)  # [B, N - r, r]
     new_size = size_kept + to_dst @ size_src

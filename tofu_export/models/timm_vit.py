@@ -56,7 +56,7 @@ class TokenReduction(nn.Module):
         Slices and reshapes use Python ints (not ``chunk``/``unflatten(-1)``) so ONNX shape inference stays exact.
         """
         keys = qkv[..., self.dim : 2 * self.dim]  # [B, N, C]
-        heads = keys.reshape(qkv.shape[0], qkv.shape[1], self.num_heads, self.dim // self.num_heads)
+        heads = keys.reshape(-1, int(qkv.shape[1]), self.num_heads, self.dim // self.num_heads)  # constant sizes
         self.metric = heads.mean(dim=2)
 
     def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
