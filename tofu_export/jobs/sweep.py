@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tofu_export import __version__
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.checkpoint import sha256_file
 from tofu_export.pipeline import ONNX_NAME, ExportOptions, run_export
@@ -76,7 +77,7 @@ def run_cli_sweep(
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_file(source, out, arch, load)
     digest = sha256_file(checkpoint)
-    config_key = f"{digest}:{arch}"
+    config_key = f"{digest}:{arch}:tofu-export {__version__}"  # a new release re-exports instead of reusing
     points = [SweepPoint(mode, r) for mode in modes for r in r_values]
 
     def export_fn(point: SweepPoint) -> Path:
