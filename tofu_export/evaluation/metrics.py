@@ -10,11 +10,20 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import track
 
 from tofu_export.evaluation.errors import EvaluationError
 from tofu_export.evaluation.predictors import Predictor
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+_STDERR = Console(stderr=True)
+
+
+def _with_progress(loader: Batches, description: str) -> Batches:
+    """Iterate ``loader`` with a progress bar on stderr (long evaluations run for minutes on a CPU)."""
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    return track(loader, description=description, total=total, console=_STDERR, transient=True)
 
 
 def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -24,7 +33,7 @@ def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequenc
     """
     correct = dict.fromkeys(topk, 0)
     count = 0
-    for images, labels in loader:
+    for images, labels in _with_progress(loader, "classifying"):
         logits = predictor(images)
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
             shape = list(logits.shape)
@@ -48,7 +57,7 @@ def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequenc
 def extract_features(predictor: Predictor, loader: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the predictor's outputs and the labels: ``(features [N, D] float32, labels [N] int64)``."""
     features, labels = [], []
-    for images, batch_labels in loader:
+    for images, batch_labels in _with_progress(loader, "extracting features"):
         output = predictor(images)
         if output.ndim != 2:
             raise EvaluationError(
