@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from tofu_export.models.timm_vit import num_tokens, tofu_state
 from tofu_export.schedule import block_macs, plan_tokens
+from tofu_export.sizes import as_pair
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def token_schedule(model: VisionTransformer, img_size: int | Sequence[int] | Non
                 warnings.simplefilter("ignore")  # clipping was reported when the model was patched or run
                 plan = plan_tokens(n_in, state.num_prefix, state.r)
         tokens, removed, modes = plan.tokens, plan.r, list(state.modes)
-    size = tuple(model.patch_embed.img_size) if img_size is None else _pair(img_size)
+    size = tuple(model.patch_embed.img_size) if img_size is None else as_pair(img_size)
     return TokenSchedule(
         img_size=size,
         tokens=list(tokens),
@@ -77,7 +78,3 @@ def token_schedule(model: VisionTransformer, img_size: int | Sequence[int] | Non
         gflops_original=_model_gflops(model, [n_in] * depth, [0] * depth, n_in),
         gflops_reduced=_model_gflops(model, tokens, removed, n_in),
     )
-
-
-def _pair(img_size: int | Sequence[int]) -> tuple[int, int]:
-    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))

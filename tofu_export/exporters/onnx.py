@@ -19,6 +19,8 @@ import onnx
 import torch
 from torch import nn
 
+from tofu_export.sizes import as_pair
+
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
 MIN_COSINE = 0.999  # every image's ONNX output must keep at least this cosine to PyTorch's
 MIN_WITHIN = 2 / 3  # and at least this fraction of images must agree to the tolerance
@@ -214,7 +216,7 @@ def export_onnx(
     if opset < 13:
         raise ExportError(f"opset {opset} is too old: the static reduction needs opset >= 13 (17 recommended; 16 for "
                           "TensorRT 8.5 / JetPack 5, which has no LayerNormalization importer)")
-    size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+    size = as_pair(img_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().cpu()

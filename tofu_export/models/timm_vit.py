@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tofu_export.merge import bipartite_soft_matching, max_reduction, reduce_tokens
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, plan_tokens
+from tofu_export.sizes import as_pair
 
 
 class UnsupportedModelError(TypeError):
@@ -137,7 +138,7 @@ def _check_supported(model: nn.Module) -> None:
 def num_tokens(model: VisionTransformer, img_size: int | Sequence[int] | None = None) -> int:
     """Tokens entering the first block for an input of ``img_size`` (default: the model's own input size)."""
     embed = model.patch_embed
-    height, width = embed.img_size if img_size is None else _as_pair(img_size)
+    height, width = embed.img_size if img_size is None else as_pair(img_size)
     if (height, width) != tuple(embed.img_size) and embed.strict_img_size:
         raise ValueError(
             f"the model was built for {tuple(embed.img_size)} inputs and takes no other size; create it with "
@@ -145,13 +146,6 @@ def num_tokens(model: VisionTransformer, img_size: int | Sequence[int] | None = 
         )
     grid = embed.dynamic_feat_size((height, width)) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
     return grid[0] * grid[1] + model.num_prefix_tokens
-
-
-def _as_pair(img_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return img_size, img_size
-    height, width = img_size
-    return int(height), int(width)
 
 
 def patch(
@@ -189,7 +183,7 @@ def patch(
         prop_attn=prop_attn,
         num_prefix=model.num_prefix_tokens,
         plan=None,
-        img_size=None if img_size is None else _as_pair(img_size),
+        img_size=None if img_size is None else as_pair(img_size),
     )
     if img_size is not None:
         state.plan = plan_tokens(num_tokens(model, img_size), model.num_prefix_tokens, state.r, strict=strict)

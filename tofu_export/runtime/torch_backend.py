@@ -11,6 +11,7 @@ from torch import nn
 
 from tofu_export.runtime.backend import OpTime
 from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
+from tofu_export.sizes import as_pair
 
 ROOT_NAME = "<model>"
 _SCOPE_PREFIX = "module::"
@@ -41,7 +42,7 @@ class TorchBackend:
         self.device = device
         self.name = f"torch[{device}]"
         self.model = model.eval().to(device)
-        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        height, width = as_pair(img_size)
         self.chw = (in_chans, height, width)
         self._generator = torch.Generator().manual_seed(seed)
         self._inputs: dict[int, torch.Tensor] = {}
