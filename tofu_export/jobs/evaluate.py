@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,7 @@ def run_cli_eval(
         description = {"candidate": str(model)}
     else:
         reference_model = load(model, arch, None, trust_pickle)
-        candidate = load(model, arch, None, trust_pickle)
-        patch(candidate, r, mode)
+        candidate = patch(copy.deepcopy(reference_model), r, mode)
         predictor = TorchPredictor(candidate)
         description = {"candidate": f"{model} patched mode={mode} r={r}"}
     report = evaluate(reference_model, predictor, data, batch_size=batch_size, limit=limit)
