@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from tofu_export import parse_r, patch
-from tofu_export.merge import Matching, bipartite_soft_matching, max_reduction, reduce_tokens, static_layout
+from tofu_export.merge import Matching, bipartite_soft_matching, max_reduction, reduce_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -235,20 +235,6 @@ def test_static_combine_equals_eager_scatter(mode: str, num_tokens: int, num_pre
                 assert mode == "prune" and sizes is None and eager[1] is static[1] is None
             else:
                 assert torch.equal(static[1], eager[1])
-
-
-@pytest.mark.parametrize(("num_tokens", "num_prefix"), [(11, 1), (18, 2), (21, 5), (10, 0)])
-def test_static_layout_rows_are_the_merge_groups(num_tokens: int, num_prefix: int) -> None:
-    metric = torch.randn(2, num_tokens, 4, generator=torch.Generator().manual_seed(3))
-    r = max_reduction(num_tokens, num_prefix) - 1
-    matching = bipartite_soft_matching(metric, r, num_prefix)
-    row_pos, src_pos, dst_row = static_layout(matching, num_tokens, num_prefix)
-    assert row_pos.shape == (2, num_tokens - r) and src_pos.shape == dst_row.shape == (2, r)
-    for sample in range(2):
-        for row, group in enumerate(_groups(matching, num_tokens, num_prefix, sample)):
-            folded_in = [src_pos[sample, k].item() for k in range(r) if dst_row[sample, k].item() == row]
-            assert row_pos[sample, row].item() == group[0], (sample, row)
-            assert sorted(folded_in) == sorted(group[1:]), (sample, row)
 
 
 @pytest.mark.parametrize("num_prefix", [0, 1, 2, 5])

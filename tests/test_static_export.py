@@ -120,6 +120,7 @@ def test_graph_has_no_scatter_or_data_dependent_control_flow(exported: Exported)
     ops = {node.op_type for node in exported.proto.graph.node}
     assert not ops & FORBIDDEN_OPS
     assert "TopK" in ops, "the matching step is missing from the graph"
+    assert "GatherND" in ops, "tokens should be taken as whole rows (GatherND), not element by element"
 
 
 @pytest.mark.slow

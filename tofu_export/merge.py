@@ -18,8 +18,10 @@ Two implementations of the combine step give the same numbers (to float rounding
 
 - *eager*  (``static=False``): ``scatter_reduce``, as ToMe does it; convenient and fast in PyTorch.
 - *static* (``static=True``):  a one-hot assignment matrix and a batched matmul, with max-norms taken by masking.
-  It uses only Gather/Equal/MatMul/ReduceMax-style ops, so the exported ONNX graph has no ScatterElements with a
+  It uses only GatherND/Equal/MatMul/ReduceMax-style ops, so the exported ONNX graph has no ScatterElements with a
   reduction (a TensorRT plugin-only op) and no data-dependent shapes.
+
+Both take tokens out of a set with ``take_tokens``, which exports as one row ``GatherND`` per tensor.
 """
 
 from __future__ import annotations
@@ -91,9 +93,39 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
     return Matching(unm_idx, src_idx, dst_idx)
 
 
-def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """``x [B, N, C]``, ``idx [B, K]`` -> ``[B, K, C]``."""
-    return x.gather(dim=1, index=idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+class _GatherRows(torch.autograd.Function):
+    """``take_tokens`` in an exported graph: one ``GatherND`` over ``(sample, token)`` index pairs.
+
+    ``batch_dims=1`` would spare the sample column, but ONNX Runtime's symbolic shape inference (which its TensorRT
+    provider relies on) ignores that attribute and gives up on the graph. Export runs only ``forward``.
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, pairs: Tensor) -> Tensor:  # x [B, N, C], pairs [B, K, 2]
+        return x.gather(dim=1, index=pairs[..., 1:].expand(-1, -1, x.shape[-1]))
+
+    @staticmethod
+    def symbolic(g: object, x: object, pairs: object) -> object:
+        out = g.op("GatherND", x, pairs)
+        # Without this the tracer types the output with the example's batch size, and a simplifier folds it in.
+        tokens, channels = pairs.type().varyingSizes()[1], x.type().varyingSizes()[2]
+        out.setType(x.type().with_sizes([None, tokens, channels]))
+        return out
+
+
+def take_tokens(idx: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Tokens ``idx [B, K]`` of every sample, from each of ``tensors`` (``[B, N, C]`` -> ``[B, K, C]``; None
+    passes through).
+
+    In PyTorch this is ``gather`` (differentiable). In an exported graph each tensor costs one row ``GatherND``
+    (not an element-wise ``GatherElements`` over a ``[B, K, C]`` index), with the index pairs built once.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return tuple(None if t is None else t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in tensors)
+    column = idx.unsqueeze(-1)  # [B, K, 1]
+    sample = column * 0 + torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)  # batch stays free
+    pairs = torch.cat([sample, column], dim=-1)  # [B, K, 2]
+    return tuple(None if t is None else _GatherRows.apply(t, pairs) for t in tensors)
 
 
 def _combine_eager(
@@ -107,9 +139,26 @@ def _combine_eager(
     mean = weighted / size
     if mode == "mean":
         return mean, size
-    max_norm = dst.norm(dim=-1).scatter_reduce(1, dst_idx, src.norm(dim=-1), reduce="amax")  # [B, Nb]
+    max_norm = dst.norm(dim=-1, keepdim=True).scatter_reduce(1, index, src.norm(dim=-1, keepdim=True), reduce="amax")
     merged = size > dst_size  # [B, Nb, 1] destinations that received at least one source
     return torch.where(merged, _rescale(mean, max_norm), dst), size
+
+
+def _combine_static(
+    dst: Tensor, dst_size: Tensor, src: Tensor, src_size: Tensor, dst_idx: Tensor, mode: ReduceMode
+) -> tuple[Tensor, Tensor]:
+    """``_combine_eager`` without scatter: a ``[B, Nb, r]`` one-hot (``Equal`` on the destination indices) and a
+    batched matmul; MLERP's max-norm is a masked max over the same one-hot."""
+    slots = torch.arange(int(dst.shape[1]), device=dst.device)
+    to_dst = (dst_idx.unsqueeze(-1) == slots).to(dst.dtype)  # [B, r, Nb]: where each source goes
+    gather_in = to_dst.transpose(1, 2)  # [B, Nb, r]
+    size = dst_size + gather_in @ src_size  # [B, Nb, 1]
+    weighted = dst * dst_size + gather_in @ (src * src_size)  # [B, Nb, C]: size-weighted sums
+    if mode == "mean":
+        return weighted / size, size
+    # MLERP: the size-weighted mean points the way of the weighted sum; give it the largest norm among the merged.
+    incoming_norm = (to_dst * src.norm(dim=-1, keepdim=True)).amax(dim=1).unsqueeze(-1)  # [B, Nb, 1]
+    return _rescale(weighted, torch.maximum(dst.norm(dim=-1, keepdim=True), incoming_norm)), size
 
 
 def _unit_sizes(x: Tensor) -> Tensor:
@@ -119,8 +168,8 @@ def _unit_sizes(x: Tensor) -> Tensor:
 
 
 def _rescale(x: Tensor, norm: Tensor) -> Tensor:
-    """Give every token of ``x [B, N, C]`` the norm ``norm [B, N]`` (MLERP's last step)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS) * norm.unsqueeze(-1)
+    """Give every token of ``x [..., C]`` the norm ``norm [..., 1]`` (MLERP's last step)."""
+    return x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS))
 
 
 def reduce_tokens(
@@ -135,92 +184,18 @@ def reduce_tokens(
 
     Returns the reduced tokens ``[B, N - r, C]``, ordered ``[prefix, unmerged A, B]`` as in ToMe, and their sizes.
     ``"prune"`` leaves sizes untouched (None stays None), so sizes are only tracked once something was merged.
+    ``static`` folds sources in without scatter (see the module docstring); the numbers are the same.
     """
     if mode not in REDUCE_MODES:
         raise ValueError(f"unknown reduce mode {mode!r}; expected one of {REDUCE_MODES}")
-    if static:
-        return _reduce_static(x, size, matching, mode, num_prefix)
+    if mode != "prune" and size is None:
+        size = _unit_sizes(x)
     prefix, a, b = split_sets(x, num_prefix)
-    unm = _gather_tokens(a, matching.unm_idx)  # [B, Na - r, C]
-    if mode == "prune":
-        if size is not None:
-            size_prefix, size_a, size_b = split_sets(size, num_prefix)
-            size = torch.cat([size_prefix, _gather_tokens(size_a, matching.unm_idx), size_b], dim=1)
-        return torch.cat([prefix, unm, b], dim=1), size
-
-    if size is None:
-        size = _unit_sizes(x)
-    size_prefix, size_a, size_b = split_sets(size, num_prefix)
-    src = _gather_tokens(a, matching.src_idx)  # [B, r, C]
-    src_size = _gather_tokens(size_a, matching.src_idx)  # [B, r, 1]
-    dst, dst_size = _combine_eager(b, size_b, src, src_size, matching.dst_idx, mode)
-    x = torch.cat([prefix, unm, dst], dim=1)
-    size = torch.cat([size_prefix, _gather_tokens(size_a, matching.unm_idx), dst_size], dim=1)
-    return x, size
-
-
-def static_layout(matching: Matching, num_tokens: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Where every token goes, as index arithmetic on the matching (no scatter, Python-int sizes).
-
-    Returns ``row_pos [B, N - r]`` (the input position each output row copies: prefix, unmerged A, all of B),
-    ``src_pos [B, r]`` (input positions of the source tokens) and ``dst_row [B, r]`` (the output row each source
-    token is folded into).
-    """
-    unm_idx, src_idx, dst_idx = matching
-    r = int(src_idx.shape[1])
-    a_skip, b_skip = (num_prefix + 1) // 2, num_prefix // 2
-    num_a, num_b = set_sizes(num_tokens, num_prefix)
-    device = src_idx.device
-    zero = (src_idx if r else unm_idx)[:, :1] * 0  # [B, 1], from data so the ONNX trace keeps batch dynamic
-    prefix_pos = torch.arange(num_prefix, device=device) + zero  # [B, p]
-    b_pos = 2 * (torch.arange(num_b, device=device) + b_skip) + 1 + zero  # [B, Nb]
-    row_pos = torch.cat([prefix_pos, 2 * (unm_idx + a_skip), b_pos], dim=1)
-    return row_pos, 2 * (src_idx + a_skip), num_prefix + num_a - r + dst_idx
-
-
-def _batch_offsets(positions: Tensor, num_tokens: int) -> Tensor:
-    """``[B, 1]`` offsets ``b * N`` that turn per-sample token positions into rows of a ``[B * N, C]`` tensor."""
-    return torch.arange(positions.shape[0], device=positions.device).unsqueeze(1) * num_tokens
-
-
-def _take_rows(x: Tensor, positions: Tensor, offsets: Tensor) -> Tensor:
-    """``x [B, N, C]``, ``positions [B, K]`` -> ``[B, K, C]``: one row Gather on the batch-flattened tensor.
-
-    Whole tokens are copied (``torch.gather`` would need a ``[B, K, C]`` index and export element-wise
-    GatherElements), and every reshape uses constant sizes, so no Shape arithmetic enters the graph.
-    """
-    count, channels = int(positions.shape[1]), int(x.shape[2])
-    rows = (positions + offsets).reshape(-1)
-    return x.reshape(-1, channels).index_select(0, rows).reshape(-1, count, channels)
-
-
-def _reduce_static(
-    x: Tensor, size: Tensor | None, matching: Matching, mode: ReduceMode, num_prefix: int
-) -> tuple[Tensor, Tensor | None]:
-    """``reduce_tokens`` with row gathers and a small one-hot matmul: static shapes, no scatter.
-
-    Unmerged tokens and destinations are copied by one row gather; the ``r`` source tokens are folded into their
-    destinations by ``[B, N - r, r] @ [B, r, C]``, where the ``[B, N - r, r]`` one-hot comes from ``Equal`` on
-    index arithmetic. MLERP's max-norm is a masked max over that one-hot.
-    """
-    num_tokens = int(x.shape[1])
-    row_pos, src_pos, dst_row = static_layout(matching, num_tokens, num_prefix)
-    offsets = _batch_offsets(row_pos, num_tokens)  # [B, 1]
-    x_kept = _take_rows(x, row_pos, offsets)  # [B, N - r, C]
-    if mode == "prune":
-        return x_kept, None if size is None else _take_rows(size, row_pos, offsets)
-    if size is None:
-        size = _unit_sizes(x)
-    size_kept = _take_rows(size, row_pos, offsets)  # [B, N - r, 1]
-    if src_pos.shape[1] == 0:  # nothing to fold in: a pure reordering
-        return x_kept, size_kept
-    x_src, size_src = _take_rows(x, src_pos, offsets), _take_rows(size, src_pos, offsets)  # [B, r, C], [B, r, 1]
-    rows = torch.arange(int(row_pos.shape[1]), device=x.device)
-    to_dst = (dst_row.unsqueeze(1) == rows.unsqueeze(1)).to(x.dtype)  # [B, N - r, r]
-    new_size = size_kept + to_dst @ size_src
-    x_sum = x_kept * size_kept + to_dst @ (x_src * size_src)  # [B, N - r, C]: size-weighted sums
-    if mode == "mean":
-        return x_sum / new_size, new_size
-    # MLERP: the direction of the size-weighted mean is that of the weighted sum; give it the largest norm.
-    incoming_norm = (to_dst * x_src.norm(dim=-1).unsqueeze(1)).amax(dim=-1)  # [B, N - r]
-    return _rescale(x_sum, torch.maximum(x_kept.norm(dim=-1), incoming_norm)), new_size
+    size_prefix, size_a, size_b = split_sets(size, num_prefix) if size is not None else (None, None, None)
+    unm, size_unm = take_tokens(matching.unm_idx, a, size_a)  # [B, Na - r, C], [B, Na - r, 1]
+    if mode != "prune" and matching.src_idx.shape[1] > 0:
+        src, src_size = take_tokens(matching.src_idx, a, size_a)  # [B, r, C], [B, r, 1]
+        combine = _combine_static if static else _combine_eager
+        b, size_b = combine(b, size_b, src, src_size, matching.dst_idx, mode)
+    x = torch.cat([prefix, unm, b], dim=1)
+    return x, None if size is None else torch.cat([size_prefix, size_unm, size_b], dim=1)
