@@ -222,7 +222,7 @@ def _assert_plain_timm(model: VisionTransformer) -> None:
     assert "pool" not in vars(model)
     for block in model.blocks:
         assert type(block) is Block
-        assert not block.attn.qkv._forward_hooks
+        assert not block.attn.k_norm._forward_hooks
         assert "reduce" not in dict(block.named_children())
         assert not any(name.startswith("_tofu") for name in vars(block))
 
@@ -237,7 +237,7 @@ def test_unpatch_restores_outputs_and_leaves_nothing_behind(
     for img in (None, img_size):
         patch(model, r=r, mode="tofu", img_size=img)
         assert is_patched(model)
-        assert all(len(block.attn.qkv._forward_hooks) == 1 for block in model.blocks)
+        assert all(len(block.attn.k_norm._forward_hooks) == 1 for block in model.blocks)
         assert not torch.allclose(_run(model, images), original)
         assert unpatch(model) is model
         _assert_plain_timm(model)
@@ -252,7 +252,7 @@ def test_patching_twice_replaces_the_settings(make_vit: VitFactory, make_images:
     patch(model, r=2, mode="prune", prop_attn=False, img_size=img_size)
     patch(model, r=4, mode="mlerp")
     patch(reference, r=4, mode="mlerp")
-    assert all(len(block.attn.qkv._forward_hooks) == 1 for block in model.blocks)
+    assert all(len(block.attn.k_norm._forward_hooks) == 1 for block in model.blocks)
     assert token_schedule(model).r == [4, 4, 4, 2] and token_schedule(model).modes == ["mlerp"] * 4
     assert tofu_state(model).plan is None and tofu_state(model).prop_attn
     assert torch.equal(_run(model, images), _run(reference, images))

@@ -2,8 +2,9 @@
 
 All ToFu state of a model lives in one ``ToFuState`` object (``model._tofu``) shared by its blocks. Each block gets
 a ``reduce`` submodule (so profilers and ONNX node names show the token reduction as ``blocks.N.reduce``) and a
-forward hook on ``attn.qkv`` that hands the keys to it; the attention itself is timm's own forward, called with
-an additive ``log(size)`` mask for proportional attention, which works with fused (SDPA) attention too.
+forward hook on ``attn.k_norm`` (an ``Identity`` unless the model uses qk-norm) that hands the per-head keys to it;
+the attention itself is timm's own forward, called with an additive ``log(size)`` mask for proportional attention,
+which works with fused (SDPA) attention too.
 """
 
 from __future__ import annotations
@@ -44,21 +45,24 @@ class ToFuState:
 
 
 class TokenReduction(nn.Module):
-    """Removes ``r`` tokens after a block's attention, using the keys its ``attn.qkv`` just produced."""
+    """Removes ``r`` tokens after a block's attention, using the keys its attention just computed."""
 
-    def __init__(self, state: ToFuState, index: int, num_heads: int, dim: int) -> None:
+    def __init__(self, state: ToFuState, index: int) -> None:
         super().__init__()
-        self.state, self.index, self.num_heads, self.dim = state, index, num_heads, dim
-        self.metric: Tensor | None = None  # [B, N, head_dim], set by the qkv hook
+        self.state, self.index = state, index
+        self.metric: Tensor | None = None  # [B, N, head_dim], set by the key hook
 
-    def capture_keys(self, module: nn.Module, args: tuple, qkv: Tensor) -> None:
-        """Forward hook on ``attn.qkv``: keep the keys averaged over heads, ``[B, N, 3C] -> [B, N, C / heads]``.
+    def capture_keys(self, module: nn.Module, args: tuple, keys: Tensor) -> None:
+        """Forward hook on ``attn.k_norm``: keep the keys averaged over heads, ``[B, H, N, D] -> [B, N, D]``.
 
-        Slices and reshapes use Python ints (not ``chunk``/``unflatten(-1)``) so ONNX shape inference stays exact.
+        The mean is a ``[1, H] @ [B, H, D * N]`` product over the keys transposed as ``q @ k^T`` needs them, so an
+        exported graph shares the attention's transpose and adds one small MatMul (on ONNX Runtime's CPU provider a
+        ReduceMean over the head axis costs several times more).
         """
-        keys = qkv[..., self.dim : 2 * self.dim]  # [B, N, C]
-        heads = keys.reshape(-1, int(qkv.shape[1]), self.num_heads, self.dim // self.num_heads)  # constant sizes
-        self.metric = heads.mean(dim=2)
+        _, heads, tokens, dim = (int(n) for n in keys.shape)
+        head_mean = keys.new_full((1, heads), 1.0 / heads)
+        keys_t = keys.transpose(2, 3).reshape(-1, heads, dim * tokens)  # [B, H, D * N]
+        self.metric = (head_mean @ keys_t).reshape(-1, dim, tokens).transpose(1, 2)
 
     def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes."""
@@ -78,7 +82,7 @@ class TokenReduction(nn.Module):
         if r == 0:
             return x, size
         if metric is None:
-            raise RuntimeError("ToFu found no keys for this block: was attn.qkv skipped or replaced?")
+            raise RuntimeError("ToFu found no keys for this block: was attn.k_norm skipped or replaced?")
         matching = bipartite_soft_matching(metric, r, state.num_prefix)
         return reduce_tokens(x, size, matching, state.modes[self.index], state.num_prefix, static=state.static)
 
@@ -197,8 +201,8 @@ def patch(
     for index, block in enumerate(model.blocks):
         block._tofu = state
         block._tofu_original_class = type(block)
-        block.reduce = TokenReduction(state, index, block.attn.num_heads, block.attn.qkv.out_features // 3)
-        block._tofu_hook = block.attn.qkv.register_forward_hook(block.reduce.capture_keys)
+        block.reduce = TokenReduction(state, index)
+        block._tofu_hook = block.attn.k_norm.register_forward_hook(block.reduce.capture_keys)
         block.__class__ = ToFuBlock
     return model
 
