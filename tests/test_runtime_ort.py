@@ -9,8 +9,9 @@ import timm
 import torch
 
 from tofu_export.runtime.breakdown import categorize, summarize
+from tofu_export.runtime.compare import interleaved_latency_ms
 from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
-from tofu_export.runtime.ort_backend import OrtBackend, resolve_providers
+from tofu_export.runtime.ort_backend import OrtBackend, resolve_providers, session_options
 from tofu_export.runtime.ort_profile import parse_ort_profile
 
 IMG = 64
@@ -124,3 +125,21 @@ def test_patched_model_has_token_reduction_time(tmp_path: Path) -> None:
     ops = backend.profile_ops(batch_size=1, iters=5)
     assert any(categorize(op.name, op.op_type) == "token_reduction" for op in ops)
     assert summarize(ops).by_category_ms["token_reduction"] > 0
+
+
+def test_session_options_set_threads_and_spinning() -> None:
+    default = session_options()
+    assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert default.intra_op_num_threads == 0  # ORT picks
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ORT's default (spinning on)
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+    quiet = session_options(2, spinning=False)
+    assert quiet.intra_op_num_threads == 2
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_interleaved_latency_times_every_model(onnx_path: Path, tmp_path: Path) -> None:
+    other = export(tiny_vit(depth=1), tmp_path / "shallow.onnx")
+    samples = interleaved_latency_ms({"deep": onnx_path, "shallow": other}, threads=1, warmup=1, iters=4)
+    assert set(samples) == {"deep", "shallow"}
+    assert all(len(times) == 4 and all(t > 0 for t in times) for times in samples.values())

@@ -17,6 +17,7 @@ import torch
 
 from tofu_export.evaluation.errors import EvaluationError
 from tofu_export.runtime.errors import BackendUnavailableError
+from tofu_export.runtime.ort_backend import session_options
 
 
 @runtime_checkable
@@ -79,10 +80,7 @@ class OrtPredictor:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise EvaluationError(f"ONNX model not found: {self.onnx_path}. Export it (tofu-export export).")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         model_input = self.session.get_inputs()[0]
         self.input_name: str = model_input.name

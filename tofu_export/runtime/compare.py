@@ -14,18 +14,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from tofu_export.runtime.ort_backend import session_options
+
 
 def interleaved_latency_ms(
     models: Mapping[str, Path], *, threads: int, warmup: int, iters: int, batch_size: int = 1, seed: int = 0
 ) -> dict[str, list[float]]:
     """Per model, ``iters`` latencies in ms of ``batch_size`` random images, runs interleaved across models."""
-    sessions = {}
-    for name, path in models.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options = session_options(threads, spinning=False)
+    cpu = ["CPUExecutionProvider"]
+    sessions = {name: ort.InferenceSession(str(path), options, providers=cpu) for name, path in models.items()}
     feeds = {}
     for name, session in sessions.items():
         model_input = session.get_inputs()[0]

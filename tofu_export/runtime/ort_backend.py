@@ -26,6 +26,19 @@ _PROVIDER_NAMES = {
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
+def session_options(threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
+    """Session options every tofu-export ORT session uses: all graph optimisations, ``threads`` intra-op threads
+    (None: ORT's default). ``spinning=False`` stops idle workers from busy-waiting, which timing several sessions
+    in turn needs (one session's spinning workers would otherwise steal the cores from the next)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def resolve_providers(provider: Provider, available: Sequence[str]) -> list[str]:
     """ORT execution providers to request, fastest first, always ending with the CPU fallback.
 
@@ -70,10 +83,7 @@ class OrtBackend:
         self._inputs: dict[int, np.ndarray] = {}
 
     def _make_session(self, profile_prefix: str | None) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads is not None:
-            options.intra_op_num_threads = self.threads
+        options = session_options(self.threads)
         if profile_prefix is not None:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
