@@ -545,3 +545,17 @@ def test_sweep_rerun_does_not_export_again(work: Path, second: SecondWave) -> No
     assert run.returncode == 0, run
     assert len([name for name in second.sweep_mtimes_before if name.endswith("model.onnx")]) == 4
     assert _mtimes(work / "sweep" / "artifacts") == second.sweep_mtimes_before
+
+
+def test_interleaved_sweep_retimes_every_point_without_exporting_again(
+    work: Path, files: dict[str, Path], second: SecondWave
+) -> None:
+    out = work / "sweep"
+    run = _run([*CLI, "sweep", files["model.pth"], "--r", f"0,{R}", "--modes", "tome,tofu", "--iters", "3",
+                "--interleave", "-o", out], work)
+    assert run.returncode == 0, run
+    assert _mtimes(out / "artifacts") == second.sweep_mtimes_before  # same exports, timed another way
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert len(rows) == 4 and all(row["latency_ms"] > 0 and row["images_per_s"] > 0 for row in rows)
+    points = json.loads((out / "sweep_state.json").read_text())["points"].values()
+    assert sum("interleaved" in point["config_key"] for point in points) == 4

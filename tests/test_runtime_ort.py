@@ -143,3 +143,10 @@ def test_interleaved_latency_times_every_model(onnx_path: Path, tmp_path: Path) 
     samples = interleaved_latency_ms({"deep": onnx_path, "shallow": other}, threads=1, warmup=1, iters=4)
     assert set(samples) == {"deep", "shallow"}
     assert all(len(times) == 4 and all(t > 0 for t in times) for times in samples.values())
+
+
+def test_backend_without_spinning_says_so(onnx_path: Path) -> None:
+    quiet = OrtBackend(onnx_path, threads=1, provider="cpu", spinning=False)
+    assert quiet.name == "onnxruntime[CPU, no spinning]"
+    assert OrtBackend(onnx_path, threads=1, provider="cpu").name == "onnxruntime[CPU]"
+    quiet.run(1)

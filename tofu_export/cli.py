@@ -60,6 +60,14 @@ TrustOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+SpinOption = Annotated[
+    bool,
+    typer.Option(
+        "--spin/--no-spin",
+        help="ORT CPU worker threads busy-wait between ops (ORT's default, fastest on an idle machine). "
+        "--no-spin gives steadier timings on shared or virtual machines.",
+    ),
+]
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -315,12 +323,14 @@ def _int_list(text: str, name: str) -> list[int]:
     return values
 
 
-def _make_backend(artifact: Path, backend: str, device: str, threads: int | None, load: Callable[[], Any]) -> Any:
+def _make_backend(
+    artifact: Path, backend: str, device: str, threads: int | None, spin: bool, load: Callable[[], Any]
+) -> Any:
     if backend == "ort":
         from tofu_export.runtime.ort_backend import OrtBackend
 
         provider = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "tensorrt"}.get(device, "auto")
-        return OrtBackend(artifact, threads=threads, provider=provider)
+        return OrtBackend(artifact, threads=threads, provider=provider, spinning=spin)
     if backend == "trt":
         from tofu_export.runtime.trt_backend import TrtBackend
 
@@ -344,6 +354,7 @@ def profile(
     iters: Annotated[int | None, typer.Option(help="Timed runs per batch size.")] = 50,
     budget_s: Annotated[float | None, typer.Option(help="Or: time budget per batch size (seconds).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (ORT intra-op / torch).")] = None,
+    spin: SpinOption = True,
     breakdown: Annotated[bool, typer.Option(help="Per-op breakdown: attention, MLP, token reduction, rest.")] = True,
     r: ROption = "16",
     mode: ModeOption = "tofu",
@@ -375,7 +386,7 @@ def profile(
         return patch(model, _parse_r(r, "constant"), mode, img_size=int(model.patch_embed.img_size[0]))
 
     with _friendly_errors():
-        runner = _make_backend(artifact, kind, device, threads, load_patched)
+        runner = _make_backend(artifact, kind, device, threads, spin, load_patched)
         result = run_profile(runner, batch_sizes=_int_list(batch, "--batch"), warmup=warmup, iters=iters,
                              budget_s=budget_s, breakdown=breakdown)
     if report is not None:
@@ -399,6 +410,14 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (resumable).")] = Path("artifacts/sweep"),
     iters: Annotated[int, typer.Option(help="Timed runs per point.")] = 30,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    spin: SpinOption = True,
+    interleave: Annotated[
+        bool,
+        typer.Option(
+            help="CPU: time all points round-robin in one process (spinning off) after exporting them, so a "
+            "slow spell of a shared machine hits every point alike."
+        ),
+    ] = False,
     arch: ArchOption = None,
     trust_pickle: TrustOption = False,
 ) -> None:
@@ -414,8 +433,8 @@ def sweep(
     with _friendly_errors():
         paths = run_cli_sweep(
             checkpoint, out, r_values=_int_list(r, "--r"), modes=[m.strip() for m in modes.split(",") if m.strip()],
-            backend=backend, device=device, data=data, limit=limit, iters=iters, threads=threads, arch=arch,
-            trust_pickle=trust_pickle, load=_load_model,
+            backend=backend, device=device, data=data, limit=limit, iters=iters, threads=threads, spinning=spin,
+            interleave=interleave, arch=arch, trust_pickle=trust_pickle, load=_load_model,
         )
     for path in paths:
         typer.echo(str(path))

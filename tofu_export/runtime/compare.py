@@ -18,7 +18,7 @@ from tofu_export.runtime.ort_backend import session_options
 
 
 def interleaved_latency_ms(
-    models: Mapping[str, Path], *, threads: int, warmup: int, iters: int, batch_size: int = 1, seed: int = 0
+    models: Mapping[str, Path], *, threads: int | None, warmup: int, iters: int, batch_size: int = 1, seed: int = 0
 ) -> dict[str, list[float]]:
     """Per model, ``iters`` latencies in ms of ``batch_size`` random images, runs interleaved across models."""
     options = session_options(threads, spinning=False)

@@ -63,15 +63,22 @@ class OrtBackend:
     """Runs an ONNX model with ``input`` shaped ``[B, C, H, W]`` (static C, H, W; B static or symbolic)."""
 
     def __init__(
-        self, onnx_path: str | Path, *, threads: int | None = None, provider: Provider = "auto", seed: int = 0
+        self,
+        onnx_path: str | Path,
+        *,
+        threads: int | None = None,
+        provider: Provider = "auto",
+        seed: int = 0,
+        spinning: bool = True,
     ) -> None:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise ProfilerError(f"ONNX model not found: {self.onnx_path}. Export it first (tofu-export export).")
-        self.threads = threads
+        self.threads, self.spinning = threads, spinning
         self.providers = resolve_providers(provider, ort.get_available_providers())
         self.session = self._make_session(profile_prefix=None)
-        self.name = f"onnxruntime[{self.session.get_providers()[0].removesuffix('ExecutionProvider')}]"
+        quiet = "" if spinning else ", no spinning"
+        self.name = f"onnxruntime[{self.session.get_providers()[0].removesuffix('ExecutionProvider')}{quiet}]"
         self.device = "cpu"  # ORT allocates device memory itself; torch's CUDA counters would not see it
         model_input = self.session.get_inputs()[0]
         self.input_name: str = model_input.name
@@ -83,7 +90,7 @@ class OrtBackend:
         self._inputs: dict[int, np.ndarray] = {}
 
     def _make_session(self, profile_prefix: str | None) -> ort.InferenceSession:
-        options = session_options(self.threads)
+        options = session_options(self.threads, spinning=self.spinning)
         if profile_prefix is not None:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
