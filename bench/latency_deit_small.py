@@ -11,9 +11,10 @@ Variants:
   tome          ToMe's algorithm through our static rewrite (one-hot combination matmul, no scatter)
   tofu-scatter  ToFu through the eager path (scatter_reduce sum / amax), exported as is
   tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
+  prune         every block prunes (static): ToMe's matching plus one row gather, i.e. what matching alone costs
   bound-free-slice  not a method: each block keeps its first N - r tokens, the speed ceiling of any reduction
 
-Usage: python bench/latency_deit_small.py [--r 16] [--iters 50] [--out bench/results]
+Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
         ("tome", dict(mode="tome", img_size=224)),
         ("tofu-scatter", dict(mode="tofu")),  # eager path: scatter_reduce (sum / amax), like ToMe's code
         ("tofu", dict(mode="tofu", img_size=224)),
+        ("prune", dict(mode="prune", img_size=224)),
     ]
     for name, patch_kwargs in setups:
         tofu_export.unpatch(model)
@@ -92,7 +94,7 @@ def _free_reduction() -> Iterator[None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
