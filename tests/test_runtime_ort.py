@@ -140,7 +140,11 @@ def test_session_options_set_threads_and_spinning() -> None:
 
 def test_interleaved_latency_times_every_model(onnx_path: Path, tmp_path: Path) -> None:
     other = export(tiny_vit(depth=1), tmp_path / "shallow.onnx")
-    samples = interleaved_latency_ms({"deep": onnx_path, "shallow": other}, threads=1, warmup=1, iters=4)
+    rounds: list[int] = []
+    samples = interleaved_latency_ms(
+        {"deep": onnx_path, "shallow": other}, threads=1, warmup=1, iters=4, on_round=lambda: rounds.append(1)
+    )
+    assert len(rounds) == 4
     assert set(samples) == {"deep", "shallow"}
     assert all(len(times) == 4 and all(t > 0 for t in times) for times in samples.values())
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from tofu_export import __version__
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.checkpoint import sha256_file
@@ -64,7 +66,12 @@ def _time_interleaved(records: Sequence[dict[str, Any]], *, threads: int | None,
     A slow spell of a shared machine then hits all points alike instead of the few timed during it.
     """
     paths = {record["key"]: Path(record["artifact"]) for record in records}
-    samples = interleaved_latency_ms(paths, threads=threads, warmup=5, iters=iters)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(f"timing {len(paths)} points round-robin", total=iters)
+        samples = interleaved_latency_ms(
+            paths, threads=threads, warmup=5, iters=iters, on_round=lambda: bar.advance(task)
+        )
     for record in records:
         stats = LatencyStats.from_samples([ms / 1e3 for ms in samples[record["key"]]], batch_size=1)
         record["profile"] = {**record["profile"], **stats.to_dict()}

@@ -8,7 +8,7 @@ off; running them round-robin spreads background load over all of them alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,19 @@ from tofu_export.runtime.ort_backend import session_options
 
 
 def interleaved_latency_ms(
-    models: Mapping[str, Path], *, threads: int | None, warmup: int, iters: int, batch_size: int = 1, seed: int = 0
+    models: Mapping[str, Path],
+    *,
+    threads: int | None,
+    warmup: int,
+    iters: int,
+    batch_size: int = 1,
+    seed: int = 0,
+    on_round: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Per model, ``iters`` latencies in ms of ``batch_size`` random images, runs interleaved across models."""
+    """Per model, ``iters`` latencies in ms of ``batch_size`` random images, runs interleaved across models.
+
+    ``on_round`` is called after each of the ``iters`` rounds (one run of every model), e.g. to advance a progress bar.
+    """
     options = session_options(threads, spinning=False)
     cpu = ["CPUExecutionProvider"]
     sessions = {name: ort.InferenceSession(str(path), options, providers=cpu) for name, path in models.items()}
@@ -37,4 +47,6 @@ def interleaved_latency_ms(
             start = time.perf_counter()
             session.run(None, feeds[name])
             samples[name].append((time.perf_counter() - start) * 1e3)
+        if on_round is not None:
+            on_round()
     return samples
