@@ -108,8 +108,9 @@ class _GatherRows(torch.autograd.Function):
     def symbolic(g: object, x: object, pairs: object) -> object:
         out = g.op("GatherND", x, pairs)
         # Without this the tracer types the output with the example's batch size, and a simplifier folds it in.
-        tokens, channels = pairs.type().varyingSizes()[1], x.type().varyingSizes()[2]
-        out.setType(x.type().with_sizes([None, tokens, channels]))
+        x_sizes, pair_sizes = x.type().varyingSizes(), pairs.type().varyingSizes()
+        if x_sizes is not None and pair_sizes is not None:
+            out.setType(x.type().with_sizes([None, pair_sizes[1], x_sizes[2]]))
         return out
 
 
