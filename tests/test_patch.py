@@ -39,6 +39,7 @@ MODELS: dict[str, tuple[str, dict[str, Any], int]] = {
     ),
     "dinov2": ("vit_small_patch14_dinov2", {"depth": 4, "img_size": 56}, 3),
     "dinov2_reg4": ("vit_small_patch14_dinov2", {"depth": 4, "img_size": 56, "reg_tokens": 4}, 3),
+    "qk_norm": ("deit_tiny_patch16_224", {"depth": 4, "img_size": 64, "qk_norm": True}, 3),
 }
 
 VitFactory = Callable[..., VisionTransformer]
@@ -77,6 +78,17 @@ def test_static_path_equals_eager_path(make_vit: VitFactory, make_images: ImageF
     assert token_schedule(model).tokens[-1] < token_schedule(model).tokens[0]
     assert (eager - original).abs().max() > 1e-4, "the reduction had no effect on the output"
     torch.testing.assert_close(static, eager, rtol=0, atol=1e-5)
+
+
+def test_keys_are_averaged_over_heads_after_qk_norm(make_vit: VitFactory) -> None:
+    """The metric is the mean over heads of the keys the attention uses: after ``k_norm`` when the model has one."""
+    model, _, r = _build(make_vit, "qk_norm")
+    patch(model, r=r)
+    block = model.blocks[0]
+    assert isinstance(block.attn.k_norm, nn.LayerNorm) and len(block.attn.k_norm._forward_hooks) == 1
+    keys = torch.randn(2, block.attn.num_heads, 17, block.attn.head_dim)  # [B, H, N, D]
+    block.attn.k_norm(keys)
+    torch.testing.assert_close(block.reduce.metric, block.attn.k_norm(keys).mean(dim=1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
