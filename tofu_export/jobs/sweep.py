@@ -7,8 +7,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from tofu_export import __version__
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.checkpoint import sha256_file
@@ -19,7 +17,7 @@ from tofu_export.runtime.ort_backend import OrtBackend
 from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
 from tofu_export.runtime.profiler import profile
 from tofu_export.runtime.stats import LatencyStats
-from tofu_export.runtime.sweep import SweepPoint, point_key, run_sweep
+from tofu_export.runtime.sweep import SweepPoint, point_key, progress_bar, run_sweep
 
 STATE = "sweep_state.json"
 
@@ -66,8 +64,7 @@ def _time_interleaved(records: Sequence[dict[str, Any]], *, threads: int | None,
     A slow spell of a shared machine then hits all points alike instead of the few timed during it.
     """
     paths = {record["key"]: Path(record["artifact"]) for record in records}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"timing {len(paths)} points round-robin", total=iters)
         samples = interleaved_latency_ms(
             paths, threads=threads, warmup=5, iters=iters, on_round=lambda: bar.advance(task)

@@ -35,6 +35,12 @@ def point_key(point: SweepPoint, config_key: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def progress_bar(enabled: bool = True) -> Progress:
+    """The sweep's bar: what is running, a bar, done/total and time elapsed."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, disable=not enabled)
+
+
 def run_sweep(
     points: Sequence[SweepPoint],
     *,
@@ -54,8 +60,7 @@ def run_sweep(
     state_path = Path(state_path)
     state = load_state(state_path)
     records = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with progress_bar(enabled=progress) as bar:
         task = bar.add_task("sweep", total=len(points))
         for point in points:
             key = point_key(point, config_key)
