@@ -102,7 +102,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: object, x: Tensor, pairs: Tensor) -> Tensor:  # x [B, N, C], pairs [B, K, 2]
-        return x.gather(dim=1, index=pairs[..., 1:].expand(-1, -1, x.shape[-1]))
+        return _gather_rows(x, pairs[..., 1:])
 
     @staticmethod
     def symbolic(g: object, x: object, pairs: object) -> object:
@@ -114,6 +114,11 @@ class _GatherRows(torch.autograd.Function):
         return out
 
 
+def _gather_rows(x: Tensor, column: Tensor) -> Tensor:
+    """``x [B, N, C]``, token indices ``column [B, K, 1]`` -> ``[B, K, C]``."""
+    return x.gather(dim=1, index=column.expand(-1, -1, x.shape[-1]))
+
+
 def take_tokens(idx: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Tokens ``idx [B, K]`` of every sample, from each of ``tensors`` (``[B, N, C]`` -> ``[B, K, C]``; None
     passes through).
@@ -121,9 +126,9 @@ def take_tokens(idx: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ..
     In PyTorch this is ``gather`` (differentiable). In an exported graph each tensor costs one row ``GatherND``
     (not an element-wise ``GatherElements`` over a ``[B, K, C]`` index), with the index pairs built once.
     """
-    if not torch.onnx.is_in_onnx_export():
-        return tuple(None if t is None else t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in tensors)
     column = idx.unsqueeze(-1)  # [B, K, 1]
+    if not torch.onnx.is_in_onnx_export():
+        return tuple(None if t is None else _gather_rows(t, column) for t in tensors)
     sample = column * 0 + torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)  # batch stays free
     pairs = torch.cat([sample, column], dim=-1)  # [B, K, 2]
     return tuple(None if t is None else _GatherRows.apply(t, pairs) for t in tensors)
