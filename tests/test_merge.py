@@ -140,18 +140,18 @@ def _groups(matching: Matching, num_tokens: int, num_prefix: int, sample: int) -
     """Input positions combined into each output row of one sample, in output order [prefix, unmerged A, B]."""
     a_pos = [k for k in range(num_prefix, num_tokens) if k % 2 == 0]
     b_pos = [k for k in range(num_prefix, num_tokens) if k % 2 == 1]
-    src, dst = matching.src_idx[sample].tolist(), matching.dst_idx[sample].tolist()
+    src, dst = matching.src_idx[sample, :, 0].tolist(), matching.dst_idx[sample, :, 0].tolist()
     received = [[b] + [a_pos[s] for s, d in zip(src, dst, strict=True) if d == j] for j, b in enumerate(b_pos)]
-    unmerged = [[a_pos[i]] for i in matching.unm_idx[sample].tolist()]
+    unmerged = [[a_pos[i]] for i in matching.unm_idx[sample, :, 0].tolist()]
     return [[k] for k in range(num_prefix)] + unmerged + received
 
 
 def _duplicate_matching() -> Matching:
     """A hand-made matching on 11 tokens with 1 prefix (A = 2,4,6,8,10; B = 1,3,5,7,9) where B[1] gets two sources."""
     return Matching(
-        unm_idx=torch.tensor([[1, 4], [0, 2]]),
-        src_idx=torch.tensor([[0, 2, 3], [4, 1, 3]]),
-        dst_idx=torch.tensor([[1, 1, 4], [0, 0, 0]]),
+        unm_idx=torch.tensor([[1, 4], [0, 2]]).unsqueeze(-1),
+        src_idx=torch.tensor([[0, 2, 3], [4, 1, 3]]).unsqueeze(-1),
+        dst_idx=torch.tensor([[1, 1, 4], [0, 0, 0]]).unsqueeze(-1),
     )
 
 
@@ -252,10 +252,11 @@ def test_bipartite_matching_picks_the_best_scored_a_tokens(num_prefix: int) -> N
     for sample in range(2):
         scores = unit[sample, a_pos] @ unit[sample, b_pos].T  # [Na, Nb]
         best, target = scores.max(dim=-1)
-        chosen = matching.src_idx[sample].tolist()
+        assert matching.src_idx.shape == matching.dst_idx.shape == (2, r, 1)
+        chosen = matching.src_idx[sample, :, 0].tolist()
         assert sorted(chosen) == sorted(best.argsort(descending=True)[:r].tolist())
-        assert matching.dst_idx[sample].tolist() == target[chosen].tolist()
-        unmerged = matching.unm_idx[sample].tolist()
+        assert matching.dst_idx[sample, :, 0].tolist() == target[chosen].tolist()
+        unmerged = matching.unm_idx[sample, :, 0].tolist()
         assert sorted(unmerged + chosen) == list(range(len(a_pos)))
         if num_prefix > 0:  # ToMe keeps unmerged tokens in their original order when a class token is present
             assert unmerged == sorted(unmerged)

@@ -40,12 +40,13 @@ class Matching(NamedTuple):
     """The outcome of one bipartite soft matching step.
 
     Indices refer to the *matchable* part of each set (prefix tokens excluded).
-    ``Na``/``Nb`` are the numbers of matchable tokens in set A / set B.
+    ``Na``/``Nb`` are the numbers of matchable tokens in set A / set B. Indices are columns (a trailing axis of
+    size 1), the shape a row gather takes them in.
     """
 
-    unm_idx: Tensor  # [B, Na - r] A tokens that stay, in the order they are emitted
-    src_idx: Tensor  # [B, r]      A tokens that are reduced away
-    dst_idx: Tensor  # [B, r]      the B token each source token was matched to
+    unm_idx: Tensor  # [B, Na - r, 1] A tokens that stay, in the order they are emitted
+    src_idx: Tensor  # [B, r, 1]      A tokens that are reduced away
+    dst_idx: Tensor  # [B, r, 1]      the B token each source token was matched to
 
 
 def split_sets(x: Tensor, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,16 +81,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
         _, a, b = split_sets(metric, num_prefix)
         scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
 
-        node_max, node_idx = scores.max(dim=-1)  # [B, Na]
+        node_max, node_idx = scores.max(dim=-1, keepdim=True)  # [B, Na, 1]
         # argsort(descending) written as a full top-k so the exported TopK has a constant K (TensorRT needs one)
-        edge_idx = node_max.topk(num_a, dim=-1).indices  # [B, Na]
+        edge_idx = node_max.topk(num_a, dim=1).indices  # [B, Na, 1]
 
-        unm_idx = edge_idx[:, r:]  # [B, Na - r]
-        src_idx = edge_idx[:, :r]  # [B, r]
-        dst_idx = node_idx.gather(dim=-1, index=src_idx)  # [B, r]
+        unm_idx = edge_idx[:, r:]  # [B, Na - r, 1]
+        src_idx = edge_idx[:, :r]  # [B, r, 1]
+        dst_idx = node_idx.gather(dim=1, index=src_idx)  # [B, r, 1]
         if num_prefix > 0 and num_a > r:
             # ToMe keeps the unmerged tokens in their original order when a class token is present.
-            unm_idx = unm_idx.topk(num_a - r, dim=-1, largest=False).values
+            unm_idx = unm_idx.topk(num_a - r, dim=1, largest=False).values
     return Matching(unm_idx, src_idx, dst_idx)
 
 
@@ -114,23 +115,33 @@ class _GatherRows(torch.autograd.Function):
         return out
 
 
-def _gather_rows(x: Tensor, column: Tensor) -> Tensor:
-    """``x [B, N, C]``, token indices ``column [B, K, 1]`` -> ``[B, K, C]``."""
-    return x.gather(dim=1, index=column.expand(-1, -1, x.shape[-1]))
+def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x [B, N, C]``, token indices ``idx [B, K, 1]`` -> ``[B, K, C]``."""
+    return x.gather(dim=1, index=idx.expand(-1, -1, x.shape[-1]))
 
 
-def take_tokens(idx: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Tokens ``idx [B, K]`` of every sample, from each of ``tensors`` (``[B, N, C]`` -> ``[B, K, C]``; None
+def sample_index(x: Tensor) -> Tensor:
+    """``[B, 1, 1]``: the index of every sample of ``x [B, ...]``. Traced, it stays a function of the batch size."""
+    return torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
+
+
+def take_tokens(idx: Tensor, *tensors: Tensor | None, sample: Tensor | None = None) -> tuple[Tensor | None, ...]:
+    """Tokens ``idx [B, K, 1]`` of every sample, from each of ``tensors`` (``[B, N, C]`` -> ``[B, K, C]``; None
     passes through).
 
     In PyTorch this is ``gather`` (differentiable). In an exported graph each tensor costs one row ``GatherND``
-    (not an element-wise ``GatherElements`` over a ``[B, K, C]`` index), with the index pairs built once.
+    (not an element-wise ``GatherElements`` over a ``[B, K, C]`` index), with the ``(sample, token)`` pairs built
+    once; ``sample`` (``sample_index`` of the batch) can be passed in so that a model computes it once, not per
+    call.
     """
-    column = idx.unsqueeze(-1)  # [B, K, 1]
     if not torch.onnx.is_in_onnx_export():
-        return tuple(None if t is None else _gather_rows(t, column) for t in tensors)
-    sample = column * 0 + torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)  # batch stays free
-    pairs = torch.cat([sample, column], dim=-1)  # [B, K, 2]
+        return tuple(None if t is None else _gather_rows(t, idx) for t in tensors)
+    num_taken = int(idx.shape[1])
+    if num_taken == 0:  # nothing to take (a block that reduces all of set A); Expand to 0 rows would be mistyped
+        return tuple(None if t is None else t[:, :0] for t in tensors)
+    if sample is None:
+        sample = sample_index(idx)
+    pairs = torch.cat([sample.expand(-1, num_taken, -1), idx], dim=-1)  # [B, K, 2]
     return tuple(None if t is None else _GatherRows.apply(t, pairs) for t in tensors)
 
 
@@ -138,7 +149,7 @@ def _combine_eager(
     dst: Tensor, dst_size: Tensor, src: Tensor, src_size: Tensor, dst_idx: Tensor, mode: ReduceMode
 ) -> tuple[Tensor, Tensor]:
     """Fold ``src [B, r, C]`` into ``dst [B, Nb, C]`` with ``scatter_reduce`` (ToMe's way)."""
-    index = dst_idx.unsqueeze(-1)  # [B, r, 1]
+    index = dst_idx  # [B, r, 1]
     weighted = dst * dst_size
     weighted = weighted.scatter_reduce(1, index.expand_as(src), src * src_size, reduce="sum")
     size = dst_size.scatter_reduce(1, index, src_size, reduce="sum")  # [B, Nb, 1]
@@ -156,7 +167,7 @@ def _combine_static(
     """``_combine_eager`` without scatter: a ``[B, Nb, r]`` one-hot (``Equal`` on the destination indices) and a
     batched matmul; MLERP's max-norm is a masked max over the same one-hot."""
     slots = torch.arange(int(dst.shape[1]), device=dst.device)
-    to_dst = (dst_idx.unsqueeze(-1) == slots).to(dst.dtype)  # [B, r, Nb]: where each source goes
+    to_dst = (dst_idx == slots).to(dst.dtype)  # [B, r, Nb]: where each source goes
     gather_in = to_dst.transpose(1, 2)  # [B, Nb, r]
     size = dst_size + gather_in @ src_size  # [B, Nb, 1]
     weighted = dst * dst_size + gather_in @ (src * src_size)  # [B, Nb, C]: size-weighted sums
@@ -185,12 +196,14 @@ def reduce_tokens(
     mode: ReduceMode,
     num_prefix: int,
     static: bool = False,
+    sample: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Apply a matching to tokens ``x [B, N, C]`` with sizes ``size [B, N, 1]`` (None: all ones).
 
     Returns the reduced tokens ``[B, N - r, C]``, ordered ``[prefix, unmerged A, B]`` as in ToMe, and their sizes.
     ``"prune"`` leaves sizes untouched (None stays None), so sizes are only tracked once something was merged.
     ``static`` folds sources in without scatter (see the module docstring); the numbers are the same.
+    ``sample`` is passed on to ``take_tokens``.
     """
     if mode not in REDUCE_MODES:
         raise ValueError(f"unknown reduce mode {mode!r}; expected one of {REDUCE_MODES}")
@@ -198,9 +211,9 @@ def reduce_tokens(
         size = _unit_sizes(x)
     prefix, a, b = split_sets(x, num_prefix)
     size_prefix, size_a, size_b = split_sets(size, num_prefix) if size is not None else (None, None, None)
-    unm, size_unm = take_tokens(matching.unm_idx, a, size_a)  # [B, Na - r, C], [B, Na - r, 1]
+    unm, size_unm = take_tokens(matching.unm_idx, a, size_a, sample=sample)  # [B, Na - r, C], [B, Na - r, 1]
     if mode != "prune" and matching.src_idx.shape[1] > 0:
-        src, src_size = take_tokens(matching.src_idx, a, size_a)  # [B, r, C], [B, r, 1]
+        src, src_size = take_tokens(matching.src_idx, a, size_a, sample=sample)  # [B, r, C], [B, r, 1]
         combine = _combine_static if static else _combine_eager
         b, size_b = combine(b, size_b, src, src_size, matching.dst_idx, mode)
     x = torch.cat([prefix, unm, b], dim=1)

@@ -15,10 +15,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
-from tofu_export.merge import bipartite_soft_matching, max_reduction, reduce_tokens
+from tofu_export.merge import bipartite_soft_matching, max_reduction, reduce_tokens, sample_index
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, plan_tokens
 from tofu_export.sizes import as_pair
 
@@ -29,7 +30,8 @@ class UnsupportedModelError(TypeError):
 
 @dataclass
 class ToFuState:
-    """Everything ToFu knows about a patched model. ``size`` is the only field that changes during a forward."""
+    """Everything ToFu knows about a patched model. ``size`` and ``sample`` are the fields that change during a
+    forward."""
 
     r: list[int]  # [depth] requested tokens to remove per block
     modes: list[str]  # [depth] "mean" | "prune" | "mlerp"
@@ -38,6 +40,7 @@ class ToFuState:
     plan: TokenPlan | None  # static token counts, or None for the eager (any input size) path
     img_size: tuple[int, int] | None
     size: Tensor | None = field(default=None, repr=False)  # [B, N, 1] token sizes of the forward in flight
+    sample: Tensor | None = field(default=None, repr=False)  # [B, 1, 1] sample indices, only while exporting
 
     @property
     def static(self) -> bool:
@@ -84,7 +87,10 @@ class TokenReduction(nn.Module):
         if metric is None:
             raise RuntimeError("ToFu found no keys for this block: was attn.k_norm skipped or replaced?")
         matching = bipartite_soft_matching(metric, r, state.num_prefix)
-        return reduce_tokens(x, size, matching, state.modes[self.index], state.num_prefix, static=state.static)
+        if torch.onnx.is_in_onnx_export() and state.sample is None:
+            state.sample = sample_index(x)  # one batch-size computation in the graph, shared by every block's gathers
+        mode = state.modes[self.index]
+        return reduce_tokens(x, size, matching, mode, state.num_prefix, static=state.static, sample=state.sample)
 
     def extra_repr(self) -> str:
         plan = self.state.plan
@@ -102,7 +108,7 @@ class ToFuBlock(Block):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self._tofu
         if self.reduce.index == 0:
-            state.size = None  # a new forward starts
+            state.size = state.sample = None  # a new forward starts
         if attn_mask is not None or is_causal:
             raise ValueError("ToFu-patched blocks do not take an attention mask or is_causal")
         size = state.size
