@@ -58,14 +58,12 @@ class TokenReduction(nn.Module):
     def capture_keys(self, module: nn.Module, args: tuple, keys: Tensor) -> None:
         """Forward hook on ``attn.k_norm``: keep the keys averaged over heads, ``[B, H, N, D] -> [B, N, D]``.
 
-        The mean is a ``[1, H] @ [B, H, D * N]`` product over the keys transposed as ``q @ k^T`` needs them, so an
-        exported graph shares the attention's transpose and adds one small MatMul (on ONNX Runtime's CPU provider a
-        ReduceMean over the head axis costs several times more).
+        The mean is a ``[1, H] @ [B, H, N * D]`` product, so an exported graph adds one small MatMul between two
+        reshapes (on ONNX Runtime's CPU provider a ReduceMean over the head axis costs several times more).
         """
         _, heads, tokens, dim = (int(n) for n in keys.shape)
         head_mean = keys.new_full((1, heads), 1.0 / heads)
-        keys_t = keys.transpose(2, 3).reshape(-1, heads, dim * tokens)  # [B, H, D * N]
-        self.metric = (head_mean @ keys_t).reshape(-1, dim, tokens).transpose(1, 2)
+        self.metric = (head_mean @ keys.reshape(-1, heads, tokens * dim)).reshape(-1, tokens, dim)
 
     def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes."""
@@ -112,7 +110,9 @@ class ToFuBlock(Block):
         if attn_mask is not None or is_causal:
             raise ValueError("ToFu-patched blocks do not take an attention mask or is_causal")
         size = state.size
-        prop_mask = size.log()[:, None, None, :, 0] if state.prop_attn and size is not None else None  # [B,1,1,N]
+        prop_mask = None  # [B, 1, 1, N]: proportional attention adds log(size) to the logits
+        if state.prop_attn and size is not None:
+            prop_mask = size.log().reshape(-1, 1, 1, size.shape[1])
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=prop_mask)))
         x, state.size = self.reduce(x, size)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
