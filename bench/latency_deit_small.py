@@ -11,6 +11,8 @@ Variants:
   tome          ToMe's algorithm through our static rewrite (one-hot combination matmul, no scatter)
   tofu-scatter  ToFu through the eager path (scatter_reduce sum / amax), exported as is
   tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
+  tofu-mean     ToFu's split with ToMe's average instead of MLERP (static): what MLERP's norms cost
+  tofu-noprop   ToFu without proportional attention (static): what the log(size) attention mask costs
   prune         every block prunes (static): ToMe's matching plus one row gather, i.e. what matching alone costs
   bound-free-slice  not a method: each block keeps its first N - r tokens, the speed ceiling of any reduction
 
@@ -39,6 +41,7 @@ from tofu_export.exporters.onnx import export_onnx
 from tofu_export.models.timm_vit import TokenReduction
 from tofu_export.runtime.compare import interleaved_latency_ms
 from tofu_export.runtime.device import describe_device
+from tofu_export.schedule import layer_modes
 
 MODEL = "deit_small_patch16_224"
 
@@ -47,6 +50,7 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
     """Export each variant; returns name -> (onnx path, GFLOPs)."""
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False).eval()
+    tofu_modes = layer_modes("tofu", len(model.blocks), None)  # per block: "prune" | "mlerp"
     variants = {}
     setups = [
         ("baseline", None),
@@ -54,6 +58,8 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
         ("tome", dict(mode="tome", img_size=224)),
         ("tofu-scatter", dict(mode="tofu")),  # eager path: scatter_reduce (sum / amax), like ToMe's code
         ("tofu", dict(mode="tofu", img_size=224)),
+        ("tofu-mean", dict(mode=[m.replace("mlerp", "mean") for m in tofu_modes], img_size=224)),
+        ("tofu-noprop", dict(mode="tofu", prop_attn=False, img_size=224)),
         ("prune", dict(mode="prune", img_size=224)),
     ]
     for name, patch_kwargs in setups:
