@@ -149,14 +149,13 @@ def _combine_eager(
     dst: Tensor, dst_size: Tensor, src: Tensor, src_size: Tensor, dst_idx: Tensor, mode: ReduceMode
 ) -> tuple[Tensor, Tensor]:
     """Fold ``src [B, r, C]`` into ``dst [B, Nb, C]`` with ``scatter_reduce`` (ToMe's way)."""
-    index = dst_idx  # [B, r, 1]
     weighted = dst * dst_size
-    weighted = weighted.scatter_reduce(1, index.expand_as(src), src * src_size, reduce="sum")
-    size = dst_size.scatter_reduce(1, index, src_size, reduce="sum")  # [B, Nb, 1]
+    weighted = weighted.scatter_reduce(1, dst_idx.expand_as(src), src * src_size, reduce="sum")
+    size = dst_size.scatter_reduce(1, dst_idx, src_size, reduce="sum")  # [B, Nb, 1]
     mean = weighted / size
     if mode == "mean":
         return mean, size
-    max_norm = dst.norm(dim=-1, keepdim=True).scatter_reduce(1, index, src.norm(dim=-1, keepdim=True), reduce="amax")
+    max_norm = dst.norm(dim=-1, keepdim=True).scatter_reduce(1, dst_idx, src.norm(dim=-1, keepdim=True), reduce="amax")
     merged = size > dst_size  # [B, Nb, 1] destinations that received at least one source
     return torch.where(merged, _rescale(mean, max_norm), dst), size
 
