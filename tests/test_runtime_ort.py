@@ -9,7 +9,7 @@ import timm
 import torch
 
 from tofu_export.runtime.breakdown import categorize, summarize
-from tofu_export.runtime.compare import interleaved_latency_ms
+from tofu_export.runtime.compare import interleaved_latency_ms, round_orders, time_round_robin
 from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
 from tofu_export.runtime.ort_backend import OrtBackend, resolve_providers, session_options
 from tofu_export.runtime.ort_profile import parse_ort_profile
@@ -147,6 +147,24 @@ def test_interleaved_latency_times_every_model(onnx_path: Path, tmp_path: Path) 
     assert len(rounds) == 4
     assert set(samples) == {"deep", "shallow"}
     assert all(len(times) == 4 and all(t > 0 for t in times) for times in samples.values())
+
+
+def test_round_robin_order_is_shuffled_and_reproducible() -> None:
+    names = ["baseline", "tome", "tofu"]
+    orders = round_orders(names, 30, seed=1)
+    assert all(sorted(order) == sorted(names) for order in orders)
+    # No model keeps a slot (in a fixed order one model always follows the biggest one and pays for its caches).
+    assert all({order[slot] for order in orders} == set(names) for slot in range(len(names)))
+    assert orders == round_orders(names, 30, seed=1)
+    assert orders != round_orders(names, 30, seed=2)
+
+
+def test_each_timed_run_follows_an_untimed_run_of_the_same_model() -> None:
+    calls: list[str] = []
+    samples = time_round_robin({name: (lambda n=name: calls.append(n)) for name in "abc"}, iters=5)
+    assert len(calls) == 2 * 3 * 5
+    assert all(first == second for first, second in zip(calls[::2], calls[1::2], strict=True))
+    assert {name: len(times) for name, times in samples.items()} == {"a": 5, "b": 5, "c": 5}
 
 
 def test_backend_without_spinning_says_so(onnx_path: Path) -> None:

@@ -414,8 +414,9 @@ def sweep(
     interleave: Annotated[
         bool,
         typer.Option(
-            help="CPU: time all points round-robin in one process (spinning off) after exporting them, so a "
-            "slow spell of a shared machine hits every point alike."
+            help="CPU: time all points round-robin in one process (spinning off, a fresh random order every "
+            "round, each timed run right after an untimed one of the same point) after exporting them, so a slow "
+            "spell of a shared machine hits every point alike and no point always runs on another's caches."
         ),
     ] = False,
     arch: ArchOption = None,

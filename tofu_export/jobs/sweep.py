@@ -59,7 +59,8 @@ def _markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
 
 
 def _time_interleaved(records: Sequence[dict[str, Any]], *, threads: int | None, iters: int) -> None:
-    """Time every point's graph round-robin in one process, spinning off, and add the stats to its profile.
+    """Time every point's graph round-robin in one process (``interleaved_latency_ms``: spinning off, shuffled
+    order), and add the stats to its profile.
 
     A slow spell of a shared machine then hits all points alike instead of the few timed during it.
     """
