@@ -2,13 +2,13 @@
 
 Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified) and timed in one
 process, interleaved round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads,
-median of --iters runs after --warmup, thread spinning off (see below). Weights are random (latency does not
-depend on them).
+median of --iters runs after --warmup, thread spinning off (see tofu_export/runtime/compare.py), in --repeats rounds whose speedups are
+reported as a range. Weights are random (latency does not depend on them).
 
 Variants:
   baseline      timm's model, no token reduction
   tome-scatter  the official ToMe algorithm as ToMe writes it (scatter_reduce), our eager path, exported as is
-  tome          ToMe's algorithm through our static rewrite (one-hot combination matmul, no scatter)
+  tome          ToMe's algorithm through our static rewrite (row gathers, a row scatter without reduction)
   tofu-scatter  ToFu through the eager path (scatter_reduce sum / amax), exported as is
   tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
   tofu-mean     ToFu's split with ToMe's average instead of MLERP (static): what MLERP's norms cost
@@ -16,7 +16,7 @@ Variants:
   prune         every block prunes (static): ToMe's matching plus one row gather, i.e. what matching alone costs
   bound-free-slice  not a method: each block keeps its first N - r tokens, the speed ceiling of any reduction
 
-Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--out bench/results]
+Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--repeats 3] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -103,13 +103,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="independent timing rounds (fresh sessions each)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
 
+    rounds: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.r, Path(tmp))
         paths = {name: path for name, (path, _) in variants.items()}
-        samples = interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters)
+        for _ in range(args.repeats):
+            rounds.append(interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters))
+    # Pooled over the rounds for the headline figures; the per-round speedups show the run-to-run spread.
+    samples = {name: [t for one in rounds for t in one[name]] for name in paths}
+    round_speedups = {
+        name: [statistics.median(one["baseline"]) / statistics.median(one[name]) for one in rounds] for name in paths
+    }
     base = statistics.median(samples["baseline"])
     rows = []
     for name, times in samples.items():
@@ -117,18 +125,23 @@ def main() -> None:
         rows.append({
             "variant": name, "r": 0 if name == "baseline" else args.r, "median_ms": round(median, 2),
             "p90_ms": round(float(np.percentile(times, 90)), 2), "speedup": round(base / median, 3),
+            "speedup_min": round(min(round_speedups[name]), 3), "speedup_max": round(max(round_speedups[name]), 3),
             "gflops": round(variants[name][1], 3), "flop_ratio": round(variants["baseline"][1] / variants[name][1], 3),
         })
     result = {
         "benchmark": "ORT CPU latency, deit_small_patch16_224, batch 1",
-        "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads}",
-        "threads": args.threads, "iters": args.iters, "warmup": args.warmup, "rows": rows,
+        "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads} "
+        f"--repeats {args.repeats}",
+        "threads": args.threads, "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats, "rows": rows,
         "machine": describe_device().to_dict(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "torch": torch.__version__,
     }
-    table = ["| variant | r | median ms | p90 ms | speedup vs baseline | GFLOPs | FLOP ratio |", "|---" * 7 + "|"]
-    table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | {r['gflops']} | "
-              f"{r['flop_ratio']}x |" for r in rows]
+    table = [
+        "| variant | r | median ms | p90 ms | speedup vs baseline | per-round speedups | GFLOPs | FLOP ratio |",
+        "|---" * 8 + "|",
+    ]
+    table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | "
+              f"{r['speedup_min']}-{r['speedup_max']}x | {r['gflops']} | {r['flop_ratio']}x |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latency_deit_small.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "latency_deit_small.md").write_text("\n".join(table) + "\n")
