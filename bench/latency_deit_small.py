@@ -2,8 +2,8 @@
 
 Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified) and timed in one
 process, interleaved round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads,
-median of --iters runs after --warmup, thread spinning off (see tofu_export/runtime/compare.py), in --repeats rounds whose speedups are
-reported as a range. Weights are random (latency does not depend on them).
+median of --iters runs after --warmup, thread spinning off and a shuffled order (see tofu_export/runtime/compare.py),
+in --repeats rounds whose speedups are reported as a range. Weights are random (latency does not depend on them).
 
 Variants:
   baseline      timm's model, no token reduction
@@ -111,8 +111,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.r, Path(tmp))
         paths = {name: path for name, (path, _) in variants.items()}
-        for _ in range(args.repeats):
-            rounds.append(interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters))
+        for seed in range(args.repeats):  # each round its own visiting order
+            rounds.append(
+                interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters, seed=seed)
+            )
     # Pooled over the rounds for the headline figures; the per-round speedups show the run-to-run spread.
     samples = {name: [t for one in rounds for t in one[name]] for name in paths}
     round_speedups = {
