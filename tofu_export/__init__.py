@@ -11,7 +11,7 @@ from tofu_export.accounting import TokenSchedule, token_schedule
 from tofu_export.models.timm_vit import UnsupportedModelError, is_patched, patch, unpatch
 from tofu_export.schedule import MODES, ScheduleError, decreasing_schedule, layer_modes, parse_r
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 __all__ = [
     "MODES",
