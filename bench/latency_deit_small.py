@@ -8,7 +8,7 @@ in --repeats rounds whose speedups are reported as a range. Weights are random (
 Variants:
   baseline      timm's model, no token reduction
   tome-scatter  the official ToMe algorithm as ToMe writes it (scatter_reduce), our eager path, exported as is
-  tome          ToMe's algorithm through our static rewrite (row gathers, a row scatter without reduction)
+  tome          ToMe's algorithm through our static rewrite (row gathers and a one-hot fold, no scatter)
   tofu-scatter  ToFu through the eager path (scatter_reduce sum / amax), exported as is
   tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
   tofu-mean     ToFu's split with ToMe's average instead of MLERP (static): what MLERP's norms cost
