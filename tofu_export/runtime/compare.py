@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tofu_export.runtime.ort_backend import session_options
+from tofu_export.runtime.timing import time_callable
 
 
 def interleaved_latency_ms(
@@ -69,11 +69,8 @@ def time_round_robin(
     Returns the timed calls' latencies in ms, per runner."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for order in round_orders(list(runners), iters, seed):
-        for name in order:
-            runners[name]()  # re-warm after whatever ran before
-            start = time.perf_counter()
-            runners[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+        for name in order:  # one untimed call re-warms after whatever ran before
+            samples[name].append(time_callable(runners[name], warmup=1, iters=1, budget_s=None)[0] * 1e3)
         if on_round is not None:
             on_round()
     return samples
