@@ -109,7 +109,8 @@ class Policy:
             return cls(tuple(data["modes"]), tuple(data["r"]), dict(data["model"]), dict(data.get("source", {})),
                        dict(data.get("measurements", {})))
         except (KeyError, TypeError) as error:
-            raise PolicyError(f"the policy record is incomplete or malformed: {type(error).__name__}: {error}") from error
+            message = f"the policy record is incomplete or malformed: {type(error).__name__}: {error}"
+            raise PolicyError(message) from error
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
