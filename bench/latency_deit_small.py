@@ -2,7 +2,7 @@
 
 Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified) and timed in one
 process, interleaved round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads,
-median of --iters runs after --warmup, thread spinning off and a shuffled order (see tofu_export/runtime/compare.py),
+median of --iters runs after --warmup, thread spinning off and a shuffled order (see tofu_export/profiling/compare.py),
 in --repeats rounds whose speedups are reported as a range. Weights are random (latency does not depend on them).
 
 Variants:
@@ -39,8 +39,8 @@ import torch
 import tofu_export
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.models.timm_vit import TokenReduction
-from tofu_export.runtime.compare import interleaved_latency_ms
-from tofu_export.runtime.device import describe_device
+from tofu_export.profiling.compare import interleaved_latency_ms
+from tofu_export.profiling.device import describe_device
 from tofu_export.schedule import layer_modes
 
 MODEL = "deit_small_patch16_224"

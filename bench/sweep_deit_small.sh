@@ -5,4 +5,4 @@
 set -euo pipefail
 out="${1:-bench/results/sweep_deit_small}"
 tofu-export sweep deit_small_patch16_224 --r 0,4,8,12,16 --modes tome,prune,mlerp,tofu --iters 60 --threads 2 --interleave -o "$out"
-python3 -c "from tofu_export.runtime.device import describe_device; import json; print(json.dumps(describe_device().to_dict(), indent=2))" > "$out/machine.json"
+python3 -c "from tofu_export.profiling.device import describe_device; import json; print(json.dumps(describe_device().to_dict(), indent=2))" > "$out/machine.json"

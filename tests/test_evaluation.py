@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tofu_export.engines.base import RunnerError, run_in_fixed_batches
+from tofu_export.engines.ort import OrtRunner
+from tofu_export.engines.torch import TorchRunner
+from tofu_export.engines.trt import TrtRunner
 from tofu_export.evaluation import (
     EvaluationError,
-    OrtPredictor,
-    TorchPredictor,
-    TrtPredictor,
     artifact_transform,
     classification_accuracy,
     evaluate,
@@ -29,7 +30,6 @@ from tofu_export.evaluation import (
     model_data_config,
     model_transform,
 )
-from tofu_export.evaluation.predictors import run_in_fixed_batches
 
 IDENTITY_NORMALIZE = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -83,7 +83,7 @@ def colour_folder(tmp_path: Path) -> Path:
 
 def test_classification_accuracy_matches_the_known_answers(colour_folder: Path) -> None:
     loader = make_loader(colour_folder, artifact_transform(8, **IDENTITY_NORMALIZE), batch_size=2, num_workers=0)
-    scores = classification_accuracy(TorchPredictor(DominantChannel()), loader, topk=(1, 2, 5))
+    scores = classification_accuracy(TorchRunner(DominantChannel()), loader, topk=(1, 2, 5))
     assert scores == {"top1": 60.0, "top2": 80.0, "top5": 100.0, "n": 5.0}
 
 
@@ -112,7 +112,7 @@ def test_labels_beyond_the_head_raise(tmp_path: Path) -> None:
     write_png(tmp_path / "0243" / "a.png", (0, 0, 0))
     loader = make_loader(tmp_path, artifact_transform(8), num_workers=0)
     with pytest.raises(EvaluationError, match="243"):
-        classification_accuracy(TorchPredictor(DominantChannel()), loader)
+        classification_accuracy(TorchRunner(DominantChannel()), loader)
 
 
 def test_model_data_config_uses_the_built_img_size() -> None:
@@ -125,9 +125,9 @@ def test_feature_cosine_is_exactly_one_for_identical_models_and_lower_otherwise(
     write_noise_folder(tmp_path, classes=2, per_class=4, size=32, seed=0)
     model = tiny_vit()
     loader = make_loader(tmp_path, model_transform(model), batch_size=3, num_workers=0)
-    first, labels = extract_features(TorchPredictor(model), loader)
-    second, _ = extract_features(TorchPredictor(copy.deepcopy(model)), loader)
-    other, _ = extract_features(TorchPredictor(tiny_vit(seed=1)), loader)
+    first, labels = extract_features(TorchRunner(model), loader)
+    second, _ = extract_features(TorchRunner(copy.deepcopy(model)), loader)
+    other, _ = extract_features(TorchRunner(tiny_vit(seed=1)), loader)
     assert first.shape == (8, model.num_features) and labels.tolist() == [0] * 4 + [1] * 4
     assert feature_cosine(first, second) == {"mean": 1.0, "min": 1.0, "p5": 1.0}
     assert feature_cosine(first, other)["mean"] < 0.99
@@ -140,11 +140,11 @@ def test_patched_model_at_r0_has_exact_fidelity(tmp_path: Path) -> None:
     write_noise_folder(tmp_path, classes=2, per_class=3, size=32, seed=1)
     model = tiny_vit()
     loader = make_loader(tmp_path, model_transform(model), batch_size=4, num_workers=0)
-    reference, _ = extract_features(TorchPredictor(model), loader)
+    reference, _ = extract_features(TorchRunner(model), loader)
     for mode in ("tofu", "tome", "prune", "mlerp"):
         patched = copy.deepcopy(model)
         patched = tofu_export.patch(patched, r=0, mode=mode) or patched
-        features, _ = extract_features(TorchPredictor(patched), loader)
+        features, _ = extract_features(TorchRunner(patched), loader)
         assert feature_cosine(reference, features) == {"mean": 1.0, "min": 1.0, "p5": 1.0}, mode
 
 
@@ -176,13 +176,13 @@ def test_ort_predictor_matches_torch_with_dynamic_and_static_batch(tmp_path: Pat
         model, (images[:2],), dynamic, dynamo=False, input_names=["input"], dynamic_axes={"input": {0: "batch"}}
     )
     torch.onnx.export(model, (images[:2],), static, dynamo=False, input_names=["input"])
-    expected = TorchPredictor(model)(images)
+    expected = TorchRunner(model)(images)
     for path, fixed_batch in ((dynamic, None), (static, 2)):
-        predictor = OrtPredictor(path, threads=1)
-        assert predictor.fixed_batch == fixed_batch
+        predictor = OrtRunner(path, threads=1)
+        assert predictor.input.batch == fixed_batch
         torch.testing.assert_close(predictor(images), expected, atol=1e-4, rtol=0)  # 5 images: 2 + 2 + 1 padded
-    with pytest.raises(EvaluationError, match="artifact_transform"):
-        OrtPredictor(static)(torch.randn(2, 3, 48, 48))
+    with pytest.raises(RunnerError, match="artifact_transform"):
+        OrtRunner(static)(torch.randn(2, 3, 48, 48))
 
 
 def test_run_in_fixed_batches_pads_and_trims() -> None:
@@ -204,26 +204,26 @@ def test_trt_predictor_explains_what_is_missing(tmp_path: Path) -> None:
     else:
         if torch.cuda.is_available():
             pytest.skip("tensorrt and CUDA are installed: the missing-backend error cannot occur here")
-    from tofu_export.runtime.errors import BackendUnavailableError
+    from tofu_export.engines.base import BackendUnavailableError
 
-    with pytest.raises(BackendUnavailableError, match=r"OrtPredictor|CUDA"):
-        TrtPredictor(tmp_path / "model.engine")
+    with pytest.raises(BackendUnavailableError, match=r"OrtRunner|CUDA"):
+        TrtRunner(tmp_path / "model.engine")
 
 
 def test_evaluate_fidelity_with_splits_and_classification(tmp_path: Path) -> None:
     for split, seed in (("train", 0), ("test", 1)):
         write_noise_folder(tmp_path / split, classes=2, per_class=4, size=32, seed=seed)
     backbone = tiny_vit()
-    report = evaluate(backbone, TorchPredictor(copy.deepcopy(backbone)), tmp_path, batch_size=4, num_workers=0)
+    report = evaluate(backbone, TorchRunner(copy.deepcopy(backbone)), tmp_path, batch_size=4, num_workers=0)
     assert (report.task, report.n_eval, report.n_train) == ("fidelity", 8, 8)
     assert report.metrics["cosine_min"] == 1.0
     assert report.metrics["candidate_knn_top1"] == report.metrics["reference_knn_top1"]
-    other = evaluate(backbone, TorchPredictor(tiny_vit(seed=1)), tmp_path / "test", num_workers=0)
+    other = evaluate(backbone, TorchRunner(tiny_vit(seed=1)), tmp_path / "test", num_workers=0)
     assert other.n_train == 0 and "reference_knn_top1" not in other.metrics
     assert other.metrics["cosine_mean"] < 0.99
 
     classifier = tiny_vit(num_classes=2)
-    scores = evaluate(classifier, TorchPredictor(classifier), tmp_path, num_workers=0).to_dict()
+    scores = evaluate(classifier, TorchRunner(classifier), tmp_path, num_workers=0).to_dict()
     assert scores["task"] == "classification" and scores["n_eval"] == 8
     assert scores["metrics"]["candidate_top1"] == scores["metrics"]["reference_top1"]
     assert set(scores["metrics"]) == {"reference_top1", "reference_top5", "candidate_top1", "candidate_top5"}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tofu_export.runtime.backend import OpTime
-from tofu_export.runtime.breakdown import CATEGORIES, categorize, summarize
+from tofu_export.engines.base import OpTime
+from tofu_export.profiling.breakdown import CATEGORIES, categorize, summarize
 
 
 @pytest.mark.parametrize(

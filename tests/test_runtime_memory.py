@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tofu_export.runtime.memory import measure_memory, reset_peak_memory
+from tofu_export.profiling.memory import measure_memory, reset_peak_memory
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 

@@ -8,11 +8,13 @@ import pytest
 import timm
 import torch
 
-from tofu_export.runtime.breakdown import categorize, summarize
-from tofu_export.runtime.compare import interleaved_latency_ms, round_orders, time_round_robin
-from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
-from tofu_export.runtime.ort_backend import OrtBackend, resolve_providers, session_options
-from tofu_export.runtime.ort_profile import parse_ort_profile
+from tofu_export.engines.base import BackendUnavailableError, RunnerError
+from tofu_export.engines.ort import OrtRunner, create_session, resolve_providers
+from tofu_export.models.timm_vit import patch
+from tofu_export.profiling.breakdown import categorize, summarize
+from tofu_export.profiling.compare import interleaved_latency_ms, round_orders, time_round_robin
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.ort_profile import parse_ort_profile
 
 IMG = 64
 
@@ -43,35 +45,35 @@ def test_resolve_providers() -> None:
     assert resolve_providers("cpu", available) == ["CPUExecutionProvider"]
     with pytest.raises(BackendUnavailableError, match="available: CUDAExecutionProvider, CPUExecutionProvider"):
         resolve_providers("tensorrt", available)
-    with pytest.raises(ProfilerError, match="Unknown provider"):
+    with pytest.raises(RunnerError, match="Unknown provider"):
         resolve_providers("rocm", available)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA EP is installed")
 def test_unavailable_provider_fails_clearly(onnx_path: Path) -> None:
     with pytest.raises(BackendUnavailableError, match="CPUExecutionProvider"):
-        OrtBackend(onnx_path, provider="cuda")
+        OrtRunner(onnx_path, provider="cuda")
 
 
 def test_backend_reads_input_and_runs(onnx_path: Path) -> None:
-    backend = OrtBackend(onnx_path, threads=1, provider="cpu")
-    assert (backend.input_name, backend.fixed_batch, backend.chw) == ("input", None, (3, IMG, IMG))
+    backend = OrtRunner(onnx_path, threads=1, provider="cpu")
+    assert (backend.input.name, backend.input.batch, backend.input.chw) == ("input", None, (3, IMG, IMG))
     backend.run(2)
     backend.run(3)
-    assert backend._input(2).shape == (2, 3, IMG, IMG)
-    assert backend._input(2) is backend._input(2)  # fixed input, not regenerated per run
+    assert backend._feed(2)["input"].shape == (2, 3, IMG, IMG)
+    assert backend._feed(2)["input"] is backend._feed(2)["input"]  # fixed input, not regenerated per run
 
 
 def test_static_batch_model_rejects_other_batch_sizes(tmp_path: Path) -> None:
-    backend = OrtBackend(export(tiny_vit(depth=1), tmp_path / "b1.onnx", dynamic_batch=False), provider="cpu")
+    backend = OrtRunner(export(tiny_vit(depth=1), tmp_path / "b1.onnx", dynamic_batch=False), provider="cpu")
     backend.run(1)
-    with pytest.raises(ProfilerError, match="static batch size of 1"):
+    with pytest.raises(RunnerError, match="static batch size of 1"):
         backend.run(4)
 
 
 def test_missing_model_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(ProfilerError, match="not found"):
-        OrtBackend(tmp_path / "absent.onnx")
+    with pytest.raises(RunnerError, match="not found"):
+        OrtRunner(tmp_path / "absent.onnx")
 
 
 def _node(name: str, op: str, ts: int, dur: int) -> dict:
@@ -106,7 +108,7 @@ def test_profile_parts_sum_to_measured_latency(onnx_path: Path) -> None:
     # ORT's executor spends a few microseconds per node that no op is charged with (about 5 us a node with profiling
     # on, on the Intel CI VM): for this 87-node model at a batch of 16 that alone was ~10% of the latency. At a batch
     # of 64 the ops do four times the work for the same overhead, as in a real model.
-    profile = OrtBackend(onnx_path, threads=1, provider="cpu").profile(batch_size=64, iters=10)
+    profile = OrtRunner(onnx_path, threads=1, provider="cpu").profile(batch_size=64, iters=10)
     parts = summarize(profile.ops)
     measured = float(np.mean(profile.wall_ms))
     assert len(profile.wall_ms) == len(profile.run_ms) == 10
@@ -118,25 +120,22 @@ def test_profile_parts_sum_to_measured_latency(onnx_path: Path) -> None:
 
 
 def test_patched_model_has_token_reduction_time(tmp_path: Path) -> None:
-    tofu_export = pytest.importorskip("tofu_export")
-    if not hasattr(tofu_export, "patch"):
-        pytest.skip("tofu_export.patch (the ToFu core) is not available yet")
     model = tiny_vit(depth=3)
-    tofu_export.patch(model, r=4, mode="tofu", img_size=IMG)
-    # ToFu artifacts are static-shape: export and profile at the batch size they are built for.
-    backend = OrtBackend(export(model, tmp_path / "tofu.onnx", dynamic_batch=False), threads=1, provider="cpu")
+    patch(model, r=4, mode="tofu", img_size=IMG)
+    # Exported here with a static batch of 1 (ToFu graphs keep a dynamic batch axis; this test needs neither).
+    backend = OrtRunner(export(model, tmp_path / "tofu.onnx", dynamic_batch=False), threads=1, provider="cpu")
     ops = backend.profile_ops(batch_size=1, iters=5)
     assert any(categorize(op.name, op.op_type) == "token_reduction" for op in ops)
     assert summarize(ops).by_category_ms["token_reduction"] > 0
 
 
-def test_session_options_set_threads_and_spinning() -> None:
-    default = session_options()
+def test_session_options_set_threads_and_spinning(onnx_path: Path) -> None:
+    default = create_session(onnx_path).get_session_options()
     assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert default.intra_op_num_threads == 0  # ORT picks
     with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ORT's default (spinning on)
         default.get_session_config_entry("session.intra_op.allow_spinning")
-    quiet = session_options(2, spinning=False)
+    quiet = create_session(onnx_path, threads=2, spinning=False).get_session_options()
     assert quiet.intra_op_num_threads == 2
     assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
@@ -171,7 +170,7 @@ def test_each_timed_run_follows_an_untimed_run_of_the_same_model() -> None:
 
 
 def test_backend_without_spinning_says_so(onnx_path: Path) -> None:
-    quiet = OrtBackend(onnx_path, threads=1, provider="cpu", spinning=False)
+    quiet = OrtRunner(onnx_path, threads=1, provider="cpu", spinning=False)
     assert quiet.name == "onnxruntime[CPU, no spinning]"
-    assert OrtBackend(onnx_path, threads=1, provider="cpu").name == "onnxruntime[CPU]"
+    assert OrtRunner(onnx_path, threads=1, provider="cpu").name == "onnxruntime[CPU]"
     quiet.run(1)

@@ -7,14 +7,14 @@ import pytest
 import timm
 import torch
 
-from tofu_export.runtime.backend import Backend, OpTime
-from tofu_export.runtime.device import cpu_model_from_cpuinfo, describe_device
-from tofu_export.runtime.errors import ProfilerError
-from tofu_export.runtime.profiler import profile
-from tofu_export.runtime.torch_backend import TorchBackend
+from tofu_export.engines.base import OpTime, Runner
+from tofu_export.engines.torch import TorchRunner
+from tofu_export.profiling.device import cpu_model_from_cpuinfo, describe_device
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.profiler import profile
 
 
-class FakeBackend:
+class FakeRunner:
     """Counts runs per batch size and reports fixed op times."""
 
     name = "fake"
@@ -23,6 +23,9 @@ class FakeBackend:
     def __init__(self) -> None:
         self.runs: dict[int, int] = {}
         self.profiled: list[tuple[int, int]] = []
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)
 
     def run(self, batch_size: int) -> None:
         self.runs[batch_size] = self.runs.get(batch_size, 0) + 1
@@ -36,8 +39,8 @@ class FakeBackend:
 
 
 def test_profile_runs_each_batch_size_with_warmup_and_iters() -> None:
-    backend = FakeBackend()
-    assert isinstance(backend, Backend)
+    backend = FakeRunner()
+    assert isinstance(backend, Runner)
     result = profile(backend, batch_sizes=[1, 4], warmup=3, iters=7, breakdown=True, breakdown_iters=2)
     assert backend.runs == {1: 10, 4: 10}
     assert backend.profiled == [(1, 2), (4, 2)]
@@ -51,20 +54,20 @@ def test_profile_runs_each_batch_size_with_warmup_and_iters() -> None:
 
 
 def test_profile_without_breakdown_skips_op_profiling() -> None:
-    backend = FakeBackend()
+    backend = FakeRunner()
     result = profile(backend, batch_sizes=[2], warmup=0, iters=3, breakdown=False)
     assert backend.profiled == [] and result.batches[0].breakdown is None
 
 
 def test_profile_rejects_bad_batch_sizes() -> None:
     with pytest.raises(ProfilerError, match="batch_sizes"):
-        profile(FakeBackend(), batch_sizes=[0], warmup=0, iters=1)
+        profile(FakeRunner(), batch_sizes=[0], warmup=0, iters=1)
 
 
 def test_profile_torch_backend_end_to_end() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
-    backend = TorchBackend(model, img_size=32, threads=1)
+    backend = TorchRunner(model, img_size=32, threads=1)
     result = profile(backend, batch_sizes=[2], warmup=1, iters=None, budget_s=0.05, breakdown=True)
     batch = result.batches[0]
     assert batch.latency.n >= 1 and batch.latency.mean_ms > 0

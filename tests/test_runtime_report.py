@@ -6,16 +6,17 @@ from pathlib import Path
 import pytest
 
 from tofu_export.atomic import write_json_atomic
-from tofu_export.runtime.backend import OpTime
-from tofu_export.runtime.breakdown import summarize
-from tofu_export.runtime.device import describe_device
-from tofu_export.runtime.errors import ProfilerError
-from tofu_export.runtime.memory import MemoryReport
-from tofu_export.runtime.pareto import TradeoffPoint, pareto_front
-from tofu_export.runtime.profiler import BatchResult, ProfileResult
-from tofu_export.runtime.report import plot_latency_vs_r, plot_pareto, render_table, write_json, write_markdown
-from tofu_export.runtime.stats import LatencyStats
-from tofu_export.runtime.tegrastats import PowerReport
+from tofu_export.engines.base import OpTime
+from tofu_export.profiling.breakdown import summarize
+from tofu_export.profiling.device import describe_device
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.memory import MemoryReport
+from tofu_export.profiling.profiler import BatchResult, ProfileResult
+from tofu_export.profiling.tegrastats import PowerReport
+from tofu_export.profiling.timing import LatencyStats
+from tofu_export.reports.pareto import TradeoffPoint, pareto_front
+from tofu_export.reports.plots import plot_latency_vs_r, plot_pareto
+from tofu_export.reports.profile import render_table, write_json, write_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

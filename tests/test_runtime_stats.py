@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from tofu_export.runtime.errors import ProfilerError
-from tofu_export.runtime.stats import LatencyStats
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.timing import LatencyStats
 
 
 def test_stats_match_hand_computed_values() -> None:

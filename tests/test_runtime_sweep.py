@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tofu_export.runtime.errors import SweepError
-from tofu_export.runtime.sweep import SweepPoint, point_key, run_sweep
+from tofu_export.sweep.state import SweepError, SweepPoint, point_key, run_sweep
 
 POINTS = [SweepPoint("tofu", r) for r in (0, 4, 8, 12)]
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tofu_export.runtime.tegrastats import (
+from tofu_export.profiling.tegrastats import (
     TegraSample,
     TegrastatsMonitor,
     find_tegrastats,

@@ -4,8 +4,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from tofu_export.runtime.errors import ProfilerError
-from tofu_export.runtime.timing import time_callable
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.timing import time_callable
 
 
 class ScriptedClock:

@@ -1,13 +1,13 @@
-"""TorchBackend on a tiny timm ViT: runs, and per-module exclusive times from torch.profiler."""
+"""TorchRunner on a tiny timm ViT: runs, and per-module exclusive times from torch.profiler."""
 
 import pytest
 import timm
 import torch
 from torch import nn
 
-from tofu_export.runtime.breakdown import categorize, summarize
-from tofu_export.runtime.errors import BackendUnavailableError
-from tofu_export.runtime.torch_backend import ROOT_NAME, TorchBackend, _exclusive_times
+from tofu_export.engines.base import BackendUnavailableError
+from tofu_export.engines.torch import ROOT_NAME, TorchRunner, _exclusive_times
+from tofu_export.profiling.breakdown import categorize, summarize
 
 IMG = 32
 
@@ -25,7 +25,7 @@ def test_exclusive_times_subtract_direct_children() -> None:
 
 
 def test_profile_ops_names_modules_and_covers_vit_parts() -> None:
-    backend = TorchBackend(tiny_vit(), device="cpu", img_size=IMG, threads=1)
+    backend = TorchRunner(tiny_vit(), device="cpu", img_size=IMG, threads=1)
     backend.run(2)
     ops = backend.profile_ops(batch_size=2, iters=3)
     by_name = {op.name: op for op in ops}
@@ -45,18 +45,18 @@ def test_patched_model_has_token_reduction_modules() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3)
     tofu_export.patch(model, r=4, mode="tofu", img_size=64)
-    ops = TorchBackend(model, img_size=64, threads=1).profile_ops(batch_size=1, iters=2)
+    ops = TorchRunner(model, img_size=64, threads=1).profile_ops(batch_size=1, iters=2)
     assert any(categorize(op.name, op.op_type) == "token_reduction" for op in ops)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_request_without_gpu_fails_clearly() -> None:
     with pytest.raises(BackendUnavailableError, match="cuda"):
-        TorchBackend(nn.Identity(), device="cuda", img_size=IMG)
+        TorchRunner(nn.Identity(), device="cuda", img_size=IMG)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_profile_reports_kernel_time() -> None:
-    backend = TorchBackend(tiny_vit(), device="cuda", img_size=IMG)
+    backend = TorchRunner(tiny_vit(), device="cuda", img_size=IMG)
     assert summarize(backend.profile_ops(batch_size=4, iters=3)).by_category_ms["mlp"] > 0

@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tofu_export.runtime.errors import BackendUnavailableError
+from tofu_export.engines.base import BackendUnavailableError
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT and CUDA are available here")
 def test_missing_tensorrt_is_a_clear_runtime_error(tmp_path: Path) -> None:
-    from tofu_export.runtime.trt_backend import TrtBackend
+    from tofu_export.engines.trt import TrtRunner
 
     with pytest.raises(RuntimeError, match="TensorRT") as info:
-        TrtBackend(tmp_path / "model.engine")
+        TrtRunner(tmp_path / "model.engine")
     assert isinstance(info.value, BackendUnavailableError)
 
 
@@ -26,7 +26,7 @@ def test_engine_runs_and_reports_layer_times(tmp_path: Path) -> None:
     import tensorrt as trt
     import timm
 
-    from tofu_export.runtime.trt_backend import TrtBackend
+    from tofu_export.engines.trt import TrtRunner
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
     onnx_path = tmp_path / "vit.onnx"
@@ -38,7 +38,7 @@ def test_engine_runs_and_reports_layer_times(tmp_path: Path) -> None:
     assert parser.parse(onnx_path.read_bytes())
     engine_path = tmp_path / "vit.engine"
     engine_path.write_bytes(bytes(builder.build_serialized_network(network, builder.create_builder_config())))
-    backend = TrtBackend(engine_path)
+    backend = TrtRunner(engine_path)
     backend.run(1)
     backend.sync()
     ops = backend.profile_ops(batch_size=1, iters=3)

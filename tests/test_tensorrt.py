@@ -13,13 +13,11 @@ import timm
 import torch
 from onnx import TensorProto, helper
 
+from tofu_export.engines.trt import TensorRTUnavailable, TrtRunner, load_engine
 from tofu_export.exporters.tensorrt import (
     EngineInputError,
-    TensorRTUnavailable,
-    TrtRunner,
     build_engine,
     check_batch_range,
-    load_engine,
     read_image_input,
     trtexec_command,
 )

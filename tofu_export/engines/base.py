@@ -1,9 +1,27 @@
-"""The interface every inference backend implements, and the per-op timing record they report."""
+"""What every runner (one per runtime: torch, ONNX Runtime, TensorRT) offers, and the records they share.
+
+A runner loads one model and serves both users of an engine: evaluation and parity checks call it on images
+(``runner(images)``), the profiler times ``run(batch_size)`` on a cached random batch and asks
+``profile_ops`` for per-op times.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from tofu_export.errors import UserError
+
+
+class RunnerError(UserError, ValueError):
+    """A runner cannot use this artifact, or the images do not fit it (missing file, wrong shape, static batch)."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested runtime (execution provider, TensorRT, CUDA) is not installed or not usable here."""
 
 
 @dataclass(frozen=True)
@@ -22,18 +40,76 @@ class OpTime:
         return asdict(self)
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """A model ready to run on one device over a fixed random input of shape ``[B, C, H, W]``."""
+@dataclass(frozen=True)
+class InputSpec:
+    """The one image input ``[B, C, H, W]`` of a model: its name, static batch (None: any batch) and ``(C, H, W)``."""
 
     name: str
+    batch: int | None
+    chw: tuple[int, int, int]
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A model ready to run on one device."""
+
+    name: str  # e.g. "onnxruntime[CPU]", "torch[cuda]", "tensorrt[10.3.0]"
     device: str  # "cpu" or "cuda": where memory is measured
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[B, K]`` (float32, CPU) of images ``[B, C, H, W]``, in chunks of the static batch if any."""
+        ...
 
     def run(self, batch_size: int) -> None:
         """Run one inference on a cached random batch of ``batch_size`` images."""
 
     def sync(self) -> None:
-        """Block until all queued device work is done (a no-op for synchronous backends)."""
+        """Block until all queued device work is done (a no-op for synchronous runtimes)."""
 
     def profile_ops(self, batch_size: int, iters: int) -> list[OpTime]:
         """Per-node mean times over ``iters`` profiled runs (after one discarded warm-up run)."""
+        ...
+
+
+def run_in_fixed_batches(
+    run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, fixed_batch: int | None
+) -> torch.Tensor:
+    """``run`` over ``images`` ``[B, ...]`` in chunks of exactly ``fixed_batch`` (zero-padding the last one).
+
+    Static-shape artifacts accept one batch size only; the padded rows are dropped from the result.
+    With ``fixed_batch=None`` the batch is run as is.
+    """
+    if fixed_batch is None or images.shape[0] == fixed_batch:
+        return run(images)
+    outputs = []
+    for start in range(0, images.shape[0], fixed_batch):
+        chunk = images[start : start + fixed_batch]
+        missing = fixed_batch - chunk.shape[0]
+        if missing:
+            chunk = torch.cat([chunk, chunk.new_zeros((missing, *chunk.shape[1:]))])
+        outputs.append(run(chunk)[: fixed_batch - missing])
+    return torch.cat(outputs)
+
+
+def as_images(images: torch.Tensor | Any, spec: InputSpec, source: str) -> torch.Tensor:
+    """``images`` ``[B, C, H, W]`` (torch or numpy) as a CPU tensor, checked against the static ``spec.chw``."""
+    images = torch.as_tensor(images).detach().cpu()
+    if list(images.shape[1:]) != list(spec.chw):
+        raise RunnerError(
+            f"{source} expects images shaped {list(spec.chw)} per sample but got {list(images.shape[1:])}. Resize "
+            "them to the size the artifact was exported at (evaluation.artifact_transform(img_size=...) does)."
+        )
+    return images
+
+
+def random_batches(chw: Sequence[int], seed: int, device: str = "cpu") -> Callable[[int], torch.Tensor]:
+    """``batch(B)``: a normal random ``[B, *chw]`` float32 tensor on ``device``, drawn once per batch size."""
+    generator = torch.Generator().manual_seed(seed)
+    cache: dict[int, torch.Tensor] = {}
+
+    def batch(batch_size: int) -> torch.Tensor:
+        if batch_size not in cache:
+            cache[batch_size] = torch.randn((batch_size, *chw), generator=generator).to(device)
+        return cache[batch_size]
+
+    return batch

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: one optimized session over a fixed random input, plus per-node profiling."""
+"""ONNX Runtime: the one session factory of the package, and the runner over an ``[B, C, H, W]`` image model."""
 
 from __future__ import annotations
 
@@ -11,32 +11,69 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
-from tofu_export.runtime.backend import OpTime
-from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
-from tofu_export.runtime.ort_profile import OrtProfile, parse_ort_profile
-from tofu_export.runtime.timing import time_callable
+from tofu_export.engines.base import (
+    BackendUnavailableError,
+    InputSpec,
+    OpTime,
+    RunnerError,
+    as_images,
+    random_batches,
+    run_in_fixed_batches,
+)
+from tofu_export.profiling.ort_profile import OrtProfile, parse_ort_profile
+from tofu_export.profiling.timing import time_callable
 
 Provider = Literal["cpu", "cuda", "tensorrt", "auto"]
+Optimization = Literal["all", "extended", "basic", "disable"]
 _PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def session_options(threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
-    """Session options every tofu-export ORT session uses: all graph optimisations, ``threads`` intra-op threads
-    (None: ORT's default). ``spinning=False`` stops idle workers from busy-waiting, which timing several sessions
-    in turn needs (one session's spinning workers would otherwise steal the cores from the next)."""
+def create_session(
+    model: str | Path | bytes,
+    *,
+    threads: int | None = None,
+    spinning: bool = True,
+    provider: Provider = "cpu",
+    optimization: Optimization = "all",
+    optimized_model_path: Path | None = None,
+    profile_prefix: str | None = None,
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` over ``model`` (a path or serialized bytes): the only place tofu-export makes one.
+
+    ``threads`` intra-op threads (None: ORT's default). ``spinning=False`` stops idle workers from busy-waiting,
+    which timing several sessions in turn needs (one session's spinning workers would otherwise steal the cores
+    from the next). ``optimization`` is the graph optimisation level; ``optimized_model_path`` saves the
+    optimised graph there; ``profile_prefix`` turns on ORT's profiler (``session.end_profiling()`` writes it).
+    """
+    if optimization not in _LEVELS:
+        raise RunnerError(f"Unknown ONNX Runtime optimization level {optimization!r}; choose one of {list(_LEVELS)}.")
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = _LEVELS[optimization]
     if threads is not None:
         options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    source = model if isinstance(model, bytes) else str(model)
+    providers = resolve_providers(provider, ort.get_available_providers())
+    return ort.InferenceSession(source, options, providers=providers)
 
 
 def resolve_providers(provider: Provider, available: Sequence[str]) -> list[str]:
@@ -48,7 +85,7 @@ def resolve_providers(provider: Provider, available: Sequence[str]) -> list[str]
         return [name for name in _PROVIDER_NAMES.values() if name in available]
     if provider not in _PROVIDER_NAMES:
         choices = ", ".join(_PROVIDER_NAMES)
-        raise ProfilerError(f"Unknown provider {provider!r}; choose one of auto, {choices}.")
+        raise RunnerError(f"Unknown provider {provider!r}; choose one of auto, {choices}.")
     wanted = _PROVIDER_NAMES[provider]
     if wanted not in available:
         raise BackendUnavailableError(
@@ -59,57 +96,57 @@ def resolve_providers(provider: Provider, available: Sequence[str]) -> list[str]
     return [wanted] if wanted == _PROVIDER_NAMES["cpu"] else [wanted, _PROVIDER_NAMES["cpu"]]
 
 
-class OrtBackend:
-    """Runs an ONNX model with ``input`` shaped ``[B, C, H, W]`` (static C, H, W; B static or symbolic)."""
+class OrtRunner:
+    """An ONNX model whose one input is ``[B, C, H, W]`` (static C, H, W; B static or symbolic)."""
 
     def __init__(
         self,
         onnx_path: str | Path,
         *,
         threads: int | None = None,
-        provider: Provider = "auto",
-        seed: int = 0,
+        provider: Provider = "cpu",
         spinning: bool = True,
+        seed: int = 0,
     ) -> None:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
-            raise ProfilerError(f"ONNX model not found: {self.onnx_path}. Export it first (tofu-export export).")
-        self.threads, self.spinning = threads, spinning
-        self.providers = resolve_providers(provider, ort.get_available_providers())
-        self.session = self._make_session(profile_prefix=None)
+            raise RunnerError(f"ONNX model not found: {self.onnx_path}. Export it first (tofu-export export).")
+        self._settings = {"threads": threads, "spinning": spinning, "provider": provider}
+        self.session = create_session(self.onnx_path, **self._settings)  # type: ignore[arg-type]
         quiet = "" if spinning else ", no spinning"
         self.name = f"onnxruntime[{self.session.get_providers()[0].removesuffix('ExecutionProvider')}{quiet}]"
         self.device = "cpu"  # ORT allocates device memory itself; torch's CUDA counters would not see it
         model_input = self.session.get_inputs()[0]
-        self.input_name: str = model_input.name
-        self.fixed_batch, self.chw = _static_input_shape(model_input.shape, self.onnx_path)
+        batch, chw = _static_input_shape(model_input.shape, self.onnx_path)
+        self.input = InputSpec(model_input.name, batch, chw)
         if model_input.type not in _NUMPY_DTYPES:
-            raise ProfilerError(f"Input {self.input_name!r} has unsupported type {model_input.type}.")
+            raise RunnerError(f"Input {model_input.name!r} has unsupported type {model_input.type}.")
         self._dtype = _NUMPY_DTYPES[model_input.type]
-        self._rng = np.random.default_rng(seed)
-        self._inputs: dict[int, np.ndarray] = {}
+        self._random = random_batches(chw, seed)
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}
 
-    def _make_session(self, profile_prefix: str | None) -> ort.InferenceSession:
-        options = session_options(self.threads, spinning=self.spinning)
-        if profile_prefix is not None:
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
-        return ort.InferenceSession(str(self.onnx_path), options, providers=self.providers)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """First output ``[B, K]`` of ``images`` ``[B, C, H, W]``, run in chunks of the static batch if any."""
+        images = as_images(images, self.input, self.onnx_path.name).contiguous()
+        return run_in_fixed_batches(self._first_output, images, self.input.batch)
 
-    def _input(self, batch_size: int) -> np.ndarray:
-        """Cached random batch ``[B, C, H, W]``."""
-        if self.fixed_batch is not None and batch_size != self.fixed_batch:
-            raise ProfilerError(
-                f"{self.onnx_path.name} has a static batch size of {self.fixed_batch}; cannot run batch "
+    def _first_output(self, images: torch.Tensor) -> torch.Tensor:
+        (output, *_) = self.session.run(None, {self.input.name: images.numpy().astype(self._dtype, copy=False)})
+        return torch.from_numpy(output)
+
+    def _feed(self, batch_size: int) -> dict[str, np.ndarray]:
+        """The cached random batch ``[B, C, H, W]`` as a feed (made once per batch size, outside any timing)."""
+        if self.input.batch is not None and batch_size != self.input.batch:
+            raise RunnerError(
+                f"{self.onnx_path.name} has a static batch size of {self.input.batch}; cannot run batch "
                 f"{batch_size}. Export one model per batch size, or export with a dynamic batch axis."
             )
-        if batch_size not in self._inputs:
-            shape = (batch_size, *self.chw)
-            self._inputs[batch_size] = self._rng.standard_normal(shape, dtype=np.float32).astype(self._dtype)
-        return self._inputs[batch_size]
+        if batch_size not in self._feeds:
+            self._feeds[batch_size] = {self.input.name: self._random(batch_size).numpy().astype(self._dtype)}
+        return self._feeds[batch_size]
 
     def run(self, batch_size: int) -> None:
-        self.session.run(None, {self.input_name: self._input(batch_size)})
+        self.session.run(None, self._feed(batch_size))
 
     def sync(self) -> None:
         """No-op: ``InferenceSession.run`` returns host outputs, so the device work is already done."""
@@ -123,9 +160,9 @@ class OrtBackend:
 
         On CUDA/TensorRT providers ORT reports host-side node times, not GPU kernel times.
         """
-        feed = {self.input_name: self._input(batch_size)}
+        feed = self._feed(batch_size)
         with tempfile.TemporaryDirectory(prefix="tofu-ort-profile-") as tmp:
-            session = self._make_session(profile_prefix=str(Path(tmp) / "ort"))
+            session = create_session(self.onnx_path, profile_prefix=str(Path(tmp) / "ort"), **self._settings)  # type: ignore[arg-type]
             wall_s = time_callable(lambda: session.run(None, feed), warmup=1, iters=iters, budget_s=None)
             events = json.loads(Path(session.end_profiling()).read_text())
         parsed = parse_ort_profile(events, skip_runs=1)
@@ -135,7 +172,7 @@ class OrtBackend:
 def _static_input_shape(shape: Sequence[object], path: Path) -> tuple[int | None, tuple[int, int, int]]:
     """Split an ONNX input shape ``[B, C, H, W]`` into the static batch (or None) and static ``(C, H, W)``."""
     if len(shape) != 4 or not all(isinstance(dim, int) for dim in shape[1:]):
-        raise ProfilerError(
+        raise RunnerError(
             f"{path.name}: expected an image input [B, C, H, W] with static C, H, W, got {list(shape)}. "
             "Re-export with a fixed image size."
         )

@@ -1,4 +1,4 @@
-"""PyTorch eager backend: a model over a fixed random input, plus per-module profiling via torch.profiler."""
+"""PyTorch eager: a module in eval mode, run on images or timed on a cached random batch; per-module profiling."""
 
 from __future__ import annotations
 
@@ -9,32 +9,36 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tofu_export.runtime.backend import OpTime
-from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
+from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches
 from tofu_export.sizes import as_pair
 
 ROOT_NAME = "<model>"
 _SCOPE_PREFIX = "module::"
 
 
-class TorchBackend:
-    """Runs ``model`` on ``[B, in_chans, H, W]`` inputs in inference mode on ``device``."""
+class TorchRunner:
+    """``model`` in inference mode on ``device``; ``features=True`` returns pre-logits pooled features, not logits.
+
+    ``img_size`` (default: the model's ``patch_embed.img_size``) sets the random batch ``run`` times; calling
+    the runner on images needs no size.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         *,
         device: Literal["cpu", "cuda"] = "cpu",
-        img_size: int | tuple[int, int],
+        img_size: int | tuple[int, int] | None = None,
         threads: int | None = None,
         in_chans: int = 3,
         seed: int = 0,
+        features: bool = False,
     ) -> None:
         if device not in ("cpu", "cuda"):
-            raise ProfilerError(f"device must be 'cpu' or 'cuda', got {device!r}.")
+            raise RunnerError(f"device must be 'cpu' or 'cuda', got {device!r}.")
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
-                "TorchBackend(device='cuda') needs a CUDA GPU and a CUDA build of torch; "
+                "TorchRunner(device='cuda') needs a CUDA GPU and a CUDA build of torch; "
                 "torch.cuda.is_available() is False here. Use device='cpu'."
             )
         if threads is not None:
@@ -42,21 +46,28 @@ class TorchBackend:
         self.device = device
         self.name = f"torch[{device}]"
         self.model = model.eval().to(device)
-        height, width = as_pair(img_size)
-        self.chw = (in_chans, height, width)
-        self._generator = torch.Generator().manual_seed(seed)
-        self._inputs: dict[int, torch.Tensor] = {}
+        self.features = features
+        size = img_size if img_size is not None else getattr(getattr(model, "patch_embed", None), "img_size", None)
+        self.input = None if size is None else InputSpec("images", None, (in_chans, *as_pair(size)))
+        self._random = None if self.input is None else random_batches(self.input.chw, seed, device)
 
-    def _input(self, batch_size: int) -> torch.Tensor:
-        """Cached random batch ``[B, C, H, W]`` on the backend's device."""
-        if batch_size not in self._inputs:
-            batch = torch.randn((batch_size, *self.chw), generator=self._generator)
-            self._inputs[batch_size] = batch.to(self.device)
-        return self._inputs[batch_size]
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K]`` (or pooled features ``[B, D]``) of ``images`` ``[B, C, H, W]``, on the CPU."""
+        images = torch.as_tensor(images).to(self.device)
+        if not self.features:
+            return self.model(images).cpu()
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True).cpu()
+
+    def _batch(self, batch_size: int) -> torch.Tensor:
+        """Cached random batch ``[B, C, H, W]`` on the runner's device."""
+        if self._random is None:
+            raise RunnerError("TorchRunner needs img_size to make a random batch: the model has no patch_embed.")
+        return self._random(batch_size)
 
     @torch.inference_mode()
     def run(self, batch_size: int) -> None:
-        self.model(self._input(batch_size))
+        self.model(self._batch(batch_size))
 
     def sync(self) -> None:
         if self.device == "cuda":

@@ -1,20 +1,92 @@
-"""TensorRT engine backend for the profiler, with per-layer times from an ``IProfiler``.
+"""TensorRT (>= 8.5): load a serialized engine and run it on torch CUDA tensors; per-layer times via ``IProfiler``.
 
-Runs engines through ``tofu_export.exporters.tensorrt.TrtRunner`` (TensorRT 8.5 / 10 tensor API, torch CUDA
-buffers, dynamic batch within the engine's optimisation profile). ``tensorrt`` is imported lazily.
+``tensorrt`` is imported lazily: without it every entry point raises :class:`TensorRTUnavailable`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from tofu_export.runtime.backend import OpTime
-from tofu_export.runtime.errors import BackendUnavailableError, ProfilerError
+import torch
+
+from tofu_export.engines.base import (
+    BackendUnavailableError,
+    InputSpec,
+    OpTime,
+    RunnerError,
+    as_images,
+    random_batches,
+    run_in_fixed_batches,
+)
+from tofu_export.errors import CheckFailed, EngineNotBuilt
+
+LOG_LEVELS = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
 
 
-def _layer_profiler(trt: Any) -> Any:
-    """An ``IProfiler`` that accumulates ``report_layer_time`` calls (ms per layer, per execution)."""
+class TensorRTUnavailable(EngineNotBuilt, BackendUnavailableError):
+    """The ``tensorrt`` Python package is not importable here; ``command`` is the trtexec line, if any."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command
+
+    @classmethod
+    def for_build(cls, onnx_path: str | Path, command: str, reason: str) -> TensorRTUnavailable:
+        """The error the engine builder raises: the ONNX file exists; here is how to build on the device."""
+        return cls(
+            f"TensorRT is not installed here ({reason}), so no engine was built; the ONNX file was still "
+            f"written to {onnx_path}. Build the engine on the target device (JetPack ships trtexec in "
+            f"/usr/src/tensorrt/bin) with:\n  {command}",
+            command,
+        )
+
+
+class EngineBuildError(CheckFailed, RuntimeError):
+    """TensorRT rejected the ONNX graph or failed to build, load or run an engine."""
+
+
+def import_tensorrt(purpose: str) -> ModuleType:
+    """The ``tensorrt`` module, or :class:`TensorRTUnavailable` saying what could not be done without it."""
+    try:
+        import tensorrt
+    except ImportError as error:  # also what `sys.modules["tensorrt"] = None` raises
+        raise TensorRTUnavailable(
+            f"Cannot {purpose}: the tensorrt Python package is not installed here ({error}). Run this on a CUDA "
+            "device that has TensorRT (JetPack, or NVIDIA's tensorrt wheels); otherwise use the ONNX Runtime "
+            "runner (OrtRunner)."
+        ) from error
+    return tensorrt
+
+
+def severity(trt: ModuleType, log_level: str) -> Any:
+    """The ``trt.Logger`` severity named ``log_level`` (one of :data:`LOG_LEVELS`)."""
+    level = log_level.upper()
+    if level not in LOG_LEVELS:
+        raise RunnerError(f"Unknown TensorRT log level '{log_level}'; use one of {', '.join(LOG_LEVELS)}.")
+    return getattr(trt.Logger, level)
+
+
+def load_engine(engine_path: str | Path, log_level: str = "WARNING") -> Any:
+    """Deserialize ``engine_path`` into a ``tensorrt.ICudaEngine`` (needs the TensorRT that built it)."""
+    path = Path(engine_path)
+    trt = import_tensorrt(f"load the engine {path}")
+    if not path.is_file():
+        raise RunnerError(f"TensorRT engine not found: {path}. Build it on this device first.")
+    runtime = trt.Runtime(trt.Logger(severity(trt, log_level)))
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} could not load {path}: engines only load on the TensorRT version "
+            "and GPU they were built with. Rebuild it on this device."
+        )
+    return engine
+
+
+def layer_profiler(trt: Any) -> Any:
+    """An ``IProfiler`` whose ``totals_ms`` sums the ``report_layer_time`` calls per layer name, over executions."""
 
     class LayerProfiler(trt.IProfiler):
         def __init__(self) -> None:
@@ -27,61 +99,88 @@ def _layer_profiler(trt: Any) -> Any:
     return LayerProfiler()
 
 
-class TrtBackend:
-    """Runs a serialized engine whose single input is ``[B, C, H, W]`` on random inputs, one per batch size."""
+class TrtRunner:
+    """A TensorRT engine (a path, or a deserialized ``ICudaEngine``) run with the name-based I/O API
+    (``set_input_shape`` + ``execute_async_v3``) on torch CUDA buffers; batch dynamic within its profile."""
 
-    def __init__(self, engine_path: str | Path, *, seed: int = 0) -> None:
-        from tofu_export.exporters.tensorrt import TensorRTUnavailable, TrtRunner, load_engine
-
-        path = Path(engine_path)
-        try:
-            import tensorrt
-            import torch
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                f"The TensorRT backend needs the tensorrt Python package ({exc}). On a Jetson it ships with "
-                "JetPack; elsewhere `pip install tofu-export[trt]`. Use the ONNX Runtime backend otherwise."
-            ) from exc
+    def __init__(self, engine: str | Path | Any, *, seed: int = 0) -> None:
+        trt = import_tensorrt("run a TensorRT engine")
         if not torch.cuda.is_available():
-            raise BackendUnavailableError("The TensorRT backend needs a CUDA GPU; torch.cuda.is_available() is False.")
-        if not path.is_file():
-            raise ProfilerError(f"TensorRT engine not found: {path}. Build it on this device first.")
-        try:
-            self.runner = TrtRunner(load_engine(path))
-        except TensorRTUnavailable as exc:
-            raise BackendUnavailableError(str(exc)) from exc
-        if len(self.runner.input_names) != 1:
-            raise ProfilerError(f"{path} has inputs {self.runner.input_names}; the profiler feeds one image input.")
-        self._trt, self._torch = tensorrt, torch
-        self.name = f"tensorrt[{tensorrt.__version__}]"
+            raise BackendUnavailableError("The TensorRT runner needs a CUDA GPU; torch.cuda.is_available() is False.")
+        self.source = str(engine) if isinstance(engine, str | Path) else "engine"
+        self.engine = load_engine(engine) if isinstance(engine, str | Path) else engine
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineBuildError("TensorRT could not create an execution context (out of GPU memory?).")
+        self._trt = trt
+        names = [self.engine.get_tensor_name(index) for index in range(self.engine.num_io_tensors)]
+        is_input = {name: self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
+        self.input_names = [name for name in names if is_input[name]]
+        self.output_names = [name for name in names if not is_input[name]]
+        self.name = f"tensorrt[{trt.__version__}]"
         self.device = "cuda"
-        self.input_name = self.runner.input_names[0]
-        self.chw = tuple(int(d) for d in self.runner.engine.get_tensor_shape(self.input_name)[1:])
-        self._generator = torch.Generator().manual_seed(seed)
-        self._inputs: dict[int, Any] = {}
+        self.input: InputSpec | None = None  # set for single-image-input engines, which __call__ and run() need
+        if len(self.input_names) == 1:
+            batch, *chw = (int(d) for d in self.engine.get_tensor_shape(self.input_names[0]))
+            self.input = InputSpec(self.input_names[0], batch if batch > 0 else None, (chw[0], chw[1], chw[2]))
+            self._random = random_batches(self.input.chw, seed, "cuda")
 
-    def _input(self, batch_size: int) -> Any:
-        if batch_size not in self._inputs:
-            images = self._torch.randn((batch_size, *self.chw), generator=self._generator)
-            self._inputs[batch_size] = images.to("cuda")
-        return self._inputs[batch_size]
+    def _image_input(self) -> InputSpec:
+        if self.input is None:
+            raise RunnerError(f"Engine has inputs {self.input_names}; call infer() with a name -> tensor map.")
+        return self.input
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """First output (float32, CPU) of ``images [B, C, H, W]``, run in chunks of the static batch if any."""
+        spec = self._image_input()
+        images = as_images(images, spec, Path(self.source).name)
+        first = self.output_names[0]
+        return run_in_fixed_batches(lambda batch: self.infer({spec.name: batch})[first].float().cpu(), images,
+                                    spec.batch)  # fmt: skip
+
+    def infer(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Run once on ``inputs`` (name -> tensor, any device/dtype); returns name -> CUDA tensor outputs."""
+        missing = sorted(set(self.input_names) - set(inputs))
+        if missing:
+            raise RunnerError(f"Missing engine inputs {missing}; the engine expects {self.input_names}.")
+        context = self.context
+        staged = {name: inputs[name].to("cuda", self._dtype(name)).contiguous() for name in self.input_names}
+        for name, tensor in staged.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=self._dtype(name), device="cuda")
+            context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise EngineBuildError("TensorRT execute_async_v3 failed; see the TensorRT log above.")
+        stream.synchronize()  # also keeps `staged` alive until the engine has read it
+        return outputs
+
+    def _dtype(self, name: str) -> torch.dtype:
+        import numpy as np
+
+        return torch.from_numpy(np.empty(0, dtype=self._trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
 
     def run(self, batch_size: int) -> None:
-        self.runner.run({self.input_name: self._input(batch_size)})
+        spec = self._image_input()
+        self.infer({spec.name: self._random(batch_size)})
 
     def sync(self) -> None:
-        self._torch.cuda.synchronize()
+        torch.cuda.synchronize()
 
     def profile_ops(self, batch_size: int, iters: int) -> list[OpTime]:
         """Mean per-layer GPU time over ``iters`` runs after one warm-up, from TensorRT's ``IProfiler``."""
         self.run(batch_size)
         self.sync()
-        profiler = _layer_profiler(self._trt)
-        self.runner.context.profiler = profiler
+        profiler = layer_profiler(self._trt)
+        self.context.profiler = profiler
         try:
             for _ in range(iters):
                 self.run(batch_size)
                 self.sync()  # the profiler reports layer times once the enqueued work completes
         finally:
-            self.runner.context.profiler = None
+            self.context.profiler = None
         return [OpTime(name=name, op_type="", ms=ms / iters) for name, ms in profiler.totals_ms.items()]

@@ -1,4 +1,7 @@
-"""Evaluation of reduced models: classification accuracy, or backbone fidelity (feature cosine, k-NN)."""
+"""Evaluation of reduced models: classification accuracy, or backbone fidelity (feature cosine, k-NN).
+
+The model under test is any callable ``images [B, 3, H, W] -> [B, K]``: a runner from :mod:`tofu_export.engines`.
+"""
 
 from tofu_export.evaluation.data import (
     IndexedImageFolder,
@@ -18,16 +21,11 @@ from tofu_export.evaluation.metrics import (
     knn_accuracy,
     linear_probe_accuracy,
 )
-from tofu_export.evaluation.predictors import OrtPredictor, Predictor, TorchPredictor, TrtPredictor
 
 __all__ = [
     "EvaluationError",
     "EvaluationReport",
     "IndexedImageFolder",
-    "OrtPredictor",
-    "Predictor",
-    "TorchPredictor",
-    "TrtPredictor",
     "artifact_transform",
     "classification_accuracy",
     "evaluate",

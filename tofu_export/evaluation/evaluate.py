@@ -13,15 +13,16 @@ from typing import Any, Literal
 
 import torch
 
+from tofu_export.engines.torch import TorchRunner
 from tofu_export.evaluation.data import Transform, make_loader, model_transform, split_folders
 from tofu_export.evaluation.errors import EvaluationError
 from tofu_export.evaluation.metrics import (
+    Predictor,
     classification_accuracy,
     extract_features,
     feature_cosine,
     knn_accuracy,
 )
-from tofu_export.evaluation.predictors import Predictor, TorchPredictor
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,12 @@ def evaluate(
     n_eval = len(eval_loader.dataset)  # type: ignore[arg-type]
     if getattr(reference, "num_classes", 0):
         metrics = {}
-        for name, predictor in (("reference", TorchPredictor(reference)), ("candidate", candidate)):
+        for name, predictor in (("reference", TorchRunner(reference)), ("candidate", candidate)):
             scores = classification_accuracy(predictor, eval_loader)
             metrics.update({f"{name}_{key}": value for key, value in scores.items() if key != "n"})
         return EvaluationReport("classification", str(data), n_eval, metrics=metrics)
 
-    reference_predictor = TorchPredictor(reference)
+    reference_predictor = TorchRunner(reference)
     reference_eval, eval_labels = extract_features(reference_predictor, eval_loader)
     candidate_eval, _ = extract_features(candidate, eval_loader)
     if candidate_eval.shape != reference_eval.shape:

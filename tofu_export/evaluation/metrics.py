@@ -1,4 +1,6 @@
-"""Accuracy and backbone-fidelity metrics over any :class:`Predictor` and any iterable of batches.
+"""Accuracy and backbone-fidelity metrics over any predictor and any iterable of batches.
+
+A *predictor* maps images ``[B, 3, H, W]`` to outputs ``[B, K]`` (a runner from :mod:`tofu_export.engines`).
 
 A *loader* is any iterable of ``(images [B, 3, H, W], labels [B])`` (a ``DataLoader`` from
 :func:`tofu_export.evaluation.data.make_loader`). Percentages are in ``[0, 100]``.
@@ -6,7 +8,7 @@ A *loader* is any iterable of ``(images [B, 3, H, W], labels [B])`` (a ``DataLoa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +16,9 @@ from rich.console import Console
 from rich.progress import track
 
 from tofu_export.evaluation.errors import EvaluationError
-from tofu_export.evaluation.predictors import Predictor
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, H, W] -> outputs [B, K]
 _STDERR = Console(stderr=True)
 
 
@@ -62,7 +64,7 @@ def extract_features(predictor: Predictor, loader: Batches) -> tuple[torch.Tenso
         if output.ndim != 2:
             raise EvaluationError(
                 f"Expected pooled features [B, D], got {list(output.shape)}. Use a headless model "
-                "(num_classes=0) or TorchPredictor(model, features=True)."
+                "(num_classes=0) or TorchRunner(model, features=True)."
             )
         features.append(output.float().cpu())
         labels.append(batch_labels.long().cpu())

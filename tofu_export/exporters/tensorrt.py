@@ -1,4 +1,5 @@
-"""TensorRT engines from exported ONNX: build (TensorRT 8.5 and 10.x Python API), load, and run with torch.
+"""TensorRT engines from exported ONNX: the batch-range checks, the build (TensorRT 8.5 and 10.x Python API) and
+the equivalent ``trtexec`` line. Loading and running an engine is :mod:`tofu_export.engines.trt`.
 
 ``tensorrt`` is imported lazily inside functions: without it (any machine but the Jetson / a GPU box) the
 builder raises :class:`TensorRTUnavailable`, whose message is the ``trtexec`` line to run on the device.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import shlex
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -17,34 +17,12 @@ from typing import Any
 import onnx
 
 from tofu_export.atomic import write_bytes_atomic
-
-LOG_LEVELS = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
-
-
-class TensorRTUnavailable(RuntimeError):
-    """The ``tensorrt`` Python package is not importable here; ``command`` is the trtexec line, if any."""
-
-    def __init__(self, message: str, command: str | None = None) -> None:
-        super().__init__(message)
-        self.command = command
-
-    @classmethod
-    def for_build(cls, onnx_path: str | Path, command: str, reason: str) -> TensorRTUnavailable:
-        """The error :func:`build_engine` raises: the ONNX file exists; here is how to build on the device."""
-        return cls(
-            f"TensorRT is not installed here ({reason}), so no engine was built; the ONNX file was still "
-            f"written to {onnx_path}. Build the engine on the target device (JetPack ships trtexec in "
-            f"/usr/src/tensorrt/bin) with:\n  {command}",
-            command,
-        )
+from tofu_export.engines.trt import EngineBuildError, TensorRTUnavailable, severity
+from tofu_export.errors import UserError
 
 
-class EngineInputError(ValueError):
+class EngineInputError(UserError, ValueError):
     """The ONNX graph or the requested batch range cannot make a one-image-input optimization profile."""
-
-
-class EngineBuildError(RuntimeError):
-    """TensorRT rejected the ONNX graph or failed to build, load or run an engine."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +147,7 @@ def build_engine(
             timing_cache=None if timing_cache_path is None else str(timing_cache_path),
         )  # fmt: skip
         raise TensorRTUnavailable.for_build(onnx_path, command, str(error)) from error
-    logger = trt.Logger(_severity(trt, log_level))
+    logger = trt.Logger(severity(trt, log_level))
     builder = trt.Builder(logger)
     network, _parser = _parse_network(trt, builder, logger, Path(onnx_path))  # _parser owns the weights
     config = builder.create_builder_config()
@@ -193,127 +171,6 @@ def build_engine(
     if cache_path is not None:
         write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()).tobytes())
     return engine_path
-
-
-def load_engine(engine_path: str | Path, log_level: str = "WARNING") -> Any:
-    """Deserialize ``engine_path`` into a ``tensorrt.ICudaEngine`` (needs the TensorRT that built it)."""
-    path = Path(engine_path)
-    trt = _import_tensorrt(f"load the engine {path}")
-    logger = trt.Logger(_severity(trt, log_level))
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise EngineBuildError(
-            f"TensorRT {trt.__version__} could not load {path}: engines only load on the TensorRT version "
-            "and GPU they were built with. Rebuild it on this device."
-        )
-    return engine
-
-
-class TrtRunner:
-    """Runs a deserialized engine on torch CUDA tensors: ``[B, C, H, W]`` in, e.g. ``[B, classes]`` out.
-
-    Uses the name-based I/O API (``set_input_shape`` + ``execute_async_v3``, TensorRT >= 8.5) and falls back
-    to bindings (``set_binding_shape`` + ``execute_v2``) on older versions.
-    """
-
-    def __init__(self, engine: Any) -> None:
-        import torch
-
-        trt = _import_tensorrt("run a TensorRT engine")
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise EngineBuildError("TensorRT could not create an execution context (out of GPU memory?).")
-        self._trt = trt
-        self._torch = torch
-        self._named_io = hasattr(self.context, "execute_async_v3")
-        names = self._io_names()
-        self.input_names = [name for name, is_input in names if is_input]
-        self.output_names = [name for name, is_input in names if not is_input]
-
-    def __call__(self, images: Any) -> Any:
-        """Run the single-input engine on ``images [B, C, H, W]``; returns its first output."""
-        if len(self.input_names) != 1:
-            raise EngineBuildError(f"Engine has inputs {self.input_names}; call run() with a name -> tensor map.")
-        return self.run({self.input_names[0]: images})[self.output_names[0]]
-
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """Run once on ``inputs`` (name -> tensor, any device/dtype); returns name -> CUDA tensor outputs."""
-        missing = sorted(set(self.input_names) - set(inputs))
-        if missing:
-            raise EngineBuildError(f"Missing engine inputs {missing}; the engine expects {self.input_names}.")
-        device = self._torch.device("cuda")
-        staged = {
-            name: inputs[name].to(device=device, dtype=self._dtype(name)).contiguous() for name in self.input_names
-        }
-        if self._named_io:
-            return self._run_named(staged)
-        return self._run_bindings(staged)
-
-    def _io_names(self) -> list[tuple[str, bool]]:
-        engine, trt = self.engine, self._trt
-        if self._named_io:
-            return [
-                (name, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
-                for name in (engine.get_tensor_name(index) for index in range(engine.num_io_tensors))
-            ]
-        return [(engine.get_binding_name(i), engine.binding_is_input(i)) for i in range(engine.num_bindings)]
-
-    def _dtype(self, name: str) -> Any:
-        import numpy as np
-
-        engine = self.engine
-        trt_dtype = (
-            engine.get_tensor_dtype(name)
-            if self._named_io
-            else engine.get_binding_dtype(engine.get_binding_index(name))
-        )
-        return self._torch.from_numpy(np.empty(0, dtype=self._trt.nptype(trt_dtype))).dtype
-
-    def _run_named(self, staged: dict[str, Any]) -> dict[str, Any]:
-        torch, context = self._torch, self.context
-        for name, tensor in staged.items():
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.output_names:
-            shape = tuple(context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=self._dtype(name), device="cuda")
-            context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise EngineBuildError("TensorRT execute_async_v3 failed; see the TensorRT log above.")
-        stream.synchronize()  # also keeps `staged` alive until the engine has read it
-        return outputs
-
-    def _run_bindings(self, staged: dict[str, Any]) -> dict[str, Any]:
-        torch, engine, context = self._torch, self.engine, self.context
-        bindings = [0] * engine.num_bindings
-        for name, tensor in staged.items():
-            index = engine.get_binding_index(name)
-            context.set_binding_shape(index, tuple(tensor.shape))
-            bindings[index] = tensor.data_ptr()
-        outputs = {}
-        for name in self.output_names:
-            index = engine.get_binding_index(name)
-            shape = tuple(context.get_binding_shape(index))
-            outputs[name] = torch.empty(shape, dtype=self._dtype(name), device="cuda")
-            bindings[index] = outputs[name].data_ptr()
-        if not context.execute_v2(bindings):
-            raise EngineBuildError("TensorRT execute_v2 failed; see the TensorRT log above.")
-        return outputs
-
-
-def _import_tensorrt(purpose: str) -> ModuleType:
-    try:
-        import tensorrt
-    except ImportError as error:
-        raise TensorRTUnavailable(
-            f"Cannot {purpose}: the tensorrt Python package is not installed here ({error}). Run this on the "
-            "device that has TensorRT (JetPack, or NVIDIA's tensorrt wheels on a CUDA machine)."
-        ) from error
-    return tensorrt
 
 
 def _parse_network(trt: ModuleType, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
@@ -341,13 +198,6 @@ def _network_flags(trt: ModuleType) -> int:
     if _trt_major(trt) >= 10:
         return 0
     return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-
-
-def _severity(trt: ModuleType, log_level: str) -> Any:
-    level = log_level.upper()
-    if level not in LOG_LEVELS:
-        raise EngineInputError(f"Unknown TensorRT log level '{log_level}'; use one of {', '.join(LOG_LEVELS)}.")
-    return getattr(trt.Logger, level)
 
 
 def _enable_fp16(trt: ModuleType, builder: Any, config: Any) -> None:

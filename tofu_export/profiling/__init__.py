@@ -1,5 +1,6 @@
-"""On-device latency profiler: timing, statistics, per-op breakdown, memory, Jetson power and sweep reports.
+"""Latency profiling of a runner: timing and statistics, per-op breakdown, memory, Jetson power, the machine, and
+the interleaved comparison of several models.
 
-Import the submodules directly (``tofu_export.runtime.profiler``, ``.ort_backend``, ...); this package
-file stays free of heavy imports so ``import tofu_export.runtime`` costs nothing.
+Import the submodules directly (``tofu_export.profiling.profiler``, ``.timing``, ...); this package file stays free
+of heavy imports so ``import tofu_export.profiling`` costs nothing.
 """

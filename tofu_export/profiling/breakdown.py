@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tofu_export.runtime.backend import OpTime
+from tofu_export.engines.base import OpTime
 
 CATEGORIES = ("attention", "mlp", "token_reduction", "embed", "head", "other")
 _SCOPE_CATEGORY = {

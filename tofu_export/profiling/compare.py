@@ -17,10 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from tofu_export.runtime.ort_backend import session_options
-from tofu_export.runtime.timing import time_callable
+from tofu_export.engines.ort import create_session
+from tofu_export.profiling.timing import time_callable
 
 
 def interleaved_latency_ms(
@@ -38,9 +37,7 @@ def interleaved_latency_ms(
 
     ``on_round`` is called after each of the ``iters`` rounds (one run of every model), e.g. to advance a progress bar.
     """
-    options = session_options(threads, spinning=False)
-    cpu = ["CPUExecutionProvider"]
-    sessions = {name: ort.InferenceSession(str(path), options, providers=cpu) for name, path in models.items()}
+    sessions = {name: create_session(path, threads=threads, spinning=False) for name, path in models.items()}
     feeds = {}
     for name, session in sessions.items():
         model_input = session.get_inputs()[0]

@@ -15,7 +15,7 @@ class MemoryReport:
 
     ``peak_rss_mib`` is the whole process's RSS high-water mark since it started (model, runtime, Python and
     everything else loaded), not the inference alone. ``cuda_peak_allocated_mib`` counts torch's caching
-    allocator only (TorchBackend / TrtBackend buffers), since the last ``reset_peak_memory``.
+    allocator only (TorchRunner / TrtRunner buffers), since the last ``reset_peak_memory``.
     """
 
     peak_rss_mib: float | None

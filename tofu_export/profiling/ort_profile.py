@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tofu_export.runtime.backend import OpTime
-from tofu_export.runtime.errors import ProfilerError
+from tofu_export.engines.base import OpTime
+from tofu_export.profiling.errors import ProfilerError
 
 _KERNEL_SUFFIX = "_kernel_time"
 

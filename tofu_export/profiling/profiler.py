@@ -1,4 +1,4 @@
-"""Profile one backend over several batch sizes: latency, optional op breakdown, memory and Jetson power."""
+"""Profile one runner over several batch sizes: latency, optional op breakdown, memory and Jetson power."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from tofu_export.runtime.backend import Backend
-from tofu_export.runtime.breakdown import Breakdown, summarize
-from tofu_export.runtime.device import DeviceInfo, describe_device
-from tofu_export.runtime.errors import ProfilerError
-from tofu_export.runtime.memory import MemoryReport, measure_memory, reset_peak_memory
-from tofu_export.runtime.stats import LatencyStats
-from tofu_export.runtime.tegrastats import PowerReport, TegrastatsMonitor
-from tofu_export.runtime.timing import time_callable
+from tofu_export.engines.base import Runner
+from tofu_export.profiling.breakdown import Breakdown, summarize
+from tofu_export.profiling.device import DeviceInfo, describe_device
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.memory import MemoryReport, measure_memory, reset_peak_memory
+from tofu_export.profiling.tegrastats import PowerReport, TegrastatsMonitor
+from tofu_export.profiling.timing import LatencyStats, time_callable
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class ProfileResult:
 
 
 def profile(
-    backend: Backend,
+    backend: Runner,
     *,
     batch_sizes: Sequence[int],
     warmup: int = 10,

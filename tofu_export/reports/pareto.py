@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tofu_export.runtime.errors import ProfilerError
+from tofu_export.profiling.errors import ProfilerError
 
 
 @dataclass(frozen=True)

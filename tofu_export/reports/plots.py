@@ -14,10 +14,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tofu_export.atomic import write_bytes_atomic
-from tofu_export.runtime.errors import ProfilerError
-from tofu_export.runtime.pareto import TradeoffPoint, pareto_front
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.reports.pareto import TradeoffPoint, pareto_front
 
 PointLike = TradeoffPoint | Mapping[str, Any] | Any
+BASELINE = "baseline"  # the mode a sweep gives its shared r = 0 point
 
 
 def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path) -> Path:
@@ -27,7 +28,7 @@ def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path) -> Path:
         raise ProfilerError("plot_latency_vs_r needs at least one point.")
     figure = Figure(figsize=(6, 4), dpi=120)
     axes = figure.add_subplot()
-    for mode, group in _by_mode(coerced).items():
+    for mode, group in _by_mode(coerced, share_baseline=True).items():
         group.sort(key=lambda p: p.r)
         axes.plot([p.r for p in group], [p.latency_ms for p in group], marker="o", label=mode)
     axes.set(xlabel="tokens reduced per layer (r)", ylabel="latency (ms)", title="Latency vs reduction rate")
@@ -62,10 +63,14 @@ def plot_pareto(points: Iterable[PointLike], path: str | Path) -> Path:
     return _save_png(figure, path)
 
 
-def _by_mode(points: list[TradeoffPoint]) -> dict[str, list[TradeoffPoint]]:
+def _by_mode(points: list[TradeoffPoint], *, share_baseline: bool = False) -> dict[str, list[TradeoffPoint]]:
+    """Points grouped by mode; with ``share_baseline`` the ``baseline`` (r = 0) points open every mode's line."""
     groups: dict[str, list[TradeoffPoint]] = {}
     for point in points:
         groups.setdefault(point.mode, []).append(point)
+    if share_baseline and BASELINE in groups and len(groups) > 1:
+        baseline = groups.pop(BASELINE)
+        groups = {mode: baseline + group for mode, group in groups.items()}
     return groups
 
 

@@ -1,4 +1,4 @@
-"""Human- and machine-readable profile reports: Markdown tables, JSON, and the sweep plots."""
+"""Human- and machine-readable profile reports: Markdown tables and JSON."""
 
 from __future__ import annotations
 
@@ -7,11 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from tofu_export.atomic import write_json_atomic, write_text_atomic
-from tofu_export.runtime.breakdown import CATEGORIES, categorize
-from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
-from tofu_export.runtime.profiler import ProfileResult
-
-__all__ = ["plot_latency_vs_r", "plot_pareto", "render_table", "write_json", "write_markdown"]
+from tofu_export.profiling.breakdown import CATEGORIES, categorize
+from tofu_export.profiling.profiler import ProfileResult
 
 _LATENCY_HEADERS = [
     "backend", "batch", "n", "mean ms", "p50 ms", "p90 ms", "p99 ms", "img/s",

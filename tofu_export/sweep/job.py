@@ -1,7 +1,11 @@
-"""`tofu-export sweep`: export, profile (and score) every (mode, r) point; write a table, JSON and plots."""
+"""A sweep: export, profile (and score) every (mode, r) point; write a table, JSON and plots.
+
+The r = 0 graph does not depend on the mode, so it is one point, ``baseline``: exported, timed and scored once.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -9,17 +13,25 @@ from typing import Any
 
 from tofu_export import __version__
 from tofu_export.atomic import write_json_atomic, write_text_atomic
-from tofu_export.checkpoint import sha256_file
-from tofu_export.pipeline import ONNX_NAME, ExportOptions, run_export
-from tofu_export.runtime.compare import interleaved_latency_ms
-from tofu_export.runtime.errors import ProfilerError
-from tofu_export.runtime.ort_backend import OrtBackend
-from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
-from tofu_export.runtime.profiler import profile
-from tofu_export.runtime.stats import LatencyStats
-from tofu_export.runtime.sweep import SweepPoint, point_key, progress_bar, run_sweep
+from tofu_export.config import ExportConfig, ToFuConfig
+from tofu_export.engines.ort import OrtRunner
+from tofu_export.hashing import sha256_file
+from tofu_export.pipeline import ONNX_NAME, run_export
+from tofu_export.profiling.compare import interleaved_latency_ms
+from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.profiler import profile
+from tofu_export.profiling.timing import LatencyStats
+from tofu_export.reports.plots import BASELINE, plot_latency_vs_r, plot_pareto
+from tofu_export.reports.sweep import sweep_markdown, sweep_row
+from tofu_export.sweep.state import SweepPoint, point_key, progress_bar, run_sweep
 
 STATE = "sweep_state.json"
+
+
+def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:
+    """The points to run: one ``baseline`` point for r = 0 (when asked for), then each mode's r > 0 points."""
+    baseline = [SweepPoint(BASELINE, 0)] if 0 in r_values else []
+    return baseline + [SweepPoint(mode, r) for mode in modes for r in r_values if r != 0]
 
 
 def _checkpoint_file(source: str, out: Path, arch: str | None, load: Callable[..., Any]) -> Path:
@@ -34,28 +46,6 @@ def _checkpoint_file(source: str, out: Path, arch: str | None, load: Callable[..
         out.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), str(path))
     return path
-
-
-def _record_row(record: dict[str, Any]) -> dict[str, Any]:
-    latency = record["profile"]
-    row = {"mode": record["mode"], "r": record["r"], "latency_ms": latency["p50_ms"], "p90_ms": latency["p90_ms"],
-           "images_per_s": latency["throughput_ips"], "gflops": latency["gflops"]}
-    metrics = (record.get("eval") or {}).get("metrics", {})
-    accuracy = metrics.get("candidate_top1", metrics.get("candidate_knn_top1"))
-    if accuracy is not None:
-        row["accuracy"] = accuracy
-    if "cosine_mean" in metrics:
-        row["cosine"] = metrics["cosine_mean"]
-    return row
-
-
-def _markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _time_interleaved(records: Sequence[dict[str, Any]], *, threads: int | None, iters: int) -> None:
@@ -92,21 +82,25 @@ def run_cli_sweep(
     arch: str | None,
     trust_pickle: bool,
     load: Callable[..., Any],
+    template: ToFuConfig | None = None,
 ) -> list[Path]:
     """Run (or resume) the sweep in ``out``; returns the report files written."""
     if backend != "ort":
-        raise ProfilerError("sweep profiles the exported ONNX graphs: use --backend ort (CPU, or --device cuda)")
+        raise ProfilerError(f"A sweep times the exported ONNX graphs with ONNX Runtime ('ort'), not {backend!r}.")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_file(source, out, arch, load)
     digest = sha256_file(checkpoint)
-    config_key = f"{digest}:{arch}:tofu-export {__version__}"  # a new release re-exports instead of reusing
-    points = [SweepPoint(mode, r) for mode in modes for r in r_values]
+    template = template or ToFuConfig()
+    settings = f"prune_layers={template.prune_layers}:prop_attn={template.prop_attn}"
+    config_key = f"{digest}:{arch}:{settings}:tofu-export {__version__}"  # a new release re-exports
+    points = sweep_points(modes, r_values)
 
     def export_fn(point: SweepPoint) -> Path:
         folder = out / "artifacts" / point_key(point, config_key)[:16]
         if not (folder / ONNX_NAME).exists():
-            options = ExportOptions(r=point.r, mode=point.mode, arch=arch, trust_pickle=trust_pickle, force=True)
-            run_export(checkpoint, folder, options)
+            mode = modes[0] if point.mode == BASELINE else point.mode  # r = 0: the same graph in every mode
+            tofu = dataclasses.replace(template, r=point.r, mode=mode)
+            run_export(checkpoint, folder, ExportConfig(tofu=tofu, arch=arch, trust_pickle=trust_pickle, force=True))
         return folder / ONNX_NAME
 
     interleave = interleave and device == "cpu"
@@ -116,18 +110,18 @@ def run_cli_sweep(
         if interleave:  # timed together with every other point once all are exported
             return {"gflops": manifest["gflops"]["tofu"]}
         provider = "cuda" if device == "cuda" else "cpu"
-        runner = OrtBackend(onnx_path, threads=threads, provider=provider, spinning=spinning)
+        runner = OrtRunner(onnx_path, threads=threads, provider=provider, spinning=spinning)
         result = profile(runner, batch_sizes=[1], warmup=5, iters=iters).batches[0].latency.to_dict()
         return {**result, "gflops": manifest["gflops"]["tofu"]}
 
     eval_fn = None
     if data is not None:
-        from tofu_export.evaluation import OrtPredictor, evaluate
+        from tofu_export.evaluation import evaluate
 
         reference = load(str(checkpoint), arch, None, trust_pickle)
 
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
-            return evaluate(reference, OrtPredictor(onnx_path, threads), data, limit=limit).to_dict()
+            return evaluate(reference, OrtRunner(onnx_path, threads=threads), data, limit=limit).to_dict()
 
     # Finished points are reused only when they were measured the same way (exports are cached by config_key alone).
     timing = "interleaved" if interleave else f"threads={threads}, spinning={spinning}, iters={iters}"
@@ -136,9 +130,9 @@ def run_cli_sweep(
                         eval_fn=eval_fn, config_key=f"{config_key} | {measured_as}")
     if interleave:
         _time_interleaved(records, threads=threads, iters=iters)
-    rows = [_record_row(record) for record in records]
+    rows = [sweep_row(record) for record in records]
     written = [
-        write_text_atomic(out / "sweep.md", _markdown(rows, f"ToFu sweep of {source}")),
+        write_text_atomic(out / "sweep.md", sweep_markdown(rows, f"ToFu sweep of {source}")),
         write_json_atomic(out / "sweep.json", {"source": source, "sha256": digest, "rows": rows}),
         plot_latency_vs_r(rows, out / "latency_vs_r.png"),
     ]

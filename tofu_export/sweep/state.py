@@ -16,9 +16,12 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tofu_export.atomic import write_json_atomic
-from tofu_export.runtime.errors import SweepError
 
 STATE_VERSION = 1
+
+
+class SweepError(RuntimeError):
+    """A sweep point failed, or the sweep state file cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,8 @@ def load_state(state_path: Path) -> dict[str, Any]:
         raise SweepError(f"Cannot read sweep state {state_path} ({exc}); delete it to start the sweep over.") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "points" not in state:
         raise SweepError(
-            f"{state_path} is not a version-{STATE_VERSION} sweep state file; pass another --state path "
-            "or delete it to start the sweep over."
+            f"{state_path} is not a version-{STATE_VERSION} sweep state file; delete it (or sweep into another "
+            "folder) to start the sweep over."
         )
     return state
 
