@@ -533,17 +533,17 @@ def test_sweep_writes_reports(work: Path, first: dict[str, Run]) -> None:
         assert (out / name).is_file(), name
     assert (out / "latency_vs_r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((out / "sweep.json").read_text())["rows"]
-    assert sorted((row["mode"], row["r"]) for row in rows) == [("tofu", 0), ("tofu", R), ("tome", 0), ("tome", R)]
+    assert sorted((row["mode"], row["r"]) for row in rows) == [("baseline", 0), ("tofu", R), ("tome", R)]
     gflops = {(row["mode"], row["r"]): row["gflops"] for row in rows}
-    assert gflops["tofu", R] < gflops["tofu", 0]
+    assert gflops["tofu", R] < gflops["baseline", 0]
     assert all(row["latency_ms"] > 0 for row in rows)
-    assert "| tome | 0 |" in (out / "sweep.md").read_text()
+    assert "| baseline | 0 |" in (out / "sweep.md").read_text()
 
 
 def test_sweep_rerun_does_not_export_again(work: Path, second: SecondWave) -> None:
     run = second.runs["sweep_again"]
     assert run.returncode == 0, run
-    assert len([name for name in second.sweep_mtimes_before if name.endswith("model.onnx")]) == 4
+    assert len([name for name in second.sweep_mtimes_before if name.endswith("model.onnx")]) == 3  # one r=0
     assert _mtimes(work / "sweep" / "artifacts") == second.sweep_mtimes_before
 
 
@@ -556,6 +556,6 @@ def test_interleaved_sweep_retimes_every_point_without_exporting_again(
     assert run.returncode == 0, run
     assert _mtimes(out / "artifacts") == second.sweep_mtimes_before  # same exports, timed another way
     rows = json.loads((out / "sweep.json").read_text())["rows"]
-    assert len(rows) == 4 and all(row["latency_ms"] > 0 and row["images_per_s"] > 0 for row in rows)
+    assert len(rows) == 3 and all(row["latency_ms"] > 0 and row["images_per_s"] > 0 for row in rows)
     points = json.loads((out / "sweep_state.json").read_text())["points"].values()
-    assert sum("interleaved" in point["config_key"] for point in points) == 4
+    assert sum("interleaved" in point["config_key"] for point in points) == 3
