@@ -39,3 +39,32 @@ def test_failed_parity_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="nothing was written"):
         export_onnx(_tiny(0), tmp_path / "m.onnx", 64, tolerance=0.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_exporter_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="unknown exporter 'jit'"):
+        export_onnx(_tiny(0), tmp_path / "m.onnx", 64, exporter="jit")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_dynamo_export_keeps_parity_scopes_and_a_dynamic_batch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    import onnx
+    import onnxruntime as ort
+
+    from tofu_export.profiling.breakdown import categorize
+
+    model = _tiny(0)
+    result = export_onnx(model, tmp_path / "m.onnx", 64, exporter="dynamo")
+    assert result.exporter == "dynamo" and result.parity is not None and result.parity.ok
+    assert result.parity.batch_sizes == [1, 8]  # one graph served both batch sizes
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert result.op_counts.get("GatherND", 0) > 0  # tokens taken as rows (the custom translation)
+    reduce_nodes = [node for node in graph.node if node.name.startswith("/blocks/blocks.1/reduce/")]
+    assert {node.op_type for node in reduce_nodes} >= {"TopK", "GatherND"}
+    assert all(categorize(node.name, node.op_type) == "token_reduction" for node in reduce_nodes)
+    assert not any(node.metadata_props for node in graph.node), "torch's stack traces should not ship"
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # batch is a symbol, not the example's size
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": torch.randn(3, 3, 64, 64).numpy()})[0].shape == (3, 1000)

@@ -39,8 +39,17 @@ class Exported:
     img_size: int
 
 
-def export(model: nn.Module, example: Tensor, path: Path, opset: int = 17) -> onnx.ModelProto:
-    """The export the issue specifies: TorchScript tracer, dynamic batch axis only."""
+def export(
+    model: nn.Module, example: Tensor, path: Path, opset: int = 17, exporter: str = "torchscript"
+) -> onnx.ModelProto:
+    """The raw export (no simplifier), dynamic batch axis only: the TorchScript tracer, or torch.export through
+    ``tofu_export.exporters.dynamo`` (its custom translations, scope names and opset conversion)."""
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+        from tofu_export.exporters.dynamo import trace_dynamo
+
+        trace_dynamo(model, example, path, opset, "input", "logits")
+        return onnx.load(str(path))
     torch.onnx.export(
         model,
         (example,),
@@ -94,7 +103,8 @@ def run_ort(path: Path, images: Tensor) -> np.ndarray:
     return session.run(["logits"], {"input": images.numpy()})[0]
 
 
-@pytest.fixture(scope="module", params=["tofu", "tome"])
+@pytest.fixture(scope="module", params=[("tofu", "torchscript"), ("tome", "torchscript"), ("tofu", "dynamo")],
+                ids=["tofu-torchscript", "tome-torchscript", "tofu-dynamo"])
 def exported(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -102,11 +112,13 @@ def exported(
     make_images: Callable[..., Tensor],
     single_thread: None,
 ) -> Exported:
-    """deit_small_patch16_224 (random init) patched with r=16 on the static path, exported once per mode."""
+    """deit_small_patch16_224 (random init) patched with r=16 on the static path, exported once per mode and
+    exporter."""
+    mode, exporter = request.param
     model = make_vit("deit_small_patch16_224")
-    patch(model, r=16, mode=request.param, img_size=224)
-    path = tmp_path_factory.mktemp(f"export-{request.param}") / "deit_small.onnx"
-    proto = export(model, make_images(1, 224, seed=7), path)
+    patch(model, r=16, mode=mode, img_size=224)
+    path = tmp_path_factory.mktemp(f"export-{mode}-{exporter}") / "deit_small.onnx"
+    proto = export(model, make_images(1, 224, seed=7), path, exporter=exporter)
     return Exported(model, path, proto, 224)
 
 
@@ -161,15 +173,22 @@ def test_tensorrt_10_compatibility_check_passes(exported: Exported) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["tofu", "tome", "prune", "mlerp"])
+@pytest.mark.parametrize(  # tofu (prune + mlerp) and tome (mean) cover every reduce mode for the slower exporter
+    ("mode", "exporter"),
+    [(mode, "torchscript") for mode in ("tofu", "tome", "prune", "mlerp")] + [("tofu", "dynamo"), ("tome", "dynamo")],
+)
 def test_opset16_export_of_every_mode_builds_on_both_jetpacks(
-    tmp_path: Path, make_vit: Callable[..., VisionTransformer], make_images: Callable[..., Tensor], mode: str
+    tmp_path: Path,
+    make_vit: Callable[..., VisionTransformer],
+    make_images: Callable[..., Tensor],
+    mode: str,
+    exporter: str,
 ) -> None:
     trt_check = pytest.importorskip("tofu_export.exporters.trt_check", reason="the TensorRT checker is not in yet")
     model = make_vit("deit_small_patch16_224", depth=3, img_size=64)
     patch(model, r=3, mode=mode, img_size=64)
     path = tmp_path / f"{mode}.onnx"
-    proto = export(model, make_images(1, 64), path, opset=16)
+    proto = export(model, make_images(1, 64), path, opset=16, exporter=exporter)
     assert not {node.op_type for node in proto.graph.node} & FORBIDDEN_OPS
     assert non_static_dims(infer_symbolic(proto)) == {}
     report = trt_check.check_tensorrt_compat(path, targets=("8.5", "10"))

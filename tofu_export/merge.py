@@ -120,6 +120,18 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(dim=1, index=idx.expand(-1, -1, x.shape[-1]))
 
 
+@torch.library.custom_op("tofu_export::gather_rows", mutates_args=())
+def gather_rows(x: Tensor, pairs: Tensor) -> Tensor:
+    """``_GatherRows`` for torch.export: ``x [B, N, C]``, ``pairs [B, K, 2]`` -> ``[B, K, C]`` as one graph node, which
+    the dynamo ONNX exporter translates to ``GatherND`` (``tofu_export.exporters.dynamo``)."""
+    return _gather_rows(x, pairs[..., 1:])
+
+
+@gather_rows.register_fake
+def _(x: Tensor, pairs: Tensor) -> Tensor:
+    return x.new_empty(pairs.shape[0], pairs.shape[1], x.shape[2])
+
+
 def sample_index(x: Tensor) -> Tensor:
     """``[B, 1, 1]``: the index of every sample of ``x [B, ...]``. Traced, it stays a function of the batch size."""
     return torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
@@ -142,7 +154,8 @@ def take_tokens(idx: Tensor, *tensors: Tensor | None, sample: Tensor | None = No
     if sample is None:
         sample = sample_index(idx)
     pairs = torch.cat([sample.expand(-1, num_taken, -1), idx], dim=-1)  # [B, K, 2]
-    return tuple(None if t is None else _GatherRows.apply(t, pairs) for t in tensors)
+    gather = _GatherRows.apply if torch.jit.is_tracing() else gather_rows  # TorchScript tracer : torch.export
+    return tuple(None if t is None else gather(t, pairs) for t in tensors)
 
 
 def _combine_eager(

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -25,6 +26,9 @@ PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
 MIN_COSINE = 0.999  # every image's ONNX output must keep at least this cosine to PyTorch's
 MIN_WITHIN = 2 / 3  # and at least this fraction of images must agree to the tolerance
 
+Exporter = Literal["torchscript", "dynamo"]
+EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
+DEFAULT_EXPORTER: Exporter = "torchscript"
 
 class ExportError(RuntimeError):
     """The model could not be exported to a valid ONNX graph that matches PyTorch."""
@@ -61,6 +65,7 @@ class OnnxExport:
     img_size: tuple[int, int]
     simplified: bool
     notes: list[str] = field(default_factory=list)
+    exporter: str = DEFAULT_EXPORTER
     op_counts: dict[str, int] = field(default_factory=dict)
     parity: Parity | None = None
     external_data: bool = False
@@ -89,6 +94,19 @@ def _trace(model: nn.Module, example: torch.Tensor, path: Path, opset: int, inpu
 
 
 def _simplify(graph: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+def _trace_dynamo(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str, output_name: str
+) -> None:
+    """torch.export to ``path`` (``tofu_export.exporters.dynamo``); says what to install when onnxscript is missing."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ExportError("the dynamo exporter needs onnxscript: pip install onnxscript") from error
+    from tofu_export.exporters.dynamo import trace_dynamo
+
+    trace_dynamo(model, example, path, opset, input_name, output_name)
+
+
     """Run onnxsim; on any failure keep the unsimplified graph and say why."""
     if graph.ByteSize() > PROTOBUF_LIMIT:
         return graph, "simplification skipped: the model is larger than 2 GB (onnxsim needs it in one protobuf)"
@@ -209,22 +227,30 @@ def export_onnx(
     input_name: str = "input",
     output_name: str = "output",
 ) -> OnnxExport:
+    exporter: Exporter = DEFAULT_EXPORTER,
     """Export ``model`` (eval mode, fp32, CPU) to ``path``: trace, simplify, check, verify parity, then move into place.
 
     Raises ``ExportError`` (and leaves nothing at ``path``) when the graph is invalid or parity is off.
+    ``exporter`` is ``"torchscript"`` (the TorchScript tracer) or ``"dynamo"`` (torch.export, see
+    ``tofu_export.exporters.dynamo``; needs onnxscript). Both give a graph with a dynamic batch axis only.
     """
     if opset < 13:
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
         raise ExportError(f"opset {opset} is too old: the static reduction needs opset >= 13 (17 recommended; 16 for "
                           "TensorRT 8.5 / JetPack 5, which has no LayerNormalization importer)")
     size = as_pair(img_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().cpu()
-    result = OnnxExport(path, opset, input_name, output_name, size, simplified=False)
+    result = OnnxExport(path, opset, input_name, output_name, size, simplified=False, exporter=exporter)
+    trace = _trace if exporter == "torchscript" else _trace_dynamo
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as workdir:
         staged = Path(workdir) / path.name
         try:
-            _trace(model, torch.zeros(1, 3, *size), staged, opset, input_name, output_name)
+            trace(model, torch.zeros(1, 3, *size), staged, opset, input_name, output_name)
+        except ExportError:
+            raise
         except Exception as error:
             raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
         graph = onnx.load(str(staged))

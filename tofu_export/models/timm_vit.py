@@ -61,7 +61,7 @@ class TokenReduction(nn.Module):
         The mean is a ``[1, H] @ [B, H, N * D]`` product, so an exported graph adds one small MatMul between two
         reshapes (on ONNX Runtime's CPU provider a ReduceMean over the head axis costs several times more).
         """
-        _, heads, tokens, dim = (int(n) for n in keys.shape)
+        heads, tokens, dim = (int(n) for n in keys.shape[1:])  # the batch stays symbolic under torch.export
         head_mean = keys.new_full((1, heads), 1.0 / heads)
         self.metric = (head_mean @ keys.reshape(-1, heads, tokens * dim)).reshape(-1, tokens, dim)
 

@@ -1,0 +1,130 @@
+"""Export through ``torch.export`` (``torch.onnx.export(..., dynamo=True)``), the exporter torch supports.
+
+What this module adds to torch's own exporter, so that its graph is the one ``tofu_export`` ships:
+
+- custom translations (onnxscript): the row gather ``tofu_export::gather_rows`` becomes one ``GatherND`` (as the
+  TorchScript path's ``_GatherRows.symbolic`` emits), and below opset 17 ``layer_norm`` is decomposed (TensorRT 8.5
+  has no ``LayerNormalization`` importer);
+- torch's exporter works at opset 18: the optimised graph is converted down to the requested opset;
+- node names in the TorchScript style, from the module scopes torch records (``/blocks/blocks.3/reduce/GatherND``),
+  so that profiles attribute time to blocks and to the token reduction.
+"""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+EXPORT_OPSET = 18  # the lowest opset torch's dynamo exporter translates to; lower ones are converted down
+_METADATA_SCOPES = "pkg.torch.onnx.name_scopes"
+Value = Any  # an onnxscript (onnx_ir) value while torch's exporter translates a node
+
+
+def _gather_rows_onnx(x: Value, pairs: Value) -> Value:
+    """``tofu_export::gather_rows``: ``x [B, N, C]``, ``pairs [B, K, 2]`` (sample, token) -> ``[B, K, C]``."""
+    from onnxscript import opset18 as op
+
+    return op.GatherND(x, pairs)
+
+
+def _layer_norm_decomposed(
+    x: Value,
+    normalized_shape: Sequence[int],
+    weight: Value | None = None,
+    bias: Value | None = None,
+    eps: float = 1e-5,
+    cudnn_enable: bool = True,
+) -> Value:
+    """``aten.layer_norm`` without ``LayerNormalization`` (opset 17+), for opset-16 graphs: ``x [..., *shape]``."""
+    from onnxscript import opset18 as op
+
+    axes = op.Constant(value_ints=list(range(-len(normalized_shape), 0)))
+    centred = op.Sub(x, op.ReduceMean(x, axes))
+    variance = op.ReduceMean(op.Mul(centred, centred), axes)
+    eps_value = op.CastLike(op.Constant(value_float=eps), x)
+    out = op.Div(centred, op.Sqrt(op.Add(variance, eps_value)))
+    if weight is not None:
+        out = op.Mul(out, weight)
+    if bias is not None:
+        out = op.Add(out, bias)
+    return out
+
+
+def translation_table(opset: int) -> dict:
+    """Custom onnxscript translations for an export at ``opset``."""
+    import tofu_export.merge  # noqa: F401  (registers tofu_export::gather_rows)
+
+    table: dict = {torch.ops.tofu_export.gather_rows.default: _gather_rows_onnx}
+    if opset < 17:
+        table[torch.ops.aten.layer_norm.default] = _layer_norm_decomposed
+    return table
+
+
+def trace_dynamo(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str, output_name: str
+) -> None:
+    """Export ``model`` to ``path`` through torch.export with a dynamic batch axis; every other dim is static."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = example.expand(max(2, len(example)), *example.shape[1:])  # torch.export specialises a batch of 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # opset and deprecation notices; the result is checked after
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=EXPORT_OPSET,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=({0: batch},),
+            custom_translation_table=translation_table(opset),
+            optimize=True,
+            verbose=False,
+        )
+    graph = program.model_proto
+    _name_by_scope(graph)
+    if opset < EXPORT_OPSET:
+        graph = _convert_down(graph, opset)
+    onnx.save(graph, str(path))
+
+
+def _scope_path(scopes: list[str]) -> str:
+    """Module scopes ``['', 'blocks', 'blocks.3', 'blocks.3.reduce', 'gather']`` -> ``/blocks/blocks.3/reduce``
+    (the TorchScript exporter's naming: a module's attribute name, ``parent.i`` for a container's children)."""
+    parts = []
+    for scope in scopes[1:-1]:  # drop the root and the op's own name
+        *parent, name = scope.split(".")
+        parts.append(f"{parent[-1]}.{name}" if name.isdigit() and parent else name)
+    return "/" + "/".join(parts) if parts else ""
+
+
+def _name_by_scope(graph: onnx.ModelProto) -> None:
+    """Rename nodes ``<scope>/<OpType>[_k]`` and drop torch's per-node metadata (stack traces, FX nodes)."""
+    taken: set[str] = set()
+    for node in graph.graph.node:
+        meta = {prop.key: prop.value for prop in node.metadata_props}
+        scopes = ast.literal_eval(meta[_METADATA_SCOPES]) if _METADATA_SCOPES in meta else []
+        base = f"{_scope_path(scopes)}/{node.op_type}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        node.name = name
+        del node.metadata_props[:]
+
+
+def _convert_down(graph: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Convert an opset-18 graph to ``opset``. Opset 18 added ``noop_with_empty_axes`` to the reductions that took
+    ``axes`` as an attribute before; at its default (0) it means nothing, and older opsets reject it."""
+    for node in graph.graph.node:
+        kept = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+        if len(kept) != len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    return onnx.version_converter.convert_version(graph, opset)
