@@ -25,10 +25,10 @@ from tofu_export.sizes import as_pair
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
 MIN_COSINE = 0.999  # every image's ONNX output must keep at least this cosine to PyTorch's
 MIN_WITHIN = 2 / 3  # and at least this fraction of images must agree to the tolerance
-
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
 DEFAULT_EXPORTER: Exporter = "torchscript"
+
 
 class ExportError(RuntimeError):
     """The model could not be exported to a valid ONNX graph that matches PyTorch."""
@@ -64,8 +64,8 @@ class OnnxExport:
     output_name: str
     img_size: tuple[int, int]
     simplified: bool
-    notes: list[str] = field(default_factory=list)
     exporter: str = DEFAULT_EXPORTER
+    notes: list[str] = field(default_factory=list)
     op_counts: dict[str, int] = field(default_factory=dict)
     parity: Parity | None = None
     external_data: bool = False
@@ -93,7 +93,6 @@ def _trace(model: nn.Module, example: torch.Tensor, path: Path, opset: int, inpu
         )
 
 
-def _simplify(graph: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
 def _trace_dynamo(
     model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str, output_name: str
 ) -> None:
@@ -107,6 +106,7 @@ def _trace_dynamo(
     trace_dynamo(model, example, path, opset, input_name, output_name)
 
 
+def _simplify(graph: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Run onnxsim; on any failure keep the unsimplified graph and say why."""
     if graph.ByteSize() > PROTOBUF_LIMIT:
         return graph, "simplification skipped: the model is larger than 2 GB (onnxsim needs it in one protobuf)"
@@ -226,17 +226,17 @@ def export_onnx(
     tolerance: float = 1e-4,
     input_name: str = "input",
     output_name: str = "output",
-) -> OnnxExport:
     exporter: Exporter = DEFAULT_EXPORTER,
+) -> OnnxExport:
     """Export ``model`` (eval mode, fp32, CPU) to ``path``: trace, simplify, check, verify parity, then move into place.
 
-    Raises ``ExportError`` (and leaves nothing at ``path``) when the graph is invalid or parity is off.
     ``exporter`` is ``"torchscript"`` (the TorchScript tracer) or ``"dynamo"`` (torch.export, see
     ``tofu_export.exporters.dynamo``; needs onnxscript). Both give a graph with a dynamic batch axis only.
+    Raises ``ExportError`` (and leaves nothing at ``path``) when the graph is invalid or parity is off.
     """
-    if opset < 13:
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if opset < 13:
         raise ExportError(f"opset {opset} is too old: the static reduction needs opset >= 13 (17 recommended; 16 for "
                           "TensorRT 8.5 / JetPack 5, which has no LayerNormalization importer)")
     size = as_pair(img_size)
