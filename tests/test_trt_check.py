@@ -13,13 +13,8 @@ import timm
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from tofu_export.exporters.trt_check import (
-    TARGET_LABELS,
-    TOPK_MAX_K,
-    TrtCompatReport,
-    UnknownTrtTargetError,
-    check_tensorrt_compat,
-)
+from tofu_export.exporters.trt_check import TrtCompatReport, UnknownTrtTargetError, check_tensorrt_compat
+from tofu_export.exporters.trt_ops import TARGET_LABELS, TOPK_MAX_K
 
 
 def _model(

@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,70 +20,19 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
-TARGET_LABELS: dict[str, str] = {"8.5": "TensorRT 8.5 (JetPack 5)", "10": "TensorRT 10 (JetPack 6)"}
-
-# Source: onnx/onnx-tensorrt, branch release/8.5-GA, docs/operators.md ("TensorRT 8.5 supports operators up
-# to Opset 17"): every operator marked "Y". LayerNormalization is "N" there (it arrives in 8.6), so an
-# opset-17 export that keeps nn.LayerNorm as one LayerNormalization node fails on JetPack 5: use opset 16.
-_TRT85_NATIVE_OPS = frozenset(
-    {
-        "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh",
-        "AveragePool", "BatchNormalization", "Cast", "Ceil", "Celu", "Clip", "Concat", "Constant",
-        "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "DepthToSpace",
-        "DequantizeLinear", "Div", "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "EyeLike",
-        "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gemm", "GlobalAveragePool",
-        "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample", "GRU", "HardSigmoid",
-        "HardSwish", "Identity", "If", "ImageScaler", "InstanceNormalization", "IsNaN", "LeakyRelu", "Less",
-        "LessOrEqual", "Log", "LogSoftmax", "Loop", "LRN", "LSTM", "LpNormalization", "LpPool", "MatMul",
-        "Max", "MaxPool", "Mean", "MeanVarianceNormalization", "Min", "Mod", "Mul", "Neg",
-        "NonMaxSuppression", "NonZero", "Not", "OneHot", "Or", "Pad", "ParametricSoftplus", "Pow", "PRelu",
-        "QuantizeLinear", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Range",
-        "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-        "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize",
-        "ReverseSequence", "RNN", "RoiAlign", "Round", "ScaledTanh", "Scan", "Scatter", "ScatterElements",
-        "ScatterND", "Selu", "Shape", "Shrink", "Sigmoid", "Sign", "Sin", "Sinh", "Size", "Slice",
-        "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan",
-        "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Upsample", "Where",
-        "Xor",
-    }
-)  # fmt: skip
-
-# Source: onnx/onnx-tensorrt docs/operators.md of the 10.x line (10.0: opsets 9 to 20) cross-checked with
-# its docs/Changelog.md. JetPack 6.1/6.2 ship TensorRT 10.3, so operators the changelog adds after 10.3
-# (Blackman/Hamming/HannWindow 10.4, STFT 10.5, Attention 10.14, RMSNormalization/RotaryEmbedding/
-# TensorScatter 10.15) are left out, as are Gelu and Mish, whose first supporting release could not be dated.
-# No operator supported by 8.5 was dropped.
-_TRT10_NATIVE_OPS = _TRT85_NATIVE_OPS | {
-    "CastLike", "DeformConv", "GroupNormalization", "Hardmax", "IsInf", "LayerNormalization",
-}  # fmt: skip
-
-NATIVE_OPS: dict[str, frozenset[str]] = {"8.5": _TRT85_NATIVE_OPS, "10": frozenset(_TRT10_NATIVE_OPS)}
-ALL_TARGETS = tuple(NATIVE_OPS)
-# What to do about an op a target lacks, where there is a known fix at export time.
-UNSUPPORTED_OP_HINTS: dict[str, str] = {
-    "LayerNormalization": "native from TensorRT 8.6; export with opset 16 so LayerNorm is decomposed",
-}
-MIN_OPSET = 13
-MAX_OPSET: dict[str, int] = {"8.5": 17, "10": 20}
-# TensorRT < 9 casts INT64 down to INT32, clamping to +-INT_MAX (8.5 operators.md); 9.0+ has native INT64.
-CASTS_INT64_TO_INT32: dict[str, bool] = {"8.5": True, "10": False}
-# Parse, but make the engine's shapes or control flow depend on tensor values: never a static-shape engine.
-DATA_DEPENDENT_OPS = frozenset({"If", "Loop", "Scan", "NonZero", "Unique", "NonMaxSuppression", "Compress"})
-# (op, input index, input name) -> targets on which that input must be a build-time constant.
-CONSTANT_INPUTS: dict[tuple[str, int, str], tuple[str, ...]] = {
-    ("Slice", 3, "axes"): ("8.5",),  # tensor axes allowed from 10.3
-    ("Squeeze", 1, "axes"): ("8.5", "10"),  # dynamic axes only from 10.7
-    ("Unsqueeze", 1, "axes"): ("8.5", "10"),
-    ("CumSum", 1, "axis"): ("8.5", "10"),  # dynamic axis only from 10.8
-    ("TopK", 1, "K"): ("8.5",),  # dynamic K from 8.6
-}
-TOPK_MAX_K = 3840
-RESIZE_MODES = frozenset({"nearest", "linear"})
-RESIZE_COORDINATE_MODES = frozenset(
-    {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
+from tofu_export.exporters.trt_ops import (
+    CASTS_INT64_TO_INT32,
+    DATA_DEPENDENT_OPS,
+    MAX_OPSET,
+    MIN_OPSET,
+    NATIVE_OPS,
+    TARGET_LABELS,
+    UNSUPPORTED_OP_HINTS,
 )
+from tofu_export.exporters.trt_rules import RESTRICTIONS, GraphIndex
+
 # Slice starts/ends hold INT64_MAX for "to the end"; clamping them to INT32 keeps their meaning.
 _CLAMP_SAFE_INPUTS = frozenset({("Slice", 1), ("Slice", 2)})
 _INT32 = np.iinfo(np.int32)
@@ -91,7 +40,6 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RENDER_MAX_ISSUES = 25
 
 Severity = Literal["error", "warning"]
-Violation = tuple[tuple[str, ...], str]  # (targets it applies to, message)
 
 
 class UnknownTrtTargetError(ValueError):
@@ -169,7 +117,7 @@ def check_tensorrt_compat(
     proto = onnx.load(str(model)) if isinstance(model, str | Path) else model
     opset = _default_opset(proto)
     inferred, inference_issues = _infer_shapes(proto, targets)
-    graph = _GraphIndex.build(inferred.graph)
+    graph = GraphIndex.build(inferred.graph)
     issues = [
         *inference_issues,
         *_opset_issues(opset, targets),
@@ -180,33 +128,6 @@ def check_tensorrt_compat(
     op_counts = dict(sorted(Counter(node.op_type for node in inferred.graph.node).items()))
     return TrtCompatReport(targets=targets, opset=opset, op_counts=op_counts, issues=issues)
 
-
-@dataclass(frozen=True)
-class _GraphIndex:
-    """Lookups over one graph: constant values, consumers and inferred ranks of tensors."""
-
-    graph: onnx.GraphProto
-    constants: dict[str, np.ndarray]
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]]
-    ranks: dict[str, int]
-
-    @staticmethod
-    def build(graph: onnx.GraphProto) -> _GraphIndex:
-        constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-        consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.output:
-                value = _constant_node_value(node)
-                if value is not None:
-                    constants[node.output[0]] = value
-            for index, name in enumerate(node.input):
-                consumers.setdefault(name, []).append((node, index))
-        ranks = {
-            info.name: len(info.type.tensor_type.shape.dim)
-            for info in [*graph.input, *graph.output, *graph.value_info]
-            if info.type.tensor_type.HasField("shape")
-        }
-        return _GraphIndex(graph=graph, constants=constants, consumers=consumers, ranks=ranks)
 
 
 def _validate_targets(targets: Sequence[str]) -> tuple[str, ...]:
@@ -272,7 +193,7 @@ def _opset_issues(opset: int, targets: tuple[str, ...]) -> list[TrtIssue]:
     return issues
 
 
-def _op_issues(graph: _GraphIndex, targets: tuple[str, ...]) -> list[TrtIssue]:
+def _op_issues(graph: GraphIndex, targets: tuple[str, ...]) -> list[TrtIssue]:
     issues: list[TrtIssue] = []
     for position, node in enumerate(graph.graph.node):
         name = node.name or f"{node.op_type}#{position}"
@@ -288,101 +209,12 @@ def _op_issues(graph: _GraphIndex, targets: tuple[str, ...]) -> list[TrtIssue]:
         hint = UNSUPPORTED_OP_HINTS.get(node.op_type)
         message = "op has no native TensorRT importer" + (f" ({hint})" if hint else "")
         issues += _issues(missing, "error", node.op_type, name, message)
-        for restriction in _RESTRICTIONS.get(node.op_type, ()):
+        for restriction in RESTRICTIONS.get(node.op_type, ()):
             for restricted_targets, message in restriction(node, graph):
                 applicable = [target for target in targets if target in restricted_targets]
                 issues += _issues(applicable, "error", node.op_type, name, message)
     return issues
 
-
-def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            value = onnx.helper.get_attribute_value(attribute)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
-
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attribute in node.attribute:
-        if attribute.name == "value":
-            return numpy_helper.to_array(attribute.t)
-        if attribute.name in ("value_int", "value_ints"):
-            return np.asarray(onnx.helper.get_attribute_value(attribute), dtype=np.int64)
-        if attribute.name in ("value_float", "value_floats"):
-            return np.asarray(onnx.helper.get_attribute_value(attribute), dtype=np.float32)
-    return None
-
-
-def _scatter_reduction(node: onnx.NodeProto, graph: _GraphIndex) -> list[Violation]:
-    reduction = _attribute(node, "reduction", "none")
-    if reduction == "none":
-        return []
-    message = f"reduction='{reduction}' is not native (8.5: unsupported; 10.x: plugin or unsupported)"
-    return [(ALL_TARGETS, message)]
-
-
-def _topk_k(node: onnx.NodeProto, graph: _GraphIndex) -> list[Violation]:
-    violations: list[Violation] = []
-    k = graph.constants.get(node.input[1]) if len(node.input) > 1 else None
-    if k is not None and int(np.max(k)) > TOPK_MAX_K:
-        violations.append((ALL_TARGETS, f"K={int(np.max(k))} exceeds TensorRT's TopK limit of {TOPK_MAX_K}"))
-    if _attribute(node, "sorted", 1) != 1:
-        violations.append((("10",), "sorted=0 is not supported (must be 1)"))
-    return violations
-
-
-def _resize_modes(node: onnx.NodeProto, graph: _GraphIndex) -> list[Violation]:
-    violations: list[Violation] = []
-    mode = _attribute(node, "mode", "nearest")
-    if mode not in RESIZE_MODES:
-        violations.append((ALL_TARGETS, f"mode='{mode}' unsupported (only {sorted(RESIZE_MODES)})"))
-    coordinates = _attribute(node, "coordinate_transformation_mode", "half_pixel")
-    if coordinates not in RESIZE_COORDINATE_MODES:
-        violations.append((ALL_TARGETS, f"coordinate_transformation_mode='{coordinates}' unsupported"))
-    if _attribute(node, "antialias", 0):
-        violations.append((ALL_TARGETS, "antialias=1 is not supported"))
-    return violations
-
-
-def _grid_sample_rank(node: onnx.NodeProto, graph: _GraphIndex) -> list[Violation]:
-    rank = graph.ranks.get(node.input[0])
-    if rank is None or rank == 4:
-        return []
-    return [(ALL_TARGETS, f"input must be 4-D, got rank {rank}")]
-
-
-def _first_output_only(node: onnx.NodeProto, graph: _GraphIndex) -> list[Violation]:
-    used = [output for output in node.output[1:] if output and output in graph.consumers]
-    used += [output.name for output in graph.graph.output if output.name in node.output[1:]]
-    if not used:
-        return []
-    return [(ALL_TARGETS, f"only the first output is supported, but {sorted(set(used))} is used")]
-
-
-def _constant_inputs(node: onnx.NodeProto, graph: _GraphIndex) -> list[Violation]:
-    violations: list[Violation] = []
-    for (op_type, index, input_name), targets in CONSTANT_INPUTS.items():
-        if op_type != node.op_type or len(node.input) <= index or not node.input[index]:
-            continue
-        if node.input[index] not in graph.constants:
-            violations.append((targets, f"input '{input_name}' must be a build-time constant (initializer)"))
-    return violations
-
-
-_RESTRICTIONS: dict[str, tuple[Callable[[onnx.NodeProto, _GraphIndex], list[Violation]], ...]] = {
-    "ScatterElements": (_scatter_reduction,),
-    "ScatterND": (_scatter_reduction,),
-    "TopK": (_topk_k, _constant_inputs),
-    "Resize": (_resize_modes,),
-    "GridSample": (_grid_sample_rank,),
-    "MaxPool": (_first_output_only,),
-    "LayerNormalization": (_first_output_only,),
-    "Slice": (_constant_inputs,),
-    "Squeeze": (_constant_inputs,),
-    "Unsqueeze": (_constant_inputs,),
-    "CumSum": (_constant_inputs,),
-}
 
 
 def _shape_issues(graph: onnx.GraphProto, targets: tuple[str, ...]) -> list[TrtIssue]:
@@ -446,7 +278,7 @@ def _intermediate_dims_problem(info: onnx.ValueInfoProto, batch_symbols: set[str
     return None
 
 
-def _dtype_issues(graph: _GraphIndex, targets: tuple[str, ...]) -> list[TrtIssue]:
+def _dtype_issues(graph: GraphIndex, targets: tuple[str, ...]) -> list[TrtIssue]:
     issues: list[TrtIssue] = []
     initializers = {init.name for init in graph.graph.initializer}
     typed = [*graph.graph.input, *graph.graph.output, *graph.graph.value_info]
@@ -468,7 +300,7 @@ def _dtype_issues(graph: _GraphIndex, targets: tuple[str, ...]) -> list[TrtIssue
     return issues
 
 
-def _clamp_is_exact(name: str, graph: _GraphIndex) -> bool:
+def _clamp_is_exact(name: str, graph: GraphIndex) -> bool:
     consumers = graph.consumers.get(name, [])
     return bool(consumers) and all((node.op_type, index) in _CLAMP_SAFE_INPUTS for node, index in consumers)
 

@@ -1,0 +1,134 @@
+"""What token reduction adds to every block of an exported graph, counted from the ONNX file alone.
+
+On a GPU at batch 1 each node that is not fused is a kernel launch, so the nodes the reduction adds per block are
+the risk that its speed-up vanishes there. TensorRT fuses chains of pointwise ops into one kernel, and shape-only
+ops (``Reshape``, ``Squeeze``...) usually cost none; everything else (TopK, gathers, matmuls, reductions, slices,
+concats) is typically one kernel each. ``reduction_costs`` splits a block's reduction nodes that way.
+
+A node belongs to block ``i``'s reduction when its name has the module scope ``blocks.i/reduce`` (both exporters
+name nodes so). Nodes a simplifier renamed without a scope are given the scope of their consumers when those all
+share one. Proportional attention's mask (a ``Log``, a ``Reshape`` and the attention's ``Add``) lives outside the
+``reduce`` scope and is not counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+# Elementwise ops that TensorRT's pointwise fusion merges (a connected chain of them becomes one kernel).
+POINTWISE_OPS = frozenset({
+    "Abs", "Add", "And", "Cast", "CastLike", "Ceil", "Clip", "Div", "Equal", "Erf", "Exp", "Floor", "Greater",
+    "GreaterOrEqual", "Less", "LessOrEqual", "Log", "Max", "Min", "Mul", "Neg", "Not", "Or", "Pow", "Reciprocal",
+    "Relu", "Sigmoid", "Sign", "Sqrt", "Sub", "Tanh", "Where", "Xor",
+})  # fmt: skip
+# Ops that only relabel a tensor's shape (no kernel for a contiguous tensor) or are build-time constants.
+SHAPE_OPS = frozenset({"Constant", "Flatten", "Identity", "Reshape", "Shape", "Squeeze", "Unsqueeze"})
+_REDUCE_SCOPE = re.compile(r"(?:^|/)(?:[A-Za-z_]+\.)?blocks\.(\d+)/reduce(?:/|$)")
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """The reduction's nodes in one block, by kind. ``kernels`` estimates TensorRT launches: every ``other`` node
+    plus one per connected chain of pointwise nodes."""
+
+    block: int
+    nodes: int
+    pointwise: int
+    shape: int
+    other: int
+    kernels: int
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReductionCosts:
+    """Per-block reduction costs of one graph, and the graph's node count."""
+
+    blocks: list[BlockCost]
+    graph_nodes: int
+
+    @property
+    def total(self) -> BlockCost:
+        ops: Counter[str] = Counter()
+        for block in self.blocks:
+            ops.update(block.ops)
+        sums = [sum(getattr(b, name) for b in self.blocks) for name in ("nodes", "pointwise", "shape", "other")]
+        return BlockCost(-1, *sums, sum(b.kernels for b in self.blocks), dict(ops.most_common()))
+
+    def to_dict(self) -> dict:
+        return {"graph_nodes": self.graph_nodes, "blocks": [asdict(b) for b in self.blocks],
+                "total": asdict(self.total)}
+
+    def render(self) -> str:
+        """A table a person can read: one row per reducing block, then the total."""
+        lines = [f"token reduction: {self.total.nodes} of {self.graph_nodes} nodes in {len(self.blocks)} blocks",
+                 "block  nodes  pointwise  shape  other  est. kernels  other ops"]
+        for b in [*self.blocks, self.total]:
+            label = "total" if b.block < 0 else str(b.block)
+            other_ops = ", ".join(f"{op} {n}" for op, n in b.ops.items() if op not in POINTWISE_OPS | SHAPE_OPS)
+            lines.append(f"{label:>5}  {b.nodes:>5}  {b.pointwise:>9}  {b.shape:>5}  {b.other:>5}  {b.kernels:>12}  "
+                         f"{other_ops}")
+        return "\n".join(lines)
+
+
+def reduction_costs(model: onnx.ModelProto | str | Path) -> ReductionCosts:
+    """Count, per block, the nodes of its token reduction (see the module docstring); blocks without any are
+    left out."""
+    graph = (onnx.load(str(model), load_external_data=False) if isinstance(model, str | Path) else model).graph
+    block_of = _reduction_blocks(graph)
+    by_block: dict[int, list[onnx.NodeProto]] = {}
+    for position, node in enumerate(graph.node):
+        if position in block_of:
+            by_block.setdefault(block_of[position], []).append(node)
+    return ReductionCosts([_block_cost(i, nodes) for i, nodes in sorted(by_block.items())], len(graph.node))
+
+
+def _reduction_blocks(graph: onnx.GraphProto) -> dict[int, int]:
+    """Node position -> block index for reduction nodes; unscoped nodes inherit their consumers' common scope."""
+    scope: dict[int, int | str | None] = {}  # block index, "" for another named scope, None for no scope
+    for position, node in enumerate(graph.node):
+        match = _REDUCE_SCOPE.search(node.name)
+        scope[position] = int(match.group(1)) if match else ("" if node.name.startswith("/") else None)
+    consumers: dict[str, list[int]] = {}
+    for position, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(position)
+    for position in reversed(range(len(graph.node))):  # consumers come later in a topologically sorted graph
+        if scope[position] is None:
+            users = {scope[user] for output in graph.node[position].output for user in consumers.get(output, [])}
+            if len(users) == 1:
+                scope[position] = users.pop()
+    return {position: block for position, block in scope.items() if isinstance(block, int)}
+
+
+def _block_cost(block: int, nodes: list[onnx.NodeProto]) -> BlockCost:
+    ops = Counter(node.op_type for node in nodes)
+    pointwise = sum(n for op, n in ops.items() if op in POINTWISE_OPS)
+    shape = sum(n for op, n in ops.items() if op in SHAPE_OPS)
+    other = len(nodes) - pointwise - shape
+    return BlockCost(block, len(nodes), pointwise, shape, other, other + _pointwise_chains(nodes),
+                     dict(ops.most_common()))
+
+
+def _pointwise_chains(nodes: list[onnx.NodeProto]) -> int:
+    """Connected components of the pointwise nodes (edges: one's output feeds another's input)."""
+    pointwise = [node for node in nodes if node.op_type in POINTWISE_OPS]
+    parent = list(range(len(pointwise)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    producer = {output: i for i, node in enumerate(pointwise) for output in node.output}
+    for i, node in enumerate(pointwise):
+        for name in node.input:
+            if name in producer:
+                parent[root(i)] = root(producer[name])
+    return len({root(i) for i in range(len(pointwise))})
