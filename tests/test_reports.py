@@ -96,3 +96,12 @@ def test_pareto_plot_needs_accuracy(tmp_path: Path) -> None:
     with pytest.raises(ProfilerError, match="accuracy"):
         plot_pareto([TradeoffPoint("tofu", 4, 5.0)], tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_latency_plot_starts_every_mode_line_at_the_shared_baseline() -> None:
+    from tofu_export.reports.plots import _by_mode
+
+    points = [TradeoffPoint("baseline", 0, 10.0), TradeoffPoint("tome", 8, 7.0), TradeoffPoint("tofu", 8, 6.0)]
+    groups = _by_mode(points, share_baseline=True)
+    assert {mode: [p.r for p in group] for mode, group in groups.items()} == {"tome": [0, 8], "tofu": [0, 8]}
+    assert set(_by_mode(points)) == {"baseline", "tome", "tofu"}  # the Pareto plot keeps it a point of its own

@@ -91,15 +91,18 @@ def run_in_fixed_batches(
     return torch.cat(outputs)
 
 
-def as_images(images: torch.Tensor | Any, spec: InputSpec, source: str) -> torch.Tensor:
-    """``images`` ``[B, C, H, W]`` (torch or numpy) as a CPU tensor, checked against the static ``spec.chw``."""
-    images = torch.as_tensor(images).detach().cpu()
+def run_images(
+    run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor | Any, spec: InputSpec, source: str
+) -> torch.Tensor:
+    """``run`` over ``images`` ``[B, C, H, W]`` (torch or numpy, moved to the CPU), checked against the static
+    ``spec.chw`` and cut into chunks of the static ``spec.batch`` if there is one (see ``run_in_fixed_batches``)."""
+    images = torch.as_tensor(images).detach().cpu().contiguous()
     if list(images.shape[1:]) != list(spec.chw):
         raise RunnerError(
             f"{source} expects images shaped {list(spec.chw)} per sample but got {list(images.shape[1:])}. Resize "
             "them to the size the artifact was exported at (evaluation.artifact_transform(img_size=...) does)."
         )
-    return images
+    return run_in_fixed_batches(run, images, spec.batch)
 
 
 def random_batches(chw: Sequence[int], seed: int, device: str = "cpu") -> Callable[[int], torch.Tensor]:

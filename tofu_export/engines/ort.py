@@ -13,15 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from tofu_export.engines.base import (
-    BackendUnavailableError,
-    InputSpec,
-    OpTime,
-    RunnerError,
-    as_images,
-    random_batches,
-    run_in_fixed_batches,
-)
+from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
 from tofu_export.profiling.ort_profile import OrtProfile, parse_ort_profile
 from tofu_export.profiling.timing import time_callable
 
@@ -127,8 +119,7 @@ class OrtRunner:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """First output ``[B, K]`` of ``images`` ``[B, C, H, W]``, run in chunks of the static batch if any."""
-        images = as_images(images, self.input, self.onnx_path.name).contiguous()
-        return run_in_fixed_batches(self._first_output, images, self.input.batch)
+        return run_images(self._first_output, images, self.input, self.onnx_path.name)
 
     def _first_output(self, images: torch.Tensor) -> torch.Tensor:
         (output, *_) = self.session.run(None, {self.input.name: images.numpy().astype(self._dtype, copy=False)})

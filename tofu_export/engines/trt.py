@@ -12,15 +12,7 @@ from typing import Any
 
 import torch
 
-from tofu_export.engines.base import (
-    BackendUnavailableError,
-    InputSpec,
-    OpTime,
-    RunnerError,
-    as_images,
-    random_batches,
-    run_in_fixed_batches,
-)
+from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
 from tofu_export.errors import CheckFailed, EngineNotBuilt
 
 LOG_LEVELS = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
@@ -132,11 +124,9 @@ class TrtRunner:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """First output (float32, CPU) of ``images [B, C, H, W]``, run in chunks of the static batch if any."""
-        spec = self._image_input()
-        images = as_images(images, spec, Path(self.source).name)
-        first = self.output_names[0]
-        return run_in_fixed_batches(lambda batch: self.infer({spec.name: batch})[first].float().cpu(), images,
-                                    spec.batch)  # fmt: skip
+        spec, first = self._image_input(), self.output_names[0]
+        return run_images(lambda batch: self.infer({spec.name: batch})[first].float().cpu(), images, spec,
+                          Path(self.source).name)  # fmt: skip
 
     def infer(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run once on ``inputs`` (name -> tensor, any device/dtype); returns name -> CUDA tensor outputs."""

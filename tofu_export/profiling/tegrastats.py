@@ -77,7 +77,7 @@ class PowerReport:
 def summarize_samples(samples: Sequence[TegraSample], *, total_time_s: float, images: int) -> PowerReport:
     """Mean power, energy per image, mean GPU load and peak RAM over ``samples``."""
     if not samples:
-        return PowerReport(False, "tegrastats produced no samples during the run; lower --interval")
+        return PowerReport(False, "tegrastats gave no samples during the run; use a shorter tegrastats_interval_ms")
     powers = [s.power_mw for s in samples if s.power_mw is not None]
     loads = [s.gr3d_pct for s in samples if s.gr3d_pct is not None]
     rams = [s.ram_used_mib for s in samples if s.ram_used_mib is not None]
