@@ -36,7 +36,9 @@ class FakeEngine:
     """One input ``images [-1, 3, 8, 8]`` (dynamic batch) and one output ``logits``."""
 
     num_io_tensors = 2
-    shapes = {"images": (-1, 3, 8, 8), "logits": (-1, 10)}
+
+    def __init__(self, batch: int = -1) -> None:
+        self.shapes = {"images": (batch, 3, 8, 8), "logits": (batch, 10)}
 
     def get_tensor_name(self, index: int) -> str:
         return list(self.shapes)[index]
@@ -113,9 +115,10 @@ def test_layer_profiler_sums_repeated_reports_per_layer() -> None:
     assert profiler.totals_ms == {"a": 3.0, "b": 0.5}
 
 
-def test_call_runs_static_batch_engines_in_padded_chunks(fake_runner: TrtRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(FakeEngine, "shapes", {"images": (2, 3, 8, 8), "logits": (2, 10)})
-    runner = TrtRunner(FakeEngine())
+def test_call_runs_static_batch_engines_in_padded_chunks(
+    fake_runner: TrtRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = TrtRunner(FakeEngine(batch=2))  # fake_runner has installed the fake tensorrt
     seen: list[int] = []
 
     def infer(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
