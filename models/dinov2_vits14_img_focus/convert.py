@@ -33,7 +33,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from tofu_export.atomic import write_bytes_atomic, write_json_atomic
-from tofu_export.checkpoint import sha256_file
+from tofu_export.hashing import sha256_file
 
 ARCHITECTURE = "vit_small_patch14_dinov2"
 PATCH_SIZE = 14

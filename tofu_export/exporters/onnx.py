@@ -20,6 +20,7 @@ import onnx
 import torch
 from torch import nn
 
+from tofu_export.errors import UserError
 from tofu_export.sizes import as_pair
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
@@ -30,7 +31,7 @@ EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
 DEFAULT_EXPORTER: Exporter = "torchscript"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The model could not be exported to a valid ONNX graph that matches PyTorch."""
 
 
@@ -176,9 +177,9 @@ def verify_parity(
     Inputs are seeded standard-normal images (the scale of normalised pixels), one batch per size, or ``inputs``
     ``[B, 3, H, W]`` when given.
     """
-    import onnxruntime as ort
+    from tofu_export.engines.ort import create_session
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = create_session(onnx_path)
     input_name = session.get_inputs()[0].name
     generator = torch.Generator().manual_seed(seed)
     batches = (

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from tofu_export.errors import UserError
 from tofu_export.exporters.trt_ops import (
     CASTS_INT64_TO_INT32,
     DATA_DEPENDENT_OPS,
@@ -42,7 +43,7 @@ _RENDER_MAX_ISSUES = 25
 Severity = Literal["error", "warning"]
 
 
-class UnknownTrtTargetError(ValueError):
+class UnknownTrtTargetError(UserError, ValueError):
     """A requested TensorRT target is not one this checker has an operator table for."""
 
 

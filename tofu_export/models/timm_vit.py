@@ -19,12 +19,13 @@ import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
+from tofu_export.errors import UserError
 from tofu_export.merge import bipartite_soft_matching, max_reduction, reduce_tokens, sample_index
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, plan_tokens
 from tofu_export.sizes import as_pair
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(UserError, TypeError):
     """The model is not a timm VisionTransformer whose blocks ToFu knows how to patch."""
 
 
