@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tofu_export.errors import UserError
 from tofu_export.merge import REDUCE_MODES, max_reduction
 
 # User-facing modes and the per-layer reduce modes they expand to.
@@ -19,7 +20,7 @@ _UNIFORM = {"tome": "mean", "prune": "prune", "mlerp": "mlerp"}
 RSpec = int | Sequence[int] | tuple[int, float]
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """A token-reduction schedule that cannot be built for this model and input size."""
 
 
@@ -106,10 +107,13 @@ class TokenPlan:
         return [i for i, (got, want) in enumerate(zip(self.r, self.requested, strict=True)) if got < want]
 
 
-def plan_tokens(num_tokens: int, num_prefix: int, r: Sequence[int], strict: bool = False) -> TokenPlan:
+def plan_tokens(
+    num_tokens: int, num_prefix: int, r: Sequence[int], strict: bool = False, warn: bool = True
+) -> TokenPlan:
     """Token count entering each block when block i removes ``r[i]`` tokens, clipped to what matching allows.
 
-    With ``strict=True`` an impossible r raises ``ScheduleError``; otherwise it is clipped with a warning.
+    This is the one place that decides how many tokens a block can remove. With ``strict=True`` an impossible r
+    raises ``ScheduleError``; otherwise it is clipped, with a warning unless ``warn=False``.
     """
     tokens, removed = [], []
     n = num_tokens
@@ -130,7 +134,8 @@ def plan_tokens(num_tokens: int, num_prefix: int, r: Sequence[int], strict: bool
         )
         if strict:
             raise ScheduleError(message)
-        warnings.warn(message, stacklevel=2)
+        if warn:
+            warnings.warn(message, stacklevel=2)
     return plan
 
 
