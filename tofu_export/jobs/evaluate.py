@@ -1,50 +1,64 @@
-"""`tofu-export eval`: score a ToFu model (PyTorch, ONNX or TensorRT) against its unreduced reference."""
+"""Score a ToFu model (PyTorch, ONNX or TensorRT) against its unreduced reference on an image folder."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tofu_export.evaluation import EvaluationError, OrtPredictor, TorchPredictor, TrtPredictor, evaluate
-from tofu_export.models.timm_vit import patch
-from tofu_export.schedule import RSpec
+from tofu_export.config import ToFuConfig
+from tofu_export.errors import Hint
+from tofu_export.evaluation import EvaluationError, evaluate
+from tofu_export.models.loading import load_model
 
-ARTIFACT_SUFFIXES = {".onnx": OrtPredictor, ".engine": TrtPredictor, ".plan": TrtPredictor}
+ARTIFACT_SUFFIXES = (".onnx", ".engine", ".plan")
 
 
-def run_cli_eval(
-    model: str,
-    data: Path,
+def _artifact_runner(path: Path, threads: int | None) -> Any:
+    if path.suffix == ".onnx":
+        from tofu_export.engines.ort import OrtRunner
+
+        return OrtRunner(path, threads=threads)
+    from tofu_export.engines.trt import TrtRunner
+
+    return TrtRunner(path)
+
+
+def evaluate_model(
+    model: str | Path,
+    data: str | Path,
     *,
-    reference: str | None,
-    r: RSpec,
-    mode: str,
-    arch: str | None,
-    batch_size: int,
-    limit: int | None,
-    threads: int | None,
-    trust_pickle: bool,
-    load: Callable[[str, str | None, int | None, bool], Any],
+    tofu: ToFuConfig,
+    reference: str | Path | None = None,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    batch_size: int = 32,
+    limit: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``data``; artifacts need ``reference`` (their source checkpoint) to compare against."""
-    if not Path(data).is_dir():
+    """Evaluate ``model`` on ``data``: a checkpoint is patched with ``tofu`` in PyTorch; a deployed artifact
+    (``.onnx``, ``.engine``) is run as is and needs ``reference``, the checkpoint it was exported from."""
+    from tofu_export.engines.torch import TorchRunner
+
+    model, data = Path(model), Path(data)
+    if not data.is_dir():
         raise EvaluationError(f"{data} is not a folder of images (ImageFolder layout, or train/ and test/)")
-    suffix = Path(model).suffix
-    if suffix in ARTIFACT_SUFFIXES:
+    if batch_size < 1:
+        raise EvaluationError(f"the batch size must be at least 1, got {batch_size}", hint=Hint("batch_size", "32"))
+    if model.suffix in ARTIFACT_SUFFIXES:
         if reference is None:
             raise EvaluationError(
-                f"{model} is a deployed artifact: pass --reference CHECKPOINT (the checkpoint it was exported "
-                "from) so its outputs can be compared with the unreduced model's."
+                f"{model} is a deployed artifact: its outputs are compared with the unreduced model's, so the "
+                "checkpoint it was exported from is needed.", hint=Hint("reference", "CHECKPOINT"),
             )
-        reference_model = load(reference, arch, None, trust_pickle)
-        predictor = ARTIFACT_SUFFIXES[suffix](model) if suffix != ".onnx" else OrtPredictor(model, threads)
+        reference_model = load_model(reference, arch=arch, trust_pickle=trust_pickle).model
+        candidate = _artifact_runner(model, threads)
         description = {"candidate": str(model)}
     else:
-        reference_model = load(model, arch, None, trust_pickle)
-        candidate = patch(copy.deepcopy(reference_model), r, mode)
-        predictor = TorchPredictor(candidate)
-        description = {"candidate": f"{model} patched mode={mode} r={r}"}
-    report = evaluate(reference_model, predictor, data, batch_size=batch_size, limit=limit)
+        reference_model = load_model(model, arch=arch, trust_pickle=trust_pickle).model
+        patched = copy.deepcopy(reference_model)
+        resolved = tofu.patch(patched, static=False)
+        candidate = TorchRunner(patched, threads=threads)
+        description = {"candidate": f"{model} patched with {resolved.source}, r={resolved.r}"}
+    report = evaluate(reference_model, candidate, data, batch_size=batch_size, limit=limit)
     return {**description, **report.to_dict()}

@@ -1,0 +1,61 @@
+"""The ``tofu-export`` app: one small file per command, assembled here inside the error boundary."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from tofu_export.cli import check, demo, eval, export, profile, schedule, sweep
+from tofu_export.cli.errors import guarded
+from tofu_export.cli.groups import uses_groups
+
+app = typer.Typer(
+    name="tofu-export",
+    help=(
+        "Token Fusion (ToFu) for pretrained ViTs: patch a timm checkpoint, export a static-shape ONNX graph "
+        "verified against PyTorch, and build ONNX Runtime / TensorRT artifacts.\n\n"
+        "Examples:\n\n"
+        "  tofu-export model.pth --r 16 --target trt          # the default command is `export`\n\n"
+        "  tofu-export schedule deit_small_patch16_224 --r 16   # tokens per block and GFLOPs\n\n"
+        "  tofu-export check artifacts/model-tofu-r16/model.onnx\n\n"
+        "  tofu-export profile artifacts/model-tofu-r16/model.onnx --batch 1,8\n\n"
+        "  tofu-export sweep model.pth --r 0,8,16 --modes tome,tofu --data data/fashion-mnist\n\n"
+        "Exit codes: 0 success, 1 a check failed, 2 bad input, 3 ONNX written but no TensorRT engine built here, "
+        "4 internal error. Add --debug anywhere for a traceback."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+COMMANDS = {
+    "export": export.export,
+    "check": check.check,
+    "schedule": schedule.schedule,
+    "profile": profile.profile,
+    "sweep": sweep.sweep,
+    "eval": eval.eval_command,
+    "demo": demo.demo,
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(guarded(uses_groups(_command)))
+
+
+def main() -> None:
+    """Entry point: `tofu-export model.pth ...` means `tofu-export export model.pth ...`; `--debug` anywhere shows
+    tracebacks."""
+    argv = sys.argv[1:]
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["TOFU_EXPORT_DEBUG"] = "1"
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "export")
+    sys.argv[1:] = argv
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""``tofu-export check MODEL.onnx``: would TensorRT build this graph? Answered without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tofu_export.cli.errors import EXIT_CHECK_FAILED
+from tofu_export.cli.options import JsonOption
+from tofu_export.cli.output import print_json
+
+
+def check(
+    model: Annotated[Path, typer.Argument(help="An ONNX file.")],
+    trt: Annotated[list[str] | None, typer.Option("--trt", help="TensorRT versions to check: 8.5, 10.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check an ONNX graph against TensorRT's ONNX support without a GPU (exit 1 if it would not build).
+
+    Checks every node against TensorRT 8.5 (JetPack 5) and 10 (JetPack 6) operator support, static shapes
+    (only the batch may vary), plugin-only ops (ScatterElements with a reduction), data-dependent control flow,
+    and INT64/DOUBLE tensors.
+
+    Example: tofu-export check artifacts/deit-tofu-r16/model.onnx --trt 10
+    """
+    from tofu_export.errors import UserError
+    from tofu_export.exporters.trt_check import check_tensorrt_compat
+
+    if not model.is_file():
+        raise UserError(f"{model} is not a file")
+    report = check_tensorrt_compat(model, tuple(trt or ("8.5", "10")))
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        typer.echo(report.render())
+    if not report.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)

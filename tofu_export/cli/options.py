@@ -1,0 +1,157 @@
+"""The option groups shared by the commands: each owns its flags and builds one library object.
+
+To add an option every command that reduces tokens takes, add a field to ``ToFuOptions`` and pass it on in
+``ToFuOptions.build``; the flag then appears (under its panel) on export, schedule, profile, eval and calibrate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tofu_export.cli.groups import option_group
+from tofu_export.errors import Hint, UserError
+from tofu_export.schedule import MODES
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def parse_int_list(text: str, setting: str) -> list[int]:
+    """``"0,8,16"`` -> ``[0, 8, 16]``; anything else is a user error naming ``setting``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{setting} must be comma-separated integers, got {text!r}", hint=Hint(setting)) from None
+    if not values:
+        raise UserError(f"{setting} needs at least one value", hint=Hint(setting))
+    return values
+
+
+@option_group("Model")
+class ModelOptions:
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="timm architecture name; inferred from the checkpoint when omitted.")
+    ] = None
+    img_size: Annotated[
+        int | None, typer.Option("--img-size", help="Input resolution in pixels; default: the checkpoint's.")
+    ] = None
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow checkpoints that contain pickled Python objects. Such files can run code when loaded: use "
+            "only for files you trust (safetensors or plain state dicts never need this).",
+        ),
+    ] = False
+
+    def load(self, source: str | Path, *, allow_timm_name: bool = True) -> Any:
+        """The model as a ``LoadedModel``: a checkpoint file, or a timm name (random weights)."""
+        from tofu_export.models.loading import load_model
+
+        return load_model(source, arch=self.arch, img_size=self.img_size, trust_pickle=self.trust_pickle,
+                          allow_timm_name=allow_timm_name)
+
+
+@option_group("Token reduction")
+class ToFuOptions:
+    r: Annotated[
+        str, typer.Option("--r", "-r", help="Tokens removed per block: an int (16), or one per block (16,16,8,...).")
+    ] = "16"
+    schedule: Annotated[
+        str,
+        typer.Option("--schedule", help="'constant' (r in every block) or 'decreasing' (2r first block down to 0, "
+                     "ToMe-style)."),
+    ] = "constant"
+    mode: Annotated[
+        str,
+        typer.Option("--mode", "-m", help=f"One of {', '.join(MODES)}. tofu merges with MLERP and prunes in the first "
+                     "--prune-layers blocks; tome averages; prune drops; mlerp merges everywhere."),
+    ] = "tofu"
+    prune_layers: Annotated[
+        int | None,
+        typer.Option("--prune-layers", help="tofu: leading blocks that prune instead of merging (the speed knob) "
+                     "[default: the measured default, see README]."),
+    ] = None
+    prop_attn: Annotated[
+        bool, typer.Option("--prop-attn/--no-prop-attn", help="Proportional attention (off for MAE-style fine-tuning).")
+    ] = True
+    policy: Annotated[
+        Path | None,
+        typer.Option("--policy", help="A policy.json from `tofu-export calibrate`: per-block modes and r measured on "
+                     "your model; replaces --r, --mode and --prune-layers."),
+    ] = None
+
+    def r_spec(self) -> Any:
+        """``--r`` and ``--schedule`` as the library's r: an int, a per-block list, or ToMe's (r, -1.0)."""
+        values = parse_int_list(self.r, "r")
+        if self.schedule not in ("constant", "decreasing"):
+            raise UserError(f"the schedule must be 'constant' or 'decreasing', got {self.schedule!r}",
+                            hint=Hint("schedule", "constant"))
+        if len(values) > 1:
+            return values
+        return (values[0], -1.0) if self.schedule == "decreasing" else values[0]
+
+    def build(self, img_size: int | None = None) -> Any:
+        """The ``ToFuConfig`` these flags describe."""
+        from tofu_export.config import ToFuConfig
+
+        policy = None
+        if self.policy is not None:
+            from tofu_export.policy import Policy
+
+            policy = Policy.load(self.policy)
+        return ToFuConfig(r=self.r_spec(), mode=self.mode, prune_layers=self.prune_layers, prop_attn=self.prop_attn,
+                          img_size=img_size, policy=policy)
+
+    @property
+    def label(self) -> str:
+        """For default output names: ``tofu-r16``, ``policy``."""
+        return "policy" if self.policy is not None else f"{self.mode}-r{self.r.replace(',', '_')}"
+
+
+@option_group("ONNX")
+class OnnxOptions:
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (16 decomposes LayerNorm for TensorRT 8.5).")] = 17
+    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxsim.")] = True
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Max |ONNX - PyTorch| allowed, relative to the output scale.")
+    ] = 1e-4
+    exporter: Annotated[
+        str, typer.Option("--exporter", help="torchscript | dynamo (torch.export); see README for which is faster.")
+    ] = "torchscript"
+
+    def build(self) -> Any:
+        from tofu_export.config import OnnxConfig
+
+        return OnnxConfig(opset=self.opset, simplify=self.simplify, tolerance=self.tolerance, exporter=self.exporter)
+
+
+@option_group("TensorRT")
+class TrtOptions:
+    fp16: Annotated[bool, typer.Option("--fp16", help="Build an FP16 engine (with --target trt).")] = False
+    min_batch: Annotated[int, typer.Option("--min-batch", help="Engine profile: smallest batch.")] = 1
+    opt_batch: Annotated[int, typer.Option("--opt-batch", help="Engine profile: batch to tune for.")] = 1
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Engine profile: largest batch.")] = 8
+    workspace_gib: Annotated[float, typer.Option("--workspace-gib", help="Builder workspace (GiB).")] = 2.0
+
+    def build(self) -> Any:
+        from tofu_export.config import TrtConfig
+
+        return TrtConfig(fp16=self.fp16, min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch,
+                         workspace_gib=self.workspace_gib)
+
+
+@option_group("Runtime")
+class RuntimeOptions:
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (ORT intra-op / torch).")] = None
+    spin: Annotated[
+        bool,
+        typer.Option("--spin/--no-spin", help="ORT CPU worker threads busy-wait between ops (ORT's default, fastest "
+                     "on an idle machine). --no-spin gives steadier timings on shared or virtual machines."),
+    ] = True
+
+    def check(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be at least 1, got {self.threads}", hint=Hint("threads", "1"))

@@ -1,0 +1,36 @@
+"""What the commands print: progress on stderr, results on stdout (tables, or JSON with ``--json``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def steps(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A spinner that shows the current stage of a long job; yields ``step(name)``."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not enabled) as progress:
+        task = progress.add_task("starting")
+
+        def step(name: str) -> None:
+            progress.update(task, description=name)
+            console.print(f"[dim]-[/] {name}", highlight=False)
+
+        yield step
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}", highlight=False)

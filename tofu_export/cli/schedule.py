@@ -1,0 +1,45 @@
+"""``tofu-export schedule MODEL``: tokens per block, reduce mode per block and GFLOPs, without exporting."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tofu_export.cli.options import JsonOption, ModelOptions, ToFuOptions
+from tofu_export.cli.output import print_json, warn
+
+
+def schedule(
+    source: Annotated[str, typer.Argument(help="A checkpoint, or a timm model name (e.g. deit_small_patch16_224).")],
+    model: ModelOptions,
+    tofu: ToFuOptions,
+    as_json: JsonOption = False,
+) -> None:
+    """Print tokens per block, reduce mode per block and GFLOPs before/after, without exporting.
+
+    Example: tofu-export schedule deit_small_patch16_224 --r 16 --mode tofu
+    """
+    from tofu_export import token_schedule
+
+    net = model.load(source).model
+    config = tofu.build(model.img_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved = config.patch(net)
+    result = token_schedule(net, resolved.img_size)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    table = Table(title=f"{source}: {resolved.source}, r={tofu.r} ({tofu.schedule}), {resolved.img_size}px")
+    for column in ("block", "tokens in", "removed", "reduce"):
+        table.add_column(column, justify="right")
+    for i, (n, removed, how) in enumerate(zip(result.tokens, result.r, result.modes, strict=True)):
+        table.add_row(str(i), str(n), str(removed), how)
+    Console().print(table)
+    typer.echo(f"GFLOPs: {result.gflops_original:.3f} -> {result.gflops_reduced:.3f} ({result.flop_ratio:.2f}x fewer)")
+    for warning in caught:
+        warn(str(warning.message))
