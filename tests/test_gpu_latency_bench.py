@@ -1,0 +1,40 @@
+"""bench/gpu_latency.py runs on the CPU (its smoke mode) and writes a table with every runner it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_writes_every_variant_and_runtime(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "bench/gpu_latency.py", "--device", "cpu", "--models", "deit_tiny_patch16_224",
+        "--img-size", "64", "--depth", "2", "--batches", "1,2", "--dtypes", "fp32", "--iters", "2", "--r", "3",
+        "--out", str(tmp_path),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "gpu_latency.md").exists(), "a CPU run must not write the GPU result files"
+    result = json.loads((tmp_path / "gpu_latency_cpu.json").read_text())
+    assert result["device"] == "cpu" and "not a GPU result" in result["benchmark"]
+    rows = {(r["batch"], r["runtime"], r["variant"]): r for r in result["rows"]}
+    expected = {(b, "torch-eager", v) for b in (1, 2) for v in ("baseline", "tome", "tofu-eager", "tofu")}
+    expected |= {(b, "ort-cpu", v) for b in (1, 2) for v in ("baseline", "tome", "tofu")}
+    assert set(rows) == expected
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"]
+        assert row["count_per_block"] > 0
+    assert rows[(1, "torch-eager", "baseline")]["speedup"] == 1.0
+    # the reduction adds ops: every reduced variant runs more aten ops per block than the plain model
+    assert all(rows[(1, "torch-eager", v)]["count_per_block"] > rows[(1, "torch-eager", "baseline")]["count_per_block"]
+               for v in ("tome", "tofu-eager", "tofu"))
+    table = (tmp_path / "gpu_latency_cpu.md").read_text()
+    assert "| deit_tiny_patch16_224 | fp32 | 2 | ort-cpu | tofu |" in table
+    assert result["models"]["deit_tiny_patch16_224"]["tofu_graph_reduction"]["nodes"] > 0
