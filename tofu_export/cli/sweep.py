@@ -43,14 +43,14 @@ def sweep(
     Example: tofu-export sweep model.pth --r 0,8,16 --modes tome,tofu --data data/fashion-mnist --limit 500
     """
     from tofu_export.config import ToFuConfig
-    from tofu_export.sweep.job import run_cli_sweep
+    from tofu_export.sweep.job import run_sweep_job
 
     runtime.check()
-    paths = run_cli_sweep(
+    paths = run_sweep_job(
         checkpoint, out, r_values=parse_int_list(r, "r"), modes=[m.strip() for m in modes.split(",") if m.strip()],
-        backend="ort", device=device, data=data, limit=limit, iters=iters, threads=runtime.threads,
+        device=device, data=data, limit=limit, iters=iters, threads=runtime.threads,
         spinning=runtime.spin, interleave=interleave, arch=model.arch, trust_pickle=model.trust_pickle,
-        load=None, template=ToFuConfig(prune_layers=prune_layers, prop_attn=prop_attn),
+        template=ToFuConfig(prune_layers=prune_layers, prop_attn=prop_attn),
     )
     for path in paths:
         typer.echo(str(path))

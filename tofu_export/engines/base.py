@@ -20,7 +20,7 @@ class RunnerError(UserError, ValueError):
     """A runner cannot use this artifact, or the images do not fit it (missing file, wrong shape, static batch)."""
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UserError, RuntimeError):
     """A requested runtime (execution provider, TensorRT, CUDA) is not installed or not usable here."""
 
 

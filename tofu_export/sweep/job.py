@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ from tofu_export import __version__
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.config import ExportConfig, ToFuConfig
 from tofu_export.engines.ort import OrtRunner
+from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
+from tofu_export.models.loading import load_model
 from tofu_export.pipeline import ONNX_NAME, run_export
 from tofu_export.profiling.compare import interleaved_latency_ms
 from tofu_export.profiling.errors import ProfilerError
@@ -34,7 +36,7 @@ def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoi
     return baseline + [SweepPoint(mode, r) for mode in modes for r in r_values if r != 0]
 
 
-def _checkpoint_file(source: str, out: Path, arch: str | None, load: Callable[..., Any]) -> Path:
+def _checkpoint_file(source: str, out: Path, arch: str | None) -> Path:
     """A checkpoint path as is; a timm model name is saved once (random weights) so it can be exported."""
     if Path(source).exists():
         return Path(source)
@@ -42,7 +44,7 @@ def _checkpoint_file(source: str, out: Path, arch: str | None, load: Callable[..
 
     path = out / f"{source}.random.safetensors"
     if not path.exists():
-        model = load(source, arch, None, False)
+        model = load_model(source, arch=arch).model
         out.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), str(path))
     return path
@@ -65,13 +67,12 @@ def _time_interleaved(records: Sequence[dict[str, Any]], *, threads: int | None,
         record["profile"] = {**record["profile"], **stats.to_dict()}
 
 
-def run_cli_sweep(
+def run_sweep_job(
     source: str,
     out: Path,
     *,
     r_values: Sequence[int],
     modes: Sequence[str],
-    backend: str,
     device: str,
     data: Path | None,
     limit: int | None,
@@ -81,14 +82,16 @@ def run_cli_sweep(
     interleave: bool = False,
     arch: str | None,
     trust_pickle: bool,
-    load: Callable[..., Any],
     template: ToFuConfig | None = None,
 ) -> list[Path]:
-    """Run (or resume) the sweep in ``out``; returns the report files written."""
-    if backend != "ort":
-        raise ProfilerError(f"A sweep times the exported ONNX graphs with ONNX Runtime ('ort'), not {backend!r}.")
+    """Run (or resume) the sweep in ``out``; returns the report files written. Every point is an exported ONNX
+    graph timed on ONNX Runtime (CPU, or its CUDA provider); ``template`` carries the settings shared by all
+    points (prune split, proportional attention)."""
+    if device not in ("cpu", "cuda"):
+        raise ProfilerError(f"a sweep runs on ONNX Runtime's cpu or cuda provider, not {device!r}",
+                            hint=Hint("device", "cpu"))
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = _checkpoint_file(source, out, arch, load)
+    checkpoint = _checkpoint_file(source, out, arch)
     digest = sha256_file(checkpoint)
     template = template or ToFuConfig()
     settings = f"prune_layers={template.prune_layers}:prop_attn={template.prop_attn}"
@@ -118,7 +121,7 @@ def run_cli_sweep(
     if data is not None:
         from tofu_export.evaluation import evaluate
 
-        reference = load(str(checkpoint), arch, None, trust_pickle)
+        reference = load_model(checkpoint, arch=arch, trust_pickle=trust_pickle).model
 
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
             return evaluate(reference, OrtRunner(onnx_path, threads=threads), data, limit=limit).to_dict()
