@@ -56,7 +56,7 @@ def run_export(
         step("exporting to ONNX and verifying parity")
         onnx_result = export_onnx(
             model, staging / ONNX_NAME, resolved.img_size, opset=config.onnx.opset, simplify=config.onnx.simplify,
-            tolerance=config.onnx.tolerance,
+            tolerance=config.onnx.tolerance, exporter=config.onnx.exporter,
         )
         notes += onnx_result.notes
         step("checking TensorRT compatibility")
