@@ -1,0 +1,139 @@
+"""Calibration on tiny random ViTs: the criterion, the cached single-block damage, selection, and the whole run."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tofu_export.calibration import Budget, BudgetError, calibrate, plot_policy
+from tofu_export.calibration.damage import cosine_to, single_block_damage
+from tofu_export.calibration.latency import NONE, BlockLatency, block_graph, sample_token_counts
+from tofu_export.calibration.linearity import linearity_ratio
+from tofu_export.calibration.select import Candidate, choose, pareto_front
+from tofu_export.calibration.trace import trace
+from tofu_export.errors import UserError
+from tofu_export.models.timm_vit import is_patched, patch, unpatch
+from tofu_export.policy import Policy
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def vit(make_vit):
+    return make_vit("vit_tiny_patch16_224", depth=4, img_size=64, num_classes=0)  # 17 tokens, 1 protected
+
+
+def test_linearity_is_zero_for_a_linear_map_and_positive_for_a_nonlinear_one() -> None:
+    y1, y2 = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    weight = torch.randn(8, 8)
+    assert linearity_ratio(lambda t: t @ weight + 1.0, y1, y2).abs().max() < 1e-5
+    ratio = linearity_ratio(lambda t: t.square(), y1, y2)
+    assert ratio.shape == (2, 5) and bool((ratio > 0.01).all())
+
+
+def test_single_block_damage_matches_a_full_run_of_the_patched_model(vit, make_images) -> None:
+    images = make_images(6, 64)
+    tr = trace(vit, images, 3)
+    with torch.no_grad():
+        reference = vit(images)
+    assert torch.allclose(tr.reference, reference, atol=1e-5)
+    damage = single_block_damage(vit, tr, 3)
+    assert not is_patched(vit)
+    for mode in ("prune", "mlerp"):
+        patch(vit, r=[0, 3, 0, 0], mode=[mode] * 4)
+        with torch.no_grad():
+            full = vit(images)
+        unpatch(vit)
+        assert damage[mode][1] == pytest.approx(float(1 - cosine_to(reference, full).mean()), abs=1e-6)
+        assert damage[mode][1] > 1e-5  # removing 3 of 16 tokens changes a random ViT's output
+
+
+def _latency(r: int = 4) -> BlockLatency:
+    tokens = [5, 9, 17]
+    none = [n * 0.1 for n in tokens]
+    return BlockLatency(r, tokens, {NONE: none, "prune": [v - 0.05 for v in none], "mean": [v - 0.02 for v in none],
+                                    "mlerp": [v - 0.01 for v in none]}, {}, 0.5, 10, "test")
+
+
+def test_pareto_front_spans_no_reduction_to_fastest_and_is_monotone() -> None:
+    damage = {"prune": [0.01, 0.02, 0.03, 0.0], "mean": [0.001, 0.002, 0.01, 0.0], "mlerp": [0.002, 0.001, 0.02, 0.0]}
+    front = pareto_front(damage, _latency(), 17, 1)
+    assert front[0].damage == 0.0 and front[0].r == (0, 0, 0, 4)  # the last block's reduction is free here
+    assert all(a.damage <= b.damage and a.latency_ms > b.latency_ms for a, b in itertools.pairwise(front))
+    fastest = front[-1]
+    assert fastest.modes[:3] == ("prune",) * 3 and fastest.r == (4, 4, 4, 0)  # 5 tokens left: block 3 cannot
+    floor = choose(front, Budget(min_cosine=0.995), baseline_ms=6.0)
+    assert floor.damage <= 0.005
+    assert all(c.latency_ms >= floor.latency_ms for c in front if c.damage <= 0.005)
+    fast = choose(front, Budget(speedup=1.1), baseline_ms=6.0)
+    assert fast.latency_ms <= 6.0 / 1.1
+    assert all(c.damage >= fast.damage for c in front if c.latency_ms <= 6.0 / 1.1)
+
+
+def test_an_unreachable_latency_budget_names_the_reachable_one() -> None:
+    front = [Candidate(("mean",) * 2, (0, 0), 0.0, 10.0), Candidate(("prune",) * 2, (4, 4), 0.1, 8.0)]
+    with pytest.raises(BudgetError, match=r"fastest one at r=4 is predicted 8.0 ms \(1.25x") as caught:
+        choose(front, Budget(speedup=2.0), baseline_ms=10.0)
+    assert caught.value.hint.option == "speedup" and caught.value.hint.value == "1.25"
+    with pytest.raises(BudgetError, match=r"no policy reaches 5\.0 ms"):
+        choose(front, Budget(max_latency_ms=5.0), baseline_ms=10.0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"min_cosine": 0.9, "speedup": 1.2}, {"min_cosine": 1.5}, {"speedup": -1}])
+def test_budget_needs_exactly_one_valid_target(kwargs) -> None:
+    with pytest.raises(BudgetError):
+        Budget(**kwargs)
+
+
+def test_sample_token_counts_span_the_uniform_plan() -> None:
+    assert sample_token_counts(257, 1, 16, 12) == [81, 161, 257]
+    assert sample_token_counts(17, 1, 4, 4) == [5, 9, 17]
+
+
+def test_block_graph_has_the_reduced_token_count(vit) -> None:
+    import onnx
+
+    graph = onnx.load_from_string(block_graph(vit, "mlerp", 13, 4))
+    dims = [d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, 9, 192]
+    assert not any(node.op_type.startswith("Scatter") for node in graph.graph.node)
+
+
+def test_calibrate_returns_a_verified_policy_that_fits(vit, make_images, tmp_path) -> None:
+    images = make_images(8, 64)
+    policy = calibrate(vit, images, r=4, budget=Budget(min_cosine=0.99), threads=1, progress=False,
+                       source={"path": "random"})
+    assert isinstance(policy, Policy) and not is_patched(vit)
+    policy.check_fits(vit, 64)
+    m = policy.measurements
+    assert set(m["damage"]) == {"prune", "mean", "mlerp"} and len(m["linearity"]) == 4
+    assert m["measured_cosine"] >= 0.99
+    patch(vit, r=list(policy.r), mode=list(policy.modes))  # the recorded cosine is the policy's real one
+    with torch.no_grad():
+        measured = float(cosine_to(_plain(vit, images), vit(images)).mean())
+    unpatch(vit)
+    assert measured == pytest.approx(m["measured_cosine"], abs=1e-6)
+    assert policy.source["images"]["count"] == 8 and policy.source["tool"].startswith("tofu-export ")
+    assert Policy.load(policy.save(tmp_path / "policy.json")) == policy
+    png = plot_policy(policy, tmp_path / "policy.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _plain(model, images):
+    unpatched = {"r": list(model._tofu.r), "modes": list(model._tofu.modes)}
+    unpatch(model)
+    with torch.no_grad():
+        out = model(images)
+    patch(model, r=unpatched["r"], mode=unpatched["modes"])
+    return out
+
+
+def test_calibrate_refuses_bad_input(vit, make_images) -> None:
+    with pytest.raises(UserError, match=r"are \[32, 32\] but the model takes \[64, 64\]"):
+        calibrate(vit, make_images(8, 32), progress=False)
+    with pytest.raises(UserError, match=r"r must lie in \[1, 8\]"):
+        calibrate(vit, make_images(8, 64), r=9, progress=False)
+    with pytest.raises(BudgetError, match=r"no policy reaches a 50\.00x speedup"):
+        calibrate(vit, make_images(8, 64), r=4, budget=Budget(speedup=50.0), threads=1, progress=False)

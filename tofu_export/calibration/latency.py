@@ -1,0 +1,160 @@
+"""The latency of one block per reduce mode, measured on the backend: one-block ONNX graphs timed interleaved.
+
+For a few token counts ``N`` (those the blocks of a uniform-r model receive: first, middle, last), one block of the
+model is exported four times as a static graph ``[1, N, C] -> [1, N - r, C]``: without reduction, and removing
+``r`` tokens with each of prune, mean and MLERP (the same static rewrite the full export uses). The graphs, and
+one of the model without blocks (patch embedding and head), are timed round-robin in one process, in a fresh
+order every round. A block at another token count is interpolated linearly between the measured ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from tofu_export.engines.ort import create_session
+from tofu_export.merge import REDUCE_MODES, max_reduction
+from tofu_export.models.timm_vit import num_tokens, patch, tofu_state
+from tofu_export.profiling.compare import time_round_robin
+from tofu_export.schedule import TokenPlan, plan_tokens
+
+NONE = "none"  # the block without token reduction
+
+
+@dataclass(frozen=True)
+class BlockLatency:
+    """Measured median latencies (ms) of one block at ``tokens[k]`` tokens, per variant, and of the rest."""
+
+    r: int
+    tokens: list[int]  # ascending token counts measured
+    block_ms: dict[str, list[float]]  # "none" | "prune" | "mean" | "mlerp" -> [len(tokens)] median ms
+    spread_ms: dict[str, list[float]]  # interquartile range over rounds ("none": of its ms; a mode: of mode - none)
+    stem_ms: float  # patch embedding, final norm and head (the model with no blocks)
+    rounds: int
+    backend: str
+
+    def block(self, mode: str, n: int) -> float:
+        """ms of a block receiving ``n`` tokens that removes ``r`` with ``mode`` (``"none"``: removes nothing)."""
+        xs, ys = self.tokens, self.block_ms[mode]
+        if len(xs) == 1:
+            return ys[0]
+        k = min(max(int(np.searchsorted(xs, n)) - 1, 0), len(xs) - 2)  # the segment around n (extrapolate at ends)
+        return ys[k] + (ys[k + 1] - ys[k]) * (n - xs[k]) / (xs[k + 1] - xs[k])
+
+    def predict_ms(self, tokens0: int, num_prefix: int, r: Sequence[int], modes: Sequence[str]) -> float:
+        """Predicted latency of a model whose block i removes ``r[i]`` tokens with ``modes[i]``."""
+        plan = plan_tokens(tokens0, num_prefix, r, warn=False)
+        return self.stem_ms + sum(self.block(mode if removed else NONE, n)
+                                  for n, removed, mode in zip(plan.tokens, plan.r, modes, strict=True))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _BlockGraph(nn.Module):
+    """One ToFu block as a graph ``[B, N, C] -> [B, N - r, C]``."""
+
+    def __init__(self, skeleton: VisionTransformer) -> None:
+        super().__init__()
+        self.skeleton = skeleton
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skeleton.blocks[0](x)
+
+
+def _skeleton(model: VisionTransformer, blocks: nn.Module) -> VisionTransformer:
+    """A shallow copy of ``model`` sharing its embedding and head but holding ``blocks``; ``model`` is untouched."""
+    skeleton = copy.copy(model)
+    skeleton._modules = dict(model._modules, blocks=blocks)
+    return skeleton
+
+
+def block_graph(model: VisionTransformer, mode: str, tokens: int, r: int, prop_attn: bool = True) -> bytes:
+    """ONNX bytes of a copy of ``model``'s first block receiving ``tokens`` and removing ``r`` with ``mode``."""
+    skeleton = _skeleton(model, nn.Sequential(copy.deepcopy(model.blocks[0])))
+    removed = 0 if mode == NONE else min(r, max_reduction(tokens, model.num_prefix_tokens))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch(skeleton, r=[removed], mode=["mean" if mode == NONE else mode], prop_attn=prop_attn,
+              img_size=tuple(model.patch_embed.img_size))
+    tofu_state(skeleton).plan = TokenPlan([tokens], [removed], [removed])  # static counts for this token count
+    return _export(_BlockGraph(skeleton), torch.zeros(1, tokens, model.embed_dim))
+
+
+def stem_graph(model: VisionTransformer) -> bytes:
+    """ONNX bytes of ``model`` without its blocks: ``[B, 3, H, W]`` -> pooled output."""
+    return _export(_skeleton(model, nn.Sequential()), torch.zeros(1, 3, *model.patch_embed.img_size))
+
+
+def _export(module: nn.Module, example: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints: the shapes are constant on purpose
+        torch.onnx.export(module.eval(), (example,), buffer, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"], do_constant_folding=True)
+    return buffer.getvalue()
+
+
+def sample_token_counts(tokens0: int, num_prefix: int, r: int, depth: int, points: int = 3) -> list[int]:
+    """Up to ``points`` token counts (ascending) spanning what the blocks of a uniform-``r`` model receive."""
+    plan = plan_tokens(tokens0, num_prefix, [r] * depth, warn=False).tokens
+    picks = {plan[round(k * (depth - 1) / max(points - 1, 1))] for k in range(points)}
+    return sorted(picks)
+
+
+def measure_block_latency(
+    model: VisionTransformer,
+    r: int,
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+    rounds: int = 40,
+    points: int = 3,
+    prop_attn: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> BlockLatency:
+    """Export and time the one-block graphs of the module docstring; ``on_step`` after each export and round."""
+    depth, prefix = len(model.blocks), model.num_prefix_tokens
+    counts = sample_token_counts(num_tokens(model), prefix, r, depth, points)
+    variants = (NONE, *REDUCE_MODES)
+    graphs = {"stem": stem_graph(model)}
+    for n in counts:
+        for mode in variants:
+            graphs[f"{mode}@{n}"] = block_graph(model, mode, n, r, prop_attn)
+            if on_step is not None:
+                on_step()
+    runners = {}
+    for name, graph in graphs.items():
+        session = create_session(graph, threads=threads, spinning=False, provider=provider)
+        feed = {session.get_inputs()[0].name: _random_input(session)}
+        session.run(None, feed)
+        runners[name] = lambda s=session, f=feed: s.run(None, f)
+    samples = time_round_robin(runners, iters=rounds, seed=0, on_round=on_step)
+
+    def median_iqr(values: Sequence[float]) -> tuple[float, float]:
+        q1, mid, q3 = statistics.quantiles(values, n=4)
+        return mid, q3 - q1
+
+    # A mode's block = the plain block + the median over rounds of (mode - plain) in the same round: pairing by
+    # round cancels the load the two shared, which on a busy machine moves both by more than the difference.
+    none = {n: median_iqr(samples[f"{NONE}@{n}"]) for n in counts}
+    block_ms, spread = {NONE: [none[n][0] for n in counts]}, {NONE: [none[n][1] for n in counts]}
+    for mode in REDUCE_MODES:
+        paired = [[a - b for a, b in zip(samples[f"{mode}@{n}"], samples[f"{NONE}@{n}"], strict=True)] for n in counts]
+        block_ms[mode] = [none[n][0] + median_iqr(d)[0] for n, d in zip(counts, paired, strict=True)]
+        spread[mode] = [median_iqr(d)[1] for d in paired]
+    return BlockLatency(r, counts, block_ms, spread, median_iqr(samples["stem"])[0], rounds, f"onnxruntime-{provider}")
+
+
+def _random_input(session: object) -> np.ndarray:
+    shape = [int(d) for d in session.get_inputs()[0].shape]  # static: batch 1
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)

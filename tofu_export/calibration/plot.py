@@ -1,0 +1,60 @@
+"""A PNG of a calibration: per-block damage per mode, the linearity criterion, the latency each mode adds, and
+the chosen mode of every block."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tofu_export.atomic import write_bytes_atomic
+from tofu_export.policy import Policy
+
+_COLORS = {"prune": "tab:red", "mean": "tab:blue", "mlerp": "tab:green"}
+_FLOOR = 1e-7  # damage below this is drawn at the floor of the log axis
+
+
+def plot_policy(policy: Policy, path: str | Path) -> Path:
+    """Write the three-panel figure of ``policy.measurements`` to ``path`` (PNG, atomic); returns the path."""
+    m = policy.measurements
+    blocks = list(range(policy.depth))
+    figure = Figure(figsize=(8, 9), dpi=110, layout="constrained")
+    damage_ax, linear_ax, latency_ax = figure.subplots(3, 1)
+
+    for mode, values in m["damage"].items():
+        damage_ax.plot(blocks, [max(v, _FLOOR) for v in values], marker="o", color=_COLORS.get(mode), label=mode)
+    for i, (mode, removed) in enumerate(zip(policy.modes, policy.r, strict=True)):
+        if removed:
+            damage_ax.scatter([i], [max(m["damage"][mode][i], _FLOOR)], s=160, facecolors="none",
+                              edgecolors="black", linewidths=1.5, zorder=3)
+    damage_ax.set_yscale("log")
+    damage_ax.set(xlabel="block", ylabel="1 - cosine of the output",
+                  title=f"Damage of removing r={m['r']} tokens in one block alone (circled: chosen; "
+                        f"{policy.source.get('images', {}).get('count', '?')} images)")
+    damage_ax.legend(title="mode")
+
+    means = [x["mean"] for x in m["linearity"]]
+    p90 = [x["p90"] for x in m["linearity"]]
+    linear_ax.bar(blocks, means, color="tab:gray", label="mean over matched pairs")
+    linear_ax.plot(blocks, p90, "k_", markersize=14, label="90th percentile")
+    linear_ax.set(xlabel="block", ylabel="non-linearity",
+                  title="Linearity criterion ||f(mid) - mid(f)|| / ||f(y1) - f(y2)|| on the pairs matching reduces")
+    linear_ax.legend()
+
+    lat = m["latency"]
+    for mode in _COLORS:
+        added = [b - a for a, b in zip(lat["block_ms"]["none"], lat["block_ms"][mode], strict=True)]
+        latency_ax.plot(lat["tokens"], added, marker="o", color=_COLORS[mode], label=mode)
+    latency_ax.axhline(0.0, color="black", linewidth=0.8)
+    latency_ax.set(xlabel="tokens entering the block", ylabel="ms vs the same block without reduction",
+                   title=f"Latency a reducing block adds ({lat['backend']}, batch 1, median of {lat['rounds']} rounds)")
+    latency_ax.legend(title="mode")
+
+    chosen = " ".join(f"{mode[:2]}{r}" if r else "-" for mode, r in zip(policy.modes, policy.r, strict=True))
+    figure.suptitle(f"policy: {chosen}\npredicted cosine {m['predicted_cosine']:.5f}, measured "
+                    f"{m['measured_cosine']:.5f}; predicted {m['predicted_speedup']:.2f}x", fontsize=10)
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
