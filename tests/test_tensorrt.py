@@ -131,23 +131,51 @@ def test_load_engine_without_tensorrt(tmp_path: Path, monkeypatch: pytest.Monkey
         load_engine(tmp_path / "any.engine")
 
 
+def _agreement(expected: torch.Tensor, actual: torch.Tensor, tolerance: float) -> tuple[float, float]:
+    """(fraction of images whose every output is within ``tolerance`` of the output scale, lowest per-image
+    cosine): the export's parity gate (``exporters.onnx.Parity``), applied to an engine."""
+    expected, actual = expected.flatten(1).double(), actual.flatten(1).double()
+    scale = max(1.0, float(expected.abs().max()))
+    within = ((actual - expected).abs().amax(dim=1) <= tolerance * scale).double().mean()
+    cosine = torch.nn.functional.cosine_similarity(actual, expected, dim=1).min()
+    return float(within), float(cosine)
+
+
+@pytest.fixture(scope="module")
+def tofu_vit() -> torch.nn.Module:
+    """A small random ViT patched with ToFu on the static path: 17 tokens -> 14 -> 11 -> 8 -> 5 (prune, then MLERP)."""
+    import tofu_export
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=4).eval()
+    return tofu_export.patch(model, r=3, mode="tofu", img_size=64)
+
+
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @needs_tensorrt
-def test_build_and_parity_with_torch(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
-    onnx_path = tmp_path / "vit.onnx"
-    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(onnx_path), dynamo=False, opset_version=16,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize(("opset", "fp16"), [(17, False), (16, False), (17, True)])
+def test_tofu_export_builds_and_matches_pytorch(
+    tmp_path: Path, tofu_vit: torch.nn.Module, exporter: str, opset: int, fp16: bool
+) -> None:
+    """The shipped artifact path: export_onnx (parity-gated on ORT) -> build_engine -> TrtRunner, at batch 1 and 4
+    of one engine, against PyTorch's fp32 output."""
+    from tofu_export.exporters.onnx import export_onnx
+
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    onnx_path = export_onnx(tofu_vit, tmp_path / "tofu.onnx", 64, opset=opset, exporter=exporter).path
     cache = tmp_path / "timing.cache"
-    engine_path = build_engine(onnx_path, tmp_path / "vit.engine", max_batch=4, timing_cache_path=cache)
+    engine_path = build_engine(onnx_path, tmp_path / "tofu.engine", fp16=fp16, max_batch=4, timing_cache_path=cache)
     assert engine_path.stat().st_size > 0 and cache.stat().st_size > 0
     runner = TrtRunner(load_engine(engine_path))
-    images = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(images)
-    actual = runner(images).float().cpu()
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, atol=2e-3, rtol=2e-3)
+    for batch in (1, 4):
+        images = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = tofu_vit(images)
+        actual = runner(images).float().cpu()
+        assert actual.shape == expected.shape
+        within, cosine = _agreement(expected, actual, tolerance=1e-2 if fp16 else 2e-3)
+        # near-tied matches may resolve differently (see Parity): most images agree, every one stays close
+        assert within >= 2 / 3 and cosine >= (0.99 if fp16 else 0.999), (within, cosine)
