@@ -1,0 +1,91 @@
+"""``tofu-export calibrate`` on a tiny random ViT: a policy and its plot are written, bad input exits 2 with a clear
+message and writes nothing. In-process (CliRunner): a subprocess per case would mostly import torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tofu_export.cli.app import app
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+MODEL = ["vit_tiny_patch16_224", "--img-size", "64", "--threads", "1"]  # timm name: random weights, 17 tokens
+
+
+def _invoke(*args: str | Path):
+    return CliRunner().invoke(app, ["calibrate", *map(str, args)], env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def _images(folder: Path, count: int, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (folder / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / str(i % 2) / f"{i}.png")
+    return folder
+
+
+def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
+    data = _images(tmp_path / "data", 10)
+    out = tmp_path / "out" / "policy.json"
+    result = _invoke(MODEL[0], data, *MODEL[1:], "--r", "4", "--images", "8", "-o", out)
+    assert result.exit_code == 0, result.output
+    policy = json.loads(out.read_text())
+    assert len(policy["modes"]) == 12 and policy["source"]["images"]["count"] == 8
+    assert policy["source"]["checkpoint"]["source"] == "vit_tiny_patch16_224"
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "measured" in result.output and "wrote" in result.output
+    runner, env = CliRunner(), {"COLUMNS": "200", "NO_COLOR": "1"}
+    fits = runner.invoke(app, ["schedule", MODEL[0], "--img-size", "64", "--policy", str(out), "--json"], env=env)
+    assert fits.exit_code == 0, fits.output
+    assert json.loads(fits.output)["modes"] == policy["modes"]
+    other = runner.invoke(app, ["schedule", MODEL[0], "--img-size", "96", "--policy", str(out)], env=env)
+    assert other.exit_code == 2
+    assert "input size [96, 96] (policy: [64, 64])" in " ".join(other.output.split())
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "message"),
+    [
+        ("empty", [], "holds no images (it is empty)"),
+        ("text", [], "holds no images (found only ['notes.txt']"),
+        ("few", [], "holds 3 images; calibration needs at least 8"),
+        ("corrupt", [], "is not a readable image"),
+        ("missing", [], "is not a folder"),
+        ("ok", ["--images", "2"], "needs at least 8 images, asked for 2"),
+        ("ok", ["--speedup", "50"], "no policy reaches a 50.00x speedup"),
+        ("ok", ["--min-cosine", "0.9", "--speedup", "1.2"], "give exactly one budget"),
+        ("ok", ["--r", "9"], "r must lie in [1, 8]"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, extra, message) -> None:
+    data = tmp_path / "data"
+    if setup != "missing":
+        data.mkdir()
+    if setup == "text":
+        (data / "notes.txt").write_text("not an image")
+    elif setup == "few":
+        _images(data, 3)
+    elif setup == "corrupt":
+        _images(data, 9)
+        (data / "0" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    elif setup == "ok":
+        _images(data, 10)
+    out = tmp_path / "out" / "policy.json"
+    result = _invoke(MODEL[0], data, *MODEL[1:], "--r", "4", *extra, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_an_existing_file_that_is_not_a_policy_is_left_alone(tmp_path) -> None:
+    data = _images(tmp_path / "data", 10)
+    out = tmp_path / "policy.json"
+    out.write_text("my notes")
+    result = _invoke(MODEL[0], data, *MODEL[1:], "--r", "4", "-o", out)
+    assert result.exit_code == 2 and "is not a tofu-export policy" in result.output
+    assert out.read_text() == "my notes"
