@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tofu_export.cli import check, demo, eval, export, profile, schedule, sweep
+from tofu_export.cli import calibrate, check, demo, eval, export, profile, schedule, sweep
 from tofu_export.cli.errors import guarded
 from tofu_export.cli.groups import uses_groups
 
@@ -39,6 +39,7 @@ COMMANDS = {
     "sweep": sweep.sweep,
     "eval": eval.eval_command,
     "demo": demo.demo,
+    "calibrate": calibrate.calibrate,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(guarded(uses_groups(_command)))
