@@ -4,6 +4,9 @@
     policy = calibrate(model, images, r=16, budget=Budget(min_cosine=0.995), source=source)
     policy.save("policy.json"); plot_policy(policy, "policy.png")
 
+    measured = measure(model, images, r=24)           # measure once, then choose for several budgets
+    policies = [measured.policy(Budget(speedup=s)) for s in (1.2, 1.5)]
+
 Stages (a progress bar on stderr follows them): one unreduced pass keeping every block's input and the linearity
 criterion (``trace``); the damage of reducing in each block alone per mode (``damage``); one-block latencies per
 mode on the backend (``latency``); the Pareto front and the budget's pick (``select``); and a verification that
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from rich.console import Console
@@ -23,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
-from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
+from tofu_export.calibration.latency import BlockLatency, measure_block_latency, sample_token_counts
 from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
 from tofu_export.calibration.trace import Trace, trace
 from tofu_export.errors import Hint, UserError
@@ -67,6 +71,128 @@ def _uniform(mode: str, r: list[int], damage: dict[str, list[float]], ms: float)
     return Candidate((mode,) * len(r), tuple(r), sum(d for d, n in zip(damage[mode], r, strict=True) if n), ms)
 
 
+@dataclass
+class Calibration:
+    """Everything measured on one model and image set; ``policy(budget)`` chooses and verifies a policy."""
+
+    model: VisionTransformer
+    trace: Trace
+    r: int
+    damage: dict[str, list[float]]  # mode -> [depth] single-block damage
+    latency: BlockLatency
+    uniform: dict[str, dict]  # mode -> the anchor policy (mode everywhere at r): predicted and measured
+    front: list[Candidate]  # Pareto front of the compounding-scaled prediction
+    baseline_ms: float  # predicted latency without reduction
+    prop_attn: bool
+    record: dict  # images, tool, backend: the policy's source record (the budget is added per policy)
+
+    def measurements(self) -> dict:
+        linearity = [{"mean": float(x.mean()), "median": float(x.median()),
+                      "p90": float(torch.quantile(x.flatten(), 0.9))} for x in self.trace.linearity]
+        return {
+            "r": self.r,
+            "linearity": linearity,
+            "linearity_definition": "||f((y1+y2)/2) - (f(y1)+f(y2))/2|| / ||f(y1)-f(y2)||, f = the block's MLP "
+                                    "residual y + ls2(mlp(norm2(y))), on the r pairs the block's matching takes "
+                                    "(unreduced model)",
+            "damage": self.damage,
+            "damage_definition": "1 - mean cosine of the pooled output to the unreduced model's when only this "
+                                 "block removes r tokens with this mode",
+            "latency": self.latency.to_dict(),
+            "baseline_ms": self.baseline_ms,
+            "uniform": self.uniform,
+            "prediction": "damage = sum over reducing blocks of single-block damage x the mode's compounding factor "
+                          "(uniform policy measured / summed), x damage_scale after a missed verification",
+            "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in self.front],
+        }
+
+    def policy(self, budget: Budget, progress: bool = False) -> Policy:
+        """The budget's pick from the front, verified on the images (rescaled and re-picked up to
+        ``VERIFY_TRIES`` times while a fidelity floor is missed)."""
+        attempts, scale, chosen = [], 1.0, None
+        with _progress(progress) as bar:
+            task = bar.add_task("verifying the choice", total=VERIFY_TRIES)
+            for _ in range(VERIFY_TRIES):
+                candidate = choose(self.front, budget, self.baseline_ms, scale)
+                measured = verify(self.model, self.trace, candidate, self.prop_attn)
+                bar.advance(task)
+                attempts.append({"modes": list(candidate.modes), "r": list(candidate.r), "damage_scale": scale,
+                                 "predicted_cosine": 1.0 - candidate.damage * scale, "measured_cosine": measured,
+                                 "predicted_ms": candidate.latency_ms})
+                if budget.min_cosine is None or measured >= budget.min_cosine:
+                    chosen = candidate
+                    break
+                scale = max(scale * 1.05, (1.0 - measured) / max(candidate.damage, 1e-12))
+        if chosen is None:
+            best = max(attempts, key=lambda a: a["measured_cosine"])
+            raise BudgetError(
+                f"no verified policy met min_cosine={budget.min_cosine}: the closest measured "
+                f"{best['measured_cosine']:.5f} on these images. Lower the floor or calibrate with a smaller r.",
+                hint=Hint("min_cosine", f"{best['measured_cosine']:.4f}"),
+            )
+        measurements = dict(self.measurements(), predicted_cosine=attempts[-1]["predicted_cosine"],
+                            measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
+                            predicted_speedup=self.baseline_ms / chosen.latency_ms, attempts=attempts)
+        return Policy(chosen.modes, chosen.r, model_record(self.model), dict(self.record, budget=budget.to_dict()),
+                      measurements)
+
+
+def measure(
+    model: VisionTransformer,
+    images: Tensor,
+    *,
+    r: int = 16,
+    provider: str = "cpu",
+    threads: int | None = None,
+    prop_attn: bool = True,
+    source: dict | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Measure ``model`` (a plain timm ViT; a patched one is unpatched first) on ``images [B, 3, H, W]``: every
+    stage of the module docstring but the choice. ``r`` is the tokens a reducing block removes; ``provider`` and
+    ``threads`` choose the ONNX Runtime backend the latencies are measured on; ``source`` describes the images."""
+    from tofu_export import __version__
+
+    if is_patched(model):
+        unpatch(model)
+    model.eval()
+    check_images(model, images)
+    depth, prefix, tokens0 = len(model.blocks), model.num_prefix_tokens, num_tokens(model)
+    if not 0 < r <= max_reduction(tokens0, prefix):
+        limit = max_reduction(tokens0, prefix)
+        raise UserError(f"r must lie in [1, {limit}] for this model ({tokens0} tokens, {prefix} protected), got {r}",
+                        hint=Hint("r", "16" if limit >= 16 else str(limit)))
+    counts = sample_token_counts(tokens0, prefix, r, depth)
+    rounds = 40
+    with torch.no_grad(), _progress(progress) as bar:
+        task = bar.add_task("unreduced pass", total=1)
+        tr = trace(model, images, r)
+        bar.update(task, advance=1, description="damage per block and mode", total=1 + depth * len(REDUCE_MODES))
+        damage = single_block_damage(model, tr, r, prop_attn=prop_attn, on_step=lambda: bar.advance(task))
+        bar.update(task, description="latency per block and mode", completed=0, total=len(counts) * 4 + rounds)
+        latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
+                                        prop_attn=prop_attn, on_step=lambda: bar.advance(task))
+        baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
+        bar.update(task, description="every mode in every block", completed=0, total=len(REDUCE_MODES))
+        # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several
+        # times the sum of its single-block damages), so each mode's single-block damages are scaled by its
+        # anchor's measured / summed damage before they are added up.
+        uniform = {}
+        uniform_r = plan_tokens(tokens0, prefix, [r] * depth, warn=False).r
+        for mode in REDUCE_MODES:
+            ms = latency.predict_ms(tokens0, prefix, uniform_r, [mode] * depth)
+            anchor = _uniform(mode, uniform_r, damage, ms)
+            measured = verify(model, tr, anchor, prop_attn)
+            uniform[mode] = {"r": uniform_r, "predicted_cosine": 1.0 - anchor.damage, "measured_cosine": measured,
+                             "predicted_ms": ms, "compounding": (1.0 - measured) / max(anchor.damage, 1e-12)}
+            bar.advance(task)
+    scaled = {m: [max(d, 0.0) * max(uniform[m]["compounding"], 1.0) for d in values] for m, values in damage.items()}
+    record = {"images": dict(source or {}, count=int(images.shape[0])), "tool": f"tofu-export {__version__}",
+              "backend": latency.backend, "threads": threads, "prop_attn": prop_attn}
+    front = pareto_front(scaled, latency, tokens0, prefix)
+    return Calibration(model, tr, r, damage, latency, uniform, front, baseline_ms, prop_attn, record)
+
+
 def calibrate(
     model: VisionTransformer,
     images: Tensor,
@@ -79,94 +205,8 @@ def calibrate(
     source: dict | None = None,
     progress: bool = True,
 ) -> Policy:
-    """Measure ``model`` (a plain timm ViT; a patched one is unpatched first) on ``images [B, 3, H, W]`` and return
-    the ``Policy`` the ``budget`` (default: ``min_cosine=0.995``) picks; see the module docstring.
-
-    ``r`` is the tokens a reducing block removes; ``provider`` and ``threads`` choose the ONNX Runtime backend the
-    latencies are measured on; ``source`` describes the images for the record. Writes nothing.
-    """
-    from tofu_export import __version__
-
-    budget = budget or Budget(min_cosine=0.995)
-    if is_patched(model):
-        unpatch(model)
-    model.eval()
-    check_images(model, images)
-    depth, prefix, tokens0 = len(model.blocks), model.num_prefix_tokens, num_tokens(model)
-    if not 0 < r <= max_reduction(tokens0, prefix):
-        limit = max_reduction(tokens0, prefix)
-        raise UserError(f"r must lie in [1, {limit}] for this model ({tokens0} tokens, {prefix} protected), got {r}",
-                        hint=Hint("r", "16" if limit >= 16 else str(limit)))
-    counts = sample_token_counts(tokens0, prefix, r, depth)
-    with torch.no_grad(), _progress(progress) as bar:
-        task = bar.add_task("unreduced pass", total=1)
-        tr = trace(model, images, r)
-        bar.update(task, advance=1, description="damage per block and mode", total=1 + depth * len(REDUCE_MODES))
-        damage = single_block_damage(model, tr, r, prop_attn=prop_attn, on_step=lambda: bar.advance(task))
-        rounds = 40
-        bar.update(task, description="latency per block and mode", completed=0, total=len(counts) * 4 + rounds)
-        latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
-                                        prop_attn=prop_attn, on_step=lambda: bar.advance(task))
-        baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
-        bar.update(task, description="verifying", completed=0, total=len(REDUCE_MODES) + VERIFY_TRIES)
-        # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several
-        # times the sum of its single-block damages), so each mode's single-block damages are scaled by its
-        # anchor's measured / summed damage before they are added up.
-        uniform = {}
-        uniform_r = plan_tokens(tokens0, prefix, [r] * depth, warn=False).r
-        for mode in REDUCE_MODES:
-            ms = latency.predict_ms(tokens0, prefix, uniform_r, [mode] * depth)
-            anchor = _uniform(mode, uniform_r, damage, ms)
-            measured = verify(model, tr, anchor, prop_attn)
-            uniform[mode] = {"predicted_cosine": 1.0 - anchor.damage, "measured_cosine": measured,
-                             "predicted_ms": ms, "compounding": (1.0 - measured) / max(anchor.damage, 1e-12)}
-            bar.advance(task)
-        scaled = {m: [max(d, 0.0) * max(uniform[m]["compounding"], 1.0) for d in values]
-                  for m, values in damage.items()}
-        front = pareto_front(scaled, latency, tokens0, prefix)
-        attempts, scale, chosen = [], 1.0, None
-        for _ in range(VERIFY_TRIES):
-            candidate = choose(front, budget, baseline_ms, scale)
-            measured = verify(model, tr, candidate, prop_attn)
-            bar.advance(task)
-            attempts.append({"modes": list(candidate.modes), "r": list(candidate.r), "damage_scale": scale,
-                             "predicted_cosine": 1.0 - candidate.damage * scale, "measured_cosine": measured,
-                             "predicted_ms": candidate.latency_ms})
-            if budget.min_cosine is None or measured >= budget.min_cosine:
-                chosen = candidate
-                break
-            scale = max(scale * 1.05, (1.0 - measured) / max(candidate.damage, 1e-12))
-        if chosen is None:
-            best = max(attempts, key=lambda a: a["measured_cosine"])
-            raise BudgetError(
-                f"no verified policy met min_cosine={budget.min_cosine}: the closest measured "
-                f"{best['measured_cosine']:.5f} on these images. Lower the floor or calibrate with a smaller r.",
-                hint=Hint("min_cosine", f"{best['measured_cosine']:.4f}"),
-            )
-
-    linearity = [{"mean": float(x.mean()), "median": float(x.median()), "p90": float(torch.quantile(x.flatten(), 0.9))}
-                 for x in tr.linearity]
-    final = attempts[-1]
-    measurements = {
-        "r": r,
-        "linearity": linearity,
-        "linearity_definition": "||f((y1+y2)/2) - (f(y1)+f(y2))/2|| / ||f(y1)-f(y2)||, f = the block's MLP residual "
-                                "y + ls2(mlp(norm2(y))), on the r pairs the block's matching takes (unreduced model)",
-        "damage": damage,
-        "damage_definition": "1 - mean cosine of the pooled output to the unreduced model's when only this block "
-                             "removes r tokens with this mode",
-        "latency": latency.to_dict(),
-        "baseline_ms": baseline_ms,
-        "predicted_cosine": final["predicted_cosine"],
-        "measured_cosine": final["measured_cosine"],
-        "predicted_ms": chosen.latency_ms,
-        "predicted_speedup": baseline_ms / chosen.latency_ms,
-        "attempts": attempts,
-        "uniform": uniform,
-        "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in front],
-        "prediction": "damage = sum over reducing blocks of single-block damage x the mode's compounding factor "
-                      "(uniform policy measured / summed), x damage_scale after a missed verification",
-    }
-    record = {"images": dict(source or {}, count=int(images.shape[0])), "tool": f"tofu-export {__version__}",
-              "budget": budget.to_dict(), "backend": latency.backend, "threads": threads, "prop_attn": prop_attn}
-    return Policy(chosen.modes, chosen.r, model_record(model), record, measurements)
+    """``measure`` then ``Calibration.policy``: the verified ``Policy`` the ``budget`` (default:
+    ``min_cosine=0.995``) picks. Writes nothing."""
+    calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
+                          source=source, progress=progress)
+    return calibration.policy(budget or Budget(min_cosine=0.995), progress=progress)
