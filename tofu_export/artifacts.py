@@ -1,10 +1,13 @@
-"""Artifact folders that appear whole or not at all, and the manifest that describes them."""
+"""Artifact folders that appear whole or not at all, never over what tofu-export did not write, and the manifest
+that describes them."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import importlib.metadata
+import json
+import os
 import platform
 import shutil
 import tempfile
@@ -12,43 +15,160 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tofu_export.atomic import write_json_atomic
-from tofu_export.errors import UserError
+from tofu_export.atomic import exchange_folders, locked_folder, rename_noreplace, signals_held, write_json_atomic
+from tofu_export.errors import Hint, UserError
 from tofu_export.hashing import sha256_file
-from tofu_export.manifest import MANIFEST, Manifest
+from tofu_export.manifest import MANIFEST, TOOL, Manifest, ManifestError
 
 _PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt")
 
 
 class ArtifactExistsError(UserError, FileExistsError):
-    """The output folder exists and overwriting was not asked for."""
+    """The output folder exists and replacing it was not asked for (or is not allowed)."""
+
+
+class OutputPathError(UserError):
+    """An output path tofu-export cannot or must not write: a file, a link, a folder it did not write, no access."""
+
+
+FolderState = tuple[int, int, int] | None  # (device, inode, mtime ns) of the output folder; None: nothing there
+_OUT = Hint("out", None, "with a new folder")
+
+
+def is_artifact_folder(folder: Path) -> bool:
+    """True when ``folder`` holds a ``manifest.json`` that tofu-export wrote (its ``tool`` is tofu-export)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("tool") == TOOL
+
+
+def folder_state(path: Path) -> FolderState:
+    """What is at ``path`` now, to notice later whether someone replaced or changed it meanwhile."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns
+
+
+def check_output(out_dir: str | Path, *, force: bool = False) -> FolderState:
+    """Refuse an output folder that cannot be written or must not be replaced, before any work starts.
+
+    ``force`` replaces only a folder that tofu-export wrote (it holds a tofu-export manifest.json); a file, a
+    symbolic link, or any other folder is never replaced. Returns the folder's state now (see ``staged_folder``).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise OutputPathError(f"the output path {out_dir} is a symbolic link (to {os.readlink(out_dir)}); "
+                              "tofu-export writes only at a real path and never replaces a link", hint=_OUT)
+    _check_parent(out_dir)
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise OutputPathError(f"the output path {out_dir} is a file, not an artifact folder; tofu-export never "
+                              "replaces a file", hint=_OUT)
+    if not is_artifact_folder(out_dir):
+        raise ArtifactExistsError(
+            f"{out_dir} already exists and was not written by tofu-export (it holds no tofu-export {MANIFEST}), "
+            "so it is never replaced, even when replacing is asked for", hint=_OUT)
+    if not force:
+        raise ArtifactExistsError(f"{out_dir} already exists (an artifact folder from an earlier export)",
+                                  hint=Hint("force", None, "to replace it, or choose another output folder"))
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{out_dir} is read-only, so its old files cannot be replaced; make it writable "
+                              f"(chmod u+w {out_dir})", hint=_OUT)
+    return folder_state(out_dir)
+
+
+def _check_parent(out_dir: Path) -> None:
+    """The nearest existing folder above ``out_dir`` must be a writable folder."""
+    parent = out_dir.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if parent.is_symlink() and not parent.exists():
+        raise OutputPathError(f"cannot create {out_dir}: {parent} is a broken symbolic link", hint=_OUT)
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create {out_dir}: {parent} is a file, not a folder", hint=_OUT)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot create {out_dir}: no permission to write in {parent} (read-only)", hint=_OUT)
 
 
 @contextlib.contextmanager
-def staged_folder(out_dir: Path, *, force: bool = False, keep_on_error: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+def staged_folder(
+    out_dir: Path, *, force: bool = False, keep_on_error: bool = False, expected: FolderState | bool = True,
+) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``out_dir``; on success it becomes ``out_dir`` in one rename.
 
-    On an exception the staging folder is deleted (nothing half-written is left) unless ``keep_on_error``.
+    ``expected``: the folder state ``check_output`` returned when the job started (True: check now). If the
+    folder changed since (another export finished there meanwhile), nothing is replaced and this export fails.
+    On any exception, SIGINT/SIGTERM included, the staging folder and any parent folder made for it are removed
+    (``keep_on_error`` keeps the staging folder), so nothing half-written is left.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ArtifactExistsError(f"{out_dir} already exists; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the artifact folder is meant to be shared
+    state = check_output(out_dir, force=force) if expected is True else expected
+    made: list[Path] = []
+    staging: Path | None = None
     try:
+        made = _make_parents(out_dir.parent)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; the artifact folder is meant to be shared
         yield staging
+        _publish(staging, out_dir, state)  # type: ignore[arg-type]
     except BaseException:
-        if not keep_on_error:
-            shutil.rmtree(staging, ignore_errors=True)
+        with signals_held():
+            if staging is not None and not keep_on_error:
+                shutil.rmtree(staging, ignore_errors=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(trash / out_dir.name)
-        staging.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, outermost first."""
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return missing[::-1]
+
+
+def _publish(staging: Path, out_dir: Path, state: FolderState) -> None:
+    """Rename ``staging`` to ``out_dir`` if ``out_dir`` is still as it was when checked, under the parent's lock."""
+    changed = ArtifactExistsError(
+        f"{out_dir} was written or changed by someone else (another export?) while this export ran; this "
+        f"export's result was discarded and {out_dir} was left as it is", hint=_OUT)
+    with signals_held(), locked_folder(out_dir.parent):
+        if folder_state(out_dir) != state:
+            raise changed
+        if state is None:
+            try:
+                rename_noreplace(staging, out_dir)
+            except FileExistsError:
+                raise changed from None
+            return
+        exchange_folders(staging, out_dir)  # staging now holds the old artifact
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def cached_artifact(folder: Path, name: str) -> bool:
+    """Whether ``folder/name`` is a reusable artifact: present and matching the sha256 its manifest records.
+
+    False when it is missing or does not match (export it again); a folder whose manifest tofu-export did not
+    write (or cannot read) is an error, since re-exporting would have to replace what tofu-export did not write.
+    """
+    if not folder.exists():
+        return False
+    try:
+        recorded = Manifest.read(folder).file_sha256(name)
+    except ManifestError as error:
+        raise ArtifactExistsError(f"the cached artifact folder {folder} is damaged ({error}); delete it and "
+                                  "rerun to export it again") from error
+    return (folder / name).is_file() and recorded == sha256_file(folder / name)
 
 
 def package_versions() -> dict[str, str | None]:

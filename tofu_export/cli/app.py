@@ -8,7 +8,7 @@ import sys
 import typer
 
 from tofu_export.cli import calibrate, check, demo, eval, export, profile, schedule, sweep
-from tofu_export.cli.errors import guarded
+from tofu_export.cli.errors import guarded, install_signal_handlers
 from tofu_export.cli.groups import uses_groups
 
 app = typer.Typer(
@@ -23,7 +23,7 @@ app = typer.Typer(
         "  tofu-export profile artifacts/model-tofu-r16/model.onnx --batch 1,8\n\n"
         "  tofu-export sweep model.pth --r 0,8,16 --modes tome,tofu --data data/fashion-mnist\n\n"
         "Exit codes: 0 success, 1 a check failed, 2 bad input, 3 ONNX written but no TensorRT engine built here, "
-        "4 internal error. Add --debug anywhere for a traceback."
+        "4 internal error, 130 interrupted. Add --debug anywhere for a traceback."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -55,6 +55,7 @@ def main() -> None:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "export")
     sys.argv[1:] = argv
+    install_signal_handlers()  # SIGTERM / SIGHUP clean up like Ctrl-C
     app()
 
 

@@ -36,11 +36,10 @@ def check(
 
     Example: tofu-export check artifacts/deit-tofu-r16/model.onnx --trt 10 --costs
     """
-    from tofu_export.errors import UserError
     from tofu_export.exporters.trt_check import check_tensorrt_compat
+    from tofu_export.onnx_file import check_onnx_file
 
-    if not model.is_file():
-        raise UserError(f"{model} is not a file")
+    check_onnx_file(model)  # a missing, truncated or non-ONNX file is named here, before the deep checks
     report = check_tensorrt_compat(model, tuple(trt or ("8.5", "10")))
     reduction = None
     if costs:

@@ -2,14 +2,17 @@
 
 - 0 success; 1 a check failed; 2 bad input (the message says what and how to fix it); 3 the ONNX artifact was
   written but no TensorRT engine could be built here; 4 an internal error (a bug: rerun with ``--debug`` and report
-  it); 130 interrupted.
+  it); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; SIGHUP: 129). Staging folders are removed either way.
 - No Python traceback reaches the user unless ``--debug`` is given (or ``TOFU_EXPORT_DEBUG=1``).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,6 +25,47 @@ from tofu_export.errors import Hint, ToFuError
 EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_ENGINE_NOT_BUILT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every ``finally`` and staging cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGHUP into ``Terminated`` (the default action would kill the process mid-write)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is signal.SIG_DFL:
+            signal.signal(getattr(signal, name), _raise_terminated)
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space and rerun",
+    errno.EDQUOT: "the disk quota is exhausted: free space and rerun",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f) or the disk allows",
+    errno.EACCES: "check the permissions of the path, or choose another one",
+    errno.EPERM: "check the permissions of the path, or choose another one",
+    errno.EROFS: "the file system is read-only: choose a path on a writable one",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "the path is a folder where a file is expected: pass the file",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """``[Errno 28] No space left on device: 'x'`` -> ``No space left on device (x): the disk is full: ...``."""
+    where = f" ({error.filename})" if error.filename else ""
+    advice = _OS_ADVICE.get(error.errno or 0, "check the path, its permissions and free disk space")
+    return f"{error.strerror or error}{where}: {advice}."
 
 
 def debug_enabled() -> bool:
@@ -38,7 +82,8 @@ def render(error: ToFuError) -> str:
     """The message, with the hint's flag at the end of its first line (the one line that must say the fix)."""
     first, _, rest = str(error).partition("\n")
     if error.hint is not None:
-        first = f"{first.rstrip()} {render_hint(error.hint)}"
+        first = first.rstrip()
+        first = f"{first if first.endswith(('.', '!', '?', ':')) else first + '.'} {render_hint(error.hint)}"
     return f"{first}\n{rest}" if rest else first
 
 
@@ -66,16 +111,25 @@ def guarded(fn: F) -> F:
                 raise
             _print_error(render(error))
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             if debug_enabled():
                 raise
-            _print_error("interrupted; nothing was left half-written")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            signum = getattr(interrupt, "signum", signal.SIGINT)
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            _print_error(f"{what}; no partial output was left behind")
+            raise typer.Exit(128 + signum) from None
+        except BrokenPipeError:  # stdout closed early (`| head`): not an error of the command
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(128 + signal.SIGPIPE) from None
         except OSError as error:  # the file system said no: a path, a permission, a full disk
             if debug_enabled():
                 raise
-            where = f" ({error.filename})" if error.filename else ""
-            _print_error(f"{error.strerror or error}{where}. Check the path and its permissions, and free disk space.")
+            _print_error(describe_os_error(error))
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except MemoryError:
+            if debug_enabled():
+                raise
+            _print_error("out of memory: use a smaller batch size or a smaller model, or free memory and rerun.")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except Exception as error:
             if debug_enabled():

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import torch
 
 from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
+from tofu_export.onnx_file import check_onnx_file
 from tofu_export.profiling.ort_profile import OrtProfile, parse_ort_profile
 from tofu_export.profiling.timing import time_callable
 
@@ -63,9 +64,15 @@ def create_session(
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    if not isinstance(model, bytes):
+        check_onnx_file(model)  # a missing, truncated or non-ONNX file is named before ONNX Runtime parses it
     source = model if isinstance(model, bytes) else str(model)
     providers = resolve_providers(provider, ort.get_available_providers())
-    return ort.InferenceSession(source, options, providers=providers)
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except Exception as error:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) derive from Exception only
+        what = "the serialized model" if isinstance(model, bytes) else str(model)
+        raise RunnerError(f"ONNX Runtime cannot load {what}: {str(error).splitlines()[0][:300]}") from error
 
 
 def resolve_providers(provider: Provider, available: Sequence[str]) -> list[str]:

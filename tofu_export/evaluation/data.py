@@ -2,12 +2,18 @@
 
 Class indices: when every class folder name is all digits (``0243``, ``7``) the index is that integer
 (the ImageNet / dataset class index, so a 1000-way head is scored against the right logit even when only
-20 classes are present); otherwise it is the folder's position in sorted order (torchvision's rule).
+20 classes are present); otherwise it is the folder's position in sorted order (torchvision's rule). Labels are
+matched by class NAME across splits: ``train/`` and ``test/`` (or ``val/``) must hold the same class folders.
+
+Images that cannot be decoded are refused, not skipped: before a loader is made, every image it will read is
+decoded once (JPEGs at reduced scale), and a folder with broken images is an error naming them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
+from tofu_export.errors import Hint
 from tofu_export.evaluation.errors import EvaluationError
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -57,11 +64,53 @@ def image_folder(root: str | Path, transform: Transform) -> IndexedImageFolder:
 
 
 def split_folders(root: str | Path) -> tuple[Path | None, Path]:
-    """``(train, eval)`` folders: ``train/`` or None, and ``test/`` or ``val/`` (else ``root`` itself)."""
+    """``(train, eval)`` folders: ``train/`` or None, and ``test/`` or ``val/`` (else ``root`` itself).
+
+    With both splits, their class folders must be the same (labels are matched by class name)."""
     root = Path(root)
     train = root / "train"
     eval_dir = next((root / name for name in EVAL_SPLITS if (root / name).is_dir()), root)
-    return (train if train.is_dir() and eval_dir != root else None), eval_dir
+    if not (train.is_dir() and eval_dir != root):
+        return None, eval_dir
+    train_classes, eval_classes = class_names(train), class_names(eval_dir)
+    if train_classes != eval_classes:
+        only = [f"only in {folder.name}/: {', '.join(sorted(names)[:8])}" for folder, names in
+                ((train, train_classes - eval_classes), (eval_dir, eval_classes - train_classes)) if names]
+        raise EvaluationError(
+            f"{train} and {eval_dir} hold different classes ({'; '.join(only)}). Labels are matched by class "
+            "folder name, so both splits need the same class folders: add the missing ones or remove the extra."
+        )
+    return train, eval_dir
+
+
+def class_names(folder: Path) -> set[str]:
+    """The class folder names under ``folder`` (torchvision's rule: every sub-folder is a class)."""
+    return {entry.name for entry in os.scandir(folder) if entry.is_dir()}
+
+
+def _decode_problem(path: str) -> str | None:
+    """Why the image at ``path`` cannot be decoded, or None (a JPEG is decoded at reduced scale: still complete)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+    except Exception as error:  # PIL: UnidentifiedImageError, truncated data, decompression bombs, bad headers
+        return f"{path} ({type(error).__name__}: {str(error)[:120]})"
+    return None
+
+
+def check_images(dataset: Dataset) -> None:
+    """Decode every image of ``dataset`` (an ``ImageFolder`` or a ``Subset`` of one) once; refuse broken ones."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    paths = [path for path, _ in base.samples] if indices is None else [base.samples[i][0] for i in indices]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        problems = [problem for problem in pool.map(_decode_problem, paths) if problem]
+    if problems:
+        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise EvaluationError(
+            f"{len(problems)} of {len(paths)} images cannot be decoded: {listed}. Remove or replace them "
+            "(broken images are refused, not skipped, so that every score counts the same images)."
+        )
 
 
 def model_data_config(model: torch.nn.Module) -> dict[str, Any]:
@@ -98,10 +147,10 @@ def artifact_transform(
 def subsample(dataset: Dataset, limit: int | None) -> Dataset:
     """At most ``limit`` items, evenly strided over the (class-sorted) dataset so classes stay balanced."""
     size = len(dataset)  # type: ignore[arg-type]
+    if limit is not None and limit <= 0:
+        raise EvaluationError(f"limit must be a positive number of images, got {limit}.", hint=Hint("limit", "100"))
     if limit is None or limit >= size:
         return dataset
-    if limit <= 0:
-        raise EvaluationError(f"limit must be a positive number of images, got {limit}.")
     return Subset(dataset, [i * size // limit for i in range(limit)])
 
 
@@ -115,4 +164,5 @@ def make_loader(
 ) -> DataLoader:
     """Ordered (unshuffled) batches ``([B, 3, H, W] float32, [B] int64)`` of the ImageFolder at ``root``."""
     dataset = subsample(image_folder(root, transform), limit)
+    check_images(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

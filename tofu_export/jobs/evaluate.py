@@ -45,6 +45,8 @@ def evaluate_model(
         raise EvaluationError(f"{data} is not a folder of images (ImageFolder layout, or train/ and test/)")
     if batch_size < 1:
         raise EvaluationError(f"the batch size must be at least 1, got {batch_size}", hint=Hint("batch_size", "32"))
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"the image limit must be at least 1, got {limit}", hint=Hint("limit", "100"))
     if model.suffix in ARTIFACT_SUFFIXES:
         if reference is None:
             raise EvaluationError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tofu_export.errors import UserError
 
-class ProfilerError(ValueError):
+
+class ProfilerError(UserError, ValueError):
     """Invalid profiler input: bad arguments, too few samples, or a malformed profile."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tofu_export import __version__
+from tofu_export.artifacts import cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.config import ExportConfig, ToFuConfig
 from tofu_export.engines.ort import OrtRunner
@@ -100,7 +101,7 @@ def run_sweep_job(
 
     def export_fn(point: SweepPoint) -> Path:
         folder = out / "artifacts" / point_key(point, config_key)[:16]
-        if not (folder / ONNX_NAME).exists():
+        if not cached_artifact(folder, ONNX_NAME):  # missing, or not the file its manifest records: export again
             mode = modes[0] if point.mode == BASELINE else point.mode  # r = 0: the same graph in every mode
             tofu = dataclasses.replace(template, r=point.r, mode=mode)
             run_export(checkpoint, folder, ExportConfig(tofu=tofu, arch=arch, trust_pickle=trust_pickle, force=True))

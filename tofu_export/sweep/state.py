@@ -16,11 +16,12 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tofu_export.atomic import write_json_atomic
+from tofu_export.errors import UserError
 
 STATE_VERSION = 1
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """A sweep point failed, or the sweep state file cannot be used."""
 
 
