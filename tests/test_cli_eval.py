@@ -36,14 +36,38 @@ def _invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def _top1_by_hand(model: torch.nn.Module, data: Path) -> float:
+    """Top-1 in % of ``model`` on the ImageFolder ``data``, computed without the evaluation package's loops."""
+    from tofu_export.evaluation import image_folder, model_transform
+
+    dataset = image_folder(data, model_transform(model))
+    with torch.no_grad():
+        hits = [int(model(image.unsqueeze(0)).argmax()) == label for image, label in dataset]
+    return 100.0 * sum(hits) / len(hits)
+
+
 def test_eval_of_a_checkpoint_scores_reference_and_candidate(files: dict[str, Path]) -> None:
-    code, output = _invoke("eval", str(files["checkpoint"]), str(files["data"]), "--r", "2", "--json")
+    """The reported top-1 of both models is what they really score on these images, and r=0 changes nothing."""
+    import copy
+
+    from tofu_export import patch
+    from tofu_export.models.loading import load_model
+
+    code, output = _invoke("eval", str(files["checkpoint"]), str(files["data"]), "--r", "2", "--mode", "tome",
+                           "--json")
     assert code == 0, output
     report = json.loads(output[output.index("{"):])
     assert report["task"] == "classification" and report["n_eval"] == 6
-    for key in ("reference_top1", "candidate_top1", "reference_top5", "candidate_top5"):
-        assert 0.0 <= report["metrics"][key] <= 100.0
-    assert report["metrics"]["candidate_top5"] == 100.0  # 3 classes: the top 5 always holds the label
+    reference = load_model(files["checkpoint"]).model
+    candidate = patch(copy.deepcopy(reference), r=2, mode="tome")
+    assert report["metrics"]["reference_top1"] == pytest.approx(_top1_by_hand(reference, files["data"]))
+    assert report["metrics"]["candidate_top1"] == pytest.approx(_top1_by_hand(candidate, files["data"]))
+
+    code, output = _invoke("eval", str(files["checkpoint"]), str(files["data"]), "--r", "0", "--json")
+    assert code == 0, output
+    metrics = json.loads(output[output.index("{"):])["metrics"]
+    assert metrics["candidate_top1"] == metrics["reference_top1"]
+    assert metrics["candidate_top5"] == metrics["reference_top5"]
 
 
 def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tofu_export.errors import UserError
+from tofu_export.errors import Hint, UserError
 
 __all__ = ["CheckpointError", "load_state_dict"]
 
@@ -29,6 +29,7 @@ _KEY_PREFIXES = ("module.", "_orig_mod.")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
 _MAX_LISTED_KEYS = 5
+_FINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class CheckpointError(UserError):
@@ -51,7 +52,9 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
         raw: Any = _load_safetensors(path)
     else:
         raw = _torch_load(path, trust_pickle=trust_pickle)
-    return _strip_key_prefixes(_tensor_entries(_unwrap(raw), path))
+    tensors = _strip_key_prefixes(_tensor_entries(_unwrap(raw), path))
+    _check_values(tensors, path)
+    return tensors
 
 
 def _check_is_readable_file(path: Path) -> None:
@@ -116,9 +119,9 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
         if not trust_pickle and unsafe_global:
             raise CheckpointError(
                 f"{path} contains Python objects beyond tensors (it references {unsafe_global.group(1)}), "
-                "and loading it could execute arbitrary code, so it was not loaded. If you trust where the "
-                "file came from, rerun with --trust-pickle (CLI) or trust_pickle=True (API); safer, re-save "
-                "it once as plain weights with torch.save(model.state_dict(), ...) or as .safetensors."
+                "and loading it could execute arbitrary code, so it was not loaded. Safer: re-save it once as "
+                "plain weights with torch.save(model.state_dict(), ...) or as .safetensors.",
+                hint=Hint("trust_pickle", None, "only if you trust where the file came from"),
             ) from err
         raise _corrupt_file_error(path, err) from err
     except Exception as err:  # torch.load surfaces corruption as RuntimeError, EOFError, zip or import errors
@@ -164,6 +167,33 @@ def _tensor_entries(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             "torch.save(model.state_dict(), ...)."
         )
     return tensors
+
+
+def _value_problem(tensor: torch.Tensor) -> str | None:
+    """Why a tensor cannot be real model weights (non-strided, complex, quantized, NaN/Inf), or None."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_complex():
+        kind = "complex" if tensor.is_complex() else "quantized" if tensor.is_quantized else str(tensor.layout)
+        return f"is {kind} ({tensor.dtype}), not a real-valued dense tensor"
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    finite = torch.isfinite(tensor if tensor.dtype in _FINITE_DTYPES else tensor.float())
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(tensor.float()).sum())
+    counts = [f"{count} {what}" for count, what in ((nan, "NaN"), (int((~finite).sum()) - nan, "infinite")) if count]
+    return f"holds {' and '.join(counts)} value(s)"
+
+
+def _check_values(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights no model should have (NaN / Inf, complex or quantized values), naming the tensors."""
+    problems = [f"{name} {problem}" for name, tensor in tensors.items() if (problem := _value_problem(tensor))]
+    if problems:
+        more = f" (and {len(problems) - _MAX_LISTED_KEYS} more tensors)" if len(problems) > _MAX_LISTED_KEYS else ""
+        raise CheckpointError(
+            f"{path} holds weights that cannot be exported: {'; '.join(problems[:_MAX_LISTED_KEYS])}{more}. The "
+            "file is corrupt, or was saved from a diverged or quantized run: use a clean float checkpoint (an "
+            "earlier epoch, or the original download)."
+        )
 
 
 def _strip_key_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ from pathlib import Path
 from torch import nn
 
 from tofu_export.checkpoint import CheckpointError, load_state_dict
-from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
 from tofu_export.models.timm_vit_arch import ArchGuess
 from tofu_export.models.timm_vit_build import build_model
@@ -49,8 +48,8 @@ def load_model(
     name = str(source)
     if not timm.is_model(name):
         raise CheckpointError(
-            f"{name} is neither a file nor a timm model name",
-            hint=Hint("source", None, "a checkpoint path, or a name such as deit_small_patch16_224"),
+            f"{name} is neither a file nor a timm model name: pass a checkpoint path, or a timm name such as "
+            "deit_small_patch16_224"
         )
     kwargs = {} if img_size is None else {"img_size": img_size}
     model = timm.create_model(name, pretrained=False, **kwargs).eval()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tofu_export.checkpoint import CheckpointError
+from tofu_export.errors import Hint
 from tofu_export.models.timm_vit_arch import ArchGuess, infer_arch
 
 __all__ = ["build_model"]
@@ -55,7 +56,7 @@ def build_model(
     else:
         _require_known_timm_name(arch, timm)
         name, kwargs = arch, {"num_classes": guess.kwargs["num_classes"], "img_size": target_img_size}
-        reason = f"--arch {arch} given; the checkpoint looks like: {guess.reason}"
+        reason = f"architecture {arch} given; the checkpoint looks like: {guess.reason}"
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except Exception as err:  # timm asserts on incompatible kwarg combinations
@@ -77,7 +78,7 @@ def _require_known_timm_name(arch: str, timm: Any) -> None:
         return
     close = difflib.get_close_matches(arch, timm.list_models(["*vit*", "*deit*"]), n=5, cutoff=0.5)
     hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models('*vit*') for names."
-    raise CheckpointError(f"Unknown timm model name {arch!r} for --arch.{hint}")
+    raise CheckpointError(f"Unknown timm model name {arch!r}.{hint}", hint=Hint("arch", None, "with a timm name"))
 
 
 def _fit_pos_embed(
@@ -130,20 +131,15 @@ def _check_keys_and_shapes(
         f"{len(unexpected)} unexpected key(s)"
     )
     if arch_given:
-        advice = (
-            f"Try --arch {guess.name} (API: arch={guess.name!r}), or leave --arch out to build it with the "
-            "inferred settings."
-        )
+        hint = Hint("arch", guess.name, "or leave the architecture out to build the inferred one")
     else:
-        advice = (
-            "Pass the exact timm model name with --arch; the checkpoint may use blocks that a plain "
-            "VisionTransformer lacks."
-        )
+        hint = Hint("arch", None, "with the exact timm model name: the checkpoint may use blocks that a plain "
+                    "VisionTransformer lacks")
     listed = "\n".join(f"  - {p}" for p in problems[:_MAX_LISTED_KEYS])
     more = f"\n  ... and {len(problems) - _MAX_LISTED_KEYS} more" if len(problems) > _MAX_LISTED_KEYS else ""
     raise CheckpointError(
         f"The checkpoint does not fit {type(model).__name__} as built ({counts}). The checkpoint looks like: "
-        f"{guess.reason}. {advice}\n{listed}{more}"
+        f"{guess.reason}.\n{listed}{more}", hint=hint,
     )
 
 
