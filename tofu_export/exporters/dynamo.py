@@ -3,8 +3,10 @@
 What this module adds to torch's own exporter, so that its graph is the one ``tofu_export`` ships:
 
 - custom translations (onnxscript): the row gather ``tofu_export::gather_rows`` becomes one ``GatherND`` (as the
-  TorchScript path's ``_GatherRows.symbolic`` emits), and below opset 17 ``layer_norm`` is decomposed (TensorRT 8.5
-  has no ``LayerNormalization`` importer);
+  TorchScript path's ``_GatherRows.symbolic`` emits); attention transposes K with a static permutation (torch's
+  translation reshapes K to 3-D and back: two more nodes per block); ``unbind`` (q, k, v out of the qkv
+  projection) is one ``Gather`` per part rather than a ``Slice`` and a ``Squeeze``; below opset 17 ``layer_norm``
+  is decomposed (TensorRT 8.5 has no ``LayerNormalization`` importer);
 - torch's exporter works at opset 18: the optimised graph is converted down to the requested opset;
 - node names in the TorchScript style, from the module scopes torch records (``/blocks/blocks.3/reduce/GatherND``),
   so that profiles attribute time to blocks and to the token reduction.
@@ -34,6 +36,45 @@ def _gather_rows_onnx(x: Value, pairs: Value) -> Value:
     return op.GatherND(x, pairs)
 
 
+def _attention(
+    query: Value,
+    key: Value,
+    value: Value,
+    attn_mask: Value | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Value:
+    """``aten.scaled_dot_product_attention`` on ``[B, H, N, D]`` inputs with no mask or an additive float mask
+    (proportional attention's ``log(size)``), in torch's own numerics (q and k each scaled by sqrt(scale));
+    anything else goes to torch's translation."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+
+    head_dim = query.shape[-1] if query.shape is not None and len(query.shape) == 4 else None
+    boolean_mask = attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL
+    if is_causal or enable_gqa or dropout_p or boolean_mask or not isinstance(head_dim, int):
+        return aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    root_scale = op.CastLike(op.Constant(value_float=(head_dim**-0.5 if scale is None else scale) ** 0.5), query)
+    logits = op.MatMul(op.Mul(query, root_scale), op.Mul(op.Transpose(key, perm=[0, 1, 3, 2]), root_scale))
+    if attn_mask is not None:
+        logits = op.Add(logits, attn_mask)
+    return op.MatMul(op.Softmax(logits, axis=-1), value)
+
+
+def _unbind(x: Value, dim: int = 0) -> list[Value]:
+    """``aten.unbind`` along a static axis: one ``Gather`` of a scalar index per part, which drops the axis (torch's
+    translation writes a ``Slice`` and a ``Squeeze`` per part; ``Split`` has no opset-17 adapter)."""
+    from onnxscript import opset18 as op
+
+    parts = x.shape[dim] if x.shape is not None else None
+    if not isinstance(parts, int):
+        return op.SplitToSequence(x, axis=dim, keepdims=False)
+    return [op.Gather(x, op.Constant(value_int=i), axis=dim) for i in range(parts)]
+
+
 def _layer_norm_decomposed(
     x: Value,
     normalized_shape: Sequence[int],
@@ -61,7 +102,11 @@ def translation_table(opset: int) -> dict:
     """Custom onnxscript translations for an export at ``opset``."""
     import tofu_export.merge  # noqa: F401  (registers tofu_export::gather_rows)
 
-    table: dict = {torch.ops.tofu_export.gather_rows.default: _gather_rows_onnx}
+    table: dict = {
+        torch.ops.tofu_export.gather_rows.default: _gather_rows_onnx,
+        torch.ops.aten.scaled_dot_product_attention.default: _attention,
+        torch.ops.aten.unbind.int: _unbind,
+    }
     if opset < 17:
         table[torch.ops.aten.layer_norm.default] = _layer_norm_decomposed
     return table
