@@ -20,6 +20,9 @@ def sweep(
         int | None, typer.Option("--prune-layers", help="tofu points: leading blocks that prune instead of merging.")
     ] = None,
     prop_attn: Annotated[bool, typer.Option("--prop-attn/--no-prop-attn", help="Proportional attention.")] = True,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Add a point for this calibrated policy.json (mode 'policy').")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda (ONNX Runtime's CUDA provider).")] = "cpu",
     data: Annotated[Path | None, typer.Option(help="Image folder to score each point on (see `eval`).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate at most this many images.")] = None,
@@ -43,6 +46,7 @@ def sweep(
     Example: tofu-export sweep model.pth --r 0,8,16 --modes tome,tofu --data data/fashion-mnist --limit 500
     """
     from tofu_export.config import ToFuConfig
+    from tofu_export.policy import Policy
     from tofu_export.sweep.job import run_sweep_job
 
     runtime.check()
@@ -51,6 +55,7 @@ def sweep(
         device=device, data=data, limit=limit, iters=iters, threads=runtime.threads,
         spinning=runtime.spin, interleave=interleave, arch=model.arch, trust_pickle=model.trust_pickle,
         template=ToFuConfig(prune_layers=prune_layers, prop_attn=prop_attn),
+        policy=None if policy is None else Policy.load(policy),
     )
     for path in paths:
         typer.echo(str(path))

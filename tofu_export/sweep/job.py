@@ -6,6 +6,7 @@ The r = 0 graph does not depend on the mode, so it is one point, ``baseline``: e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,10 @@ from tofu_export.config import ExportConfig, ToFuConfig
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
+from tofu_export.manifest import Manifest
 from tofu_export.models.loading import load_model
 from tofu_export.pipeline import ONNX_NAME, run_export
+from tofu_export.policy import Policy
 from tofu_export.profiling.compare import interleaved_latency_ms
 from tofu_export.profiling.errors import ProfilerError
 from tofu_export.profiling.profiler import profile
@@ -29,6 +32,7 @@ from tofu_export.reports.sweep import sweep_markdown, sweep_row
 from tofu_export.sweep.state import SweepPoint, point_key, progress_bar, run_sweep
 
 STATE = "sweep_state.json"
+POLICY = "policy"  # the mode name of a calibrated policy's point
 
 
 def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:
@@ -84,10 +88,12 @@ def run_sweep_job(
     arch: str | None,
     trust_pickle: bool,
     template: ToFuConfig | None = None,
+    policy: Policy | None = None,
 ) -> list[Path]:
     """Run (or resume) the sweep in ``out``; returns the report files written. Every point is an exported ONNX
     graph timed on ONNX Runtime (CPU, or its CUDA provider); ``template`` carries the settings shared by all
-    points (prune split, proportional attention)."""
+    points (prune split, proportional attention); a calibrated ``policy`` adds one point, mode ``policy``, at its
+    mean r."""
     if device not in ("cpu", "cuda"):
         raise ProfilerError(f"a sweep runs on ONNX Runtime's cpu or cuda provider, not {device!r}",
                             hint=Hint("device", "cpu"))
@@ -96,27 +102,34 @@ def run_sweep_job(
     digest = sha256_file(checkpoint)
     template = template or ToFuConfig()
     settings = f"prune_layers={template.prune_layers}:prop_attn={template.prop_attn}"
+    if policy is not None:  # a different policy file is a different graph
+        settings += ":policy=" + hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()
     config_key = f"{digest}:{arch}:{settings}:tofu-export {__version__}"  # a new release re-exports
     points = sweep_points(modes, r_values)
+    if policy is not None:
+        points.append(SweepPoint(POLICY, round(sum(policy.r) / len(policy.r))))
 
     def export_fn(point: SweepPoint) -> Path:
         folder = out / "artifacts" / point_key(point, config_key)[:16]
         if not cached_artifact(folder, ONNX_NAME):  # missing, or not the file its manifest records: export again
-            mode = modes[0] if point.mode == BASELINE else point.mode  # r = 0: the same graph in every mode
-            tofu = dataclasses.replace(template, r=point.r, mode=mode)
+            if point.mode == POLICY:
+                tofu = dataclasses.replace(template, policy=policy)
+            else:
+                mode = modes[0] if point.mode == BASELINE else point.mode  # r = 0: the same graph in every mode
+                tofu = dataclasses.replace(template, r=point.r, mode=mode)
             run_export(checkpoint, folder, ExportConfig(tofu=tofu, arch=arch, trust_pickle=trust_pickle, force=True))
         return folder / ONNX_NAME
 
     interleave = interleave and device == "cpu"
 
     def profile_fn(onnx_path: Path) -> dict[str, Any]:
-        manifest = json.loads((onnx_path.parent / "manifest.json").read_text())
+        gflops = Manifest.read(onnx_path.parent).gflops["tofu"]
         if interleave:  # timed together with every other point once all are exported
-            return {"gflops": manifest["gflops"]["tofu"]}
+            return {"gflops": gflops}
         provider = "cuda" if device == "cuda" else "cpu"
         runner = OrtRunner(onnx_path, threads=threads, provider=provider, spinning=spinning)
         result = profile(runner, batch_sizes=[1], warmup=5, iters=iters).batches[0].latency.to_dict()
-        return {**result, "gflops": manifest["gflops"]["tofu"]}
+        return {**result, "gflops": gflops}
 
     eval_fn = None
     if data is not None:

@@ -27,7 +27,7 @@ class SweepError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One variant to build: token-reduction ``mode`` (e.g. "tofu", "tome", "none") and rate ``r``."""
+    """One variant to build: token-reduction ``mode`` ("tofu", "tome", ..., "baseline", "policy") and rate ``r``."""
 
     mode: str
     r: int
