@@ -103,13 +103,13 @@ class ToFuConfig:
 class OnnxConfig:
     """How the ONNX graph is produced and verified."""
 
-    opset: int = 17
+    opset: int | None = None  # None: the newest the TensorRT targets parse (trt_targets.export_opset: 17, 16 for 8.5)
     simplify: bool = True
     tolerance: float = 1e-4  # max |ONNX - PyTorch|, relative to the output scale
     exporter: Exporter = "torchscript"
 
     def __post_init__(self) -> None:
-        if not 13 <= self.opset <= 21:
+        if self.opset is not None and not 13 <= self.opset <= 21:
             raise UserError(f"ONNX opset {self.opset} is outside the supported range 13-21",
                             hint=Hint("opset", "17", "16 for TensorRT 8.5 / JetPack 5"))
         if not self.tolerance > 0:
@@ -129,7 +129,7 @@ class TrtConfig:
     opt_batch: int = 1
     max_batch: int = 8
     workspace_gib: float = 2.0
-    targets: tuple[str, ...] = ("8.5", "10")  # TensorRT releases the graph is checked against
+    targets: tuple[str, ...] = ("10",)  # TensorRT releases the export is for (the check covers every known one)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:

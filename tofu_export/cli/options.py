@@ -113,7 +113,10 @@ class ToFuOptions:
 
 @option_group("ONNX")
 class OnnxOptions:
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (16 decomposes LayerNorm for TensorRT 8.5).")] = 17
+    opset: Annotated[
+        int | None,
+        typer.Option("--opset", help="ONNX opset [default: 17, or 16 (LayerNorm decomposed) with --trt 8.5]."),
+    ] = None
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxsim.")] = True
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Max |ONNX - PyTorch| allowed, relative to the output scale.")
@@ -135,12 +138,21 @@ class TrtOptions:
     opt_batch: Annotated[int, typer.Option("--opt-batch", help="Engine profile: batch to tune for.")] = 1
     max_batch: Annotated[int, typer.Option("--max-batch", help="Engine profile: largest batch.")] = 8
     workspace_gib: Annotated[float, typer.Option("--workspace-gib", help="Builder workspace (GiB).")] = 2.0
+    trt: Annotated[
+        list[str] | None,
+        typer.Option("--trt", help="TensorRT release(s) the artifact must build on: 10 (JetPack 6) [default], 8.5 "
+                     "(JetPack 5), or both; the opset follows."),
+    ] = None
+    jetpack: Annotated[
+        list[str] | None, typer.Option("--jetpack", help="The same by JetPack release: 6 (TensorRT 10), 5 (8.5).")
+    ] = None
 
     def build(self) -> Any:
         from tofu_export.config import TrtConfig
+        from tofu_export.trt_targets import resolve_targets
 
         return TrtConfig(fp16=self.fp16, min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch,
-                         workspace_gib=self.workspace_gib)
+                         workspace_gib=self.workspace_gib, targets=resolve_targets(self.trt or (), self.jetpack or ()))
 
 
 @option_group("Runtime")
