@@ -32,6 +32,7 @@ import pytest
 import timm
 import torch
 from onnx import TensorProto, helper
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -184,6 +185,12 @@ def files(work: Path) -> dict[str, Path]:
     torch.save({"model": state_dict, "hook": python_touch}, paths["code_exec.pth"])
     torch.save(timm.create_model("resnet18", pretrained=False, num_classes=10).state_dict(), paths["resnet.pth"])
     _scatter_add_onnx(paths["scatter_add.onnx"])
+    paths["images"] = work / "inputs" / "images"
+    for index in range(6):  # the quick look's images: noise, in class folders
+        folder = paths["images"] / f"{index % 2:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(index).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
     return paths
 
 
@@ -205,11 +212,13 @@ def first(work: Path, files: dict[str, Path]) -> dict[str, Run]:
     commands: dict[str, Sequence[str | Path]] = {  # longest first, so the pool does not end on a long one
         "sweep": [*CLI, "sweep", files["model.pth"], "--r", f"0,{R}", "--modes", "tome,tofu", "--iters", "3",
                   "-o", work / "sweep"],
-        "ort_json": export("model.pth", "ort_json", "--target", "ort", "--json"),
-        "model_key": export("model_key.pth", "model_key"),
-        "ddp_state_dict": export("ddp_state_dict.pt", "ddp_state_dict"),
-        "safetensors": export("model.safetensors", "safetensors"),
-        "force": export("model.pth", "force", "--force"),
+        "ort_json": export("model.pth", "ort_json", "--target", "ort", "--json", "--data", files["images"]),
+        "summary": export("model.pth", "summary"),
+        "jetpack5": export("model.pth", "jetpack5", "--jetpack", "5", "--no-bench"),
+        "model_key": export("model_key.pth", "model_key", "--no-bench"),
+        "ddp_state_dict": export("ddp_state_dict.pt", "ddp_state_dict", "--no-bench"),
+        "safetensors": export("model.safetensors", "safetensors", "--no-bench"),
+        "force": export("model.pth", "force", "--force", "--no-bench"),
         # the headline form, without the word `export`, writing to its default folder artifacts/model-tofu-r2
         **({} if HAS_TENSORRT else {
             "headline_trt": [*CLI, files["model.pth"].relative_to(work), "--r", str(R), "--target", "trt"]}),
@@ -352,7 +361,7 @@ def test_headline_trt_without_tensorrt_keeps_onnx_and_prints_trtexec(work: Path,
     assert f"--onnx={out / 'model.onnx'} " in trtexec[0]
     assert f"--saveEngine={out / 'model.engine'} " in trtexec[0]
     folder = work / out
-    assert sorted(path.name for path in folder.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(path.name for path in folder.iterdir()) == ["manifest.json", "model.onnx", "report.md", "report.png"]
     tensorrt = json.loads((folder / "manifest.json").read_text())["tensorrt"]
     assert tensorrt["file"] is None
     assert tensorrt["trtexec"] == trtexec[0]
@@ -364,10 +373,93 @@ def test_target_ort_writes_an_optimised_model_and_its_latency(work: Path, first:
     assert (out / "model.ort.onnx").is_file()
     ort = json.loads((out / "manifest.json").read_text())["ort"]
     assert ort["file"] == "model.ort.onnx"
-    assert ort["quick_latency_ms"]["p50"] > 0
     images = _images(1)
     np.testing.assert_allclose(_ort_logits(out / "model.ort.onnx", images), _ort_logits(out / "model.onnx", images),
                                atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1b. the quick look (baseline vs ToFu), report.md and the TensorRT targets
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_json_carries_the_quick_look(work: Path, first: dict[str, Run]) -> None:
+    printed = json.loads(first["ort_json"].stdout)
+    quick = printed["quick_look"]
+    assert quick == json.loads((_out(work, "ort_json") / "manifest.json").read_text())["quick_look"]
+    assert quick["label"] == "quick look on this machine, not a benchmark"
+    latency = quick["latency"]
+    assert latency["speedup"] == pytest.approx(latency["baseline"]["p50_ms"] / latency["tofu"]["p50_ms"])
+    assert latency["baseline"]["rounds"] == latency["tofu"]["rounds"] >= 7
+    assert quick["gflops"] == {"baseline": printed["gflops"]["original"], "tofu": printed["gflops"]["tofu"]}
+    fidelity = quick["fidelity"]
+    assert fidelity["images"] == 6
+    assert fidelity["cosine_min"] <= fidelity["cosine_mean"] <= 1.0
+    assert 0.0 <= fidelity["top1_agreement"] <= 1.0  # deit_tiny has a 1000-class head
+
+
+def test_summary_shows_baseline_and_tofu_side_by_side(work: Path, first: dict[str, Run]) -> None:
+    run = first["summary"]
+    assert run.returncode == 0, run
+    manifest = json.loads((_out(work, "summary") / "manifest.json").read_text())
+    latency = manifest["quick_look"]["latency"]
+    assert "quick look on this machine, not a benchmark" in run.stdout
+    assert f"{latency['baseline']['p50_ms']:.1f} ms" in run.stdout
+    assert f"{latency['tofu']['p50_ms']:.1f} ms" in run.stdout
+    assert f"{latency['speedup']:.2f}x" in run.stdout
+    assert "builds on TensorRT 10 (JetPack 6) (opset 17)" in run.stdout
+    assert "FAIL" not in run.stdout
+    assert "note: for TensorRT 8.5 (JetPack 5), export with --trt 8.5 (or --jetpack 5)" in run.stdout
+    assert "pass --data DIR" in run.stdout  # no images were given
+    assert manifest["tensorrt_check"]["build_for"] == ["10"]
+
+
+def test_report_names_the_files_the_verdicts_and_the_figures(work: Path, first: dict[str, Run]) -> None:
+    folder = _out(work, "summary")
+    report = (folder / "report.md").read_text()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in [entry["name"] for entry in manifest["files"]] + ["manifest.json"]:
+        assert f"- `{name}`" in report
+    assert "| TensorRT 10 (JetPack 6) | yes | yes |" in report
+    assert "| TensorRT 8.5 (JetPack 5) | no: LayerNormalization" in report
+    assert f"--trt 8.5 -o {folder}-trt8.5" in report
+    assert f"{manifest['quick_look']['latency']['speedup']:.2f}x" in report
+    assert manifest["command"] in report
+    with Image.open(folder / "report.png") as plot:
+        assert plot.format == "PNG" and plot.width > 600
+
+
+def test_jetpack5_exports_opset16_and_no_bench_skips_the_quick_look(work: Path, first: dict[str, Run]) -> None:
+    run = first["jetpack5"]
+    assert run.returncode == 0, run
+    folder = _out(work, "jetpack5")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["onnx"]["opset"] == 16
+    assert manifest["tensorrt_check"]["per_target"] == {"8.5": True, "10": True}
+    assert manifest["tensorrt_check"]["build_for"] == ["8.5"]
+    assert "quick_look" not in manifest
+    assert "quick look" not in run.stdout and "note:" not in run.stdout
+    assert "builds on TensorRT 8.5 (JetPack 5), TensorRT 10 (JetPack 6) (opset 16)" in run.stdout
+    assert "Not run for this export" in (folder / "report.md").read_text()
+
+
+def test_demo_compares_outputs_on_foolbox_images(
+    tmp_path: Path, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process, on the tiny checkpoint instead of DINOv2 (the real demo takes about a minute)."""
+    from tofu_export.jobs import demo
+
+    if demo.demo_images().data is None:
+        pytest.skip("foolbox (the `data` extra) is not installed")
+    monkeypatch.setattr(demo, "default_checkpoint", lambda: (files["model.pth"], "the test's tiny deit"))
+    result = CliRunner().invoke(app, ["demo", "--r", str(R), "--out", str(tmp_path / "demo"), "--json"],
+                                env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    quick = json.loads(result.stdout[result.stdout.index("{"):])["quick_look"]
+    assert quick["fidelity"]["images"] == 20 and quick["fidelity"]["name"] == demo.FOOLBOX_NAME
+    assert quick["fidelity"]["top1_agreement"] is not None
+    assert quick["latency"]["speedup"] > 0
+    assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "model.ort.onnx").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,7 +514,7 @@ def test_existing_output_is_left_untouched_without_force(work: Path, first: dict
 def test_force_replaces_an_existing_output(work: Path, first: dict[str, Run]) -> None:
     run, out = first["force"], _out(work, "force")
     assert run.returncode == 0, run
-    assert sorted(path.name for path in out.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(path.name for path in out.iterdir()) == ["manifest.json", "model.onnx", "report.md", "report.png"]
     assert not _leftovers(out.parent)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -9,13 +11,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tofu_export.accounting import token_schedule
-from tofu_export.artifacts import staged_folder, write_manifest
+from tofu_export.artifacts import check_output, staged_folder, write_manifest
 from tofu_export.config import ExportConfig, TrtConfig
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.trt_check import check_tensorrt_compat
+from tofu_export.exporters.trt_ops import ALL_TARGETS
 from tofu_export.manifest import Manifest, TofuRecord
 from tofu_export.models.loading import load_model
+from tofu_export.quicklook import QuickLookSettings, image_files, load_images, run_quick_look
+from tofu_export.reports.artifact import ReportCommands, write_report
+from tofu_export.trt_targets import export_opset
 
 ONNX_NAME, ORT_NAME, ENGINE_NAME, TIMING_CACHE = "model.onnx", "model.ort.onnx", "model.engine", "timing.cache"
 
@@ -32,9 +40,18 @@ def run_export(
     out_dir: str | Path,
     config: ExportConfig,
     step: Callable[[str], None] = lambda _: None,
+    *,
+    quick_look: QuickLookSettings | None = None,
+    report_commands: ReportCommands | None = None,
 ) -> ExportOutcome:
-    """Run the whole export; ``step`` is told each stage's name (the CLI shows it as progress)."""
+    """Run the whole export; ``step`` is told each stage's name (the CLI shows it as progress).
+
+    ``quick_look``: also export the unreduced model and compare it with the ToFu graph (``quicklook``), into the
+    manifest's ``quick_look`` section; ``report_commands``: the command lines report.md lists for reproducing the
+    figures and for exporting to other TensorRT releases (the caller knows its own command line).
+    """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    out_state = check_output(out_dir, force=config.force)  # a folder that must not be replaced fails here, first
     step("reading checkpoint")
     loaded = load_model(
         checkpoint, arch=config.arch, img_size=config.tofu.img_size, trust_pickle=config.trust_pickle,
@@ -42,6 +59,8 @@ def run_export(
     )
     model, guess = loaded.model, loaded.arch
     config.tofu.resolve(model)  # an impossible r fails here, before anything is written
+    images = _quick_look_images(model, quick_look)  # so does an image folder that cannot be read
+    baseline = copy.deepcopy(model) if quick_look is not None else None  # the unreduced model, for the quick look
 
     step("patching with ToFu")
     with warnings.catch_warnings(record=True) as caught:
@@ -50,17 +69,17 @@ def run_export(
     notes = [str(w.message) for w in caught] + list(guess.notes)
     schedule = token_schedule(model, resolved.img_size)
     policy = config.tofu.policy
+    onnx_settings = {"opset": config.onnx.opset or export_opset(config.trt.targets),
+                     "simplify": config.onnx.simplify, "tolerance": config.onnx.tolerance,
+                     "exporter": config.onnx.exporter}
 
     engine_error = None
-    with staged_folder(out_dir, force=config.force) as staging:
+    with staged_folder(out_dir, force=config.force, expected=out_state) as staging:
         step("exporting to ONNX and verifying parity")
-        onnx_result = export_onnx(
-            model, staging / ONNX_NAME, resolved.img_size, opset=config.onnx.opset, simplify=config.onnx.simplify,
-            tolerance=config.onnx.tolerance, exporter=config.onnx.exporter,
-        )
+        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings)
         notes += onnx_result.notes
         step("checking TensorRT compatibility")
-        trt_report = check_tensorrt_compat(staging / ONNX_NAME, config.trt.targets)
+        trt_report = check_tensorrt_compat(staging / ONNX_NAME, ALL_TARGETS)  # every release: the report says which
         manifest = Manifest(
             command=config.command,
             input={"path": str(checkpoint), "sha256": loaded.sha256},
@@ -73,11 +92,11 @@ def run_export(
             img_size=list(schedule.img_size),
             gflops={"original": schedule.gflops_original, "tofu": schedule.gflops_reduced,
                     "ratio": schedule.flop_ratio},
-            onnx={"file": ONNX_NAME, "opset": config.onnx.opset, "exporter": config.onnx.exporter,
+            onnx={"file": ONNX_NAME, "opset": onnx_settings["opset"], "exporter": config.onnx.exporter,
                   "simplified": onnx_result.simplified, "input": onnx_result.input_name,
                   "output": onnx_result.output_name,
                   "parity": asdict(onnx_result.parity) if onnx_result.parity else None},
-            tensorrt_check=trt_report.to_dict(),
+            tensorrt_check={**trt_report.to_dict(), "build_for": list(config.trt.targets)},
             notes=notes,
         )
         if config.target == "ort":
@@ -86,22 +105,44 @@ def run_export(
         elif config.target == "trt":
             step("building TensorRT engine")
             manifest.tensorrt, engine_error = _trt_artifact(staging, out_dir, config.trt)
+        settings = _quick_look_settings(quick_look, config, images)
+        if settings is not None and baseline is not None:
+            manifest.quick_look = run_quick_look(
+                baseline, staging / ONNX_NAME, resolved.img_size, settings, gflops=manifest.gflops,
+                onnx_settings=onnx_settings, images=images, step=step,
+            )
+        step("writing report.md")
+        write_report(staging, manifest, report_commands)
         step("writing manifest")
         write_manifest(staging, manifest)
     return ExportOutcome(out_dir, manifest, engine_error)
 
 
+def _quick_look_images(model: torch.nn.Module, settings: QuickLookSettings | None) -> torch.Tensor | None:
+    """``[N, 3, H, W]``: the quick look's images in the model's eval transform, or None without an image folder."""
+    if settings is None or settings.data is None:
+        return None
+    from tofu_export.evaluation.data import model_transform
+
+    return load_images(image_files(settings.data, settings.pattern, settings.max_images), model_transform(model))
+
+
+def _quick_look_settings(
+    settings: QuickLookSettings | None, config: ExportConfig, images: torch.Tensor | None
+) -> QuickLookSettings | None:
+    """What the quick look can measure for this target: a TensorRT engine is not timed on this CPU (its outputs
+    are still compared, where images are at hand); None when nothing is left to measure."""
+    if settings is None or config.target != "trt":
+        return settings
+    return dataclasses.replace(settings, timing=False) if images is not None else None
+
+
 def _ort_artifact(folder: Path) -> dict[str, Any]:
-    """Save ORT's offline-optimised graph (extended level: portable across CPUs) and time it briefly."""
-    from tofu_export.engines.ort import OrtRunner, create_session
-    from tofu_export.profiling.timing import LatencyStats, time_callable
+    """Save ORT's offline-optimised graph (extended level: portable across CPUs)."""
+    from tofu_export.engines.ort import create_session
 
     create_session(folder / ONNX_NAME, optimization="extended", optimized_model_path=folder / ORT_NAME)
-    runner = OrtRunner(folder / ORT_NAME, provider="cpu")
-    samples = time_callable(lambda: runner.run(1), warmup=5, iters=20, budget_s=None)
-    stats = LatencyStats.from_samples(samples, 1)
-    return {"file": ORT_NAME, "quick_latency_ms": {"p50": stats.p50_ms, "p90": stats.p90_ms, "batch": 1,
-                                                   "provider": "CPUExecutionProvider", "iters": stats.n}}
+    return {"file": ORT_NAME, "optimization": "extended", "provider": "CPUExecutionProvider"}
 
 
 def _trt_artifact(folder: Path, out_dir: Path, options: TrtConfig) -> tuple[dict[str, Any], str | None]:

