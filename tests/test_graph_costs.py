@@ -52,7 +52,7 @@ def test_a_graph_without_reduction_has_no_blocks() -> None:
 def test_a_tofu_export_reduces_in_every_block_and_merges_with_pointwise_ops(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=4, img_size=64).eval()
-    tofu_export.patch(model, r=3, mode="tofu", img_size=64)  # block 0 prunes, blocks 1-3 merge with MLERP
+    tofu_export.patch(model, r=3, mode="tofu", prune_layers=1, img_size=64)  # block 0 prunes, 1-3 merge (MLERP)
     export_onnx(model, tmp_path / "m.onnx", 64)
     costs = reduction_costs(tmp_path / "m.onnx")
     assert [b.block for b in costs.blocks] == [0, 1, 2, 3]

@@ -90,12 +90,11 @@ def test_schedule_error_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize("depth", [4, 12, 24])
-def test_tofu_prunes_a_leading_prefix_then_merges_with_mlerp(depth: int) -> None:
-    modes = layer_modes("tofu", depth)
-    k = modes.count("prune")
-    assert 1 <= k < depth
-    assert modes == ["prune"] * k + ["mlerp"] * (depth - k)
-    assert k == default_prune_layers(depth)
+def test_tofu_merges_with_mlerp_everywhere_by_default(depth: int) -> None:
+    """The measured default (issue 11): no pruning without data; prune_layers is the explicit speed knob."""
+    assert default_prune_layers(depth) == 0
+    assert layer_modes("tofu", depth) == ["mlerp"] * depth
+    assert layer_modes("tofu", depth, prune_layers=2) == ["prune"] * 2 + ["mlerp"] * (depth - 2)
 
 
 def test_tofu_prune_layers_override() -> None:

@@ -30,7 +30,7 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
             damage_ax.scatter([i], [max(m["damage"][mode][i], _FLOOR)], s=160, facecolors="none",
                               edgecolors="black", linewidths=1.5, zorder=3)
     damage_ax.set_yscale("log")
-    damage_ax.set(xlabel="block", ylabel="1 - cosine of the output",
+    damage_ax.set(xlabel="block", ylabel=f"1 - cosine of the output (< {_FLOOR:g} drawn at it)",
                   title=f"Damage of removing r={m['r']} tokens in one block alone (circled: chosen; "
                         f"{policy.source.get('images', {}).get('count', '?')} images)")
     damage_ax.legend(title="mode")

@@ -174,12 +174,13 @@ def patch(
     Args:
         model: a timm VisionTransformer (class, distillation and register tokens are protected).
         r: tokens removed per block: an int, a per-block list, or ``(r, inflection)`` (see ``parse_r``).
-        mode: ``"tofu"`` (prune early, MLERP later), ``"tome"`` (average merge), ``"prune"``, ``"mlerp"``, or a
-            per-block list of ``"mean" | "prune" | "mlerp"``.
+        mode: ``"tofu"`` (MLERP; prune in the first ``prune_layers`` blocks), ``"tome"`` (average merge),
+            ``"prune"``, ``"mlerp"``, or a per-block list of ``"mean" | "prune" | "mlerp"``.
         prop_attn: proportional attention (add ``log(size)`` to the attention logits).
         img_size: fix the input size and take the *static* path: token counts per block become Python constants
             and the reduction uses no scatter, ready for ONNX/TensorRT export. None: the eager path, any input size.
-        prune_layers: with ``mode="tofu"``, how many leading blocks prune (default: a quarter of the depth).
+        prune_layers: with ``mode="tofu"``, how many leading blocks prune (default 0: measured, see
+            ``schedule.default_prune_layers``).
         strict: raise instead of warning when a block cannot remove the r asked of it.
 
     Patching an already patched model replaces its settings.
