@@ -215,7 +215,11 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path, deadline: flo
             except Exception as error:  # an op without a kernel for this provider/precision: say so, go on
                 meta["notes"].append(f"{name} {dtype_name} {variant}: ORT session failed: {error}"[:300])
         one = _images(1, args.img_size, device, dtype)
-        kernels = {variant: kernels_per_forward(model, one, device) for variant, model in typed.items()}
+        try:
+            kernels = {variant: kernels_per_forward(model, one, device) for variant, model in typed.items()}
+        except Exception as error:  # e.g. fp16 on a CPU without those kernels
+            meta["notes"].append(f"{name} {dtype_name}: torch profiler count failed: {error}"[:300])
+            kernels = {}
         nodes = {v: optimized_nodes(p, provider) for v, p in paths.items() if v in sessions}
         for batch in args.batches:
             if time.monotonic() > deadline:
@@ -234,19 +238,34 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path, deadline: flo
             feed = x.cpu().numpy()
             for variant, session in sessions.items():
                 runners[f"ort-{provider}/{variant}"] = ort_runner(session, feed, provider)
+            runners = _working(runners, f"{name} {dtype_name} b{batch}", meta["notes"])
             timed = time_config(runners, args.iters, seed=batch)
             for key, (median, p90) in timed.items():
                 runtime, variant = key.split("/")
-                base_median = timed[f"{runtime}/baseline"][0] if f"{runtime}/baseline" in timed else float("nan")
-                per_block = (nodes.get(variant) if runtime.startswith("ort") else kernels[variant])
+                base_median = timed.get(f"{runtime}/baseline", (None,))[0]
+                per_block = nodes.get(variant) if runtime.startswith("ort") else kernels.get(variant)
                 rows.append({
                     "model": name, "dtype": dtype_name, "batch": batch, "runtime": runtime, "variant": variant,
-                    "median_ms": round(median, 3), "p90_ms": round(p90, 3), "speedup": round(base_median / median, 3),
+                    "median_ms": round(median, 3), "p90_ms": round(p90, 3),
+                    "speedup": None if base_median is None else round(base_median / median, 3),
                     "count_kind": ("ort nodes" if runtime.startswith("ort") else
                                    "cuda kernels" if device == "cuda" else "aten ops"),
                     "count_per_block": None if per_block is None else round(per_block / depth_model, 1),
                 })
             print(f"{name} {dtype_name} batch {batch}: {len(timed)} runners timed", flush=True)
+
+
+def _working(runners: dict[str, Runner], label: str, notes: list[str]) -> dict[str, Runner]:
+    """The runners whose first call succeeds; the others are named in ``notes`` with their error."""
+    working = {}
+    for key, runner in runners.items():
+        try:
+            runner()
+        except Exception as error:  # e.g. an fp16 kernel a provider lacks: report it, time the rest
+            notes.append(f"{label} {key}: failed to run: {type(error).__name__}: {error}"[:300])
+        else:
+            working[key] = runner
+    return working
 
 
 def _images(batch: int, img_size: int, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -266,8 +285,9 @@ def render(rows: list[dict], meta: dict) -> str:
               "per block |", "|---" * 9 + "|"]
     for r in rows:
         count = "" if r["count_per_block"] is None else f"{r['count_per_block']} {r['count_kind']}"
+        speedup = "" if r["speedup"] is None else f"{r['speedup']}x"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['runtime']} | {r['variant']} | "
-                     f"{r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | {count} |")
+                     f"{r['median_ms']} | {r['p90_ms']} | {speedup} | {count} |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--iters", type=int, default=30, help="timing rounds per configuration")
     parser.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER)
-    parser.add_argument("--budget-s", type=float, default=270.0, help="start no new configuration after this")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="start no new configuration after this")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
