@@ -75,8 +75,8 @@ def layer_modes(mode: str | Sequence[str], depth: int, prune_layers: int | None 
     """Expand a user mode into one reduce mode per block (``"mean"``, ``"prune"`` or ``"mlerp"``).
 
     ``"tofu"`` prunes in the first ``prune_layers`` blocks (default none, see ``default_prune_layers``) and merges
-    with MLERP after them. A list gives each
-    block's reduce mode explicitly (it may use the user names ``"tome"`` for ``"mean"``).
+    with MLERP after them. A list gives each block's reduce mode explicitly (it may use the user names ``"tome"``
+    for ``"mean"``).
     """
     if isinstance(mode, str):
         if mode == "tofu":
