@@ -205,6 +205,7 @@ def first(work: Path, files: dict[str, Path]) -> dict[str, Run]:
     for name in ("exists_no_force", "force"):
         _out(work, name).mkdir(parents=True)
         (_out(work, name) / "keep.txt").write_text("written before the export")
+        (_out(work, name) / "manifest.json").write_text('{"tool": "tofu-export"}')  # an earlier export's folder
 
     def export(checkpoint: str, name: str, *extra: str) -> list[str | Path]:
         return [*CLI, "export", files[checkpoint], "--r", str(R), "-o", _out(work, name), *extra]
@@ -506,7 +507,7 @@ def test_existing_output_is_left_untouched_without_force(work: Path, first: dict
     run, out = first["exists_no_force"], _out(work, "exists_no_force")
     assert run.returncode == 2, run
     assert "already exists" in run.error_paragraph and "--force" in run.error_paragraph, run
-    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    assert sorted(path.name for path in out.iterdir()) == ["keep.txt", "manifest.json"]
     assert (out / "keep.txt").read_text() == "written before the export"
     assert not _leftovers(out.parent)
 

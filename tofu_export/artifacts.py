@@ -82,6 +82,17 @@ def check_output(out_dir: str | Path, *, force: bool = False) -> FolderState:
     return folder_state(out_dir)
 
 
+def check_file_output(path: str | Path) -> None:
+    """Refuse a file output (a policy, a report) whose path is a folder or a link, or whose folder cannot be
+    made or written, before any work starts."""
+    path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        what = "a symbolic link" if path.is_symlink() else "a folder"
+        raise OutputPathError(f"the output file {path} is {what}; tofu-export does not write through it",
+                              hint=Hint("out", None, "with a file path"))
+    _check_parent(path)
+
+
 def _check_parent(out_dir: Path) -> None:
     """The nearest existing folder above ``out_dir`` must be a writable folder."""
     parent = out_dir.parent

@@ -68,6 +68,7 @@ def calibrate(
 
       tofu-export calibrate deit_small.pth /data/imagenet/train --speedup 1.6 -o deit-policy.json
     """
+    from tofu_export.artifacts import check_file_output
     from tofu_export.calibration import Budget, calibrate, load_images, plot_policy
 
     runtime.check()
@@ -76,6 +77,7 @@ def calibrate(
     budget = Budget(min_cosine=min_cosine, speedup=speedup, max_latency_ms=max_latency_ms)
     plot_path = out.with_suffix(".png")
     _check_replaceable(out)
+    check_file_output(out)  # a folder, or a file where its folder should be: refused before calibrating
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
     start = time.perf_counter()

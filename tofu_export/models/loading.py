@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
 from tofu_export.models.timm_vit_arch import ArchGuess
 from tofu_export.models.timm_vit_build import build_model
@@ -37,6 +38,9 @@ def load_model(
 ) -> LoadedModel:
     """Load ``source``: a checkpoint file, or (``allow_timm_name``) a timm model name with random weights, which
     is fine for counting tokens and timing but not for accuracy."""
+    if img_size is not None and img_size <= 0:
+        raise CheckpointError(f"the input size must be a positive number of pixels, got {img_size}",
+                              hint=Hint("img_size", None, "with the checkpoint's size, e.g. 224"))
     path = Path(source)
     if path.exists() or not allow_timm_name:
         state_dict = load_state_dict(path, trust_pickle=trust_pickle)  # names a missing file or a directory

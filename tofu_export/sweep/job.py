@@ -97,7 +97,8 @@ def run_sweep_job(
     if device not in ("cpu", "cuda"):
         raise ProfilerError(f"a sweep runs on ONNX Runtime's cpu or cuda provider, not {device!r}",
                             hint=Hint("device", "cpu"))
-    out.mkdir(parents=True, exist_ok=True)
+    for mode in modes:  # an unknown mode fails here, before anything is exported (or a folder made)
+        ToFuConfig(mode=mode)
     checkpoint = _checkpoint_file(source, out, arch)
     digest = sha256_file(checkpoint)
     template = template or ToFuConfig()

@@ -107,7 +107,7 @@ def _run_point(
         evaluation = eval_fn(artifact) if eval_fn is not None else None
     except Exception as exc:
         raise SweepError(
-            f"Sweep point mode={point.mode!r} r={point.r} failed: {exc}. Finished points are saved; "
+            f"Sweep point mode={point.mode!r} r={point.r} failed: {str(exc).rstrip('.')}. Finished points are saved; "
             "fix the cause and rerun the same command to resume."
         ) from exc
     return {

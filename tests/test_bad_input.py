@@ -1,0 +1,567 @@
+"""Bad input and faults, driven through the installed command as a user would: one table of cases per fault class.
+
+Every case runs the ``tofu-export`` command (its ``main()``) in a process of its own, in its own working folder,
+and asserts the exit code, that the error names the problem, that no traceback was printed, and that nothing
+outside the case's intended output changed: the shared input files and the case folder are snapshotted (content
+hash, mtime and mode of every file, every link target, every folder) before and after.
+
+A fresh interpreter spends ~5 CPU-seconds importing torch and timm, too much for ~90 cases on 2 cores, so most cases
+run in a child forked from one server process that imported the package once (``FORK_SERVER``): the child sets
+argv, cwd, environment and standard streams as a shell would and calls ``tofu_export.cli.main()``, the console
+script's entry point. The cases marked ``real`` (signals, a full disk, the race, the console script, one per
+subcommand) run as ordinary ``python -m tofu_export.cli`` / ``tofu-export`` subprocesses. The model is a random-init
+``deit_tiny_patch16_224`` with 2 blocks at 64 px.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from onnx import TensorProto, helper
+from PIL import Image
+
+ARCH, IMG, DEPTH = "deit_tiny_patch16_224", 64, 2
+CLI = (sys.executable, "-m", "tofu_export.cli")
+CONSOLE_SCRIPT = shutil.which("tofu-export")
+PARALLEL = 4
+TIMEOUT_S = 300
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+SUBCOMMANDS = {"export", "check", "schedule", "profile", "sweep", "eval", "demo", "calibrate"}
+FAST = ("--r", "2", "--no-bench")  # a tiny export, without the quick-look baseline
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: the command (paths relative to the case folder; ``@x`` = shared input ``x``), what the error
+    must say (each phrase, case-insensitive), the exit code, and the only path allowed to change (on success)."""
+
+    name: str
+    args: tuple[str, ...]
+    code: int = 2
+    says: tuple[str, ...] = ()
+    out: str | None = None  # relative to the case folder: the intended output, allowed to appear or change
+    setup: tuple[str, ...] = ()  # named fixtures made in the case folder first (see SETUPS)
+    signal_after: str | None = None  # send SIGTERM/SIGINT once stderr shows this step
+    signum: int = signal.SIGTERM
+    fsize_limit: int | None = None  # RLIMIT_FSIZE of the command: writes past it fail like a full disk
+    script: bool = False  # run the console script instead of ``python -m``
+    real: bool = False  # a fresh interpreter (``python -m tofu_export.cli``), not a child of the fork server
+
+    @property
+    def fresh(self) -> bool:
+        return self.real or self.script or self.signal_after is not None or self.fsize_limit is not None
+
+
+def C(name: str, *args: str, code: int = 2, says: Sequence[str] = (), **extra: Any) -> Case:
+    return Case(name, tuple(args), code, tuple(says), **extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cases, by fault class
+# ----------------------------------------------------------------------------------------------------
+
+OPTIONS = [  # options refused before any work starts: exit 2, the option named, nothing written
+    C("tolerance_negative", "export", "@model.pth", *FAST, "--tolerance", "-1", "-o", "out", says=["tolerance"],
+      real=True),
+    C("tolerance_zero", "export", "@model.pth", *FAST, "--tolerance", "0", "-o", "out", says=["tolerance"]),
+    C("fp16_onnx", "export", "@model.pth", *FAST, "--fp16", "-o", "out", says=["fp16", "--target trt"]),
+    C("fp16_ort", "export", "@model.pth", *FAST, "--fp16", "--target", "ort", "-o", "out", says=["fp16"]),
+    C("min_batch_zero", "export", "@model.pth", *FAST, "--target", "trt", "--min-batch", "0", "-o", "out",
+      says=["batch range", "--min-batch"]),
+    C("opt_above_max", "export", "@model.pth", *FAST, "--target", "trt", "--opt-batch", "16", "--max-batch", "8",
+      "-o", "out", says=["min <= opt <= max"]),
+    C("min_above_opt", "export", "@model.pth", *FAST, "--target", "trt", "--min-batch", "4", "--opt-batch", "2",
+      "-o", "out", says=["min=4, opt=2"]),
+    C("workspace_zero", "export", "@model.pth", *FAST, "--target", "trt", "--workspace-gib", "0", "-o", "out",
+      says=["workspace", "--workspace-gib"]),
+    C("opset_old", "export", "@model.pth", *FAST, "--opset", "5", "-o", "out", says=["opset 5", "--opset 17"]),
+    C("target_unknown", "export", "@model.pth", *FAST, "--target", "tflite", "-o", "out", says=["tflite", "--target"]),
+    C("exporter_unknown", "export", "@model.pth", *FAST, "--exporter", "jit", "-o", "out", says=["jit", "--exporter"]),
+    C("mode_unknown", "export", "@model.pth", *FAST, "--mode", "fuse", "-o", "out", says=["fuse", "--mode"]),
+    C("prune_layers_negative", "export", "@model.pth", *FAST, "--prune-layers", "-1", "-o", "out",
+      says=["--prune-layers"]),
+    C("schedule_unknown", "export", "@model.pth", *FAST, "--schedule", "cosine", "-o", "out",
+      says=["cosine", "--schedule"]),
+    C("r_not_int", "export", "@model.pth", "--r", "two", "--no-bench", "-o", "out", says=["integers", "--r"]),
+    C("r_impossible", "export", "@model.pth", "--r", "50", "--no-bench", "-o", "out", says=["r=50", "--r 8"]),
+    C("r_too_many", "export", "@model.pth", "--r", "2,2,2", "--no-bench", "-o", "out", says=["3", "2 blocks"]),
+    C("img_size_zero", "export", "@model.pth", *FAST, "--img-size", "0", "-o", "out", says=["--img-size"]),
+    C("arch_unknown", "export", "@model.pth", *FAST, "--arch", "vit_nonexistent", "-o", "out",
+      says=["vit_nonexistent"]),
+    C("policy_missing", "export", "@model.pth", "--policy", "nope.json", "--no-bench", "-o", "out",
+      says=["nope.json"]),
+    C("policy_not_json", "export", "@model.pth", "--policy", "@text.pth", "--no-bench", "-o", "out",
+      says=["text.pth"]),
+    C("schedule_r_impossible", "schedule", "@model.pth", "--r", "50", says=["r=50", "--r 8"]),
+    C("schedule_bad_name", "schedule", "vit_nonexistent_name", says=["neither a file nor a timm model name"],
+      real=True),
+    C("schedule_img_negative", "schedule", "@model.pth", "--img-size", "-5", says=["--img-size"]),
+    C("profile_batch_zero", "profile", "@model.onnx", "--batch", "0", says=["batch", "at least 1"]),
+    C("profile_batch_words", "profile", "@model.onnx", "--batch", "one", says=["integers", "--batch"]),
+    C("profile_iters_zero", "profile", "@model.onnx", "--iters", "0", says=["iters"]),
+    C("profile_warmup_negative", "profile", "@model.onnx", "--warmup", "-1", says=["warmup"]),
+    C("profile_threads_zero", "profile", "@model.onnx", "--threads", "0", says=["threads", "--threads 1"]),
+    C("profile_backend_unknown", "profile", "@model.onnx", "--backend", "tvm", says=["tvm", "--backend"]),
+    C("eval_batch_zero", "eval", "@model.pth", "@data_ok", "--batch-size", "0", says=["batch size", "--batch-size"]),
+    C("eval_limit_zero", "eval", "@model.pth", "@data_ok", "--limit", "0", says=["limit", "--limit"]),
+    C("eval_onnx_no_reference", "eval", "@model.onnx", "@data_ok", says=["--reference"]),
+    C("sweep_r_words", "sweep", "@model.pth", "--r", "a,b", "-o", "sw", says=["integers", "--r"], real=True),
+    C("sweep_mode_unknown", "sweep", "@model.pth", "--r", "0,2", "--modes", "fuse", "-o", "sw", says=["fuse"]),
+    C("sweep_device_unknown", "sweep", "@model.pth", "--r", "0,2", "--device", "tpu", "-o", "sw", says=["tpu"]),
+    C("demo_r_words", "demo", "--r", "many", "-o", "demo_out", says=["integers", "--r"], real=True),
+    C("calibrate_images_zero", "calibrate", "@model.pth", "@data_ok", "--images", "0", "-o", "p.json",
+      says=["--images"], real=True),
+]
+
+OUTPUTS = [  # never destroy what tofu-export did not write; refuse outputs it cannot write, leaving nothing
+    C("force_onto_file", "export", "@model.pth", *FAST, "-o", "notes.txt", "--force", setup=["notes.txt"],
+      says=["notes.txt", "is a file", "never replaces"]),
+    C("force_onto_foreign_folder", "export", "@model.pth", *FAST, "-o", "my_folder", "--force", setup=["my_folder"],
+      says=["my_folder", "not written by tofu-export"]),
+    C("foreign_folder_no_force", "export", "@model.pth", *FAST, "-o", "my_folder", setup=["my_folder"],
+      says=["already exists", "not written by tofu-export"]),
+    C("artifact_no_force", "export", "@model.pth", *FAST, "-o", "artifact", setup=["artifact"],
+      says=["already exists", "--force"]),
+    C("artifact_force", "export", "@model.pth", *FAST, "-o", "artifact", "--force", setup=["artifact"], code=0,
+      out="artifact"),
+    C("nested_new_output", "export", "@model.pth", *FAST, "-o", "new/nested/out", code=0, out="new"),
+    C("dangling_symlink", "export", "@model.pth", *FAST, "-o", "dangling", setup=["dangling"],
+      says=["symbolic link"]),
+    C("symlink_to_folder_force", "export", "@model.pth", *FAST, "-o", "link", "--force", setup=["my_folder", "link"],
+      says=["symbolic link"]),
+    C("parent_is_file", "export", "@model.pth", *FAST, "-o", "notes.txt/out", setup=["notes.txt"],
+      says=["notes.txt is a file"]),
+    C("grandparent_is_file", "export", "@model.pth", *FAST, "-o", "notes.txt/a/b", setup=["notes.txt"],
+      says=["notes.txt is a file"]),
+    C("demo_onto_file", "demo", "-o", "notes.txt", setup=["notes.txt"], says=["notes.txt", "is a file"]),
+    C("demo_onto_foreign_folder", "demo", "-o", "my_folder", setup=["my_folder"],
+      says=["not written by tofu-export"]),
+    C("sweep_out_is_file", "sweep", "@model.pth", "--r", "0", "--modes", "tome", "-o", "notes.txt",
+      setup=["notes.txt"], says=["notes.txt"]),
+    C("calibrate_parent_is_file", "calibrate", "@model.pth", "@data8", "--images", "8", "--r", "2",
+      "-o", "notes.txt/p.json", setup=["notes.txt"], says=["notes.txt"]),
+    C("sweep_parent_is_file", "sweep", "@model.pth", "--r", "0", "--modes", "tome", "-o", "notes.txt/sw",
+      setup=["notes.txt"], says=["notes.txt"]),
+    C("profile_report_parent_is_file", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
+      "--report", "notes.txt/report.md", setup=["notes.txt"], says=["notes.txt"]),
+    C("read_only_parent", "export", "@model.pth", *FAST, "-o", "locked/out", setup=["locked"],
+      says=["locked", "permission"]),
+    C("read_only_artifact_force", "export", "@model.pth", *FAST, "-o", "artifact", "--force",
+      setup=["artifact", "artifact_read_only"], says=["read-only"]),
+]
+
+INPUTS = [  # inputs checked where they enter, named in the message
+    C("nan_weights", "export", "@nan.pth", *FAST, "-o", "out", says=["blocks.0.attn.qkv.weight", "nan"]),
+    C("inf_weights", "export", "@inf.pth", *FAST, "-o", "out", says=["head.bias", "infinite"]),
+    C("complex_weights", "export", "@complex.pth", *FAST, "-o", "out", says=["head.bias", "complex"]),
+    C("nan_weights_schedule", "schedule", "@nan.pth", "--r", "2", says=["nan"]),
+    C("nan_weights_profile", "profile", "@nan.pth", "--backend", "torch", says=["nan"]),
+    C("nan_weights_calibrate", "calibrate", "@nan.pth", "@data_ok", "-o", "p.json", says=["nan"]),
+    C("calibrate_data_missing", "calibrate", "@model.pth", "no_such_folder", "-o", "p.json",
+      says=["no_such_folder"]),
+    C("nan_weights_sweep", "sweep", "@nan.pth", "--r", "0", "--modes", "tome", "-o", "sw", says=["nan"]),
+    C("checkpoint_is_folder", "export", "@ckpt_dir", *FAST, "-o", "out", says=["is a directory", "weights.pth"]),
+    C("checkpoint_missing", "export", "missing.pth", *FAST, "-o", "out", says=["missing.pth", "does not exist"]),
+    C("checkpoint_empty", "export", "@empty.pth", *FAST, "-o", "out", says=["empty"]),
+    C("checkpoint_text", "export", "@text.pth", *FAST, "-o", "out", says=["text file"]),
+    C("checkpoint_truncated", "export", "@truncated.pth", *FAST, "-o", "out", says=["truncated"]),
+    C("checkpoint_headline_folder", "@ckpt_dir", "--r", "4", says=["is a directory"], script=True),
+    C("check_not_onnx", "check", "@text.onnx", says=["not an onnx model"], real=True),
+    C("check_truncated", "check", "@truncated.onnx", says=["truncated"]),
+    C("check_empty", "check", "@empty.onnx", says=["empty"]),
+    C("check_missing", "check", "missing.onnx", says=["missing.onnx", "does not exist"]),
+    C("check_folder", "check", "@ckpt_dir", says=["is a folder"]),
+    C("check_random_bytes", "check", "@random.onnx", says=["not an onnx model"]),
+    C("profile_truncated_onnx", "profile", "@truncated.onnx", says=["truncated"], real=True),
+    C("profile_not_onnx", "profile", "@text.onnx", says=["not an onnx model"]),
+    C("profile_not_an_image_model", "profile", "@two_inputs.onnx", says=["image"]),
+    C("eval_truncated_onnx", "eval", "@truncated.onnx", "@data_ok", "--reference", "@model.pth", says=["truncated"]),
+    C("eval_corrupt_image", "eval", "@model.pth", "@data_corrupt", "--r", "2",
+      says=["cannot be decoded", "broken.png"], real=True),
+    C("eval_class_sets_differ", "eval", "@model.pth", "@data_split", "--r", "2",
+      says=["different classes", "bird", "cat"]),
+    C("eval_no_images", "eval", "@model.pth", "@data_empty", "--r", "2", says=["data_empty"]),
+    C("eval_data_missing", "eval", "@model.pth", "no_such_folder", "--r", "2", says=["no_such_folder"]),
+    C("sweep_cache_damaged_manifest", "sweep", "@model.pth", "--r", "0", "--modes", "tome", "--iters", "2", "-o",
+      "sw", setup=["sweep_cache", "damage_manifest"], says=["damaged", "delete it"]),
+    C("sweep_cache_truncated_onnx", "sweep", "@model.pth", "--r", "0", "--modes", "tome", "--iters", "2", "-o",
+      "sw", setup=["sweep_cache", "truncate_cached_onnx"], code=0, out="sw"),
+]
+
+FAULTS = [  # nothing half-written on any exit path
+    C("sigterm_during_export", "export", "@model.pth", *FAST, "-o", "out", signal_after="exporting to ONNX",
+      code=128 + signal.SIGTERM, says=["sigterm", "no partial output"]),
+    C("sigint_during_export", "export", "@model.pth", *FAST, "-o", "out", signal_after="exporting to ONNX",
+      signum=signal.SIGINT, code=130, says=["interrupted", "no partial output"]),
+    C("disk_full_during_export", "export", "@model.pth", *FAST, "-o", "out", fsize_limit=256 * 1024,
+      says=["file too large"]),
+]
+
+TABLES = {"options": OPTIONS, "outputs": OUTPUTS, "inputs": INPUTS, "faults": FAULTS}
+ALL = [case for table in TABLES.values() for case in table]
+ROOT_SKIPS = {"read_only_parent", "read_only_artifact_force"}  # root writes through permission bits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs, per-case fixtures, snapshots
+# ----------------------------------------------------------------------------------------------------
+
+
+def _png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (IMG, IMG, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _two_input_onnx(path: Path) -> None:
+    node = helper.make_node("Add", ["a", "b"], ["out"])
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in "ab"]
+    graph = helper.make_graph([node], "add", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _make_inputs(root: Path) -> None:
+    """Checkpoints (good, NaN, Inf, complex, empty, text, truncated), ONNX files, image folders, an artifact."""
+    from tofu_export.config import ExportConfig, ToFuConfig
+    from tofu_export.pipeline import run_export
+
+    root.mkdir()
+    torch.manual_seed(0)
+    state = timm.create_model(ARCH, pretrained=False, depth=DEPTH, img_size=IMG).state_dict()
+    torch.save(state, root / "model.pth")
+    for name, key, value in (("nan", "blocks.0.attn.qkv.weight", float("nan")), ("inf", "head.bias", float("inf"))):
+        bad = {**state, key: state[key].clone()}
+        bad[key].view(-1)[0] = value
+        torch.save(bad, root / f"{name}.pth")
+    torch.save({**state, "head.bias": state["head.bias"].to(torch.complex64)}, root / "complex.pth")
+    good = (root / "model.pth").read_bytes()
+    (root / "truncated.pth").write_bytes(good[: len(good) // 2])
+    (root / "empty.pth").write_bytes(b"")
+    (root / "text.pth").write_text("these are my notes, not weights\n")
+    (root / "ckpt_dir").mkdir()
+    shutil.copy(root / "model.pth", root / "ckpt_dir" / "weights.pth")
+    run_export(root / "model.pth", root / "artifact", ExportConfig(tofu=ToFuConfig(r=2)))
+    shutil.copy(root / "artifact" / "model.onnx", root / "model.onnx")
+    onnx_bytes = (root / "model.onnx").read_bytes()
+    (root / "truncated.onnx").write_bytes(onnx_bytes[: len(onnx_bytes) // 3])
+    (root / "empty.onnx").write_bytes(b"")
+    (root / "text.onnx").write_text("graph: not really\n")
+    (root / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    _two_input_onnx(root / "two_inputs.onnx")
+    for i, name in enumerate(("data_ok/0/a.png", "data_ok/1/b.png", "data_corrupt/0/a.png", "data_corrupt/1/c.png",
+                              "data_split/train/cat/a.png", "data_split/train/dog/b.png",
+                              "data_split/test/dog/c.png", "data_split/test/bird/d.png")):
+        _png(root / name, i)
+    for i in range(8):
+        _png(root / "data8" / str(i % 2) / f"{i}.png", 10 + i)
+    (root / "data_corrupt" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (root / "data_empty").mkdir()
+
+
+def _sweep_cache(case_dir: Path, inputs: Path) -> None:
+    """A finished one-point sweep in ``case_dir/sw`` (made in-process: no extra subprocess)."""
+    from tofu_export.sweep.job import run_sweep_job
+
+    run_sweep_job(str(inputs / "model.pth"), case_dir / "sw", r_values=[0], modes=["tome"], device="cpu", data=None,
+                  limit=None, iters=1, threads=1, arch=None, trust_pickle=False)
+
+
+def _cached_folder(case_dir: Path) -> Path:
+    return next(path for path in (case_dir / "sw" / "artifacts").iterdir() if path.is_dir())
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+SETUPS: dict[str, Callable[[Path, Path], None]] = {
+    "notes.txt": lambda d, _: (d / "notes.txt").write_text("my notes\n"),
+    "my_folder": lambda d, _: (d / "my_folder").mkdir() or (d / "my_folder" / "keep.txt").write_text("mine\n"),
+    "artifact": lambda d, inputs: shutil.copytree(inputs / "artifact", d / "artifact"),
+    "artifact_read_only": lambda d, _: (d / "artifact").chmod(0o555),
+    "dangling": lambda d, _: (d / "dangling").symlink_to(d / "nowhere"),
+    "link": lambda d, _: (d / "link").symlink_to(d / "my_folder"),
+    "locked": lambda d, _: (d / "locked").mkdir(mode=0o555),
+    "sweep_cache": _sweep_cache,
+    "damage_manifest": lambda d, _: _truncate(_cached_folder(d) / "manifest.json"),
+    "truncate_cached_onnx": lambda d, _: _truncate(_cached_folder(d) / "model.onnx"),
+}
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Every path under ``root``: a file's (sha256, mtime, mode), a link's target, or that it is a folder."""
+    entries: dict[str, Any] = {}
+    for path in [root, *root.rglob("*")]:
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            entries[key] = ("link", os.readlink(path))
+        elif path.is_dir():
+            entries[key] = ("dir", path.stat().st_mode)
+        else:
+            stat = path.stat()
+            entries[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), stat.st_mtime_ns, stat.st_mode)
+    return entries
+
+
+def changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the cases
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    case: Case
+    returncode: int
+    stdout: str
+    stderr: str
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error(self) -> str:
+        _, found, message = self.stderr.partition("error:")
+        return message.strip() if found else ""
+
+    def __str__(self) -> str:
+        return f"{self.case}\n-> exit {self.returncode}\nstdout:\n{self.stdout[-2000:]}\nstderr:\n{self.stderr[-3000:]}"
+
+
+def _env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("FORCE_COLOR", "TOFU_EXPORT_DEBUG")}
+    return {**env, "NO_COLOR": "1", "COLUMNS": "400", "OMP_NUM_THREADS": "1"}
+
+
+def _argv(case: Case, inputs: Path) -> list[str]:
+    args = [str(inputs / arg[1:]) if arg.startswith("@") else arg for arg in case.args]
+    return [CONSOLE_SCRIPT, *args] if case.script and CONSOLE_SCRIPT else [*CLI, *args]
+
+
+def _limits(case: Case) -> Callable[[], None] | None:
+    if case.fsize_limit is None:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (case.fsize_limit, case.fsize_limit))
+
+    return apply
+
+
+def _execute(case: Case, inputs: Path, case_dir: Path) -> Result:
+    before = snapshot(case_dir)
+    process = subprocess.Popen(_argv(case, inputs), cwd=case_dir, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=_limits(case))
+    if case.signal_after is None:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    else:
+        seen = []
+        deadline = time.monotonic() + TIMEOUT_S
+        assert process.stderr is not None
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            seen.append(line)
+            if not line or case.signal_after in line:
+                break
+        process.send_signal(case.signum)
+        stdout, rest = process.communicate(timeout=TIMEOUT_S)
+        stderr = "".join(seen) + rest
+    return Result(case, process.returncode, stdout, stderr, before, snapshot(case_dir))
+
+
+FORK_SERVER = r"""
+import json, os, sys
+import tofu_export.cli, tofu_export.pipeline, tofu_export.engines.ort, tofu_export.evaluation  # imported once
+import tofu_export.sweep.job, tofu_export.jobs.evaluate, tofu_export.jobs.profile
+from tofu_export.cli import main
+
+def child(request):
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
+                            (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):
+        os.dup2(os.open(path, flags, 0o644), fd)
+    sys.argv = ["tofu-export", *request["args"]]
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+requests = [json.loads(line) for line in sys.stdin]
+running, limit = {}, int(sys.argv[1])
+while requests or running:
+    while requests and len(running) < limit:
+        request = requests.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            child(request)
+        running[pid] = request["id"]
+    pid, status = os.wait()
+    print(json.dumps({"id": running.pop(pid), "code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+def _fork_all(cases: Sequence[Case], inputs: Path, folders: dict[str, Path], parallel: int) -> dict[str, Result]:
+    """Run ``cases`` as children of one fork server (see the module docstring); results keyed by case name."""
+    streams = {case.name: (folders[case.name].parent / f"{case.name}.out", folders[case.name].parent /
+                           f"{case.name}.err") for case in cases}
+    befores = {case.name: snapshot(folders[case.name]) for case in cases}
+    requests = [json.dumps({"id": case.name, "args": _argv(case, inputs)[len(CLI):], "cwd": str(folders[case.name]),
+                            "env": _env(), "stdout": str(streams[case.name][0]), "stderr": str(streams[case.name][1])})
+                for case in cases]
+    done = subprocess.run([sys.executable, "-c", FORK_SERVER, str(parallel)], input="\n".join(requests) + "\n",
+                          capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S * 2)
+    assert done.returncode == 0, done.stderr
+    codes = {entry["id"]: entry["code"] for entry in map(json.loads, done.stdout.splitlines())}
+    by_name = {case.name: case for case in cases}
+    return {name: Result(by_name[name], code, streams[name][0].read_text(), streams[name][1].read_text(),
+                         befores[name], snapshot(folders[name])) for name, code in codes.items()}
+
+
+@dataclass
+class Wave:
+    inputs: Path
+    inputs_before: dict[str, Any]
+    results: dict[str, Result]
+    race: list[Result]
+
+
+def _race(inputs: Path, case_dir: Path) -> list[Result]:
+    """Two exports to the same new output at once: exactly one may win."""
+    case = C("race", "export", "@model.pth", *FAST, "-o", "out")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda _: _execute(case, inputs, case_dir), range(2)))
+
+
+@pytest.fixture(scope="module")
+def wave(tmp_path_factory: pytest.TempPathFactory) -> Wave:
+    work = tmp_path_factory.mktemp("bad_input")
+    inputs = work / "inputs"
+    _make_inputs(inputs)
+    cases = [case for case in ALL if not (IS_ROOT and case.name in ROOT_SKIPS)]
+    folders = {}
+    for case in cases:
+        folders[case.name] = work / "cases" / case.name
+        folders[case.name].mkdir(parents=True)
+        for name in case.setup:
+            SETUPS[name](folders[case.name], inputs)
+    (work / "cases" / "race").mkdir()
+    inputs_before = snapshot(inputs)
+    fresh = [case for case in cases if case.fresh]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the fork server runs PARALLEL - 2 children at a time
+        race = pool.submit(_race, inputs, work / "cases" / "race")
+        futures = {case.name: pool.submit(_execute, case, inputs, folders[case.name]) for case in fresh}
+        forked = _fork_all([case for case in cases if not case.fresh], inputs, folders, PARALLEL - 2)
+        results = {name: future.result() for name, future in futures.items()}
+        return Wave(inputs, inputs_before, {**results, **forked}, race.result())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The assertions every case gets
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ids(table: list[Case]) -> list[Any]:
+    marks = [pytest.mark.skip(reason="running as root: permission bits do not stop writes")]
+    return [pytest.param(case, id=case.name, marks=marks if IS_ROOT and case.name in ROOT_SKIPS else ())
+            for case in table]
+
+
+def _check(wave: Wave, case: Case) -> Result:
+    result = wave.results[case.name]
+    output = result.stdout + result.stderr
+    assert result.returncode == case.code, result
+    assert "Traceback" not in output and "internal error" not in output, result
+    if case.code != 0:
+        assert result.error, result
+        for phrase in case.says:
+            assert phrase.lower() in result.error.lower(), f"{phrase!r} not in the error\n{result}"
+    outside = [key for key in changed(result.before, result.after)
+               if case.out is None or case.code != 0 or not (key == case.out or key.startswith(f"{case.out}/"))]
+    assert not outside, f"changed outside the intended output: {outside}\n{result}"
+    return result
+
+
+@pytest.mark.parametrize("case", _ids(OPTIONS))
+def test_bad_options_are_refused_before_any_work(wave: Wave, case: Case) -> None:
+    _check(wave, case)
+
+
+@pytest.mark.parametrize("case", _ids(OUTPUTS))
+def test_outputs_never_replace_what_tofu_export_did_not_write(wave: Wave, case: Case) -> None:
+    _check(wave, case)
+    if case.code == 0:
+        manifest = wave.results[case.name].after
+        assert any(key.endswith("manifest.json") for key in manifest), "the replaced artifact has no manifest"
+
+
+@pytest.mark.parametrize("case", _ids(INPUTS))
+def test_bad_inputs_are_named_where_they_enter(wave: Wave, case: Case) -> None:
+    _check(wave, case)
+
+
+@pytest.mark.parametrize("case", _ids(FAULTS))
+def test_faults_leave_nothing_half_written(wave: Wave, case: Case) -> None:
+    _check(wave, case)
+
+
+def test_shared_inputs_never_change(wave: Wave) -> None:
+    assert changed(wave.inputs_before, snapshot(wave.inputs)) == []
+
+
+def test_cached_sweep_artifact_that_does_not_match_its_manifest_is_exported_again(wave: Wave) -> None:
+    from tofu_export.hashing import sha256_file
+    from tofu_export.manifest import Manifest
+
+    result = wave.results["sweep_cache_truncated_onnx"]
+    folder = _cached_folder(wave.inputs.parent / "cases" / result.case.name)
+    assert Manifest.read(folder).file_sha256("model.onnx") == sha256_file(folder / "model.onnx"), result
+
+
+def test_two_exports_to_one_output_at_once_cannot_both_succeed(wave: Wave) -> None:
+    first, second = wave.race
+    codes = sorted([first.returncode, second.returncode])
+    assert codes == [0, 2], f"{first}\n{second}"
+    loser = first if first.returncode == 2 else second
+    assert "already exists" in loser.error or "while this export ran" in loser.error, loser
+    assert "Traceback" not in loser.stderr
+    out = wave.inputs.parent / "cases" / "race"
+    assert sorted(path.name for path in out.iterdir()) == ["out"]  # no staging folder left by the loser
+
+
+def test_the_suite_covers_every_subcommand_and_enough_cases() -> None:
+    commands = {next((arg for arg in case.args if arg in SUBCOMMANDS), "export") for case in ALL}
+    assert commands >= SUBCOMMANDS, commands
+    assert len({case.name for case in ALL}) == len(ALL) >= 60
