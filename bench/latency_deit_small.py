@@ -1,22 +1,29 @@
 """ONNX Runtime CPU latency of deit_small_patch16_224: baseline vs ToMe vs ToFu at the same r.
 
-Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified) and timed in one
-process, interleaved round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads,
-median of --iters runs after --warmup, thread spinning off and a shuffled order (see tofu_export/profiling/compare.py),
-in --repeats rounds whose speedups are reported as a range. Weights are random (latency does not depend on them).
+Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified; the -dynamo rows
+through torch.export instead, see tofu_export/exporters/dynamo.py) and timed in one process, interleaved
+round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads, median of --iters runs
+after --warmup, thread spinning off and a shuffled order (see tofu_export/profiling/compare.py), in --repeats rounds
+whose speedups are reported as a range. Weights are random (latency does not depend on them).
 
 Variants:
   baseline      timm's model, no token reduction
   tome-scatter  the official ToMe algorithm as ToMe writes it (scatter_reduce), our eager path, exported as is
   tome          ToMe's algorithm through our static rewrite (row gathers and a one-hot fold, no scatter)
   tofu-scatter  ToFu through the eager path (scatter_reduce sum / amax), exported as is
-  tofu          ToFu (prune in the first quarter of blocks, MLERP after), static rewrite
+  tofu          ToFu with its default split (schedule.layer_modes("tofu"): MLERP in every block), static rewrite
   tofu-mean     ToFu's split with ToMe's average instead of MLERP (static): what MLERP's norms cost
   tofu-noprop   ToFu without proportional attention (static): what the log(size) attention mask costs
   prune         every block prunes (static): ToMe's matching plus one row gather, i.e. what matching alone costs
   bound-free-slice  not a method: each block keeps its first N - r tokens, the speed ceiling of any reduction
+  baseline-dynamo, tome-scatter-dynamo, tome-dynamo, tofu-dynamo
+                the same models exported by the dynamo exporter (exporter="dynamo"), to choose the default exporter
 
-Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--repeats 3] [--out bench/results]
+--clock thread-cpu times each run by the calling thread's CPU time on one intra-op thread instead (ORT then runs the
+graph on that thread): what a run costs in compute whatever else the host runs, for a host too loaded for wall-clock
+ratios; its results go to latency_deit_small_thread_cpu.{md,json}.
+
+Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--repeats 3] [--clock wall] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +46,10 @@ import timm
 import torch
 
 import tofu_export
+from tofu_export.engines.ort import create_session
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.models.timm_vit import TokenReduction
-from tofu_export.profiling.compare import interleaved_latency_ms
+from tofu_export.profiling.compare import interleaved_latency_ms, round_orders
 from tofu_export.profiling.device import describe_device
 from tofu_export.schedule import layer_modes
 
@@ -61,6 +71,10 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
         ("tofu-mean", dict(mode=[m.replace("mlerp", "mean") for m in tofu_modes], img_size=224)),
         ("tofu-noprop", dict(mode="tofu", prop_attn=False, img_size=224)),
         ("prune", dict(mode="prune", img_size=224)),
+        ("baseline-dynamo", None),
+        ("tome-scatter-dynamo", dict(mode="tome")),
+        ("tome-dynamo", dict(mode="tome", img_size=224)),
+        ("tofu-dynamo", dict(mode="tofu", img_size=224)),
     ]
     for name, patch_kwargs in setups:
         tofu_export.unpatch(model)
@@ -69,14 +83,14 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
                 warnings.simplefilter("ignore")  # r=16 is clipped in the last block; that is expected
                 tofu_export.patch(model, r=r, **patch_kwargs)
         path = folder / f"{name}.onnx"
-        result = export_onnx(model, path, 224)
+        result = export_onnx(model, path, 224, exporter="dynamo" if name.endswith("-dynamo") else "torchscript")
         assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
         variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
     # A bound, not a method: every block keeps its first N - r tokens, i.e. token reduction that costs nothing.
     tofu_export.patch(model, r=r, mode="prune", img_size=224)
     with _free_reduction():
         path = folder / "bound-free-slice.onnx"
-        export_onnx(model, path, 224, verify=False)  # it is not meant to match anything
+        export_onnx(model, path, 224, verify=False, exporter="torchscript")  # it is not meant to match anything
     variants["bound-free-slice"] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
     return variants
 
@@ -97,6 +111,26 @@ def _free_reduction() -> Iterator[None]:
         TokenReduction.forward = original
 
 
+def thread_cpu_latency_ms(models: dict[str, Path], *, warmup: int, iters: int, seed: int) -> dict[str, list[float]]:
+    """``interleaved_latency_ms`` on one intra-op thread, each timed run measured by this thread's CPU time."""
+    sessions = {name: create_session(path, threads=1, spinning=False) for name, path in models.items()}
+    feeds = {}
+    for name, session in sessions.items():
+        model_input = session.get_inputs()[0]
+        shape = [1, *(int(d) for d in model_input.shape[1:])]
+        feeds[name] = {model_input.name: np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)}
+        for _ in range(warmup):
+            session.run(None, feeds[name])
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    for order in round_orders(list(sessions), iters, seed):
+        for name in order:
+            sessions[name].run(None, feeds[name])  # untimed: re-warm after whatever ran before
+            start = time.thread_time()
+            sessions[name].run(None, feeds[name])
+            samples[name].append((time.thread_time() - start) * 1e3)
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=16)
@@ -104,17 +138,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="independent timing rounds (fresh sessions each)")
+    parser.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall", help="see the module docstring")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
+    cpu_clock = args.clock == "thread-cpu"
+    load_before = os.getloadavg()
 
     rounds: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.r, Path(tmp))
         paths = {name: path for name, (path, _) in variants.items()}
         for seed in range(args.repeats):  # each round its own visiting order
-            rounds.append(
-                interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters, seed=seed)
-            )
+            if cpu_clock:
+                rounds.append(thread_cpu_latency_ms(paths, warmup=args.warmup, iters=args.iters, seed=seed))
+            else:
+                rounds.append(
+                    interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters, seed=seed)
+                )
     # Pooled over the rounds for the headline figures; the per-round speedups show the run-to-run spread.
     samples = {name: [t for one in rounds for t in one[name]] for name in paths}
     round_speedups = {
@@ -125,16 +165,25 @@ def main() -> None:
     for name, times in samples.items():
         median = statistics.median(times)
         rows.append({
-            "variant": name, "r": 0 if name == "baseline" else args.r, "median_ms": round(median, 2),
+            "variant": name, "r": 0 if name.startswith("baseline") else args.r, "median_ms": round(median, 2),
             "p90_ms": round(float(np.percentile(times, 90)), 2), "speedup": round(base / median, 3),
             "speedup_min": round(min(round_speedups[name]), 3), "speedup_max": round(max(round_speedups[name]), 3),
             "gflops": round(variants[name][1], 3), "flop_ratio": round(variants["baseline"][1] / variants[name][1], 3),
         })
+    # Per round, how much faster each model's dynamo graph ran than its TorchScript graph (> 1: dynamo faster).
+    exporter_ratios = {
+        name: [round(statistics.median(one[name]) / statistics.median(one[f"{name}-dynamo"]), 3) for one in rounds]
+        for name in paths if f"{name}-dynamo" in paths
+    }
     result = {
-        "benchmark": "ORT CPU latency, deit_small_patch16_224, batch 1",
+        "benchmark": "ORT CPU latency, deit_small_patch16_224, batch 1"
+        + (", thread CPU time on 1 intra-op thread" if cpu_clock else ""),
+        "clock": args.clock, "load_average_before_after": [load_before, os.getloadavg()],
+        "torchscript_over_dynamo_per_round": exporter_ratios,
         "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads} "
-        f"--repeats {args.repeats}",
-        "threads": args.threads, "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats, "rows": rows,
+        f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else ""),
+        "threads": 1 if cpu_clock else args.threads, "iters": args.iters, "warmup": args.warmup,
+        "repeats": args.repeats, "rows": rows,
         "machine": describe_device().to_dict(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "torch": torch.__version__,
     }
@@ -145,8 +194,11 @@ def main() -> None:
     table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | "
               f"{r['speedup_min']}-{r['speedup_max']}x | {r['gflops']} | {r['flop_ratio']}x |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency_deit_small.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "latency_deit_small.md").write_text("\n".join(table) + "\n")
+    stem = "latency_deit_small" + ("_thread_cpu" if cpu_clock else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table += ["", "| model | TorchScript / dynamo median, per round (> 1: the dynamo graph is faster) |", "|---|---|"]
+    table += [f"| {name} | {', '.join(f'{v:.3f}' for v in ratios)} |" for name, ratios in exporter_ratios.items()]
+    (args.out / f"{stem}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
 
