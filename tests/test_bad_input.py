@@ -495,7 +495,8 @@ def wave(tmp_path_factory: pytest.TempPathFactory) -> Wave:
 
 def _ids(table: list[Case]) -> list[Any]:
     marks = [pytest.mark.skip(reason="running as root: permission bits do not stop writes")]
-    return [pytest.param(case, id=case.name, marks=marks if IS_ROOT and case.name in ROOT_SKIPS else ())
+    kind = next(name for name, cases in TABLES.items() if cases is table)
+    return [pytest.param(case, id=f"{kind}-{case.name}", marks=marks if IS_ROOT and case.name in ROOT_SKIPS else ())
             for case in table]
 
 
@@ -514,27 +515,13 @@ def _check(wave: Wave, case: Case) -> Result:
     return result
 
 
-@pytest.mark.parametrize("case", _ids(OPTIONS))
-def test_bad_options_are_refused_before_any_work(wave: Wave, case: Case) -> None:
-    _check(wave, case)
-
-
-@pytest.mark.parametrize("case", _ids(OUTPUTS))
-def test_outputs_never_replace_what_tofu_export_did_not_write(wave: Wave, case: Case) -> None:
-    _check(wave, case)
+@pytest.mark.parametrize("case", [param for table in TABLES.values() for param in _ids(table)])
+def test_bad_input(wave: Wave, case: Case) -> None:
+    """Options refused before any work; outputs never replace what tofu-export did not write; inputs named where
+    they enter; faults leave nothing half-written (the table a case sits in says which)."""
+    result = _check(wave, case)
     if case.code == 0:
-        manifest = wave.results[case.name].after
-        assert any(key.endswith("manifest.json") for key in manifest), "the replaced artifact has no manifest"
-
-
-@pytest.mark.parametrize("case", _ids(INPUTS))
-def test_bad_inputs_are_named_where_they_enter(wave: Wave, case: Case) -> None:
-    _check(wave, case)
-
-
-@pytest.mark.parametrize("case", _ids(FAULTS))
-def test_faults_leave_nothing_half_written(wave: Wave, case: Case) -> None:
-    _check(wave, case)
+        assert any(key.endswith("manifest.json") for key in result.after), "the new artifact has no manifest"
 
 
 def test_shared_inputs_never_change(wave: Wave) -> None:

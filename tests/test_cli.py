@@ -530,7 +530,7 @@ def test_failed_parity_leaves_no_staging_folder(work: Path, first: dict[str, Run
     assert run.returncode == 2, run
     assert "disagrees with PyTorch" in run.error_paragraph, run
     assert not out.exists()
-    assert list(out.parent.iterdir()) == []  # the staging folder was created here, and removed
+    assert not out.parent.exists()  # the staging folder was created here, and removed with the folder made for it
 
 
 @pytest.mark.parametrize("name", FAILURES)
