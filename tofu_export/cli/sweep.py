@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from tofu_export.cli.options import ModelOptions, RuntimeOptions, parse_int_list
+from tofu_export.cli.options import ModelOptions, OnnxOptions, RuntimeOptions, parse_int_list
 
 
 def sweep(
     checkpoint: Annotated[str, typer.Argument(help="A checkpoint, or a timm model name (random weights).")],
     model: ModelOptions,
+    onnx: OnnxOptions,
     runtime: RuntimeOptions,
     r: Annotated[str, typer.Option("--r", help="r values, comma-separated.")] = "0,4,8,12,16",
     modes: Annotated[str, typer.Option(help="Modes, comma-separated.")] = "tome,prune,mlerp,tofu",
@@ -55,7 +56,7 @@ def sweep(
         device=device, data=data, limit=limit, iters=iters, threads=runtime.threads,
         spinning=runtime.spin, interleave=interleave, arch=model.arch, trust_pickle=model.trust_pickle,
         template=ToFuConfig(prune_layers=prune_layers, prop_attn=prop_attn),
-        policy=None if policy is None else Policy.load(policy),
+        policy=None if policy is None else Policy.load(policy), onnx=onnx.build(),
     )
     for path in paths:
         typer.echo(str(path))

@@ -15,7 +15,7 @@ from typing import Any
 from tofu_export import __version__
 from tofu_export.artifacts import cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
-from tofu_export.config import ExportConfig, ToFuConfig
+from tofu_export.config import ExportConfig, OnnxConfig, ToFuConfig
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
@@ -89,11 +89,12 @@ def run_sweep_job(
     trust_pickle: bool,
     template: ToFuConfig | None = None,
     policy: Policy | None = None,
+    onnx: OnnxConfig | None = None,
 ) -> list[Path]:
     """Run (or resume) the sweep in ``out``; returns the report files written. Every point is an exported ONNX
     graph timed on ONNX Runtime (CPU, or its CUDA provider); ``template`` carries the settings shared by all
     points (prune split, proportional attention); a calibrated ``policy`` adds one point, mode ``policy``, at its
-    mean r."""
+    mean r; ``onnx`` how every point is exported (the exporter, opset)."""
     if device not in ("cpu", "cuda"):
         raise ProfilerError(f"a sweep runs on ONNX Runtime's cpu or cuda provider, not {device!r}",
                             hint=Hint("device", "cpu"))
@@ -102,7 +103,8 @@ def run_sweep_job(
     checkpoint = _checkpoint_file(source, out, arch)
     digest = sha256_file(checkpoint)
     template = template or ToFuConfig()
-    settings = f"prune_layers={template.prune_layers}:prop_attn={template.prop_attn}"
+    onnx = onnx or OnnxConfig()
+    settings = f"prune_layers={template.prune_layers}:prop_attn={template.prop_attn}:{onnx}"
     if policy is not None:  # a different policy file is a different graph
         settings += ":policy=" + hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()
     config_key = f"{digest}:{arch}:{settings}:tofu-export {__version__}"  # a new release re-exports
@@ -118,7 +120,8 @@ def run_sweep_job(
             else:
                 mode = modes[0] if point.mode == BASELINE else point.mode  # r = 0: the same graph in every mode
                 tofu = dataclasses.replace(template, r=point.r, mode=mode)
-            run_export(checkpoint, folder, ExportConfig(tofu=tofu, arch=arch, trust_pickle=trust_pickle, force=True))
+            config = ExportConfig(tofu=tofu, onnx=onnx, arch=arch, trust_pickle=trust_pickle, force=True)
+            run_export(checkpoint, folder, config)
         return folder / ONNX_NAME
 
     interleave = interleave and device == "cpu"
