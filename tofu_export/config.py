@@ -106,7 +106,7 @@ class OnnxConfig:
     opset: int | None = None  # None: the newest the TensorRT targets parse (trt_targets.export_opset: 17, 16 for 8.5)
     simplify: bool = True
     tolerance: float = 1e-4  # max |ONNX - PyTorch|, relative to the output scale
-    exporter: Exporter = "torchscript"
+    exporter: Exporter = "dynamo"  # see exporters.onnx.DEFAULT_EXPORTER
 
     def __post_init__(self) -> None:
         if self.opset is not None and not 13 <= self.opset <= 21:
@@ -117,7 +117,7 @@ class OnnxConfig:
                             hint=Hint("tolerance", "1e-4"))
         if self.exporter not in ("torchscript", "dynamo"):
             raise UserError(f"unknown exporter {self.exporter!r}; choose torchscript or dynamo",
-                            hint=Hint("exporter", "torchscript"))
+                            hint=Hint("exporter", "dynamo"))
 
 
 @dataclass(frozen=True)

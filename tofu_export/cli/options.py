@@ -122,8 +122,8 @@ class OnnxOptions:
         float, typer.Option("--tolerance", help="Max |ONNX - PyTorch| allowed, relative to the output scale.")
     ] = 1e-4
     exporter: Annotated[
-        str, typer.Option("--exporter", help="torchscript | dynamo (torch.export); see README for which is faster.")
-    ] = "torchscript"
+        str, typer.Option("--exporter", help="dynamo (torch.export) | torchscript; see README for which is faster.")
+    ] = "dynamo"
 
     def build(self) -> Any:
         from tofu_export.config import OnnxConfig

@@ -28,7 +28,7 @@ MIN_COSINE = 0.999  # every image's ONNX output must keep at least this cosine t
 MIN_WITHIN = 2 / 3  # and at least this fraction of images must agree to the tolerance
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
-DEFAULT_EXPORTER: Exporter = "torchscript"
+DEFAULT_EXPORTER: Exporter = "dynamo"  # measured: bench/results/latency_deit_small*.md (TorchScript is deprecated)
 
 
 class ExportError(UserError, RuntimeError):
