@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from tofu_export.errors import Hint, UserError
+from tofu_export.evaluation.data import decode_images
 
 LABEL = "quick look on this machine, not a benchmark"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -70,15 +70,7 @@ def image_files(root: Path, pattern: str = "*", limit: int | None = None) -> lis
 
 def load_images(files: Sequence[Path], transform: Any) -> torch.Tensor:
     """``[N, 3, H, W]``: each file decoded as RGB and passed through ``transform`` (the model's eval transform)."""
-    tensors = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                tensors.append(transform(image.convert("RGB")))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise QuickLookDataError(f"{path} is not a readable image ({type(error).__name__}: {error})",
-                                     hint=Hint("data")) from error
-    return torch.stack(tensors)
+    return decode_images(list(files), transform, QuickLookDataError, Hint("data"))
 
 
 def spread(samples_ms: Sequence[float]) -> dict[str, float]:

@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from tofu_export.errors import Hint, UserError
-from tofu_export.evaluation.data import model_transform
+from tofu_export.evaluation.data import decode_images, model_transform
 
 MIN_IMAGES = 8  # fewer gives per-block damage too noisy to rank modes by
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -64,13 +63,7 @@ def load_images(root: str | Path, model: nn.Module, count: int) -> tuple[torch.T
                                    hint=Hint("images", str(MIN_IMAGES)))
     chosen = evenly_spaced(files, count)
     transform = model_transform(model)
-    tensors = []
-    for path in chosen:
-        try:
-            with Image.open(path) as image:
-                tensors.append(transform(image.convert("RGB")))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise CalibrationDataError(f"{path} is not a readable image ({type(error).__name__}: {error})") from error
+    batch = decode_images(chosen, transform, CalibrationDataError)
     source = {"path": str(root), "folder": str(folder), "count": len(chosen), "asked": count,
               "available": len(files), "first": str(chosen[0]), "last": str(chosen[-1])}
-    return torch.stack(tensors), source
+    return batch, source

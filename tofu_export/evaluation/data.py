@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from tofu_export.errors import Hint
+from tofu_export.errors import Hint, UserError
 from tofu_export.evaluation.errors import EvaluationError
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -166,3 +166,18 @@ def make_loader(
     dataset = subsample(image_folder(root, transform), limit)
     check_images(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def decode_images(
+    files: list[Path] | tuple[Path, ...], transform: Transform, error: type[UserError], hint: Hint | None = None
+) -> torch.Tensor:
+    """``[N, 3, H, W]``: each file decoded as RGB and passed through ``transform``; a file that does not decode is
+    an ``error`` (with ``hint``) naming it."""
+    tensors = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                tensors.append(transform(image.convert("RGB")))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as cause:
+            raise error(f"{path} is not a readable image ({type(cause).__name__}: {cause})", hint=hint) from cause
+    return torch.stack(tensors)
