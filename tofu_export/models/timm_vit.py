@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from tofu_export.errors import UserError
-from tofu_export.merge import bipartite_soft_matching, max_reduction, reduce_tokens, sample_index
+from tofu_export.merge import bipartite_soft_matching, reduce_tokens, sample_index
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, plan_tokens
 from tofu_export.sizes import as_pair
 
@@ -80,7 +80,7 @@ class TokenReduction(nn.Module):
                 )
             r = state.plan.r[self.index]
         else:
-            r = min(state.r[self.index], max_reduction(x.shape[1], state.num_prefix))
+            r = plan_tokens(x.shape[1], state.num_prefix, [state.r[self.index]], warn=False).r[0]  # eager: any size
         if r == 0:
             return x, size
         if metric is None:
