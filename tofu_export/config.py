@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from tofu_export.errors import Hint, UserError
-from tofu_export.models.timm_vit import num_tokens, patch
+from tofu_export.models.timm_vit import num_tokens
+from tofu_export.models.timm_vit import patch as patch_model
 from tofu_export.schedule import MODES, RSpec, ScheduleError, TokenPlan, layer_modes, parse_r, plan_tokens
 
 if TYPE_CHECKING:
@@ -34,6 +35,12 @@ class ResolvedToFu:
     img_size: int
     prop_attn: bool
     source: str  # "mode tofu" or "policy <path>", for manifests and reports
+
+    def patch(self, model: nn.Module, *, static: bool = True) -> ResolvedToFu:
+        """Patch ``model`` (the one this was resolved against) in place (``static``: fixed input size, ready for
+        export); returns ``self``."""
+        patch_model(model, self.r, self.modes, self.prop_attn, self.img_size if static else None)
+        return self
 
 
 @dataclass(frozen=True)
@@ -94,9 +101,7 @@ class ToFuConfig:
 
     def patch(self, model: nn.Module, *, static: bool = True) -> ResolvedToFu:
         """Resolve against ``model`` and patch it in place (``static``: fixed input size, ready for export)."""
-        resolved = self.resolve(model)
-        patch(model, resolved.r, resolved.modes, resolved.prop_attn, resolved.img_size if static else None)
-        return resolved
+        return self.resolve(model).patch(model, static=static)
 
 
 @dataclass(frozen=True)

@@ -58,14 +58,14 @@ def run_export(
         allow_timm_name=False,
     )
     model, guess = loaded.model, loaded.arch
-    config.tofu.resolve(model)  # an impossible r fails here, before anything is written
+    resolved = config.tofu.resolve(model)  # an impossible r or a foreign policy fails here, before anything is written
     images = _quick_look_images(model, quick_look)  # so does an image folder that cannot be read
     baseline = copy.deepcopy(model) if quick_look is not None else None  # the unreduced model, for the quick look
 
     step("patching with ToFu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resolved = config.tofu.patch(model)
+        resolved.patch(model)
     notes = [str(w.message) for w in caught] + list(guess.notes)
     schedule = token_schedule(model, resolved.img_size)
     policy = config.tofu.policy
