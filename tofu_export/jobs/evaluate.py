@@ -9,19 +9,8 @@ from typing import Any
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import Hint
 from tofu_export.evaluation import EvaluationError, evaluate
+from tofu_export.jobs.profile import backend_for, open_runner
 from tofu_export.models.loading import load_model
-
-ARTIFACT_SUFFIXES = (".onnx", ".engine", ".plan")
-
-
-def _artifact_runner(path: Path, threads: int | None) -> Any:
-    if path.suffix == ".onnx":
-        from tofu_export.engines.ort import OrtRunner
-
-        return OrtRunner(path, threads=threads)
-    from tofu_export.engines.trt import TrtRunner
-
-    return TrtRunner(path)
 
 
 def evaluate_model(
@@ -47,14 +36,14 @@ def evaluate_model(
         raise EvaluationError(f"the batch size must be at least 1, got {batch_size}", hint=Hint("batch_size", "32"))
     if limit is not None and limit < 1:
         raise EvaluationError(f"the image limit must be at least 1, got {limit}", hint=Hint("limit", "100"))
-    if model.suffix in ARTIFACT_SUFFIXES:
+    if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
         if reference is None:
             raise EvaluationError(
                 f"{model} is a deployed artifact: its outputs are compared with the unreduced model's, so the "
                 "checkpoint it was exported from is needed.", hint=Hint("reference", "CHECKPOINT"),
             )
         reference_model = load_model(reference, arch=arch, trust_pickle=trust_pickle).model
-        candidate = _artifact_runner(model, threads)
+        candidate = open_runner(model, threads=threads)
         description = {"candidate": str(model)}
     else:
         reference_model = load_model(model, arch=arch, trust_pickle=trust_pickle).model
