@@ -16,7 +16,6 @@ token reduction (an r = 0 graph computes exactly what the unpatched model does).
 from __future__ import annotations
 
 import fnmatch
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,13 +127,10 @@ def fidelity(baseline: Path, tofu: Path, images: torch.Tensor, classifier: bool)
 
 def machine() -> dict[str, Any]:
     """The CPU the figures were taken on."""
-    from tofu_export.profiling.device import cpu_model_from_cpuinfo
+    from tofu_export.profiling.device import describe_device
 
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        cpuinfo = None
-    return {"cpu": cpu_model_from_cpuinfo(cpuinfo), "cores": os.cpu_count()}
+    device = describe_device()
+    return {"cpu": device.cpu_model, "cores": device.cpu_cores}
 
 
 def is_classifier(model: torch.nn.Module) -> bool:
