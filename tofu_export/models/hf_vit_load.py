@@ -1,0 +1,146 @@
+"""Read a transformers ``save_pretrained`` folder (``config.json`` + ``model.safetensors``, or a sharded index;
+``pytorch_model.bin`` only with ``trust_pickle``) into a wrapped, eval-mode model.
+
+The class comes from ``arch`` or the config's ``architectures``; every value of the architecture is the config's
+own (the head count included: ``num_attention_heads``), so the provenance of each is ``config.json``. Weights files
+are checked by ``checkpoint.load_state_dict`` first (its limits and value checks), then transformers reads them
+(it renames the keys of older checkpoints); any missing, unexpected or mis-shaped key is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.errors import Hint
+from tofu_export.hashing import sha256_file
+from tofu_export.models.family import ArchGuess, LoadedModel
+from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
+
+__all__ = ["load_folder"]
+
+_SAFE = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "mlp_ratio",
+                "patch_size", "image_size", "num_register_tokens", "projection_dim", "num_labels")
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:
+        raise CheckpointError(
+            "this folder holds a Hugging Face transformers model, and transformers is not installed",
+            hint=Hint("checkpoint", None, "pip install 'tofu-export[hf]'"),
+        ) from error
+    return transformers
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{folder / 'config.json'} is not readable JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / 'config.json'} holds no JSON object")
+    return config
+
+
+def _class_name(folder: Path, config: dict[str, Any], arch: str | None) -> str:
+    named = config.get("architectures") or []
+    name = arch or (named[0] if isinstance(named, list) and named else None)
+    if name in SUPPORTED:
+        return str(name)
+    said = f"--arch {arch}" if arch else f"config.json names {named or 'no architecture'}"
+    raise CheckpointError(
+        f"{folder}: {said}; tofu-export reads the transformers vision classes {', '.join(SUPPORTED)}",
+        hint=Hint("arch", "Dinov2Model", "one of these class names"),
+    )
+
+
+def _weights_files(folder: Path, trust_pickle: bool) -> tuple[list[Path], bool]:
+    """The weights files (shards included) and whether they are safetensors."""
+    for names, safe in ((_SAFE, True), (_PICKLED, False)):
+        for name in names:
+            path = folder / name
+            if not path.is_file():
+                continue
+            if not safe and not trust_pickle:
+                raise CheckpointError(
+                    f"{folder} holds only pickled weights ({name}), which can run code when loaded",
+                    hint=Hint("trust_pickle", None, "if you trust the file, or save it with safe_serialization"),
+                )
+            if not name.endswith(".index.json"):
+                return [path], safe
+            try:
+                shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise CheckpointError(f"{path} is not a readable shard index: {error}") from error
+            return [folder / Path(shard).name for shard in shards], safe
+    raise CheckpointError(f"{folder} has a config.json but no model.safetensors (or pytorch_model.bin)")
+
+
+def _folder_digest(files: list[Path], folder: Path) -> str:
+    """The config's and the weights' hashes, combined (one file: that file's hash)."""
+    import hashlib
+
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *files]:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool) -> LoadedModel:
+    """The model ``folder`` holds, wrapped in ``HFVisionEncoder``, eval mode."""
+    config = _read_config(folder)
+    name = _class_name(folder, config, arch)
+    transformers = _transformers()
+    files, safe = _weights_files(folder, trust_pickle)
+    for path in files:
+        load_state_dict(path, trust_pickle=trust_pickle)  # limits, dtypes and values checked before transformers
+    size = config.get("image_size")
+    if img_size is not None and img_size != size:
+        raise CheckpointError(f"{folder} was saved for {size} px inputs; tofu-export does not resample a "
+                              f"transformers model's position embeddings to {img_size}",
+                              hint=Hint("img_size", str(size), "the size in config.json"))
+    model_class = getattr(transformers, name)
+    try:
+        model, info = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe,
+                                                  output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"transformers could not read {folder} as {name}: {error}") from error
+    _check_loading(folder, name, info)
+    preprocess = _preprocess(folder)
+    values = {key: config[key] for key in _ARCH_FIELDS if key in config}
+    guess = ArchGuess(
+        name=name, kwargs=values,
+        reason=f"{name} from {'--arch' if arch else 'config.json architectures'}, every value from config.json",
+        provenance={"architecture": "--arch" if arch else "config.json", **{k: "config.json" for k in values}},
+    )
+    return LoadedModel(HFVisionEncoder(model.eval(), preprocess), guess, folder, _folder_digest(files, folder))
+
+
+def _check_loading(folder: Path, name: str, info: dict[str, Any]) -> None:
+    problems = [f"{what}: {', '.join(sorted(map(str, keys))[:5])}"
+                for what, keys in (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys")),
+                                   ("mis-shaped", info.get("mismatched_keys"))) if keys]
+    if problems:
+        raise CheckpointError(f"{folder} does not fit {name}: {'; '.join(problems)}",
+                              hint=Hint("arch", None, "the class the weights were saved from"))
+
+
+def _preprocess(folder: Path) -> dict[str, Any]:
+    """``mean`` / ``std`` from ``preprocessor_config.json`` when the folder has one."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    pairs = (("image_mean", "mean"), ("image_std", "std"))
+    return {ours: data[theirs] for theirs, ours in pairs if isinstance(data.get(theirs), list)}
