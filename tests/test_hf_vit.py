@@ -1,0 +1,178 @@
+"""The Hugging Face family on tiny random configs of every supported class (no downloads): the patch is the identity
+at r=0 and is taken off cleanly, the calibration hooks compute what the forward computes, eager and SDPA attention
+agree, proportional attention and SigLIP's size-weighted pool are really applied, every class exports statically
+with parity and passes the TensorRT check, and ``save_pretrained`` folders load through ``load_model``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tofu_export import load_model  # noqa: E402
+from tofu_export.accounting import token_schedule  # noqa: E402
+from tofu_export.checkpoint import CheckpointError  # noqa: E402
+from tofu_export.exporters.onnx import export_onnx  # noqa: E402
+from tofu_export.models.family import family_of, is_patched, patch, patched, unpatch  # noqa: E402
+from tofu_export.models.hf_vit import HFVisionEncoder, wrap  # noqa: E402
+from tofu_export.models.hf_vit_specs import layers_of  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
+
+FORBIDDEN_OPS = {"ScatterElements", "ScatterND", "Scatter", "If", "Loop", "NonZero"}
+IMG = 32
+
+
+def _config(cls: type, attn: str, **extra: object) -> object:
+    base = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=IMG,
+                patch_size=4, attn_implementation=attn)
+    return cls(**base, **extra)
+
+
+BUILDERS: dict[str, Callable[[str], torch.nn.Module]] = {
+    "ViTModel": lambda a: transformers.ViTModel(_config(transformers.ViTConfig, a)),
+    "ViTForImageClassification": lambda a: transformers.ViTForImageClassification(
+        _config(transformers.ViTConfig, a, num_labels=5)),
+    "Dinov2Model": lambda a: transformers.Dinov2Model(_config(transformers.Dinov2Config, a)),
+    "Dinov2WithRegistersModel": lambda a: transformers.Dinov2WithRegistersModel(
+        _config(transformers.Dinov2WithRegistersConfig, a, num_register_tokens=2)),
+    "CLIPVisionModel": lambda a: transformers.CLIPVisionModel(_config(transformers.CLIPVisionConfig, a)),
+    "CLIPVisionModelWithProjection": lambda a: transformers.CLIPVisionModelWithProjection(
+        _config(transformers.CLIPVisionConfig, a, projection_dim=16)),
+    "SiglipVisionModel": lambda a: transformers.SiglipVisionModel(_config(transformers.SiglipVisionConfig, a)),
+}
+PREFIX = {"Dinov2WithRegistersModel": 3, "SiglipVisionModel": 0}
+
+
+def build(name: str, attn: str = "eager") -> HFVisionEncoder:
+    torch.manual_seed(0)
+    return wrap(BUILDERS[name](attn))
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_geometry_r0_identity_and_clean_unpatch(name: str, images: torch.Tensor) -> None:
+    model = build(name)
+    family = family_of(model)
+    assert family.name == "transformers" and family_of(model.hf) is family
+    assert family.num_prefix(model) == PREFIX.get(name, 1)
+    assert family.num_tokens(model) == (IMG // 4) ** 2 + PREFIX.get(name, 1)
+    assert family.depth(model) == 3 and family.img_size(model) == (IMG, IMG)
+    with torch.no_grad():
+        reference = model(images)
+        with patched(model, r=0):
+            assert torch.equal(model(images), reference)
+        patch(model, r=8, mode="tome")
+        assert is_patched(model) and token_schedule(model).tokens[1] == family.num_tokens(model) - 8
+        assert not torch.allclose(model(images), reference, atol=1e-6)  # tokens really are reduced
+        unpatch(model)
+        assert not is_patched(model) and torch.equal(model(images), reference)
+    assert all(not type(layer).__name__.startswith("ToFu") for layer in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_calibration_hooks_compute_the_forward(name: str, images: torch.Tensor) -> None:
+    """embed -> run_blocks -> pooled_output (and the classifier / projection) is the wrapper's forward, patched or
+    not; attention_half + mlp_half is one layer."""
+    model = build(name)
+    family = family_of(model)
+    tail = getattr(model.hf, "classifier", None) or getattr(model.hf, "visual_projection", None) or torch.nn.Identity()
+    with torch.no_grad():
+        x = family.embed(model, images)
+        y, metric = family.attention_half(model, 0, x)
+        assert metric.shape == (3, x.shape[1], 16)
+        torch.testing.assert_close(family.mlp_half(model, 0, y), layers_of(model)[0](x, None), rtol=0, atol=1e-6)
+        with patched(model, r=6, mode="mlerp"):
+            hooks = tail(family.pooled_output(model, family.run_blocks(model, x, 0)))
+            torch.testing.assert_close(hooks, model(images), rtol=0, atol=1e-6)
+        plain = tail(family.pooled_output(model, family.run_blocks(model, x, 0)))
+        torch.testing.assert_close(plain, model(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_eager_and_sdpa_agree_with_proportional_attention(name: str, images: torch.Tensor) -> None:
+    eager, sdpa = build(name, "eager"), build(name, "sdpa")
+    with torch.no_grad(), patched(eager, r=8, mode="tofu"), patched(sdpa, r=8, mode="tofu"):
+        torch.testing.assert_close(eager(images), sdpa(images), rtol=0, atol=1e-5)
+        with_prop = eager(images)
+        with patched(eager, r=8, mode="tofu", prop_attn=False):
+            assert not torch.allclose(eager(images), with_prop, atol=1e-6)  # the log(size) mask is applied
+
+
+def test_siglip_attention_pool_weighs_tokens_by_size(images: torch.Tensor) -> None:
+    model = build("SiglipVisionModel")
+    with torch.no_grad(), patched(model, r=8, mode="tome", prop_attn=False):
+        weighted = model(images)
+        (pool_hook,) = model.hf.head.attention._forward_pre_hooks.values()
+        model.hf.head.attention._forward_pre_hooks.clear()
+        unweighted = model(images)
+        model.hf.head.attention.register_forward_pre_hook(pool_hook, with_kwargs=True)
+        torch.testing.assert_close(model(images), weighted, rtol=0, atol=0)
+    assert not torch.allclose(weighted, unweighted, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILDERS)
+def test_every_class_exports_statically_with_parity(name: str, tmp_path: Path) -> None:
+    from tofu_export.exporters.trt_check import check_tensorrt_compat
+
+    model = build(name)
+    patch(model, r=8, mode="tofu", img_size=IMG, prune_layers=1)  # prune then MLERP: two reduce modes
+    result = export_onnx(model, tmp_path / "model.onnx", IMG, exporter="torchscript")
+    assert result.parity is not None and result.parity.ok
+    assert not set(result.op_counts) & FORBIDDEN_OPS and "TopK" in result.op_counts
+    report = check_tensorrt_compat(tmp_path / "model.onnx", ("10",))
+    assert report.ok, report.render()
+
+
+@pytest.fixture(scope="module")
+def saved_dinov2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HFVisionEncoder]:
+    model = build("Dinov2WithRegistersModel")
+    folder = tmp_path_factory.mktemp("hf") / "dinov2"
+    model.hf.save_pretrained(folder)
+    return folder, model
+
+
+def test_save_pretrained_folder_loads_with_provenance(saved_dinov2: tuple[Path, HFVisionEncoder],
+                                                      images: torch.Tensor) -> None:
+    folder, original = saved_dinov2
+    loaded = load_model(folder)
+    assert isinstance(loaded.model, HFVisionEncoder) and loaded.arch.name == "Dinov2WithRegistersModel"
+    assert loaded.arch.kwargs["num_attention_heads"] == 2
+    assert loaded.arch.provenance["num_attention_heads"] == "config.json" and len(loaded.sha256) == 64
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images), original(images), rtol=0, atol=1e-5)  # SDPA vs eager
+
+
+def test_pickled_folder_needs_trust(saved_dinov2: tuple[Path, HFVisionEncoder], tmp_path: Path) -> None:
+    folder, original = saved_dinov2
+    (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())
+    torch.save(original.hf.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled") as caught:
+        load_model(tmp_path)
+    assert caught.value.hint is not None and caught.value.hint.option == "trust_pickle"
+
+
+def test_folder_of_an_unsupported_class_is_refused(saved_dinov2: tuple[Path, HFVisionEncoder]) -> None:
+    folder, _ = saved_dinov2
+    with pytest.raises(CheckpointError, match=r"SwinModel.*Dinov2Model"):
+        load_model(folder, arch="SwinModel")
+
+
+def test_folder_without_transformers_names_the_extra(saved_dinov2: tuple[Path, HFVisionEncoder],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, _ = saved_dinov2
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(CheckpointError, match="transformers is not installed") as caught:
+        load_model(folder)
+    assert "tofu-export[hf]" in caught.value.hint.text
