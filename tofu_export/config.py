@@ -156,6 +156,7 @@ class ExportConfig:
     trt: TrtConfig = field(default_factory=TrtConfig)
     target: Target = "onnx"
     arch: str | None = None
+    num_heads: int | None = None  # where the checkpoint does not state them
     trust_pickle: bool = False
     force: bool = False
     command: str = ""  # the command line that asked for this export, recorded in the manifest

@@ -55,6 +55,7 @@ def run_export(
     step("reading checkpoint")
     loaded = load_model(
         checkpoint, arch=config.arch, img_size=config.tofu.img_size, trust_pickle=config.trust_pickle,
+        num_heads=config.num_heads,
         allow_timm_name=False,
     )
     model, guess = loaded.model, loaded.arch
@@ -83,7 +84,8 @@ def run_export(
         manifest = Manifest(
             command=config.command,
             input={"path": str(checkpoint), "sha256": loaded.sha256},
-            arch={"name": guess.name, "kwargs": guess.kwargs, "reason": guess.reason},
+            arch={"name": guess.name, "kwargs": guess.kwargs, "reason": guess.reason,
+                  "provenance": guess.provenance},
             tofu=TofuRecord(
                 mode=config.tofu.label, layer_modes=schedule.modes, r_requested=resolved.r, r=schedule.r,
                 prop_attn=resolved.prop_attn, tokens=schedule.tokens,

@@ -77,6 +77,7 @@ def export(
 
     config = ExportConfig(
         tofu=tofu.build(model.img_size), onnx=onnx.build(), trt=trt.build(), target=target, arch=model.arch,
+        num_heads=model.num_heads,
         trust_pickle=model.trust_pickle, force=force, command=command_line(),
     )
     out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}"

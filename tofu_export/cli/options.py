@@ -32,7 +32,11 @@ def parse_int_list(text: str, setting: str) -> list[int]:
 @option_group("Model")
 class ModelOptions:
     arch: Annotated[
-        str | None, typer.Option("--arch", help="timm architecture name; inferred from the checkpoint when omitted.")
+        str | None, typer.Option("--arch", help="timm architecture name (or transformers class for a folder); "
+                                 "inferred from the checkpoint when omitted.")
+    ] = None
+    num_heads: Annotated[
+        int | None, typer.Option("--num-heads", help="Attention heads, where the checkpoint does not state them.")
     ] = None
     img_size: Annotated[
         int | None, typer.Option("--img-size", help="Input resolution in pixels; default: the checkpoint's.")
@@ -51,7 +55,7 @@ class ModelOptions:
         from tofu_export.models.loading import load_model
 
         return load_model(source, arch=self.arch, img_size=self.img_size, trust_pickle=self.trust_pickle,
-                          allow_timm_name=allow_timm_name)
+                          allow_timm_name=allow_timm_name, num_heads=self.num_heads)
 
 
 @option_group("Token reduction")

@@ -98,8 +98,10 @@ class ModelFamily(ABC):
         """Whether ``path`` (a file or a folder) is a checkpoint this family reads. Cheap: no weights loaded."""
         return False
 
-    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool) -> LoadedModel:
-        """Build the model ``path`` describes, weights loaded, in eval mode."""
+    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
+             num_heads: int | None = None) -> LoadedModel:
+        """Build the model ``path`` describes, weights loaded, in eval mode. ``num_heads`` states the head count
+        where the checkpoint cannot (a family whose checkpoints state it refuses a contradicting one)."""
         raise UserError(f"the {self.name} family does not read checkpoints ({path})")
 
     # -- geometry -------------------------------------------------------------------------------------------------

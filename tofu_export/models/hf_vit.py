@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tofu_export.errors import Hint, UserError
 from tofu_export.models import hf_vit_specs as specs
 from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
@@ -104,10 +105,16 @@ class HFVisionFamily(ModelFamily):
     def recognises(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file()
 
-    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool) -> LoadedModel:
+    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
+             num_heads: int | None = None) -> LoadedModel:
         from tofu_export.models.hf_vit_load import load_folder
 
-        return load_folder(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle)
+        loaded = load_folder(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle)
+        stated = loaded.arch.kwargs.get("num_attention_heads")
+        if num_heads is not None and num_heads != stated:
+            raise UserError(f"{path / 'config.json'} states {stated} attention heads, not {num_heads}",
+                            hint=Hint("num_heads", None, "leave it out: the config states it"))
+        return loaded
 
     # -- geometry -------------------------------------------------------------------------------------------------
     def owns(self, model: nn.Module) -> bool:

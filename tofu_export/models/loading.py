@@ -19,16 +19,18 @@ def load_model(
     img_size: int | None = None,
     trust_pickle: bool = False,
     allow_timm_name: bool = True,
+    num_heads: int | None = None,
 ) -> LoadedModel:
     """Load ``source``: a checkpoint file or ``save_pretrained`` folder, or (``allow_timm_name``) a timm model name
-    with random weights, which is fine for counting tokens and timing but not for accuracy."""
+    with random weights, which is fine for counting tokens and timing but not for accuracy. ``num_heads`` states
+    the head count where the checkpoint cannot (the summary says where every value came from)."""
     if img_size is not None and img_size <= 0:
         raise CheckpointError(f"the input size must be a positive number of pixels, got {img_size}",
                               hint=Hint("img_size", None, "with the checkpoint's size, e.g. 224"))
     path = Path(source)
     if path.exists() or not allow_timm_name:
         family = family_for_checkpoint(path)
-        return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle)
+        return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
     from tofu_export.models.timm_family import TimmFamily
 
     return TimmFamily().load_name(str(source), img_size=img_size)

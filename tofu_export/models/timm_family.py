@@ -28,12 +28,15 @@ class TimmFamily(ModelFamily):
     def recognises(self, path: Path) -> bool:
         return not path.is_dir()  # any file: the fallback, which names what it cannot read
 
-    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool) -> LoadedModel:
+    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
+             num_heads: int | None = None) -> LoadedModel:
         from tofu_export.models.timm_vit_build import build_model
+        from tofu_export.models.timm_vit_evidence import read_evidence
 
         state_dict = load_state_dict(path, trust_pickle=trust_pickle)  # names a missing file or a directory
         digest = sha256_file(path)
-        model, guess = build_model(state_dict, arch=arch, img_size=img_size)
+        model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
+                                   evidence=read_evidence(path))
         return LoadedModel(model, guess, path, digest)
 
     def load_name(self, name: str, *, img_size: int | None) -> LoadedModel:

@@ -19,6 +19,7 @@ import torch
 
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.models.family import ArchGuess
+from tofu_export.models.timm_vit_evidence import Evidence, check_block_kind, check_float_weights, head_count
 
 __all__ = ["ArchGuess", "infer_arch"]
 
@@ -61,17 +62,23 @@ _KNOWN_ARCHS = (
 _LAYER_SCALE_INIT = 1e-5  # any non-None value creates the ls1/ls2 parameters; the checkpoint overwrites them
 
 
-def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchGuess:
+def infer_arch(
+    state_dict: Mapping[str, torch.Tensor], *, num_heads: int | None = None, evidence: Evidence | None = None
+) -> ArchGuess:
     """Infer the timm ``VisionTransformer`` configuration of ``state_dict`` from key names and shapes.
 
     Reads ``patch_embed.proj.weight`` ``[C, in_chans, P, P]``, ``pos_embed`` ``[1, T, C]`` (``T`` = grid²
     plus the prefix tokens unless ``no_embed_class``), ``cls_token`` / ``dist_token`` ``[1, 1, C]``,
     ``reg_token`` ``[1, R, C]``, the ``blocks.{i}`` count, ``blocks.0.mlp.fc1.weight``
     ``[C * mlp_ratio, C]``, layer scale ``blocks.0.ls1.gamma`` ``[C]``, ``fc_norm`` / ``norm`` /
-    ``norm_pre`` and ``head.weight`` ``[num_classes, C]``. ``num_heads`` is not visible in the weights: it
-    comes from the known-model table or ``embed_dim // 64``.
+    ``norm_pre`` and ``head.weight`` ``[num_classes, C]``. ``num_heads`` and the block kind are not (always)
+    visible in the weights: ``timm_vit_evidence`` says where they come from, or refuses. ``provenance`` records the
+    source of every value.
     """
+    evidence = evidence or Evidence()
+    block_kind = check_block_kind(state_dict, evidence)
     _require_vit_keys(state_dict)
+    check_float_weights(state_dict)
     patch_weight = state_dict["patch_embed.proj.weight"]
     embed_dim, in_chans, patch_h, patch_w = patch_weight.shape
     if patch_h != patch_w:
@@ -90,10 +97,11 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchGuess:
     known = _closest_known(
         patch_size, int(embed_dim), depth, grid * patch_size, num_classes, distilled, layer_scale
     )
+    heads, heads_source = head_count(state_dict, int(embed_dim), evidence, num_heads)
     kwargs: dict[str, Any] = {
         "embed_dim": int(embed_dim),
         "depth": depth,
-        "num_heads": known.num_heads if known.embed_dim == embed_dim else max(1, int(embed_dim) // 64),
+        "num_heads": heads,
         "patch_size": patch_size,
         "img_size": grid * patch_size,
         "num_classes": num_classes,
@@ -106,8 +114,15 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchGuess:
         "mlp_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
     }
     kwargs.update(_rare_kwargs(state_dict, int(in_chans), kwargs["global_pool"], class_token))
-    reason = _describe(kwargs, pos_tokens, grid, class_token, distilled, reg_tokens, known)
-    return ArchGuess(name=known.name, kwargs=kwargs, reason=reason)
+    reason = _describe(kwargs, pos_tokens, grid, class_token, distilled, reg_tokens, known, heads_source)
+    provenance = {
+        "embed_dim": "weights (patch_embed.proj.weight)", "patch_size": "weights (patch_embed.proj.weight)",
+        "depth": f"weights (blocks.0-{depth - 1} keys)", "img_size": "weights (pos_embed tokens)",
+        "num_classes": "weights (head.weight)" if num_classes else "weights (no head.weight)",
+        "mlp_ratio": "weights (blocks.0.mlp.fc1.weight)", "num_heads": heads_source, "block": block_kind,
+        "prefix_tokens": "weights (cls_token / dist_token / reg_token)",
+    }
+    return ArchGuess(name=known.name, kwargs=kwargs, reason=reason, provenance=provenance)
 
 
 def _require_vit_keys(state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -200,6 +215,7 @@ def _describe(
     distilled: bool,
     reg_tokens: int,
     known: _KnownArch,
+    heads_source: str,
 ) -> str:
     counts = ((int(class_token), "cls"), (int(distilled), "dist"), (reg_tokens, "reg"))
     prefix_parts = [f"{n} {what}" for n, what in counts if n]
@@ -219,5 +235,6 @@ def _describe(
     return (
         f"embed_dim={kwargs['embed_dim']}, depth={kwargs['depth']}, patch={kwargs['patch_size']}, "
         f"{pos_tokens} tokens ({grid}x{grid} grid, {prefix} {where}), {head}, pool={kwargs['global_pool']}"
-        f"{', layer scale' if kwargs['init_values'] is not None else ''} → {known.name}{suffix}"
+        f"{', layer scale' if kwargs['init_values'] is not None else ''}, {kwargs['num_heads']} heads from "
+        f"{heads_source} → {known.name}{suffix}"
     )

@@ -17,6 +17,7 @@ from torch import nn
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 from tofu_export.models.timm_vit_arch import ArchGuess, infer_arch
+from tofu_export.models.timm_vit_evidence import Evidence
 
 __all__ = ["build_model"]
 
@@ -31,6 +32,8 @@ def build_model(
     arch: str | None = None,
     img_size: int | None = None,
     strict: bool = True,
+    num_heads: int | None = None,
+    evidence: Evidence | None = None,
 ) -> tuple[nn.Module, ArchGuess]:
     """Create the timm ViT for ``state_dict`` (``pretrained=False``), load the weights, return it in eval.
 
@@ -38,11 +41,15 @@ def build_model(
     of that name are kept and only ``num_classes`` and ``img_size`` are taken from the checkpoint. An
     ``img_size`` other than the checkpoint's resamples ``pos_embed`` (bicubic, no antialias) and records a
     note. Shape mismatches always raise; missing / unexpected keys raise only when ``strict``. The returned
-    :class:`ArchGuess` describes the model actually built (name, kwargs, notes).
+    :class:`ArchGuess` describes the model actually built (name, kwargs, notes, where each value came from).
+    ``num_heads`` states the head count; ``evidence`` is the timm config found beside the checkpoint.
     """
     import timm
 
-    guess = infer_arch(state_dict)
+    if arch is not None:
+        _require_known_timm_name(arch, timm)
+        evidence = Evidence("--arch", arch)
+    guess = infer_arch(state_dict, num_heads=num_heads, evidence=evidence)
     target_img_size = img_size if img_size is not None else guess.kwargs["img_size"]
     patch_size = guess.kwargs["patch_size"]
     if target_img_size % patch_size:
@@ -54,8 +61,9 @@ def build_model(
         name, kwargs = guess.name, {**guess.kwargs, "img_size": target_img_size}
         reason = guess.reason
     else:
-        _require_known_timm_name(arch, timm)
         name, kwargs = arch, {"num_classes": guess.kwargs["num_classes"], "img_size": target_img_size}
+        if num_heads is not None:
+            kwargs["num_heads"] = num_heads
         reason = f"architecture {arch} given; the checkpoint looks like: {guess.reason}"
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -70,7 +78,8 @@ def build_model(
     model.load_state_dict(weights, strict=False)
     for note in notes:
         logger.warning("%s", note)
-    return model.eval(), ArchGuess(name=name, kwargs=kwargs, reason=reason, notes=tuple(notes))
+    provenance = dict(guess.provenance, architecture=f"--arch {arch}" if arch else "inferred from the weights")
+    return model.eval(), ArchGuess(name=name, kwargs=kwargs, reason=reason, notes=tuple(notes), provenance=provenance)
 
 
 def _require_known_timm_name(arch: str, timm: Any) -> None:

@@ -1,0 +1,101 @@
+"""#24 item 1: a timm checkpoint's architecture comes from evidence (weights, a config beside the file, the timm
+width table, or the caller), every value says where it came from, and block kinds ToFu does not implement are
+refused (res-post-norm, parallel, integer weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import ParallelThingsBlock, ResPostBlock, VisionTransformer
+
+from tofu_export import load_model
+from tofu_export.checkpoint import CheckpointError
+from tofu_export.models.timm_vit_arch import infer_arch
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _vit(**kwargs: object) -> VisionTransformer:
+    torch.manual_seed(0)
+    base = dict(img_size=32, patch_size=16, depth=1, num_classes=0)
+    return VisionTransformer(**{**base, **kwargs}).eval()
+
+
+def _save(model: VisionTransformer, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_width_outside_the_table_needs_the_head_count(tmp_path: Path) -> None:
+    path = _save(_vit(embed_dim=96, num_heads=4), tmp_path / "odd.safetensors")
+    with pytest.raises(CheckpointError, match="head count of this 96-wide ViT") as caught:
+        load_model(path)
+    assert caught.value.hint is not None and caught.value.hint.option == "num_heads"
+    loaded = load_model(path, num_heads=4)
+    assert loaded.model.blocks[0].attn.num_heads == 4 and loaded.arch.provenance["num_heads"] == "given"
+    with pytest.raises(CheckpointError, match="does not divide"):
+        load_model(path, num_heads=5)
+
+
+def test_1280_wide_vit_gets_16_heads_from_the_table_and_says_so() -> None:
+    guess = infer_arch(_vit(embed_dim=1280, num_heads=16).state_dict())  # was embed_dim // 64 = 20
+    assert guess.kwargs["num_heads"] == 16
+    assert "timm width table" in guess.provenance["num_heads"] and "16 heads" in guess.reason
+
+
+def test_config_beside_the_checkpoint_states_the_heads(tmp_path: Path) -> None:
+    source = _vit(embed_dim=384, num_heads=12)  # not the table's 6
+    path = _save(source, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_224",
+                                                      "model_args": {"num_heads": 12}}))
+    loaded = load_model(path)
+    assert loaded.model.blocks[0].attn.num_heads == 12
+    assert loaded.arch.provenance["num_heads"] == "config.json model_args"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images), source(images), rtol=0, atol=1e-6)
+
+
+def test_qk_norm_weights_state_the_heads() -> None:
+    guess = infer_arch(_vit(embed_dim=96, num_heads=3, qk_norm=True).state_dict())
+    assert guess.kwargs["num_heads"] == 3 and guess.provenance["num_heads"].startswith("weights")
+
+
+def test_every_value_has_a_provenance(tmp_path: Path) -> None:
+    loaded = load_model(_save(_vit(embed_dim=192, num_heads=3), tmp_path / "m.safetensors"))
+    for key in ("embed_dim", "depth", "patch_size", "img_size", "num_heads", "mlp_ratio", "block", "architecture"):
+        assert loaded.arch.provenance[key], key
+
+
+def test_res_post_norm_checkpoint_is_refused(tmp_path: Path) -> None:
+    model = _vit(embed_dim=192, num_heads=3, block_fn=ResPostBlock)
+    path = tmp_path / "rpn.pth"
+    torch.save(model.state_dict(), path)  # a pickle keeps the module order: norm1 after attn
+    with pytest.raises(CheckpointError, match="res-post-norm"):
+        load_model(path)
+    sorted_file = _save(model, tmp_path / "rpn.safetensors")  # sorted keys: the config names the block
+    (tmp_path / "rpn.json").write_text(json.dumps({"architecture": "vit_base_patch16_rpn_224"}))
+    with pytest.raises(CheckpointError, match="ResPostBlock"):
+        load_model(sorted_file)
+
+
+def test_pre_norm_pickle_is_recognised_by_its_key_order(tmp_path: Path) -> None:
+    path = tmp_path / "pre.pth"
+    torch.save(_vit(embed_dim=192, num_heads=3).state_dict(), path)
+    assert "norm1 before attn" in load_model(path).arch.provenance["block"]
+
+
+def test_parallel_blocks_are_refused() -> None:
+    with pytest.raises(CheckpointError, match="parallel blocks"):
+        infer_arch(_vit(embed_dim=192, num_heads=3, block_fn=ParallelThingsBlock).state_dict())
+
+
+def test_integer_weights_are_refused(tmp_path: Path) -> None:
+    weights = {k: (v * 100).to(torch.int8) for k, v in _vit(embed_dim=192, num_heads=3).state_dict().items()}
+    save_file(weights, str(tmp_path / "int8.safetensors"))
+    with pytest.raises(CheckpointError, match=r"integer \(quantized\) weights"):
+        load_model(tmp_path / "int8.safetensors")
