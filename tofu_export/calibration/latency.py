@@ -67,31 +67,30 @@ class _BlockGraph(nn.Module):
         self.skeleton = skeleton
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skeleton.blocks[0](x)
+        return family_of(self.skeleton).run_blocks(self.skeleton, x, 0)
 
 
-def _skeleton(model: nn.Module, blocks: nn.Module) -> nn.Module:
-    """A shallow copy of ``model`` sharing its embedding and head but holding ``blocks``; ``model`` is untouched."""
-    skeleton = copy.copy(model)
-    skeleton._modules = dict(model._modules, blocks=blocks)
-    return skeleton
+def _skeleton(model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+    """``model``'s embedding and head holding ``blocks``; ``model`` is untouched."""
+    return family_of(model).with_blocks(model, blocks)
 
 
 def block_graph(model: nn.Module, mode: str, tokens: int, r: int, prop_attn: bool = True) -> bytes:
     """ONNX bytes of a copy of ``model``'s first block receiving ``tokens`` and removing ``r`` with ``mode``."""
-    skeleton = _skeleton(model, nn.Sequential(copy.deepcopy(model.blocks[0])))
-    removed = 0 if mode == NONE else min(r, max_reduction(tokens, model.num_prefix_tokens))
+    family = family_of(model)
+    skeleton = _skeleton(model, [copy.deepcopy(family.blocks(model)[0])])
+    removed = 0 if mode == NONE else min(r, max_reduction(tokens, family.num_prefix(model)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patch(skeleton, r=[removed], mode=["mean" if mode == NONE else mode], prop_attn=prop_attn,
-              img_size=tuple(model.patch_embed.img_size))
+              img_size=family.img_size(model))
     tofu_state(skeleton).plan = TokenPlan([tokens], [removed], [removed])  # static counts for this token count
-    return _export(_BlockGraph(skeleton), torch.zeros(1, tokens, model.embed_dim))
+    return _export(_BlockGraph(skeleton), torch.zeros(1, tokens, family.embed_dim(model)))
 
 
 def stem_graph(model: nn.Module) -> bytes:
     """ONNX bytes of ``model`` without its blocks: ``[B, 3, H, W]`` -> pooled output."""
-    return _export(_skeleton(model, nn.Sequential()), torch.zeros(1, 3, *model.patch_embed.img_size))
+    return _export(_skeleton(model, []), torch.zeros(1, 3, *family_of(model).img_size(model)))
 
 
 def _export(module: nn.Module, example: torch.Tensor) -> bytes:

@@ -128,6 +128,15 @@ class ModelFamily(ABC):
     def embed_dim(self, model: nn.Module) -> int: ...
 
     @abstractmethod
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The model's blocks, in order."""
+
+    @abstractmethod
+    def with_blocks(self, model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+        """A model like ``model`` (same embedding and head) holding ``blocks`` instead of its own; patching it leaves
+        ``model`` untouched. Used to export one block, or none (the stem), for latency measurements."""
+
+    @abstractmethod
     def costs(self, model: nn.Module) -> FlopCosts: ...
 
     def arch_name(self, model: nn.Module) -> str:

@@ -14,6 +14,7 @@ or pooled features), which is what export, eval and profiling run.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,24 @@ class HFVisionFamily(ModelFamily):
 
     def embed_dim(self, model: nn.Module) -> int:
         return int(specs.core_of(model).config.hidden_size)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return specs.layers_of(model)
+
+    def with_blocks(self, model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+        """A deep copy of ``model`` without its layers, then given ``blocks`` (hooks on the copy stay on the copy)."""
+        path = f"{specs.spec_of(model).core}.{specs.spec_of(model).layers}".strip(".")
+        parent_path, _, name = path.rpartition(".")
+        hf = specs.hf_of(model)
+        parent = specs.attr(hf, parent_path)
+        own = parent._modules[name]
+        parent._modules[name] = nn.ModuleList()
+        try:
+            skeleton = copy.deepcopy(model)
+        finally:
+            parent._modules[name] = own
+        specs.attr(specs.hf_of(skeleton), parent_path)._modules[name] = nn.ModuleList(blocks)
+        return skeleton
 
     def costs(self, model: nn.Module) -> FlopCosts:
         layer, dim = specs.layers_of(model)[0], self.embed_dim(model)

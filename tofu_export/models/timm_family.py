@@ -3,6 +3,7 @@ calibration hooks (a block run as its two residual halves)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,6 +77,14 @@ class TimmFamily(ModelFamily):
 
     def embed_dim(self, model: nn.Module) -> int:
         return int(model.embed_dim)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.blocks
+
+    def with_blocks(self, model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+        skeleton = copy.copy(model)  # shares embedding and head; the timm patch only touches blocks and attributes
+        skeleton._modules = dict(model._modules, blocks=nn.Sequential(*blocks))
+        return skeleton
 
     def costs(self, model: nn.Module) -> FlopCosts:
         block, proj = model.blocks[0], model.patch_embed.proj
