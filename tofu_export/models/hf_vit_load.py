@@ -118,7 +118,8 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
     values = {key: config[key] for key in _ARCH_FIELDS if key in config}
     guess = ArchGuess(
         name=name, kwargs=values,
-        reason=f"{name} from {'--arch' if arch else 'config.json architectures'}, every value from config.json",
+        reason=f"{name} from {'--arch' if arch else 'config.json architectures'}, every value from config.json "
+               f"({values.get('num_attention_heads', '?')} attention heads)",
         provenance={"architecture": "--arch" if arch else "config.json", **{k: "config.json" for k in values}},
     )
     return LoadedModel(HFVisionEncoder(model.eval(), preprocess), guess, folder, _folder_digest(files, folder))
