@@ -40,10 +40,21 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGHUP into ``Terminated`` (the default action would kill the process mid-write)."""
+    """While a command runs: SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated`` (the default
+    action would kill the process mid-write), so every ``finally`` and staging cleanup runs. This replaces the
+    quiet exit ``tofu_export.cli`` installs for the import phase."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is signal.SIG_DFL:
+        if hasattr(signal, name):
             signal.signal(getattr(signal, name), _raise_terminated)
+
+
+def _second_signal_exits_quietly() -> None:
+    """A signal arriving while the first one is being reported ends the process quietly (entry point only)."""
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        from tofu_export.cli import exit_quietly_on_signals
+
+        exit_quietly_on_signals()
 
 
 _OS_ADVICE = {
@@ -112,6 +123,7 @@ def guarded(fn: F) -> F:
             _print_error(render(error))
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:
+            _second_signal_exits_quietly()
             if debug_enabled():
                 raise
             signum = getattr(interrupt, "signum", signal.SIGINT)
