@@ -195,9 +195,29 @@ def inspect_safetensors(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
     return shapes, size
 
 
+_SHAPED = {"patch_embed.proj.weight": (4, "[width, channels, patch, patch]"),
+           "cls_token": (3, "[1, 1, width]"), "reg_token": (3, "[1, registers, width]"),
+           "dist_token": (3, "[1, 1, width]"), "pos_embed": (3, "[1, tokens, width]")}
+
+
+def check_key_shapes(shapes: Mapping[str, Sequence[int]], path: Path) -> None:
+    """The ViT tensors whose shapes the architecture is read from must have their rank and no empty dimension
+    (a patch size of 0, a 1-D ``reg_token``), so that nothing downstream divides by or indexes into nothing."""
+    for name, shape in shapes.items():
+        role = next((key for key in _SHAPED if name == key or name.endswith("." + key)), None)
+        if role is None:
+            continue
+        rank, layout = _SHAPED[role]
+        if len(shape) != rank or any(d <= 0 for d in shape):
+            raise CheckpointLimitError(f"{path}: {name} has shape {list(shape)}; a ViT's {role} is {layout} with no "
+                                       "empty dimension. The file is not a ViT checkpoint or is damaged: pass the "
+                                       "original weights.")
+
+
 def check_model_bounds(shapes: Mapping[str, Sequence[int]], stored_bytes: int, path: Path) -> None:
     """Depth, width and tokens a ViT built from these keys would have: each within its bound, and the model's
     estimated size within ``EXPANSION`` x the stored bytes (a small file cannot ask for a large model)."""
+    check_key_shapes(shapes, path)
     depth = 0
     for name in shapes:
         match = _BLOCK_INDEX.search(name)

@@ -86,17 +86,22 @@ def is_tofu_png(path: Path) -> bool:
     return head.startswith(_PNG_MAGIC) and b"Software\x00" + PNG_SOFTWARE.encode() in head[:4096]
 
 
+_SWEEP_NAMES = {"artifacts", "sweep_state.json", "sweep.md", "sweep.json", "latency_vs_r.png", "pareto.png"}
+
+
 def is_sweep_folder(folder: Path) -> bool:
-    """A folder a sweep made: it holds a ``sweep_state.json`` that is a sweep state."""
-    data = _json(folder / "sweep_state.json")
-    if isinstance(data, dict) and isinstance(data.get("points"), dict) and "version" in data:
-        return True
-    try:  # a sweep stopped before its first point finished: only its cache (and a timm name's random weights)
+    """A folder a sweep made: only the names a sweep writes (its state, reports, plots, artifact cache, a timm
+    name's random weights, hidden work files), a regular ``sweep_state.json`` or an artifact cache among them.
+    (A damaged state file is then reported by the sweep itself, by name.)"""
+    try:
         names = {entry.name for entry in os.scandir(folder)}
         cached = list(os.scandir(folder / "artifacts")) if "artifacts" in names else []
+        state_ok = "sweep_state.json" not in names or stat.S_ISREG(os.lstat(folder / "sweep_state.json").st_mode)
     except OSError:
         return False
-    return (names <= {"artifacts"} | {name for name in names if name.endswith(".random.safetensors")}
+    known = all(name in _SWEEP_NAMES or name.endswith(".random.safetensors") or name.startswith(".")
+                for name in names)
+    return (known and state_ok and bool(names & {"sweep_state.json", "artifacts"})
             and all(entry.name.startswith(".") or (Path(entry.path) / "manifest.json").is_file() for entry in cached))
 
 

@@ -79,6 +79,25 @@ def describe_os_error(error: OSError) -> str:
     return f"{error.strerror or error}{where}: {advice}."
 
 
+_OS_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+             "File too large": errno.EFBIG, "Read-only file system": errno.EROFS}
+
+
+def os_error_within(error: BaseException) -> OSError | None:
+    """The file-system error behind ``error``: one in its cause/context chain, or one a library only quoted in its
+    message (protobuf, ONNX and torch rewrap a full disk as their own errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in _OS_ADVICE:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    text = str(error)
+    code = next((code for words, code in _OS_WORDS.items() if words in text), None)
+    return None if code is None else OSError(code, os.strerror(code))
+
+
 def debug_enabled() -> bool:
     return os.environ.get("TOFU_EXPORT_DEBUG", "") not in ("", "0")
 
@@ -146,6 +165,10 @@ def guarded(fn: F) -> F:
         except Exception as error:
             if debug_enabled():
                 raise
+            cause = os_error_within(error)
+            if cause is not None:
+                _print_error(describe_os_error(cause))
+                raise typer.Exit(EXIT_USER_ERROR) from None
             _print_error(f"internal error: {type(error).__name__}: {error}. This is a bug in tofu-export: rerun "
                          "with --debug for the traceback and report it.")
             raise typer.Exit(EXIT_INTERNAL) from None

@@ -57,5 +57,8 @@ def load_model(
         )
     kwargs = {} if img_size is None else {"img_size": img_size}
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    if not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):  # a ResNet, a ConvNeXt: no tokens
+        raise CheckpointError(f"{name} is a timm {type(model).__name__}, not a Vision Transformer; tofu-export "
+                              "reduces the tokens of ViTs: pass a ViT name such as deit_small_patch16_224")
     guess = ArchGuess(name=name, kwargs=kwargs, reason="timm model name (random weights)")
     return LoadedModel(model, guess, None, None)
