@@ -63,9 +63,10 @@ def folder_state(path: Path) -> FolderState:
 def foreign_files(folder: Path) -> list[str]:
     """Entries of an artifact folder that its manifest does not list (someone else put them there)."""
     try:
-        listed = {entry.get("name") for entry in Manifest.read(folder).files if isinstance(entry, dict)}
-    except ManifestError:
-        listed = set()
+        files = json.loads((folder / MANIFEST).read_text()).get("files", [])
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        files = []
+    listed = {entry.get("name") for entry in files if isinstance(entry, dict)} if isinstance(files, list) else set()
     return sorted(entry.name for entry in os.scandir(folder) if entry.name not in listed | {MANIFEST})
 
 
