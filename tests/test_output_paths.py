@@ -69,7 +69,7 @@ def test_file_outputs_refuse_user_files_special_files_links_and_collisions(tmp_p
     plot = FileOutput(tmp_path / "policy.png", is_tofu_png, "policy plot")
     check_file_outputs([policy, plot])  # both new: fine
     _png(tmp_path / "policy.png", None)
-    with pytest.raises(OutputPathError, match=r"policy\.png exists and was not written by tofu-export"):
+    with pytest.raises(OutputPathError, match=r"policy\.png exists and is not a tofu-export policy plot"):
         check_file_outputs([policy, plot])
     _png(tmp_path / "policy.png", "tofu-export")
     check_file_outputs([policy, plot])  # our own plot: replaced

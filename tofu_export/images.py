@@ -14,6 +14,7 @@ their own subclass) that names the file.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -46,12 +47,14 @@ def _special(mode: int) -> str | None:
     return None
 
 
-def walk_images(root: Path, *, error: type[ImageError] = ImageError) -> Iterator[Path]:
-    """Image files under ``root`` (any depth, folder links followed once), in sorted order per folder."""
-    yield from _walk(Path(root), set(), 0, error)
+def walk_images(root: Path, *, error: type[ImageError] = ImageError, any_file: bool = False) -> Iterator[Path]:
+    """Image files (``any_file``: all regular files) under ``root`` (any depth, folder links followed once), in
+    sorted order per folder."""
+    yield from _walk(Path(root), set(), 0, error, any_file)
 
 
-def _walk(folder: Path, seen: set[tuple[int, int]], depth: int, error: type[ImageError]) -> Iterator[Path]:
+def _walk(folder: Path, seen: set[tuple[int, int]], depth: int, error: type[ImageError],
+          any_file: bool) -> Iterator[Path]:
     info = os.stat(folder)
     if (info.st_dev, info.st_ino) in seen:
         raise error(f"{folder} leads to a folder already read (a symbolic link loop, or a second link to the same "
@@ -63,7 +66,9 @@ def _walk(folder: Path, seen: set[tuple[int, int]], depth: int, error: type[Imag
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = Path(entry.path)
         if entry.is_dir():  # follows links: a loop is caught by ``seen``
-            yield from _walk(path, seen, depth + 1, error)
+            yield from _walk(path, seen, depth + 1, error, any_file)
+        elif any_file and entry.is_file():
+            yield path
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             try:
                 mode = os.stat(path).st_mode
@@ -84,8 +89,11 @@ def find_images(root: str | Path, pattern: str = "*", *, error: type[ImageError]
         raise error(f"image folder {root} does not exist or is not a folder", hint=_DATA)
     files = sorted(path for path in walk_images(root, error=error) if fnmatch.fnmatch(path.name, pattern))
     if not files:
+        others = [path.name for path in itertools.islice(walk_images(root, error=error, any_file=True), 3)]
+        found = f" (found only {others} ...)" if others else " (it is empty)"
         named = "" if pattern == "*" else f" named {pattern!r}"
-        raise error(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}){named}", hint=_DATA)
+        raise error(f"{root} holds no images{found}{named}; expected image files ({', '.join(IMAGE_SUFFIXES)}), "
+                    "flat or in class folders", hint=_DATA)
     return files
 
 

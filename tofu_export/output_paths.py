@@ -184,8 +184,8 @@ def _check_file_output(output: FileOutput) -> None:
         raise OutputPathError(f"the {output.what} path {path} is {kind}; tofu-export writes only regular files it "
                               "made itself", hint=hint)
     if not output.ours(path):
-        raise OutputPathError(f"{path} exists and was not written by tofu-export (it is not a {output.what} "
-                              "tofu-export made), so it is left alone", hint=hint)
+        raise OutputPathError(f"{path} exists and is not a tofu-export {output.what} (it was not written by "
+                              "tofu-export), so it is left alone", hint=hint)
     check_parent(path, output.option)
 
 

@@ -72,8 +72,11 @@ def calibrate(
     checkpoint_record = {"source": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch.name}
     policy = dataclasses.replace(policy, source=dict(policy.source, checkpoint=checkpoint_record,
                                                      seconds=round(seconds, 1)))
-    policy.save(out)
-    plot_policy(policy, plot_path)
+    from tofu_export.atomic import signals_held
+
+    with signals_held():  # the policy and its plot are written as a pair: a Ctrl-C waits until both are
+        policy.save(out)
+        plot_policy(policy, plot_path)
     m = policy.measurements
     if as_json:
         print_json({"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),
