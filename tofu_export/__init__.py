@@ -10,15 +10,38 @@
     tofu_export.ToFuConfig(policy=policy, img_size=224).patch(model)
 """
 
-from tofu_export.accounting import TokenSchedule, token_schedule
-from tofu_export.config import ExportConfig, OnnxConfig, ToFuConfig, TrtConfig
-from tofu_export.errors import CheckFailed, EngineNotBuilt, ToFuError, UserError
-from tofu_export.models.family import UnsupportedModelError, family_of, is_patched, patch, patched, unpatch
-from tofu_export.models.loading import LoadedModel, load_model
-from tofu_export.policy import Policy
-from tofu_export.schedule import MODES, ScheduleError, decreasing_schedule, layer_modes, parse_r
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.4.0"
+
+# Imported on first use (PEP 562), so that ``tofu_export.cli`` can install its signal handlers before torch loads.
+_LAZY = {
+    "TokenSchedule": "accounting", "token_schedule": "accounting",
+    "ExportConfig": "config", "OnnxConfig": "config", "ToFuConfig": "config", "TrtConfig": "config",
+    "CheckFailed": "errors", "EngineNotBuilt": "errors", "ToFuError": "errors", "UserError": "errors",
+    "LoadedModel": "models.loading", "load_model": "models.loading",
+    "UnsupportedModelError": "models.family", "family_of": "models.family", "is_patched": "models.family",
+    "patch": "models.family", "patched": "models.family", "unpatch": "models.family",
+    "Policy": "policy",
+    "MODES": "schedule", "ScheduleError": "schedule", "decreasing_schedule": "schedule", "layer_modes": "schedule",
+    "parse_r": "schedule",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tofu_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tofu_export.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "MODES",

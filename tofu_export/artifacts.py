@@ -7,18 +7,28 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tofu_export.atomic import exchange_folders, locked_folder, rename_noreplace, signals_held, write_json_atomic
+from tofu_export.atomic import (
+    exchange_folders,
+    locked_folder,
+    owner_tag,
+    remove_stale,
+    rename_noreplace,
+    signals_held,
+    write_json_atomic,
+)
 from tofu_export.errors import Hint, UserError
 from tofu_export.hashing import sha256_file
 from tofu_export.manifest import MANIFEST, TOOL, Manifest, ManifestError
+from tofu_export.output_paths import FileOutput, OutputPathError, check_file_outputs, check_not_an_input, check_parent
 
 _PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt")
 
@@ -27,12 +37,9 @@ class ArtifactExistsError(UserError, FileExistsError):
     """The output folder exists and replacing it was not asked for (or is not allowed)."""
 
 
-class OutputPathError(UserError):
-    """An output path tofu-export cannot or must not write: a file, a link, a folder it did not write, no access."""
-
-
 FolderState = tuple[int, int, int] | None  # (device, inode, mtime ns) of the output folder; None: nothing there
 _OUT = Hint("out", None, "with a new folder")
+logger = logging.getLogger(__name__)
 
 
 def is_artifact_folder(folder: Path) -> bool:
@@ -53,17 +60,29 @@ def folder_state(path: Path) -> FolderState:
     return info.st_dev, info.st_ino, info.st_mtime_ns
 
 
-def check_output(out_dir: str | Path, *, force: bool = False) -> FolderState:
+def foreign_files(folder: Path) -> list[str]:
+    """Entries of an artifact folder that its manifest does not list (someone else put them there)."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text()).get("files", [])
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        files = []
+    listed = {entry.get("name") for entry in files if isinstance(entry, dict)} if isinstance(files, list) else set()
+    return sorted(entry.name for entry in os.scandir(folder) if entry.name not in listed | {MANIFEST})
+
+
+def check_output(out_dir: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()) -> FolderState:
     """Refuse an output folder that cannot be written or must not be replaced, before any work starts.
 
-    ``force`` replaces only a folder that tofu-export wrote (it holds a tofu-export manifest.json); a file, a
-    symbolic link, or any other folder is never replaced. Returns the folder's state now (see ``staged_folder``).
+    ``force`` replaces only a folder that tofu-export wrote (it holds a tofu-export manifest.json) and that holds
+    nothing but the files its manifest lists; a file, a symbolic link, any other folder, or a folder that is or
+    holds one of ``inputs`` is never replaced. Returns the folder's state now (see ``staged_folder``).
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
         raise OutputPathError(f"the output path {out_dir} is a symbolic link (to {os.readlink(out_dir)}); "
                               "tofu-export writes only at a real path and never replaces a link", hint=_OUT)
-    _check_parent(out_dir)
+    check_parent(out_dir)
+    check_not_an_input(out_dir, inputs)
     if not out_dir.exists():
         return None
     if not out_dir.is_dir():
@@ -76,6 +95,11 @@ def check_output(out_dir: str | Path, *, force: bool = False) -> FolderState:
     if not force:
         raise ArtifactExistsError(f"{out_dir} already exists (an artifact folder from an earlier export)",
                                   hint=Hint("force", None, "to replace it, or choose another output folder"))
+    extra = foreign_files(out_dir)
+    if extra:
+        raise ArtifactExistsError(
+            f"{out_dir} holds files tofu-export did not write ({', '.join(extra[:5])}), so it is not replaced even "
+            "with replacing asked for; move them out first", hint=_OUT)
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputPathError(f"{out_dir} is read-only, so its old files cannot be replaced; make it writable "
                               f"(chmod u+w {out_dir})", hint=_OUT)
@@ -83,27 +107,18 @@ def check_output(out_dir: str | Path, *, force: bool = False) -> FolderState:
 
 
 def check_file_output(path: str | Path) -> None:
-    """Refuse a file output (a policy, a report) whose path is a folder or a link, or whose folder cannot be
-    made or written, before any work starts."""
-    path = Path(path)
-    if path.is_symlink() or path.is_dir():
-        what = "a symbolic link" if path.is_symlink() else "a folder"
-        raise OutputPathError(f"the output file {path} is {what}; tofu-export does not write through it",
-                              hint=Hint("out", None, "with a file path"))
-    _check_parent(path)
+    """Refuse a new file output whose path is a folder, a link or a special file, or whose folder cannot be made
+    or written (an existing regular file is judged by ``output_paths.check_file_outputs`` with its recogniser)."""
+    check_file_outputs([FileOutput(Path(path), lambda _: True, "output file")])
 
 
-def _check_parent(out_dir: Path) -> None:
-    """The nearest existing folder above ``out_dir`` must be a writable folder."""
-    parent = out_dir.parent
-    while not os.path.lexists(parent) and parent != parent.parent:
-        parent = parent.parent
-    if parent.is_symlink() and not parent.exists():
-        raise OutputPathError(f"cannot create {out_dir}: {parent} is a broken symbolic link", hint=_OUT)
-    if not parent.is_dir():
-        raise OutputPathError(f"cannot create {out_dir}: {parent} is a file, not a folder", hint=_OUT)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot create {out_dir}: no permission to write in {parent} (read-only)", hint=_OUT)
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the staging (and parking) folders beside ``out_dir`` that a killed export left, saying so."""
+    removed = [*remove_stale(out_dir.parent, f".{out_dir.name}.partial-"),
+               *remove_stale(out_dir.parent, f".{out_dir.name}.old-")]
+    for path in removed:
+        logger.warning("removed %s, left by an earlier export that was killed (its process is gone)", path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -123,7 +138,8 @@ def staged_folder(
     staging: Path | None = None
     try:
         made = _make_parents(out_dir.parent)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        remove_stale_staging(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{owner_tag()}-", dir=out_dir.parent))
         staging.chmod(0o755)  # mkdtemp makes it private; the artifact folder is meant to be shared
         yield staging
         _publish(staging, out_dir, state)  # type: ignore[arg-type]
@@ -153,7 +169,7 @@ def _publish(staging: Path, out_dir: Path, state: FolderState) -> None:
     changed = ArtifactExistsError(
         f"{out_dir} was written or changed by someone else (another export?) while this export ran; this "
         f"export's result was discarded and {out_dir} was left as it is", hint=_OUT)
-    with signals_held(), locked_folder(out_dir.parent):
+    with locked_folder(out_dir.parent), signals_held():  # the bounded wait for the lock can be interrupted
         if folder_state(out_dir) != state:
             raise changed
         if state is None:

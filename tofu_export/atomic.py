@@ -1,5 +1,6 @@
 """Atomic file system steps: file writes (a temp file in the target's directory, then ``os.replace``), folder
-renames that never replace what is there, folder exchange, a folder lock, and signals held back around them."""
+renames that never replace what is there, folder exchange, a bounded folder lock, signals held back around them,
+and owner tags (``HOST-PID-START``) in hidden work files' names so a later run can prove them stale."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tofu_export.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -27,7 +35,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as error:  # a file sits where a folder of the path should be
         raise NotADirectoryError(errno.ENOTDIR, "a file is where a folder is needed", str(target.parent)) from error
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale(target.parent, f".{target.name}.", ".tmp")  # left by a killed earlier write
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{owner_tag()}-", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -87,7 +96,7 @@ def exchange_folders(a: str | Path, b: str | Path) -> None:
     a, b = Path(a), Path(b)
     if _renameat2(a, b, _RENAME_EXCHANGE):
         return
-    parking = Path(tempfile.mkdtemp(prefix=f".{b.name}.old-", dir=b.parent)) / b.name
+    parking = Path(tempfile.mkdtemp(prefix=f".{b.name}.old-{owner_tag()}-", dir=b.parent)) / b.name
     os.rename(b, parking)
     try:
         os.rename(a, b)
@@ -99,17 +108,114 @@ def exchange_folders(a: str | Path, b: str | Path) -> None:
     parking.parent.rmdir()
 
 
+LOCK_WAIT_S = 30.0  # how long a lock held by another process is waited for before giving up
+
+
+class LockBusyError(UserError):
+    """Another process holds the folder lock past the bounded wait; the message names it."""
+
+
+def lock_holders(folder: str | Path) -> list[int]:
+    """Pids holding a ``flock`` on ``folder`` (from ``/proc/locks``; empty where that cannot be read)."""
+    try:
+        info = os.stat(folder)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = []
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted and fields[4].isdigit():
+            holders.append(int(fields[4]))
+    return holders
+
+
 @contextlib.contextmanager
-def locked_folder(folder: str | Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``folder`` (the folder itself: no lock file is left behind)."""
+def locked_folder(folder: str | Path, *, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (the folder itself: no lock file is left behind).
+
+    Waits at most ``wait_s`` for another holder (Ctrl-C works while waiting), then raises ``LockBusyError``
+    naming the holder's pid."""
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holders = ", ".join(map(str, lock_holders(folder))) or "unknown"
+                    raise LockBusyError(
+                        f"another process (pid {holders}) has held the lock on {folder} for over {wait_s:.0f} s; "
+                        "wait for it to finish (or stop it) and rerun") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)  # closing releases the lock
 
 
+# ----------------------------------------------------------------------------------------------------
+# Owner tags: hidden work files carry their process's pid and start time, so a later run can prove them stale
+# ----------------------------------------------------------------------------------------------------
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, ``/proc/PID/stat`` field 22), or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str:
+    """``HOST-PID-START`` of this process: the part of a hidden work file's name that says who made it."""
+    return f"{_host()}-{os.getpid()}-{_start_ticks(os.getpid()) or 0}"
+
+
+_TAG = re.compile(r"^(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-")
+
+
+def owner_is_dead(name_tail: str) -> bool:
+    """Whether the owner named at the start of ``name_tail`` (``HOST-PID-START-...``) is provably gone: same host,
+    and no process with that pid, or one started at another time (the pid was reused)."""
+    match = _TAG.match(name_tail)
+    if match is None or match["host"] != _host():
+        return False
+    start = _start_ticks(int(match["pid"]))
+    return start is None or start != int(match["start"])
+
+
+def remove_stale(folder: str | Path, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove the entries of ``folder`` named ``PREFIX<owner tag>-...SUFFIX`` whose owner is provably dead (a run
+    killed by SIGKILL or a power cut left them); returns what was removed. Anything else is left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(suffix)):
+            continue
+        if not owner_is_dead(entry.name[len(prefix):]):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        removed.append(path)
+    return removed
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold SIGINT/SIGTERM/SIGHUP back (main thread only) so a few file system steps finish or do not start;

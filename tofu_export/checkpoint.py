@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tofu_export.errors import Hint, UserError
+from tofu_export.checkpoint_limits import (
+    CheckpointError,
+    CheckpointLimitError,
+    check_model_bounds,
+    check_views,
+    inspect_safetensors,
+    inspect_torch_file,
+)
+from tofu_export.errors import Hint
 
 __all__ = ["CheckpointError", "load_state_dict"]
 
@@ -30,10 +38,6 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
 _MAX_LISTED_KEYS = 5
 _FINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class CheckpointError(UserError):
-    """A checkpoint file or state dict that cannot be loaded into a timm ViT; the message says what to do."""
 
 
 def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -49,12 +53,39 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     _check_is_readable_file(path)
     kind = _sniff_format(path)
     if kind == "safetensors":
+        check_model_bounds(*_safetensors_shapes(path), path)  # from the header, before any tensor is read
         raw: Any = _load_safetensors(path)
     else:
+        metas, stored = inspect_torch_file(path)  # from data.pkl and the zip directory, before torch.load
+        check_views(metas, path)
+        check_model_bounds({name: meta.size for name, meta in metas.items()}, stored, path)
         raw = _torch_load(path, trust_pickle=trust_pickle)
     tensors = _strip_key_prefixes(_tensor_entries(_unwrap(raw), path))
+    _check_loaded_views(tensors, path)  # what the metadata reader could not see (a pickle it did not parse)
+    check_model_bounds({name: tuple(t.shape) for name, t in tensors.items()}, path.stat().st_size, path)
     _check_values(tensors, path)
     return tensors
+
+
+def _safetensors_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
+    try:
+        return inspect_safetensors(path)
+    except (ValueError, UnicodeDecodeError) as error:  # a header that is not JSON
+        raise _corrupt_file_error(path, error) from error
+
+
+def _check_loaded_views(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse a loaded tensor with more elements than its storage holds (a stride-0 expansion) before anything
+    reads all of its elements (a view costs nothing; ``.float()`` or a copy of it would)."""
+    for name, tensor in tensors.items():
+        if tensor.layout != torch.strided:
+            continue
+        held = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > held:
+            raise CheckpointLimitError(
+                f"{path}: tensor {name} has {tensor.numel():,} elements (shape {list(tensor.shape)}, stride "
+                f"{list(tensor.stride())}) but its storage holds {held:,}: an expanded view that would take far "
+                "more memory than the file. Save real weights (tensor.contiguous()) and pass that file.")
 
 
 def _check_is_readable_file(path: Path) -> None:

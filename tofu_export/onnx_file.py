@@ -8,11 +8,17 @@ one ``[B, C, H, W]`` image. Every failure is one :class:`OnnxFileError` naming t
 
 from __future__ import annotations
 
+import math
+import os
+import stat
 from pathlib import Path
 
 import onnx
 
-from tofu_export.errors import UserError
+from tofu_export.errors import Hint, UserError
+
+MAX_INPUT_PIXELS = 64_000_000  # per image (the image module's decode limit)
+ACTIVATION_FACTOR = 32  # a ViT's peak activations over its float32 input, roughly (batch memory estimate)
 
 _REEXPORT = "Export it again (tofu-export export) or pass the model.onnx of an artifact folder."
 
@@ -55,11 +61,19 @@ def _check_graph(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Weights stored beside the file (models over 2 GB) must be there."""
+    """Weights stored beside the file (models over 2 GB) must be there, as regular files inside its folder (a
+    location such as ``../../etc/passwd`` or ``/dev/zero`` would read a file that is not the model's)."""
+    folder = os.path.realpath(path.parent)
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.isabs(location) or not target.startswith(folder + os.sep):
+            raise OnnxFileError(f"{path} keeps the weights of {tensor.name!r} at {location!r}, outside its own folder; "
+                                "ONNX external data must lie beside the model. Re-export it, or fix the file.")
+        if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+            raise OnnxFileError(f"{path} keeps its weights in {location!r}, which is not a regular file.")
         if not (path.parent / location).is_file():
             raise OnnxFileError(f"{path} keeps its weights in {path.parent / location}, which is missing: copy "
                                 "that file next to the model too.")
@@ -77,4 +91,33 @@ def image_input_shape(model: onnx.ModelProto, path: Path) -> list[int | str]:
     if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
         raise OnnxFileError(f"input {inputs[0].name!r} of {path} has shape {shape}; expected an image [B, C, H, W] "
                             "with static C, H, W. Re-export with a fixed image size.")
+    channels, height, width = (int(d) for d in shape[1:])
+    if channels > 16 or height * width > MAX_INPUT_PIXELS:
+        raise OnnxFileError(f"input {inputs[0].name!r} of {path} is [B, {channels}, {height}, {width}]: more than "
+                            f"{MAX_INPUT_PIXELS // 1_000_000} M pixels or 16 channels per image, far beyond any ViT "
+                            "input (one image alone would not fit in memory). Re-export at the model's image size.")
     return shape
+
+
+def check_batch_fits(shape: list[int | str], batch: int, path: Path) -> None:
+    """Refuse a batch whose input alone, times a ViT's usual activation factor, exceeds the memory available now."""
+    per_image = 4 * math.prod(int(d) for d in shape[1:])  # float32 [C, H, W]
+    need = batch * per_image * ACTIVATION_FACTOR
+    available = _available_bytes()
+    if available is not None and need > available:
+        fits = available // (per_image * ACTIVATION_FACTOR)
+        what = f"batch {batch} of {path}'s [{', '.join(map(str, shape[1:]))}] input needs about {need / 2**30:.1f} GiB"
+        if fits == 0:
+            raise OnnxFileError(f"{what}: not even one image fits in the {available / 2**30:.1f} GiB available. "
+                                "Re-export the model at its usual image size.")
+        raise OnnxFileError(f"{what}; this machine has {available / 2**30:.1f} GiB available",
+                            hint=Hint("batch", str(fits), "or less"))
+
+
+def _available_bytes() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` (None where there is none)."""
+    try:
+        line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024

@@ -51,7 +51,7 @@ def run_export(
     figures and for exporting to other TensorRT releases (the caller knows its own command line).
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    out_state = check_output(out_dir, force=config.force)  # a folder that must not be replaced fails here, first
+    out_state = check_output(out_dir, force=config.force, inputs=[checkpoint])  # refused here, first
     step("reading checkpoint")
     loaded = load_model(
         checkpoint, arch=config.arch, img_size=config.tofu.img_size, trust_pickle=config.trust_pickle,

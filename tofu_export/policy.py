@@ -68,6 +68,12 @@ class Policy:
         for key in ("tokens", "num_prefix"):
             if not isinstance(self.model.get(key), int):
                 raise PolicyError(f"the policy's model record lacks {key!r} (an int)")
+        size = self.model.get("img_size")  # an int or [height, width] of positive ints (a string would unpack)
+        pair = [size, size] if isinstance(size, int) else size
+        if not (isinstance(pair, list | tuple) and len(pair) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
+            raise PolicyError(f"the policy's model record has img_size {size!r}; expected [height, width] in pixels "
+                              "(positive ints): the file was edited or damaged, calibrate again")
         plan = plan_tokens(self.model["tokens"], self.model["num_prefix"], self.r, strict=False, warn=False)
         if plan.clipped:
             block = plan.clipped[0]

@@ -15,7 +15,6 @@ token reduction (an r = 0 graph computes exactly what the unpatched model does).
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tofu_export.errors import Hint, UserError
-from tofu_export.evaluation.data import decode_images
+from tofu_export.errors import Hint
+from tofu_export.images import ImageError, decode_images, evenly_spaced, find_images
 
 LABEL = "quick look on this machine, not a benchmark"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
-class QuickLookDataError(UserError):
+class QuickLookDataError(ImageError):
     """The images given for the quick look cannot be found or read."""
 
 
@@ -54,17 +52,7 @@ class QuickLookSettings:
 def image_files(root: Path, pattern: str = "*", limit: int | None = None) -> list[Path]:
     """Image files under ``root`` (any depth) whose name matches ``pattern``, sorted, at most ``limit`` spread evenly
     over the list (so class folders stay balanced)."""
-    if not root.is_dir():
-        raise QuickLookDataError(f"image folder {root} does not exist or is not a folder",
-                                 hint=Hint("data", None, "a folder of images, flat or in class folders"))
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and fnmatch.fnmatch(p.name, pattern))
-    if not files:
-        raise QuickLookDataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}) named {pattern!r}",
-                                 hint=Hint("data", None, "a folder of images, flat or in class folders"))
-    if limit is not None and limit < len(files):
-        files = [files[i * len(files) // limit] for i in range(limit)]
-    return files
+    return evenly_spaced(find_images(root, pattern, error=QuickLookDataError), limit)
 
 
 def load_images(files: Sequence[Path], transform: Any) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The calibration images: a folder read once into one ``[B, 3, H, W]`` tensor in the model's eval transform.
 
 Labels are not needed. ``DATA`` may be an ImageFolder (``<root>/<class>/<image>``), a dataset root with ``train/``
-(the train split is used: calibrate on train, evaluate on test), or a flat folder of images.
+(the train split is used: calibrate on train, evaluate on test), or a flat folder of images. Finding, sampling and
+decoding are ``tofu_export.images``'s, the same as evaluation's and the quick look's.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tofu_export.errors import Hint, UserError
-from tofu_export.evaluation.data import decode_images, model_transform
+from tofu_export.errors import Hint
+from tofu_export.evaluation.data import model_transform
+from tofu_export.images import ImageError, decode_images, evenly_spaced, find_images
 
 MIN_IMAGES = 8  # fewer gives per-block damage too noisy to rank modes by
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class CalibrationDataError(UserError):
+class CalibrationDataError(ImageError):
     """The calibration images cannot be read, are too few, or are not images."""
 
 
@@ -30,22 +31,7 @@ def image_files(root: str | Path) -> tuple[Path, list[Path]]:
         raise CalibrationDataError(f"calibration data {root} is not a folder",
                                    hint=Hint("data", None, "a folder of images, or an ImageFolder"))
     folder = root / "train" if (root / "train").is_dir() else root
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        others = sorted(p.name for p in folder.rglob("*") if p.is_file())[:3]
-        found = f" (found only {others} ...)" if others else " (it is empty)"
-        raise CalibrationDataError(
-            f"{folder} holds no images{found}; calibration needs a folder of images ({', '.join(IMAGE_SUFFIXES)}), "
-            "flat or in class folders"
-        )
-    return folder, files
-
-
-def evenly_spaced(files: list[Path], count: int) -> list[Path]:
-    """``count`` files spread evenly over the sorted list (so class folders stay balanced)."""
-    if count >= len(files):
-        return files
-    return [files[i * len(files) // count] for i in range(count)]
+    return folder, find_images(folder, error=CalibrationDataError)
 
 
 def load_images(root: str | Path, model: nn.Module, count: int) -> tuple[torch.Tensor, dict]:
@@ -62,8 +48,7 @@ def load_images(root: str | Path, model: nn.Module, count: int) -> tuple[torch.T
         raise CalibrationDataError(f"{folder} holds {len(files)} images; calibration needs at least {MIN_IMAGES}",
                                    hint=Hint("images", str(MIN_IMAGES)))
     chosen = evenly_spaced(files, count)
-    transform = model_transform(model)
-    batch = decode_images(chosen, transform, CalibrationDataError)
+    batch = decode_images(chosen, model_transform(model), CalibrationDataError)
     source = {"path": str(root), "folder": str(folder), "count": len(chosen), "asked": count,
               "available": len(files), "first": str(chosen[0]), "last": str(chosen[-1])}
     return batch, source

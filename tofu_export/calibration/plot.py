@@ -56,5 +56,5 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
     figure.suptitle(f"policy: {chosen}\npredicted cosine {m['predicted_cosine']:.5f}, measured "
                     f"{m['measured_cosine']:.5f}; predicted {m['predicted_speedup']:.2f}x", fontsize=10)
     buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
+    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": "tofu-export"})  # output_paths.is_tofu_png
     return write_bytes_atomic(path, buffer.getvalue())

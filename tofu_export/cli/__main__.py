@@ -1,5 +1,5 @@
 """``python -m tofu_export.cli``: the same as the ``tofu-export`` command."""
 
-from tofu_export.cli.app import main
+from tofu_export.cli import main
 
 main()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,20 +13,6 @@ from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions
 from tofu_export.cli.output import print_json
-from tofu_export.errors import Hint, UserError
-
-
-def _check_replaceable(path: Path) -> None:
-    """``path`` may be written: it does not exist, or it is a policy tofu-export wrote."""
-    if not path.exists():
-        return
-    try:
-        ours = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("format") == "tofu-export/policy"
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise UserError(f"{path} exists and is not a tofu-export policy; it is left alone",
-                        hint=Hint("out", "policy.json", "another output path"))
 
 
 def calibrate(
@@ -68,16 +53,16 @@ def calibrate(
 
       tofu-export calibrate deit_small.pth /data/imagenet/train --speedup 1.6 -o deit-policy.json
     """
-    from tofu_export.artifacts import check_file_output
     from tofu_export.calibration import Budget, calibrate, load_images, plot_policy
+    from tofu_export.output_paths import FileOutput, check_file_outputs, is_policy_file, is_tofu_png
 
     runtime.check()
     if min_cosine is None and speedup is None and max_latency_ms is None:
         min_cosine = 0.995
     budget = Budget(min_cosine=min_cosine, speedup=speedup, max_latency_ms=max_latency_ms)
     plot_path = out.with_suffix(".png")
-    _check_replaceable(out)
-    check_file_output(out)  # a folder, or a file where its folder should be: refused before calibrating
+    check_file_outputs([FileOutput(out, is_policy_file, "policy"), FileOutput(plot_path, is_tofu_png, "policy plot")],
+                       inputs=[checkpoint, data])  # refused before calibrating
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
     start = time.perf_counter()
@@ -87,8 +72,11 @@ def calibrate(
     checkpoint_record = {"source": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch.name}
     policy = dataclasses.replace(policy, source=dict(policy.source, checkpoint=checkpoint_record,
                                                      seconds=round(seconds, 1)))
-    policy.save(out)
-    plot_policy(policy, plot_path)
+    from tofu_export.atomic import signals_held
+
+    with signals_held():  # the policy and its plot are written as a pair: a Ctrl-C waits until both are
+        policy.save(out)
+        plot_policy(policy, plot_path)
     m = policy.measurements
     if as_json:
         print_json({"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),

@@ -40,10 +40,21 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGHUP into ``Terminated`` (the default action would kill the process mid-write)."""
+    """While a command runs: SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated`` (the default
+    action would kill the process mid-write), so every ``finally`` and staging cleanup runs. This replaces the
+    quiet exit ``tofu_export.cli`` installs for the import phase."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is signal.SIG_DFL:
+        if hasattr(signal, name):
             signal.signal(getattr(signal, name), _raise_terminated)
+
+
+def _second_signal_exits_quietly() -> None:
+    """A signal arriving while the first one is being reported ends the process quietly (entry point only)."""
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        from tofu_export.cli import exit_quietly_on_signals
+
+        exit_quietly_on_signals()
 
 
 _OS_ADVICE = {
@@ -66,6 +77,25 @@ def describe_os_error(error: OSError) -> str:
     where = f" ({error.filename})" if error.filename else ""
     advice = _OS_ADVICE.get(error.errno or 0, "check the path, its permissions and free disk space")
     return f"{error.strerror or error}{where}: {advice}."
+
+
+_OS_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+             "File too large": errno.EFBIG, "Read-only file system": errno.EROFS}
+
+
+def os_error_within(error: BaseException) -> OSError | None:
+    """The file-system error behind ``error``: one in its cause/context chain, or one a library only quoted in its
+    message (protobuf, ONNX and torch rewrap a full disk as their own errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in _OS_ADVICE:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    text = str(error)
+    code = next((code for words, code in _OS_WORDS.items() if words in text), None)
+    return None if code is None else OSError(code, os.strerror(code))
 
 
 def debug_enabled() -> bool:
@@ -112,6 +142,7 @@ def guarded(fn: F) -> F:
             _print_error(render(error))
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:
+            _second_signal_exits_quietly()
             if debug_enabled():
                 raise
             signum = getattr(interrupt, "signum", signal.SIGINT)
@@ -134,6 +165,10 @@ def guarded(fn: F) -> F:
         except Exception as error:
             if debug_enabled():
                 raise
+            cause = os_error_within(error)
+            if cause is not None:
+                _print_error(describe_os_error(cause))
+                raise typer.Exit(EXIT_USER_ERROR) from None
             _print_error(f"internal error: {type(error).__name__}: {error}. This is a bug in tofu-export: rerun "
                          "with --debug for the traceback and report it.")
             raise typer.Exit(EXIT_INTERNAL) from None

@@ -38,13 +38,16 @@ def profile(
 
       tofu-export profile model.pth --backend torch --r 16 --mode tofu --device cuda
     """
-    from tofu_export.artifacts import check_file_output
     from tofu_export.jobs.profile import backend_for, profile_source
     from tofu_export.reports.profile import render_table, write_json, write_markdown
 
     runtime.check()
     if report is not None:
-        check_file_output(report)  # before profiling, not after
+        from tofu_export.output_paths import FileOutput, check_file_outputs, is_profile_json, is_profile_markdown
+
+        check_file_outputs([FileOutput(report, is_profile_markdown, "profile report", "report"),
+                            FileOutput(report.with_suffix(".json"), is_profile_json, "profile JSON", "report")],
+                           inputs=[artifact])  # before profiling, not after
     kind = backend_for(artifact, backend)
     result = profile_source(
         artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,

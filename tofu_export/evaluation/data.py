@@ -6,7 +6,9 @@ Class indices: when every class folder name is all digits (``0243``, ``7``) the 
 matched by class NAME across splits: ``train/`` and ``test/`` (or ``val/``) must hold the same class folders.
 
 Images that cannot be decoded are refused, not skipped: before a loader is made, every image it will read is
-decoded once (JPEGs at reduced scale), and a folder with broken images is an error naming them.
+decoded once (JPEGs at reduced scale), and a folder with broken images is an error naming them. Finding, decoding
+and size limits are ``tofu_export.images``'s (the same for calibration and the quick look): the class folders are
+walked with its bounded walk, never torchvision's (which follows a symbolic link loop forever).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from tofu_export.errors import Hint, UserError
+from tofu_export.errors import Hint
 from tofu_export.evaluation.errors import EvaluationError
+from tofu_export.images import IMAGE_SUFFIXES, ImageError, decode_problem, load_rgb, walk_images
 
 Transform = Callable[[Image.Image], torch.Tensor]
 EVAL_SPLITS = ("test", "val")
@@ -45,6 +48,25 @@ class IndexedImageFolder(ImageFolder):
             )
         return classes, by_value
 
+    @staticmethod
+    def make_dataset(directory: str | Path, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None, allow_empty: bool = False,
+                     ) -> list[tuple[str, int]]:
+        """``(path, class index)`` of every image in each class folder, by ``images.walk_images`` (bounded)."""
+        samples = [(str(path), index) for name, index in sorted(class_to_idx.items())
+                   for path in walk_images(Path(directory) / name, error=EvalImageError)]
+        if not samples and not allow_empty:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {directory}")
+        return samples
+
+
+class EvalImageError(ImageError, EvaluationError):
+    """An image of the evaluation folder that cannot be used."""
+
+
+def _load(path: str) -> Image.Image:
+    return load_rgb(path, error=EvalImageError)
+
 
 def image_folder(root: str | Path, transform: Transform) -> IndexedImageFolder:
     """The dataset under ``root`` (``<root>/<class>/<image>``), each image passed through ``transform``."""
@@ -55,7 +77,7 @@ def image_folder(root: str | Path, transform: Transform) -> IndexedImageFolder:
             "(foolbox or fashion-mnist), or point to any folder laid out as <root>/<class>/<image>."
         )
     try:
-        return IndexedImageFolder(str(root), transform=transform)
+        return IndexedImageFolder(str(root), transform=transform, loader=_load)
     except FileNotFoundError as error:
         raise EvaluationError(
             f"{root} holds no <class>/<image> files ({error}). Expected an ImageFolder layout, e.g. "
@@ -88,23 +110,12 @@ def class_names(folder: Path) -> set[str]:
     return {entry.name for entry in os.scandir(folder) if entry.is_dir()}
 
 
-def _decode_problem(path: str) -> str | None:
-    """Why the image at ``path`` cannot be decoded, or None (a JPEG is decoded at reduced scale: still complete)."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
-    except Exception as error:  # PIL: UnidentifiedImageError, truncated data, decompression bombs, bad headers
-        return f"{path} ({type(error).__name__}: {str(error)[:120]})"
-    return None
-
-
 def check_images(dataset: Dataset) -> None:
     """Decode every image of ``dataset`` (an ``ImageFolder`` or a ``Subset`` of one) once; refuse broken ones."""
     base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
     paths = [path for path, _ in base.samples] if indices is None else [base.samples[i][0] for i in indices]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        problems = [problem for problem in pool.map(_decode_problem, paths) if problem]
+        problems = [problem for problem in pool.map(decode_problem, paths) if problem]
     if problems:
         listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise EvaluationError(
@@ -168,18 +179,3 @@ def make_loader(
     dataset = subsample(image_folder(root, transform), limit)
     check_images(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
-def decode_images(
-    files: list[Path] | tuple[Path, ...], transform: Transform, error: type[UserError], hint: Hint | None = None
-) -> torch.Tensor:
-    """``[N, 3, H, W]``: each file decoded as RGB and passed through ``transform``; a file that does not decode is
-    an ``error`` (with ``hint``) naming it."""
-    tensors = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                tensors.append(transform(image.convert("RGB")))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as cause:
-            raise error(f"{path} is not a readable image ({type(cause).__name__}: {cause})", hint=hint) from cause
-    return torch.stack(tensors)

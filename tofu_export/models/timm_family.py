@@ -51,6 +51,10 @@ class TimmFamily(ModelFamily):
             )
         kwargs = {} if img_size is None else {"img_size": img_size}
         model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        if not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):  # a ResNet, a ConvNeXt: no tokens
+            raise CheckpointError(f"{name} is a timm {type(model).__name__}, not a Vision Transformer; tofu-export "
+                                  "reduces the tokens of ViTs: pass a ViT name such as deit_small_patch16_224",
+                                  hint=Hint("checkpoint", None, "a ViT checkpoint or timm ViT name"))
         guess = ArchGuess(name=name, kwargs=kwargs, reason="timm model name (random weights)",
                           provenance={"architecture": f"timm registry {name}"})
         return LoadedModel(model, guess, None, None)

@@ -21,6 +21,7 @@ from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
 from tofu_export.manifest import Manifest
 from tofu_export.models.loading import load_model
+from tofu_export.output_paths import check_output_folder, is_sweep_folder
 from tofu_export.pipeline import ONNX_NAME, run_export
 from tofu_export.policy import Policy
 from tofu_export.profiling.compare import interleaved_latency_ms
@@ -100,6 +101,7 @@ def run_sweep_job(
                             hint=Hint("device", "cpu"))
     for mode in modes:  # an unknown mode fails here, before anything is exported (or a folder made)
         ToFuConfig(mode=mode)
+    check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own folder
     checkpoint = _checkpoint_file(source, out, arch)
     digest = sha256_file(checkpoint)
     template = template or ToFuConfig()

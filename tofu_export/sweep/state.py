@@ -82,15 +82,27 @@ def load_state(state_path: Path) -> dict[str, Any]:
     if not state_path.exists():
         return {"version": STATE_VERSION, "points": {}}
     try:
-        state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SweepError(f"Cannot read sweep state {state_path} ({exc}); delete it to start the sweep over.") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "points" not in state:
         raise SweepError(
             f"{state_path} is not a version-{STATE_VERSION} sweep state file; delete it (or sweep into another "
             "folder) to start the sweep over."
         )
+    points = state["points"]
+    bad = next((key for key, record in points.items() if not _is_record(record)), None) \
+        if isinstance(points, dict) else "points"
+    if bad is not None:
+        raise SweepError(f"{state_path} is damaged (its entry {str(bad)[:40]!r} is not a finished point record); "
+                         "delete it to start the sweep over (the exported artifacts are reused).")
     return state
+
+
+def _is_record(record: Any) -> bool:
+    """A finished point as ``_run_point`` writes it."""
+    return (isinstance(record, dict) and isinstance(record.get("mode"), str) and isinstance(record.get("r"), int)
+            and isinstance(record.get("artifact"), str) and isinstance(record.get("profile"), dict))
 
 
 def _run_point(
