@@ -10,11 +10,10 @@ import torch
 
 from tofu_export.engines.base import BackendUnavailableError, RunnerError
 from tofu_export.engines.ort import OrtRunner, create_session, resolve_providers
+from tofu_export.engines.ort_profile import parse_ort_profile
 from tofu_export.models.timm_vit import patch
 from tofu_export.profiling.breakdown import categorize, summarize
 from tofu_export.profiling.compare import interleaved_latency_ms, round_orders, time_round_robin
-from tofu_export.profiling.errors import ProfilerError
-from tofu_export.profiling.ort_profile import parse_ort_profile
 
 IMG = 64
 
@@ -99,7 +98,7 @@ def test_parse_ort_profile_groups_runs_and_skips_warmup() -> None:
 
 
 def test_parse_ort_profile_needs_runs() -> None:
-    with pytest.raises(ProfilerError, match="model_run"):
+    with pytest.raises(RunnerError, match="model_run"):
         parse_ort_profile([{"cat": "Session", "name": "model_run", "ts": 0, "dur": 5}], skip_runs=1)
 
 

@@ -108,7 +108,7 @@ class ToFuConfig:
 class OnnxConfig:
     """How the ONNX graph is produced and verified."""
 
-    opset: int | None = None  # None: the newest the TensorRT targets parse (trt_targets.export_opset: 17, 16 for 8.5)
+    opset: int | None = None  # None: the newest the TensorRT targets parse (tensorrt.targets.export_opset)
     simplify: bool = True
     tolerance: float = 1e-4  # max |ONNX - PyTorch|, relative to the output scale
     exporter: Exporter = "dynamo"  # see exporters.onnx.DEFAULT_EXPORTER

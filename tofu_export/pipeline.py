@@ -17,13 +17,13 @@ from tofu_export.accounting import token_schedule
 from tofu_export.artifacts import check_output, staged_folder, write_manifest
 from tofu_export.config import ExportConfig, TrtConfig
 from tofu_export.exporters.onnx import export_onnx
-from tofu_export.exporters.trt_check import check_tensorrt_compat
-from tofu_export.exporters.trt_ops import ALL_TARGETS
 from tofu_export.manifest import Manifest, TofuRecord
 from tofu_export.models.loading import load_model
 from tofu_export.quicklook import QuickLookSettings, image_files, load_images, run_quick_look
 from tofu_export.reports.artifact import ReportCommands, write_report
-from tofu_export.trt_targets import export_opset
+from tofu_export.tensorrt.check import check_tensorrt_compat
+from tofu_export.tensorrt.ops import ALL_TARGETS
+from tofu_export.tensorrt.targets import export_opset
 
 ONNX_NAME, ORT_NAME, ENGINE_NAME, TIMING_CACHE = "model.onnx", "model.ort.onnx", "model.engine", "timing.cache"
 
@@ -148,23 +148,16 @@ def _ort_artifact(folder: Path) -> dict[str, Any]:
 def _trt_artifact(folder: Path, out_dir: Path, options: TrtConfig) -> tuple[dict[str, Any], str | None]:
     """Build the engine in ``folder``; where TensorRT is missing, record the trtexec line (with the paths the
     artifacts will have in ``out_dir``) and return the error for the caller to report."""
-    from tofu_export.exporters.tensorrt import TensorRTUnavailable, build_engine, read_image_input, trtexec_command
+    from tofu_export.tensorrt.api import TensorRTUnavailable
+    from tofu_export.tensorrt.build import build_engine, read_image_input, trtexec_command
 
     image = read_image_input(folder / ONNX_NAME)
-    command = trtexec_command(
-        out_dir / ONNX_NAME, out_dir / ENGINE_NAME, fp16=options.fp16, min_batch=options.min_batch,
-        opt_batch=options.opt_batch, max_batch=options.max_batch, input_name=image.name, input_shape_chw=image.chw,
-        workspace_mib=int(options.workspace_gib * 1024), timing_cache=str(out_dir / TIMING_CACHE),
-    )
-    info: dict[str, Any] = {"precision": "fp16" if options.fp16 else "fp32", "trtexec": command,
+    command = trtexec_command(out_dir / ONNX_NAME, out_dir / ENGINE_NAME, options, image, out_dir / TIMING_CACHE)
+    info: dict[str, Any] = {"precision": image.precision if not options.fp16 else "fp16", "trtexec": command,
                             "batch_range": [options.min_batch, options.opt_batch, options.max_batch]}
     try:
         started = time.perf_counter()
-        build_engine(
-            folder / ONNX_NAME, folder / ENGINE_NAME, fp16=options.fp16, min_batch=options.min_batch,
-            opt_batch=options.opt_batch, max_batch=options.max_batch, workspace_gib=options.workspace_gib,
-            timing_cache_path=folder / TIMING_CACHE,
-        )
+        build_engine(folder / ONNX_NAME, folder / ENGINE_NAME, options, timing_cache_path=folder / TIMING_CACHE)
     except TensorRTUnavailable as error:
         info["file"] = None
         reason = str(error.__cause__ or "the tensorrt Python package could not be imported")

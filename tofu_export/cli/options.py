@@ -149,7 +149,7 @@ class TrtOptions:
 
     def build(self) -> Any:
         from tofu_export.config import TrtConfig
-        from tofu_export.trt_targets import resolve_targets
+        from tofu_export.tensorrt.targets import resolve_targets
 
         return TrtConfig(fp16=self.fp16, min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch,
                          workspace_gib=self.workspace_gib, targets=resolve_targets(self.trt or (), self.jetpack or ()))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -14,9 +15,8 @@ import onnxruntime as ort
 import torch
 
 from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
+from tofu_export.engines.ort_profile import OrtProfile, parse_ort_profile
 from tofu_export.onnx_file import check_onnx_file
-from tofu_export.profiling.ort_profile import OrtProfile, parse_ort_profile
-from tofu_export.profiling.timing import time_callable
 
 Provider = Literal["cpu", "cuda", "tensorrt", "auto"]
 Optimization = Literal["all", "extended", "basic", "disable"]
@@ -161,10 +161,23 @@ class OrtRunner:
         feed = self._feed(batch_size)
         with tempfile.TemporaryDirectory(prefix="tofu-ort-profile-") as tmp:
             session = create_session(self.onnx_path, profile_prefix=str(Path(tmp) / "ort"), **self._settings)  # type: ignore[arg-type]
-            wall_s = time_callable(lambda: session.run(None, feed), warmup=1, iters=iters, budget_s=None)
+            wall_s = _timed_runs(lambda: session.run(None, feed), warmup=1, iters=iters)
             events = json.loads(Path(session.end_profiling()).read_text())
         parsed = parse_ort_profile(events, skip_runs=1)
         return replace(parsed, wall_ms=[seconds * 1e3 for seconds in wall_s])
+
+
+def _timed_runs(run: Callable[[], object], *, warmup: int, iters: int) -> list[float]:
+    """Wall seconds of each of ``iters`` calls of ``run`` after ``warmup`` untimed ones (the profiler's own runs;
+    latency measurements go through ``profiling.timing``, which builds on the runners, not the other way round)."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 def _static_input_shape(shape: Sequence[object], path: Path) -> tuple[int | None, tuple[int, int, int]]:
