@@ -20,7 +20,7 @@ from tofu_export.errors import Hint, UserError
 from tofu_export.hashing import sha256_file
 from tofu_export.manifest import MANIFEST, TOOL, Manifest, ManifestError
 
-_PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt")
+_PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim", "tensorrt")
 
 
 class ArtifactExistsError(UserError, FileExistsError):

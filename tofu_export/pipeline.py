@@ -71,12 +71,14 @@ def run_export(
     policy = config.tofu.policy
     onnx_settings = {"opset": config.onnx.opset or export_opset(config.trt.targets),
                      "simplify": config.onnx.simplify, "tolerance": config.onnx.tolerance,
-                     "exporter": config.onnx.exporter}
+                     "exporter": config.onnx.exporter, "precision": config.onnx.precision,
+                     "simplifier": config.onnx.simplifier}
 
     engine_error = None
     with staged_folder(out_dir, force=config.force, expected=out_state) as staging:
         step("exporting to ONNX and verifying parity")
-        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings)
+        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings,
+                                  calibration=images if config.onnx.precision == "int8" else None)
         notes += onnx_result.notes
         step("checking TensorRT compatibility")
         trt_report = check_tensorrt_compat(staging / ONNX_NAME, ALL_TARGETS)  # every release: the report says which
@@ -93,6 +95,7 @@ def run_export(
             gflops={"original": schedule.gflops_original, "tofu": schedule.gflops_reduced,
                     "ratio": schedule.flop_ratio},
             onnx={"file": ONNX_NAME, "opset": onnx_settings["opset"], "exporter": config.onnx.exporter,
+                  "precision": config.onnx.precision, "simplifier": onnx_result.simplifier,
                   "simplified": onnx_result.simplified, "input": onnx_result.input_name,
                   "output": onnx_result.output_name,
                   "parity": asdict(onnx_result.parity) if onnx_result.parity else None},
