@@ -43,6 +43,7 @@ def create_session(
     optimization: Optimization = "all",
     optimized_model_path: Path | None = None,
     profile_prefix: str | None = None,
+    cache_dir: Path | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` over ``model`` (a path or serialized bytes): the only place tofu-export makes one.
 
@@ -50,6 +51,7 @@ def create_session(
     which timing several sessions in turn needs (one session's spinning workers would otherwise steal the cores
     from the next). ``optimization`` is the graph optimisation level; ``optimized_model_path`` saves the
     optimised graph there; ``profile_prefix`` turns on ORT's profiler (``session.end_profiling()`` writes it).
+    ``cache_dir``: where the TensorRT provider keeps its engine and timing caches (see :func:`provider_options`).
     """
     if optimization not in _LEVELS:
         raise RunnerError(f"Unknown ONNX Runtime optimization level {optimization!r}; choose one of {list(_LEVELS)}.")
@@ -67,7 +69,8 @@ def create_session(
     if not isinstance(model, bytes):
         check_onnx_file(model)  # a missing, truncated or non-ONNX file is named before ONNX Runtime parses it
     source = model if isinstance(model, bytes) else str(model)
-    providers = resolve_providers(provider, ort.get_available_providers())
+    names = resolve_providers(provider, ort.get_available_providers())
+    providers = [(name, provider_options(name, cache_dir)) for name in names]
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as error:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) derive from Exception only
@@ -95,8 +98,19 @@ def resolve_providers(provider: Provider, available: Sequence[str]) -> list[str]
     return [wanted] if wanted == _PROVIDER_NAMES["cpu"] else [wanted, _PROVIDER_NAMES["cpu"]]
 
 
+def provider_options(name: str, cache_dir: Path | None) -> dict[str, str]:
+    """Options of execution provider ``name``: for TensorRT, engine and timing caches in ``cache_dir`` (the artifact
+    folder), so a second session loads the engine instead of rebuilding it (minutes on a Jetson Orin)."""
+    if name != _PROVIDER_NAMES["tensorrt"] or cache_dir is None:
+        return {}
+    folder = str(cache_dir)
+    return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": folder,
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": folder}  # fmt: skip
+
+
 class OrtRunner:
-    """An ONNX model whose one input is ``[B, C, H, W]`` (static C, H, W; B static or symbolic)."""
+    """An ONNX model whose one input is ``[B, C, H, W]`` (static C, H, W; B static or symbolic); on the TensorRT
+    provider its engine and timing caches are kept in the model's folder."""
 
     def __init__(
         self,
@@ -110,7 +124,8 @@ class OrtRunner:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise RunnerError(f"ONNX model not found: {self.onnx_path}. Export it first (tofu-export export).")
-        self._settings = {"threads": threads, "spinning": spinning, "provider": provider}
+        self._settings = {"threads": threads, "spinning": spinning, "provider": provider,
+                          "cache_dir": self.onnx_path.parent}  # the TensorRT provider's caches live beside the model
         self.session = create_session(self.onnx_path, **self._settings)  # type: ignore[arg-type]
         quiet = "" if spinning else ", no spinning"
         self.name = f"onnxruntime[{self.session.get_providers()[0].removesuffix('ExecutionProvider')}{quiet}]"
