@@ -158,6 +158,8 @@ def build_engine(
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
     _set_precision(trt, builder, builder_config, config, image.precision)
+    if hasattr(trt, "ProfilingVerbosity"):  # layer types and tactics for the engine inspector (tensorrt.inspect)
+        builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
     shapes = ((batch, *image.chw) for batch in (config.min_batch, config.opt_batch, config.max_batch))
     profile.set_shape(image.name, *shapes)

@@ -13,6 +13,7 @@ import torch
 
 from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
 from tofu_export.tensorrt.api import EngineBuildError, import_tensorrt, severity
+from tofu_export.tensorrt.inspect import AttentionFusion, attention_fusion, engine_information
 
 
 def load_engine(engine_path: str | Path, log_level: str = "WARNING") -> Any:
@@ -114,6 +115,10 @@ class TrtRunner:
 
     def sync(self) -> None:
         torch.cuda.synchronize()
+
+    def attention_fusion(self) -> list[AttentionFusion]:
+        """Per block, whether TensorRT fused its attention into an MHA kernel (the engine inspector's layers)."""
+        return attention_fusion(engine_information(self.engine, self._trt))
 
     def profile_ops(self, batch_size: int, iters: int) -> list[OpTime]:
         """Mean per-layer GPU time over ``iters`` runs after one warm-up, from TensorRT's ``IProfiler``."""
