@@ -8,13 +8,13 @@ import pytest
 import timm
 import torch
 
+from tofu_export.engines import ort as ort_engine
 from tofu_export.engines.base import BackendUnavailableError, RunnerError
-from tofu_export.engines.ort import OrtRunner, create_session, resolve_providers
+from tofu_export.engines.ort import OrtRunner, create_session, provider_options, resolve_providers
+from tofu_export.engines.ort_profile import parse_ort_profile
 from tofu_export.models.timm_vit import patch
 from tofu_export.profiling.breakdown import categorize, summarize
 from tofu_export.profiling.compare import interleaved_latency_ms, round_orders, time_round_robin
-from tofu_export.profiling.errors import ProfilerError
-from tofu_export.profiling.ort_profile import parse_ort_profile
 
 IMG = 64
 
@@ -47,6 +47,32 @@ def test_resolve_providers() -> None:
         resolve_providers("tensorrt", available)
     with pytest.raises(RunnerError, match="Unknown provider"):
         resolve_providers("rocm", available)  # type: ignore[arg-type]
+
+
+def test_tensorrt_provider_caches_engines_beside_the_model(onnx_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner asks ORT's TensorRT provider for engine and timing caches in the artifact folder (ORT itself is
+    faked here: no TensorRT provider on this machine); other providers get no options."""
+    folder = str(onnx_path.parent)
+    assert provider_options("TensorrtExecutionProvider", onnx_path.parent) == {
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": folder,
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": folder,
+    }  # fmt: skip
+    assert provider_options("CUDAExecutionProvider", onnx_path.parent) == {}
+    assert provider_options("TensorrtExecutionProvider", None) == {}
+    seen: dict[str, list] = {}
+
+    def session(source: str, options: object, providers: list) -> object:
+        seen["providers"] = providers
+        raise RuntimeError("stop here")
+
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_engine.ort, "get_available_providers", lambda: available)
+    monkeypatch.setattr(ort_engine.ort, "InferenceSession", session)
+    with pytest.raises(RunnerError, match="stop here"):
+        OrtRunner(onnx_path, provider="tensorrt")
+    (name, options), cpu = seen["providers"]
+    assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_path"] == folder
+    assert cpu == ("CPUExecutionProvider", {})
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA EP is installed")
@@ -99,7 +125,7 @@ def test_parse_ort_profile_groups_runs_and_skips_warmup() -> None:
 
 
 def test_parse_ort_profile_needs_runs() -> None:
-    with pytest.raises(ProfilerError, match="model_run"):
+    with pytest.raises(RunnerError, match="model_run"):
         parse_ort_profile([{"cat": "Session", "name": "model_run", "ts": 0, "dur": 5}], skip_runs=1)
 
 

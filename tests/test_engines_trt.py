@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tofu_export.engines.base import BackendUnavailableError
-from tofu_export.engines.trt import TrtRunner, layer_profiler
+from tofu_export.tensorrt.runner import TrtRunner, layer_profiler
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 LAYERS = {"/blocks.0/attn/qkv/MatMul": 1.0, "/blocks.0/reduce/MatMul + /blocks.0/reduce/Softmax": 0.25}
@@ -137,15 +137,16 @@ def test_call_runs_static_batch_engines_in_padded_chunks(
 def test_tofu_engine_matches_torch_and_reports_its_layers(tmp_path: Path) -> None:
     import timm
 
+    from tofu_export.config import TrtConfig
     from tofu_export.exporters.onnx import export_onnx
-    from tofu_export.exporters.tensorrt import build_engine
     from tofu_export.models.timm_vit import patch
+    from tofu_export.tensorrt.build import build_engine
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
     patch(model, r=4, mode="tofu", img_size=64)
     onnx_path = export_onnx(model, tmp_path / "tofu.onnx", 64).path
-    runner = TrtRunner(build_engine(onnx_path, tmp_path / "tofu.engine", max_batch=4))
+    runner = TrtRunner(build_engine(onnx_path, tmp_path / "tofu.engine", TrtConfig(max_batch=4)))
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         expected = model(images)

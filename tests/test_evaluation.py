@@ -15,7 +15,6 @@ from torch import nn
 from tofu_export.engines.base import RunnerError, run_in_fixed_batches
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.engines.torch import TorchRunner
-from tofu_export.engines.trt import TrtRunner
 from tofu_export.evaluation import (
     EvaluationError,
     artifact_transform,
@@ -30,6 +29,7 @@ from tofu_export.evaluation import (
     model_data_config,
     model_transform,
 )
+from tofu_export.tensorrt.runner import TrtRunner
 
 IDENTITY_NORMALIZE = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 

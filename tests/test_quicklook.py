@@ -27,7 +27,7 @@ from tofu_export.quicklook import (
     run_quick_look,
     time_models,
 )
-from tofu_export.trt_targets import UnknownTargetError, export_opset, resolve_targets, target_verdicts
+from tofu_export.tensorrt.targets import UnknownTargetError, export_opset, resolve_targets, target_verdicts
 
 IMG = 32
 

@@ -13,14 +13,11 @@ import timm
 import torch
 from onnx import TensorProto, helper
 
-from tofu_export.engines.trt import TensorRTUnavailable, TrtRunner, load_engine
-from tofu_export.exporters.tensorrt import (
-    EngineInputError,
-    build_engine,
-    check_batch_range,
-    read_image_input,
-    trtexec_command,
-)
+from tofu_export.config import TrtConfig
+from tofu_export.errors import UserError
+from tofu_export.tensorrt.api import TensorRTUnavailable
+from tofu_export.tensorrt.build import EngineInputError, ImageInput, build_engine, read_image_input, trtexec_command
+from tofu_export.tensorrt.runner import TrtRunner, load_engine
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(
@@ -48,11 +45,11 @@ def _flags(command: str) -> dict[str, str]:
     return dict(word.partition("=")[::2] for word in words[1:])
 
 
-def test_trtexec_command_flags() -> None:
-    command = trtexec_command(
-        "out dir/model.onnx", "out dir/model.engine", fp16=True, min_batch=1, opt_batch=4, max_batch=16,
-        input_name="input", input_shape_chw=(3, 224, 224), workspace_mib=2048, timing_cache="cache/trt.cache",
-    )  # fmt: skip
+def test_trtexec_command_flags_for_tensorrt_8() -> None:
+    """A JetPack 5 target builds weakly typed: FP16 is a builder flag."""
+    config = TrtConfig(fp16=True, min_batch=1, opt_batch=4, max_batch=16, workspace_gib=2.0, targets=("8.5",))
+    image = ImageInput("input", (3, 224, 224), None)
+    command = trtexec_command("out dir/model.onnx", "out dir/model.engine", config, image, "cache/trt.cache")
     flags = _flags(command)
     assert flags == {
         "--onnx": "out dir/model.onnx",
@@ -67,25 +64,30 @@ def test_trtexec_command_flags() -> None:
     assert "--workspace" not in command  # deprecated in 8.x, removed in 10
 
 
-def test_trtexec_command_without_fp16_or_cache() -> None:
-    command = trtexec_command(
-        "m.onnx", "m.engine", fp16=False, min_batch=2, opt_batch=2, max_batch=2, input_name="x",
-        input_shape_chw=(1, 28, 28), workspace_mib=512, timing_cache=None,
-    )  # fmt: skip
-    flags = _flags(command)
-    assert "--fp16" not in flags and "--timingCacheFile" not in flags
+@pytest.mark.parametrize(("precision", "flags"), [("fp32", set()), ("fp16", {"--fp16"}), ("int8", {"--int8"})])
+def test_trtexec_weak_flags_follow_the_graph_precision(precision: str, flags: set[str]) -> None:
+    command = trtexec_command("m.onnx", "m.engine", TrtConfig(targets=("8.5", "10")),
+                              ImageInput("x", (3, 8, 8), None, precision))  # type: ignore[arg-type]
+    assert set(_flags(command)) & {"--fp16", "--int8", "--stronglyTyped"} == flags
+
+
+def test_trtexec_command_for_tensorrt_10_is_strongly_typed_without_cache() -> None:
+    config = TrtConfig(min_batch=2, opt_batch=2, max_batch=2, workspace_gib=0.5, targets=("10",))
+    flags = _flags(trtexec_command("m.onnx", "m.engine", config, ImageInput("x", (1, 28, 28), None, "fp16")))
+    assert "--stronglyTyped" in flags and "--fp16" not in flags and "--int8" not in flags
+    assert "--timingCacheFile" not in flags and flags["--memPoolSize"] == "workspace:512"
     assert flags["--minShapes"] == flags["--maxShapes"] == "x:2x1x28x28"
 
 
 @pytest.mark.parametrize(("low", "opt", "high"), [(0, 1, 1), (2, 1, 4), (1, 8, 4)])
 def test_bad_batch_range_is_rejected(low: int, opt: int, high: int) -> None:
-    with pytest.raises(EngineInputError, match="min <= opt <= max"):
-        check_batch_range(low, opt, high)
+    with pytest.raises(UserError, match="min <= opt <= max"):
+        TrtConfig(min_batch=low, opt_batch=opt, max_batch=high)
 
 
 def test_read_image_input(tmp_path: Path) -> None:
     image = read_image_input(_image_model(tmp_path / "m.onnx", chw=(1, 28, 40)))
-    assert (image.name, image.chw, image.batch) == ("pixels", (1, 28, 40), None)
+    assert (image.name, image.chw, image.batch, image.precision) == ("pixels", (1, 28, 40), None, "fp32")
     static = read_image_input(_image_model(tmp_path / "s.onnx", batch=2))
     assert static.batch == 2
 
@@ -107,7 +109,8 @@ def test_build_engine_without_tensorrt_gives_the_trtexec_line(tmp_path: Path, mo
     onnx_path = _image_model(tmp_path / "vit.onnx", chw=(3, 64, 64))
     engine_path = tmp_path / "vit.engine"
     with pytest.raises(TensorRTUnavailable) as caught:
-        build_engine(onnx_path, engine_path, fp16=True, max_batch=4, workspace_gib=1.5, timing_cache_path="t.cache")
+        config = TrtConfig(fp16=True, max_batch=4, workspace_gib=1.5, targets=("8.5",))
+        build_engine(onnx_path, engine_path, config, timing_cache_path="t.cache")
     message = str(caught.value)
     assert "not installed" in message and str(onnx_path) in message
     assert caught.value.command is not None and caught.value.command in message
@@ -122,7 +125,7 @@ def test_build_engine_rejects_range_beyond_static_batch(tmp_path: Path, monkeypa
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     onnx_path = _image_model(tmp_path / "static.onnx", batch=1)
     with pytest.raises(EngineInputError, match="static batch of 1"):
-        build_engine(onnx_path, tmp_path / "e.engine", max_batch=8)
+        build_engine(onnx_path, tmp_path / "e.engine", TrtConfig(max_batch=8))
 
 
 def test_load_engine_without_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,7 +170,7 @@ def test_tofu_export_builds_and_matches_pytorch(
         pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
     onnx_path = export_onnx(tofu_vit, tmp_path / "tofu.onnx", 64, opset=opset, exporter=exporter).path
     cache = tmp_path / "timing.cache"
-    engine_path = build_engine(onnx_path, tmp_path / "tofu.engine", fp16=fp16, max_batch=4, timing_cache_path=cache)
+    engine_path = build_engine(onnx_path, tmp_path / "tofu.engine", TrtConfig(max_batch=4), timing_cache_path=cache)
     assert engine_path.stat().st_size > 0 and cache.stat().st_size > 0
     runner = TrtRunner(load_engine(engine_path))
     for batch in (1, 4):

@@ -13,8 +13,9 @@ import timm
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from tofu_export.exporters.trt_check import TrtCompatReport, UnknownTrtTargetError, check_tensorrt_compat
-from tofu_export.exporters.trt_ops import TARGET_LABELS, TOPK_MAX_K
+from tofu_export.tensorrt.check import TrtCompatReport, check_tensorrt_compat
+from tofu_export.tensorrt.ops import TARGET_LABELS, TOPK_MAX_K
+from tofu_export.tensorrt.targets import UnknownTargetError
 
 
 def _model(
@@ -190,7 +191,7 @@ def test_opset_range_per_target(opset: int, expected: dict[str, bool]) -> None:
 def test_single_target_and_unknown_target() -> None:
     report = check_tensorrt_compat(_int64_add_model(2**40), targets=["10"])
     assert report.ok and report.per_target == {"10": True}
-    with pytest.raises(UnknownTrtTargetError, match=r"7\.1"):
+    with pytest.raises(UnknownTargetError, match=r"7\.1"):
         check_tensorrt_compat(_clean_model(), targets=["7.1"])
 
 

@@ -30,7 +30,7 @@ from tofu_export.hashing import sha256_file
 from tofu_export.manifest import MANIFEST, TOOL, Manifest, ManifestError
 from tofu_export.output_paths import FileOutput, OutputPathError, check_file_outputs, check_not_an_input, check_parent
 
-_PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt")
+_PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim", "tensorrt")
 
 
 class ArtifactExistsError(UserError, FileExistsError):

@@ -8,12 +8,14 @@ block can remove is decided in one place, ``schedule.plan_tokens``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
 from tofu_export.errors import Hint, UserError
+from tofu_export.exporters.precision import PRECISIONS, Precision
+from tofu_export.exporters.simplify import SIMPLIFIERS, Simplifier
 from tofu_export.models.family import family_of
 from tofu_export.schedule import MODES, RSpec, ScheduleError, TokenPlan, layer_modes, parse_r, plan_tokens
 
@@ -108,10 +110,12 @@ class ToFuConfig:
 class OnnxConfig:
     """How the ONNX graph is produced and verified."""
 
-    opset: int | None = None  # None: the newest the TensorRT targets parse (trt_targets.export_opset: 17, 16 for 8.5)
+    opset: int | None = None  # None: the newest the TensorRT targets parse (tensorrt.targets.export_opset)
     simplify: bool = True
     tolerance: float = 1e-4  # max |ONNX - PyTorch|, relative to the output scale
     exporter: Exporter = "dynamo"  # see exporters.onnx.DEFAULT_EXPORTER
+    precision: Precision = "fp32"  # fp16: FP16 graph; int8: Q/DQ graph; see exporters.precision (rules, parity floors)
+    simplifier: Simplifier = "onnxslim"  # onnxslim | onnxsim | none (simplify=False is none); exporters.simplify
 
     def __post_init__(self) -> None:
         if self.opset is not None and not 13 <= self.opset <= 21:
@@ -123,6 +127,12 @@ class OnnxConfig:
         if self.exporter not in ("torchscript", "dynamo"):
             raise UserError(f"unknown exporter {self.exporter!r}; choose torchscript or dynamo",
                             hint=Hint("exporter", "dynamo"))
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+                            hint=Hint("precision", "fp16"))
+        if self.simplifier not in SIMPLIFIERS:
+            raise UserError(f"unknown simplifier {self.simplifier!r}; choose one of {', '.join(SIMPLIFIERS)}",
+                            hint=Hint("simplifier", "onnxslim"))
 
 
 @dataclass(frozen=True)
@@ -167,3 +177,5 @@ class ExportConfig:
         if self.trt.fp16 and self.target != "trt":
             raise UserError("FP16 applies to TensorRT engines only; it would be ignored for this target",
                             hint=Hint("target", "trt", "FP16 is a TensorRT build setting"))
+        if self.trt.fp16 and self.onnx.precision == "fp32":  # TensorRT >= 10 takes the precision from the graph
+            object.__setattr__(self, "onnx", replace(self.onnx, precision="fp16"))

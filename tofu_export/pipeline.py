@@ -17,13 +17,13 @@ from tofu_export.accounting import token_schedule
 from tofu_export.artifacts import check_output, staged_folder, write_manifest
 from tofu_export.config import ExportConfig, TrtConfig
 from tofu_export.exporters.onnx import export_onnx
-from tofu_export.exporters.trt_check import check_tensorrt_compat
-from tofu_export.exporters.trt_ops import ALL_TARGETS
 from tofu_export.manifest import Manifest, TofuRecord
 from tofu_export.models.loading import load_model
 from tofu_export.quicklook import QuickLookSettings, image_files, load_images, run_quick_look
 from tofu_export.reports.artifact import ReportCommands, write_report
-from tofu_export.trt_targets import export_opset
+from tofu_export.tensorrt.check import check_tensorrt_compat
+from tofu_export.tensorrt.ops import ALL_TARGETS
+from tofu_export.tensorrt.targets import export_opset
 
 ONNX_NAME, ORT_NAME, ENGINE_NAME, TIMING_CACHE = "model.onnx", "model.ort.onnx", "model.engine", "timing.cache"
 
@@ -72,12 +72,14 @@ def run_export(
     policy = config.tofu.policy
     onnx_settings = {"opset": config.onnx.opset or export_opset(config.trt.targets),
                      "simplify": config.onnx.simplify, "tolerance": config.onnx.tolerance,
-                     "exporter": config.onnx.exporter}
+                     "exporter": config.onnx.exporter, "precision": config.onnx.precision,
+                     "simplifier": config.onnx.simplifier}
 
     engine_error = None
     with staged_folder(out_dir, force=config.force, expected=out_state) as staging:
         step("exporting to ONNX and verifying parity")
-        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings)
+        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings,
+                                  calibration=images if config.onnx.precision == "int8" else None)
         notes += onnx_result.notes
         step("checking TensorRT compatibility")
         trt_report = check_tensorrt_compat(staging / ONNX_NAME, ALL_TARGETS)  # every release: the report says which
@@ -95,6 +97,7 @@ def run_export(
             gflops={"original": schedule.gflops_original, "tofu": schedule.gflops_reduced,
                     "ratio": schedule.flop_ratio},
             onnx={"file": ONNX_NAME, "opset": onnx_settings["opset"], "exporter": config.onnx.exporter,
+                  "precision": config.onnx.precision, "simplifier": onnx_result.simplifier,
                   "simplified": onnx_result.simplified, "input": onnx_result.input_name,
                   "output": onnx_result.output_name,
                   "parity": asdict(onnx_result.parity) if onnx_result.parity else None},
@@ -150,23 +153,16 @@ def _ort_artifact(folder: Path) -> dict[str, Any]:
 def _trt_artifact(folder: Path, out_dir: Path, options: TrtConfig) -> tuple[dict[str, Any], str | None]:
     """Build the engine in ``folder``; where TensorRT is missing, record the trtexec line (with the paths the
     artifacts will have in ``out_dir``) and return the error for the caller to report."""
-    from tofu_export.exporters.tensorrt import TensorRTUnavailable, build_engine, read_image_input, trtexec_command
+    from tofu_export.tensorrt.api import TensorRTUnavailable
+    from tofu_export.tensorrt.build import build_engine, read_image_input, trtexec_command
 
     image = read_image_input(folder / ONNX_NAME)
-    command = trtexec_command(
-        out_dir / ONNX_NAME, out_dir / ENGINE_NAME, fp16=options.fp16, min_batch=options.min_batch,
-        opt_batch=options.opt_batch, max_batch=options.max_batch, input_name=image.name, input_shape_chw=image.chw,
-        workspace_mib=int(options.workspace_gib * 1024), timing_cache=str(out_dir / TIMING_CACHE),
-    )
-    info: dict[str, Any] = {"precision": "fp16" if options.fp16 else "fp32", "trtexec": command,
+    command = trtexec_command(out_dir / ONNX_NAME, out_dir / ENGINE_NAME, options, image, out_dir / TIMING_CACHE)
+    info: dict[str, Any] = {"precision": image.precision if not options.fp16 else "fp16", "trtexec": command,
                             "batch_range": [options.min_batch, options.opt_batch, options.max_batch]}
     try:
         started = time.perf_counter()
-        build_engine(
-            folder / ONNX_NAME, folder / ENGINE_NAME, fp16=options.fp16, min_batch=options.min_batch,
-            opt_batch=options.opt_batch, max_batch=options.max_batch, workspace_gib=options.workspace_gib,
-            timing_cache_path=folder / TIMING_CACHE,
-        )
+        build_engine(folder / ONNX_NAME, folder / ENGINE_NAME, options, timing_cache_path=folder / TIMING_CACHE)
     except TensorRTUnavailable as error:
         info["file"] = None
         reason = str(error.__cause__ or "the tensorrt Python package could not be imported")

@@ -36,8 +36,8 @@ def check(
 
     Example: tofu-export check artifacts/deit-tofu-r16/model.onnx --trt 10 --costs
     """
-    from tofu_export.exporters.trt_check import check_tensorrt_compat
     from tofu_export.onnx_file import check_onnx_file
+    from tofu_export.tensorrt.check import check_tensorrt_compat
 
     check_onnx_file(model)  # a missing, truncated or non-ONNX file is named here, before the deep checks
     report = check_tensorrt_compat(model, tuple(trt or ("8.5", "10")))

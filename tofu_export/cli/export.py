@@ -105,8 +105,8 @@ def retarget_command(argv: list[str], target: str, out: Path) -> str:
 
 def report_commands(config: Any, out: Path, checkpoint: Path) -> Any:
     """The command lines report.md lists: this export, the graph check, and an export per other TensorRT release."""
-    from tofu_export.exporters.trt_ops import ALL_TARGETS
     from tofu_export.reports.artifact import ReportCommands
+    from tofu_export.tensorrt.ops import ALL_TARGETS
 
     reproduce = {
         "This export, with its quick look": config.command,

@@ -121,7 +121,13 @@ class OnnxOptions:
         int | None,
         typer.Option("--opset", help="ONNX opset [default: 17, or 16 (LayerNorm decomposed) with --trt 8.5]."),
     ] = None
-    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxsim.")] = True
+    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify (see --simplifier).")] = True
+    simplifier: Annotated[
+        str, typer.Option("--simplifier", help="onnxslim (pure Python, installs on Jetson) | onnxsim | none.")
+    ] = "onnxslim"
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32 | fp16 (FP16 graph) | int8 (Q/DQ, calibrated on --data images).")
+    ] = "fp32"
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Max |ONNX - PyTorch| allowed, relative to the output scale.")
     ] = 1e-4
@@ -132,7 +138,8 @@ class OnnxOptions:
     def build(self) -> Any:
         from tofu_export.config import OnnxConfig
 
-        return OnnxConfig(opset=self.opset, simplify=self.simplify, tolerance=self.tolerance, exporter=self.exporter)
+        return OnnxConfig(opset=self.opset, simplify=self.simplify, tolerance=self.tolerance, exporter=self.exporter,
+                          precision=self.precision, simplifier=self.simplifier)  # type: ignore[arg-type]
 
 
 @option_group("TensorRT")
@@ -153,7 +160,7 @@ class TrtOptions:
 
     def build(self) -> Any:
         from tofu_export.config import TrtConfig
-        from tofu_export.trt_targets import resolve_targets
+        from tofu_export.tensorrt.targets import resolve_targets
 
         return TrtConfig(fp16=self.fp16, min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch,
                          workspace_gib=self.workspace_gib, targets=resolve_targets(self.trt or (), self.jetpack or ()))

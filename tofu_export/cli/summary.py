@@ -14,7 +14,7 @@ from rich.table import Table
 from tofu_export.cli.groups import flag_for
 from tofu_export.manifest import MANIFEST
 from tofu_export.reports.artifact import REPORT, builds_on, quick_look_caption, quick_look_rows, tofu_label
-from tofu_export.trt_targets import TargetVerdict, target_verdicts
+from tofu_export.tensorrt.targets import TargetVerdict, target_verdicts
 
 
 def print_summary(outcome: Any, console: Console | None = None) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -14,9 +15,8 @@ import onnxruntime as ort
 import torch
 
 from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
+from tofu_export.engines.ort_profile import OrtProfile, parse_ort_profile
 from tofu_export.onnx_file import check_onnx_file
-from tofu_export.profiling.ort_profile import OrtProfile, parse_ort_profile
-from tofu_export.profiling.timing import time_callable
 
 Provider = Literal["cpu", "cuda", "tensorrt", "auto"]
 Optimization = Literal["all", "extended", "basic", "disable"]
@@ -43,6 +43,7 @@ def create_session(
     optimization: Optimization = "all",
     optimized_model_path: Path | None = None,
     profile_prefix: str | None = None,
+    cache_dir: Path | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` over ``model`` (a path or serialized bytes): the only place tofu-export makes one.
 
@@ -50,6 +51,7 @@ def create_session(
     which timing several sessions in turn needs (one session's spinning workers would otherwise steal the cores
     from the next). ``optimization`` is the graph optimisation level; ``optimized_model_path`` saves the
     optimised graph there; ``profile_prefix`` turns on ORT's profiler (``session.end_profiling()`` writes it).
+    ``cache_dir``: where the TensorRT provider keeps its engine and timing caches (see :func:`provider_options`).
     """
     if optimization not in _LEVELS:
         raise RunnerError(f"Unknown ONNX Runtime optimization level {optimization!r}; choose one of {list(_LEVELS)}.")
@@ -67,7 +69,8 @@ def create_session(
     if not isinstance(model, bytes):
         check_onnx_file(model)  # a missing, truncated or non-ONNX file is named before ONNX Runtime parses it
     source = model if isinstance(model, bytes) else str(model)
-    providers = resolve_providers(provider, ort.get_available_providers())
+    names = resolve_providers(provider, ort.get_available_providers())
+    providers = [(name, provider_options(name, cache_dir)) for name in names]
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as error:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) derive from Exception only
@@ -95,8 +98,19 @@ def resolve_providers(provider: Provider, available: Sequence[str]) -> list[str]
     return [wanted] if wanted == _PROVIDER_NAMES["cpu"] else [wanted, _PROVIDER_NAMES["cpu"]]
 
 
+def provider_options(name: str, cache_dir: Path | None) -> dict[str, str]:
+    """Options of execution provider ``name``: for TensorRT, engine and timing caches in ``cache_dir`` (the artifact
+    folder), so a second session loads the engine instead of rebuilding it (minutes on a Jetson Orin)."""
+    if name != _PROVIDER_NAMES["tensorrt"] or cache_dir is None:
+        return {}
+    folder = str(cache_dir)
+    return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": folder,
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": folder}  # fmt: skip
+
+
 class OrtRunner:
-    """An ONNX model whose one input is ``[B, C, H, W]`` (static C, H, W; B static or symbolic)."""
+    """An ONNX model whose one input is ``[B, C, H, W]`` (static C, H, W; B static or symbolic); on the TensorRT
+    provider its engine and timing caches are kept in the model's folder."""
 
     def __init__(
         self,
@@ -110,7 +124,8 @@ class OrtRunner:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise RunnerError(f"ONNX model not found: {self.onnx_path}. Export it first (tofu-export export).")
-        self._settings = {"threads": threads, "spinning": spinning, "provider": provider}
+        self._settings = {"threads": threads, "spinning": spinning, "provider": provider,
+                          "cache_dir": self.onnx_path.parent}  # the TensorRT provider's caches live beside the model
         self.session = create_session(self.onnx_path, **self._settings)  # type: ignore[arg-type]
         quiet = "" if spinning else ", no spinning"
         self.name = f"onnxruntime[{self.session.get_providers()[0].removesuffix('ExecutionProvider')}{quiet}]"
@@ -161,10 +176,23 @@ class OrtRunner:
         feed = self._feed(batch_size)
         with tempfile.TemporaryDirectory(prefix="tofu-ort-profile-") as tmp:
             session = create_session(self.onnx_path, profile_prefix=str(Path(tmp) / "ort"), **self._settings)  # type: ignore[arg-type]
-            wall_s = time_callable(lambda: session.run(None, feed), warmup=1, iters=iters, budget_s=None)
+            wall_s = _timed_runs(lambda: session.run(None, feed), warmup=1, iters=iters)
             events = json.loads(Path(session.end_profiling()).read_text())
         parsed = parse_ort_profile(events, skip_runs=1)
         return replace(parsed, wall_ms=[seconds * 1e3 for seconds in wall_s])
+
+
+def _timed_runs(run: Callable[[], object], *, warmup: int, iters: int) -> list[float]:
+    """Wall seconds of each of ``iters`` calls of ``run`` after ``warmup`` untimed ones (the profiler's own runs;
+    latency measurements go through ``profiling.timing``, which builds on the runners, not the other way round)."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 def _static_input_shape(shape: Sequence[object], path: Path) -> tuple[int | None, tuple[int, int, int]]:

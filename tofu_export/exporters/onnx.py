@@ -1,7 +1,9 @@
-"""Trace a (ToFu-patched, static) model to ONNX, simplify, check, and verify it against PyTorch before writing.
+"""Trace a (ToFu-patched, static) model to ONNX, simplify, convert to the precision asked for, check, and verify it
+against the FP32 PyTorch model before writing.
 
 ``export_onnx`` writes nothing at ``path`` unless every step passed: the graph is built in a temporary folder beside
-the destination and moved into place at the end.
+the destination and moved into place at the end. Precisions and their parity floors: ``exporters.precision``;
+simplifiers: ``exporters.simplify``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 from torch import nn
 
 from tofu_export.errors import UserError
+from tofu_export.exporters.precision import PARITY_FLOORS, Precision, check_precision, quantize_file, to_fp16
+from tofu_export.exporters.simplify import DEFAULT_SIMPLIFIER, PROTOBUF_LIMIT, SIMPLIFIERS, Simplifier, simplify_graph
 from tofu_export.sizes import as_pair
 
-PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
-MIN_COSINE = 0.999  # every image's ONNX output must keep at least this cosine to PyTorch's
-MIN_WITHIN = 2 / 3  # and at least this fraction of images must agree to the tolerance
+MIN_COSINE = PARITY_FLOORS["fp32"].min_cosine  # every image's ONNX output must keep at least this cosine to PyTorch's
+MIN_WITHIN = PARITY_FLOORS["fp32"].min_within  # and at least this fraction of images must agree to the tolerance
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
 DEFAULT_EXPORTER: Exporter = "dynamo"  # measured: bench/results/latency_deit_small*.md (TorchScript is deprecated)
@@ -43,7 +46,8 @@ class Parity:
     within float rounding, ONNX Runtime and PyTorch (whose kernels round differently) may resolve the tie
     differently, and that image's output then differs more than rounding. ``ok`` therefore asks that *most*
     images agree to ``tolerance`` (relative to the output scale) and that *every* image keeps a cosine
-    similarity of at least ``MIN_COSINE`` to PyTorch's output; the images over tolerance are counted.
+    similarity of at least ``MIN_COSINE`` to PyTorch's output; the images over tolerance are counted. FP16 and INT8
+    graphs are held to their own floors (``precision.PARITY_FLOORS``), always against the FP32 PyTorch model.
     """
 
     batch_sizes: list[int]
@@ -55,6 +59,7 @@ class Parity:
     top1_agreement: float | None  # fraction of images with the same argmax (classifiers only, else None)
     tolerance: float
     ok: bool
+    precision: str = "fp32"
 
 
 @dataclass
@@ -66,6 +71,8 @@ class OnnxExport:
     img_size: tuple[int, int]
     simplified: bool
     exporter: str = DEFAULT_EXPORTER
+    precision: str = "fp32"
+    simplifier: str = DEFAULT_SIMPLIFIER
     notes: list[str] = field(default_factory=list)
     op_counts: dict[str, int] = field(default_factory=dict)
     parity: Parity | None = None
@@ -107,48 +114,6 @@ def _trace_dynamo(
     trace_dynamo(model, example, path, opset, input_name, output_name)
 
 
-def _simplify(graph: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
-    """Run onnxsim; on any failure keep the unsimplified graph and say why."""
-    if graph.ByteSize() > PROTOBUF_LIMIT:
-        return graph, "simplification skipped: the model is larger than 2 GB (onnxsim needs it in one protobuf)"
-    try:
-        import onnxsim
-
-        simplified, ok = onnxsim.simplify(graph)
-    except Exception as error:  # onnxsim raises many kinds; any of them means "keep the original"
-        return graph, f"simplification failed and was skipped ({type(error).__name__}: {error})"
-    if not ok:
-        return graph, "onnxsim could not validate the simplified graph; the unsimplified graph was kept"
-    # onnxsim can fuse ops (e.g. ReduceMax + Unsqueeze -> ReduceMax keepdims=1) and keep stale shape annotations:
-    # drop them and infer shapes afresh.
-    del simplified.graph.value_info[:]
-    _restore_scope_names(graph, simplified)
-    return onnx.shape_inference.infer_shapes(simplified, strict_mode=True), None
-
-
-def _restore_scope_names(original: onnx.ModelProto, simplified: onnx.ModelProto) -> None:
-    """Give fused nodes (onnxsim names its MatMul+Add -> Gemm fusions ``Gemm_3``) the module scope of the node
-    whose weight they took over, e.g. ``/blocks/blocks.0/mlp/fc2/Gemm``, so profiles can attribute their time."""
-    weights = {init.name for init in original.graph.initializer}
-    scope_of = {
-        name: node.name.rsplit("/", 1)[0]
-        for node in original.graph.node
-        if node.name.startswith("/")
-        for name in node.input
-        if name in weights
-    }
-    taken = {node.name for node in simplified.graph.node}
-    for node in simplified.graph.node:
-        scope = next((scope_of[name] for name in node.input if name in scope_of), None)
-        if node.name.startswith("/") or scope is None:
-            continue
-        name, k = f"{scope}/{node.op_type}", 1
-        while name in taken:
-            name, k = f"{scope}/{node.op_type}_{k}", k + 1
-        taken.add(name)
-        node.name = name
-
-
 def _save(graph: onnx.ModelProto, path: Path) -> bool:
     """Save ``graph``; models over the protobuf limit go to ``<name>.data`` beside it. Returns whether they did."""
     external = graph.ByteSize() > PROTOBUF_LIMIT
@@ -171,16 +136,18 @@ def verify_parity(
     tolerance: float = 1e-4,
     seed: int = 0,
     inputs: torch.Tensor | None = None,
+    precision: Precision = "fp32",
 ) -> Parity:
-    """Run PyTorch and ONNX Runtime on the same fixed inputs and compare outputs (see ``Parity`` for ``ok``).
+    """Run PyTorch (FP32) and ONNX Runtime on the same fixed inputs and compare outputs (see ``Parity`` for ``ok``).
 
     Inputs are seeded standard-normal images (the scale of normalised pixels), one batch per size, or ``inputs``
-    ``[B, 3, H, W]`` when given.
+    ``[B, 3, H, W]`` when given; an FP16 graph is fed FLOAT16. ``precision`` picks the floors the outputs must meet.
     """
     from tofu_export.engines.ort import create_session
 
     session = create_session(onnx_path)
     input_name = session.get_inputs()[0].name
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     generator = torch.Generator().manual_seed(seed)
     batches = (
         [inputs]
@@ -191,17 +158,19 @@ def verify_parity(
     for images in batches:
         with torch.no_grad():
             expected = model(images).float().numpy()
-        got = session.run(None, {input_name: images.numpy()})[0]
+        got = session.run(None, {input_name: images.numpy().astype(dtype)})[0].astype(np.float32)
         if got.shape != expected.shape:
             raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {expected.shape}")
         expected_all.append(expected.reshape(len(images), -1))
         got_all.append(got.reshape(len(images), -1))
     expected, got = np.concatenate(expected_all), np.concatenate(got_all)  # [images, outputs]
+    floor = PARITY_FLOORS[precision]
     diff, scale = np.abs(got - expected), float(np.abs(expected).max())
-    within = diff.max(axis=1) <= tolerance * max(1.0, scale)
+    within = diff.max(axis=1) <= (floor.relative or tolerance) * max(1.0, scale)
     norms = np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
     cosine = (got * expected).sum(axis=1) / np.maximum(norms, 1e-30)
     classifier = bool(getattr(model, "num_classes", 0)) and expected.shape[1] > 1
+    top1 = float((got.argmax(1) == expected.argmax(1)).mean()) if classifier else None
     return Parity(
         batch_sizes=[len(b) for b in batches],
         max_abs_diff=float(diff.max()),
@@ -209,9 +178,11 @@ def verify_parity(
         output_scale=scale,
         images_within_tolerance=float(within.mean()),
         min_cosine=float(cosine.min()),
-        top1_agreement=float((got.argmax(1) == expected.argmax(1)).mean()) if classifier else None,
-        tolerance=tolerance,
-        ok=bool(within.mean() >= MIN_WITHIN and cosine.min() >= MIN_COSINE),
+        top1_agreement=top1,
+        tolerance=floor.relative or tolerance,
+        ok=bool(within.mean() >= floor.min_within and cosine.min() >= floor.min_cosine
+                and (top1 is None or floor.min_top1 is None or top1 >= floor.min_top1)),
+        precision=precision,
     )
 
 
@@ -228,15 +199,25 @@ def export_onnx(
     input_name: str = "input",
     output_name: str = "output",
     exporter: Exporter = DEFAULT_EXPORTER,
+    precision: Precision = "fp32",
+    simplifier: Simplifier = DEFAULT_SIMPLIFIER,
+    calibration: torch.Tensor | None = None,
 ) -> OnnxExport:
-    """Export ``model`` (eval mode, fp32, CPU) to ``path``: trace, simplify, check, verify parity, then move into place.
+    """Export ``model`` (eval mode, fp32, CPU) to ``path``: trace, simplify, convert, check, verify parity, then move
+    into place.
 
     ``exporter`` is ``"torchscript"`` (the TorchScript tracer) or ``"dynamo"`` (torch.export, see
     ``tofu_export.exporters.dynamo``; needs onnxscript). Both give a graph with a dynamic batch axis only.
-    Raises ``ExportError`` (and leaves nothing at ``path``) when the graph is invalid or parity is off.
+    ``simplifier``: ``onnxslim`` | ``onnxsim`` | ``none`` (``simplify=False`` is ``none``). ``precision``: ``fp16``
+    converts the graph (FLOAT16 inputs/outputs), ``int8`` quantizes it (Q/DQ) on ``calibration`` images
+    ``[N, 3, H, W]`` (model-normalised; without them, synthetic images and a note), and parity then uses those
+    images too. Raises ``ExportError`` (and leaves nothing at ``path``) when the graph is invalid or parity is off.
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if simplifier not in SIMPLIFIERS:
+        raise ExportError(f"unknown simplifier {simplifier!r}; choose one of {', '.join(SIMPLIFIERS)}")
+    precision = check_precision(precision)
     if opset < 13:
         raise ExportError(f"opset {opset} is too old: the static reduction needs opset >= 13 (17 recommended; 16 for "
                           "TensorRT 8.5 / JetPack 5, which has no LayerNormalization importer)")
@@ -244,7 +225,9 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().cpu()
-    result = OnnxExport(path, opset, input_name, output_name, size, simplified=False, exporter=exporter)
+    simplifier = simplifier if simplify else "none"
+    result = OnnxExport(path, opset, input_name, output_name, size, simplified=False, exporter=exporter,
+                        precision=precision, simplifier=simplifier)  # fmt: skip
     trace = _trace if exporter == "torchscript" else _trace_dynamo
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as workdir:
         staged = Path(workdir) / path.name
@@ -254,32 +237,52 @@ def export_onnx(
             raise
         except Exception as error:
             raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
-        graph = onnx.load(str(staged))
-        if simplify:
-            graph, note = _simplify(graph)
-            result.simplified = note is None
-            if note:
-                result.notes.append(note)
-        result.external_data = _save(graph, staged)
-        result.op_counts = dict(Counter(node.op_type for node in graph.graph.node).most_common())
+        graph, note = simplify_graph(onnx.load(str(staged)), simplifier)
+        result.simplified = simplifier != "none" and note is None
+        result.notes += [note] if note else []
+        result.external_data = _save(to_fp16(graph) if precision == "fp16" else graph, staged)
+        if precision == "int8":
+            calibration, note = quantize_file(staged, size, calibration)
+            result.notes += [note] if note else []
+        result.op_counts = dict(Counter(node.op_type for node in onnx.load(str(staged), load_external_data=False)
+                                        .graph.node).most_common())  # fmt: skip
         _check(staged)
         if verify:
-            result.parity = verify_parity(model, staged, size, batch_sizes, tolerance)
-            parity = result.parity
-            if not parity.ok:
-                raise ExportError(
-                    f"ONNX Runtime disagrees with PyTorch: max |diff| = {parity.max_abs_diff:.3g} on outputs up to "
-                    f"{parity.output_scale:.3g}; {parity.images_within_tolerance:.0%} of the images agree to the "
-                    f"tolerance ({tolerance:g} relative, {MIN_WITHIN:.0%} needed) and the lowest per-image cosine "
-                    f"is {parity.min_cosine:.6f} ({MIN_COSINE} needed); nothing was written. If the model is "
-                    "numerically sensitive, raise --tolerance; otherwise please report it."
-                )
-            if parity.images_within_tolerance < 1:
-                result.notes.append(
-                    f"{1 - parity.images_within_tolerance:.0%} of the parity images differ by more than the tolerance "
-                    f"(up to {parity.max_abs_diff:.3g}, cosine >= {parity.min_cosine:.7f}): near-tied token matches "
-                    "resolved differently by ONNX Runtime and PyTorch, whose float rounding differs."
-                )
+            result.parity = _verified(model, staged, size, batch_sizes, tolerance, precision, calibration)
+            result.notes += _parity_notes(result.parity)
         for staged_file in sorted(Path(workdir).iterdir(), key=lambda p: p.suffix != ".data"):  # data first
             os.replace(staged_file, path.parent / staged_file.name)
     return result
+
+
+def _verified(
+    model: nn.Module, staged: Path, size: tuple[int, int], batch_sizes: Sequence[int], tolerance: float,
+    precision: Precision, images: torch.Tensor | None,
+) -> Parity:  # fmt: skip
+    """The parity of ``staged`` (on ``images`` when given, else seeded random batches); ``ExportError`` when off."""
+    parity = verify_parity(model, staged, size, batch_sizes, tolerance, inputs=images, precision=precision)
+    if not parity.ok:
+        floor = PARITY_FLOORS[precision]
+        top1 = "" if parity.top1_agreement is None or floor.min_top1 is None else (
+            f"; top-1 agreement {parity.top1_agreement:.0%} ({floor.min_top1:.0%} needed)")
+        raise ExportError(
+            f"the {precision} graph on ONNX Runtime disagrees with the FP32 PyTorch model: max |diff| = "
+            f"{parity.max_abs_diff:.3g} on outputs up to {parity.output_scale:.3g}; "
+            f"{parity.images_within_tolerance:.0%} of the images agree to the tolerance ({parity.tolerance:g} "
+            f"relative, {floor.min_within:.0%} needed) and the lowest per-image cosine is {parity.min_cosine:.6f} "
+            f"({floor.min_cosine} needed){top1}; nothing was written. If the model is numerically sensitive, raise "
+            "--tolerance (FP32) or use a higher precision; otherwise please report it."
+        )
+    return parity
+
+
+def _parity_notes(parity: Parity) -> list[str]:
+    if parity.images_within_tolerance >= 1:
+        return []
+    return [
+        f"{1 - parity.images_within_tolerance:.0%} of the parity images differ by more than the tolerance "
+        f"(up to {parity.max_abs_diff:.3g}, cosine >= {parity.min_cosine:.7f}): near-tied token matches resolved "
+        "differently by ONNX Runtime and PyTorch, whose float rounding differs"
+        + ("" if parity.precision == "fp32" else f", and the {parity.precision} graph rounds more")
+        + "."
+    ]

@@ -43,7 +43,7 @@ def open_runner(
         provider = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "tensorrt"}.get(device, "auto")
         return OrtRunner(source, threads=threads, provider=provider, spinning=spinning)
     if kind == "trt":
-        from tofu_export.engines.trt import TrtRunner
+        from tofu_export.tensorrt.runner import TrtRunner
 
         return TrtRunner(source)
     from tofu_export.engines.torch import TorchRunner

@@ -16,7 +16,7 @@ from typing import Any
 
 from tofu_export.atomic import write_bytes_atomic
 from tofu_export.manifest import MANIFEST, Manifest
-from tofu_export.trt_targets import TargetVerdict, target_verdicts
+from tofu_export.tensorrt.targets import TargetVerdict, target_verdicts
 
 REPORT, PLOT = "report.md", "report.png"
 FILE_ROLES = {

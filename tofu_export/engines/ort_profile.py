@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tofu_export.engines.base import OpTime
-from tofu_export.profiling.errors import ProfilerError
+from tofu_export.engines.base import OpTime, RunnerError
 
 _KERNEL_SUFFIX = "_kernel_time"
 
@@ -33,7 +32,7 @@ def parse_ort_profile(events: Sequence[dict[str, Any]], *, skip_runs: int = 0) -
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     kept = runs[skip_runs:]
     if not kept:
-        raise ProfilerError(
+        raise RunnerError(
             f"The ORT profile has {len(runs)} 'model_run' events; need more than skip_runs={skip_runs}. "
             "Run the session at least once more with profiling enabled."
         )

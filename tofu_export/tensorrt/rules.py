@@ -1,20 +1,20 @@
 """Per-operator TensorRT restrictions (attributes, constant inputs, used outputs) and the graph lookups they need.
 
-``RESTRICTIONS[op_type]`` lists checks ``(node, graph) -> [(targets, message)]``; ``trt_check`` turns each
+``RESTRICTIONS[op_type]`` lists checks ``(node, graph) -> [(targets, message)]``; ``check`` turns each
 violation into an error for the requested targets it names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tofu_export.exporters.trt_ops import (
+from tofu_export.tensorrt.ops import (
     ALL_TARGETS,
     CONSTANT_INPUTS,
     RESIZE_COORDINATE_MODES,
@@ -23,6 +23,23 @@ from tofu_export.exporters.trt_ops import (
 )
 
 Violation = tuple[tuple[str, ...], str]  # (targets it applies to, message)
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class TrtIssue:
+    """One reason the graph may not build natively on one target; ``node`` is a node or tensor name."""
+
+    severity: Severity
+    target: str
+    op_type: str
+    node: str
+    message: str
+
+
+def for_targets(targets: Iterable[str], severity: Severity, op_type: str, node: str, message: str) -> list[TrtIssue]:
+    """The same finding, once per target."""
+    return [TrtIssue(severity, target, op_type, node, message) for target in targets]
 
 
 @dataclass(frozen=True)

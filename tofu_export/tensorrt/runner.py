@@ -1,64 +1,19 @@
 """TensorRT (>= 8.5): load a serialized engine and run it on torch CUDA tensors; per-layer times via ``IProfiler``.
 
-``tensorrt`` is imported lazily: without it every entry point raises :class:`TensorRTUnavailable`.
+``tensorrt`` is imported lazily: without it every entry point raises ``api.TensorRTUnavailable``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
-from tofu_export.errors import CheckFailed, EngineNotBuilt
-
-LOG_LEVELS = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
-
-
-class TensorRTUnavailable(EngineNotBuilt, BackendUnavailableError):
-    """The ``tensorrt`` Python package is not importable here; ``command`` is the trtexec line, if any."""
-
-    def __init__(self, message: str, command: str | None = None) -> None:
-        super().__init__(message)
-        self.command = command
-
-    @classmethod
-    def for_build(cls, onnx_path: str | Path, command: str, reason: str) -> TensorRTUnavailable:
-        """The error the engine builder raises: the ONNX file exists; here is how to build on the device."""
-        return cls(
-            f"TensorRT is not installed here ({reason}), so no engine was built; the ONNX file was still "
-            f"written to {onnx_path}. Build the engine on the target device (JetPack ships trtexec in "
-            f"/usr/src/tensorrt/bin) with:\n  {command}",
-            command,
-        )
-
-
-class EngineBuildError(CheckFailed, RuntimeError):
-    """TensorRT rejected the ONNX graph or failed to build, load or run an engine."""
-
-
-def import_tensorrt(purpose: str) -> ModuleType:
-    """The ``tensorrt`` module, or :class:`TensorRTUnavailable` saying what could not be done without it."""
-    try:
-        import tensorrt
-    except ImportError as error:  # also what `sys.modules["tensorrt"] = None` raises
-        raise TensorRTUnavailable(
-            f"Cannot {purpose}: the tensorrt Python package is not installed here ({error}). Run this on a CUDA "
-            "device that has TensorRT (JetPack, or NVIDIA's tensorrt wheels); otherwise use the ONNX Runtime "
-            "runner (OrtRunner)."
-        ) from error
-    return tensorrt
-
-
-def severity(trt: ModuleType, log_level: str) -> Any:
-    """The ``trt.Logger`` severity named ``log_level`` (one of :data:`LOG_LEVELS`)."""
-    level = log_level.upper()
-    if level not in LOG_LEVELS:
-        raise RunnerError(f"Unknown TensorRT log level '{log_level}'; use one of {', '.join(LOG_LEVELS)}.")
-    return getattr(trt.Logger, level)
+from tofu_export.tensorrt.api import EngineBuildError, import_tensorrt, severity
+from tofu_export.tensorrt.inspect import AttentionFusion, attention_fusion, engine_information
 
 
 def load_engine(engine_path: str | Path, log_level: str = "WARNING") -> Any:
@@ -160,6 +115,10 @@ class TrtRunner:
 
     def sync(self) -> None:
         torch.cuda.synchronize()
+
+    def attention_fusion(self) -> list[AttentionFusion]:
+        """Per block, whether TensorRT fused its attention into an MHA kernel (the engine inspector's layers)."""
+        return attention_fusion(engine_information(self.engine, self._trt))
 
     def profile_ops(self, batch_size: int, iters: int) -> list[OpTime]:
         """Mean per-layer GPU time over ``iters`` runs after one warm-up, from TensorRT's ``IProfiler``."""

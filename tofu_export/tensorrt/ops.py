@@ -1,6 +1,6 @@
 """What the TensorRT ONNX parser of each target natively supports: operator tables and per-operator limits.
 
-The tables are data, kept apart from the checks in ``trt_check`` (which reads them) and ``trt_rules``.
+The tables are data, kept apart from the checks in ``check`` (which reads them) and ``rules``.
 """
 
 from __future__ import annotations

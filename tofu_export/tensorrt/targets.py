@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tofu_export.errors import Hint, UserError
-from tofu_export.exporters.trt_ops import ALL_TARGETS, NATIVE_OPS, TARGET_LABELS
+from tofu_export.tensorrt.ops import ALL_TARGETS, NATIVE_OPS, TARGET_LABELS
 
 JETPACK_TRT: dict[str, str] = {"5": "8.5", "6": "10"}  # JetPack major release -> the TensorRT it ships
 TRT_JETPACK: dict[str, str] = {trt: jetpack for jetpack, trt in JETPACK_TRT.items()}
@@ -46,6 +46,17 @@ def resolve_targets(trt: Sequence[str] = (), jetpack: Sequence[str] = ()) -> tup
             )
         wanted.append(JETPACK_TRT[value.split(".")[0]])
     return tuple(t for t in ALL_TARGETS if t in wanted) or DEFAULT_TARGETS
+
+
+def validate_targets(targets: Sequence[str]) -> tuple[str, ...]:
+    """The known releases named by ``targets`` (``"10.3"`` -> ``"10"``), in the order given, without repeats;
+    the one error for an unknown or empty list."""
+    if not _split(targets):
+        raise UnknownTargetError(
+            f"no TensorRT release named; tofu-export checks graphs against "
+            f"{', '.join(TARGET_LABELS[t] for t in ALL_TARGETS)}", hint=Hint("trt", DEFAULT_TARGETS[0]),
+        )
+    return tuple(dict.fromkeys(_trt_release(value) for value in _split(targets)))
 
 
 def _trt_release(value: str) -> str:
