@@ -1,31 +1,50 @@
-"""Checkpoint -> ToFu-patched static model -> verified ONNX (-> ORT model, TensorRT engine) in an artifact folder."""
+"""Loaded model -> ToFu-patched static model -> verified ONNX (-> ORT model, TensorRT engine) in an artifact folder.
+
+``export_model(loaded, out, config)`` does the work on a model already in memory (the sweep loads its model once and
+exports every point from it); ``run_export(checkpoint, out, config)`` is the command's thin wrapper that reads the
+checkpoint first. ``build_manifest`` assembles the manifest from what the steps returned.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tofu_export.accounting import token_schedule
+from tofu_export.accounting import TokenSchedule, token_schedule
 from tofu_export.artifacts import check_output, staged_folder, write_manifest
-from tofu_export.config import ExportConfig, TrtConfig
+from tofu_export.config import ExportConfig, ResolvedToFu, TrtConfig
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.trt_check import check_tensorrt_compat
 from tofu_export.exporters.trt_ops import ALL_TARGETS
-from tofu_export.manifest import Manifest, TofuRecord
-from tofu_export.models.loading import load_model
+from tofu_export.manifest import (
+    ArchRecord,
+    EngineRecord,
+    GflopsRecord,
+    InputRecord,
+    Manifest,
+    OnnxRecord,
+    OrtRecord,
+    PolicyRecord,
+    QuickLook,
+    TofuRecord,
+    TrtCheckRecord,
+)
+from tofu_export.models.loading import LoadedModel, load_model
 from tofu_export.quicklook import QuickLookSettings, image_files, load_images, run_quick_look
 from tofu_export.reports.artifact import ReportCommands, write_report
 from tofu_export.trt_targets import export_opset
 
 ONNX_NAME, ORT_NAME, ENGINE_NAME, TIMING_CACHE = "model.onnx", "model.ort.onnx", "model.engine", "timing.cache"
+Step = Callable[[str], None]
 
 
 @dataclass
@@ -39,25 +58,42 @@ def run_export(
     checkpoint: str | Path,
     out_dir: str | Path,
     config: ExportConfig,
-    step: Callable[[str], None] = lambda _: None,
+    step: Step = lambda _: None,
     *,
     quick_look: QuickLookSettings | None = None,
     report_commands: ReportCommands | None = None,
 ) -> ExportOutcome:
-    """Run the whole export; ``step`` is told each stage's name (the CLI shows it as progress).
-
-    ``quick_look``: also export the unreduced model and compare it with the ToFu graph (``quicklook``), into the
-    manifest's ``quick_look`` section; ``report_commands``: the command lines report.md lists for reproducing the
-    figures and for exporting to other TensorRT releases (the caller knows its own command line).
-    """
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    out_state = check_output(out_dir, force=config.force)  # a folder that must not be replaced fails here, first
+    """Read ``checkpoint`` and export it (``export_model``); ``step`` is told each stage's name (CLI progress)."""
+    out_state = check_output(Path(out_dir), force=config.force)  # a folder that must not be replaced fails first
     step("reading checkpoint")
-    loaded = load_model(
-        checkpoint, arch=config.arch, img_size=config.tofu.img_size, trust_pickle=config.trust_pickle,
-        allow_timm_name=False,
-    )
-    model, guess = loaded.model, loaded.arch
+    loaded = load_model(Path(checkpoint), arch=config.arch, img_size=config.tofu.img_size,
+                        trust_pickle=config.trust_pickle, allow_timm_name=False)
+    return export_model(loaded, out_dir, config, step, quick_look=quick_look, report_commands=report_commands,
+                        out_state=out_state, consume=True)
+
+
+def export_model(
+    loaded: LoadedModel,
+    out_dir: str | Path,
+    config: ExportConfig,
+    step: Step = lambda _: None,
+    *,
+    quick_look: QuickLookSettings | None = None,
+    report_commands: ReportCommands | None = None,
+    out_state: Any = True,
+    consume: bool = False,
+) -> ExportOutcome:
+    """Patch ``loaded.model`` with ``config.tofu``, export, check and describe it in the folder ``out_dir``.
+
+    ``loaded.model`` is left unpatched (a copy is patched) unless ``consume``. ``quick_look``: also export the
+    unreduced model and compare it with the ToFu graph, into the manifest's ``quick_look`` section;
+    ``report_commands``: the command lines report.md lists (the caller knows its command line). ``out_state``: what
+    ``artifacts.check_output`` found when the job started (True: check now).
+    """
+    out_dir = Path(out_dir)
+    if out_state is True:
+        out_state = check_output(out_dir, force=config.force)
+    model = loaded.model if consume else copy.deepcopy(loaded.model)
     resolved = config.tofu.resolve(model)  # an impossible r or a foreign policy fails here, before anything is written
     images = _quick_look_images(model, quick_look)  # so does an image folder that cannot be read
     baseline = copy.deepcopy(model) if quick_look is not None else None  # the unreduced model, for the quick look
@@ -66,9 +102,9 @@ def run_export(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resolved.patch(model)
-    notes = [str(w.message) for w in caught] + list(guess.notes)
+    notes = [*clip_notes(resolved), *(str(w.message) for w in caught if "clipped" not in str(w.message)),
+             *loaded.arch.notes]
     schedule = token_schedule(model, resolved.img_size)
-    policy = config.tofu.policy
     onnx_settings = {"opset": config.onnx.opset or export_opset(config.trt.targets),
                      "simplify": config.onnx.simplify, "tolerance": config.onnx.tolerance,
                      "exporter": config.onnx.exporter}
@@ -80,25 +116,7 @@ def run_export(
         notes += onnx_result.notes
         step("checking TensorRT compatibility")
         trt_report = check_tensorrt_compat(staging / ONNX_NAME, ALL_TARGETS)  # every release: the report says which
-        manifest = Manifest(
-            command=config.command,
-            input={"path": str(checkpoint), "sha256": loaded.sha256},
-            arch={"name": guess.name, "kwargs": guess.kwargs, "reason": guess.reason},
-            tofu=TofuRecord(
-                mode=config.tofu.label, layer_modes=schedule.modes, r_requested=resolved.r, r=schedule.r,
-                prop_attn=resolved.prop_attn, tokens=schedule.tokens,
-                policy=None if policy is None else {"source": policy.source, "model": policy.model},
-            ),
-            img_size=list(schedule.img_size),
-            gflops={"original": schedule.gflops_original, "tofu": schedule.gflops_reduced,
-                    "ratio": schedule.flop_ratio},
-            onnx={"file": ONNX_NAME, "opset": onnx_settings["opset"], "exporter": config.onnx.exporter,
-                  "simplified": onnx_result.simplified, "input": onnx_result.input_name,
-                  "output": onnx_result.output_name,
-                  "parity": asdict(onnx_result.parity) if onnx_result.parity else None},
-            tensorrt_check={**trt_report.to_dict(), "build_for": list(config.trt.targets)},
-            notes=notes,
-        )
+        manifest = build_manifest(loaded, config, resolved, schedule, onnx_result, trt_report, notes)
         if config.target == "ort":
             step("optimising for ONNX Runtime")
             manifest.ort = _ort_artifact(staging)
@@ -107,15 +125,57 @@ def run_export(
             manifest.tensorrt, engine_error = _trt_artifact(staging, out_dir, config.trt)
         settings = _quick_look_settings(quick_look, config, images)
         if settings is not None and baseline is not None:
-            manifest.quick_look = run_quick_look(
-                baseline, staging / ONNX_NAME, resolved.img_size, settings, gflops=manifest.gflops,
+            manifest.quick_look = QuickLook.from_dict(run_quick_look(
+                baseline, staging / ONNX_NAME, resolved.img_size, settings, gflops=manifest.gflops.to_dict(),
                 onnx_settings=onnx_settings, images=images, step=step,
-            )
+            ))
         step("writing report.md")
         write_report(staging, manifest, report_commands)
         step("writing manifest")
         write_manifest(staging, manifest)
     return ExportOutcome(out_dir, manifest, engine_error)
+
+
+def build_manifest(
+    loaded: LoadedModel, config: ExportConfig, resolved: ResolvedToFu, schedule: TokenSchedule, onnx_result: Any,
+    trt_report: Any, notes: list[str],
+) -> Manifest:
+    """The manifest of one export, from what its steps returned (files, versions and time are added on writing)."""
+    policy = config.tofu.policy
+    guess = loaded.arch
+    parity = onnx_result.parity
+    return Manifest(
+        command=config.command,
+        target=config.target,
+        input=InputRecord(path=str(loaded.path), sha256=loaded.sha256 or ""),
+        arch=ArchRecord(name=guess.name, kwargs=guess.kwargs, reason=guess.reason),
+        tofu=TofuRecord(
+            mode=config.tofu.label, layer_modes=schedule.modes, r_requested=list(resolved.r), r=schedule.r,
+            prop_attn=resolved.prop_attn, tokens=schedule.tokens,
+            policy=None if policy is None else PolicyRecord(source=policy.source, model=policy.model),
+        ),
+        img_size=list(schedule.img_size),
+        gflops=GflopsRecord(original=schedule.gflops_original, tofu=schedule.gflops_reduced,
+                            ratio=schedule.flop_ratio),
+        onnx=OnnxRecord(file=ONNX_NAME, opset=onnx_result.opset, exporter=config.onnx.exporter,
+                        simplified=onnx_result.simplified, input=onnx_result.input_name,
+                        output=onnx_result.output_name,
+                        parity=None if parity is None else dataclasses.asdict(parity)),
+        tensorrt_check=TrtCheckRecord.from_dict({**trt_report.to_dict(), "build_for": list(config.trt.targets)}),
+        notes=notes,
+    )
+
+
+def clip_notes(resolved: ResolvedToFu) -> list[str]:
+    """One plain note when later blocks cannot remove the r asked for (the plan removes fewer there)."""
+    plan = resolved.plan
+    if not plan.clipped:
+        return []
+    blocks = ", ".join(map(str, plan.clipped))
+    got = ", ".join(f"{plan.r[i]} in block {i}" for i in plan.clipped)
+    return [f"r={max(plan.requested)} does not fit every block: the schedule removes {got} (too few tokens left), "
+            f"{sum(plan.r)} of the {sum(plan.requested)} tokens asked for; the figures here are for that schedule. "
+            f"For the same r everywhere, lower r or use a decreasing schedule (block(s) {blocks} clipped)."]
 
 
 def _quick_look_images(model: torch.nn.Module, settings: QuickLookSettings | None) -> torch.Tensor | None:
@@ -137,27 +197,28 @@ def _quick_look_settings(
     return dataclasses.replace(settings, timing=False) if images is not None else None
 
 
-def _ort_artifact(folder: Path) -> dict[str, Any]:
+def _ort_artifact(folder: Path) -> OrtRecord:
     """Save ORT's offline-optimised graph (extended level: portable across CPUs)."""
     from tofu_export.engines.ort import create_session
 
     create_session(folder / ONNX_NAME, optimization="extended", optimized_model_path=folder / ORT_NAME)
-    return {"file": ORT_NAME, "optimization": "extended", "provider": "CPUExecutionProvider"}
+    return OrtRecord(file=ORT_NAME, optimization="extended", provider="CPUExecutionProvider")
 
 
-def _trt_artifact(folder: Path, out_dir: Path, options: TrtConfig) -> tuple[dict[str, Any], str | None]:
-    """Build the engine in ``folder``; where TensorRT is missing, record the trtexec line (with the paths the
-    artifacts will have in ``out_dir``) and return the error for the caller to report."""
+def _trt_artifact(folder: Path, out_dir: Path, options: TrtConfig) -> tuple[EngineRecord, str | None]:
+    """Build the engine in ``folder``; where TensorRT is missing, record the trtexec line (with the absolute paths
+    the artifacts will have in ``out_dir``, so it works from any folder) and return the error for the caller."""
     from tofu_export.exporters.tensorrt import TensorRTUnavailable, build_engine, read_image_input, trtexec_command
 
+    out_abs = Path(os.path.abspath(out_dir))
     image = read_image_input(folder / ONNX_NAME)
     command = trtexec_command(
-        out_dir / ONNX_NAME, out_dir / ENGINE_NAME, fp16=options.fp16, min_batch=options.min_batch,
+        out_abs / ONNX_NAME, out_abs / ENGINE_NAME, fp16=options.fp16, min_batch=options.min_batch,
         opt_batch=options.opt_batch, max_batch=options.max_batch, input_name=image.name, input_shape_chw=image.chw,
-        workspace_mib=int(options.workspace_gib * 1024), timing_cache=str(out_dir / TIMING_CACHE),
+        workspace_mib=int(options.workspace_gib * 1024), timing_cache=str(out_abs / TIMING_CACHE),
     )
-    info: dict[str, Any] = {"precision": "fp16" if options.fp16 else "fp32", "trtexec": command,
-                            "batch_range": [options.min_batch, options.opt_batch, options.max_batch]}
+    info = EngineRecord(precision="fp16" if options.fp16 else "fp32", trtexec=command,
+                        batch_range=[options.min_batch, options.opt_batch, options.max_batch])
     try:
         started = time.perf_counter()
         build_engine(
@@ -166,8 +227,7 @@ def _trt_artifact(folder: Path, out_dir: Path, options: TrtConfig) -> tuple[dict
             timing_cache_path=folder / TIMING_CACHE,
         )
     except TensorRTUnavailable as error:
-        info["file"] = None
         reason = str(error.__cause__ or "the tensorrt Python package could not be imported")
-        return info, str(TensorRTUnavailable.for_build(out_dir / ONNX_NAME, command, reason))
-    info.update(file=ENGINE_NAME, build_seconds=round(time.perf_counter() - started, 1))
+        return info, str(TensorRTUnavailable.for_build(out_abs / ONNX_NAME, command, reason))
+    info.file, info.build_seconds = ENGINE_NAME, round(time.perf_counter() - started, 1)
     return info, None

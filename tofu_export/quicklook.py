@@ -108,7 +108,18 @@ def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings) -> dict
     rounds = rounds_for(settings.budget_s, 2 * sum(warm.values()), settings.min_rounds, settings.max_rounds)
     samples = time_round_robin(calls, iters=rounds, seed=settings.seed)
     return {**compare_latency(samples["baseline"], samples["tofu"]), "batch": 1,
-            "provider": "CPUExecutionProvider", "threads": settings.threads, "order": "shuffled round-robin"}
+            "provider": "CPUExecutionProvider", "threads": settings.threads, "order": "shuffled round-robin",
+            "load": load_average()}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the platform has none): printed beside every time."""
+    import os
+
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def fidelity(baseline: Path, tofu: Path, images: torch.Tensor, classifier: bool) -> dict[str, Any]:

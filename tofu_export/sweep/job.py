@@ -127,7 +127,7 @@ def run_sweep_job(
     interleave = interleave and device == "cpu"
 
     def profile_fn(onnx_path: Path) -> dict[str, Any]:
-        gflops = Manifest.read(onnx_path.parent).gflops["tofu"]
+        gflops = Manifest.read(onnx_path.parent).gflops.tofu
         if interleave:  # timed together with every other point once all are exported
             return {"gflops": gflops}
         provider = "cuda" if device == "cuda" else "cpu"
