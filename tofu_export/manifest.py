@@ -82,10 +82,16 @@ class ArchRecord(Section):
 class PolicyRecord(Section):
     """A calibrated policy the graph was made from."""
 
-    source: str
-    model: str | None = None
+    source: dict[str, Any]  # the calibration images ("count", "path"), the tool version and the budget
+    model: dict[str, Any] | None = None  # the geometry it was measured on ("arch", "depth", ...)
     path: str | None = None
     sha256: str | None = None
+
+    def describe(self) -> str:
+        """``calibrated on 64 images from data/train`` (what the record says, in words)."""
+        count = self.source.get("count", self.source.get("images"))
+        where = self.source.get("path")
+        return "calibrated" + (f" on {count} images" if count is not None else "") + (f" from {where}" if where else "")
 
 
 @dataclass

@@ -99,6 +99,7 @@ def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings) -> dict
     """Interleaved batch-1 latency of the two ONNX graphs on ONNX Runtime's CPU provider (spinning off)."""
     from tofu_export.engines.ort import OrtRunner
     from tofu_export.profiling.compare import time_round_robin
+    from tofu_export.profiling.device import load_average
     from tofu_export.profiling.timing import time_callable
 
     runners = {name: OrtRunner(path, threads=settings.threads, spinning=False, seed=settings.seed)
@@ -111,15 +112,6 @@ def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings) -> dict
             "provider": "CPUExecutionProvider", "threads": settings.threads, "order": "shuffled round-robin",
             "load": load_average()}
 
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15-minute load averages (None where the platform has none): printed beside every time."""
-    import os
-
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def fidelity(baseline: Path, tofu: Path, images: torch.Tensor, classifier: bool) -> dict[str, Any]:

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions, ToFuOptions, parse_int_list
+from tofu_export.cli.options import (
+    BackendOptions,
+    JsonOption,
+    ModelOptions,
+    RuntimeOptions,
+    ToFuOptions,
+    parse_int_list,
+)
 from tofu_export.cli.output import print_json
 
 
@@ -16,8 +23,7 @@ def profile(
     model: ModelOptions,
     tofu: ToFuOptions,
     runtime: RuntimeOptions,
-    backend: Annotated[str | None, typer.Option(help="ort | trt | torch [default: from the file type].")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda (ORT: also tensorrt, the TensorRT EP).")] = "cpu",
+    backend: BackendOptions,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 10,
     iters: Annotated[int | None, typer.Option(help="Timed runs per batch size.")] = 50,
@@ -37,19 +43,21 @@ def profile(
       tofu-export profile artifacts/deit-tofu-r16/model.onnx --batch 1,8 --threads 2
 
       tofu-export profile model.pth --backend torch --r 16 --mode tofu --device cuda
+
+      tofu-export profile artifacts/deit-tofu-r16-onnx/model.onnx --backend ort-cuda
     """
     from tofu_export.artifacts import check_file_output
-    from tofu_export.jobs.profile import backend_for, profile_source
+    from tofu_export.jobs.profile import profile_source
     from tofu_export.reports.profile import render_table, write_json, write_markdown
 
     runtime.check()
     if report is not None:
         check_file_output(report)  # before profiling, not after
-    kind = backend_for(artifact, backend)
+    chosen = backend.build(artifact)
     result = profile_source(
         artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,
-        breakdown=breakdown, backend=kind, device=device, threads=runtime.threads, spinning=runtime.spin,
-        tofu=tofu.build(model.img_size) if kind == "torch" else None, arch=model.arch,
+        breakdown=breakdown, backend=chosen, threads=runtime.threads, spinning=runtime.spin,
+        tofu=tofu.build(model.img_size) if chosen.runtime == "torch" else None, arch=model.arch,
         trust_pickle=model.trust_pickle,
     )
     if report is not None:

@@ -20,6 +20,7 @@ from tofu_export.evaluation.metrics import (
     Predictor,
     classification_accuracy,
     extract_features,
+    cosine_standard_error,
     feature_cosine,
     knn_accuracy,
 )
@@ -82,6 +83,7 @@ def evaluate(
         )
     cosine = feature_cosine(reference_eval, candidate_eval)
     metrics = {f"cosine_{key}": value for key, value in cosine.items()}
+    metrics["cosine_se"] = cosine_standard_error(reference_eval, candidate_eval)
     if train_dir is None:
         return EvaluationReport("fidelity", str(data), n_eval, metrics=metrics)
     train_loader = loader(train_dir)

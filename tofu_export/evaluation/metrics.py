@@ -83,12 +83,23 @@ def feature_cosine(reference: torch.Tensor, test: torch.Tensor) -> dict[str, flo
             f"Feature shapes differ: reference {list(reference.shape)} vs test {list(test.shape)}; both "
             "must be [N, D] from the same images, with the same feature width D."
         )
+    cosine = cosine_per_image(reference, test)
+    p5 = torch.quantile(cosine, 0.05)
+    return {"mean": float(cosine.mean()), "min": float(cosine.min()), "p5": float(p5)}
+
+
+def cosine_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float64 cosine of each row of ``test [N, D]`` to the same row of ``reference [N, D]``."""
     a, b = reference.double(), test.double()
     dot = (a * b).sum(dim=1)
     norms = ((a * a).sum(dim=1) * (b * b).sum(dim=1)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
-    cosine = (dot / norms).clamp(-1.0, 1.0)
-    p5 = torch.quantile(cosine, 0.05)
-    return {"mean": float(cosine.mean()), "min": float(cosine.min()), "p5": float(p5)}
+    return (dot / norms).clamp(-1.0, 1.0)
+
+
+def cosine_standard_error(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """The standard error of the mean per-image cosine (sample std / sqrt(N); 0 for one image)."""
+    cosine = cosine_per_image(reference, test)
+    return float(cosine.std() / len(cosine) ** 0.5) if len(cosine) > 1 else 0.0
 
 
 def knn_accuracy(

@@ -129,7 +129,7 @@ def _exported(m: Manifest) -> str:
     rows = [
         ("architecture", f"{m.arch.name} ({m.arch.reason})"),
         ("input", f"{m.img_size[0]}x{m.img_size[1]} pixels, batch dynamic"),
-        ("token reduction", f"mode {m.tofu.mode}" + (f" (policy from {policy.source})" if policy else "")
+        ("token reduction", f"mode {m.tofu.mode}" + (f" (policy {policy.describe()})" if policy else "")
          + f", proportional attention {'on' if m.tofu.prop_attn else 'off'}"),
         ("r per block", ", ".join(map(str, m.tofu.r))),
         ("reduce per block", f"{', '.join(m.tofu.layer_modes)} ({modes})"),

@@ -16,9 +16,9 @@ from matplotlib.figure import Figure
 from tofu_export.atomic import write_bytes_atomic
 from tofu_export.profiling.errors import ProfilerError
 from tofu_export.reports.pareto import TradeoffPoint, pareto_front
+from tofu_export.sweep.state import BASELINE
 
 PointLike = TradeoffPoint | Mapping[str, Any] | Any
-BASELINE = "baseline"  # the mode a sweep gives its shared r = 0 point
 
 
 def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path) -> Path:
