@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from tofu_export.cli.output import print_json, steps
 TargetOption = Annotated[str, typer.Option("--target", "-t", help="onnx | ort | trt", rich_help_panel="Output")]
 OutOption = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Artifact folder [default: artifacts/CHECKPOINT-MODE-rR].",
+    typer.Option("--out", "-o", help="Artifact folder [default: artifacts/CHECKPOINT-MODE-rR-TARGET].",
                  rich_help_panel="Output"),
 ]
 ForceOption = Annotated[
@@ -79,14 +80,15 @@ def export(
         tofu=tofu.build(model.img_size), onnx=onnx.build(), trt=trt.build(), target=target, arch=model.arch,
         trust_pickle=model.trust_pickle, force=force, command=command_line(),
     )
-    out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}"
+    out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}-{target}"  # targets do not collide
     quick = QuickLookSettings(data=data, data_name=None if data is None else str(data)) if bench else None
     export_and_report(checkpoint, out, config, quick, as_json=as_json)
 
 
 def command_line() -> str:
-    """The command line this process was started with, as the user would type it."""
-    return shlex.join(["tofu-export", *sys.argv[1:]])
+    """The command line this process was started with, as the user would type it, run from the folder it ran in
+    (so it works from any folder)."""
+    return f"cd {shlex.quote(os.getcwd())} && " + shlex.join(["tofu-export", *sys.argv[1:]])
 
 
 def retarget_command(argv: list[str], target: str, out: Path) -> str:
@@ -99,18 +101,19 @@ def retarget_command(argv: list[str], target: str, out: Path) -> str:
             skip = True
         elif arg.split("=", 1)[0] not in _RETARGET_DROP and arg not in ("--force", "--json"):
             kept.append(arg)
-    return shlex.join(["tofu-export", *kept, "--trt", target, "-o", f"{out}-trt{target}"])
+    return shlex.join(["tofu-export", *kept, "--trt", target, "-o", f"{os.path.abspath(out)}-trt{target}"])
 
 
-def report_commands(config: Any, out: Path, checkpoint: Path) -> Any:
-    """The command lines report.md lists: this export, the graph check, and an export per other TensorRT release."""
+def report_commands(config: Any, out: Path, checkpoint: Path, quick_look: bool = True) -> Any:
+    """The command lines report.md lists (absolute paths: they work from any folder): this export, the graph check,
+    a profile, a sweep, and an export per other TensorRT release."""
     from tofu_export.exporters.trt_ops import ALL_TARGETS
     from tofu_export.reports.artifact import ReportCommands
 
+    out, checkpoint = Path(os.path.abspath(out)), Path(os.path.abspath(checkpoint))
     reproduce = {
-        "This export, with its quick look": config.command,
-        "The TensorRT check of the graph": shlex.join(["tofu-export", "check", str(out / "model.onnx"), "--trt",
-                                                       "8.5", "--trt", "10"]),
+        "This export" + (", with its quick look" if quick_look else ""): config.command,
+        "The TensorRT check of the graph": shlex.join(["tofu-export", "check", str(out / "model.onnx")]),
         "A longer latency profile of the ToFu graph on this machine": shlex.join(
             ["tofu-export", "profile", str(out / "model.onnx"), "--batch", "1,8"]),
     }
@@ -119,7 +122,7 @@ def report_commands(config: Any, out: Path, checkpoint: Path) -> Any:
         if r is not None:
             reproduce["A longer interleaved comparison, baseline vs this mode and r"] = shlex.join(
                 ["tofu-export", "sweep", str(checkpoint), "--r", f"0,{r}", "--modes", config.tofu.mode,
-                 "--interleave", "--iters", "50", "-o", f"{out}-sweep"])
+                 "--iters", "50", "-o", f"{out}-sweep"])
     retarget = {t: retarget_command(sys.argv[1:], t, out) for t in ALL_TARGETS if t not in config.trt.targets}
     return ReportCommands(reproduce=reproduce, retarget=retarget)
 
@@ -129,7 +132,8 @@ def export_and_report(checkpoint: Path, out: Path, config: Any, quick: Any, *, a
     from tofu_export.cli.summary import print_summary
     from tofu_export.pipeline import run_export
 
-    commands = report_commands(config, out, checkpoint)
+    ran_quick_look = quick is not None and (config.target != "trt" or quick.data is not None)
+    commands = report_commands(config, out, checkpoint, ran_quick_look)
     with steps(not as_json) as step:
         outcome = run_export(checkpoint, out, config, step, quick_look=quick, report_commands=commands)
     if as_json:
