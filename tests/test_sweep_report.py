@@ -9,9 +9,9 @@ import pytest
 
 from tofu_export.errors import UserError
 from tofu_export.jobs.profile import Backend, parse_backend
+from tofu_export.progress import ProgressLog, format_seconds
 from tofu_export.reports.sweep import COLUMNS, flag_uncertain, shown_columns, sweep_markdown, sweep_row, table_cells
 from tofu_export.sweep.config import SweepConfig, estimate_seconds
-from tofu_export.sweep.progress import ProgressLog, format_seconds
 
 
 def _record(mode: str, r: int, samples: list[float], metrics: dict | None = None) -> dict:
@@ -64,7 +64,7 @@ def test_columns_appear_only_where_measured_and_cells_carry_units() -> None:
 
 
 def test_classifier_fidelity_shows_the_unreduced_accuracy_beside_it() -> None:
-    metrics = {"candidate_top1": 0.712, "reference_top1": 0.72}
+    metrics = {"candidate_top1": 71.2, "reference_top1": 72.0}  # evaluation scores in %
     row = sweep_row(_record("tome", 8, FAST, metrics), BASE, paired=True)
     flag_uncertain([row])
     assert table_cells(row)[4] == "top-1 71.2% (unreduced 72.0%)"

@@ -34,7 +34,7 @@ class Section:
     def __post_init__(self) -> None:
         for name, kind in _nested(type(self)).items():
             value = getattr(self, name)
-            if isinstance(value, Mapping):
+            if value is not None and not isinstance(value, kind):  # a dict from JSON, or something that is not one
                 setattr(self, name, kind.from_dict(value))
 
     def to_dict(self) -> dict[str, Any]:

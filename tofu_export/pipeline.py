@@ -147,7 +147,7 @@ def build_manifest(
     return Manifest(
         command=config.command,
         target=config.target,
-        input=InputRecord(path=str(loaded.path), sha256=loaded.sha256 or ""),
+        input=InputRecord(path=os.path.abspath(loaded.path) if loaded.path else "", sha256=loaded.sha256 or ""),
         arch=ArchRecord(name=guess.name, kwargs=guess.kwargs, reason=guess.reason),
         tofu=TofuRecord(
             mode=config.tofu.label, layer_modes=schedule.modes, r_requested=list(resolved.r), r=schedule.r,

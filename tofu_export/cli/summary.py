@@ -13,7 +13,14 @@ from rich.table import Table
 
 from tofu_export.cli.groups import flag_for
 from tofu_export.manifest import MANIFEST, Manifest, QuickLook
-from tofu_export.reports.artifact import REPORT, builds_on, quick_look_caption, quick_look_rows, tofu_label
+from tofu_export.reports.artifact import (
+    REPORT,
+    builds_on,
+    compact_r,
+    quick_look_caption,
+    quick_look_rows,
+    tofu_label,
+)
 from tofu_export.trt_targets import TargetVerdict, target_verdicts
 
 
@@ -34,7 +41,7 @@ def _export_table(outcome: Any) -> Table:
     table = Table(title=f"exported to {outcome.out_dir}", show_header=False, title_justify="left")
     table.add_row("architecture", f"{m.arch.name}  ({m.arch.reason})")
     table.add_row("ToFu", f"mode {m.tofu.mode}, {tofu_label(m)}")
-    table.add_row("r per block", ", ".join(map(str, m.tofu.r)))
+    table.add_row("r per block", compact_r(m.tofu.r))
     table.add_row("reduce per block", ", ".join(m.tofu.layer_modes))
     table.add_row("tokens per block", ", ".join(map(str, m.tofu.tokens)))
     g = m.gflops

@@ -57,6 +57,17 @@ def tofu_label(manifest: Manifest) -> str:
     return f"{name} r={r[0]}" if len(set(r)) == 1 else f"{name} r={max(r)}..{min(r)}"
 
 
+def compact_r(r: Sequence[int]) -> str:
+    """Per-block r, run-length: ``16 x11, 10`` for [16] * 11 + [10]; the form every command prints."""
+    runs: list[list[int]] = []
+    for value in r:
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += 1
+        else:
+            runs.append([value, 1])
+    return ", ".join(f"{value} x{count}" if count > 1 else str(value) for value, count in runs)
+
+
 def render_report(manifest: Manifest, commands: ReportCommands, files: Sequence[tuple[str, int | None]]) -> str:
     """The Markdown text; ``files``: ``(name, bytes or None)`` of the folder's files."""
     sections = [
@@ -131,7 +142,7 @@ def _exported(m: Manifest) -> str:
         ("input", f"{m.img_size[0]}x{m.img_size[1]} pixels, batch dynamic"),
         ("token reduction", f"mode {m.tofu.mode}" + (f" (policy {policy.describe()})" if policy else "")
          + f", proportional attention {'on' if m.tofu.prop_attn else 'off'}"),
-        ("r per block", ", ".join(map(str, m.tofu.r))),
+        ("r per block", compact_r(m.tofu.r)),
         ("reduce per block", f"{', '.join(m.tofu.layer_modes)} ({modes})"),
         ("tokens per block", ", ".join(map(str, m.tofu.tokens))),
         ("GFLOPs", f"{g.original:.2f} -> {g.tofu:.2f} ({g.ratio:.2f}x fewer)"),

@@ -76,10 +76,11 @@ def table_cells(row: dict[str, Any]) -> list[str]:
 
 
 def fidelity_cell(row: dict[str, Any]) -> str:
-    """``cosine 0.9988 ± 0.0001`` or ``top-1 71.2% (unreduced 72.0%)``; ``-`` when nothing was scored."""
+    """``cosine 0.9988 ± 0.0001`` or ``top-1 71.2% (unreduced 72.0%)`` (accuracies are in %); ``-`` when nothing
+    was scored."""
     if "accuracy" in row:
         reference = row.get("reference_accuracy")
-        return f"top-1 {row['accuracy']:.1%}" + (f" (unreduced {reference:.1%})" if reference is not None else "")
+        return f"top-1 {row['accuracy']:.1f}%" + (f" (unreduced {reference:.1f}%)" if reference is not None else "")
     if "cosine" in row:
         se = row.get("cosine_se")
         return f"cosine {row['cosine']:.4f}" + (f" ± {se:.4f}" if se is not None else "")

@@ -25,10 +25,10 @@ from tofu_export.manifest import Manifest
 from tofu_export.models.loading import LoadedModel, load_model
 from tofu_export.pipeline import ENGINE_NAME, ONNX_NAME, export_model
 from tofu_export.profiling.device import load_average
+from tofu_export.progress import format_seconds, tracker
 from tofu_export.reports.sweep import flag_uncertain, sweep_markdown, sweep_row
 from tofu_export.sweep.config import SweepConfig, estimate_seconds, sweep_points
 from tofu_export.sweep.measure import time_alone, time_interleaved
-from tofu_export.sweep.progress import format_seconds, tracker
 from tofu_export.sweep.state import BASELINE, SweepError, SweepPoint, point_key, run_sweep
 
 STATE = "sweep_state.json"

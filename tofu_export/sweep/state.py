@@ -15,7 +15,7 @@ from typing import Any
 
 from tofu_export.atomic import write_json_atomic
 from tofu_export.errors import UserError
-from tofu_export.sweep.progress import tracker
+from tofu_export.progress import tracker
 
 STATE_VERSION = 1
 BASELINE = "baseline"  # the mode of a sweep's shared r = 0 point
