@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,14 +17,17 @@ console = Console(stderr=True)
 
 @contextmanager
 def steps(enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A spinner that shows the current stage of a long job; yields ``step(name)``."""
+    """A spinner that shows the current stage of a long job; yields ``step(name)``. Each step also prints one line
+    with the time since the job started (``- [0:42] exporting to ONNX``), so a log shows where the time went."""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    started = time.monotonic()
     with Progress(*columns, console=console, transient=True, disable=not enabled) as progress:
         task = progress.add_task("starting")
 
         def step(name: str) -> None:
             progress.update(task, description=name)
-            console.print(f"[dim]-[/] {name}", highlight=False)
+            minutes, seconds = divmod(int(time.monotonic() - started), 60)
+            console.print(f"[dim]- [{minutes}:{seconds:02d}][/] {name}", highlight=False)
 
         yield step
 
