@@ -95,3 +95,15 @@ def test_without_a_manifest_the_reference_must_be_named(tmp_path: Path) -> None:
 def test_per_block_r_is_printed_run_length() -> None:
     assert compact_r([16] * 11 + [10]) == "16 x11, 10"
     assert compact_r([8, 6]) == "8, 6" and compact_r([0] * 3) == "0 x3"
+
+
+def test_a_quick_look_speedup_whose_rounds_straddle_one_is_not_established() -> None:
+    from tofu_export.reports.artifact import quick_look_rows
+
+    spread = {"p50_ms": 11.0, "p10_ms": 10.0, "p90_ms": 50.0, "min_ms": 9.0, "max_ms": 60.0, "rounds": 38}
+    latency = {"baseline": {**spread, "p50_ms": 11.4}, "tofu": spread, "speedup": 1.03,
+               "speedup_per_round": {"p10": 0.77, "p90": 1.40}, "load": [10.9, 5.0, 2.0]}
+    quick = QuickLook.from_dict({"label": "q", "machine": {}, "gflops": {"baseline": 2.0, "tofu": 1.0},
+                                 "latency": latency})
+    rows = {label: ours for label, _, ours in quick_look_rows(quick)}
+    assert rows["speed-up (p50 / p50)"] == "1.03x (per round 0.77-1.40x), not established"

@@ -40,7 +40,7 @@ from tofu_export.manifest import (
 )
 from tofu_export.models.loading import LoadedModel, load_model
 from tofu_export.quicklook import QuickLookSettings, image_files, load_images, run_quick_look
-from tofu_export.reports.artifact import ReportCommands, write_report
+from tofu_export.reports.artifact import ReportCommands, clip_notes, write_report
 from tofu_export.trt_targets import export_opset
 
 ONNX_NAME, ORT_NAME, ENGINE_NAME, TIMING_CACHE = "model.onnx", "model.ort.onnx", "model.engine", "timing.cache"
@@ -102,7 +102,7 @@ def export_model(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resolved.patch(model)
-    notes = [*clip_notes(resolved), *(str(w.message) for w in caught if "clipped" not in str(w.message)),
+    notes = [*clip_notes(resolved.plan), *(str(w.message) for w in caught if "clipped" not in str(w.message)),
              *loaded.arch.notes]
     schedule = token_schedule(model, resolved.img_size)
     onnx_settings = {"opset": config.onnx.opset or export_opset(config.trt.targets),
@@ -164,18 +164,6 @@ def build_manifest(
         tensorrt_check=TrtCheckRecord.from_dict({**trt_report.to_dict(), "build_for": list(config.trt.targets)}),
         notes=notes,
     )
-
-
-def clip_notes(resolved: ResolvedToFu) -> list[str]:
-    """One plain note when later blocks cannot remove the r asked for (the plan removes fewer there)."""
-    plan = resolved.plan
-    if not plan.clipped:
-        return []
-    blocks = ", ".join(map(str, plan.clipped))
-    got = ", ".join(f"{plan.r[i]} in block {i}" for i in plan.clipped)
-    return [f"r={max(plan.requested)} does not fit every block: the schedule removes {got} (too few tokens left), "
-            f"{sum(plan.r)} of the {sum(plan.requested)} tokens asked for; the figures here are for that schedule. "
-            f"For the same r everywhere, lower r or use a decreasing schedule (block(s) {blocks} clipped)."]
 
 
 def _quick_look_images(model: torch.nn.Module, settings: QuickLookSettings | None) -> torch.Tensor | None:

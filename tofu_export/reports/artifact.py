@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tofu_export.atomic import write_bytes_atomic
 from tofu_export.manifest import MANIFEST, Manifest, ParityRecord, QuickLook
@@ -68,6 +69,17 @@ def compact_r(r: Sequence[int]) -> str:
     return ", ".join(f"{value} x{count}" if count > 1 else str(value) for value, count in runs)
 
 
+def clip_notes(plan: Any) -> list[str]:
+    """One plain note when later blocks cannot remove the r asked for (``schedule.TokenPlan``: the plan removes
+    fewer there); every command that patches a model prints it, the same way."""
+    if not plan.clipped:
+        return []
+    got = ", ".join(f"{plan.r[i]} in block {i}" for i in plan.clipped)
+    return [f"r={max(plan.requested)} does not fit every block: the schedule removes {got} (too few tokens left), "
+            f"{sum(plan.r)} of the {sum(plan.requested)} tokens asked for; the figures are for that schedule. For "
+            "the same r in every block, lower r or use a decreasing schedule."]
+
+
 def render_report(manifest: Manifest, commands: ReportCommands, files: Sequence[tuple[str, int | None]]) -> str:
     """The Markdown text; ``files``: ``(name, bytes or None)`` of the folder's files."""
     sections = [
@@ -107,7 +119,8 @@ def quick_look_rows(quick: QuickLook) -> list[tuple[str, str, str]]:
         rows += [
             ("latency p50", f"{base.p50_ms:.1f} ms", f"{tofu.p50_ms:.1f} ms"),
             ("latency p10-p90", f"{base.p10_ms:.1f}-{base.p90_ms:.1f} ms", f"{tofu.p10_ms:.1f}-{tofu.p90_ms:.1f} ms"),
-            ("speed-up (p50 / p50)", "1.00x", f"{latency.speedup:.2f}x (per round {per['p10']:.2f}-{per['p90']:.2f}x)"),
+            ("speed-up (p50 / p50)", "1.00x", f"{latency.speedup:.2f}x (per round {per['p10']:.2f}-{per['p90']:.2f}x)"
+             + (", not established" if per["p10"] <= 1.0 <= per["p90"] else "")),
         ]
     gflops = quick.gflops
     rows.append(("GFLOPs", f"{gflops['baseline']:.2f}",
