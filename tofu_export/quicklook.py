@@ -73,11 +73,12 @@ def load_images(files: Sequence[Path], transform: Any) -> torch.Tensor:
 
 
 def spread(samples_ms: Sequence[float]) -> dict[str, float]:
-    """Median, 10th and 90th percentile (numpy's linear interpolation), min and max, in ms."""
-    values = np.asarray(samples_ms, dtype=np.float64)
-    p10, p50, p90 = np.percentile(values, [10.0, 50.0, 90.0])
-    return {"p50_ms": float(p50), "p10_ms": float(p10), "p90_ms": float(p90), "min_ms": float(values.min()),
-            "max_ms": float(values.max()), "rounds": int(values.size)}
+    """Median, 10th and 90th percentile, min and max, in ms (``profiling.timing.LatencyStats``)."""
+    from tofu_export.profiling.timing import LatencyStats
+
+    stats = LatencyStats.from_ms(samples_ms)
+    return {"p50_ms": stats.p50_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms, "min_ms": stats.min_ms,
+            "max_ms": stats.max_ms, "rounds": stats.n}
 
 
 def compare_latency(baseline_ms: Sequence[float], tofu_ms: Sequence[float]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tofu_export.profiling.timing import LatencyStats
 from tofu_export.sweep.state import BASELINE
 
 UNCERTAIN = "~"  # the flag: this point's speed-up interval overlaps a neighbour's in the ranking
@@ -24,10 +25,11 @@ def sweep_row(record: dict[str, Any], baseline_ms: Sequence[float] | None, paire
     (None: no r = 0 point); ``paired``: the samples were taken round-robin, round ``i`` of every point together."""
     latency = record["profile"]
     samples = np.asarray(latency["samples_ms"], dtype=np.float64)  # [rounds]
-    p10, p50, p90 = (float(v) for v in np.percentile(samples, [10.0, 50.0, 90.0]))
+    stats = LatencyStats.from_ms(samples.tolist())
+    p10, p50, p90 = stats.p10_ms, stats.p50_ms, stats.p90_ms
     row: dict[str, Any] = {"mode": record["mode"], "r": record["r"], "gflops": latency["gflops"],
-                           "latency_ms": p50, "p10_ms": p10, "p90_ms": p90, "rounds": int(samples.size),
-                           "images_per_s": 1e3 / float(samples.mean())}  # fmt: skip
+                           "latency_ms": p50, "p10_ms": p10, "p90_ms": p90, "rounds": stats.n,
+                           "images_per_s": stats.throughput_ips}  # fmt: skip
     if baseline_ms is not None:
         base = np.asarray(baseline_ms, dtype=np.float64)
         row["speedup"] = float(np.median(base)) / p50
