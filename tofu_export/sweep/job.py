@@ -170,7 +170,7 @@ def _report(source: str, out: Path, config: SweepConfig, records: list[dict[str,
     result = SweepResult(f"ToFu sweep of {source}", rows, caption)
     result.files += [write_text_atomic(out / "sweep.md", sweep_markdown(rows, result.title, caption)),
                      write_json_atomic(out / "sweep.json", {"source": source, **result.to_dict()}),
-                     plot_latency_vs_r(rows, out / "latency_vs_r.png")]
+                     plot_latency_vs_r(rows, out / "latency_vs_r.png", note=plot_note(config, rows, loads))]
     scores = [row.get("accuracy", row.get("cosine")) for row in rows]
     if any(score is None for score in scores):
         result.notes.append("no Pareto plot: the points were not scored (give an image folder to score them)")
@@ -180,6 +180,14 @@ def _report(source: str, out: Path, config: SweepConfig, records: list[dict[str,
         front = [dict(row, accuracy=row.get("accuracy", row.get("cosine"))) for row in rows]
         result.files.append(plot_pareto(front, out / "pareto.png"))
     return result
+
+
+def plot_note(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[float] | None]) -> str:
+    """``ONNX Runtime CPU, 30 rounds round-robin, whiskers p10-p90, load 2.1``"""
+    load = max((value[0] for value in loads if value), default=None)
+    order = "round-robin" if config.interleave else "one point after another"
+    return (f"{config.backend.label}, {rows[0]['rounds'] if rows else 0} runs {order}, whiskers p10-p90"
+            + (f", load {load:.1f}" if load is not None else ""))
 
 
 def sweep_caption(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[float] | None]) -> list[str]:
