@@ -12,7 +12,7 @@ import typer
 
 from tofu_export.cli.errors import EXIT_ENGINE_NOT_BUILT, console
 from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, ToFuOptions, TrtOptions
-from tofu_export.cli.output import print_json, steps
+from tofu_export.cli.output import library_warnings, print_json, steps, warnings_note
 
 TargetOption = Annotated[str, typer.Option("--target", "-t", help="onnx | ort | trt", rich_help_panel="Output")]
 OutOption = Annotated[
@@ -134,8 +134,11 @@ def export_and_report(checkpoint: Path, out: Path, config: Any, quick: Any, *, a
 
     ran_quick_look = quick is not None and (config.target != "trt" or quick.data is not None)
     commands = report_commands(config, out, checkpoint, ran_quick_look)
-    with steps(not as_json) as step:
+    with library_warnings() as caught, steps(not as_json) as step:
         outcome = run_export(checkpoint, out, config, step, quick_look=quick, report_commands=commands)
+    note = warnings_note(caught)
+    if note and not as_json:
+        console.print(note, highlight=False, soft_wrap=True)
     if as_json:
         print_json({"out_dir": str(outcome.out_dir), "engine_error": outcome.engine_error,
                     **outcome.manifest.to_dict()})

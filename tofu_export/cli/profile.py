@@ -15,7 +15,7 @@ from tofu_export.cli.options import (
     ToFuOptions,
     parse_int_list,
 )
-from tofu_export.cli.output import print_json
+from tofu_export.cli.output import library_warnings, print_json, warnings_note
 from tofu_export.profiling.device import load_average
 
 
@@ -55,16 +55,20 @@ def profile(
     if report is not None:
         check_file_output(report)  # before profiling, not after
     chosen = backend.build(artifact)
-    result = profile_source(
-        artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,
-        breakdown=breakdown, backend=chosen, threads=runtime.threads, spinning=runtime.spin,
-        tofu=tofu.build(model.img_size) if chosen.runtime == "torch" else None, arch=model.arch,
-        trust_pickle=model.trust_pickle,
-    )
+    with library_warnings() as caught:
+        result = profile_source(
+            artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,
+            breakdown=breakdown, backend=chosen, threads=runtime.threads, spinning=runtime.spin,
+            tofu=tofu.build(model.img_size) if chosen.runtime == "torch" else None, arch=model.arch,
+            trust_pickle=model.trust_pickle,
+        )
     if report is not None:
         write_markdown(report, [result], title=f"Latency profile of {artifact}")
         write_json(report.with_suffix(".json"), [result])
     reference = export_reference(artifact)
+    note = warnings_note(caught)
+    if note and not as_json:
+        typer.echo(note, err=True)
     if as_json:
         print_json({**result.to_dict(), "load_average": load_average(), "at_export": reference})
     else:

@@ -15,7 +15,7 @@ from tofu_export.cli.options import (
     RuntimeOptions,
     parse_int_list,
 )
-from tofu_export.cli.output import console, print_json
+from tofu_export.cli.output import console, library_warnings, print_json, warnings_note
 
 if TYPE_CHECKING:
     from tofu_export.sweep.job import SweepResult
@@ -81,7 +81,11 @@ def sweep(
         trust_pickle=model.trust_pickle,
     )
     say = (lambda _: None) if as_json else (lambda text: console.print(f"[dim]-[/] {text}", highlight=False))
-    result = run_sweep_job(checkpoint, out, config, say=say, progress=not as_json)
+    with library_warnings() as caught:
+        result = run_sweep_job(checkpoint, out, config, say=say, progress=not as_json)
+    note = warnings_note(caught)
+    if note:
+        result.notes.append(note.removeprefix("note: "))
     if as_json:
         print_json(result.to_dict())
         return
