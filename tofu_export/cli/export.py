@@ -101,7 +101,8 @@ def retarget_command(argv: list[str], target: str, out: Path) -> str:
             skip = True
         elif arg.split("=", 1)[0] not in _RETARGET_DROP and arg not in ("--force", "--json"):
             kept.append(arg)
-    return shlex.join(["tofu-export", *kept, "--trt", target, "-o", f"{os.path.abspath(out)}-trt{target}"])
+    command = shlex.join(["tofu-export", *kept, "--trt", target, "-o", f"{os.path.abspath(out)}-trt{target}"])
+    return f"cd {shlex.quote(os.getcwd())} && {command}"  # relative paths in argv: run from the same folder
 
 
 def report_commands(config: Any, out: Path, checkpoint: Path, quick_look: bool = True) -> Any:

@@ -88,7 +88,7 @@ def render_report(manifest: Manifest, commands: ReportCommands, files: Sequence[
         _quick_look(manifest.quick_look, tofu_label(manifest)),
         _parity(manifest.onnx.parity),
         _tensorrt(manifest, commands),
-        _files_section(files),
+        _files_section(files, timed=bool(manifest.quick_look and manifest.quick_look.latency)),
         _notes(manifest.notes),
         _reproduce(commands),
     ]
@@ -227,11 +227,12 @@ def _files(folder: Path) -> list[tuple[str, int | None]]:
     return sorted(files.items(), key=lambda item: (order.index(item[0]) if item[0] in order else len(order), item[0]))
 
 
-def _files_section(files: Sequence[tuple[str, int | None]]) -> str:
+def _files_section(files: Sequence[tuple[str, int | None]], timed: bool) -> str:
+    roles = FILE_ROLES if timed else {**FILE_ROLES, PLOT: "tokens per block"}  # it describes only what ran
     lines = ["## Files", ""]
     for name, size in files:
         where = f" ({size / 2**20:.1f} MiB)" if size and size > 2**20 else ""
-        lines.append(f"- `{name}`{where}: {FILE_ROLES.get(name, 'written by this export')}")
+        lines.append(f"- `{name}`{where}: {roles.get(name, 'written by this export')}")
     return "\n".join(lines)
 
 
