@@ -20,6 +20,7 @@ from tofu_export import __version__
 from tofu_export.artifacts import cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.config import ExportConfig, ToFuConfig
+from tofu_export.errors import Hint
 from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
 from tofu_export.models.loading import LoadedModel, load_model
@@ -56,6 +57,10 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     """Run (or resume) the sweep in ``out``; ``say`` is told the run-time estimate before the work starts."""
     for mode in config.modes:  # an unknown mode fails here, before anything is loaded, exported or made
         ToFuConfig(mode=mode)
+    for folder in (out, *out.parents):  # so does an output path under a file
+        if folder.exists() and not folder.is_dir():
+            raise SweepError(f"cannot write the sweep into {out}: {folder} is a file, not a folder",
+                             hint=Hint("out", None, "a new or tofu-export folder"))
     loaded = _load(source, config)
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
     config_key = f"{digest}:{config.arch}:{config.export_key()}:tofu-export {__version__}"  # a new release re-exports
@@ -66,8 +71,9 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     forward_ms = _forward_ms(loaded)
     images = 0 if config.data is None else (config.limit or 500)
     estimate = estimate_seconds(config, to_export=to_export, forward_ms=forward_ms, images=images)
-    say(f"{len(points)} points ({to_export} to export), estimated {format_seconds(estimate)} on this machine now "
-        f"(one forward pass {forward_ms:.0f} ms, load average {_load_text()})")
+    plural = "s" if len(points) != 1 else ""
+    say(f"{len(points)} point{plural} ({to_export} to export), estimated {format_seconds(estimate)} "
+        f"on this machine now (one forward pass {forward_ms:.0f} ms, load average {_load_text()})")
 
     def export_fn(point: SweepPoint) -> Path:
         folder = folders[point]
