@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,8 @@ def _manifest(quick: dict | None, build_for: tuple[str, ...] = ("10",)) -> Manif
         tofu=TofuRecord(mode="tofu", layer_modes=["prune", "mlerp", "mlerp"], r_requested=[16] * 3, r=[16] * 3,
                         prop_attn=True, tokens=[197, 181, 165]),
         img_size=[224, 224], gflops={"original": 4.6, "tofu": 2.3, "ratio": 2.0},
-        onnx={"file": "model.onnx", "opset": 17, "exporter": "torchscript", "simplified": True,
+        onnx={"file": "model.onnx", "opset": 17, "exporter": "torchscript", "simplified": True, "input": "image",
+              "output": "logits",
               "parity": {"batch_sizes": [1, 8], "max_abs_diff": 2e-6, "mean_abs_diff": 1e-7, "output_scale": 9.0,
                          "images_within_tolerance": 1.0, "min_cosine": 0.9999999, "top1_agreement": 1.0,
                          "tolerance": 1e-4, "ok": True}},
@@ -68,14 +71,15 @@ def test_report_names_every_file_and_the_verdict_per_release() -> None:
 
 def test_no_retarget_advice_for_a_release_that_builds() -> None:
     manifest = _manifest(_quick_look())
-    manifest.tensorrt_check = {**manifest.tensorrt_check, "per_target": {"8.5": True, "10": True}, "issues": []}
+    manifest.tensorrt_check = dataclasses.replace(manifest.tensorrt_check, per_target={"8.5": True, "10": True},
+                                                  issues=[])
     text = render_report(manifest, COMMANDS, FILES)
     assert "--trt 8.5" not in text
     assert "This artifact builds on: TensorRT 8.5 (JetPack 5), TensorRT 10 (JetPack 6)." in text
 
 
 def test_quick_look_rows_are_the_manifest_figures() -> None:
-    rows = {label: (base, tofu) for label, base, tofu in quick_look_rows(_quick_look())}
+    rows = {label: (base, tofu) for label, base, tofu in quick_look_rows(_manifest(_quick_look()).quick_look)}
     assert rows["latency p50"] == ("20.0 ms", "12.5 ms")
     assert rows["latency p10-p90"] == ("19.0-23.5 ms", "12.0-14.0 ms")
     assert rows["speed-up (p50 / p50)"] == ("1.00x", "1.60x (per round 1.45-1.75x)")
@@ -85,7 +89,8 @@ def test_quick_look_rows_are_the_manifest_figures() -> None:
 
 
 def test_backbones_have_no_top1_row_and_untimed_targets_no_latency() -> None:
-    labels = [label for label, _, _ in quick_look_rows(_quick_look(classifier=False, timed=False))]
+    quick = _manifest(_quick_look(classifier=False, timed=False)).quick_look
+    labels = [label for label, _, _ in quick_look_rows(quick)]
     assert labels == ["GFLOPs", "cosine to baseline"]
 
 
@@ -120,9 +125,11 @@ def test_trt_target_compares_outputs_but_does_not_time_on_this_cpu(tmp_path: Pat
     outcome = run_export(tmp_path / "model.pth", tmp_path / "out", config, quick_look=QuickLookSettings(data=images))
     assert outcome.engine_error is not None
     quick = outcome.manifest.quick_look
-    assert "latency" not in quick and quick["fidelity"]["images"] == 3
-    assert outcome.manifest.onnx["opset"] == 16
+    assert quick.latency is None and quick.fidelity.images == 3
+    assert outcome.manifest.to_dict()["quick_look"].get("latency") is None
+    assert outcome.manifest.onnx.opset == 16
     text = (tmp_path / "out" / "report.md").read_text()
     assert "outputs only (this target is not timed on this machine)" in text
-    assert "No engine was built here; on the device:" in text and "trtexec " in text
+    assert "No engine was built here; on the device (absolute paths: runs from any folder):" in text
+    assert "trtexec " in text and f"--onnx={os.path.abspath(tmp_path / 'out' / 'model.onnx')}" in text
     assert "| TensorRT 8.5 (JetPack 5) | yes | yes |" in text

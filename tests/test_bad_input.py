@@ -406,10 +406,11 @@ def _make_inputs(root: Path) -> None:
 
 def _sweep_cache(case_dir: Path, inputs: Path) -> None:
     """A finished one-point sweep in ``case_dir/sw`` (made in-process: no extra subprocess)."""
+    from tofu_export.sweep.config import SweepConfig
     from tofu_export.sweep.job import run_sweep_job
 
-    run_sweep_job(str(inputs / "model.pth"), case_dir / "sw", r_values=[0], modes=["tome"], device="cpu", data=None,
-                  limit=None, iters=1, threads=1, arch=None, trust_pickle=False)
+    run_sweep_job(str(inputs / "model.pth"), case_dir / "sw", SweepConfig(r_values=(0,), modes=("tome",), iters=1,
+                                                                           threads=1), progress=False)
 
 
 def _cached_folder(case_dir: Path) -> Path:

@@ -225,4 +225,6 @@ def test_evaluate_fidelity_with_splits_and_classification(tmp_path: Path) -> Non
     scores = evaluate(classifier, TorchRunner(classifier), tmp_path, num_workers=0).to_dict()
     assert scores["task"] == "classification" and scores["n_eval"] == 8
     assert scores["metrics"]["candidate_top1"] == scores["metrics"]["reference_top1"]
-    assert set(scores["metrics"]) == {"reference_top1", "reference_top5", "candidate_top1", "candidate_top5"}
+    assert set(scores["metrics"]) == {"reference_top1", "reference_top5", "candidate_top1", "candidate_top5",
+                                      "top1_agreement"}
+    assert scores["metrics"]["top1_agreement"] == 100.0  # the same model keeps every image's class

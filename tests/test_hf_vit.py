@@ -124,7 +124,7 @@ def test_siglip_attention_pool_weighs_tokens_by_size(images: torch.Tensor) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BUILDERS)
 def test_every_class_exports_statically_with_parity(name: str, tmp_path: Path) -> None:
-    from tofu_export.exporters.trt_check import check_tensorrt_compat
+    from tofu_export.tensorrt.check import check_tensorrt_compat
 
     model = build(name)
     patch(model, r=8, mode="tofu", img_size=IMG, prune_layers=1)  # prune then MLERP: two reduce modes

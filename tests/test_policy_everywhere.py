@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from tofu_export.config import ExportConfig, ToFuConfig
 from tofu_export.pipeline import run_export
 from tofu_export.policy import Policy, PolicyError, model_record
+from tofu_export.sweep.config import SweepConfig
 from tofu_export.sweep.job import run_sweep_job
 
 MODES, R = ("prune", "mlerp"), (3, 2)
@@ -48,8 +49,8 @@ def test_a_foreign_policy_is_refused_before_any_export(tmp_path: Path, checkpoin
 
 def test_sweep_adds_one_policy_point(tmp_path: Path, checkpoint: tuple[Path, Policy]) -> None:
     path, policy = checkpoint
-    run_sweep_job(str(path), tmp_path / "sweep", r_values=[2], modes=["tome"], device="cpu", data=None, limit=None,
-                  iters=2, threads=1, arch=None, trust_pickle=False, policy=policy)
+    run_sweep_job(str(path), tmp_path / "sweep", SweepConfig(r_values=(2,), modes=("tome",), iters=2, threads=1,
+                                                             policy=policy), progress=False)
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert [(row["mode"], row["r"]) for row in rows] == [("tome", 2), ("policy", 2)]
     tome, policied = (row["gflops"] for row in rows)

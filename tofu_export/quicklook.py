@@ -61,11 +61,12 @@ def load_images(files: Sequence[Path], transform: Any) -> torch.Tensor:
 
 
 def spread(samples_ms: Sequence[float]) -> dict[str, float]:
-    """Median, 10th and 90th percentile (numpy's linear interpolation), min and max, in ms."""
-    values = np.asarray(samples_ms, dtype=np.float64)
-    p10, p50, p90 = np.percentile(values, [10.0, 50.0, 90.0])
-    return {"p50_ms": float(p50), "p10_ms": float(p10), "p90_ms": float(p90), "min_ms": float(values.min()),
-            "max_ms": float(values.max()), "rounds": int(values.size)}
+    """Median, 10th and 90th percentile, min and max, in ms (``profiling.timing.LatencyStats``)."""
+    from tofu_export.profiling.timing import LatencyStats
+
+    stats = LatencyStats.from_ms(samples_ms)
+    return {"p50_ms": stats.p50_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms, "min_ms": stats.min_ms,
+            "max_ms": stats.max_ms, "rounds": stats.n}
 
 
 def compare_latency(baseline_ms: Sequence[float], tofu_ms: Sequence[float]) -> dict[str, Any]:
@@ -87,6 +88,7 @@ def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings) -> dict
     """Interleaved batch-1 latency of the two ONNX graphs on ONNX Runtime's CPU provider (spinning off)."""
     from tofu_export.engines.ort import OrtRunner
     from tofu_export.profiling.compare import time_round_robin
+    from tofu_export.profiling.device import load_average
     from tofu_export.profiling.timing import time_callable
 
     runners = {name: OrtRunner(path, threads=settings.threads, spinning=False, seed=settings.seed)
@@ -96,7 +98,9 @@ def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings) -> dict
     rounds = rounds_for(settings.budget_s, 2 * sum(warm.values()), settings.min_rounds, settings.max_rounds)
     samples = time_round_robin(calls, iters=rounds, seed=settings.seed)
     return {**compare_latency(samples["baseline"], samples["tofu"]), "batch": 1,
-            "provider": "CPUExecutionProvider", "threads": settings.threads, "order": "shuffled round-robin"}
+            "provider": "CPUExecutionProvider", "threads": settings.threads, "order": "shuffled round-robin",
+            "load": load_average()}
+
 
 
 def fidelity(baseline: Path, tofu: Path, images: torch.Tensor, classifier: bool) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -81,17 +81,50 @@ def calibrate(
     if as_json:
         print_json({"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),
                     "predicted_cosine": m["predicted_cosine"], "measured_cosine": m["measured_cosine"],
-                    "predicted_speedup": m["predicted_speedup"], "seconds": seconds})
+                    "predicted_speedup": m["predicted_speedup"], "baseline_ms": m["baseline_ms"], "seconds": seconds,
+                    "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
+                             "predicted_ms": m["uniform"]["mean"]["predicted_ms"]}})
         return
-    table = Table(title=f"{checkpoint}: policy for {budget.to_dict()} ({source['count']} images, {seconds:.0f} s)")
+    table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
+                  f"{seconds:.0f} s)", title_justify="left")
     for column in ("block", "mode", "r", "damage prune", "damage mean", "damage mlerp", "linearity"):
         table.add_column(column, justify="right")
     for i, (mode, removed) in enumerate(zip(policy.modes, policy.r, strict=True)):
         damage = [f"{m['damage'][k][i]:.1e}" for k in ("prune", "mean", "mlerp")]
         table.add_row(str(i), mode if removed else "-", str(removed), *damage, f"{m['linearity'][i]['mean']:.3f}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out} and {plot_path}", highlight=False, soft_wrap=True)
+    console.print(comparison_table(m, r))
+
+
+def budget_text(budget: Any) -> str:
+    """``cosine >= 0.995``, ``1.60x speed-up`` or ``at most 40.0 ms``: the budget in words, not a dict."""
+    if budget.min_cosine is not None:
+        return f"cosine >= {budget.min_cosine:g}"
+    if budget.speedup is not None:
+        return f"a {budget.speedup:g}x speed-up"
+    return f"at most {budget.max_latency_ms:g} ms"
+
+
+def comparison_table(m: dict[str, Any], r: int) -> Table:
+    """The answer: the policy against the unreduced model and ToMe at the same r (cosine measured on the
+    calibration images; latency predicted by the calibration's latency model, on its backend)."""
     tome = m["uniform"]["mean"]
-    typer.echo(f"cosine: predicted {m['predicted_cosine']:.5f}, measured {m['measured_cosine']:.5f} "
-               f"(ToMe at r={r}: {tome['measured_cosine']:.5f}); predicted {m['predicted_ms']:.1f} ms, "
-               f"{m['predicted_speedup']:.2f}x over {m['baseline_ms']:.1f} ms ({m['latency']['backend']})")
-    typer.echo(f"wrote {out} and {plot_path}")
+    base_ms = m["baseline_ms"]
+    table = Table(title="calibrated policy vs ToMe at the same r", title_justify="left", caption_justify="left",
+                  caption=f"cosine to the unreduced model, measured on the calibration images; latency predicted "
+                  f"on {m['latency']['backend']} from per-block timings (not measured end to end).")
+    for column in ("", "unreduced", f"ToMe r={r}", "policy"):
+        table.add_column(column, justify="right")
+    table.add_row("cosine (measured)", "1", f"{tome['measured_cosine']:.5f}", f"{m['measured_cosine']:.5f}")
+    table.add_row("latency (predicted)", f"{base_ms:.1f} ms", f"{tome['predicted_ms']:.1f} ms",
+                  f"{m['predicted_ms']:.1f} ms")
+    table.add_row("speed-up (predicted)", "1.00x", f"{base_ms / tome['predicted_ms']:.2f}x",
+                  f"{m['predicted_speedup']:.2f}x")
+    closer = m["measured_cosine"] >= tome["measured_cosine"]
+    faster = m["predicted_ms"] <= tome["predicted_ms"]
+    verdict = {(True, True): "beats ToMe on both", (True, False): "closer than ToMe, predicted slower",
+               (False, True): "faster than ToMe, less close", (False, False): "behind ToMe on both"}[closer, faster]
+    table.add_row("verdict", "", "", verdict)
+    return table

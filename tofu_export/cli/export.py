@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -11,12 +12,12 @@ import typer
 
 from tofu_export.cli.errors import EXIT_ENGINE_NOT_BUILT, console
 from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, ToFuOptions, TrtOptions
-from tofu_export.cli.output import print_json, steps
+from tofu_export.cli.output import library_warnings, print_json, steps, warnings_note
 
 TargetOption = Annotated[str, typer.Option("--target", "-t", help="onnx | ort | trt", rich_help_panel="Output")]
 OutOption = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Artifact folder [default: artifacts/CHECKPOINT-MODE-rR].",
+    typer.Option("--out", "-o", help="Artifact folder [default: artifacts/CHECKPOINT-MODE-rR-TARGET].",
                  rich_help_panel="Output"),
 ]
 ForceOption = Annotated[
@@ -80,14 +81,15 @@ def export(
         num_heads=model.num_heads,
         trust_pickle=model.trust_pickle, force=force, command=command_line(),
     )
-    out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}"
+    out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}-{target}"  # targets do not collide
     quick = QuickLookSettings(data=data, data_name=None if data is None else str(data)) if bench else None
     export_and_report(checkpoint, out, config, quick, as_json=as_json)
 
 
 def command_line() -> str:
-    """The command line this process was started with, as the user would type it."""
-    return shlex.join(["tofu-export", *sys.argv[1:]])
+    """The command line this process was started with, as the user would type it, run from the folder it ran in
+    (so it works from any folder)."""
+    return f"cd {shlex.quote(os.getcwd())} && " + shlex.join(["tofu-export", *sys.argv[1:]])
 
 
 def retarget_command(argv: list[str], target: str, out: Path) -> str:
@@ -100,18 +102,20 @@ def retarget_command(argv: list[str], target: str, out: Path) -> str:
             skip = True
         elif arg.split("=", 1)[0] not in _RETARGET_DROP and arg not in ("--force", "--json"):
             kept.append(arg)
-    return shlex.join(["tofu-export", *kept, "--trt", target, "-o", f"{out}-trt{target}"])
+    command = shlex.join(["tofu-export", *kept, "--trt", target, "-o", f"{os.path.abspath(out)}-trt{target}"])
+    return f"cd {shlex.quote(os.getcwd())} && {command}"  # relative paths in argv: run from the same folder
 
 
-def report_commands(config: Any, out: Path, checkpoint: Path) -> Any:
-    """The command lines report.md lists: this export, the graph check, and an export per other TensorRT release."""
+def report_commands(config: Any, out: Path, checkpoint: Path, quick_look: bool = True) -> Any:
+    """The command lines report.md lists (absolute paths: they work from any folder): this export, the graph check,
+    a profile, a sweep, and an export per other TensorRT release."""
     from tofu_export.reports.artifact import ReportCommands
     from tofu_export.tensorrt.ops import ALL_TARGETS
 
+    out, checkpoint = Path(os.path.abspath(out)), Path(os.path.abspath(checkpoint))
     reproduce = {
-        "This export, with its quick look": config.command,
-        "The TensorRT check of the graph": shlex.join(["tofu-export", "check", str(out / "model.onnx"), "--trt",
-                                                       "8.5", "--trt", "10"]),
+        "This export" + (", with its quick look" if quick_look else ""): config.command,
+        "The TensorRT check of the graph": shlex.join(["tofu-export", "check", str(out / "model.onnx")]),
         "A longer latency profile of the ToFu graph on this machine": shlex.join(
             ["tofu-export", "profile", str(out / "model.onnx"), "--batch", "1,8"]),
     }
@@ -120,7 +124,7 @@ def report_commands(config: Any, out: Path, checkpoint: Path) -> Any:
         if r is not None:
             reproduce["A longer interleaved comparison, baseline vs this mode and r"] = shlex.join(
                 ["tofu-export", "sweep", str(checkpoint), "--r", f"0,{r}", "--modes", config.tofu.mode,
-                 "--interleave", "--iters", "50", "-o", f"{out}-sweep"])
+                 "--iters", "50", "-o", f"{out}-sweep"])
     retarget = {t: retarget_command(sys.argv[1:], t, out) for t in ALL_TARGETS if t not in config.trt.targets}
     return ReportCommands(reproduce=reproduce, retarget=retarget)
 
@@ -130,9 +134,13 @@ def export_and_report(checkpoint: Path, out: Path, config: Any, quick: Any, *, a
     from tofu_export.cli.summary import print_summary
     from tofu_export.pipeline import run_export
 
-    commands = report_commands(config, out, checkpoint)
-    with steps(not as_json) as step:
+    ran_quick_look = quick is not None and (config.target != "trt" or quick.data is not None)
+    commands = report_commands(config, out, checkpoint, ran_quick_look)
+    with library_warnings() as caught, steps(not as_json) as step:
         outcome = run_export(checkpoint, out, config, step, quick_look=quick, report_commands=commands)
+    note = warnings_note(caught)
+    if note and not as_json:
+        console.print(note, highlight=False, soft_wrap=True)
     if as_json:
         print_json({"out_dir": str(outcome.out_dir), "engine_error": outcome.engine_error,
                     **outcome.manifest.to_dict()})

@@ -178,3 +178,19 @@ class RuntimeOptions:
     def check(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise UserError(f"threads must be at least 1, got {self.threads}", hint=Hint("threads", "1"))
+
+
+@option_group("Backend")
+class BackendOptions:
+    backend: Annotated[
+        str | None,
+        typer.Option("--backend", help="Where to time: ort (ONNX Runtime CPU) | ort-cuda | ort-trt (ORT's TensorRT "
+                     "provider) | trt (a TensorRT engine) | torch [default: profile: from the file type; sweep: ort]."),
+    ] = None
+    device: Annotated[str, typer.Option("--device", help="PyTorch's device, with --backend torch: cpu | cuda.")] = "cpu"
+
+    def build(self, path: str | Path | None = None) -> Any:
+        """The ``jobs.profile.Backend`` (``path``: the file whose type picks it when no backend is given)."""
+        from tofu_export.jobs.profile import parse_backend
+
+        return parse_backend(self.backend, self.device, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,14 +17,17 @@ console = Console(stderr=True)
 
 @contextmanager
 def steps(enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A spinner that shows the current stage of a long job; yields ``step(name)``."""
+    """A spinner that shows the current stage of a long job; yields ``step(name)``. Each step also prints one line
+    with the time since the job started (``- [0:42] exporting to ONNX``), so a log shows where the time went."""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    started = time.monotonic()
     with Progress(*columns, console=console, transient=True, disable=not enabled) as progress:
         task = progress.add_task("starting")
 
         def step(name: str) -> None:
             progress.update(task, description=name)
-            console.print(f"[dim]-[/] {name}", highlight=False)
+            minutes, seconds = divmod(int(time.monotonic() - started), 60)
+            console.print(f"[dim]- [{minutes}:{seconds:02d}][/] {name}", highlight=False)
 
         yield step
 
@@ -34,3 +38,30 @@ def print_json(data: Any) -> None:
 
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+@contextmanager
+def library_warnings() -> Iterator[list[str]]:
+    """Collect the warnings raised inside (torch, onnx, timm...) instead of letting their raw text and source paths
+    reach the terminal; yields the list their first lines are added to (distinct, in order)."""
+    import warnings
+
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield messages
+        finally:
+            for w in caught:
+                line = str(w.message).strip().splitlines()[0] if str(w.message).strip() else type(w.message).__name__
+                if line not in messages:
+                    messages.append(line)
+
+
+def warnings_note(messages: list[str]) -> str | None:
+    """One ``note:`` line for the library warnings of a command (None when there were none)."""
+    if not messages:
+        return None
+    first = messages[0] if len(messages[0]) <= 160 else messages[0][:157] + "..."
+    more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
+    return f"note: {len(messages)} library warning{'s' if len(messages) > 1 else ''} while running, e.g. {first}{more}"

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions, ToFuOptions, parse_int_list
-from tofu_export.cli.output import print_json
+from tofu_export.cli.options import (
+    BackendOptions,
+    JsonOption,
+    ModelOptions,
+    RuntimeOptions,
+    ToFuOptions,
+    parse_int_list,
+)
+from tofu_export.cli.output import library_warnings, print_json, warnings_note
+from tofu_export.profiling.device import load_average
 
 
 def profile(
@@ -16,8 +24,7 @@ def profile(
     model: ModelOptions,
     tofu: ToFuOptions,
     runtime: RuntimeOptions,
-    backend: Annotated[str | None, typer.Option(help="ort | trt | torch [default: from the file type].")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda (ORT: also tensorrt, the TensorRT EP).")] = "cpu",
+    backend: BackendOptions,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1",
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 10,
     iters: Annotated[int | None, typer.Option(help="Timed runs per batch size.")] = 50,
@@ -37,9 +44,11 @@ def profile(
       tofu-export profile artifacts/deit-tofu-r16/model.onnx --batch 1,8 --threads 2
 
       tofu-export profile model.pth --backend torch --r 16 --mode tofu --device cuda
+
+      tofu-export profile artifacts/deit-tofu-r16-onnx/model.onnx --backend ort-cuda
     """
-    from tofu_export.jobs.profile import backend_for, profile_source
-    from tofu_export.reports.profile import render_table, write_json, write_markdown
+    from tofu_export.jobs.profile import profile_source
+    from tofu_export.reports.profile import write_json, write_markdown
 
     runtime.check()
     if report is not None:
@@ -48,17 +57,79 @@ def profile(
         check_file_outputs([FileOutput(report, is_profile_markdown, "profile report", "report"),
                             FileOutput(report.with_suffix(".json"), is_profile_json, "profile JSON", "report")],
                            inputs=[artifact])  # before profiling, not after
-    kind = backend_for(artifact, backend)
-    result = profile_source(
-        artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,
-        breakdown=breakdown, backend=kind, device=device, threads=runtime.threads, spinning=runtime.spin,
-        tofu=tofu.build(model.img_size) if kind == "torch" else None, arch=model.arch,
-        trust_pickle=model.trust_pickle,
-    )
+    chosen = backend.build(artifact)
+    with library_warnings() as caught:
+        result = profile_source(
+            artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,
+            breakdown=breakdown, backend=chosen, threads=runtime.threads, spinning=runtime.spin,
+            tofu=tofu.build(model.img_size) if chosen.runtime == "torch" else None, arch=model.arch,
+            trust_pickle=model.trust_pickle,
+        )
     if report is not None:
         write_markdown(report, [result], title=f"Latency profile of {artifact}")
         write_json(report.with_suffix(".json"), [result])
+    reference = export_reference(artifact)
+    note = warnings_note(caught)
+    if note and not as_json:
+        typer.echo(note, err=True)
     if as_json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "load_average": load_average(), "at_export": reference})
     else:
-        typer.echo(render_table([result]))
+        print_profile(result, chosen.label, reference)
+
+
+def export_reference(artifact: str) -> dict[str, Any] | None:
+    """The quick look recorded when the artifact was exported (baseline and this graph, batch 1, and the load then):
+    the baseline beside today's figure, and a reason when the two differ."""
+    from tofu_export.manifest import MANIFEST, Manifest, ManifestError
+
+    folder = Path(artifact).parent
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        quick = Manifest.read(folder).quick_look
+    except ManifestError:
+        return None
+    if quick is None or quick.latency is None:
+        return None
+    latency = quick.latency
+    return {"baseline_p50_ms": latency.baseline.p50_ms, "p50_ms": latency.tofu.p50_ms, "speedup": latency.speedup,
+            "load": latency.load[0] if latency.load else None}
+
+
+def print_profile(result: Any, backend: str, reference: dict[str, Any] | None) -> None:
+    """The op breakdown (where measured), then the one latency table with the spread, the load and the export's
+    quick look beside it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tofu_export.profiling.breakdown import CATEGORIES
+
+    console = Console()
+    profiled = [batch for batch in result.batches if batch.breakdown is not None]
+    if profiled:
+        parts = Table(title="where the time goes (op profiler, ms per run)", title_justify="left")
+        for column in ("batch", *CATEGORIES, "sum"):
+            parts.add_column(column.replace("_", " "), justify="right")
+        for batch in profiled:
+            values = [batch.breakdown.by_category_ms.get(name, 0.0) for name in CATEGORIES]
+            parts.add_row(str(batch.batch_size), *(f"{v:.2f}" for v in values), f"{batch.breakdown.total_ms:.2f}")
+        console.print(parts)
+    load = load_average()
+    caption = [f"{backend}, load average {load[0]:.1f} now." if load else f"{backend}.",
+               "Spread: p90 and p99 of the timed runs, and their standard deviation."]
+    if reference is not None:
+        then = f" at load {reference['load']:.1f}" if reference.get("load") is not None else ""
+        caption.append(f"At export (quick look{then}, batch 1): baseline {reference['baseline_p50_ms']:.1f} ms, this "
+                       f"graph {reference['p50_ms']:.1f} ms ({reference['speedup']:.2f}x); a different figure today "
+                       "is mostly a different load.")
+    table = Table(title=f"batch latency on {backend}", title_justify="left",
+                  caption=" ".join(caption), caption_justify="left")
+    for column in ("batch", "runs", "p50 ms", "p90 / p99 ms", "std ms", "images/s", "peak RSS MiB"):
+        table.add_column(column, justify="right")
+    for batch in result.batches:
+        lat = batch.latency
+        table.add_row(str(lat.batch_size), str(lat.n), f"{lat.p50_ms:.2f}", f"{lat.p90_ms:.2f} / {lat.p99_ms:.2f}",
+                      f"{lat.std_ms:.2f}", f"{lat.throughput_ips:.1f}",
+                      f"{batch.memory.peak_rss_mib:.0f}" if batch.memory.peak_rss_mib is not None else "-")
+    console.print(table)

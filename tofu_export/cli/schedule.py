@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, ToFuOptions
-from tofu_export.cli.output import print_json, warn
+from tofu_export.cli.output import print_json
+from tofu_export.reports.artifact import clip_notes, compact_r
 
 
 def schedule(
@@ -34,12 +35,15 @@ def schedule(
     if as_json:
         print_json(result.to_dict())
         return
-    table = Table(title=f"{source}: {resolved.source}, r={tofu.r} ({tofu.schedule}), {resolved.img_size}px")
+    console = Console()
+    for note in clip_notes(resolved.plan) + [str(w.message) for w in caught if "clipped" not in str(w.message)]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    table = Table(title=f"{source}: {resolved.source}, r per block {compact_r(result.r)}, {resolved.img_size} px",
+                  title_justify="left", caption_justify="left",
+                  caption=f"GFLOPs {result.gflops_original:.2f} -> {result.gflops_reduced:.2f} "
+                  f"({result.flop_ratio:.2f}x fewer); {result.tokens[-1] - result.r[-1]} tokens leave the last block.")
     for column in ("block", "tokens in", "removed", "reduce"):
         table.add_column(column, justify="right")
     for i, (n, removed, how) in enumerate(zip(result.tokens, result.r, result.modes, strict=True)):
         table.add_row(str(i), str(n), str(removed), how)
-    Console().print(table)
-    typer.echo(f"GFLOPs: {result.gflops_original:.3f} -> {result.gflops_reduced:.3f} ({result.flop_ratio:.2f}x fewer)")
-    for warning in caught:
-        warn(str(warning.message))
+    console.print(table)

@@ -1,13 +1,24 @@
-"""``tofu-export sweep CHECKPOINT``: export, profile (and score) every (mode, r) point; table, JSON and plots."""
+"""``tofu-export sweep CHECKPOINT``: export, time (and score) every (mode, r) point; one table, JSON and plots."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tofu_export.cli.options import ModelOptions, OnnxOptions, RuntimeOptions, parse_int_list
+from tofu_export.cli.options import (
+    BackendOptions,
+    JsonOption,
+    ModelOptions,
+    OnnxOptions,
+    RuntimeOptions,
+    parse_int_list,
+)
+from tofu_export.cli.output import console, library_warnings, print_json, warnings_note
+
+if TYPE_CHECKING:
+    from tofu_export.sweep.job import SweepResult
 
 
 def sweep(
@@ -15,8 +26,9 @@ def sweep(
     model: ModelOptions,
     onnx: OnnxOptions,
     runtime: RuntimeOptions,
-    r: Annotated[str, typer.Option("--r", help="r values, comma-separated.")] = "0,4,8,12,16",
-    modes: Annotated[str, typer.Option(help="Modes, comma-separated.")] = "tome,prune,mlerp,tofu",
+    backend: BackendOptions,
+    r: Annotated[str, typer.Option("--r", help="r values, comma-separated (0: the unreduced baseline).")] = "0,8,16",
+    modes: Annotated[str, typer.Option(help="Modes, comma-separated.")] = "tome,tofu",
     prune_layers: Annotated[
         int | None, typer.Option("--prune-layers", help="tofu points: leading blocks that prune instead of merging.")
     ] = None,
@@ -24,39 +36,79 @@ def sweep(
     policy: Annotated[
         Path | None, typer.Option("--policy", help="Add a point for this calibrated policy.json (mode 'policy').")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda (ONNX Runtime's CUDA provider).")] = "cpu",
     data: Annotated[Path | None, typer.Option(help="Image folder to score each point on (see `eval`).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate at most this many images.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (resumable).")] = Path("artifacts/sweep"),
-    iters: Annotated[int, typer.Option(help="Timed runs per point.")] = 30,
+    iters: Annotated[int, typer.Option(help="Timed runs (rounds) per point.")] = 30,
     interleave: Annotated[
         bool,
         typer.Option(
-            help="CPU: time all points round-robin in one process (spinning off, a fresh random order every "
-            "round, each timed run right after an untimed one of the same point) after exporting them, so a slow "
-            "spell of a shared machine hits every point alike and no point always runs on another's caches."
+            "--interleave/--no-interleave",
+            help="Time all points round-robin in one process after exporting them (a fresh random order every "
+            "round, each timed run right after an untimed one of the same point), so a slow spell of a shared "
+            "machine hits every point alike and speed-ups are per-round ratios. --no-interleave times each point "
+            "alone, right after its export.",
         ),
-    ] = False,
+    ] = True,
+    as_json: JsonOption = False,
 ) -> None:
-    """Export and profile every (mode, r) point on ONNX Runtime, optionally score it; write a table, JSON, plots.
+    """Export and time every (mode, r) point, optionally score it; one table (speed-up and fidelity against the r=0
+    baseline, with their spread), plus sweep.md, sweep.json and plots.
 
-    The r = 0 point is the same graph in every mode: it is exported, timed and scored once, as the baseline.
-    Points already finished in OUT/sweep_state.json are skipped, so an interrupted sweep resumes where it stopped.
-    Exports are cached in OUT/artifacts by content (checkpoint hash, mode, r, tool version).
+    The r = 0 point is the same graph in every mode: it is exported, timed and scored once, as the baseline. A
+    point whose spread overlaps its neighbour's is flagged (~): this run does not establish their order. Points
+    already finished in OUT/sweep_state.json are skipped, so an interrupted sweep resumes where it stopped; exports
+    are cached in OUT/artifacts by content (checkpoint hash, mode, r, tool version).
 
-    Example: tofu-export sweep model.pth --r 0,8,16 --modes tome,tofu --data data/fashion-mnist --limit 500
+    Examples:
+
+      tofu-export sweep model.pth --r 0,8,16 --modes tome,tofu --data data/fashion-mnist --limit 500
+
+      tofu-export sweep model.pth --backend ort-cuda --r 0,16 --iters 100
     """
     from tofu_export.config import ToFuConfig
     from tofu_export.policy import Policy
+    from tofu_export.sweep.config import SweepConfig
     from tofu_export.sweep.job import run_sweep_job
 
     runtime.check()
-    paths = run_sweep_job(
-        checkpoint, out, r_values=parse_int_list(r, "r"), modes=[m.strip() for m in modes.split(",") if m.strip()],
-        device=device, data=data, limit=limit, iters=iters, threads=runtime.threads,
-        spinning=runtime.spin, interleave=interleave, arch=model.arch, trust_pickle=model.trust_pickle,
-        template=ToFuConfig(prune_layers=prune_layers, prop_attn=prop_attn),
-        policy=None if policy is None else Policy.load(policy), onnx=onnx.build(),
+    config = SweepConfig(
+        r_values=tuple(parse_int_list(r, "r")), modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+        backend=backend.build(), iters=iters, threads=runtime.threads, spinning=runtime.spin,
+        interleave=interleave, data=data, limit=limit, template=ToFuConfig(prune_layers=prune_layers,
+                                                                            prop_attn=prop_attn),
+        policy=None if policy is None else Policy.load(policy), onnx=onnx.build(), arch=model.arch,
+        trust_pickle=model.trust_pickle,
     )
-    for path in paths:
-        typer.echo(str(path))
+    say = (lambda _: None) if as_json else (lambda text: console.print(f"[dim]-[/] {text}", highlight=False))
+    with library_warnings() as caught:
+        result = run_sweep_job(checkpoint, out, config, say=say, progress=not as_json)
+    note = warnings_note(caught)
+    if note:
+        result.notes.append(note.removeprefix("note: "))
+    if as_json:
+        print_json(result.to_dict())
+        return
+    print_sweep(result)
+
+
+def print_sweep(result: SweepResult) -> None:
+    """The files, the notes, then (last) the table that answers the sweep's question."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tofu_export.reports.sweep import COLUMNS, shown_columns, table_cells
+
+    stdout = Console()
+    stdout.print("files: " + ", ".join(str(path) for path in result.files), highlight=False, soft_wrap=True)
+    for note in result.notes:
+        stdout.print(f"note: {note}", highlight=False, soft_wrap=True)
+    table = Table(title=result.title, caption=" ".join(result.caption), title_justify="left",
+                  caption_justify="left")
+    shown = shown_columns(result.rows)
+    for index in shown:
+        table.add_column(COLUMNS[index], justify="left" if index == 0 else "right")
+    for row in result.rows:
+        cells = table_cells(row)
+        table.add_row(*(cells[index] for index in shown))
+    stdout.print(table)

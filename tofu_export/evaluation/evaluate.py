@@ -1,6 +1,7 @@
 """One-call evaluation of a reduced model (ToFu-patched module, ONNX or TensorRT artifact) on an image folder.
 
-* reference has a head (``num_classes > 0``): top-1 / top-5 of the reference and of the candidate;
+* reference has a head (``num_classes > 0``): top-1 / top-5 of the reference and of the candidate, and the share of
+  images whose top-1 class the candidate keeps (``top1_agreement``, %);
 * headless backbone: cosine similarity of the candidate's pooled features to the unreduced reference's,
   plus DINO-style k-NN top-1 of both backbones when ``data`` has ``train/`` and ``test/`` (or ``val/``).
 """
@@ -18,7 +19,8 @@ from tofu_export.evaluation.data import Transform, make_loader, model_transform,
 from tofu_export.evaluation.errors import EvaluationError
 from tofu_export.evaluation.metrics import (
     Predictor,
-    classification_accuracy,
+    classify,
+    cosine_standard_error,
     extract_features,
     feature_cosine,
     knn_accuracy,
@@ -67,9 +69,11 @@ def evaluate(
     n_eval = len(eval_loader.dataset)  # type: ignore[arg-type]
     if getattr(reference, "num_classes", 0):
         metrics = {}
+        top1 = {}
         for name, predictor in (("reference", TorchRunner(reference)), ("candidate", candidate)):
-            scores = classification_accuracy(predictor, eval_loader)
+            scores, top1[name] = classify(predictor, eval_loader)
             metrics.update({f"{name}_{key}": value for key, value in scores.items() if key != "n"})
+        metrics["top1_agreement"] = 100.0 * float((top1["reference"] == top1["candidate"]).double().mean())
         return EvaluationReport("classification", str(data), n_eval, metrics=metrics)
 
     reference_predictor = TorchRunner(reference)
@@ -82,6 +86,7 @@ def evaluate(
         )
     cosine = feature_cosine(reference_eval, candidate_eval)
     metrics = {f"cosine_{key}": value for key, value in cosine.items()}
+    metrics["cosine_se"] = cosine_standard_error(reference_eval, candidate_eval)
     if train_dir is None:
         return EvaluationReport("fidelity", str(data), n_eval, metrics=metrics)
     train_loader = loader(train_dir)

@@ -8,24 +8,26 @@ A *loader* is any iterable of ``(images [B, 3, H, W], labels [B])`` (a ``DataLoa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import track
 
 from tofu_export.evaluation.errors import EvaluationError
+from tofu_export.progress import tracker
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, H, W] -> outputs [B, K]
-_STDERR = Console(stderr=True)
 
 
-def _with_progress(loader: Batches, description: str) -> Batches:
-    """Iterate ``loader`` with a progress bar on stderr (long evaluations run for minutes on a CPU)."""
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    return track(loader, description=description, total=total, console=_STDERR, transient=True)
+def _with_progress(loader: Batches, description: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Iterate ``loader`` with progress on stderr (long evaluations run for minutes on a CPU): a bar on a terminal,
+    a line with elapsed time and ETA every few seconds in a log."""
+    total = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
+    with tracker(description, total) as progress:
+        for batch in loader:
+            yield batch
+            progress.advance()
 
 
 def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -33,8 +35,16 @@ def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequenc
 
     ``k`` larger than the number of classes ``K`` counts as ``K`` (every label is then in the top-k).
     """
+    return classify(predictor, loader, topk)[0]
+
+
+def classify(
+    predictor: Predictor, loader: Batches, topk: Sequence[int] = (1, 5)
+) -> tuple[dict[str, float], torch.Tensor]:
+    """``classification_accuracy``'s scores and the top-1 class of every image ``[N]`` (to compare two models)."""
     correct = dict.fromkeys(topk, 0)
     count = 0
+    predictions = []
     for images, labels in _with_progress(loader, "classifying"):
         logits = predictor(images)
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
@@ -47,13 +57,14 @@ def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequenc
                 "named by integers are read as class indices (ImageNet: 0..999); use a matching head."
             )
         ranked = logits.topk(min(max(topk), num_classes), dim=1).indices  # [B, k_max]
+        predictions.append(ranked[:, 0].cpu())
         hits = ranked == labels.unsqueeze(1)  # [B, k_max]
         for k in topk:
             correct[k] += int(hits[:, :k].any(dim=1).sum())
         count += labels.shape[0]
     if count == 0:
         raise EvaluationError("The loader yielded no images; check the dataset folder.")
-    return {**{f"top{k}": 100.0 * correct[k] / count for k in topk}, "n": float(count)}
+    return {**{f"top{k}": 100.0 * correct[k] / count for k in topk}, "n": float(count)}, torch.cat(predictions)
 
 
 def extract_features(predictor: Predictor, loader: Batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,12 +94,23 @@ def feature_cosine(reference: torch.Tensor, test: torch.Tensor) -> dict[str, flo
             f"Feature shapes differ: reference {list(reference.shape)} vs test {list(test.shape)}; both "
             "must be [N, D] from the same images, with the same feature width D."
         )
+    cosine = cosine_per_image(reference, test)
+    p5 = torch.quantile(cosine, 0.05)
+    return {"mean": float(cosine.mean()), "min": float(cosine.min()), "p5": float(p5)}
+
+
+def cosine_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float64 cosine of each row of ``test [N, D]`` to the same row of ``reference [N, D]``."""
     a, b = reference.double(), test.double()
     dot = (a * b).sum(dim=1)
     norms = ((a * a).sum(dim=1) * (b * b).sum(dim=1)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
-    cosine = (dot / norms).clamp(-1.0, 1.0)
-    p5 = torch.quantile(cosine, 0.05)
-    return {"mean": float(cosine.mean()), "min": float(cosine.min()), "p5": float(p5)}
+    return (dot / norms).clamp(-1.0, 1.0)
+
+
+def cosine_standard_error(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """The standard error of the mean per-image cosine (sample std / sqrt(N); 0 for one image)."""
+    cosine = cosine_per_image(reference, test)
+    return float(cosine.std() / len(cosine) ** 0.5) if len(cosine) > 1 else 0.0
 
 
 def knn_accuracy(

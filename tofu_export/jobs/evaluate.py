@@ -1,8 +1,14 @@
-"""Score a ToFu model (PyTorch, ONNX or TensorRT) against its unreduced reference on an image folder."""
+"""Score a ToFu model (PyTorch, ONNX or TensorRT) against its unreduced reference, and against ToMe at the same
+per-block r, on an image folder.
+
+A deployed artifact's reference is the checkpoint its manifest records (checked against the recorded sha256), unless
+the caller names one. Library warnings raised on the way are collected as notes, not printed.
+"""
 
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +30,15 @@ def evaluate_model(
     batch_size: int = 32,
     limit: int | None = None,
     threads: int | None = None,
+    compare_tome: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data``: a checkpoint is patched with ``tofu`` in PyTorch; a deployed artifact
-    (``.onnx``, ``.engine``) is run as is and needs ``reference``, the checkpoint it was exported from."""
+    (``.onnx``, ``.engine``) is run as is against ``reference`` (default: the checkpoint its manifest records).
+
+    Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "notes"}``; ``r`` is the
+    per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked or
+    when the candidate is ToMe).
+    """
     from tofu_export.engines.torch import TorchRunner
 
     model, data = Path(model), Path(data)
@@ -36,20 +48,54 @@ def evaluate_model(
         raise EvaluationError(f"the batch size must be at least 1, got {batch_size}", hint=Hint("batch_size", "32"))
     if limit is not None and limit < 1:
         raise EvaluationError(f"the image limit must be at least 1, got {limit}", hint=Hint("limit", "100"))
-    if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
-        if reference is None:
-            raise EvaluationError(
-                f"{model} is a deployed artifact: its outputs are compared with the unreduced model's, so the "
-                "checkpoint it was exported from is needed.", hint=Hint("reference", "CHECKPOINT"),
-            )
-        reference_model = load_model(reference, arch=arch, trust_pickle=trust_pickle).model
-        candidate = open_runner(model, threads=threads)
-        description = {"candidate": str(model)}
-    else:
-        reference_model = load_model(model, arch=arch, trust_pickle=trust_pickle).model
-        patched = copy.deepcopy(reference_model)
-        resolved = tofu.patch(patched, static=False)
-        candidate = TorchRunner(patched, threads=threads)
-        description = {"candidate": f"{model} patched with {resolved.source}, r={resolved.r}"}
-    report = evaluate(reference_model, candidate, data, batch_size=batch_size, limit=limit)
-    return {**description, **report.to_dict()}
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
+            reference_path, mode, r = artifact_reference(model, reference)
+            reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle).model
+            candidate = open_runner(model, threads=threads)
+            description = str(model)
+        else:
+            reference_model = load_model(model, arch=arch, trust_pickle=trust_pickle).model
+            patched = copy.deepcopy(reference_model)
+            resolved = tofu.patch(patched, static=False)
+            mode, r = tofu.label, list(resolved.plan.r)
+            candidate = TorchRunner(patched, threads=threads)
+            description = str(model)
+        report = evaluate(reference_model, candidate, data, batch_size=batch_size, limit=limit).to_dict()
+        tome = None
+        if compare_tome and mode != "tome" and any(r):
+            tome_model = copy.deepcopy(reference_model)
+            ToFuConfig(r=r, mode="tome").patch(tome_model, static=False)
+            tome = evaluate(reference_model, TorchRunner(tome_model, threads=threads), data, batch_size=batch_size,
+                            limit=limit).to_dict()["metrics"]
+    notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+    return {"candidate": description, "mode": mode, "r": r, **report, "tome": tome, "notes": notes}
+
+
+def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path, str, list[int]]:
+    """The checkpoint to compare a deployed artifact with, its mode and the per-block r, from the manifest beside
+    it; a named ``reference`` wins. The recorded sha256 must match the file found."""
+    from tofu_export.hashing import sha256_file
+    from tofu_export.manifest import MANIFEST, Manifest
+
+    manifest = Manifest.read(model.parent) if (model.parent / MANIFEST).is_file() else None
+    mode, r = (manifest.tofu.mode, list(manifest.tofu.r)) if manifest else ("unknown", [])
+    if reference is not None:
+        return Path(reference), mode, r
+    if manifest is None:
+        raise EvaluationError(
+            f"{model} is a deployed artifact without a tofu-export manifest beside it: its outputs are compared "
+            "with the unreduced model's, so the checkpoint it was exported from is needed.",
+            hint=Hint("reference", "CHECKPOINT"),
+        )
+    recorded = Path(manifest.input.path)
+    path = recorded if recorded.is_absolute() or recorded.exists() else model.parent / recorded
+    if not path.is_file():
+        raise EvaluationError(f"the checkpoint {recorded} recorded in {model.parent / MANIFEST} is not there (the "
+                              "artifact was exported elsewhere); name it", hint=Hint("reference", "CHECKPOINT"))
+    if manifest.input.sha256 and sha256_file(path) != manifest.input.sha256:
+        raise EvaluationError(f"{path} is not the checkpoint {model} was exported from (its sha256 differs from the "
+                              "manifest's); name the right one", hint=Hint("reference", "CHECKPOINT"))
+    return path, mode, r

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +12,61 @@ from tofu_export.errors import Hint, UserError
 from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
 
-BACKENDS = ("ort", "trt", "torch")
+BACKENDS = ("ort", "ort-cuda", "ort-trt", "trt", "torch")  # what `profile` and `sweep` time, by one name each
 _BY_SUFFIX = {".onnx": "ort", ".engine": "trt", ".plan": "trt"}
+_ORT_PROVIDER = {"ort": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a graph is timed: ``name`` one of ``BACKENDS``; ``device`` the PyTorch device (``torch`` only)."""
+
+    name: str
+    device: str = "cpu"
+
+    @property
+    def runtime(self) -> str:
+        """``ort``, ``trt`` or ``torch``: the runner family."""
+        return "ort" if self.name in _ORT_PROVIDER else self.name
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.name == "ort" or (self.name == "torch" and self.device == "cpu")
+
+    @property
+    def label(self) -> str:
+        """For tables: ``ONNX Runtime CPU``, ``TensorRT engine``, ``PyTorch cuda``..."""
+        return {"ort": "ONNX Runtime CPU", "ort-cuda": "ONNX Runtime CUDA", "ort-trt": "ONNX Runtime TensorRT EP",
+                "trt": "TensorRT engine"}.get(self.name, f"PyTorch {self.device}")
+
+
+def parse_backend(name: str | None, device: str = "cpu", path: str | Path | None = None) -> Backend:
+    """The backend asked for (``None``: the one ``path``'s file type implies); ``device`` is PyTorch's device. An
+    ORT provider picked with the device (the old ``--device cuda``) fails naming the ``--backend`` that replaced it."""
+    kind = name or (_BY_SUFFIX.get(Path(path).suffix, "torch") if path is not None else "ort")
+    if kind not in BACKENDS:
+        raise UserError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}", hint=Hint("backend", "ort"))
+    if device not in ("cpu", "cuda", "tensorrt"):
+        raise UserError(f"unknown device {device!r}: cpu or cuda (PyTorch's device)", hint=Hint("device", "cpu"))
+    if kind.startswith("ort") and device != "cpu":
+        replacement = {"cuda": "ort-cuda", "tensorrt": "ort-trt"}[device]
+        raise UserError(f"ONNX Runtime's provider is chosen by the backend now, not the device: use backend "
+                        f"{replacement} instead of device {device}", hint=Hint("backend", replacement))
+    if (kind != "torch" and device != "cpu") or device == "tensorrt":
+        raise UserError(f"the device applies to the torch backend only, not {kind!r}", hint=Hint("device", "cpu"))
+    return Backend(kind, device)
 
 
 def backend_for(path: str | Path, backend: str | None) -> str:
-    """The backend asked for, or the one the file type implies (a checkpoint or timm name runs in PyTorch)."""
-    kind = backend or _BY_SUFFIX.get(Path(path).suffix, "torch")
-    if kind not in BACKENDS:
-        raise UserError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}", hint=Hint("backend", "ort"))
-    return kind
+    """The runtime (``ort``, ``trt``, ``torch``) asked for, or the one the file type implies (a checkpoint or timm
+    name runs in PyTorch)."""
+    return parse_backend(backend, path=path).runtime
 
 
 def open_runner(
     source: str | Path,
     *,
-    backend: str | None = None,
+    backend: str | Backend | None = None,
     device: str = "cpu",
     threads: int | None = None,
     spinning: bool = True,
@@ -34,25 +74,34 @@ def open_runner(
     arch: str | None = None,
     trust_pickle: bool = False,
 ) -> Any:
-    """The runner for ``source``: ORT for ``.onnx``, TensorRT for ``.engine``, else the checkpoint (or timm name)
-    patched with ``tofu`` (static, at its own input size) in PyTorch."""
-    kind = backend_for(source, backend)
-    if kind == "ort":
-        from tofu_export.engines.ort import OrtRunner
-
-        provider = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "tensorrt"}.get(device, "auto")
-        return OrtRunner(source, threads=threads, provider=provider, spinning=spinning)
-    if kind == "trt":
-        from tofu_export.tensorrt.runner import TrtRunner
-
-        return TrtRunner(source)
-    from tofu_export.engines.torch import TorchRunner
-
+    """The runner for ``source``: ORT (its CPU, CUDA or TensorRT provider) for ``.onnx``, TensorRT for ``.engine``,
+    else the checkpoint (or timm name) patched with ``tofu`` (static, at its own input size) in PyTorch."""
+    chosen = backend if isinstance(backend, Backend) else parse_backend(backend, device, source)
+    if chosen.runtime != "torch":
+        return graph_runner(source, chosen, threads=threads, spinning=spinning)
     model = load_model(source, arch=arch, img_size=None if tofu is None else tofu.img_size,
                        trust_pickle=trust_pickle).model
     if tofu is not None:
         tofu.patch(model)
-    return TorchRunner(model, device=device, img_size=family_of(model).img_size(model), threads=threads)
+    return model_runner(model, chosen, threads=threads)
+
+
+def graph_runner(path: str | Path, backend: Backend, *, threads: int | None = None, spinning: bool = True) -> Any:
+    """The runner of an exported graph: ``.onnx`` on ORT with the backend's provider, an engine on TensorRT."""
+    if backend.runtime == "ort":
+        from tofu_export.engines.ort import OrtRunner
+
+        return OrtRunner(path, threads=threads, provider=_ORT_PROVIDER[backend.name], spinning=spinning)
+    from tofu_export.tensorrt.runner import TrtRunner
+
+    return TrtRunner(path)
+
+
+def model_runner(model: Any, backend: Backend, *, threads: int | None = None) -> Any:
+    """A (patched) PyTorch model on the backend's device."""
+    from tofu_export.engines.torch import TorchRunner
+
+    return TorchRunner(model, device=backend.device, img_size=family_of(model).img_size(model), threads=threads)
 
 
 def profile_source(

@@ -64,7 +64,8 @@ def _no_sync() -> None:
 class LatencyStats:
     """Summary of ``n`` timed runs of one batch of ``batch_size`` images; all times in milliseconds.
 
-    Percentiles use linear interpolation between order statistics (numpy's default); ``std_ms`` is the
+    The one latency summary of the tool (profile, sweep, quick look). Percentiles use linear interpolation
+    between order statistics (numpy's default); ``std_ms`` is the
     population standard deviation (``ddof=0``); ``throughput_ips`` is images per second, ``batch / mean``.
     """
 
@@ -73,6 +74,7 @@ class LatencyStats:
     mean_ms: float
     std_ms: float
     min_ms: float
+    p10_ms: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -89,7 +91,7 @@ class LatencyStats:
         ms = np.asarray(samples_s, dtype=np.float64) * 1e3
         if not np.all(np.isfinite(ms)) or np.any(ms < 0):
             raise ProfilerError("Timing samples must be finite, non-negative durations in seconds.")
-        p50, p90, p99 = np.percentile(ms, [50.0, 90.0, 99.0])
+        p10, p50, p90, p99 = np.percentile(ms, [10.0, 50.0, 90.0, 99.0])
         mean = float(ms.mean())
         return cls(
             n=int(ms.size),
@@ -97,12 +99,18 @@ class LatencyStats:
             mean_ms=mean,
             std_ms=float(ms.std()),
             min_ms=float(ms.min()),
+            p10_ms=float(p10),
             p50_ms=float(p50),
             p90_ms=float(p90),
             p99_ms=float(p99),
             max_ms=float(ms.max()),
             throughput_ips=batch_size / (mean / 1e3) if mean > 0 else float("inf"),
         )
+
+    @classmethod
+    def from_ms(cls, samples_ms: Sequence[float], batch_size: int = 1) -> LatencyStats:
+        """The same from durations in milliseconds (what round-robin timing returns)."""
+        return cls.from_samples([value / 1e3 for value in samples_ms], batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

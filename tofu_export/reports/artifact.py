@@ -9,13 +9,13 @@ the command line's flags). ``quick_look_rows`` and ``quick_look_caption`` are sh
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tofu_export.atomic import write_bytes_atomic
-from tofu_export.manifest import MANIFEST, Manifest
+from tofu_export.manifest import MANIFEST, Manifest, ParityRecord, QuickLook
 from tofu_export.tensorrt.targets import TargetVerdict, target_verdicts
 
 REPORT, PLOT = "report.md", "report.png"
@@ -44,17 +44,40 @@ def write_report(folder: Path, manifest: Manifest, commands: ReportCommands | No
     from tofu_export.reports.artifact_plot import plot_artifact
 
     commands = commands or ReportCommands()
-    quick = manifest.quick_look or {}
-    plot = plot_artifact(folder / PLOT, manifest.tofu.tokens, quick.get("latency"), tofu_label(manifest))
+    latency = manifest.quick_look.latency if manifest.quick_look else None
+    plot = plot_artifact(folder / PLOT, manifest.tofu.tokens, latency, tofu_label(manifest))
     text = render_report(manifest, commands, files=_files(folder))
     return [plot, write_bytes_atomic(folder / REPORT, text.encode())]
 
 
 def tofu_label(manifest: Manifest) -> str:
-    """``ToFu r=16`` (one r everywhere) or ``ToFu policy`` / ``ToMe r=8`` / ``ToFu r=16..4``."""
+    """``ToFu r=16`` (one r everywhere) or ``ToMe r=8`` / ``ToFu r=16..10`` (the r each block really removes: the
+    plan's, the same figure every command shows)."""
     name = {"tofu": "ToFu", "tome": "ToMe"}.get(manifest.tofu.mode, manifest.tofu.mode)
-    r = [v for v in manifest.tofu.r_requested]
+    r = manifest.tofu.r
     return f"{name} r={r[0]}" if len(set(r)) == 1 else f"{name} r={max(r)}..{min(r)}"
+
+
+def compact_r(r: Sequence[int]) -> str:
+    """Per-block r, run-length: ``16 x11, 10`` for [16] * 11 + [10]; the form every command prints."""
+    runs: list[list[int]] = []
+    for value in r:
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += 1
+        else:
+            runs.append([value, 1])
+    return ", ".join(f"{value} x{count}" if count > 1 else str(value) for value, count in runs)
+
+
+def clip_notes(plan: Any) -> list[str]:
+    """One plain note when later blocks cannot remove the r asked for (``schedule.TokenPlan``: the plan removes
+    fewer there); every command that patches a model prints it, the same way."""
+    if not plan.clipped:
+        return []
+    got = ", ".join(f"{plan.r[i]} in block {i}" for i in plan.clipped)
+    return [f"r={max(plan.requested)} does not fit every block: the schedule removes {got} (too few tokens left), "
+            f"{sum(plan.r)} of the {sum(plan.requested)} tokens asked for; the figures are for that schedule. For "
+            "the same r in every block, lower r or use a decreasing schedule."]
 
 
 def render_report(manifest: Manifest, commands: ReportCommands, files: Sequence[tuple[str, int | None]]) -> str:
@@ -63,49 +86,51 @@ def render_report(manifest: Manifest, commands: ReportCommands, files: Sequence[
         _header(manifest),
         _exported(manifest),
         _quick_look(manifest.quick_look, tofu_label(manifest)),
-        _parity(manifest.onnx.get("parity")),
+        _parity(manifest.onnx.parity),
         _tensorrt(manifest, commands),
-        _files_section(files),
+        _files_section(files, timed=bool(manifest.quick_look and manifest.quick_look.latency)),
         _notes(manifest.notes),
         _reproduce(commands),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def quick_look_caption(quick: Mapping[str, Any]) -> str:
-    """``quick look on this machine, not a benchmark: AMD EPYC, 2 cores; ONNX Runtime CPU, batch 1, 24 rounds``"""
-    machine = quick.get("machine", {})
+def quick_look_caption(quick: QuickLook) -> str:
+    """``quick look on this machine, not a benchmark: AMD EPYC, 2 cores; ONNX Runtime CPU, batch 1, 24 rounds,
+    load 1.9``"""
+    machine = quick.machine
     where = ", ".join(part for part in (machine.get("cpu"), f"{machine.get('cores')} cores") if part)
-    latency = quick.get("latency")
-    how = (f"ONNX Runtime CPU, batch {latency['batch']}, {latency['baseline']['rounds']} rounds, {latency['order']}"
-           if latency else "outputs only (this target is not timed on this machine)")
-    fidelity = quick.get("fidelity")
-    images = f"; images: {fidelity.get('name') or fidelity['data']}" if fidelity else ""
-    return f"{quick['label']}: {where}; {how}{images}"
+    latency = quick.latency
+    how = "outputs only (this target is not timed on this machine)"
+    if latency:
+        load = f", load average {latency.load[0]:.1f}" if latency.load else ""
+        how = f"ONNX Runtime CPU, batch {latency.batch}, {latency.baseline.rounds} rounds, {latency.order}{load}"
+    fidelity = quick.fidelity
+    images = f"; images: {fidelity.name or fidelity.data}" if fidelity else ""
+    return f"{quick.label}: {where}; {how}{images}"
 
 
-def quick_look_rows(quick: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+def quick_look_rows(quick: QuickLook) -> list[tuple[str, str, str]]:
     """``(figure, baseline, ToFu)`` rows of the quick look, formatted for a table."""
     rows = []
-    latency = quick.get("latency")
+    latency = quick.latency
     if latency:
-        base, tofu, per = latency["baseline"], latency["tofu"], latency["speedup_per_round"]
+        base, tofu, per = latency.baseline, latency.tofu, latency.speedup_per_round
         rows += [
-            ("latency p50", f"{base['p50_ms']:.1f} ms", f"{tofu['p50_ms']:.1f} ms"),
-            ("latency p10-p90", f"{base['p10_ms']:.1f}-{base['p90_ms']:.1f} ms",
-             f"{tofu['p10_ms']:.1f}-{tofu['p90_ms']:.1f} ms"),
-            ("speed-up (p50 / p50)", "1.00x",
-             f"{latency['speedup']:.2f}x (per round {per['p10']:.2f}-{per['p90']:.2f}x)"),
+            ("latency p50", f"{base.p50_ms:.1f} ms", f"{tofu.p50_ms:.1f} ms"),
+            ("latency p10-p90", f"{base.p10_ms:.1f}-{base.p90_ms:.1f} ms", f"{tofu.p10_ms:.1f}-{tofu.p90_ms:.1f} ms"),
+            ("speed-up (p50 / p50)", "1.00x", f"{latency.speedup:.2f}x (per round {per['p10']:.2f}-{per['p90']:.2f}x)"
+             + (", not established" if per["p10"] <= 1.0 <= per["p90"] else "")),
         ]
-    gflops = quick["gflops"]
+    gflops = quick.gflops
     rows.append(("GFLOPs", f"{gflops['baseline']:.2f}",
                  f"{gflops['tofu']:.2f} ({gflops['baseline'] / gflops['tofu']:.2f}x fewer)"))
-    fidelity = quick.get("fidelity")
+    fidelity = quick.fidelity
     if fidelity:
-        rows.append(("cosine to baseline", "1", f"mean {fidelity['cosine_mean']:.4f}, min "
-                     f"{fidelity['cosine_min']:.4f}, {fidelity['images']} images"))
-        if fidelity["top1_agreement"] is not None:
-            rows.append(("top-1 same as baseline", "100%", f"{fidelity['top1_agreement']:.0%}"))
+        rows.append(("cosine to baseline", "1", f"mean {fidelity.cosine_mean:.4f}, min "
+                     f"{fidelity.cosine_min:.4f}, {fidelity.images} images"))
+        if fidelity.top1_agreement is not None:
+            rows.append(("top-1 same as baseline", "100%", f"{fidelity.top1_agreement:.0%}"))
     return rows
 
 
@@ -117,8 +142,8 @@ def builds_on(verdicts: Sequence[TargetVerdict]) -> str:
 def _header(m: Manifest) -> str:
     from tofu_export import __version__
 
-    return (f"# {m.arch['name']} with {tofu_label(m)}\n\n"
-            f"Exported by tofu-export {__version__} from `{m.input['path']}` (sha256 `{m.input['sha256'][:16]}...`).")
+    return (f"# {m.arch.name} with {tofu_label(m)}\n\n"
+            f"Exported by tofu-export {__version__} from `{m.input.path}` (sha256 `{m.input.sha256[:16]}...`).")
 
 
 def _exported(m: Manifest) -> str:
@@ -126,58 +151,55 @@ def _exported(m: Manifest) -> str:
     policy = m.tofu.policy
     g = m.gflops
     rows = [
-        ("architecture", f"{m.arch['name']} ({m.arch['reason']})"),
+        ("architecture", f"{m.arch.name} ({m.arch.reason})"),
         ("input", f"{m.img_size[0]}x{m.img_size[1]} pixels, batch dynamic"),
-        ("token reduction", f"mode {m.tofu.mode}" + (f" (policy from {policy['source']})" if policy else "")
+        ("token reduction", f"mode {m.tofu.mode}" + (f" (policy {policy.describe()})" if policy else "")
          + f", proportional attention {'on' if m.tofu.prop_attn else 'off'}"),
-        ("r per block", ", ".join(map(str, m.tofu.r))),
+        ("r per block", compact_r(m.tofu.r)),
         ("reduce per block", f"{', '.join(m.tofu.layer_modes)} ({modes})"),
         ("tokens per block", ", ".join(map(str, m.tofu.tokens))),
-        ("GFLOPs", f"{g['original']:.2f} -> {g['tofu']:.2f} ({g['ratio']:.2f}x fewer)"),
-        ("ONNX", f"opset {m.onnx['opset']}, {m.onnx['exporter']} exporter"
-         + (", simplified" if m.onnx.get("simplified") else "")),
+        ("GFLOPs", f"{g.original:.2f} -> {g.tofu:.2f} ({g.ratio:.2f}x fewer)"),
+        ("ONNX", f"opset {m.onnx.opset}, {m.onnx.exporter} exporter" + (", simplified" if m.onnx.simplified else "")),
     ]
     return "## What was exported\n\n" + _table(("", ""), rows)
 
 
-def _quick_look(quick: Mapping[str, Any] | None, label: str) -> str:
+def _quick_look(quick: QuickLook | None, label: str) -> str:
     if not quick:
         return "## Quick look\n\nNot run for this export (the baseline was neither exported nor timed)."
     lines = ["## Quick look: baseline vs ToFu", "", f"*{quick_look_caption(quick)}.*", "",
              _table(("", "baseline (r=0)", label), quick_look_rows(quick)), "", f"![tokens and latency]({PLOT})"]
-    if quick.get("latency"):
+    if quick.latency:
         lines += ["", "Both graphs ran in one process, alternating in a fresh random order every round, each timed "
                   "run right after an untimed one; the speed-up is the ratio of the medians. A few seconds on a "
                   "shared machine is a first figure: benchmark on the device before relying on it."]
-    fidelity = quick.get("fidelity")
+    fidelity = quick.fidelity
     if fidelity:
-        source = fidelity.get("name") or fidelity.get("data")
-        lines += ["", f"Fidelity: the ToFu graph's output for each of {fidelity['images']} images ({source}) "
+        source = fidelity.name or fidelity.data
+        lines += ["", f"Fidelity: the ToFu graph's output for each of {fidelity.images} images ({source}) "
                   "compared with the unreduced model's (cosine 1 = the same direction)."]
     else:
         lines += ["", "Fidelity was not measured: no images were given."]
     return "\n".join(lines)
 
 
-def _parity(parity: Mapping[str, Any] | None) -> str:
+def _parity(parity: ParityRecord | None) -> str:
     if not parity:
         return ""
-    agreement = parity.get("top1_agreement")
+    agreement = parity.top1_agreement
     rows = [
-        ("inputs", f"seeded random images, batches {', '.join(map(str, parity['batch_sizes']))}"),
-        ("max abs difference", f"{parity['max_abs_diff']:.2e} (outputs up to {parity['output_scale']:.3g})"),
-        ("images within tolerance", f"{parity['images_within_tolerance']:.0%} (tolerance {parity['tolerance']:g})"),
-        ("lowest cosine", f"{parity['min_cosine']:.7f}"),
+        ("inputs", f"seeded random images, batches {', '.join(map(str, parity.batch_sizes))}"),
+        ("max abs difference", f"{parity.max_abs_diff:.2e} (outputs up to {parity.output_scale:.3g})"),
+        ("images within tolerance", f"{parity.images_within_tolerance:.0%} (tolerance {parity.tolerance:g})"),
+        ("lowest cosine", f"{parity.min_cosine:.7f}"),
         *([("top-1 agreement", f"{agreement:.0%}")] if agreement is not None else []),
-        ("verdict", "pass" if parity["ok"] else "FAIL"),
+        ("verdict", "pass" if parity.ok else "FAIL"),
     ]
     return "## Parity: ONNX Runtime vs PyTorch (the same ToFu model)\n\n" + _table(("", ""), rows)
 
 
 def _tensorrt(m: Manifest, commands: ReportCommands) -> str:
-    check = m.tensorrt_check
-    requested = check.get("build_for", check.get("targets", []))
-    verdicts = target_verdicts(check, requested)
+    verdicts = target_verdicts(m.tensorrt_check.to_dict(), m.tensorrt_check.requested)
     rows = [(v.label, "yes" if v.builds else f"no: {'; '.join(v.errors)}", "yes" if v.requested else "no")
             for v in verdicts]
     lines = ["## TensorRT (checked from the graph, without a GPU)", "",
@@ -187,11 +209,12 @@ def _tensorrt(m: Manifest, commands: ReportCommands) -> str:
         if not v.builds and v.target in commands.retarget:
             lines += ["", f"For {v.label}, export for that release (the opset and graph follow):", "",
                       f"    {commands.retarget[v.target]}"]
-    engine = m.tensorrt or {}
-    if engine.get("file"):
-        lines += ["", f"Engine: `{engine['file']}` ({engine['precision']}, built in {engine['build_seconds']} s)."]
-    elif engine.get("trtexec"):
-        lines += ["", "No engine was built here; on the device:", "", f"    {engine['trtexec']}"]
+    engine = m.tensorrt
+    if engine and engine.file:
+        lines += ["", f"Engine: `{engine.file}` ({engine.precision}, built in {engine.build_seconds} s)."]
+    elif engine:
+        lines += ["", "No engine was built here; on the device (absolute paths: runs from any folder):", "",
+                  f"    {engine.trtexec}"]
     return "\n".join(lines)
 
 
@@ -204,11 +227,12 @@ def _files(folder: Path) -> list[tuple[str, int | None]]:
     return sorted(files.items(), key=lambda item: (order.index(item[0]) if item[0] in order else len(order), item[0]))
 
 
-def _files_section(files: Sequence[tuple[str, int | None]]) -> str:
+def _files_section(files: Sequence[tuple[str, int | None]], timed: bool) -> str:
+    roles = FILE_ROLES if timed else {**FILE_ROLES, PLOT: "tokens per block"}  # it describes only what ran
     lines = ["## Files", ""]
     for name, size in files:
         where = f" ({size / 2**20:.1f} MiB)" if size and size > 2**20 else ""
-        lines.append(f"- `{name}`{where}: {FILE_ROLES.get(name, 'written by this export')}")
+        lines.append(f"- `{name}`{where}: {roles.get(name, 'written by this export')}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ Uses matplotlib's object API on the Agg canvas (no display, no global backend sw
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tofu_export.atomic import write_bytes_atomic
+from tofu_export.manifest import QuickLatency
 from tofu_export.quicklook import LABEL
 
 BASELINE_COLOR, TOFU_COLOR = "#7f7f7f", "#1f77b4"
 
 
-def plot_artifact(path: str | Path, tokens: Sequence[int], latency: Mapping[str, Any] | None, label: str) -> Path:
+def plot_artifact(path: str | Path, tokens: Sequence[int], latency: QuickLatency | None, label: str) -> Path:
     """Write the PNG: tokens per block (the unreduced model keeps ``tokens[0]`` in every block) and, given the quick
     look's ``latency`` section, batch-1 p50 bars with p10-p90 whiskers and the speed-up. ``label`` names the ToFu
     side ("ToFu r=16"). Returns ``path``."""
@@ -45,17 +46,18 @@ def _tokens_panel(axes: Any, tokens: Sequence[int], label: str) -> None:
     axes.legend(loc="lower left", fontsize="small")
 
 
-def _latency_panel(axes: Any, latency: Mapping[str, Any], label: str) -> None:
-    sides = [("baseline\n(r=0)", latency["baseline"], BASELINE_COLOR), (label.replace(" ", "\n", 1),
-                                                                         latency["tofu"], TOFU_COLOR)]
-    p50 = [side["p50_ms"] for _, side, _ in sides]
-    whiskers = [[s["p50_ms"] - s["p10_ms"] for _, s, _ in sides], [s["p90_ms"] - s["p50_ms"] for _, s, _ in sides]]
+def _latency_panel(axes: Any, latency: QuickLatency, label: str) -> None:
+    sides = [("baseline\n(r=0)", latency.baseline, BASELINE_COLOR), (label.replace(" ", "\n", 1), latency.tofu,
+                                                                       TOFU_COLOR)]
+    p50 = [side.p50_ms for _, side, _ in sides]
+    whiskers = [[s.p50_ms - s.p10_ms for _, s, _ in sides], [s.p90_ms - s.p50_ms for _, s, _ in sides]]
     bars = axes.bar([name for name, _, _ in sides], p50, yerr=whiskers, capsize=6,
                     color=[color for _, _, color in sides])
     axes.bar_label(bars, labels=[f"{value:.1f} ms" for value in p50], label_type="center", color="white",
                    fontweight="bold")
-    axes.set(ylabel=f"latency, batch {latency.get('batch', 1)} (ms)",
-             title=f"{latency['speedup']:.2f}x faster (p50; whiskers p10-p90)")
+    load = f", load {latency.load[0]:.1f}" if latency.load else ""
+    axes.set(ylabel=f"latency, batch {latency.batch} (ms)",
+             title=f"{latency.speedup:.2f}x faster (p50; whiskers p10-p90{load})")
     axes.text(0.5, -0.22, LABEL, transform=axes.transAxes, ha="center",
               fontsize="small", style="italic")
     axes.grid(axis="y", alpha=0.3)

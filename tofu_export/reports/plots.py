@@ -15,25 +15,34 @@ from matplotlib.figure import Figure
 
 from tofu_export.atomic import write_bytes_atomic
 from tofu_export.profiling.errors import ProfilerError
-from tofu_export.reports.pareto import TradeoffPoint, pareto_front
+from tofu_export.reports.pareto import TradeoffPoint, _field, pareto_front
+from tofu_export.sweep.state import BASELINE
 
 PointLike = TradeoffPoint | Mapping[str, Any] | Any
-BASELINE = "baseline"  # the mode a sweep gives its shared r = 0 point
 
 
-def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path) -> Path:
-    """One line per mode: latency (ms) against r. Writes a PNG atomically and returns its path."""
-    coerced = [TradeoffPoint.coerce(point) for point in points]
+def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path, note: str | None = None) -> Path:
+    """One line per mode: median latency (ms) against r, with p10-p90 whiskers where the points carry
+    ``p10_ms``/``p90_ms`` (sweep rows), from 0 ms so differences are not magnified. ``note`` (how it was
+    measured: rounds, load) goes under the title. Writes a PNG atomically and returns its path."""
+    raw = list(points)
+    coerced = [TradeoffPoint.coerce(point) for point in raw]
     if not coerced:
         raise ProfilerError("plot_latency_vs_r needs at least one point.")
-    figure = Figure(figsize=(6, 4), dpi=120)
+    spread = {(p.mode, p.r): (_field(point, "p10_ms"), _field(point, "p90_ms")) for p, point in zip(coerced, raw,
+                                                                                                 strict=True)}
+    figure = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
     axes = figure.add_subplot()
     for mode, group in _by_mode(coerced, share_baseline=True).items():
         group.sort(key=lambda p: p.r)
-        axes.plot([p.r for p in group], [p.latency_ms for p in group], marker="o", label=mode)
-    axes.set(xlabel="tokens reduced per layer (r)", ylabel="latency (ms)", title="Latency vs reduction rate")
+        low = [p.latency_ms - (spread[p.mode, p.r][0] or p.latency_ms) for p in group]
+        high = [(spread[p.mode, p.r][1] or p.latency_ms) - p.latency_ms for p in group]
+        axes.errorbar([p.r for p in group], [p.latency_ms for p in group], yerr=[low, high], marker="o", capsize=4,
+                      label=mode)
+    axes.set(xlabel="tokens removed per block (r)", ylabel="latency, median (ms)", ylim=(0, None))
+    axes.set_title("Latency vs reduction rate" + (f"\n{note}" if note else ""), fontsize="medium")
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(loc="lower left")
     return _save_png(figure, path)
 
 

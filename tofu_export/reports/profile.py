@@ -28,17 +28,23 @@ def render_table(results: Sequence[ProfileResult]) -> str:
                 lat.throughput_ips, mem.peak_rss_mib, mem.cuda_peak_allocated_mib, watts,
                 power.energy_mj_per_image,
             ])  # fmt: skip
-    text = _markdown_table(_LATENCY_HEADERS, rows)
+    text = _markdown_table(*_drop_empty(_LATENCY_HEADERS, rows))
+    breakdown = render_breakdown(results)
+    return text + ("\n\nPer-part time (op profiler, per run):\n\n" + breakdown if breakdown else "")
+
+
+def render_breakdown(results: Sequence[ProfileResult]) -> str:
+    """Markdown table of the per-part time (attention, MLP, token reduction, rest) per batch; empty when none."""
     parts = [
         [result.backend, batch.batch_size, *batch.breakdown.by_category_ms.values(), batch.breakdown.total_ms]
         for result in results
         for batch in result.batches
         if batch.breakdown is not None
     ]
-    if parts:
-        headers = ["backend", "batch", *(f"{name} ms" for name in CATEGORIES), "sum ms"]
-        text += "\n\nPer-part time (op profiler, per run):\n\n" + _markdown_table(headers, parts)
-    return text
+    if not parts:
+        return ""
+    headers = ["backend", "batch", *(f"{name} ms" for name in CATEGORIES), "sum ms"]
+    return _markdown_table(headers, parts)
 
 
 def write_markdown(path: str | Path, results: Sequence[ProfileResult], *, title: str = "Latency profile") -> Path:
@@ -72,6 +78,12 @@ def _device_section(results: Sequence[ProfileResult]) -> str:
     return "\n".join(lines) + "\n\nPeak RSS is the whole process's high-water mark, not the model alone."
 
 
+def _drop_empty(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> tuple[list[str], list[list[object]]]:
+    """Leave out the columns nothing was measured in (no power without tegrastats, no CUDA memory on a CPU)."""
+    keep = [i for i in range(len(headers)) if any(row[i] is not None for row in rows)] if rows else []
+    return [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
 def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
@@ -80,7 +92,7 @@ def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) ->
 
 def _cell(value: object) -> str:
     if value is None:
-        return "n/a"
+        return "-"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value).replace("|", "\\|")

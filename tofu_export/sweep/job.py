@@ -1,164 +1,216 @@
-"""A sweep: export, profile (and score) every (mode, r) point; write a table, JSON and plots.
+"""A sweep: export every (mode, r) point from one loaded model, time them on one backend (round-robin by default),
+score them where images are given; write a table, JSON and plots.
 
-The r = 0 graph does not depend on the mode, so it is one point, ``baseline``: exported, timed and scored once.
+The r = 0 graph does not depend on the mode, so it is one point, ``baseline``: exported, timed and scored once, and
+the speed-ups are against it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from collections.abc import Sequence
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from tofu_export import __version__
 from tofu_export.artifacts import cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
-from tofu_export.config import ExportConfig, OnnxConfig, ToFuConfig
-from tofu_export.engines.ort import OrtRunner
+from tofu_export.config import ExportConfig, ToFuConfig
 from tofu_export.errors import Hint
-from tofu_export.hashing import sha256_file
+from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
-from tofu_export.models.loading import load_model
+from tofu_export.models.loading import LoadedModel, load_model
 from tofu_export.output_paths import check_output_folder, is_sweep_folder
-from tofu_export.pipeline import ONNX_NAME, run_export
-from tofu_export.policy import Policy
-from tofu_export.profiling.compare import interleaved_latency_ms
-from tofu_export.profiling.errors import ProfilerError
-from tofu_export.profiling.profiler import profile
-from tofu_export.profiling.timing import LatencyStats
-from tofu_export.reports.plots import BASELINE, plot_latency_vs_r, plot_pareto
-from tofu_export.reports.sweep import sweep_markdown, sweep_row
-from tofu_export.sweep.state import SweepPoint, point_key, progress_bar, run_sweep
+from tofu_export.pipeline import ENGINE_NAME, ONNX_NAME, export_model
+from tofu_export.profiling.device import load_average
+from tofu_export.progress import format_seconds, tracker
+from tofu_export.reports.sweep import flag_uncertain, sweep_markdown, sweep_row
+from tofu_export.sweep.config import SweepConfig, estimate_seconds, sweep_points
+from tofu_export.sweep.measure import time_alone, time_interleaved
+from tofu_export.sweep.state import BASELINE, SweepError, SweepPoint, point_key, run_sweep
 
 STATE = "sweep_state.json"
-POLICY = "policy"  # the mode name of a calibrated policy's point
+__all__ = ["SweepConfig", "SweepResult", "run_sweep_job", "sweep_points"]
+RANDOM_SEED = 0  # a timm name's random weights: the same on every run, so a resumed sweep matches its cache
 
 
-def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:
-    """The points to run: one ``baseline`` point for r = 0 (when asked for), then each mode's r > 0 points."""
-    baseline = [SweepPoint(BASELINE, 0)] if 0 in r_values else []
-    return baseline + [SweepPoint(mode, r) for mode in modes for r in r_values if r != 0]
+@dataclass
+class SweepResult:
+    """What the sweep measured: its rows (``reports.sweep.sweep_row``), how, and the files written."""
+
+    title: str
+    rows: list[dict[str, Any]]
+    caption: list[str]
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "caption": self.caption, "rows": self.rows, "notes": self.notes,
+                "files": [str(path) for path in self.files]}
 
 
-def _checkpoint_file(source: str, out: Path, arch: str | None) -> Path:
-    """A checkpoint path as is; a timm model name is saved once (random weights) so it can be exported."""
-    if Path(source).exists():
-        return Path(source)
-    from safetensors.torch import save_file
-
-    path = out / f"{source}.random.safetensors"
-    if not path.exists():
-        model = load_model(source, arch=arch).model
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), str(path))
-    return path
-
-
-def _time_interleaved(records: Sequence[dict[str, Any]], *, threads: int | None, iters: int) -> None:
-    """Time every point's graph round-robin in one process (``interleaved_latency_ms``: spinning off, shuffled
-    order), and add the stats to its profile.
-
-    A slow spell of a shared machine then hits all points alike instead of the few timed during it.
-    """
-    paths = {record["key"]: Path(record["artifact"]) for record in records}
-    with progress_bar() as bar:
-        task = bar.add_task(f"timing {len(paths)} points round-robin", total=iters)
-        samples = interleaved_latency_ms(
-            paths, threads=threads, warmup=5, iters=iters, on_round=lambda: bar.advance(task)
-        )
-    for record in records:
-        stats = LatencyStats.from_samples([ms / 1e3 for ms in samples[record["key"]]], batch_size=1)
-        record["profile"] = {**record["profile"], **stats.to_dict()}
-
-
-def run_sweep_job(
-    source: str,
-    out: Path,
-    *,
-    r_values: Sequence[int],
-    modes: Sequence[str],
-    device: str,
-    data: Path | None,
-    limit: int | None,
-    iters: int,
-    threads: int | None,
-    spinning: bool = True,
-    interleave: bool = False,
-    arch: str | None,
-    trust_pickle: bool,
-    template: ToFuConfig | None = None,
-    policy: Policy | None = None,
-    onnx: OnnxConfig | None = None,
-) -> list[Path]:
-    """Run (or resume) the sweep in ``out``; returns the report files written. Every point is an exported ONNX
-    graph timed on ONNX Runtime (CPU, or its CUDA provider); ``template`` carries the settings shared by all
-    points (prune split, proportional attention); a calibrated ``policy`` adds one point, mode ``policy``, at its
-    mean r; ``onnx`` how every point is exported (the exporter, opset)."""
-    if device not in ("cpu", "cuda"):
-        raise ProfilerError(f"a sweep runs on ONNX Runtime's cpu or cuda provider, not {device!r}",
-                            hint=Hint("device", "cpu"))
-    for mode in modes:  # an unknown mode fails here, before anything is exported (or a folder made)
+def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[[str], None] = lambda _: None,
+                  progress: bool = True) -> SweepResult:
+    """Run (or resume) the sweep in ``out``; ``say`` is told the run-time estimate before the work starts."""
+    for mode in config.modes:  # an unknown mode fails here, before anything is loaded, exported or made
         ToFuConfig(mode=mode)
     check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own folder
-    checkpoint = _checkpoint_file(source, out, arch)
-    digest = sha256_file(checkpoint)
-    template = template or ToFuConfig()
-    onnx = onnx or OnnxConfig()
-    settings = f"prune_layers={template.prune_layers}:prop_attn={template.prop_attn}:{onnx}"
-    if policy is not None:  # a different policy file is a different graph
-        settings += ":policy=" + hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()
-    config_key = f"{digest}:{arch}:{settings}:tofu-export {__version__}"  # a new release re-exports
-    points = sweep_points(modes, r_values)
-    if policy is not None:
-        points.append(SweepPoint(POLICY, round(sum(policy.r) / len(policy.r))))
+    for folder in (out, *out.parents):  # so does an output path under a file
+        if folder.exists() and not folder.is_dir():
+            raise SweepError(f"cannot write the sweep into {out}: {folder} is a file, not a folder",
+                             hint=Hint("out", None, "a new or tofu-export folder"))
+    loaded = _load(source, config)
+    digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
+    config_key = f"{digest}:{config.arch}:{config.export_key()}:tofu-export {__version__}"  # a new release re-exports
+    points = config.points()
+    folders = {point: out / "artifacts" / point_key(point, config_key)[:16] for point in points}
+    graph = ENGINE_NAME if config.backend.name == "trt" else ONNX_NAME
+    to_export = sum(not cached_artifact(folder, graph) for folder in folders.values())
+    forward_ms = _forward_ms(loaded)
+    images = 0 if config.data is None else (config.limit or 500)
+    estimate = estimate_seconds(config, to_export=to_export, forward_ms=forward_ms, images=images)
+    plural = "s" if len(points) != 1 else ""
+    say(f"{len(points)} point{plural} ({to_export} to export), estimated {format_seconds(estimate)} "
+        f"on this machine now (one forward pass {forward_ms:.0f} ms, load average {_load_text()})")
 
     def export_fn(point: SweepPoint) -> Path:
-        folder = out / "artifacts" / point_key(point, config_key)[:16]
-        if not cached_artifact(folder, ONNX_NAME):  # missing, or not the file its manifest records: export again
-            if point.mode == POLICY:
-                tofu = dataclasses.replace(template, policy=policy)
-            else:
-                mode = modes[0] if point.mode == BASELINE else point.mode  # r = 0: the same graph in every mode
-                tofu = dataclasses.replace(template, r=point.r, mode=mode)
-            config = ExportConfig(tofu=tofu, onnx=onnx, arch=arch, trust_pickle=trust_pickle, force=True)
-            run_export(checkpoint, folder, config)
+        folder = folders[point]
+        if not cached_artifact(folder, graph):  # missing, or not the file its manifest records: export again
+            export_config = ExportConfig(tofu=config.tofu_for(point), onnx=config.onnx, arch=config.arch,
+                                         trust_pickle=config.trust_pickle, force=True,
+                                         target="trt" if config.backend.name == "trt" else "onnx")
+            outcome = export_model(loaded, folder, export_config)
+            if outcome.engine_error:
+                raise SweepError(outcome.engine_error)
         return folder / ONNX_NAME
 
-    interleave = interleave and device == "cpu"
-
     def profile_fn(onnx_path: Path) -> dict[str, Any]:
-        gflops = Manifest.read(onnx_path.parent).gflops["tofu"]
-        if interleave:  # timed together with every other point once all are exported
-            return {"gflops": gflops}
-        provider = "cuda" if device == "cuda" else "cpu"
-        runner = OrtRunner(onnx_path, threads=threads, provider=provider, spinning=spinning)
-        result = profile(runner, batch_sizes=[1], warmup=5, iters=iters).batches[0].latency.to_dict()
-        return {**result, "gflops": gflops}
+        result: dict[str, Any] = {"gflops": Manifest.read(onnx_path.parent).gflops.tofu}
+        if not config.interleave:  # timed now, alone; else with every other point once all are exported
+            with _runner(loaded, config, onnx_path) as runner:
+                result["samples_ms"] = time_alone(runner, iters=config.iters)
+        return result
 
     eval_fn = None
-    if data is not None:
+    if config.data is not None:
+        from tofu_export.engines.ort import OrtRunner
         from tofu_export.evaluation import evaluate
 
-        reference = load_model(checkpoint, arch=arch, trust_pickle=trust_pickle).model
-
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
-            return evaluate(reference, OrtRunner(onnx_path, threads=threads), data, limit=limit).to_dict()
+            runner = OrtRunner(onnx_path, threads=config.threads)
+            return evaluate(loaded.model, runner, config.data, limit=config.limit).to_dict()
 
-    # Finished points are reused only when they were measured the same way (exports are cached by config_key alone).
-    timing = "interleaved" if interleave else f"threads={threads}, spinning={spinning}, iters={iters}"
-    measured_as = f"{device}, {timing}, data={data}, limit={limit}"
     records = run_sweep(points, state_path=out / STATE, export_fn=export_fn, profile_fn=profile_fn,
-                        eval_fn=eval_fn, config_key=f"{config_key} | {measured_as}")
-    if interleave:
-        _time_interleaved(records, threads=threads, iters=iters)
-    rows = [sweep_row(record) for record in records]
-    written = [
-        write_text_atomic(out / "sweep.md", sweep_markdown(rows, f"ToFu sweep of {source}")),
-        write_json_atomic(out / "sweep.json", {"source": source, "sha256": digest, "rows": rows}),
-        plot_latency_vs_r(rows, out / "latency_vs_r.png"),
-    ]
-    if all("accuracy" in row for row in rows):
-        written.append(plot_pareto(rows, out / "pareto.png"))
-    return written
+                        eval_fn=eval_fn, config_key=f"{config_key} | {config.measured_as()}", progress=progress)
+    load_before = load_average()
+    if config.interleave:
+        _time_together(records, loaded, config, progress)
+    return _report(source, out, config, records, [load_before, load_average()])
+
+
+def _load(source: str, config: SweepConfig) -> LoadedModel:
+    """The model, loaded once; a timm name gets seeded random weights (the same on every run)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return load_model(source, arch=config.arch, trust_pickle=config.trust_pickle)
+
+
+def _forward_ms(loaded: LoadedModel) -> float:
+    """One batch-1 forward pass of the unreduced model in PyTorch, in ms (after one untimed pass): the estimate's
+    unit of work."""
+    image = torch.zeros(1, 3, *loaded.model.patch_embed.img_size)
+    times = []
+    with torch.inference_mode():
+        loaded.model(image)
+        for _ in range(3):
+            started = time.perf_counter()
+            loaded.model(image)
+            times.append(time.perf_counter() - started)
+    return min(times) * 1e3
+
+
+def _load_text() -> str:
+    load = load_average()
+    return "unknown" if load is None else f"{load[0]:.1f}"
+
+
+@contextlib.contextmanager
+def _runner(loaded: LoadedModel, config: SweepConfig, onnx_path: Path) -> Iterator[Any]:
+    """The runner that times one point on the sweep's backend (PyTorch: the model patched as the manifest says)."""
+    backend = config.backend
+    if backend.runtime == "torch":
+        import copy
+
+        record = Manifest.read(onnx_path.parent).tofu
+        model = copy.deepcopy(loaded.model)
+        ToFuConfig(r=record.r_requested, mode=record.layer_modes, prop_attn=record.prop_attn).patch(model)
+        yield model_runner(model, backend, threads=config.threads)
+        return
+    path = onnx_path.parent / ENGINE_NAME if backend.name == "trt" else onnx_path
+    spinning = config.spinning and not config.interleave  # spinning workers steal the cores of the next point
+    yield graph_runner(path, backend, threads=config.threads, spinning=spinning)
+
+
+def _time_together(records: list[dict[str, Any]], loaded: LoadedModel, config: SweepConfig, progress: bool) -> None:
+    """Time every point round-robin in one process and put the samples into its record's profile."""
+    with contextlib.ExitStack() as stack:
+        runners = {record["key"]: stack.enter_context(_runner(loaded, config, Path(record["artifact"])))
+                   for record in records}
+        with tracker(f"timing {len(runners)} points round-robin", config.iters, enabled=progress) as bar:
+            samples = time_interleaved(runners, iters=config.iters, on_round=bar.advance)
+    for record in records:
+        record["profile"] = {**record["profile"], "samples_ms": samples[record["key"]]}
+
+
+def _report(source: str, out: Path, config: SweepConfig, records: list[dict[str, Any]],
+            loads: list[list[float] | None]) -> SweepResult:
+    """Rows, caption, sweep.md, sweep.json and the plots (a Pareto plot only where there is a front)."""
+    from tofu_export.reports.plots import plot_latency_vs_r, plot_pareto
+
+    base = next((r["profile"]["samples_ms"] for r in records if r["mode"] == BASELINE), None)
+    rows = [sweep_row(record, base, config.interleave) for record in records]
+    flag_uncertain(rows)
+    caption = sweep_caption(config, rows, loads)
+    result = SweepResult(f"ToFu sweep of {source}", rows, caption)
+    result.files += [write_text_atomic(out / "sweep.md", sweep_markdown(rows, result.title, caption)),
+                     write_json_atomic(out / "sweep.json", {"source": source, **result.to_dict()}),
+                     plot_latency_vs_r(rows, out / "latency_vs_r.png", note=plot_note(config, rows, loads))]
+    scores = [row.get("accuracy", row.get("cosine")) for row in rows]
+    if any(score is None for score in scores):
+        result.notes.append("no Pareto plot: the points were not scored (give an image folder to score them)")
+    elif max(scores) - min(scores) < 1e-9 or len(rows) < 2:
+        result.notes.append("no Pareto plot: every point scores the same here (random weights give no front)")
+    else:
+        front = [dict(row, accuracy=row.get("accuracy", row.get("cosine"))) for row in rows]
+        result.files.append(plot_pareto(front, out / "pareto.png"))
+    return result
+
+
+def plot_note(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[float] | None]) -> str:
+    """``ONNX Runtime CPU, 30 rounds round-robin, whiskers p10-p90, load 2.1``"""
+    load = max((value[0] for value in loads if value), default=None)
+    order = "round-robin" if config.interleave else "one point after another"
+    return (f"{config.backend.label}, {rows[0]['rounds'] if rows else 0} runs {order}, whiskers p10-p90"
+            + (f", load {load:.1f}" if load is not None else ""))
+
+
+def sweep_caption(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[float] | None]) -> list[str]:
+    """How the table was measured, in words: backend, rounds, order, spread, load, and what the flag means."""
+    rounds = rows[0]["rounds"] if rows else 0
+    how = ("round-robin in one process (a fresh random order every round), speed-ups are per-round ratios"
+           if config.interleave else "each point alone, one after another (speed-up spread: unpaired)")
+    load = " -> ".join(f"{value[0]:.1f}" for value in loads if value) or "unknown"
+    lines = [f"Batch-1 latency on {config.backend.label}, {rounds} timed runs per point, {how}; "
+             f"figures are medians with the 10th-90th percentile; load average {load} (1 min, before -> after "
+             "timing)."]
+    if any(row["uncertain"] for row in rows):
+        lines.append(UNCERTAIN_NOTE)
+    return lines
+
+
+UNCERTAIN_NOTE = ("rank ~: this point's p10-p90 interval overlaps the next one's, so this run does not establish "
+                  "their order; time again with more runs (iters) on a quieter machine.")

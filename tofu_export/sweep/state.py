@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from tofu_export.atomic import write_json_atomic
 from tofu_export.errors import UserError
+from tofu_export.progress import tracker
 
 STATE_VERSION = 1
+BASELINE = "baseline"  # the mode of a sweep's shared r = 0 point
 
 
 class SweepError(UserError, RuntimeError):
@@ -37,12 +37,6 @@ def point_key(point: SweepPoint, config_key: str) -> str:
     """Stable content hash of the point and the configuration it is built with."""
     payload = json.dumps({"mode": point.mode, "r": point.r, "config": config_key}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    """The sweep's bar: what is running, a bar, done/total and time elapsed."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, disable=not enabled)
 
 
 def run_sweep(
@@ -64,16 +58,15 @@ def run_sweep(
     state_path = Path(state_path)
     state = load_state(state_path)
     records = []
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("sweep", total=len(points))
+    with tracker("sweep", len(points), enabled=progress) as bar:
         for point in points:
             key = point_key(point, config_key)
-            bar.update(task, description=f"{point.mode} r={point.r}")
+            bar.status(f"{point.mode} r={point.r}")
             if key not in state["points"]:
                 state["points"][key] = _run_point(point, key, config_key, export_fn, profile_fn, eval_fn)
                 write_json_atomic(state_path, state)
             records.append(state["points"][key])
-            bar.advance(task)
+            bar.advance()
     return records
 
 

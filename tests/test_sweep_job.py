@@ -1,0 +1,68 @@
+"""One tiny sweep in-process: the model is loaded once and exported per point (no checkpoint written by the sweep),
+timed round-robin by default, and the table says speed-up, spread, load and how sure the ranking is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tofu_export.config import OnnxConfig
+from tofu_export.sweep.config import SweepConfig
+from tofu_export.sweep.job import SweepResult, _load, run_sweep_job
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepResult, list[str]]:
+    root = tmp_path_factory.mktemp("sweep")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=5)
+    save_file(model.state_dict(), str(root / "model.safetensors"))
+    said: list[str] = []
+    config = SweepConfig(r_values=(0, 2), modes=("tome", "tofu"), iters=4, threads=1,
+                         onnx=OnnxConfig(exporter="torchscript"))
+    result = run_sweep_job(str(root / "model.safetensors"), root / "out", config, say=said.append, progress=False)
+    return root, result, said
+
+
+def test_the_sweep_estimates_before_it_starts(swept: tuple[Path, SweepResult, list[str]]) -> None:
+    _, _, said = swept
+    assert len(said) == 1 and said[0].startswith("3 points (3 to export), estimated ") and "load average" in said[0]
+
+
+def test_rows_have_speedups_against_the_baseline_with_their_spread(swept: tuple[Path, SweepResult, list[str]]) -> None:
+    root, result, _ = swept
+    rows = {(row["mode"], row["r"]): row for row in result.rows}
+    assert sorted(rows) == [("baseline", 0), ("tofu", 2), ("tome", 2)]
+    assert rows["baseline", 0]["speedup"] == 1.0 and rows["baseline", 0]["rounds"] == 4
+    for row in rows.values():
+        assert 0 < row["speedup_p10"] <= row["speedup_p90"]
+        assert row["rank"] in (1, 2, 3) and isinstance(row["uncertain"], bool)
+    assert rows["tofu", 2]["gflops"] < rows["baseline", 0]["gflops"]
+    assert json.loads((root / "out" / "sweep.json").read_text())["rows"] == result.rows
+
+
+def test_the_caption_states_backend_rounds_order_and_load(swept: tuple[Path, SweepResult, list[str]]) -> None:
+    root, result, _ = swept
+    text = (root / "out" / "sweep.md").read_text()
+    assert "ONNX Runtime CPU, 4 timed runs per point, round-robin" in text and "load average" in text
+    assert "| baseline (r=0) |" in text and "n/a" not in text
+    assert result.notes == ["no Pareto plot: the points were not scored (give an image folder to score them)"]
+    assert not (root / "out" / "pareto.png").exists()
+
+
+def test_the_sweep_writes_no_checkpoint_of_its_own(swept: tuple[Path, SweepResult, list[str]]) -> None:
+    root, _, _ = swept
+    assert not list((root / "out").glob("*.safetensors"))
+    assert len(list((root / "out" / "artifacts").glob("*/model.onnx"))) == 3
+
+
+def test_a_timm_name_gets_the_same_random_weights_every_run() -> None:
+    config = SweepConfig(arch=None)
+    first, second = (_load("test_vit", config).model for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                   strict=True))

@@ -1,0 +1,94 @@
+"""Progress that reaches logs too: a rich bar on a terminal; elsewhere (stderr redirected to a file, CI) one line
+every few seconds with what is running, done/total, elapsed time and an ETA from the pace so far."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class ProgressLog:
+    """Counts ``done`` of ``total`` units of work and writes a line at most every ``every_s`` seconds (and at the end).
+
+    ``stream``: where the lines go (stderr); ``clock``: for tests. Use ``status(text)`` to name the current unit.
+    """
+
+    def __init__(self, label: str, total: int, *, every_s: float = 5.0, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.total, self.every_s = label, max(total, 0), every_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.started = self.last = clock()
+        self.done = 0
+        self.current = ""
+
+    def status(self, text: str) -> None:
+        self.current = text
+        self._maybe_write()
+
+    def advance(self, units: int = 1) -> None:
+        self.done += units
+        self._maybe_write(force=self.done >= self.total)
+
+    def line(self) -> str:
+        """``sweep: 3/9 (tofu r=8), 1m10s elapsed, ETA 2m20s``"""
+        elapsed = self.clock() - self.started
+        eta = f", ETA {format_seconds(elapsed / self.done * (self.total - self.done))}" if self.done > 0 else ""
+        now = f" ({self.current})" if self.current else ""
+        return f"{self.label}: {self.done}/{self.total}{now}, {format_seconds(elapsed)} elapsed{eta}"
+
+    def _maybe_write(self, force: bool = False) -> None:
+        now = self.clock()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            print(self.line(), file=self.stream, flush=True)
+
+
+class _Bar:
+    """The same interface over a rich progress bar (a terminal)."""
+
+    def __init__(self, progress: object, task: object) -> None:
+        self.progress, self.task = progress, task
+
+    def status(self, text: str) -> None:
+        self.progress.update(self.task, description=text)  # type: ignore[attr-defined]
+
+    def advance(self, units: int = 1) -> None:
+        self.progress.advance(self.task, units)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0) -> Iterator[ProgressLog | _Bar]:
+    """Progress of ``total`` units: a rich bar when stderr is a terminal, ``ProgressLog`` lines otherwise, nothing
+    when not ``enabled``. Yields an object with ``status(text)`` and ``advance()``."""
+    if enabled and sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns) as progress:
+            yield _Bar(progress, progress.add_task(label, total=total))
+        return
+    yield ProgressLog(label, total, every_s=every_s, stream=None if enabled else _Null())
+
+
+class _Null:
+    def write(self, _: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        return None

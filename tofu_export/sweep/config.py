@@ -1,0 +1,90 @@
+"""What a sweep runs and how it times it: one ``SweepConfig``, and a rough estimate of its run time."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tofu_export.config import OnnxConfig, ToFuConfig
+from tofu_export.jobs.profile import Backend
+from tofu_export.policy import Policy
+from tofu_export.sweep.state import BASELINE, SweepPoint
+
+POLICY = "policy"  # the mode name of a calibrated policy's point
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The points (``modes`` x ``r_values``, plus a calibrated ``policy``), how each is exported (``template``: the
+    settings shared by all points; ``onnx``), where and how it is timed, and what it is scored on.
+
+    ``interleave``: time every point round-robin in one process after all are exported (a slow spell of a shared
+    machine then hits all points alike); off: each point is timed alone, right after its export.
+    """
+
+    r_values: tuple[int, ...] = (0, 4, 8, 12, 16)
+    modes: tuple[str, ...] = ("tome", "prune", "mlerp", "tofu")
+    backend: Backend = field(default_factory=lambda: Backend("ort"))
+    iters: int = 30
+    threads: int | None = None
+    spinning: bool = True
+    interleave: bool = True
+    data: Path | None = None
+    limit: int | None = None
+    template: ToFuConfig = field(default_factory=ToFuConfig)
+    policy: Policy | None = None
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    arch: str | None = None
+    trust_pickle: bool = False
+
+    def points(self) -> list[SweepPoint]:
+        """One ``baseline`` point for r = 0 (when asked for), each mode's r > 0 points, then the policy's point."""
+        points = sweep_points(self.modes, self.r_values)
+        if self.policy is not None:
+            points.append(SweepPoint(POLICY, round(sum(self.policy.r) / len(self.policy.r))))
+        return points
+
+    def tofu_for(self, point: SweepPoint) -> ToFuConfig:
+        """The token-reduction settings of one point (r = 0: the same graph in every mode)."""
+        if point.mode == POLICY:
+            return dataclasses.replace(self.template, policy=self.policy)
+        mode = self.modes[0] if point.mode == BASELINE else point.mode
+        return dataclasses.replace(self.template, r=point.r, mode=mode)
+
+    def export_key(self) -> str:
+        """What makes the exports differ besides the point (the checkpoint and tool version are added by the job)."""
+        key = f"prune_layers={self.template.prune_layers}:prop_attn={self.template.prop_attn}:{self.onnx}"
+        if self.backend.name == "trt":
+            key += ":engine"
+        if self.policy is not None:  # a different policy file is a different graph
+            key += ":policy=" + hashlib.sha256(json.dumps(self.policy.to_dict(), sort_keys=True).encode()).hexdigest()
+        return key
+
+    def measured_as(self) -> str:
+        """How finished points were measured: reused only when measured the same way."""
+        timing = "interleaved" if self.interleave else f"spinning={self.spinning}"
+        return (f"{self.backend.name}:{self.backend.device}, {timing}, threads={self.threads}, iters={self.iters}, "
+                f"data={self.data}, limit={self.limit}")
+
+
+def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:
+    """One ``baseline`` point for r = 0 (when asked for), then each mode's r > 0 points."""
+    baseline = [SweepPoint(BASELINE, 0)] if 0 in r_values else []
+    return baseline + [SweepPoint(mode, r) for mode in modes for r in r_values if r != 0]
+
+
+def estimate_seconds(config: SweepConfig, *, to_export: int, forward_ms: float, images: int = 0) -> float:
+    """A rough run time: each new export (a fixed cost for tracing and simplifying plus ~40 forward passes for the
+    parity check and shape inference), each point's ``iters`` timed runs and as many untimed ones, and the scoring of
+    ``images`` per point by the graph and the reference. ``forward_ms``: one batch-1 forward pass of the unreduced
+    model measured here, now."""
+    fixed = 12.0 if config.onnx.exporter == "dynamo" else 4.0
+    points = len(config.points())
+    export = to_export * (fixed + 40 * forward_ms / 1e3)
+    timing = points * 2 * (config.iters + 5) * forward_ms / 1e3
+    scoring = points * 2 * images * forward_ms / 1e3
+    return export + timing + scoring
