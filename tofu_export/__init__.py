@@ -13,8 +13,8 @@
 from tofu_export.accounting import TokenSchedule, token_schedule
 from tofu_export.config import ExportConfig, OnnxConfig, ToFuConfig, TrtConfig
 from tofu_export.errors import CheckFailed, EngineNotBuilt, ToFuError, UserError
+from tofu_export.models.family import UnsupportedModelError, family_of, is_patched, patch, patched, unpatch
 from tofu_export.models.loading import LoadedModel, load_model
-from tofu_export.models.timm_vit import UnsupportedModelError, is_patched, patch, unpatch
 from tofu_export.policy import Policy
 from tofu_export.schedule import MODES, ScheduleError, decreasing_schedule, layer_modes, parse_r
 
@@ -37,11 +37,13 @@ __all__ = [
     "UserError",
     "__version__",
     "decreasing_schedule",
+    "family_of",
     "is_patched",
     "layer_modes",
     "load_model",
     "parse_r",
     "patch",
+    "patched",
     "token_schedule",
     "unpatch",
 ]

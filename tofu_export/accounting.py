@@ -6,9 +6,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from tofu_export.models.timm_vit import num_tokens, tofu_state
+from tofu_export.models.family import family_of
 from tofu_export.schedule import block_macs, plan_tokens
 from tofu_export.sizes import as_pair
 
@@ -36,30 +36,25 @@ class TokenSchedule:
         return {**asdict(self), "flop_ratio": self.flop_ratio}
 
 
-def _model_gflops(model: VisionTransformer, tokens: Sequence[int], removed: Sequence[int], n_in: int) -> float:
-    block = model.blocks[0]
-    dim = model.embed_dim
-    hidden = block.mlp.fc1.out_features
-    metric_dim = dim // block.attn.num_heads
-    patch = model.patch_embed.proj
-    patches = n_in - model.num_prefix_tokens
-    embed = patches * patch.in_channels * patch.out_channels * patch.kernel_size[0] * patch.kernel_size[1]
-    head_out = getattr(model.head, "out_features", 0)
-    head = dim * head_out * (2 if hasattr(model, "head_dist") else 1)
+def _model_gflops(model: nn.Module, tokens: Sequence[int], removed: Sequence[int], n_in: int) -> float:
+    family = family_of(model)
+    costs, num_prefix = family.costs(model), family.num_prefix(model)
+    embed = (n_in - num_prefix) * costs.embed_per_patch
     blocks = sum(
-        block_macs(n, r, dim, hidden, model.num_prefix_tokens, metric_dim)
+        block_macs(n, r, costs.dim, costs.hidden, num_prefix, costs.metric_dim)
         for n, r in zip(tokens, removed, strict=True)
     )
-    return (embed + blocks + head) / 1e9
+    return (embed + blocks + costs.head) / 1e9
 
 
-def token_schedule(model: VisionTransformer, img_size: int | Sequence[int] | None = None) -> TokenSchedule:
+def token_schedule(model: nn.Module, img_size: int | Sequence[int] | None = None) -> TokenSchedule:
     """Tokens per block and GFLOPs of ``model`` (patched or not) against the same model without ToFu."""
-    state = tofu_state(model)
+    family = family_of(model)
+    state = family.state(model)
     if img_size is None and state is not None and state.img_size is not None:
         img_size = state.img_size
-    n_in = num_tokens(model, img_size)
-    depth = len(model.blocks)
+    n_in = family.num_tokens(model, img_size)
+    depth = family.depth(model)
     if state is None:
         tokens, removed, modes = [n_in] * depth, [0] * depth, ["none"] * depth
     else:
@@ -69,7 +64,7 @@ def token_schedule(model: VisionTransformer, img_size: int | Sequence[int] | Non
                 warnings.simplefilter("ignore")  # clipping was reported when the model was patched or run
                 plan = plan_tokens(n_in, state.num_prefix, state.r)
         tokens, removed, modes = plan.tokens, plan.r, list(state.modes)
-    size = tuple(model.patch_embed.img_size) if img_size is None else as_pair(img_size)
+    size = family.img_size(model) if img_size is None else as_pair(img_size)
     return TokenSchedule(
         img_size=size,
         tokens=list(tokens),

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from tofu_export.errors import Hint, UserError
-from tofu_export.models.timm_vit import num_tokens
-from tofu_export.models.timm_vit import patch as patch_model
+from tofu_export.models.family import family_of
 from tofu_export.schedule import MODES, RSpec, ScheduleError, TokenPlan, layer_modes, parse_r, plan_tokens
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ class ResolvedToFu:
     def patch(self, model: nn.Module, *, static: bool = True) -> ResolvedToFu:
         """Patch ``model`` (the one this was resolved against) in place (``static``: fixed input size, ready for
         export); returns ``self``."""
-        patch_model(model, self.r, self.modes, self.prop_attn, self.img_size if static else None)
+        family_of(model).patch(model, self.r, self.modes, self.prop_attn, self.img_size if static else None)
         return self
 
 
@@ -78,8 +77,9 @@ class ToFuConfig:
     def resolve(self, model: nn.Module) -> ResolvedToFu:
         """Per-block r and modes and the token plan of ``model`` at ``img_size``; an r that the first block cannot
         remove is an error (later blocks are clipped to what they can remove, with a warning)."""
-        depth = len(model.blocks)
-        img_size = self.img_size or int(model.patch_embed.img_size[0])
+        family = family_of(model)
+        depth, num_prefix = family.depth(model), family.num_prefix(model)
+        img_size = self.img_size or int(family.img_size(model)[0])
         if self.policy is not None:
             self.policy.check_fits(model, img_size)
             r, modes = list(self.policy.r), list(self.policy.modes)
@@ -88,12 +88,12 @@ class ToFuConfig:
             r = parse_r(self.r, depth)
             modes = layer_modes(self.mode, depth, self.prune_layers)
             source = f"mode {self.label}"
-        plan = plan_tokens(num_tokens(model, img_size), model.num_prefix_tokens, r, strict=False, warn=False)
+        plan = plan_tokens(family.num_tokens(model, img_size), num_prefix, r, strict=False, warn=False)
         if plan.clipped and plan.clipped[0] == 0:
             limit = plan.r[0]
             raise ScheduleError(
                 f"r={r[0]} is impossible for this model at this input size: the first block receives "
-                f"{plan.tokens[0]} tokens ({model.num_prefix_tokens} protected) and one bipartite matching step "
+                f"{plan.tokens[0]} tokens ({num_prefix} protected) and one bipartite matching step "
                 f"removes at most {limit} (typical: 8-16 for 224px ViT-S/B).",
                 hint=Hint("r", str(limit), "or less"),
             )

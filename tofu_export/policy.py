@@ -135,9 +135,10 @@ class Policy:
     def check_fits(self, model: nn.Module, img_size: int | Sequence[int] | None = None) -> None:
         """Raise ``PolicyError`` naming each way ``model`` at ``img_size`` (default: its own) differs from the model
         the policy was measured on: depth, embedding width, protected prefix tokens, input size, tokens."""
-        from tofu_export.models.timm_vit import num_tokens
+        from tofu_export.models.family import family_of
 
-        size = tuple(model.patch_embed.img_size) if img_size is None else as_pair(img_size)
+        family = family_of(model)
+        size = family.img_size(model) if img_size is None else as_pair(img_size)
         got = model_record(model, size)
         names = {"depth": "blocks", "embed_dim": "embedding width", "num_prefix": "protected prefix tokens",
                  "img_size": "input size", "tokens": "tokens entering block 0"}
@@ -153,21 +154,21 @@ class Policy:
                 f"model: {'; '.join(wrong)}. Calibrate again on this model and input size.",
                 hint=hint,
             )
-        num_tokens(model, size)  # the model accepts the size at all (raises otherwise)
+        family.num_tokens(model, size)  # the model accepts the size at all (raises otherwise)
 
 
 def model_record(model: nn.Module, img_size: int | Sequence[int] | None = None) -> dict[str, Any]:
     """The geometry a policy is bound to: ``arch``, ``depth``, ``embed_dim``, ``num_prefix``, ``img_size [h, w]``
     and ``tokens`` (entering block 0 at that input size)."""
-    from tofu_export.models.timm_vit import num_tokens
+    from tofu_export.models.family import family_of
 
-    size = tuple(model.patch_embed.img_size) if img_size is None else as_pair(img_size)
-    arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    family = family_of(model)
+    size = family.img_size(model) if img_size is None else as_pair(img_size)
     return {
-        "arch": arch,
-        "depth": len(model.blocks),
-        "embed_dim": int(model.embed_dim),
-        "num_prefix": int(model.num_prefix_tokens),
+        "arch": family.arch_name(model),
+        "depth": family.depth(model),
+        "embed_dim": family.embed_dim(model),
+        "num_prefix": family.num_prefix(model),
         "img_size": [int(size[0]), int(size[1])],
-        "tokens": num_tokens(model, size),
+        "tokens": family.num_tokens(model, size),
     }

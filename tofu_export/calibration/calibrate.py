@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
 from tofu_export.calibration.latency import BlockLatency, measure_block_latency, sample_token_counts
@@ -32,7 +31,7 @@ from tofu_export.calibration.select import Budget, BudgetError, Candidate, choos
 from tofu_export.calibration.trace import Trace, trace
 from tofu_export.errors import Hint, UserError
 from tofu_export.merge import REDUCE_MODES, max_reduction
-from tofu_export.models.timm_vit import is_patched, num_tokens, patch, unpatch
+from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.policy import Policy, model_record
 from tofu_export.schedule import plan_tokens
 
@@ -46,9 +45,9 @@ def _progress(enabled: bool) -> Iterator[Progress]:
         yield progress
 
 
-def check_images(model: VisionTransformer, images: Tensor) -> None:
+def check_images(model: nn.Module, images: Tensor) -> None:
     """``images`` must be ``[B, 3, H, W]`` float at the model's input size."""
-    size = tuple(model.patch_embed.img_size)
+    size = family_of(model).img_size(model)
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         got = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise UserError(f"calibration images must be a float tensor [B, 3, H, W], got {got}")
@@ -57,13 +56,10 @@ def check_images(model: VisionTransformer, images: Tensor) -> None:
                         hint=Hint("img_size", str(images.shape[2])))
 
 
-def verify(model: VisionTransformer, tr: Trace, candidate: Candidate, prop_attn: bool) -> float:
+def verify(model: nn.Module, tr: Trace, candidate: Candidate, prop_attn: bool) -> float:
     """Mean cosine to the unreduced model of really running ``candidate`` on the images (``model`` left unpatched)."""
-    try:
-        patch(model, r=list(candidate.r), mode=list(candidate.modes), prop_attn=prop_attn)
+    with patched(model, r=list(candidate.r), mode=list(candidate.modes), prop_attn=prop_attn):
         return float(cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0)).mean())
-    finally:
-        unpatch(model)
 
 
 def _uniform(mode: str, r: list[int], damage: dict[str, list[float]], ms: float) -> Candidate:
@@ -75,7 +71,7 @@ def _uniform(mode: str, r: list[int], damage: dict[str, list[float]], ms: float)
 class Calibration:
     """Everything measured on one model and image set; ``policy(budget)`` chooses and verifies a policy."""
 
-    model: VisionTransformer
+    model: nn.Module
     trace: Trace
     r: int
     damage: dict[str, list[float]]  # mode -> [depth] single-block damage
@@ -138,7 +134,7 @@ class Calibration:
 
 
 def measure(
-    model: VisionTransformer,
+    model: nn.Module,
     images: Tensor,
     *,
     r: int = 16,
@@ -153,18 +149,17 @@ def measure(
     ``threads`` choose the ONNX Runtime backend the latencies are measured on; ``source`` describes the images."""
     from tofu_export import __version__
 
-    if is_patched(model):
-        unpatch(model)
+    family = family_of(model)
     model.eval()
     check_images(model, images)
-    depth, prefix, tokens0 = len(model.blocks), model.num_prefix_tokens, num_tokens(model)
+    depth, prefix, tokens0 = family.depth(model), family.num_prefix(model), family.num_tokens(model)
     if not 0 < r <= max_reduction(tokens0, prefix):
         limit = max_reduction(tokens0, prefix)
         raise UserError(f"r must lie in [1, {limit}] for this model ({tokens0} tokens, {prefix} protected), got {r}",
                         hint=Hint("r", "16" if limit >= 16 else str(limit)))
     counts = sample_token_counts(tokens0, prefix, r, depth)
     rounds = 40
-    with torch.no_grad(), _progress(progress) as bar:
+    with torch.no_grad(), _progress(progress) as bar, unpatched(model):
         task = bar.add_task("unreduced pass", total=1)
         tr = trace(model, images, r)
         bar.update(task, advance=1, description="damage per block and mode", total=1 + depth * len(REDUCE_MODES))
@@ -194,7 +189,7 @@ def measure(
 
 
 def calibrate(
-    model: VisionTransformer,
+    model: nn.Module,
     images: Tensor,
     *,
     r: int = 16,

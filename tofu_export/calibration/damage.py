@@ -12,12 +12,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
-from tofu_export.calibration.trace import Trace, pooled_output
+from tofu_export.calibration.trace import Trace
 from tofu_export.merge import REDUCE_MODES
-from tofu_export.models.timm_vit import patch, tofu_state, unpatch
+from tofu_export.models.family import family_of, patched
 
 
 def cosine_to(reference: Tensor, output: Tensor) -> Tensor:
@@ -25,22 +24,16 @@ def cosine_to(reference: Tensor, output: Tensor) -> Tensor:
     return F.cosine_similarity(output.double(), reference.double(), dim=-1)
 
 
-def run_from_block(model: VisionTransformer, x: Tensor, start: int, *, batch_size: int = 32) -> Tensor:
+def run_from_block(model: nn.Module, x: Tensor, start: int, *, batch_size: int = 32) -> Tensor:
     """Run a (patched) model's blocks ``start..`` and head on block ``start``'s input ``x [B, N, C]``: ``[B, D]``."""
-    state = tofu_state(model)
-    outputs = []
+    family = family_of(model)
     with torch.no_grad():
-        for chunk in x.split(batch_size):
-            if state is not None:
-                state.size = state.sample = None  # the forward starts here, with unit token sizes
-            for block in model.blocks[start:]:
-                chunk = block(chunk)
-            outputs.append(pooled_output(model, chunk))
+        outputs = [family.pooled_output(model, family.run_blocks(model, chunk, start)) for chunk in x.split(batch_size)]
     return torch.cat(outputs)
 
 
 def single_block_damage(
-    model: VisionTransformer,
+    model: nn.Module,
     trace: Trace,
     r: int,
     *,
@@ -50,19 +43,16 @@ def single_block_damage(
 ) -> dict[str, list[float]]:
     """``{mode: [depth] damage}``: ``1 - mean cosine`` of reducing ``r`` tokens in block i alone with ``mode``.
 
-    Leaves ``model`` unpatched. ``on_step`` is called after each (block, mode) evaluation.
+    Leaves ``model`` as it was. ``on_step`` is called after each (block, mode) evaluation.
     """
-    depth = len(model.blocks)
+    depth = family_of(model).depth(model)
     damage: dict[str, list[float]] = {mode: [] for mode in modes}
-    try:
-        for i in range(depth):
-            for mode in modes:
-                r_list = [r if j == i else 0 for j in range(depth)]
-                patch(model, r=r_list, mode=[mode] * depth, prop_attn=prop_attn)
+    for i in range(depth):
+        for mode in modes:
+            r_list = [r if j == i else 0 for j in range(depth)]
+            with patched(model, r=r_list, mode=[mode] * depth, prop_attn=prop_attn):
                 output = run_from_block(model, trace.inputs[i], i)
-                damage[mode].append(float(1.0 - cosine_to(trace.reference, output).mean()))
-                if on_step is not None:
-                    on_step()
-    finally:
-        unpatch(model)
+            damage[mode].append(float(1.0 - cosine_to(trace.reference, output).mean()))
+            if on_step is not None:
+                on_step()
     return damage

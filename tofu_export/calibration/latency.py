@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from tofu_export.engines.ort import create_session
 from tofu_export.merge import REDUCE_MODES, max_reduction
-from tofu_export.models.timm_vit import num_tokens, patch, tofu_state
+from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.profiling.compare import time_round_robin
 from tofu_export.schedule import TokenPlan, plan_tokens
 
@@ -63,7 +62,7 @@ class BlockLatency:
 class _BlockGraph(nn.Module):
     """One ToFu block as a graph ``[B, N, C] -> [B, N - r, C]``."""
 
-    def __init__(self, skeleton: VisionTransformer) -> None:
+    def __init__(self, skeleton: nn.Module) -> None:
         super().__init__()
         self.skeleton = skeleton
 
@@ -71,14 +70,14 @@ class _BlockGraph(nn.Module):
         return self.skeleton.blocks[0](x)
 
 
-def _skeleton(model: VisionTransformer, blocks: nn.Module) -> VisionTransformer:
+def _skeleton(model: nn.Module, blocks: nn.Module) -> nn.Module:
     """A shallow copy of ``model`` sharing its embedding and head but holding ``blocks``; ``model`` is untouched."""
     skeleton = copy.copy(model)
     skeleton._modules = dict(model._modules, blocks=blocks)
     return skeleton
 
 
-def block_graph(model: VisionTransformer, mode: str, tokens: int, r: int, prop_attn: bool = True) -> bytes:
+def block_graph(model: nn.Module, mode: str, tokens: int, r: int, prop_attn: bool = True) -> bytes:
     """ONNX bytes of a copy of ``model``'s first block receiving ``tokens`` and removing ``r`` with ``mode``."""
     skeleton = _skeleton(model, nn.Sequential(copy.deepcopy(model.blocks[0])))
     removed = 0 if mode == NONE else min(r, max_reduction(tokens, model.num_prefix_tokens))
@@ -90,7 +89,7 @@ def block_graph(model: VisionTransformer, mode: str, tokens: int, r: int, prop_a
     return _export(_BlockGraph(skeleton), torch.zeros(1, tokens, model.embed_dim))
 
 
-def stem_graph(model: VisionTransformer) -> bytes:
+def stem_graph(model: nn.Module) -> bytes:
     """ONNX bytes of ``model`` without its blocks: ``[B, 3, H, W]`` -> pooled output."""
     return _export(_skeleton(model, nn.Sequential()), torch.zeros(1, 3, *model.patch_embed.img_size))
 
@@ -112,7 +111,7 @@ def sample_token_counts(tokens0: int, num_prefix: int, r: int, depth: int, point
 
 
 def measure_block_latency(
-    model: VisionTransformer,
+    model: nn.Module,
     r: int,
     *,
     provider: str = "cpu",
@@ -123,7 +122,8 @@ def measure_block_latency(
     on_step: Callable[[], None] | None = None,
 ) -> BlockLatency:
     """Export and time the one-block graphs of the module docstring; ``on_step`` after each export and round."""
-    depth, prefix = len(model.blocks), model.num_prefix_tokens
+    family = family_of(model)
+    depth, prefix = family.depth(model), family.num_prefix(model)
     counts = sample_token_counts(num_tokens(model), prefix, r, depth, points)
     variants = (NONE, *REDUCE_MODES)
     graphs = {"stem": stem_graph(model)}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches
 from tofu_export.sizes import as_pair
+
+if TYPE_CHECKING:
+    from tofu_export.models.family import ModelFamily
 
 ROOT_NAME = "<model>"
 _SCOPE_PREFIX = "module::"
@@ -19,7 +22,7 @@ _SCOPE_PREFIX = "module::"
 class TorchRunner:
     """``model`` in inference mode on ``device``; ``features=True`` returns pre-logits pooled features, not logits.
 
-    ``img_size`` (default: the model's ``patch_embed.img_size``) sets the random batch ``run`` times; calling
+    ``img_size`` (default: the model's own input size, from its family) sets the random batch ``run`` times; calling
     the runner on images needs no size.
     """
 
@@ -47,7 +50,8 @@ class TorchRunner:
         self.name = f"torch[{device}]"
         self.model = model.eval().to(device)
         self.features = features
-        size = img_size if img_size is not None else getattr(getattr(model, "patch_embed", None), "img_size", None)
+        self.family = _family(model)
+        size = img_size if img_size is not None or self.family is None else self.family.img_size(model)
         self.input = None if size is None else InputSpec("images", None, (in_chans, *as_pair(size)))
         self._random = None if self.input is None else random_batches(self.input.chw, seed, device)
 
@@ -57,12 +61,15 @@ class TorchRunner:
         images = torch.as_tensor(images).to(self.device)
         if not self.features:
             return self.model(images).cpu()
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True).cpu()
+        if self.family is None:
+            raise RunnerError(f"TorchRunner(features=True) needs a model ToFu knows; got {type(self.model).__name__}")
+        family, model = self.family, self.model
+        return family.pooled_output(model, family.run_blocks(model, family.embed(model, images), 0)).cpu()
 
     def _batch(self, batch_size: int) -> torch.Tensor:
         """Cached random batch ``[B, C, H, W]`` on the runner's device."""
         if self._random is None:
-            raise RunnerError("TorchRunner needs img_size to make a random batch: the model has no patch_embed.")
+            raise RunnerError("TorchRunner needs img_size to make a random batch: ToFu does not know this model.")
         return self._random(batch_size)
 
     @torch.inference_mode()
@@ -134,3 +141,13 @@ def _exclusive_times(model: nn.Module, inclusive_us: dict[str, float], iters: in
         self_us = inclusive_us[label] - sum(inclusive_us.get(child, 0.0) for child in children)
         ops.append(OpTime(name=label, op_type=type(module).__name__, ms=max(self_us, 0.0) / 1e3 / iters))
     return ops
+
+
+def _family(model: nn.Module) -> ModelFamily | None:
+    """The model's ToFu family, or None for a model no family owns (it can still be run on given images)."""
+    from tofu_export.models.family import UnsupportedModelError, family_of
+
+    try:
+        return family_of(model)
+    except UnsupportedModelError:
+        return None

@@ -114,16 +114,18 @@ def check_images(dataset: Dataset) -> None:
 
 
 def model_data_config(model: torch.nn.Module) -> dict[str, Any]:
-    """timm's eval data config for ``model``, with ``input_size`` taken from the model actually built.
+    """The eval data config (timm's keys: input_size, mean, std, interpolation, crop_pct) of ``model``.
 
-    ``resolve_data_config`` reads the pretrained config, which keeps the pretrained resolution
-    (518 for DINOv2) even when the model was created with ``img_size=224``; the patch embed knows better.
+    The model's family says it (for timm: ``resolve_data_config`` with the size the model was built for, not the
+    pretrained resolution, 518 for DINOv2, it keeps); a model no family owns gets timm's defaults.
     """
-    config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        config["input_size"] = (config["input_size"][0], *img_size)
-    return config
+    from tofu_export.models.family import UnsupportedModelError, family_of
+
+    try:
+        family = family_of(model)
+    except UnsupportedModelError:
+        return resolve_data_config({}, model=model)
+    return family.data_config(model)
 
 
 def model_transform(model: torch.nn.Module) -> Transform:

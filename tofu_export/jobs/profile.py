@@ -8,6 +8,7 @@ from typing import Any
 
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import Hint, UserError
+from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
 
 BACKENDS = ("ort", "trt", "torch")
@@ -51,7 +52,7 @@ def open_runner(
                        trust_pickle=trust_pickle).model
     if tofu is not None:
         tofu.patch(model)
-    return TorchRunner(model, device=device, img_size=tuple(model.patch_embed.img_size), threads=threads)
+    return TorchRunner(model, device=device, img_size=family_of(model).img_size(model), threads=threads)
 
 
 def profile_source(

@@ -13,88 +13,17 @@ import inspect
 import types
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
-from tofu_export.errors import UserError
-from tofu_export.merge import bipartite_soft_matching, reduce_tokens, sample_index
-from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, plan_tokens
+from tofu_export.models.family import UnsupportedModelError
+from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, start_forward
+from tofu_export.schedule import RSpec, layer_modes, parse_r, plan_tokens
 from tofu_export.sizes import as_pair
 
-
-class UnsupportedModelError(UserError, TypeError):
-    """The model is not a timm VisionTransformer whose blocks ToFu knows how to patch."""
-
-
-@dataclass
-class ToFuState:
-    """Everything ToFu knows about a patched model. ``size`` and ``sample`` are the fields that change during a
-    forward."""
-
-    r: list[int]  # [depth] requested tokens to remove per block
-    modes: list[str]  # [depth] "mean" | "prune" | "mlerp"
-    prop_attn: bool
-    num_prefix: int
-    plan: TokenPlan | None  # static token counts, or None for the eager (any input size) path
-    img_size: tuple[int, int] | None
-    size: Tensor | None = field(default=None, repr=False)  # [B, N, 1] token sizes of the forward in flight
-    sample: Tensor | None = field(default=None, repr=False)  # [B, 1, 1] sample indices, only while exporting
-
-    @property
-    def static(self) -> bool:
-        return self.plan is not None
-
-
-class TokenReduction(nn.Module):
-    """Removes ``r`` tokens after a block's attention, using the keys its attention just computed."""
-
-    def __init__(self, state: ToFuState, index: int) -> None:
-        super().__init__()
-        self.state, self.index = state, index
-        self.metric: Tensor | None = None  # [B, N, head_dim], set by the key hook
-
-    def capture_keys(self, module: nn.Module, args: tuple, keys: Tensor) -> None:
-        """Forward hook on ``attn.k_norm``: keep the keys averaged over heads, ``[B, H, N, D] -> [B, N, D]``.
-
-        The mean is a ``[1, H] @ [B, H, N * D]`` product, so an exported graph adds one small MatMul between two
-        reshapes (on ONNX Runtime's CPU provider a ReduceMean over the head axis costs several times more).
-        """
-        heads, tokens, dim = (int(n) for n in keys.shape[1:])  # the batch stays symbolic under torch.export
-        head_mean = keys.new_full((1, heads), 1.0 / heads)
-        self.metric = (head_mean @ keys.reshape(-1, heads, tokens * dim)).reshape(-1, tokens, dim)
-
-    def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes."""
-        state, metric = self.state, self.metric
-        self.metric = None
-        if state.plan is not None:
-            expected = state.plan.tokens[self.index]
-            if x.shape[1] != expected:
-                raise ValueError(
-                    f"block {self.index} expected {expected} tokens (model patched statically for input size "
-                    f"{state.img_size}) but got {x.shape[1]}; patch again with img_size=None for any input size, "
-                    "or with the input size you feed."
-                )
-            r = state.plan.r[self.index]
-        else:
-            r = plan_tokens(x.shape[1], state.num_prefix, [state.r[self.index]], warn=False).r[0]  # eager: any size
-        if r == 0:
-            return x, size
-        if metric is None:
-            raise RuntimeError("ToFu found no keys for this block: was attn.k_norm skipped or replaced?")
-        matching = bipartite_soft_matching(metric, r, state.num_prefix)
-        if torch.onnx.is_in_onnx_export() and state.sample is None:
-            state.sample = sample_index(x)  # one batch-size computation in the graph, shared by every block's gathers
-        mode = state.modes[self.index]
-        return reduce_tokens(x, size, matching, mode, state.num_prefix, static=state.static, sample=state.sample)
-
-    def extra_repr(self) -> str:
-        plan = self.state.plan
-        r = plan.r[self.index] if plan is not None else self.state.r[self.index]
-        return f"r={r}, mode={self.state.modes[self.index]}, static={self.state.static}"
+__all__ = ["ToFuState", "TokenReduction", "UnsupportedModelError", "is_patched", "num_tokens", "patch", "tofu_state",
+           "unpatch"]
 
 
 class ToFuBlock(Block):
@@ -107,15 +36,12 @@ class ToFuBlock(Block):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self._tofu
         if self.reduce.index == 0:
-            state.size = state.sample = None  # a new forward starts
+            start_forward(state)
         if attn_mask is not None or is_causal:
             raise ValueError("ToFu-patched blocks do not take an attention mask or is_causal")
-        size = state.size
-        prop_mask = None  # [B, 1, 1, N]: proportional attention adds log(size) to the logits
-        if state.prop_attn and size is not None:
-            prop_mask = size.log().reshape(-1, 1, 1, size.shape[1])
+        prop_mask = proportional_mask(state)  # [B, 1, 1, N]: proportional attention adds log(size) to the logits
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=prop_mask)))
-        x, state.size = self.reduce(x, size)
+        x, state.size = self.reduce(x, state.size)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 

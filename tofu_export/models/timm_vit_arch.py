@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tofu_export.checkpoint import CheckpointError
+from tofu_export.models.family import ArchGuess
 
 __all__ = ["ArchGuess", "infer_arch"]
 
@@ -25,19 +26,6 @@ __all__ = ["ArchGuess", "infer_arch"]
 # ----------------------------------------------------------------------------------------------------
 # Architecture inference
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchGuess:
-    """A timm model name, the ``timm.create_model`` kwargs that make it match a checkpoint, and why.
-
-    ``notes`` collects anything :func:`build_model` changed on the way (e.g. a resampled ``pos_embed``).
-    """
-
-    name: str
-    kwargs: dict[str, Any]
-    reason: str
-    notes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

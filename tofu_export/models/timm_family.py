@@ -1,0 +1,134 @@
+"""The timm ``VisionTransformer`` family: checkpoints with timm key names, the patch of ``timm_vit.py``, and the
+calibration hooks (a block run as its two residual halves)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.errors import Hint
+from tofu_export.hashing import sha256_file
+from tofu_export.models import timm_vit
+from tofu_export.models.family import ArchGuess, FlopCosts, LoadedModel, ModelFamily
+from tofu_export.models.reduction import ToFuState, head_mean_keys, start_forward
+from tofu_export.schedule import RSpec
+from tofu_export.sizes import as_pair
+
+
+class TimmFamily(ModelFamily):
+    """timm ``VisionTransformer`` (ViT, DeiT, DINOv2, MAE, ...) with standard pre-norm ``Block``s."""
+
+    name = "timm"
+    classes = "timm VisionTransformer (ViT, DeiT, DINOv2, MAE, ...)"
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def recognises(self, path: Path) -> bool:
+        return not path.is_dir()  # any file: the fallback, which names what it cannot read
+
+    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool) -> LoadedModel:
+        from tofu_export.models.timm_vit_build import build_model
+
+        state_dict = load_state_dict(path, trust_pickle=trust_pickle)  # names a missing file or a directory
+        digest = sha256_file(path)
+        model, guess = build_model(state_dict, arch=arch, img_size=img_size)
+        return LoadedModel(model, guess, path, digest)
+
+    def load_name(self, name: str, *, img_size: int | None) -> LoadedModel:
+        """A timm model name with random weights (fine for counting tokens and timing, not for accuracy)."""
+        import timm
+
+        if not timm.is_model(name):
+            raise CheckpointError(
+                f"{name} is neither a file nor a timm model name: pass a checkpoint path, or a timm name such as "
+                "deit_small_patch16_224", hint=Hint("checkpoint", None, "a checkpoint file or folder"),
+            )
+        kwargs = {} if img_size is None else {"img_size": img_size}
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        guess = ArchGuess(name=name, kwargs=kwargs, reason="timm model name (random weights)",
+                          provenance={"architecture": f"timm registry {name}"})
+        return LoadedModel(model, guess, None, None)
+
+    # -- geometry -------------------------------------------------------------------------------------------------
+    def owns(self, model: nn.Module) -> bool:
+        if not type(model).__module__.startswith("timm."):
+            return False
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    def depth(self, model: nn.Module) -> int:
+        return len(model.blocks)
+
+    def num_prefix(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def img_size(self, model: nn.Module) -> tuple[int, int]:
+        return as_pair(tuple(model.patch_embed.img_size))
+
+    def num_tokens(self, model: nn.Module, img_size: int | Sequence[int] | None = None) -> int:
+        return timm_vit.num_tokens(model, img_size)
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return int(model.embed_dim)
+
+    def costs(self, model: nn.Module) -> FlopCosts:
+        block, proj = model.blocks[0], model.patch_embed.proj
+        head_out = getattr(model.head, "out_features", 0)
+        dim = int(model.embed_dim)
+        return FlopCosts(
+            dim=dim,
+            hidden=int(block.mlp.fc1.out_features),
+            metric_dim=dim // int(block.attn.num_heads),
+            embed_per_patch=proj.in_channels * proj.out_channels * proj.kernel_size[0] * proj.kernel_size[1],
+            head=dim * head_out * (2 if hasattr(model, "head_dist") else 1),
+        )
+
+    def arch_name(self, model: nn.Module) -> str:
+        return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+    # -- patching -------------------------------------------------------------------------------------------------
+    def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
+              img_size: int | Sequence[int] | None = None, *, prune_layers: int | None = None,
+              strict: bool = False) -> nn.Module:
+        return timm_vit.patch(model, r, mode, prop_attn, img_size, prune_layers=prune_layers, strict=strict)
+
+    def unpatch(self, model: nn.Module) -> nn.Module:
+        return timm_vit.unpatch(model)
+
+    def state(self, model: nn.Module) -> ToFuState | None:
+        return timm_vit.tofu_state(model)
+
+    # -- calibration hooks ----------------------------------------------------------------------------------------
+    def embed(self, model: nn.Module, images: Tensor) -> Tensor:
+        x = model.patch_embed(images)  # [B, N - prefix, C] (or a grid, flattened by _pos_embed)
+        x = model._pos_embed(x)  # [B, N, C]
+        x = model.patch_drop(x)
+        return model.norm_pre(x)
+
+    def attention_half(self, model: nn.Module, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        block = model.blocks[index]
+        captured: list[Tensor] = []
+        hook = block.attn.k_norm.register_forward_hook(lambda _m, _a, keys: captured.append(head_mean_keys(keys)))
+        try:
+            y = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        finally:
+            hook.remove()
+        return y, captured[0]
+
+    def mlp_half(self, model: nn.Module, index: int, y: Tensor) -> Tensor:
+        block = model.blocks[index]
+        return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+
+    def run_blocks(self, model: nn.Module, x: Tensor, start: int) -> Tensor:
+        state = self.state(model)
+        if state is not None:
+            start_forward(state)
+        for block in model.blocks[start:]:
+            x = block(x)  # block 0 of a patched model restarts the forward too (no-op here: same reset)
+        return x
+
+    def pooled_output(self, model: nn.Module, x: Tensor) -> Tensor:
+        return model.forward_head(model.norm(x), pre_logits=True)  # a patched model's pool is size-weighted
