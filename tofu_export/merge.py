@@ -151,7 +151,7 @@ def _kept_rows(unm_idx: Tensor, num_tokens: int, num_prefix: int, offsets: Tenso
     """Flat rows ``[B, N - r]`` of the output tokens in ToMe's order: prefix, unmerged A, then all of B."""
     a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
     parts = [offsets + torch.arange(num_prefix, device=offsets.device)] if num_prefix else []  # [B, p]
-    parts.append(offsets + a_start + 2 * unm_idx.squeeze(-1))  # [B, Na - r]
+    parts.append(offsets + a_start + 2 * unm_idx.flatten(1))  # [B, Na - r]
     parts.append(offsets + torch.arange(b_start, num_tokens, 2, device=offsets.device))  # [B, Nb]
     return torch.cat(parts, dim=1)
 
@@ -171,7 +171,7 @@ def _reduce_static(
     if mode == "prune" or num_src == 0:
         return out, out_size
     a_start = 2 * ((num_prefix + 1) // 2)
-    src_rows = offsets + a_start + 2 * matching.src_idx.squeeze(-1)  # [B, r]
+    src_rows = offsets + a_start + 2 * matching.src_idx.flatten(1)  # [B, r]
     src = x.flatten(0, 1)[src_rows]  # [B, r, C]
     first_b = num_prefix + int(matching.unm_idx.shape[1])  # where set B starts in the output
     slots = torch.arange(int(out.shape[1]), device=x.device).unsqueeze(-1)  # [N - r, 1]
