@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions
+from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, RuntimeOptions
 from tofu_export.cli.output import print_json
 from tofu_export.errors import Hint, UserError
 
@@ -35,6 +35,7 @@ def calibrate(
     data: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder, or a dataset root with train/.")],
     model: ModelOptions,
     runtime: RuntimeOptions,
+    onnx: OnnxOptions,
     r: Annotated[int, typer.Option("--r", "-r", help="Tokens a reducing block removes.")] = 16,
     images: Annotated[int, typer.Option("--images", help="Calibration images, evenly spread over DATA.")] = 64,
     min_cosine: Annotated[
@@ -70,6 +71,7 @@ def calibrate(
     """
     from tofu_export.artifacts import check_file_output
     from tofu_export.calibration import Budget, calibrate, load_images, plot_policy
+    from tofu_export.calibration.measured import ExportSettings
 
     runtime.check()
     if min_cosine is None and speedup is None and max_latency_ms is None:
@@ -81,8 +83,10 @@ def calibrate(
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
     start = time.perf_counter()
+    config = onnx.build()  # how the graphs the latencies are measured on are exported: as the user exports
+    settings = ExportSettings(config.exporter, config.opset or 17, config.simplify)
     policy = calibrate(loaded.model, batch, r=r, budget=budget, provider=provider, threads=runtime.threads,
-                       source=source)
+                       source=source, settings=settings)
     seconds = time.perf_counter() - start
     checkpoint_record = {"source": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch.name}
     policy = dataclasses.replace(policy, source=dict(policy.source, checkpoint=checkpoint_record,
@@ -93,7 +97,8 @@ def calibrate(
     if as_json:
         print_json({"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),
                     "predicted_cosine": m["predicted_cosine"], "measured_cosine": m["measured_cosine"],
-                    "predicted_speedup": m["predicted_speedup"], "seconds": seconds})
+                    "predicted_speedup": m["predicted_speedup"], "measured_speedup": m.get("measured_speedup"),
+                    "held_out_cosine": m.get("held_out_cosine"), "seconds": seconds})
         return
     table = Table(title=f"{checkpoint}: policy for {budget.to_dict()} ({source['count']} images, {seconds:.0f} s)")
     for column in ("block", "mode", "r", "damage prune", "damage mean", "damage mlerp", "linearity"):
@@ -106,4 +111,11 @@ def calibrate(
     typer.echo(f"cosine: predicted {m['predicted_cosine']:.5f}, measured {m['measured_cosine']:.5f} "
                f"(ToMe at r={r}: {tome['measured_cosine']:.5f}); predicted {m['predicted_ms']:.1f} ms, "
                f"{m['predicted_speedup']:.2f}x over {m['baseline_ms']:.1f} ms ({m['latency']['backend']})")
+    if m.get("held_out_cosine") is not None:
+        typer.echo(f"held-out images ({m['held_out_images']}, never searched): cosine {m['held_out_cosine']:.5f}")
+    if "measured_speedup" in m:
+        timed = m["measured_latency"]
+        typer.echo(f"measured on the exported graphs ({timed['exporter']}, opset {timed['opset']}, {timed['rounds']} "
+                   f"interleaved rounds): {m['measured_speedup']:.2f}x (quartiles {timed['speedup_iqr'][0]:.2f}-"
+                   f"{timed['speedup_iqr'][1]:.2f}x), predicted {m['predicted_speedup']:.2f}x")
     typer.echo(f"wrote {out} and {plot_path}")

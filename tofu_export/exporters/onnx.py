@@ -228,6 +228,7 @@ def export_onnx(
     input_name: str = "input",
     output_name: str = "output",
     exporter: Exporter = DEFAULT_EXPORTER,
+    example: torch.Tensor | None = None,
 ) -> OnnxExport:
     """Export ``model`` (eval mode, fp32, CPU) to ``path``: trace, simplify, check, verify parity, then move into place.
 
@@ -249,7 +250,8 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as workdir:
         staged = Path(workdir) / path.name
         try:
-            trace(model, torch.zeros(1, 3, *size), staged, opset, input_name, output_name)
+            example = torch.zeros(1, 3, *size) if example is None else example  # another input: verify=False
+            trace(model, example, staged, opset, input_name, output_name)
         except ExportError:
             raise
         except Exception as error:
