@@ -141,7 +141,7 @@ def _rescale(x: Tensor, norm: Tensor) -> Tensor:
 
 
 def _row_offsets(x: Tensor, sample: Tensor | None) -> Tensor:
-    """``[B, 1]``: the row of ``x.flatten(0, 1)`` where each sample of ``x [B, N, C]`` starts (``sample``: its
+    """``[B, 1]``: the row of ``_rows(x)`` where each sample of ``x [B, N, C]`` starts (``sample``: its
     ``sample_index``, computed once per graph by the caller, or None)."""
     sample = sample_index(x) if sample is None else sample
     return sample.reshape(-1, 1) * int(x.shape[1])
@@ -156,23 +156,30 @@ def _kept_rows(unm_idx: Tensor, num_tokens: int, num_prefix: int, offsets: Tenso
     return torch.cat(parts, dim=1)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x [B, N, C]`` as rows ``[B * N, C]``: a ``Reshape`` to a constant ``[-1, C]`` (``flatten`` loses the
+    static C in ONNX Runtime's symbolic shape inference, which TensorRT's checks rely on)."""
+    return x.reshape(-1, int(x.shape[-1]))
+
+
 def _reduce_static(
     x: Tensor, size: Tensor | None, matching: Matching, mode: ReduceMode, num_prefix: int, sample: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """``reduce_tokens`` without scatter and without slicing the sets apart: one row gather takes
-    ``[prefix, unmerged A, B]`` straight from ``x`` (``GatherND`` on ``x.flatten(0, 1)``), and the sources are
+    ``[prefix, unmerged A, B]`` straight from ``x`` (a ``Gather`` of rows of ``x [B * N, C]``), and the sources are
     folded into their destinations with a ``[B, N - r, r]`` one-hot and one batched matmul. MLERP's max-norm is a
     masked max over the same one-hot. Sizes are carried only when given (None: every token has size 1)."""
     num_tokens, num_src = int(x.shape[1]), int(matching.src_idx.shape[1])
     offsets = _row_offsets(x, sample)  # [B, 1]
     kept = _kept_rows(matching.unm_idx, num_tokens, num_prefix, offsets)  # [B, N - r]
-    out = x.flatten(0, 1)[kept]  # [B, N - r, C]
-    out_size = None if size is None else size.flatten(0, 1)[kept]  # [B, N - r, 1]
+    rows, size_rows = _rows(x), None if size is None else _rows(size)  # [B * N, C], [B * N, 1]
+    out = rows[kept]  # [B, N - r, C]
+    out_size = None if size_rows is None else size_rows[kept]  # [B, N - r, 1]
     if mode == "prune" or num_src == 0:
         return out, out_size
     a_start = 2 * ((num_prefix + 1) // 2)
     src_rows = offsets + a_start + 2 * matching.src_idx.flatten(1)  # [B, r]
-    src = x.flatten(0, 1)[src_rows]  # [B, r, C]
+    src = rows[src_rows]  # [B, r, C]
     first_b = num_prefix + int(matching.unm_idx.shape[1])  # where set B starts in the output
     slots = torch.arange(int(out.shape[1]), device=x.device).unsqueeze(-1)  # [N - r, 1]
     one_hot = (slots == first_b + matching.dst_idx.reshape(-1, 1, num_src)).to(x.dtype)  # [B, N - r, r]
@@ -180,7 +187,7 @@ def _reduce_static(
         weighted = out + one_hot @ src  # [B, N - r, C]: size-weighted sums
         new_size = one_hot.sum(dim=-1, keepdim=True) + 1  # [B, N - r, 1]
     else:
-        to_dst = one_hot * size.flatten(0, 1)[src_rows].reshape(-1, 1, num_src)  # [B, N - r, r]: source sizes
+        to_dst = one_hot * size_rows[src_rows].reshape(-1, 1, num_src)  # [B, N - r, r]: source sizes
         weighted = out * out_size + to_dst @ src
         new_size = out_size + to_dst.sum(dim=-1, keepdim=True)
     if mode == "mean":
