@@ -56,8 +56,8 @@ from tofu_export.schedule import layer_modes
 MODEL = "deit_small_patch16_224"
 
 
-def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
-    """Export each variant; returns name -> (onnx path, GFLOPs)."""
+def build_variants(r: int, folder: Path, only: set[str] | None = None) -> dict[str, tuple[Path, float]]:
+    """Export each variant (or those in ``only``; the baseline always); returns name -> (onnx path, GFLOPs)."""
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False).eval()
     tofu_modes = layer_modes("tofu", len(model.blocks), None)  # per block: "prune" | "mlerp"
@@ -77,6 +77,8 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
         ("tofu-dynamo", dict(mode="tofu", img_size=224)),
     ]
     for name, patch_kwargs in setups:
+        if only is not None and name not in only and name != "baseline":
+            continue
         tofu_export.unpatch(model)
         if patch_kwargs is not None:
             with warnings.catch_warnings():
@@ -86,7 +88,10 @@ def build_variants(r: int, folder: Path) -> dict[str, tuple[Path, float]]:
         result = export_onnx(model, path, 224, exporter="dynamo" if name.endswith("-dynamo") else "torchscript")
         assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
         variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
+    if only is not None and "bound-free-slice" not in only:
+        return variants
     # A bound, not a method: every block keeps its first N - r tokens, i.e. token reduction that costs nothing.
+    tofu_export.unpatch(model)
     tofu_export.patch(model, r=r, mode="prune", img_size=224)
     with _free_reduction():
         path = folder / "bound-free-slice.onnx"
@@ -140,13 +145,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="independent timing rounds (fresh sessions each)")
     parser.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall", help="see the module docstring")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     args = parser.parse_args()
+    only = {v.strip() for v in args.variants.split(",") if v.strip()} or None
     cpu_clock = args.clock == "thread-cpu"
     load_before = os.getloadavg()
 
     rounds: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = build_variants(args.r, Path(tmp))
+        variants = build_variants(args.r, Path(tmp), only)
         paths = {name: path for name, (path, _) in variants.items()}
         for seed in range(args.repeats):  # each round its own visiting order
             if cpu_clock:
@@ -161,6 +168,7 @@ def main() -> None:
         name: [statistics.median(one["baseline"]) / statistics.median(one[name]) for one in rounds] for name in paths
     }
     base = statistics.median(samples["baseline"])
+    bound = statistics.median(samples["bound-free-slice"]) if "bound-free-slice" in samples else None
     rows = []
     for name, times in samples.items():
         median = statistics.median(times)
@@ -168,6 +176,7 @@ def main() -> None:
             "variant": name, "r": 0 if name.startswith("baseline") else args.r, "median_ms": round(median, 2),
             "p90_ms": round(float(np.percentile(times, 90)), 2), "speedup": round(base / median, 3),
             "speedup_min": round(min(round_speedups[name]), 3), "speedup_max": round(max(round_speedups[name]), 3),
+            "of_bound_speedup": round(bound / median, 3) if bound else None,  # speed-up / the bound's
             "gflops": round(variants[name][1], 3), "flop_ratio": round(variants["baseline"][1] / variants[name][1], 3),
         })
     # Per round, how much faster each model's dynamo graph ran than its TorchScript graph (> 1: dynamo faster).
@@ -181,18 +190,21 @@ def main() -> None:
         "clock": args.clock, "load_average_before_after": [load_before, os.getloadavg()],
         "torchscript_over_dynamo_per_round": exporter_ratios,
         "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads} "
-        f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else ""),
+        f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else "")
+        + (f" --variants {args.variants}" if only else ""),
         "threads": 1 if cpu_clock else args.threads, "iters": args.iters, "warmup": args.warmup,
         "repeats": args.repeats, "rows": rows,
         "machine": describe_device().to_dict(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "torch": torch.__version__,
     }
     table = [
-        "| variant | r | median ms | p90 ms | speedup vs baseline | per-round speedups | GFLOPs | FLOP ratio |",
-        "|---" * 8 + "|",
+        "| variant | r | median ms | p90 ms | speedup vs baseline | per-round speedups | share of the bound's "
+        "speed-up | GFLOPs | FLOP ratio |",
+        "|---" * 9 + "|",
     ]
     table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | "
-              f"{r['speedup_min']}-{r['speedup_max']}x | {r['gflops']} | {r['flop_ratio']}x |" for r in rows]
+              f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {r['gflops']} | "
+              f"{r['flop_ratio']}x |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "latency_deit_small" + ("_thread_cpu" if cpu_clock else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -11,6 +11,7 @@ from tofu_export.calibration import Budget, BudgetError, calibrate, plot_policy
 from tofu_export.calibration.damage import cosine_to, single_block_damage
 from tofu_export.calibration.latency import NONE, BlockLatency, block_graph, sample_token_counts
 from tofu_export.calibration.linearity import linearity_ratio
+from tofu_export.calibration.measured import split_held_out
 from tofu_export.calibration.select import Candidate, choose, pareto_front
 from tofu_export.calibration.trace import trace
 from tofu_export.errors import UserError
@@ -92,13 +93,20 @@ def test_sample_token_counts_span_the_uniform_plan() -> None:
     assert sample_token_counts(17, 1, 4, 4) == [5, 9, 17]
 
 
-def test_block_graph_has_the_reduced_token_count(vit) -> None:
+@pytest.mark.parametrize(("exporter", "opset"), [("torchscript", 16), ("dynamo", 17)])
+def test_block_graph_has_the_reduced_token_count(vit, tmp_path, exporter, opset) -> None:
     import onnx
 
-    graph = onnx.load_from_string(block_graph(vit, "mlerp", 13, 4))
-    dims = [d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
-    assert dims == [1, 9, 192]
+    from tofu_export.calibration.measured import ExportSettings
+
+    path = block_graph(vit, "mlerp", 13, 4, settings=ExportSettings(exporter, opset), folder=tmp_path)
+    graph = onnx.load(str(path))
+    dims = [d.dim_value or d.dim_param for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [9, 192] and isinstance(dims[0], str)  # the user's exporter: a symbolic batch
+    assert graph.opset_import[0].version == opset
     assert not any(node.op_type.startswith("Scatter") for node in graph.graph.node)
+    ops = {node.op_type for node in graph.graph.node}
+    assert "Log" in ops  # proportional attention's mask: the block is entered with token sizes
 
 
 def test_calibrate_returns_a_verified_policy_that_fits(vit, make_images, tmp_path) -> None:
@@ -110,12 +118,21 @@ def test_calibrate_returns_a_verified_policy_that_fits(vit, make_images, tmp_pat
     m = policy.measurements
     assert set(m["damage"]) == {"prune", "mean", "mlerp"} and len(m["linearity"]) == 4
     assert m["measured_cosine"] >= 0.99
-    patch(vit, r=list(policy.r), mode=list(policy.modes))  # the recorded cosine is the policy's real one
+    search, held = split_held_out(images, 0.25)
+    assert len(search) == 6 and len(held) == 2 and m["held_out_images"] == 2
+    patch(vit, r=list(policy.r), mode=list(policy.modes))  # the recorded cosines are the policy's real ones
     with torch.no_grad():
-        measured = float(cosine_to(_plain(vit, images), vit(images)).mean())
+        measured = float(cosine_to(_plain(vit, search), vit(search)).mean())
+        held_out = float(cosine_to(_plain(vit, held), vit(held)).mean())
     unpatch(vit)
     assert measured == pytest.approx(m["measured_cosine"], abs=1e-6)
-    assert policy.source["images"]["count"] == 8 and policy.source["tool"].startswith("tofu-export ")
+    assert held_out == pytest.approx(m["held_out_cosine"], abs=1e-6)
+    timed = m["measured_latency"]  # the chosen policy's exported graph, timed against the unreduced one
+    assert timed["rounds"] == 20 and timed["exporter"] == "dynamo" and timed["opset"] == 17
+    assert m["measured_speedup"] == timed["speedup"] and timed["speedup_iqr"][0] <= timed["speedup"]
+    assert m["predicted_speedup"] == pytest.approx(m["baseline_ms"] / m["predicted_ms"])
+    assert policy.source["images"] == {"path": "random", "count": 8, "held_out": 2}
+    assert policy.source["tool"].startswith("tofu-export ")
     assert Policy.load(policy.save(tmp_path / "policy.json")) == policy
     png = plot_policy(policy, tmp_path / "policy.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,11 +17,10 @@ What happens to a matched source token is ToFu's choice (Kim et al., WACV 2024, 
 Two implementations of the combine step give the same numbers (to float rounding):
 
 - *eager*  (``static=False``): ``scatter_reduce``, as ToMe does it; convenient and fast in PyTorch.
-- *static* (``static=True``):  a one-hot assignment matrix and a batched matmul, with max-norms taken by masking.
-  It uses only GatherND/Equal/MatMul/ReduceMax-style ops, so the exported ONNX graph has no ScatterElements with a
-  reduction (a TensorRT plugin-only op) and no data-dependent shapes.
-
-Both take tokens out of a set with ``take_tokens``, which exports as one row ``GatherND`` per tensor.
+- *static* (``static=True``):  one row gather of the kept tokens straight from ``x``, a one-hot assignment matrix
+  and a batched matmul, with max-norms taken by masking. It uses only GatherND/Equal/MatMul/ReduceMax-style ops of
+  plain PyTorch, so any ONNX exporter (torch's own included) writes a graph with no ScatterElements with a
+  reduction (a TensorRT plugin-only op), no custom ops and no data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -59,6 +58,12 @@ def split_sets(x: Tensor, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
     return x[:, :num_prefix], x[:, a_start::2], x[:, b_start::2]
 
 
+def _matchable_sets(x: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """``split_sets`` without the prefix: sets A ``[B, Na, C]`` and B ``[B, Nb, C]``."""
+    _, a, b = split_sets(x, num_prefix)
+    return a, b
+
+
 def set_sizes(num_tokens: int, num_prefix: int) -> tuple[int, int]:
     """Matchable tokens ``(Na, Nb)`` in sets A and B when ``num_prefix`` of ``num_tokens`` tokens are protected."""
     return (num_tokens + 1) // 2 - (num_prefix + 1) // 2, num_tokens // 2 - num_prefix // 2
@@ -78,15 +83,14 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
     num_a, _ = set_sizes(int(metric.shape[1]), num_prefix)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        _, a, b = split_sets(metric, num_prefix)
+        a, b = _matchable_sets(metric, num_prefix)
         scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
 
-        node_max, node_idx = scores.max(dim=-1, keepdim=True)  # [B, Na, 1]
+        node_max, node_idx = scores.topk(1, dim=-1)  # [B, Na, 1]: each A token's best B token, one TopK
         # argsort(descending) written as a full top-k so the exported TopK has a constant K (TensorRT needs one)
         edge_idx = node_max.topk(num_a, dim=1).indices  # [B, Na, 1]
 
-        unm_idx = edge_idx[:, r:]  # [B, Na - r, 1]
-        src_idx = edge_idx[:, :r]  # [B, r, 1]
+        src_idx, unm_idx = edge_idx.split([r, num_a - r], dim=1)  # [B, r, 1], [B, Na - r, 1]: one Split
         dst_idx = node_idx.gather(dim=1, index=src_idx)  # [B, r, 1]
         if num_prefix > 0 and num_a > r:
             # ToMe keeps the unmerged tokens in their original order when a class token is present.
@@ -94,68 +98,20 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
     return Matching(unm_idx, src_idx, dst_idx)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``take_tokens`` in an exported graph: one ``GatherND`` over ``(sample, token)`` index pairs.
-
-    ``batch_dims=1`` would spare the sample column, but ONNX Runtime's symbolic shape inference (which its TensorRT
-    provider relies on) ignores that attribute and gives up on the graph. Export runs only ``forward``.
-    """
-
-    @staticmethod
-    def forward(ctx: object, x: Tensor, pairs: Tensor) -> Tensor:  # x [B, N, C], pairs [B, K, 2]
-        return _gather_rows(x, pairs[..., 1:])
-
-    @staticmethod
-    def symbolic(g: object, x: object, pairs: object) -> object:
-        out = g.op("GatherND", x, pairs)
-        # Without this the tracer types the output with the example's batch size, and a simplifier folds it in.
-        x_sizes, pair_sizes = x.type().varyingSizes(), pairs.type().varyingSizes()
-        if x_sizes is not None and pair_sizes is not None:
-            out.setType(x.type().with_sizes([None, pair_sizes[1], x_sizes[2]]))
-        return out
-
-
 def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """``x [B, N, C]``, token indices ``idx [B, K, 1]`` -> ``[B, K, C]``."""
     return x.gather(dim=1, index=idx.expand(-1, -1, x.shape[-1]))
 
 
-@torch.library.custom_op("tofu_export::gather_rows", mutates_args=())
-def gather_rows(x: Tensor, pairs: Tensor) -> Tensor:
-    """``_GatherRows`` for torch.export: ``x [B, N, C]``, ``pairs [B, K, 2]`` -> ``[B, K, C]`` as one graph node, which
-    the dynamo ONNX exporter translates to ``GatherND`` (``tofu_export.exporters.dynamo``)."""
-    return _gather_rows(x, pairs[..., 1:])
-
-
-@gather_rows.register_fake
-def _(x: Tensor, pairs: Tensor) -> Tensor:
-    return x.new_empty(pairs.shape[0], pairs.shape[1], x.shape[2])
+def take_tokens(idx: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Tokens ``idx [B, K, 1]`` of every sample, from each of ``tensors`` (``[B, N, C]`` -> ``[B, K, C]``; None
+    passes through). The eager path's gather (differentiable)."""
+    return tuple(None if t is None else _gather_rows(t, idx) for t in tensors)
 
 
 def sample_index(x: Tensor) -> Tensor:
     """``[B, 1, 1]``: the index of every sample of ``x [B, ...]``. Traced, it stays a function of the batch size."""
     return torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
-
-
-def take_tokens(idx: Tensor, *tensors: Tensor | None, sample: Tensor | None = None) -> tuple[Tensor | None, ...]:
-    """Tokens ``idx [B, K, 1]`` of every sample, from each of ``tensors`` (``[B, N, C]`` -> ``[B, K, C]``; None
-    passes through).
-
-    In PyTorch this is ``gather`` (differentiable). In an exported graph each tensor costs one row ``GatherND``
-    (not an element-wise ``GatherElements`` over a ``[B, K, C]`` index), with the ``(sample, token)`` pairs built
-    once; ``sample`` (``sample_index`` of the batch) can be passed in so that a model computes it once, not per
-    call.
-    """
-    if not torch.onnx.is_in_onnx_export():
-        return tuple(None if t is None else _gather_rows(t, idx) for t in tensors)
-    num_taken = int(idx.shape[1])
-    if num_taken == 0:  # nothing to take (a block that reduces all of set A); Expand to 0 rows would be mistyped
-        return tuple(None if t is None else t[:, :0] for t in tensors)
-    if sample is None:
-        sample = sample_index(idx)
-    pairs = torch.cat([sample.expand(-1, num_taken, -1), idx], dim=-1)  # [B, K, 2]
-    gather = _GatherRows.apply if torch.jit.is_tracing() else gather_rows  # TorchScript tracer : torch.export
-    return tuple(None if t is None else gather(t, pairs) for t in tensors)
 
 
 def _combine_eager(
@@ -173,23 +129,6 @@ def _combine_eager(
     return torch.where(merged, _rescale(mean, max_norm), dst), size
 
 
-def _combine_static(
-    dst: Tensor, dst_size: Tensor, src: Tensor, src_size: Tensor, dst_idx: Tensor, mode: ReduceMode
-) -> tuple[Tensor, Tensor]:
-    """``_combine_eager`` without scatter: a ``[B, Nb, r]`` one-hot (``Equal`` on the destination indices) and a
-    batched matmul; MLERP's max-norm is a masked max over the same one-hot."""
-    slots = torch.arange(int(dst.shape[1]), device=dst.device)
-    to_dst = (dst_idx == slots).to(dst.dtype)  # [B, r, Nb]: where each source goes
-    gather_in = to_dst.transpose(1, 2)  # [B, Nb, r]
-    size = dst_size + gather_in @ src_size  # [B, Nb, 1]
-    weighted = dst * dst_size + gather_in @ (src * src_size)  # [B, Nb, C]: size-weighted sums
-    if mode == "mean":
-        return weighted / size, size
-    # MLERP: the size-weighted mean points the way of the weighted sum; give it the largest norm among the merged.
-    incoming_norm = (to_dst * src.norm(dim=-1, keepdim=True)).amax(dim=1).unsqueeze(-1)  # [B, Nb, 1]
-    return _rescale(weighted, torch.maximum(dst.norm(dim=-1, keepdim=True), incoming_norm)), size
-
-
 def _unit_sizes(x: Tensor) -> Tensor:
     """Sizes of fresh tokens, ``[B, N, 1]`` of ones. Computed from ``x`` (not ``ones_like``, which the ONNX tracer
     records as a constant of the example's batch size)."""
@@ -199,6 +138,63 @@ def _unit_sizes(x: Tensor) -> Tensor:
 def _rescale(x: Tensor, norm: Tensor) -> Tensor:
     """Give every token of ``x [..., C]`` the norm ``norm [..., 1]`` (MLERP's last step)."""
     return x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS))
+
+
+def _row_offsets(x: Tensor, sample: Tensor | None) -> Tensor:
+    """``[B, 1]``: the row of ``_rows(x)`` where each sample of ``x [B, N, C]`` starts (``sample``: its
+    ``sample_index``, computed once per graph by the caller, or None)."""
+    sample = sample_index(x) if sample is None else sample
+    return sample.reshape(-1, 1) * int(x.shape[1])
+
+
+def _kept_rows(unm_idx: Tensor, num_tokens: int, num_prefix: int, offsets: Tensor) -> Tensor:
+    """Flat rows ``[B, N - r]`` of the output tokens in ToMe's order: prefix, unmerged A, then all of B."""
+    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    parts = [offsets + torch.arange(num_prefix, device=offsets.device)] if num_prefix else []  # [B, p]
+    parts.append(offsets + a_start + 2 * unm_idx.flatten(1))  # [B, Na - r]
+    parts.append(offsets + torch.arange(b_start, num_tokens, 2, device=offsets.device))  # [B, Nb]
+    return torch.cat(parts, dim=1)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x [B, N, C]`` as rows ``[B * N, C]``: a ``Reshape`` to a constant ``[-1, C]`` (``flatten`` loses the
+    static C in ONNX Runtime's symbolic shape inference, which TensorRT's checks rely on)."""
+    return x.reshape(-1, int(x.shape[-1]))
+
+
+def _reduce_static(
+    x: Tensor, size: Tensor | None, matching: Matching, mode: ReduceMode, num_prefix: int, sample: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """``reduce_tokens`` without scatter and without slicing the sets apart: one row gather takes
+    ``[prefix, unmerged A, B]`` straight from ``x`` (a ``Gather`` of rows of ``x [B * N, C]``), and the sources are
+    folded into their destinations with a ``[B, N - r, r]`` one-hot and one batched matmul. MLERP's max-norm is a
+    masked max over the same one-hot. Sizes are carried only when given (None: every token has size 1)."""
+    num_tokens, num_src = int(x.shape[1]), int(matching.src_idx.shape[1])
+    offsets = _row_offsets(x, sample)  # [B, 1]
+    kept = _kept_rows(matching.unm_idx, num_tokens, num_prefix, offsets)  # [B, N - r]
+    rows, size_rows = _rows(x), None if size is None else _rows(size)  # [B * N, C], [B * N, 1]
+    out = rows[kept]  # [B, N - r, C]
+    out_size = None if size_rows is None else size_rows[kept]  # [B, N - r, 1]
+    if mode == "prune" or num_src == 0:
+        return out, out_size
+    a_start = 2 * ((num_prefix + 1) // 2)
+    src_rows = offsets + a_start + 2 * matching.src_idx.flatten(1)  # [B, r]
+    src = rows[src_rows]  # [B, r, C]
+    first_b = num_prefix + int(matching.unm_idx.shape[1])  # where set B starts in the output
+    slots = torch.arange(int(out.shape[1]), device=x.device).unsqueeze(-1)  # [N - r, 1]
+    one_hot = (slots == first_b + matching.dst_idx.reshape(-1, 1, num_src)).to(x.dtype)  # [B, N - r, r]
+    if size is None:  # fresh tokens: every weight is 1
+        weighted = out + one_hot @ src  # [B, N - r, C]: size-weighted sums
+        new_size = one_hot.sum(dim=-1, keepdim=True) + 1  # [B, N - r, 1]
+    else:
+        to_dst = one_hot * size_rows[src_rows].reshape(-1, 1, num_src)  # [B, N - r, r]: source sizes
+        weighted = out * out_size + to_dst @ src
+        new_size = out_size + to_dst.sum(dim=-1, keepdim=True)
+    if mode == "mean":
+        return weighted / new_size, new_size
+    # MLERP: the size-weighted mean points the way of the weighted sum; give it the largest norm among the merged.
+    incoming = (one_hot * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, N - r, 1]
+    return _rescale(weighted, torch.maximum(out.norm(dim=-1, keepdim=True), incoming)), new_size
 
 
 def reduce_tokens(
@@ -214,19 +210,20 @@ def reduce_tokens(
 
     Returns the reduced tokens ``[B, N - r, C]``, ordered ``[prefix, unmerged A, B]`` as in ToMe, and their sizes.
     ``"prune"`` leaves sizes untouched (None stays None), so sizes are only tracked once something was merged.
-    ``static`` folds sources in without scatter (see the module docstring); the numbers are the same.
-    ``sample`` is passed on to ``take_tokens``.
+    ``static`` folds sources in without scatter (see ``_reduce_static``); the numbers are the same to float
+    rounding. ``sample`` (``sample_index(x)``) lets a model compute the batch indices once per forward.
     """
     if mode not in REDUCE_MODES:
         raise ValueError(f"unknown reduce mode {mode!r}; expected one of {REDUCE_MODES}")
+    if static:
+        return _reduce_static(x, size, matching, mode, num_prefix, sample)
     if mode != "prune" and size is None:
         size = _unit_sizes(x)
     prefix, a, b = split_sets(x, num_prefix)
     size_prefix, size_a, size_b = split_sets(size, num_prefix) if size is not None else (None, None, None)
-    unm, size_unm = take_tokens(matching.unm_idx, a, size_a, sample=sample)  # [B, Na - r, C], [B, Na - r, 1]
+    unm, size_unm = take_tokens(matching.unm_idx, a, size_a)  # [B, Na - r, C], [B, Na - r, 1]
     if mode != "prune" and matching.src_idx.shape[1] > 0:
-        src, src_size = take_tokens(matching.src_idx, a, size_a, sample=sample)  # [B, r, C], [B, r, 1]
-        combine = _combine_static if static else _combine_eager
-        b, size_b = combine(b, size_b, src, src_size, matching.dst_idx, mode)
+        src, src_size = take_tokens(matching.src_idx, a, size_a)  # [B, r, C], [B, r, 1]
+        b, size_b = _combine_eager(b, size_b, src, src_size, matching.dst_idx, mode)
     x = torch.cat([prefix, unm, b], dim=1)
     return x, None if size is None else torch.cat([size_prefix, size_unm, size_b], dim=1)

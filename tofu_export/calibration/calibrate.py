@@ -27,6 +27,12 @@ from torch import Tensor, nn
 
 from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
 from tofu_export.calibration.latency import BlockLatency, measure_block_latency, sample_token_counts
+from tofu_export.calibration.measured import (
+    ExportSettings,
+    held_out_cosine,
+    measure_policy_latency,
+    split_held_out,
+)
 from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
 from tofu_export.calibration.trace import Trace, trace
 from tofu_export.errors import Hint, UserError
@@ -81,6 +87,10 @@ class Calibration:
     baseline_ms: float  # predicted latency without reduction
     prop_attn: bool
     record: dict  # images, tool, backend: the policy's source record (the budget is added per policy)
+    held_out: Tensor | None = None  # [B', 3, H, W] images the search never saw (checked on the final choice)
+    settings: ExportSettings | None = None  # how the user's graphs are exported (the measured latency's)
+    provider: str = "cpu"
+    threads: int | None = None
 
     def measurements(self) -> dict:
         linearity = [{"mean": float(x.mean()), "median": float(x.median()),
@@ -102,9 +112,12 @@ class Calibration:
             "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in self.front],
         }
 
-    def policy(self, budget: Budget, progress: bool = False) -> Policy:
-        """The budget's pick from the front, verified on the images (rescaled and re-picked up to
-        ``VERIFY_TRIES`` times while a fidelity floor is missed)."""
+    def policy(self, budget: Budget, progress: bool = False, *, measure_latency: bool = True,
+               rounds: int = 20) -> Policy:
+        """The budget's pick from the front, verified on the search images (rescaled and re-picked up to
+        ``VERIFY_TRIES`` times while a fidelity floor is missed), then checked once on the held-out images and,
+        with ``measure_latency``, timed on its exported graph against the unreduced one (``rounds`` interleaved
+        rounds): the measurements are recorded beside the predictions."""
         attempts, scale, chosen = [], 1.0, None
         with _progress(progress) as bar:
             task = bar.add_task("verifying the choice", total=VERIFY_TRIES)
@@ -126,9 +139,17 @@ class Calibration:
                 f"{best['measured_cosine']:.5f} on these images. Lower the floor or calibrate with a smaller r.",
                 hint=Hint("min_cosine", f"{best['measured_cosine']:.4f}"),
             )
+        held = self.held_out if self.held_out is not None else self.trace.reference[:0]
         measurements = dict(self.measurements(), predicted_cosine=attempts[-1]["predicted_cosine"],
                             measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
-                            predicted_speedup=self.baseline_ms / chosen.latency_ms, attempts=attempts)
+                            predicted_speedup=self.baseline_ms / chosen.latency_ms, attempts=attempts,
+                            held_out_images=len(held),
+                            held_out_cosine=held_out_cosine(self.model, held, chosen.modes, chosen.r, self.prop_attn))
+        if measure_latency:
+            measured = measure_policy_latency(self.model, chosen.modes, chosen.r, prop_attn=self.prop_attn,
+                                              settings=self.settings, provider=self.provider, threads=self.threads,
+                                              rounds=rounds)
+            measurements.update(measured_latency=measured.to_dict(), measured_speedup=measured.speedup)
         return Policy(chosen.modes, chosen.r, model_record(self.model), dict(self.record, budget=budget.to_dict()),
                       measurements)
 
@@ -143,15 +164,20 @@ def measure(
     prop_attn: bool = True,
     source: dict | None = None,
     progress: bool = True,
+    holdout: float = 0.25,
+    settings: ExportSettings | None = None,
 ) -> Calibration:
     """Measure ``model`` (a plain timm ViT; a patched one is unpatched first) on ``images [B, 3, H, W]``: every
     stage of the module docstring but the choice. ``r`` is the tokens a reducing block removes; ``provider`` and
-    ``threads`` choose the ONNX Runtime backend the latencies are measured on; ``source`` describes the images."""
+    ``threads`` choose the ONNX Runtime backend the latencies are measured on; ``source`` describes the images.
+    ``holdout`` of the images (an even spread) are kept out of the search and checked once on the final choice;
+    ``settings`` is how the user exports (exporter, opset, simplification), for the measured latency."""
     from tofu_export import __version__
 
     family = family_of(model)
     model.eval()
     check_images(model, images)
+    images, held_out = split_held_out(images, holdout)
     depth, prefix, tokens0 = family.depth(model), family.num_prefix(model), family.num_tokens(model)
     if not 0 < r <= max_reduction(tokens0, prefix):
         limit = max_reduction(tokens0, prefix)
@@ -166,7 +192,7 @@ def measure(
         damage = single_block_damage(model, tr, r, prop_attn=prop_attn, on_step=lambda: bar.advance(task))
         bar.update(task, description="latency per block and mode", completed=0, total=len(counts) * 4 + rounds)
         latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
-                                        prop_attn=prop_attn, on_step=lambda: bar.advance(task))
+                                        prop_attn=prop_attn, settings=settings, on_step=lambda: bar.advance(task))
         baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
         bar.update(task, description="every mode in every block", completed=0, total=len(REDUCE_MODES))
         # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several
@@ -182,10 +208,12 @@ def measure(
                              "predicted_ms": ms, "compounding": (1.0 - measured) / max(anchor.damage, 1e-12)}
             bar.advance(task)
     scaled = {m: [max(d, 0.0) * max(uniform[m]["compounding"], 1.0) for d in values] for m, values in damage.items()}
-    record = {"images": dict(source or {}, count=int(images.shape[0])), "tool": f"tofu-export {__version__}",
-              "backend": latency.backend, "threads": threads, "prop_attn": prop_attn}
+    record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out)),
+              "tool": f"tofu-export {__version__}", "backend": latency.backend, "threads": threads,
+              "prop_attn": prop_attn}
     front = pareto_front(scaled, latency, tokens0, prefix)
-    return Calibration(model, tr, r, damage, latency, uniform, front, baseline_ms, prop_attn, record)
+    return Calibration(model, tr, r, damage, latency, uniform, front, baseline_ms, prop_attn, record, held_out,
+                       settings or ExportSettings(), provider, threads)
 
 
 def calibrate(
@@ -199,9 +227,11 @@ def calibrate(
     prop_attn: bool = True,
     source: dict | None = None,
     progress: bool = True,
+    holdout: float = 0.25,
+    settings: ExportSettings | None = None,
 ) -> Policy:
     """``measure`` then ``Calibration.policy``: the verified ``Policy`` the ``budget`` (default:
-    ``min_cosine=0.995``) picks. Writes nothing."""
+    ``min_cosine=0.995``) picks, its latency measured on its exported graph. Writes nothing."""
     calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
-                          source=source, progress=progress)
+                          source=source, progress=progress, holdout=holdout, settings=settings)
     return calibration.policy(budget or Budget(min_cosine=0.995), progress=progress)

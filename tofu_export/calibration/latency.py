@@ -1,30 +1,37 @@
 """The latency of one block per reduce mode, measured on the backend: one-block ONNX graphs timed interleaved.
 
 For a few token counts ``N`` (those the blocks of a uniform-r model receive: first, middle, last), one block of the
-model is exported four times as a static graph ``[1, N, C] -> [1, N - r, C]``: without reduction, and removing
-``r`` tokens with each of prune, mean and MLERP (the same static rewrite the full export uses). The graphs, and
+model is exported four times as a static graph ``[B, N, C] -> [B, N - r, C]``: without reduction, and removing
+``r`` tokens with each of prune, mean and MLERP (the same static rewrite the full export uses), each block with
+token sizes (so proportional attention's mask and the size-weighted merge are in the graph, as in every block after
+the first reduction). The graphs go through ``exporters.onnx.export_onnx`` with the user's exporter, opset and
+simplification (``ExportSettings``); the block's r is what ``schedule.plan_tokens`` allows at N. The graphs, and
 one of the model without blocks (patch embedding and head), are timed round-robin in one process, in a fresh
-order every round. A block at another token count is interpolated linearly between the measured ones.
+order every round. A block at another token count is interpolated linearly between the measured ones: a
+prediction, which ``calibration.measured`` checks on the chosen policy's exported graph.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import statistics
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from tofu_export.calibration.measured import ExportSettings
 from tofu_export.engines.ort import create_session
-from tofu_export.merge import REDUCE_MODES, max_reduction
+from tofu_export.exporters.onnx import export_onnx
+from tofu_export.merge import REDUCE_MODES
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.profiling.compare import time_round_robin
-from tofu_export.schedule import TokenPlan, plan_tokens
+from tofu_export.schedule import plan_tokens
 
 NONE = "none"  # the block without token reduction
 
@@ -59,47 +66,60 @@ class BlockLatency:
         return asdict(self)
 
 
-class _BlockGraph(nn.Module):
-    """One ToFu block as a graph ``[B, N, C] -> [B, N - r, C]``."""
+def _skeleton(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+    """``model``'s embedding and head holding ``blocks`` (the family's ``with_blocks``); ``model`` is untouched."""
+    return family_of(model).with_blocks(model, blocks)
+
+
+def block_graph(model: nn.Module, mode: str, tokens: int, r: int, prop_attn: bool = True,
+                settings: ExportSettings | None = None, folder: Path | None = None) -> Path:
+    """Export a copy of ``model``'s first block receiving ``tokens`` and removing ``r`` (as ``plan_tokens``
+    allows) with ``mode`` into ``folder``; returns the ONNX file's path.
+
+    The copy is patched as the second of two blocks (the first removes nothing and is never run), so it is
+    entered with token sizes, as every block after the first reduction is."""
+    family = family_of(model)
+    prefix = family.num_prefix(model)
+    skeleton = _skeleton(model, [copy.deepcopy(family.blocks(model)[0]) for _ in range(2)])
+    removed = 0 if mode == NONE else r
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch(skeleton, r=[0, removed], mode=["mean" if mode == NONE else mode] * 2, prop_attn=prop_attn,
+              img_size=family.img_size(model))
+    state = tofu_state(skeleton)
+    state.plan = plan_tokens(tokens, prefix, [0, removed], warn=False)  # this graph's token count, not the model's
+    path = Path(folder or tempfile.mkdtemp(prefix="tofu-block-")) / f"{mode}@{tokens}.onnx"
+    _export(_SizedBlock(skeleton), torch.zeros(1, tokens, family.embed_dim(model)), path, settings)
+    return path
+
+
+class _SizedBlock(nn.Module):
+    """A patched two-block skeleton's second block as a graph ``[B, N, C] -> [B, N - r, C]``, entered with token
+    sizes (all 1: the values do not change the work)."""
 
     def __init__(self, skeleton: nn.Module) -> None:
         super().__init__()
         self.skeleton = skeleton
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return family_of(self.skeleton).run_blocks(self.skeleton, x, 0)
+        state = tofu_state(self.skeleton)
+        state.size, state.sample = x[..., :1] * 0 + 1, None  # [B, N, 1], computed from x: the batch stays symbolic
+        return family_of(self.skeleton).blocks(self.skeleton)[1](x)
 
 
-def _skeleton(model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
-    """``model``'s embedding and head holding ``blocks``; ``model`` is untouched."""
-    return family_of(model).with_blocks(model, blocks)
+def stem_graph(model: nn.Module, settings: ExportSettings | None = None, folder: Path | None = None) -> Path:
+    """Export ``model`` without its blocks (``[B, 3, H, W]`` -> pooled output) into ``folder``; returns the path."""
+    path = Path(folder or tempfile.mkdtemp(prefix="tofu-block-")) / "stem.onnx"
+    _export(_skeleton(model, []), torch.zeros(1, 3, *family_of(model).img_size(model)), path, settings)
+    return path
 
 
-def block_graph(model: nn.Module, mode: str, tokens: int, r: int, prop_attn: bool = True) -> bytes:
-    """ONNX bytes of a copy of ``model``'s first block receiving ``tokens`` and removing ``r`` with ``mode``."""
-    family = family_of(model)
-    skeleton = _skeleton(model, [copy.deepcopy(family.blocks(model)[0])])
-    removed = 0 if mode == NONE else min(r, max_reduction(tokens, family.num_prefix(model)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        patch(skeleton, r=[removed], mode=["mean" if mode == NONE else mode], prop_attn=prop_attn,
-              img_size=family.img_size(model))
-    tofu_state(skeleton).plan = TokenPlan([tokens], [removed], [removed])  # static counts for this token count
-    return _export(_BlockGraph(skeleton), torch.zeros(1, tokens, family.embed_dim(model)))
-
-
-def stem_graph(model: nn.Module) -> bytes:
-    """ONNX bytes of ``model`` without its blocks: ``[B, 3, H, W]`` -> pooled output."""
-    return _export(_skeleton(model, []), torch.zeros(1, 3, *family_of(model).img_size(model)))
-
-
-def _export(module: nn.Module, example: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
+def _export(module: nn.Module, example: torch.Tensor, path: Path, settings: ExportSettings | None) -> None:
+    settings = settings or ExportSettings()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: the shapes are constant on purpose
-        torch.onnx.export(module.eval(), (example,), buffer, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"], do_constant_folding=True)
-    return buffer.getvalue()
+        export_onnx(module.eval(), path, tuple(example.shape[-2:]), opset=settings.opset, simplify=settings.simplify,
+                    verify=False, exporter=settings.exporter, example=example)  # type: ignore[arg-type]
 
 
 def sample_token_counts(tokens0: int, num_prefix: int, r: int, depth: int, points: int = 3) -> list[int]:
@@ -118,25 +138,29 @@ def measure_block_latency(
     rounds: int = 40,
     points: int = 3,
     prop_attn: bool = True,
+    settings: ExportSettings | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> BlockLatency:
-    """Export and time the one-block graphs of the module docstring; ``on_step`` after each export and round."""
+    """Export (``settings``: the user's exporter, opset, simplification) and time the one-block graphs of the module
+    docstring; ``on_step`` after each export and round. The graphs take tokens, not images, so they are opened by
+    the engines' session factory (``engines.ort.create_session``) rather than the image runner."""
     family = family_of(model)
     depth, prefix = family.depth(model), family.num_prefix(model)
     counts = sample_token_counts(num_tokens(model), prefix, r, depth, points)
     variants = (NONE, *REDUCE_MODES)
-    graphs = {"stem": stem_graph(model)}
-    for n in counts:
-        for mode in variants:
-            graphs[f"{mode}@{n}"] = block_graph(model, mode, n, r, prop_attn)
-            if on_step is not None:
-                on_step()
-    runners = {}
-    for name, graph in graphs.items():
-        session = create_session(graph, threads=threads, spinning=False, provider=provider)
-        feed = {session.get_inputs()[0].name: _random_input(session)}
-        session.run(None, feed)
-        runners[name] = lambda s=session, f=feed: s.run(None, f)
+    with tempfile.TemporaryDirectory(prefix="tofu-calibrate-") as tmp:
+        graphs = {"stem": stem_graph(model, settings, Path(tmp))}
+        for n in counts:
+            for mode in variants:
+                graphs[f"{mode}@{n}"] = block_graph(model, mode, n, r, prop_attn, settings, Path(tmp))
+                if on_step is not None:
+                    on_step()
+        runners = {}
+        for name, graph in graphs.items():
+            session = create_session(graph, threads=threads, spinning=False, provider=provider)
+            feed = {session.get_inputs()[0].name: _random_input(session)}
+            session.run(None, feed)
+            runners[name] = lambda s=session, f=feed: s.run(None, f)
     samples = time_round_robin(runners, iters=rounds, seed=0, on_round=on_step)
 
     def median_iqr(values: Sequence[float]) -> tuple[float, float]:
@@ -155,5 +179,5 @@ def measure_block_latency(
 
 
 def _random_input(session: object) -> np.ndarray:
-    shape = [int(d) for d in session.get_inputs()[0].shape]  # static: batch 1
+    shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]  # batch 1
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)

@@ -13,6 +13,7 @@ Block i's latency depends only on how many blocks before it reduced, so an exact
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -102,12 +103,25 @@ def _prune(points: list[Point]) -> list[Point]:
 def choose(front: list[Candidate], budget: Budget, baseline_ms: float, damage_scale: float = 1.0) -> Candidate:
     """The fastest candidate meeting ``min_cosine``, or the most faithful meeting the latency target.
 
-    ``damage_scale`` multiplies predicted damage (a verification's measured / predicted). A latency target no
-    candidate meets is a ``BudgetError`` naming the fastest reachable one.
+    ``damage_scale`` multiplies predicted damage (a verification's measured / predicted). A budget no candidate
+    that removes tokens meets is a ``BudgetError`` naming what is reachable: the fastest policy for a latency
+    target, the most faithful reducing policy for a fidelity floor (the unreduced model is not an answer).
     """
     if budget.min_cosine is not None:
         floor = 1.0 - budget.min_cosine
-        return min((c for c in front if c.damage * damage_scale <= floor), key=lambda c: c.latency_ms)
+        reducing = [c for c in front if any(c.r)]
+        meeting = [c for c in reducing if c.damage * damage_scale <= floor]
+        if not meeting:
+            if not reducing:
+                raise BudgetError("no policy that removes tokens was found at this r; calibrate with a smaller r",
+                                  hint=Hint("r", "8"))
+            best = 1.0 - min(c.damage for c in reducing) * damage_scale
+            raise BudgetError(
+                f"no policy that removes tokens keeps min_cosine={budget.min_cosine}: the most faithful one is "
+                f"predicted at cosine {best:.5f}. Ask for at most that, or calibrate with a smaller r.",
+                hint=Hint("min_cosine", f"{math.floor(best * 1e4) / 1e4:.4f}", "the most faithful policy at this r"),
+            )
+        return min(meeting, key=lambda c: c.latency_ms)
     limit = budget.max_latency_ms if budget.max_latency_ms is not None else baseline_ms / budget.speedup
     meeting = [c for c in front if c.latency_ms <= limit]
     if not meeting:

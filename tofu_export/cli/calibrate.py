@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions
+from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, RuntimeOptions
 from tofu_export.cli.output import print_json
 
 
@@ -20,6 +20,7 @@ def calibrate(
     data: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder, or a dataset root with train/.")],
     model: ModelOptions,
     runtime: RuntimeOptions,
+    onnx: OnnxOptions,
     r: Annotated[int, typer.Option("--r", "-r", help="Tokens a reducing block removes.")] = 16,
     images: Annotated[int, typer.Option("--images", help="Calibration images, evenly spread over DATA.")] = 64,
     min_cosine: Annotated[
@@ -54,6 +55,7 @@ def calibrate(
       tofu-export calibrate deit_small.pth /data/imagenet/train --speedup 1.6 -o deit-policy.json
     """
     from tofu_export.calibration import Budget, calibrate, load_images, plot_policy
+    from tofu_export.calibration.measured import ExportSettings
     from tofu_export.output_paths import FileOutput, check_file_outputs, is_policy_file, is_tofu_png
 
     runtime.check()
@@ -66,8 +68,10 @@ def calibrate(
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
     start = time.perf_counter()
+    config = onnx.build()  # how the graphs the latencies are measured on are exported: as the user exports
+    settings = ExportSettings(config.exporter, config.opset or 17, config.simplify)
     policy = calibrate(loaded.model, batch, r=r, budget=budget, provider=provider, threads=runtime.threads,
-                       source=source)
+                       source=source, settings=settings)
     seconds = time.perf_counter() - start
     checkpoint_record = {"source": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch.name}
     policy = dataclasses.replace(policy, source=dict(policy.source, checkpoint=checkpoint_record,
@@ -82,6 +86,7 @@ def calibrate(
         print_json({"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),
                     "predicted_cosine": m["predicted_cosine"], "measured_cosine": m["measured_cosine"],
                     "predicted_speedup": m["predicted_speedup"], "baseline_ms": m["baseline_ms"], "seconds": seconds,
+                    "measured_speedup": m.get("measured_speedup"), "held_out_cosine": m.get("held_out_cosine"),
                     "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
                              "predicted_ms": m["uniform"]["mean"]["predicted_ms"]}})
         return
@@ -112,16 +117,27 @@ def comparison_table(m: dict[str, Any], r: int) -> Table:
     calibration images; latency predicted by the calibration's latency model, on its backend)."""
     tome = m["uniform"]["mean"]
     base_ms = m["baseline_ms"]
+    measured = m.get("measured_latency")
+    caption = (f"cosine to the unreduced model on the calibration images; latency predicted on "
+               f"{m['latency']['backend']} from per-block timings")
+    if measured is not None:
+        caption += (f"; measured: the exported graphs ({measured['exporter']}, opset {measured['opset']}), "
+                    f"{measured['rounds']} interleaved rounds against the unreduced graph")
     table = Table(title="calibrated policy vs ToMe at the same r", title_justify="left", caption_justify="left",
-                  caption=f"cosine to the unreduced model, measured on the calibration images; latency predicted "
-                  f"on {m['latency']['backend']} from per-block timings (not measured end to end).")
+                  caption=caption + ".")
     for column in ("", "unreduced", f"ToMe r={r}", "policy"):
         table.add_column(column, justify="right")
-    table.add_row("cosine (measured)", "1", f"{tome['measured_cosine']:.5f}", f"{m['measured_cosine']:.5f}")
+    table.add_row("cosine (calibration images)", "1", f"{tome['measured_cosine']:.5f}", f"{m['measured_cosine']:.5f}")
+    if m.get("held_out_cosine") is not None:
+        table.add_row(f"cosine (held out, {m['held_out_images']} images)", "1", "", f"{m['held_out_cosine']:.5f}")
     table.add_row("latency (predicted)", f"{base_ms:.1f} ms", f"{tome['predicted_ms']:.1f} ms",
                   f"{m['predicted_ms']:.1f} ms")
     table.add_row("speed-up (predicted)", "1.00x", f"{base_ms / tome['predicted_ms']:.2f}x",
                   f"{m['predicted_speedup']:.2f}x")
+    if measured is not None:
+        low, high = measured["speedup_iqr"]
+        table.add_row("speed-up (measured, quartiles)", "1.00x", "",
+                      f"{m['measured_speedup']:.2f}x ({low:.2f}-{high:.2f}x)")
     closer = m["measured_cosine"] >= tome["measured_cosine"]
     faster = m["predicted_ms"] <= tome["predicted_ms"]
     verdict = {(True, True): "beats ToMe on both", (True, False): "closer than ToMe, predicted slower",

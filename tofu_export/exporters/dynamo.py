@@ -2,8 +2,7 @@
 
 What this module adds to torch's own exporter, so that its graph is the one ``tofu_export`` ships:
 
-- custom translations (onnxscript): the row gather ``tofu_export::gather_rows`` becomes one ``GatherND`` (as the
-  TorchScript path's ``_GatherRows.symbolic`` emits); attention transposes K with a static permutation (torch's
+- custom translations (onnxscript): attention transposes K with a static permutation (torch's
   translation reshapes K to 3-D and back: two more nodes per block); ``unbind`` (q, k, v out of the qkv
   projection) is one ``Gather`` per part rather than a ``Slice`` and a ``Squeeze``; exact GELU in the operand order
   ONNX Runtime fuses into one ``Gelu`` kernel (torch's order is not fused, which cost ~2% on ORT CPU); below opset
@@ -27,14 +26,8 @@ from torch import nn
 
 EXPORT_OPSET = 18  # the lowest opset torch's dynamo exporter translates to; lower ones are converted down
 _METADATA_SCOPES = "pkg.torch.onnx.name_scopes"
+_SET_ASIDE = "tofu_export.set_aside"  # a private domain the opset converter leaves alone
 Value = Any  # an onnxscript (onnx_ir) value while torch's exporter translates a node
-
-
-def _gather_rows_onnx(x: Value, pairs: Value) -> Value:
-    """``tofu_export::gather_rows``: ``x [B, N, C]``, ``pairs [B, K, 2]`` (sample, token) -> ``[B, K, C]``."""
-    from onnxscript import opset18 as op
-
-    return op.GatherND(x, pairs)
 
 
 def _attention(
@@ -115,11 +108,9 @@ def _layer_norm_decomposed(
 
 
 def translation_table(opset: int) -> dict:
-    """Custom onnxscript translations for an export at ``opset``."""
-    import tofu_export.merge  # noqa: F401  (registers tofu_export::gather_rows)
-
+    """Custom onnxscript translations for an export at ``opset``. None is needed for correctness: the token
+    reduction is plain PyTorch, so torch's exporter alone also exports a patched model (with a larger graph)."""
     table: dict = {
-        torch.ops.tofu_export.gather_rows.default: _gather_rows_onnx,
         torch.ops.aten.scaled_dot_product_attention.default: _attention,
         torch.ops.aten.unbind.int: _unbind,
         torch.ops.aten.gelu.default: _gelu,
@@ -183,10 +174,25 @@ def _name_by_scope(graph: onnx.ModelProto) -> None:
 
 def _convert_down(graph: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Convert an opset-18 graph to ``opset``. Opset 18 added ``noop_with_empty_axes`` to the reductions that took
-    ``axes`` as an attribute before; at its default (0) it means nothing, and older opsets reject it."""
+    ``axes`` as an attribute before; at its default (0) it means nothing, and older opsets reject it. Opset 18 also
+    added ``num_outputs`` to ``Split``, and ONNX has no adapter for it: a ``Split`` with explicit sizes means the
+    same at opsets 13-18, so it is set aside in a private domain while the rest is converted."""
     for node in graph.graph.node:
         kept = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
         if len(kept) != len(node.attribute):
             del node.attribute[:]
             node.attribute.extend(kept)
-    return onnx.version_converter.convert_version(graph, opset)
+    splits = [n for n in graph.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")
+              and len(n.input) == 2 and not any(a.name == "num_outputs" for a in n.attribute)]
+    if opset >= 13 and splits:
+        for node in splits:
+            node.domain = _SET_ASIDE
+        graph.opset_import.append(onnx.helper.make_opsetid(_SET_ASIDE, 1))
+    converted = onnx.version_converter.convert_version(graph, opset)
+    for node in converted.graph.node:
+        if node.domain == _SET_ASIDE:
+            node.domain = ""
+    kept_imports = [o for o in converted.opset_import if o.domain != _SET_ASIDE]
+    del converted.opset_import[:]
+    converted.opset_import.extend(kept_imports)
+    return converted

@@ -202,6 +202,7 @@ def export_onnx(
     precision: Precision = "fp32",
     simplifier: Simplifier = DEFAULT_SIMPLIFIER,
     calibration: torch.Tensor | None = None,
+    example: torch.Tensor | None = None,
 ) -> OnnxExport:
     """Export ``model`` (eval mode, fp32, CPU) to ``path``: trace, simplify, convert, check, verify parity, then move
     into place.
@@ -232,7 +233,8 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as workdir:
         staged = Path(workdir) / path.name
         try:
-            trace(model, torch.zeros(1, 3, *size), staged, opset, input_name, output_name)
+            example = torch.zeros(1, 3, *size) if example is None else example  # another input: verify=False
+            trace(model, example, staged, opset, input_name, output_name)
         except ExportError:
             raise
         except Exception as error:

@@ -16,9 +16,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from tofu_export.engines.ort import create_session
+from tofu_export.engines.ort import OrtRunner
 from tofu_export.profiling.timing import time_callable
 
 
@@ -37,15 +35,11 @@ def interleaved_latency_ms(
 
     ``on_round`` is called after each of the ``iters`` rounds (one run of every model), e.g. to advance a progress bar.
     """
-    sessions = {name: create_session(path, threads=threads, spinning=False) for name, path in models.items()}
-    feeds = {}
-    for name, session in sessions.items():
-        model_input = session.get_inputs()[0]
-        shape = [batch_size, *(int(d) for d in model_input.shape[1:])]
-        feeds[name] = {model_input.name: np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)}
+    engines = {name: OrtRunner(path, threads=threads, spinning=False, seed=seed) for name, path in models.items()}
+    for engine in engines.values():
         for _ in range(warmup):
-            session.run(None, feeds[name])
-    runners = {name: (lambda s=session, f=feeds[name]: s.run(None, f)) for name, session in sessions.items()}
+            engine.run(batch_size)  # the runner makes and caches its random batch here, outside any timing
+    runners = {name: (lambda e=engine: e.run(batch_size)) for name, engine in engines.items()}
     return time_round_robin(runners, iters=iters, seed=seed, on_round=on_round)
 
 

@@ -1,0 +1,67 @@
+"""Calibration's promises, checked without a full calibration: budgets on synthetic fronts, the held-out split,
+and the chosen policy's latency measured on graphs exported with the user's settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tofu_export.calibration import measured as measured_module
+from tofu_export.calibration.measured import ExportSettings, measure_policy_latency, split_held_out
+from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FRONT = [  # a synthetic front: the unreduced policy, then two reducing ones
+    Candidate(("mean",) * 2, (0, 0), 0.0, 10.0),
+    Candidate(("mlerp",) * 2, (4, 0), 0.002, 9.0),
+    Candidate(("prune",) * 2, (4, 4), 0.02, 8.0),
+]
+
+
+def test_a_floor_only_the_unreduced_model_meets_is_an_error_naming_the_reachable_one() -> None:
+    with pytest.raises(BudgetError, match=r"most faithful one is predicted at cosine 0\.99800") as caught:
+        choose(FRONT, Budget(min_cosine=0.999), baseline_ms=10.0)
+    assert caught.value.hint.option == "min_cosine" and caught.value.hint.value == "0.9980"
+    with pytest.raises(BudgetError, match=r"cosine 0\.99600"):  # a verification's damage scale counts too
+        choose(FRONT, Budget(min_cosine=0.998), baseline_ms=10.0, damage_scale=2.0)
+    with pytest.raises(BudgetError, match="no policy that removes tokens was found"):
+        choose(FRONT[:1], Budget(min_cosine=0.9), baseline_ms=10.0)
+
+
+def test_a_reachable_floor_picks_the_fastest_reducing_policy() -> None:
+    assert choose(FRONT, Budget(min_cosine=0.998), baseline_ms=10.0) == FRONT[1]
+    assert choose(FRONT, Budget(min_cosine=0.98), baseline_ms=10.0) == FRONT[2]
+    assert choose(FRONT, Budget(speedup=1.2), baseline_ms=10.0) == FRONT[2]
+
+
+@pytest.mark.parametrize(("count", "fraction", "held"), [(8, 0.25, 2), (10, 0.5, 5), (7, 0.0, 0), (3, 0.25, 0)])
+def test_held_out_images_are_an_even_spread_the_search_never_sees(count: int, fraction: float, held: int) -> None:
+    images = torch.arange(count, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
+    search, held_out = split_held_out(images, fraction)
+    ids = lambda t: {int(v) for v in t[:, 0, 0, 0]}  # noqa: E731
+    assert len(held_out) == held and len(search) == count - held
+    assert ids(search).isdisjoint(ids(held_out)) and ids(search) | ids(held_out) == set(range(count))
+    if held:
+        step = round(1 / fraction)
+        assert ids(held_out) == set(range(step - 1, count, step))
+
+
+def test_policy_latency_is_measured_on_graphs_exported_as_the_user_exports(make_vit, monkeypatch) -> None:
+    model = make_vit("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=0)  # 5 tokens, 1 protected
+    calls = []
+    real_export = measured_module.export_onnx
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(measured_module, "export_onnx", spy)
+    settings = ExportSettings("torchscript", 16, False)
+    result = measure_policy_latency(model, ("mlerp", "prune"), (2, 1), settings=settings, threads=1, rounds=3)
+    exported = [(c["exporter"], c["opset"], c["simplify"], c["verify"]) for c in calls]
+    assert exported == [("torchscript", 16, False, False)] * 2
+    assert not hasattr(model, "_tofu")  # the model is left as it was (plain)
+    assert (result.exporter, result.opset, result.rounds, result.backend) == ("torchscript", 16, 3, "onnxruntime-cpu")
+    assert result.speedup_iqr[0] <= result.speedup <= result.speedup_iqr[1]
+    assert result.to_dict()["speedup_iqr"] == list(result.speedup_iqr)
