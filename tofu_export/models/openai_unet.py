@@ -43,8 +43,13 @@ class Resample(nn.Module):
         super().__init__()
         self.up = up
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, scale_factor=2, mode="nearest") if self.up else F.avg_pool2d(x, 2, 2)
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, C, 2H, 2W] or [B, C, H/2, W/2]
+        if not self.up:
+            return F.avg_pool2d(x, 2, 2)
+        # nearest x2 as expand + reshape: a Resize's output batch is floor(1.0 * batch) to shape inference,
+        # which TensorRT's static check (rightly) cannot match with the batch axis of the other branch
+        b, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
 class ResBlock(nn.Module):
@@ -70,7 +75,8 @@ class ResBlock(nn.Module):
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb)[..., None, None]  # [B, C' or 2C', 1, 1]
         if self.scale_shift:
-            scale, shift = emb_out.chunk(2, dim=1)
+            half = emb_out.shape[1] // 2  # slices, not chunk: Split has no down-conversion from opset 18
+            scale, shift = emb_out[:, :half], emb_out[:, half:]
             h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
         else:
             h = self.out_layers(h + emb_out)
@@ -80,8 +86,9 @@ class ResBlock(nn.Module):
 def qkv_attention(qkv: Tensor, num_heads: int) -> Tensor:
     """The original's ``QKVAttention`` (split q, k, v, then heads): ``[B, 3C, T] -> [B, C, T]``, as matmuls."""
     batch, width, length = qkv.shape
-    ch = width // (3 * num_heads)
-    q, k, v = qkv.chunk(3, dim=1)  # [B, C, T] each
+    width //= 3
+    q, k, v = qkv[:, :width], qkv[:, width : 2 * width], qkv[:, 2 * width :]  # [B, C, T] each
+    ch = width // num_heads
     scale = 1 / math.sqrt(math.sqrt(ch))
     q = (q * scale).reshape(batch * num_heads, ch, length)
     k = (k * scale).reshape(batch * num_heads, ch, length)
