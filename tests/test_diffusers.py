@@ -1,0 +1,77 @@
+"""Dense ToFu in tiny random diffusers denoisers (built from configs, no downloads): UNet2DConditionModel, DiT and
+PixArt transformers; patch / unpatch, and a static export of one UNet2DConditionModel and one DiT step."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from tofu_export.dense.export import export_denoiser, static_graph_problems  # noqa: E402
+from tofu_export.dense.plan import plan_blocks  # noqa: E402
+from tofu_export.models.diffusers_blocks import (  # noqa: E402
+    ReducedSelfAttention,
+    patch,
+    step,
+    step_inputs,
+    token_grids,
+    unpatch,
+)
+
+
+def unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def dit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                           out_channels=8, num_layers=2, sample_size=16, patch_size=2,
+                                           num_embeds_ada_norm=10).eval()
+
+
+def pixart() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=8, num_layers=2, sample_size=16, patch_size=2,
+                                              cross_attention_dim=32, caption_channels=32).eval()
+
+
+@pytest.mark.parametrize("build", [unet, dit, pixart])
+def test_patch_changes_the_output_and_unpatch_restores(build) -> None:
+    model = build()
+    make = step_inputs(model, 16)
+    inputs = make(2, 0)
+    with torch.no_grad():
+        base = step(model)(*inputs)
+    grids = token_grids(model, inputs)
+    assert all(h * w in (16 * 16, 8 * 8) for h, w in grids.values())
+    patch(model, plan_blocks(grids, 0.5, "mlerp"), grids)
+    assert any(isinstance(m, ReducedSelfAttention) for m in model.modules())
+    with torch.no_grad():
+        reduced = step(model)(*inputs)
+    assert reduced.shape == base.shape and not torch.allclose(reduced, base)
+    unpatch(model)
+    assert not any(isinstance(m, ReducedSelfAttention) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(step(model)(*inputs), base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [unet, dit])
+def test_static_export(build, tmp_path) -> None:
+    model = build()
+    make = step_inputs(model, 16)
+    grids = token_grids(model, make(1, 0))
+    patch(model, plan_blocks(grids, 0.5, "mlerp"), grids)
+    result = export_denoiser(step(model), tmp_path / "step.onnx", make, ["sample", "timestep", "cond"],
+                             exporter="torchscript")
+    graph = onnx.load(str(tmp_path / "step.onnx"))
+    assert static_graph_problems(graph) == [] and "TopK" in {n.op_type for n in graph.graph.node}
+    assert result.parity.ok and result.tensorrt["ok"], (result.parity, result.tensorrt)

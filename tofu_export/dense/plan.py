@@ -1,0 +1,86 @@
+"""Which blocks of a denoiser reduce tokens, by how much and how: a per-block policy and its JSON file.
+
+A block is named by its module path (``input_blocks.11.1``) and has a token grid ``height x width``. The default
+plan (``plan_blocks``) reduces every block whose grid is at most ``max_downsample`` times coarser than the finest
+one (ToMe for SD's ``max_downsample``: 1 = only the finest level), all with one ratio and mode. A policy file
+(written by calibration) gives every block its own ratio and mode instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tofu_export.errors import Hint, UserError
+from tofu_export.merge import REDUCE_MODES, ReduceMode
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One block's reduction: ``ratio`` of its tokens reduced with ``mode``."""
+
+    ratio: float
+    mode: ReduceMode
+
+
+@dataclass
+class DensePolicy:
+    """Per-block plans (``blocks``: name -> plan) with the window ``stride`` and ``seed`` they were made for."""
+
+    blocks: dict[str, BlockPlan]
+    stride: int = 2
+    seed: int | None = None
+    notes: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"kind": "tofu-dense-policy", "stride": self.stride, "seed": self.seed,
+             "blocks": {name: asdict(plan) for name, plan in self.blocks.items()}, "notes": self.notes},
+            indent=2,
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DensePolicy:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.get("kind") != "tofu-dense-policy":
+                raise ValueError("not a dense ToFu policy (kind != 'tofu-dense-policy')")
+            blocks = {name: BlockPlan(float(p["ratio"]), p["mode"]) for name, p in data["blocks"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"cannot read the policy file {path}: {error}", hint=Hint("policy", None, "a file "
+                            "written by calibrate-denoiser")) from error
+        for name, plan in blocks.items():
+            check_plan(plan, name)
+        return cls(blocks, int(data.get("stride", 2)), data.get("seed"), data.get("notes", {}))
+
+
+def check_plan(plan: BlockPlan, name: str = "") -> None:
+    """Raise ``UserError`` for a mode or ratio no block can take."""
+    where = f" (block {name})" if name else ""
+    if plan.mode not in REDUCE_MODES:
+        raise UserError(f"unknown reduce mode {plan.mode!r}{where}",
+                        hint=Hint("mode", "mlerp", ", ".join(REDUCE_MODES)))
+    if not 0.0 <= plan.ratio < 1.0:
+        raise UserError(f"ratio {plan.ratio} is out of range{where}", hint=Hint("ratio", "0.5", "a fraction in [0, 1)"))
+
+
+def plan_blocks(grids: dict[str, tuple[int, int]], ratio: float, mode: ReduceMode, max_downsample: int = 1,
+                stride: int = 2, seed: int | None = None) -> DensePolicy:
+    """One ratio and mode for every block (``grids``: name -> ``(height, width)``) at most ``max_downsample`` times
+    coarser (per side) than the finest grid; coarser blocks are left alone."""
+    check_plan(BlockPlan(ratio, mode))
+    if max_downsample < 1:
+        raise UserError(f"max_downsample must be >= 1, not {max_downsample}", hint=Hint("max_downsample", "1"))
+    if not grids:
+        raise UserError("this model has no block that can reduce tokens")
+    finest = max(h * w for h, w in grids.values())
+    chosen = {
+        name: BlockPlan(ratio, mode)
+        for name, (h, w) in grids.items()
+        if h * w * max_downsample**2 >= finest and min(h, w) >= stride
+    }
+    return DensePolicy(chosen, stride, seed)
