@@ -70,14 +70,13 @@ def test_eval_of_a_checkpoint_scores_reference_and_candidate(files: dict[str, Pa
     assert metrics["candidate_top5"] == metrics["reference_top5"]
 
 
-def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path]) -> None:
-    out = files["root"] / "artifact"
-    code, output = _invoke("export", str(files["checkpoint"]), "--r", "2", "-o", str(out))
-    assert code == 0, output
-    code, output = _invoke("eval", str(out / "model.onnx"), str(files["data"]))
+def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path], tiny_checkpoint: Path,
+                                                 tiny_export: Path) -> None:
+    """On the shared export (``conftest.tiny_export``): what is under test is eval, not the export."""
+    code, output = _invoke("eval", str(tiny_export / "model.onnx"), str(files["data"]))
     assert code == 2 and "--reference" in output
     code, output = _invoke(
-        "eval", str(out / "model.onnx"), str(files["data"]), "--reference", str(files["checkpoint"]), "--json"
+        "eval", str(tiny_export / "model.onnx"), str(files["data"]), "--reference", str(tiny_checkpoint), "--json"
     )
     assert code == 0, output
     assert json.loads(output[output.index("{"):])["candidate"].endswith("model.onnx")
