@@ -65,11 +65,12 @@ def explain(code: int, cpu_s: int) -> str:
 
 @dataclass(frozen=True)
 class Finished:
-    """A finished command: its exit code and both streams."""
+    """A finished command: its exit code, both streams, and the CPU seconds it used (None: not measured)."""
 
     returncode: int
     stdout: str
     stderr: str
+    cpu_s: float | None = None
 
 
 def run_guarded(args: Sequence[str | Path], cwd: Path, env: Mapping[str, str], cpu_s: int = CPU_LIMIT_S,
@@ -131,7 +132,7 @@ def child(request):
     sys.stderr.flush()
     os._exit(code)
 
-for line in sys.stdin:  # one batch of requests per line; one line of exit codes per batch
+for line in sys.stdin:  # one batch of requests per line; one line of [exit code, CPU seconds] per batch
     batch = json.loads(line)
     requests, running, codes = list(batch["requests"]), {}, {}
     while requests or running:
@@ -141,8 +142,8 @@ for line in sys.stdin:  # one batch of requests per line; one line of exit codes
             if pid == 0:
                 child(request)
             running[pid] = request["id"]
-        pid, status = os.wait()
-        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+        pid, status, usage = os.wait4(-1, 0)
+        codes[running.pop(pid)] = [os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime]
     print(json.dumps(codes), flush=True)
 """
 
@@ -183,8 +184,8 @@ class ForkServer:
         if not reply or not reply[0]:
             raise RuntimeError(f"the fork server died (exit {self.process.poll()})")
         codes = json.loads(reply[0])
-        return {name: Finished(codes[name], (folder / f"{name}.out").read_text(),
-                               (folder / f"{name}.err").read_text() + explain(codes[name], cpu_s))
+        return {name: Finished(codes[name][0], (folder / f"{name}.out").read_text(),
+                               (folder / f"{name}.err").read_text() + explain(codes[name][0], cpu_s), codes[name][1])
                 for name in commands}
 
     def close(self) -> None:
