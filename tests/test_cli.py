@@ -483,7 +483,9 @@ def test_demo_compares_outputs_on_foolbox_images(
     quick = json.loads(result.stdout[result.stdout.index("{"):])["quick_look"]
     assert quick["fidelity"]["images"] == 20 and quick["fidelity"]["name"] == demo.FOOLBOX_NAME
     assert quick["fidelity"]["top1_agreement"] is not None
-    assert quick["latency"]["speedup"] > 0
+    latency = quick["latency"]
+    assert latency["speedup"] == pytest.approx(latency["baseline"]["p50_ms"] / latency["tofu"]["p50_ms"])
+    assert latency["baseline"]["rounds"] == latency["tofu"]["rounds"] == 7  # --look-seconds 0: the minimum
     assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "model.ort.onnx").is_file()
 
 
