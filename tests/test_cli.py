@@ -619,6 +619,18 @@ def test_app_help_lists_commands_and_examples(first: dict[str, Run]) -> None:
         assert re.search(rf"^\W*{command}\b", run.stdout, flags=re.MULTILINE), command
 
 
+@pytest.mark.parametrize("command", ["export", "demo"])
+@pytest.mark.parametrize("seconds", ["nan", "-1", "inf"])
+def test_look_seconds_must_be_a_finite_number_of_seconds(tmp_path: Path, command: str, seconds: str) -> None:
+    """Refused while parsing the options (in-process): nothing is loaded or written."""
+    args = [command, *(["model.pth"] if command == "export" else []), "--look-seconds", seconds, "-o",
+            str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 2, result.output
+    assert "--look-seconds" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_subcommand_help_shows_an_example(command: str) -> None:
     """In-process (a subprocess per help page would cost ~5 s of torch import each)."""
