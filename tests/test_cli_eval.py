@@ -79,7 +79,9 @@ def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path], tiny_ch
         "eval", str(tiny_export / "model.onnx"), str(files["data"]), "--reference", str(tiny_checkpoint), "--json"
     )
     assert code == 0, output
-    assert json.loads(output[output.index("{"):])["candidate"].endswith("model.onnx")
+    report = json.loads(output[output.index("{"):])
+    assert report["candidate"] == str(tiny_export / "model.onnx")
+    assert report["n_eval"] == 6  # 3 class folders of 2 images
 
 
 def test_eval_of_a_missing_folder_is_a_user_error(files: dict[str, Path]) -> None:
