@@ -52,3 +52,7 @@ ci-artifacts: install  ## CI's deployment artifacts: a small model exported end 
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache
+
+.PHONY: test-fast
+test-fast: install  ## the suite without the tests marked slow (CLI end to end, full calibrations): the inner loop
+	$(PYTHON) -m pytest -q -m "not slow"
