@@ -32,6 +32,7 @@ from pathlib import Path
 
 CPU_LIMIT_S = 300  # CPU seconds one command may use (a tiny export uses ~10)
 QUIET_LIMIT_S = 600  # seconds on a load-adjusted clock before a command counts as hung
+CPU_LOG = "TOFU_TESTS_CPU_LOG"  # set to a file path: every forked command's CPU seconds are appended to it
 
 
 class LoadClock:
@@ -184,6 +185,9 @@ class ForkServer:
         if not reply or not reply[0]:
             raise RuntimeError(f"the fork server died (exit {self.process.poll()})")
         codes = json.loads(reply[0])
+        if os.environ.get(CPU_LOG):  # where the suite's time goes: one "name<TAB>exit code<TAB>CPU seconds" line each
+            with open(os.environ[CPU_LOG], "a", encoding="utf-8") as log:
+                log.writelines(f"{name}\t{code}\t{cpu:.2f}\n" for name, (code, cpu) in codes.items())
         return {name: Finished(codes[name][0], (folder / f"{name}.out").read_text(),
                                (folder / f"{name}.err").read_text() + explain(codes[name][0], cpu_s), codes[name][1])
                 for name in commands}
