@@ -60,3 +60,7 @@ terrain: install  ## the terrain consistency UNet (PyPI adaptive-terrain-diffusi
 
 bench-terrain: terrain  ## dense ToFu on the terrain UNet: PSNR/SSIM, ORT CPU latency, image grid (bench/results/diffusion_terrain.*)
 	$(PYTHON) bench/diffusion_terrain.py --checkpoint models/terrain_unet
+
+.PHONY: test-fast
+test-fast: install  ## the suite without the tests marked slow (CLI end to end, full calibrations): the inner loop
+	$(PYTHON) -m pytest -q -m "not slow"

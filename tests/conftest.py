@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,3 +58,38 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One tiny checkpoint and its export, shared by every test that only reads them
+# ----------------------------------------------------------------------------------------------------
+
+TINY_ARCH, TINY_IMG, TINY_DEPTH, TINY_R = "deit_tiny_patch16_224", 64, 2, 2  # 17 tokens enter block 0
+
+
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    """The weights of ``deit_tiny_patch16_224`` with 2 blocks at 64 px, random init from seed 0 (1000 classes)."""
+    torch.manual_seed(0)
+    return timm.create_model(TINY_ARCH, pretrained=False, depth=TINY_DEPTH, img_size=TINY_IMG).eval().state_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.safetensors`` of ``tiny_state_dict()``. Read it; never write beside it."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("tiny") / "model.safetensors"
+    save_file(tiny_state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifact folder of ``tiny_checkpoint`` exported with ToFu r=2 and the default settings, without the
+    quick look. Shared: a test that writes into it must copy it first (``shutil.copytree``)."""
+    from tofu_export.config import ExportConfig, ToFuConfig
+    from tofu_export.pipeline import run_export
+
+    out = tmp_path_factory.mktemp("tiny_export") / "artifact"
+    run_export(tiny_checkpoint, out, ExportConfig(tofu=ToFuConfig(r=TINY_R)))
+    return out

@@ -70,22 +70,23 @@ def test_eval_of_a_checkpoint_scores_reference_and_candidate(files: dict[str, Pa
     assert metrics["candidate_top5"] == metrics["reference_top5"]
 
 
-def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path]) -> None:
-    out = files["root"] / "artifact"
-    code, output = _invoke("export", str(files["checkpoint"]), "--r", "2", "-o", str(out), "--no-bench")
-    assert code == 0, output
+def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path], tiny_checkpoint: Path,
+                                                 tiny_export: Path) -> None:
+    """On the shared export (``conftest.tiny_export``): what is under test is eval, not the export."""
     bare = files["root"] / "bare"  # the graph alone, without the manifest that names its checkpoint
     bare.mkdir()
-    (bare / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
+    (bare / "model.onnx").write_bytes((tiny_export / "model.onnx").read_bytes())
     code, output = _invoke("eval", str(bare / "model.onnx"), str(files["data"]))
     assert code == 2 and "--reference" in output
     code, output = _invoke(
-        "eval", str(bare / "model.onnx"), str(files["data"]), "--reference", str(files["checkpoint"]), "--json",
+        "eval", str(bare / "model.onnx"), str(files["data"]), "--reference", str(tiny_checkpoint), "--json",
         "--no-compare-tome",
     )
     assert code == 0, output
-    assert json.loads(output[output.index("{"):])["candidate"].endswith("model.onnx")
-    code, output = _invoke("eval", str(out / "model.onnx"), str(files["data"]), "--json")  # found by the manifest
+    report = json.loads(output[output.index("{"):])
+    assert report["candidate"] == str(bare / "model.onnx")
+    assert report["n_eval"] == 6  # 3 class folders of 2 images
+    code, output = _invoke("eval", str(tiny_export / "model.onnx"), str(files["data"]), "--json")  # by the manifest
     assert code == 0, output
     report = json.loads(output[output.index("{"):])
     assert report["r"] == [2, 2] and report["tome"]["candidate_top1"] >= 0

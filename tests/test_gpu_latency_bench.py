@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from commands import run_guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def test_cpu_smoke_run_writes_every_variant_and_runtime(tmp_path: Path) -> None:
         "--img-size", "64", "--depth", "2", "--batches", "1,2", "--dtypes", "fp32", "--iters", "2", "--r", "3",
         "--out", str(tmp_path),
     ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_guarded(command, ROOT, os.environ)  # a CPU-time limit, not a wall-clock one a busy machine would hit
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "gpu_latency.md").exists(), "a CPU run must not write the GPU result files"
     result = json.loads((tmp_path / "gpu_latency_cpu.json").read_text())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from tofu_export.cli.errors import console
-from tofu_export.cli.export import BenchOption
+from tofu_export.cli.export import BenchOption, LookSecondsOption
 from tofu_export.cli.options import JsonOption
 
 
@@ -20,6 +21,7 @@ def demo(
     ] = None,
     jetpack: Annotated[list[str] | None, typer.Option("--jetpack", help="The same by JetPack release: 6, 5.")] = None,
     bench: BenchOption = True,
+    look_seconds: LookSecondsOption = 6.0,
     as_json: JsonOption = False,
 ) -> None:
     """Run the main job on the built-in default: real DINOv2 ViT-S/14 weights -> ToFu r=16 -> verified ONNX + ORT,
@@ -41,5 +43,5 @@ def demo(
     config = ExportConfig(tofu=ToFuOptions(r=r).build(), onnx=OnnxOptions().build(),
                           trt=TrtOptions(trt=trt, jetpack=jetpack).build(), target="ort", force=True,
                           command=command_line())
-    quick = demo_images() if bench else None
+    quick = dataclasses.replace(demo_images(), budget_s=look_seconds) if bench else None
     export_and_report(checkpoint, out, config, quick, as_json=as_json)

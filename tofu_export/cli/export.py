@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
@@ -37,6 +38,21 @@ DataOption = Annotated[
                  "compares ToFu's outputs with the unreduced model's: cosine, and top-1 agreement for classifiers.",
                  rich_help_panel="Quick look"),
 ]
+
+
+def _finite_seconds(value: float) -> float:
+    """``--look-seconds`` is a finite number of seconds (``min=0`` alone lets ``nan`` through)."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number of seconds; give e.g. 6")
+    return value
+
+
+LookSecondsOption = Annotated[
+    float,
+    typer.Option("--look-seconds", min=0.0, callback=_finite_seconds,
+                 help="Quick look: seconds of interleaved timing, both models together (at least 7 rounds run "
+                 "however small).", rich_help_panel="Quick look"),
+]
 _RETARGET_DROP = {"--trt", "--jetpack", "--opset", "--out", "-o"}  # flags (with a value) a retarget command replaces
 
 
@@ -51,6 +67,7 @@ def export(
     force: ForceOption = False,
     bench: BenchOption = True,
     data: DataOption = None,
+    look_seconds: LookSecondsOption = 6.0,
     as_json: JsonOption = False,
 ) -> None:
     """Export a checkpoint with ToFu to a verified static ONNX graph (and an ORT model or TensorRT engine).
@@ -82,7 +99,8 @@ def export(
         trust_pickle=model.trust_pickle, force=force, command=command_line(),
     )
     out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}-{target}"  # targets do not collide
-    quick = QuickLookSettings(data=data, data_name=None if data is None else str(data)) if bench else None
+    quick = QuickLookSettings(data=data, data_name=None if data is None else str(data),
+                              budget_s=look_seconds) if bench else None
     export_and_report(checkpoint, out, config, quick, as_json=as_json)
 
 
