@@ -28,11 +28,9 @@ from tofu_export.errors import UserError
 from tofu_export.models.reduction import ToFuState
 from tofu_export.schedule import RSpec
 
-__all__ = [
-    "ArchGuess", "FlopCosts", "LoadedModel", "ModelFamily", "ToFuState", "UnsupportedModelError", "families",
-    "family_for_checkpoint", "family_of", "is_patched", "num_tokens", "patch", "patched", "tofu_state", "unpatch",
-    "unpatched",
-]
+__all__ = ["ArchGuess", "FlopCosts", "LoadedModel", "ModelFamily", "ToFuState", "UnsupportedModelError", "families",
+           "family_for_checkpoint", "family_of", "is_patched", "num_tokens", "patch", "patched", "tofu_state",
+           "unpatch", "unpatched"]
 
 
 class UnsupportedModelError(UserError, TypeError):
@@ -70,7 +68,7 @@ class LoadedModel:
 
     @property
     def img_size(self) -> int:
-        return int(self.family.img_size(self.model)[0])
+        return int(family_of(self.model).img_size(self.model)[0])
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,6 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def depth(self, model: nn.Module) -> int: ...
-
     @abstractmethod
     def num_prefix(self, model: nn.Module) -> int:
         """Protected tokens at the front (class, distillation, register tokens)."""
@@ -126,7 +123,6 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def embed_dim(self, model: nn.Module) -> int: ...
-
     @abstractmethod
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's blocks, in order."""
@@ -138,7 +134,6 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def costs(self, model: nn.Module) -> FlopCosts: ...
-
     def arch_name(self, model: nn.Module) -> str:
         """A name for the architecture, recorded in policies."""
         return type(model).__name__
@@ -238,13 +233,10 @@ def family_of(model: nn.Module) -> ModelFamily:
 def family_for_checkpoint(path: Path) -> ModelFamily:
     """The first family that recognises ``path`` (a file falls back to timm, which reports what it cannot read)."""
     registered = families()
-    for family in registered:
-        if family.recognises(path):
-            return family
-    return registered[-1]
+    return next((family for family in registered if family.recognises(path)), registered[-1])
 
 
-# -- module-level helpers: the family of the model does the work ------------------------------------------------------
+# -- module-level helpers: the family of the model does the work -----------------------------------------------------
 def patch(model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
           img_size: int | Sequence[int] | None = None, *, prune_layers: int | None = None,
           strict: bool = False) -> nn.Module:
