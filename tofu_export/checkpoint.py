@@ -3,7 +3,7 @@
 ``load_state_dict`` reads ``.safetensors`` or ``torch.save`` files (``weights_only=True`` unless the caller opts
 in with ``trust_pickle=True``), unwraps training wrappers (``{"model": sd}``, EMA, DDP ``module.``,
 ``_orig_mod.``) and turns every way a file can be broken into one :class:`CheckpointError`. What the weights
-describe (architecture inference, model building) lives beside the model family, in ``models/timm_vit_arch.py``.
+describe (architecture inference, model building) lives beside each model family, under ``tofu_export/models/``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from tofu_export.errors import Hint, UserError
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-REDUCTION_SCOPE = "/reduce/"  # the static token reduction's module scope (models/timm_vit: block.reduce)
+REDUCTION_SCOPE = "/reduce/"  # the static token reduction's module scope (every family names it block.reduce)
 FP32_OPS = frozenset({"LpNormalization", "LayerNormalization", "TopK"})
 NORM_SCOPES = frozenset({"norm", "norm1", "norm2", "k_norm", "fc_norm", "norm_pre"})  # LayerNorm decomposed (opset 16)
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
