@@ -69,7 +69,7 @@ def test_static_export(build, trt_clean: bool, tmp_path) -> None:
     """Static and verified for both; the UNet's graph does not pass the TensorRT static check yet: diffusers
     broadcasts the timestep to the batch in a way shape inference cannot tie to the batch axis (asserted, so
     that a fix shows up here)."""
-    from tofu_export.exporters.trt_check import check_tensorrt_compat
+    from tofu_export.tensorrt.check import check_tensorrt_compat
 
     model = build()
     make = step_inputs(model, 16)

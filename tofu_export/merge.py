@@ -126,7 +126,7 @@ def _combine_eager(
         return mean, size
     max_norm = dst.norm(dim=-1, keepdim=True).scatter_reduce(1, dst_idx, src.norm(dim=-1, keepdim=True), reduce="amax")
     merged = size > dst_size  # [B, Nb, 1] destinations that received at least one source
-    return torch.where(merged, _rescale(mean, max_norm), dst), size
+    return torch.where(merged, rescale(mean, max_norm), dst), size
 
 
 def _unit_sizes(x: Tensor) -> Tensor:
@@ -135,7 +135,7 @@ def _unit_sizes(x: Tensor) -> Tensor:
     return x[..., :1].detach() * 0 + 1
 
 
-def _rescale(x: Tensor, norm: Tensor) -> Tensor:
+def rescale(x: Tensor, norm: Tensor) -> Tensor:
     """Give every token of ``x [..., C]`` the norm ``norm [..., 1]`` (MLERP's last step)."""
     return x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS))
 
@@ -194,7 +194,7 @@ def _reduce_static(
         return weighted / new_size, new_size
     # MLERP: the size-weighted mean points the way of the weighted sum; give it the largest norm among the merged.
     incoming = (one_hot * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, N - r, 1]
-    return _rescale(weighted, torch.maximum(out.norm(dim=-1, keepdim=True), incoming)), new_size
+    return rescale(weighted, torch.maximum(out.norm(dim=-1, keepdim=True), incoming)), new_size
 
 
 def reduce_tokens(

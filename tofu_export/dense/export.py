@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from tofu_export.errors import CheckFailed
-from tofu_export.exporters.onnx import DEFAULT_EXPORTER, EXPORTERS, ExportError, _check, _save, _simplify
+from tofu_export.exporters.onnx import DEFAULT_EXPORTER, EXPORTERS, ExportError, _check, _save
+from tofu_export.exporters.simplify import simplify_graph
 
 FORBIDDEN_OPS = frozenset({"If", "Loop", "Scan", "NonZero", "ScatterElements", "ScatterND", "Unique", "RandomNormal",
                            "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
@@ -138,7 +139,7 @@ def export_denoiser(model: nn.Module, path: str | Path, make_inputs: Callable[[i
             raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
         graph = onnx.load(str(staged))
         if simplify:
-            graph, note = _simplify(graph)
+            graph, note = simplify_graph(graph)
             if note:
                 result.notes.append(note)
         problems = static_graph_problems(graph)
@@ -154,7 +155,7 @@ def export_denoiser(model: nn.Module, path: str | Path, make_inputs: Callable[[i
                 raise CheckFailed(f"ONNX Runtime disagrees with PyTorch: max |diff| = {p.max_abs_diff:.3g} on outputs "
                                   f"up to {p.output_scale:.3g}, lowest cosine {p.min_cosine:.6f}; nothing was written")
         if trt_check:
-            from tofu_export.exporters.trt_check import check_tensorrt_compat
+            from tofu_export.tensorrt.check import check_tensorrt_compat
 
             report = check_tensorrt_compat(staged)
             result.tensorrt = {"ok": report.ok, "per_target": report.per_target,

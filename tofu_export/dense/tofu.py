@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tofu_export.dense.windows import WindowLayout
-from tofu_export.merge import REDUCE_MODES, ReduceMode, _combine_static, _unit_sizes, sample_index, take_tokens
+from tofu_export.merge import REDUCE_MODES, ReduceMode, rescale, sample_index, take_tokens
 
 
 class DenseMatching(NamedTuple):
@@ -58,13 +58,25 @@ def reduce_dense(x: Tensor, matching: DenseMatching, layout: WindowLayout, mode:
     if mode not in REDUCE_MODES:
         raise ValueError(f"unknown reduce mode {mode!r}; expected one of {REDUCE_MODES}")
     src, dst = x[:, layout.src], x[:, layout.dst]  # [B, Ns, C], [B, Nd, C]
-    sample = sample_index(x)
-    (unm,) = take_tokens(matching.unm_idx, src, sample=sample)  # [B, Ns - r, C]
+    rows, offsets = src.reshape(-1, int(src.shape[-1])), sample_index(x).reshape(-1, 1) * int(src.shape[1])
+    unm = rows[offsets + matching.unm_idx.flatten(1)]  # [B, Ns - r, C]: one row Gather
     if mode != "prune" and matching.src_idx.shape[1] > 0:
-        (merged,) = take_tokens(matching.src_idx, src, sample=sample)  # [B, r, C]
-        ones = _unit_sizes(merged)  # [B, r, 1]
-        dst, _ = _combine_static(dst, _unit_sizes(dst), merged, ones, matching.dst_idx, mode)
+        merged = rows[offsets + matching.src_idx.flatten(1)]  # [B, r, C]
+        dst = _fold(dst, merged, matching.dst_idx, mode)
     return torch.cat([unm, dst], dim=1)
+
+
+def _fold(dst: Tensor, src: Tensor, dst_idx: Tensor, mode: ReduceMode) -> Tensor:
+    """Fold fresh (size 1) sources ``src [B, r, C]`` into ``dst [B, Nd, C]`` at ``dst_idx [B, r, 1]`` without
+    scatter: a ``[B, Nd, r]`` one-hot and one batched matmul; MLERP's max-norm is a masked max over the one-hot."""
+    num_src = int(src.shape[1])
+    slots = torch.arange(int(dst.shape[1]), device=dst.device).unsqueeze(-1)  # [Nd, 1]
+    one_hot = (slots == dst_idx.reshape(-1, 1, num_src)).to(dst.dtype)  # [B, Nd, r]
+    weighted = dst + one_hot @ src  # [B, Nd, C]: sums of the merged tokens
+    if mode == "mean":
+        return weighted / (one_hot.sum(dim=-1, keepdim=True) + 1)
+    incoming = (one_hot * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, Nd, 1]
+    return rescale(weighted, torch.maximum(dst.norm(dim=-1, keepdim=True), incoming))
 
 
 def unmerge_dense(y: Tensor, matching: DenseMatching) -> Tensor:
