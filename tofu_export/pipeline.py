@@ -108,7 +108,8 @@ def export_model(
     onnx_settings = {"opset": config.onnx.opset or export_opset(config.trt.targets),
                      "simplify": config.onnx.simplify, "tolerance": config.onnx.tolerance,
                      "exporter": config.onnx.exporter, "precision": config.onnx.precision,
-                     "simplifier": config.onnx.simplifier}
+                     "simplifier": config.onnx.simplifier,
+                     "int8_symmetric": config.target != "ort"}  # TensorRT builds symmetric INT8 only
 
     engine_error = None
     with staged_folder(out_dir, force=config.force, expected=out_state) as staging:

@@ -203,6 +203,7 @@ def export_onnx(
     simplifier: Simplifier = DEFAULT_SIMPLIFIER,
     calibration: torch.Tensor | None = None,
     example: torch.Tensor | None = None,
+    int8_symmetric: bool = True,
 ) -> OnnxExport:
     """Export ``model`` (eval mode, fp32, CPU) to ``path``: trace, simplify, convert, check, verify parity, then move
     into place.
@@ -212,7 +213,8 @@ def export_onnx(
     ``simplifier``: ``onnxslim`` | ``onnxsim`` | ``none`` (``simplify=False`` is ``none``). ``precision``: ``fp16``
     converts the graph (FLOAT16 inputs/outputs), ``int8`` quantizes it (Q/DQ) on ``calibration`` images
     ``[N, 3, H, W]`` (model-normalised; without them, synthetic images and a note), and parity then uses those
-    images too. Raises ``ExportError`` (and leaves nothing at ``path``) when the graph is invalid or parity is off.
+    images too; ``int8_symmetric=False`` quantizes activations to asymmetric UINT8 (ONNX Runtime CPU, not TensorRT).
+    Raises ``ExportError`` (and leaves nothing at ``path``) when the graph is invalid or parity is off.
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -244,7 +246,7 @@ def export_onnx(
         result.notes += [note] if note else []
         result.external_data = _save(to_fp16(graph) if precision == "fp16" else graph, staged)
         if precision == "int8":
-            calibration, note = quantize_file(staged, size, calibration)
+            calibration, note = quantize_file(staged, size, calibration, int8_symmetric)
             result.notes += [note] if note else []
         result.op_counts = dict(Counter(node.op_type for node in onnx.load(str(staged), load_external_data=False)
                                         .graph.node).most_common())  # fmt: skip

@@ -183,10 +183,11 @@ def synthetic_images(img_size: tuple[int, int], count: int = SYNTHETIC_IMAGES, s
     return np.random.default_rng(seed).standard_normal((count, 3, *img_size)).astype(np.float32)
 
 
-def to_int8(source: Path, destination: Path, images: np.ndarray) -> None:
-    """Quantize ``source`` into ``destination``: QDQ format, symmetric INT8 activations and per-channel weights of
-    the constant-weight MatMul / Gemm / Conv nodes, calibrated (min/max) on ``images [N, 3, H, W]``; the
-    :func:`keeps_fp32` nodes are excluded."""
+def to_int8(source: Path, destination: Path, images: np.ndarray, symmetric: bool = True) -> None:
+    """Quantize ``source`` into ``destination``: QDQ format, per-channel symmetric INT8 weights of the constant-weight
+    MatMul / Gemm / Conv nodes, activations calibrated (min/max) on ``images [N, 3, H, W]``; the :func:`keeps_fp32`
+    nodes are excluded. ``symmetric``: INT8 activations with zero point 0, the only form TensorRT builds; otherwise
+    asymmetric UINT8 activations, ONNX Runtime CPU's fast path (U8S8), which keeps more of the range after GELU."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(source))
@@ -197,10 +198,11 @@ def to_int8(source: Path, destination: Path, images: np.ndarray) -> None:
     try:
         quantize_static(
             model, str(destination), ImageReader(input_name, images), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, activation_type=QuantType.QInt8,
+            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=fp32_nodes(model),
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "MatMulConstBOnly": True,
                            "QuantizeBias": False},  # TensorRT dequantizes INT8 only: biases stay float
         )  # fmt: skip
     finally:
@@ -208,7 +210,7 @@ def to_int8(source: Path, destination: Path, images: np.ndarray) -> None:
 
 
 def quantize_file(
-    path: Path, img_size: tuple[int, int], images: torch.Tensor | None
+    path: Path, img_size: tuple[int, int], images: torch.Tensor | None, symmetric: bool = True
 ) -> tuple[torch.Tensor, str | None]:
     """Quantize the FP32 graph at ``path`` in place (:func:`to_int8`) on ``images [N, 3, H, W]``, or on synthetic
     images with a loud note when None; returns the images used and the note."""
@@ -223,7 +225,7 @@ def quantize_file(
     fp32 = path.with_name(f"fp32-{path.name}")
     os.replace(path, fp32)
     try:
-        to_int8(fp32, path, pixels)
+        to_int8(fp32, path, pixels, symmetric)
     except Exception as error:  # onnxruntime.quantization raises plain exceptions from deep inside
         raise PrecisionError(f"INT8 quantization failed: {type(error).__name__}: {error}") from error
     finally:

@@ -145,6 +145,16 @@ def _constant_inputs(node: onnx.NodeProto, graph: GraphIndex) -> list[Violation]
     return violations
 
 
+def _symmetric_int8(node: onnx.NodeProto, graph: GraphIndex) -> list[Violation]:
+    """TensorRT's explicit quantization is symmetric INT8 (also FP8/INT4, not made here): zero point 0 of type INT8."""
+    zero_point = graph.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero_point is None or (zero_point.dtype == np.int8 and not zero_point.any()):
+        return []
+    return [(ALL_TARGETS, f"zero point of type {zero_point.dtype} (values {zero_point.min()}..{zero_point.max()}): "
+             "TensorRT takes only symmetric INT8 (zero point 0); this graph was quantized for ONNX Runtime CPU "
+             "(UINT8 activations); export it with symmetric INT8 for TensorRT")]  # fmt: skip
+
+
 RESTRICTIONS: dict[str, tuple[Callable[[onnx.NodeProto, GraphIndex], list[Violation]], ...]] = {
     "ScatterElements": (_scatter_reduction,),
     "ScatterND": (_scatter_reduction,),
@@ -157,4 +167,6 @@ RESTRICTIONS: dict[str, tuple[Callable[[onnx.NodeProto, GraphIndex], list[Violat
     "Squeeze": (_constant_inputs,),
     "Unsqueeze": (_constant_inputs,),
     "CumSum": (_constant_inputs,),
+    "QuantizeLinear": (_symmetric_int8,),
+    "DequantizeLinear": (_symmetric_int8,),
 }

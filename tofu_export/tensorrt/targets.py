@@ -1,6 +1,7 @@
 """Which TensorRT releases an export is made for, the ONNX opset that follows, and the verdict per release.
 
-Jetson boards get TensorRT with JetPack: JetPack 5 ships TensorRT 8.5, JetPack 6 ships TensorRT 10. An export is
+Jetson boards get TensorRT with JetPack: JetPack 5 ships TensorRT 8.5, JetPack 6 TensorRT 10.3, JetPack 7 TensorRT
+10.13 (checked against the 10.3 table). An export is
 made for one or more of these *targets*; the graph is still checked against every release tofu-export knows, so the
 manifest and the report say which releases the artifact builds on, and which would need another export.
 
@@ -18,8 +19,12 @@ from typing import Any
 from tofu_export.errors import Hint, UserError
 from tofu_export.tensorrt.ops import ALL_TARGETS, NATIVE_OPS, TARGET_LABELS
 
-JETPACK_TRT: dict[str, str] = {"5": "8.5", "6": "10"}  # JetPack major release -> the TensorRT it ships
-TRT_JETPACK: dict[str, str] = {trt: jetpack for jetpack, trt in JETPACK_TRT.items()}
+# JetPack major release -> the operator table that applies: JetPack 6 ships TensorRT 10.3; JetPack 7 (Jetson Thor)
+# ships TensorRT 10.13, checked against the 10.3 table, which is conservative for it: the 10.x changelog only adds
+# operators and relaxes restrictions after 10.3. TensorRT 11 has no table here (no published operator list was at
+# hand): `--trt 11` is an unknown release.
+JETPACK_TRT: dict[str, str] = {"5": "8.5", "6": "10", "7": "10"}
+TRT_JETPACK: dict[str, str] = {"8.5": "5", "10": "6"}  # the JetPack a table is labelled with
 DEFAULT_TARGETS: tuple[str, ...] = ("10",)  # JetPack 6: what current Jetson boards (Orin) ship
 NEWEST_OPSET, LAYERNORM_FREE_OPSET = 17, 16
 
