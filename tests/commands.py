@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +75,18 @@ class Finished:
 
 
 def run_guarded(args: Sequence[str | Path], cwd: Path, env: Mapping[str, str], cpu_s: int = CPU_LIMIT_S,
-                quiet_s: float = QUIET_LIMIT_S) -> Finished:
+                quiet_s: float = QUIET_LIMIT_S, preexec: Callable[[], None] | None = None) -> Finished:
     """Run ``args`` with a CPU-time limit and the hang guard; streams go through files, so a chatty command never
-    blocks on a full pipe."""
+    blocks on a full pipe. ``preexec`` runs in the child too (more limits)."""
+
+    def limits() -> None:
+        _limit_cpu(cpu_s)
+        if preexec is not None:
+            preexec()
+
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen([str(arg) for arg in args], cwd=cwd, env=dict(env), stdout=out, stderr=err,
-                                   preexec_fn=lambda: _limit_cpu(cpu_s))
+                                   preexec_fn=limits)
         clock = LoadClock()
         while True:
             start = time.monotonic()
@@ -111,7 +117,14 @@ for name in PRELOAD:  # what the commands import lazily, imported once here; a m
     except ImportError:
         pass
 
+def vm_bytes():
+    line = next(l for l in open("/proc/self/status").read().splitlines() if l.startswith("VmSize"))
+    return int(line.split()[1]) * 1024
+
 def child(request):
+    if request.get("memory_bytes"):  # address space over the server's: a regression fails instead of swapping
+        limit = vm_bytes() + request["memory_bytes"]
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -159,14 +172,17 @@ class ForkServer:
         self.batches = 0
 
     def run_all(self, commands: Mapping[str, tuple[Sequence[str | Path], Path]], parallel: int = 2,
-                cpu_s: int = CPU_LIMIT_S, quiet_s: float = QUIET_LIMIT_S) -> dict[str, Finished]:
+                cpu_s: int = CPU_LIMIT_S, quiet_s: float = QUIET_LIMIT_S,
+                memory_bytes: int | None = None) -> dict[str, Finished]:
         """Run every ``name: (args, cwd)``, ``parallel`` at a time; results keyed like ``commands``. The hang guard
-        allows ``quiet_s`` load-adjusted seconds per command, spread over the batch."""
+        allows ``quiet_s`` load-adjusted seconds per command, spread over the batch; ``memory_bytes`` caps the
+        address space each command may add to the server's (``RLIMIT_AS``)."""
         self.batches += 1
         folder = self.scratch / f"batch-{self.batches}"
         folder.mkdir(parents=True)
         requests = [{"id": name, "args": [str(arg) for arg in args], "cwd": str(cwd), "env": self.env,
-                     "cpu_s": cpu_s, "stdout": str(folder / f"{name}.out"), "stderr": str(folder / f"{name}.err")}
+                     "cpu_s": cpu_s, "memory_bytes": memory_bytes,
+                     "stdout": str(folder / f"{name}.out"), "stderr": str(folder / f"{name}.err")}
                     for name, (args, cwd) in commands.items()]
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write(json.dumps({"requests": requests, "parallel": parallel}) + "\n")

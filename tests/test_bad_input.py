@@ -6,11 +6,12 @@ outside the case's intended output changed: the shared input files and the case 
 hash, mtime and mode of every file, every link target, every folder) before and after.
 
 A fresh interpreter spends ~5 CPU-seconds importing torch and timm, too much for ~90 cases on 2 cores, so most cases
-run in a child forked from one server process that imported the package once (``FORK_SERVER``): the child sets
-argv, cwd, environment and standard streams as a shell would and calls ``tofu_export.cli.main()``, the console
-script's entry point. The cases marked ``real`` (signals, a full disk, the race, the console script, one per
-subcommand) run as ordinary ``python -m tofu_export.cli`` / ``tofu-export`` subprocesses. The model is a random-init
-``deit_tiny_patch16_224`` with 2 blocks at 64 px.
+run in a child forked from one server process that imported the package once (``tests/commands.ForkServer``): the
+child sets argv, cwd, environment and standard streams as a shell would and calls ``tofu_export.cli.main()``, the
+console script's entry point, under a memory cap. The cases marked ``real`` (signals, a full disk, the race, the
+console script, one per subcommand) run as ordinary ``python -m tofu_export.cli`` / ``tofu-export`` subprocesses.
+No case has a wall-clock timeout a busy machine could hit: CPU-time limits and a load-adjusted hang guard. The
+model is a random-init ``deit_tiny_patch16_224`` with 2 blocks at 64 px.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import onnx
 import pytest
 import timm
 import torch
+from commands import QUIET_LIMIT_S, ForkServer, LoadClock, run_guarded
 from onnx import TensorProto, helper
 from PIL import Image
 
@@ -46,7 +48,6 @@ ARCH, IMG, DEPTH = "deit_tiny_patch16_224", 64, 2
 CLI = (sys.executable, "-m", "tofu_export.cli")
 CONSOLE_SCRIPT = shutil.which("tofu-export")
 PARALLEL = 4
-TIMEOUT_S = 300
 MEMORY_CAP = 3 << 30  # address space a forked case may add to the fork server's (RLIMIT_AS)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 SUBCOMMANDS = {"export", "check", "schedule", "profile", "sweep", "eval", "demo", "calibrate"}
@@ -525,89 +526,40 @@ def _limits(case: Case) -> Callable[[], None] | None:
 
 def _execute(case: Case, inputs: Path, case_dir: Path) -> Result:
     before = snapshot(case_dir)
+    if case.signal_after is None:  # no wall-clock timeout: a CPU-time limit and a load-adjusted hang guard
+        done = run_guarded(_argv(case, inputs), case_dir, _env(), preexec=_limits(case))
+        return Result(case, done.returncode, done.stdout, done.stderr, before, snapshot(case_dir))
     process = subprocess.Popen(_argv(case, inputs), cwd=case_dir, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, preexec_fn=_limits(case))
-    if case.signal_after is None:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    else:
-        seen = []
-        deadline = time.monotonic() + TIMEOUT_S
-        assert process.stderr is not None
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            seen.append(line)
-            if not line or case.signal_after in line:
-                break
-        process.send_signal(case.signum)
-        stdout, rest = process.communicate(timeout=TIMEOUT_S)
-        stderr = "".join(seen) + rest
+    seen, clock = [], LoadClock()
+    assert process.stderr is not None
+    while clock.spent < QUIET_LIMIT_S:  # wait for the step, on the load-adjusted clock
+        start = time.monotonic()
+        line = process.stderr.readline()
+        clock.tick(time.monotonic() - start)
+        seen.append(line)
+        if not line or case.signal_after in line:
+            break
+    process.send_signal(case.signum)
+    stdout, rest = process.communicate(timeout=QUIET_LIMIT_S)  # it was signalled: it only has to clean up
+    stderr = "".join(seen) + rest
     return Result(case, process.returncode, stdout, stderr, before, snapshot(case_dir))
 
 
-FORK_SERVER = r"""
-import json, os, sys
-import tofu_export.cli, tofu_export.pipeline, tofu_export.engines.ort, tofu_export.evaluation  # imported once
-import tofu_export.sweep.job, tofu_export.jobs.evaluate, tofu_export.jobs.profile
-from tofu_export.cli import main
-
-def vm_bytes():
-    line = next(l for l in open("/proc/self/status").read().splitlines() if l.startswith("VmSize"))
-    return int(line.split()[1]) * 1024
-
-def child(request):
-    import resource
-    limit = vm_bytes() + int(sys.argv[2])  # a regression fails (MemoryError: exit 2 or 4) instead of swapping
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
-                            (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):
-        os.dup2(os.open(path, flags, 0o644), fd)
-    sys.argv = ["tofu-export", *request["args"]]
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-requests = [json.loads(line) for line in sys.stdin]
-running, limit = {}, int(sys.argv[1])
-while requests or running:
-    while requests and len(running) < limit:
-        request = requests.pop(0)
-        pid = os.fork()
-        if pid == 0:
-            child(request)
-        running[pid] = request["id"]
-    pid, status = os.wait()
-    print(json.dumps({"id": running.pop(pid), "code": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-
-
 def _fork_all(cases: Sequence[Case], inputs: Path, folders: dict[str, Path], parallel: int) -> dict[str, Result]:
-    """Run ``cases`` as children of one fork server (see the module docstring); results keyed by case name."""
-    streams = {case.name: (folders[case.name].parent / f"{case.name}.out", folders[case.name].parent /
-                           f"{case.name}.err") for case in cases}
+    """Run ``cases`` as children of one fork server (``tests/commands.ForkServer``: CPU-time limit and a
+    load-adjusted hang guard, no wall-clock timeout), each under ``MEMORY_CAP``; results keyed by case name."""
     befores = {case.name: snapshot(folders[case.name]) for case in cases}
-    requests = [json.dumps({"id": case.name, "args": _argv(case, inputs)[len(CLI):], "cwd": str(folders[case.name]),
-                            "env": _env(), "stdout": str(streams[case.name][0]), "stderr": str(streams[case.name][1])})
-                for case in cases]
-    done = subprocess.run([sys.executable, "-c", FORK_SERVER, str(parallel), str(MEMORY_CAP)],
-                          input="\n".join(requests) + "\n", capture_output=True, text=True,
-                          env={**_env(), "MALLOC_ARENA_MAX": "2"}, timeout=TIMEOUT_S * 2)
-    assert done.returncode == 0, done.stderr
-    codes = {entry["id"]: entry["code"] for entry in map(json.loads, done.stdout.splitlines())}
+    commands = {case.name: (_argv(case, inputs)[len(CLI):], folders[case.name]) for case in cases}
+    scratch = next(iter(folders.values())).parent.parent / "fork-server"
+    server = ForkServer({**_env(), "MALLOC_ARENA_MAX": "2"}, scratch)
+    try:
+        done = server.run_all(commands, parallel=parallel, memory_bytes=MEMORY_CAP)
+    finally:
+        server.close()
     by_name = {case.name: case for case in cases}
-    return {name: Result(by_name[name], code, streams[name][0].read_text(), streams[name][1].read_text(),
-                         befores[name], snapshot(folders[name])) for name, code in codes.items()}
+    return {name: Result(by_name[name], finished.returncode, finished.stdout, finished.stderr, befores[name],
+                         snapshot(folders[name])) for name, finished in done.items()}
 
 
 @dataclass

@@ -228,8 +228,9 @@ def first(work: Path, files: dict[str, Path], server: ForkServer) -> dict[str, R
     """Every command that needs only the input files."""
     for name in ("exists_no_force", "force"):
         _out(work, name).mkdir(parents=True)
-        (_out(work, name) / "keep.txt").write_text("written before the export")
         (_out(work, name) / "manifest.json").write_text('{"tool": "tofu-export"}')  # an earlier export's folder
+    # a file the manifest does not list: without --force the folder is left alone (with it, refused: test_bad_input)
+    (_out(work, "exists_no_force") / "keep.txt").write_text("written before the export")
 
     def export(checkpoint: str, name: str, *extra: str) -> list[str | Path]:
         return [*CLI, "export", files[checkpoint], "--r", str(R), "-o", _out(work, name), *extra]
@@ -555,7 +556,7 @@ def test_failed_parity_leaves_no_staging_folder(work: Path, first: dict[str, Run
     """The one failure here that happens after the staging folder was created and model.onnx was written."""
     run, out = first["parity_fail"], _out(work, "parity_fail")
     assert run.returncode == 2, run
-    assert "disagrees with PyTorch" in run.error_paragraph, run
+    assert "disagrees with the FP32 PyTorch model" in run.error_paragraph, run
     assert not out.exists()
     assert not out.parent.exists()  # the staging folder was created here, and removed with the folder made for it
 

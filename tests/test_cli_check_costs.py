@@ -32,7 +32,8 @@ def test_costs_table_lists_every_reducing_block(tofu_onnx: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("block  nodes"))
-    blocks = [line.split()[0] for line in lines[header + 1:] if line.strip()]
+    end = next(i for i in range(header + 1, len(lines)) if lines[i].startswith("total"))  # the verdict table follows
+    blocks = [line.split()[0] for line in lines[header + 1:end + 1] if line.strip()]
     assert blocks == ["0", "1", "2", "total"]
     assert "TopK 3" in lines[header + 1]  # best match (k=1), edge order, unmerged order
 
