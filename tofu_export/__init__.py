@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 # Imported on first use (PEP 562), so that ``tofu_export.cli`` can install its signal handlers before torch loads.
 _LAZY = {
