@@ -28,7 +28,7 @@ from tofu_export.atomic import (
 from tofu_export.errors import Hint, UserError
 from tofu_export.hashing import sha256_file
 from tofu_export.manifest import MANIFEST, TOOL, Manifest, ManifestError
-from tofu_export.output_paths import FileOutput, OutputPathError, check_file_outputs, check_not_an_input, check_parent
+from tofu_export.output_paths import OutputPathError, check_not_an_input, check_parent
 
 _PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim", "tensorrt")
 
@@ -104,12 +104,6 @@ def check_output(out_dir: str | Path, *, force: bool = False, inputs: Sequence[s
         raise OutputPathError(f"{out_dir} is read-only, so its old files cannot be replaced; make it writable "
                               f"(chmod u+w {out_dir})", hint=_OUT)
     return folder_state(out_dir)
-
-
-def check_file_output(path: str | Path) -> None:
-    """Refuse a new file output whose path is a folder, a link or a special file, or whose folder cannot be made
-    or written (an existing regular file is judged by ``output_paths.check_file_outputs`` with its recogniser)."""
-    check_file_outputs([FileOutput(Path(path), lambda _: True, "output file")])
 
 
 def remove_stale_staging(out_dir: Path) -> list[Path]:

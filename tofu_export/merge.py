@@ -183,18 +183,28 @@ def _reduce_static(
     first_b = num_prefix + int(matching.unm_idx.shape[1])  # where set B starts in the output
     slots = torch.arange(int(out.shape[1]), device=x.device).unsqueeze(-1)  # [N - r, 1]
     one_hot = (slots == first_b + matching.dst_idx.reshape(-1, 1, num_src)).to(x.dtype)  # [B, N - r, r]
-    if size is None:  # fresh tokens: every weight is 1
-        weighted = out + one_hot @ src  # [B, N - r, C]: size-weighted sums
-        new_size = one_hot.sum(dim=-1, keepdim=True) + 1  # [B, N - r, 1]
+    src_size = None if size_rows is None else size_rows[src_rows].reshape(-1, 1, num_src)  # [B, 1, r]
+    return fold_sources(out, out_size, src, src_size, one_hot, mode)
+
+
+def fold_sources(
+    dst: Tensor, dst_size: Tensor | None, src: Tensor, src_size: Tensor | None, one_hot: Tensor, mode: ReduceMode
+) -> tuple[Tensor, Tensor]:
+    """Fold sources ``src [B, r, C]`` into ``dst [B, M, C]`` without scatter: ``one_hot [B, M, r]`` says where each
+    source goes, and one batched matmul sums them in. Sizes ``dst_size [B, M, 1]`` / ``src_size [B, 1, r]`` (None:
+    every size is 1). MLERP's max-norm is a masked max over the same one-hot. Returns tokens and sizes ``[B, M, 1]``."""
+    if dst_size is None:  # fresh tokens: every weight is 1
+        weighted = dst + one_hot @ src  # [B, M, C]: size-weighted sums
+        new_size = one_hot.sum(dim=-1, keepdim=True) + 1  # [B, M, 1]
     else:
-        to_dst = one_hot * size_rows[src_rows].reshape(-1, 1, num_src)  # [B, N - r, r]: source sizes
-        weighted = out * out_size + to_dst @ src
-        new_size = out_size + to_dst.sum(dim=-1, keepdim=True)
+        to_dst = one_hot if src_size is None else one_hot * src_size  # [B, M, r]: source sizes
+        weighted = dst * dst_size + to_dst @ src
+        new_size = dst_size + to_dst.sum(dim=-1, keepdim=True)
     if mode == "mean":
         return weighted / new_size, new_size
     # MLERP: the size-weighted mean points the way of the weighted sum; give it the largest norm among the merged.
-    incoming = (one_hot * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, N - r, 1]
-    return rescale(weighted, torch.maximum(out.norm(dim=-1, keepdim=True), incoming)), new_size
+    incoming = (one_hot * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, M, 1]
+    return rescale(weighted, torch.maximum(dst.norm(dim=-1, keepdim=True), incoming)), new_size
 
 
 def reduce_tokens(

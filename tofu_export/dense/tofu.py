@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tofu_export.dense.windows import WindowLayout
-from tofu_export.merge import REDUCE_MODES, ReduceMode, rescale, sample_index, take_tokens
+from tofu_export.merge import REDUCE_MODES, ReduceMode, fold_sources, sample_index, take_tokens
 
 
 class DenseMatching(NamedTuple):
@@ -67,16 +67,11 @@ def reduce_dense(x: Tensor, matching: DenseMatching, layout: WindowLayout, mode:
 
 
 def _fold(dst: Tensor, src: Tensor, dst_idx: Tensor, mode: ReduceMode) -> Tensor:
-    """Fold fresh (size 1) sources ``src [B, r, C]`` into ``dst [B, Nd, C]`` at ``dst_idx [B, r, 1]`` without
-    scatter: a ``[B, Nd, r]`` one-hot and one batched matmul; MLERP's max-norm is a masked max over the one-hot."""
-    num_src = int(src.shape[1])
+    """Fold fresh (size 1) sources ``src [B, r, C]`` into ``dst [B, Nd, C]`` at ``dst_idx [B, r, 1]``: a
+    ``[B, Nd, r]`` one-hot and ``merge.fold_sources``, as the ViT path does."""
     slots = torch.arange(int(dst.shape[1]), device=dst.device).unsqueeze(-1)  # [Nd, 1]
-    one_hot = (slots == dst_idx.reshape(-1, 1, num_src)).to(dst.dtype)  # [B, Nd, r]
-    weighted = dst + one_hot @ src  # [B, Nd, C]: sums of the merged tokens
-    if mode == "mean":
-        return weighted / (one_hot.sum(dim=-1, keepdim=True) + 1)
-    incoming = (one_hot * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, Nd, 1]
-    return rescale(weighted, torch.maximum(dst.norm(dim=-1, keepdim=True), incoming))
+    one_hot = (slots == dst_idx.reshape(-1, 1, int(src.shape[1]))).to(dst.dtype)  # [B, Nd, r]
+    return fold_sources(dst, None, src, None, one_hot, mode)[0]
 
 
 def unmerge_dense(y: Tensor, matching: DenseMatching) -> Tensor:

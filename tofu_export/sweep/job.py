@@ -20,7 +20,6 @@ from tofu_export import __version__
 from tofu_export.artifacts import cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.config import ExportConfig, ToFuConfig
-from tofu_export.errors import Hint
 from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
 from tofu_export.models.loading import LoadedModel, load_model
@@ -58,11 +57,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     """Run (or resume) the sweep in ``out``; ``say`` is told the run-time estimate before the work starts."""
     for mode in config.modes:  # an unknown mode fails here, before anything is loaded, exported or made
         ToFuConfig(mode=mode)
-    check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own folder
-    for folder in (out, *out.parents):  # so does an output path under a file
-        if folder.exists() and not folder.is_dir():
-            raise SweepError(f"cannot write the sweep into {out}: {folder} is a file, not a folder",
-                             hint=Hint("out", None, "a new or tofu-export folder"))
+    check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own; no file above it
     loaded = _load(source, config)
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
     config_key = f"{digest}:{config.arch}:{config.export_key()}:tofu-export {__version__}"  # a new release re-exports
