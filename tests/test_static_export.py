@@ -167,7 +167,8 @@ def test_onnxruntime_matches_pytorch_at_two_batch_sizes(exported: Exported, make
 
 @pytest.mark.slow
 def test_tensorrt_10_compatibility_check_passes(exported: Exported) -> None:
-    trt_check = pytest.importorskip("tofu_export.tensorrt.check", reason="the TensorRT checker is not in yet")
+    from tofu_export.tensorrt import check as trt_check
+
     # Opset 17 keeps LayerNorm as LayerNormalization, native from TensorRT 8.6: JetPack 5 needs opset 16 (below).
     report = trt_check.check_tensorrt_compat(exported.path, targets=("10",))
     assert report.ok, report.render()
@@ -185,7 +186,8 @@ def test_opset16_export_of_every_mode_builds_on_both_jetpacks(
     mode: str,
     exporter: str,
 ) -> None:
-    trt_check = pytest.importorskip("tofu_export.tensorrt.check", reason="the TensorRT checker is not in yet")
+    from tofu_export.tensorrt import check as trt_check
+
     model = make_vit("deit_small_patch16_224", depth=3, img_size=64)
     patch(model, r=3, mode=mode, img_size=64, prune_layers=1 if mode == "tofu" else None)
     path = tmp_path / f"{mode}.onnx"
