@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from tofu_export.errors import UserError
 from tofu_export.merge import REDUCE_MODES, max_reduction
+from tofu_export.modes import MODES
 
-# User-facing modes and the per-layer reduce modes they expand to.
-MODES: tuple[str, ...] = ("tofu", "tome", "prune", "mlerp")
+# The per-layer reduce mode each uniform user-facing mode expands to.
 _UNIFORM = {"tome": "mean", "prune": "prune", "mlerp": "mlerp"}
 
 RSpec = int | Sequence[int] | tuple[int, float]
