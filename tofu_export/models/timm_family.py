@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.checkpoint import CheckpointError, read_checkpoint
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
 from tofu_export.models import timm_vit
@@ -34,10 +34,10 @@ class TimmFamily(ModelFamily):
         from tofu_export.models.timm_vit_build import build_model
         from tofu_export.models.timm_vit_evidence import read_evidence
 
-        state_dict = load_state_dict(path, trust_pickle=trust_pickle)  # names a missing file or a directory
+        state_dict, record = read_checkpoint(path, trust_pickle=trust_pickle)  # names a missing file or a folder
         digest = sha256_file(path)
         model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
-                                   evidence=read_evidence(path))
+                                   evidence=read_evidence(path, record))
         return LoadedModel(model, guess, path, digest)
 
     def load_name(self, name: str, *, img_size: int | None) -> LoadedModel:
