@@ -61,6 +61,7 @@ class Evidence:
     architecture: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
     built: bool = False  # the named architecture is the model built (the caller's arch): loading checks its shapes
+    checkpoint: str = ""  # the checkpoint's file name, for messages
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Eviden
     ``Evidence`` when none."""
     if record and isinstance(record.get("architecture"), str) and _named_model(record["architecture"]) is not None:
         return Evidence(f"{path.name}'s timm training record (arch, args.model_kwargs)", record["architecture"],
-                        dict(record.get("model_args") or {}))
+                        dict(record.get("model_args") or {}), checkpoint=path.name)
     for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
         if candidate == path or not candidate.is_file():
             continue
@@ -92,8 +93,8 @@ def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Eviden
         name = data.get("architecture")
         if isinstance(name, str) or (isinstance(args, dict) and args):
             return Evidence(candidate.name, name if isinstance(name, str) else None,
-                            dict(args) if isinstance(args, dict) else {})
-    return Evidence()
+                            dict(args) if isinstance(args, dict) else {}, checkpoint=path.name)
+    return Evidence(checkpoint=path.name)
 
 
 def check_float_weights(state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -218,7 +219,7 @@ def _unstated(embed_dim: int, evidence: Evidence, heads: bool, block: bool, sugg
     missing = [what for what, lacking in (
         ("its head count (qkv is [3C, C] for any number of heads)", heads),
         ("its block kind (sorted keys look the same for pre-norm and res-post-norm blocks)", block)) if lacking]
-    looked = ("nothing beside it states them (no timm training record in the file, no <name>.json sidecar or "
+    looked = ("nothing else states them (no timm training record in the file, no <name>.json sidecar or "
               "config.json naming a timm architecture)")
     if evidence.architecture:
         looked = f"{evidence.source} names {evidence.architecture}, which this timm does not know"
@@ -231,5 +232,6 @@ def _unstated(embed_dim: int, evidence: Evidence, heads: bool, block: bool, sugg
                     alternative=heads_hint)
     else:
         hint = Hint("num_heads", "N", heads_hint.text, alternative=Hint("arch", None, "with its timm model name"))
-    return CheckpointError(f"this {embed_dim}-wide ViT checkpoint does not state {' or '.join(missing)}, and "
+    name = f"{evidence.checkpoint}: " if evidence.checkpoint else ""
+    return CheckpointError(f"{name}this {embed_dim}-wide ViT checkpoint does not state {' or '.join(missing)}, and "
                            f"{looked}; a guess here would export a wrong model that still passes parity", hint=hint)
