@@ -189,3 +189,10 @@ def test_layer_scale_weights_state_the_block_kind(tmp_path: Path) -> None:
     assert caught.value.hint is not None and caught.value.hint.value == "vit_small_patch14_dinov2"
     loaded = load_model(path, num_heads=6)
     assert loaded.model.blocks[0].attn.num_heads == 6 and "layer scale" in loaded.arch.provenance["block"]
+
+
+def test_num_heads_on_a_timm_name_builds_that_many_heads() -> None:
+    loaded = load_model("deit_tiny_patch16_224", num_heads=HEADS, img_size=32)  # random weights
+    assert loaded.model.blocks[0].attn.num_heads == HEADS and loaded.arch.provenance["num_heads"] == "given"
+    with pytest.raises(CheckpointError, match="divisible by num_heads"):
+        load_model("deit_tiny_patch16_224", num_heads=5, img_size=32)

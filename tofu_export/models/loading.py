@@ -33,7 +33,7 @@ def load_model(
         return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
     from tofu_export.models.timm_family import TimmFamily
 
-    return TimmFamily().load_name(str(source), img_size=img_size)
+    return TimmFamily().load_name(str(source), img_size=img_size, num_heads=num_heads)
 
 
 def stated_at_export(folder: Path) -> tuple[str | None, int | None]:
