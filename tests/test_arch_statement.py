@@ -107,9 +107,15 @@ def test_num_heads_exports_the_original_model(files: dict[str, Path], exported: 
 
 def test_eval_of_the_artifact_rebuilds_its_reference_as_exported(files: dict[str, Path],
                                                                  exported: tuple[int, str, Path]) -> None:
-    code, output = _invoke("eval", str(exported[2] / "model.onnx"), str(files["data"]), "--json", "--no-compare-tome")
+    graph = str(exported[2] / "model.onnx")
+    code, output = _invoke("eval", graph, str(files["data"]), "--json", "--no-compare-tome")
     assert code == 0, output  # the manifest says num_heads was given: the reference is built with it
     assert json.loads(output[output.index("{"):])["metrics"]["cosine_min"] > 0.9999
+    named = ("eval", graph, str(files["data"]), "--reference", str(files["bare"]), "--no-compare-tome")
+    code, output = _invoke(*named)  # a reference named by the caller is read as the caller states it
+    assert code == 2 and "--num-heads N" in output, output
+    code, output = _invoke(*named, "--num-heads", str(HEADS), "--json")
+    assert code == 0 and json.loads(output[output.index("{"):])["metrics"]["cosine_min"] > 0.9999, output
 
 
 @pytest.mark.parametrize("command", [
