@@ -75,11 +75,16 @@ def tiny_state_dict() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``model.safetensors`` of ``tiny_state_dict()``. Read it; never write beside it."""
+    """``model.safetensors`` of ``tiny_state_dict()`` with its timm ``config.json`` beside it, as a hub download has
+    (the head count and block kind are not in the weights: the config states them). Read it; never write beside it."""
+    import json
+
     from safetensors.torch import save_file
 
     path = tmp_path_factory.mktemp("tiny") / "model.safetensors"
     save_file(tiny_state_dict(), str(path))
+    config = {"architecture": TINY_ARCH, "num_classes": 1000, "model_args": {"depth": TINY_DEPTH, "img_size": TINY_IMG}}
+    (path.parent / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return path
 
 

@@ -1,6 +1,6 @@
-"""#24 item 1: a timm checkpoint's architecture comes from evidence (weights, a config beside the file, the timm
-width table, or the caller), every value says where it came from, and block kinds ToFu does not implement are
-refused (res-post-norm, parallel, integer weights)."""
+"""#24 item 1: a timm checkpoint's architecture comes from evidence (weights, a config beside the file, or the
+caller), never from a guess; every value says where it came from, and block kinds ToFu does not implement are
+refused (res-post-norm, parallel, integer weights). More cases: test_arch_statement.py."""
 
 from __future__ import annotations
 
@@ -32,19 +32,25 @@ def _save(model: VisionTransformer, path: Path) -> Path:
 
 def test_width_outside_the_table_needs_the_head_count(tmp_path: Path) -> None:
     path = _save(_vit(embed_dim=96, num_heads=4), tmp_path / "odd.safetensors")
-    with pytest.raises(CheckpointError, match="head count of this 96-wide ViT") as caught:
+    with pytest.raises(CheckpointError, match="96-wide ViT checkpoint does not state its head count") as caught:
         load_model(path)
-    assert caught.value.hint is not None and caught.value.hint.option == "num_heads"
+    hint = caught.value.hint
+    assert hint is not None and hint.option == "num_heads" and hint.alternative is not None
+    assert hint.alternative.option == "arch"
     loaded = load_model(path, num_heads=4)
     assert loaded.model.blocks[0].attn.num_heads == 4 and loaded.arch.provenance["num_heads"] == "given"
     with pytest.raises(CheckpointError, match="does not divide"):
         load_model(path, num_heads=5)
 
 
-def test_1280_wide_vit_gets_16_heads_from_the_table_and_says_so() -> None:
-    guess = infer_arch(_vit(embed_dim=1280, num_heads=16).state_dict())  # was embed_dim // 64 = 20
-    assert guess.kwargs["num_heads"] == 16
-    assert "timm width table" in guess.provenance["num_heads"] and "16 heads" in guess.reason
+def test_1280_wide_vit_is_not_given_a_table_head_count() -> None:
+    weights = _vit(embed_dim=1280, num_heads=16).state_dict()  # was embed_dim // 64 = 20, then a width table's 16
+    with pytest.raises(CheckpointError, match="does not state its head count") as caught:
+        infer_arch(weights)
+    assert caught.value.hint is not None and caught.value.hint.option == "arch"
+    assert caught.value.hint.alternative is not None and caught.value.hint.alternative.option == "num_heads"
+    guess = infer_arch(weights, num_heads=16)
+    assert guess.kwargs["num_heads"] == 16 and guess.provenance["num_heads"] == "given" and "16 heads" in guess.reason
 
 
 def test_config_beside_the_checkpoint_states_the_heads(tmp_path: Path) -> None:
@@ -66,7 +72,8 @@ def test_qk_norm_weights_state_the_heads() -> None:
 
 
 def test_every_value_has_a_provenance(tmp_path: Path) -> None:
-    loaded = load_model(_save(_vit(embed_dim=192, num_heads=3), tmp_path / "m.safetensors"))
+    loaded = load_model(_save(_vit(embed_dim=192, num_heads=3), tmp_path / "m.safetensors"), num_heads=3)
+    assert "asserted by the given num_heads" in loaded.arch.provenance["block"]  # sorted keys: only the caller says
     for key in ("embed_dim", "depth", "patch_size", "img_size", "num_heads", "mlp_ratio", "block", "architecture"):
         assert loaded.arch.provenance[key], key
 
@@ -86,7 +93,7 @@ def test_res_post_norm_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_pre_norm_pickle_is_recognised_by_its_key_order(tmp_path: Path) -> None:
     path = tmp_path / "pre.pth"
     torch.save(_vit(embed_dim=192, num_heads=3).state_dict(), path)
-    assert "norm1 before attn" in load_model(path).arch.provenance["block"]
+    assert "norm1 before attn" in load_model(path, num_heads=3).arch.provenance["block"]
 
 
 def test_parallel_blocks_are_refused() -> None:

@@ -117,6 +117,7 @@ def test_trt_target_compares_outputs_but_does_not_time_on_this_cpu(tmp_path: Pat
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64)
     torch.save(model.state_dict(), tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text('{"architecture": "deit_tiny_patch16_224"}')  # heads, block kind (#24)
     images = tmp_path / "images"
     images.mkdir()
     for index in range(3):

@@ -375,6 +375,7 @@ def _make_inputs(root: Path) -> None:
     torch.manual_seed(0)
     state = timm.create_model(ARCH, pretrained=False, depth=DEPTH, img_size=IMG).state_dict()
     torch.save(state, root / "model.pth")
+    (root / "config.json").write_text(json.dumps({"architecture": ARCH}))  # states heads and block kind (#24)
     for name, key, value in (("nan", "blocks.0.attn.qkv.weight", float("nan")), ("inf", "head.bias", float("inf"))):
         bad = {**state, key: state[key].clone()}
         bad[key].view(-1)[0] = value

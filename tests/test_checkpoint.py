@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.checkpoint import CheckpointError, load_state_dict, read_checkpoint
 from tofu_export.cli.errors import render
 from tofu_export.hashing import sha256_file
 from tofu_export.models.timm_vit_arch import infer_arch
 from tofu_export.models.timm_vit_build import build_model
+from tofu_export.models.timm_vit_evidence import Evidence
 
 SMALL_DEIT = {"depth": 2, "img_size": 64}
 
@@ -30,6 +32,11 @@ SMALL_DEIT = {"depth": 2, "img_size": 64}
 def _vit(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def _config(name: str) -> Evidence:
+    """What a timm ``config.json`` naming ``name`` beside the checkpoint states (heads, block kind)."""
+    return Evidence("config.json", name)
 
 
 def _outputs(model: nn.Module, img_size: int) -> torch.Tensor:
@@ -92,7 +99,7 @@ def test_round_trip_reproduces_source_outputs(writer: str, tmp_path: Path, tiny_
     path = WRITERS[writer](tiny_deit.state_dict(), tmp_path)
     loaded = load_state_dict(path)
     assert set(loaded) == set(tiny_deit.state_dict())
-    model, guess = build_model(loaded)
+    model, guess = build_model(loaded, evidence=_config("deit_tiny_patch16_224"))
     assert not model.training
     assert guess.notes == ()
     torch.testing.assert_close(_outputs(model, 64), _outputs(tiny_deit, 64), rtol=0, atol=0)
@@ -195,12 +202,24 @@ def test_code_carrying_pickle_is_refused_and_not_executed(tmp_path: Path, tiny_d
     assert marker.read_text() == "pwned"
 
 
+def test_timm_training_checkpoint_loads_safely_with_its_record(tmp_path: Path, tiny_deit: nn.Module) -> None:
+    """timm's train.py saves {"arch": args.model, "args": argparse.Namespace, "state_dict": ...}: the Namespace (an
+    inert bag of settings) loads without opt-in, and the record names the model and its --model-kwargs."""
+    args = argparse.Namespace(model="deit_tiny_patch16_224", model_kwargs={"depth": 2}, lr=0.1)
+    wrapped = {"epoch": 7, "arch": args.model, "state_dict": tiny_deit.state_dict(), "args": args, "version": 2}
+    loaded, record = read_checkpoint(_save(wrapped, tmp_path / "checkpoint-7.pth.tar"))
+    assert set(loaded) == set(tiny_deit.state_dict())
+    assert record == {"architecture": "deit_tiny_patch16_224", "model_args": {"depth": 2}}
+    no_args = read_checkpoint(_save({"arch": "visiontransformer", "state_dict": loaded}, tmp_path / "c.pth"))[1]
+    assert no_args == {"architecture": "visiontransformer", "model_args": {}}  # a class name: names no timm model
+
+
 def test_benign_pickle_needs_opt_in(
     tmp_path: Path, tiny_deit: nn.Module, caplog: pytest.LogCaptureFixture
 ) -> None:
-    wrapped = {"model": tiny_deit.state_dict(), "args": argparse.Namespace(lr=0.1), "epoch": 7}
-    path = _save(wrapped, tmp_path / "timm_train.pth.tar")
-    with pytest.raises(CheckpointError, match=re.escape("argparse.Namespace")):
+    wrapped = {"model": tiny_deit.state_dict(), "args": types.SimpleNamespace(lr=0.1), "epoch": 7}
+    path = _save(wrapped, tmp_path / "train.pth.tar")
+    with pytest.raises(CheckpointError, match=re.escape("types.SimpleNamespace")):
         load_state_dict(path)
     with caplog.at_level(logging.WARNING, logger="tofu_export.checkpoint"):
         loaded = load_state_dict(path, trust_pickle=True)
@@ -238,7 +257,7 @@ INFER_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(INFER_CASES)]
 @pytest.mark.parametrize(("name", "kwargs"), INFER_CASES, ids=INFER_IDS)
 def test_infer_arch_matches_source_model(name: str, kwargs: dict[str, Any]) -> None:
     source = _vit(name, **kwargs)
-    guess = infer_arch(source.state_dict())
+    guess = infer_arch(source.state_dict(), evidence=_config(name))
     inferred = guess.kwargs
     assert inferred["embed_dim"] == source.embed_dim
     assert inferred["depth"] == len(source.blocks)
@@ -250,7 +269,7 @@ def test_infer_arch_matches_source_model(name: str, kwargs: dict[str, Any]) -> N
     assert inferred["global_pool"] == source.global_pool
     assert inferred["num_heads"] == source.blocks[0].attn.num_heads
     assert (inferred["init_values"] is not None) == isinstance(source.blocks[0].ls1, timm.layers.LayerScale)
-    rebuilt, _ = build_model(source.state_dict())
+    rebuilt, _ = build_model(source.state_dict(), evidence=_config(name))
     assert type(rebuilt) is type(source)
     assert rebuilt.num_prefix_tokens == source.num_prefix_tokens
     img_size = inferred["img_size"]
@@ -258,17 +277,19 @@ def test_infer_arch_matches_source_model(name: str, kwargs: dict[str, Any]) -> N
 
 
 def test_full_deit_tiny_is_named_exactly(full_deit_tiny_sd: dict[str, torch.Tensor]) -> None:
-    guess = infer_arch(full_deit_tiny_sd)
+    guess = infer_arch(full_deit_tiny_sd, evidence=_config("deit_tiny_patch16_224"))
     assert guess.name == "deit_tiny_patch16_224"
     assert guess.reason.endswith("→ deit_tiny_patch16_224")  # no overrides needed
     assert "197 tokens" in guess.reason
 
 
 def test_distilled_and_dinov2_names() -> None:
-    distilled = infer_arch(_vit("deit_tiny_distilled_patch16_224", **SMALL_DEIT).state_dict())
+    distilled = infer_arch(_vit("deit_tiny_distilled_patch16_224", **SMALL_DEIT).state_dict(),
+                           evidence=_config("deit_tiny_distilled_patch16_224"))
     assert distilled.name == "deit_tiny_distilled_patch16_224"
     assert "dist" in distilled.reason
-    dinov2 = infer_arch(_vit("vit_small_patch14_dinov2", depth=1).state_dict())  # timm default: 518 px
+    dinov2 = infer_arch(_vit("vit_small_patch14_dinov2", depth=1).state_dict(),  # timm default: 518 px
+                        evidence=_config("vit_small_patch14_dinov2"))
     assert dinov2.name == "vit_small_patch14_dinov2"
     assert dinov2.kwargs["img_size"] == 518
     assert dinov2.kwargs["num_classes"] == 0
@@ -311,7 +332,7 @@ def test_unknown_arch_lists_close_matches(full_deit_tiny_sd: dict[str, torch.Ten
 
 
 def test_img_size_resamples_pos_embed(tiny_deit: nn.Module) -> None:
-    model, guess = build_model(tiny_deit.state_dict(), img_size=96)
+    model, guess = build_model(tiny_deit.state_dict(), img_size=96, evidence=_config("deit_tiny_patch16_224"))
     assert any("resampled" in note and "4x4" in note and "6x6" in note for note in guess.notes)
     assert guess.kwargs["img_size"] == 96
     assert model.pos_embed.shape == (1, 1 + 6 * 6, 192)
@@ -321,14 +342,14 @@ def test_img_size_resamples_pos_embed(tiny_deit: nn.Module) -> None:
 
 def test_img_size_must_be_multiple_of_patch(tiny_deit: nn.Module) -> None:
     with pytest.raises(CheckpointError, match="multiple of the checkpoint's patch size 16"):
-        build_model(tiny_deit.state_dict(), img_size=100)
+        build_model(tiny_deit.state_dict(), img_size=100, evidence=_config("deit_tiny_patch16_224"))
 
 
 def test_strict_controls_missing_keys(tiny_deit: nn.Module) -> None:
     partial = {k: v for k, v in tiny_deit.state_dict().items() if k != "head.bias"}
     with pytest.raises(CheckpointError, match=re.escape("head.bias: missing from checkpoint")):
-        build_model(partial)
-    _, guess = build_model(partial, strict=False)
+        build_model(partial, evidence=_config("deit_tiny_patch16_224"))
+    _, guess = build_model(partial, strict=False, evidence=_config("deit_tiny_patch16_224"))
     assert guess.notes == ("1 missing keys ignored (strict=False)",)
 
 

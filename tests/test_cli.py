@@ -196,6 +196,7 @@ def files(work: Path) -> dict[str, Path]:
         "code_os_system.pth", "code_exec.pth", "resnet.pth", "scatter_add.onnx")}
     paths["model.pth"].parent.mkdir()
     torch.save(state_dict, paths["model.pth"])
+    _hub_config(paths["model.pth"].parent)  # the head count and block kind, as a hub download states them
     torch.save({"model": state_dict, "epoch": 3}, paths["model_key.pth"])
     ddp = {f"module.{key}": value for key, value in state_dict.items()}
     torch.save({"state_dict": ddp}, paths["ddp_state_dict.pt"])
@@ -216,6 +217,11 @@ def files(work: Path) -> dict[str, Path]:
         pixels = np.random.default_rng(index).integers(0, 255, (80, 80, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{index}.png")
     return paths
+
+
+def _hub_config(folder: Path) -> None:
+    """timm's ``config.json`` for the checkpoints in ``folder``: the architecture states heads and block kind."""
+    (folder / "config.json").write_text(json.dumps({"architecture": ARCH, "model_args": {"depth": DEPTH}}))
 
 
 def _out(work: Path, name: str) -> Path:

@@ -22,6 +22,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=3)
     save_file(model.state_dict(), str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))  # heads, block kind
     rng = np.random.default_rng(0)
     for label in range(3):
         (root / "data" / str(label)).mkdir(parents=True)

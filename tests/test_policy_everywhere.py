@@ -25,6 +25,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Policy]:
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=5)
     path = tmp_path_factory.mktemp("policy") / "model.safetensors"
     save_file(model.state_dict(), str(path))
+    (path.parent / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))  # heads, block
     return path, Policy(MODES, R, model_record(model, 64), source={"images": 0})
 
 

@@ -22,6 +22,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepResult, 
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=5)
     save_file(model.state_dict(), str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))  # heads, block kind
     said: list[str] = []
     config = SweepConfig(r_values=(0, 2), modes=("tome", "tofu"), iters=4, threads=1,
                          onnx=OnnxConfig(exporter="torchscript"))

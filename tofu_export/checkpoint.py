@@ -2,12 +2,15 @@
 
 ``load_state_dict`` reads ``.safetensors`` or ``torch.save`` files (``weights_only=True`` unless the caller opts
 in with ``trust_pickle=True``), unwraps training wrappers (``{"model": sd}``, EMA, DDP ``module.``,
-``_orig_mod.``) and turns every way a file can be broken into one :class:`CheckpointError`. What the weights
-describe (architecture inference, model building) lives beside each model family, under ``tofu_export/models/``.
+``_orig_mod.``) and turns every way a file can be broken into one :class:`CheckpointError`. ``read_checkpoint``
+also returns what a training checkpoint states beside its weights (timm ``train.py``: the model name and its
+``--model-kwargs``). What the weights describe (architecture inference, model building) lives beside each model
+family, under ``tofu_export/models/``.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -28,7 +31,7 @@ from tofu_export.checkpoint_limits import (
 )
 from tofu_export.errors import Hint
 
-__all__ = ["CheckpointError", "load_state_dict"]
+__all__ = ["CheckpointError", "load_state_dict", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,14 @@ _FINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file into a flat ``{name: tensor}`` state dict on CPU.
+    """The flat ``{name: tensor}`` state dict of a checkpoint file (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path, trust_pickle=trust_pickle)[0]
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint file into a flat ``{name: tensor}`` state dict on CPU, plus what the file states about
+    its model beside the weights (``{}``, or ``{"architecture": name, "model_args": {...}}``: see
+    :func:`training_record`).
 
     The format is recognised from the file's first bytes (safetensors header, zip archive or legacy
     pickle), not from its suffix. Wrappers such as ``{"model": sd, "epoch": 3}`` are unwrapped (preferring
@@ -64,7 +74,23 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     _check_loaded_views(tensors, path)  # what the metadata reader could not see (a pickle it did not parse)
     check_model_bounds({name: tuple(t.shape) for name, t in tensors.items()}, path.stat().st_size, path)
     _check_values(tensors, path)
-    return tensors
+    return tensors, training_record(raw)
+
+
+def training_record(raw: Any) -> dict[str, Any]:
+    """The model a training checkpoint names: timm's ``train.py`` (``CheckpointSaver``) saves ``{"arch": args.model,
+    "args": argparse.Namespace, "state_dict": ..., "epoch": ...}``; ``args.model`` is the timm model name and
+    ``args.model_kwargs`` the ``--model-kwargs`` it was created with. Without ``args`` timm stores the class name
+    (``"visiontransformer"``), which names no architecture. ``{}`` when the file states nothing."""
+    if not isinstance(raw, Mapping):
+        return {}
+    args = raw.get("args")
+    fields = args if isinstance(args, Mapping) else vars(args) if isinstance(args, argparse.Namespace) else {}
+    name = fields.get("model") if isinstance(fields.get("model"), str) else raw.get("arch")
+    kwargs = fields.get("model_kwargs")
+    if not isinstance(name, str):
+        return {}
+    return {"architecture": name, "model_args": dict(kwargs) if isinstance(kwargs, Mapping) else {}}
 
 
 def _safetensors_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
@@ -143,7 +169,9 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
             "Loading %s with trust_pickle=True (weights_only=False): Python code in the file may run.", path
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        # timm's training checkpoints keep their argparse.Namespace of settings: an inert bag of attributes
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
         # torch words it "Unsupported global: GLOBAL x" or, for blocked modules, "unsupported GLOBAL x whose module..."
         unsafe_global = re.search(r"unsupported global(?:: GLOBAL)? ([\w.]+)", str(err), flags=re.IGNORECASE)

@@ -21,6 +21,7 @@ class Hint:
     option: str
     value: str | None = None  # a value that would work, where one is known
     text: str = ""  # why, in a few words
+    alternative: Hint | None = None  # another setting that would fix it instead ("Use --arch X ..., or --num-heads N")
 
 
 class ToFuError(Exception):

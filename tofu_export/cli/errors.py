@@ -105,6 +105,8 @@ def debug_enabled() -> bool:
 def render_hint(hint: Hint) -> str:
     """``Hint("r", "8", "or less")`` -> ``"Use --r 8 or less."``"""
     words = " ".join(part for part in ("Use", flag_for(hint.option), hint.value, hint.text) if part)
+    if hint.alternative is not None:
+        words = f"{words.rstrip('.')}, or {render_hint(hint.alternative).removeprefix('Use ')}"
     return words.rstrip(".") + "."
 
 

@@ -47,8 +47,8 @@ def eval_command(
     runtime.check()
     report = evaluate_model(
         model_path, data, tofu=tofu.build(model.img_size), reference=reference, arch=model.arch,
-        trust_pickle=model.trust_pickle, batch_size=batch_size, limit=limit, threads=runtime.threads,
-        compare_tome=compare_tome,
+        num_heads=model.num_heads, trust_pickle=model.trust_pickle, batch_size=batch_size, limit=limit,
+        threads=runtime.threads, compare_tome=compare_tome,
     )
     if as_json:
         print_json(report)

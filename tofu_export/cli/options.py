@@ -32,11 +32,13 @@ def parse_int_list(text: str, setting: str) -> list[int]:
 @option_group("Model")
 class ModelOptions:
     arch: Annotated[
-        str | None, typer.Option("--arch", help="timm architecture name (or transformers class for a folder); "
-                                 "inferred from the checkpoint when omitted.")
+        str | None, typer.Option("--arch", help="timm architecture name (or transformers class for a folder): the "
+                                 "model built, as named; inferred from the checkpoint when omitted.")
     ] = None
     num_heads: Annotated[
-        int | None, typer.Option("--num-heads", help="Attention heads, where the checkpoint does not state them.")
+        int | None, typer.Option("--num-heads", help="States that the checkpoint is a timm ViT of plain pre-norm "
+                                 "Blocks with this many attention heads (the weights cannot show either); needed "
+                                 "where neither the file, a config.json / <name>.json beside it, nor --arch says.")
     ] = None
     img_size: Annotated[
         int | None, typer.Option("--img-size", help="Input resolution in pixels; default: the checkpoint's.")

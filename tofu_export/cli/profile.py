@@ -63,7 +63,7 @@ def profile(
             artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,
             breakdown=breakdown, backend=chosen, threads=runtime.threads, spinning=runtime.spin,
             tofu=tofu.build(model.img_size) if chosen.runtime == "torch" else None, arch=model.arch,
-            trust_pickle=model.trust_pickle,
+            num_heads=model.num_heads, trust_pickle=model.trust_pickle,
         )
     if report is not None:
         write_markdown(report, [result], title=f"Latency profile of {artifact}")

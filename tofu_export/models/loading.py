@@ -9,7 +9,7 @@ from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 from tofu_export.models.family import LoadedModel, family_for_checkpoint
 
-__all__ = ["LoadedModel", "load_model"]
+__all__ = ["LoadedModel", "load_model", "stated_at_export"]
 
 
 def load_model(
@@ -33,4 +33,20 @@ def load_model(
         return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
     from tofu_export.models.timm_family import TimmFamily
 
-    return TimmFamily().load_name(str(source), img_size=img_size)
+    return TimmFamily().load_name(str(source), img_size=img_size, num_heads=num_heads)
+
+
+def stated_at_export(folder: Path) -> tuple[str | None, int | None]:
+    """``(arch, num_heads)`` as the export of the artifact in ``folder`` was told them (its manifest's provenance
+    says ``--arch NAME`` / ``given``), so its checkpoint is rebuilt as exported; ``(None, None)`` where it was not."""
+    from tofu_export.manifest import MANIFEST, Manifest, ManifestError
+
+    if not (folder / MANIFEST).is_file():
+        return None, None
+    try:
+        record = Manifest.read(folder).arch
+    except ManifestError:
+        return None, None
+    arch = record.name if str(record.provenance.get("architecture", "")).startswith("--arch") else None
+    heads = record.kwargs.get("num_heads") if record.provenance.get("num_heads") == "given" else None
+    return arch, heads if isinstance(heads, int) else None

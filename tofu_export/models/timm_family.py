@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.checkpoint import CheckpointError, read_checkpoint
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
 from tofu_export.models import timm_vit
@@ -34,14 +34,15 @@ class TimmFamily(ModelFamily):
         from tofu_export.models.timm_vit_build import build_model
         from tofu_export.models.timm_vit_evidence import read_evidence
 
-        state_dict = load_state_dict(path, trust_pickle=trust_pickle)  # names a missing file or a directory
+        state_dict, record = read_checkpoint(path, trust_pickle=trust_pickle)  # names a missing file or a folder
         digest = sha256_file(path)
         model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
-                                   evidence=read_evidence(path))
+                                   evidence=read_evidence(path, record))
         return LoadedModel(model, guess, path, digest)
 
-    def load_name(self, name: str, *, img_size: int | None) -> LoadedModel:
-        """A timm model name with random weights (fine for counting tokens and timing, not for accuracy)."""
+    def load_name(self, name: str, *, img_size: int | None, num_heads: int | None = None) -> LoadedModel:
+        """A timm model name with random weights (fine for counting tokens and timing, not for accuracy); ``num_heads``
+        replaces the name's head count."""
         import timm
 
         if not timm.is_model(name):
@@ -49,14 +50,19 @@ class TimmFamily(ModelFamily):
                 f"{name} is neither a file nor a timm model name: pass a checkpoint path, or a timm name such as "
                 "deit_small_patch16_224", hint=Hint("checkpoint", None, "a checkpoint file or folder"),
             )
-        kwargs = {} if img_size is None else {"img_size": img_size}
-        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        kwargs = {k: v for k, v in (("img_size", img_size), ("num_heads", num_heads)) if v is not None}
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        except (TypeError, AssertionError, ValueError) as error:  # e.g. a head count that does not divide the width
+            raise CheckpointError(f"timm could not create {name} with {kwargs} ({type(error).__name__}: {error})",
+                                  hint=Hint("num_heads", None, "that divides the model's width, or leave it out"),
+                                  ) from error
         if not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):  # a ResNet, a ConvNeXt: no tokens
             raise CheckpointError(f"{name} is a timm {type(model).__name__}, not a Vision Transformer; tofu-export "
                                   "reduces the tokens of ViTs: pass a ViT name such as deit_small_patch16_224",
                                   hint=Hint("checkpoint", None, "a ViT checkpoint or timm ViT name"))
-        guess = ArchGuess(name=name, kwargs=kwargs, reason="timm model name (random weights)",
-                          provenance={"architecture": f"timm registry {name}"})
+        provenance = {"architecture": f"timm registry {name}", **({"num_heads": "given"} if num_heads else {})}
+        guess = ArchGuess(name=name, kwargs=kwargs, reason="timm model name (random weights)", provenance=provenance)
         return LoadedModel(model, guess, None, None)
 
     # -- geometry -------------------------------------------------------------------------------------------------

@@ -19,7 +19,12 @@ import torch
 
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.models.family import ArchGuess
-from tofu_export.models.timm_vit_evidence import Evidence, check_block_kind, check_float_weights, head_count
+from tofu_export.models.timm_vit_evidence import (
+    Evidence,
+    check_float_weights,
+    check_sequential_blocks,
+    state_architecture,
+)
 
 __all__ = ["ArchGuess", "infer_arch"]
 
@@ -72,11 +77,11 @@ def infer_arch(
     ``reg_token`` ``[1, R, C]``, the ``blocks.{i}`` count, ``blocks.0.mlp.fc1.weight``
     ``[C * mlp_ratio, C]``, layer scale ``blocks.0.ls1.gamma`` ``[C]``, ``fc_norm`` / ``norm`` /
     ``norm_pre`` and ``head.weight`` ``[num_classes, C]``. ``num_heads`` and the block kind are not (always)
-    visible in the weights: ``timm_vit_evidence`` says where they come from, or refuses. ``provenance`` records the
-    source of every value.
+    visible in the weights: they must be stated (``num_heads``, ``evidence``: see ``timm_vit_evidence``), or the
+    checkpoint is refused. ``provenance`` records the source of every value.
     """
     evidence = evidence or Evidence()
-    block_kind = check_block_kind(state_dict, evidence)
+    check_sequential_blocks(state_dict)
     _require_vit_keys(state_dict)
     check_float_weights(state_dict)
     patch_weight = state_dict["patch_embed.proj.weight"]
@@ -97,7 +102,9 @@ def infer_arch(
     known = _closest_known(
         patch_size, int(embed_dim), depth, grid * patch_size, num_classes, distilled, layer_scale
     )
-    heads, heads_source = head_count(state_dict, int(embed_dim), evidence, num_heads)
+    shaped = known.name if (known.embed_dim, known.patch_size) == (embed_dim, patch_size) else None
+    stated = state_architecture(state_dict, int(embed_dim), evidence, num_heads, suggestion=shaped)
+    heads, heads_source = stated.num_heads, stated.heads_source
     kwargs: dict[str, Any] = {
         "embed_dim": int(embed_dim),
         "depth": depth,
@@ -114,12 +121,13 @@ def infer_arch(
         "mlp_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
     }
     kwargs.update(_rare_kwargs(state_dict, int(in_chans), kwargs["global_pool"], class_token))
-    reason = _describe(kwargs, pos_tokens, grid, class_token, distilled, reg_tokens, known, heads_source)
+    reason = _describe(kwargs, pos_tokens, grid, class_token, distilled, reg_tokens, known,
+                       f"{heads_source}, {stated.block_source}")
     provenance = {
         "embed_dim": "weights (patch_embed.proj.weight)", "patch_size": "weights (patch_embed.proj.weight)",
         "depth": f"weights (blocks.0-{depth - 1} keys)", "img_size": "weights (pos_embed tokens)",
         "num_classes": "weights (head.weight)" if num_classes else "weights (no head.weight)",
-        "mlp_ratio": "weights (blocks.0.mlp.fc1.weight)", "num_heads": heads_source, "block": block_kind,
+        "mlp_ratio": "weights (blocks.0.mlp.fc1.weight)", "num_heads": heads_source, "block": stated.block_source,
         "prefix_tokens": "weights (cls_token / dist_token / reg_token)",
     }
     return ArchGuess(name=known.name, kwargs=kwargs, reason=reason, provenance=provenance)

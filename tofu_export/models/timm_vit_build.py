@@ -48,7 +48,7 @@ def build_model(
 
     if arch is not None:
         _require_known_timm_name(arch, timm)
-        evidence = Evidence("--arch", arch)
+        evidence = Evidence("the given arch", arch, built=True)
     guess = infer_arch(state_dict, num_heads=num_heads, evidence=evidence)
     target_img_size = img_size if img_size is not None else guess.kwargs["img_size"]
     patch_size = guess.kwargs["patch_size"]

@@ -40,6 +40,7 @@ class SweepConfig:
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     arch: str | None = None
     trust_pickle: bool = False
+    num_heads: int | None = None  # where the checkpoint does not state them
 
     def points(self) -> list[SweepPoint]:
         """One ``baseline`` point for r = 0 (when asked for), each mode's r > 0 points, then the policy's point."""

@@ -60,7 +60,8 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own; no file above it
     loaded = _load(source, config)
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
-    config_key = f"{digest}:{config.arch}:{config.export_key()}:tofu-export {__version__}"  # a new release re-exports
+    stated = f"{config.arch}:{config.num_heads}"  # what the caller said the checkpoint is
+    config_key = f"{digest}:{stated}:{config.export_key()}:tofu-export {__version__}"  # a new release re-exports
     points = config.points()
     folders = {point: out / "artifacts" / point_key(point, config_key)[:16] for point in points}
     graph = ENGINE_NAME if config.backend.name == "trt" else ONNX_NAME
@@ -76,7 +77,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
         folder = folders[point]
         if not cached_artifact(folder, graph):  # missing, or not the file its manifest records: export again
             export_config = ExportConfig(tofu=config.tofu_for(point), onnx=config.onnx, arch=config.arch,
-                                         trust_pickle=config.trust_pickle, force=True,
+                                         num_heads=config.num_heads, trust_pickle=config.trust_pickle, force=True,
                                          target="trt" if config.backend.name == "trt" else "onnx")
             outcome = export_model(loaded, folder, export_config)
             if outcome.engine_error:
@@ -111,7 +112,7 @@ def _load(source: str, config: SweepConfig) -> LoadedModel:
     """The model, loaded once; a timm name gets seeded random weights (the same on every run)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        return load_model(source, arch=config.arch, trust_pickle=config.trust_pickle)
+        return load_model(source, arch=config.arch, trust_pickle=config.trust_pickle, num_heads=config.num_heads)
 
 
 def _forward_ms(loaded: LoadedModel) -> float:
