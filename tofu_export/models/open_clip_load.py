@@ -206,7 +206,7 @@ def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_
     if size != config.image_size:
         _resize_positions(state, tower)
     tower.load_state_dict(state, strict=True, assign=True)
-    tower.eval().requires_grad_(False)
+    tower.eval()
     if config.preprocess:
         tower.preprocess_cfg = dict(config.preprocess)
     return LoadedModel(tower, _guess(config, size, img_size is not None), path, sha256_file(file))
