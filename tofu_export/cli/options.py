@@ -32,8 +32,9 @@ def parse_int_list(text: str, setting: str) -> list[int]:
 @option_group("Model")
 class ModelOptions:
     arch: Annotated[
-        str | None, typer.Option("--arch", help="timm architecture name (or transformers class for a folder): the "
-                                 "model built, as named; inferred from the checkpoint when omitted.")
+        str | None, typer.Option("--arch", help="timm architecture name (the model built, as named), transformers "
+                                 "class (for a folder), or open_clip:NAME (an open_clip model config, or a config "
+                                 "JSON file); inferred from the checkpoint when omitted.")
     ] = None
     num_heads: Annotated[
         int | None, typer.Option("--num-heads", help="States that the checkpoint is a timm ViT of plain pre-norm "

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -172,6 +173,36 @@ def _name_by_scope(graph: onnx.ModelProto) -> None:
         del node.metadata_props[:]
 
 
+def _explicit_split_sizes(graph: onnx.ModelProto) -> None:
+    """Opset 18's ``Split(x, num_outputs=n)`` (``chunk``: timm's packed SwiGLU, DINOv2 giant) as ``Split(x, sizes)``
+    where the split axis has a static size: the form opsets 13-18 share (opset 18 makes every part ``ceil(size /
+    n)`` but the last). A ``Split`` on a dynamic axis is left as it is (the conversion then says so)."""
+    import math
+
+    splits = [node for node in graph.graph.node if node.op_type == "Split" and node.domain in ("", "ai.onnx")
+              and len(node.input) == 1 and any(a.name == "num_outputs" for a in node.attribute)]
+    if not splits:
+        return
+    inferred = onnx.shape_inference.infer_shapes(graph).graph
+    shapes = {v.name: v.type.tensor_type.shape for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    for node in splits:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        dims, parts, axis = shapes.get(node.input[0]), int(attrs["num_outputs"]), int(attrs.get("axis", 0))
+        if dims is None or not -len(dims.dim) <= axis < len(dims.dim) or not dims.dim[axis].HasField("dim_value"):
+            continue
+        size = dims.dim[axis].dim_value
+        part = math.ceil(size / parts)
+        if size - part * (parts - 1) <= 0:
+            continue
+        sizes = onnx.numpy_helper.from_array(
+            np.array([part] * (parts - 1) + [size - part * (parts - 1)], dtype=np.int64), f"{node.name}/split_sizes")
+        graph.graph.initializer.append(sizes)
+        node.input.append(sizes.name)
+        kept = [a for a in node.attribute if a.name != "num_outputs"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+
+
 def _convert_down(graph: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Convert an opset-18 graph to ``opset``. Opset 18 added ``noop_with_empty_axes`` to the reductions that took
     ``axes`` as an attribute before; at its default (0) it means nothing, and older opsets reject it. Opset 18 also
@@ -182,6 +213,7 @@ def _convert_down(graph: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         if len(kept) != len(node.attribute):
             del node.attribute[:]
             node.attribute.extend(kept)
+    _explicit_split_sizes(graph)
     splits = [n for n in graph.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")
               and len(n.input) == 2 and not any(a.name == "num_outputs" for a in n.attribute)]
     if opset >= 13 and splits:

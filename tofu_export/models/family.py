@@ -96,6 +96,10 @@ class ModelFamily(ABC):
         """Whether ``path`` (a file or a folder) is a checkpoint this family reads. Cheap: no weights loaded."""
         return False
 
+    def names_arch(self, arch: str) -> bool:
+        """Whether ``--arch arch`` names one of this family's architectures (it then reads the checkpoint)."""
+        return False
+
     def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
              num_heads: int | None = None) -> LoadedModel:
         """Build the model ``path`` describes, weights loaded, in eval mode. ``num_heads`` states the head count
@@ -149,17 +153,9 @@ class ModelFamily(ABC):
 
     # -- patching -------------------------------------------------------------------------------------------------
     @abstractmethod
-    def patch(
-        self,
-        model: nn.Module,
-        r: RSpec = 16,
-        mode: str | Sequence[str] = "tofu",
-        prop_attn: bool = True,
-        img_size: int | Sequence[int] | None = None,
-        *,
-        prune_layers: int | None = None,
-        strict: bool = False,
-    ) -> nn.Module:
+    def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
+              img_size: int | Sequence[int] | None = None, *, prune_layers: int | None = None,
+              strict: bool = False) -> nn.Module:
         """Apply ToFu in place (see ``tofu_export.patch``); patching a patched model replaces its settings."""
 
     @abstractmethod
@@ -230,10 +226,12 @@ def family_of(model: nn.Module) -> ModelFamily:
     )
 
 
-def family_for_checkpoint(path: Path) -> ModelFamily:
-    """The first family that recognises ``path`` (a file falls back to timm, which reports what it cannot read)."""
+def family_for_checkpoint(path: Path, arch: str | None = None) -> ModelFamily:
+    """The family whose architecture ``arch`` names, else the first that recognises ``path`` (a file falls back to
+    timm, which reports what it cannot read)."""
     registered = families()
-    return next((family for family in registered if family.recognises(path)), registered[-1])
+    named = [family for family in registered if arch and family.names_arch(arch)]
+    return next(iter(named), None) or next((f for f in registered if f.recognises(path)), registered[-1])
 
 
 # -- module-level helpers: the family of the model does the work -----------------------------------------------------

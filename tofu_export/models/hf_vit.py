@@ -138,8 +138,9 @@ class HFVisionFamily(ModelFamily):
         config = specs.core_of(model).config
         height, width = self.img_size(model) if img_size is None else as_pair(img_size)
         if (height, width) != self.img_size(model) and not type(specs.hf_of(model)).__name__.startswith("Dinov2"):
-            raise ValueError(f"the model was built for {self.img_size(model)} inputs and takes no other size; load "
-                             f"it with img_size={height} (the position embeddings are resampled).")
+            raise ValueError(f"the model was built for {self.img_size(model)} inputs and takes no other size; "
+                             f"rebuild it with hf_vit_resize.resized(model, {height}) or load it with img_size="
+                             f"{height} (the position embeddings are resampled once).")
         return (height // config.patch_size) * (width // config.patch_size) + self.num_prefix(model)
 
     def embed_dim(self, model: nn.Module) -> int:

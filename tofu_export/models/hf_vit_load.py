@@ -1,5 +1,6 @@
 """Read a transformers ``save_pretrained`` folder (``config.json`` + ``model.safetensors``, or a sharded index;
-``pytorch_model.bin`` only with ``trust_pickle``) into a wrapped, eval-mode model.
+``pytorch_model.bin`` only with ``trust_pickle``) into a wrapped, eval-mode model, at the config's input size or
+at ``img_size`` (rebuilt for it by ``hf_vit_resize.resized``).
 
 The class comes from ``arch`` or the config's ``architectures``; every value of the architecture is the config's
 own (the head count included: ``num_attention_heads``), so the provenance of each is ``config.json``. Weights files
@@ -17,6 +18,7 @@ from tofu_export.checkpoint import CheckpointError, load_state_dict
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
 from tofu_export.models.family import ArchGuess, LoadedModel
+from tofu_export.models.hf_vit_resize import check_size, resized
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 
 __all__ = ["load_folder"]
@@ -99,14 +101,11 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
     config = _read_config(folder)
     name = _class_name(folder, config, arch)
     transformers = _transformers()
+    if img_size is not None and isinstance(config.get("patch_size"), int) and isinstance(config.get("image_size"), int):
+        check_size(config["patch_size"], config["image_size"], img_size, str(folder))  # before reading weights
     files, safe = _weights_files(folder, trust_pickle)
     for path in files:
         load_state_dict(path, trust_pickle=trust_pickle)  # limits, dtypes and values checked before transformers
-    size = config.get("image_size")
-    if img_size is not None and img_size != size:
-        raise CheckpointError(f"{folder} was saved for {size} px inputs; tofu-export does not resample a "
-                              f"transformers model's position embeddings to {img_size}",
-                              hint=Hint("img_size", str(size), "the size in config.json"))
     model_class = getattr(transformers, name)
     try:
         model, info = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe,
@@ -114,13 +113,20 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"transformers could not read {folder} as {name}: {error}") from error
     _check_loading(folder, name, info)
+    size = model.config.image_size
+    if img_size is not None and img_size != size:
+        model = resized(model, img_size)  # position embeddings resampled once, as transformers does per call
     preprocess = _preprocess(folder)
     values = {key: config[key] for key in _ARCH_FIELDS if key in config}
+    values["image_size"] = model.config.image_size
     guess = ArchGuess(
         name=name, kwargs=values,
         reason=f"{name} from {'--arch' if arch else 'config.json architectures'}, every value from config.json "
                f"({values.get('num_attention_heads', '?')} attention heads)",
-        provenance={"architecture": "--arch" if arch else "config.json", **{k: "config.json" for k in values}},
+        notes=(f"position embeddings resampled from {size} to {img_size} px (bicubic, as transformers' "
+               "interpolate_pos_encoding)",) if model.config.image_size != size else (),
+        provenance={"architecture": "--arch" if arch else "config.json", **{k: "config.json" for k in values},
+                    **({"image_size": "--img-size"} if model.config.image_size != size else {})},
     )
     return LoadedModel(HFVisionEncoder(model.eval(), preprocess), guess, folder, _folder_digest(files, folder))
 

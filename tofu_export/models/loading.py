@@ -29,7 +29,7 @@ def load_model(
                               hint=Hint("img_size", None, "with the checkpoint's size, e.g. 224"))
     path = Path(source)
     if path.exists() or not allow_timm_name:
-        family = family_for_checkpoint(path)
+        family = family_for_checkpoint(path, arch)
         return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
     from tofu_export.models.timm_family import TimmFamily
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import types
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tofu_export.models.family import FlopCosts, ModelFamily, UnsupportedModelError
+from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
 from tofu_export.models.reduction import ToFuState, TokenReduction, head_mean_keys, size_weighted_mean, start_forward
 from tofu_export.schedule import RSpec, layer_modes, parse_r, plan_tokens
 from tofu_export.sizes import as_pair
@@ -90,6 +91,22 @@ class OpenClipFamily(ModelFamily):
     name = "open_clip"
     classes = "open_clip VisionTransformer (model.visual)"
 
+    # -- checkpoints (open_clip_load.py) ------------------------------------------------------------------------
+    def recognises(self, path: Path) -> bool:
+        from tofu_export.models.open_clip_load import looks_like_open_clip
+
+        return looks_like_open_clip(path)
+
+    def names_arch(self, arch: str) -> bool:
+        return arch.startswith("open_clip:")
+
+    def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
+             num_heads: int | None = None) -> LoadedModel:
+        from tofu_export.models.open_clip_load import load_open_clip
+
+        return load_open_clip(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
+
+    # -- geometry -------------------------------------------------------------------------------------------------
     def owns(self, model: nn.Module) -> bool:
         return type(model).__module__.startswith("open_clip.") and type(model).__name__ == "VisionTransformer"
 
@@ -141,6 +158,8 @@ class OpenClipFamily(ModelFamily):
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         config = super().data_config(model)
         config.update(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))  # CLIP
+        preprocess = getattr(model, "preprocess_cfg", None) or {}  # open_clip's own, or the hub config's
+        config.update({key: tuple(preprocess[key]) for key in ("mean", "std") if key in preprocess})
         return config
 
     def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,

@@ -1,0 +1,158 @@
+"""Which open_clip model config an open_clip checkpoint was trained with, and whether ToFu can patch its visual tower.
+
+The config is named by ``--arch open_clip:NAME`` (a config open_clip ships: ``open_clip.list_models()``, read
+with ``open_clip.get_model_config``, no download; or a path to a JSON file), or read from the
+``open_clip_config.json`` beside the checkpoint (the Hugging Face hub layout: ``{"model_cfg": ...,
+"preprocess_cfg": ...}``). The head count is the config's (``width // head_width``): the weights do not state it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tofu_export.checkpoint import CheckpointError
+from tofu_export.errors import Hint
+
+__all__ = ["CONFIG_FILE", "PREFIX", "TowerConfig", "configs_matching", "open_clip_module", "resolve_config"]
+
+PREFIX = "open_clip:"
+CONFIG_FILE = "open_clip_config.json"
+_BLOCK_FEATURES = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """The visual tower an open_clip model config describes."""
+
+    name: str  # the config's name, or the JSON file it came from
+    source: str  # where it came from, for the provenance
+    embed_dim: int  # the projection's output width (the CLIP embedding)
+    vision: dict[str, Any]  # open_clip's vision_cfg
+    quick_gelu: bool = False
+    preprocess: dict[str, Any] = field(default_factory=dict)  # mean / std / interpolation from preprocess_cfg
+
+    @property
+    def heads(self) -> int:
+        return int(self.vision.get("width", 768)) // int(self.vision.get("head_width", 64))
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vision.get("patch_size", 16))
+
+    @property
+    def image_size(self) -> int:
+        size = self.vision.get("image_size", 224)
+        return int(size if isinstance(size, int) else size[0])
+
+
+def open_clip_module() -> Any:
+    """``open_clip``, or a clear error naming the extra."""
+    try:
+        import open_clip
+    except ImportError as error:
+        raise CheckpointError("this is an open_clip checkpoint, and open_clip is not installed",
+                              hint=Hint("checkpoint", None, "pip install 'tofu-export[openclip]'")) from error
+    return open_clip
+
+
+def config_beside(path: Path) -> Path | None:
+    """``open_clip_config.json`` in the folder ``path``, or beside the file ``path``; None when there is none."""
+    candidate = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    return candidate if candidate.is_file() else None
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model_cfg, preprocess_cfg)`` of a hub-style config file, or of a bare model config."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not a readable open_clip config (JSON): {error}") from error
+    model_cfg = data.get("model_cfg", data) if isinstance(data, dict) else None
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg"), dict):
+        raise CheckpointError(f"{path} holds no open_clip model config (a JSON object with a vision_cfg)",
+                              hint=Hint("arch", "open_clip:ViT-B-32", "or another config open_clip ships"))
+    preprocess = data.get("preprocess_cfg", {}) if "model_cfg" in data else {}
+    return model_cfg, preprocess if isinstance(preprocess, dict) else {}
+
+
+def _named(name: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The config ``--arch open_clip:NAME`` names: a JSON file, or one of open_clip's own."""
+    if name.endswith(".json") or Path(name).is_file():
+        model_cfg, preprocess = _read_json(Path(name))
+        return model_cfg, preprocess, f"config file {name} (--arch)"
+    open_clip = open_clip_module()
+    model_cfg = open_clip.get_model_config(name) if name in open_clip.list_models() else None
+    if model_cfg is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.5)
+        said = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CheckpointError(f"open_clip has no model config named {name!r}{said}",
+                              hint=Hint("arch", f"open_clip:{close[0] if close else 'ViT-B-32'}",
+                                        "or another of open_clip.list_models(), or a config JSON file"))
+    return model_cfg, {}, f"open_clip model config {name} (--arch)"
+
+
+def resolve_config(path: Path, arch: str | None, dims: Mapping[str, int] | None = None) -> TowerConfig:
+    """The config for the checkpoint ``path``: ``arch`` (``open_clip:NAME``) first, else the config beside it.
+    ``dims`` (what the weights show, see ``configs_matching``) names candidates when neither says."""
+    if arch:
+        name = arch[len(PREFIX):] if arch.startswith(PREFIX) else arch
+        model_cfg, preprocess, source = _named(name)
+    elif (beside := config_beside(path)) is not None:
+        model_cfg, preprocess = _read_json(beside)
+        name, source = str(beside), f"{CONFIG_FILE} beside the checkpoint"
+    else:
+        found = configs_matching(dims) if dims else []
+        said = f" (its shapes fit {', '.join(found[:4])})" if found else ""
+        raise CheckpointError(
+            f"{path} is an open_clip checkpoint; the model config it was trained with is not in the weights{said}",
+            hint=Hint("arch", f"open_clip:{found[0] if found else 'ViT-B-32'}",
+                      f"naming its open_clip model config, or put its {CONFIG_FILE} beside the file"))
+    config = TowerConfig(name=name, source=source, embed_dim=int(model_cfg.get("embed_dim", 512)),
+                         vision=dict(model_cfg["vision_cfg"]), quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+                         preprocess={k: preprocess[k] for k in ("mean", "std", "interpolation") if k in preprocess})
+    _check_supported(config)
+    return config
+
+
+def _check_supported(config: TowerConfig) -> None:
+    """Refuse towers ToFu does not patch: timm trunks, ResNets, attention pools, custom attention blocks."""
+    vision = config.vision
+    problem = ("its visual tower is the timm model " + str(vision["timm_model_name"])
+               + " (save model.visual.trunk.state_dict() and pass that file as a timm checkpoint)"
+               if vision.get("timm_model_name") else
+               "its visual tower is a ResNet" if isinstance(vision.get("layers"), Sequence) else
+               "its visual tower pools with attention (CoCa)" if vision.get("attentional_pool") else
+               "its blocks are custom attention blocks (" + ", ".join(k for k in _BLOCK_FEATURES if vision.get(k)) + ")"
+               if any(vision.get(k) for k in _BLOCK_FEATURES) or vision.get("block_type") == "custom" else
+               f"its position embeddings are {vision['pos_embed_type']}"
+               if vision.get("pos_embed_type", "learnable") != "learnable" else None)
+    if problem is not None:
+        raise CheckpointError(f"open_clip config {config.name}: {problem}; ToFu patches open_clip ViT towers with "
+                              "standard blocks and token or average pooling",
+                              hint=Hint("arch", None, "with a ViT config such as open_clip:ViT-B-32"))
+
+
+def configs_matching(dims: Mapping[str, int]) -> list[str]:
+    """open_clip's ViT configs whose tower has the weights' ``width``, ``layers``, ``patch_size``, ``tokens``
+    (position rows), ``embed_dim`` (projection width; 0: none) and ``hidden`` (MLP width)."""
+    open_clip = open_clip_module()
+    found = []
+    for name in open_clip.list_models():
+        model_cfg = open_clip.get_model_config(name)
+        vision = model_cfg.get("vision_cfg", {})
+        if vision.get("timm_model_name") or not isinstance(vision.get("layers"), int):
+            continue
+        width, patch = int(vision.get("width", 768)), int(vision.get("patch_size", 16))
+        size = vision.get("image_size", 224)
+        height, wide = (size, size) if isinstance(size, int) else size
+        seen = {"width": width, "layers": vision["layers"], "patch_size": patch,
+                "tokens": (height // patch) * (wide // patch) + 1, "embed_dim": int(model_cfg.get("embed_dim", 512)),
+                "hidden": int(width * float(vision.get("mlp_ratio", 4.0)))}
+        if all(seen[key] == value for key, value in dims.items() if key in seen):
+            found.append(name)
+    return found

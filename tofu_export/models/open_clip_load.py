@@ -1,0 +1,225 @@
+"""Read an open_clip checkpoint into its visual tower, and nothing else.
+
+A checkpoint is a file (``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``, or a ``.pt`` from
+open_clip's training: ``{"state_dict": {"module.visual.*": ...}, "optimizer": ...}``) or a hub folder holding
+one beside its ``open_clip_config.json``. Its ``visual.*`` keys are the tower's; the text tower's are never copied
+into the model (a safetensors file's are not even read; a ``torch.save`` file is read whole, checked, and its text
+keys dropped at once). The tower is built on the meta device from the config (``open_clip_config.py``), the
+file's shapes are compared with it before any weight is read, and the weights are then assigned (as float32):
+no random initialisation. At another input size the position embeddings are resampled once, here, as open_clip
+resamples them when it loads a checkpoint at a forced image size (bicubic, antialiased, class token kept).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.checkpoint_limits import MAX_TOKENS, inspect_safetensors, inspect_torch_file
+from tofu_export.errors import Hint
+from tofu_export.hashing import sha256_file
+from tofu_export.models.family import ArchGuess, LoadedModel
+from tofu_export.models.open_clip_config import CONFIG_FILE, PREFIX, TowerConfig, open_clip_module, resolve_config
+
+__all__ = ["load_open_clip", "looks_like_open_clip"]
+
+FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                  "open_clip_pytorch_model.pth")
+_WRAPPERS = ("state_dict", "model", "module", "_orig_mod")  # open_clip training saves {"state_dict": {"module.*"}}
+_VISUAL = "visual."
+
+
+def weights_file(path: Path) -> Path:
+    """The weights file of a checkpoint: ``path`` itself, or the open_clip weights in the folder ``path``."""
+    if not path.is_dir():
+        return path
+    found = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{path} has an {CONFIG_FILE} but none of {', '.join(FOLDER_WEIGHTS)}",
+                              hint=Hint("checkpoint", None, "naming the folder that holds the open_clip weights"))
+    return found
+
+
+def _visual_name(key: str) -> str | None:
+    """``"state_dict.module.visual.conv1.weight"`` -> ``"conv1.weight"``; None for a key outside the tower."""
+    parts = key.split(".")
+    while len(parts) > 1 and parts[0] in _WRAPPERS:
+        parts = parts[1:]
+    key = ".".join(parts)
+    return key[len(_VISUAL):] if key.startswith(_VISUAL) else None
+
+
+def _is_safetensors(file: Path) -> bool:
+    with open(file, "rb") as handle:
+        return handle.read(9)[8:9] == b"{"  # an 8-byte header length, then the JSON header
+
+
+def _header_shapes(file: Path) -> dict[str, tuple[int, ...]] | None:
+    """The tower's ``name -> shape`` from the file's header (no tensor read), or None where it cannot be read."""
+    try:
+        if _is_safetensors(file):
+            shapes = inspect_safetensors(file)[0]
+        else:
+            shapes = {name: meta.size for name, meta in inspect_torch_file(file)[0].items()}
+    except (OSError, ValueError, CheckpointError, UnicodeDecodeError, EOFError):
+        return None
+    visual = {name: tuple(shape) for key, shape in shapes.items() if (name := _visual_name(key)) is not None}
+    return visual or None
+
+
+def looks_like_open_clip(path: Path) -> bool:
+    """A hub folder with an ``open_clip_config.json``, or a file whose keys hold an open_clip ViT tower (or a timm
+    trunk, refused later with its own message). Cheap: headers only; never raises."""
+    if path.is_dir():
+        return (path / CONFIG_FILE).is_file()
+    if not path.is_file():
+        return False
+    shapes = _header_shapes(path) or {}
+    return "conv1.weight" in shapes or any(name.startswith("trunk.") for name in shapes)
+
+
+def _dims(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """What the weights show of the tower (for naming configs that fit)."""
+    dims = {"layers": len({n.split(".")[2] for n in shapes if n.startswith("transformer.resblocks.")})}
+    if len(shapes.get("conv1.weight", ())) == 4:
+        dims.update(width=shapes["conv1.weight"][0], patch_size=shapes["conv1.weight"][2])
+    if len(shapes.get("positional_embedding", ())) == 2:
+        dims["tokens"] = shapes["positional_embedding"][0]
+    if len(shapes.get("proj", ())) == 2:
+        dims["embed_dim"] = shapes["proj"][1]
+    if len(shapes.get("transformer.resblocks.0.mlp.c_fc.weight", ())) == 2:
+        dims["hidden"] = shapes["transformer.resblocks.0.mlp.c_fc.weight"][0]
+    return dims
+
+
+def _describe(dims: dict[str, int]) -> str:
+    words = {"width": "width {}", "layers": "{} layers", "patch_size": "patch {}", "tokens": "{} positions",
+             "embed_dim": "embedding {}"}
+    return ", ".join(text.format(dims[key]) for key, text in words.items() if key in dims)
+
+
+def _build(config: TowerConfig, img_size: int) -> nn.Module:
+    """The tower ``config`` describes at ``img_size``, on the meta device (no memory, no initialisation)."""
+    open_clip_module()
+    from open_clip.model import _build_vision_tower
+
+    vision = {**config.vision, "image_size": img_size, "output_tokens": False}  # one output: the embedding
+    with torch.device("meta"):
+        return _build_vision_tower(config.embed_dim, vision, quick_gelu=config.quick_gelu)
+
+
+def _check_fits(file: Path, config: TowerConfig, expected: dict[str, tuple[int, ...]],
+                shapes: dict[str, tuple[int, ...]]) -> None:
+    """The file's tower keys and shapes are those of the config's tower, or an error naming the fix."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k} {list(shapes[k])} (the config: {list(expected[k])})" for k in expected
+             if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (("mis-shaped", wrong), ("missing", missing), ("unexpected", unexpected)) if keys]
+    if problems:
+        from tofu_export.models.open_clip_config import configs_matching
+
+        found = [name for name in configs_matching(_dims(shapes)) if name != config.name]
+        said = f"; its shapes fit {', '.join(found[:4])}" if found else ""
+        seen, wanted = _describe(_dims(shapes)), _describe(_dims(expected))
+        detail = f"the weights are {seen}, the config {wanted}" if seen != wanted else "; ".join(problems)
+        raise CheckpointError(
+            f"{file} does not fit the open_clip config {config.name} from {config.source}: {detail}{said}",
+            hint=Hint("arch", f"{PREFIX}{found[0] if found else 'NAME'}", "naming the config it was trained with"))
+
+
+def _read_safetensors(file: Path, names: set[str]) -> dict[str, Tensor] | None:
+    """The tower's tensors of a safetensors file, reading nothing else; None when the file cannot be read so."""
+    from safetensors import SafetensorError, safe_open
+
+    if _header_shapes(file) is None:
+        return None
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            keys = {_visual_name(key): key for key in handle.keys()}  # noqa: SIM118 (not iterable)
+            return {name: handle.get_tensor(keys[name]) for name in names if name in keys}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None  # load_state_dict names what is wrong with the file
+
+
+def _read_visual(file: Path, names: set[str], trust_pickle: bool) -> dict[str, Tensor]:
+    """The tower's tensors (``visual.`` stripped) as float32; of a safetensors file nothing else is read."""
+    tensors = _read_safetensors(file, names) if _is_safetensors(file) else None
+    if tensors is None:
+        everything = load_state_dict(file, trust_pickle=trust_pickle)  # limits, views and values checked
+        tensors = {name: everything.pop(key) for key in list(everything) if (name := _visual_name(key)) in names}
+        del everything  # the text tower and the rest
+    bad = [name for name, tensor in tensors.items() if not tensor.is_floating_point()
+           or not bool(torch.isfinite(tensor.float()).all())]
+    if bad:
+        raise CheckpointError(f"{file}: tower weights {', '.join(bad[:3])} are not finite floats; the file is "
+                              "corrupt or from a diverged run: use a clean float checkpoint")
+    return {name: tensor.float() for name, tensor in tensors.items()}
+
+
+def _resize_positions(state: dict[str, Tensor], tower: nn.Module) -> None:
+    """``positional_embedding [1 + g*g, C]`` -> ``[1 + gh*gw, C]`` for ``tower``'s grid, by open_clip's own code."""
+    from open_clip.model import resize_pos_embed
+
+    wrapped = {f"{_VISUAL}positional_embedding": state["positional_embedding"]}
+    resize_pos_embed(wrapped, SimpleNamespace(visual=tower))
+    state["positional_embedding"] = wrapped[f"{_VISUAL}positional_embedding"]
+
+
+def _target_size(config: TowerConfig, img_size: int | None) -> int:
+    size = config.image_size if img_size is None else img_size
+    patch = config.patch_size
+    if size % patch or (size // patch) ** 2 + 1 > MAX_TOKENS:
+        raise CheckpointError(f"an input of {size} px does not fit open_clip config {config.name}: the size must be "
+                              f"a multiple of its patch ({patch} px) with at most {MAX_TOKENS} tokens",
+                              hint=Hint("img_size", str(config.image_size), f"or another multiple of {patch}"))
+    return size
+
+
+def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
+                   num_heads: int | None = None) -> LoadedModel:
+    """The visual tower of the open_clip checkpoint ``path`` (a file or a hub folder), weights loaded, eval mode;
+    at ``img_size`` when given (position embeddings resampled), else at the config's size."""
+    file = weights_file(path)
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} does not exist",
+                              hint=Hint("checkpoint", None, "the path of an open_clip checkpoint"))
+    header = _header_shapes(file)
+    config = resolve_config(path, arch, _dims(header) if header else None)
+    if num_heads is not None and num_heads != config.heads:
+        raise CheckpointError(f"open_clip config {config.name} has {config.heads} attention heads, not {num_heads}",
+                              hint=Hint("num_heads", None, "leave it out: the config states it"))
+    size = _target_size(config, img_size)
+    native = _build(config, config.image_size)
+    expected = {name: tuple(tensor.shape) for name, tensor in native.state_dict().items()}
+    if header is not None:
+        _check_fits(file, config, expected, header)  # before any weight is read
+    state = _read_visual(file, set(expected), trust_pickle)
+    _check_fits(file, config, expected, {name: tuple(t.shape) for name, t in state.items()})
+    tower = _build(config, size) if size != config.image_size else native
+    if size != config.image_size:
+        _resize_positions(state, tower)
+    tower.load_state_dict(state, strict=True, assign=True)
+    tower.eval()
+    if config.preprocess:
+        tower.preprocess_cfg = dict(config.preprocess)
+    return LoadedModel(tower, _guess(config, size, img_size is not None), path, sha256_file(file))
+
+
+def _guess(config: TowerConfig, size: int, resized: bool) -> ArchGuess:
+    vision = config.vision
+    kwargs: dict[str, Any] = {"width": vision.get("width", 768), "layers": vision.get("layers"),
+                              "heads": config.heads, "patch_size": config.patch_size, "image_size": size,
+                              "embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu}
+    notes = (f"position embeddings resampled from {config.image_size} to {size} px (bicubic)",) if resized and \
+        size != config.image_size else ()
+    return ArchGuess(name=f"{PREFIX}{config.name}", kwargs=kwargs, notes=notes,
+                     reason=f"open_clip visual tower from {config.source}; text tower not loaded",
+                     provenance={**{key: config.source for key in kwargs},
+                                 **({"image_size": "--img-size"} if resized else {})})
