@@ -5,6 +5,8 @@
 normalised tokens before the attention and unmerges after; ``unpatch`` puts the original module back. Only the
 patch touches that state, and patching first removes an earlier patch (tomesd's ``patch.py`` rule). Token grids
 are read from one dry run at the export's sample size (each ``attn1`` records its token count; grids are square).
+``patch`` also swaps every ``Upsample2D`` for its static form (``diffusers_static``: exactly equal, no ``Resize``),
+so that the exported step passes the TensorRT static check.
 ``UNet2DModel`` (attention inside ``Attention`` on feature maps, no ``BasicTransformerBlock``) is not covered.
 """
 
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from tofu_export.dense.module import DenseToFu
 from tofu_export.dense.plan import DensePolicy
 from tofu_export.errors import Hint, UserError
+from tofu_export.models.diffusers_static import make_static, undo_static
 
 Inputs = Callable[[int, int], tuple[Tensor, ...]]
 
@@ -44,6 +47,8 @@ def _transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
+    """Put back every module ``patch`` swapped (reduced self-attention, static upsamplers)."""
+    undo_static(model)
     for block in _transformer_blocks(model).values():
         if isinstance(block.attn1, ReducedSelfAttention):
             block.attn1 = block.attn1.inner
@@ -75,7 +80,9 @@ def token_grids(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple
 
 
 def patch(model: nn.Module, policy: DensePolicy, grids: dict[str, tuple[int, int]]) -> nn.Module:
+    """Reduce the policy's blocks, and make the upsamplers static (``diffusers_static``) for the export."""
     unpatch(model)
+    make_static(model)
     blocks = _transformer_blocks(model)
     unknown = sorted(set(policy.blocks) - set(grids))
     if unknown:
