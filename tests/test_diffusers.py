@@ -11,14 +11,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from tofu_export.dense.export import export_denoiser, static_graph_problems  # noqa: E402
 from tofu_export.dense.plan import plan_blocks  # noqa: E402
-from tofu_export.models.diffusers_blocks import (  # noqa: E402
-    ReducedSelfAttention,
-    patch,
-    step,
-    step_inputs,
-    token_grids,
-    unpatch,
-)
+from tofu_export.models.diffusers_blocks import ReducedSubLayer  # noqa: E402
+from tofu_export.models.diffusers_denoiser import input_names, patch, step, step_inputs, token_grids, unpatch  # noqa: E402
 
 
 def unet() -> torch.nn.Module:
@@ -53,12 +47,12 @@ def test_patch_changes_the_output_and_unpatch_restores(build) -> None:
     grids = token_grids(model, inputs)
     assert all(h * w in (16 * 16, 8 * 8) for h, w in grids.values())
     patch(model, plan_blocks(grids, 0.5, "mlerp"), grids)
-    assert any(isinstance(m, ReducedSelfAttention) for m in model.modules())
+    assert any(isinstance(m, ReducedSubLayer) for m in model.modules())
     with torch.no_grad():
         reduced = step(model)(*inputs)
     assert reduced.shape == base.shape and not torch.allclose(reduced, base)
     unpatch(model)
-    assert not any(isinstance(m, ReducedSelfAttention) for m in model.modules())
+    assert not any(isinstance(m, ReducedSubLayer) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(step(model)(*inputs), base)
 
@@ -94,8 +88,8 @@ def test_static_export_passes_the_tensorrt_check(build, exporter: str, opset: in
     make = step_inputs(model, 16)
     grids = token_grids(model, make(1, 0))
     patch(model, plan_blocks(grids, 0.5, "mlerp"), grids)
-    result = export_denoiser(step(model), tmp_path / "step.onnx", make, ["sample", "timestep", "cond"],
-                             exporter=exporter, opset=opset)
+    result = export_denoiser(step(model), tmp_path / "step.onnx", make, input_names(model), exporter=exporter,
+                             opset=opset)
     graph = onnx.load(str(tmp_path / "step.onnx"))
     assert static_graph_problems(graph) == [] and "TopK" in {n.op_type for n in graph.graph.node}
     assert "Resize" not in {n.op_type for n in graph.graph.node}
