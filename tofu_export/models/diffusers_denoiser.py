@@ -21,10 +21,10 @@ from tofu_export.dense.plan import DensePolicy
 from tofu_export.errors import Hint, UserError
 from tofu_export.models.diffusers_attention import map_attentions, patch_attention, unpatch_attention
 from tofu_export.models.diffusers_blocks import patch_block, transformer_blocks, unpatch_block
+from tofu_export.models.diffusers_load import KINDS
 from tofu_export.models.diffusers_static import make_static, undo_static
 
 Inputs = Callable[[int, int], tuple[Tensor, ...]]
-KINDS = ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
