@@ -54,6 +54,8 @@ def calibrate_denoiser(
     out: Annotated[Path, typer.Option("--out", "-o", help="Policy file to write.")],
     ratio: Ratio = 0.5,
     min_psnr: Annotated[float | None, typer.Option("--min-psnr", help="Stop reducing blocks below this.")] = None,
+    speedup: Annotated[float | None, typer.Option("--speedup", help="Keep the step's predicted (FLOP) speed-up at "
+                                                   "least this, e.g. 1.1.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="One-step samples to measure on.")] = 2,
     max_downsample: MaxDown = 1,
     seed: Seed = None,
@@ -65,7 +67,9 @@ def calibrate_denoiser(
     """
     from tofu_export.dense.job import calibrate_denoiser_policy
 
-    result = calibrate_denoiser_policy(source, out, ratio=ratio, min_psnr=min_psnr, samples=samples,
+    result = calibrate_denoiser_policy(source, out, ratio=ratio, min_psnr=min_psnr, speedup=speedup, samples=samples,
                                        max_downsample=max_downsample, seed=seed, config=config)
     modes = ", ".join(f"{k}={v.mode}" for k, v in result.policy.blocks.items())
-    typer.echo(f"wrote {out}: {result.psnr:.1f} dB, SSIM {result.ssim:.4f} ({modes})")
+    predicted = result.policy.notes.get("predicted_speedup")
+    speed = f", predicted speed-up {predicted:.3f}x" if predicted else ""
+    typer.echo(f"wrote {out}: {result.psnr:.1f} dB, SSIM {result.ssim:.4f}{speed} ({modes})")

@@ -109,12 +109,39 @@ def export_denoiser_step(source: str | Path, out: str | Path, *, ratio: float = 
     return result
 
 
+def flop_cost(model: nn.Module, patch: Callable[[DensePolicy], object], inputs: Sequence[torch.Tensor]):
+    """``cost(policy)``: the predicted cost of one step under ``policy``, in FLOPs (torch's ``FlopCounterMode`` on
+    one sample): the unreduced step's, less each reduced block's own saving (measured once per block and ratio,
+    summed: blocks are assumed independent)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = [t[:1] for t in inputs]
+
+    def count(policy: DensePolicy) -> float:
+        patch(policy)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*one)
+        return float(counter.get_total_flops())
+
+    base = count(DensePolicy({}))
+    savings: dict[tuple[str, float], float] = {}
+
+    def cost(policy: DensePolicy) -> float:
+        for name, plan in policy.blocks.items():
+            if (name, plan.ratio) not in savings:
+                savings[name, plan.ratio] = base - count(DensePolicy({name: plan}, policy.stride, policy.seed))
+        return base - sum(savings[name, plan.ratio] for name, plan in policy.blocks.items())
+
+    return cost
+
+
 def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: float = 0.5,
-                              min_psnr: float | None = None, samples: int = 2, max_downsample: int = 1,
+                              min_psnr: float | None = None, speedup: float | None = None, samples: int = 2,
+                              max_downsample: int = 1,
                               stride: int = 2, seed: int | None = None, noise_seed: int = 1,
                               config: str | Path | None = None) -> Calibration:
     """Calibrate a consistency denoiser's per-block modes on one-step samples (noise at its largest sigma, 80) and
-    write the policy file ``out``."""
+    write the policy file ``out``. ``speedup``: a budget on the predicted (FLOP) speed-up of the step."""
     from tofu_export.models.openai_unet_tofu import attention_grids, patch
 
     out = Path(out)
@@ -137,7 +164,9 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
             return model(*inputs)
 
     blocks = list(plan_blocks(attention_grids(model), ratio, "mean", max_downsample, stride, seed).blocks)
-    result = calibrate_denoiser(run, blocks, ratio, min_psnr=min_psnr, stride=stride, seed=seed)
+    cost = flop_cost(model, lambda policy: patch(model, policy), inputs) if speedup is not None else None
+    result = calibrate_denoiser(run, blocks, ratio, min_psnr=min_psnr, speedup=speedup, cost=cost, stride=stride,
+                                seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.policy.save(out)
     return result
