@@ -112,3 +112,42 @@ def test_plan_max_downsample_and_policy_file(tmp_path) -> None:
         DensePolicy.load(tmp_path / "other.json")
     with pytest.raises(UserError, match="unknown reduce mode"):
         plan_blocks(grids, 0.5, "avg")  # type: ignore[arg-type]
+
+
+def _fake_denoiser(damage: dict[str, float], saving: dict[str, float]):
+    """A sampler whose PSNR falls by ``damage[b]`` per reduced block, and a cost of ``10 - saving`` per policy."""
+    from tofu_export.dense.metrics import mean_psnr
+
+    reference = torch.ones(1, 1, 16, 16)
+
+    def run(policy: DensePolicy) -> torch.Tensor:
+        total = sum(damage[b] for b in policy.blocks)  # noise power grows with the damage
+        return reference + (10 ** (total / 20 - 3)) * torch.ones_like(reference) * (1 if policy.blocks else 0)
+
+    def cost(policy: DensePolicy) -> float:
+        return 10.0 - sum(saving[b] for b in policy.blocks)
+
+    def psnr(*blocks: str) -> float:
+        return mean_psnr(run(DensePolicy({b: BlockPlan(0.5, "mean") for b in blocks})), reference)
+
+    assert psnr() == float("inf") and psnr("a", "b", "c") < psnr("b", "c") < psnr("c")
+    return run, cost, psnr
+
+
+def test_speedup_budget_keeps_the_predicted_speedup_and_names_what_is_reachable() -> None:
+    from tofu_export.dense.calibrate import calibrate_denoiser
+
+    damage, saving = {"a": 20.0, "b": 5.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0}
+    run, cost, psnr = _fake_denoiser(damage, saving)
+    # every block: 10 / 7 = 1.43x; the budget 1.2x allows dropping one block (10 / 8 = 1.25x): the most damaging
+    result = calibrate_denoiser(run, list(damage), 0.5, modes=("mean",), speedup=1.2, cost=cost)
+    assert set(result.policy.blocks) == {"b", "c"} and result.policy.notes["predicted_speedup"] == pytest.approx(1.25)
+    with pytest.raises(UserError, match=r"1\.5x is not reachable at ratio 0\.5: .* gives 1\.429x"):
+        calibrate_denoiser(run, list(damage), 0.5, modes=("mean",), speedup=1.5, cost=cost)
+    # both budgets: a PSNR that needs 'b' dropped too (10 / 9 = 1.11x < 1.2x) is refused, naming the reachable PSNR
+    between = (psnr("b", "c") + psnr("c")) / 2
+    with pytest.raises(UserError, match=r"not reachable at a predicted speed-up of 1\.2x"):
+        calibrate_denoiser(run, list(damage), 0.5, modes=("mean",), min_psnr=between, speedup=1.2, cost=cost)
+    met = calibrate_denoiser(run, list(damage), 0.5, modes=("mean",), min_psnr=psnr("b", "c") - 0.1, speedup=1.2,
+                             cost=cost)
+    assert set(met.policy.blocks) == {"b", "c"}

@@ -65,3 +65,12 @@ def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path) -> None:
     (diffusers_dir / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     refused = runner.invoke(app, ["denoiser", str(diffusers_dir), "-o", str(tmp_path / "c")])
     assert refused.exit_code == 2 and "diffusers" in refused.output
+
+
+def test_unreachable_speedup_is_an_error_naming_the_reachable_one(checkpoint, tmp_path) -> None:
+    policy = tmp_path / "p.json"
+    result = CliRunner().invoke(app, ["calibrate-denoiser", str(checkpoint), "--ratio", "0.5", "--speedup", "3",
+                                      "--samples", "1", "-o", str(policy)])
+    assert result.exit_code == 2, result.output
+    assert "3x is not reachable at ratio 0.5" in result.output and "--speedup 1.0" in result.output
+    assert not policy.exists()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from tofu_export.dense.tofu import dense_tofu
+from tofu_export.dense.tofu import DenseMatching, dense_tofu, match_dense, reduce_dense, unmerge_dense
 from tofu_export.dense.windows import WindowLayout, window_layout
 from tofu_export.merge import REDUCE_MODES, ReduceMode
 
@@ -35,9 +35,18 @@ class DenseToFu(nn.Module):
     def layout(self) -> WindowLayout:
         return WindowLayout(self.height, self.width, self.src, self.dst, self.inverse)
 
-    def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """``fn`` applied to ``x [B, N, C]`` with ``r`` tokens reduced; returns ``[B, N, C']``."""
-        return dense_tofu(x, self.layout, self.r, self.mode, fn)
+    def match(self, metric: Tensor) -> DenseMatching:
+        """The matching of ``r`` tokens for ``metric [B, N, C]``."""
+        return match_dense(metric, self.layout, self.r)
+
+    def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor], matching: DenseMatching | None = None) -> Tensor:
+        """``fn`` applied to ``x [B, N, C]`` with ``r`` tokens reduced; returns ``[B, N, C']``. ``matching``
+        (default: matched on ``x``) lets sub-layers of one block share one."""
+        if self.r == 0:
+            return fn(x)
+        if matching is None:
+            return dense_tofu(x, self.layout, self.r, self.mode, fn)
+        return unmerge_dense(fn(reduce_dense(x, matching, self.layout, self.mode)), matching)
 
     def extra_repr(self) -> str:
         return f"{self.height}x{self.width}, r={self.r}, mode={self.mode}, stride={self.stride}, seed={self.seed}"

@@ -4,6 +4,10 @@ A block is named by its module path (``input_blocks.11.1``) and has a token grid
 plan (``plan_blocks``) reduces every block whose grid is at most ``max_downsample`` times coarser than the finest
 one (ToMe for SD's ``max_downsample``: 1 = only the finest level), all with one ratio and mode. A policy file
 (written by calibration) gives every block its own ratio and mode instead.
+
+``sublayers`` says before which sub-layers of a block the tokens are reduced (and unmerged after): ``self``
+(self-attention, the default), ``cross`` (cross-attention: its queries) and ``mlp`` (the feed-forward). A block's
+sub-layers share one matching per forward, as in ToMe for SD.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 
 from tofu_export.errors import Hint, UserError
 from tofu_export.merge import REDUCE_MODES, ReduceMode
+
+SUBLAYERS: tuple[str, ...] = ("self", "cross", "mlp")  # in the order a block runs them
 
 
 @dataclass(frozen=True)
@@ -26,16 +32,21 @@ class BlockPlan:
 
 @dataclass
 class DensePolicy:
-    """Per-block plans (``blocks``: name -> plan) with the window ``stride`` and ``seed`` they were made for."""
+    """Per-block plans (``blocks``: name -> plan) with the window ``stride`` and ``seed`` they were made for, and
+    the ``sublayers`` every reduced block reduces before."""
 
     blocks: dict[str, BlockPlan]
     stride: int = 2
     seed: int | None = None
     notes: dict = field(default_factory=dict)
+    sublayers: tuple[str, ...] = ("self",)
+
+    def __post_init__(self) -> None:
+        self.sublayers = check_sublayers(self.sublayers)
 
     def to_json(self) -> str:
         return json.dumps(
-            {"kind": "tofu-dense-policy", "stride": self.stride, "seed": self.seed,
+            {"kind": "tofu-dense-policy", "stride": self.stride, "seed": self.seed, "sublayers": list(self.sublayers),
              "blocks": {name: asdict(plan) for name, plan in self.blocks.items()}, "notes": self.notes},
             indent=2,
         )
@@ -55,7 +66,8 @@ class DensePolicy:
                             "written by calibrate-denoiser")) from error
         for name, plan in blocks.items():
             check_plan(plan, name)
-        return cls(blocks, int(data.get("stride", 2)), data.get("seed"), data.get("notes", {}))
+        return cls(blocks, int(data.get("stride", 2)), data.get("seed"), data.get("notes", {}),
+                   tuple(data.get("sublayers", ["self"])))
 
 
 def check_plan(plan: BlockPlan, name: str = "") -> None:
@@ -68,8 +80,19 @@ def check_plan(plan: BlockPlan, name: str = "") -> None:
         raise UserError(f"ratio {plan.ratio} is out of range{where}", hint=Hint("ratio", "0.5", "a fraction in [0, 1)"))
 
 
+def check_sublayers(sublayers) -> tuple[str, ...]:
+    """``sublayers`` as a tuple in block order; ``UserError`` for an unknown one or none."""
+    names = [sublayers] if isinstance(sublayers, str) else list(sublayers)
+    names = [part.strip() for name in names for part in str(name).split(",") if part.strip()]
+    unknown = [name for name in names if name not in SUBLAYERS]
+    if unknown or not names:
+        raise UserError(f"unknown sub-layer {', '.join(unknown) or '(none named)'}: choose from {', '.join(SUBLAYERS)}",
+                        hint=Hint("sublayers", "self", "self,cross,mlp"))
+    return tuple(name for name in SUBLAYERS if name in names)
+
+
 def plan_blocks(grids: dict[str, tuple[int, int]], ratio: float, mode: ReduceMode, max_downsample: int = 1,
-                stride: int = 2, seed: int | None = None) -> DensePolicy:
+                stride: int = 2, seed: int | None = None, sublayers=("self",)) -> DensePolicy:
     """One ratio and mode for every block (``grids``: name -> ``(height, width)``) at most ``max_downsample`` times
     coarser (per side) than the finest grid; coarser blocks are left alone."""
     check_plan(BlockPlan(ratio, mode))
@@ -83,4 +106,4 @@ def plan_blocks(grids: dict[str, tuple[int, int]], ratio: float, mode: ReduceMod
         for name, (h, w) in grids.items()
         if h * w * max_downsample**2 >= finest and min(h, w) >= stride
     }
-    return DensePolicy(chosen, stride, seed)
+    return DensePolicy(chosen, stride, seed, sublayers=check_sublayers(sublayers))

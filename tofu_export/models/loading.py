@@ -28,6 +28,10 @@ def load_model(
         raise CheckpointError(f"the input size must be a positive number of pixels, got {img_size}",
                               hint=Hint("img_size", None, "with the checkpoint's size, e.g. 224"))
     path = Path(source)
+    if path.is_dir():  # h5 (issue 19): a diffusers denoiser folder is the `denoiser` command's, said in one line
+        from tofu_export.models.diffusers_load import refuse_on_main_command
+
+        refuse_on_main_command(path)
     if path.exists() or not allow_timm_name:
         family = family_for_checkpoint(path, arch)
         return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
