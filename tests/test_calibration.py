@@ -59,7 +59,8 @@ def _latency(r: int = 4) -> BlockLatency:
 
 
 def test_pareto_front_spans_no_reduction_to_fastest_and_is_monotone() -> None:
-    damage = {"prune": [0.01, 0.02, 0.03, 0.0], "mean": [0.001, 0.002, 0.01, 0.0], "mlerp": [0.002, 0.001, 0.02, 0.0]}
+    damage = {"prune": {4: [0.01, 0.02, 0.03, 0.0]}, "mean": {4: [0.001, 0.002, 0.01, 0.0]},
+              "mlerp": {4: [0.002, 0.001, 0.02, 0.0]}}
     front = pareto_front(damage, _latency(), 17, 1)
     assert front[0].damage == 0.0 and front[0].r == (0, 0, 0, 4)  # the last block's reduction is free here
     assert all(a.damage <= b.damage and a.latency_ms > b.latency_ms for a, b in itertools.pairwise(front))

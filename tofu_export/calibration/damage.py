@@ -8,6 +8,8 @@ unreduced model's, over the calibration images.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,6 +32,13 @@ def run_from_block(model: nn.Module, x: Tensor, start: int, *, batch_size: int =
     with torch.no_grad():
         outputs = [family.pooled_output(model, family.run_blocks(model, chunk, start)) for chunk in x.split(batch_size)]
     return torch.cat(outputs)
+
+
+def verify(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool) -> float:
+    """Mean cosine to the unreduced model of really running the policy ``(modes, r)`` on the traced images
+    (``model`` left unpatched)."""
+    with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
+        return float(cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0)).mean())
 
 
 def single_block_damage(
@@ -56,3 +65,45 @@ def single_block_damage(
             if on_step is not None:
                 on_step()
     return damage
+
+
+def damage_by_r(
+    model: nn.Module,
+    trace: Trace,
+    choices: Sequence[int],
+    measured: Sequence[int],
+    *,
+    modes: Sequence[str] = REDUCE_MODES,
+    prop_attn: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, dict[int, list[float]]]:
+    """``{mode: {removed: [depth] damage}}`` for every positive ``removed`` in ``choices``: measured
+    (``single_block_damage``) at the ``measured`` values, derived at the others by ``derive_damage``."""
+    runs = {k: single_block_damage(model, trace, k, modes=modes, prop_attn=prop_attn, on_step=on_step)
+            for k in sorted(set(measured))}
+    table = {}
+    for mode in modes:
+        at = {k: runs[k][mode] for k in runs}
+        table[mode] = {k: at[k] if k in at else derive_damage(at, k) for k in choices if k > 0}
+    return table
+
+
+def derive_damage(measured: dict[int, list[float]], removed: int) -> list[float]:
+    """Per-block damage at ``removed`` tokens from damage measured at other counts (``{count: [depth]}``, at
+    least two counts), by a power law ``d(k) = d(k0) * (k / k0) ** p`` through the two measured counts nearest
+    ``removed`` (``p`` fitted per block, at least 1).
+
+    Why a power law with ``p >= 1``: matching removes the most similar pairs first, so each further pair costs at
+    least as much as the ones before, and damage grows at least linearly from ``d(0) = 0``. Below the smallest
+    measured count this is an extrapolation towards 0, bounded by the straight line through the origin."""
+    counts = sorted(measured)
+    k = min(max(bisect.bisect_left(counts, removed) - 1, 0), len(counts) - 2)  # the segment around removed
+    lo, hi = counts[k], counts[k + 1]
+    derived = []
+    for d_lo, d_hi in zip(measured[lo], measured[hi], strict=True):
+        if d_lo <= 0 or d_hi <= 0:  # no damage to fit (or numerical noise): linear in the count
+            derived.append(max(d_lo, 0.0) * removed / lo)
+            continue
+        p = max(math.log(d_hi / d_lo) / math.log(hi / lo), 1.0)
+        derived.append(d_lo * (removed / lo) ** p)
+    return derived
