@@ -263,9 +263,11 @@ def calibrate(
     settings: ExportSettings | None = None,
     clock: str = "wall",
     rule: str = "damage",
+    linearity_threshold: float = LINEARITY_THRESHOLD,
 ) -> Policy:
     """``measure`` then ``Calibration.policy``: the verified ``Policy`` the ``budget`` (default:
     ``min_cosine=0.995``) picks, its latency measured on its exported graph. Writes nothing."""
     calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
-                          source=source, progress=progress, holdout=holdout, settings=settings, clock=clock)
+                          source=source, progress=progress, holdout=holdout, settings=settings, clock=clock,
+                          linearity_threshold=linearity_threshold)
     return calibration.policy(budget or Budget(min_cosine=0.995), progress=progress, rule=rule)
