@@ -70,6 +70,12 @@ def _uniform(mode: str, r: list[int], damage: dict[str, list[float]], ms: float)
     return Candidate((mode,) * len(r), tuple(r), sum(d for d, n in zip(damage[mode], r, strict=True) if n), ms)
 
 
+def check_rule(rule: str) -> None:
+    """``rule`` must be one of ``RULES``."""
+    if rule not in RULES:
+        raise UserError(f"unknown mode rule {rule!r}; choose one of {', '.join(RULES)}", hint=Hint("rule", "damage"))
+
+
 def linearity_modes(linearity: list[Tensor], threshold: float = LINEARITY_THRESHOLD) -> list[str]:
     """The paper's rule per block: ``"prune"`` where the mean criterion ``[B, r_i]`` exceeds ``threshold`` (the
     block responds non-linearly to interpolated tokens), ``"mlerp"`` where it is closer to linear."""
@@ -139,9 +145,7 @@ class Calibration:
         with ``measure_latency``, timed on its exported graph against the unreduced one (``rounds`` interleaved
         rounds): the measurements are recorded beside the predictions. ``rule`` chooses the modes (module
         docstring)."""
-        if rule not in self.fronts:
-            raise UserError(f"unknown mode rule {rule!r}; choose one of {', '.join(RULES)}",
-                            hint=Hint("rule", "damage"))
+        check_rule(rule)
         attempts, scale, chosen = [], 1.0, None
         with _progress(progress) as bar:
             task = bar.add_task("verifying the choice", total=VERIFY_TRIES)
@@ -267,6 +271,7 @@ def calibrate(
 ) -> Policy:
     """``measure`` then ``Calibration.policy``: the verified ``Policy`` the ``budget`` (default:
     ``min_cosine=0.995``) picks, its latency measured on its exported graph. Writes nothing."""
+    check_rule(rule)  # before the measurements, not after them
     calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
                           source=source, progress=progress, holdout=holdout, settings=settings, clock=clock,
                           linearity_threshold=linearity_threshold)
