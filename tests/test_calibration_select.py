@@ -142,3 +142,29 @@ def test_the_search_never_asks_a_block_for_more_than_it_can_remove() -> None:
     for c in pareto_front(damage, latency, TOKENS, PREFIX):
         plan = plan_tokens(TOKENS, PREFIX, c.r, warn=False)
         assert not plan.clipped and all(k <= max_reduction(n, PREFIX) for n, k in zip(plan.tokens, c.r, strict=True))
+
+
+def test_damage_by_r_measures_a_subset_at_the_largest_r_and_derives_the_rest(monkeypatch) -> None:
+    from tofu_export.calibration import damage as damage_module
+
+    scale = {"prune": 10.0, "mean": 1.0, "mlerp": 2.0}
+    growth = [1.5, 2.0]  # per-block exponent: the same for every mode (the pairs removed are the same)
+    truth = lambda i, m, k: 1e-3 * scale[m] * (i + 1) * (k / 4) ** growth[i]  # noqa: E731
+    calls = []
+
+    def fake_block(model, trace, i, mode, removed, prop_attn):
+        calls.append((i, mode, removed))
+        return truth(i, mode, removed)
+
+    def fake_single(model, trace, r, *, modes, prop_attn, on_step):
+        return {m: [truth(i, m, r) for i in range(2)] for m in modes}
+
+    monkeypatch.setattr(damage_module, "block_damage", fake_block)
+    monkeypatch.setattr(damage_module, "single_block_damage", fake_single)
+    table = damage_module.damage_by_r(None, None, r_choices(4), 4, also=["prune", "mean"])
+    assert sorted(calls) == [(0, "mean", 8), (0, "prune", 8), (1, "mean", 8)]  # least damaging + the rule's
+    for m in scale:
+        for i in range(2):
+            assert table[m][8][i] == pytest.approx(truth(i, m, 8))  # the block's exponent carries to other modes
+            assert table[m][6][i] == pytest.approx(truth(i, m, 6))  # in between: on the power law
+            assert table[m][2][i] == pytest.approx(truth(i, m, 2))

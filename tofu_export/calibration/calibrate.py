@@ -123,8 +123,10 @@ class Calibration:
                                  "block removes r tokens with this mode",
             "damage_by_r": {m: {str(k): v for k, v in by_r.items()} for m, by_r in self.damage.items()},
             "damage_measured_at": list(self.measured_r),
-            "damage_derived": "at counts not measured: a power law through the two nearest measured counts, "
-                              "exponent >= 1 (calibration.damage.derive_damage)",
+            "damage_derived": "every mode measured at r; at the largest count only the mode least damaging at r "
+                              "and the linearity rule's, the others with that block's growth exponent; counts in "
+                              "between by a power law through the two nearest, exponent >= 1 "
+                              "(calibration.damage.damage_by_r)",
             "rule_modes": {"damage": [min(self.damage, key=lambda m, i=i: self.damage[m][self.r][i])
                                       for i in range(len(self.trace.linearity))],
                            "linearity": linearity_modes(self.trace.linearity, self.linearity_threshold)},
@@ -214,14 +216,15 @@ def measure(
     counts = sample_token_counts(tokens0, prefix, r, depth)
     rounds = 40
     choices = tuple(k for k in r_choices(r) if k <= max_reduction(tokens0, prefix))
-    measured_r = tuple(k for k in (r, 2 * r) if k in choices)  # the rest derived (damage.derive_damage)
+    measured_r = tuple(sorted({r, max(choices)}))  # every mode at r, a subset at the largest (damage.damage_by_r)
     with torch.no_grad(), _progress(progress) as bar, unpatched(model):
         task = bar.add_task("unreduced pass", total=1)
         tr = trace(model, images, r)
         bar.update(task, advance=1, description="damage per block, mode and r",
-                   total=1 + depth * len(REDUCE_MODES) * len(measured_r))
-        damage = damage_by_r(model, tr, choices, measured_r if len(measured_r) > 1 else choices[1:],
-                             prop_attn=prop_attn, on_step=lambda: bar.advance(task))
+                   total=1 + depth * (len(REDUCE_MODES) + 2))
+        by_linearity = linearity_modes(tr.linearity, linearity_threshold)
+        damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn,
+                             on_step=lambda: bar.advance(task))
         bar.update(task, description="latency per block and mode", completed=0, total=len(counts) * 4 + rounds)
         latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
                                         prop_attn=prop_attn, settings=settings, clock=clock,
@@ -245,9 +248,8 @@ def measure(
     record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out)),
               "tool": f"tofu-export {__version__}", "backend": latency.backend, "threads": threads,
               "prop_attn": prop_attn}
-    by_linearity = [[m] for m in linearity_modes(tr.linearity, linearity_threshold)]
     fronts = {"damage": pareto_front(scaled, latency, tokens0, prefix),
-              "linearity": pareto_front(scaled, latency, tokens0, prefix, by_linearity)}
+              "linearity": pareto_front(scaled, latency, tokens0, prefix, [[m] for m in by_linearity])}
     return Calibration(model, tr, r, damage, latency, uniform, fronts, baseline_ms, prop_attn, record, held_out,
                        settings or ExportSettings(), provider, threads, measured_r, clock, linearity_threshold)
 
