@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 
 import tofu_export
 from tofu_export.calibration import Budget, BudgetError, load_images, measure
-from tofu_export.calibration.measured import round_robin
+from tofu_export.calibration.measured import ExportSettings, round_robin
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
 from tofu_export.exporters.onnx import export_onnx
@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "thread-cpu"), default="thread-cpu")
     parser.add_argument("--tofu-default", action=argparse.BooleanOptionalAction, default=True,
                         help="score the data-free r=16 candidates (tofu-k1/k3) and the default check")
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                        help="the exporter of every artifact and of the calibration's one-block graphs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -119,7 +121,7 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     images, source = load_images(DATASETS["fashion-mnist"], model, args.calib_images)
     calibration = measure(model, images, r=args.calib_r, threads=1 if args.clock == "thread-cpu" else args.threads,
-                          source=source, clock=args.clock)
+                          source=source, clock=args.clock, settings=ExportSettings(args.exporter))
     calib_seconds, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
     variants: dict[str, dict] = {"baseline": {"mode": "baseline", "r": 0, "rs": 0, "modes": "tome"}}
     for mode in ("tome", "mlerp"):
@@ -157,7 +159,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 tofu_export.patch(model, r=spec["rs"], mode=spec["modes"], img_size=224)
             paths[name] = Path(tmp) / f"{name}.onnx"
-            export_onnx(model, paths[name], 224)
+            export_onnx(model, paths[name], 224, exporter=args.exporter)
             tofu_export.unpatch(model)
             runner = OrtRunner(paths[name], threads=args.threads)
             features[name] = {}
