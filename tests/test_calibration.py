@@ -59,7 +59,8 @@ def _latency(r: int = 4) -> BlockLatency:
 
 
 def test_pareto_front_spans_no_reduction_to_fastest_and_is_monotone() -> None:
-    damage = {"prune": [0.01, 0.02, 0.03, 0.0], "mean": [0.001, 0.002, 0.01, 0.0], "mlerp": [0.002, 0.001, 0.02, 0.0]}
+    damage = {"prune": {4: [0.01, 0.02, 0.03, 0.0]}, "mean": {4: [0.001, 0.002, 0.01, 0.0]},
+              "mlerp": {4: [0.002, 0.001, 0.02, 0.0]}}
     front = pareto_front(damage, _latency(), 17, 1)
     assert front[0].damage == 0.0 and front[0].r == (0, 0, 0, 4)  # the last block's reduction is free here
     assert all(a.damage <= b.damage and a.latency_ms > b.latency_ms for a, b in itertools.pairwise(front))
@@ -117,6 +118,9 @@ def test_calibrate_returns_a_verified_policy_that_fits(vit, make_images, tmp_pat
     policy.check_fits(vit, 64)
     m = policy.measurements
     assert set(m["damage"]) == {"prune", "mean", "mlerp"} and len(m["linearity"]) == 4
+    assert m["damage_measured_at"] == [4, 8] and set(m["damage_by_r"]["mlerp"]) == {"2", "4", "6", "8"}
+    assert m["damage_by_r"]["mlerp"]["4"] == m["damage"]["mlerp"] and m["rule"] == "damage"
+    assert set(policy.r) <= {0, 2, 4, 6, 8} and len(m["rule_modes"]["linearity"]) == 4
     assert m["measured_cosine"] >= 0.99
     search, held = split_held_out(images, 0.25)
     assert len(search) == 6 and len(held) == 2 and m["held_out_images"] == 2
@@ -131,6 +135,9 @@ def test_calibrate_returns_a_verified_policy_that_fits(vit, make_images, tmp_pat
     assert timed["rounds"] == 20 and timed["exporter"] == "dynamo" and timed["opset"] == 17
     assert m["measured_speedup"] == timed["speedup"] and timed["speedup_iqr"][0] <= timed["speedup"]
     assert m["predicted_speedup"] == pytest.approx(m["baseline_ms"] / m["predicted_ms"])
+    tome = m["tome_at_measured_speedup"]  # ToMe timed in the same rounds at two r, interpolated at the policy's speed
+    assert len(tome["r"]) == 2 and sorted(timed["tome_speedup"]) == sorted(str(k) for k in tome["r"])
+    assert min(tome["cosine_at_r"]) - 1e-9 <= tome["cosine"] or tome["extrapolated"]
     assert policy.source["images"] == {"path": "random", "count": 8, "held_out": 2}
     assert policy.source["tool"].startswith("tofu-export ")
     assert Policy.load(policy.save(tmp_path / "policy.json")) == policy

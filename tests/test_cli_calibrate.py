@@ -64,6 +64,8 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
         ("ok", ["--speedup", "50"], "no policy reaches a 50.00x speedup"),
         ("ok", ["--min-cosine", "0.9", "--speedup", "1.2"], "give exactly one budget"),
         ("ok", ["--r", "9"], "r must lie in [1, 8]"),
+        ("ok", ["--rule", "coin"], "unknown mode rule 'coin'"),
+        ("ok", ["--clock", "thread-cpu", "--threads", "2"], "the thread-CPU clock times one intra-op thread"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint, setup, extra, message) -> None:

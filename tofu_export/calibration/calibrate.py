@@ -8,10 +8,15 @@
     policies = [measured.policy(Budget(speedup=s)) for s in (1.2, 1.5)]
 
 Stages (a progress bar on stderr follows them): one unreduced pass keeping every block's input and the linearity
-criterion (``trace``); the damage of reducing in each block alone per mode (``damage``); one-block latencies per
-mode on the backend (``latency``); the Pareto front and the budget's pick (``select``); and a verification that
-runs the chosen policy on the images and records the measured cosine beside the predicted one. When a fidelity
-floor is missed, the prediction is rescaled by measured / predicted damage and the choice is made again.
+criterion (``trace``); the damage of reducing in each block alone per mode, measured at r and 2r and derived at
+r/2 and 3r/2 (``damage``); one-block latencies per mode on the backend (``latency``); the Pareto front over
+per-block modes and r in {0, r/2, r, 3r/2, 2r} and the budget's pick (``select``); and a verification that runs the
+chosen policy on the images and records the measured cosine beside the predicted one. When a fidelity floor is
+missed, the prediction is rescaled by measured / predicted damage and the choice is made again.
+
+Two rules choose a block's mode: ``"damage"`` (the default: the search picks the mode by its measured damage) and
+``"linearity"`` (the paper's criterion: prune where the block's mean criterion exceeds ``linearity_threshold``,
+MLERP elsewhere; the search then picks only r). The measurements record the mode each rule names per block.
 """
 
 from __future__ import annotations
@@ -25,23 +30,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
+from tofu_export.calibration.damage import damage_by_r, verify
 from tofu_export.calibration.latency import BlockLatency, measure_block_latency, sample_token_counts
-from tofu_export.calibration.measured import (
-    ExportSettings,
-    held_out_cosine,
-    measure_policy_latency,
-    split_held_out,
-)
-from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
+from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosine, split_held_out
+from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front, r_choices
 from tofu_export.calibration.trace import Trace, trace
+from tofu_export.calibration.versus_tome import timed_against_tome
 from tofu_export.errors import Hint, UserError
 from tofu_export.merge import REDUCE_MODES, max_reduction
-from tofu_export.models.family import family_of, patched, unpatched
+from tofu_export.models.family import family_of, unpatched
 from tofu_export.policy import Policy, model_record
 from tofu_export.schedule import plan_tokens
 
 VERIFY_TRIES = 3
+RULES = ("damage", "linearity")
+LINEARITY_THRESHOLD = 0.05  # mean criterion above which the linearity rule prunes (DINOv2-S/14: 0.005-0.06)
 
 
 @contextmanager
@@ -62,15 +65,21 @@ def check_images(model: nn.Module, images: Tensor) -> None:
                         hint=Hint("img_size", str(images.shape[2])))
 
 
-def verify(model: nn.Module, tr: Trace, candidate: Candidate, prop_attn: bool) -> float:
-    """Mean cosine to the unreduced model of really running ``candidate`` on the images (``model`` left unpatched)."""
-    with patched(model, r=list(candidate.r), mode=list(candidate.modes), prop_attn=prop_attn):
-        return float(cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0)).mean())
-
-
 def _uniform(mode: str, r: list[int], damage: dict[str, list[float]], ms: float) -> Candidate:
     """``mode`` in every block removing ``r[i]`` (a uniform r as the blocks can take it)."""
     return Candidate((mode,) * len(r), tuple(r), sum(d for d, n in zip(damage[mode], r, strict=True) if n), ms)
+
+
+def check_rule(rule: str) -> None:
+    """``rule`` must be one of ``RULES``."""
+    if rule not in RULES:
+        raise UserError(f"unknown mode rule {rule!r}; choose one of {', '.join(RULES)}", hint=Hint("rule", "damage"))
+
+
+def linearity_modes(linearity: list[Tensor], threshold: float = LINEARITY_THRESHOLD) -> list[str]:
+    """The paper's rule per block: ``"prune"`` where the mean criterion ``[B, r_i]`` exceeds ``threshold`` (the
+    block responds non-linearly to interpolated tokens), ``"mlerp"`` where it is closer to linear."""
+    return ["prune" if float(x.mean()) > threshold else "mlerp" for x in linearity]
 
 
 @dataclass
@@ -80,10 +89,10 @@ class Calibration:
     model: nn.Module
     trace: Trace
     r: int
-    damage: dict[str, list[float]]  # mode -> [depth] single-block damage
+    damage: dict[str, dict[int, list[float]]]  # mode -> tokens removed -> [depth] single-block damage
     latency: BlockLatency
     uniform: dict[str, dict]  # mode -> the anchor policy (mode everywhere at r): predicted and measured
-    front: list[Candidate]  # Pareto front of the compounding-scaled prediction
+    fronts: dict[str, list[Candidate]]  # rule -> Pareto front of the compounding-scaled prediction
     baseline_ms: float  # predicted latency without reduction
     prop_attn: bool
     record: dict  # images, tool, backend: the policy's source record (the budget is added per policy)
@@ -91,6 +100,14 @@ class Calibration:
     settings: ExportSettings | None = None  # how the user's graphs are exported (the measured latency's)
     provider: str = "cpu"
     threads: int | None = None
+    measured_r: tuple[int, ...] = ()  # the counts damage was measured at (the others derived)
+    clock: str = "wall"  # how latencies are timed (measured.CLOCKS)
+    linearity_threshold: float = LINEARITY_THRESHOLD
+
+    @property
+    def front(self) -> list[Candidate]:
+        """The default rule's front."""
+        return self.fronts["damage"]
 
     def measurements(self) -> dict:
         linearity = [{"mean": float(x.mean()), "median": float(x.median()),
@@ -101,29 +118,42 @@ class Calibration:
             "linearity_definition": "||f((y1+y2)/2) - (f(y1)+f(y2))/2|| / ||f(y1)-f(y2)||, f = the block's MLP "
                                     "residual y + ls2(mlp(norm2(y))), on the r pairs the block's matching takes "
                                     "(unreduced model)",
-            "damage": self.damage,
+            "damage": {m: by_r[self.r] for m, by_r in self.damage.items()},
             "damage_definition": "1 - mean cosine of the pooled output to the unreduced model's when only this "
                                  "block removes r tokens with this mode",
+            "damage_by_r": {m: {str(k): v for k, v in by_r.items()} for m, by_r in self.damage.items()},
+            "damage_measured_at": list(self.measured_r),
+            "damage_derived": "every mode measured at r; at the largest count only the mode least damaging at r "
+                              "and the linearity rule's, the others with that block's growth exponent; counts in "
+                              "between by a power law through the two nearest, exponent >= 1 "
+                              "(calibration.damage.damage_by_r)",
+            "rule_modes": {"damage": [min(self.damage, key=lambda m, i=i: self.damage[m][self.r][i])
+                                      for i in range(len(self.trace.linearity))],
+                           "linearity": linearity_modes(self.trace.linearity, self.linearity_threshold)},
+            "linearity_threshold": self.linearity_threshold,
             "latency": self.latency.to_dict(),
             "baseline_ms": self.baseline_ms,
             "uniform": self.uniform,
             "prediction": "damage = sum over reducing blocks of single-block damage x the mode's compounding factor "
                           "(uniform policy measured / summed), x damage_scale after a missed verification",
             "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in self.front],
+            "r_choices": sorted({k for by_r in self.damage.values() for k in by_r} | {0}),
         }
 
     def policy(self, budget: Budget, progress: bool = False, *, measure_latency: bool = True,
-               rounds: int = 20) -> Policy:
+               rounds: int = 20, rule: str = "damage") -> Policy:
         """The budget's pick from the front, verified on the search images (rescaled and re-picked up to
         ``VERIFY_TRIES`` times while a fidelity floor is missed), then checked once on the held-out images and,
         with ``measure_latency``, timed on its exported graph against the unreduced one (``rounds`` interleaved
-        rounds): the measurements are recorded beside the predictions."""
+        rounds): the measurements are recorded beside the predictions. ``rule`` chooses the modes (module
+        docstring)."""
+        check_rule(rule)
         attempts, scale, chosen = [], 1.0, None
         with _progress(progress) as bar:
             task = bar.add_task("verifying the choice", total=VERIFY_TRIES)
             for _ in range(VERIFY_TRIES):
-                candidate = choose(self.front, budget, self.baseline_ms, scale)
-                measured = verify(self.model, self.trace, candidate, self.prop_attn)
+                candidate = choose(self.fronts[rule], budget, self.baseline_ms, scale)
+                measured = verify(self.model, self.trace, candidate.modes, candidate.r, self.prop_attn)
                 bar.advance(task)
                 attempts.append({"modes": list(candidate.modes), "r": list(candidate.r), "damage_scale": scale,
                                  "predicted_cosine": 1.0 - candidate.damage * scale, "measured_cosine": measured,
@@ -140,16 +170,13 @@ class Calibration:
                 hint=Hint("min_cosine", f"{best['measured_cosine']:.4f}"),
             )
         held = self.held_out if self.held_out is not None else self.trace.reference[:0]
-        measurements = dict(self.measurements(), predicted_cosine=attempts[-1]["predicted_cosine"],
+        measurements = dict(self.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
                             measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
                             predicted_speedup=self.baseline_ms / chosen.latency_ms, attempts=attempts,
                             held_out_images=len(held),
                             held_out_cosine=held_out_cosine(self.model, held, chosen.modes, chosen.r, self.prop_attn))
         if measure_latency:
-            measured = measure_policy_latency(self.model, chosen.modes, chosen.r, prop_attn=self.prop_attn,
-                                              settings=self.settings, provider=self.provider, threads=self.threads,
-                                              rounds=rounds)
-            measurements.update(measured_latency=measured.to_dict(), measured_speedup=measured.speedup)
+            measurements.update(timed_against_tome(self, chosen, held, rounds))
         return Policy(chosen.modes, chosen.r, model_record(self.model), dict(self.record, budget=budget.to_dict()),
                       measurements)
 
@@ -166,6 +193,8 @@ def measure(
     progress: bool = True,
     holdout: float = 0.25,
     settings: ExportSettings | None = None,
+    linearity_threshold: float = LINEARITY_THRESHOLD,
+    clock: str = "wall",
 ) -> Calibration:
     """Measure ``model`` (a plain timm ViT; a patched one is unpatched first) on ``images [B, 3, H, W]``: every
     stage of the module docstring but the choice. ``r`` is the tokens a reducing block removes; ``provider`` and
@@ -177,6 +206,7 @@ def measure(
     family = family_of(model)
     model.eval()
     check_images(model, images)
+    threads = clock_threads(clock, threads)
     images, held_out = split_held_out(images, holdout)
     depth, prefix, tokens0 = family.depth(model), family.num_prefix(model), family.num_tokens(model)
     if not 0 < r <= max_reduction(tokens0, prefix):
@@ -185,14 +215,20 @@ def measure(
                         hint=Hint("r", "16" if limit >= 16 else str(limit)))
     counts = sample_token_counts(tokens0, prefix, r, depth)
     rounds = 40
+    choices = tuple(k for k in r_choices(r) if k <= max_reduction(tokens0, prefix))
+    measured_r = tuple(sorted({r, max(choices)}))  # every mode at r, a subset at the largest (damage.damage_by_r)
     with torch.no_grad(), _progress(progress) as bar, unpatched(model):
         task = bar.add_task("unreduced pass", total=1)
         tr = trace(model, images, r)
-        bar.update(task, advance=1, description="damage per block and mode", total=1 + depth * len(REDUCE_MODES))
-        damage = single_block_damage(model, tr, r, prop_attn=prop_attn, on_step=lambda: bar.advance(task))
+        bar.update(task, advance=1, description="damage per block, mode and r",
+                   total=1 + depth * (len(REDUCE_MODES) + 2))
+        by_linearity = linearity_modes(tr.linearity, linearity_threshold)
+        damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn,
+                             on_step=lambda: bar.advance(task))
         bar.update(task, description="latency per block and mode", completed=0, total=len(counts) * 4 + rounds)
         latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
-                                        prop_attn=prop_attn, settings=settings, on_step=lambda: bar.advance(task))
+                                        prop_attn=prop_attn, settings=settings, clock=clock,
+                                        on_step=lambda: bar.advance(task))
         baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
         bar.update(task, description="every mode in every block", completed=0, total=len(REDUCE_MODES))
         # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several
@@ -202,18 +238,20 @@ def measure(
         uniform_r = plan_tokens(tokens0, prefix, [r] * depth, warn=False).r
         for mode in REDUCE_MODES:
             ms = latency.predict_ms(tokens0, prefix, uniform_r, [mode] * depth)
-            anchor = _uniform(mode, uniform_r, damage, ms)
-            measured = verify(model, tr, anchor, prop_attn)
+            anchor = _uniform(mode, uniform_r, {m: by_r[r] for m, by_r in damage.items()}, ms)
+            measured = verify(model, tr, anchor.modes, anchor.r, prop_attn)
             uniform[mode] = {"r": uniform_r, "predicted_cosine": 1.0 - anchor.damage, "measured_cosine": measured,
                              "predicted_ms": ms, "compounding": (1.0 - measured) / max(anchor.damage, 1e-12)}
             bar.advance(task)
-    scaled = {m: [max(d, 0.0) * max(uniform[m]["compounding"], 1.0) for d in values] for m, values in damage.items()}
+    scaled = {m: {k: [max(d, 0.0) * max(uniform[m]["compounding"], 1.0) for d in values] for k, values in by_r.items()}
+              for m, by_r in damage.items()}
     record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out)),
               "tool": f"tofu-export {__version__}", "backend": latency.backend, "threads": threads,
               "prop_attn": prop_attn}
-    front = pareto_front(scaled, latency, tokens0, prefix)
-    return Calibration(model, tr, r, damage, latency, uniform, front, baseline_ms, prop_attn, record, held_out,
-                       settings or ExportSettings(), provider, threads)
+    fronts = {"damage": pareto_front(scaled, latency, tokens0, prefix),
+              "linearity": pareto_front(scaled, latency, tokens0, prefix, [[m] for m in by_linearity])}
+    return Calibration(model, tr, r, damage, latency, uniform, fronts, baseline_ms, prop_attn, record, held_out,
+                       settings or ExportSettings(), provider, threads, measured_r, clock, linearity_threshold)
 
 
 def calibrate(
@@ -229,9 +267,14 @@ def calibrate(
     progress: bool = True,
     holdout: float = 0.25,
     settings: ExportSettings | None = None,
+    clock: str = "wall",
+    rule: str = "damage",
+    linearity_threshold: float = LINEARITY_THRESHOLD,
 ) -> Policy:
     """``measure`` then ``Calibration.policy``: the verified ``Policy`` the ``budget`` (default:
     ``min_cosine=0.995``) picks, its latency measured on its exported graph. Writes nothing."""
+    check_rule(rule)  # before the measurements, not after them
     calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
-                          source=source, progress=progress, holdout=holdout, settings=settings)
-    return calibration.policy(budget or Budget(min_cosine=0.995), progress=progress)
+                          source=source, progress=progress, holdout=holdout, settings=settings, clock=clock,
+                          linearity_threshold=linearity_threshold)
+    return calibration.policy(budget or Budget(min_cosine=0.995), progress=progress, rule=rule)

@@ -8,6 +8,8 @@ unreduced model's, over the calibration images.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,6 +34,13 @@ def run_from_block(model: nn.Module, x: Tensor, start: int, *, batch_size: int =
     return torch.cat(outputs)
 
 
+def verify(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool) -> float:
+    """Mean cosine to the unreduced model of really running the policy ``(modes, r)`` on the traced images
+    (``model`` left unpatched)."""
+    with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
+        return float(cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0)).mean())
+
+
 def single_block_damage(
     model: nn.Module,
     trace: Trace,
@@ -49,10 +58,84 @@ def single_block_damage(
     damage: dict[str, list[float]] = {mode: [] for mode in modes}
     for i in range(depth):
         for mode in modes:
-            r_list = [r if j == i else 0 for j in range(depth)]
-            with patched(model, r=r_list, mode=[mode] * depth, prop_attn=prop_attn):
-                output = run_from_block(model, trace.inputs[i], i)
-            damage[mode].append(float(1.0 - cosine_to(trace.reference, output).mean()))
+            damage[mode].append(block_damage(model, trace, i, mode, r, prop_attn))
             if on_step is not None:
                 on_step()
     return damage
+
+
+def block_damage(model: nn.Module, trace: Trace, block: int, mode: str, removed: int, prop_attn: bool) -> float:
+    """``1 - mean cosine`` of removing ``removed`` tokens with ``mode`` in ``block`` alone (blocks ``block..`` run
+    from the traced input)."""
+    depth = family_of(model).depth(model)
+    r_list = [removed if j == block else 0 for j in range(depth)]
+    with patched(model, r=r_list, mode=[mode] * depth, prop_attn=prop_attn):
+        output = run_from_block(model, trace.inputs[block], block)
+    return float(1.0 - cosine_to(trace.reference, output).mean())
+
+
+def damage_by_r(
+    model: nn.Module,
+    trace: Trace,
+    choices: Sequence[int],
+    r: int,
+    *,
+    also: Sequence[str] = (),
+    modes: Sequence[str] = REDUCE_MODES,
+    prop_attn: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, dict[int, list[float]]]:
+    """``{mode: {removed: [depth] damage}}`` for every positive ``removed`` in ``choices``.
+
+    Measured: every mode at ``r`` (``single_block_damage``); at the largest choice, per block, only the mode least
+    damaging at ``r`` and the mode ``also[i]`` names (e.g. the linearity rule's). The other modes at the largest
+    choice take the block's growth exponent from the measured mode: the pairs removed are the same for every mode
+    (matching runs on the keys, before any mode acts), so how fast damage grows with the pairs is the block's. The
+    counts in between (and below r) are derived by ``derive_damage``."""
+    at_r = single_block_damage(model, trace, r, modes=modes, prop_attn=prop_attn, on_step=on_step)
+    table: dict[str, dict[int, list[float]]] = {m: {r: at_r[m]} for m in modes}
+    top = max(choices)
+    if top > r:
+        depth = len(at_r[modes[0]])
+        for m in modes:
+            table[m][top] = [0.0] * depth
+        for i in range(depth):
+            measured = {min(modes, key=lambda m: at_r[m][i]), *(also[i:i + 1])}
+            for m in measured:
+                table[m][top][i] = block_damage(model, trace, i, m, top, prop_attn)
+                if on_step is not None:
+                    on_step()
+            ref = min(measured, key=lambda m: at_r[m][i])
+            exponent = _exponent(at_r[ref][i], table[ref][top][i], top / r)
+            for m in set(modes) - measured:
+                table[m][top][i] = max(at_r[m][i], 0.0) * (top / r) ** exponent
+    for m in modes:
+        known = dict(table[m])
+        table[m] = {k: known[k] if k in known else derive_damage(known, k) for k in choices if k > 0}
+    return table
+
+
+def _exponent(d_lo: float, d_hi: float, ratio: float) -> float:
+    """The power-law exponent from ``d_lo`` to ``d_hi`` over a count ``ratio``, at least 1 (1 without damage)."""
+    if d_lo <= 0 or d_hi <= 0:
+        return 1.0
+    return max(math.log(d_hi / d_lo) / math.log(ratio), 1.0)
+
+
+def derive_damage(measured: dict[int, list[float]], removed: int) -> list[float]:
+    """Per-block damage at ``removed`` tokens from damage measured at other counts (``{count: [depth]}``), by a
+    power law ``d(k) = d(k0) * (k / k0) ** p`` through the two measured counts nearest
+    ``removed`` (``p`` fitted per block, at least 1).
+
+    Why a power law with ``p >= 1``: matching removes the most similar pairs first, so each further pair costs at
+    least as much as the ones before, and damage grows at least linearly from ``d(0) = 0``. Below the smallest
+    measured count this is an extrapolation towards 0, bounded by the straight line through the origin."""
+    counts = sorted(measured)
+    if len(counts) == 1:  # one measured count: the straight line through the origin
+        return [max(d, 0.0) * removed / counts[0] for d in measured[counts[0]]]
+    k = min(max(bisect.bisect_left(counts, removed) - 1, 0), len(counts) - 2)  # the segment around removed
+    lo, hi = counts[k], counts[k + 1]
+    derived = []
+    for d_lo, d_hi in zip(measured[lo], measured[hi], strict=True):
+        derived.append(max(d_lo, 0.0) * (removed / lo) ** _exponent(d_lo, d_hi, hi / lo))
+    return derived

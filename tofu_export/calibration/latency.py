@@ -7,8 +7,10 @@ token sizes (so proportional attention's mask and the size-weighted merge are in
 the first reduction). The graphs go through ``exporters.onnx.export_onnx`` with the user's exporter, opset and
 simplification (``ExportSettings``); the block's r is what ``schedule.plan_tokens`` allows at N. The graphs, and
 one of the model without blocks (patch embedding and head), are timed round-robin in one process, in a fresh
-order every round. A block at another token count is interpolated linearly between the measured ones: a
-prediction, which ``calibration.measured`` checks on the chosen policy's exported graph.
+order every round. A block at another token count is interpolated linearly between the measured ones; a block
+that removes ``removed`` tokens instead of ``r`` runs its MLP on ``r - removed`` more tokens, priced at the MLP's
+share of the measured unreduced block (its multiply-accumulates per token over the block's, ``schedule.block_macs``):
+predictions, which ``calibration.measured`` checks on the chosen policy's exported graph.
 """
 
 from __future__ import annotations
@@ -18,20 +20,19 @@ import statistics
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from tofu_export.calibration.measured import ExportSettings
+from tofu_export.calibration.measured import ExportSettings, clock_threads, round_robin
 from tofu_export.engines.ort import create_session
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.merge import REDUCE_MODES
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
-from tofu_export.profiling.compare import time_round_robin
-from tofu_export.schedule import plan_tokens
+from tofu_export.schedule import block_macs, plan_tokens
 
 NONE = "none"  # the block without token reduction
 
@@ -47,23 +48,40 @@ class BlockLatency:
     stem_ms: float  # patch embedding, final norm and head (the model with no blocks)
     rounds: int
     backend: str
+    mlp_ms_per_token: list[float] = field(default_factory=list)  # [len(tokens)] MLP ms per token (0: not priced)
 
-    def block(self, mode: str, n: int) -> float:
-        """ms of a block receiving ``n`` tokens that removes ``r`` with ``mode`` (``"none"``: removes nothing)."""
-        xs, ys = self.tokens, self.block_ms[mode]
-        if len(xs) == 1:
-            return ys[0]
-        k = min(max(int(np.searchsorted(xs, n)) - 1, 0), len(xs) - 2)  # the segment around n (extrapolate at ends)
-        return ys[k] + (ys[k + 1] - ys[k]) * (n - xs[k]) / (xs[k + 1] - xs[k])
+    def block(self, mode: str, n: int, removed: int | None = None) -> float:
+        """ms of a block receiving ``n`` tokens that removes ``removed`` (default ``r``) with ``mode`` (``"none"``:
+        removes nothing)."""
+        ms = _interpolate(self.tokens, self.block_ms[mode], n)
+        if mode == NONE or removed is None or removed == self.r or not self.mlp_ms_per_token:
+            return ms
+        return ms + (self.r - removed) * _interpolate(self.tokens, self.mlp_ms_per_token, n)
 
     def predict_ms(self, tokens0: int, num_prefix: int, r: Sequence[int], modes: Sequence[str]) -> float:
         """Predicted latency of a model whose block i removes ``r[i]`` tokens with ``modes[i]``."""
         plan = plan_tokens(tokens0, num_prefix, r, warn=False)
-        return self.stem_ms + sum(self.block(mode if removed else NONE, n)
+        return self.stem_ms + sum(self.block(mode if removed else NONE, n, removed)
                                   for n, removed, mode in zip(plan.tokens, plan.r, modes, strict=True))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _interpolate(xs: Sequence[int], ys: Sequence[float], n: int) -> float:
+    """``ys`` at ``n``, linear between the two measured ``xs`` around it (extrapolated at the ends)."""
+    if len(xs) == 1:
+        return ys[0]
+    k = min(max(int(np.searchsorted(xs, n)) - 1, 0), len(xs) - 2)
+    return ys[k] + (ys[k + 1] - ys[k]) * (n - xs[k]) / (xs[k + 1] - xs[k])
+
+
+def mlp_share(model: nn.Module, tokens: int) -> float:
+    """The MLP's multiply-accumulates per token over an unreduced block's per token, at ``tokens`` tokens."""
+    family = family_of(model)
+    c = family.costs(model)
+    block = block_macs(tokens, 0, c.dim, c.hidden, family.num_prefix(model), c.metric_dim)
+    return 2 * c.dim * c.hidden * tokens / block
 
 
 def _skeleton(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
@@ -139,12 +157,14 @@ def measure_block_latency(
     points: int = 3,
     prop_attn: bool = True,
     settings: ExportSettings | None = None,
+    clock: str = "wall",
     on_step: Callable[[], None] | None = None,
 ) -> BlockLatency:
     """Export (``settings``: the user's exporter, opset, simplification) and time the one-block graphs of the module
     docstring; ``on_step`` after each export and round. The graphs take tokens, not images, so they are opened by
     the engines' session factory (``engines.ort.create_session``) rather than the image runner."""
     family = family_of(model)
+    threads = clock_threads(clock, threads)
     depth, prefix = family.depth(model), family.num_prefix(model)
     counts = sample_token_counts(num_tokens(model), prefix, r, depth, points)
     variants = (NONE, *REDUCE_MODES)
@@ -161,7 +181,7 @@ def measure_block_latency(
             feed = {session.get_inputs()[0].name: _random_input(session)}
             session.run(None, feed)
             runners[name] = lambda s=session, f=feed: s.run(None, f)
-    samples = time_round_robin(runners, iters=rounds, seed=0, on_round=on_step)
+    samples = round_robin(runners, iters=rounds, clock=clock, on_round=on_step)
 
     def median_iqr(values: Sequence[float]) -> tuple[float, float]:
         q1, mid, q3 = statistics.quantiles(values, n=4)
@@ -175,7 +195,9 @@ def measure_block_latency(
         paired = [[a - b for a, b in zip(samples[f"{mode}@{n}"], samples[f"{NONE}@{n}"], strict=True)] for n in counts]
         block_ms[mode] = [none[n][0] + median_iqr(d)[0] for n, d in zip(counts, paired, strict=True)]
         spread[mode] = [median_iqr(d)[1] for d in paired]
-    return BlockLatency(r, counts, block_ms, spread, median_iqr(samples["stem"])[0], rounds, f"onnxruntime-{provider}")
+    per_token = [block_ms[NONE][k] * mlp_share(model, n) / n for k, n in enumerate(counts)]
+    return BlockLatency(r, counts, block_ms, spread, median_iqr(samples["stem"])[0], rounds, f"onnxruntime-{provider}",
+                        per_token)
 
 
 def _random_input(session: object) -> np.ndarray:

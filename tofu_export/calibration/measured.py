@@ -6,25 +6,62 @@ images the search never saw.
 - ``measure_policy_latency``: the unreduced model and the policy are exported with the settings the user ships
   (``exporters.onnx.export_onnx``: exporter, opset, simplification; parity off, the graphs are not the artifact),
   opened through the engine runner (``engines.ort.OrtRunner``) and timed round-robin in one process
-  (``profiling.compare.time_round_robin``); the speed-up is the median of the per-round ratios, so load that hits
-  both in a round cancels.
+  (``round_robin``: ``profiling.compare``'s shuffled order, on the wall clock or on the calling thread's CPU clock,
+  which a busy host does not inflate; ORT then runs on one intra-op thread, the calling one); the speed-up is the
+  median of the per-round ratios, so load that hits both in a round cancels. ToMe graphs at the uniform r values
+  asked for are timed in the same rounds, so the policy is compared with ToMe at its own measured latency.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from tofu_export.calibration.damage import cosine_to, run_from_block
+from tofu_export.errors import Hint, UserError
 from tofu_export.exporters.onnx import DEFAULT_EXPORTER, export_onnx
 from tofu_export.models.family import family_of, patched, unpatched
+from tofu_export.schedule import plan_tokens
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
+
+
+def clock_threads(clock: str, threads: int | None) -> int | None:
+    """The intra-op threads to time on with ``clock``: the thread-CPU clock counts only the calling thread, so it
+    times one thread (``threads`` None or 1); an unknown clock or more threads is a ``UserError``."""
+    if clock not in CLOCKS:
+        raise UserError(f"unknown clock {clock!r}; choose one of {', '.join(CLOCKS)}", hint=Hint("clock", "wall"))
+    if clock == "thread-cpu":
+        if threads not in (None, 1):
+            raise UserError(f"the thread-CPU clock times one intra-op thread (the calling one), got threads={threads}",
+                            hint=Hint("threads", "1"))
+        return 1
+    return threads
+
+
+def round_robin(runners: Mapping[str, Callable[[], object]], *, iters: int, clock: str = "wall", seed: int = 0,
+                on_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """``profiling.compare.time_round_robin`` (a fresh shuffled order per round, an untimed call before each timed
+    one) on ``CLOCKS[clock]``: per runner, ``iters`` ms."""
+    from tofu_export.profiling.compare import round_orders
+    from tofu_export.profiling.timing import time_callable
+
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for order in round_orders(list(runners), iters, seed):
+        for name in order:
+            samples[name].append(time_callable(runners[name], warmup=1, iters=1, budget_s=None,
+                                               clock=CLOCKS[clock])[0] * 1e3)
+        if on_round is not None:
+            on_round()
+    return samples
 
 
 @dataclass(frozen=True)
@@ -75,9 +112,12 @@ class PolicyLatency:
     backend: str
     exporter: str
     opset: int
+    clock: str = "wall"
+    tome_speedup: dict[int, float] = field(default_factory=dict)  # uniform r -> median per-round speed-up
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), speedup_iqr=list(self.speedup_iqr))  # JSON has no tuples
+        return dict(asdict(self), speedup_iqr=list(self.speedup_iqr),  # JSON has no tuples, no int keys
+                    tome_speedup={str(k): v for k, v in self.tome_speedup.items()})
 
 
 def measure_policy_latency(
@@ -90,34 +130,64 @@ def measure_policy_latency(
     provider: str = "cpu",
     threads: int | None = None,
     rounds: int = 20,
+    clock: str = "wall",
+    tome_r: Sequence[int] = (),
 ) -> PolicyLatency:
-    """Export the unreduced model and the policy ``(modes, r)`` as the user would, and time both interleaved
-    (module docstring). ``model`` is left as it was."""
+    """Export the unreduced model, the policy ``(modes, r)`` and ToMe at each uniform r of ``tome_r`` as the user
+    would, and time them interleaved on ``clock`` (module docstring). ``model`` is left as it was."""
     from tofu_export.engines.ort import OrtRunner
-    from tofu_export.profiling.compare import time_round_robin
 
+    threads = clock_threads(clock, threads)
     settings = settings or ExportSettings()
-    size = family_of(model).img_size(model)
+    family = family_of(model)
+    size = family.img_size(model)
+    depth, tokens0, prefix = family.depth(model), family.num_tokens(model), family.num_prefix(model)
+    variants = {"policy": (list(modes), list(r))}
+    variants |= {f"tome-r{k}": (["mean"] * depth, plan_tokens(tokens0, prefix, [k] * depth, warn=False).r)
+                 for k in tome_r}
     with tempfile.TemporaryDirectory(prefix="tofu-calibrate-") as tmp:
-        paths = {"baseline": Path(tmp) / "baseline.onnx", "policy": Path(tmp) / "policy.onnx"}
+        paths = {name: Path(tmp) / f"{name}.onnx" for name in ("baseline", *variants)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with unpatched(model):
                 _export(model, paths["baseline"], size, settings)
-                with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn, img_size=size):
-                    _export(model, paths["policy"], size, settings)
+                for name, (m, k) in variants.items():
+                    with patched(model, r=k, mode=m, prop_attn=prop_attn, img_size=size):
+                        _export(model, paths[name], size, settings)
         runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
                    for name, path in paths.items()}
         for runner in runners.values():
             runner.run(1)  # warm-up outside the timing
-        samples = time_round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
-                                   iters=rounds, seed=0)
-    ratios = [b / p for b, p in zip(samples["baseline"], samples["policy"], strict=True)]
-    q1, mid, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
+                              iters=rounds, clock=clock)
+
+    def ratios(name: str) -> list[float]:
+        return [b / p for b, p in zip(samples["baseline"], samples[name], strict=True)]
+
+    q1, mid, q3 = statistics.quantiles(ratios("policy"), n=4) if rounds > 1 else (ratios("policy")[0],) * 3
+    tome = {k: statistics.median(ratios(f"tome-r{k}")) for k in tome_r}
     return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), mid,
-                         (q1, q3), rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset)
+                         (q1, q3), rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome)
 
 
 def _export(model: nn.Module, path: Path, size: tuple[int, int], settings: ExportSettings) -> None:
     export_onnx(model, path, size, opset=settings.opset, simplify=settings.simplify, verify=False,
                 exporter=settings.exporter)  # type: ignore[arg-type]
+
+
+def tome_bracket(predict_ms: Callable[[int], float], target_ms: float, limit: int, width: int) -> tuple[int, int]:
+    """Two uniform r values ``width`` apart (within ``[1, limit]``) around the one whose predicted latency
+    (``predict_ms(r)``) is nearest ``target_ms``: ToMe is timed at both and interpolated at the policy's latency."""
+    nearest = min(range(1, limit + 1), key=lambda k: abs(predict_ms(k) - target_ms))
+    hi = min(limit, max(nearest - width // 2, 1) + width)
+    return max(1, hi - width), hi
+
+
+def at_speedup(speedups: Sequence[float], values: Sequence[float], speedup: float) -> tuple[float, bool]:
+    """``values`` (one per measured ``speedups``, two points) linearly at ``speedup``; and whether that was an
+    extrapolation (``speedup`` outside the two)."""
+    (s0, s1), (v0, v1) = speedups, values
+    if s1 == s0:
+        return (v0 + v1) / 2, speedup != s0
+    w = (speedup - s0) / (s1 - s0)
+    return v0 + w * (v1 - v0), not 0.0 <= w <= 1.0

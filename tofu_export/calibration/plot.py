@@ -27,11 +27,14 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
         damage_ax.plot(blocks, [max(v, _FLOOR) for v in values], marker="o", color=_COLORS.get(mode), label=mode)
     for i, (mode, removed) in enumerate(zip(policy.modes, policy.r, strict=True)):
         if removed:
-            damage_ax.scatter([i], [max(m["damage"][mode][i], _FLOOR)], s=160, facecolors="none",
+            at_r = m.get("damage_by_r", {}).get(mode, {}).get(str(removed), m["damage"][mode])  # the chosen r's
+            damage_ax.scatter([i], [max(at_r[i], _FLOOR)], s=160, facecolors="none",
                               edgecolors="black", linewidths=1.5, zorder=3)
+            damage_ax.annotate(str(removed), (i, max(at_r[i], _FLOOR)), fontsize=7, textcoords="offset points",
+                               xytext=(6, 6))
     damage_ax.set_yscale("log")
     damage_ax.set(xlabel="block", ylabel=f"1 - cosine of the output (< {_FLOOR:g} drawn at it)",
-                  title=f"Damage of removing r={m['r']} tokens in one block alone (circled: chosen; "
+                  title=f"Damage of removing r={m['r']} tokens in one block alone (circled: chosen, at its r; "
                         f"{policy.source.get('images', {}).get('count', '?')} images)")
     damage_ax.legend(title="mode")
 

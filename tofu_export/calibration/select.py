@@ -1,20 +1,22 @@
-"""Choose per-block modes and an r schedule from the per-block measurements, under a budget.
+"""Choose per-block modes and r from the per-block measurements, under a budget.
 
-The search space: block i removes either nothing or ``r`` tokens, with prune, mean or MLERP. Two additive
-predictions score a candidate:
+The search space: block i removes one of ``r_choices(r)`` = {0, r/2, r, 3r/2, 2r} tokens (rounded; at most what
+``schedule.plan_tokens`` lets it remove at the token count it receives), with prune, mean or MLERP (or, under the
+linearity rule, with the one mode the paper's criterion names for it). Two additive predictions score a candidate:
 
-- damage: the sum over reducing blocks of the damage measured when that block alone reduces (``1 - cosine``);
-  predicted cosine = ``1 - scale * sum``, with ``scale`` 1 until a verification says otherwise;
-- latency: ``BlockLatency.predict_ms``, exact for the token count each block then receives.
+- damage: the sum over reducing blocks of the damage measured when that block alone removes that many tokens with
+  that mode (``1 - cosine``); predicted cosine = ``1 - scale * sum``, ``scale`` 1 until a verification says
+  otherwise;
+- latency: ``BlockLatency.predict_ms``, for the token count each block then receives.
 
-Block i's latency depends only on how many blocks before it reduced, so an exact dynamic program over
-``(block, reductions so far)`` keeps the Pareto front of (damage, latency) and the budget picks one point of it.
+Block i's latency depends only on how many tokens it receives, so an exact dynamic program over
+``(block, tokens entering it)`` keeps the Pareto front of (damage, latency) and the budget picks one point of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tofu_export.calibration.latency import NONE, BlockLatency
@@ -58,34 +60,43 @@ class Candidate:
     """One point of the search space, with its predictions."""
 
     modes: tuple[str, ...]  # [depth]
-    r: tuple[int, ...]  # [depth] 0 or the calibration r
+    r: tuple[int, ...]  # [depth] tokens block i removes, one of r_choices(r)
     damage: float  # predicted 1 - cosine (unscaled sum)
     latency_ms: float  # predicted
 
 
 Point = tuple[float, float, tuple[str, ...], tuple[int, ...]]  # (damage, ms, modes so far, r so far)
+Damage = Mapping[str, Mapping[int, Sequence[float]]]  # mode -> tokens removed -> [depth] single-block damage
+
+
+def r_choices(r: int) -> tuple[int, ...]:
+    """What a block may remove: 0, r/2, r, 3r/2 and 2r, rounded half up, ascending, without repeats."""
+    return tuple(sorted({0, *((k * r + 1) // 2 for k in (1, 2, 3, 4))}))
 
 
 def pareto_front(
-    damage: Mapping[str, list[float]], latency: BlockLatency, tokens0: int, num_prefix: int
+    damage: Damage, latency: BlockLatency, tokens0: int, num_prefix: int,
+    modes: Sequence[Sequence[str]] | None = None,
 ) -> list[Candidate]:
     """Every candidate not beaten on both damage and latency by another, by increasing damage.
 
-    ``damage[mode]`` is ``[depth]`` single-block damage at ``latency.r``; ``tokens0`` enter block 0."""
-    depth, r = len(next(iter(damage.values()))), latency.r
-    fallback = [min(damage, key=lambda m, i=i: damage[m][i]) for i in range(depth)]  # mode named where r = 0
-    fronts: dict[int, list[Point]] = {0: [(0.0, latency.stem_ms, (), ())]}  # k reductions so far -> front
+    ``damage[mode][removed]`` is ``[depth]`` single-block damage; ``tokens0`` enter block 0; ``modes[i]`` (default:
+    every measured mode) are the modes block i may use."""
+    depth = len(next(iter(next(iter(damage.values())).values())))
+    allowed = [list(damage)] * depth if modes is None else [list(m) for m in modes]
+    fallback = [a[0] for a in allowed]  # the mode named where a block removes nothing
+    fronts: dict[int, list[Point]] = {tokens0: [(0.0, latency.stem_ms, (), ())]}  # tokens entering block i -> front
     for i in range(depth):
         grown: dict[int, list[Point]] = {}
-        for k, front in fronts.items():
-            n = tokens0 - k * r
-            options = [(0.0, latency.block(NONE, n), fallback[i], 0, k)]
-            if max_reduction(n, num_prefix) >= r:
-                options += [(damage[m][i], latency.block(m, n), m, r, k + 1) for m in damage]
-            for d, ms, mode, removed, k_next in options:
-                grown.setdefault(k_next, []).extend((fd + d, fms + ms, (*fm, mode), (*fr, removed))
-                                                    for fd, fms, fm, fr in front)
-        fronts = {k: _prune(points) for k, points in grown.items()}
+        for n, front in fronts.items():
+            limit = max_reduction(n, num_prefix)
+            options = [(0.0, latency.block(NONE, n), fallback[i], 0)]
+            options += [(values[i], latency.block(m, n, removed), m, removed)
+                        for m in allowed[i] for removed, values in damage[m].items() if 0 < removed <= limit]
+            for d, ms, mode, removed in options:
+                grown.setdefault(n - removed, []).extend((fd + d, fms + ms, (*fm, mode), (*fr, removed))
+                                                         for fd, fms, fm, fr in front)
+        fronts = {n: _prune(points) for n, points in grown.items()}
     every = _prune([p for front in fronts.values() for p in front])
     return [Candidate(modes, rs, d, ms) for d, ms, modes, rs in every]
 

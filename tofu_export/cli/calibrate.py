@@ -38,13 +38,25 @@ def calibrate(
         str, typer.Option("--provider", help="ONNX Runtime provider the latencies are measured on: cpu, cuda, "
                           "tensorrt.")
     ] = "cpu",
+    rule: Annotated[
+        str, typer.Option("--rule", help="How a block's mode is chosen: damage (the measured damage per mode) or "
+                          "linearity (the paper's criterion: prune where the block is non-linear, MLERP elsewhere).")
+    ] = "damage",
+    linearity_threshold: Annotated[
+        float, typer.Option("--linearity-threshold", help="With --rule linearity: prune where the block's mean "
+                            "criterion exceeds this.")
+    ] = 0.05,
+    clock: Annotated[
+        str, typer.Option("--clock", help="How latencies are timed: wall, or thread-cpu (the calling thread's CPU "
+                          "time on one ORT thread: steadier on a busy machine).")
+    ] = "wall",
     out: Annotated[Path, typer.Option("--out", "-o", help="Policy file to write; the plot goes beside it (.png).")]
     = Path("policy.json"),
     as_json: JsonOption = False,
 ) -> None:
     """Measure, per block, how much reducing tokens there damages the output with prune, mean and MLERP, the
     linearity criterion on the pairs matching would merge, and the latency each mode adds; choose per-block modes
-    and r under one budget; verify the choice on the images; write policy.json and a plot.
+    and r (0, r/2, r, 3r/2 or 2r) under one budget; verify the choice on the images; write policy.json and a plot.
 
     Use the policy with --policy on export, eval, sweep, profile and schedule.
 
@@ -71,7 +83,8 @@ def calibrate(
     config = onnx.build()  # how the graphs the latencies are measured on are exported: as the user exports
     settings = ExportSettings(config.exporter, config.opset or 17, config.simplify)
     policy = calibrate(loaded.model, batch, r=r, budget=budget, provider=provider, threads=runtime.threads,
-                       source=source, settings=settings)
+                       source=source, settings=settings, clock=clock, rule=rule,
+                       linearity_threshold=linearity_threshold)
     seconds = time.perf_counter() - start
     checkpoint_record = {"source": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch.name}
     policy = dataclasses.replace(policy, source=dict(policy.source, checkpoint=checkpoint_record,
@@ -88,15 +101,18 @@ def calibrate(
                     "predicted_speedup": m["predicted_speedup"], "baseline_ms": m["baseline_ms"], "seconds": seconds,
                     "measured_speedup": m.get("measured_speedup"), "held_out_cosine": m.get("held_out_cosine"),
                     "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
-                             "predicted_ms": m["uniform"]["mean"]["predicted_ms"]}})
+                             "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
+                    "tome_at_measured_speedup": m.get("tome_at_measured_speedup")})
         return
     table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
                   f"{seconds:.0f} s)", title_justify="left")
-    for column in ("block", "mode", "r", "damage prune", "damage mean", "damage mlerp", "linearity"):
+    for column in ("block", "mode", "r", "damage prune", "damage mean", "damage mlerp", "linearity",
+                   "linearity rule"):
         table.add_column(column, justify="right")
     for i, (mode, removed) in enumerate(zip(policy.modes, policy.r, strict=True)):
         damage = [f"{m['damage'][k][i]:.1e}" for k in ("prune", "mean", "mlerp")]
-        table.add_row(str(i), mode if removed else "-", str(removed), *damage, f"{m['linearity'][i]['mean']:.3f}")
+        table.add_row(str(i), mode if removed else "-", str(removed), *damage, f"{m['linearity'][i]['mean']:.3f}",
+                      m["rule_modes"]["linearity"][i])
     console = Console()
     console.print(table)
     console.print(f"wrote {out} and {plot_path}", highlight=False, soft_wrap=True)
@@ -123,24 +139,38 @@ def comparison_table(m: dict[str, Any], r: int) -> Table:
     if measured is not None:
         caption += (f"; measured: the exported graphs ({measured['exporter']}, opset {measured['opset']}), "
                     f"{measured['rounds']} interleaved rounds against the unreduced graph")
-    table = Table(title="calibrated policy vs ToMe at the same r", title_justify="left", caption_justify="left",
-                  caption=caption + ".")
-    for column in ("", "unreduced", f"ToMe r={r}", "policy"):
+    matched = m.get("tome_at_measured_speedup")
+    if matched is not None:
+        caption += (f"; ToMe at the policy's measured speed-up: timed in the same rounds at r={matched['r'][0]} and "
+                    f"r={matched['r'][1]}, its cosine interpolated"
+                    + (" (extrapolated: the policy lies outside the two)" if matched.get("extrapolated") else ""))
+    table = Table(title="calibrated policy vs ToMe at the same r and at the same measured speed", title_justify="left",
+                  caption_justify="left", caption=caption + ".")
+    at_speed = "ToMe, same speed" if matched is not None else None
+    for column in ("", "unreduced", f"ToMe r={r}", *([at_speed] if at_speed else []), "policy"):
         table.add_column(column, justify="right")
-    table.add_row("cosine (calibration images)", "1", f"{tome['measured_cosine']:.5f}", f"{m['measured_cosine']:.5f}")
+
+    def row(label: str, base: str, same_r: str, same_speed: str, policy: str) -> None:
+        table.add_row(label, base, same_r, *([same_speed] if at_speed else []), policy)
+
+    same = matched or {}
+    row("cosine (calibration images)", "1", f"{tome['measured_cosine']:.5f}",
+        f"{same['cosine']:.5f}" if "cosine" in same else "", f"{m['measured_cosine']:.5f}")
     if m.get("held_out_cosine") is not None:
-        table.add_row(f"cosine (held out, {m['held_out_images']} images)", "1", "", f"{m['held_out_cosine']:.5f}")
-    table.add_row("latency (predicted)", f"{base_ms:.1f} ms", f"{tome['predicted_ms']:.1f} ms",
-                  f"{m['predicted_ms']:.1f} ms")
-    table.add_row("speed-up (predicted)", "1.00x", f"{base_ms / tome['predicted_ms']:.2f}x",
-                  f"{m['predicted_speedup']:.2f}x")
+        row(f"cosine (held out, {m['held_out_images']} images)", "1", "",
+            f"{same['held_out_cosine']:.5f}" if "held_out_cosine" in same else "", f"{m['held_out_cosine']:.5f}")
+    row("latency (predicted)", f"{base_ms:.1f} ms", f"{tome['predicted_ms']:.1f} ms", "", f"{m['predicted_ms']:.1f} ms")
+    row("speed-up (predicted)", "1.00x", f"{base_ms / tome['predicted_ms']:.2f}x", "", f"{m['predicted_speedup']:.2f}x")
     if measured is not None:
         low, high = measured["speedup_iqr"]
-        table.add_row("speed-up (measured, quartiles)", "1.00x", "",
-                      f"{m['measured_speedup']:.2f}x ({low:.2f}-{high:.2f}x)")
+        row(f"speed-up (measured, {measured.get('clock', 'wall')} clock)", "1.00x", "",
+            f"{m['measured_speedup']:.2f}x" if matched else "", f"{m['measured_speedup']:.2f}x ({low:.2f}-{high:.2f}x)")
     closer = m["measured_cosine"] >= tome["measured_cosine"]
     faster = m["predicted_ms"] <= tome["predicted_ms"]
     verdict = {(True, True): "beats ToMe on both", (True, False): "closer than ToMe, predicted slower",
                (False, True): "faster than ToMe, less close", (False, False): "behind ToMe on both"}[closer, faster]
-    table.add_row("verdict", "", "", verdict)
+    if "held_out_cosine" in same and m.get("held_out_cosine") is not None:
+        ahead = m["held_out_cosine"] - same["held_out_cosine"]
+        verdict = f"held out: {ahead:+.5f} cosine vs ToMe at the same measured speed"
+    row("verdict", "", "", "", verdict)
     return table

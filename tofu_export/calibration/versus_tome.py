@@ -1,0 +1,55 @@
+"""The calibrated policy against ToMe at the policy's own measured latency, not at the same r.
+
+ToMe is exported at two uniform r values around the one whose predicted latency is nearest the policy's
+(``measured.tome_bracket``) and timed in the same interleaved rounds as the policy and the unreduced graph
+(``measured.measure_policy_latency``); its cosine (on the search images and on the held-out ones) at those two r is
+interpolated linearly at the policy's measured speed-up (``measured.at_speedup``), so the two are compared at equal
+measured speed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from tofu_export.calibration.damage import verify
+from tofu_export.calibration.measured import at_speedup, held_out_cosine, measure_policy_latency, tome_bracket
+from tofu_export.calibration.select import Candidate
+from tofu_export.merge import max_reduction
+from tofu_export.models.family import family_of
+from tofu_export.schedule import plan_tokens
+
+if TYPE_CHECKING:
+    from tofu_export.calibration.calibrate import Calibration
+
+
+def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, rounds: int) -> dict:
+    """The chosen policy timed on its exported graph against the unreduced one and ToMe at two uniform r around
+    its predicted latency; ToMe's cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
+    measured speed-up."""
+    c, model = calibration, calibration.model
+    family = family_of(model)
+    tokens0, prefix, depth = family.num_tokens(model), family.num_prefix(model), family.depth(model)
+
+    def tome_r(k: int) -> list[int]:
+        return plan_tokens(tokens0, prefix, [k] * depth, warn=False).r
+
+    def tome_ms(k: int) -> float:
+        return c.latency.predict_ms(tokens0, prefix, tome_r(k), ["mean"] * depth)
+
+    bracket = tome_bracket(tome_ms, chosen.latency_ms, max_reduction(tokens0, prefix), max(2, c.r // 4))
+    measured = measure_policy_latency(model, chosen.modes, chosen.r, prop_attn=c.prop_attn, settings=c.settings,
+                                      provider=c.provider, threads=c.threads, rounds=rounds, clock=c.clock,
+                                      tome_r=bracket)
+    speedups = [measured.tome_speedup[k] for k in bracket]
+    tome: dict = {"r": list(bracket), "measured_speedup": speedups}
+    means = ["mean"] * depth
+    cosines = {"cosine": [verify(model, c.trace, means, tome_r(k), c.prop_attn) for k in bracket]}
+    if len(held):
+        cosines["held_out_cosine"] = [held_out_cosine(model, held, means, tome_r(k), c.prop_attn) for k in bracket]
+    for key, values in cosines.items():
+        tome[key], tome["extrapolated"] = at_speedup(speedups, values, measured.speedup)
+        tome[f"{key}_at_r"] = values
+    return {"measured_latency": measured.to_dict(), "measured_speedup": measured.speedup,
+            "tome_at_measured_speedup": tome}
