@@ -16,7 +16,7 @@ Variants:
   tofu-noprop   ToFu without proportional attention (static): what the log(size) attention mask costs
   prune         every block prunes (static): ToMe's matching plus one row gather, i.e. what matching alone costs
   bound-free-slice  not a method: each block keeps its first N - r tokens, the speed ceiling of any reduction
-  baseline-dynamo, tome-scatter-dynamo, tome-dynamo, tofu-dynamo
+  baseline-dynamo, tome-scatter-dynamo, tome-dynamo, tofu-dynamo, prune-dynamo, bound-free-slice-dynamo
                 the same models exported by the dynamo exporter (exporter="dynamo"), to choose the default exporter
 
 --clock thread-cpu times each run by the calling thread's CPU time on one intra-op thread instead (ORT then runs the
@@ -75,6 +75,7 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None) -> dict[s
         ("tome-scatter-dynamo", dict(mode="tome")),
         ("tome-dynamo", dict(mode="tome", img_size=224)),
         ("tofu-dynamo", dict(mode="tofu", img_size=224)),
+        ("prune-dynamo", dict(mode="prune", img_size=224)),
     ]
     for name, patch_kwargs in setups:
         if only is not None and name not in only and name != "baseline":
@@ -88,15 +89,17 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None) -> dict[s
         result = export_onnx(model, path, 224, exporter="dynamo" if name.endswith("-dynamo") else "torchscript")
         assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
         variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
-    if only is not None and "bound-free-slice" not in only:
-        return variants
     # A bound, not a method: every block keeps its first N - r tokens, i.e. token reduction that costs nothing.
     tofu_export.unpatch(model)
     tofu_export.patch(model, r=r, mode="prune", img_size=224)
-    with _free_reduction():
-        path = folder / "bound-free-slice.onnx"
-        export_onnx(model, path, 224, verify=False, exporter="torchscript")  # it is not meant to match anything
-    variants["bound-free-slice"] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
+    for name in ("bound-free-slice", "bound-free-slice-dynamo"):
+        if only is not None and name not in only:
+            continue
+        with _free_reduction():
+            path = folder / f"{name}.onnx"
+            exporter = "dynamo" if name.endswith("-dynamo") else "torchscript"
+            export_onnx(model, path, 224, verify=False, exporter=exporter)  # it is not meant to match anything
+        variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
     return variants
 
 
@@ -168,7 +171,8 @@ def main() -> None:
         name: [statistics.median(one["baseline"]) / statistics.median(one[name]) for one in rounds] for name in paths
     }
     base = statistics.median(samples["baseline"])
-    bound = statistics.median(samples["bound-free-slice"]) if "bound-free-slice" in samples else None
+    bound_name = next((n for n in ("bound-free-slice-dynamo", "bound-free-slice") if n in samples), None)
+    bound = statistics.median(samples[bound_name]) if bound_name else None  # the dynamo bound when timed
     rows = []
     for name, times in samples.items():
         median = statistics.median(times)
@@ -176,7 +180,7 @@ def main() -> None:
             "variant": name, "r": 0 if name.startswith("baseline") else args.r, "median_ms": round(median, 2),
             "p90_ms": round(float(np.percentile(times, 90)), 2), "speedup": round(base / median, 3),
             "speedup_min": round(min(round_speedups[name]), 3), "speedup_max": round(max(round_speedups[name]), 3),
-            "of_bound_speedup": round(bound / median, 3) if bound else None,  # speed-up / the bound's
+            "of_bound_speedup": round(bound / median, 3) if bound else None,  # speed-up / bound_name's
             "gflops": round(variants[name][1], 3), "flop_ratio": round(variants["baseline"][1] / variants[name][1], 3),
         })
     # Per round, how much faster each model's dynamo graph ran than its TorchScript graph (> 1: dynamo faster).
@@ -187,7 +191,7 @@ def main() -> None:
     result = {
         "benchmark": "ORT CPU latency, deit_small_patch16_224, batch 1"
         + (", thread CPU time on 1 intra-op thread" if cpu_clock else ""),
-        "clock": args.clock, "load_average_before_after": [load_before, os.getloadavg()],
+        "clock": args.clock, "load_average_before_after": [load_before, os.getloadavg()], "bound": bound_name,
         "torchscript_over_dynamo_per_round": exporter_ratios,
         "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads} "
         f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else "")

@@ -95,3 +95,24 @@ def test_an_existing_file_that_is_not_a_policy_is_left_alone(tmp_path) -> None:
     result = _invoke(MODEL[0], data, *MODEL[1:], "--r", "4", "-o", out)
     assert result.exit_code == 2 and "is not a tofu-export policy" in result.output
     assert out.read_text() == "my notes"
+
+
+def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None:
+    from rich.console import Console
+
+    from tofu_export.cli.calibrate import comparison_table
+
+    m = {"uniform": {"mean": {"measured_cosine": 0.9990, "predicted_ms": 50.0}}, "baseline_ms": 80.0,
+         "latency": {"backend": "onnxruntime-cpu"}, "measured_cosine": 0.9995, "held_out_cosine": 0.9993,
+         "held_out_images": 16, "predicted_ms": 52.0, "predicted_speedup": 1.54, "measured_speedup": 1.50,
+         "measured_latency": {"exporter": "dynamo", "opset": 17, "rounds": 20, "speedup_iqr": [1.45, 1.55],
+                              "clock": "thread-cpu"},
+         "tome_at_measured_speedup": {"r": [12, 16], "measured_speedup": [1.4, 1.6], "cosine": 0.9992,
+                                      "held_out_cosine": 0.9989, "extrapolated": False}}
+    console = Console(width=220, record=True, file=open(__import__("os").devnull, "w"))  # noqa: SIM115
+    console.print(comparison_table(m, 16))
+    text = " ".join(console.export_text().split())
+    assert "ToMe, same speed" in text and "r=12 and r=16" in text
+    assert "0.99890" in text and "0.99930" in text  # ToMe and the policy on the held-out images
+    assert "+0.00040 cosine vs ToMe at the same measured speed" in text
+    assert "thread-cpu clock" in text

@@ -151,3 +151,22 @@ def test_speedup_budget_keeps_the_predicted_speedup_and_names_what_is_reachable(
     met = calibrate_denoiser(run, list(damage), 0.5, modes=("mean",), min_psnr=psnr("b", "c") - 0.1, speedup=1.2,
                              cost=cost)
     assert set(met.policy.blocks) == {"b", "c"}
+
+
+def test_mlerp_reuses_the_matching_norms_only_on_the_tensor_it_matched() -> None:
+    torch.manual_seed(3)
+    layout = window_layout(6, 6, 2)
+    x = torch.randn(2, 36, 8)
+    matching = match_dense(x, layout, 20)
+    assert matching.metric is x and matching.norms.shape == (2, 36, 1)
+    reused = reduce_dense(x, matching, layout, "mlerp")  # norms gathered from the matching
+    computed = reduce_dense(x.clone(), matching, layout, "mlerp")  # another tensor: norms computed on it
+    torch.testing.assert_close(reused, computed, atol=1e-6, rtol=1e-6)
+    y = torch.randn(2, 36, 8)  # a later sub-layer's input under the same matching: its own norms, not x's
+    out = reduce_dense(y, matching, layout, "mlerp")[:, 36 - 20 - layout.num_dst:]  # the destinations
+    for b in range(2):
+        for d in range(layout.num_dst):
+            members = [layout.dst[d].item()] + [layout.src[s].item() for s, t in
+                                                zip(matching.src_idx[b, :, 0], matching.dst_idx[b, :, 0], strict=True)
+                                                if t == d]
+            assert torch.allclose(out[b, d].norm(), y[b, members].norm(dim=-1).max(), atol=1e-5)

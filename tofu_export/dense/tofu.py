@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tofu_export.dense.windows import WindowLayout
-from tofu_export.merge import REDUCE_MODES, ReduceMode, fold_sources, sample_index, take_tokens
+from tofu_export.merge import REDUCE_MODES, ReduceMode, rescale, sample_index, take_tokens
 
 
 class DenseMatching(NamedTuple):
@@ -30,6 +30,8 @@ class DenseMatching(NamedTuple):
     src_idx: Tensor  # [B, r, 1]      sources that are reduced away
     dst_idx: Tensor  # [B, r, 1]      the destination (index into the destination set) of each of them
     token_map: Tensor  # [B, N, 1]    for every original position, the index of its token in the reduced sequence
+    metric: Tensor | None = None  # [B, N, C] the tensor matched on (identity: MLERP reuses its norms on it)
+    norms: Tensor | None = None  # [B, N, 1] the row norms of ``metric`` (computed for the cosine anyway)
 
 
 def match_dense(metric: Tensor, layout: WindowLayout, r: int) -> DenseMatching:
@@ -37,8 +39,10 @@ def match_dense(metric: Tensor, layout: WindowLayout, r: int) -> DenseMatching:
     num_src = layout.num_src
     if not 0 <= r <= num_src:
         raise ValueError(f"r={r} is out of range: {num_src} source tokens can be reduced")
+    given = metric
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norms = metric.norm(dim=-1, keepdim=True)  # [B, N, 1]
+        metric = metric / norms.clamp_min(1e-12)
         src, dst = metric[:, layout.src], metric[:, layout.dst]  # [B, Ns, C], [B, Nd, C]
         scores = src @ dst.transpose(-1, -2)  # [B, Ns, Nd]
         node_max, node_idx = scores.max(dim=-1, keepdim=True)  # [B, Ns, 1]
@@ -50,7 +54,7 @@ def match_dense(metric: Tensor, layout: WindowLayout, r: int) -> DenseMatching:
         src_map = torch.where(rank < r, node_idx + kept, rank - r)  # [B, Ns, 1]
         dst_map = (torch.arange(layout.num_dst, device=metric.device) + kept).view(1, -1, 1)  # [1, Nd, 1]
         token_map = torch.cat([src_map, dst_map.expand(src_map.shape[0], -1, -1)], dim=1)[:, layout.inverse]
-    return DenseMatching(edge_idx[:, r:], src_idx, dst_idx, token_map)
+    return DenseMatching(edge_idx[:, r:], src_idx, dst_idx, token_map, given, norms)
 
 
 def reduce_dense(x: Tensor, matching: DenseMatching, layout: WindowLayout, mode: ReduceMode) -> Tensor:
@@ -61,17 +65,31 @@ def reduce_dense(x: Tensor, matching: DenseMatching, layout: WindowLayout, mode:
     rows, offsets = src.reshape(-1, int(src.shape[-1])), sample_index(x).reshape(-1, 1) * int(src.shape[1])
     unm = rows[offsets + matching.unm_idx.flatten(1)]  # [B, Ns - r, C]: one row Gather
     if mode != "prune" and matching.src_idx.shape[1] > 0:
-        merged = rows[offsets + matching.src_idx.flatten(1)]  # [B, r, C]
-        dst = _fold(dst, merged, matching.dst_idx, mode)
+        picked = offsets + matching.src_idx.flatten(1)  # [B, r] rows of the merged sources
+        merged = rows[picked]  # [B, r, C]
+        norms = None
+        if mode == "mlerp" and matching.norms is not None and matching.metric is x:  # matched on x: reuse its norms
+            src_norms = matching.norms[:, layout.src].reshape(-1, 1)  # [B * Ns, 1]
+            norms = (src_norms[picked].reshape(-1, 1, int(picked.shape[1])), matching.norms[:, layout.dst])
+        dst = _fold(dst, merged, matching.dst_idx, mode, norms)
     return torch.cat([unm, dst], dim=1)
 
 
-def _fold(dst: Tensor, src: Tensor, dst_idx: Tensor, mode: ReduceMode) -> Tensor:
-    """Fold fresh (size 1) sources ``src [B, r, C]`` into ``dst [B, Nd, C]`` at ``dst_idx [B, r, 1]``: a
-    ``[B, Nd, r]`` one-hot and ``merge.fold_sources``, as the ViT path does."""
+def _fold(dst: Tensor, src: Tensor, dst_idx: Tensor, mode: ReduceMode,
+          norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Fold fresh (size 1) sources ``src [B, r, C]`` into ``dst [B, Nd, C]`` at ``dst_idx [B, r, 1]`` through a
+    ``[B, Nd, r]`` one-hot and one batched MatMul (no scatter). Mean divides by the group sizes; MLERP gives the sum
+    the largest norm in its group, from ``norms`` (sources ``[B, 1, r]``, destinations ``[B, Nd, 1]``) where the
+    matching already has them, else computed here."""
+    r = int(src.shape[1])
     slots = torch.arange(int(dst.shape[1]), device=dst.device).unsqueeze(-1)  # [Nd, 1]
-    one_hot = (slots == dst_idx.reshape(-1, 1, int(src.shape[1]))).to(dst.dtype)  # [B, Nd, r]
-    return fold_sources(dst, None, src, None, one_hot, mode)[0]
+    one_hot = (slots == dst_idx.reshape(-1, 1, r)).to(dst.dtype)  # [B, Nd, r]
+    weighted = dst + one_hot @ src  # [B, Nd, C]
+    if mode == "mean":
+        return weighted / (one_hot.sum(dim=-1, keepdim=True) + 1)
+    src_norm, dst_norm = norms if norms is not None else (src.norm(dim=-1).unsqueeze(1), dst.norm(dim=-1, keepdim=True))
+    incoming = (one_hot * src_norm).amax(dim=-1, keepdim=True)  # [B, Nd, 1] largest incoming norm
+    return rescale(weighted, torch.maximum(dst_norm, incoming))
 
 
 def unmerge_dense(y: Tensor, matching: DenseMatching) -> Tensor:

@@ -121,8 +121,7 @@ def infer_arch(
         "mlp_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
     }
     kwargs.update(_rare_kwargs(state_dict, int(in_chans), kwargs["global_pool"], class_token))
-    reason = _describe(kwargs, pos_tokens, grid, class_token, distilled, reg_tokens, known,
-                       f"{heads_source}, {stated.block_source}")
+    reason = _describe(kwargs, pos_tokens, grid, class_token, distilled, reg_tokens, known, stated.summary)
     provenance = {
         "embed_dim": "weights (patch_embed.proj.weight)", "patch_size": "weights (patch_embed.proj.weight)",
         "depth": f"weights (blocks.0-{depth - 1} keys)", "img_size": "weights (pos_embed tokens)",

@@ -72,6 +72,14 @@ class Statement:
     heads_source: str
     block_source: str
 
+    @property
+    def summary(self) -> str:
+        """``<heads source>, <block source>``, the block's said once where one statement gave both."""
+        named = self.block_source.startswith("pre-norm Block (") and " names " in self.block_source
+        if named and self.heads_source.startswith(self.block_source[len("pre-norm Block ("):].split(" names ")[0]):
+            return f"{self.heads_source} (pre-norm Block)"
+        return f"{self.heads_source}, {self.block_source}"
+
 
 def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Evidence:
     """The checkpoint's own ``record`` (``checkpoint.training_record``) where it names a timm model, else the timm
