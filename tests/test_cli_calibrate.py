@@ -61,7 +61,9 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
         ("corrupt", [], "is not a readable image"),
         ("missing", [], "is not a folder"),
         ("ok", ["--images", "2"], "needs at least 8 images, asked for 2"),
-        ("ok", ["--speedup", "50"], "no policy reaches a 50.00x speedup"),
+        # reached only after a whole calibration: its 13 block graphs through the TorchScript exporter (8x cheaper
+        # than dynamo); the default exporter is calibrated by test_calibrate_writes_a_policy_and_its_plot
+        ("ok", ["--speedup", "50", "--exporter", "torchscript"], "no policy reaches a 50.00x speedup"),
         ("ok", ["--min-cosine", "0.9", "--speedup", "1.2"], "give exactly one budget"),
         ("ok", ["--r", "9"], "r must lie in [1, 8]"),
         ("ok", ["--rule", "coin"], "unknown mode rule 'coin'"),
