@@ -110,3 +110,6 @@ def test_estimate_grows_with_exports_points_and_images() -> None:
     assert estimate_seconds(small, to_export=2, forward_ms=10) < estimate_seconds(big, to_export=5, forward_ms=10)
     assert estimate_seconds(big, to_export=0, forward_ms=10) < estimate_seconds(big, to_export=0, forward_ms=10,
                                                                                 images=100)
+
+    assert estimate_seconds(big, to_export=5, forward_ms=10, busy=7.0) > 5 * estimate_seconds(big, to_export=5,
+                                                                                               forward_ms=10)

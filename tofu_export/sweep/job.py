@@ -8,6 +8,7 @@ the speed-ups are against it.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,7 +69,9 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     to_export = sum(not cached_artifact(folder, graph) for folder in folders.values())
     forward_ms = _forward_ms(loaded)
     images = 0 if config.data is None else (config.limit or 500)
-    estimate = estimate_seconds(config, to_export=to_export, forward_ms=forward_ms, images=images)
+    load = load_average()
+    busy = load[0] / (os.cpu_count() or 1) if load else 1.0
+    estimate = estimate_seconds(config, to_export=to_export, forward_ms=forward_ms, images=images, busy=busy)
     plural = "s" if len(points) != 1 else ""
     say(f"{len(points)} point{plural} ({to_export} to export), estimated {format_seconds(estimate)} "
         f"on this machine now (one forward pass {forward_ms:.0f} ms, load average {_load_text()})")
