@@ -1,12 +1,12 @@
-"""The static fold (issue 23: merge the r sources on their own, append, one row gather) against the eager
-scatter_reduce path, on hand-made matchings where several sources share a destination, and per sample."""
+"""The static (scatter-free) fold against the eager scatter_reduce path, on hand-made matchings where several
+sources share a destination, and per sample."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tofu_export.merge import Matching, bipartite_soft_matching, merge_groups, reduce_tokens
+from tofu_export.merge import Matching, bipartite_soft_matching, reduce_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,7 +36,7 @@ def test_static_equals_eager_when_sources_share_a_destination(mode: str, with_si
     eager = reduce_tokens(x, sizes, _shared_destinations(), mode, 2, static=False)
     static = reduce_tokens(x, sizes, _shared_destinations(), mode, 2, static=True)
     assert static[0].shape == (2, 9, 8)
-    # tokens up to ~11 in size: a few float32 ulps (the previous one-hot fold differed from eager by 1.4e-6 here too)
+    # tokens up to ~11 in size: a few float32 ulps (the one-hot fold differs from eager by 1.4e-6 here)
     torch.testing.assert_close(static[0], eager[0], rtol=1e-6, atol=1e-6)
     if mode == "prune" and not with_size:
         assert static[1] is None and eager[1] is None
@@ -55,14 +55,3 @@ def test_every_sample_is_reduced_on_its_own(mode: str) -> None:
     torch.testing.assert_close(batch[0][1:2], alone[0], rtol=0, atol=0)
     assert torch.equal(batch[1][1:2], alone[1])
 
-
-def test_merge_groups_gives_every_source_of_a_group_the_same_row() -> None:
-    """Three sources with one destination: three identical rows holding the group's size-weighted mean."""
-    src, dst = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
-    dst[:, 1:] = dst[:, :1]  # one destination token, seen by each of its three sources
-    src_size, dst_size = torch.tensor([[[1.0], [2.0], [3.0]]]), torch.full((1, 3, 1), 4.0)
-    merged, size = merge_groups(src, src_size, dst, dst_size, torch.zeros(1, 3, 1, dtype=torch.long), "mean")
-    want = (dst[0, 0] * 4 + (src[0] * src_size[0]).sum(dim=0)) / 10
-    assert torch.equal(size, torch.full((1, 3, 1), 10.0))
-    for row in merged[0]:
-        torch.testing.assert_close(row, want, rtol=0, atol=1e-6)

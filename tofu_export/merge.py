@@ -140,28 +140,20 @@ def rescale(x: Tensor, norm: Tensor) -> Tensor:
     return x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS))
 
 
-def _row_index(sample: Tensor, stride: int, positions: Tensor) -> Tensor:
-    """Flat rows ``[B, K]`` of ``positions [B, K]`` (or ``[K]``) in a ``[B * stride, C]`` view of a ``[B, stride, C]``
-    tensor; ``sample [B, 1, 1]`` is ``sample_index``."""
-    return sample.reshape(-1, 1) * stride + positions
+def _row_offsets(x: Tensor, sample: Tensor | None) -> Tensor:
+    """``[B, 1]``: the row of ``_rows(x)`` where each sample of ``x [B, N, C]`` starts (``sample``: its
+    ``sample_index``, computed once per graph by the caller, or None)."""
+    sample = sample_index(x) if sample is None else sample
+    return sample.reshape(-1, 1) * int(x.shape[1])
 
 
-def _kept_positions(matching: Matching, num_tokens: int, num_prefix: int, merged: bool) -> Tensor:
-    """Positions ``[B, N - r]`` of the output tokens in ToMe's order: prefix, unmerged A, then all of B. With
-    ``merged``, a destination that receives source ``j`` is taken from position ``N + j`` instead (where
-    ``_reduce_static`` appends the merged rows)."""
+def _kept_rows(unm_idx: Tensor, num_tokens: int, num_prefix: int, offsets: Tensor) -> Tensor:
+    """Flat rows ``[B, N - r]`` of the output tokens in ToMe's order: prefix, unmerged A, then all of B."""
     a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
-    device, unm_idx = matching.unm_idx.device, matching.unm_idx.flatten(1)  # [B, Na - r]
-    b_pos = torch.arange(b_start, num_tokens, 2, device=device)  # [Nb]
-    if merged:  # + (N + j - b_pos) where B token d receives source j: [Nb, 1] == [B, 1, r] -> [B, Nb]
-        num_src = int(matching.dst_idx.shape[1])
-        jump = num_tokens + torch.arange(num_src, device=device) - b_pos.unsqueeze(-1)  # [Nb, r] constant
-        hit = torch.arange(len(b_pos), device=device).unsqueeze(-1) == matching.dst_idx.reshape(-1, 1, num_src)
-        b_pos = b_pos + torch.where(hit, jump, 0).amax(dim=-1)  # [B, Nb]
-    else:
-        b_pos = b_pos.expand(unm_idx.shape[0], -1)  # [B, Nb]
-    parts = [torch.arange(num_prefix, device=device).expand(unm_idx.shape[0], -1)] if num_prefix else []  # [B, p]
-    return torch.cat([*parts, a_start + 2 * unm_idx, b_pos], dim=1)
+    parts = [offsets + torch.arange(num_prefix, device=offsets.device)] if num_prefix else []  # [B, p]
+    parts.append(offsets + a_start + 2 * unm_idx.flatten(1))  # [B, Na - r]
+    parts.append(offsets + torch.arange(b_start, num_tokens, 2, device=offsets.device))  # [B, Nb]
+    return torch.cat(parts, dim=1)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -170,59 +162,29 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, int(x.shape[-1]))
 
 
-def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """Rows ``rows [B, K]`` of ``x [B, N, C]`` viewed as ``[B * N, C]``: ``[B, K, C]``, one ``Gather``."""
-    return torch.nn.functional.embedding(rows, _rows(x))
-
-
-def merge_groups(
-    src: Tensor, src_size: Tensor | None, dst: Tensor, dst_size: Tensor | None, dst_idx: Tensor, mode: ReduceMode
-) -> tuple[Tensor, Tensor]:
-    """The merged token of every source's group, computed on the ``r`` sources alone.
-
-    ``src [B, r, C]`` with sizes ``src_size [B, r, 1]``; ``dst [B, r, C]`` / ``dst_size [B, r, 1]`` is the destination
-    token of each source, ``dst_idx [B, r, 1]`` its index (None sizes: every size is 1). Sources with the same
-    destination form one group (a ``[B, r, r]`` same-destination matrix); every source's row gets its group's merged
-    token and size, so sources of one group carry the same row. Returns ``[B, r, C]`` tokens and ``[B, r, 1]`` sizes.
-    """
-    num_src = int(dst_idx.shape[1])
-    same = (dst_idx == dst_idx.reshape(-1, 1, num_src)).to(src.dtype)  # [B, r, r]: sources j and k share a destination
-    if src_size is None or dst_size is None:  # fresh tokens: every weight is 1
-        weighted = dst + same @ src  # [B, r, C]: the group's size-weighted sum
-        size = same.sum(dim=-1, keepdim=True) + 1  # [B, r, 1]
-    else:
-        weighted = dst * dst_size + same @ (src * src_size)
-        size = dst_size + same @ src_size
-    if mode == "mean":
-        return weighted / size, size
-    # MLERP: the size-weighted mean points the way of the weighted sum; give it the largest norm in the group.
-    incoming = (same * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, r, 1]
-    return rescale(weighted, torch.maximum(dst.norm(dim=-1, keepdim=True), incoming)), size
-
-
 def _reduce_static(
     x: Tensor, size: Tensor | None, matching: Matching, mode: ReduceMode, num_prefix: int, sample: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """``reduce_tokens`` without scatter: the ``r`` sources and their destinations are gathered and merged on their
-    own (``merge_groups``), appended to ``x`` and one row gather takes ``[prefix, unmerged A, B]`` with every
-    receiving destination replaced by its merged row. No norm or rescale over tokens that receive nothing."""
+    """``reduce_tokens`` without scatter and without slicing the sets apart: one row gather takes
+    ``[prefix, unmerged A, B]`` straight from ``x`` (a ``Gather`` of rows of ``x [B * N, C]``), and the sources are
+    folded into their destinations with a ``[B, N - r, r]`` one-hot and one batched matmul. MLERP's max-norm is a
+    masked max over the same one-hot. Sizes are carried only when given (None: every token has size 1)."""
     num_tokens, num_src = int(x.shape[1]), int(matching.src_idx.shape[1])
-    sample = sample_index(x) if sample is None else sample  # [B, 1, 1]
-    merge = mode != "prune" and num_src > 0
-    kept = _kept_positions(matching, num_tokens, num_prefix, merge)  # [B, N - r]
-    if not merge:
-        rows = _row_index(sample, num_tokens, kept)  # [B, N - r]
-        return _take_rows(x, rows), None if size is None else _take_rows(size, rows)
-    a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
-    src_rows = _row_index(sample, num_tokens, a_start + 2 * matching.src_idx.flatten(1))  # [B, r]
-    dst_rows = _row_index(sample, num_tokens, b_start + 2 * matching.dst_idx.flatten(1))  # [B, r]
-    src_size, dst_size = (None, None) if size is None else (_take_rows(size, src_rows), _take_rows(size, dst_rows))
-    merged, merged_size = merge_groups(
-        _take_rows(x, src_rows), src_size, _take_rows(x, dst_rows), dst_size, matching.dst_idx, mode
-    )  # [B, r, C], [B, r, 1]
-    rows = _row_index(sample, num_tokens + num_src, kept)  # [B, N - r] rows of [x, merged]
-    size = _unit_sizes(x) if size is None else size
-    return _take_rows(torch.cat([x, merged], dim=1), rows), _take_rows(torch.cat([size, merged_size], dim=1), rows)
+    offsets = _row_offsets(x, sample)  # [B, 1]
+    kept = _kept_rows(matching.unm_idx, num_tokens, num_prefix, offsets)  # [B, N - r]
+    rows, size_rows = _rows(x), None if size is None else _rows(size)  # [B * N, C], [B * N, 1]
+    out = rows[kept]  # [B, N - r, C]
+    out_size = None if size_rows is None else size_rows[kept]  # [B, N - r, 1]
+    if mode == "prune" or num_src == 0:
+        return out, out_size
+    a_start = 2 * ((num_prefix + 1) // 2)
+    src_rows = offsets + a_start + 2 * matching.src_idx.flatten(1)  # [B, r]
+    src = rows[src_rows]  # [B, r, C]
+    first_b = num_prefix + int(matching.unm_idx.shape[1])  # where set B starts in the output
+    slots = torch.arange(int(out.shape[1]), device=x.device).unsqueeze(-1)  # [N - r, 1]
+    one_hot = (slots == first_b + matching.dst_idx.reshape(-1, 1, num_src)).to(x.dtype)  # [B, N - r, r]
+    src_size = None if size_rows is None else size_rows[src_rows].reshape(-1, 1, num_src)  # [B, 1, r]
+    return fold_sources(out, out_size, src, src_size, one_hot, mode)
 
 
 def fold_sources(
