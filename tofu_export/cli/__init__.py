@@ -9,6 +9,7 @@ the commands are imported, before anything is written. ``main()`` then turns the
 staging folders are removed on the way out; a second signal while the first is being handled exits quietly.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -53,8 +54,20 @@ def main() -> None:
     except KeyboardInterrupt as interrupt:  # during argument parsing, outside the commands' error boundary
         exit_quietly_on_signals()
         _exit_quietly(getattr(interrupt, "signum", signal.SIGINT), None)
+    except SystemExit as done:
+        if done.code in {128 + signum for signum in _SIGNALS}:  # a command stopped by a signal, cleanup done:
+            exit_quietly_on_signals()  # leave without the interpreter's shutdown, which restores the default
+            _flush_and_exit(done.code)  # actions (a second signal there would kill the process mid-exit)
+        raise
     finally:
         exit_quietly_on_signals()  # a signal during interpreter shutdown: no traceback either
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed stream: exit all the same
+            stream.flush()
+    os._exit(code)
 
 
 __all__ = ["app", "exit_quietly_on_signals", "main"]
