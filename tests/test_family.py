@@ -87,7 +87,7 @@ def test_no_module_outside_models_imports_a_family_file() -> None:
     # The denoisers (openai_unet*, diffusers_blocks) are not behind ModelFamily yet: dense/job.py and the terrain
     # recipe reach them directly (the README says so under "Not done yet"). Every ViT family must go through it.
     denoisers = {p.stem for p in (PACKAGE / "models").glob("openai_unet*.py")}
-    denoisers |= {p.stem for p in (PACKAGE / "models").glob("diffusers_*.py")}  # h5: the diffusers denoiser files
+    denoisers |= {p.stem for p in (PACKAGE / "models").glob("diffusers_*.py")}  # the diffusers denoiser files
     family_files = {p.stem for p in (PACKAGE / "models").glob("*.py")} - {"__init__", "family", "loading"} - denoisers
     pattern = re.compile(r"(?:from|import)\s+tofu_export\.models\.(\w+)")
     offenders = [

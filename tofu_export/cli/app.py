@@ -41,7 +41,7 @@ COMMANDS = {
     "demo": demo.demo,
     "calibrate": calibrate.calibrate,
 }
-from tofu_export.cli import denoiser as _denoiser  # noqa: E402  (h2: dense ToFu for diffusion denoisers)
+from tofu_export.cli import denoiser as _denoiser  # noqa: E402  (dense ToFu for diffusion denoisers)
 
 COMMANDS |= {"denoiser": _denoiser.denoiser, "calibrate-denoiser": _denoiser.calibrate_denoiser}
 for _name, _command in COMMANDS.items():

@@ -28,7 +28,7 @@ def load_model(
         raise CheckpointError(f"the input size must be a positive number of pixels, got {img_size}",
                               hint=Hint("img_size", None, "with the checkpoint's size, e.g. 224"))
     path = Path(source)
-    if path.is_dir():  # h5 (issue 19): a diffusers denoiser folder is the `denoiser` command's, said in one line
+    if path.is_dir():  # a diffusers denoiser folder: the `denoiser` command's, said in one line
         from tofu_export.models.diffusers_load import refuse_on_main_command
 
         refuse_on_main_command(path)
