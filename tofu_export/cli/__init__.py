@@ -5,8 +5,9 @@
 
 Signals: this module is the first code the console script runs (the package's ``__init__`` imports nothing
 heavy), so it makes SIGINT / SIGTERM / SIGHUP exit at once and quietly (one line, no traceback) while torch and
-the commands are imported, before anything is written. ``main()`` then turns them into exceptions, so that the
-staging folders are removed on the way out; a second signal while the first is being handled exits quietly.
+the commands are imported and the arguments parsed, before anything is written. At the command's boundary
+(``errors.guarded``) they become exceptions, so that the staging folders are removed on the way out; a second
+signal while the first is being handled exits quietly.
 """
 
 import contextlib
@@ -26,6 +27,11 @@ def _exit_quietly(signum: int, _frame: object) -> None:
     except Exception:  # stderr closed: exit all the same
         pass
     os._exit(128 + signum)
+
+
+def quiet_exit_installed() -> bool:
+    """Whether the signals exit quietly now (the console script before its command starts, or after it ended)."""
+    return signal.getsignal(signal.SIGTERM) is _exit_quietly
 
 
 def exit_quietly_on_signals() -> None:
@@ -70,4 +76,4 @@ def _flush_and_exit(code: int) -> None:
     os._exit(code)
 
 
-__all__ = ["app", "exit_quietly_on_signals", "main"]
+__all__ = ["app", "exit_quietly_on_signals", "main", "quiet_exit_installed"]

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from tofu_export.cli import calibrate, check, demo, eval, export, profile, schedule, sweep
-from tofu_export.cli.errors import guarded, install_signal_handlers
+from tofu_export.cli.errors import guarded
 from tofu_export.cli.groups import uses_groups
 
 app = typer.Typer(
@@ -58,8 +58,7 @@ def main() -> None:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "export")
     sys.argv[1:] = argv
-    install_signal_handlers()  # SIGTERM / SIGHUP clean up like Ctrl-C
-    app()
+    app()  # each command's boundary (errors.guarded) makes SIGTERM / SIGHUP clean up like Ctrl-C
 
 
 if __name__ == "__main__":

@@ -42,11 +42,22 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
 def install_signal_handlers() -> None:
     """While a command runs: SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated`` (the default
     action would kill the process mid-write), so every ``finally`` and staging cleanup runs. This replaces the
-    quiet exit ``tofu_export.cli`` installs for the import phase."""
+    quiet exit ``tofu_export.cli`` installs for the import and argument-parsing phase."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _raise_terminated)
+
+
+def _enter_command() -> None:
+    """At the command's boundary in the console script: signals start raising (see ``install_signal_handlers``).
+    Before it, while click parses the arguments, they keep exiting at once with 128 + signum (there is nothing to
+    clean up, and click would turn an exception into a silent exit 130). Elsewhere (a library caller, a test's
+    CliRunner) the process's own handlers are left alone."""
+    from tofu_export.cli import quiet_exit_installed
+
+    if quiet_exit_installed():
+        install_signal_handlers()
 
 
 def _second_signal_exits_quietly() -> None:
@@ -135,6 +146,7 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> Any:
         try:
+            _enter_command()
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
