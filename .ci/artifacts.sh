@@ -4,12 +4,15 @@ set -euo pipefail
 out="${1:-artifacts/ci}"
 rm -rf "$out"
 mkdir -p "$out"
-# A small reference checkpoint: deit_tiny (random init, seed 0), saved as safetensors.
+# A small reference checkpoint: deit_tiny (random init, seed 0), saved as safetensors with the config.json a timm
+# hub download has beside it (the head count and block kind are not in the weights: tofu-export needs them stated).
 python3 - "$out/deit_tiny.safetensors" <<'PY'
-import sys, torch, timm
+import json, pathlib, sys, torch, timm
 from safetensors.torch import save_file
 torch.manual_seed(0)
 save_file(timm.create_model("deit_tiny_patch16_224", pretrained=False).state_dict(), sys.argv[1])
+config = {"architecture": "deit_tiny_patch16_224", "num_classes": 1000}
+(pathlib.Path(sys.argv[1]).parent / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 PY
 tofu-export "$out/deit_tiny.safetensors" --r 16 --mode tofu --target ort -o "$out/deit_tiny-tofu-r16"
 tofu-export "$out/deit_tiny.safetensors" --r 16 --mode tofu --opset 16 -o "$out/deit_tiny-tofu-r16-opset16"
