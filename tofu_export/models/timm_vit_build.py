@@ -74,7 +74,7 @@ def build_model(
         ) from err
 
     weights, notes = _fit_pos_embed(dict(state_dict), model, guess)
-    notes += _check_keys_and_shapes(weights, model, guess, arch_given=arch is not None, strict=strict)
+    notes += _check_keys_and_shapes(weights, model, guess, arch_given=arch, strict=strict)
     model.load_state_dict(weights, strict=False)
     for note in notes:
         logger.warning("%s", note)
@@ -120,7 +120,7 @@ def _fit_pos_embed(
 
 
 def _check_keys_and_shapes(
-    weights: Mapping[str, torch.Tensor], model: nn.Module, guess: ArchGuess, *, arch_given: bool, strict: bool
+    weights: Mapping[str, torch.Tensor], model: nn.Module, guess: ArchGuess, *, arch_given: str | None, strict: bool
 ) -> list[str]:
     """Raise on shape mismatches (always) and missing / unexpected keys (if ``strict``); else return notes."""
     expected = model.state_dict()
@@ -139,8 +139,12 @@ def _check_keys_and_shapes(
         f"{len(mismatched)} shape mismatch(es), {len(missing)} missing key(s), "
         f"{len(unexpected)} unexpected key(s)"
     )
-    if arch_given:
+    if arch_given and guess.name != arch_given:
         hint = Hint("arch", guess.name, "or leave the architecture out to build the inferred one")
+    elif arch_given:  # the named model, not this checkpoint's depth or size: build the one the weights show
+        heads = guess.kwargs.get("num_heads")
+        hint = Hint("num_heads", str(heads) if heads else None, "instead of --arch, to build the timm ViT the weights "
+                    "show (plain pre-norm Blocks with that many heads)")
     else:
         hint = Hint("arch", None, "with the exact timm model name: the checkpoint may use blocks that a plain "
                     "VisionTransformer lacks")
