@@ -188,11 +188,13 @@ def _reduce_static(
 
 
 def fold_sources(
-    dst: Tensor, dst_size: Tensor | None, src: Tensor, src_size: Tensor | None, one_hot: Tensor, mode: ReduceMode
+    dst: Tensor, dst_size: Tensor | None, src: Tensor, src_size: Tensor | None, one_hot: Tensor, mode: ReduceMode,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fold sources ``src [B, r, C]`` into ``dst [B, M, C]`` without scatter: ``one_hot [B, M, r]`` says where each
     source goes, and one batched matmul sums them in. Sizes ``dst_size [B, M, 1]`` / ``src_size [B, 1, r]`` (None:
-    every size is 1). MLERP's max-norm is a masked max over the same one-hot. Returns tokens and sizes ``[B, M, 1]``."""
+    every size is 1). MLERP's max-norm is a masked max over the same one-hot, on ``norms`` (sources ``[B, 1, r]``,
+    destinations ``[B, M, 1]``) where the caller already has them. Returns tokens and sizes ``[B, M, 1]``."""
     if dst_size is None:  # fresh tokens: every weight is 1
         weighted = dst + one_hot @ src  # [B, M, C]: size-weighted sums
         new_size = one_hot.sum(dim=-1, keepdim=True) + 1  # [B, M, 1]
@@ -203,8 +205,9 @@ def fold_sources(
     if mode == "mean":
         return weighted / new_size, new_size
     # MLERP: the size-weighted mean points the way of the weighted sum; give it the largest norm among the merged.
-    incoming = (one_hot * src.norm(dim=-1).unsqueeze(1)).amax(dim=-1, keepdim=True)  # [B, M, 1]
-    return rescale(weighted, torch.maximum(dst.norm(dim=-1, keepdim=True), incoming)), new_size
+    src_norm, dst_norm = norms if norms is not None else (src.norm(dim=-1).unsqueeze(1), dst.norm(dim=-1, keepdim=True))
+    incoming = (one_hot * src_norm).amax(dim=-1, keepdim=True)  # [B, M, 1]
+    return rescale(weighted, torch.maximum(dst_norm, incoming)), new_size
 
 
 def reduce_tokens(

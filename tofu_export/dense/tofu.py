@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tofu_export.dense.windows import WindowLayout
-from tofu_export.merge import REDUCE_MODES, ReduceMode, rescale, sample_index, take_tokens
+from tofu_export.merge import REDUCE_MODES, ReduceMode, fold_sources, sample_index, take_tokens
 
 
 class DenseMatching(NamedTuple):
@@ -77,19 +77,12 @@ def reduce_dense(x: Tensor, matching: DenseMatching, layout: WindowLayout, mode:
 
 def _fold(dst: Tensor, src: Tensor, dst_idx: Tensor, mode: ReduceMode,
           norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Fold fresh (size 1) sources ``src [B, r, C]`` into ``dst [B, Nd, C]`` at ``dst_idx [B, r, 1]`` through a
-    ``[B, Nd, r]`` one-hot and one batched MatMul (no scatter). Mean divides by the group sizes; MLERP gives the sum
-    the largest norm in its group, from ``norms`` (sources ``[B, 1, r]``, destinations ``[B, Nd, 1]``) where the
-    matching already has them, else computed here."""
-    r = int(src.shape[1])
+    """Fold fresh (size 1) sources ``src [B, r, C]`` into ``dst [B, Nd, C]`` at ``dst_idx [B, r, 1]``: a
+    ``[B, Nd, r]`` one-hot and ``merge.fold_sources``, as the ViT path does; MLERP takes ``norms`` (sources
+    ``[B, 1, r]``, destinations ``[B, Nd, 1]``) where the matching already has them."""
     slots = torch.arange(int(dst.shape[1]), device=dst.device).unsqueeze(-1)  # [Nd, 1]
-    one_hot = (slots == dst_idx.reshape(-1, 1, r)).to(dst.dtype)  # [B, Nd, r]
-    weighted = dst + one_hot @ src  # [B, Nd, C]
-    if mode == "mean":
-        return weighted / (one_hot.sum(dim=-1, keepdim=True) + 1)
-    src_norm, dst_norm = norms if norms is not None else (src.norm(dim=-1).unsqueeze(1), dst.norm(dim=-1, keepdim=True))
-    incoming = (one_hot * src_norm).amax(dim=-1, keepdim=True)  # [B, Nd, 1] largest incoming norm
-    return rescale(weighted, torch.maximum(dst_norm, incoming))
+    one_hot = (slots == dst_idx.reshape(-1, 1, int(src.shape[1]))).to(dst.dtype)  # [B, Nd, r]
+    return fold_sources(dst, None, src, None, one_hot, mode, norms)[0]
 
 
 def unmerge_dense(y: Tensor, matching: DenseMatching) -> Tensor:
