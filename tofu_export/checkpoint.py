@@ -31,7 +31,7 @@ from tofu_export.checkpoint_limits import (
 )
 from tofu_export.errors import Hint
 
-__all__ = ["CheckpointError", "load_state_dict", "read_checkpoint"]
+__all__ = ["CheckpointError", "check_values", "load_state_dict", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[di
     tensors = _strip_key_prefixes(_tensor_entries(_unwrap(raw), path))
     _check_loaded_views(tensors, path)  # what the metadata reader could not see (a pickle it did not parse)
     check_model_bounds({name: tuple(t.shape) for name, t in tensors.items()}, path.stat().st_size, path)
-    _check_values(tensors, path)
+    check_values(tensors, path)
     return tensors, training_record(raw)
 
 
@@ -243,7 +243,7 @@ def _value_problem(tensor: torch.Tensor) -> str | None:
     return f"holds {' and '.join(counts)} value(s)"
 
 
-def _check_values(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+def check_values(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     """Refuse weights no model should have (NaN / Inf, complex or quantized values), naming the tensors."""
     problems = [f"{name} {problem}" for name, tensor in tensors.items() if (problem := _value_problem(tensor))]
     if problems:

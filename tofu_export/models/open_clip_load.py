@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.checkpoint import CheckpointError, check_values, load_state_dict
 from tofu_export.checkpoint_limits import MAX_TOKENS, inspect_safetensors, inspect_torch_file
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
@@ -155,11 +155,12 @@ def _read_visual(file: Path, names: set[str], trust_pickle: bool) -> dict[str, T
         everything = load_state_dict(file, trust_pickle=trust_pickle)  # limits, views and values checked
         tensors = {name: everything.pop(key) for key in list(everything) if (name := _visual_name(key)) in names}
         del everything  # the text tower and the rest
-    bad = [name for name, tensor in tensors.items() if not tensor.is_floating_point()
-           or not bool(torch.isfinite(tensor.float()).all())]
+    else:
+        check_values(tensors, file)  # what load_state_dict checks (NaN / Inf, complex), on the tensors read here
+    bad = [name for name, tensor in tensors.items() if not tensor.is_floating_point()]
     if bad:
-        raise CheckpointError(f"{file}: tower weights {', '.join(bad[:3])} are not finite floats; the file is "
-                              "corrupt or from a diverged run: use a clean float checkpoint")
+        raise CheckpointError(f"{file}: tower weights {', '.join(bad[:3])} are not floats (a quantized export?): use "
+                              "the float checkpoint")
     return {name: tensor.float() for name, tensor in tensors.items()}
 
 
