@@ -12,7 +12,9 @@ Two limits replace a fixed wall-clock timeout (which a loaded CI machine hits wh
 and the exporters once: a fresh interpreter spends ~8 CPU-seconds on imports, more than a tiny export takes. A
 child sets argv, working folder, environment and standard streams as a shell would and calls the console script's
 ``main()``; the server was started with the same environment, so libraries that read it at import (OpenMP's
-thread count, rich's colour) see what a fresh ``tofu-export`` would.
+thread count, rich's colour) see what a fresh ``tofu-export`` would. With ``TOFU_TESTS_TRACE_CACHE`` naming a
+folder (the suite's conftest makes one; ``off`` turns it off), the children share one dynamo trace per distinct
+model (``trace_cache``).
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ for name in PRELOAD:  # imported once here, so no child pays for it; an optional
         __import__(name)
     except Exception:
         pass
+if os.environ.get("TOFU_TESTS_TRACE_CACHE", "off") != "off":  # one dynamo trace per distinct model (trace_cache.py)
+    sys.path.insert(0, sys.argv[1])
+    import trace_cache
+    trace_cache.install(trace_cache.Path(os.environ["TOFU_TESTS_TRACE_CACHE"]))
 
 def vm_bytes():
     line = next(l for l in open("/proc/self/status").read().splitlines() if l.startswith("VmSize"))
@@ -170,8 +176,9 @@ class ForkServer:
 
     def __init__(self, env: Mapping[str, str], scratch: Path) -> None:
         self.env, self.scratch = dict(env), scratch
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        env=self.env, text=True, start_new_session=True)
+        self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(Path(__file__).parent)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, text=True,
+                                        start_new_session=True)
         self.batches = 0
 
     def run_all(self, commands: Mapping[str, tuple[Sequence[str | Path], Path]], parallel: int = 2,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +14,24 @@ import timm
 import torch
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
+from trace_cache import ENV
 
 VitFactory = Callable[..., VisionTransformer]
 ImageFactory = Callable[..., torch.Tensor]
+_OWN_TRACE_CACHE: list[str] = []  # the trace-cache folder this process made (the xdist controller, or a lone run)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One trace-cache folder for the session, inherited by its workers and their fork servers (``trace_cache``)."""
+    if not os.environ.get(ENV):
+        os.environ[ENV] = tempfile.mkdtemp(prefix="tofu-trace-cache-")
+        _OWN_TRACE_CACHE.append(os.environ[ENV])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _OWN_TRACE_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(ENV, None)
 
 
 def _build_vit(name: str, seed: int = 0, **kwargs: Any) -> VisionTransformer:
