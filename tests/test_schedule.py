@@ -21,9 +21,8 @@ from tofu_export import (
     token_schedule,
     unpatch,
 )
-from tofu_export.merge import max_reduction
 from tofu_export.models.timm_vit import tofu_state
-from tofu_export.schedule import block_macs, default_prune_layers, plan_tokens
+from tofu_export.schedule import block_macs, default_prune_layers, max_reduction, plan_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,19 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
-from torch import nn
-
 from tofu_export.errors import Hint, UserError
-from tofu_export.exporters.precision import PRECISIONS, Precision
-from tofu_export.exporters.simplify import SIMPLIFIERS, Simplifier
-from tofu_export.models.family import family_of
-from tofu_export.schedule import MODES, RSpec, ScheduleError, TokenPlan, layer_modes, parse_r, plan_tokens
+from tofu_export.names import DEFAULT_EXPORTER, MODES, PRECISIONS, SIMPLIFIERS, Exporter, Precision, Simplifier
+from tofu_export.schedule import RSpec, ScheduleError, TokenPlan, layer_modes, parse_r, plan_tokens
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from tofu_export.policy import Policy
 
 Target = Literal["onnx", "ort", "trt"]
-Exporter = Literal["torchscript", "dynamo"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +37,8 @@ class ResolvedToFu:
     def patch(self, model: nn.Module, *, static: bool = True) -> ResolvedToFu:
         """Patch ``model`` (the one this was resolved against) in place (``static``: fixed input size, ready for
         export); returns ``self``."""
+        from tofu_export.models.family import family_of  # torch: not needed to check a configuration
+
         family_of(model).patch(model, self.r, self.modes, self.prop_attn, self.img_size if static else None)
         return self
 
@@ -79,6 +78,8 @@ class ToFuConfig:
     def resolve(self, model: nn.Module) -> ResolvedToFu:
         """Per-block r and modes and the token plan of ``model`` at ``img_size``; an r that the first block cannot
         remove is an error (later blocks are clipped to what they can remove, with a warning)."""
+        from tofu_export.models.family import family_of
+
         family = family_of(model)
         depth, num_prefix = family.depth(model), family.num_prefix(model)
         img_size = self.img_size or int(family.img_size(model)[0])
@@ -113,7 +114,7 @@ class OnnxConfig:
     opset: int | None = None  # None: the newest the TensorRT targets parse (tensorrt.targets.export_opset)
     simplify: bool = True
     tolerance: float = 1e-4  # max |ONNX - PyTorch|, relative to the output scale
-    exporter: Exporter = "dynamo"  # see exporters.onnx.DEFAULT_EXPORTER
+    exporter: Exporter = DEFAULT_EXPORTER
     precision: Precision = "fp32"  # fp16: FP16 graph; int8: Q/DQ graph; see exporters.precision (rules, parity floors)
     simplifier: Simplifier = "onnxslim"  # onnxslim | onnxsim | none (simplify=False is none); exporters.simplify
 

@@ -25,13 +25,14 @@ Two implementations of the combine step give the same numbers (to float rounding
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-ReduceMode = Literal["mean", "prune", "mlerp"]
-REDUCE_MODES: tuple[str, ...] = ("mean", "prune", "mlerp")
+from tofu_export.names import REDUCE_MODES, ReduceMode
+from tofu_export.schedule import max_reduction  # noqa: F401  (the bound every caller of the matching respects)
+
 _NORM_EPS = 1e-6
 
 
@@ -67,11 +68,6 @@ def _matchable_sets(x: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
 def set_sizes(num_tokens: int, num_prefix: int) -> tuple[int, int]:
     """Matchable tokens ``(Na, Nb)`` in sets A and B when ``num_prefix`` of ``num_tokens`` tokens are protected."""
     return (num_tokens + 1) // 2 - (num_prefix + 1) // 2, num_tokens // 2 - num_prefix // 2
-
-
-def max_reduction(num_tokens: int, num_prefix: int) -> int:
-    """Largest r one bipartite matching step can remove from ``num_tokens`` tokens."""
-    return max(0, (num_tokens - num_prefix) // 2)
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching:

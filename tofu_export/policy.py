@@ -15,15 +15,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tofu_export.atomic import write_json_atomic
 from tofu_export.errors import Hint, UserError
-from tofu_export.merge import REDUCE_MODES
+from tofu_export.names import REDUCE_MODES
 from tofu_export.schedule import plan_tokens
 from tofu_export.sizes import as_pair
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT = "tofu-export/policy"
 FORMAT_VERSION = 1

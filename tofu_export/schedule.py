@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tofu_export.errors import UserError
-from tofu_export.merge import REDUCE_MODES, max_reduction
-from tofu_export.modes import MODES
+from tofu_export.names import MODES, REDUCE_MODES
 
 # The per-layer reduce mode each uniform user-facing mode expands to.
 _UNIFORM = {"tome": "mean", "prune": "prune", "mlerp": "mlerp"}
@@ -109,6 +108,12 @@ class TokenPlan:
     def clipped(self) -> list[int]:
         """Blocks whose requested r could not be removed."""
         return [i for i, (got, want) in enumerate(zip(self.r, self.requested, strict=True)) if got < want]
+
+
+def max_reduction(num_tokens: int, num_prefix: int) -> int:
+    """Largest r one bipartite matching step (``merge.bipartite_soft_matching``) can remove from ``num_tokens``
+    tokens: every removed token is one of the alternating set A, matched onto set B."""
+    return max(0, (num_tokens - num_prefix) // 2)
 
 
 def plan_tokens(

@@ -36,12 +36,13 @@ def demo(
     from tofu_export.cli.export import command_line, export_and_report
     from tofu_export.cli.options import OnnxOptions, ToFuOptions, TrtOptions
     from tofu_export.config import ExportConfig
+
+    config = ExportConfig(tofu=ToFuOptions(r=r).build(), onnx=OnnxOptions().build(),  # options checked first
+                          trt=TrtOptions(trt=trt, jetpack=jetpack).build(), target="ort", force=True,
+                          command=command_line())
     from tofu_export.jobs.demo import default_checkpoint, demo_images
 
     checkpoint, description = default_checkpoint()
     console.print(f"default checkpoint: {checkpoint} ({description})", highlight=False)
-    config = ExportConfig(tofu=ToFuOptions(r=r).build(), onnx=OnnxOptions().build(),
-                          trt=TrtOptions(trt=trt, jetpack=jetpack).build(), target="ort", force=True,
-                          command=command_line())
     quick = dataclasses.replace(demo_images(), budget_s=look_seconds) if bench else None
     export_and_report(checkpoint, out, config, quick, as_json=as_json)

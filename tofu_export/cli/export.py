@@ -91,13 +91,14 @@ def export(
       tofu-export model.pth --policy policy.json --target ort
     """
     from tofu_export.config import ExportConfig
-    from tofu_export.quicklook import QuickLookSettings
 
-    config = ExportConfig(
+    config = ExportConfig(  # checks every option before torch is loaded
         tofu=tofu.build(model.img_size), onnx=onnx.build(), trt=trt.build(), target=target, arch=model.arch,
         num_heads=model.num_heads,
         trust_pickle=model.trust_pickle, force=force, command=command_line(),
     )
+    from tofu_export.quicklook import QuickLookSettings
+
     out = out or Path("artifacts") / f"{checkpoint.stem}-{tofu.label}-{target}"  # targets do not collide
     quick = QuickLookSettings(data=data, data_name=None if data is None else str(data),
                               budget_s=look_seconds) if bench else None

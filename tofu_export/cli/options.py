@@ -13,7 +13,7 @@ import typer
 
 from tofu_export.cli.groups import option_group
 from tofu_export.errors import Hint, UserError
-from tofu_export.modes import MODES
+from tofu_export.names import MODES
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 

@@ -68,16 +68,18 @@ def sweep(
     """
     from tofu_export.config import ToFuConfig
     from tofu_export.policy import Policy
+
+    runtime.check()
+    r_values, template = tuple(parse_int_list(r, "r")), ToFuConfig(prune_layers=prune_layers, prop_attn=prop_attn)
+    onnx_config, loaded_policy = onnx.build(), None if policy is None else Policy.load(policy)  # checked before torch
     from tofu_export.sweep.config import SweepConfig
     from tofu_export.sweep.job import run_sweep_job
 
-    runtime.check()
     config = SweepConfig(
-        r_values=tuple(parse_int_list(r, "r")), modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+        r_values=r_values, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
         backend=backend.build(), iters=iters, threads=runtime.threads, spinning=runtime.spin,
-        interleave=interleave, data=data, limit=limit, template=ToFuConfig(prune_layers=prune_layers,
-                                                                            prop_attn=prop_attn),
-        policy=None if policy is None else Policy.load(policy), onnx=onnx.build(), arch=model.arch,
+        interleave=interleave, data=data, limit=limit, template=template, policy=loaded_policy, onnx=onnx_config,
+        arch=model.arch,
         num_heads=model.num_heads, trust_pickle=model.trust_pickle,
     )
     say = (lambda _: None) if as_json else (lambda text: console.print(f"[dim]-[/] {text}", highlight=False))

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -25,13 +24,11 @@ from torch import nn
 from tofu_export.errors import UserError
 from tofu_export.exporters.precision import PARITY_FLOORS, Precision, check_precision, quantize_file, to_fp16
 from tofu_export.exporters.simplify import DEFAULT_SIMPLIFIER, PROTOBUF_LIMIT, SIMPLIFIERS, Simplifier, simplify_graph
+from tofu_export.names import DEFAULT_EXPORTER, EXPORTERS, Exporter
 from tofu_export.sizes import as_pair
 
 MIN_COSINE = PARITY_FLOORS["fp32"].min_cosine  # every image's ONNX output must keep at least this cosine to PyTorch's
 MIN_WITHIN = PARITY_FLOORS["fp32"].min_within  # and at least this fraction of images must agree to the tolerance
-Exporter = Literal["torchscript", "dynamo"]
-EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
-DEFAULT_EXPORTER: Exporter = "dynamo"  # measured: bench/results/latency_deit_small*.md (TorchScript is deprecated)
 
 
 class ExportError(UserError, RuntimeError):

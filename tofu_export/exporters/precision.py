@@ -17,16 +17,14 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import torch
 
 from tofu_export.errors import Hint, UserError
+from tofu_export.names import PRECISIONS, Precision
 
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 REDUCTION_SCOPE = "/reduce/"  # the static token reduction's module scope (every family names it block.reduce)
 FP32_OPS = frozenset({"LpNormalization", "LayerNormalization", "TopK"})
 NORM_SCOPES = frozenset({"norm", "norm1", "norm2", "k_norm", "fc_norm", "norm_pre"})  # LayerNorm decomposed (opset 16)

@@ -7,13 +7,10 @@ profiles and the precision rules (``/blocks.N/reduce/``) still find them.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import onnx
 
-Simplifier = Literal["onnxslim", "onnxsim", "none"]
-SIMPLIFIERS: tuple[str, ...] = ("onnxslim", "onnxsim", "none")
-DEFAULT_SIMPLIFIER: Simplifier = "onnxslim"
+from tofu_export.names import DEFAULT_SIMPLIFIER, SIMPLIFIERS, Simplifier  # noqa: F401  (named here for callers)
+
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
 
 
