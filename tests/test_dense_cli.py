@@ -35,16 +35,19 @@ def test_calibrate_then_export_with_the_policy(checkpoint, tmp_path) -> None:
     runner = CliRunner()
     policy = tmp_path / "policy.json"
     result = runner.invoke(app, ["calibrate-denoiser", str(checkpoint), "--ratio", "0.5", "--samples", "1",
-                                 "-o", str(policy)])
+                                 "-o", str(policy)])  # --measure: test_denoiser_calibrate.py (family-agnostic)
     assert result.exit_code == 0, result.output
     loaded = DensePolicy.load(policy)
     assert set(loaded.blocks) == {"network.input_blocks.3.1", "network.middle_block.1",
                                   "network.output_blocks.0.1", "network.output_blocks.1.1"}
     assert loaded.notes["runs"] >= 3 + len(loaded.blocks) * 2
+    assert loaded.notes["family"] == "openai-unet" and "sigma 80" in loaded.notes["sampler"]
+    assert "measured" not in loaded.notes and "PSNR" in result.output
     out = tmp_path / "art"
     result = runner.invoke(app, ["denoiser", str(checkpoint), "--policy", str(policy), "--exporter", "torchscript",
                                  "-o", str(out)])
     assert result.exit_code == 0, result.output
+    assert "parity (ORT vs PyTorch)" in result.output and "pass:" in result.output and "TensorRT 10" in result.output
     record = json.loads((out / "export.json").read_text())
     assert record["parity"]["ok"] and record["tensorrt"]["ok"] and record["input_names"] == ["sample", "sigma",
                                                                                              "label"]

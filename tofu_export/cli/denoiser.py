@@ -110,7 +110,12 @@ def calibrate_denoiser(
     if as_json:
         print_json({"policy": str(out), "psnr": result.psnr, "ssim": result.ssim, **json_policy(result.policy)})
         return
-    Console().print(calibration_table(source, out, result))
+    console = Console()
+    console.print(calibration_table(source, out, result))
+    if result.policy.notes.get("measured_below_budget"):
+        console.print(f"note: the measured speed-up ({result.measured.speedup:.3f}x) is below the --speedup budget "
+                      f"({speedup:g}x) the FLOP prediction met: on this backend the reduction costs more than its "
+                      "FLOPs say; raise --speedup or --ratio, or time on the target device", highlight=False)
 
 
 def json_policy(policy: Any) -> dict[str, Any]:
@@ -150,7 +155,8 @@ def export_table(done: Any) -> Table:
 def calibration_table(source: str, out: Path, result: Any) -> Table:
     """What ``calibrate-denoiser`` chose, how close its samples stay, and how much faster it is."""
     notes, policy = result.policy.notes, result.policy
-    table = Table(title=f"{source}: per-block modes, written to {out}", show_header=False, title_justify="left")
+    table = Table(title=f"{source}: per-block modes, written to {out} ({notes['seconds']:.0f} s)", show_header=False,
+                  title_justify="left")
     table.add_row("reduced blocks", f"{len(policy.blocks)}: {_modes(policy)}")
     for name, plan in policy.blocks.items():
         table.add_row(f"  {name}", plan.mode)
