@@ -56,6 +56,14 @@ def diffusers_unet() -> torch.nn.Module:  # the tiny UNet2DConditionModel of tes
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
 
 
+def diffusers_pixart() -> torch.nn.Module:  # the tiny PixArt of test_diffusers.py
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=8, num_layers=2, sample_size=16, patch_size=2,
+                                              cross_attention_dim=32, caption_channels=32).eval()
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("denoisers")
@@ -105,7 +113,7 @@ def test_loading_goes_through_the_family_and_refuses_a_wrong_size(sources) -> No
         load_denoiser_source(sources / "missing")
 
 
-@pytest.mark.parametrize("build", [openai_unet, diffusers_dit, diffusers_unet])
+@pytest.mark.parametrize("build", [openai_unet, diffusers_dit, diffusers_unet, diffusers_pixart])
 def test_patch_step_and_sampler_through_the_interface(build) -> None:
     model = build()
     family = denoiser_family_of(model)

@@ -21,10 +21,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from tofu_export.errors import Hint, UserError
+
+if TYPE_CHECKING:
+    from tofu_export.dense.plan import DensePolicy
 
 __all__ = ["DenoiserFamily", "Inputs", "LoadedDenoiser", "Sampler", "denoiser_families", "denoiser_family_for",
            "denoiser_family_of", "load_denoiser_source"]
@@ -87,7 +91,7 @@ class DenoiserFamily(ABC):
         """Every reducible block's name -> its token grid ``(height, width)`` for ``inputs``."""
 
     @abstractmethod
-    def patch(self, model: nn.Module, policy, grids: dict[str, tuple[int, int]]) -> nn.Module:
+    def patch(self, model: nn.Module, policy: DensePolicy, grids: dict[str, tuple[int, int]]) -> nn.Module:
         """Reduce the ``DensePolicy``'s blocks (removing any earlier patch first); ``UserError`` for a block the
         model does not have or a sub-layer it cannot reduce."""
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from tofu_export.dense.plan import DensePolicy
 from tofu_export.models.denoiser_family import DenoiserFamily, Inputs, LoadedDenoiser, Sampler
 from tofu_export.models.diffusers_load import EXTRA, KINDS, diffusers_class
 
@@ -44,7 +45,7 @@ class DiffusersFamily(DenoiserFamily):
 
         return token_grids(model, inputs)
 
-    def patch(self, model: nn.Module, policy, grids: dict[str, tuple[int, int]]) -> nn.Module:
+    def patch(self, model: nn.Module, policy: DensePolicy, grids: dict[str, tuple[int, int]]) -> nn.Module:
         from tofu_export.models.diffusers_denoiser import patch
 
         return patch(model, policy, grids)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from tofu_export.dense.plan import DensePolicy
 from tofu_export.errors import Hint, UserError
 from tofu_export.models.denoiser_family import DenoiserFamily, Inputs, LoadedDenoiser, Sampler
 from tofu_export.models.openai_unet import ConsistencyDenoiser, UNetModel
@@ -59,7 +60,7 @@ class OpenAIUNetFamily(DenoiserFamily):
 
         return attention_grids(model)
 
-    def patch(self, model: nn.Module, policy, grids: dict[str, tuple[int, int]]) -> nn.Module:
+    def patch(self, model: nn.Module, policy: DensePolicy, grids: dict[str, tuple[int, int]]) -> nn.Module:
         from tofu_export.models.openai_unet_tofu import patch
 
         if set(policy.sublayers) != {"self"}:
