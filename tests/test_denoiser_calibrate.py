@@ -59,9 +59,11 @@ def test_calibration_chooses_modes_under_the_speed_budget_and_measures_them(cali
     measured = notes["measured"]
     assert (measured["exporter"], measured["opset"], measured["rounds"]) == ("torchscript", 16, 5)
     assert math.isfinite(notes["measured_speedup"]) and notes["measured_speedup"] > 0
-    assert measured["baseline"]["n"] == measured["policy"]["n"] == 5
+    assert measured["baseline"]["n"] == measured["policy"]["n"] == measured["compared"]["tome"]["latency"]["n"] == 5
+    tome = notes["tome_for_sd"]  # ToMe for SD at the same ratio: its PSNR from the calibration, timed in the rounds
+    assert tome["measured_speedup"] > 0 and tome["psnr"] <= notes["calibration_psnr"] + 1e-9  # mean was a candidate
     out = " ".join(calibrate.output.split())  # the table, unwrapped
-    assert "speed-up, predicted" in out and "speed-up, measured" in out and "PSNR" in out
+    assert "speed-up, predicted" in out and "speed-up, measured" in out and "ToMe for SD" in out
     assert f"{notes['predicted_speedup']:.3f}x" in out and f"{notes['measured_speedup']:.3f}x" in out
 
 

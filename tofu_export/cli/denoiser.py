@@ -177,5 +177,12 @@ def calibration_table(source: str, out: Path, result: Any) -> Table:
         table.add_row("step latency p50 (p10-p90)", f"unreduced {base['p50_ms']:.2f} ms ({base['p10_ms']:.2f}-"
                       f"{base['p90_ms']:.2f}), policy {mine['p50_ms']:.2f} ms ({mine['p10_ms']:.2f}-"
                       f"{mine['p90_ms']:.2f}); {m.backend}, batch 1, {m.exporter}, opset {m.opset}")
+        tome = notes.get("tome_for_sd")
+        if tome:
+            t = m.compared["tome"]
+            table.add_row("ToMe for SD (mean, same ratio)", f"PSNR {tome['psnr']:.2f} dB, measured speed-up "
+                          f"{t['speedup']:.3f}x ({t['speedup_iqr'][0]:.3f}-{t['speedup_iqr'][1]:.3f}x), same rounds")
+            table.add_row("policy vs ToMe for SD", f"{result.psnr - tome['psnr']:+.2f} dB, latency ratio "
+                          f"{t['speedup'] / m.speedup:.3f} (policy / ToMe, medians)")
     table.add_row("sampling runs", str(notes["runs"]))
     return table

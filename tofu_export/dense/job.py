@@ -20,7 +20,7 @@ from torch import nn
 
 from tofu_export.dense.calibrate import Calibration, calibrate_denoiser
 from tofu_export.dense.export import DenoiserExport, export_denoiser
-from tofu_export.dense.plan import DensePolicy, check_sublayers, plan_blocks
+from tofu_export.dense.plan import BlockPlan, DensePolicy, check_sublayers, plan_blocks
 from tofu_export.errors import Hint, UserError
 from tofu_export.merge import ReduceMode
 from tofu_export.models.denoiser_family import LoadedDenoiser, Sampler, load_denoiser_source
@@ -139,8 +139,8 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
     """Calibrate a denoiser's per-block modes on the final samples of its family's sampler from fixed noise
     (``noise_seed``) and write the policy file ``out``. ``speedup``: a budget on the predicted (FLOP) speed-up of
     the step. ``measure`` (default: when ``speedup`` is given) exports the chosen policy's step and the unreduced
-    one (``exporter``, ``opset``) and times them interleaved; the measured speed-up is recorded beside the
-    predicted one."""
+    one (``exporter``, ``opset``) and times them interleaved, with ToMe for SD (mean in every candidate block at
+    ``ratio``) in the same rounds; the measured speed-ups are recorded beside the predicted one."""
     started, out = time.perf_counter(), Path(out)
     if out.exists():
         raise UserError(f"{out} exists; choose another policy path (nothing is overwritten)", hint=Hint("out"))
@@ -175,10 +175,14 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
     if measure:
         from tofu_export.dense.measured import measure_step_latency
 
+        tome = DensePolicy({b: BlockPlan(ratio, "mean") for b in blocks}, stride, seed, sublayers=sublayers)
         result.measured = measure_step_latency(opened.step, opened.patch, result.policy, opened.make_inputs,
                                                opened.input_names, exporter=exporter, opset=opset, rounds=rounds,
-                                               clock=clock)
+                                               clock=clock, compare={"tome": tome})
         result.policy.notes |= {"measured_speedup": result.measured.speedup, "measured": result.measured.to_dict()}
+        tome_psnr = next(e["psnr"] for e in result.log if e["step"] == "uniform mean")
+        result.policy.notes["tome_for_sd"] = {"ratio": ratio, "psnr": tome_psnr,
+                                              "measured_speedup": result.measured.compared["tome"]["speedup"]}
         if speedup is not None and result.measured.speedup < speedup:
             result.policy.notes["measured_below_budget"] = True  # said, not hidden: FLOPs over-predicted here
     result.policy.notes["seconds"] = round(time.perf_counter() - started, 1)
