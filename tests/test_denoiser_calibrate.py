@@ -17,7 +17,10 @@ from tofu_export.cli.app import app  # noqa: E402
 from tofu_export.dense.plan import DensePolicy  # noqa: E402
 from tofu_export.merge import REDUCE_MODES  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 BLOCKS = {"transformer_blocks.0", "transformer_blocks.1"}
+
 
 
 @pytest.fixture(scope="module")

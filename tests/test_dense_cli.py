@@ -14,6 +14,8 @@ from tofu_export.dense.plan import DensePolicy
 from tofu_export.models.openai_unet_build import build_model
 from tofu_export.models.openai_unet_config import UNetConfig
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 CFG = UNetConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
                  attention_resolutions=(8,), channel_mult=(1, 2), num_head_channels=32, label="continuous",
                  denoiser="consistency")

@@ -17,6 +17,8 @@ from tofu_export.dense.plan import DensePolicy  # noqa: E402
 from tofu_export.errors import UserError  # noqa: E402
 from tofu_export.models.diffusers_load import diffusers_class, load_diffusers  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 
 def tiny_unet2d():
     import torch
