@@ -46,7 +46,7 @@ def calibrated(dit_folder, tmp_path_factory):
                                     "--exporter", "torchscript", "--opset", "16", "--rounds", "5",
                                     "-o", str(root / "policy.json")])
     export = runner.invoke(app, ["denoiser", str(dit_folder), "--policy", str(root / "policy.json"),
-                                 "--exporter", "torchscript", "--json", "-o", str(root / "art")])
+                                 "--exporter", "torchscript", "-o", str(root / "art")])
     return root, calibrate, export
 
 
@@ -73,12 +73,15 @@ def test_calibration_chooses_modes_under_the_speed_budget_and_measures_them(cali
 def test_denoiser_exports_the_calibrated_policy(calibrated) -> None:
     root, _, export = calibrated
     assert export.exit_code == 0, export.output
-    record = json.loads(export.output)
+    record = json.loads((root / "art" / "export.json").read_text())
     assert record["parity"]["ok"] and record["tensorrt"]["ok"] and record["input_names"] == ["sample", "timestep",
                                                                                              "label"]
-    assert sorted(record["files"]) == ["export.json", "model.onnx", "policy.json"]
+    assert sorted(p.name for p in (root / "art").iterdir()) == ["export.json", "model.onnx", "policy.json"]
     written = DensePolicy.load(root / "art" / "policy.json")
     assert written.blocks == DensePolicy.load(root / "policy.json").blocks
+    table = " ".join(export.output.split())  # the table repeats what the policy's calibration measured
+    assert "calibration: speed-up" in table and f"measured {written.notes['measured_speedup']:.3f}x" in table
+    assert f"PSNR {written.notes['calibration_psnr']:.2f} dB" in table
 
 
 def test_unreachable_budgets_name_what_is_reachable(dit_folder, tmp_path) -> None:

@@ -148,6 +148,15 @@ def export_table(done: Any) -> Table:
         table.add_row("TensorRT static check", f"builds on {builds_on(verdicts)} (opset {result.opset}, "
                       f"{result.exporter})" + (f"; FAIL for {', '.join(failing)}" if failing else ""))
     table.add_row("graph", f"{sum(result.op_counts.values())} nodes, TopK {result.op_counts.get('TopK', 0)}")
+    notes = done.policy.notes
+    if "calibration_psnr" in notes:  # a calibrated policy: what its calibration measured
+        ssim = f", SSIM {notes['ssim']:.4f}" if "ssim" in notes else ""
+        table.add_row("calibration: final samples", f"PSNR {notes['calibration_psnr']:.2f} dB{ssim} vs unreduced")
+    if notes.get("predicted_speedup") is not None:
+        m = notes.get("measured")
+        measured = (f", measured {m['speedup']:.3f}x ({m['speedup_iqr'][0]:.3f}-{m['speedup_iqr'][1]:.3f}x, "
+                    f"{m['rounds']} rounds, {m['clock']} clock, load {m['load_average'][0]:.1f})" if m else "")
+        table.add_row("calibration: speed-up", f"predicted {notes['predicted_speedup']:.3f}x{measured}")
     table.add_row("files", ", ".join(done.files))
     return table
 
