@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 diffusers = pytest.importorskip("diffusers")
 
+from tofu_export.artifacts import ArtifactExistsError, check_output  # noqa: E402
 from tofu_export.cli.app import app  # noqa: E402
 from tofu_export.dense.plan import DensePolicy  # noqa: E402
 from tofu_export.merge import REDUCE_MODES  # noqa: E402
@@ -76,7 +77,14 @@ def test_denoiser_exports_the_calibrated_policy(calibrated) -> None:
     record = json.loads((root / "art" / "export.json").read_text())
     assert record["parity"]["ok"] and record["tensorrt"]["ok"] and record["input_names"] == ["sample", "timestep",
                                                                                              "label"]
-    assert sorted(p.name for p in (root / "art").iterdir()) == ["export.json", "model.onnx", "policy.json"]
+    assert sorted(p.name for p in (root / "art").iterdir()) == ["export.json", "manifest.json", "model.onnx",
+                                                                 "policy.json"]
+    with pytest.raises(ArtifactExistsError, match="an artifact folder from an earlier export"):
+        check_output(root / "art")  # the denoiser's folder is tofu-export's: --force may replace it ...
+    assert check_output(root / "art", force=True) is not None
+    (root / "art" / "notes.txt").write_text("mine")  # ... until it holds a file tofu-export did not write
+    with pytest.raises(ArtifactExistsError, match=r"notes\.txt"):
+        check_output(root / "art", force=True)
     written = DensePolicy.load(root / "art" / "policy.json")
     assert written.blocks == DensePolicy.load(root / "policy.json").blocks
     table = " ".join(export.output.split())  # the table repeats what the policy's calibration measured

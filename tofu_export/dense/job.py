@@ -98,8 +98,22 @@ def export_denoiser_step(source: str | Path, out: str | Path, *, ratio: float = 
         record["path"] = "model.onnx"
         (folder / "export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         files = sorted(p.name for p in folder.iterdir())
+        files.append(_write_manifest(folder, files))
     result.path = Path(out) / "model.onnx"
     return ExportedDenoiser(Path(out), files, result, plan, opened.loaded.kind)
+
+
+def _write_manifest(folder: Path, files: Sequence[str]) -> str:
+    """A tofu-export ``manifest.json`` naming the folder's files (with their sha256), so that a later export with
+    ``force`` may replace this folder, and only while it holds nothing else (``artifacts.check_output``). It is not
+    a ViT artifact's manifest: readers of those refuse it (``ManifestError``)."""
+    from tofu_export.hashing import sha256_file
+    from tofu_export.manifest import MANIFEST, TOOL
+
+    entries = [{"name": name, "sha256": sha256_file(folder / name)} for name in files]
+    (folder / MANIFEST).write_text(json.dumps({"tool": TOOL, "kind": "denoiser-step", "files": entries}, indent=2)
+                                   + "\n")
+    return MANIFEST
 
 
 def flop_cost(model: nn.Module, patch: Callable[[DensePolicy], object], inputs: Sequence[torch.Tensor]):
