@@ -11,6 +11,8 @@ from tofu_export.dense.tofu import dense_tofu, match_dense, reduce_dense, unmerg
 from tofu_export.dense.windows import window_layout
 from tofu_export.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 
 def identity(t: torch.Tensor) -> torch.Tensor:
     return t

@@ -14,6 +14,8 @@ from tofu_export.dense.plan import DensePolicy
 from tofu_export.models.openai_unet_build import build_model
 from tofu_export.models.openai_unet_config import UNetConfig
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 CFG = UNetConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
                  attention_resolutions=(8,), channel_mult=(1, 2), num_head_channels=32, label="continuous",
                  denoiser="consistency")
@@ -35,16 +37,19 @@ def test_calibrate_then_export_with_the_policy(checkpoint, tmp_path) -> None:
     runner = CliRunner()
     policy = tmp_path / "policy.json"
     result = runner.invoke(app, ["calibrate-denoiser", str(checkpoint), "--ratio", "0.5", "--samples", "1",
-                                 "-o", str(policy)])
+                                 "-o", str(policy)])  # --measure: test_denoiser_calibrate.py (family-agnostic)
     assert result.exit_code == 0, result.output
     loaded = DensePolicy.load(policy)
     assert set(loaded.blocks) == {"network.input_blocks.3.1", "network.middle_block.1",
                                   "network.output_blocks.0.1", "network.output_blocks.1.1"}
     assert loaded.notes["runs"] >= 3 + len(loaded.blocks) * 2
+    assert loaded.notes["family"] == "openai-unet" and "sigma 80" in loaded.notes["sampler"]
+    assert "measured" not in loaded.notes and "PSNR" in result.output
     out = tmp_path / "art"
     result = runner.invoke(app, ["denoiser", str(checkpoint), "--policy", str(policy), "--exporter", "torchscript",
                                  "-o", str(out)])
     assert result.exit_code == 0, result.output
+    assert "parity (ORT vs PyTorch)" in result.output and "pass:" in result.output and "TensorRT 10" in result.output
     record = json.loads((out / "export.json").read_text())
     assert record["parity"]["ok"] and record["tensorrt"]["ok"] and record["input_names"] == ["sample", "sigma",
                                                                                              "label"]

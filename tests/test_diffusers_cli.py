@@ -17,6 +17,8 @@ from tofu_export.dense.plan import DensePolicy  # noqa: E402
 from tofu_export.errors import UserError  # noqa: E402
 from tofu_export.models.diffusers_load import diffusers_class, load_diffusers  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 
 def tiny_unet2d():
     import torch
@@ -67,8 +69,10 @@ def test_pickles_need_trust_and_pipelines_resolve_their_unet(folders, tmp_path) 
     assert type(load_diffusers(folders / "pickled", trust_pickle=True)).__name__ == "UNet2DModel"
     assert diffusers_class(folders / "pipe") == "UNet2DModel"
     assert type(load_diffusers(folders / "pipe")).__name__ == "UNet2DModel"
-    calibrate = CliRunner().invoke(app, ["calibrate-denoiser", str(folders / "safe"), "-o", str(tmp_path / "c.json")])
-    assert calibrate.exit_code == 2 and "consistency UNets" in calibrate.output
+    calibrate = CliRunner().invoke(app, ["calibrate-denoiser", str(folders / "safe"), "--speedup", "1.5",
+                                         "-o", str(tmp_path / "c.json")])  # refused before any sampling
+    assert calibrate.exit_code == 2 and "is not reachable at ratio 0.5" in calibrate.output, calibrate.output
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_without_diffusers_the_error_names_the_extra(folders, monkeypatch) -> None:

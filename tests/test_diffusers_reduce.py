@@ -19,6 +19,8 @@ from tofu_export.models.diffusers_attention import ReducedMapProcessor  # noqa: 
 from tofu_export.models.diffusers_blocks import ReducedSubLayer, patch_block, unpatch_block  # noqa: E402
 from tofu_export.models.diffusers_denoiser import input_names, patch, step, step_inputs, token_grids  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 SIDE, DIM = 4, 32
 
 

@@ -18,6 +18,8 @@ from tofu_export.models.openai_unet_build import build_model, example_inputs, lo
 from tofu_export.models.openai_unet_config import UNetConfig
 from tofu_export.models.openai_unet_tofu import attention_grids, patch, unpatch
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
 CFG = UNetConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
                  attention_resolutions=(8, 4), channel_mult=(1, 2, 2), num_head_channels=32, label="continuous",
                  denoiser="consistency")

@@ -21,10 +21,12 @@ def _gaussian(size: int = 11, sigma: float = 1.5) -> Tensor:
 
 
 def ssim(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:
-    """Per-sample SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region)."""
+    """Per-sample SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region). A
+    sample smaller than 11 pixels a side (a small latent) gets the largest odd window that fits."""
     x, ref = x.double(), ref.double()
     channels = x.shape[1]
-    g = _gaussian()
+    side = min(11, *x.shape[-2:])
+    g = _gaussian(side - (1 - side % 2))
     window = (g[:, None] @ g[None, :]).expand(channels, 1, -1, -1)  # [C, 1, 11, 11]
 
     def blur(t: Tensor) -> Tensor:

@@ -49,17 +49,6 @@ def denoiser_folder(path: Path) -> Path | None:
     return next((path / sub for sub in ("unet", "transformer") if (path / sub / "config.json").is_file()), None)
 
 
-def refuse_on_main_command(path: Path) -> None:
-    """A ``UserError`` saying which command exports ``path`` when it is a diffusers folder; nothing otherwise."""
-    kind = diffusers_class(path)
-    if kind is None:
-        return
-    what = f"a diffusers {kind} folder" if kind else "a diffusers pipeline folder"
-    raise UserError(f"{path} is {what}: a diffusion denoiser, which the main command (vision transformers) does not "
-                    "export; the `denoiser` command exports it with dense ToFu (`tofu-export denoiser "
-                    f"{path} -o OUT`; reading it needs the diffusers extra: {EXTRA})")
-
-
 def load_diffusers(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     """The denoiser in the diffusers folder ``path``, in eval mode; ``UserError`` for anything it cannot read."""
     path = Path(path)

@@ -28,10 +28,12 @@ def load_model(
         raise CheckpointError(f"the input size must be a positive number of pixels, got {img_size}",
                               hint=Hint("img_size", None, "with the checkpoint's size, e.g. 224"))
     path = Path(source)
-    if path.is_dir():  # a diffusers denoiser folder: the `denoiser` command's, said in one line
-        from tofu_export.models.diffusers_load import refuse_on_main_command
+    if path.exists():  # a diffusion denoiser (a family of models.denoiser_family): the `denoiser` command's
+        from tofu_export.models.denoiser_family import denoiser_family_for
 
-        refuse_on_main_command(path)
+        denoiser = denoiser_family_for(path)
+        if denoiser is not None:
+            raise denoiser.main_command_error(path)
     if path.exists() or not allow_timm_name:
         family = family_for_checkpoint(path, arch)
         return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
