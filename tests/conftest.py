@@ -22,7 +22,13 @@ _OWN_TRACE_CACHE: list[str] = []  # the trace-cache folder this process made (th
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One trace-cache folder for the session, inherited by its workers and their fork servers (``trace_cache``)."""
+    """One trace-cache folder for the session, inherited by its workers and their fork servers (``trace_cache``).
+    A pytest-xdist worker with a worker per core runs torch on one intra-op thread: two threads per worker on two
+    cores made tiny-model forwards up to ~80x slower on a loaded machine (``single_thread`` does the same for a
+    module in a lone run)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and workers >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)
     if not os.environ.get(ENV):
         os.environ[ENV] = tempfile.mkdtemp(prefix="tofu-trace-cache-")
         _OWN_TRACE_CACHE.append(os.environ[ENV])

@@ -29,7 +29,7 @@ from torch import Tensor
 from tofu_export.dense.metrics import mean_psnr, ssim
 from tofu_export.dense.plan import BlockPlan, DensePolicy
 from tofu_export.errors import Hint, UserError
-from tofu_export.merge import REDUCE_MODES, ReduceMode
+from tofu_export.names import REDUCE_MODES, ReduceMode
 
 if TYPE_CHECKING:
     from tofu_export.dense.measured import StepLatency

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from tofu_export.errors import CheckFailed
-from tofu_export.exporters.onnx import DEFAULT_EXPORTER, EXPORTERS, ExportError, _check, _save
+from tofu_export.exporters.onnx import ExportError, _check, _save
 from tofu_export.exporters.simplify import simplify_graph
+from tofu_export.names import DEFAULT_EXPORTER, EXPORTERS
 
 FORBIDDEN_OPS = frozenset({"If", "Loop", "Scan", "NonZero", "ScatterElements", "ScatterND", "Unique", "RandomNormal",
                            "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})

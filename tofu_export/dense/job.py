@@ -22,8 +22,8 @@ from tofu_export.dense.calibrate import Calibration, calibrate_denoiser
 from tofu_export.dense.export import DenoiserExport, export_denoiser
 from tofu_export.dense.plan import BlockPlan, DensePolicy, check_sublayers, plan_blocks
 from tofu_export.errors import Hint, UserError
-from tofu_export.merge import ReduceMode
 from tofu_export.models.denoiser_family import LoadedDenoiser, Sampler, load_denoiser_source
+from tofu_export.names import ReduceMode
 
 
 @dataclass

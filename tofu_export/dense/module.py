@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from tofu_export.dense.tofu import DenseMatching, dense_tofu, match_dense, reduce_dense, unmerge_dense
 from tofu_export.dense.windows import WindowLayout, window_layout
-from tofu_export.merge import REDUCE_MODES, ReduceMode
+from tofu_export.names import REDUCE_MODES, ReduceMode
 
 
 class DenseToFu(nn.Module):

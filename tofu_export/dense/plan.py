@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tofu_export.errors import Hint, UserError
-from tofu_export.merge import REDUCE_MODES, ReduceMode
+from tofu_export.names import REDUCE_MODES, ReduceMode
 
 SUBLAYERS: tuple[str, ...] = ("self", "cross", "mlp")  # in the order a block runs them
 

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from tofu_export.dense.windows import WindowLayout
-from tofu_export.merge import REDUCE_MODES, ReduceMode, fold_sources, sample_index, take_tokens
+from tofu_export.merge import fold_sources, sample_index, take_tokens
+from tofu_export.names import REDUCE_MODES, ReduceMode
 
 
 class DenseMatching(NamedTuple):
