@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -69,22 +70,31 @@ def grid_png(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int = 4)
 
 def time_sessions(paths: dict[str, Path], rounds: int, warmup: int = 2) -> dict[str, dict]:
     """ORT CPU, batch 1, one intra-op thread (runs on this thread: the thread-CPU clock sees all of it);
-    all graphs interleaved round by round."""
+    all graphs interleaved round by round, in a fresh seeded order each round. A graph at ratio R is also compared
+    round by round with ToMe for SD (``R/mean``) timed in the same round: the median and quartiles of that ratio."""
     from tofu_export.engines.ort import create_session
 
     sessions = {k: create_session(p, threads=1, spinning=False) for k, p in paths.items()}
     feeds = {n: t.numpy() for n, t in zip(NAMES, one_step_inputs(1, 99), strict=True)}
     cpu: dict[str, list[float]] = {k: [] for k in sessions}
     wall: dict[str, list[float]] = {k: [] for k in sessions}
+    order, rng = list(sessions), random.Random(0)
     for r in range(warmup + rounds):
-        for k, s in sessions.items():
+        rng.shuffle(order)
+        for k in order:
             c0, w0 = time.thread_time(), time.perf_counter()
-            s.run(None, feeds)
+            sessions[k].run(None, feeds)
             if r >= warmup:
                 cpu[k].append(time.thread_time() - c0)
                 wall[k].append(time.perf_counter() - w0)
-    return {k: {"cpu_ms": 1e3 * statistics.median(cpu[k]), "wall_ms": 1e3 * statistics.median(wall[k])}
-            for k in sessions}
+    out = {k: {"cpu_ms": 1e3 * statistics.median(cpu[k]), "wall_ms": 1e3 * statistics.median(wall[k])}
+           for k in sessions}
+    for k in sessions:
+        tome = f"{k.split('/')[0]}/mean"
+        if tome in sessions and k != tome:
+            q1, mid, q3 = statistics.quantiles([a / b for a, b in zip(cpu[k], cpu[tome], strict=True)], n=4)
+            out[k]["cpu_vs_tome_sd"] = {"median": mid, "q1": q1, "q3": q3}
+    return out
 
 
 def main() -> None:
@@ -174,9 +184,12 @@ def render(record: dict) -> str:
         lines.append(f"| {r['ratio']:.0%} | {r['policy']} | {r['psnr_db']:.1f} | {r['ssim']:.4f} | "
                      f"{', '.join(r['modes'])} |")
     lines += ["", "ONNX Runtime CPU, batch 1, 1 thread, median over interleaved rounds:", "",
-              "| graph | thread CPU ms | wall ms |", "|---|---|---|"]
+              "| graph | thread CPU ms | wall ms | thread CPU / ToMe for SD's in the same round (quartiles) |",
+              "|---|---|---|---|"]
     for k, v in record["latency"].items():
-        lines.append(f"| {k} | {v['cpu_ms']:.1f} | {v['wall_ms']:.1f} |")
+        versus = v.get("cpu_vs_tome_sd")
+        paired = f"{versus['median']:.3f} ({versus['q1']:.3f}-{versus['q3']:.3f})" if versus else ""
+        lines.append(f"| {k} | {v['cpu_ms']:.1f} | {v['wall_ms']:.1f} | {paired} |")
     return "\n".join(lines) + "\n"
 
 

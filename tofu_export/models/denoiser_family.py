@@ -16,7 +16,6 @@ outside ``models/`` only talks to a denoiser through this module:
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from tofu_export.errors import Hint, UserError
+from tofu_export.models.registry import instantiate
 
 if TYPE_CHECKING:
     from tofu_export.dense.plan import DensePolicy
@@ -134,14 +134,7 @@ _INSTANCES: list[DenoiserFamily] = []
 def denoiser_families() -> list[DenoiserFamily]:
     """The registered denoiser families (instantiated once; a missing family module is left out)."""
     if not _INSTANCES:
-        for module_name, class_name in _REGISTRY:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as error:
-                if error.name == module_name:
-                    continue
-                raise
-            _INSTANCES.append(getattr(module, class_name)())
+        _INSTANCES.extend(instantiate(_REGISTRY))
     return list(_INSTANCES)
 
 

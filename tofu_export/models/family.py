@@ -13,7 +13,6 @@ only ever talks to a model through ``family_of(model)`` (or the module-level hel
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from tofu_export.errors import UserError
 from tofu_export.models.reduction import ToFuState
+from tofu_export.models.registry import instantiate
 from tofu_export.schedule import RSpec
 
 __all__ = ["ArchGuess", "FlopCosts", "LoadedModel", "ModelFamily", "ToFuState", "UnsupportedModelError", "families",
@@ -203,14 +203,7 @@ _INSTANCES: list[ModelFamily] = []
 def families() -> list[ModelFamily]:
     """The registered families (instantiated once; a family whose module is missing is left out)."""
     if not _INSTANCES:
-        for module_name, class_name in _REGISTRY:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as error:
-                if error.name == module_name:  # not written yet; an optional library missing inside is its business
-                    continue
-                raise
-            _INSTANCES.append(getattr(module, class_name)())
+        _INSTANCES.extend(instantiate(_REGISTRY))
     return list(_INSTANCES)
 
 
