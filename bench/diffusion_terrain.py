@@ -140,7 +140,7 @@ def main() -> None:
     grid_png(grid, out_dir / "diffusion_terrain.png")
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared by 5 engineers)",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared? see the load)",
         "load_average_start": load_start, "samples": args.samples, "calib_samples": args.calib_samples,
         "exporter": args.exporter, "rows": rows, "latency": {},
     }
