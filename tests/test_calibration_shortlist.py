@@ -78,12 +78,14 @@ def test_shortlist_takes_the_nearest_front_candidates_then_the_stepped_without_r
              Candidate(("prune",) * 3, (8, 4, 4), 0.01, 8.0)]
     stepped = [("tome first-stepped", Candidate(("mean",) * 3, (4, 4, 4), 0.003, 8.5)),  # = front #1: dropped
                ("tome last-stepped", Candidate(("mean",) * 3, (0, 4, 8), 0.004, 8.8))]
-    listed = shortlist(front, stepped, limit_ms=9.2, front_count=2)
+    listed = shortlist({"front": front}, stepped, limit_ms=9.2, front_count=2)
     assert [s for s, _ in listed] == ["front #0", "front #1", "tome last-stepped"]
     assert [c.r for _, c in listed[:2]] == [(0, 4, 4), (4, 4, 4)]  # the least damaging within 9.2 ms first
     # a block that removes nothing names a mode that does not matter: the same policy, listed once
     same = Candidate(("prune", "mlerp", "mlerp"), (0, 4, 4), 0.002, 9.0)
-    assert len(shortlist(front, [("x", same)], limit_ms=9.2, front_count=2)) == 2
+    assert len(shortlist({"front": front}, [("x", same)], limit_ms=9.2, front_count=2)) == 2
+    both = shortlist({"front": front, "other": front[3:4]}, [], limit_ms=9.2, front_count=2)
+    assert [s for s, _ in both] == ["front #0", "front #1"]  # the other front's one is a repeat
 
 
 def test_a_front_pick_that_measures_worse_than_uniform_tome_loses_to_it() -> None:
@@ -93,7 +95,7 @@ def test_a_front_pick_that_measures_worse_than_uniform_tome_loses_to_it() -> Non
     limit = _baseline() / 1.3
     front = pareto_front(damage, latency, TOKENS, PREFIX)
     stepped = stepped_candidates({"tome": ["mean"] * DEPTH}, r_choices(R), damage, latency, TOKENS, PREFIX, limit)
-    listed = shortlist(front, stepped, limit)
+    listed = shortlist({"front": front}, stepped, limit)
     predicted_first = listed[0][1]
     tome = next(c for s, c in listed if s.startswith("tome"))
     assert predicted_first.damage < tome.damage  # the prediction prefers the front's candidate

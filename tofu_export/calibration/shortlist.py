@@ -7,7 +7,8 @@ tokens takes less similar pairs: on DINOv2-S/14 the front's 1.5x pick removed 32
 ten times the prediction in all; uniform ToMe r=16, in the same search space and as fast, measured better. So the
 prediction only shortlists, and one forward per candidate on the search images chooses:
 
-- the ``front_count`` front candidates that meet the budget with the least predicted damage;
+- the ``front_count`` front candidates that meet the budget with the least predicted damage (under the damage
+  rule also the linearity rule's front's: its search space is inside the damage rule's);
 - per mode assignment (``assignments``: ToMe, MLERP and prune everywhere and the rule's per-block modes under the
   damage rule; the paper's per-block modes under the linearity rule), the least-reducing *stepped* schedule that
   meets the budget: every block at one r choice ``a``, the first (or the last) j blocks at the next one ``b``
@@ -40,7 +41,7 @@ FRONT_COUNT = 3
 class Shortlisted:
     """One candidate of the measured choice: where it came from, its predictions, its measured cosine."""
 
-    source: str  # "front #k" | "<assignment> <first|last>-stepped"
+    source: str  # "front #k" | "linearity front #k" | "<assignment> <first|last>-stepped"
     candidate: Candidate
     measured_cosine: float
 
@@ -92,13 +93,16 @@ def stepped_candidates(
 
 
 def shortlist(
-    front: Sequence[Candidate], stepped: Sequence[tuple[str, Candidate]], limit_ms: float,
+    fronts: Mapping[str, Sequence[Candidate]], stepped: Sequence[tuple[str, Candidate]], limit_ms: float,
     front_count: int = FRONT_COUNT,
 ) -> list[tuple[str, Candidate]]:
-    """The front's ``front_count`` least-damaging candidates within ``limit_ms``, then ``stepped``, without
-    repeats (the same modes on the reducing blocks and the same r)."""
-    meeting = sorted((c for c in front if c.latency_ms <= limit_ms and any(c.r)), key=lambda c: c.damage)
-    listed = [(f"front #{k}", c) for k, c in enumerate(meeting[:front_count])] + list(stepped)
+    """Each front's (``{name: front}``) ``front_count`` least-damaging candidates within ``limit_ms``, then
+    ``stepped``, without repeats (the same modes on the reducing blocks and the same r)."""
+    listed = []
+    for name, front in fronts.items():
+        meeting = sorted((c for c in front if c.latency_ms <= limit_ms and any(c.r)), key=lambda c: c.damage)
+        listed += [(f"{name} #{k}", c) for k, c in enumerate(meeting[:front_count])]
+    listed += stepped
     seen, out = set(), []
     for source, c in listed:
         key = (tuple(m if k else "-" for m, k in zip(c.modes, c.r, strict=True)), c.r)
@@ -132,7 +136,8 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str) -> tupl
     choices = sorted({k for by_r in scaled.values() for k in by_r} | {0})
     stepped = stepped_candidates(assignments, choices, scaled, c.latency, family.num_tokens(c.model),
                                  family.num_prefix(c.model), limit)
-    chosen, measured = choose_measured(shortlist(c.fronts[rule], stepped, limit),
+    fronts = {"front": c.fronts[rule]} | ({"linearity front": c.fronts["linearity"]} if rule == "damage" else {})
+    chosen, measured = choose_measured(shortlist(fronts, stepped, limit),
                                        lambda x: verify(c.model, c.trace, x.modes, x.r, c.prop_attn))
     cosine = max(s.measured_cosine for s in measured)
     attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "damage_scale": 1.0,
