@@ -282,7 +282,8 @@ def main() -> None:
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# {result['benchmark']}", "", f"Command: `{result['command']}` ({result['seconds']:.0f} s). "
-             f"Machine: {result['machine'].get('cpu_model')}, load average at end {result['load_average_at_end']} "
+             f"Machine: {result['machine'].get('cpu_model')}, load average at start "
+             f"{result.get('load_average_at_start')}, at end {result['load_average_at_end']} "
              "(the machine is shared: read latencies as ratios, with their per-round range).", "",
              f"Images: {result['images']}. Noise: {result['noise']}.", "",
              "| variant | ORT ms (IQR) | speedup (per-round range) | cosine FM ± SE | cosine MNIST | probe FM % | "
