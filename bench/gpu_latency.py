@@ -50,7 +50,8 @@ from torch import nn
 import tofu_export
 from tofu_export.engines.ort import create_session
 from tofu_export.exporters.graph_costs import reduction_costs
-from tofu_export.exporters.onnx import DEFAULT_EXPORTER, EXPORTERS, export_onnx
+from tofu_export.exporters.onnx import export_onnx
+from tofu_export.names import DEFAULT_EXPORTER, EXPORTERS
 from tofu_export.profiling.compare import time_round_robin
 from tofu_export.profiling.device import describe_device
 

@@ -14,8 +14,7 @@ from tofu_export.calibration.latency import NONE, BlockLatency
 from tofu_export.calibration.measured import at_speedup, clock_threads, tome_bracket
 from tofu_export.calibration.select import Budget, BudgetError, choose, pareto_front, r_choices
 from tofu_export.errors import UserError
-from tofu_export.merge import max_reduction
-from tofu_export.schedule import plan_tokens
+from tofu_export.schedule import max_reduction, plan_tokens
 
 TOKENS, PREFIX, R = 33, 1, 4  # 32 matchable tokens: blocks can remove 2, 4, 6 or 8
 

@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from tofu_export.artifacts import ArtifactExistsError, check_output  # noqa: E402
 from tofu_export.cli.app import app  # noqa: E402
 from tofu_export.dense.plan import DensePolicy  # noqa: E402
-from tofu_export.merge import REDUCE_MODES  # noqa: E402
+from tofu_export.names import REDUCE_MODES  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
 

@@ -12,7 +12,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from tofu_export import parse_r, patch
-from tofu_export.merge import Matching, bipartite_soft_matching, max_reduction, reduce_tokens
+from tofu_export.merge import Matching, bipartite_soft_matching, reduce_tokens
+from tofu_export.schedule import max_reduction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

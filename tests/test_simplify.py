@@ -13,7 +13,8 @@ import torch
 
 import tofu_export
 from tofu_export.exporters.onnx import ExportError, export_onnx
-from tofu_export.exporters.simplify import DEFAULT_SIMPLIFIER, simplify_graph
+from tofu_export.exporters.simplify import simplify_graph
+from tofu_export.names import DEFAULT_SIMPLIFIER
 from tofu_export.tensorrt.check import check_tensorrt_compat
 
 IMG = 64

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from tofu_export.names import REDUCE_MODES, ReduceMode
-from tofu_export.schedule import max_reduction  # noqa: F401  (the bound every caller of the matching respects)
 
 _NORM_EPS = 1e-6
 

@@ -40,10 +40,10 @@ from tofu_export.calibration.shortlist import measured_choice
 from tofu_export.calibration.trace import Trace, trace
 from tofu_export.calibration.versus_tome import timed_against_tome
 from tofu_export.errors import Hint, UserError
-from tofu_export.merge import REDUCE_MODES, max_reduction
 from tofu_export.models.family import family_of, unpatched
+from tofu_export.names import REDUCE_MODES
 from tofu_export.policy import Policy, model_record
-from tofu_export.schedule import plan_tokens
+from tofu_export.schedule import max_reduction, plan_tokens
 
 VERIFY_TRIES = 3
 RULES = ("damage", "linearity")

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tofu_export.calibration.trace import Trace
-from tofu_export.merge import REDUCE_MODES
 from tofu_export.models.family import family_of, patched
+from tofu_export.names import REDUCE_MODES
 
 
 def cosine_to(reference: Tensor, output: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ from torch import nn
 from tofu_export.calibration.measured import ExportSettings, clock_threads, round_robin
 from tofu_export.engines.ort import create_session
 from tofu_export.exporters.onnx import export_onnx
-from tofu_export.merge import REDUCE_MODES
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
+from tofu_export.names import REDUCE_MODES
 from tofu_export.schedule import block_macs, plan_tokens
 
 NONE = "none"  # the block without token reduction

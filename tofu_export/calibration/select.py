@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from tofu_export.calibration.latency import NONE, BlockLatency
 from tofu_export.errors import Hint, UserError
-from tofu_export.merge import max_reduction
+from tofu_export.schedule import max_reduction
 
 
 class BudgetError(UserError):

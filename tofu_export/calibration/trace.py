@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from tofu_export.calibration.linearity import linearity_ratio, matched_pairs
-from tofu_export.merge import bipartite_soft_matching, max_reduction
+from tofu_export.merge import bipartite_soft_matching
 from tofu_export.models.family import family_of
+from tofu_export.schedule import max_reduction
 
 
 @dataclass

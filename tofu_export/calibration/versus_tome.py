@@ -16,9 +16,8 @@ from torch import Tensor
 from tofu_export.calibration.damage import verify
 from tofu_export.calibration.measured import at_speedup, held_out_cosine, measure_policy_latency, tome_bracket
 from tofu_export.calibration.select import Candidate
-from tofu_export.merge import max_reduction
 from tofu_export.models.family import family_of
-from tofu_export.schedule import plan_tokens
+from tofu_export.schedule import max_reduction, plan_tokens
 
 if TYPE_CHECKING:
     from tofu_export.calibration.calibrate import Calibration

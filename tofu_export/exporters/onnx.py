@@ -22,9 +22,17 @@ import torch
 from torch import nn
 
 from tofu_export.errors import UserError
-from tofu_export.exporters.precision import PARITY_FLOORS, Precision, check_precision, quantize_file, to_fp16
-from tofu_export.exporters.simplify import DEFAULT_SIMPLIFIER, PROTOBUF_LIMIT, SIMPLIFIERS, Simplifier, simplify_graph
-from tofu_export.names import DEFAULT_EXPORTER, EXPORTERS, Exporter
+from tofu_export.exporters.precision import PARITY_FLOORS, check_precision, quantize_file, to_fp16
+from tofu_export.exporters.simplify import PROTOBUF_LIMIT, simplify_graph
+from tofu_export.names import (
+    DEFAULT_EXPORTER,
+    DEFAULT_SIMPLIFIER,
+    EXPORTERS,
+    SIMPLIFIERS,
+    Exporter,
+    Precision,
+    Simplifier,
+)
 from tofu_export.sizes import as_pair
 
 MIN_COSINE = PARITY_FLOORS["fp32"].min_cosine  # every image's ONNX output must keep at least this cosine to PyTorch's

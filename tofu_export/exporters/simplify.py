@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from tofu_export.names import DEFAULT_SIMPLIFIER, SIMPLIFIERS, Simplifier  # noqa: F401  (named here for callers)
+from tofu_export.names import DEFAULT_SIMPLIFIER, Simplifier
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
 
