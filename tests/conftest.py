@@ -14,7 +14,7 @@ import timm
 import torch
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
-from trace_cache import ENV
+from trace_cache import ENV, cached
 
 VitFactory = Callable[..., VisionTransformer]
 ImageFactory = Callable[..., torch.Tensor]
@@ -38,6 +38,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     for folder in _OWN_TRACE_CACHE:
         shutil.rmtree(folder, ignore_errors=True)
         os.environ.pop(ENV, None)
+
+
+@pytest.fixture(scope="module")
+def shared_traces() -> Iterator[None]:
+    """The module's dynamo traces through the session's trace cache (``trace_cache``): ask for it only in a module
+    that changes nothing a trace depends on (no patched model code); its exports still simplify, check and verify."""
+    folder = os.environ.get(ENV, "off")
+    with pytest.MonkeyPatch.context() as patcher:
+        if folder != "off":
+            from tofu_export.exporters import onnx as exporter
+
+            patcher.setattr(exporter, "_trace_dynamo", cached(exporter._trace_dynamo, Path(folder)))
+        yield
 
 
 def _build_vit(name: str, seed: int = 0, **kwargs: Any) -> VisionTransformer:

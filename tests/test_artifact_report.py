@@ -18,6 +18,8 @@ from tofu_export.pipeline import run_export
 from tofu_export.quicklook import QuickLookSettings
 from tofu_export.reports.artifact import ReportCommands, quick_look_rows, render_report, write_report
 
+pytestmark = pytest.mark.usefixtures("shared_traces")  # one dynamo trace per distinct model (trace_cache)
+
 LAYER_NORM = {"target": "8.5", "severity": "error", "op_type": "LayerNormalization", "node": "/norm/ln",
               "message": "op has no native TensorRT importer"}  # fmt: skip
 

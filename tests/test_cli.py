@@ -51,7 +51,8 @@ PARALLEL = 2  # concurrent commands: one per core of a 2-core machine (no import
 LOOK = ("--look-seconds", "0")  # the quick look's minimum: 7 interleaved rounds
 FRESH = ("help", "console_help")  # run in a fresh interpreter, not a forked child
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-pytestmark = pytest.mark.slow  # end to end: two waves of real exports, sweeps and checks (kept in `make test`)
+pytestmark = [pytest.mark.slow,  # end to end: two waves of real exports, sweeps and checks (kept in `make test`)
+              pytest.mark.usefixtures("shared_traces")]  # the in-process demo shares the forked exports' traces
 CONSOLE_SCRIPT = shutil.which("tofu-export")
 SUBCOMMANDS = ("export", "check", "schedule", "profile", "sweep", "eval", "demo")
 FAILURES = ("truncated", "code_os_system", "code_exec", "wrong_arch", "impossible_r", "exists_no_force", "resnet",

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from tofu_export.cli import app
 
+pytestmark = pytest.mark.usefixtures("shared_traces")  # one dynamo trace per distinct model (trace_cache)
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -19,6 +19,8 @@ from tofu_export.schedule import MODES
 from tofu_export.sweep.job import sweep_points
 from tofu_export.sweep.state import SweepPoint
 
+pytestmark = pytest.mark.usefixtures("shared_traces")  # one dynamo trace per distinct model (trace_cache)
+
 IMG = 32
 
 

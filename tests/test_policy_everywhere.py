@@ -16,6 +16,8 @@ from tofu_export.policy import Policy, PolicyError, model_record
 from tofu_export.sweep.config import SweepConfig
 from tofu_export.sweep.job import run_sweep_job
 
+pytestmark = pytest.mark.usefixtures("shared_traces")  # one dynamo trace per distinct model (trace_cache)
+
 MODES, R = ("prune", "mlerp"), (3, 2)
 
 

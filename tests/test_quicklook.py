@@ -29,6 +29,8 @@ from tofu_export.quicklook import (
 )
 from tofu_export.tensorrt.targets import UnknownTargetError, export_opset, resolve_targets, target_verdicts
 
+pytestmark = pytest.mark.usefixtures("shared_traces")  # one dynamo trace per distinct model (trace_cache)
+
 IMG = 32
 
 

@@ -9,9 +9,11 @@ state), every parameter and buffer, the example input, the opset and the names. 
 key instead of tracing again. Everything after the trace (simplification, checks, parity against the PyTorch model,
 the TensorRT check, the manifest) still runs on every command.
 
-Only the fork server's children install it (``commands.ForkServer``): a child runs a command line and cannot
-monkeypatch the code it traces. An attribute this hash cannot describe falls back to ``repr``, which for most objects
-holds an address: a miss, never a wrong hit. Fresh interpreters (signals, a full disk) always trace.
+The fork server's children install it (``commands.ForkServer``): a child runs a command line and cannot monkeypatch
+the code it traces. In the test processes only the modules that ask for conftest's ``shared_traces`` fixture use it:
+tests that change nothing a trace depends on. An attribute this hash cannot describe falls back to ``repr``, which
+for most objects holds an address: a miss, never a wrong hit. Fresh interpreters (signals, a full disk) always
+trace.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +106,11 @@ def trace_key(model: nn.Module, example: torch.Tensor, *settings: Any) -> str:
     return digest.hexdigest()
 
 
-def install(folder: Path) -> None:
-    """Route ``tofu_export.exporters.onnx``'s dynamo trace through ``folder`` (see the module docstring)."""
-    from tofu_export.exporters import onnx as exporter
+def cached(trace: Callable[..., None], folder: Path) -> Callable[..., None]:
+    """``trace(model, example, path, *settings)`` that copies the graph of an earlier call with the same key from
+    ``folder``, or traces and leaves its graph there."""
 
-    trace = exporter._trace_dynamo
-
-    def cached(model: nn.Module, example: torch.Tensor, path: Path, *settings: Any) -> None:
+    def traced(model: nn.Module, example: torch.Tensor, path: Path, *settings: Any) -> None:
         graph = folder / f"{trace_key(model, example, *settings)}.onnx"
         if graph.exists():
             shutil.copyfile(graph, path)
@@ -120,4 +121,11 @@ def install(folder: Path) -> None:
         shutil.copyfile(path, staged)
         os.replace(staged, graph)
 
-    exporter._trace_dynamo = cached
+    return traced
+
+
+def install(folder: Path) -> None:
+    """Route ``tofu_export.exporters.onnx``'s dynamo trace through ``folder`` for the rest of this process."""
+    from tofu_export.exporters import onnx as exporter
+
+    exporter._trace_dynamo = cached(exporter._trace_dynamo, folder)
