@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -72,15 +71,15 @@ def time_sessions(paths: dict[str, Path], rounds: int, warmup: int = 2) -> dict[
     """ORT CPU, batch 1, one intra-op thread (runs on this thread: the thread-CPU clock sees all of it);
     all graphs interleaved round by round, in a fresh seeded order each round. A graph at ratio R is also compared
     round by round with ToMe for SD (``R/mean``) timed in the same round: the median and quartiles of that ratio."""
+    from tofu_export.calibration.measured import paired_ratio
     from tofu_export.engines.ort import create_session
+    from tofu_export.profiling.compare import round_orders
 
     sessions = {k: create_session(p, threads=1, spinning=False) for k, p in paths.items()}
     feeds = {n: t.numpy() for n, t in zip(NAMES, one_step_inputs(1, 99), strict=True)}
     cpu: dict[str, list[float]] = {k: [] for k in sessions}
     wall: dict[str, list[float]] = {k: [] for k in sessions}
-    order, rng = list(sessions), random.Random(0)
-    for r in range(warmup + rounds):
-        rng.shuffle(order)
+    for r, order in enumerate(round_orders(list(sessions), warmup + rounds, seed=0)):
         for k in order:
             c0, w0 = time.thread_time(), time.perf_counter()
             sessions[k].run(None, feeds)
@@ -92,7 +91,7 @@ def time_sessions(paths: dict[str, Path], rounds: int, warmup: int = 2) -> dict[
     for k in sessions:
         tome = f"{k.split('/')[0]}/mean"
         if tome in sessions and k != tome:
-            q1, mid, q3 = statistics.quantiles([a / b for a, b in zip(cpu[k], cpu[tome], strict=True)], n=4)
+            mid, (q1, q3) = paired_ratio(cpu[k], cpu[tome])
             out[k]["cpu_vs_tome_sd"] = {"median": mid, "q1": q1, "q3": q3}
     return out
 

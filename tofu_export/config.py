@@ -12,7 +12,16 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from tofu_export.errors import Hint, UserError
-from tofu_export.names import DEFAULT_EXPORTER, MODES, PRECISIONS, SIMPLIFIERS, Exporter, Precision, Simplifier
+from tofu_export.names import (
+    DEFAULT_EXPORTER,
+    DEFAULT_SIMPLIFIER,
+    MODES,
+    PRECISIONS,
+    SIMPLIFIERS,
+    Exporter,
+    Precision,
+    Simplifier,
+)
 from tofu_export.schedule import RSpec, ScheduleError, TokenPlan, layer_modes, parse_r, plan_tokens
 
 if TYPE_CHECKING:
@@ -116,7 +125,7 @@ class OnnxConfig:
     tolerance: float = 1e-4  # max |ONNX - PyTorch|, relative to the output scale
     exporter: Exporter = DEFAULT_EXPORTER
     precision: Precision = "fp32"  # fp16: FP16 graph; int8: Q/DQ graph; see exporters.precision (rules, parity floors)
-    simplifier: Simplifier = "onnxslim"  # onnxslim | onnxsim | none (simplify=False is none); exporters.simplify
+    simplifier: Simplifier = DEFAULT_SIMPLIFIER  # onnxslim | onnxsim | none (simplify=False is none)
 
     def __post_init__(self) -> None:
         if self.opset is not None and not 13 <= self.opset <= 21:

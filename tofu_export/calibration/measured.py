@@ -65,6 +65,14 @@ def round_robin(runners: Mapping[str, Callable[[], object]], *, iters: int, cloc
     return samples
 
 
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, tuple[float, float]]:
+    """Median and quartiles of the per-round ratios ``numerator[i] / denominator[i]`` of two graphs timed in the same
+    rounds (load that hits both in a round cancels); one round: that ratio thrice."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return statistics.median(ratios), (q1, q3)
+
+
 @dataclass(frozen=True)
 class ExportSettings:
     """How the user's graphs are exported (what the latency is measured on)."""
@@ -162,13 +170,10 @@ def measure_policy_latency(
         samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
                               iters=rounds, clock=clock)
 
-    def ratios(name: str) -> list[float]:
-        return [b / p for b, p in zip(samples["baseline"], samples[name], strict=True)]
-
-    q1, mid, q3 = statistics.quantiles(ratios("policy"), n=4) if rounds > 1 else (ratios("policy")[0],) * 3
-    tome = {k: statistics.median(ratios(f"tome-r{k}")) for k in tome_r}
-    return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), mid,
-                         (q1, q3), rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome)
+    speedup, iqr = paired_ratio(samples["baseline"], samples["policy"])
+    tome = {k: paired_ratio(samples["baseline"], samples[f"tome-r{k}"])[0] for k in tome_r}
+    return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), speedup,
+                         iqr, rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome)
 
 
 def _export(model: nn.Module, path: Path, size: tuple[int, int], settings: ExportSettings) -> None:

@@ -16,6 +16,7 @@ from rich.table import Table
 from tofu_export.cli.groups import option_group
 from tofu_export.cli.options import JsonOption
 from tofu_export.cli.output import print_json
+from tofu_export.names import DEFAULT_EXPORTER
 
 Source = Annotated[str, typer.Argument(help="An OpenAI-UNet checkpoint folder (config.json + model.safetensors), or a "
                                             "diffusers save_pretrained folder (UNet2DConditionModel, UNet2DModel, "
@@ -50,7 +51,7 @@ class DenseOptions:
 
 @option_group("ONNX")
 class DenoiserOnnxOptions:
-    exporter: Annotated[str, typer.Option("--exporter", help="dynamo or torchscript.")] = "dynamo"
+    exporter: Annotated[str, typer.Option("--exporter", help="dynamo or torchscript.")] = DEFAULT_EXPORTER
     opset: Annotated[int, typer.Option("--opset", help="17 (TensorRT 10) or 16 (also TensorRT 8.5).")] = 17
 
 

@@ -13,7 +13,7 @@ import typer
 
 from tofu_export.cli.groups import option_group
 from tofu_export.errors import Hint, UserError
-from tofu_export.names import MODES
+from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER, MODES
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
@@ -127,7 +127,7 @@ class OnnxOptions:
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify (see --simplifier).")] = True
     simplifier: Annotated[
         str, typer.Option("--simplifier", help="onnxslim (pure Python, installs on Jetson) | onnxsim | none.")
-    ] = "onnxslim"
+    ] = DEFAULT_SIMPLIFIER
     precision: Annotated[
         str, typer.Option("--precision", help="fp32 | fp16 (FP16 graph) | int8 (Q/DQ, calibrated on --data images).")
     ] = "fp32"
@@ -136,7 +136,7 @@ class OnnxOptions:
     ] = 1e-4
     exporter: Annotated[
         str, typer.Option("--exporter", help="dynamo (torch.export) | torchscript; see README for which is faster.")
-    ] = "dynamo"
+    ] = DEFAULT_EXPORTER
 
     def build(self) -> Any:
         from tofu_export.config import OnnxConfig

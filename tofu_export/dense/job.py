@@ -23,7 +23,7 @@ from tofu_export.dense.export import DenoiserExport, export_denoiser
 from tofu_export.dense.plan import BlockPlan, DensePolicy, check_sublayers, plan_blocks
 from tofu_export.errors import Hint, UserError
 from tofu_export.models.denoiser_family import LoadedDenoiser, Sampler, load_denoiser_source
-from tofu_export.names import ReduceMode
+from tofu_export.names import DEFAULT_EXPORTER, ReduceMode
 
 
 @dataclass
@@ -79,7 +79,7 @@ class ExportedDenoiser:
 def export_denoiser_step(source: str | Path, out: str | Path, *, ratio: float = 0.5, mode: ReduceMode = "mlerp",
                          max_downsample: int = 1, stride: int = 2, seed: int | None = None,
                          policy: str | Path | None = None, config: str | Path | None = None, opset: int = 17,
-                         exporter: str = "dynamo", force: bool = False, sublayers: Sequence[str] = ("self",),
+                         exporter: str = DEFAULT_EXPORTER, force: bool = False, sublayers: Sequence[str] = ("self",),
                          trust_pickle: bool = False, size: int | None = None) -> ExportedDenoiser:
     """Patch the denoiser (``policy`` file, or one ``ratio`` / ``mode`` for the levels ``max_downsample`` allows,
     before ``sublayers``) and write ``out/model.onnx`` + ``out/policy.json`` + ``out/export.json``, all or nothing."""
@@ -148,7 +148,7 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
                               max_downsample: int = 1, stride: int = 2, seed: int | None = None, noise_seed: int = 1,
                               config: str | Path | None = None, trust_pickle: bool = False, size: int | None = None,
                               sublayers: Sequence[str] = ("self",), measure: bool | None = None,
-                              exporter: str = "dynamo", opset: int = 17, rounds: int = 20,
+                              exporter: str = DEFAULT_EXPORTER, opset: int = 17, rounds: int = 20,
                               clock: str = "wall") -> Calibration:
     """Calibrate a denoiser's per-block modes on the final samples of its family's sampler from fixed noise
     (``noise_seed``) and write the policy file ``out``. ``speedup``: a budget on the predicted (FLOP) speed-up of

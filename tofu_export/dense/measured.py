@@ -13,7 +13,6 @@ quartiles as the spread; each graph's latencies are summarised by ``profiling.ti
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -57,7 +56,7 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
     """Export ``step`` unreduced, patched with ``policy`` and with every policy of ``compare`` (``patch`` applies
     one; the step is left unreduced), then time them interleaved for ``rounds`` rounds on ``make_inputs(1, 0)``
     (module docstring)."""
-    from tofu_export.calibration.measured import clock_threads, round_robin
+    from tofu_export.calibration.measured import clock_threads, paired_ratio, round_robin
     from tofu_export.engines.ort import create_session
     from tofu_export.profiling.timing import LatencyStats
 
@@ -85,14 +84,10 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
                                for name, session in sessions.items()}, iters=rounds, clock=clock)
         after = os.getloadavg()[0]
 
-    def versus_baseline(name: str) -> tuple[float, tuple[float, float]]:
-        ratios = [b / p for b, p in zip(samples["baseline"], samples[name], strict=True)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if rounds > 1 else (ratios[0],) * 3
-        return statistics.median(ratios), (q1, q3)
-
-    compared = {name: dict(zip(("speedup", "speedup_iqr"), versus_baseline(name), strict=True),
-                           latency=LatencyStats.from_ms(samples[name]).to_dict()) for name in compare or {}}
-    speedup, iqr = versus_baseline("policy")
+    compared = {name: dict(zip(("speedup", "speedup_iqr"), paired_ratio(samples["baseline"], samples[name]),
+                               strict=True), latency=LatencyStats.from_ms(samples[name]).to_dict())
+                for name in compare or {}}
+    speedup, iqr = paired_ratio(samples["baseline"], samples["policy"])
     return StepLatency(LatencyStats.from_ms(samples["baseline"]).to_dict(),
                        LatencyStats.from_ms(samples["policy"]).to_dict(), speedup, iqr, rounds, clock, threads,
                        exporter, opset, "onnxruntime-cpu", (before, after), compared)
