@@ -107,7 +107,7 @@ def run_guarded(args: Sequence[str | Path], cwd: Path, env: Mapping[str, str], c
 
 
 SERVER = r"""
-import json, os, resource, sys
+import json, os, resource, signal, sys
 from tofu_export.cli import main
 import pkgutil
 import tofu_export
@@ -134,6 +134,9 @@ def child(request):
     if request.get("memory_bytes"):  # address space over the server's: a regression fails instead of swapping
         limit = vm_bytes() + request["memory_bytes"]
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if request.get("fsize_bytes"):  # a full disk: a write past the limit fails with EFBIG (SIGXFSZ ignored)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize_bytes"], request["fsize_bytes"]))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -183,15 +186,17 @@ class ForkServer:
 
     def run_all(self, commands: Mapping[str, tuple[Sequence[str | Path], Path]], parallel: int = 2,
                 cpu_s: int = CPU_LIMIT_S, quiet_s: float = QUIET_LIMIT_S,
-                memory_bytes: int | None = None) -> dict[str, Finished]:
-        """Run every ``name: (args, cwd)``, ``parallel`` at a time; results keyed like ``commands``. The hang guard
-        allows ``quiet_s`` load-adjusted seconds per command, spread over the batch; ``memory_bytes`` caps the
-        address space each command may add to the server's (``RLIMIT_AS``)."""
+                memory_bytes: int | None = None, fsize_bytes: Mapping[str, int] | None = None) -> dict[str, Finished]:
+        """Run every ``name: (args, cwd)``, ``parallel`` at a time, in the order given (the first ``parallel``
+        start together); results keyed like ``commands``. The hang guard allows ``quiet_s`` load-adjusted seconds
+        per command, spread over the batch; ``memory_bytes`` caps the address space each command may add to the
+        server's (``RLIMIT_AS``); ``fsize_bytes`` gives named commands a largest file they may write
+        (``RLIMIT_FSIZE``: a full disk)."""
         self.batches += 1
         folder = self.scratch / f"batch-{self.batches}"
         folder.mkdir(parents=True)
         requests = [{"id": name, "args": [str(arg) for arg in args], "cwd": str(cwd), "env": self.env,
-                     "cpu_s": cpu_s, "memory_bytes": memory_bytes,
+                     "cpu_s": cpu_s, "memory_bytes": memory_bytes, "fsize_bytes": (fsize_bytes or {}).get(name),
                      "stdout": str(folder / f"{name}.out"), "stderr": str(folder / f"{name}.err")}
                     for name, (args, cwd) in commands.items()]
         assert self.process.stdin is not None and self.process.stdout is not None

@@ -8,8 +8,9 @@ hash, mtime and mode of every file, every link target, every folder) before and 
 A fresh interpreter spends ~5 CPU-seconds importing torch and timm, too much for ~90 cases on 2 cores, so most cases
 run in a child forked from one server process that imported the package once (``tests/commands.ForkServer``): the
 child sets argv, cwd, environment and standard streams as a shell would and calls ``tofu_export.cli.main()``, the
-console script's entry point, under a memory cap. The cases marked ``real`` (signals, a full disk, the race, the
-console script, one per subcommand) run as ordinary ``python -m tofu_export.cli`` / ``tofu-export`` subprocesses.
+console script's entry point, under a memory cap (and, for the full disk, a file-size limit; the race forks its two
+exports together). The cases marked ``real`` (signals, the console script, one per subcommand) run as ordinary
+``python -m tofu_export.cli`` / ``tofu-export`` subprocesses.
 No case has a wall-clock timeout a busy machine could hit: CPU-time limits and a load-adjusted hang guard. The
 model is a random-init ``deit_tiny_patch16_224`` with 2 blocks at 64 px.
 """
@@ -73,7 +74,7 @@ class Case:
 
     @property
     def fresh(self) -> bool:
-        return self.real or self.script or self.signal_after is not None or self.fsize_limit is not None
+        return self.real or self.script or self.signal_after is not None
 
 
 def C(name: str, *args: str, code: int = 2, says: Sequence[str] = (), **extra: Any) -> Case:
@@ -512,26 +513,13 @@ def _argv(case: Case, inputs: Path) -> list[str]:
     return [CONSOLE_SCRIPT, *args] if case.script and CONSOLE_SCRIPT else [*CLI, *args]
 
 
-def _limits(case: Case) -> Callable[[], None] | None:
-    if case.fsize_limit is None:
-        return None
-
-    def apply() -> None:
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (case.fsize_limit, case.fsize_limit))
-
-    return apply
-
-
 def _execute(case: Case, inputs: Path, case_dir: Path) -> Result:
     before = snapshot(case_dir)
     if case.signal_after is None:  # no wall-clock timeout: a CPU-time limit and a load-adjusted hang guard
-        done = run_guarded(_argv(case, inputs), case_dir, _env(), preexec=_limits(case))
+        done = run_guarded(_argv(case, inputs), case_dir, _env())
         return Result(case, done.returncode, done.stdout, done.stderr, before, snapshot(case_dir))
     process = subprocess.Popen(_argv(case, inputs), cwd=case_dir, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=_limits(case))
+                               stderr=subprocess.PIPE, text=True)
     seen, clock = [], LoadClock()
     assert process.stderr is not None
     while clock.spent < QUIET_LIMIT_S:  # wait for the step, on the load-adjusted clock
@@ -547,20 +535,30 @@ def _execute(case: Case, inputs: Path, case_dir: Path) -> Result:
     return Result(case, process.returncode, stdout, stderr, before, snapshot(case_dir))
 
 
+RACE = C("race", "export", "@model.pth", *FAST, "-o", "out")  # run twice at once into one folder: one may win
+RACERS = ("race-1", "race-2")
+
+
 def _fork_all(cases: Sequence[Case], inputs: Path, folders: dict[str, Path], parallel: int) -> dict[str, Result]:
     """Run ``cases`` as children of one fork server (``tests/commands.ForkServer``: CPU-time limit and a
-    load-adjusted hang guard, no wall-clock timeout), each under ``MEMORY_CAP``; results keyed by case name."""
-    befores = {case.name: snapshot(folders[case.name]) for case in cases}
-    commands = {case.name: (_argv(case, inputs)[len(CLI):], folders[case.name]) for case in cases}
-    scratch = next(iter(folders.values())).parent.parent / "fork-server"
-    server = ForkServer({**_env(), "MALLOC_ARENA_MAX": "2"}, scratch)
+    load-adjusted hang guard, no wall-clock timeout), each under ``MEMORY_CAP`` and its own ``fsize_limit``;
+    results keyed by case name. Then the race: its two exports (``RACERS``, into ``folders["race"]``) are forked
+    together, in a batch of their own."""
+    by_name = {**{case.name: case for case in cases}, **{name: RACE for name in RACERS}}
+    where = {name: folders["race" if name in RACERS else name] for name in by_name}
+    befores = {name: snapshot(where[name]) for name in by_name}
+    commands = {name: (_argv(case, inputs)[len(CLI):], where[name]) for name, case in by_name.items()}
+    limits = {case.name: case.fsize_limit for case in cases if case.fsize_limit is not None}
+    server = ForkServer({**_env(), "MALLOC_ARENA_MAX": "2"}, where[RACERS[0]].parent.parent / "fork-server")
     try:
-        done = server.run_all(commands, parallel=parallel, memory_bytes=MEMORY_CAP)
+        done = server.run_all({name: commands[name] for name in commands if name not in RACERS}, parallel=parallel,
+                              memory_bytes=MEMORY_CAP, fsize_bytes=limits)
+        done |= server.run_all({name: commands[name] for name in RACERS}, parallel=len(RACERS),
+                               memory_bytes=MEMORY_CAP)
     finally:
         server.close()
-    by_name = {case.name: case for case in cases}
     return {name: Result(by_name[name], finished.returncode, finished.stdout, finished.stderr, befores[name],
-                         snapshot(folders[name])) for name, finished in done.items()}
+                         snapshot(where[name])) for name, finished in done.items()}
 
 
 @dataclass
@@ -569,13 +567,6 @@ class Wave:
     inputs_before: dict[str, Any]
     results: dict[str, Result]
     race: list[Result]
-
-
-def _race(inputs: Path, case_dir: Path) -> list[Result]:
-    """Two exports to the same new output at once: exactly one may win."""
-    case = C("race", "export", "@model.pth", *FAST, "-o", "out")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda _: _execute(case, inputs, case_dir), range(2)))
 
 
 @pytest.fixture(scope="module")
@@ -590,15 +581,16 @@ def wave(tmp_path_factory: pytest.TempPathFactory) -> Wave:
         folders[case.name].mkdir(parents=True)
         for name in case.setup:
             SETUPS[name](folders[case.name], inputs)
-    (work / "cases" / "race").mkdir()
+    folders["race"] = work / "cases" / "race"
+    folders["race"].mkdir()
     inputs_before = snapshot(inputs)
     fresh = [case for case in cases if case.fresh]
     with ThreadPoolExecutor(max_workers=2) as pool:  # the fork server runs PARALLEL - 2 children at a time
-        race = pool.submit(_race, inputs, work / "cases" / "race")
         futures = {case.name: pool.submit(_execute, case, inputs, folders[case.name]) for case in fresh}
         forked = _fork_all([case for case in cases if not case.fresh], inputs, folders, PARALLEL - 2)
         results = {name: future.result() for name, future in futures.items()}
-        return Wave(inputs, inputs_before, {**results, **forked}, race.result())
+    race = [forked.pop(name) for name in RACERS]
+    return Wave(inputs, inputs_before, {**results, **forked}, race)
 
 
 # ----------------------------------------------------------------------------------------------------

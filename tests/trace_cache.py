@@ -6,19 +6,21 @@ to test loading, options and output folders; each run traced the same patched mo
 function of what it traces: the classes of every submodule, their attributes (head counts, flags, hooks, the ToFu
 state), every parameter and buffer, the example input, the opset and the names. ``trace_key`` hashes all of these;
 ``install`` makes ``tofu_export.exporters.onnx``'s dynamo trace step copy the graph of an earlier trace with the same
-key instead of tracing again. Everything after the trace (simplification, checks, parity against the PyTorch model,
-the TensorRT check, the manifest) still runs on every command.
+key instead of tracing again (a process that asks for a key being traced waits for that trace: a file lock per
+key). Everything after the trace (simplification, checks, parity against the PyTorch model, the TensorRT check, the
+manifest) still runs on every command.
 
 The fork server's children install it (``commands.ForkServer``): a child runs a command line and cannot monkeypatch
 the code it traces. In the test processes only the modules that ask for conftest's ``shared_traces`` fixture use it:
 tests that change nothing a trace depends on. An attribute this hash cannot describe falls back to ``repr``, which
-for most objects holds an address: a miss, never a wrong hit. Fresh interpreters (signals, a full disk) always
-trace.
+for most objects holds an address: a miss, never a wrong hit. Fresh interpreters (the signal cases, the console
+script, one case per subcommand) always trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import shutil
@@ -111,15 +113,18 @@ def cached(trace: Callable[..., None], folder: Path) -> Callable[..., None]:
     ``folder``, or traces and leaves its graph there."""
 
     def traced(model: nn.Module, example: torch.Tensor, path: Path, *settings: Any) -> None:
-        graph = folder / f"{trace_key(model, example, *settings)}.onnx"
-        if graph.exists():
-            shutil.copyfile(graph, path)
-            return
-        trace(model, example, path, *settings)
-        fd, staged = tempfile.mkstemp(dir=folder, suffix=".tmp")  # another worker may write the same key
-        os.close(fd)
-        shutil.copyfile(path, staged)
-        os.replace(staged, graph)
+        key = trace_key(model, example, *settings)
+        graph = folder / f"{key}.onnx"
+        with open(folder / f"{key}.lock", "a") as lock:  # one trace per key: a second asker waits for the first's
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the holder ends, however it ends
+            if graph.exists():
+                shutil.copyfile(graph, path)
+                return
+            trace(model, example, path, *settings)
+            fd, staged = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            os.close(fd)
+            shutil.copyfile(path, staged)
+            os.replace(staged, graph)
 
     return traced
 
