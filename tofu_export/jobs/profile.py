@@ -9,8 +9,6 @@ from typing import Any
 
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import Hint, UserError
-from tofu_export.models.family import family_of
-from tofu_export.models.loading import load_model
 
 BACKENDS = ("ort", "ort-cuda", "ort-trt", "trt", "torch")  # what `profile` and `sweep` time, by one name each
 _BY_SUFFIX = {".onnx": "ort", ".engine": "trt", ".plan": "trt"}
@@ -80,6 +78,8 @@ def open_runner(
     chosen = backend if isinstance(backend, Backend) else parse_backend(backend, device, source)
     if chosen.runtime != "torch":
         return graph_runner(source, chosen, threads=threads, spinning=spinning)
+    from tofu_export.models.loading import load_model  # torch: only where a checkpoint is profiled
+
     model = load_model(source, arch=arch, img_size=None if tofu is None else tofu.img_size,
                        trust_pickle=trust_pickle, num_heads=num_heads).model
     if tofu is not None:
@@ -101,6 +101,7 @@ def graph_runner(path: str | Path, backend: Backend, *, threads: int | None = No
 def model_runner(model: Any, backend: Backend, *, threads: int | None = None) -> Any:
     """A (patched) PyTorch model on the backend's device."""
     from tofu_export.engines.torch import TorchRunner
+    from tofu_export.models.family import family_of
 
     return TorchRunner(model, device=backend.device, img_size=family_of(model).img_size(model), threads=threads)
 
