@@ -19,9 +19,10 @@ predicted damage) or one mode assignment's stepped schedules (``shortlist.steppe
   source's (a front's late-heavy policies are under-predicted several times more than uniform ToMe).
 
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
-cosine). A floor nothing measured meets is a ``BudgetError`` naming the best measured cosine and its policy. At most
-``FLOOR_ROUNDS x (fronts x 2 FRONT_AROUND + stepped ladders x 2)`` forwards: on a 12-block ViT under the damage rule
-3 x (2 x 4 + 8 x 2) = 72, a round usually ending well before its list does. Held-out images never enter.
+cosine). A floor nothing measured meets is a ``BudgetError`` naming the best measured cosine and its policy.
+Forwards: at most ``FLOOR_ROUNDS x (fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND)``; on a 12-block
+ViT under the damage rule (2 fronts, 8 stepped ladders) 3 x (8 + 16) = 72, under the linearity rule 3 x (4 + 4) = 24.
+Held-out images never enter.
 """
 
 from __future__ import annotations
