@@ -155,6 +155,7 @@ def test_the_policy_is_the_fastest_that_measures_the_floor_and_every_candidate_i
     passing = [c for c in candidates if c["measured_cosine"] >= 0.996]
     assert chosen[0]["predicted_ms"] == min(c["predicted_ms"] for c in passing)  # the fastest measured to pass
     assert (list(policy.modes), list(policy.r)) != (list(predicted.modes), list(predicted.r))
+    assert len({c["damage_scale"] for c in candidates if c["round"] == 1}) >= 2  # each ladder rescaled by its own
     assert m["held_out_cosine"] is None and m["held_out_images"] == 0  # the search images only
 
 

@@ -107,7 +107,7 @@ def next_scale(rungs: Sequence[Candidate], tried: Mapping[tuple, Tried], min_cos
         failed = [t.ratio() for t in mine if t.candidate.damage * scale <= floor]  # predicted to pass
         return max(min(failed), scale * 1.05) if failed else None
     fastest = min(mine, key=lambda t: t.candidate.latency_ms)
-    if fastest.cosine >= min_cosine and fastest.candidate != rungs[-1]:  # its fastest measured passed
+    if fastest.cosine >= min_cosine and policy_key(fastest.candidate) != policy_key(rungs[-1]):  # it passed
         passed = [t.ratio() for t in mine if t.cosine >= min_cosine and t.candidate.damage * scale > floor]
         return min(max(passed), scale / 1.05) if passed else None
     return None
