@@ -13,8 +13,10 @@ r/2 and 3r/2 (``damage``); one-block latencies per mode on the backend (``latenc
 per-block modes and r in {0, r/2, r, 3r/2, 2r} and the budget's pick (``select``); and a verification that runs the
 chosen policy on the images and records the measured cosine beside the predicted one. Under a latency budget the
 prediction only shortlists: the front's nearest candidates and the uniform and stepped policies within the budget
-are each run once on the search images and the best measured wins (``shortlist``). When a fidelity floor is
-missed, the prediction is rescaled by measured / predicted damage and the choice is made again.
+are each run once on the search images and the best measured wins (``shortlist``). Under a fidelity floor the
+front's and the stepped policies' nearest on both sides of the floor are run, fastest predicted first, and the
+fastest measuring at least the floor wins (``floor``; rescaled by measured / predicted damage and listed again while
+the measurements say the floor lies elsewhere).
 
 Two rules choose a block's mode: ``"damage"`` (the default: the search picks the mode by its measured damage) and
 ``"linearity"`` (the paper's criterion: prune where the block's mean criterion exceeds ``linearity_threshold``,
@@ -33,9 +35,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from tofu_export.calibration.damage import damage_by_r, verify
+from tofu_export.calibration.floor import floor_choice
 from tofu_export.calibration.latency import BlockLatency, measure_block_latency, sample_token_counts
 from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosine, split_held_out
-from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front, r_choices
+from tofu_export.calibration.select import Budget, Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import measured_choice
 from tofu_export.calibration.trace import Trace, trace
 from tofu_export.calibration.versus_tome import timed_against_tome
@@ -45,7 +48,6 @@ from tofu_export.names import REDUCE_MODES
 from tofu_export.policy import Policy, model_record
 from tofu_export.schedule import max_reduction, plan_tokens
 
-VERIFY_TRIES = 3
 RULES = ("damage", "linearity")
 LINEARITY_THRESHOLD = 0.05  # mean criterion above which the linearity rule prunes (DINOv2-S/14: 0.005-0.06)
 
@@ -131,7 +133,8 @@ class Calibration:
             "baseline_ms": self.baseline_ms,
             "uniform": self.uniform,
             "prediction": "damage = sum over reducing blocks of single-block damage x the mode's compounding factor "
-                          "(uniform policy measured / summed), x damage_scale after a missed verification",
+                          "(uniform policy measured / summed), x damage_scale where a fidelity floor's "
+                          "measurements rescaled it (calibration.floor)",
             "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in self.front],
             "r_choices": sorted({k for by_r in self.damage.values() for k in by_r} | {0}),
         }
@@ -139,36 +142,18 @@ class Calibration:
     def policy(self, budget: Budget, progress: bool = False, *, measure_latency: bool = True,
                rounds: int = 20, rule: str = "damage") -> Policy:
         """The budget's pick: under a latency budget the best measured of the shortlist (``shortlist``); under a
-        fidelity floor the front's, verified on the search images (rescaled and re-picked up to ``VERIFY_TRIES``
-        times while the floor is missed). Then checked once on the held-out images and, with ``measure_latency``,
+        fidelity floor the fastest predicted of the candidates around it that measures at least the floor
+        (``floor``). Then checked once on the held-out images and, with ``measure_latency``,
         timed on its exported graph against the unreduced one and ToMe (``rounds`` interleaved rounds); the
         measurements are recorded beside the predictions. ``rule`` chooses the modes (module docstring)."""
         check_rule(rule)
         if budget.min_cosine is None:
             chosen, attempts, choice = measured_choice(self, budget, rule)
-            return self._finish(chosen, budget, rule, attempts, choice, measure_latency, rounds)
-        attempts, scale, chosen = [], 1.0, None
-        with _progress(progress) as bar:
-            task = bar.add_task("verifying the choice", total=VERIFY_TRIES)
-            for _ in range(VERIFY_TRIES):
-                candidate = choose(self.fronts[rule], budget, self.baseline_ms, scale)
-                measured = verify(self.model, self.trace, candidate.modes, candidate.r, self.prop_attn)
-                bar.advance(task)
-                attempts.append({"modes": list(candidate.modes), "r": list(candidate.r), "damage_scale": scale,
-                                 "predicted_cosine": 1.0 - candidate.damage * scale, "measured_cosine": measured,
-                                 "predicted_ms": candidate.latency_ms})
-                if measured >= budget.min_cosine:
-                    chosen = candidate
-                    break
-                scale = max(scale * 1.05, (1.0 - measured) / max(candidate.damage, 1e-12))
-        if chosen is None:
-            best = max(attempts, key=lambda a: a["measured_cosine"])
-            raise BudgetError(
-                f"no verified policy met min_cosine={budget.min_cosine}: the closest measured "
-                f"{best['measured_cosine']:.5f} on these images. Lower the floor or calibrate with a smaller r.",
-                hint=Hint("min_cosine", f"{best['measured_cosine']:.4f}"),
-            )
-        return self._finish(chosen, budget, rule, attempts, {}, measure_latency, rounds)
+        else:
+            with _progress(progress) as bar:
+                task = bar.add_task("measuring the candidates around the floor", total=None)
+                chosen, attempts, choice = floor_choice(self, budget, rule, on_step=lambda: bar.advance(task))
+        return self._finish(chosen, budget, rule, attempts, choice, measure_latency, rounds)
 
     def _finish(self, chosen: Candidate, budget: Budget, rule: str, attempts: list[dict], extra: dict,
                 measure_latency: bool, rounds: int) -> Policy:

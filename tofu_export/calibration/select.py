@@ -5,12 +5,14 @@ The search space: block i removes one of ``r_choices(r)`` = {0, r/2, r, 3r/2, 2r
 linearity rule, with the one mode the paper's criterion names for it). Two additive predictions score a candidate:
 
 - damage: the sum over reducing blocks of the damage measured when that block alone removes that many tokens with
-  that mode (``1 - cosine``); predicted cosine = ``1 - scale * sum``, ``scale`` 1 until a verification says
-  otherwise;
+  that mode (``1 - cosine``); predicted cosine = ``1 - scale * sum``, ``scale`` 1 unless a fidelity floor's
+  measurements rescale it (``floor``);
 - latency: ``BlockLatency.predict_ms``, for the token count each block then receives.
 
 Block i's latency depends only on how many tokens it receives, so an exact dynamic program over
-``(block, tokens entering it)`` keeps the Pareto front of (damage, latency) and the budget picks one point of it.
+``(block, tokens entering it)`` keeps the Pareto front of (damage, latency). The front only shortlists: a forward
+per candidate on the search images decides (``shortlist`` under a latency budget, ``floor`` under a fidelity floor);
+``choose`` is the prediction's own pick (and a latency budget's reachability check).
 """
 
 from __future__ import annotations

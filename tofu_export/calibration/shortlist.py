@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from tofu_export.calibration.calibrate import Calibration
 
 FRONT_COUNT = 3
+SearchSpace = tuple[dict[str, list[str]], list[int], Damage, BlockLatency, int, int]  # stepped_ladders' arguments
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,23 @@ def predicted_damage(damage: Damage, modes: Sequence[str], r: Sequence[int]) -> 
     return total
 
 
+def stepped_ladders(
+    assignments: Mapping[str, Sequence[str]], choices: Sequence[int], damage: Damage, latency: BlockLatency,
+    tokens0: int, num_prefix: int,
+) -> list[tuple[str, list[Candidate]]]:
+    """Per mode assignment and step direction (``"<assignment> <first|last>-stepped"``), every stepped schedule in
+    order of more tokens asked for (``stepped_schedules``), its r as ``plan_tokens`` clips it, with predictions."""
+    out = []
+    for (name, modes), first in itertools.product(assignments.items(), (True, False)):
+        rungs = []
+        for asked in stepped_schedules(choices, len(modes), first):
+            r = plan_tokens(tokens0, num_prefix, asked, warn=False).r
+            rungs.append(Candidate(tuple(modes), tuple(r), predicted_damage(damage, modes, r),
+                                   latency.predict_ms(tokens0, num_prefix, r, modes)))
+        out.append((f"{name} {'first' if first else 'last'}-stepped", rungs))
+    return out
+
+
 def stepped_candidates(
     assignments: Mapping[str, Sequence[str]], choices: Sequence[int], damage: Damage, latency: BlockLatency,
     tokens0: int, num_prefix: int, limit_ms: float,
@@ -81,15 +99,25 @@ def stepped_candidates(
     """Per mode assignment and step direction, the least-reducing stepped schedule predicted within ``limit_ms``
     (module docstring), its r as ``plan_tokens`` clips it; none for an assignment no schedule brings within."""
     out = []
-    for (name, modes), first in itertools.product(assignments.items(), (True, False)):
-        depth = len(modes)
-        for asked in stepped_schedules(choices, depth, first):
-            r = plan_tokens(tokens0, num_prefix, asked, warn=False).r
-            ms = latency.predict_ms(tokens0, num_prefix, r, modes)
-            if ms <= limit_ms:
-                out.append((f"{name} {'first' if first else 'last'}-stepped",
-                            Candidate(tuple(modes), tuple(r), predicted_damage(damage, modes, r), ms)))
-                break
+    for source, rungs in stepped_ladders(assignments, choices, damage, latency, tokens0, num_prefix):
+        within = next((c for c in rungs if c.latency_ms <= limit_ms), None)
+        if within is not None:
+            out.append((source, within))
+    return out
+
+
+def policy_key(c: Candidate) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """What makes two candidates the same policy: the modes on the reducing blocks and the r."""
+    return tuple(m if k else "-" for m, k in zip(c.modes, c.r, strict=True)), c.r
+
+
+def unique(listed: Sequence[tuple[str, Candidate]]) -> list[tuple[str, Candidate]]:
+    """``listed`` without repeats of a policy (``policy_key``), the first kept."""
+    seen, out = set(), []
+    for source, c in listed:
+        if policy_key(c) not in seen:
+            seen.add(policy_key(c))
+            out.append((source, c))
     return out
 
 
@@ -103,14 +131,7 @@ def shortlist(
     for name, front in fronts.items():
         meeting = sorted((c for c in front if c.latency_ms <= limit_ms and any(c.r)), key=lambda c: c.damage)
         listed += [(f"{name} #{k}", c) for k, c in enumerate(meeting[:front_count])]
-    listed += stepped
-    seen, out = set(), []
-    for source, c in listed:
-        key = (tuple(m if k else "-" for m, k in zip(c.modes, c.r, strict=True)), c.r)
-        if key not in seen:
-            seen.add(key)
-            out.append((source, c))
-    return out
+    return unique(listed + list(stepped))
 
 
 def choose_measured(listed: Sequence[tuple[str, Candidate]],
@@ -128,17 +149,8 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str) -> tupl
     c = calibration
     choose(c.fronts[rule], budget, c.baseline_ms)  # an unreachable budget: the error naming the fastest policy
     limit = budget.max_latency_ms if budget.max_latency_ms is not None else c.baseline_ms / budget.speedup
-    modes = c.rule_modes()
-    depth = len(modes[rule])
-    assignments = ({"tome": ["mean"] * depth, "mlerp": ["mlerp"] * depth, "prune": ["prune"] * depth,
-                    "damage-rule modes": modes["damage"]} if rule == "damage" else
-                   {"linearity-rule modes": modes["linearity"]})
-    scaled, family = c.scaled_damage(), family_of(c.model)
-    choices = sorted({k for by_r in scaled.values() for k in by_r} | {0})
-    stepped = stepped_candidates(assignments, choices, scaled, c.latency, family.num_tokens(c.model),
-                                 family.num_prefix(c.model), limit)
-    fronts = {"front": c.fronts[rule]} | ({"linearity front": c.fronts["linearity"]} if rule == "damage" else {})
-    chosen, measured = choose_measured(shortlist(fronts, stepped, limit),
+    stepped = stepped_candidates(*search_space(c, rule), limit)
+    chosen, measured = choose_measured(shortlist(rule_fronts(c, rule), stepped, limit),
                                        lambda x: verify(c.model, c.trace, x.modes, x.r, c.prop_attn))
     cosine = max(s.measured_cosine for s in measured)
     attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "damage_scale": 1.0,
@@ -147,3 +159,23 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str) -> tupl
                         "chosen (calibration.shortlist)",
               "candidates": [s.to_dict() | {"chosen": s.candidate == chosen} for s in measured]}
     return chosen, attempts, record
+
+
+def rule_fronts(calibration: Calibration, rule: str) -> dict[str, list[Candidate]]:
+    """The fronts a rule shortlists from: its own; under the damage rule also the linearity rule's (inside it)."""
+    fronts = calibration.fronts
+    return {"front": fronts[rule]} | ({"linearity front": fronts["linearity"]} if rule == "damage" else {})
+
+
+def search_space(calibration: Calibration, rule: str) -> SearchSpace:
+    """The stepped schedules' ingredients under ``rule``: the mode assignments (module docstring), the r choices,
+    the scaled damage table, the latency model, the tokens entering block 0 and the protected prefix."""
+    c, family = calibration, family_of(calibration.model)
+    modes = c.rule_modes()
+    depth = len(modes[rule])
+    assignments = ({"tome": ["mean"] * depth, "mlerp": ["mlerp"] * depth, "prune": ["prune"] * depth,
+                    "damage-rule modes": modes["damage"]} if rule == "damage" else
+                   {"linearity-rule modes": modes["linearity"]})
+    scaled = c.scaled_damage()
+    choices = sorted({k for by_r in scaled.values() for k in by_r} | {0})
+    return assignments, choices, scaled, c.latency, family.num_tokens(c.model), family.num_prefix(c.model)

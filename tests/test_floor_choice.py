@@ -1,0 +1,181 @@
+"""The measured choice under a fidelity floor (``calibration.floor``), on synthetic ladders, fronts and
+measurements: the fastest candidate that *measures* at least the floor is chosen, not the one predicted to; the
+prediction is rescaled where the measurements say the floor lies elsewhere; a floor nothing measured meets is an
+error naming the best measured; every candidate measured is recorded. No calibration is run: ``verify`` is
+replaced by a function of the policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tofu_export.calibration import floor as floor_module
+from tofu_export.calibration.calibrate import Calibration
+from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist
+from tofu_export.calibration.latency import NONE, BlockLatency
+from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front, r_choices
+from tofu_export.calibration.shortlist import policy_key, predicted_damage
+from tofu_export.calibration.trace import Trace
+from tofu_export.schedule import plan_tokens
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TOKENS, PREFIX, R, DEPTH = 17, 1, 4, 3  # vit_tiny at 64 px: 16 patches and the class token
+
+
+def _ladder(count: int = 8) -> list[Candidate]:
+    """A front-like ladder: rung i predicted at damage 1e-4 * 2**i, 10 - i ms."""
+    return [Candidate(("mean",) * 3, (i, i, i), 1e-4 * 2**i, 10.0 - i) for i in range(count)]
+
+
+def _counting(cosine):
+    calls = []
+
+    def measure(c: Candidate) -> float:
+        calls.append(c)
+        return cosine(c)
+
+    return measure, calls
+
+
+def test_around_floor_takes_the_rungs_nearest_the_predicted_floor_on_both_sides() -> None:
+    rungs = _ladder()
+    assert around_floor(rungs, 0.002, 2) == [3, 4, 5, 6]  # 0.0008, 0.0016 | 0.0032, 0.0064
+    assert around_floor(rungs, 1e-5, 2) == [0, 1]  # nothing predicted to pass: the least damaging
+    assert around_floor(rungs, 1.0, 1) == [7]  # everything predicted to pass: the most reducing
+    listed = floor_shortlist([("a", rungs, 1), ("b", rungs[2:], 1), ("c", rungs, 1)], [0.002, 0.002, 0.0002])
+    assert [c.latency_ms for _, c, _ in listed] == [5.0, 6.0, 8.0, 9.0]  # fastest first, a policy listed once
+    assert [(s, k) for s, _, k in listed] == [("a #5", 0), ("a #4", 0), ("c #2", 2), ("c #1", 2)]
+
+
+def test_a_pessimistic_prediction_lets_a_faster_policy_than_predicted_be_chosen() -> None:
+    """Damage measures an eighth of the prediction: the predicted pick (6 ms) keeps the floor with room, the round's
+    fastest passes, the scale falls and the next round finds the fastest rung that passes (3 ms)."""
+    rungs = _ladder()
+    predicted = choose(rungs, Budget(min_cosine=0.998), baseline_ms=11.0)
+    measure, calls = _counting(lambda c: 1.0 - c.damage / 8)
+    chosen, tried = choose_floor([("front", rungs, 2)], measure, 0.998)
+    assert predicted.latency_ms == 6.0 and chosen.latency_ms == 3.0 and chosen != predicted
+    assert [t.candidate.latency_ms for t in tried] == [4.0, 3.0] == [c.latency_ms for c in calls]
+    assert [t.round for t in tried] == [0, 1] and tried[1].damage_scale == pytest.approx(1 / 8)
+
+
+def test_an_optimistic_prediction_is_rescaled_until_a_policy_measures_the_floor() -> None:
+    """Damage measures ten times the prediction: nothing around the predicted floor passes, the scale rises to the
+    measured / predicted ratio and the next round's less reducing rungs decide."""
+    rungs = _ladder()
+    predicted = choose(rungs, Budget(min_cosine=0.998), baseline_ms=11.0)
+    measure, calls = _counting(lambda c: 1.0 - 10 * c.damage)
+    chosen, tried = choose_floor([("front", rungs, 2)], measure, 0.998)
+    assert 1.0 - 10 * predicted.damage < 0.998  # the predicted pick misses the floor
+    assert chosen == rungs[1] and 1.0 - 10 * chosen.damage >= 0.998  # the fastest rung that measures it
+    assert all(1.0 - 10 * c.damage < 0.998 for c in calls if c.latency_ms < chosen.latency_ms)
+    assert len(calls) == len({policy_key(c) for c in calls}) <= FLOOR_ROUNDS * 4  # each policy run once
+    assert max(t.round for t in tried) == 1 and tried[-1].damage_scale == pytest.approx(10.0)
+
+
+def test_a_round_stops_at_the_first_pass_and_a_measured_tie_goes_to_the_higher_cosine() -> None:
+    a, b = Candidate(("mean",) * 3, (4, 4, 4), 0.001, 8.0), Candidate(("mlerp",) * 3, (4, 4, 4), 0.0012, 8.0)
+    slow = Candidate(("mean",) * 3, (4, 4, 0), 0.0005, 9.0)
+    fast = Candidate(("prune",) * 3, (8, 8, 8), 0.01, 6.0)
+    cosines = {a: 0.9985, b: 0.9990, slow: 0.9995, fast: 0.99}
+    measure, calls = _counting(cosines.__getitem__)
+    chosen, tried = choose_floor([("x", [slow, a, fast], 2), ("y", [b], 1)], measure, 0.998)
+    assert [t.listed.source for t in tried] == ["x #2", "x #1", "y #0"]
+    assert chosen == b and slow not in calls  # the tie at 8 ms: both run, the higher cosine wins; 9 ms never runs
+    assert calls[0] == fast and set(calls) == {fast, a, b}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through ``Calibration.policy``: a synthetic calibration of a tiny ViT, ``verify`` replaced
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _latency() -> BlockLatency:
+    tokens = [9, 13, 17]
+    none = [n * 0.1 for n in tokens]
+    modes = {"prune": [v - 0.02 for v in none], "mean": [v + 0.01 for v in none], "mlerp": [v + 0.02 for v in none]}
+    return BlockLatency(R, tokens, {NONE: none, **modes}, {}, 0.5, 10, "test", [0.06, 0.06, 0.06])
+
+
+def _damage() -> dict[str, dict[int, list[float]]]:
+    """Late blocks look free on their own: the additive prediction favours reducing there."""
+    base = {"prune": [0.010, 0.004, 0.0002], "mean": [0.002, 0.0005, 0.00001], "mlerp": [0.003, 0.0004, 0.00002]}
+    return {m: {k: [v * (k / R) ** 1.5 for v in values] for k in r_choices(R) if k} for m, values in base.items()}
+
+
+def _in_context(modes, r) -> float:
+    """A policy's 'measured' cosine: a block receiving fewer tokens pays more for removing as many (the additive
+    prediction's blind spot)."""
+    tokens = plan_tokens(TOKENS, PREFIX, list(r), warn=False).tokens
+    context = sum((k / (n - PREFIX)) ** 2 for k, n in zip(r[1:], tokens[1:], strict=True))
+    return 1.0 - predicted_damage(_damage(), modes, r) - 0.1 * context
+
+
+@pytest.fixture(scope="module")
+def calibration(make_vit) -> Calibration:
+    model = make_vit("vit_tiny_patch16_224", depth=DEPTH, img_size=64, num_classes=0)
+    latency, damage = _latency(), _damage()
+    tr = Trace([], torch.zeros(0, 192), [torch.full((2, R), 0.01)] * DEPTH)
+    baseline = latency.predict_ms(TOKENS, PREFIX, [0] * DEPTH, ["mean"] * DEPTH)
+    uniform = {m: {"compounding": 1.0} for m in damage}
+    fronts = {"damage": pareto_front(damage, latency, TOKENS, PREFIX),
+              "linearity": pareto_front(damage, latency, TOKENS, PREFIX, [["mlerp"]] * DEPTH)}
+    return Calibration(model, tr, R, damage, latency, uniform, fronts, baseline, True, {"images": {"count": 0}},
+                       measured_r=(4, 8))
+
+
+@pytest.fixture()
+def runs(monkeypatch) -> list[tuple]:
+    calls = []
+
+    def verify(model, tr, modes, r, prop_attn) -> float:
+        calls.append((tuple(modes), tuple(r)))
+        return _in_context(modes, r)
+
+    monkeypatch.setattr(floor_module, "verify", verify)
+    return calls
+
+
+def test_the_policy_is_the_fastest_that_measures_the_floor_and_every_candidate_is_recorded(calibration, runs):
+    budget = Budget(min_cosine=0.996)
+    predicted = choose(calibration.front, budget, calibration.baseline_ms)
+    assert _in_context(predicted.modes, predicted.r) < 0.996  # the predicted pick misses the floor when run
+    policy = calibration.policy(budget, measure_latency=False)
+    m = policy.measurements
+    assert m["choice"].startswith("measured") and "measured_latency" not in m
+    candidates = m["candidates"]
+    assert len(candidates) == len(runs) and {(tuple(c["modes"]), tuple(c["r"])) for c in candidates} == set(runs)
+    assert all(c["measured_cosine"] == pytest.approx(_in_context(c["modes"], c["r"])) for c in candidates)
+    assert {"source", "modes", "r", "predicted_damage", "predicted_ms", "measured_cosine", "round",
+            "damage_scale", "chosen"} == set(candidates[0])
+    chosen = [c for c in candidates if c["chosen"]]
+    assert len(chosen) == 1 and (chosen[0]["modes"], chosen[0]["r"]) == (list(policy.modes), list(policy.r))
+    assert m["measured_cosine"] == chosen[0]["measured_cosine"] >= 0.996 and m["predicted_ms"] == policy_ms(policy)
+    passing = [c for c in candidates if c["measured_cosine"] >= 0.996]
+    assert chosen[0]["predicted_ms"] == min(c["predicted_ms"] for c in passing)  # the fastest measured to pass
+    assert (list(policy.modes), list(policy.r)) != (list(predicted.modes), list(predicted.r))
+    assert len({c["damage_scale"] for c in candidates if c["round"] == 1}) >= 2  # each ladder rescaled by its own
+    assert m["held_out_cosine"] is None and m["held_out_images"] == 0  # the search images only
+
+
+def policy_ms(policy) -> float:
+    return _latency().predict_ms(TOKENS, PREFIX, list(policy.r), list(policy.modes))
+
+
+def test_the_linearity_rule_measures_only_the_papers_modes(calibration, runs) -> None:
+    policy = calibration.policy(Budget(min_cosine=0.996), measure_latency=False, rule="linearity")
+    assert all(mode == "mlerp" for modes, r in runs for mode, k in zip(modes, r, strict=True) if k)
+    assert policy.measurements["rule"] == "linearity" and policy.measurements["measured_cosine"] >= 0.996
+
+
+def test_a_floor_nothing_measured_meets_is_an_error_naming_the_best_measured(calibration, runs) -> None:
+    with pytest.raises(BudgetError, match=r"no policy measured keeps min_cosine=0\.9999: the best of \d+ run on "
+                                          r"the search images measures 0\.99") as caught:
+        calibration.policy(Budget(min_cosine=0.9999), measure_latency=False)
+    best = max(_in_context(modes, r) for modes, r in runs)
+    assert f"measures {best:.5f} (" in str(caught.value) and caught.value.exit_code == 2
+    hint = caught.value.hint
+    assert hint.option == "min_cosine" and float(hint.value) <= best < float(hint.value) + 1e-4
+    assert hint.alternative.option == "r" and hint.alternative.value == "2"
+    assert len(runs) <= FLOOR_ROUNDS * (2 * 2 * 2 + 8 * 2)  # the bound of the module docstring
