@@ -7,8 +7,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from synthetic_calibration import block_latency, late_blocks_look_free
 
-from tofu_export.calibration.latency import NONE, BlockLatency
+from tofu_export.calibration.latency import BlockLatency
 from tofu_export.calibration.select import Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import (
     choose_measured,
@@ -23,16 +24,11 @@ TOKENS, PREFIX, R, DEPTH = 33, 1, 4, 3
 
 
 def _latency() -> BlockLatency:
-    tokens = [9, 17, 33]
-    none = [n * 0.1 for n in tokens]
-    modes = {"prune": [v - 0.02 for v in none], "mean": [v + 0.01 for v in none], "mlerp": [v + 0.02 for v in none]}
-    return BlockLatency(R, tokens, {NONE: none, **modes}, {}, 0.5, 10, "test", [0.06, 0.06, 0.06])
+    return block_latency([9, 17, 33], R)
 
 
 def _damage() -> dict[str, dict[int, list[float]]]:
-    """Late blocks look free on their own: the additive prediction favours reducing there."""
-    base = {"prune": [0.010, 0.004, 0.0002], "mean": [0.002, 0.0005, 0.00001], "mlerp": [0.003, 0.0004, 0.00002]}
-    return {m: {k: [v * (k / R) ** 1.5 for v in values] for k in r_choices(R) if k} for m, values in base.items()}
+    return late_blocks_look_free(R)
 
 
 def _baseline() -> float:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic_calibration import block_latency, late_blocks_look_free
 
 from tofu_export.calibration import floor as floor_module
 from tofu_export.calibration.calibrate import Calibration
 from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist
-from tofu_export.calibration.latency import NONE, BlockLatency
-from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front, r_choices
+from tofu_export.calibration.latency import BlockLatency
+from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
 from tofu_export.calibration.shortlist import policy_key, predicted_damage
 from tofu_export.calibration.trace import Trace
 from tofu_export.schedule import plan_tokens
@@ -92,16 +93,11 @@ def test_a_round_stops_at_the_first_pass_and_a_measured_tie_goes_to_the_higher_c
 
 
 def _latency() -> BlockLatency:
-    tokens = [9, 13, 17]
-    none = [n * 0.1 for n in tokens]
-    modes = {"prune": [v - 0.02 for v in none], "mean": [v + 0.01 for v in none], "mlerp": [v + 0.02 for v in none]}
-    return BlockLatency(R, tokens, {NONE: none, **modes}, {}, 0.5, 10, "test", [0.06, 0.06, 0.06])
+    return block_latency([9, 13, 17], R)
 
 
 def _damage() -> dict[str, dict[int, list[float]]]:
-    """Late blocks look free on their own: the additive prediction favours reducing there."""
-    base = {"prune": [0.010, 0.004, 0.0002], "mean": [0.002, 0.0005, 0.00001], "mlerp": [0.003, 0.0004, 0.00002]}
-    return {m: {k: [v * (k / R) ** 1.5 for v in values] for k in r_choices(R) if k} for m, values in base.items()}
+    return late_blocks_look_free(R)
 
 
 def _in_context(modes, r) -> float:
