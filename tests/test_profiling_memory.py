@@ -1,5 +1,7 @@
 """Peak memory: process RSS high-water mark on CPU; CUDA fields None with a reason off-GPU."""
 
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,15 +21,33 @@ def _current_rss_mib() -> float:
     return int(match.group(1)) / 1024
 
 
+def _peak_before_and_after_a_new_high() -> tuple[float | None, float, float | None]:
+    """``(peak, current RSS, peak after touching enough memory to exceed the old peak)`` in MiB, read in a forked
+    child: Linux starts a child's high-water mark at its RSS, so the new peak costs ~64 MiB, not the gigabytes an
+    earlier export in this worker may have left as its peak."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: numpy and resource only, then _exit
+        try:
+            before, current = measure_memory("cpu").peak_rss_mib, _current_rss_mib()
+            block = np.ones((int((before or 0) - current) + 64) * 1024 * 1024, dtype=np.uint8)  # touched: resident
+            after = measure_memory("cpu").peak_rss_mib
+            os.write(write, json.dumps([before, current, after, int(block[-1])]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        reply = pipe.read()
+    os.waitpid(pid, 0)
+    before, current, after, _ = json.loads(reply)
+    return before, current, after
+
+
 @linux_only
 def test_peak_rss_rises_with_a_new_high_water_mark() -> None:
-    before = measure_memory("cpu").peak_rss_mib
-    assert before is not None and before >= _current_rss_mib() - 1
-    extra_mib = int(before - _current_rss_mib()) + 64  # enough to exceed the old peak
-    block = np.ones(extra_mib * 1024 * 1024, dtype=np.uint8)  # touched, so resident
-    after = measure_memory("cpu").peak_rss_mib
+    before, current, after = _peak_before_and_after_a_new_high()
+    assert before is not None and before >= current - 1
     assert after is not None and after >= before + 32
-    del block
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
