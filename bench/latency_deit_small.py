@@ -19,11 +19,17 @@ Variants:
   baseline-dynamo, tome-scatter-dynamo, tome-dynamo, tofu-dynamo, prune-dynamo, bound-free-slice-dynamo
                 the same models exported by the dynamo exporter (exporter="dynamo"), to choose the default exporter
 
+--profile-ops instead profiles each variant with ONNX Runtime's own profiler (one intra-op thread, per-kernel times
+averaged over --iters runs) and writes latency_deit_small_ops.{md,json}: nodes, kernels and time per part of the
+graph (token reduction, proportional attention's mask, attention, MLP, ...) and per op type inside the reduction.
+The profiler adds a few microseconds to every kernel, so small kernels weigh more there than in a timed run.
+
 --clock thread-cpu times each run by the calling thread's CPU time on one intra-op thread instead (ORT then runs the
 graph on that thread): what a run costs in compute whatever else the host runs, for a host too loaded for wall-clock
 ratios; its results go to latency_deit_small_thread_cpu.{md,json}.
 
 Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--repeats 3] [--clock wall] [--out bench/results]
+       [--variants a,b] [--profile-ops]
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -41,12 +48,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import timm
 import torch
 
 import tofu_export
 from tofu_export.engines.ort import create_session
+from tofu_export.engines.ort_profile import parse_ort_profile
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.models.timm_vit import TokenReduction
 from tofu_export.profiling.compare import interleaved_latency_ms, round_orders
@@ -139,6 +148,74 @@ def thread_cpu_latency_ms(models: dict[str, Path], *, warmup: int, iters: int, s
     return samples
 
 
+_PARTS = (  # (part, pattern on the node name), first match wins
+    ("token reduction", re.compile(r"/reduce/")),
+    ("prop. attention mask (Log, Reshape, Add)", re.compile(r"/blocks\.\d+/(Log|Reshape)(_\d+)?$|/attn/Add(_\d+)?$")),
+    ("key mean (k_norm hook)", re.compile(r"/k_norm/")),
+    ("attention", re.compile(r"/attn/")),
+    ("MLP", re.compile(r"/mlp/")),
+    ("norms and residual adds", re.compile(r"/blocks\.\d+/|norm")),
+)
+
+
+def profile_ops(models: dict[str, Path], *, warmup: int, iters: int) -> dict[str, dict]:
+    """Per variant: graph nodes, kernels ORT ran, microseconds per forward by part of the graph and by op type inside
+    the token reduction (ORT's profiler, one intra-op thread, ``iters`` runs after ``warmup``, the variants' runs
+    interleaved round-robin so that a change of load hits them alike)."""
+    sessions, feeds = {}, {}
+    for name, path in models.items():
+        sessions[name] = create_session(path, threads=1, spinning=False, profile_prefix=str(path.with_suffix("")))
+        model_input = sessions[name].get_inputs()[0]
+        shape = [1, *(int(d) for d in model_input.shape[1:])]
+        feeds[name] = {model_input.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+    for _ in range(warmup + iters):
+        for name, session in sessions.items():
+            session.run(None, feeds[name])
+    result = {}
+    for name, session in sessions.items():
+        trace = Path(session.end_profiling())
+        ops = parse_ort_profile(json.loads(trace.read_text()), skip_runs=warmup).ops
+        trace.unlink()
+        parts: dict[str, float] = {}
+        reduce_ops: dict[str, list[float]] = {}
+        for op in ops:
+            part = next((label for label, pattern in _PARTS if pattern.search(op.name)), "other")
+            parts[part] = parts.get(part, 0.0) + op.ms * 1e3
+            if part == "token reduction":
+                reduce_ops.setdefault(op.op_type, []).append(op.ms * 1e3)
+        result[name] = {
+            "graph_nodes": len(onnx.load(str(models[name]), load_external_data=False).graph.node),
+            "kernels": len(ops), "kernel_us": round(sum(parts.values())),
+            "parts_us": {k: round(v) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
+            "reduction_ops": {k: {"kernels": len(v), "us": round(sum(v))}
+                              for k, v in sorted(reduce_ops.items(), key=lambda kv: -sum(kv[1]))},
+        }
+    return result
+
+
+def write_profile(result: dict[str, dict], out: Path, command: str, load: list) -> None:
+    """latency_deit_small_ops.{json,md}: the parts table, then the reduction's op types per variant."""
+    names = list(result)
+    parts = [p for p, _ in _PARTS] + ["other"]
+    lines = [f"Command: `{command}`; load average before / after: {load[0]} / {load[1]}", "",
+             "| part (us per forward) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {p} | " + " | ".join(str(result[n]["parts_us"].get(p, 0)) for n in names) + " |" for p in parts]
+    lines += ["| **all kernels** | " + " | ".join(str(result[n]["kernel_us"]) for n in names) + " |",
+              "| graph nodes / kernels run | " + " | ".join(f"{result[n]['graph_nodes']} / {result[n]['kernels']}"
+                                                         for n in names) + " |", ""]
+    for n in names:
+        ops = result[n]["reduction_ops"]
+        if ops:
+            lines.append(f"- {n}, token reduction by op (kernels, us): "
+                         + ", ".join(f"{k} {v['kernels']} / {v['us']}" for k, v in ops.items()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency_deit_small_ops.json").write_text(json.dumps(
+        {"command": command, "load_average_before_after": load, "variants": result,
+         "machine": describe_device().to_dict(), "onnxruntime": ort.__version__}, indent=2) + "\n")
+    (out / "latency_deit_small_ops.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=16)
@@ -149,6 +226,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall", help="see the module docstring")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
+    parser.add_argument("--profile-ops", action="store_true", help="ORT's per-op profile instead of timing")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                        help="also time this ONNX file (e.g. a graph exported by an earlier commit), interleaved")
     args = parser.parse_args()
     only = {v.strip() for v in args.variants.split(",") if v.strip()} or None
     cpu_clock = args.clock == "thread-cpu"
@@ -158,6 +238,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.r, Path(tmp), only)
         paths = {name: path for name, (path, _) in variants.items()}
+        for extra in args.extra:  # timed like the others; its FLOPs are not known here
+            name, _, path = extra.partition("=")
+            paths[name], variants[name] = Path(path), (Path(path), None)
+        if args.profile_ops:
+            profile = profile_ops(paths, warmup=args.warmup, iters=args.iters)
+            command = (f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --profile-ops"
+                       + (f" --variants {args.variants}" if only else "")
+                       + "".join(f" --extra {e}" for e in args.extra))
+            write_profile(profile, args.out, command, [load_before, os.getloadavg()])
+            return
         for seed in range(args.repeats):  # each round its own visiting order
             if cpu_clock:
                 rounds.append(thread_cpu_latency_ms(paths, warmup=args.warmup, iters=args.iters, seed=seed))
@@ -172,6 +262,9 @@ def main() -> None:
     }
     base = statistics.median(samples["baseline"])
     bound_name = next((n for n in ("bound-free-slice-dynamo", "bound-free-slice") if n in samples), None)
+    # Per timed iteration every variant ran once (interleaved), so bound / variant pairs runs made close in time.
+    paired = {name: statistics.median(b / t for one in rounds for b, t in zip(one[bound_name], one[name], strict=True))
+              for name in paths} if bound_name else {}
     bound = statistics.median(samples[bound_name]) if bound_name else None  # the dynamo bound when timed
     rows = []
     for name, times in samples.items():
@@ -181,7 +274,9 @@ def main() -> None:
             "p90_ms": round(float(np.percentile(times, 90)), 2), "speedup": round(base / median, 3),
             "speedup_min": round(min(round_speedups[name]), 3), "speedup_max": round(max(round_speedups[name]), 3),
             "of_bound_speedup": round(bound / median, 3) if bound else None,  # speed-up / bound_name's
-            "gflops": round(variants[name][1], 3), "flop_ratio": round(variants["baseline"][1] / variants[name][1], 3),
+            "of_bound_paired": round(paired[name], 3) if paired else None,  # median of per-iteration ratios
+            "gflops": None if variants[name][1] is None else round(variants[name][1], 3),
+            "flop_ratio": None if variants[name][1] is None else round(variants["baseline"][1] / variants[name][1], 3),
         })
     # Per round, how much faster each model's dynamo graph ran than its TorchScript graph (> 1: dynamo faster).
     exporter_ratios = {
@@ -195,7 +290,7 @@ def main() -> None:
         "torchscript_over_dynamo_per_round": exporter_ratios,
         "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads} "
         f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else "")
-        + (f" --variants {args.variants}" if only else ""),
+        + (f" --variants {args.variants}" if only else "") + "".join(f" --extra {e}" for e in args.extra),
         "threads": 1 if cpu_clock else args.threads, "iters": args.iters, "warmup": args.warmup,
         "repeats": args.repeats, "rows": rows,
         "machine": describe_device().to_dict(), "python": platform.python_version(),
@@ -203,12 +298,12 @@ def main() -> None:
     }
     table = [
         "| variant | r | median ms | p90 ms | speedup vs baseline | per-round speedups | share of the bound's "
-        "speed-up | GFLOPs | FLOP ratio |",
-        "|---" * 9 + "|",
+        "speed-up | the same, paired per iteration | GFLOPs | FLOP ratio |",
+        "|---" * 10 + "|",
     ]
     table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | "
-              f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {r['gflops']} | "
-              f"{r['flop_ratio']}x |" for r in rows]
+              f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {r['of_bound_paired']} | "
+              f"{r['gflops']} | {r['flop_ratio']}x |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "latency_deit_small" + ("_thread_cpu" if cpu_clock else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
