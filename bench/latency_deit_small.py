@@ -303,7 +303,7 @@ def main() -> None:
     ]
     table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | "
               f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {r['of_bound_paired']} | "
-              f"{r['gflops']} | {r['flop_ratio']}x |" for r in rows]
+              f"{r['gflops'] or '-'} | {r['flop_ratio'] or '-'}x |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "latency_deit_small" + ("_thread_cpu" if cpu_clock else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
