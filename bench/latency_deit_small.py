@@ -216,6 +216,10 @@ def write_profile(result: dict[str, dict], out: Path, command: str, load: list) 
     print("\n".join(lines))
 
 
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=16)
@@ -303,7 +307,7 @@ def main() -> None:
     ]
     table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | "
               f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {r['of_bound_paired']} | "
-              f"{r['gflops'] or '-'} | {r['flop_ratio'] or '-'}x |" for r in rows]
+              f"{r['gflops'] or '-'} | {_times(r['flop_ratio'])} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "latency_deit_small" + ("_thread_cpu" if cpu_clock else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
