@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tofu_export.calibration.latency import NONE, BlockLatency
+from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.select import r_choices
 
 

@@ -122,7 +122,7 @@ def test_eval_of_the_artifact_rebuilds_its_reference_as_exported(files: dict[str
     ("schedule", "@bare", "--r", "1"),
     ("profile", "@bare", "--backend", "torch", "--r", "1", "--iters", "1", "--warmup", "0", "--no-breakdown"),
     ("eval", "@bare", "@data", "--r", "1", "--no-compare-tome", "--limit", "2"),
-    ("calibrate", "@bare", "@data", "--images", "2", "-o", "@policy"),
+    ("calibrate", "@bare", "@data", "--images", "8", "-o", "@policy"),
     ("sweep", "@bare", "--r", "0", "--modes", "tome", "--iters", "1", "-o", "@sweep"),
 ], ids=lambda c: c[0])
 def test_every_command_that_reads_a_checkpoint_refuses_it_and_takes_num_heads(

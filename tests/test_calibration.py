@@ -14,7 +14,8 @@ import torch
 
 from tofu_export.calibration import Budget, BudgetError, Calibration, calibrate, measure, plot_policy
 from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
-from tofu_export.calibration.latency import NONE, BlockLatency, block_graph, sample_token_counts
+from tofu_export.calibration.latency import block_graph, sample_token_counts
+from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.linearity import linearity_ratio
 from tofu_export.calibration.measured import ExportSettings, split_held_out
 from tofu_export.calibration.select import Candidate, choose, pareto_front

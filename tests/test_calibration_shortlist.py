@@ -9,7 +9,7 @@ import itertools
 import pytest
 from synthetic_calibration import block_latency, late_blocks_look_free
 
-from tofu_export.calibration.latency import BlockLatency
+from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.select import Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import (
     choose_measured,

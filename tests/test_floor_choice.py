@@ -11,9 +11,9 @@ import torch
 from synthetic_calibration import block_latency, late_blocks_look_free
 
 from tofu_export.calibration import floor as floor_module
-from tofu_export.calibration.calibrate import Calibration
 from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist
-from tofu_export.calibration.latency import BlockLatency
+from tofu_export.calibration.latency_model import BlockLatency
+from tofu_export.calibration.search import Calibration
 from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
 from tofu_export.calibration.shortlist import policy_key, predicted_damage
 from tofu_export.calibration.trace import Trace

@@ -19,13 +19,15 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from tofu_export.errors import Hint, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: 192 MB as RGB; far above any ViT input, far below a machine's memory
@@ -161,4 +163,6 @@ def decode_problem(path: str | Path) -> str | None:
 def decode_images(files: Sequence[Path], transform: Callable[[Image.Image], Any],
                   error: type[ImageError] = ImageError, hint: Hint | None = _DATA) -> torch.Tensor:
     """``[N, 3, H, W]``: each file decoded as RGB (``load_rgb``) and passed through ``transform``."""
+    import torch  # here, not at import: finding and counting images needs no torch
+
     return torch.stack([transform(load_rgb(path, error=error, hint=hint)) for path in files])

@@ -1,9 +1,22 @@
-"""Calibration: measure a model on the user's images and choose per-block reduce modes and r under a budget."""
+"""Calibration: measure a model on the user's images and choose per-block reduce modes and r under a budget.
 
-from tofu_export.calibration.calibrate import Calibration, calibrate, measure
-from tofu_export.calibration.images import CalibrationDataError, load_images
-from tofu_export.calibration.plot import plot_policy
-from tofu_export.calibration.select import Budget, BudgetError
+The names below load on first use, so ``calibration.select`` (the budget) and ``calibration.images`` (the image
+count) can check a command's options before torch is imported.
+"""
 
-__all__ = ["Budget", "BudgetError", "Calibration", "CalibrationDataError", "calibrate", "load_images", "measure",
-           "plot_policy"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {"Calibration": "search", "calibrate": "search", "measure": "search",
+          "CalibrationDataError": "images", "load_images": "images", "plot_policy": "plot",
+          "Budget": "select", "BudgetError": "select"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -8,13 +8,14 @@ decoding are ``tofu_export.images``'s, the same as evaluation's and the quick lo
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tofu_export.errors import Hint
-from tofu_export.evaluation.data import model_transform
 from tofu_export.images import ImageError, decode_images, evenly_spaced, find_images
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MIN_IMAGES = 8  # fewer gives per-block damage too noisy to rank modes by
 
@@ -34,15 +35,22 @@ def image_files(root: str | Path) -> tuple[Path, list[Path]]:
     return folder, find_images(folder, error=CalibrationDataError)
 
 
+def check_image_count(count: int) -> None:
+    """Refuse fewer than ``MIN_IMAGES`` calibration images (before any model or image is loaded)."""
+    if count < MIN_IMAGES:
+        raise CalibrationDataError(f"calibration needs at least {MIN_IMAGES} images, asked for {count}",
+                                   hint=Hint("images", "64"))
+
+
 def load_images(root: str | Path, model: nn.Module, count: int) -> tuple[torch.Tensor, dict]:
     """``([count, 3, H, W] images, source record)``: ``count`` images from ``root`` in ``model``'s eval transform.
 
     Fewer than ``MIN_IMAGES`` images (asked for or available), or a file that does not decode, is a
     ``CalibrationDataError``; if the folder has fewer than ``count``, all of them are used and the record says so.
     """
-    if count < MIN_IMAGES:
-        raise CalibrationDataError(f"calibration needs at least {MIN_IMAGES} images, asked for {count}",
-                                   hint=Hint("images", "64"))
+    from tofu_export.evaluation.data import model_transform
+
+    check_image_count(count)
     folder, files = image_files(root)
     if len(files) < MIN_IMAGES:
         raise CalibrationDataError(f"{folder} holds {len(files)} images; calibration needs at least {MIN_IMAGES}",

@@ -20,60 +20,19 @@ import statistics
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.measured import ExportSettings, clock_threads, round_robin
 from tofu_export.engines.ort import create_session
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.names import REDUCE_MODES
 from tofu_export.schedule import block_macs, plan_tokens
-
-NONE = "none"  # the block without token reduction
-
-
-@dataclass(frozen=True)
-class BlockLatency:
-    """Measured median latencies (ms) of one block at ``tokens[k]`` tokens, per variant, and of the rest."""
-
-    r: int
-    tokens: list[int]  # ascending token counts measured
-    block_ms: dict[str, list[float]]  # "none" | "prune" | "mean" | "mlerp" -> [len(tokens)] median ms
-    spread_ms: dict[str, list[float]]  # interquartile range over rounds ("none": of its ms; a mode: of mode - none)
-    stem_ms: float  # patch embedding, final norm and head (the model with no blocks)
-    rounds: int
-    backend: str
-    mlp_ms_per_token: list[float] = field(default_factory=list)  # [len(tokens)] MLP ms per token (0: not priced)
-
-    def block(self, mode: str, n: int, removed: int | None = None) -> float:
-        """ms of a block receiving ``n`` tokens that removes ``removed`` (default ``r``) with ``mode`` (``"none"``:
-        removes nothing)."""
-        ms = _interpolate(self.tokens, self.block_ms[mode], n)
-        if mode == NONE or removed is None or removed == self.r or not self.mlp_ms_per_token:
-            return ms
-        return ms + (self.r - removed) * _interpolate(self.tokens, self.mlp_ms_per_token, n)
-
-    def predict_ms(self, tokens0: int, num_prefix: int, r: Sequence[int], modes: Sequence[str]) -> float:
-        """Predicted latency of a model whose block i removes ``r[i]`` tokens with ``modes[i]``."""
-        plan = plan_tokens(tokens0, num_prefix, r, warn=False)
-        return self.stem_ms + sum(self.block(mode if removed else NONE, n, removed)
-                                  for n, removed, mode in zip(plan.tokens, plan.r, modes, strict=True))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _interpolate(xs: Sequence[int], ys: Sequence[float], n: int) -> float:
-    """``ys`` at ``n``, linear between the two measured ``xs`` around it (extrapolated at the ends)."""
-    if len(xs) == 1:
-        return ys[0]
-    k = min(max(int(np.searchsorted(xs, n)) - 1, 0), len(xs) - 2)
-    return ys[k] + (ys[k + 1] - ys[k]) * (n - xs[k]) / (xs[k + 1] - xs[k])
 
 
 def mlp_share(model: nn.Module, tokens: int) -> float:

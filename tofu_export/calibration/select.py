@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tofu_export.calibration.latency import NONE, BlockLatency
+from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.errors import Hint, UserError
 from tofu_export.schedule import max_reduction
 

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tofu_export.calibration.damage import derive_damage, verify
-from tofu_export.calibration.latency import BlockLatency
+from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.select import Budget, Candidate, Damage, choose
 from tofu_export.models.family import family_of
 from tofu_export.schedule import plan_tokens
 
 if TYPE_CHECKING:
-    from tofu_export.calibration.calibrate import Calibration
+    from tofu_export.calibration.search import Calibration
 
 FRONT_COUNT = 3
 SearchSpace = tuple[dict[str, list[str]], list[int], Damage, BlockLatency, int, int]  # stepped_ladders' arguments

@@ -1,4 +1,5 @@
-"""``calibrate``: measure a model on the user's images and choose a ToFu policy under a budget.
+"""Measure a model on the user's images once (``measure``), then search for a ToFu policy under a budget
+(``Calibration.policy``); ``calibrate`` does both.
 
     images, source = load_images("data/fashion-mnist", model, 64)
     policy = calibrate(model, images, r=16, budget=Budget(min_cosine=0.995), source=source)
@@ -36,7 +37,8 @@ from torch import Tensor, nn
 
 from tofu_export.calibration.damage import damage_by_r, verify
 from tofu_export.calibration.floor import floor_choice
-from tofu_export.calibration.latency import BlockLatency, measure_block_latency, sample_token_counts
+from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
+from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosine, split_held_out
 from tofu_export.calibration.select import Budget, Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import measured_choice

@@ -1,0 +1,55 @@
+"""The latency model calibration predicts with: one block's measured latency per reduce mode at a few token counts.
+
+Pure data and arithmetic (no torch), so a budget can be checked before a model is loaded. ``calibration.latency``
+measures it; ``select``, ``shortlist`` and ``floor`` predict with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tofu_export.schedule import plan_tokens
+
+NONE = "none"  # the block without token reduction
+
+
+@dataclass(frozen=True)
+class BlockLatency:
+    """Measured median latencies (ms) of one block at ``tokens[k]`` tokens, per variant, and of the rest."""
+
+    r: int
+    tokens: list[int]  # ascending token counts measured
+    block_ms: dict[str, list[float]]  # "none" | "prune" | "mean" | "mlerp" -> [len(tokens)] median ms
+    spread_ms: dict[str, list[float]]  # interquartile range over rounds ("none": of its ms; a mode: of mode - none)
+    stem_ms: float  # patch embedding, final norm and head (the model with no blocks)
+    rounds: int
+    backend: str
+    mlp_ms_per_token: list[float] = field(default_factory=list)  # [len(tokens)] MLP ms per token (0: not priced)
+
+    def block(self, mode: str, n: int, removed: int | None = None) -> float:
+        """ms of a block receiving ``n`` tokens that removes ``removed`` (default ``r``) with ``mode`` (``"none"``:
+        removes nothing)."""
+        ms = _interpolate(self.tokens, self.block_ms[mode], n)
+        if mode == NONE or removed is None or removed == self.r or not self.mlp_ms_per_token:
+            return ms
+        return ms + (self.r - removed) * _interpolate(self.tokens, self.mlp_ms_per_token, n)
+
+    def predict_ms(self, tokens0: int, num_prefix: int, r: Sequence[int], modes: Sequence[str]) -> float:
+        """Predicted latency of a model whose block i removes ``r[i]`` tokens with ``modes[i]``."""
+        plan = plan_tokens(tokens0, num_prefix, r, warn=False)
+        return self.stem_ms + sum(self.block(mode if removed else NONE, n, removed)
+                                  for n, removed, mode in zip(plan.tokens, plan.r, modes, strict=True))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _interpolate(xs: Sequence[int], ys: Sequence[float], n: int) -> float:
+    """``ys`` at ``n``, linear between the two measured ``xs`` around it (extrapolated at the ends)."""
+    if len(xs) == 1:
+        return ys[0]
+    k = min(max(int(np.searchsorted(xs, n)) - 1, 0), len(xs) - 2)
+    return ys[k] + (ys[k + 1] - ys[k]) * (n - xs[k]) / (xs[k + 1] - xs[k])
