@@ -1,0 +1,52 @@
+"""A bad option is refused before torch is imported: the answer takes a fraction of a second, not the ~3-5 CPU-s of
+loading torch, timm and the exporters. One fresh interpreter runs each command's ``main()`` in turn and reports, after
+each, its exit code, its error line and whether torch has been imported so far."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from commands import run_guarded
+
+COMMANDS = {
+    "export": ["export", "model.pth", "--r", "2", "--tolerance", "-1", "-o", "out"],
+    "demo": ["demo", "--r", "many", "-o", "demo_out"],
+    "sweep": ["sweep", "model.pth", "--r", "a,b", "-o", "sw"],
+    "calibrate images": ["calibrate", "model.pth", "data", "--images", "0", "-o", "p.json"],
+    "calibrate budget": ["calibrate", "model.pth", "data", "--min-cosine", "2", "-o", "p.json"],
+    "help": ["--help"],
+}
+SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "calibrate images": "--images",
+        "calibrate budget": "--min-cosine", "help": ""}
+
+PROBE = r"""
+import contextlib, io, json, sys
+from tofu_export.cli import main
+for name, args in json.loads(sys.argv[1]).items():
+    sys.argv, err = ["tofu-export", *args], io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main()
+            code = 0
+        except SystemExit as done:
+            code = done.code
+    print(json.dumps([name, code, err.getvalue(), "torch" in sys.modules]), flush=True)
+"""
+
+
+def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    (tmp_path / "model.pth").write_bytes(b"")  # never read: the options are refused first
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    done = run_guarded([sys.executable, "-c", PROBE, json.dumps(COMMANDS)], tmp_path, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [name for name, *_ in results] == list(COMMANDS), done.stdout
+    for name, code, error, torch_loaded in results:
+        assert code == (0 if name == "help" else 2), (name, error)
+        assert SAYS[name] in error and "Traceback" not in error, (name, error)
+        assert not torch_loaded, f"{name}: torch was imported to refuse {COMMANDS[name]}"
+    assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png"))
