@@ -1,6 +1,6 @@
-"""A bad option is refused before torch is imported: the answer takes a fraction of a second, not the ~3-5 CPU-s of
-loading torch, timm and the exporters. One fresh interpreter runs each command's ``main()`` in turn and reports, after
-each, its exit code, its error line and whether torch has been imported so far."""
+"""A bad option (or a graph that does not parse) is refused before torch is imported: the answer takes a fraction
+of a second, not the ~3-5 CPU-s of loading torch, timm and the exporters. One fresh interpreter runs each command's
+``main()`` in turn and reports, after each, its exit code, its error and whether torch has been imported so far."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ COMMANDS = {
     "sweep": ["sweep", "model.pth", "--r", "a,b", "-o", "sw"],
     "calibrate images": ["calibrate", "model.pth", "data", "--images", "0", "-o", "p.json"],
     "calibrate budget": ["calibrate", "model.pth", "data", "--min-cosine", "2", "-o", "p.json"],
+    "profile": ["profile", "broken.onnx", "--report", "report.md"],  # a graph that does not parse
     "help": ["--help"],
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "calibrate images": "--images",
-        "calibrate budget": "--min-cosine", "help": ""}
+        "calibrate budget": "--min-cosine", "profile": "not an ONNX model", "help": ""}
 
 PROBE = r"""
 import contextlib, io, json, sys
@@ -40,6 +41,7 @@ for name, args in json.loads(sys.argv[1]).items():
 def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "model.pth").write_bytes(b"")  # never read: the options are refused first
     (tmp_path / "data").mkdir()
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07\x12\x05torch" + bytes(range(40)))
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
     done = run_guarded([sys.executable, "-c", PROBE, json.dumps(COMMANDS)], tmp_path, env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,4 +51,4 @@ def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> Non
         assert code == (0 if name == "help" else 2), (name, error)
         assert SAYS[name] in error and "Traceback" not in error, (name, error)
         assert not torch_loaded, f"{name}: torch was imported to refuse {COMMANDS[name]}"
-    assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png"))
+    assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png", "report.md"))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from tofu_export.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RunnerError(UserError, ValueError):
@@ -81,6 +82,8 @@ def run_in_fixed_batches(
     """
     if fixed_batch is None or images.shape[0] == fixed_batch:
         return run(images)
+    import torch  # the runners' tensors; imported here so that the records above cost no torch
+
     outputs = []
     for start in range(0, images.shape[0], fixed_batch):
         chunk = images[start : start + fixed_batch]
@@ -96,6 +99,8 @@ def run_images(
 ) -> torch.Tensor:
     """``run`` over ``images`` ``[B, C, H, W]`` (torch or numpy, moved to the CPU), checked against the static
     ``spec.chw`` and cut into chunks of the static ``spec.batch`` if there is one (see ``run_in_fixed_batches``)."""
+    import torch
+
     images = torch.as_tensor(images).detach().cpu().contiguous()
     if list(images.shape[1:]) != list(spec.chw):
         raise RunnerError(
@@ -107,6 +112,8 @@ def run_images(
 
 def random_batches(chw: Sequence[int], seed: int, device: str = "cpu") -> Callable[[int], torch.Tensor]:
     """``batch(B)``: a normal random ``[B, *chw]`` float32 tensor on ``device``, drawn once per batch size."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     cache: dict[int, torch.Tensor] = {}
 

@@ -8,15 +8,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
 from tofu_export.engines.ort_profile import OrtProfile, parse_ort_profile
 from tofu_export.onnx_file import check_onnx_file
+
+if TYPE_CHECKING:
+    import torch
 
 Provider = Literal["cpu", "cuda", "tensorrt", "auto"]
 Optimization = Literal["all", "extended", "basic", "disable"]
@@ -144,6 +146,8 @@ class OrtRunner:
         return run_images(self._first_output, images, self.input, self.onnx_path.name)
 
     def _first_output(self, images: torch.Tensor) -> torch.Tensor:
+        import torch  # the runners' common currency; not needed to open or time a graph
+
         (output, *_) = self.session.run(None, {self.input.name: images.numpy().astype(self._dtype, copy=False)})
         return torch.from_numpy(output)
 
