@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING
 
 from tofu_export.calibration.damage import verify
 from tofu_export.calibration.select import Budget, BudgetError, Candidate
-from tofu_export.calibration.shortlist import Shortlisted, policy_key, rule_fronts, search_space, stepped_ladders
+from tofu_export.calibration.shortlist import (
+    Shortlisted,
+    policy_key,
+    rule_fronts,
+    search_space,
+    stepped_ladders,
+    unique,
+)
 from tofu_export.errors import Hint
 
 if TYPE_CHECKING:
@@ -81,12 +88,7 @@ def floor_shortlist(ladders: Sequence[Ladder], limits: Sequence[float]) -> list[
     increasing predicted latency (ties: less predicted damage), each policy once (its first source kept)."""
     listed = [(f"{source} #{i}", rungs[i], k) for k, ((source, rungs, count), limit) in
               enumerate(zip(ladders, limits, strict=True)) for i in around_floor(rungs, limit, count)]
-    seen, out = set(), []
-    for source, c, k in sorted(listed, key=lambda x: (x[1].latency_ms, x[1].damage)):
-        if policy_key(c) not in seen:
-            seen.add(policy_key(c))
-            out.append((source, c, k))
-    return out
+    return unique(sorted(listed, key=lambda x: (x[1].latency_ms, x[1].damage)))
 
 
 def best_passing(tried: Sequence[Tried], min_cosine: float) -> Tried | None:

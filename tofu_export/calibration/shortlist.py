@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tofu_export.calibration.damage import derive_damage, verify
 from tofu_export.calibration.latency_model import BlockLatency
@@ -111,13 +111,17 @@ def policy_key(c: Candidate) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(m if k else "-" for m, k in zip(c.modes, c.r, strict=True)), c.r
 
 
-def unique(listed: Sequence[tuple[str, Candidate]]) -> list[tuple[str, Candidate]]:
-    """``listed`` without repeats of a policy (``policy_key``), the first kept."""
+Listed = TypeVar("Listed", bound=tuple)  # (source, candidate, ...): a candidate listed with where it came from
+
+
+def unique(listed: Sequence[Listed]) -> list[Listed]:
+    """``listed`` (tuples whose second item is the candidate) without repeats of a policy (``policy_key``), the
+    first kept."""
     seen, out = set(), []
-    for source, c in listed:
-        if policy_key(c) not in seen:
-            seen.add(policy_key(c))
-            out.append((source, c))
+    for item in listed:
+        if policy_key(item[1]) not in seen:
+            seen.add(policy_key(item[1]))
+            out.append(item)
     return out
 
 
