@@ -149,3 +149,50 @@ def test_a_held_lock_is_waited_on_for_a_bounded_time_and_names_its_holder(tmp_pa
     finally:
         holder.kill()
         holder.wait()
+
+
+_IMPORT_SIGNALS_ITSELF = """
+import os, signal, time
+os.kill(os.getpid(), signal.{name})
+{second}
+time.sleep(0.3)  # the signal is pending here, inside the import
+done = True
+"""
+
+_RUN = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from tofu_export.cli.signals import raise_on_signals
+raise_on_signals()
+try:
+    import signals_itself
+except KeyboardInterrupt:
+    print("raised inside the import")
+    sys.exit(1)
+try:
+    time.sleep(10)
+except KeyboardInterrupt as interrupt:
+    print("raised after the import:", type(interrupt).__name__, signals_itself.done)
+    sys.exit(0)
+print("never raised")
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_an_import_is_raised_when_the_import_ends(tmp_path: Path, name: str) -> None:
+    """Raising inside an import leaves extension modules half made (torch turned it into a warning and a later
+    ``import numpy`` failed: exit 4 in CI), so the signal waits for the import, then raises as usual."""
+    (tmp_path / "signals_itself.py").write_text(_IMPORT_SIGNALS_ITSELF.format(name=name, second=""))
+    result = subprocess.run((sys.executable, "-c", _RUN, str(tmp_path)), capture_output=True, text=True,
+                            timeout=120, env=_env())
+    kind = "KeyboardInterrupt" if name == "SIGINT" else "Terminated"
+    assert (result.returncode, result.stdout.strip()) == (0, f"raised after the import: {kind} True"), result
+
+
+def test_a_second_signal_while_the_first_waits_for_an_import_exits_at_once(tmp_path: Path) -> None:
+    second = "time.sleep(0.05); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)"
+    (tmp_path / "signals_itself.py").write_text(_IMPORT_SIGNALS_ITSELF.format(name="SIGTERM", second=second))
+    result = subprocess.run((sys.executable, "-c", _RUN, str(tmp_path)), capture_output=True, text=True,
+                            timeout=120, env=_env())
+    assert result.returncode == 128 + signal.SIGTERM, result
+    assert (result.stdout, result.stderr.strip()) == ("", "error: stopped by SIGTERM"), result

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from tofu_export.cli.groups import flag_for
+from tofu_export.cli.signals import describe, quiet_exit_installed, raise_on_signals, second_signal_exits_quietly
 from tofu_export.errors import Hint, ToFuError
 
 EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_ENGINE_NOT_BUILT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
@@ -27,45 +28,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=True)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C so that every ``finally`` and staging cleanup runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_terminated(signum: int, _frame: Any) -> None:
-    raise Terminated(signum)
-
-
-def install_signal_handlers() -> None:
-    """While a command runs: SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated`` (the default
-    action would kill the process mid-write), so every ``finally`` and staging cleanup runs. This replaces the
-    quiet exit ``tofu_export.cli`` installs for the import and argument-parsing phase."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _raise_terminated)
-
-
 def _enter_command() -> None:
-    """At the command's boundary in the console script: signals start raising (see ``install_signal_handlers``).
-    Before it, while click parses the arguments, they keep exiting at once with 128 + signum (there is nothing to
-    clean up, and click would turn an exception into a silent exit 130). Elsewhere (a library caller, a test's
-    CliRunner) the process's own handlers are left alone."""
-    from tofu_export.cli import quiet_exit_installed
-
+    """At the command's boundary in the console script, signals start raising (see ``cli.signals``). Before it,
+    while click parses the arguments, they keep exiting at once with 128 + signum (there is nothing to clean up,
+    and click would turn an exception into a silent exit 130). Elsewhere (a library caller, a test's CliRunner)
+    the process's own handlers are left alone."""
     if quiet_exit_installed():
-        install_signal_handlers()
-
-
-def _second_signal_exits_quietly() -> None:
-    """A signal arriving while the first one is being reported ends the process quietly (entry point only)."""
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
-        from tofu_export.cli import exit_quietly_on_signals
-
-        exit_quietly_on_signals()
+        raise_on_signals()
 
 
 _OS_ADVICE = {
@@ -156,12 +125,11 @@ def guarded(fn: F) -> F:
             _print_error(render(error))
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:
-            _second_signal_exits_quietly()
+            second_signal_exits_quietly()
             if debug_enabled():
                 raise
             signum = getattr(interrupt, "signum", signal.SIGINT)
-            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-            _print_error(f"{what}; no partial output was left behind")
+            _print_error(f"{describe(signum)}; no partial output was left behind")
             raise typer.Exit(128 + signum) from None
         except BrokenPipeError:  # stdout closed early (`| head`): not an error of the command
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
