@@ -59,6 +59,27 @@ def test_chunk_splits_are_given_explicit_sizes(opset: int, tmp_path: Path) -> No
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=0, atol=1e-6)
 
 
+class Norms(torch.nn.Module):
+    """2-norms over one and two axes (written out), a 1-norm and a norm over every axis (torch's translations)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 4, 6] -> [B, 4, 1]
+        return (x.norm(dim=-1, keepdim=True) + x.norm(dim=(1, 2)).reshape(-1, 1, 1)
+                + x.norm(p=1, dim=-1, keepdim=True) + x.norm())
+
+
+def test_two_norms_over_given_axes_are_written_out_and_the_rest_kept(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Norms().eval(), torch.randn(3, 4, 6)
+    trace_dynamo(model, x, tmp_path / "norms.onnx", 17, "input", "output")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "norms.onnx")).graph.node]
+    assert ops.count("ReduceL2") == 1 and ops.count("ReduceL1") == 1  # x.norm() and the 1-norm: torch's own
+    assert ops.count("Sqrt") == 2 and ops.count("ReduceSum") == 2  # the two 2-norms over given axes
+    session = onnxruntime.InferenceSession(str(tmp_path / "norms.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-6, atol=1e-6)
+
+
 def _checked_export(model: torch.nn.Module, path: Path, img_size: int, opset: int) -> None:
     result = export_onnx(model, path, img_size, exporter="dynamo", opset=opset)
     assert result.parity is not None and result.parity.ok

@@ -42,6 +42,23 @@ def test_nodes_are_split_into_pointwise_chains_shape_ops_and_the_rest() -> None:
     assert "TopK 1" in costs.render()
 
 
+def test_a_written_out_l2_norm_costs_what_reduce_l2_costs() -> None:
+    """TensorRT's importer writes ReduceL2 as a square, a sum and a square root: the same layers as the three ops the
+    dynamo exporter writes instead (ONNX Runtime runs those faster), so both count the same kernels."""
+    scope = "/blocks/blocks.0/reduce"
+    tail = [helper.make_node("Clip", ["n", "eps"], ["c"], name=f"{scope}/Clip"),
+            helper.make_node("Div", ["x", "c"], ["y"], name=f"{scope}/Div")]
+    fused = [helper.make_node("ReduceL2", ["x"], ["n"], name=f"{scope}/ReduceL2", axes=[-1], keepdims=1), *tail]
+    written = [helper.make_node("Mul", ["x", "x"], ["sq"], name=f"{scope}/Mul"),
+               helper.make_node("ReduceSum", ["sq", "axes"], ["ss"], name=f"{scope}/ReduceSum", keepdims=1),
+               helper.make_node("Sqrt", ["ss"], ["n"], name=f"{scope}/Sqrt"), *tail]
+    one, three = reduction_costs(_graph(fused)).blocks[0], reduction_costs(_graph(written)).blocks[0]
+    assert one.kernels == three.kernels == 2  # the reduction, then the Clip -> Div chain
+    assert (three.nodes, three.pointwise, three.other) == (5, 4, 1)
+    square_used_twice = [*written, helper.make_node("Add", ["sq", "x"], ["z"], name=f"{scope}/Add")]
+    assert reduction_costs(_graph(square_used_twice)).blocks[0].kernels == 3  # the square is a kernel of its own
+
+
 def test_a_graph_without_reduction_has_no_blocks() -> None:
     nodes = [helper.make_node("Relu", ["x"], ["y"], name="/blocks/blocks.0/mlp/act/Relu")]
     costs = reduction_costs(_graph(nodes))
@@ -57,8 +74,10 @@ def test_a_tofu_export_reduces_in_every_block_and_merges_with_pointwise_ops(tmp_
     costs = reduction_costs(tmp_path / "m.onnx")
     assert [b.block for b in costs.blocks] == [0, 1, 2, 3]
     prune, merge = costs.blocks[0], costs.blocks[1]
-    # MLERP adds three norms (sources, kept rows, sums); a simplifier may leave the key normalisation in either block
-    assert merge.ops["ReduceL2"] - prune.ops.get("ReduceL2", 0) == 3
+    # MLERP adds three norms (sources, kept rows, sums), each Sqrt(ReduceSum(x * x)) and never ONNX Runtime's slower
+    # ReduceL2; a simplifier may leave the key normalisation in either block
+    assert merge.ops["Sqrt"] - prune.ops.get("Sqrt", 0) == 3
+    assert "ReduceL2" not in merge.ops and "ReduceL2" not in prune.ops
     assert prune.kernels < merge.kernels <= 25  # the static reduction's budget (issue 23)
     assert prune.ops["TopK"] == merge.ops["TopK"] == 3  # best match (k=1), edge order, unmerged order
     assert "ReduceMax" not in prune.ops and "ArgMax" not in prune.ops  # the best match is one TopK(k=1)

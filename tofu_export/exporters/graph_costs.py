@@ -3,7 +3,9 @@
 On a GPU at batch 1 each node that is not fused is a kernel launch, so the nodes the reduction adds per block are
 the risk that its speed-up vanishes there. TensorRT fuses chains of pointwise ops into one kernel, and shape-only
 ops (``Reshape``, ``Squeeze``...) usually cost none; everything else (TopK, gathers, matmuls, reductions, slices,
-concats) is typically one kernel each. ``reduction_costs`` splits a block's reduction nodes that way.
+concats) is typically one kernel each. ``reduction_costs`` splits a block's reduction nodes that way. A square
+``Mul(x, x)`` that only feeds a ``ReduceSum``, and the ``Sqrt`` of that sum, count with the sum: they are the layers
+TensorRT's ONNX importer itself writes for a ``ReduceL2`` (square, sum, square root), which counts as one.
 
 A node belongs to block ``i``'s reduction when its name has the module scope ``blocks.i/reduce`` (both exporters
 name nodes so). Nodes a simplifier renamed without a scope are given the scope of their consumers when those all
@@ -111,8 +113,31 @@ def _block_cost(block: int, nodes: list[onnx.NodeProto]) -> BlockCost:
     pointwise = sum(n for op, n in ops.items() if op in POINTWISE_OPS)
     shape = sum(n for op, n in ops.items() if op in SHAPE_OPS)
     other = len(nodes) - pointwise - shape
-    return BlockCost(block, len(nodes), pointwise, shape, other, other + _pointwise_chains(nodes),
-                     dict(ops.most_common()))
+    written_out = _reduce_l2_written_out(nodes)
+    chains = _pointwise_chains([node for node in nodes if id(node) not in written_out])
+    return BlockCost(block, len(nodes), pointwise, shape, other, other + chains, dict(ops.most_common()))
+
+
+def _reduce_l2_written_out(nodes: list[onnx.NodeProto]) -> set[int]:
+    """``id``s of the pointwise halves of ``Sqrt(ReduceSum(Mul(x, x)))``: the square whose every consumer is a
+    ``ReduceSum``, and a ``Sqrt`` that is such a sum's only consumer (see the module docstring)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only(name: str, op_type: str) -> list[onnx.NodeProto]:
+        users = consumers.get(name, [])
+        return users if users and all(user.op_type == op_type for user in users) else []
+
+    found: set[int] = set()
+    for node in nodes:
+        if node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]:
+            sums = only(node.output[0], "ReduceSum")
+            if sums:
+                found.add(id(node))
+                found.update(id(root) for total in sums for root in only(total.output[0], "Sqrt")[:1])
+    return found
 
 
 def _pointwise_chains(nodes: list[onnx.NodeProto]) -> int:
