@@ -13,7 +13,14 @@ import os
 import signal
 import sys
 
-from tofu_export.cli.signals import SIGNALS, exit_quietly, exit_quietly_on_signals, flush_and_exit, quiet_exit_installed
+from tofu_export.cli.signals import (
+    SIGNALS,
+    exit_quietly,
+    exit_quietly_on_signals,
+    finish,
+    flush_and_exit,
+    quiet_exit_installed,
+)
 
 
 def _is_entry_point() -> bool:
@@ -21,7 +28,8 @@ def _is_entry_point() -> bool:
     return os.path.basename(sys.argv[0] if sys.argv else "") in ("tofu-export", "-m")
 
 
-if _is_entry_point() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+_ENTRY_POINT = _is_entry_point() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if _ENTRY_POINT:
     exit_quietly_on_signals()  # before the heavy imports below (typer, rich, then torch in the commands)
 
 from tofu_export.cli.app import app  # noqa: E402
@@ -37,6 +45,8 @@ def main() -> None:
         exit_quietly_on_signals()
         exit_quietly(getattr(interrupt, "signum", signal.SIGINT))
     except SystemExit as done:
+        if _ENTRY_POINT and (done.code is None or isinstance(done.code, int)):
+            finish(done.code or 0)  # no interpreter teardown, where a signal would kill the process silently
         if done.code in {128 + signum for signum in SIGNALS}:  # a command stopped by a signal, cleanup done:
             exit_quietly_on_signals()
             flush_and_exit(done.code)

@@ -5,6 +5,9 @@ never an exception inside an import.
   one line on stderr, exit 128 + signum. Nothing has been written, so there is nothing to clean up.
 - While a command runs, a signal raises (``KeyboardInterrupt``; ``Terminated`` for SIGTERM and SIGHUP), so every
   ``finally`` and staging cleanup runs on the way out.
+- The console script ends without the interpreter's teardown (``finish``): the teardown restores the default
+  actions, and a signal arriving then (a late Ctrl-C, or one that waited for an import) killed the process with no
+  message.
 - A signal that arrives while a module is being imported waits until the import ends. An exception raised
   inside an extension module's initialisation leaves it half made: torch turns it into a warning and a later
   ``import numpy`` fails ("cannot load module more than once per process"), or its C++ aborts the process. A
@@ -13,6 +16,7 @@ never an exception inside an import.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -46,6 +50,15 @@ def flush_and_exit(code: int) -> None:
         with contextlib.suppress(Exception):  # a closed stream: exit all the same
             stream.flush()
     os._exit(code)
+
+
+def finish(code: int) -> None:
+    """End the console script with ``code``: signals exit quietly from here on, the ``atexit`` handlers run
+    (temporary folders are removed), the streams are flushed, and the interpreter's teardown is skipped."""
+    exit_quietly_on_signals()
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    flush_and_exit(code)
 
 
 def quiet_exit_installed() -> bool:
