@@ -136,7 +136,8 @@ def _reduce_l2_written_out(nodes: list[onnx.NodeProto]) -> set[int]:
             sums = only(node.output[0], "ReduceSum")
             if sums:
                 found.add(id(node))
-                found.update(id(root) for total in sums for root in only(total.output[0], "Sqrt")[:1])
+                roots = [only(total.output[0], "Sqrt") for total in sums]
+                found.update(id(users[0]) for users in roots if len(users) == 1)
     return found
 
 
