@@ -126,6 +126,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mixed_tofu_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``deit_tiny_patch16_224`` (4 blocks, 64 px, random init from seed 0) with ToFu r=3, block 0 pruning and blocks
+    1-3 merging (MLERP), exported with the default settings. Its dynamo trace goes through the session's trace cache,
+    so the modules that read this graph share one trace whichever worker runs them. Read it; never write beside it."""
+    from tofu_export import patch
+    from tofu_export.exporters import onnx as exporter
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_ARCH, pretrained=False, depth=4, img_size=TINY_IMG).eval()
+    patch(model, r=3, mode="tofu", prune_layers=1, img_size=TINY_IMG)
+    path = tmp_path_factory.mktemp("mixed_tofu") / "model.onnx"
+    folder = os.environ.get(ENV, "off")
+    with pytest.MonkeyPatch.context() as patcher:
+        if folder != "off":
+            patcher.setattr(exporter, "_trace_dynamo", cached(exporter._trace_dynamo, Path(folder)))
+        exporter.export_onnx(model, path, TINY_IMG)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The artifact folder of ``tiny_checkpoint`` exported with ToFu r=2 and the default settings, without the
     quick look. Shared: a test that writes into it must copy it first (``shutil.copytree``)."""

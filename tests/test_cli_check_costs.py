@@ -5,45 +5,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import timm
-import torch
 from typer.testing import CliRunner
 
-import tofu_export
 from tofu_export.cli import app
-from tofu_export.exporters.onnx import export_onnx
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 
 
-@pytest.fixture(scope="module")
-def tofu_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=3, img_size=64).eval()
-    tofu_export.patch(model, r=3, mode="tofu", img_size=64)
-    path = tmp_path_factory.mktemp("costs") / "m.onnx"
-    export_onnx(model, path, 64)
-    return path
-
-
-def test_costs_table_lists_every_reducing_block(tofu_onnx: Path) -> None:
-    result = CliRunner().invoke(app, ["check", str(tofu_onnx), "--trt", "10", "--costs"], env=ENV)
+def test_costs_table_lists_every_reducing_block(mixed_tofu_onnx: Path) -> None:
+    result = CliRunner().invoke(app, ["check", str(mixed_tofu_onnx), "--trt", "10", "--costs"], env=ENV)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("block  nodes"))
     end = next(i for i in range(header + 1, len(lines)) if lines[i].startswith("total"))  # the verdict table follows
     blocks = [line.split()[0] for line in lines[header + 1:end + 1] if line.strip()]
-    assert blocks == ["0", "1", "2", "total"]
+    assert blocks == ["0", "1", "2", "3", "total"]
     assert "TopK 3" in lines[header + 1]  # best match (k=1), edge order, unmerged order
 
 
-def test_costs_in_json_and_absent_without_the_flag(tofu_onnx: Path) -> None:
-    result = CliRunner().invoke(app, ["check", str(tofu_onnx), "--trt", "10", "--costs", "--json"], env=ENV)
+def test_costs_in_json_and_absent_without_the_flag(mixed_tofu_onnx: Path) -> None:
+    result = CliRunner().invoke(app, ["check", str(mixed_tofu_onnx), "--trt", "10", "--costs", "--json"], env=ENV)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert [b["block"] for b in report["reduction_costs"]["blocks"]] == [0, 1, 2]
+    assert [b["block"] for b in report["reduction_costs"]["blocks"]] == [0, 1, 2, 3]
     assert report["reduction_costs"]["total"]["nodes"] == sum(b["nodes"] for b in report["reduction_costs"]["blocks"])
     assert all(b["kernels"] <= 25 for b in report["reduction_costs"]["blocks"])  # MLERP's budget (issue 23)
-    plain = json.loads(CliRunner().invoke(app, ["check", str(tofu_onnx), "--trt", "10", "--json"], env=ENV).output)
-    assert "reduction_costs" not in plain
+    plain = CliRunner().invoke(app, ["check", str(mixed_tofu_onnx), "--trt", "10", "--json"], env=ENV)
+    assert "reduction_costs" not in json.loads(plain.output)

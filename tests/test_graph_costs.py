@@ -6,13 +6,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-import timm
-import torch
 from onnx import TensorProto, helper
 
-import tofu_export
 from tofu_export.exporters.graph_costs import reduction_costs
-from tofu_export.exporters.onnx import export_onnx
 
 
 def _graph(nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
@@ -66,12 +62,8 @@ def test_a_graph_without_reduction_has_no_blocks() -> None:
 
 
 @pytest.mark.slow
-def test_a_tofu_export_reduces_in_every_block_and_merges_with_pointwise_ops(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=4, img_size=64).eval()
-    tofu_export.patch(model, r=3, mode="tofu", prune_layers=1, img_size=64)  # block 0 prunes, 1-3 merge (MLERP)
-    export_onnx(model, tmp_path / "m.onnx", 64)
-    costs = reduction_costs(tmp_path / "m.onnx")
+def test_a_tofu_export_reduces_in_every_block_and_merges_with_pointwise_ops(mixed_tofu_onnx: Path) -> None:
+    costs = reduction_costs(mixed_tofu_onnx)  # conftest: 4 blocks, r=3; block 0 prunes, 1-3 merge (MLERP)
     assert [b.block for b in costs.blocks] == [0, 1, 2, 3]
     prune, merge = costs.blocks[0], costs.blocks[1]
     # MLERP adds three norms (sources, kept rows, sums), each Sqrt(ReduceSum(x * x)) and never ONNX Runtime's slower

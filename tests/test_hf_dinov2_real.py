@@ -59,6 +59,14 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module
     return timm_model, hf_model, timm_convert.load_images(paths, IMG)
 
 
+@pytest.fixture(scope="module")
+def unreduced(converted: tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]) -> torch.Tensor:
+    """The unpatched timm model's features of the real images."""
+    timm_model, _, images = converted
+    with torch.no_grad():
+        return timm_model(images)
+
+
 def test_both_families_read_the_same_architecture(converted: tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]
                                                   ) -> None:
     timm_model, hf_model, _ = converted
@@ -70,13 +78,12 @@ def test_both_families_read_the_same_architecture(converted: tuple[torch.nn.Modu
 
 @pytest.mark.parametrize("mode", ["tome", "prune", "mlerp", "tofu"])
 def test_patched_transformers_model_matches_patched_timm_model(
-    converted: tuple[torch.nn.Module, torch.nn.Module, torch.Tensor], mode: str
+    converted: tuple[torch.nn.Module, torch.nn.Module, torch.Tensor], unreduced: torch.Tensor, mode: str
 ) -> None:
     timm_model, hf_model, images = converted
-    with torch.no_grad():
-        unreduced = timm_model(images)
-        with patched(timm_model, r=R, mode=mode, img_size=IMG), patched(hf_model, r=R, mode=mode, img_size=IMG):
-            expected, got = timm_model(images), hf_model(images)
+    with torch.no_grad(), patched(timm_model, r=R, mode=mode, img_size=IMG), \
+            patched(hf_model, r=R, mode=mode, img_size=IMG):
+        expected, got = timm_model(images), hf_model(images)
     scale = float(expected.abs().max())
     assert float((got - expected).abs().max()) <= 1e-4 * scale
     assert float((expected - unreduced).abs().max()) > 1e-2 * scale  # r=16 really changes the features

@@ -11,8 +11,6 @@ The reference is open_clip's own ``create_model("local-dir:FOLDER")``.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,23 +150,18 @@ def test_cli_exports_a_hub_folder_and_refuses_a_wrong_config(files: dict[str, Pa
     """``tofu-export FOLDER``: exit 0, parity and the TensorRT check in the manifest, the ONNX graph computes the
     patched tower; a config that does not fit is exit 2 with one line naming ``--arch``, and writes nothing."""
     import onnxruntime
+    from typer.testing import CliRunner
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from commands import ForkServer
+    from tofu_export.cli.app import app
 
-    env = {**{k: v for k, v in os.environ.items() if k != "FORCE_COLOR"}, "NO_COLOR": "1", "COLUMNS": "200",
-           "OMP_NUM_THREADS": "1"}
-    server = ForkServer(env, tmp_path / "streams")
-    try:
-        runs = server.run_all({
-            "export": (["export", str(files["hub"]), "-r", "2", "--out", "out", "--no-bench", "--json"], tmp_path),
-            "wrong": (["export", str(files["bare"]), "--arch", "open_clip:ViT-B-32", "--out", "wrong"], tmp_path),
-        })
-    finally:
-        server.close()
-    done, wrong = runs["export"], runs["wrong"]
-    print(f"CPU seconds: export {done.cpu_s:.1f}, wrong config {wrong.cpu_s:.1f}\n{wrong.stderr}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    def invoke(*args: str):  # in this process: the command's own error boundary, as the console script's
+        return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "200"})
+
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.chdir(tmp_path)
+        done = invoke("export", str(files["hub"]), "-r", "2", "--out", "out", "--no-bench", "--json")
+        wrong = invoke("export", str(files["bare"]), "--arch", "open_clip:ViT-B-32", "--out", "wrong")
+    assert done.exit_code == 0, done.output[-3000:]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["arch"]["name"].startswith("open_clip:") and manifest["onnx"]["parity"]["ok"]
     assert manifest["tofu"]["tokens"] == [17, 15] and manifest["tensorrt_check"]["per_target"]["10"]
@@ -179,7 +172,7 @@ def test_cli_exports_a_hub_folder_and_refuses_a_wrong_config(files: dict[str, Pa
         expected = tower(_images()).numpy()
     got = session.run(None, {session.get_inputs()[0].name: _images().numpy()})[0]
     assert abs(got - expected).max() < 1e-5
-    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.exit_code == 2 and "Traceback" not in wrong.output
     error = wrong.stderr.partition("error:")[2].strip().split("\n")
     assert len(error) == 1 and "does not fit the open_clip config ViT-B-32" in error[0] and "--arch" in error[0]
     assert not (tmp_path / "wrong").exists()
