@@ -42,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import tofu_export
-from tofu_export.calibration import Budget, BudgetError, load_images, measure
+from tofu_export.calibration import Budget, BudgetError, choose_policy, load_images, measure
 from tofu_export.calibration.measured import ExportSettings, round_robin
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
@@ -144,7 +144,7 @@ def main() -> None:
     policies, p0 = {}, time.perf_counter()
     for rule, speedup in itertools.product(args.rules.split(","), (float(v) for v in args.speedups.split(","))):
         try:  # the bench times every artifact itself, on its clock: the policy's own timing is not repeated
-            policy = calibration.policy(Budget(speedup=speedup), rule=rule, measure_latency=False)
+            policy = choose_policy(calibration, Budget(speedup=speedup), rule=rule, measure_latency=False)
         except BudgetError as error:
             print(f"calibrated {rule} {speedup}x: {error}", file=sys.stderr)
             continue

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from tofu_export.calibration import Budget, BudgetError, Calibration, calibrate, measure, plot_policy
+from tofu_export.calibration import Budget, BudgetError, Calibration, calibrate, choose_policy, measure, plot_policy
 from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
 from tofu_export.calibration.latency import block_graph, sample_token_counts
 from tofu_export.calibration.latency_model import NONE, BlockLatency
@@ -125,7 +125,7 @@ def test_block_graph_has_the_reduced_token_count(vit, tmp_path, exporter, opset)
 def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_images, tmp_path) -> None:
     images = make_images(8, 64)
     shipped = dataclasses.replace(calibration, settings=ExportSettings())  # the policy's graphs: the default exporter
-    policy = shipped.policy(Budget(min_cosine=0.99))
+    policy = choose_policy(shipped, Budget(min_cosine=0.99))
     assert isinstance(policy, Policy) and not is_patched(vit)
     policy.check_fits(vit, 64)
     m = policy.measurements
@@ -177,7 +177,7 @@ def test_calibrate_refuses_bad_input(vit, make_images) -> None:
 
 def test_an_unreachable_speedup_names_the_fastest_policy(calibration) -> None:
     with pytest.raises(BudgetError, match=r"no policy reaches a 50\.00x speedup"):
-        calibration.policy(Budget(speedup=50.0), measure_latency=False)
+        choose_policy(calibration, Budget(speedup=50.0), measure_latency=False)
 
 
 @pytest.mark.parametrize("rule", ["damage", "linearity"])
@@ -185,7 +185,7 @@ def test_a_latency_budget_is_chosen_by_measurement_among_the_shortlist(calibrati
     modes = calibration.rule_modes()
     uniform = ["mean"] * 4 if rule == "damage" else modes["linearity"]  # ToMe; the paper's modes
     limit = calibration.latency.predict_ms(17, 1, [4] * 4, uniform) + 1e-9  # the budget: uniform r=4's latency
-    policy = calibration.policy(Budget(max_latency_ms=limit), measure_latency=False, rule=rule)
+    policy = choose_policy(calibration, Budget(max_latency_ms=limit), measure_latency=False, rule=rule)
     m = policy.measurements
     assert m["choice"].startswith("measured") and m["rule"] == rule and "measured_latency" not in m
     candidates = m["candidates"]

@@ -10,8 +10,8 @@ import torch
 
 from tofu_export.calibration.damage import derive_damage
 from tofu_export.calibration.latency_model import NONE, BlockLatency
+from tofu_export.calibration.linearity import linearity_modes
 from tofu_export.calibration.measured import at_speedup, clock_threads, tome_bracket
-from tofu_export.calibration.search import linearity_modes
 from tofu_export.calibration.select import Budget, BudgetError, choose, pareto_front, r_choices
 from tofu_export.errors import UserError
 from tofu_export.schedule import max_reduction, plan_tokens

@@ -13,9 +13,10 @@ from synthetic_calibration import block_latency, late_blocks_look_free
 from tofu_export.calibration import floor as floor_module
 from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist
 from tofu_export.calibration.latency_model import BlockLatency
-from tofu_export.calibration.search import Calibration
+from tofu_export.calibration.search import choose_policy
 from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
 from tofu_export.calibration.shortlist import policy_key, predicted_damage
+from tofu_export.calibration.state import Calibration
 from tofu_export.calibration.trace import Trace
 from tofu_export.schedule import plan_tokens
 
@@ -137,7 +138,7 @@ def test_the_policy_is_the_fastest_that_measures_the_floor_and_every_candidate_i
     budget = Budget(min_cosine=0.996)
     predicted = choose(calibration.front, budget, calibration.baseline_ms)
     assert _in_context(predicted.modes, predicted.r) < 0.996  # the predicted pick misses the floor when run
-    policy = calibration.policy(budget, measure_latency=False)
+    policy = choose_policy(calibration, budget, measure_latency=False)
     m = policy.measurements
     assert m["choice"].startswith("measured") and "measured_latency" not in m
     candidates = m["candidates"]
@@ -160,7 +161,7 @@ def policy_ms(policy) -> float:
 
 
 def test_the_linearity_rule_measures_only_the_papers_modes(calibration, runs) -> None:
-    policy = calibration.policy(Budget(min_cosine=0.996), measure_latency=False, rule="linearity")
+    policy = choose_policy(calibration, Budget(min_cosine=0.996), measure_latency=False, rule="linearity")
     assert all(mode == "mlerp" for modes, r in runs for mode, k in zip(modes, r, strict=True) if k)
     assert policy.measurements["rule"] == "linearity" and policy.measurements["measured_cosine"] >= 0.996
 
@@ -168,7 +169,7 @@ def test_the_linearity_rule_measures_only_the_papers_modes(calibration, runs) ->
 def test_a_floor_nothing_measured_meets_is_an_error_naming_the_best_measured(calibration, runs) -> None:
     with pytest.raises(BudgetError, match=r"no policy measured keeps min_cosine=0\.9999: the best of \d+ run on "
                                           r"the search images measures 0\.99") as caught:
-        calibration.policy(Budget(min_cosine=0.9999), measure_latency=False)
+        choose_policy(calibration, Budget(min_cosine=0.9999), measure_latency=False)
     best = max(_in_context(modes, r) for modes, r in runs)
     assert f"measures {best:.5f} (" in str(caught.value) and caught.value.exit_code == 2
     hint = caught.value.hint

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"Calibration": "search", "calibrate": "search", "measure": "search",
+_WHERE = {"Calibration": "state", "calibrate": "search", "choose_policy": "search", "measure": "search",
           "CalibrationDataError": "images", "load_images": "images", "plot_policy": "plot",
           "Budget": "select", "BudgetError": "select"}
 

@@ -45,7 +45,7 @@ from tofu_export.calibration.shortlist import (
 from tofu_export.errors import Hint
 
 if TYPE_CHECKING:
-    from tofu_export.calibration.search import Calibration
+    from tofu_export.calibration.state import Calibration
 
 FLOOR_ROUNDS = 3
 FRONT_AROUND = 2  # front candidates listed on each side of the floor

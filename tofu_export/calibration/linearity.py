@@ -43,3 +43,12 @@ def linearity_ratio(f: TokenMap, y1: Tensor, y2: Tensor) -> Tensor:
         f1, f2 = f(y1), f(y2)
         gap = f((y1 + y2) / 2) - (f1 + f2) / 2
         return gap.norm(dim=-1) / (f1 - f2).norm(dim=-1).clamp_min(_EPS)
+
+
+LINEARITY_THRESHOLD = 0.05  # mean criterion above which the linearity rule prunes (DINOv2-S/14: 0.005-0.06)
+
+
+def linearity_modes(linearity: list[Tensor], threshold: float = LINEARITY_THRESHOLD) -> list[str]:
+    """The paper's rule per block: ``"prune"`` where the mean criterion ``[B, r_i]`` exceeds ``threshold`` (the
+    block responds non-linearly to interpolated tokens), ``"mlerp"`` where it is closer to linear."""
+    return ["prune" if float(x.mean()) > threshold else "mlerp" for x in linearity]

@@ -1,12 +1,12 @@
 """Measure a model on the user's images once (``measure``), then search for a ToFu policy under a budget
-(``Calibration.policy``); ``calibrate`` does both.
+(``choose_policy``); ``calibrate`` does both.
 
     images, source = load_images("data/fashion-mnist", model, 64)
     policy = calibrate(model, images, r=16, budget=Budget(min_cosine=0.995), source=source)
     policy.save("policy.json"); plot_policy(policy, "policy.png")
 
     measured = measure(model, images, r=24)           # measure once, then choose for several budgets
-    policies = [measured.policy(Budget(speedup=s)) for s in (1.2, 1.5)]
+    policies = [choose_policy(measured, Budget(speedup=s)) for s in (1.2, 1.5)]
 
 Stages (a progress bar on stderr follows them): one unreduced pass keeping every block's input and the linearity
 criterion (``trace``); the damage of reducing in each block alone per mode, measured at r and 2r and derived at
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from rich.console import Console
@@ -38,11 +37,12 @@ from torch import Tensor, nn
 from tofu_export.calibration.damage import damage_by_r, verify
 from tofu_export.calibration.floor import floor_choice
 from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
-from tofu_export.calibration.latency_model import BlockLatency
+from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
 from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosine, split_held_out
 from tofu_export.calibration.select import Budget, Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import measured_choice
-from tofu_export.calibration.trace import Trace, trace
+from tofu_export.calibration.state import Calibration
+from tofu_export.calibration.trace import trace
 from tofu_export.calibration.versus_tome import timed_against_tome
 from tofu_export.errors import Hint, UserError
 from tofu_export.models.family import family_of, unpatched
@@ -51,7 +51,6 @@ from tofu_export.policy import Policy, model_record
 from tofu_export.schedule import max_reduction, plan_tokens
 
 RULES = ("damage", "linearity")
-LINEARITY_THRESHOLD = 0.05  # mean criterion above which the linearity rule prunes (DINOv2-S/14: 0.005-0.06)
 
 
 @contextmanager
@@ -78,111 +77,38 @@ def check_rule(rule: str) -> None:
         raise UserError(f"unknown mode rule {rule!r}; choose one of {', '.join(RULES)}", hint=Hint("rule", "damage"))
 
 
-def linearity_modes(linearity: list[Tensor], threshold: float = LINEARITY_THRESHOLD) -> list[str]:
-    """The paper's rule per block: ``"prune"`` where the mean criterion ``[B, r_i]`` exceeds ``threshold`` (the
-    block responds non-linearly to interpolated tokens), ``"mlerp"`` where it is closer to linear."""
-    return ["prune" if float(x.mean()) > threshold else "mlerp" for x in linearity]
+def choose_policy(calibration: Calibration, budget: Budget, progress: bool = False, *,
+                  measure_latency: bool = True, rounds: int = 20, rule: str = "damage") -> Policy:
+    """The budget's pick from ``calibration``: under a latency budget the best measured of the shortlist
+    (``shortlist``); under a fidelity floor the fastest predicted of the candidates around it that measures at
+    least the floor (``floor``). Then checked once on the held-out images and, with ``measure_latency``, timed on
+    its exported graph against the unreduced one and ToMe (``rounds`` interleaved rounds); the measurements are
+    recorded beside the predictions. ``rule`` chooses the modes (module docstring)."""
+    check_rule(rule)
+    if budget.min_cosine is None:
+        chosen, attempts, choice = measured_choice(calibration, budget, rule)
+    else:
+        with _progress(progress) as bar:
+            task = bar.add_task("measuring the candidates around the floor", total=None)
+            chosen, attempts, choice = floor_choice(calibration, budget, rule, on_step=lambda: bar.advance(task))
+    return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds)
 
 
-@dataclass
-class Calibration:
-    """Everything measured on one model and image set; ``policy(budget)`` chooses and verifies a policy."""
-
-    model: nn.Module
-    trace: Trace
-    r: int
-    damage: dict[str, dict[int, list[float]]]  # mode -> tokens removed -> [depth] single-block damage
-    latency: BlockLatency
-    uniform: dict[str, dict]  # mode -> the anchor policy (mode everywhere at r): predicted and measured
-    fronts: dict[str, list[Candidate]]  # rule -> Pareto front of the compounding-scaled prediction
-    baseline_ms: float  # predicted latency without reduction
-    prop_attn: bool
-    record: dict  # images, tool, backend: the policy's source record (the budget is added per policy)
-    held_out: Tensor | None = None  # [B', 3, H, W] images the search never saw (checked on the final choice)
-    settings: ExportSettings | None = None  # how the user's graphs are exported (the measured latency's)
-    provider: str = "cpu"
-    threads: int | None = None
-    measured_r: tuple[int, ...] = ()  # the counts damage was measured at (the others derived)
-    clock: str = "wall"  # how latencies are timed (measured.CLOCKS)
-    linearity_threshold: float = LINEARITY_THRESHOLD
-
-    @property
-    def front(self) -> list[Candidate]:
-        """The default rule's front."""
-        return self.fronts["damage"]
-
-    def measurements(self) -> dict:
-        linearity = [{"mean": float(x.mean()), "median": float(x.median()),
-                      "p90": float(torch.quantile(x.flatten(), 0.9))} for x in self.trace.linearity]
-        return {
-            "r": self.r,
-            "linearity": linearity,
-            "linearity_definition": "||f((y1+y2)/2) - (f(y1)+f(y2))/2|| / ||f(y1)-f(y2)||, f = the block's MLP "
-                                    "residual y + ls2(mlp(norm2(y))), on the r pairs the block's matching takes "
-                                    "(unreduced model)",
-            "damage": {m: by_r[self.r] for m, by_r in self.damage.items()},
-            "damage_definition": "1 - mean cosine of the pooled output to the unreduced model's when only this "
-                                 "block removes r tokens with this mode",
-            "damage_by_r": {m: {str(k): v for k, v in by_r.items()} for m, by_r in self.damage.items()},
-            "damage_measured_at": list(self.measured_r),
-            "damage_derived": "every mode measured at r; at the largest count only the mode least damaging at r "
-                              "and the linearity rule's, the others with that block's growth exponent; counts in "
-                              "between by a power law through the two nearest, exponent >= 1 "
-                              "(calibration.damage.damage_by_r)",
-            "rule_modes": self.rule_modes(),
-            "linearity_threshold": self.linearity_threshold,
-            "latency": self.latency.to_dict(),
-            "baseline_ms": self.baseline_ms,
-            "uniform": self.uniform,
-            "prediction": "damage = sum over reducing blocks of single-block damage x the mode's compounding factor "
-                          "(uniform policy measured / summed), x damage_scale where a fidelity floor's "
-                          "measurements rescaled it (calibration.floor)",
-            "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in self.front],
-            "r_choices": sorted({k for by_r in self.damage.values() for k in by_r} | {0}),
-        }
-
-    def policy(self, budget: Budget, progress: bool = False, *, measure_latency: bool = True,
-               rounds: int = 20, rule: str = "damage") -> Policy:
-        """The budget's pick: under a latency budget the best measured of the shortlist (``shortlist``); under a
-        fidelity floor the fastest predicted of the candidates around it that measures at least the floor
-        (``floor``). Then checked once on the held-out images and, with ``measure_latency``,
-        timed on its exported graph against the unreduced one and ToMe (``rounds`` interleaved rounds); the
-        measurements are recorded beside the predictions. ``rule`` chooses the modes (module docstring)."""
-        check_rule(rule)
-        if budget.min_cosine is None:
-            chosen, attempts, choice = measured_choice(self, budget, rule)
-        else:
-            with _progress(progress) as bar:
-                task = bar.add_task("measuring the candidates around the floor", total=None)
-                chosen, attempts, choice = floor_choice(self, budget, rule, on_step=lambda: bar.advance(task))
-        return self._finish(chosen, budget, rule, attempts, choice, measure_latency, rounds)
-
-    def _finish(self, chosen: Candidate, budget: Budget, rule: str, attempts: list[dict], extra: dict,
-                measure_latency: bool, rounds: int) -> Policy:
-        """The chosen policy with its measurements: held-out cosine and, with ``measure_latency``, its exported
-        graph timed against the unreduced one and ToMe."""
-        held = self.held_out if self.held_out is not None else self.trace.reference[:0]
-        measurements = dict(self.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
-                            measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
-                            predicted_speedup=self.baseline_ms / chosen.latency_ms, attempts=attempts,
-                            held_out_images=len(held), **extra,
-                            held_out_cosine=held_out_cosine(self.model, held, chosen.modes, chosen.r, self.prop_attn))
-        if measure_latency:
-            measurements.update(timed_against_tome(self, chosen, held, rounds))
-        return Policy(chosen.modes, chosen.r, model_record(self.model), dict(self.record, budget=budget.to_dict()),
-                      measurements)
-
-    def rule_modes(self) -> dict[str, list[str]]:
-        """Per rule, the mode it names per block: the least damaging at r; the paper's criterion."""
-        depth = len(self.trace.linearity)
-        return {"damage": [min(self.damage, key=lambda m, i=i: self.damage[m][self.r][i]) for i in range(depth)],
-                "linearity": linearity_modes(self.trace.linearity, self.linearity_threshold)}
-
-    def scaled_damage(self) -> dict[str, dict[int, list[float]]]:
-        """The single-block damages the front adds up: each mode's scaled by its anchor's compounding (>= 1)."""
-        return {m: {k: [max(d, 0.0) * max(self.uniform[m]["compounding"], 1.0) for d in values]
-                    for k, values in by_r.items()} for m, by_r in self.damage.items()}
-
+def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: str, attempts: list[dict],
+            extra: dict, measure_latency: bool, rounds: int) -> Policy:
+    """The chosen policy with its measurements: held-out cosine and, with ``measure_latency``, its exported graph
+    timed against the unreduced one and ToMe."""
+    cal = calibration
+    held = cal.held_out if cal.held_out is not None else cal.trace.reference[:0]
+    measurements = dict(cal.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
+                        measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
+                        predicted_speedup=cal.baseline_ms / chosen.latency_ms, attempts=attempts,
+                        held_out_images=len(held), **extra,
+                        held_out_cosine=held_out_cosine(cal.model, held, chosen.modes, chosen.r, cal.prop_attn))
+    if measure_latency:
+        measurements.update(timed_against_tome(cal, chosen, held, rounds))
+    return Policy(chosen.modes, chosen.r, model_record(cal.model), dict(cal.record, budget=budget.to_dict()),
+                  measurements)
 
 def measure(
     model: nn.Module,
@@ -274,10 +200,10 @@ def calibrate(
     rule: str = "damage",
     linearity_threshold: float = LINEARITY_THRESHOLD,
 ) -> Policy:
-    """``measure`` then ``Calibration.policy``: the verified ``Policy`` the ``budget`` (default:
+    """``measure`` then ``choose_policy``: the verified ``Policy`` the ``budget`` (default:
     ``min_cosine=0.995``) picks, its latency measured on its exported graph. Writes nothing."""
     check_rule(rule)  # before the measurements, not after them
     calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
                           source=source, progress=progress, holdout=holdout, settings=settings, clock=clock,
                           linearity_threshold=linearity_threshold)
-    return calibration.policy(budget or Budget(min_cosine=0.995), progress=progress, rule=rule)
+    return choose_policy(calibration, budget or Budget(min_cosine=0.995), progress=progress, rule=rule)

@@ -33,7 +33,7 @@ from tofu_export.models.family import family_of
 from tofu_export.schedule import plan_tokens
 
 if TYPE_CHECKING:
-    from tofu_export.calibration.search import Calibration
+    from tofu_export.calibration.state import Calibration
 
 FRONT_COUNT = 3
 SearchSpace = tuple[dict[str, list[str]], list[int], Damage, BlockLatency, int, int]  # stepped_ladders' arguments

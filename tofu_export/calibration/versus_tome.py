@@ -20,7 +20,7 @@ from tofu_export.models.family import family_of
 from tofu_export.schedule import max_reduction, plan_tokens
 
 if TYPE_CHECKING:
-    from tofu_export.calibration.search import Calibration
+    from tofu_export.calibration.state import Calibration
 
 
 def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, rounds: int) -> dict:
