@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.groups import option_group
-from tofu_export.cli.options import JsonOption
+from tofu_export.cli.options import ExporterOption, JsonOption, OpsetOption
 from tofu_export.cli.output import print_json
 from tofu_export.names import DEFAULT_EXPORTER
 
@@ -51,8 +51,10 @@ class DenseOptions:
 
 @option_group("ONNX")
 class DenoiserOnnxOptions:
-    exporter: Annotated[str, typer.Option("--exporter", help="dynamo or torchscript.")] = DEFAULT_EXPORTER
-    opset: Annotated[int, typer.Option("--opset", help="17 (TensorRT 10) or 16 (also TensorRT 8.5).")] = 17
+    """The ViT export's ``--exporter`` and ``--opset`` flags; a denoiser step is exported at opset 17 by default."""
+
+    exporter: ExporterOption = DEFAULT_EXPORTER
+    opset: OpsetOption = 17
 
 
 def denoiser(

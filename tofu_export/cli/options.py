@@ -16,6 +16,14 @@ from tofu_export.errors import Hint, UserError
 from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER, MODES
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ExporterOption = Annotated[
+    str, typer.Option("--exporter", help="dynamo (torch.export) | torchscript; see README for which is faster.")
+]
+OpsetOption = Annotated[
+    int | None,
+    typer.Option("--opset", help="ONNX opset: 17 (TensorRT 10, JetPack 6) or 16 (LayerNorm decomposed: also TensorRT "
+                 "8.5, JetPack 5). Where a command takes --trt / --jetpack, the default follows them."),
+]
 
 
 def parse_int_list(text: str, setting: str) -> list[int]:
@@ -120,10 +128,7 @@ class ToFuOptions:
 
 @option_group("ONNX")
 class OnnxOptions:
-    opset: Annotated[
-        int | None,
-        typer.Option("--opset", help="ONNX opset [default: 17, or 16 (LayerNorm decomposed) with --trt 8.5]."),
-    ] = None
+    opset: OpsetOption = None
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify (see --simplifier).")] = True
     simplifier: Annotated[
         str, typer.Option("--simplifier", help="onnxslim (pure Python, installs on Jetson) | onnxsim | none.")
@@ -134,9 +139,7 @@ class OnnxOptions:
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Max |ONNX - PyTorch| allowed, relative to the output scale.")
     ] = 1e-4
-    exporter: Annotated[
-        str, typer.Option("--exporter", help="dynamo (torch.export) | torchscript; see README for which is faster.")
-    ] = DEFAULT_EXPORTER
+    exporter: ExporterOption = DEFAULT_EXPORTER
 
     def build(self) -> Any:
         from tofu_export.config import OnnxConfig
