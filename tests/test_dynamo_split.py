@@ -112,3 +112,33 @@ def test_siglip_exports_through_dynamo(opset: int, tmp_path: Path) -> None:
     model = wrap(transformers.SiglipVisionModel(config))
     patch(model, r=8, mode="tofu", img_size=32, prune_layers=1)
     _checked_export(model, tmp_path / "model.onnx", 32, opset)
+
+
+def test_the_registry_built_once_gives_the_graph_torch_onnx_export_gives() -> None:
+    """``dynamo._export`` hands torch's exporter a function registry built once per process; the graph is the one
+    the public ``torch.onnx.export`` (which builds the registry for every export) makes with the same table, and
+    the second export in a process reuses the first one's registry."""
+    import torch.onnx._internal.exporter._registration as registration
+
+    from tofu_export.exporters import dynamo
+
+    torch.manual_seed(0)
+    model, x = Chunks().eval(), torch.randn(3, 4, 6)
+    shapes, table = ({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo.translation_table(17)
+    dynamo._export(model, (x,), ["input"], ["output"], shapes, table)  # the registry of this table, built
+    built = []
+    with pytest.MonkeyPatch.context() as patcher:
+        original = registration.ONNXRegistry.from_torchlib.__func__
+        patcher.setattr(registration.ONNXRegistry, "from_torchlib",
+                        classmethod(lambda cls, *a, **k: built.append(1) or original(cls, *a, **k)))
+        ours = dynamo._export(model, (x,), ["input"], ["output"], shapes, table)
+        assert built == []  # reused
+        public = torch.onnx.export(model, (x,), dynamo=True, opset_version=dynamo.EXPORT_OPSET, input_names=["input"],
+                                   output_names=["output"], dynamic_shapes=shapes, custom_translation_table=table,
+                                   optimize=True, verbose=False).model_proto
+        assert built == [1]  # torch.onnx.export builds one for every export
+    for graph in (ours, public):
+        graph.ClearField("producer_version")
+        for node in graph.graph.node:
+            del node.metadata_props[:]
+    assert ours.SerializeToString() == public.SerializeToString()

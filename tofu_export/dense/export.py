@@ -85,26 +85,17 @@ def trt_targets_for(opset: int) -> tuple[str, ...]:
 def _trace(model: nn.Module, example: tuple[Tensor, ...], path: Path, opset: int, names: Sequence[str],
            output_name: str, exporter: str) -> None:
     """Trace ``model(*example)`` to ``path`` with the batch axis of every input and the output dynamic."""
+    if exporter == "dynamo":
+        from tofu_export.dense.translations import denoiser_translations
+        from tofu_export.exporters.dynamo import trace_inputs
+
+        trace_inputs(model, example, path, opset, names, output_name, denoiser_translations(opset))
+        return
+    axes = {name: {0: "batch"} for name in [*names, output_name]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if exporter == "torchscript":
-            axes = {name: {0: "batch"} for name in [*names, output_name]}
-            torch.onnx.export(model, example, str(path), dynamo=False, opset_version=opset, input_names=list(names),
-                              output_names=[output_name], dynamic_axes=axes, do_constant_folding=True)
-            return
-        from tofu_export.dense.translations import denoiser_translations
-        from tofu_export.exporters.dynamo import EXPORT_OPSET, _convert_down, _name_by_scope
-
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        example = tuple(t.expand(max(2, len(t)), *t.shape[1:]).contiguous() for t in example)
-        program = torch.onnx.export(model, example, dynamo=True, opset_version=EXPORT_OPSET, input_names=list(names),
-                                    output_names=[output_name], dynamic_shapes=tuple({0: batch} for _ in example),
-                                    custom_translation_table=denoiser_translations(opset), optimize=True, verbose=False)
-    graph = program.model_proto
-    _name_by_scope(graph)
-    if opset < EXPORT_OPSET:
-        graph = _convert_down(graph, opset)
-    onnx.save(graph, str(path))
+        torch.onnx.export(model, example, str(path), dynamo=False, opset_version=opset, input_names=list(names),
+                          output_names=[output_name], dynamic_axes=axes, do_constant_folding=True)
 
 
 def verify_denoiser(model: nn.Module, onnx_path: str | Path, make_inputs: Callable[[int, int], tuple[Tensor, ...]],

@@ -18,6 +18,7 @@ What this module adds to torch's own exporter, so that its graph is the one ``to
 from __future__ import annotations
 
 import ast
+import functools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,27 +145,61 @@ def trace_dynamo(
     model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str, output_name: str
 ) -> None:
     """Export ``model`` to ``path`` through torch.export with a dynamic batch axis; every other dim is static."""
+    trace_inputs(model, (example,), path, opset, [input_name], output_name, translation_table(opset))
+
+
+def trace_inputs(
+    model: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, opset: int, input_names: Sequence[str],
+    output_name: str, translations: dict,
+) -> None:
+    """Export ``model(*examples)`` to ``path`` at ``opset`` with ``translations``: the batch axis of every input and
+    of the output dynamic, every other dim static; scope names; converted down from ``EXPORT_OPSET``."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    example = example.expand(max(2, len(example)), *example.shape[1:])  # torch.export specialises a batch of 1
+    examples = tuple(t.expand(max(2, len(t)), *t.shape[1:]).contiguous() for t in examples)  # a batch of 1 specialises
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opset and deprecation notices; the result is checked after
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            opset_version=EXPORT_OPSET,
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_shapes=({0: batch},),
-            custom_translation_table=translation_table(opset),
-            optimize=True,
-            verbose=False,
-        )
-    graph = program.model_proto
+        graph = _export(model, examples, list(input_names), [output_name], tuple({0: batch} for _ in examples),
+                        translations)
     _name_by_scope(graph)
     if opset < EXPORT_OPSET:
         graph = _convert_down(graph, opset)
     onnx.save(graph, str(path))
+
+
+def _export(model: nn.Module, examples: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
+            dynamic_shapes: tuple, translations: dict) -> onnx.ModelProto:
+    """torch's dynamo exporter at ``EXPORT_OPSET``, optimised. ``torch.onnx.export`` builds its ONNX function registry
+    anew for every export (~0.4 CPU-s, a tenth of a small model's export); here it is built once per process and
+    translation table and handed to the exporter it calls (``_core.export``). Where torch's internals are not the
+    ones this was written against, the public ``torch.onnx.export`` does the same work."""
+    try:
+        from torch.onnx._internal.exporter import _core
+        from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+        rename_axes = ONNXProgram._rename_dynamic_axes  # the symbols torch made (s77) -> the Dim names ("batch")
+        registry = _registry(tuple(translations.items()))
+    except (ImportError, AttributeError):
+        program = torch.onnx.export(model, examples, dynamo=True, opset_version=EXPORT_OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                    custom_translation_table=translations, optimize=True, verbose=False)
+    else:
+        program = _core.export(model, examples, registry=registry, dynamic_shapes=dynamic_shapes,
+                               input_names=input_names, output_names=output_names, optimize=True, verbose=False,
+                               opset_version=EXPORT_OPSET)
+        rename_axes(program, dynamic_shapes)
+    return program.model_proto
+
+
+@functools.lru_cache(maxsize=8)
+def _registry(translations: tuple[tuple[Any, Any], ...]) -> Any:
+    """torch's ONNX function registry at ``EXPORT_OPSET`` with ``translations`` (aten op -> onnxscript function)
+    registered, as ``torch.onnx.export`` builds it. The exporter only reads it."""
+    from torch.onnx._internal.exporter import _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=EXPORT_OPSET)
+    for torch_op, onnx_op in translations:
+        registry.register_op(torch_op, onnx_op, is_complex=False)
+    return registry
 
 
 def _scope_path(scopes: list[str]) -> str:
