@@ -121,6 +121,11 @@ for name in PRELOAD:  # imported once here, so no child pays for it; an optional
         __import__(name)
     except Exception:
         pass
+try:  # torch's ONNX function registry with the default translations, built once here for every child's exports
+    from tofu_export.exporters import dynamo
+    dynamo._registry(tuple(dynamo.translation_table(17).items()))
+except Exception:
+    pass
 if os.environ.get("TOFU_TESTS_TRACE_CACHE", "off") != "off":  # one dynamo trace per distinct model (trace_cache.py)
     sys.path.insert(0, sys.argv[1])
     import trace_cache

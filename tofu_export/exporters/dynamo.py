@@ -11,6 +11,7 @@ What this module adds to torch's own exporter, so that its graph is the one ``to
   ONNX Runtime fuses into one ``Gelu`` kernel (torch's order is not fused, which cost ~2% on ORT CPU); below opset
   17 ``layer_norm`` is decomposed (TensorRT 8.5 has no ``LayerNormalization`` importer);
 - torch's exporter works at opset 18: the optimised graph is converted down to the requested opset;
+- torch's ONNX function registry (with these translations) is built once per process, not once per export;
 - node names in the TorchScript style, from the module scopes torch records (``/blocks/blocks.3/reduce/GatherND``),
   so that profiles attribute time to blocks and to the token reduction.
 """
