@@ -179,7 +179,7 @@ def _export(model: nn.Module, examples: tuple[torch.Tensor, ...], input_names: l
 
         rename_axes = ONNXProgram._rename_dynamic_axes  # the symbols torch made (s77) -> the Dim names ("batch")
         registry = _registry(tuple(translations.items()))
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, TypeError):  # torch's internals moved: its public call
         program = torch.onnx.export(model, examples, dynamo=True, opset_version=EXPORT_OPSET, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes,
                                     custom_translation_table=translations, optimize=True, verbose=False)
