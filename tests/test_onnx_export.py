@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import timm
 import torch
 
 import tofu_export
-from tofu_export.exporters.onnx import ExportError, OnnxExport, export_onnx, verify_parity
+from tofu_export.exporters.onnx import ExportError, OnnxExport, export_onnx, parity_advice, verify_parity
 
 
 def _tiny(seed: int) -> torch.nn.Module:
@@ -37,6 +38,11 @@ def test_parity_catches_a_different_model(exported: OnnxExport) -> None:
     parity = verify_parity(_tiny(1), exported.path, (64, 64))
     assert not parity.ok
     assert parity.images_within_tolerance == 0.0 and parity.min_cosine < 0.999
+    assert "raise --tolerance" in parity_advice(parity) and "near-tied" not in parity_advice(parity)
+    # most images agree and one is below the cosine floor: near-tied matches, and the fix is a milder reduction
+    ties = dataclasses.replace(parity, images_within_tolerance=0.89, min_cosine=0.996)
+    assert "near-tied" in parity_advice(ties) and "reduce less" in parity_advice(ties)
+    assert "raise --tolerance" in parity_advice(dataclasses.replace(ties, precision="fp16"))  # FP16 rounds more
 
 
 def test_failed_parity_writes_nothing(tmp_path: Path) -> None:
