@@ -17,8 +17,10 @@ def test_cpu_smoke_run_writes_every_variant_and_runtime(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--device", "cpu", "--models", "deit_tiny_patch16_224", "--img-size", "64", "--depth", "2",
-                "--batches", "1,2", "--dtypes", "fp32", "--iters", "2", "--r", "3", "--out", str(tmp_path)])
+    table_path = bench.main(["--device", "cpu", "--models", "deit_tiny_patch16_224", "--img-size", "64", "--depth",
+                             "2", "--batches", "1,2", "--dtypes", "fp32", "--iters", "2", "--r", "3", "--out",
+                             str(tmp_path)])
+    assert table_path == tmp_path / "gpu_latency_cpu.md"  # a CPU run writes the CPU file
     assert not (tmp_path / "gpu_latency.md").exists(), "a CPU run must not write the GPU result files"
     result = json.loads((tmp_path / "gpu_latency_cpu.json").read_text())
     assert result["device"] == "cpu" and "not a GPU result" in result["benchmark"]
