@@ -22,6 +22,7 @@ from tofu_export.calibration.select import Candidate, choose, pareto_front
 from tofu_export.calibration.shortlist import stepped_candidates
 from tofu_export.calibration.trace import trace
 from tofu_export.errors import UserError
+from tofu_export.exporters.precision import PARITY_FLOORS
 from tofu_export.models.timm_vit import is_patched, patch, unpatch
 from tofu_export.policy import Policy
 
@@ -145,6 +146,12 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     assert held_out == pytest.approx(m["held_out_cosine"], abs=1e-6)
     timed = m["measured_latency"]  # the chosen policy's exported graph, timed against the unreduced one
     assert timed["rounds"] == 20 and timed["exporter"] == "dynamo" and timed["opset"] == 17
+    gate = timed["export_parity"]  # the policy graph held to the gate `export --policy` applies
+    assert set(gate) == {"ok", "min_cosine", "images_within_tolerance", "advice"}
+    floor = PARITY_FLOORS["fp32"]
+    within = gate["images_within_tolerance"] >= floor.min_within
+    assert gate["ok"] == (gate["min_cosine"] >= floor.min_cosine and within)
+    assert (gate["advice"] is None) == gate["ok"]
     assert m["measured_speedup"] == timed["speedup"] and timed["speedup_iqr"][0] <= timed["speedup"]
     assert m["predicted_speedup"] == pytest.approx(m["baseline_ms"] / m["predicted_ms"])
     tome = m["tome_at_measured_speedup"]  # ToMe timed in the same rounds at two r, interpolated at the policy's speed

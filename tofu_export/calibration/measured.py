@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from tofu_export.calibration.damage import cosine_to, run_from_block
 from tofu_export.errors import Hint, UserError
-from tofu_export.exporters.onnx import export_onnx
+from tofu_export.exporters.onnx import export_onnx, parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER
 from tofu_export.schedule import plan_tokens
@@ -123,6 +123,7 @@ class PolicyLatency:
     opset: int
     clock: str = "wall"
     tome_speedup: dict[int, float] = field(default_factory=dict)  # uniform r -> median per-round speed-up
+    export_parity: dict = field(default_factory=dict)  # the policy graph against PyTorch: export's gate (ok, ...)
 
     def to_dict(self) -> dict:
         return dict(asdict(self), speedup_iqr=list(self.speedup_iqr),  # JSON has no tuples, no int keys
@@ -163,6 +164,8 @@ def measure_policy_latency(
                 for name, (m, k) in variants.items():
                     with patched(model, r=k, mode=m, prop_attn=prop_attn, img_size=size):
                         _export(model, paths[name], size, settings)
+                        if name == "policy":  # the gate `tofu-export export --policy` will hold the graph to
+                            gate = verify_parity(model, paths[name], size)
         runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
                    for name, path in paths.items()}
         for runner in runners.values():
@@ -172,8 +175,10 @@ def measure_policy_latency(
 
     speedup, iqr = paired_ratio(samples["baseline"], samples["policy"])
     tome = {k: paired_ratio(samples["baseline"], samples[f"tome-r{k}"])[0] for k in tome_r}
+    parity = {"ok": gate.ok, "min_cosine": gate.min_cosine, "images_within_tolerance": gate.images_within_tolerance,
+              "advice": None if gate.ok else parity_advice(gate)}
     return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), speedup,
-                         iqr, rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome)
+                         iqr, rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome, parity)
 
 
 def _export(model: nn.Module, path: Path, size: tuple[int, int], settings: ExportSettings) -> None:

@@ -106,7 +106,8 @@ def calibrate(
                     "measured_speedup": m.get("measured_speedup"), "held_out_cosine": m.get("held_out_cosine"),
                     "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
                              "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
-                    "tome_at_measured_speedup": m.get("tome_at_measured_speedup")})
+                    "tome_at_measured_speedup": m.get("tome_at_measured_speedup"),
+                    "export_parity": (m.get("measured_latency") or {}).get("export_parity")})
         return
     table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
                   f"{seconds:.0f} s)", title_justify="left")
@@ -121,6 +122,19 @@ def calibrate(
     console.print(table)
     console.print(f"wrote {out} and {plot_path}", highlight=False, soft_wrap=True)
     console.print(comparison_table(m, r))
+    warning = parity_warning(m, out)
+    if warning:
+        console.print(warning, highlight=False, soft_wrap=True)
+
+
+def parity_warning(m: dict[str, Any], out: Path) -> str | None:
+    """A warning when the policy's graph (timed by the calibration) fails the parity gate of ``export --policy``."""
+    gate = (m.get("measured_latency") or {}).get("export_parity") or {}
+    if not gate or gate["ok"]:
+        return None
+    return (f"warning: this policy's graph fails the export's parity gate (lowest per-image cosine "
+            f"{gate['min_cosine']:.4f}, {gate['images_within_tolerance']:.0%} of the images within the tolerance), "
+            f"so `tofu-export export --policy {out}` will refuse it. {gate['advice']}")
 
 
 def budget_text(budget: Any) -> str:
