@@ -124,11 +124,10 @@ def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None
 def test_a_policy_whose_graph_fails_the_export_gate_is_flagged() -> None:
     from tofu_export.cli.calibrate import parity_warning
 
-    ok = {"measured_latency": {"export_parity": {"ok": True, "min_cosine": 0.99999, "images_within_tolerance": 1.0,
-                                                 "advice": None}}}
-    assert parity_warning(ok, Path("p.json")) is None and parity_warning({}, Path("p.json")) is None
-    ties = {"measured_latency": {"export_parity": {"ok": False, "min_cosine": 0.99614, "images_within_tolerance": 0.89,
-                                                   "advice": "reduce less in the last blocks"}}}
+    ok = {"ok": True, "min_cosine": 0.99999, "images_within_tolerance": 1.0, "advice": None}
+    assert parity_warning(ok, Path("p.json")) is None and parity_warning(None, Path("p.json")) is None
+    ties = {"ok": False, "min_cosine": 0.99614, "images_within_tolerance": 0.89,
+            "advice": "reduce less in the last blocks"}
     text = parity_warning(ties, Path("p.json"))
     assert text is not None and "0.9961" in text and "89%" in text and "export --policy p.json" in text
     assert text.endswith("reduce less in the last blocks")

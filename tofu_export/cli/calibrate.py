@@ -99,6 +99,7 @@ def calibrate(
         policy.save(out)
         plot_policy(policy, plot_path)
     m = policy.measurements
+    gate = (m.get("measured_latency") or {}).get("export_parity")  # the parity gate `export --policy` applies
     if as_json:
         print_json({"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),
                     "predicted_cosine": m["predicted_cosine"], "measured_cosine": m["measured_cosine"],
@@ -107,7 +108,7 @@ def calibrate(
                     "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
                              "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
                     "tome_at_measured_speedup": m.get("tome_at_measured_speedup"),
-                    "export_parity": (m.get("measured_latency") or {}).get("export_parity")})
+                    "export_parity": gate})
         return
     table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
                   f"{seconds:.0f} s)", title_justify="left")
@@ -122,14 +123,14 @@ def calibrate(
     console.print(table)
     console.print(f"wrote {out} and {plot_path}", highlight=False, soft_wrap=True)
     console.print(comparison_table(m, r))
-    warning = parity_warning(m, out)
+    warning = parity_warning(gate, out)
     if warning:
         console.print(warning, highlight=False, soft_wrap=True)
 
 
-def parity_warning(m: dict[str, Any], out: Path) -> str | None:
-    """A warning when the policy's graph (timed by the calibration) fails the parity gate of ``export --policy``."""
-    gate = (m.get("measured_latency") or {}).get("export_parity") or {}
+def parity_warning(gate: dict[str, Any] | None, out: Path) -> str | None:
+    """A warning when the policy's graph (timed by the calibration) fails the parity gate of ``export --policy``
+    (``gate``: the policy's ``export_parity`` record; None when its latency was not measured)."""
     if not gate or gate["ok"]:
         return None
     return (f"warning: this policy's graph fails the export's parity gate (lowest per-image cosine "
