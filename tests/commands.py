@@ -112,7 +112,8 @@ from tofu_export.cli import main
 import pkgutil
 import tofu_export
 PRELOAD = ("timm", "onnxscript", "torch.onnx._internal.exporter._core", "onnxsim", "onnxslim", "matplotlib.figure",
-           "matplotlib.backends.backend_agg")
+           "matplotlib.backends.backend_agg", "torch.export._trace", "sympy.combinatorics", "rich._emoji_codes",
+           "typer._adapters")  # the last four: what torch.export, sympy, rich and typer import on first use
 for info in pkgutil.walk_packages(tofu_export.__path__, "tofu_export."):  # every module a command may import lazily
     if not info.name.endswith("__main__"):
         PRELOAD += (info.name,)
