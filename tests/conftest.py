@@ -47,9 +47,9 @@ def shared_traces() -> Iterator[None]:
     folder = os.environ.get(ENV, "off")
     with pytest.MonkeyPatch.context() as patcher:
         if folder != "off":
-            from tofu_export.exporters import onnx as exporter
+            from tofu_export.exporters import trace
 
-            patcher.setattr(exporter, "_trace_dynamo", cached(exporter._trace_dynamo, Path(folder)))
+            patcher.setattr(trace, "_trace_dynamo", cached(trace._trace_dynamo, Path(folder)))
         yield
 
 
@@ -131,7 +131,8 @@ def mixed_tofu_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     1-3 merging (MLERP), exported with the default settings. Its dynamo trace goes through the session's trace cache,
     so the modules that read this graph share one trace whichever worker runs them. Read it; never write beside it."""
     from tofu_export import patch
-    from tofu_export.exporters import onnx as exporter
+    from tofu_export.exporters import trace
+    from tofu_export.exporters.onnx import export_onnx
 
     torch.manual_seed(0)
     model = timm.create_model(TINY_ARCH, pretrained=False, depth=4, img_size=TINY_IMG).eval()
@@ -140,8 +141,8 @@ def mixed_tofu_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = os.environ.get(ENV, "off")
     with pytest.MonkeyPatch.context() as patcher:
         if folder != "off":
-            patcher.setattr(exporter, "_trace_dynamo", cached(exporter._trace_dynamo, Path(folder)))
-        exporter.export_onnx(model, path, TINY_IMG)
+            patcher.setattr(trace, "_trace_dynamo", cached(trace._trace_dynamo, Path(folder)))
+        export_onnx(model, path, TINY_IMG)
     return path
 
 

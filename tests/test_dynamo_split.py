@@ -19,8 +19,8 @@ import torch
 from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 
-from tofu_export.exporters.dynamo import trace_dynamo
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.exporters.trace import trace_graph
 from tofu_export.models.family import patch
 from tofu_export.tensorrt.check import check_tensorrt_compat
 
@@ -47,7 +47,7 @@ class Chunks(torch.nn.Module):
 def test_chunk_splits_are_given_explicit_sizes(opset: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model, x = Chunks().eval(), torch.randn(3, 4, 6)
-    trace_dynamo(model, x, tmp_path / "chunks.onnx", opset, "input", "output")
+    trace_graph(model, (x,), tmp_path / "chunks.onnx", opset, ["input"], "output", "dynamo")
     graph = onnx.load(str(tmp_path / "chunks.onnx"))
     onnx.checker.check_model(graph, full_check=True)
     assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {opset}
@@ -70,7 +70,7 @@ class Norms(torch.nn.Module):
 def test_two_norms_over_given_axes_are_written_out_and_the_rest_kept(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model, x = Norms().eval(), torch.randn(3, 4, 6)
-    trace_dynamo(model, x, tmp_path / "norms.onnx", 17, "input", "output")
+    trace_graph(model, (x,), tmp_path / "norms.onnx", 17, ["input"], "output", "dynamo")
     ops = [node.op_type for node in onnx.load(str(tmp_path / "norms.onnx")).graph.node]
     assert ops.count("ReduceL2") == 1 and ops.count("ReduceL1") == 1  # x.norm() and the 1-norm: torch's own
     assert ops.count("Sqrt") == 2 and ops.count("ReduceSum") == 2  # the two 2-norms over given axes

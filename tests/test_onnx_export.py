@@ -10,7 +10,8 @@ import timm
 import torch
 
 import tofu_export
-from tofu_export.exporters.onnx import ExportError, OnnxExport, export_onnx, parity_advice, verify_parity
+from tofu_export.exporters.onnx import ExportError, OnnxExport, export_onnx
+from tofu_export.exporters.parity import parity_advice, verify_parity
 
 
 def _tiny(seed: int) -> torch.nn.Module:

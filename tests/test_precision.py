@@ -16,7 +16,8 @@ import tofu_export
 from tofu_export.config import ExportConfig, OnnxConfig, TrtConfig
 from tofu_export.errors import UserError
 from tofu_export.exporters import precision
-from tofu_export.exporters.onnx import ExportError, export_onnx, verify_parity
+from tofu_export.exporters.onnx import ExportError, export_onnx
+from tofu_export.exporters.parity import verify_parity
 from tofu_export.tensorrt.build import read_image_input
 from tofu_export.tensorrt.check import check_tensorrt_compat
 

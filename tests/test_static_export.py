@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from tofu_export import patch, token_schedule
+from tofu_export.exporters.trace import trace_graph
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -46,20 +47,7 @@ def export(
     ``tofu_export.exporters.dynamo`` (its custom translations, scope names and opset conversion)."""
     if exporter == "dynamo":
         pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
-        from tofu_export.exporters.dynamo import trace_dynamo
-
-        trace_dynamo(model, example, path, opset, "input", "logits")
-        return onnx.load(str(path))
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        dynamo=False,
-        opset_version=opset,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: BATCH}, "logits": {0: BATCH}},
-    )
+    trace_graph(model, (example,), path, opset, ["input"], "logits", exporter)
     return onnx.load(str(path))
 
 

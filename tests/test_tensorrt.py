@@ -136,7 +136,7 @@ def test_load_engine_without_tensorrt(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def _agreement(expected: torch.Tensor, actual: torch.Tensor, tolerance: float) -> tuple[float, float]:
     """(fraction of images whose every output is within ``tolerance`` of the output scale, lowest per-image
-    cosine): the export's parity gate (``exporters.onnx.Parity``), applied to an engine."""
+    cosine): the export's parity gate (``exporters.parity.Parity``), applied to an engine."""
     expected, actual = expected.flatten(1).double(), actual.flatten(1).double()
     scale = max(1.0, float(expected.abs().max()))
     within = ((actual - expected).abs().amax(dim=1) <= tolerance * scale).double().mean()

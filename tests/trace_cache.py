@@ -4,11 +4,11 @@ The end-to-end suites (``test_cli``, ``test_bad_input``) run ``tofu-export`` ~20
 to test loading, options and output folders; each run traced the same patched model through torch's dynamo exporter
 (~6 CPU-seconds, most of a tiny export). Inside one test session the code does not change, so that trace is a
 function of what it traces: the classes of every submodule, their attributes (head counts, flags, hooks, the ToFu
-state), every parameter and buffer, the example input, the opset and the names. ``trace_key`` hashes all of these;
-``install`` makes ``tofu_export.exporters.onnx``'s dynamo trace step copy the graph of an earlier trace with the same
-key instead of tracing again (a process that asks for a key being traced waits for that trace: a file lock per
-key). Everything after the trace (simplification, checks, parity against the PyTorch model, the TensorRT check, the
-manifest) still runs on every command.
+state), every parameter and buffer, the example inputs, the opset, the names and the custom translations.
+``trace_key`` hashes all of these; ``install`` makes ``tofu_export.exporters.trace``'s dynamo trace step copy the
+graph of an earlier trace with the same key instead of tracing again (a process that asks for a key being traced
+waits for that trace: a file lock per key). Everything after the trace (simplification, checks, parity against the
+PyTorch model, the TensorRT check, the manifest) still runs on every command.
 
 The fork server's children install it (``commands.ForkServer``): a child runs a command line and cannot monkeypatch
 the code it traces. In the test processes only the modules that ask for conftest's ``shared_traces`` fixture use it:
@@ -130,7 +130,7 @@ def cached(trace: Callable[..., None], folder: Path) -> Callable[..., None]:
 
 
 def install(folder: Path) -> None:
-    """Route ``tofu_export.exporters.onnx``'s dynamo trace through ``folder`` for the rest of this process."""
-    from tofu_export.exporters import onnx as exporter
+    """Route ``tofu_export.exporters.trace``'s dynamo trace through ``folder`` for the rest of this process."""
+    from tofu_export.exporters import trace
 
-    exporter._trace_dynamo = cached(exporter._trace_dynamo, folder)
+    trace._trace_dynamo = cached(trace._trace_dynamo, folder)

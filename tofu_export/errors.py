@@ -40,6 +40,10 @@ class UserError(ToFuError):
     exit_code = 2
 
 
+class ExportError(UserError, RuntimeError):
+    """The model could not be exported to a valid ONNX graph that matches PyTorch. Exit code 2."""
+
+
 class CheckFailed(ToFuError):
     """A verification failed on good input (parity, TensorRT compatibility). Exit code 1."""
 

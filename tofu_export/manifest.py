@@ -122,7 +122,7 @@ class GflopsRecord(Section):
 
 @dataclass
 class ParityRecord(Section):
-    """ONNX Runtime against PyTorch on seeded random images (``exporters.onnx.Parity``)."""
+    """ONNX Runtime against PyTorch on seeded random images (``exporters.parity.Parity``)."""
 
     batch_sizes: list[int]
     max_abs_diff: float

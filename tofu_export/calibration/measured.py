@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from tofu_export.calibration.damage import cosine_to, run_from_block
 from tofu_export.errors import Hint, UserError
-from tofu_export.exporters.onnx import export_onnx, parity_advice, verify_parity
+from tofu_export.exporters.onnx import export_onnx
+from tofu_export.exporters.parity import parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER
 from tofu_export.schedule import plan_tokens

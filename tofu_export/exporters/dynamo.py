@@ -142,13 +142,6 @@ def translation_table(opset: int) -> dict:
     return table
 
 
-def trace_dynamo(
-    model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str, output_name: str
-) -> None:
-    """Export ``model`` to ``path`` through torch.export with a dynamic batch axis; every other dim is static."""
-    trace_inputs(model, (example,), path, opset, [input_name], output_name, translation_table(opset))
-
-
 def trace_inputs(
     model: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, opset: int, input_names: Sequence[str],
     output_name: str, translations: dict,

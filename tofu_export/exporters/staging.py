@@ -1,0 +1,42 @@
+"""An ONNX graph is built in a temporary folder beside its destination, saved, checked, and moved into place only
+when every step passed: a failed export leaves nothing at the path it was asked to write."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+
+from tofu_export.errors import ExportError
+from tofu_export.exporters.simplify import PROTOBUF_LIMIT
+
+
+@contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A path like ``path`` in a fresh temporary folder beside it. When the block ends without an error, everything
+    written in that folder (the graph, and its external data first) moves into ``path``'s folder; on an error, or
+    after the move, the temporary folder is deleted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as workdir:
+        yield Path(workdir) / path.name
+        for written in sorted(Path(workdir).iterdir(), key=lambda p: p.suffix != ".data"):  # data first
+            os.replace(written, path.parent / written.name)
+
+
+def save_graph(graph: onnx.ModelProto, path: Path) -> bool:
+    """Save ``graph``; models over the protobuf limit go to ``<name>.data`` beside it. Returns whether they did."""
+    external = graph.ByteSize() > PROTOBUF_LIMIT
+    onnx.save(graph, str(path), save_as_external_data=external, location=path.name + ".data" if external else None)
+    return external
+
+
+def check_graph(path: Path) -> None:
+    """The full ONNX checker (with shape inference) on the file at ``path``; ``ExportError`` when it fails."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the exported graph is not valid ONNX: {error}") from error

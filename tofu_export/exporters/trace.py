@@ -1,0 +1,60 @@
+"""Trace a model to an ONNX file with a dynamic batch axis: the TorchScript tracer or torch.export
+(``exporters.dynamo``), for every model family alike: a ViT's one image input, a denoiser's sample, timestep and
+condition."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tofu_export.errors import ExportError
+from tofu_export.names import Exporter
+
+
+def trace_graph(
+    model: nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int,
+    input_names: Sequence[str],
+    output_name: str,
+    exporter: Exporter,
+    translations: dict | None = None,
+) -> None:
+    """Export ``model(*examples)`` to ``path`` at ``opset``: the batch axis of every input (``[B, ...]``) and of the
+    output dynamic, every other dim static. ``translations``: the dynamo exporter's custom translations (default
+    ``dynamo.translation_table(opset)``, a ViT's)."""
+    if exporter == "torchscript":
+        _trace_torchscript(model, examples, path, opset, input_names, output_name)
+    else:
+        _trace_dynamo(model, examples, path, opset, input_names, output_name, translations)
+
+
+def _trace_torchscript(
+    model: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, opset: int, input_names: Sequence[str],
+    output_name: str,
+) -> None:  # fmt: skip
+    axes = {name: {0: "batch"} for name in [*input_names, output_name]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected: shapes *are* constant
+        torch.onnx.export(model, examples, str(path), dynamo=False, opset_version=opset, input_names=list(input_names),
+                          output_names=[output_name], dynamic_axes=axes, do_constant_folding=True)
+
+
+def _trace_dynamo(
+    model: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, opset: int, input_names: Sequence[str],
+    output_name: str, translations: dict | None,
+) -> None:  # fmt: skip
+    """torch.export (``exporters.dynamo``); says what to install when onnxscript is missing."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ExportError("the dynamo exporter needs onnxscript: pip install onnxscript") from error
+    from tofu_export.exporters.dynamo import trace_inputs, translation_table
+
+    table = translation_table(opset) if translations is None else translations
+    trace_inputs(model, examples, path, opset, input_names, output_name, table)
