@@ -110,6 +110,7 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
     return Policy(chosen.modes, chosen.r, model_record(cal.model), dict(cal.record, budget=budget.to_dict()),
                   measurements)
 
+
 def measure(
     model: nn.Module,
     images: Tensor,
