@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tofu_export.cli.errors import EXIT_CHECK_FAILED
 from tofu_export.cli.options import JsonOption
 from tofu_export.cli.output import print_json
+
+if TYPE_CHECKING:
+    from tofu_export.tensorrt.check import TrtCompatReport
+    from tofu_export.tensorrt.rules import TrtIssue
 
 ALL_RELEASES = ("8.5", "10")  # a graph without a tofu-export manifest is checked against every release
 
@@ -58,13 +62,13 @@ def check(
         reduction = reduction_costs(model)
     if as_json:
         print_json({**report.to_dict(), "targets_from": source,
-                    "findings": grouped_findings(report.to_dict()["issues"]),
+                    "findings": grouped_findings(report.issues),
                     **({"reduction_costs": reduction.to_dict()} if reduction else {})})
     else:
         if reduction is not None:
             typer.echo(reduction.render() if reduction.blocks else "no token reduction found (no blocks.N/reduce "
                        "scope in the node names)")
-        print_check(report.to_dict(), source)
+        print_check(report, source)
     if not report.ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -85,28 +89,28 @@ def default_targets(model: Path, trt: list[str] | None) -> tuple[tuple[str, ...]
     return ALL_RELEASES, "every release (no tofu-export manifest beside the file)"
 
 
-def grouped_findings(issues: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def grouped_findings(issues: list[TrtIssue]) -> list[dict[str, Any]]:
     """Findings with the same release, severity, op and message counted once: ``{"count", ...}``, most first."""
-    counts = Counter((i["target"], i["severity"], i["op_type"], i["message"]) for i in issues)
+    counts = Counter((i.target, i.severity, i.op_type, i.message) for i in issues)
     return [{"count": n, "target": t, "severity": s, "op_type": op, "message": m}
             for (t, s, op, m), n in counts.most_common()]
 
 
-def print_check(check: dict[str, Any], source: str) -> None:
+def print_check(report: TrtCompatReport, source: str) -> None:
     """One table: per release, builds or not, and its grouped findings; the graph's size in the caption."""
     from rich.console import Console
     from rich.table import Table
 
     from tofu_export.tensorrt.ops import TARGET_LABELS
 
-    findings = grouped_findings(check["issues"])
+    findings = grouped_findings(report.issues)
     table = Table(title=f"TensorRT check (releases: {source})", title_justify="left", caption_justify="left",
-                  caption=f"opset {check['opset']}, {sum(check['op_counts'].values())} nodes; checked from the graph, "
+                  caption=f"opset {report.opset}, {sum(report.op_counts.values())} nodes; checked from the graph, "
                   "without a GPU.")
     table.add_column("release")
     table.add_column("builds natively")
     table.add_column("findings")
-    for target, ok in check["per_target"].items():
+    for target, ok in report.per_target.items():
         lines = [f"{f['count']} x {f['op_type'] or 'graph'}: {f['message']}" + (" (warning)" if f["severity"] ==
                  "warning" else "") for f in findings if f["target"] == target]
         table.add_row(TARGET_LABELS.get(target, target), "yes" if ok else "NO", "\n".join(lines) or "none")
