@@ -22,7 +22,7 @@ from tofu_export import (
     unpatch,
 )
 from tofu_export.models.timm_vit import tofu_state
-from tofu_export.schedule import block_macs, default_prune_layers, max_reduction, plan_tokens
+from tofu_export.schedule import DEFAULT_PRUNE_LAYERS, block_macs, max_reduction, plan_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -91,7 +91,7 @@ def test_schedule_error_is_a_value_error() -> None:
 @pytest.mark.parametrize("depth", [4, 12, 24])
 def test_tofu_merges_with_mlerp_everywhere_by_default(depth: int) -> None:
     """The measured default (issue 11): no pruning without data; prune_layers is the explicit speed knob."""
-    assert default_prune_layers(depth) == 0
+    assert DEFAULT_PRUNE_LAYERS == 0
     assert layer_modes("tofu", depth) == ["mlerp"] * depth
     assert layer_modes("tofu", depth, prune_layers=2) == ["prune"] * 2 + ["mlerp"] * (depth - 2)
 

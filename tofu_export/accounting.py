@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -60,9 +59,7 @@ def token_schedule(model: nn.Module, img_size: int | Sequence[int] | None = None
     else:
         plan = state.plan if state.plan is not None and state.plan.tokens[0] == n_in else None
         if plan is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # clipping was reported when the model was patched or run
-                plan = plan_tokens(n_in, state.num_prefix, state.r)
+            plan = plan_tokens(n_in, state.num_prefix, state.r, warn=False)  # clipping was reported at patch time
         tokens, removed, modes = plan.tokens, plan.r, list(state.modes)
     size = family.img_size(model) if img_size is None else as_pair(img_size)
     return TokenSchedule(

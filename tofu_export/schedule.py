@@ -57,29 +57,25 @@ def decreasing_schedule(r: int, depth: int) -> list[int]:
     return parse_r((r, -1.0), depth)
 
 
-def default_prune_layers(depth: int) -> int:
-    """How many leading blocks ToFu prunes in before it switches to MLERP merging, without data: none.
-
-    Measured on the real DINOv2 ViT-S/14 weights at r=16 (Fashion-MNIST test images, cosine of the pooled feature
-    to the unreduced model, bench/results/matched_latency_dinov2.md): MLERP in every block stays within 0.0005 of
-    ToMe's cosine at no higher ORT CPU latency, while pruning in even the first block alone falls further behind,
-    and removing tokens in one block at a time pruning damaged the output more than merging in every block. So
-    the default prunes nowhere; ``prune_layers`` is the explicit speed knob, and ``tofu-export calibrate`` measures
-    a per-block choice on your own model and images.
-    """
-    return 0
+# How many leading blocks ToFu prunes in before it switches to MLERP merging, without data: none. Measured on the real
+# DINOv2 ViT-S/14 weights at r=16 (Fashion-MNIST test images, cosine of the pooled feature to the unreduced model,
+# bench/results/matched_latency_dinov2.md): MLERP in every block stays within 0.0005 of ToMe's cosine at no higher ORT
+# CPU latency, while pruning in even the first block alone falls further behind, and removing tokens in one block at a
+# time pruning damaged the output more than merging in every block. So the default prunes nowhere; ``prune_layers``
+# is the explicit speed knob, and ``tofu-export calibrate`` measures a per-block choice on your own model and images.
+DEFAULT_PRUNE_LAYERS = 0
 
 
 def layer_modes(mode: str | Sequence[str], depth: int, prune_layers: int | None = None) -> list[str]:
     """Expand a user mode into one reduce mode per block (``"mean"``, ``"prune"`` or ``"mlerp"``).
 
-    ``"tofu"`` prunes in the first ``prune_layers`` blocks (default none, see ``default_prune_layers``) and merges
+    ``"tofu"`` prunes in the first ``prune_layers`` blocks (default none, see ``DEFAULT_PRUNE_LAYERS``) and merges
     with MLERP after them. A list gives each block's reduce mode explicitly (it may use the user names ``"tome"``
     for ``"mean"``).
     """
     if isinstance(mode, str):
         if mode == "tofu":
-            k = default_prune_layers(depth) if prune_layers is None else prune_layers
+            k = DEFAULT_PRUNE_LAYERS if prune_layers is None else prune_layers
             if not 0 <= k <= depth:
                 raise ScheduleError(f"prune_layers must lie in [0, {depth}], got {k}")
             return ["prune"] * k + ["mlerp"] * (depth - k)

@@ -87,7 +87,8 @@ class ToFuOptions:
     prune_layers: Annotated[
         int | None,
         typer.Option("--prune-layers", help="tofu: leading blocks that prune instead of merging (the speed knob) "
-                     "[default: the measured default, see README]."),
+                     "[default: 0: on DINOv2, MLERP everywhere kept ToMe's fidelity and pruning even one block fell "
+                     "behind (README); `tofu-export calibrate` measures the choice on your model]."),
     ] = None
     prop_attn: Annotated[
         bool, typer.Option("--prop-attn/--no-prop-attn", help="Proportional attention (off for MAE-style fine-tuning).")

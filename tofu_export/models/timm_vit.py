@@ -106,7 +106,7 @@ def patch(
         img_size: fix the input size and take the *static* path: token counts per block become Python constants
             and the reduction uses no scatter, ready for ONNX/TensorRT export. None: the eager path, any input size.
         prune_layers: with ``mode="tofu"``, how many leading blocks prune (default 0: measured, see
-            ``schedule.default_prune_layers``).
+            ``schedule.DEFAULT_PRUNE_LAYERS``).
         strict: raise instead of warning when a block cannot remove the r asked of it.
 
     Patching an already patched model replaces its settings.
