@@ -1,8 +1,9 @@
 """``tofu-export calibrate`` on a tiny random ViT: a policy and its plot are written, bad input exits 2 with a clear
 message and writes nothing. In-process (CliRunner): a subprocess per case would mostly import torch.
 
-The bad-input cases calibrate the shared 2-block checkpoint (``tiny_checkpoint``): the one case that is refused only
-after measuring (a budget no policy meets) then measures 2 blocks, not 12."""
+The bad-input cases read the shared 2-block checkpoint (``tiny_checkpoint``). The one case refused only after
+measuring (a budget no policy meets) gets a synthetic measurement (``synthetic_calibration``: no export, no timing)
+in place of ``search.measure``; the budget check that refuses it is the real one."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic_calibration import block_latency, late_blocks_look_free
 from typer.testing import CliRunner
 
+from tofu_export.calibration import search
+from tofu_export.calibration.select import pareto_front
+from tofu_export.calibration.state import Calibration
 from tofu_export.cli.app import app
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,6 +27,15 @@ MODEL = ["vit_tiny_patch16_224", "--img-size", "64", "--threads", "1"]  # timm n
 
 def _invoke(*args: str | Path):
     return CliRunner().invoke(app, ["calibrate", *map(str, args)], env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def _measured_without_exports(model, images, *, r: int, **_) -> Calibration:
+    """``search.measure``'s stand-in: three blocks' synthetic latency model and damage table, and their fronts."""
+    damage, latency = late_blocks_look_free(r), block_latency([9, 13, 17], r)
+    front = pareto_front(damage, latency, 17, 1)
+    baseline_ms = latency.predict_ms(17, 1, [0, 0, 0], ["mean"] * 3)
+    return Calibration(model, None, r, damage, latency, {}, {"damage": front, "linearity": front}, baseline_ms,
+                       True, {})  # no trace: the budget is refused before any forward
 
 
 def _images(folder: Path, count: int, size: int = 40) -> Path:
@@ -62,16 +76,15 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
         ("corrupt", [], "is not a readable image"),
         ("missing", [], "is not a folder"),
         ("ok", ["--images", "2"], "needs at least 8 images, asked for 2"),
-        # reached only after a whole calibration: its 13 block graphs through the TorchScript exporter (8x cheaper
-        # than dynamo); the default exporter is calibrated by tests/test_calibration.py
-        ("ok", ["--speedup", "50", "--exporter", "torchscript"], "no policy reaches a 50.00x speedup"),
+        # refused only after measuring: "measured" stands in a synthetic measurement (_measured_without_exports)
+        ("measured", ["--speedup", "50"], "no policy reaches a 50.00x speedup"),
         ("ok", ["--min-cosine", "0.9", "--speedup", "1.2"], "give exactly one budget"),
         ("ok", ["--r", "9"], "r must lie in [1, 8]"),
         ("ok", ["--rule", "coin"], "unknown mode rule 'coin'"),
         ("ok", ["--clock", "thread-cpu", "--threads", "2"], "the thread-CPU clock times one intra-op thread"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint, setup, extra, message) -> None:
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint, monkeypatch, setup, extra, message) -> None:
     data = tmp_path / "data"
     if setup != "missing":
         data.mkdir()
@@ -82,8 +95,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint, setup, 
     elif setup == "corrupt":
         _images(data, 9)
         (data / "0" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    elif setup == "ok":
+    elif setup in ("ok", "measured"):
         _images(data, 10)
+    if setup == "measured":
+        monkeypatch.setattr(search, "measure", _measured_without_exports)
     out = tmp_path / "out" / "policy.json"
     result = _invoke(tiny_checkpoint, data, *MODEL[1:], "--r", "4", *extra, "-o", out)
     assert result.exit_code == 2, result.output
