@@ -7,7 +7,7 @@ ARTIFACTS ?= artifacts
 
 INSTALLED ?= .cache/installed
 install:  ## the package, its test tools, the model-family extras (transformers, open_clip, diffusers), onnxsim and the offline data packages (torch comes from this machine's disk); skipped (~7 s) while this tree is the one installed and pyproject.toml is older than $(INSTALLED) (delete it to force a reinstall)
-	@$(PYTHON) -c 'import pathlib, sys, tofu_export; sys.exit(pathlib.Path(tofu_export.__file__).resolve().parents[1] != pathlib.Path("$(CURDIR)").resolve())' 2>/dev/null \
+	@(cd / && $(PYTHON) -c 'import pathlib, sys, tofu_export; sys.exit(pathlib.Path(tofu_export.__file__).resolve().parents[1] != pathlib.Path("$(CURDIR)").resolve())') 2>/dev/null \
 	  && test "$(INSTALLED)" -nt pyproject.toml \
 	  || { $(PIP) install -q -e ".[dev,data,hf,openclip,diffusers,onnxsim]" && mkdir -p "$(dir $(INSTALLED))" && touch "$(INSTALLED)"; }
 
