@@ -154,11 +154,11 @@ def main() -> None:
             export = export_denoiser(model, path, lambda b, s: one_step_inputs(b, s), NAMES, exporter=args.exporter,
                                      simplify=False)
             paths[f"{key[0]}/{key[1]}"] = path
-            print("exported", key, export.parity.max_abs_diff, export.tensorrt["ok"], flush=True)
+            print("exported", key, export.parity.max_abs_diff, export.tensorrt.ok, flush=True)
             if key != ("base", "unreduced"):
                 row = next(r for r in rows if (r["ratio"], r["policy"]) == key)
                 row["onnx"] = {"parity_max_abs_diff": export.parity.max_abs_diff, "parity_ok": export.parity.ok,
-                               "tensorrt_static_ok": export.tensorrt["ok"], "ops": export.op_counts}
+                               "tensorrt_static_ok": export.tensorrt.ok, "ops": export.op_counts}
         record["latency"] = time_sessions(paths, args.rounds)
     write(record, out_dir, started)
     print(render(record))

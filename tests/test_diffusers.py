@@ -78,7 +78,7 @@ def test_static_export_passes_the_tensorrt_check(build, exporter: str, opset: in
     assert sum(n.op_type == "TopK" for n in graph.graph.node) == 2 * len(plan_blocks(grids, 0.5, "mlerp").blocks)
     assert "Resize" not in {n.op_type for n in graph.graph.node}
     assert result.parity.ok, result.parity
-    assert result.tensorrt["ok"] and result.tensorrt["required"] == list(trt_targets_for(opset))
+    assert result.tensorrt.ok and result.tensorrt.build_for == list(trt_targets_for(opset))
     report = check_tensorrt_compat(tmp_path / "step.onnx", targets=trt_targets_for(opset))
     assert report.ok, report.render()
     assert not [i for i in report.issues if "symbolic shape inference failed" in i.message]

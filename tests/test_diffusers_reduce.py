@@ -148,5 +148,5 @@ def test_unet2d_static_export(tmp_path) -> None:
     grids = token_grids(model, make(1, 0))
     patch(model, plan_blocks(grids, 0.5, "mlerp"), grids)
     result = export_denoiser(step(model), tmp_path / "step.onnx", make, input_names(model), opset=17)
-    assert result.parity.ok and result.tensorrt["ok"] and result.tensorrt["required"] == list(trt_targets_for(17))
+    assert result.parity.ok and result.tensorrt.ok and result.tensorrt.build_for == list(trt_targets_for(17))
     assert result.op_counts.get("TopK", 0) >= 3 and "Resize" not in result.op_counts

@@ -114,7 +114,7 @@ def test_export_is_static_verified_and_trt_clean(exported) -> None:
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
     assert dims == [["batch", 1, 16, 16], ["batch"], ["batch"]]
     assert result.parity is not None and result.parity.ok and result.parity.max_abs_diff < 1e-4
-    assert result.tensorrt is not None and result.tensorrt["ok"]
+    assert result.tensorrt is not None and result.tensorrt.ok
 
 
 def test_export_refuses_a_failed_parity_and_writes_nothing(tmp_path) -> None:

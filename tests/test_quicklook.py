@@ -15,6 +15,7 @@ from tofu_export.config import ToFuConfig
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.errors import UserError
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.manifest import TrtCheckRecord
 from tofu_export.quicklook import (
     QuickLookDataError,
     QuickLookSettings,
@@ -177,7 +178,7 @@ def test_verdicts_mark_what_was_asked_for() -> None:
         {**layer_norm, "node": "ln"}, {**layer_norm, "node": "ln2"},
         {"target": "10", "severity": "warning", "op_type": "", "node": "input", "message": "INT64 input"},
     ]}  # fmt: skip
-    verdicts = {v.target: v for v in target_verdicts(check, ["10"])}
+    verdicts = {v.target: v for v in target_verdicts(TrtCheckRecord.from_dict({**check, "build_for": ["10"]}))}
     assert verdicts["10"].builds and verdicts["10"].requested and verdicts["10"].errors == []
     assert not verdicts["8.5"].builds and not verdicts["8.5"].requested
     assert verdicts["8.5"].errors == ["LayerNormalization: no importer"] and verdicts["8.5"].jetpack == "5"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tofu_export.errors import UserError
+from tofu_export.tensorrt.issues import TrtIssue
 
 MANIFEST = "manifest.json"
 TOOL = "tofu-export"
@@ -149,17 +150,29 @@ class OnnxRecord(Section):
     simplifier: str | None = None  # onnxslim | onnxsim | none
 
 
+_ISSUE_FIELDS = tuple(f.name for f in dataclasses.fields(TrtIssue))
+
+
 @dataclass
 class TrtCheckRecord(Section):
-    """The static TensorRT check of the graph (``TrtCompatReport.to_dict()``) and the releases it was made for."""
+    """The static TensorRT check of the graph (``TrtCompatReport.to_dict()``) and the releases it was made for:
+    ``ok`` when every one of those builds natively."""
 
     per_target: dict[str, bool]  # release -> builds natively
-    issues: list[dict[str, Any]]  # {"target", "severity", "op_type", "node", "message", ...}
+    issues: list[TrtIssue]  # typed on creation (JSON holds {"severity", "target", "op_type", "node", "message"})
     targets: list[str] = field(default_factory=list)  # releases checked
     build_for: list[str] = field(default_factory=list)  # releases the export was made for
     ok: bool = True
     opset: int | None = None
     op_counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.issues = [i if isinstance(i, TrtIssue) else TrtIssue(**{k: i[k] for k in _ISSUE_FIELDS})
+                           for i in self.issues]
+        except (KeyError, TypeError) as error:
+            raise ManifestError(f"the manifest's TrtCheckRecord lists a malformed issue ({error!r})") from error
 
     @property
     def requested(self) -> list[str]:

@@ -15,7 +15,7 @@ from tofu_export.cli.output import print_json
 
 if TYPE_CHECKING:
     from tofu_export.tensorrt.check import TrtCompatReport
-    from tofu_export.tensorrt.rules import TrtIssue
+    from tofu_export.tensorrt.issues import TrtIssue
 
 ALL_RELEASES = ("8.5", "10")  # a graph without a tofu-export manifest is checked against every release
 

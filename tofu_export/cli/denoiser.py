@@ -146,7 +146,7 @@ def export_table(done: Any) -> Table:
                   f"outputs up to {p.output_scale:.3g}, min cosine {p.min_cosine:.7f}, batches "
                   f"{', '.join(map(str, p.batch_sizes))}" if p else "not checked")
     if result.tensorrt:
-        verdicts = target_verdicts(result.tensorrt, result.tensorrt["required"])
+        verdicts = target_verdicts(result.tensorrt)
         failing = [v.label for v in verdicts if v.requested and not v.builds]
         table.add_row("TensorRT static check", f"builds on {builds_on(verdicts)} (opset {result.opset}, "
                       f"{result.exporter})" + (f"; FAIL for {', '.join(failing)}" if failing else ""))

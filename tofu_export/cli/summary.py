@@ -65,7 +65,7 @@ def _export_table(outcome: Any) -> Table:
 
 
 def _verdicts(m: Manifest) -> list[TargetVerdict]:
-    return target_verdicts(m.tensorrt_check.to_dict(), m.tensorrt_check.requested)
+    return target_verdicts(m.tensorrt_check)
 
 
 def _verdict_line(verdicts: list[TargetVerdict], opset: int) -> str:

@@ -26,6 +26,7 @@ from tofu_export.exporters.parity import row_cosines, side_by_side
 from tofu_export.exporters.simplify import simplify_graph
 from tofu_export.exporters.staging import check_graph, save_graph, staged
 from tofu_export.exporters.trace import trace_graph
+from tofu_export.manifest import TrtCheckRecord
 from tofu_export.names import DEFAULT_EXPORTER, EXPORTERS
 
 FORBIDDEN_OPS = frozenset({"If", "Loop", "Scan", "NonZero", "ScatterElements", "ScatterND", "Unique", "RandomNormal",
@@ -55,7 +56,7 @@ class DenoiserExport:
     output_name: str
     op_counts: dict[str, int] = field(default_factory=dict)
     parity: DenoiserParity | None = None
-    tensorrt: dict | None = None
+    tensorrt: TrtCheckRecord | None = None  # the static check, against every release; ok on the required ones
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -135,10 +136,9 @@ def export_denoiser(model: nn.Module, path: str | Path, make_inputs: Callable[[i
 
             report = check_tensorrt_compat(graph_path, ALL_TARGETS)
             required = trt_targets_for(opset)
-            ok = all(report.per_target[t] for t in required)
-            result.tensorrt = {"ok": ok, "required": list(required), "per_target": report.per_target,
-                               "errors": [f"{i.target}: {i.message}" for i in report.issues
-                                          if i.severity == "error"][:10]}
+            ok = all(report.per_target[t] for t in required)  # every release is checked; these must pass
+            result.tensorrt = TrtCheckRecord(report.per_target, list(report.issues), list(report.targets),
+                                             list(required), ok, report.opset, dict(report.op_counts))
             if not ok:
                 raise CheckFailed(f"the graph would not build natively on TensorRT: {report.render()}")
     return result

@@ -199,7 +199,7 @@ def _parity(parity: ParityRecord | None) -> str:
 
 
 def _tensorrt(m: Manifest, commands: ReportCommands) -> str:
-    verdicts = target_verdicts(m.tensorrt_check.to_dict(), m.tensorrt_check.requested)
+    verdicts = target_verdicts(m.tensorrt_check)
     rows = [(v.label, "yes" if v.builds else f"no: {'; '.join(v.errors)}", "yes" if v.requested else "no")
             for v in verdicts]
     lines = ["## TensorRT (checked from the graph, without a GPU)", "",

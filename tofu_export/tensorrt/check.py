@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from tofu_export.tensorrt.issues import TrtIssue
 from tofu_export.tensorrt.ops import (
     DATA_DEPENDENT_OPS,
     MAX_OPSET,
@@ -24,7 +25,7 @@ from tofu_export.tensorrt.ops import (
     TARGET_LABELS,
     UNSUPPORTED_OP_HINTS,
 )
-from tofu_export.tensorrt.rules import RESTRICTIONS, GraphIndex, TrtIssue, for_targets
+from tofu_export.tensorrt.rules import RESTRICTIONS, GraphIndex, for_targets
 from tofu_export.tensorrt.shapes import dtype_issues, infer_shapes, shape_issues
 from tofu_export.tensorrt.targets import validate_targets
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tofu_export.tensorrt.issues import Severity, TrtIssue
 from tofu_export.tensorrt.ops import (
     ALL_TARGETS,
     CONSTANT_INPUTS,
@@ -23,18 +24,6 @@ from tofu_export.tensorrt.ops import (
 )
 
 Violation = tuple[tuple[str, ...], str]  # (targets it applies to, message)
-Severity = Literal["error", "warning"]
-
-
-@dataclass(frozen=True)
-class TrtIssue:
-    """One reason the graph may not build natively on one target; ``node`` is a node or tensor name."""
-
-    severity: Severity
-    target: str
-    op_type: str
-    node: str
-    message: str
 
 
 def for_targets(targets: Iterable[str], severity: Severity, op_type: str, node: str, message: str) -> list[TrtIssue]:

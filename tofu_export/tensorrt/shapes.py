@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from tofu_export.tensorrt.issues import TrtIssue
 from tofu_export.tensorrt.ops import CASTS_INT64_TO_INT32
-from tofu_export.tensorrt.rules import GraphIndex, TrtIssue, for_targets
+from tofu_export.tensorrt.rules import GraphIndex, for_targets
 
 # Slice starts/ends hold INT64_MAX for "to the end"; clamping them to INT32 keeps their meaning.
 _CLAMP_SAFE_INPUTS = frozenset({("Slice", 1), ("Slice", 2)})

@@ -12,12 +12,15 @@ exporter decomposes LayerNorm into primitive ops.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tofu_export.errors import Hint, UserError
 from tofu_export.tensorrt.ops import ALL_TARGETS, NATIVE_OPS, TARGET_LABELS
+
+if TYPE_CHECKING:
+    from tofu_export.manifest import TrtCheckRecord
 
 # JetPack major release -> the operator table that applies: JetPack 6 ships TensorRT 10.3; JetPack 7 (Jetson Thor)
 # ships TensorRT 10.13, checked against the 10.3 table, which is conservative for it: the 10.x changelog only adds
@@ -97,12 +100,12 @@ class TargetVerdict:
         return asdict(self)
 
 
-def target_verdicts(check: Mapping[str, Any], requested: Sequence[str], max_errors: int = 3) -> list[TargetVerdict]:
-    """One verdict per checked release, from a ``TrtCompatReport.to_dict()``; ``requested``: the export's targets."""
+def target_verdicts(check: TrtCheckRecord, max_errors: int = 3) -> list[TargetVerdict]:
+    """One verdict per checked release of a manifest's TensorRT check (``requested``: the releases it was for)."""
     verdicts = []
-    for target, ok in check["per_target"].items():
-        errors = [f"{i['op_type'] or i['node']}: {i['message']}" for i in check.get("issues", [])
-                  if i["target"] == target and i["severity"] == "error"]
+    for target, ok in check.per_target.items():
+        errors = [f"{i.op_type or i.node}: {i.message}" for i in check.issues
+                  if i.target == target and i.severity == "error"]
         verdicts.append(TargetVerdict(target, TARGET_LABELS[target], TRT_JETPACK.get(target, "?"), bool(ok),
-                                      target in requested, list(dict.fromkeys(errors))[:max_errors]))
+                                      target in check.requested, list(dict.fromkeys(errors))[:max_errors]))
     return verdicts
