@@ -13,7 +13,10 @@ from tofu_export.hashing import sha256_file
 from tofu_export.jobs.evaluate import artifact_reference
 from tofu_export.manifest import MANIFEST, Manifest, ManifestError, ParityRecord, QuickLook, TrtCheckRecord
 from tofu_export.reports.artifact import compact_r
+from tofu_export.tensorrt.issues import TrtIssue
 
+LAYER_NORM_8_5 = {"severity": "error", "target": "8.5", "op_type": "LayerNormalization", "node": "/blocks.0/norm1",
+                  "message": "no importer before TensorRT 8.6"}
 PARITY = {"batch_sizes": [1, 2], "max_abs_diff": 1e-6, "mean_abs_diff": 1e-7, "output_scale": 3.0,
           "images_within_tolerance": 1.0, "min_cosine": 0.9999, "top1_agreement": None, "tolerance": 1e-4, "ok": True}
 
@@ -27,8 +30,9 @@ def _data(checkpoint: str, sha256: str) -> dict:
         "img_size": [64, 64], "gflops": {"original": 2.0, "tofu": 1.0, "ratio": 2.0},
         "onnx": {"file": "model.onnx", "opset": 17, "exporter": "dynamo", "simplified": True, "input": "image",
                  "output": "logits", "parity": PARITY},
-        "tensorrt_check": {"per_target": {"8.5": False, "10": True}, "issues": [], "targets": ["8.5", "10"],
-                           "build_for": ["10"], "ok": False, "opset": 17, "op_counts": {"Add": 3}},
+        "tensorrt_check": {"per_target": {"8.5": False, "10": True}, "issues": [LAYER_NORM_8_5],
+                           "targets": ["8.5", "10"], "build_for": ["10"], "ok": False, "opset": 17,
+                           "op_counts": {"Add": 3}},
         "quick_look": {"label": "quick look", "machine": {"cpu": "cpu", "cores": 2},
                        "gflops": {"baseline": 2.0, "tofu": 1.0}, "latency": None,
                        "fidelity": {"images": 3, "cosine_mean": 0.99, "cosine_min": 0.98}},
@@ -40,6 +44,7 @@ def test_sections_are_typed_and_round_trip() -> None:
     manifest = Manifest.from_dict(_data("model.pth", "ab" * 32))
     assert isinstance(manifest.onnx.parity, ParityRecord) and manifest.onnx.parity.max_abs_diff == 1e-6
     assert isinstance(manifest.tensorrt_check, TrtCheckRecord) and manifest.tensorrt_check.requested == ["10"]
+    assert manifest.tensorrt_check.issues == [TrtIssue(**LAYER_NORM_8_5)]  # typed on creation
     assert isinstance(manifest.quick_look, QuickLook) and manifest.quick_look.latency is None
     assert manifest.quick_look.fidelity.top1_agreement is None and manifest.tofu.clipped == [1]
     again = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
@@ -55,6 +60,10 @@ def test_what_tofu_export_did_not_write_is_refused() -> None:
         Manifest.from_dict(broken)
     with pytest.raises(ManifestError, match="ParityRecord section is not an object"):
         Manifest.from_dict({**_data("m", "s"), "onnx": {**_data("m", "s")["onnx"], "parity": [1]}})
+    issue = {key: value for key, value in LAYER_NORM_8_5.items() if key != "message"}
+    with pytest.raises(ManifestError, match="TrtCheckRecord lists a malformed issue"):
+        Manifest.from_dict({**_data("m", "s"), "tensorrt_check": {**_data("m", "s")["tensorrt_check"],
+                                                                  "issues": [issue]}})
 
 
 def _artifact(tmp_path: Path, checkpoint: Path, sha256: str | None = None) -> Path:
