@@ -106,13 +106,8 @@ def export_denoiser(model: nn.Module, path: str | Path, make_inputs: Callable[[i
     model = model.eval().float().cpu()
     result = DenoiserExport(path, opset, exporter, list(input_names), output_name)
     with staged(path) as graph_path:
-        try:
-            translations = denoiser_translations(opset) if exporter == "dynamo" else None
-            trace_graph(model, make_inputs(1, 0), graph_path, opset, input_names, output_name, exporter, translations)
-        except ExportError:
-            raise
-        except Exception as error:
-            raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
+        translations = denoiser_translations(opset) if exporter == "dynamo" else None
+        trace_graph(model, make_inputs(1, 0), graph_path, opset, input_names, output_name, exporter, translations)
         graph = onnx.load(str(graph_path))
         if simplify:
             graph, note = simplify_graph(graph)

@@ -102,13 +102,8 @@ def export_onnx(
     result = OnnxExport(path, opset, input_name, output_name, size, simplified=False, exporter=exporter,
                         precision=precision, simplifier=simplifier)  # fmt: skip
     with staged(path) as graph_path:
-        try:
-            example = torch.zeros(1, 3, *size) if example is None else example  # another input: verify=False
-            trace_graph(model, (example,), graph_path, opset, [input_name], output_name, exporter)
-        except ExportError:
-            raise
-        except Exception as error:
-            raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
+        example = torch.zeros(1, 3, *size) if example is None else example  # another input: verify=False
+        trace_graph(model, (example,), graph_path, opset, [input_name], output_name, exporter)
         graph, note = simplify_graph(onnx.load(str(graph_path)), simplifier)
         result.simplified = simplifier != "none" and note is None
         result.notes += [note] if note else []

@@ -27,11 +27,16 @@ def trace_graph(
 ) -> None:
     """Export ``model(*examples)`` to ``path`` at ``opset``: the batch axis of every input (``[B, ...]``) and of the
     output dynamic, every other dim static. ``translations``: the dynamo exporter's custom translations (default
-    ``dynamo.translation_table(opset)``, a ViT's)."""
-    if exporter == "torchscript":
-        _trace_torchscript(model, examples, path, opset, input_names, output_name)
-    else:
-        _trace_dynamo(model, examples, path, opset, input_names, output_name, translations)
+    ``dynamo.translation_table(opset)``, a ViT's). Whatever stops the tracer is an ``ExportError`` naming it."""
+    try:
+        if exporter == "torchscript":
+            _trace_torchscript(model, examples, path, opset, input_names, output_name)
+        else:
+            _trace_dynamo(model, examples, path, opset, input_names, output_name, translations)
+    except ExportError:
+        raise
+    except Exception as error:
+        raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
 
 
 def _trace_torchscript(
