@@ -115,6 +115,10 @@ def export_onnx(
                                         .graph.node).most_common())  # fmt: skip
         check_graph(graph_path)
         if verify:
-            result.parity = require_parity(model, graph_path, size, batch_sizes, tolerance, precision, calibration)
+            # a symmetric INT8 graph is TensorRT's: check its Q/DQ arithmetic, not ONNX Runtime's fused integer kernels
+            # (which differ by CPU: on a CPU without AVX2 they lost 0.02 of cosine on the test suite's tiny ViT)
+            unfused = precision == "int8" and int8_symmetric
+            result.parity = require_parity(model, graph_path, size, batch_sizes, tolerance, precision, calibration,
+                                           "basic" if unfused else "all")
             result.notes += parity_notes(result.parity)
     return result

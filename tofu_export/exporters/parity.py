@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 from tofu_export.errors import ExportError
 from tofu_export.exporters.precision import PARITY_FLOORS
 from tofu_export.names import Precision
+
+if TYPE_CHECKING:
+    from tofu_export.engines.ort import Optimization
 
 MIN_COSINE = PARITY_FLOORS["fp32"].min_cosine  # every image's ONNX output must keep at least this cosine to PyTorch's
 MIN_WITHIN = PARITY_FLOORS["fp32"].min_within  # and at least this fraction of images must agree to the tolerance
@@ -48,15 +52,18 @@ class Parity:
 
 
 def side_by_side(
-    model: nn.Module, onnx_path: str | Path, batches: Sequence[tuple[torch.Tensor, ...]]
+    model: nn.Module,
+    onnx_path: str | Path,
+    batches: Sequence[tuple[torch.Tensor, ...]],
+    optimization: Optimization = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected, got)``: PyTorch's (FP32) and ONNX Runtime's first output for every batch of inputs, each
     ``[samples, outputs]`` (a sample's output flattened, batches stacked). Inputs go to the graph's inputs in order,
     as they are (a class label stays int64), but a FLOAT16 graph input is fed FLOAT16. ``ExportError`` when the two
-    outputs' shapes differ."""
+    outputs' shapes differ. ``optimization``: ONNX Runtime's graph optimisation level (see ``create_session``)."""
     from tofu_export.engines.ort import create_session
 
-    session = create_session(onnx_path)
+    session = create_session(onnx_path, optimization=optimization)
     half = [i.name for i in session.get_inputs() if i.type == "tensor(float16)"]
     names = [i.name for i in session.get_inputs()]
     expected_all, got_all = [], []
@@ -88,16 +95,19 @@ def verify_parity(
     seed: int = 0,
     inputs: torch.Tensor | None = None,
     precision: Precision = "fp32",
+    optimization: Optimization = "all",
 ) -> Parity:
     """Run PyTorch (FP32) and ONNX Runtime on the same fixed inputs and compare outputs (see ``Parity`` for ``ok``).
 
     Inputs are seeded standard-normal images (the scale of normalised pixels), one batch per size, or ``inputs``
     ``[B, 3, H, W]`` when given; an FP16 graph is fed FLOAT16. ``precision`` picks the floors the outputs must meet.
+    ``optimization``: ONNX Runtime's graph optimisation level; ``"basic"`` keeps Q/DQ nodes unfused, so an INT8
+    graph is run as the ONNX spec defines it rather than through this CPU's fused integer kernels.
     """
     generator = torch.Generator().manual_seed(seed)
     batches = [inputs] if inputs is not None else [
         torch.randn(b, 3, *img_size, generator=generator) for b in batch_sizes]
-    expected, got = side_by_side(model, onnx_path, [(images,) for images in batches])  # [images, outputs]
+    expected, got = side_by_side(model, onnx_path, [(images,) for images in batches], optimization)  # [images, out]
     floor = PARITY_FLOORS[precision]
     diff, scale = np.abs(got - expected), float(np.abs(expected).max())
     within = diff.max(axis=1) <= (floor.relative or tolerance) * max(1.0, scale)
@@ -121,10 +131,11 @@ def verify_parity(
 
 def require_parity(
     model: nn.Module, staged: Path, size: tuple[int, int], batch_sizes: Sequence[int], tolerance: float,
-    precision: Precision, images: torch.Tensor | None,
+    precision: Precision, images: torch.Tensor | None, optimization: Optimization = "all",
 ) -> Parity:  # fmt: skip
     """The parity of ``staged`` (on ``images`` when given, else seeded random batches); ``ExportError`` when off."""
-    parity = verify_parity(model, staged, size, batch_sizes, tolerance, inputs=images, precision=precision)
+    parity = verify_parity(model, staged, size, batch_sizes, tolerance, inputs=images, precision=precision,
+                           optimization=optimization)
     if not parity.ok:
         floor = PARITY_FLOORS[precision]
         top1 = "" if parity.top1_agreement is None or floor.min_top1 is None else (
