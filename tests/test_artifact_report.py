@@ -16,7 +16,13 @@ from tofu_export.config import ExportConfig, ToFuConfig, TrtConfig
 from tofu_export.manifest import Manifest, TofuRecord
 from tofu_export.pipeline import run_export
 from tofu_export.quicklook import QuickLookSettings
-from tofu_export.reports.artifact import ReportCommands, quick_look_rows, render_report, write_report
+from tofu_export.reports.artifact import (
+    ReportCommands,
+    quick_look_caption,
+    quick_look_rows,
+    render_report,
+    write_report,
+)
 
 pytestmark = pytest.mark.usefixtures("shared_traces")  # one dynamo trace per distinct model (trace_cache)
 
@@ -88,6 +94,17 @@ def test_quick_look_rows_are_the_manifest_figures() -> None:
     assert rows["GFLOPs"] == ("4.60", "2.30 (2.00x fewer)")
     assert rows["cosine to baseline"] == ("1", "mean 0.9912, min 0.9500, 20 images")
     assert rows["top-1 same as baseline"] == ("100%", "85%")
+
+
+def test_the_caption_names_the_cpu_and_its_vector_extensions() -> None:
+    quick = _quick_look()
+    assert quick_look_caption(_manifest(quick).quick_look) == (  # a manifest written before they were recorded
+        "quick look on this machine, not a benchmark: Test CPU, 2 cores; ONNX Runtime CPU, batch 1, 30 rounds, "
+        "shuffled round-robin; images: 20 samples")
+    quick["machine"] = {**quick["machine"], "cpu_features": ["avx", "fma", "f16c"]}
+    assert "Test CPU, 2 cores, SIMD avx fma f16c; ONNX" in quick_look_caption(_manifest(quick).quick_look)
+    quick["machine"]["cpu_features"] = []
+    assert "2 cores, SIMD none listed;" in quick_look_caption(_manifest(quick).quick_look)
 
 
 def test_backbones_have_no_top1_row_and_untimed_targets_no_latency() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from tofu_export.engines.base import OpTime, Runner
 from tofu_export.engines.torch import TorchRunner
-from tofu_export.profiling.device import cpu_model_from_cpuinfo, describe_device
+from tofu_export.profiling.device import cpu_features_from_cpuinfo, cpu_model_from_cpuinfo, describe_device
 from tofu_export.profiling.errors import ProfilerError
 from tofu_export.profiling.profiler import profile
 
@@ -83,10 +83,22 @@ def test_cpu_model_from_cpuinfo_x86_and_arm() -> None:
     assert cpu_model_from_cpuinfo(None) is None
 
 
+def test_cpu_features_from_cpuinfo_x86_and_arm() -> None:
+    """The vector extensions that decide ORT's kernels, in SIMD_FLAGS order; a CPU without AVX2 says so."""
+    no_avx2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 fma avx f16c hypervisor\nflags\t: avx2\n"
+    vnni = "flags\t: avx512_vnni avx2 avx avx512f avx512_vnnix fma\n"  # a longer name is not its prefix
+    arm = "Features\t: fp asimd evtstrm aes asimdhp cpuid asimddp\nModel\t: NVIDIA Jetson Orin Nano\n"
+    assert cpu_features_from_cpuinfo(no_avx2) == ["avx", "fma", "f16c"]  # the first flags line only
+    assert cpu_features_from_cpuinfo(vnni) == ["avx", "avx2", "fma", "avx512f", "avx512_vnni"]
+    assert cpu_features_from_cpuinfo(arm) == ["asimd", "asimdhp", "asimddp"]
+    assert cpu_features_from_cpuinfo("model name\t: x\n") is None and cpu_features_from_cpuinfo(None) is None
+    assert cpu_features_from_cpuinfo("flags\t: fpu sse\n") == []
+
+
 def test_describe_device_reads_versions(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("model name\t: Test CPU 9000\n")
+    cpuinfo.write_text("model name\t: Test CPU 9000\nflags\t: fpu avx2 avx\n")
     device = describe_device(cpuinfo)
-    assert device.cpu_model == "Test CPU 9000"
+    assert device.cpu_model == "Test CPU 9000" and device.cpu_features == ["avx", "avx2"]
     assert device.torch == torch.__version__.split("+")[0]
     assert device.cpu_cores is not None and device.cpu_cores >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from tofu_export.engines.ort import OrtRunner
 from tofu_export.errors import UserError
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.manifest import TrtCheckRecord
+from tofu_export.profiling.device import describe_device
 from tofu_export.quicklook import (
     QuickLookDataError,
     QuickLookSettings,
@@ -133,6 +135,8 @@ def test_run_quick_look_fills_the_manifest_section(tmp_path: Path, graphs: dict[
     result = run_quick_look(tiny_vit(), graphs["tofu"], IMG, settings, gflops={"original": 2.0, "tofu": 1.0},
                             onnx_settings={"opset": 17}, images=images, step=steps.append)
     assert result["label"] == "quick look on this machine, not a benchmark"
+    assert result["machine"] == {"cpu": describe_device().cpu_model, "cores": os.cpu_count(),
+                                 "cpu_features": describe_device().cpu_features}
     assert result["gflops"] == {"baseline": 2.0, "tofu": 1.0}
     assert result["baseline"]["r"] == 0 and result["baseline"]["parity_max_abs_diff"] < 1e-4
     assert result["latency"]["speedup"] > 0 and result["fidelity"]["images"] == 6

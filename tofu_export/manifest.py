@@ -237,7 +237,7 @@ class QuickLook(Section):
     """Baseline (r = 0) against the ToFu graph on this machine (``quicklook.run_quick_look``)."""
 
     label: str
-    machine: dict[str, Any]  # {"cpu", "cores"}
+    machine: dict[str, Any]  # {"cpu", "cores", "cpu_features"}
     gflops: dict[str, float]  # {"baseline", "tofu"}
     baseline: dict[str, Any] = field(default_factory=dict)  # {"r": 0, "parity_max_abs_diff"}
     latency: QuickLatency | None = None

@@ -118,11 +118,11 @@ def fidelity(baseline: Path, tofu: Path, images: torch.Tensor, classifier: bool)
 
 
 def machine() -> dict[str, Any]:
-    """The CPU the figures were taken on."""
+    """The CPU the figures were taken on, and its vector extensions (``profiling.device.SIMD_FLAGS``)."""
     from tofu_export.profiling.device import describe_device
 
     device = describe_device()
-    return {"cpu": device.cpu_model, "cores": device.cpu_cores}
+    return {"cpu": device.cpu_model, "cores": device.cpu_cores, "cpu_features": device.cpu_features}
 
 
 def is_classifier(model: torch.nn.Module) -> bool:

@@ -9,6 +9,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+# The vector extensions that decide which CPU kernels ONNX Runtime and torch run (and so their speed, and for INT8
+# their rounding: without AVX2 or VNNI, ONNX Runtime's fused integer kernels round differently), x86 then ARM.
+SIMD_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
+              "asimd", "asimdhp", "asimddp", "i8mm", "sve")
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -16,6 +21,7 @@ class DeviceInfo:
 
     cpu_model: str | None
     cpu_cores: int | None
+    cpu_features: list[str] | None  # the SIMD_FLAGS this CPU has ([] if none), None where /proc/cpuinfo is unread
     board: str | None  # e.g. "NVIDIA Jetson Orin Nano Developer Kit" from the device tree
     gpu_name: str | None
     platform: str
@@ -29,10 +35,12 @@ class DeviceInfo:
 
 
 def describe_device(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> DeviceInfo:
-    """Read the CPU model, board name, CUDA GPU name and installed versions."""
+    """Read the CPU model and vector extensions, board name, CUDA GPU name and installed versions."""
+    cpuinfo = _read(cpuinfo_path)
     return DeviceInfo(
-        cpu_model=cpu_model_from_cpuinfo(_read(cpuinfo_path)) or platform.processor() or None,
+        cpu_model=cpu_model_from_cpuinfo(cpuinfo) or platform.processor() or None,
         cpu_cores=os.cpu_count(),
+        cpu_features=cpu_features_from_cpuinfo(cpuinfo),
         board=(_read(Path("/proc/device-tree/model")) or "").rstrip("\x00\n") or None,
         gpu_name=_cuda_gpu_name(),
         platform=platform.platform(),
@@ -50,6 +58,17 @@ def cpu_model_from_cpuinfo(text: str | None) -> str | None:
             name, sep, value = line.partition(":")
             if sep and name.strip() == key and value.strip():
                 return value.strip()
+    return None
+
+
+def cpu_features_from_cpuinfo(text: str | None) -> list[str] | None:
+    """The ``SIMD_FLAGS`` named on the first ``flags`` (x86) or ``Features`` (ARM) line of /proc/cpuinfo text, in
+    ``SIMD_FLAGS`` order; None when there is no such line."""
+    for line in (text or "").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() in ("flags", "Features"):
+            present = set(value.split())
+            return [flag for flag in SIMD_FLAGS if flag in present]
     return None
 
 

@@ -96,10 +96,12 @@ def render_report(manifest: Manifest, commands: ReportCommands, files: Sequence[
 
 
 def quick_look_caption(quick: QuickLook) -> str:
-    """``quick look on this machine, not a benchmark: AMD EPYC, 2 cores; ONNX Runtime CPU, batch 1, 24 rounds,
-    load 1.9``"""
+    """``quick look on this machine, not a benchmark: AMD EPYC, 2 cores, SIMD avx fma f16c; ONNX Runtime CPU,
+    batch 1, 24 rounds, load 1.9``"""
     machine = quick.machine
-    where = ", ".join(part for part in (machine.get("cpu"), f"{machine.get('cores')} cores") if part)
+    features = machine.get("cpu_features")  # absent in manifests written before it was recorded
+    simd = None if features is None else "SIMD " + (" ".join(features) or "none listed")
+    where = ", ".join(part for part in (machine.get("cpu"), f"{machine.get('cores')} cores", simd) if part)
     latency = quick.latency
     how = "outputs only (this target is not timed on this machine)"
     if latency:
