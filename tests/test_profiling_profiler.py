@@ -84,7 +84,7 @@ def test_cpu_model_from_cpuinfo_x86_and_arm() -> None:
 
 
 def test_cpu_features_from_cpuinfo_x86_and_arm() -> None:
-    """The vector extensions that decide ORT's kernels, in SIMD_FLAGS order; a CPU without AVX2 says so."""
+    """The vector extensions that decide ORT's kernels, in SIMD_FLAGS order; a CPU without one says so."""
     no_avx2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 fma avx f16c hypervisor\nflags\t: avx2\n"
     vnni = "flags\t: avx512_vnni avx2 avx avx512f avx512_vnnix fma\n"  # a longer name is not its prefix
     arm = "Features\t: fp asimd evtstrm aes asimdhp cpuid asimddp\nModel\t: NVIDIA Jetson Orin Nano\n"

@@ -116,7 +116,7 @@ def export_onnx(
         check_graph(graph_path)
         if verify:
             # a symmetric INT8 graph is TensorRT's: check its Q/DQ arithmetic, not ONNX Runtime's fused integer kernels
-            # (which differ by CPU: on a CPU without AVX2 they lost 0.02 of cosine on the test suite's tiny ViT)
+            # (which differ by CPU: with AVX2 but no VNNI they lost 0.02 of cosine on the test suite's tiny ViT)
             unfused = precision == "int8" and int8_symmetric
             result.parity = require_parity(model, graph_path, size, batch_sizes, tolerance, precision, calibration,
                                            "basic" if unfused else "all")

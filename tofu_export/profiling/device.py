@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 # The vector extensions that decide which CPU kernels ONNX Runtime and torch run (and so their speed, and for INT8
-# their rounding: without AVX2 or VNNI, ONNX Runtime's fused integer kernels round differently), x86 then ARM.
+# their rounding: ONNX Runtime's fused integer kernels differ by instruction set), x86 then ARM.
 SIMD_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
               "asimd", "asimdhp", "asimddp", "i8mm", "sve")
 
