@@ -96,6 +96,16 @@ def test_quick_look_rows_are_the_manifest_figures() -> None:
     assert rows["top-1 same as baseline"] == ("100%", "85%")
 
 
+def test_the_parity_section_says_when_int8_was_checked_unfused() -> None:
+    manifest = _manifest(None)
+    assert "Q/DQ unfused" not in render_report(manifest, COMMANDS, FILES)  # ORT's default level: nothing to say
+    assert "| inputs | seeded random images, batches 1, 8 |" in render_report(manifest, COMMANDS, FILES)
+    manifest.onnx.parity.ort_optimization, manifest.onnx.parity.precision = "basic", "int8"
+    text = render_report(manifest, COMMANDS, FILES)
+    assert "| ONNX Runtime | Q/DQ unfused (the graph's INT8 arithmetic, as TensorRT runs it)" in text
+    assert "| inputs | the INT8 calibration images, batches 1, 8 |" in text  # parity runs on what was calibrated on
+
+
 def test_the_caption_names_the_cpu_and_its_vector_extensions() -> None:
     quick = _quick_look()
     assert quick_look_caption(_manifest(quick).quick_look) == (  # a manifest written before they were recorded

@@ -145,6 +145,7 @@ def test_int8_graph_is_explicit_qdq_outside_the_reduction(exported: dict) -> Non
     weight_scales = [i for i in model.graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1]
     assert {192, 3 * 192, 4 * 192, 10} <= {int(i.dims[0]) for i in weight_scales}  # per channel: proj, qkv, fc1, head
     assert result.parity.ok and result.parity.precision == "int8" and result.notes == []
+    assert result.parity.ort_optimization == "basic"  # TensorRT's graph: its Q/DQ arithmetic, not ORT's fused kernels
     assert read_image_input(result.path).precision == "int8"
     assert check_tensorrt_compat(result.path, ("10",)).ok
 
@@ -155,6 +156,7 @@ def test_asymmetric_int8_is_for_ort_and_the_trt_check_says_so(exported: dict) ->
     model = onnx.load(str(result.path))
     zero_points = {i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
     assert TensorProto.UINT8 in zero_points and result.parity.ok
+    assert result.parity.ort_optimization == "all"  # ORT's graph: checked through the fused kernels that run it
     report = check_tensorrt_compat(result.path, ("10",))
     assert not report.ok
     assert {issue.op_type for issue in report.issues if issue.severity == "error"} == {"QuantizeLinear",

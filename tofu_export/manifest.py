@@ -135,6 +135,7 @@ class ParityRecord(Section):
     mean_abs_diff: float | None = None
     top1_agreement: float | None = None  # fraction; classifiers only
     precision: str = "fp32"  # the graph's precision; its floors are precision.PARITY_FLOORS
+    ort_optimization: str = "all"  # ONNX Runtime's graph optimisation level ("basic": an INT8 graph's Q/DQ unfused)
 
 
 @dataclass

@@ -49,6 +49,7 @@ class Parity:
     tolerance: float
     ok: bool
     precision: str = "fp32"
+    ort_optimization: str = "all"  # ONNX Runtime's graph optimisation level ("basic": an INT8 graph's Q/DQ unfused)
 
 
 def side_by_side(
@@ -126,6 +127,7 @@ def verify_parity(
         ok=bool(within.mean() >= floor.min_within and cosine.min() >= floor.min_cosine
                 and (top1 is None or floor.min_top1 is None or top1 >= floor.min_top1)),
         precision=precision,
+        ort_optimization=optimization,
     )
 
 

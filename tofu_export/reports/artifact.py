@@ -190,11 +190,14 @@ def _parity(parity: ParityRecord | None) -> str:
         return ""
     agreement = parity.top1_agreement
     rows = [
-        ("inputs", f"seeded random images, batches {', '.join(map(str, parity.batch_sizes))}"),
+        ("inputs", ("the INT8 calibration images" if parity.precision == "int8" else "seeded random images")
+                   + f", batches {', '.join(map(str, parity.batch_sizes))}"),
         ("max abs difference", f"{parity.max_abs_diff:.2e} (outputs up to {parity.output_scale:.3g})"),
         ("images within tolerance", f"{parity.images_within_tolerance:.0%} (tolerance {parity.tolerance:g})"),
         ("lowest cosine", f"{parity.min_cosine:.7f}"),
         *([("top-1 agreement", f"{agreement:.0%}")] if agreement is not None else []),
+        *([("ONNX Runtime", "Q/DQ unfused (the graph's INT8 arithmetic, as TensorRT runs it), not this CPU's fused "
+                            "integer kernels")] if parity.ort_optimization == "basic" else []),
         ("verdict", "pass" if parity.ok else "FAIL"),
     ]
     return "## Parity: ONNX Runtime vs PyTorch (the same ToFu model)\n\n" + _table(("", ""), rows)
