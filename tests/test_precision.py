@@ -169,6 +169,35 @@ def test_int8_without_images_says_so(exported: dict) -> None:
     assert len(notes) == 1 and "SYNTHETIC" in notes[0] and "--data" in notes[0]
 
 
+def test_export_calibrates_int8_on_the_data_folder_without_the_quick_look(tmp_path: Path) -> None:
+    """``export --precision int8 --data DIR --no-bench``: DIR's images calibrate the graph and are its parity inputs
+    (they were dropped when the quick look was off, and synthetic images calibrated it)."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from tofu_export.cli import app
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=IMG, num_classes=10)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))
+    for i in range(6):
+        (tmp_path / "images" / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 255, (IMG, IMG, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / str(i % 3) / f"{i}.png")
+    args = ["export", str(tmp_path / "model.safetensors"), "--r", "2", "--precision", "int8", "--data",
+            str(tmp_path / "images"), "--no-bench", "--exporter", "torchscript", "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert not [note for note in manifest["notes"] if "SYNTHETIC" in note]
+    parity = manifest["onnx"]["parity"]
+    assert parity["precision"] == "int8" and parity["batch_sizes"] == [6] and parity["ok"]  # the folder's 6 images
+
+
 def test_parity_gate_holds_each_precision_to_its_floor(exported: dict, tofu_vit: torch.nn.Module) -> None:
     """The FP16 graph passes its own floor, but not FP32's tolerance; a different model fails both, clearly."""
     path = exported["fp16"].path

@@ -25,6 +25,8 @@ from tofu_export.names import (
 from tofu_export.schedule import RSpec, ScheduleError, TokenPlan, layer_modes, parse_r, plan_tokens
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import nn
 
     from tofu_export.policy import Policy
@@ -126,6 +128,7 @@ class OnnxConfig:
     exporter: Exporter = DEFAULT_EXPORTER
     precision: Precision = "fp32"  # fp16: FP16 graph; int8: Q/DQ graph; see exporters.precision (rules, parity floors)
     simplifier: Simplifier = DEFAULT_SIMPLIFIER  # onnxslim | onnxsim | none (simplify=False is none)
+    calibration_data: Path | None = None  # int8: a folder of images to calibrate on; None: synthetic, with a note
 
     def __post_init__(self) -> None:
         if self.opset is not None and not 13 <= self.opset <= 21:

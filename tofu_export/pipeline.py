@@ -21,8 +21,9 @@ import torch
 
 from tofu_export.accounting import TokenSchedule, token_schedule
 from tofu_export.artifacts import check_output, staged_folder, write_manifest
-from tofu_export.config import ExportConfig, ResolvedToFu, TrtConfig
+from tofu_export.config import ExportConfig, OnnxConfig, ResolvedToFu, TrtConfig
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.exporters.precision import SYNTHETIC_IMAGES
 from tofu_export.manifest import (
     ArchRecord,
     EngineRecord,
@@ -96,6 +97,7 @@ def export_model(
     model = loaded.model if consume else copy.deepcopy(loaded.model)
     resolved = config.tofu.resolve(model)  # an impossible r or a foreign policy fails here, before anything is written
     images = _quick_look_images(model, quick_look)  # so does an image folder that cannot be read
+    calibration = _calibration_images(model, config.onnx)  # [N, 3, H, W] for an INT8 graph, else None
     baseline = copy.deepcopy(model) if quick_look is not None else None  # the unreduced model, for the quick look
 
     step("patching with ToFu")
@@ -114,7 +116,8 @@ def export_model(
     engine_error = None
     with staged_folder(out_dir, force=config.force, expected=out_state) as staging:
         step("exporting to ONNX and verifying parity")
-        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings)
+        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings,
+                                  calibration=calibration)
         notes += onnx_result.notes
         step("checking TensorRT compatibility")
         trt_report = check_tensorrt_compat(staging / ONNX_NAME, ALL_TARGETS)  # every release: the report says which
@@ -173,9 +176,22 @@ def _quick_look_images(model: torch.nn.Module, settings: QuickLookSettings | Non
     """``[N, 3, H, W]``: the quick look's images in the model's eval transform, or None without an image folder."""
     if settings is None or settings.data is None:
         return None
+    return _folder_images(model, settings.data, settings.pattern, settings.max_images)
+
+
+def _calibration_images(model: torch.nn.Module, onnx: OnnxConfig) -> torch.Tensor | None:
+    """``[N, 3, H, W]``: what an INT8 graph calibrates on (``SYNTHETIC_IMAGES`` of the folder at most, evenly
+    spread), or None (an FP32/FP16 graph, or no folder: synthetic images, with a note)."""
+    if onnx.precision != "int8" or onnx.calibration_data is None:
+        return None
+    return _folder_images(model, onnx.calibration_data, "*", SYNTHETIC_IMAGES)
+
+
+def _folder_images(model: torch.nn.Module, folder: Path, pattern: str, limit: int) -> torch.Tensor:
+    """``[N, 3, H, W]``: at most ``limit`` images of ``folder`` named ``pattern``, in the model's eval transform."""
     from tofu_export.evaluation.data import model_transform
 
-    return load_images(image_files(settings.data, settings.pattern, settings.max_images), model_transform(model))
+    return load_images(image_files(folder, pattern, limit), model_transform(model))
 
 
 def _quick_look_settings(

@@ -142,11 +142,13 @@ class OnnxOptions:
     ] = 1e-4
     exporter: ExporterOption = DEFAULT_EXPORTER
 
-    def build(self) -> Any:
+    def build(self, calibration_data: Path | None = None) -> Any:
+        """The ``OnnxConfig``; ``calibration_data``: the command's image folder, which an INT8 graph calibrates on."""
         from tofu_export.config import OnnxConfig
 
         return OnnxConfig(opset=self.opset, simplify=self.simplify, tolerance=self.tolerance, exporter=self.exporter,
-                          precision=self.precision, simplifier=self.simplifier)  # type: ignore[arg-type]
+                          precision=self.precision, simplifier=self.simplifier,  # type: ignore[arg-type]
+                          calibration_data=calibration_data)
 
 
 @option_group("TensorRT")
