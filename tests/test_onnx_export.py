@@ -11,7 +11,7 @@ import torch
 
 import tofu_export
 from tofu_export.exporters.onnx import ExportError, OnnxExport, export_onnx
-from tofu_export.exporters.parity import parity_advice, verify_parity
+from tofu_export.exporters.parity import parity_advice, parity_notes, verify_parity
 
 
 def _tiny(seed: int) -> torch.nn.Module:
@@ -44,6 +44,14 @@ def test_parity_catches_a_different_model(exported: OnnxExport) -> None:
     ties = dataclasses.replace(parity, images_within_tolerance=0.89, min_cosine=0.996)
     assert "near-tied" in parity_advice(ties) and "reduce less" in parity_advice(ties)
     assert "raise --tolerance" in parity_advice(dataclasses.replace(ties, precision="fp16"))  # FP16 rounds more
+    # a passing graph with images over the tolerance gets a note naming the cause: ties, and a lower precision first
+    passing = dataclasses.replace(ties, ok=True, max_abs_diff=0.5, min_cosine=0.9961)
+    assert parity_notes(passing) == ["11% of the parity images differ by more than the tolerance (up to 0.5, cosine "
+                                     ">= 0.9961000): near-tied token matches resolved differently by ONNX Runtime "
+                                     "and PyTorch, whose float rounding differs."]
+    int8 = parity_notes(dataclasses.replace(passing, precision="int8"))[0]
+    assert "): the int8 graph's rounding against the FP32 model, and near-tied token matches" in int8
+    assert parity_notes(dataclasses.replace(passing, images_within_tolerance=1.0)) == []
 
 
 def test_failed_parity_writes_nothing(tmp_path: Path) -> None:
