@@ -90,14 +90,15 @@ def export(
       tofu-export export vit.safetensors --arch vit_base_patch16_224 --mode tome --r 8 -o artifacts/vit-tome
 
       tofu-export model.pth --policy policy.json --target ort
+
+      tofu-export model.pth --r 16 --precision int8 --data calibration_images/ --target trt
     """
     from tofu_export.config import ExportConfig
 
     config = ExportConfig(  # checks every option before torch is loaded
         tofu=tofu.build(model.img_size), onnx=onnx.build(calibration_data=data), trt=trt.build(), target=target,
-        arch=model.arch,
-        num_heads=model.num_heads,
-        trust_pickle=model.trust_pickle, force=force, command=command_line(),
+        arch=model.arch, num_heads=model.num_heads, trust_pickle=model.trust_pickle, force=force,
+        command=command_line(),
     )
     from tofu_export.quicklook import QuickLookSettings
 
