@@ -17,11 +17,14 @@ COMMANDS = {
     "sweep": ["sweep", "model.pth", "--r", "a,b", "-o", "sw"],
     "calibrate images": ["calibrate", "model.pth", "data", "--images", "0", "-o", "p.json"],
     "calibrate budget": ["calibrate", "model.pth", "data", "--min-cosine", "2", "-o", "p.json"],
+    "calibrate precision": ["calibrate", "model.pth", "data", "--precision", "int8", "-o", "p.json"],
+    "export calibration data": ["export", "model.pth", "--calibration-data", "data", "-o", "out"],  # without int8
     "profile": ["profile", "broken.onnx", "--report", "report.md"],  # a graph that does not parse
     "help": ["--help"],
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "calibrate images": "--images",
-        "calibrate budget": "--min-cosine", "profile": "not an ONNX model", "help": ""}
+        "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
+        "export calibration data": "--precision int8", "profile": "not an ONNX model", "help": ""}
 
 PROBE = r"""
 import contextlib, io, json, sys

@@ -198,6 +198,17 @@ def test_export_calibrates_int8_on_the_data_folder_without_the_quick_look(tmp_pa
     assert parity["precision"] == "int8" and parity["batch_sizes"] == [6] and parity["ok"]  # the folder's 6 images
 
 
+def test_int8_calibrates_on_calibration_data_else_on_the_commands_data() -> None:
+    from tofu_export.cli.options import OnnxOptions
+
+    assert OnnxOptions(precision="int8", calibration_data=Path("c")).build(Path("d")).calibration_data == Path("c")
+    assert OnnxOptions(precision="int8").build(Path("d")).calibration_data == Path("d")  # export's --data
+    assert OnnxOptions(precision="int8").build().calibration_data is None  # synthetic, with a note
+    assert OnnxOptions().build(Path("d")).calibration_data is None  # an FP32 graph calibrates on nothing
+    with pytest.raises(UserError, match="--calibration-data calibrates an INT8 graph"):
+        OnnxOptions(precision="fp16", calibration_data=Path("c")).build()
+
+
 def test_parity_gate_holds_each_precision_to_its_floor(exported: dict, tofu_vit: torch.nn.Module) -> None:
     """The FP16 graph passes its own floor, but not FP32's tolerance; a different model fails both, clearly."""
     path = exported["fp16"].path

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, RuntimeOptions
 from tofu_export.cli.output import print_json
+from tofu_export.errors import Hint, UserError
 
 
 def calibrate(
@@ -71,6 +72,12 @@ def calibrate(
     from tofu_export.output_paths import FileOutput, check_file_outputs, is_policy_file, is_tofu_png
 
     runtime.check()  # the options first: none of these loads torch
+    config = onnx.build()  # how the graphs the latencies are measured on are exported: as the user exports
+    if config.precision != "fp32":
+        raise UserError(f"calibrate measures FP32 graphs; --precision {config.precision} is not supported here yet: "
+                        "calibrate in FP32, then export the policy at the precision you ship "
+                        f"(tofu-export export ... --policy {out} --precision {config.precision})",
+                        hint=Hint("precision", "fp32"))
     if min_cosine is None and speedup is None and max_latency_ms is None:
         min_cosine = 0.995
     budget = Budget(min_cosine=min_cosine, speedup=speedup, max_latency_ms=max_latency_ms)
@@ -84,7 +91,6 @@ def calibrate(
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
     start = time.perf_counter()
-    config = onnx.build()  # how the graphs the latencies are measured on are exported: as the user exports
     settings = ExportSettings(config.exporter, config.opset or 17, config.simplify)
     policy = calibrate(loaded.model, batch, r=r, budget=budget, provider=provider, threads=runtime.threads,
                        source=source, settings=settings, clock=clock, rule=rule,

@@ -36,7 +36,8 @@ DataOption = Annotated[
     Path | None,
     typer.Option("--data", help="Images (a folder, flat or in class folders; up to 32 used) on which the quick look "
                  "compares ToFu's outputs with the unreduced model's: cosine, and top-1 agreement for classifiers. "
-                 "With --precision int8, also the images the graph is calibrated on (with or without the quick look).",
+                 "With --precision int8, also the images the graph is calibrated on (with or without the quick look), "
+                 "unless --calibration-data names others.",
                  rich_help_panel="Quick look"),
 ]
 
@@ -96,7 +97,7 @@ def export(
     from tofu_export.config import ExportConfig
 
     config = ExportConfig(  # checks every option before torch is loaded
-        tofu=tofu.build(model.img_size), onnx=onnx.build(calibration_data=data), trt=trt.build(), target=target,
+        tofu=tofu.build(model.img_size), onnx=onnx.build(data), trt=trt.build(), target=target,
         arch=model.arch, num_heads=model.num_heads, trust_pickle=model.trust_pickle, force=force,
         command=command_line(),
     )

@@ -141,14 +141,25 @@ class OnnxOptions:
         float, typer.Option("--tolerance", help="Max |ONNX - PyTorch| allowed, relative to the output scale.")
     ] = 1e-4
     exporter: ExporterOption = DEFAULT_EXPORTER
+    calibration_data: Annotated[
+        Path | None,
+        typer.Option("--calibration-data", help="With --precision int8: images to calibrate on (a folder, flat or in "
+                     "class folders; up to 32 used). export defaults to its --data; without either, synthetic "
+                     "images, with a note."),
+    ] = None
 
-    def build(self, calibration_data: Path | None = None) -> Any:
-        """The ``OnnxConfig``; ``calibration_data``: the command's image folder, which an INT8 graph calibrates on."""
+    def build(self, data: Path | None = None) -> Any:
+        """The ``OnnxConfig``. An INT8 graph calibrates on ``--calibration-data``, else on ``data`` (the command's
+        own image folder, where it has one: export's ``--data``)."""
         from tofu_export.config import OnnxConfig
 
+        if self.calibration_data is not None and self.precision != "int8":
+            raise UserError("--calibration-data calibrates an INT8 graph: it needs --precision int8",
+                            hint=Hint("precision", "int8"))
+        calibration = self.calibration_data or (data if self.precision == "int8" else None)
         return OnnxConfig(opset=self.opset, simplify=self.simplify, tolerance=self.tolerance, exporter=self.exporter,
                           precision=self.precision, simplifier=self.simplifier,  # type: ignore[arg-type]
-                          calibration_data=calibration_data)
+                          calibration_data=calibration)
 
 
 @option_group("TensorRT")
