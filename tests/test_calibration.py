@@ -123,6 +123,23 @@ def test_block_graph_has_the_reduced_token_count(vit, tmp_path, exporter, opset)
     assert "Log" in ops  # proportional attention's mask: the block is entered with token sizes
 
 
+def test_block_graphs_are_exported_as_the_user_exports(vit, tmp_path, monkeypatch) -> None:
+    """Every export setting of ``calibrate`` reaches the graphs it times (the simplifier used to stay the default)."""
+    from tofu_export.calibration import latency
+
+    seen: dict = {}
+
+    def stop(module, path, size, **settings) -> None:
+        seen.update(settings)
+        raise RuntimeError("stop before exporting")
+
+    monkeypatch.setattr(latency, "export_onnx", stop)
+    with pytest.raises(RuntimeError, match="stop before exporting"):
+        block_graph(vit, "mlerp", 13, 4, settings=ExportSettings("torchscript", 16, True, "onnxsim"), folder=tmp_path)
+    assert {key: seen[key] for key in ("exporter", "opset", "simplify", "simplifier")} == {
+        "exporter": "torchscript", "opset": 16, "simplify": True, "simplifier": "onnxsim"}
+
+
 def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_images, tmp_path) -> None:
     images = make_images(8, 64)
     shipped = dataclasses.replace(calibration, settings=ExportSettings())  # the policy's graphs: the default exporter

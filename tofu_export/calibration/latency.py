@@ -96,7 +96,8 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, settings: Expo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: the shapes are constant on purpose
         export_onnx(module.eval(), path, tuple(example.shape[-2:]), opset=settings.opset, simplify=settings.simplify,
-                    verify=False, exporter=settings.exporter, example=example)  # type: ignore[arg-type]
+                    verify=False, exporter=settings.exporter, example=example,  # type: ignore[arg-type]
+                    simplifier=settings.simplifier)  # type: ignore[arg-type]
 
 
 def sample_token_counts(tokens0: int, num_prefix: int, r: int, depth: int, points: int = 3) -> list[int]:

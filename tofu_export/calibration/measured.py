@@ -30,7 +30,7 @@ from tofu_export.errors import Hint, UserError
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
-from tofu_export.names import DEFAULT_EXPORTER
+from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER
 from tofu_export.schedule import plan_tokens
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
@@ -81,6 +81,7 @@ class ExportSettings:
     exporter: str = DEFAULT_EXPORTER
     opset: int = 17
     simplify: bool = True
+    simplifier: str = DEFAULT_SIMPLIFIER
 
 
 def split_held_out(images: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
@@ -184,7 +185,7 @@ def measure_policy_latency(
 
 def _export(model: nn.Module, path: Path, size: tuple[int, int], settings: ExportSettings) -> None:
     export_onnx(model, path, size, opset=settings.opset, simplify=settings.simplify, verify=False,
-                exporter=settings.exporter)  # type: ignore[arg-type]
+                exporter=settings.exporter, simplifier=settings.simplifier)  # type: ignore[arg-type]
 
 
 def tome_bracket(predict_ms: Callable[[int], float], target_ms: float, limit: int, width: int) -> tuple[int, int]:
