@@ -57,10 +57,15 @@ def test_policy_latency_is_measured_on_graphs_exported_as_the_user_exports(make_
         return real_export(*args, **kwargs)
 
     monkeypatch.setattr(measured_module, "export_onnx", spy)
-    settings = ExportSettings("torchscript", 16, False)
+    tolerances = []  # the policy graph's gate: the user's tolerance, as `export --policy` will apply it
+    real_parity = measured_module.verify_parity
+    monkeypatch.setattr(measured_module, "verify_parity",
+                        lambda *args, **kwargs: tolerances.append(kwargs["tolerance"]) or real_parity(*args, **kwargs))
+    settings = ExportSettings("torchscript", 16, False, "onnxsim", 5e-3)
     result = measure_policy_latency(model, ("mlerp", "prune"), (2, 1), settings=settings, threads=1, rounds=3)
-    exported = [(c["exporter"], c["opset"], c["simplify"], c["verify"]) for c in calls]
-    assert exported == [("torchscript", 16, False, False)] * 2
+    exported = [(c["exporter"], c["opset"], c["simplify"], c["simplifier"], c["verify"]) for c in calls]
+    assert exported == [("torchscript", 16, False, "onnxsim", False)] * 2
+    assert tolerances == [5e-3]
     assert not hasattr(model, "_tofu")  # the model is left as it was (plain)
     assert (result.exporter, result.opset, result.rounds, result.backend) == ("torchscript", 16, 3, "onnxruntime-cpu")
     assert result.speedup_iqr[0] <= result.speedup <= result.speedup_iqr[1]

@@ -82,6 +82,7 @@ class ExportSettings:
     opset: int = 17
     simplify: bool = True
     simplifier: str = DEFAULT_SIMPLIFIER
+    tolerance: float = 1e-4  # the parity gate's, as `export --policy --tolerance` will hold the policy graph to it
 
 
 def split_held_out(images: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
@@ -167,7 +168,7 @@ def measure_policy_latency(
                     with patched(model, r=k, mode=m, prop_attn=prop_attn, img_size=size):
                         _export(model, paths[name], size, settings)
                         if name == "policy":  # the gate `tofu-export export --policy` will hold the graph to
-                            gate = verify_parity(model, paths[name], size)
+                            gate = verify_parity(model, paths[name], size, tolerance=settings.tolerance)
         runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
                    for name, path in paths.items()}
         for runner in runners.values():

@@ -91,7 +91,8 @@ def calibrate(
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
     start = time.perf_counter()
-    settings = ExportSettings(config.exporter, config.opset or 17, config.simplify, config.simplifier)
+    settings = ExportSettings(config.exporter, config.opset or 17, config.simplify, config.simplifier,
+                              config.tolerance)
     policy = calibrate(loaded.model, batch, r=r, budget=budget, provider=provider, threads=runtime.threads,
                        source=source, settings=settings, clock=clock, rule=rule,
                        linearity_threshold=linearity_threshold)
