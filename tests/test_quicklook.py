@@ -135,8 +135,8 @@ def test_run_quick_look_fills_the_manifest_section(tmp_path: Path, graphs: dict[
     result = run_quick_look(tiny_vit(), graphs["tofu"], IMG, settings, gflops={"original": 2.0, "tofu": 1.0},
                             onnx_settings={"opset": 17}, images=images, step=steps.append)
     assert result["label"] == "quick look on this machine, not a benchmark"
-    assert result["machine"] == {"cpu": describe_device().cpu_model, "cores": os.cpu_count(),
-                                 "cpu_features": describe_device().cpu_features}
+    device = describe_device()
+    assert result["machine"] == {"cpu": device.cpu_model, "cores": os.cpu_count(), "cpu_features": device.cpu_features}
     assert result["gflops"] == {"baseline": 2.0, "tofu": 1.0}
     assert result["baseline"]["r"] == 0 and result["baseline"]["parity_max_abs_diff"] < 1e-4
     assert result["latency"]["speedup"] > 0 and result["fidelity"]["images"] == 6

@@ -132,8 +132,7 @@ def export_denoiser(model: nn.Module, path: str | Path, make_inputs: Callable[[i
             report = check_tensorrt_compat(graph_path, ALL_TARGETS)
             required = trt_targets_for(opset)
             ok = all(report.per_target[t] for t in required)  # every release is checked; these must pass
-            result.tensorrt = TrtCheckRecord(report.per_target, list(report.issues), list(report.targets),
-                                             list(required), ok, report.opset, dict(report.op_counts))
+            result.tensorrt = TrtCheckRecord.from_dict({**report.to_dict(), "build_for": list(required), "ok": ok})
             if not ok:
                 raise CheckFailed(f"the graph would not build natively on TensorRT: {report.render()}")
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -54,22 +55,28 @@ def describe_device(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> DeviceInfo:
 def cpu_model_from_cpuinfo(text: str | None) -> str | None:
     """The first ``model name`` (x86) or ``Model`` / ``Hardware`` (ARM) value in /proc/cpuinfo text."""
     for key in ("model name", "Model", "Hardware"):
-        for line in (text or "").splitlines():
-            name, sep, value = line.partition(":")
-            if sep and name.strip() == key and value.strip():
-                return value.strip()
+        for value in _cpuinfo_values(text, key):
+            if value:
+                return value
     return None
 
 
 def cpu_features_from_cpuinfo(text: str | None) -> list[str] | None:
     """The ``SIMD_FLAGS`` named on the first ``flags`` (x86) or ``Features`` (ARM) line of /proc/cpuinfo text, in
     ``SIMD_FLAGS`` order; None when there is no such line."""
-    for line in (text or "").splitlines():
-        name, sep, value = line.partition(":")
-        if sep and name.strip() in ("flags", "Features"):
+    for key in ("flags", "Features"):
+        for value in _cpuinfo_values(text, key):
             present = set(value.split())
             return [flag for flag in SIMD_FLAGS if flag in present]
     return None
+
+
+def _cpuinfo_values(text: str | None, key: str) -> Iterator[str]:
+    """The values of every ``key : value`` line of /proc/cpuinfo text, stripped, in order."""
+    for line in (text or "").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            yield value.strip()
 
 
 def _read(path: Path) -> str | None:
