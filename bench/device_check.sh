@@ -1,63 +1,36 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU (CUDA torch + onnxruntime-gpu; TensorRT if present), in under 8 minutes:
-#   1. the GPU / TensorRT tests (pytest -m "gpu or tensorrt"),
-#   2. ONNX Runtime CUDA and TensorRT-provider latency of {baseline, ToMe r=16, ToFu r=16} x {fp32, fp16},
-#      deit_small_patch16_224 (random weights: latency only), batch 1 and 32, wall clock, median and p90 of
-#      interleaved runs (engine and timing caches of the TensorRT provider in the run folder),
-# and writes one results file naming the device: bench/results/precision_device_<gpu>.{json,md}.
-# Usage: bash bench/device_check.sh [ROUNDS]   (run from the repository root; never run here: no GPU was lent)
-set -euo pipefail
-ROUNDS="${1:-20}"
-export PYTHONPATH="${PYTHONPATH:-$PWD}"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: this script needs one')"
-timeout 240 python -m pytest -q -m "gpu or tensorrt" tests/ || echo "GPU tests failed or timed out (see above)"
-timeout 300 python - "$ROUNDS" <<'PY'
-import json, sys, tempfile, time
-from pathlib import Path
-import numpy as np, onnxruntime as ort, timm, torch
-import tofu_export
-from tofu_export.engines.ort import create_session
-from tofu_export.exporters.onnx import export_onnx
-
-rounds = int(sys.argv[1])
-device = torch.cuda.get_device_name(0)
-providers = [p for p in ("cuda", "tensorrt") if {"cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}[p] in ort.get_available_providers()]
-variants = {"baseline": ("tome", 0), "tome": ("tome", 16), "tofu": ("tofu", 16)}
-rows, work = [], Path(tempfile.mkdtemp(prefix="tofu-device-"))
-model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-for name, (mode, r) in variants.items():
-    for precision in ("fp32", "fp16"):
-        tofu_export.patch(model, r=r, mode=mode, img_size=224)
-        path = work / f"{name}-{precision}" / "model.onnx"
-        export_onnx(model, path, 224, exporter="torchscript", precision=precision)
-        tofu_export.unpatch(model)
-        dtype = np.float16 if precision == "fp16" else np.float32
-        for provider in providers:
-            session = create_session(path, provider=provider, cache_dir=path.parent)
-            feed_name = session.get_inputs()[0].name
-            for batch in (1, 32):
-                feed = {feed_name: np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(dtype)}
-                for _ in range(3):
-                    session.run(None, feed)  # builds the TensorRT engine on first use (then cached)
-                times = []
-                for _ in range(rounds):
-                    start = time.perf_counter()
-                    session.run(None, feed)
-                    times.append((time.perf_counter() - start) * 1e3)
-                rows.append({"variant": name, "precision": precision, "provider": provider, "batch": batch,
-                             "median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))})
-                print(rows[-1], flush=True)
-slug = "".join(c if c.isalnum() else "_" for c in device).strip("_").lower()
-out = Path("bench/results") / f"precision_device_{slug}"
-record = {"device": device, "onnxruntime": ort.__version__, "torch": torch.__version__, "rounds": rounds,
-          "providers": providers, "rows": rows}
-out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-lines = [f"# ORT GPU latency on {device}", "", f"`bash bench/device_check.sh {rounds}`; onnxruntime {ort.__version__}; "
-         "deit_small_patch16_224 (random weights), wall ms (host I/O included).", "",
-         "| variant | precision | provider | batch | median ms | p90 ms |", "|---|---|---|---|---|---|"]
-lines += [f"| {r['variant']} | {r['precision']} | {r['provider']} | {r['batch']} | {r['median_ms']:.2f} | "
-          f"{r['p90_ms']:.2f} |" for r in rows]
-out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-print(f"wrote {out}.md")
-PY
+# The checks that need an NVIDIA GPU, as one command of about 4 minutes (the device tool's lent H100/H200 machine:
+# CUDA torch, a CPU-only onnxruntime, no TensorRT; what it lacks is skipped and said):
+#   1. the GPU / TensorRT tests (pytest -m "gpu or tensorrt"; TensorRT ones skip with their reason),
+#   2. bench/gpu_latency.py: baseline vs ToMe vs ToFu (eager and static) on deit_small and DINOv2-S/14, torch eager
+#      and CUDA graphs (ORT CUDA where that provider loads), fp32/fp16, batch 1/8/64, CUDA kernels per block,
+#   3. the CLI: `tofu-export profile` of a deit_small checkpoint on --device cuda, plain and ToFu r=16.
+# Results go to $OUT (default bench/results/device): gpu_latency.{json,md}, profile_{plain,tofu}.{json,md}, log.txt.
+# Usage (repository root): bash bench/device_check.sh [gpu_latency.py options, replacing the defaults below]
+# Wheels in .whl/ (e.g. onnxslim, which the GPU image lacks) are installed first.
+set -uo pipefail
+OUT="${OUT:-bench/results/device}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, torch.cuda.get_device_name(), '| onnxruntime', o.__version__, o.get_available_providers())" \
+  || { echo "no CUDA torch here"; exit 2; }
+echo "== 1. GPU tests"; date
+timeout 90 python3 -m pytest -q -p no:cacheprovider -rs -m "gpu or tensorrt" tests/test_engines_torch.py \
+  tests/test_profiling_memory.py tests/test_tensorrt.py tests/test_engines_trt.py || echo "GPU tests: rc $?"
+echo "== 2. bench/gpu_latency.py"; date
+if [ $# -eq 0 ]; then set -- --models deit_small,dinov2_s14 --batches 1,8,64 --dtypes fp32,fp16 --iters 30 --budget-s 170; fi
+timeout 270 python3 bench/gpu_latency.py --device cuda "$@" --out "$OUT" || echo "gpu_latency: rc $?"
+echo "== 3. tofu-export profile --device cuda"; date
+python3 -c "import timm; from safetensors.torch import save_file; save_file(timm.create_model('deit_small_patch16_224').state_dict(), '/tmp/deit_small.safetensors')"
+for variant in "plain --r 0" "tofu --r 16 --mode tofu"; do
+  set -- $variant
+  timeout 60 python3 -m tofu_export.cli profile /tmp/deit_small.safetensors --arch deit_small_patch16_224 \
+    --backend torch --device cuda "${@:2}" --batch 1,64 --iters 50 --report "$OUT/profile_$1.md" || echo "profile $1: rc $?"
+done
+date

