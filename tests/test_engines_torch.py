@@ -1,5 +1,6 @@
 """TorchRunner on a tiny timm ViT: runs, and per-module exclusive times from torch.profiler."""
 
+import os
 import time
 
 import pytest
@@ -39,6 +40,18 @@ def test_profile_ops_names_modules_and_covers_vit_parts() -> None:
     for category in ("attention", "mlp", "embed", "head"):
         assert parts.by_category_ms[category] > 0, category
     assert not backend.model._forward_pre_hooks and not backend.model.blocks[0]._forward_hooks  # hooks removed
+
+
+def test_profiling_quiets_the_tracer_unless_the_user_set_its_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kineto prints "USDT: profiler_start" (and, without a GPU, an ERROR line) at every profile unless its level
+    is set before its first profile; a level the user set stays."""
+    backend = TorchRunner(tiny_vit(), device="cpu", img_size=IMG, threads=1)
+    monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
+    backend.profile_ops(batch_size=1, iters=1)
+    assert os.environ["KINETO_LOG_LEVEL"] == "6"
+    monkeypatch.setenv("KINETO_LOG_LEVEL", "2")
+    backend.profile_ops(batch_size=1, iters=1)
+    assert os.environ["KINETO_LOG_LEVEL"] == "2"
 
 
 def test_patched_model_has_token_reduction_modules() -> None:

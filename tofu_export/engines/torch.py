@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
@@ -88,6 +89,10 @@ class TorchRunner:
         On CUDA the times are GPU kernel times, on CPU host wall time.
         """
         self.run(batch_size)  # warm-up, outside the profile
+        # Kineto, the profiler's tracer, otherwise prints "USDT: profiler_start/stop" and, without a GPU,
+        # "ERROR: gpuGetDeviceCount failed" on stderr at every profile; read when the first profile starts, and a
+        # level the user set is kept.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
