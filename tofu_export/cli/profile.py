@@ -108,7 +108,8 @@ def print_profile(result: Any, backend: str, reference: dict[str, Any] | None) -
     console = Console()
     profiled = [batch for batch in result.batches if batch.breakdown is not None]
     if profiled:
-        parts = Table(title="where the time goes (op profiler, ms per run)", title_justify="left")
+        title = "where the time goes (op profiler, ms per run; on a GPU the kernel time, without launch gaps)"
+        parts = Table(title=title, title_justify="left")
         for column in ("batch", *CATEGORIES, "sum"):
             parts.add_column(column.replace("_", " "), justify="right")
         for batch in profiled:

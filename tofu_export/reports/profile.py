@@ -30,7 +30,8 @@ def render_table(results: Sequence[ProfileResult]) -> str:
             ])  # fmt: skip
     text = _markdown_table(*_drop_empty(_LATENCY_HEADERS, rows))
     breakdown = render_breakdown(results)
-    return text + ("\n\nPer-part time (op profiler, per run):\n\n" + breakdown if breakdown else "")
+    heading = "Per-part time (op profiler, per run; on a GPU the kernel time, without launch gaps):"
+    return text + (f"\n\n{heading}\n\n{breakdown}" if breakdown else "")
 
 
 def render_breakdown(results: Sequence[ProfileResult]) -> str:
