@@ -255,3 +255,17 @@ def test_jetpack7_and_tensorrt_10_13_use_the_conservative_10_table() -> None:
     assert validate_targets(["10.13", "8.5.2", "10"]) == ("10", "8.5")
     with pytest.raises(UnknownTargetError, match="'11'"):
         validate_targets(["11"])
+
+
+def test_the_manifest_record_is_ok_when_the_releases_it_was_made_for_build() -> None:
+    """One meaning of ``ok`` for every producer: the releases the artifact was made for (all checked ones when none
+    were named); each checked release keeps its own verdict."""
+    from tofu_export.tensorrt.issues import TrtIssue
+
+    missing = TrtIssue("error", "8.5", "LayerNormalization", "ln", "not in TensorRT 8.5")
+    report = TrtCompatReport(targets=("8.5", "10"), opset=17, op_counts={"LayerNormalization": 1}, issues=[missing])
+    made_for_10 = report.record(build_for=["10"])
+    assert made_for_10.ok and made_for_10.build_for == ["10"]
+    assert made_for_10.per_target == {"8.5": False, "10": True} and made_for_10.issues == [missing]
+    assert not report.record(build_for=["8.5", "10"]).ok
+    assert not report.record(build_for=[]).ok and report.record(build_for=[]).requested == ["8.5", "10"]

@@ -156,8 +156,8 @@ _ISSUE_FIELDS = tuple(f.name for f in dataclasses.fields(TrtIssue))
 
 @dataclass
 class TrtCheckRecord(Section):
-    """The static TensorRT check of the graph (``TrtCompatReport.to_dict()``) and the releases it was made for.
-    ``ok`` is the producer's verdict: a ViT export's, every checked release; a denoiser's, its ``build_for``."""
+    """The static TensorRT check of the graph (``TrtCompatReport.record``) and the releases it was made for; ``ok``:
+    every ``build_for`` release builds natively (every checked one when ``build_for`` is empty)."""
 
     per_target: dict[str, bool]  # release -> builds natively
     issues: list[TrtIssue]  # typed on creation (JSON holds {"severity", "target", "op_type", "node", "message"})

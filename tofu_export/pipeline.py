@@ -35,7 +35,6 @@ from tofu_export.manifest import (
     PolicyRecord,
     QuickLook,
     TofuRecord,
-    TrtCheckRecord,
 )
 from tofu_export.models.loading import LoadedModel, load_model
 from tofu_export.quicklook import QuickLookSettings, image_files, load_images, run_quick_look
@@ -167,7 +166,7 @@ def build_manifest(
                         output=onnx_result.output_name, precision=config.onnx.precision,
                         simplifier=onnx_result.simplifier,
                         parity=None if parity is None else dataclasses.asdict(parity)),
-        tensorrt_check=TrtCheckRecord.from_dict({**trt_report.to_dict(), "build_for": list(config.trt.targets)}),
+        tensorrt_check=trt_report.record(build_for=config.trt.targets),
         notes=notes,
     )
 

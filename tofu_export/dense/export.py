@@ -130,9 +130,7 @@ def export_denoiser(model: nn.Module, path: str | Path, make_inputs: Callable[[i
             from tofu_export.tensorrt.ops import ALL_TARGETS
 
             report = check_tensorrt_compat(graph_path, ALL_TARGETS)
-            required = trt_targets_for(opset)
-            ok = all(report.per_target[t] for t in required)  # every release is checked; these must pass
-            result.tensorrt = TrtCheckRecord.from_dict({**report.to_dict(), "build_for": list(required), "ok": ok})
-            if not ok:
+            result.tensorrt = report.record(build_for=trt_targets_for(opset))  # every release checked; these must pass
+            if not result.tensorrt.ok:
                 raise CheckFailed(f"the graph would not build natively on TensorRT: {report.render()}")
     return result

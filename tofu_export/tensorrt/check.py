@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -28,6 +28,9 @@ from tofu_export.tensorrt.ops import (
 from tofu_export.tensorrt.rules import RESTRICTIONS, GraphIndex, for_targets
 from tofu_export.tensorrt.shapes import dtype_issues, infer_shapes, shape_issues
 from tofu_export.tensorrt.targets import validate_targets
+
+if TYPE_CHECKING:
+    from tofu_export.manifest import TrtCheckRecord
 
 _RENDER_MAX_ISSUES = 25
 
@@ -62,6 +65,16 @@ class TrtCompatReport:
             "op_counts": dict(self.op_counts),
             "issues": [asdict(issue) for issue in self.issues],
         }
+
+    def record(self, build_for: Sequence[str]) -> TrtCheckRecord:
+        """The manifest's record of this check for an artifact made for ``build_for``: its ``ok`` says whether every
+        one of those releases builds natively (every checked release when ``build_for`` is empty), the same for
+        every producer; ``per_target`` keeps the verdict of each release checked."""
+        from tofu_export.manifest import TrtCheckRecord
+
+        wanted = list(build_for) or list(self.targets)
+        ok = all(self.per_target.get(target, False) for target in wanted)
+        return TrtCheckRecord.from_dict({**self.to_dict(), "build_for": list(build_for), "ok": ok})
 
     def render(self) -> str:
         """Short human verdict: one line per target, then the issues (shared ones listed once)."""
