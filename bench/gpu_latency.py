@@ -63,6 +63,8 @@ ONNX_VARIANTS = ("baseline", "tome", "tofu")
 COMPILED_VARIANTS = ("baseline", "tome", "tofu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 Runner = Callable[[], object]
+NO_ORT_CUDA = ("ONNX Runtime's CUDA provider is not available in this onnxruntime build: no ORT rows "
+               "(and no ONNX exports)")
 
 
 def load(name: str, img_size: int, depth: int | None = None) -> tuple[nn.Module, str]:
@@ -216,9 +218,8 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path, deadline: flo
         onnx_paths = export_variants(models, args.img_size, folder / name, args.exporter)
         costs = reduction_costs(onnx_paths["tofu"])
         meta["models"][name].update(tofu_graph_reduction=costs.to_dict()["total"], graph_nodes=costs.graph_nodes)
-    elif "ORT" not in " ".join(meta["notes"]):
-        meta["notes"].append("ONNX Runtime's CUDA provider is not available in this onnxruntime build: no ORT rows "
-                             "(and no ONNX exports)")
+    elif NO_ORT_CUDA not in meta["notes"]:  # said once, not once per model
+        meta["notes"].append(NO_ORT_CUDA)
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         typed = {v: copy.deepcopy(m).to(device=device, dtype=dtype) for v, m in models.items()}
