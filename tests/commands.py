@@ -76,6 +76,14 @@ class Finished:
     cpu_s: float | None = None
 
 
+def from_a_terminal() -> None:
+    """In a child (``preexec_fn``): the signal dispositions a command typed at a terminal starts with, whatever the
+    test run inherited (a run started in the background ignores SIGINT, under ``nohup`` SIGHUP too, and every child
+    inherits that: a test that sends them would see them ignored)."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def run_guarded(args: Sequence[str | Path], cwd: Path, env: Mapping[str, str], cpu_s: int = CPU_LIMIT_S,
                 quiet_s: float = QUIET_LIMIT_S, preexec: Callable[[], None] | None = None) -> Finished:
     """Run ``args`` with a CPU-time limit and the hang guard; streams go through files, so a chatty command never

@@ -41,7 +41,7 @@ import onnx
 import pytest
 import timm
 import torch
-from commands import QUIET_LIMIT_S, ForkServer, LoadClock, run_guarded
+from commands import QUIET_LIMIT_S, ForkServer, LoadClock, from_a_terminal, run_guarded
 from onnx import TensorProto, helper
 from PIL import Image
 
@@ -519,7 +519,7 @@ def _execute(case: Case, inputs: Path, case_dir: Path) -> Result:
         done = run_guarded(_argv(case, inputs), case_dir, _env())
         return Result(case, done.returncode, done.stdout, done.stderr, before, snapshot(case_dir))
     process = subprocess.Popen(_argv(case, inputs), cwd=case_dir, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=from_a_terminal)
     seen, clock = [], LoadClock()
     assert process.stderr is not None
     while clock.spent < QUIET_LIMIT_S:  # wait for the step, on the load-adjusted clock

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from commands import from_a_terminal
 
 from tofu_export.artifacts import staged_folder
 from tofu_export.atomic import LockBusyError, locked_folder, owner_is_dead, owner_tag, write_text_atomic
@@ -45,6 +46,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 
 
+
+
 @pytest.mark.parametrize(("delay", "signum", "twice"), [
     (0.0, signal.SIGINT, False),  # while torch is imported
     (0.0, signal.SIGINT, True),  # and a second Ctrl-C right after the first
@@ -55,7 +58,7 @@ def _env() -> dict[str, str]:
 def test_a_signal_at_any_moment_ends_without_a_traceback(tmp_path: Path, delay: float, signum: int,
                                                          twice: bool) -> None:
     process = subprocess.Popen(COMMAND, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=from_a_terminal)
     _wait_for_handlers(process)
     time.sleep(delay)
     process.send_signal(signum)
@@ -68,6 +71,30 @@ def test_a_signal_at_any_moment_ends_without_a_traceback(tmp_path: Path, delay: 
     assert process.returncode in (0, 128 + signum), (process.returncode, stderr)
     if process.returncode:
         assert stderr.strip().splitlines()[-1].startswith("error: "), stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ignored", [(signal.SIGHUP,), (signal.SIGHUP, signal.SIGINT)], ids=["nohup", "nohup-bg"])
+def test_under_nohup_sighup_stays_ignored_and_sigterm_ends_the_command_quietly(tmp_path: Path,
+                                                                              ignored: tuple[int, ...]) -> None:
+    """``nohup COMMAND`` starts it with SIGHUP ignored, ``nohup COMMAND &`` from a script with SIGINT too: those stay
+    ignored, and SIGTERM, ``kill``'s default, still ends it quietly. It used to catch SIGHUP all the same (a closing
+    terminal stopped a ``nohup``'d export, exit 129), and with SIGINT ignored it installed no handler until the
+    command had ended (a SIGTERM killed it on the spot, leaving an export's staging folder)."""
+
+    def start_ignoring() -> None:
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+
+    process = subprocess.Popen(COMMAND, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=start_ignoring)
+    _wait_for_handlers(process)
+    assert not _caught(process.pid) & sum(1 << (signum - 1) for signum in ignored)  # still ignored
+    process.send_signal(signal.SIGHUP)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, (process.returncode, stderr)
+    assert stderr.strip().splitlines()[-1] == "error: stopped by SIGTERM", stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -98,7 +125,7 @@ def test_sigkill_leaves_a_staging_folder_the_next_run_removes_and_names(tmp_path
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(out)], stdout=subprocess.PIPE, text=True,
-                             env=_env())
+                             env=_env(), preexec_fn=from_a_terminal)
     assert child.stdout is not None
     staging = Path(child.stdout.readline().strip())
     child.kill()
@@ -140,7 +167,8 @@ def test_a_held_lock_is_waited_on_for_a_bounded_time_and_names_its_holder(tmp_pa
         assert time.monotonic() - start < 5
         waiter = subprocess.Popen([sys.executable, "-c", "import sys; from tofu_export.atomic import locked_folder\n"
                                    "print('waiting', flush=True)\nwith locked_folder(sys.argv[1], wait_s=100): pass",
-                                   str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=from_a_terminal)
         assert waiter.stdout is not None and waiter.stdout.readline().strip() == "waiting"
         time.sleep(0.3)
         waiter.send_signal(signal.SIGINT)  # Ctrl-C while waiting for the lock
@@ -184,7 +212,7 @@ def test_a_signal_during_an_import_is_raised_when_the_import_ends(tmp_path: Path
     ``import numpy`` failed: exit 4 in CI), so the signal waits for the import, then raises as usual."""
     (tmp_path / "signals_itself.py").write_text(_IMPORT_SIGNALS_ITSELF.format(name=name, second=""))
     result = subprocess.run((sys.executable, "-c", _RUN, str(tmp_path)), capture_output=True, text=True,
-                            timeout=120, env=_env())
+                            timeout=120, env=_env(), preexec_fn=from_a_terminal)
     kind = "KeyboardInterrupt" if name == "SIGINT" else "Terminated"
     assert (result.returncode, result.stdout.strip()) == (0, f"raised after the import: {kind} True"), result
 
@@ -193,6 +221,6 @@ def test_a_second_signal_while_the_first_waits_for_an_import_exits_at_once(tmp_p
     second = "time.sleep(0.05); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)"
     (tmp_path / "signals_itself.py").write_text(_IMPORT_SIGNALS_ITSELF.format(name="SIGTERM", second=second))
     result = subprocess.run((sys.executable, "-c", _RUN, str(tmp_path)), capture_output=True, text=True,
-                            timeout=120, env=_env())
+                            timeout=120, env=_env(), preexec_fn=from_a_terminal)
     assert result.returncode == 128 + signal.SIGTERM, result
     assert (result.stdout, result.stderr.strip()) == ("", "error: stopped by SIGTERM"), result

@@ -28,7 +28,9 @@ def _is_entry_point() -> bool:
     return os.path.basename(sys.argv[0] if sys.argv else "") in ("tofu-export", "-m")
 
 
-_ENTRY_POINT = _is_entry_point() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+# Python's own SIGINT handler, or SIGINT ignored since the start (a background job, ``nohup ... &``): no host
+# program installed its own, so the signals are this command's to handle.
+_ENTRY_POINT = _is_entry_point() and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, signal.SIG_IGN)
 if _ENTRY_POINT:
     exit_quietly_on_signals()  # before the heavy imports below (typer, rich, then torch in the commands)
 

@@ -12,6 +12,8 @@ never an exception inside an import.
   inside an extension module's initialisation leaves it half made: torch turns it into a warning and a later
   ``import numpy`` fails ("cannot load module more than once per process"), or its C++ aborts the process. A
   second signal while the first waits ends the process at once.
+- A signal the process was started with ignored stays ignored (``nohup`` ignores SIGHUP; a shell's background job,
+  SIGINT): the others are handled as above. SIGTERM, ``kill``'s default, still cleans up under ``nohup ... &``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import time
 from types import FrameType
 
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# read when this module is first imported, i.e. as the console script starts, before any handler is installed
+IGNORED_AT_START = frozenset(signum for signum in SIGNALS if signal.getsignal(signum) is signal.SIG_IGN)
+HANDLED = tuple(signum for signum in SIGNALS if signum not in IGNORED_AT_START)
 _IMPORT_MACHINERY = "<frozen importlib._bootstrap"
 
 
@@ -63,12 +68,12 @@ def finish(code: int) -> None:
 
 def quiet_exit_installed() -> bool:
     """Whether the signals exit quietly now (the console script before its command starts, or after it ended)."""
-    return signal.getsignal(signal.SIGTERM) is exit_quietly
+    return any(signal.getsignal(signum) is exit_quietly for signum in HANDLED)
 
 
 def exit_quietly_on_signals() -> None:
     """From now on the signals end the process at once (nothing to clean up, or cleanup is done)."""
-    for signum in SIGNALS:
+    for signum in HANDLED:
         signal.signal(signum, exit_quietly)
 
 
@@ -123,11 +128,11 @@ def _raise_signal(signum: int, frame: FrameType | None) -> None:
 def raise_on_signals() -> None:
     """While a command runs: the signals raise (see the module's docstring), so its cleanup runs. This replaces
     the quiet exit ``tofu_export.cli`` installs for the import and argument-parsing phase."""
-    for signum in SIGNALS:
+    for signum in HANDLED:
         signal.signal(signum, _raise_signal)
 
 
 def second_signal_exits_quietly() -> None:
     """While the first signal is being reported, a second one ends the process quietly (entry point only)."""
-    if signal.getsignal(signal.SIGTERM) is _raise_signal:
+    if any(signal.getsignal(signum) is _raise_signal for signum in HANDLED):
         exit_quietly_on_signals()
