@@ -46,8 +46,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 
 
-
-
 @pytest.mark.parametrize(("delay", "signum", "twice"), [
     (0.0, signal.SIGINT, False),  # while torch is imported
     (0.0, signal.SIGINT, True),  # and a second Ctrl-C right after the first
