@@ -125,7 +125,7 @@ def test_block_graph_has_the_reduced_token_count(vit, tmp_path, exporter, opset)
 
 def test_block_graphs_are_exported_as_the_user_exports(vit, tmp_path, monkeypatch) -> None:
     """Every export setting of ``calibrate`` reaches the graphs it times (the simplifier used to stay the default)."""
-    from tofu_export.calibration import latency
+    from tofu_export.calibration import measured
 
     seen: dict = {}
 
@@ -133,7 +133,7 @@ def test_block_graphs_are_exported_as_the_user_exports(vit, tmp_path, monkeypatc
         seen.update(settings)
         raise RuntimeError("stop before exporting")
 
-    monkeypatch.setattr(latency, "export_onnx", stop)
+    monkeypatch.setattr(measured, "export_onnx", stop)  # ExportSettings.export: every calibration graph's one call
     with pytest.raises(RuntimeError, match="stop before exporting"):
         block_graph(vit, "mlerp", 13, 4, settings=ExportSettings("torchscript", 16, True, "onnxsim"), folder=tmp_path)
     assert {key: seen[key] for key in ("exporter", "opset", "simplify", "simplifier")} == {

@@ -29,7 +29,6 @@ from torch import nn
 from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.measured import ExportSettings, clock_threads, round_robin
 from tofu_export.engines.ort import create_session
-from tofu_export.exporters.onnx import export_onnx
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.names import REDUCE_MODES
 from tofu_export.schedule import block_macs, plan_tokens
@@ -95,9 +94,7 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, settings: Expo
     settings = settings or ExportSettings()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: the shapes are constant on purpose
-        export_onnx(module.eval(), path, tuple(example.shape[-2:]), opset=settings.opset, simplify=settings.simplify,
-                    verify=False, exporter=settings.exporter, example=example,  # type: ignore[arg-type]
-                    simplifier=settings.simplifier)  # type: ignore[arg-type]
+        settings.export(module.eval(), path, tuple(example.shape[-2:]), example=example)
 
 
 def sample_token_counts(tokens0: int, num_prefix: int, r: int, depth: int, points: int = 3) -> list[int]:

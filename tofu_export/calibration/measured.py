@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +84,12 @@ class ExportSettings:
     simplify: bool = True
     simplifier: str = DEFAULT_SIMPLIFIER
     tolerance: float = 1e-4  # the parity gate's, as `export --policy --tolerance` will hold the policy graph to it
+
+    def export(self, module: nn.Module, path: Path, size: tuple[int, int], **extra: Any) -> None:
+        """``module`` exported to ``path`` as these settings say, without the parity check (the caller verifies
+        what it ships); ``extra``: more ``export_onnx`` arguments (an ``example`` input)."""
+        export_onnx(module, path, size, opset=self.opset, simplify=self.simplify, verify=False,
+                    exporter=self.exporter, simplifier=self.simplifier, **extra)  # type: ignore[arg-type]
 
 
 def split_held_out(images: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
@@ -163,10 +170,10 @@ def measure_policy_latency(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with unpatched(model):
-                _export(model, paths["baseline"], size, settings)
+                settings.export(model, paths["baseline"], size)
                 for name, (m, k) in variants.items():
                     with patched(model, r=k, mode=m, prop_attn=prop_attn, img_size=size):
-                        _export(model, paths[name], size, settings)
+                        settings.export(model, paths[name], size)
                         if name == "policy":  # the gate `tofu-export export --policy` will hold the graph to
                             gate = verify_parity(model, paths[name], size, tolerance=settings.tolerance)
         runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
@@ -183,10 +190,6 @@ def measure_policy_latency(
     return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), speedup,
                          iqr, rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome, parity)
 
-
-def _export(model: nn.Module, path: Path, size: tuple[int, int], settings: ExportSettings) -> None:
-    export_onnx(model, path, size, opset=settings.opset, simplify=settings.simplify, verify=False,
-                exporter=settings.exporter, simplifier=settings.simplifier)  # type: ignore[arg-type]
 
 
 def tome_bracket(predict_ms: Callable[[int], float], target_ms: float, limit: int, width: int) -> tuple[int, int]:
