@@ -72,9 +72,9 @@ class TrtCompatReport:
         every producer; ``per_target`` keeps the verdict of each release checked."""
         from tofu_export.manifest import TrtCheckRecord
 
-        wanted = list(build_for) or list(self.targets)
-        ok = all(self.per_target.get(target, False) for target in wanted)
-        return TrtCheckRecord.from_dict({**self.to_dict(), "build_for": list(build_for), "ok": ok})
+        record = TrtCheckRecord.from_dict({**self.to_dict(), "build_for": list(build_for)})
+        record.ok = all(record.per_target.get(target, False) for target in record.requested)
+        return record
 
     def render(self) -> str:
         """Short human verdict: one line per target, then the issues (shared ones listed once)."""
