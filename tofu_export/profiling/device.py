@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -72,7 +73,8 @@ def cpu_features_from_cpuinfo(text: str | None) -> list[str] | None:
 
 
 def _cpuinfo_values(text: str | None, key: str) -> Iterator[str]:
-    """The values of every ``key : value`` line of /proc/cpuinfo text, stripped, in order."""
+    """The values of every ``key : value`` line of a /proc text (cpuinfo, the NVIDIA driver's information), stripped,
+    in order."""
     for line in (text or "").splitlines():
         name, sep, value = line.partition(":")
         if sep and name.strip() == key:
@@ -93,12 +95,17 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _cuda_gpu_name() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+def _cuda_gpu_name(driver: Path = Path("/proc/driver/nvidia/gpus")) -> str | None:
+    """The first CUDA GPU's name: torch's where a runner already loaded torch, else the NVIDIA driver's (a Jetson's
+    integrated GPU has no entry there: its board names it), so that timing an ONNX or TensorRT artifact does not
+    import torch (2 CPU-s here, more on a Jetson) for one string."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    for information in sorted(driver.glob("*/information")):
+        for name in _cpuinfo_values(_read(information), "Model"):
+            return name or None
+    return None
 
 
 def load_average() -> list[float] | None:

@@ -3,8 +3,10 @@ dtypes TensorRT cannot represent (DOUBLE; INT64 constants that 8.x clamps to INT
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,10 +29,9 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def infer_shapes(model: onnx.ModelProto, targets: tuple[str, ...]) -> tuple[onnx.ModelProto, list[TrtIssue]]:
     """Symbolic shape inference (follows Shape/Gather/Concat arithmetic, keeps ``batch`` symbolic)."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+        inference = _symbolic_shape_inference()
         with _inside_temporary_directory():  # on failure it dumps sym_shape_infer_temp.onnx into the cwd
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+            inferred = inference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
         if inferred is not None:
             return inferred, []
         reason = "it returned no model"
@@ -42,6 +43,31 @@ def infer_shapes(model: onnx.ModelProto, targets: tuple[str, ...]) -> tuple[onnx
         "shape arithmetic, so unknown dims reported below may be false alarms"
     )
     return fallback, for_targets(targets, "warning", "", model.graph.name, message)
+
+
+def _symbolic_shape_inference() -> type:
+    """ONNX Runtime's ``SymbolicShapeInference``, loaded without running the ``onnxruntime.tools`` package's
+    ``__init__``, which imports torch whenever it is installed (2 CPU-s of ``tofu-export check``'s 3 on this VM) for a
+    helper this check never uses. The module imports nothing relative to its package; where its file is not where
+    it was, the plain import."""
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name not in sys.modules:
+        import onnxruntime
+
+        path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location(name, path) if path.is_file() else None
+        if spec is None or spec.loader is None:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name].SymbolicShapeInference
 
 
 @contextmanager
