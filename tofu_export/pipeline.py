@@ -95,8 +95,7 @@ def export_model(
         out_state = check_output(out_dir, force=config.force, inputs=[loaded.path] if loaded.path else [])
     model = loaded.model if consume else copy.deepcopy(loaded.model)
     resolved = config.tofu.resolve(model)  # an impossible r or a foreign policy fails here, before anything is written
-    images = _quick_look_images(model, quick_look)  # so does an image folder that cannot be read
-    calibration = _calibration_images(model, config.onnx)  # [N, 3, H, W] for an INT8 graph, else None
+    images, calibration = _folder_images(model, quick_look, config.onnx)  # so does a folder that cannot be read
     baseline = copy.deepcopy(model) if quick_look is not None else None  # the unreduced model, for the quick look
 
     step("patching with ToFu")
@@ -171,26 +170,29 @@ def build_manifest(
     )
 
 
-def _quick_look_images(model: torch.nn.Module, settings: QuickLookSettings | None) -> torch.Tensor | None:
-    """``[N, 3, H, W]``: the quick look's images in the model's eval transform, or None without an image folder."""
-    if settings is None or settings.data is None:
-        return None
-    return _folder_images(model, settings.data, settings.pattern, settings.max_images)
-
-
-def _calibration_images(model: torch.nn.Module, onnx: OnnxConfig) -> torch.Tensor | None:
-    """``[N, 3, H, W]``: what an INT8 graph calibrates on (``SYNTHETIC_IMAGES`` of the folder at most, evenly
-    spread), or None (an FP32/FP16 graph, or no folder: synthetic images, with a note)."""
-    if onnx.precision != "int8" or onnx.calibration_data is None:
-        return None
-    return _folder_images(model, onnx.calibration_data, "*", SYNTHETIC_IMAGES)
-
-
-def _folder_images(model: torch.nn.Module, folder: Path, pattern: str, limit: int) -> torch.Tensor:
-    """``[N, 3, H, W]``: at most ``limit`` images of ``folder`` named ``pattern``, in the model's eval transform."""
+def _folder_images(
+    model: torch.nn.Module, quick_look: QuickLookSettings | None, onnx: OnnxConfig
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The quick look's images and an INT8 graph's calibration images, each ``[N, 3, H, W]`` in the model's eval
+    transform, or None: without a folder, or for an FP32/FP16 graph (calibration: ``SYNTHETIC_IMAGES`` of its folder
+    at most, evenly spread; no folder: synthetic images, with a note). ``--data`` alone names one folder for both:
+    a file both take is decoded once."""
+    uses = [  # (folder, pattern, limit), or None where that use has no folder
+        None if quick_look is None or quick_look.data is None
+        else (quick_look.data, quick_look.pattern, quick_look.max_images),
+        None if onnx.precision != "int8" or onnx.calibration_data is None
+        else (onnx.calibration_data, "*", SYNTHETIC_IMAGES),
+    ]
+    lists = [None if use is None else image_files(*use) for use in uses]
+    files = list(dict.fromkeys(path for paths in lists if paths is not None for path in paths))  # in order, once
+    if not files:
+        return None, None
     from tofu_export.evaluation.data import model_transform
 
-    return load_images(image_files(folder, pattern, limit), model_transform(model))
+    decoded = load_images(files, model_transform(model))  # [F, 3, H, W]
+    row = {path: i for i, path in enumerate(files)}
+    quick, calibration = (None if paths is None else decoded[[row[path] for path in paths]] for paths in lists)
+    return quick, calibration
 
 
 def _quick_look_settings(
