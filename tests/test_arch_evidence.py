@@ -106,3 +106,45 @@ def test_integer_weights_are_refused(tmp_path: Path) -> None:
     save_file(weights, str(tmp_path / "int8.safetensors"))
     with pytest.raises(CheckpointError, match=r"integer \(quantized\) weights"):
         load_model(tmp_path / "int8.safetensors")
+
+
+def test_the_architecture_config_json_names_is_built_with_its_preprocessing(tmp_path: Path) -> None:
+    """A hub download of vit_small_patch16_224 (mean and std 0.5) was built as deit_small_patch16_224, the same
+    network with ImageNet's mean and std, so its quick look, calibration and eval images were normalised wrongly;
+    the parity gate cannot see it (both sides get the same images)."""
+    from tofu_export.evaluation.data import model_transform
+
+    source = _vit(embed_dim=384, num_heads=6, img_size=224, depth=2, num_classes=1000)
+    stated = {"architecture": "vit_small_patch16_224", "model_args": {"depth": 2}, "num_classes": 1000}
+    for name, mean in (("vit", (0.5, 0.5, 0.5)), ("deit", (0.485, 0.456, 0.406))):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {**stated, "architecture": f"{name}_small_patch16_224"}
+        (folder / "config.json").write_text(json.dumps(config))
+        loaded = load_model(_save(source, folder / "model.safetensors"))
+        assert loaded.arch.name == f"{name}_small_patch16_224", loaded.arch
+        assert loaded.arch.reason.endswith(f"→ {name}_small_patch16_224 with depth=2"), loaded.arch.reason
+        assert loaded.arch.provenance["architecture"] == "config.json names it; sizes from the weights"
+        assert tuple(loaded.model.pretrained_cfg["mean"]) == mean
+        assert [round(float(v), 3) for v in model_transform(loaded.model).transforms[-1].mean] == list(mean)
+    bare = load_model(_save(source, tmp_path / "bare.safetensors"), num_heads=6)  # nothing names it: the table's
+    assert bare.arch.name == "deit_small_patch16_224"
+
+
+def test_config_json_pretrained_cfg_states_the_preprocessing(tmp_path: Path) -> None:
+    from tofu_export.models.timm_vit_evidence import stated_preprocessing
+
+    path = _save(_vit(embed_dim=192, num_heads=3), tmp_path / "model.safetensors")
+    pretrained_cfg = {"mean": [0.1, 0.2, 0.3], "std": [0.9, 0.8, 0.7], "crop_pct": 1.0, "interpolation": "bilinear",
+                      "hf_hub_id": "someone/some-vit", "input_size": [3, 224, 224]}
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                                      "model_args": {"depth": 1, "img_size": 32, "num_classes": 0},
+                                                      "pretrained_cfg": pretrained_cfg}))
+    loaded = load_model(path)
+    cfg = loaded.model.pretrained_cfg
+    assert (cfg["mean"], cfg["std"], cfg["crop_pct"], cfg["interpolation"]) == (
+        (0.1, 0.2, 0.3), (0.9, 0.8, 0.7), 1.0, "bilinear")
+    assert loaded.arch.provenance["preprocessing"] == "config.json pretrained_cfg (mean, std, interpolation, crop_pct)"
+    # malformed values are not taken: a non-positive std, a crop over 1, non-numbers
+    assert stated_preprocessing({"mean": ["a"], "std": [0.5, 0, 0.5], "crop_pct": 1.5, "crop_mode": 3}) == {}
+    assert stated_preprocessing(["not", "a", "dict"]) == {}

@@ -23,6 +23,7 @@ from tofu_export.models.timm_vit_evidence import (
     Evidence,
     check_float_weights,
     check_sequential_blocks,
+    named_timm_model,
     state_architecture,
 )
 
@@ -104,6 +105,8 @@ def infer_arch(
     )
     shaped = known.name if (known.embed_dim, known.patch_size) == (embed_dim, patch_size) else None
     stated = state_architecture(state_dict, int(embed_dim), evidence, num_heads, suggestion=shaped)
+    if not evidence.built:  # a name found beside the weights carries what they cannot show (preprocessing, ...)
+        known = _named_known(evidence) or known  # (the caller's --arch is built as given, and compared with this)
     heads, heads_source = stated.num_heads, stated.heads_source
     kwargs: dict[str, Any] = {
         "embed_dim": int(embed_dim),
@@ -187,6 +190,19 @@ def _rare_kwargs(
     if "blocks.0.attn.proj.bias" not in state_dict:
         rare["proj_bias"] = False
     return rare
+
+
+def _named_known(evidence: Evidence) -> _KnownArch | None:
+    """The timm architecture ``evidence`` names, as a table row (``state_architecture`` has checked that it is a
+    ``VisionTransformer`` of pre-norm ``Block``s as wide as the weights), or None where it names none timm has."""
+    model = named_timm_model(evidence.architecture) if evidence.architecture else None
+    if model is None:
+        return None
+    block = model.blocks[0]
+    return _KnownArch(evidence.architecture, int(model.patch_embed.patch_size[0]), int(model.embed_dim),
+                      len(model.blocks), int(block.attn.num_heads), img_size=int(model.patch_embed.img_size[0]),
+                      num_classes=int(model.num_classes), distilled=getattr(model, "dist_token", None) is not None,
+                      layer_scale=not isinstance(block.ls1, torch.nn.Identity))
 
 
 def _closest_known(

@@ -65,8 +65,10 @@ def build_model(
         if num_heads is not None:
             kwargs["num_heads"] = num_heads
         reason = f"architecture {arch} given; the checkpoint looks like: {guess.reason}"
+    stated = {} if arch is not None or evidence is None else evidence.preprocessing  # config.json's mean, std, ...
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs, **({"pretrained_cfg_overlay": stated} if stated
+                                                                         else {}))
     except Exception as err:  # timm asserts on incompatible kwarg combinations
         raise CheckpointError(
             f"timm could not create {name} with {kwargs} ({type(err).__name__}: {err}). "
@@ -78,7 +80,11 @@ def build_model(
     model.load_state_dict(weights, strict=False)
     for note in notes:
         logger.warning("%s", note)
-    provenance = dict(guess.provenance, architecture=f"--arch {arch}" if arch else "inferred from the weights")
+    named = arch is None and evidence is not None and evidence.architecture == name
+    provenance = dict(guess.provenance, architecture=f"--arch {arch}" if arch else
+                      f"{evidence.source} names it; sizes from the weights" if named else "inferred from the weights")
+    if stated:
+        provenance["preprocessing"] = f"{evidence.source} pretrained_cfg ({', '.join(stated)})"
     return model.eval(), ArchGuess(name=name, kwargs=kwargs, reason=reason, notes=tuple(notes), provenance=provenance)
 
 

@@ -62,6 +62,7 @@ class Evidence:
     model_args: dict[str, Any] = field(default_factory=dict)
     built: bool = False  # the named architecture is the model built (the caller's arch): loading checks its shapes
     checkpoint: str = ""  # the checkpoint's file name, for messages
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # config.json's pretrained_cfg: mean, std, crop, ...
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Eviden
     """The checkpoint's own ``record`` (``checkpoint.training_record``) where it names a timm model, else the timm
     config beside ``path``: ``<stem>.json`` (a converter's sidecar) or ``config.json`` (hub layout); an empty
     ``Evidence`` when none."""
-    if record and isinstance(record.get("architecture"), str) and _named_model(record["architecture"]) is not None:
+    if record and isinstance(record.get("architecture"), str) and named_timm_model(record["architecture"]) is not None:
         return Evidence(f"{path.name}'s timm training record (arch, args.model_kwargs)", record["architecture"],
                         dict(record.get("model_args") or {}), checkpoint=path.name)
     for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
@@ -101,8 +102,30 @@ def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Eviden
         name = data.get("architecture")
         if isinstance(name, str) or (isinstance(args, dict) and args):
             return Evidence(candidate.name, name if isinstance(name, str) else None,
-                            dict(args) if isinstance(args, dict) else {}, checkpoint=path.name)
+                            dict(args) if isinstance(args, dict) else {}, checkpoint=path.name,
+                            preprocessing=stated_preprocessing(data.get("pretrained_cfg")))
     return Evidence(checkpoint=path.name)
+
+
+def stated_preprocessing(pretrained_cfg: Any) -> dict[str, Any]:
+    """The input preprocessing a timm config states (``pretrained_cfg``: mean, std, interpolation, crop_pct,
+    crop_mode), its well-formed values only: what the model's eval transform (quick look, calibration, ``eval``)
+    normalises with, where the architecture's defaults may not (a ViT's are 0.5, a DeiT's ImageNet's)."""
+    if not isinstance(pretrained_cfg, dict):
+        return {}
+    stated: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        value = pretrained_cfg.get(key)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value) and (
+                key == "mean" or all(v > 0 for v in value)):
+            stated[key] = tuple(float(v) for v in value)
+    for key in ("interpolation", "crop_mode"):
+        if isinstance(pretrained_cfg.get(key), str):
+            stated[key] = pretrained_cfg[key]
+    crop = pretrained_cfg.get("crop_pct")
+    if isinstance(crop, (int, float)) and 0 < crop <= 1:
+        stated["crop_pct"] = float(crop)
+    return stated
 
 
 def check_float_weights(state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -140,7 +163,7 @@ def check_sequential_blocks(state_dict: Mapping[str, torch.Tensor]) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _named_model(name: str) -> torch.nn.Module | None:
+def named_timm_model(name: str) -> torch.nn.Module | None:
     """The timm model ``name`` built on the meta device (no memory, no weights), or None if timm has no such name."""
     import timm
 
@@ -156,7 +179,7 @@ def _named_heads(evidence: Evidence, embed_dim: int) -> int | None:
     from timm.models.vision_transformer import Block, VisionTransformer
 
     args = evidence.model_args
-    model = _named_model(evidence.architecture) if evidence.architecture else None
+    model = named_timm_model(evidence.architecture) if evidence.architecture else None
     if model is not None:
         vit = isinstance(model, VisionTransformer) and len(model.blocks) > 0
         kind = type(model.blocks[0]).__name__ if vit else type(model).__name__
@@ -192,7 +215,7 @@ def _block_source(block0: list[str], evidence: Evidence, num_heads: int | None) 
             raise CheckpointError("the checkpoint's blocks are res-post-norm (timm ResPostBlock: norm1 is stored after "
                                   "attn, x + norm1(attn(x))); ToFu patches pre-norm blocks only")
         return "pre-norm Block (key order: norm1 before attn)"
-    if evidence.architecture and _named_model(evidence.architecture) is not None:
+    if evidence.architecture and named_timm_model(evidence.architecture) is not None:
         return f"pre-norm Block ({evidence.source} names {evidence.architecture})"
     if evidence.model_args and not evidence.architecture:
         return f"pre-norm Block ({evidence.source} model_args: VisionTransformer's default block)"
@@ -234,7 +257,7 @@ def _unstated(embed_dim: int, evidence: Evidence, heads: bool, block: bool, sugg
     heads_hint = Hint("num_heads", "N", "for a timm ViT of plain pre-norm Blocks with N heads")
     known = suggestion or WIDTH_HEADS.get(embed_dim, (0, None))[1]
     if known:
-        model = _named_model(known)
+        model = named_timm_model(known)
         count = int(model.blocks[0].attn.num_heads) if model is not None else "?"
         hint = Hint("arch", known, f"if this is timm's {known} ({count} heads, pre-norm blocks)",
                     alternative=heads_hint)
