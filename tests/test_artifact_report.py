@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -163,3 +164,14 @@ def test_trt_target_compares_outputs_but_does_not_time_on_this_cpu(tmp_path: Pat
     assert "No engine was built here; on the device (absolute paths: runs from any folder):" in text
     assert "trtexec " in text and f"--onnx={os.path.abspath(tmp_path / 'out' / 'model.onnx')}" in text
     assert "| TensorRT 8.5 (JetPack 5) | yes | yes |" in text
+    # what a deployment must do to an image before the graph: DeiT's eval transform at the export's 64 px
+    preprocessing = json.loads((tmp_path / "out" / "manifest.json").read_text())["preprocessing"]
+    assert preprocessing == {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+                             "std": [0.229, 0.224, 0.225], "crop_pct": 0.9, "crop_mode": "center"}
+    assert ("| preprocessing | shorter side resized to 71 (bicubic), center crop 64x64, RGB / 255, mean (0.485, "
+            "0.456, 0.406), std (0.229, 0.224, 0.225);") in text  # floor(64 / 0.9), as timm resizes
+    transform = timm.data.create_transform(**preprocessing)  # the JSON form builds it, as the report says
+    with Image.open(images / "0.png") as image:
+        assert transform(image.convert("RGB")).shape == (3, 64, 64)
+    assert [type(step).__name__ for step in transform.transforms][:2] == ["Resize", "CenterCrop"]
+    assert transform.transforms[0].size == 71

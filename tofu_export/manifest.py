@@ -260,6 +260,7 @@ class Manifest(Section):
     tensorrt: EngineRecord | None = None  # the engine (or the trtexec line), with --target trt
     quick_look: QuickLook | None = None
     target: str | None = None  # "onnx" | "ort" | "trt": what the export was asked for
+    preprocessing: dict[str, Any] | None = None  # the input's: timm data config (input_size, mean, std, crop, ...)
     tool: str = TOOL
     # Filled in when the folder is written (artifacts.write_manifest):
     created: str | None = None

@@ -167,7 +167,17 @@ def build_manifest(
                         parity=None if parity is None else dataclasses.asdict(parity)),
         tensorrt_check=trt_report.record(build_for=config.trt.targets),
         notes=notes,
+        preprocessing=_preprocessing(loaded.model),
     )
+
+
+def _preprocessing(model: torch.nn.Module) -> dict[str, Any]:
+    """What a deployment must do to an RGB image before the graph (timm's data config keys: ``input_size``,
+    ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), as the model's family states it."""
+    from tofu_export.evaluation.data import model_data_config
+
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in model_data_config(model).items()}
 
 
 def _folder_images(

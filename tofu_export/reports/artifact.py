@@ -8,6 +8,7 @@ the command line's flags). ``quick_look_rows`` and ``quick_look_caption`` are sh
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ def _exported(m: Manifest) -> str:
     rows = [
         ("architecture", f"{m.arch.name} ({m.arch.reason})"),
         ("input", f"{m.img_size[0]}x{m.img_size[1]} pixels, batch dynamic"),
+        *([("preprocessing", preprocessing_line(m.preprocessing))] if m.preprocessing else []),
         ("token reduction", f"mode {m.tofu.mode}" + (f" (policy {policy.describe()})" if policy else "")
          + f", proportional attention {'on' if m.tofu.prop_attn else 'off'}"),
         ("r per block", compact_r(m.tofu.r)),
@@ -164,6 +166,21 @@ def _exported(m: Manifest) -> str:
         ("ONNX", f"opset {m.onnx.opset}, {m.onnx.exporter} exporter" + (", simplified" if m.onnx.simplified else "")),
     ]
     return "## What was exported\n\n" + _table(("", ""), rows)
+
+
+def preprocessing_line(config: dict) -> str:
+    """``shorter side resized to 248 (bicubic), center crop 224x224, RGB / 255, mean (0.5, 0.5, 0.5), std (0.5, 0.5,
+    0.5)``: timm's eval transform of the data config ``config`` (``timm.data.create_transform``), in words."""
+    height, width = config["input_size"][-2:]
+    mode, crop_pct = config.get("crop_mode") or "center", config.get("crop_pct") or 1.0
+    scaled = math.floor(height / crop_pct) if height == width else "x".join(
+        str(math.floor(side / crop_pct)) for side in (height, width))
+    resize = (f"shorter side resized to {scaled}" if mode == "center" and height == width
+              else f"resized to {scaled} ({mode} crop mode)")
+    numbers = ", ".join
+    return (f"{resize} ({config.get('interpolation', 'bicubic')}), center crop {height}x{width}, RGB / 255, "
+            f"mean ({numbers(f'{v:g}' for v in config['mean'])}), std ({numbers(f'{v:g}' for v in config['std'])}); "
+            "`timm.data.create_transform(**manifest['preprocessing'])` builds it")
 
 
 def _quick_look(quick: QuickLook | None, label: str) -> str:
