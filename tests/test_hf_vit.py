@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,37 @@ def test_folder_without_transformers_names_the_extra(saved_dinov2: tuple[Path, H
     with pytest.raises(CheckpointError, match="transformers is not installed") as caught:
         load_model(folder)
     assert "tofu-export[hf]" in caught.value.hint.text
+
+
+@pytest.mark.parametrize(("processor", "expected"), [
+    ("vit", {"crop_mode": "squash", "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5)}),
+    ("dinov2", {"crop_mode": "center", "crop_pct": IMG / 36, "interpolation": "bicubic",
+                "mean": (0.485, 0.456, 0.406)})])
+def test_the_image_processor_config_is_the_eval_transform(saved_dinov2: tuple[Path, HFVisionEncoder], processor: str,
+                                                          expected: dict, tmp_path: Path) -> None:
+    """preprocessor_config.json's resize, crop and resampling, not only its mean and std, make the transform the
+    quick look, calibration and eval use and the manifest records: ViT's processor squashes to its size, DINOv2's
+    resizes the shorter side and crops. Checked against the processor itself on one image."""
+    from PIL import Image
+
+    from tofu_export.evaluation.data import model_transform
+
+    folder, _ = saved_dinov2
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    if processor == "vit":
+        hf_processor = transformers.ViTImageProcessor(size={"height": IMG, "width": IMG})  # bilinear, mean 0.5
+    else:
+        hf_processor = transformers.BitImageProcessor(  # DINOv2's: shorter side to 256, crop 224, bicubic (scaled)
+            size={"shortest_edge": 36}, crop_size={"height": IMG, "width": IMG}, do_center_crop=True, resample=3,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    hf_processor.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    config = family_of(loaded.model).data_config(loaded.model)
+    assert {key: config[key] for key in expected} == pytest.approx(expected)
+    pixels = np.random.default_rng(0).integers(0, 255, (52, 40, 3), dtype=np.uint8)  # portrait; even crop margins
+    image = Image.fromarray(pixels)
+    ours = model_transform(loaded.model)(image)
+    theirs = torch.from_numpy(hf_processor(images=image, return_tensors="np")["pixel_values"][0])
+    assert ours.shape == theirs.shape == (3, IMG, IMG)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-2)  # one 8-bit level / std: resize rounding (seen 0.018)

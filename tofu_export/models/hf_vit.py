@@ -180,10 +180,11 @@ class HFVisionFamily(ModelFamily):
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         config = super().data_config(model)
-        preprocess = getattr(model, "preprocess", {})
+        preprocess = getattr(model, "preprocess", {})  # the image processor's (hf_vit_load._preprocess)
         for key in ("mean", "std"):
             if key in preprocess:
                 config[key] = tuple(preprocess[key])
+        config.update({key: preprocess[key] for key in ("interpolation", "crop_pct", "crop_mode") if key in preprocess})
         return config
 
     # -- patching -------------------------------------------------------------------------------------------------

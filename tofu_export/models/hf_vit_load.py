@@ -140,8 +140,14 @@ def _check_loading(folder: Path, name: str, info: dict[str, Any]) -> None:
                               hint=Hint("arch", None, "the class the weights were saved from"))
 
 
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's codes in preprocessor configs
+
+
 def _preprocess(folder: Path) -> dict[str, Any]:
-    """``mean`` / ``std`` from ``preprocessor_config.json`` when the folder has one."""
+    """The image processor's preprocessing from ``preprocessor_config.json`` when the folder has one, in timm's
+    data-config keys: ``mean`` / ``std``; ``interpolation`` (``resample``); and the resize and crop: a
+    ``shortest_edge`` resize then a center crop is ``crop_pct`` = crop / edge (DINOv2, CLIP), a resize to
+    ``height`` x ``width`` without a crop is timm's ``squash`` at ``crop_pct`` 1 (ViT, SigLIP)."""
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return {}
@@ -149,5 +155,17 @@ def _preprocess(folder: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    if not isinstance(data, dict):
+        return {}
     pairs = (("image_mean", "mean"), ("image_std", "std"))
-    return {ours: data[theirs] for theirs, ours in pairs if isinstance(data.get(theirs), list)}
+    stated: dict[str, Any] = {ours: data[theirs] for theirs, ours in pairs if isinstance(data.get(theirs), list)}
+    if data.get("resample") in _RESAMPLE:
+        stated["interpolation"] = _RESAMPLE[data["resample"]]
+    size, crop = data.get("size"), data.get("crop_size")
+    edge = size.get("shortest_edge") if isinstance(size, dict) else size if isinstance(size, int) else None
+    crop_side = crop.get("height") if isinstance(crop, dict) else crop if isinstance(crop, int) else None
+    if data.get("do_center_crop") and isinstance(edge, int) and isinstance(crop_side, int) and 0 < crop_side <= edge:
+        stated.update(crop_pct=crop_side / edge, crop_mode="center")
+    elif not data.get("do_center_crop") and isinstance(size, dict) and {"height", "width"} <= set(size):
+        stated.update(crop_pct=1.0, crop_mode="squash")
+    return stated

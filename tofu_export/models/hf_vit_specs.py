@@ -54,7 +54,7 @@ class HFVisionEncoder(nn.Module):
     def __init__(self, hf: nn.Module, preprocess: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.hf = hf
-        self.preprocess = dict(preprocess or {})  # mean / std / size from preprocessor_config.json, when given
+        self.preprocess = dict(preprocess or {})  # timm data-config keys from preprocessor_config.json, when given
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         outputs = self.hf(pixel_values=pixel_values)
