@@ -176,3 +176,23 @@ def test_cli_exports_a_hub_folder_and_refuses_a_wrong_config(files: dict[str, Pa
     error = wrong.stderr.partition("error:")[2].strip().split("\n")
     assert len(error) == 1 and "does not fit the open_clip config ViT-B-32" in error[0] and "--arch" in error[0]
     assert not (tmp_path / "wrong").exists()
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_the_eval_transform_is_open_clips(files: dict[str, Path], resize_mode: str, tmp_path: Path) -> None:
+    """The transform the quick look, calibration and eval use, and the manifest records, is open_clip's own eval
+    transform (the shorter side resized to the model's size then a center crop, or a squash; bicubic): it was
+    timm's default resize to 1/0.875 of the size and crop."""
+    import numpy as np
+    from PIL import Image
+
+    from tofu_export.evaluation.data import model_transform
+
+    preprocess = {**PREPROCESS, "resize_mode": resize_mode, "interpolation": "bicubic"}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": CONFIG, "preprocess_cfg": preprocess}))
+    (tmp_path / "open_clip_model.safetensors").write_bytes((files["hub"] / "open_clip_model.safetensors").read_bytes())
+    tower = load_model(tmp_path).model
+    theirs = open_clip.image_transform(IMG, is_train=False, mean=PREPROCESS["mean"], std=PREPROCESS["std"],
+                                       resize_mode=resize_mode, interpolation="bicubic")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 80, 3), dtype=np.uint8))
+    torch.testing.assert_close(model_transform(tower)(image), theirs(image), rtol=0, atol=1e-6)

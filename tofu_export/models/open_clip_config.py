@@ -23,6 +23,7 @@ __all__ = ["CONFIG_FILE", "PREFIX", "TowerConfig", "configs_matching", "open_cli
 PREFIX = "open_clip:"
 CONFIG_FILE = "open_clip_config.json"
 _BLOCK_FEATURES = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")  # what image_transform reads of preprocess_cfg
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TowerConfig:
     embed_dim: int  # the projection's output width (the CLIP embedding)
     vision: dict[str, Any]  # open_clip's vision_cfg
     quick_gelu: bool = False
-    preprocess: dict[str, Any] = field(default_factory=dict)  # mean / std / interpolation from preprocess_cfg
+    preprocess: dict[str, Any] = field(default_factory=dict)  # mean, std, interpolation, resize_mode
 
     @property
     def heads(self) -> int:
@@ -114,7 +115,7 @@ def resolve_config(path: Path, arch: str | None, dims: Mapping[str, int] | None 
                       f"naming its open_clip model config, or put its {CONFIG_FILE} beside the file"))
     config = TowerConfig(name=name, source=source, embed_dim=int(model_cfg.get("embed_dim", 512)),
                          vision=dict(model_cfg["vision_cfg"]), quick_gelu=bool(model_cfg.get("quick_gelu", False)),
-                         preprocess={k: preprocess[k] for k in ("mean", "std", "interpolation") if k in preprocess})
+                         preprocess={k: preprocess[k] for k in _PREPROCESS_KEYS if k in preprocess})
     _check_supported(config)
     return config
 
