@@ -167,17 +167,18 @@ def build_manifest(
                         parity=None if parity is None else dataclasses.asdict(parity)),
         tensorrt_check=trt_report.record(build_for=config.trt.targets),
         notes=notes,
-        preprocessing=_preprocessing(loaded.model),
+        preprocessing=_preprocessing(loaded.model, schedule.img_size),
     )
 
 
-def _preprocessing(model: torch.nn.Module) -> dict[str, Any]:
-    """What a deployment must do to an RGB image before the graph (timm's data config keys: ``input_size``,
-    ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), as the model's family states it."""
+def _preprocessing(model: torch.nn.Module, img_size: tuple[int, int]) -> dict[str, Any]:
+    """What a deployment must do to an RGB image before the graph of size ``img_size`` (timm's data config keys:
+    ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), as the model's family
+    states it."""
     from tofu_export.evaluation.data import model_data_config
 
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in model_data_config(model).items()}
+    config = {**model_data_config(model), "input_size": (3, *img_size)}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
 
 
 def _folder_images(

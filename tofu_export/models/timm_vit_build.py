@@ -66,9 +66,9 @@ def build_model(
             kwargs["num_heads"] = num_heads
         reason = f"architecture {arch} given; the checkpoint looks like: {guess.reason}"
     stated = {} if arch is not None or evidence is None else evidence.preprocessing  # config.json's mean, std, ...
+    overlay = {"pretrained_cfg_overlay": stated} if stated else {}
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs, **({"pretrained_cfg_overlay": stated} if stated
-                                                                         else {}))
+        model = timm.create_model(name, pretrained=False, **kwargs, **overlay)
     except Exception as err:  # timm asserts on incompatible kwarg combinations
         raise CheckpointError(
             f"timm could not create {name} with {kwargs} ({type(err).__name__}: {err}). "
