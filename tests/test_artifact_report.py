@@ -19,6 +19,7 @@ from tofu_export.pipeline import run_export
 from tofu_export.quicklook import QuickLookSettings
 from tofu_export.reports.artifact import (
     ReportCommands,
+    preprocessing_line,
     quick_look_caption,
     quick_look_rows,
     render_report,
@@ -175,3 +176,19 @@ def test_trt_target_compares_outputs_but_does_not_time_on_this_cpu(tmp_path: Pat
         assert transform(image.convert("RGB")).shape == (3, 64, 64)
     assert [type(step).__name__ for step in transform.transforms][:2] == ["Resize", "CenterCrop"]
     assert transform.transforms[0].size == 71
+
+
+def test_the_preprocessing_line_says_each_crop_mode_as_timm_builds_it() -> None:
+    import timm.data
+
+    base = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "input_size": [3, 32, 32]}
+    lines = {mode: preprocessing_line({**base, "crop_pct": crop, "crop_mode": mode})
+             for mode, crop in (("squash", 1.0), ("center", 0.875), ("border", 1.0))}
+    assert lines["squash"].startswith("resized to 32x32, the aspect ratio not kept (bilinear), RGB / 255")  # no crop
+    assert lines["center"].startswith("shorter side resized to 36 (bilinear), center crop 32x32, RGB / 255")
+    assert lines["border"].startswith("longer side resized to 32, padded to a square (bilinear), RGB / 255")
+    steps = {mode: [type(step).__name__ for step in timm.data.create_transform(
+        **{**base, "crop_pct": crop, "crop_mode": mode}).transforms][:2]
+        for mode, crop in (("squash", 1.0), ("center", 0.875), ("border", 1.0))}
+    assert steps == {"squash": ["Resize", "CenterCrop"], "center": ["Resize", "CenterCrop"],
+                     "border": ["ResizeKeepRatio", "CenterCropOrPad"]}  # what the words describe

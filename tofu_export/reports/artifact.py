@@ -173,12 +173,18 @@ def preprocessing_line(config: dict) -> str:
     0.5)``: timm's eval transform of the data config ``config`` (``timm.data.create_transform``), in words."""
     height, width = config["input_size"][-2:]
     mode, crop_pct = config.get("crop_mode") or "center", config.get("crop_pct") or 1.0
-    scaled = math.floor(height / crop_pct) if height == width else "x".join(
-        str(math.floor(side / crop_pct)) for side in (height, width))
-    resize = (f"shorter side resized to {scaled}" if mode == "center" and height == width
-              else f"resized to {scaled} ({mode} crop mode)")
+    side = math.floor(height / crop_pct)  # as timm scales: floor(size / crop_pct)
+    if height != width:
+        resize = f"resized to {side}x{math.floor(width / crop_pct)} ({mode} crop mode)"
+    elif mode == "squash":
+        resize = f"resized to {side}x{side}, the aspect ratio not kept"
+    elif mode == "border":
+        resize = f"longer side resized to {side}, padded to a square"
+    else:
+        resize = f"shorter side resized to {side}"
+    crop = "" if side == height and mode != "center" else f", center crop {height}x{width}"
     numbers = ", ".join
-    return (f"{resize} ({config.get('interpolation', 'bicubic')}), center crop {height}x{width}, RGB / 255, "
+    return (f"{resize} ({config.get('interpolation', 'bicubic')}){crop}, RGB / 255, "
             f"mean ({numbers(f'{v:g}' for v in config['mean'])}), std ({numbers(f'{v:g}' for v in config['std'])}); "
             "`timm.data.create_transform(**manifest['preprocessing'])` builds it")
 
