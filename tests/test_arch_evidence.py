@@ -129,6 +129,7 @@ def test_the_architecture_config_json_names_is_built_with_its_preprocessing(tmp_
         assert [round(float(v), 3) for v in model_transform(loaded.model).transforms[-1].mean] == list(mean)
     bare = load_model(_save(source, tmp_path / "bare.safetensors"), num_heads=6)  # nothing names it: the table's
     assert bare.arch.name == "deit_small_patch16_224"
+    assert bare.arch.provenance["preprocessing"] == "timm's defaults for deit_small_patch16_224"  # said, not hidden
 
 
 def test_config_json_pretrained_cfg_states_the_preprocessing(tmp_path: Path) -> None:

@@ -83,8 +83,8 @@ def build_model(
     named = arch is None and evidence is not None and evidence.architecture == name
     provenance = dict(guess.provenance, architecture=f"--arch {arch}" if arch else
                       f"{evidence.source} names it; sizes from the weights" if named else "inferred from the weights")
-    if stated:
-        provenance["preprocessing"] = f"{evidence.source} pretrained_cfg ({', '.join(stated)})"
+    provenance["preprocessing"] = (f"{evidence.source} pretrained_cfg ({', '.join(stated)})" if stated
+                                   else f"timm's defaults for {name}")  # an assumption where nothing named the model
     return model.eval(), ArchGuess(name=name, kwargs=kwargs, reason=reason, notes=tuple(notes), provenance=provenance)
 
 
