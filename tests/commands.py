@@ -114,6 +114,44 @@ def run_guarded(args: Sequence[str | Path], cwd: Path, env: Mapping[str, str], c
         return Finished(code, out.read().decode(), err.read().decode() + explain(code, cpu_s))
 
 
+_IN_ONE_INTERPRETER = r"""
+import contextlib, io, json, sys
+from tofu_export.cli import main
+for args, torch_installed in json.loads(sys.argv[1]):
+    if not torch_installed:
+        sys.modules["torch"] = None  # what a machine without torch answers: import fails, find_spec is None
+    sys.argv, out, err = ["tofu-export", *args], io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            main()
+            code = 0
+        except SystemExit as done:
+            code = done.code
+    print(json.dumps([code, out.getvalue(), err.getvalue(), sys.modules.get("torch") is not None]), flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """One command of ``run_in_one_interpreter``: exit code, both streams, whether torch had been imported by then."""
+
+    code: int
+    stdout: str
+    stderr: str
+    torch_loaded: bool
+
+
+def run_in_one_interpreter(commands: Sequence[tuple[Sequence[str], bool]], cwd: Path,
+                           env: Mapping[str, str]) -> list[InProcess]:
+    """``tofu-export ARGS`` for each ``(ARGS, torch_installed)`` in turn, by ``main()`` in one fresh interpreter
+    (``run_guarded``); from the first command with ``torch_installed`` False on, torch cannot be imported, as on a
+    machine without it."""
+    done = run_guarded([sys.executable, "-c", _IN_ONE_INTERPRETER, json.dumps([[list(a), t] for a, t in commands])],
+                       cwd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [InProcess(*json.loads(line)) for line in done.stdout.splitlines()]
+
+
 SERVER = r"""
 import json, os, resource, signal, sys
 from tofu_export.cli import main

@@ -4,12 +4,10 @@ of a second, not the ~3-5 CPU-s of loading torch, timm and the exporters. One fr
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
-from commands import run_guarded
+from commands import run_in_one_interpreter
 
 COMMANDS = {
     "export": ["export", "model.pth", "--r", "2", "--tolerance", "-1", "-o", "out"],
@@ -26,32 +24,15 @@ SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "calibrate image
         "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
         "export calibration data": "--precision int8", "profile": "not an ONNX model", "help": ""}
 
-PROBE = r"""
-import contextlib, io, json, sys
-from tofu_export.cli import main
-for name, args in json.loads(sys.argv[1]).items():
-    sys.argv, err = ["tofu-export", *args], io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            main()
-            code = 0
-        except SystemExit as done:
-            code = done.code
-    print(json.dumps([name, code, err.getvalue(), "torch" in sys.modules]), flush=True)
-"""
-
-
 def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "model.pth").write_bytes(b"")  # never read: the options are refused first
     (tmp_path / "data").mkdir()
     (tmp_path / "broken.onnx").write_bytes(b"\x08\x07\x12\x05torch" + bytes(range(40)))
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    done = run_guarded([sys.executable, "-c", PROBE, json.dumps(COMMANDS)], tmp_path, env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [name for name, *_ in results] == list(COMMANDS), done.stdout
-    for name, code, error, torch_loaded in results:
-        assert code == (0 if name == "help" else 2), (name, error)
-        assert SAYS[name] in error and "Traceback" not in error, (name, error)
-        assert not torch_loaded, f"{name}: torch was imported to refuse {COMMANDS[name]}"
+    results = run_in_one_interpreter([(args, True) for args in COMMANDS.values()], tmp_path, env)
+    assert len(results) == len(COMMANDS), results
+    for name, result in zip(COMMANDS, results, strict=True):
+        assert result.code == (0 if name == "help" else 2), (name, result.stderr)
+        assert SAYS[name] in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
+        assert not result.torch_loaded, f"{name}: torch was imported to refuse {COMMANDS[name]}"
     assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png", "report.md"))
