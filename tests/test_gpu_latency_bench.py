@@ -32,7 +32,7 @@ def test_cpu_smoke_run_writes_every_variant_and_runtime(tmp_path: Path, monkeypa
     result = json.loads((tmp_path / "gpu_latency_cpu.json").read_text())
     assert result["device"] == "cpu" and "not a GPU result" in result["benchmark"]
     rows = {(r["batch"], r["runtime"], r["variant"]): r for r in result["rows"]}
-    expected = {(b, "torch-eager", v) for b in (1, 2) for v in ("baseline", "tome", "tofu-eager", "tofu")}
+    expected = {(b, "torch-eager", v) for b in (1, 2) for v in ("baseline", "tome", "tofu-eager", "tofu", "prune")}
     expected |= {(b, "ort-cpu", v) for b in (1, 2) for v in ("baseline", "tome", "tofu")}
     expected |= {(b, "torch-compile", v) for b in (1, 2) for v in ("baseline", "tome", "tofu")}
     assert set(rows) == expected and compiled == ["default"] * 6  # on CPU without CUDA graphs
@@ -45,7 +45,7 @@ def test_cpu_smoke_run_writes_every_variant_and_runtime(tmp_path: Path, monkeypa
     assert rows[(1, "torch-eager", "baseline")]["speedup"] == 1.0
     # the reduction adds ops: every reduced variant runs more aten ops per block than the plain model
     assert all(rows[(1, "torch-eager", v)]["count_per_block"] > rows[(1, "torch-eager", "baseline")]["count_per_block"]
-               for v in ("tome", "tofu-eager", "tofu"))
+               for v in ("tome", "tofu-eager", "tofu", "prune"))
     table = (tmp_path / "gpu_latency_cpu.md").read_text()
     assert "| deit_tiny_patch16_224 | fp32 | 2 | ort-cpu | tofu |" in table
     assert result["models"]["deit_tiny_patch16_224"]["tofu_graph_reduction"]["nodes"] > 0

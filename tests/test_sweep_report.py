@@ -103,6 +103,18 @@ def test_backend_names_and_the_renamed_device_option() -> None:
         parse_backend("tvm")
 
 
+def test_cuda_graphs_need_torch_on_cuda() -> None:
+    chosen = parse_backend("torch", "cuda", cuda_graphs=True)
+    assert chosen == Backend("torch", "cuda", cuda_graphs=True) and chosen.label == "PyTorch cuda, CUDA graphs"
+    assert parse_backend("torch", "cuda").label == "PyTorch cuda"
+    with pytest.raises(UserError, match="not device 'cpu'") as caught:
+        parse_backend("torch", "cpu", cuda_graphs=True)
+    assert (caught.value.hint.option, caught.value.hint.value) == ("device", "cuda")
+    with pytest.raises(UserError, match="not backend 'ort'") as caught:
+        parse_backend(None, path="model.onnx", cuda_graphs=True)
+    assert (caught.value.hint.option, caught.value.hint.value) == ("backend", "torch")
+
+
 def test_estimate_grows_with_exports_points_and_images() -> None:
     small = SweepConfig(r_values=(0, 8), modes=("tome",))
     big = SweepConfig(r_values=(0, 8, 16), modes=("tome", "tofu"))

@@ -208,9 +208,13 @@ class BackendOptions:
                      "provider) | trt (a TensorRT engine) | torch [default: profile: from the file type; sweep: ort]."),
     ] = None
     device: Annotated[str, typer.Option("--device", help="PyTorch's device, with --backend torch: cpu | cuda.")] = "cpu"
+    cuda_graphs: Annotated[bool, typer.Option(
+        "--cuda-graphs", help="With --backend torch --device cuda: time each batch size as one captured CUDA graph, "
+        "replayed (the GPU's time without Python's launch cost per kernel; the breakdown stays eager)."
+    )] = False
 
     def build(self, path: str | Path | None = None) -> Any:
         """The ``jobs.profile.Backend`` (``path``: the file whose type picks it when no backend is given)."""
         from tofu_export.jobs.profile import parse_backend
 
-        return parse_backend(self.backend, self.device, path)
+        return parse_backend(self.backend, self.device, path, self.cuda_graphs)

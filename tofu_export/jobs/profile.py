@@ -17,10 +17,12 @@ _ORT_PROVIDER = {"ort": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}
 
 @dataclass(frozen=True)
 class Backend:
-    """Where a graph is timed: ``name`` one of ``BACKENDS``; ``device`` the PyTorch device (``torch`` only)."""
+    """Where a graph is timed: ``name`` one of ``BACKENDS``; ``device`` the PyTorch device (``torch`` only);
+    ``cuda_graphs`` times PyTorch on CUDA as replayed CUDA graphs rather than eagerly."""
 
     name: str
     device: str = "cpu"
+    cuda_graphs: bool = False
 
     @property
     def runtime(self) -> str:
@@ -35,12 +37,15 @@ class Backend:
     def label(self) -> str:
         """For tables: ``ONNX Runtime CPU``, ``TensorRT engine``, ``PyTorch cuda``..."""
         return {"ort": "ONNX Runtime CPU", "ort-cuda": "ONNX Runtime CUDA", "ort-trt": "ONNX Runtime TensorRT EP",
-                "trt": "TensorRT engine"}.get(self.name, f"PyTorch {self.device}")
+                "trt": "TensorRT engine"}.get(self.name, f"PyTorch {self.device}{', CUDA graphs' * self.cuda_graphs}")
 
 
-def parse_backend(name: str | None, device: str = "cpu", path: str | Path | None = None) -> Backend:
+def parse_backend(
+    name: str | None, device: str = "cpu", path: str | Path | None = None, cuda_graphs: bool = False
+) -> Backend:
     """The backend asked for (``None``: the one ``path``'s file type implies); ``device`` is PyTorch's device. An
-    ORT provider picked with the device (the old ``--device cuda``) fails naming the ``--backend`` that replaced it."""
+    ORT provider picked with the device (the old ``--device cuda``) fails naming the ``--backend`` that replaced it;
+    ``cuda_graphs`` needs PyTorch on CUDA."""
     kind = name or (_BY_SUFFIX.get(Path(path).suffix, "torch") if path is not None else "ort")
     if kind not in BACKENDS:
         raise UserError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}", hint=Hint("backend", "ort"))
@@ -52,7 +57,12 @@ def parse_backend(name: str | None, device: str = "cpu", path: str | Path | None
                         f"{replacement} instead of device {device}", hint=Hint("backend", replacement))
     if (kind != "torch" and device != "cpu") or device == "tensorrt":
         raise UserError(f"the device applies to the torch backend only, not {kind!r}", hint=Hint("device", "cpu"))
-    return Backend(kind, device)
+    if cuda_graphs and (kind != "torch" or device != "cuda"):
+        where, fix = (f"backend {kind!r}", Hint("backend", "torch")) if kind != "torch" else \
+            (f"device {device!r}", Hint("device", "cuda"))
+        raise UserError(f"CUDA graphs time PyTorch on a GPU: they need the torch backend on device cuda, not {where}",
+                        hint=fix)
+    return Backend(kind, device, cuda_graphs)
 
 
 def backend_for(path: str | Path, backend: str | None) -> str:
@@ -103,7 +113,8 @@ def model_runner(model: Any, backend: Backend, *, threads: int | None = None) ->
     from tofu_export.engines.torch import TorchRunner
     from tofu_export.models.family import family_of
 
-    return TorchRunner(model, device=backend.device, img_size=family_of(model).img_size(model), threads=threads)
+    return TorchRunner(model, device=backend.device, img_size=family_of(model).img_size(model), threads=threads,
+                       cuda_graphs=backend.cuda_graphs)
 
 
 def profile_source(

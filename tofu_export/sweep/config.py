@@ -68,8 +68,9 @@ class SweepConfig:
     def measured_as(self) -> str:
         """How finished points were measured: reused only when measured the same way."""
         timing = "interleaved" if self.interleave else f"spinning={self.spinning}"
-        return (f"{self.backend.name}:{self.backend.device}, {timing}, threads={self.threads}, iters={self.iters}, "
-                f"data={self.data}, limit={self.limit}")
+        graphs = ", CUDA graphs" if self.backend.cuda_graphs else ""  # absent before CUDA graphs: old records match
+        return (f"{self.backend.name}:{self.backend.device}{graphs}, {timing}, threads={self.threads}, "
+                f"iters={self.iters}, data={self.data}, limit={self.limit}")
 
 
 def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:
