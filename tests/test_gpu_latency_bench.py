@@ -34,8 +34,8 @@ def test_cpu_smoke_run_writes_every_variant_and_runtime(tmp_path: Path, monkeypa
     rows = {(r["batch"], r["runtime"], r["variant"]): r for r in result["rows"]}
     expected = {(b, "torch-eager", v) for b in (1, 2) for v in ("baseline", "tome", "tofu-eager", "tofu", "prune")}
     expected |= {(b, "ort-cpu", v) for b in (1, 2) for v in ("baseline", "tome", "tofu")}
-    expected |= {(b, "torch-compile", v) for b in (1, 2) for v in ("baseline", "tome", "tofu")}
-    assert set(rows) == expected and compiled == ["default"] * 6  # on CPU without CUDA graphs
+    expected |= {(b, "torch-compile", v) for b in (1, 2) for v in ("baseline", "tome", "tofu", "prune")}
+    assert set(rows) == expected and compiled == ["default"] * 8  # on CPU without CUDA graphs
     for key, row in rows.items():
         assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"]
         if key[1] == "torch-compile":  # eager's kernel count would not describe inductor's kernels: none given
