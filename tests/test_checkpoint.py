@@ -114,6 +114,25 @@ def test_model_key_preferred_over_ema(tmp_path: Path, tiny_deit: nn.Module) -> N
     torch.testing.assert_close(ema_only["head.weight"], other["head.weight"])
 
 
+def test_an_unused_ema_copy_is_said_not_chosen_silently(tmp_path: Path, tiny_deit: nn.Module) -> None:
+    """timm's train.py with --model-ema saves state_dict and state_dict_ema: the weights under state_dict are used
+    (timm's validate.py without --use-ema), and the loaded model's notes and provenance say an EMA copy was left."""
+    from tofu_export.models.loading import load_model
+
+    other = _vit("deit_tiny_patch16_224", seed=1, **SMALL_DEIT).state_dict()
+    args = argparse.Namespace(model="deit_tiny_patch16_224", model_kwargs=SMALL_DEIT)
+    path = _save({"arch": args.model, "args": args, "state_dict": tiny_deit.state_dict(), "state_dict_ema": other},
+                 tmp_path / "last.pth.tar")
+    loaded, record = read_checkpoint(path)
+    torch.testing.assert_close(loaded["head.weight"], tiny_deit.state_dict()["head.weight"])
+    assert record["weights"] == "state_dict" and record["unused_ema"] == "state_dict_ema"
+    arch = load_model(path).arch
+    assert arch.provenance["weights"] == "state_dict (not state_dict_ema)"
+    assert any("EMA copy" in note and "'state_dict_ema'" in note for note in arch.notes), arch.notes
+    assert "unused_ema" not in read_checkpoint(_save({"model_ema": other}, tmp_path / "ema.pth"))[1]
+    assert read_checkpoint(_save({"model": other}, tmp_path / "plain.pth"))[1] == {}
+
+
 def test_wrapper_without_tensors_is_rejected(tmp_path: Path) -> None:
     path = _save({"epoch": 3, "args": {"lr": 0.1}}, tmp_path / "notensors.pth")
     with pytest.raises(CheckpointError, match="no named tensors") as info:

@@ -36,6 +36,7 @@ __all__ = ["CheckpointError", "check_values", "load_state_dict", "read_checkpoin
 logger = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
+_EMA_KEYS = ("model_ema", "state_dict_ema")  # the EMA copy timm's train.py (state_dict_ema) and DeiT's save
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -51,11 +52,13 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
 def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a checkpoint file into a flat ``{name: tensor}`` state dict on CPU, plus what the file states about
     its model beside the weights (``{}``, or ``{"architecture": name, "model_args": {...}}``: see
-    :func:`training_record`).
+    :func:`training_record`; where the file also holds an EMA copy that was not used, ``"weights"`` names the key
+    the weights came from and ``"unused_ema"`` the EMA copy's key).
 
     The format is recognised from the file's first bytes (safetensors header, zip archive or legacy
     pickle), not from its suffix. Wrappers such as ``{"model": sd, "epoch": 3}`` are unwrapped (preferring
-    ``model``, then ``state_dict``, then the EMA copies), non-tensor entries are dropped and ``module.`` /
+    ``model``, then ``state_dict``, then the EMA copies, as timm's ``validate.py`` without ``--use-ema``),
+    non-tensor entries are dropped and ``module.`` /
     ``_orig_mod.`` prefixes are stripped. Pickled Python objects beyond tensors are refused unless
     ``trust_pickle=True``.
     """
@@ -74,7 +77,19 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[di
     _check_loaded_views(tensors, path)  # what the metadata reader could not see (a pickle it did not parse)
     check_model_bounds({name: tuple(t.shape) for name, t in tensors.items()}, path.stat().st_size, path)
     check_values(tensors, path)
-    return tensors, training_record(raw)
+    return tensors, {**training_record(raw), **_unused_ema(raw)}
+
+
+def _unused_ema(raw: Any) -> dict[str, str]:
+    """``{"weights": key, "unused_ema": ema_key}`` where a training wrapper holds an EMA copy of the weights beside
+    the ones :func:`_unwrap` takes, else ``{}``."""
+    if not isinstance(raw, Mapping):
+        return {}
+    used = _inner_key(raw)
+    if used is None or used in _EMA_KEYS:
+        return {}
+    ema = next((key for key in _EMA_KEYS if isinstance(raw.get(key), Mapping | nn.Module)), None)
+    return {} if ema is None else {"weights": used, "unused_ema": ema}
 
 
 def training_record(raw: Any) -> dict[str, Any]:
@@ -205,10 +220,15 @@ def _unwrap(obj: Any) -> Any:
             return obj.state_dict()
         if not isinstance(obj, Mapping):
             return obj
-        inner_key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping | nn.Module)), None)
+        inner_key = _inner_key(obj)
         if inner_key is None:
             return obj
         obj = obj[inner_key]
+
+
+def _inner_key(wrapper: Mapping) -> str | None:
+    """The first of ``_WRAPPER_KEYS`` that holds a state dict or a module in ``wrapper``, or None."""
+    return next((key for key in _WRAPPER_KEYS if isinstance(wrapper.get(key), Mapping | nn.Module)), None)
 
 
 def _tensor_entries(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ calibration hooks (a block run as its two residual halves)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,13 @@ class TimmFamily(ModelFamily):
         digest = sha256_file(path)
         model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
                                    evidence=read_evidence(path, record))
+        if "unused_ema" in record:  # said, not chosen silently: a model validated on its EMA weights differs
+            used, ema = record["weights"], record["unused_ema"]
+            note = (f"{path.name} also holds an EMA copy of the weights under {ema!r}, not used: these are the "
+                    f"weights under {used!r} (as timm's validate.py loads without --use-ema). To export the EMA "
+                    f"weights, save checkpoint[{ema!r}] as a file of its own (.safetensors) and pass that.")
+            guess = dataclasses.replace(guess, notes=(*guess.notes, note),
+                                        provenance={**guess.provenance, "weights": f"{used} (not {ema})"})
         return LoadedModel(model, guess, path, digest)
 
     def load_name(self, name: str, *, img_size: int | None, num_heads: int | None = None) -> LoadedModel:
