@@ -228,6 +228,8 @@ WRITES = [  # files tofu-export did not write are never changed (#21.1, #24.6): 
       "--report", "notes.txt", setup=["notes.txt"], says=["notes.txt", "not written by tofu-export"]),
     C("report_json_beside_is_users", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
       "--report", "r.md", setup=["r.json"], says=["r.json", "not written by tofu-export"]),
+    C("report_png_beside_is_users", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
+      "--report", "r.md", setup=["r.png"], says=["r.png", "not written by tofu-export"]),
     C("report_onto_fifo", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
       "--report", "pipe.md", setup=["pipe.md"], says=["pipe.md", "fifo"]),
     C("report_json_is_report", "profile", "@model.onnx", "--iters", "2", "--warmup", "0", "--no-breakdown",
@@ -435,6 +437,7 @@ SETUPS: dict[str, Callable[[Path, Path], None]] = {
     "my.json": lambda d, _: (d / "my.json").write_text('{"mine": true}\n'),
     "pipe.md": lambda d, _: os.mkfifo(d / "pipe.md"),
     "policy.png": lambda d, _: _user_png(d / "policy.png"),
+    "r.png": lambda d, _: _user_png(d / "r.png"),
     "input_inside_artifact": lambda d, inputs: shutil.copy(inputs / "model.pth", d / "artifact" / "weights.pth"),
     "user_file_in_artifact": lambda d, _: (d / "artifact" / "notes.txt").write_text("mine\n"),
     "bad_sweep_state": lambda d, _: (d / "sw").mkdir() or (d / "sw" / "sweep_state.json").write_text(

@@ -52,16 +52,17 @@ def test_recognisers_claim_only_tofu_exports_own_files(tmp_path: Path) -> None:
     assert not is_policy_file(tmp_path / "fifo.json")  # never opened (it would block)
 
 
-def test_the_calibration_plot_carries_the_marker_the_recogniser_reads(tmp_path: Path) -> None:
+def test_every_png_tofu_export_writes_carries_the_marker_the_recogniser_reads(tmp_path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from tofu_export.reports.png import save_png
+
+    assert is_tofu_png(save_png(Figure(), tmp_path / "policy.png"))  # calibration, sweep, profile, artifact plots
     buffer = io.BytesIO()
-    FigureCanvasAgg(Figure()).print_png(buffer, metadata={"Software": "tofu-export"})  # as calibration/plot.py
-    (tmp_path / "policy.png").write_bytes(buffer.getvalue())
-    assert is_tofu_png(tmp_path / "policy.png")
-    source = (Path(__file__).parents[1] / "tofu_export" / "calibration" / "plot.py").read_text()
-    assert 'metadata={"Software": "tofu-export"}' in source
+    FigureCanvasAgg(Figure()).print_png(buffer)  # any other matplotlib PNG: a user's file
+    (tmp_path / "user.png").write_bytes(buffer.getvalue())
+    assert not is_tofu_png(tmp_path / "user.png")
 
 
 def test_file_outputs_refuse_user_files_special_files_links_and_collisions(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from tofu_export.atomic import write_json_atomic
 from tofu_export.engines.base import OpTime
+from tofu_export.output_paths import is_tofu_png
 from tofu_export.profiling.breakdown import summarize
 from tofu_export.profiling.device import describe_device
 from tofu_export.profiling.errors import ProfilerError
@@ -17,6 +18,7 @@ from tofu_export.profiling.timing import LatencyStats
 from tofu_export.reports.pareto import TradeoffPoint, pareto_front
 from tofu_export.reports.plots import plot_latency_vs_r, plot_pareto
 from tofu_export.reports.profile import render_table, write_json, write_markdown
+from tofu_export.reports.profile_plot import plot_profile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -91,6 +93,26 @@ def test_plots_write_png_files(tmp_path: Path) -> None:
     for path in (plot_latency_vs_r(points, tmp_path / "lat.png"), plot_pareto(points, tmp_path / "pareto.png")):
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+        assert is_tofu_png(path)  # every PNG tofu-export writes is marked as its own (reports.png)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[16:24]  # IHDR: width, height
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+
+def test_profile_plot_has_a_parts_panel_only_where_the_op_profiler_ran(tmp_path: Path) -> None:
+    result = make_result()  # batch 1 op-profiled, batch 8 not
+    both = plot_profile([result], tmp_path / "both.png")
+    plain = ProfileResult(result.backend, result.device, [
+        BatchResult(b.batch_size, b.latency, b.memory, b.power, None) for b in result.batches])
+    latency_only = plot_profile([plain], tmp_path / "latency.png")
+    assert both.read_bytes().startswith(PNG_MAGIC) and is_tofu_png(both) and is_tofu_png(latency_only)
+    (width2, height2), (width1, height1) = _png_size(both), _png_size(latency_only)
+    assert height2 == height1 and width2 > 1.8 * width1  # two panels against one
+    with pytest.raises(ProfilerError, match="at least one measured batch"):
+        plot_profile([ProfileResult(result.backend, result.device, [])], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_pareto_plot_needs_accuracy(tmp_path: Path) -> None:

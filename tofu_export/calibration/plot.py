@@ -3,14 +3,12 @@ the chosen mode of every block."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tofu_export.atomic import write_bytes_atomic
 from tofu_export.policy import Policy
+from tofu_export.reports.png import save_png
 
 _COLORS = {"prune": "tab:red", "mean": "tab:blue", "mlerp": "tab:green"}
 _FLOOR = 1e-7  # damage below this is drawn at the floor of the log axis
@@ -58,6 +56,4 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
     chosen = " ".join(f"{mode[:2]}{r}" if r else "-" for mode, r in zip(policy.modes, policy.r, strict=True))
     figure.suptitle(f"policy: {chosen}\npredicted cosine {m['predicted_cosine']:.5f}, measured "
                     f"{m['measured_cosine']:.5f}; predicted {m['predicted_speedup']:.2f}x", fontsize=10)
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": "tofu-export"})  # output_paths.is_tofu_png
-    return write_bytes_atomic(path, buffer.getvalue())
+    return save_png(figure, path)

@@ -30,7 +30,9 @@ def profile(
     iters: Annotated[int | None, typer.Option(help="Timed runs per batch size.")] = 50,
     budget_s: Annotated[float | None, typer.Option(help="Or: time budget per batch size (seconds).")] = None,
     breakdown: Annotated[bool, typer.Option(help="Per-op breakdown: attention, MLP, token reduction, rest.")] = True,
-    report: Annotated[Path | None, typer.Option(help="Also write a Markdown report here (and .json beside).")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Also write a Markdown report here, with its .json and a .png figure (latency, throughput and where the "
+        "time goes per batch size) beside it.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure latency percentiles, throughput, memory and where the time goes, on this machine.
@@ -52,10 +54,17 @@ def profile(
 
     runtime.check()
     if report is not None:
-        from tofu_export.output_paths import FileOutput, check_file_outputs, is_profile_json, is_profile_markdown
+        from tofu_export.output_paths import (
+            FileOutput,
+            check_file_outputs,
+            is_profile_json,
+            is_profile_markdown,
+            is_tofu_png,
+        )
 
         check_file_outputs([FileOutput(report, is_profile_markdown, "profile report", "report"),
-                            FileOutput(report.with_suffix(".json"), is_profile_json, "profile JSON", "report")],
+                            FileOutput(report.with_suffix(".json"), is_profile_json, "profile JSON", "report"),
+                            FileOutput(report.with_suffix(".png"), is_tofu_png, "profile figure", "report")],
                            inputs=[artifact])  # before profiling, not after
     chosen = backend.build(artifact)
     with library_warnings() as caught:
@@ -66,8 +75,11 @@ def profile(
             num_heads=model.num_heads, trust_pickle=model.trust_pickle,
         )
     if report is not None:
+        from tofu_export.reports.profile_plot import plot_profile
+
         write_markdown(report, [result], title=f"Latency profile of {artifact}")
         write_json(report.with_suffix(".json"), [result])
+        plot_profile([result], report.with_suffix(".png"))
     reference = export_reference(artifact)
     note = warnings_note(caught)
     if note and not as_json:

@@ -1,21 +1,19 @@
 """The artifact report's figure: tokens entering each block, and the quick look's latency bars (baseline vs ToFu).
 
-Uses matplotlib's object API on the Agg canvas (no display, no global backend switch), like ``reports.plots``.
+Uses matplotlib's object API (``reports.png`` writes it).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tofu_export.atomic import write_bytes_atomic
 from tofu_export.manifest import QuickLatency
 from tofu_export.quicklook import LABEL
+from tofu_export.reports.png import save_png
 
 BASELINE_COLOR, TOFU_COLOR = "#7f7f7f", "#1f77b4"
 
@@ -30,9 +28,7 @@ def plot_artifact(path: str | Path, tokens: Sequence[int], latency: QuickLatency
     _tokens_panel(axes[0], tokens, label)
     if latency:
         _latency_panel(axes[1], latency, label)
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return write_bytes_atomic(path, buffer.getvalue())
+    return save_png(figure, path)
 
 
 def _tokens_panel(axes: Any, tokens: Sequence[int], label: str) -> None:

@@ -1,21 +1,19 @@
 """PNG plots of a sweep: latency against the reduction rate r, and the latency/accuracy Pareto front.
 
-Uses matplotlib's object API on the Agg canvas, so no display and no global backend switch are needed.
+Uses matplotlib's object API (``reports.png`` writes it: no display, no global backend switch).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tofu_export.atomic import write_bytes_atomic
 from tofu_export.profiling.errors import ProfilerError
 from tofu_export.reports.pareto import TradeoffPoint, _field, pareto_front
+from tofu_export.reports.png import save_png
 from tofu_export.sweep.state import BASELINE
 
 PointLike = TradeoffPoint | Mapping[str, Any] | Any
@@ -43,7 +41,7 @@ def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path, note: str |
     axes.set_title("Latency vs reduction rate" + (f"\n{note}" if note else ""), fontsize="medium")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left")
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def plot_pareto(points: Iterable[PointLike], path: str | Path) -> Path:
@@ -69,7 +67,7 @@ def plot_pareto(points: Iterable[PointLike], path: str | Path) -> Path:
     axes.set(xlabel="latency (ms)", ylabel="accuracy", title="Speed / accuracy trade-off")
     axes.grid(alpha=0.3)
     axes.legend()
-    return _save_png(figure, path)
+    return save_png(figure, path)
 
 
 def _by_mode(points: list[TradeoffPoint], *, share_baseline: bool = False) -> dict[str, list[TradeoffPoint]]:
@@ -81,9 +79,3 @@ def _by_mode(points: list[TradeoffPoint], *, share_baseline: bool = False) -> di
         baseline = groups.pop(BASELINE)
         groups = {mode: baseline + group for mode, group in groups.items()}
     return groups
-
-
-def _save_png(figure: Figure, path: str | Path) -> Path:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return write_bytes_atomic(path, buffer.getvalue())
