@@ -17,6 +17,7 @@ from tofu_export.engines.ort import OrtRunner
 from tofu_export.engines.torch import TorchRunner
 from tofu_export.evaluation import (
     EvaluationError,
+    Reference,
     artifact_transform,
     classification_accuracy,
     evaluate,
@@ -207,6 +208,35 @@ def test_trt_predictor_explains_what_is_missing(tmp_path: Path) -> None:
 
     with pytest.raises(BackendUnavailableError, match=r"OrtRunner|CUDA"):
         TrtRunner(tmp_path / "model.engine")
+
+
+@pytest.mark.parametrize("num_classes", [0, 2])
+def test_a_reference_runs_once_however_many_candidates_are_scored(
+    tmp_path: Path, num_classes: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``eval`` scores ToFu and ToMe, a sweep every point, against one unreduced model: its outputs on each split are
+    computed once, and every progress line names the model and the split it is running."""
+    for split, seed in (("train", 0), ("test", 1)):
+        write_noise_folder(tmp_path / split, classes=2, per_class=4, size=32, seed=seed)
+    model = tiny_vit(num_classes=num_classes)
+    same = TorchRunner(copy.deepcopy(model))  # copied before the hook: only the reference's images are counted
+    seen: list[int] = []
+    model.register_forward_hook(lambda _module, args, _out: seen.append(args[0].shape[0]))
+    reference = Reference.of(model)
+    first = evaluate(reference, same, tmp_path, batch_size=4, num_workers=0, label="a")
+    images_once = sum(seen)
+    second = evaluate(reference, TorchRunner(tiny_vit(num_classes=num_classes, seed=1)), tmp_path, batch_size=4,
+                      num_workers=0, label="b")
+    assert images_once == (8 if num_classes else 16) and sum(seen) == images_once  # eval (+ train for k-NN), once
+    fresh = evaluate(model, TorchRunner(tiny_vit(num_classes=num_classes, seed=1)), tmp_path, batch_size=4,
+                     num_workers=0)
+    assert second.metrics == fresh.metrics and first.metrics != second.metrics  # cached = computed anew
+    assert sum(seen) == 2 * images_once  # a module, not a Reference: computed for that call
+    progress = capsys.readouterr().err
+    for name in ("unreduced, test", "a, test", "b, test"):
+        assert f"({name})" in progress, progress
+    with pytest.raises(ValueError, match="Reference carries its transform"):
+        evaluate(reference, TorchRunner(model), tmp_path, transform=lambda image: image)
 
 
 def test_evaluate_fidelity_with_splits_and_classification(tmp_path: Path) -> None:

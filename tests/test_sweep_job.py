@@ -4,16 +4,22 @@ timed round-robin by default, and the table says speed-up, spread, load and how 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from tofu_export.config import OnnxConfig
+from tofu_export.output_paths import is_tofu_png
 from tofu_export.sweep.config import SweepConfig
 from tofu_export.sweep.job import SweepResult, _load, run_sweep_job
+
+ONNX = OnnxConfig(exporter="torchscript")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +30,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepResult, 
     save_file(model.state_dict(), str(root / "model.safetensors"))
     (root / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))  # heads, block kind
     said: list[str] = []
-    config = SweepConfig(r_values=(0, 2), modes=("tome", "tofu"), iters=4, threads=1,
-                         onnx=OnnxConfig(exporter="torchscript"))
+    config = SweepConfig(r_values=(0, 2), modes=("tome", "tofu"), iters=4, threads=1, onnx=ONNX)
     result = run_sweep_job(str(root / "model.safetensors"), root / "out", config, say=said.append, progress=False)
     return root, result, said
 
@@ -67,3 +72,30 @@ def test_a_timm_name_gets_the_same_random_weights_every_run() -> None:
     first, second = (_load("test_vit", config).model for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
                                                    strict=True))
+
+
+def test_a_scored_sweep_reuses_its_exports_and_scores_every_point_against_one_reference(
+    swept: tuple[Path, SweepResult, list[str]], tmp_path: Path
+) -> None:
+    """The same sweep with an image folder: the points' graphs are reused, each point is classified on the images,
+    and the unreduced model (run once) gives every point the same reference; the r=0 graph keeps its classes."""
+    root, _, _ = swept
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        folder = tmp_path / "images" / str(i % 2)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    said: list[str] = []
+    config = SweepConfig(r_values=(0, 2), modes=("tome", "tofu"), iters=4, threads=1, onnx=ONNX,
+                         data=tmp_path / "images")
+    result = run_sweep_job(str(root / "model.safetensors"), out, config, say=said.append, progress=False)
+    assert said[0].startswith("3 points (0 to export)")
+    rows = {(row["mode"], row["r"]): row for row in result.rows}
+    assert len({row["reference_accuracy"] for row in rows.values()}) == 1
+    assert rows["baseline", 0]["accuracy"] == rows["baseline", 0]["reference_accuracy"]
+    assert "(unreduced " in (out / "sweep.md").read_text() and is_tofu_png(out / "latency_vs_r.png")
+    scores = {row["accuracy"] for row in rows.values()}
+    same = "no Pareto plot: every point scores the same here (random weights give no front)"
+    assert (result.notes == [same]) if len(scores) == 1 else is_tofu_png(out / "pareto.png")

@@ -13,7 +13,7 @@ from tofu_export.evaluation.data import (
     split_folders,
 )
 from tofu_export.evaluation.errors import EvaluationError
-from tofu_export.evaluation.evaluate import EvaluationReport, evaluate
+from tofu_export.evaluation.evaluate import EvaluationReport, Reference, evaluate
 from tofu_export.evaluation.metrics import (
     classification_accuracy,
     extract_features,
@@ -26,6 +26,7 @@ __all__ = [
     "EvaluationError",
     "EvaluationReport",
     "IndexedImageFolder",
+    "Reference",
     "artifact_transform",
     "classification_accuracy",
     "evaluate",

@@ -41,8 +41,51 @@ class EvaluationReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    """The unreduced model on one image folder: its top-1 classes ``[N]`` and ``scores`` (top1, top5) for a
+    classifier, or its pooled ``features [N, D]`` and the folder's ``labels [N]`` for a backbone."""
+
+    top1: torch.Tensor | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    features: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class Reference:
+    """The unreduced model, the transform its images get, and its outputs on each image folder, computed once however
+    many candidates are scored against it (a sweep's points, ``eval``'s ToFu and ToMe)."""
+
+    model: torch.nn.Module
+    transform: Transform
+    _outputs: dict[tuple[Any, ...], ReferenceOutputs] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, transform: Transform | None = None) -> Reference:
+        """``model``, its images transformed by ``transform`` (default: the model's own eval transform)."""
+        return cls(model, transform or model_transform(model))
+
+    @property
+    def classifies(self) -> bool:
+        return bool(getattr(self.model, "num_classes", 0))
+
+    def outputs(self, loader: torch.utils.data.DataLoader, key: tuple[Any, ...]) -> ReferenceOutputs:
+        """The model's outputs on ``loader``'s images, computed at the first call for ``key`` (the folder and how it
+        is read)."""
+        if key not in self._outputs:
+            runner, split = TorchRunner(self.model), f"unreduced, {Path(key[0]).name}"
+            if self.classifies:
+                scores, top1 = classify(runner, loader, label=split)
+                self._outputs[key] = ReferenceOutputs(top1=top1, scores={k: v for k, v in scores.items() if k != "n"})
+            else:
+                features, labels = extract_features(runner, loader, label=split)
+                self._outputs[key] = ReferenceOutputs(features=features, labels=labels)
+        return self._outputs[key]
+
+
 def evaluate(
-    reference: torch.nn.Module,
+    reference: torch.nn.Module | Reference,
     candidate: Predictor,
     data: str | Path,
     *,
@@ -52,33 +95,40 @@ def evaluate(
     limit: int | None = None,
     knn_k: int = 20,
     knn_temperature: float = 0.07,
+    label: str = "candidate",
 ) -> EvaluationReport:
     """Score ``candidate`` against the unreduced ``reference`` on the ImageFolder ``data``.
 
     ``candidate`` must output what ``reference(images)`` outputs: logits ``[B, K]`` for a classifier,
     pooled features ``[B, D]`` for a headless backbone. ``transform`` defaults to the reference's eval
-    transform; ``limit`` caps the images per split (evenly strided, for quick runs).
+    transform; ``limit`` caps the images per split (evenly strided, for quick runs). Pass a ``Reference`` to score
+    several candidates against one model: its outputs are computed once. ``label`` names the candidate in progress.
     """
+    if isinstance(reference, Reference):
+        if transform is not None and transform is not reference.transform:
+            raise ValueError("a Reference carries its transform: give it to Reference.of, not to evaluate")
+    else:
+        reference = Reference.of(reference, transform)
     train_dir, eval_dir = split_folders(data)
-    transform = transform or model_transform(reference)
 
     def loader(root: Path) -> torch.utils.data.DataLoader:
-        return make_loader(root, transform, batch_size=batch_size, num_workers=num_workers, limit=limit)
+        return make_loader(root, reference.transform, batch_size=batch_size, num_workers=num_workers, limit=limit)
 
-    eval_loader = loader(eval_dir)
+    def reference_outputs(root: Path) -> tuple[torch.utils.data.DataLoader, ReferenceOutputs]:
+        data_loader = loader(root)
+        return data_loader, reference.outputs(data_loader, (str(root.resolve()), limit, batch_size))
+
+    eval_loader, on_eval = reference_outputs(eval_dir)
     n_eval = len(eval_loader.dataset)  # type: ignore[arg-type]
-    if getattr(reference, "num_classes", 0):
-        metrics = {}
-        top1 = {}
-        for name, predictor in (("reference", TorchRunner(reference)), ("candidate", candidate)):
-            scores, top1[name] = classify(predictor, eval_loader)
-            metrics.update({f"{name}_{key}": value for key, value in scores.items() if key != "n"})
-        metrics["top1_agreement"] = 100.0 * float((top1["reference"] == top1["candidate"]).double().mean())
+    if reference.classifies:
+        scores, candidate_top1 = classify(candidate, eval_loader, label=f"{label}, {eval_dir.name}")
+        metrics = {f"reference_{key}": value for key, value in on_eval.scores.items()}
+        metrics.update({f"candidate_{key}": value for key, value in scores.items() if key != "n"})
+        metrics["top1_agreement"] = 100.0 * float((on_eval.top1 == candidate_top1).double().mean())
         return EvaluationReport("classification", str(data), n_eval, metrics=metrics)
+    reference_eval, eval_labels = on_eval.features, on_eval.labels
 
-    reference_predictor = TorchRunner(reference)
-    reference_eval, eval_labels = extract_features(reference_predictor, eval_loader)
-    candidate_eval, _ = extract_features(candidate, eval_loader)
+    candidate_eval, _ = extract_features(candidate, eval_loader, label=f"{label}, {eval_dir.name}")
     if candidate_eval.shape != reference_eval.shape:
         raise EvaluationError(
             f"The candidate outputs {list(candidate_eval.shape[1:])} per image but the headless reference "
@@ -89,12 +139,11 @@ def evaluate(
     metrics["cosine_se"] = cosine_standard_error(reference_eval, candidate_eval)
     if train_dir is None:
         return EvaluationReport("fidelity", str(data), n_eval, metrics=metrics)
-    train_loader = loader(train_dir)
-    for name, predictor, eval_features in (
-        ("reference", reference_predictor, reference_eval),
-        ("candidate", candidate, candidate_eval),
-    ):
-        train_features, train_labels = extract_features(predictor, train_loader)
+    train_loader, on_train = reference_outputs(train_dir)
+    reference_train, train_labels = on_train.features, on_train.labels
+    candidate_train, _ = extract_features(candidate, train_loader, label=f"{label}, {train_dir.name}")
+    for name, train_features, eval_features in (("reference", reference_train, reference_eval),
+                                                ("candidate", candidate_train, candidate_eval)):
         metrics[f"{name}_knn_top1"] = knn_accuracy(
             train_features, train_labels, eval_features, eval_labels, k=knn_k, temperature=knn_temperature
         )

@@ -39,13 +39,14 @@ def classification_accuracy(predictor: Predictor, loader: Batches, topk: Sequenc
 
 
 def classify(
-    predictor: Predictor, loader: Batches, topk: Sequence[int] = (1, 5)
+    predictor: Predictor, loader: Batches, topk: Sequence[int] = (1, 5), *, label: str = ""
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """``classification_accuracy``'s scores and the top-1 class of every image ``[N]`` (to compare two models)."""
+    """``classification_accuracy``'s scores and the top-1 class of every image ``[N]`` (to compare two models);
+    ``label`` names the model and the images in the progress line."""
     correct = dict.fromkeys(topk, 0)
     count = 0
     predictions = []
-    for images, labels in _with_progress(loader, "classifying"):
+    for images, labels in _with_progress(loader, f"classifying ({label})" if label else "classifying"):
         logits = predictor(images)
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
             shape = list(logits.shape)
@@ -67,10 +68,12 @@ def classify(
     return {**{f"top{k}": 100.0 * correct[k] / count for k in topk}, "n": float(count)}, torch.cat(predictions)
 
 
-def extract_features(predictor: Predictor, loader: Batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the predictor's outputs and the labels: ``(features [N, D] float32, labels [N] int64)``."""
+def extract_features(predictor: Predictor, loader: Batches, *, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the predictor's outputs and the labels: ``(features [N, D] float32, labels [N] int64)``; ``label``
+    names the model and the images in the progress line."""
     features, labels = [], []
-    for images, batch_labels in _with_progress(loader, "extracting features"):
+    for images, batch_labels in _with_progress(loader, f"extracting features ({label})" if label else
+                                               "extracting features"):
         output = predictor(images)
         if output.ndim != 2:
             raise EvaluationError(

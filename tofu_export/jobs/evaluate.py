@@ -14,7 +14,7 @@ from typing import Any
 
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import Hint
-from tofu_export.evaluation import EvaluationError, evaluate
+from tofu_export.evaluation import EvaluationError, Reference, evaluate
 from tofu_export.jobs.profile import backend_for, open_runner
 from tofu_export.models.loading import load_model, stated_at_export
 
@@ -67,13 +67,14 @@ def evaluate_model(
             mode, r = tofu.label, list(resolved.plan.r)
             candidate = TorchRunner(patched, threads=threads)
             description = str(model)
-        report = evaluate(reference_model, candidate, data, batch_size=batch_size, limit=limit).to_dict()
+        reference_outputs = Reference.of(reference_model)  # its outputs computed once for both candidates
+        report = evaluate(reference_outputs, candidate, data, batch_size=batch_size, limit=limit, label=mode).to_dict()
         tome = None
         if compare_tome and mode != "tome" and any(r):
             tome_model = copy.deepcopy(reference_model)
             ToFuConfig(r=r, mode="tome").patch(tome_model, static=False)
-            tome = evaluate(reference_model, TorchRunner(tome_model, threads=threads), data, batch_size=batch_size,
-                            limit=limit).to_dict()["metrics"]
+            tome = evaluate(reference_outputs, TorchRunner(tome_model, threads=threads), data, batch_size=batch_size,
+                            limit=limit, label="ToMe").to_dict()["metrics"]
     notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     return {"candidate": description, "mode": mode, "r": r, **report, "tome": tome, "notes": notes}
 

@@ -97,11 +97,15 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     eval_fn = None
     if config.data is not None:
         from tofu_export.engines.ort import OrtRunner
-        from tofu_export.evaluation import evaluate
+        from tofu_export.evaluation import Reference, evaluate
+
+        reference = Reference.of(loaded.model)  # the unreduced model's outputs, computed once for every point
 
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
             runner = OrtRunner(onnx_path, threads=config.threads)
-            return evaluate(loaded.model, runner, config.data, limit=config.limit).to_dict()
+            tofu = Manifest.read(onnx_path.parent).tofu  # the point, for the progress line
+            label = f"{tofu.mode} r={max(tofu.r, default=0)}" if any(tofu.r) else "baseline"
+            return evaluate(reference, runner, config.data, limit=config.limit, label=label).to_dict()
 
     records = run_sweep(points, state_path=out / STATE, export_fn=export_fn, profile_fn=profile_fn,
                         eval_fn=eval_fn, config_key=f"{config_key} | {config.measured_as()}", progress=progress)
