@@ -43,6 +43,8 @@ def test_calibrate_then_export_with_the_policy(checkpoint, tmp_path) -> None:
     assert set(loaded.blocks) == {"network.input_blocks.3.1", "network.middle_block.1",
                                   "network.output_blocks.0.1", "network.output_blocks.1.1"}
     assert loaded.notes["runs"] >= 3 + len(loaded.blocks) * 2
+    counted = f"denoiser calibration: sampling runs of 1 samples, 4 blocks: {loaded.notes['runs']} done"
+    assert counted in result.output  # each run (minutes on a real UNet) counted where a log can see it
     assert loaded.notes["family"] == "openai-unet" and "sigma 80" in loaded.notes["sampler"]
     assert "measured" not in loaded.notes and "PSNR" in result.output
     out = tmp_path / "art"

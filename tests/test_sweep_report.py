@@ -89,6 +89,28 @@ def test_progress_lines_carry_elapsed_time_and_eta() -> None:
     assert format_seconds(185) == "3m05s" and format_seconds(3720) == "1h02m"
 
 
+def test_a_job_of_stages_says_each_stage_as_it_begins_and_counts_unknown_totals() -> None:
+    """calibrate's stages (damage, block latency, the chosen graph timed) each take minutes: a log shows each one
+    when it begins, timed from then; a stage whose length is not known counts what it has done."""
+    now = [0.0]
+    stream = io.StringIO()
+    log = ProgressLog("calibrate", 1, every_s=5.0, stream=stream, clock=lambda: now[0])
+    now[0] = 100.0
+    log.stage("calibrate: damage", 10)
+    now[0] = 106.0
+    log.advance(5)
+    log.stage("calibrate: around the floor", 0)
+    now[0] = 112.0
+    log.advance()
+    log.advance()  # 6 s since the stage's line: written; an unknown total never forces one
+    log.finish()  # the last count, said once
+    log.finish()
+    assert stream.getvalue().splitlines() == [
+        "calibrate: damage: 0/10, 0 s elapsed", "calibrate: damage: 5/10, 6 s elapsed, ETA 6 s",
+        "calibrate: around the floor: 0 done, 0 s elapsed", "calibrate: around the floor: 1 done, 6 s elapsed",
+        "calibrate: around the floor: 2 done, 6 s elapsed"]
+
+
 def test_backend_names_and_the_renamed_device_option() -> None:
     assert parse_backend(None, path="model.onnx") == Backend("ort")
     assert parse_backend(None, path="model.engine").runtime == "trt"

@@ -25,7 +25,8 @@ def format_seconds(seconds: float) -> str:
 class ProgressLog:
     """Counts ``done`` of ``total`` units of work and writes a line at most every ``every_s`` seconds (and at the end).
 
-    ``stream``: where the lines go (stderr); ``clock``: for tests. Use ``status(text)`` to name the current unit.
+    ``stream``: where the lines go (stderr); ``clock``: for tests. Use ``status(text)`` to name the current unit and
+    ``stage(label, total)`` to begin the next stage of a job of several; ``total`` 0: not known in advance.
     """
 
     def __init__(self, label: str, total: int, *, every_s: float = 5.0, stream: TextIO | None = None,
@@ -36,6 +37,7 @@ class ProgressLog:
         self.started = self.last = clock()
         self.done = 0
         self.current = ""
+        self.written: tuple[str, int] | None = None  # (label, done) of the last line written
 
     def status(self, text: str) -> None:
         self.current = text
@@ -43,19 +45,32 @@ class ProgressLog:
 
     def advance(self, units: int = 1) -> None:
         self.done += units
-        self._maybe_write(force=self.done >= self.total)
+        self._maybe_write(force=0 < self.total <= self.done)
+
+    def stage(self, label: str, total: int) -> None:
+        """Begin the next stage: its label, ``total`` units counted from 0 and timed from now; says so at once."""
+        self.label, self.total, self.done, self.current = label, max(total, 0), 0, ""
+        self.started = self.clock()
+        self._maybe_write(force=True)
+
+    def finish(self) -> None:
+        """Write the last count if no line has said it yet (a stage of unknown length ends without a forced line)."""
+        if self.written is not None and self.written != (self.label, self.done):
+            self._maybe_write(force=True)
 
     def line(self) -> str:
-        """``sweep: 3/9 (tofu r=8), 1m10s elapsed, ETA 2m20s``"""
+        """``sweep: 3/9 (tofu r=8), 1m10s elapsed, ETA 2m20s`` (``3 done`` where the total is not known)"""
         elapsed = self.clock() - self.started
-        eta = f", ETA {format_seconds(elapsed / self.done * (self.total - self.done))}" if self.done > 0 else ""
+        known = self.total > 0
+        eta = f", ETA {format_seconds(elapsed / self.done * (self.total - self.done))}" if known and self.done else ""
         now = f" ({self.current})" if self.current else ""
-        return f"{self.label}: {self.done}/{self.total}{now}, {format_seconds(elapsed)} elapsed{eta}"
+        count = f"{self.done}/{self.total}" if known else f"{self.done} done"
+        return f"{self.label}: {count}{now}, {format_seconds(elapsed)} elapsed{eta}"
 
     def _maybe_write(self, force: bool = False) -> None:
         now = self.clock()
         if force or now - self.last >= self.every_s:
-            self.last = now
+            self.last, self.written = now, (self.label, self.done)
             print(self.line(), file=self.stream, flush=True)
 
 
@@ -71,19 +86,26 @@ class _Bar:
     def advance(self, units: int = 1) -> None:
         self.progress.advance(self.task, units)  # type: ignore[attr-defined]
 
+    def stage(self, label: str, total: int) -> None:
+        self.progress.reset(self.task, total=total or None, description=label)  # type: ignore[attr-defined]
+
 
 @contextmanager
 def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0) -> Iterator[ProgressLog | _Bar]:
-    """Progress of ``total`` units: a rich bar when stderr is a terminal, ``ProgressLog`` lines otherwise, nothing
-    when not ``enabled``. Yields an object with ``status(text)`` and ``advance()``."""
+    """Progress of ``total`` units (0: not known in advance): a rich bar when stderr is a terminal, ``ProgressLog``
+    lines otherwise, nothing when not ``enabled``. Yields an object with ``status(text)``, ``advance()`` and
+    ``stage(label, total)``."""
     if enabled and sys.stderr.isatty():
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns) as progress:
-            yield _Bar(progress, progress.add_task(label, total=total))
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            yield _Bar(progress, progress.add_task(label, total=total or None))
         return
-    yield ProgressLog(label, total, every_s=every_s, stream=None if enabled else _Null())
+    log = ProgressLog(label, total, every_s=every_s, stream=None if enabled else _Null())
+    yield log
+    log.finish()
 
 
 class _Null:

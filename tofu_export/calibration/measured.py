@@ -152,9 +152,12 @@ def measure_policy_latency(
     rounds: int = 20,
     clock: str = "wall",
     tome_r: Sequence[int] = (),
+    on_step: Callable[[], None] | None = None,
 ) -> PolicyLatency:
     """Export the unreduced model, the policy ``(modes, r)`` and ToMe at each uniform r of ``tome_r`` as the user
-    would, and time them interleaved on ``clock`` (module docstring). ``model`` is left as it was."""
+    would, and time them interleaved on ``clock`` (module docstring); ``on_step`` after each export and round.
+    ``model`` is left as it was."""
+    step = on_step or (lambda: None)
     from tofu_export.engines.ort import OrtRunner
 
     threads = clock_threads(clock, threads)
@@ -171,17 +174,19 @@ def measure_policy_latency(
             warnings.simplefilter("ignore")
             with unpatched(model):
                 settings.export(model, paths["baseline"], size)
+                step()
                 for name, (m, k) in variants.items():
                     with patched(model, r=k, mode=m, prop_attn=prop_attn, img_size=size):
                         settings.export(model, paths[name], size)
                         if name == "policy":  # the gate `tofu-export export --policy` will hold the graph to
                             gate = verify_parity(model, paths[name], size, tolerance=settings.tolerance)
+                    step()
         runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
                    for name, path in paths.items()}
         for runner in runners.values():
             runner.run(1)  # warm-up outside the timing
         samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
-                              iters=rounds, clock=clock)
+                              iters=rounds, clock=clock, on_round=on_step)
 
     speedup, iqr = paired_ratio(samples["baseline"], samples["policy"])
     tome = {k: paired_ratio(samples["baseline"], samples[f"tome-r{k}"])[0] for k in tome_r}

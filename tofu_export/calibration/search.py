@@ -26,12 +26,9 @@ MLERP elsewhere; the search then picks only r). The measurements record the mode
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from tofu_export.calibration.damage import damage_by_r, verify
@@ -48,16 +45,10 @@ from tofu_export.errors import Hint, UserError
 from tofu_export.models.family import family_of, unpatched
 from tofu_export.names import REDUCE_MODES
 from tofu_export.policy import Policy, model_record
+from tofu_export.progress import tracker
 from tofu_export.schedule import max_reduction, plan_tokens
 
 RULES = ("damage", "linearity")
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Progress]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not enabled) as progress:
-        yield progress
 
 
 def check_images(model: nn.Module, images: Tensor) -> None:
@@ -85,19 +76,23 @@ def choose_policy(calibration: Calibration, budget: Budget, progress: bool = Fal
     its exported graph against the unreduced one and ToMe (``rounds`` interleaved rounds); the measurements are
     recorded beside the predictions. ``rule`` chooses the modes (module docstring)."""
     check_rule(rule)
-    if budget.min_cosine is None:
-        chosen, attempts, choice = measured_choice(calibration, budget, rule)
-    else:
-        with _progress(progress) as bar:
-            task = bar.add_task("measuring the candidates around the floor", total=None)
-            chosen, attempts, choice = floor_choice(calibration, budget, rule, on_step=lambda: bar.advance(task))
-    return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds)
+    with tracker("calibrate: choosing", 0, enabled=progress) as bar:
+        if budget.min_cosine is None:
+            bar.stage("calibrate: measuring the shortlisted policies on the search images", 0)
+            chosen, attempts, choice = measured_choice(calibration, budget, rule, on_step=bar.advance)
+        else:
+            bar.stage("calibrate: measuring the candidates around the floor", 0)
+            chosen, attempts, choice = floor_choice(calibration, budget, rule, on_step=bar.advance)
+        if measure_latency:
+            bar.stage("calibrate: the chosen policy's graph exported and timed against the unreduced one and ToMe",
+                      4 + rounds)
+        return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds, bar.advance)
 
 
 def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: str, attempts: list[dict],
-            extra: dict, measure_latency: bool, rounds: int) -> Policy:
+            extra: dict, measure_latency: bool, rounds: int, on_step: Callable[[], None] | None = None) -> Policy:
     """The chosen policy with its measurements: held-out cosine and, with ``measure_latency``, its exported graph
-    timed against the unreduced one and ToMe."""
+    timed against the unreduced one and ToMe (``on_step`` after each export and round)."""
     cal = calibration
     held = cal.held_out if cal.held_out is not None else cal.trace.reference[:0]
     measurements = dict(cal.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
@@ -106,7 +101,7 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
                         held_out_images=len(held), **extra,
                         held_out_cosine=held_out_cosine(cal.model, held, chosen.modes, chosen.r, cal.prop_attn))
     if measure_latency:
-        measurements.update(timed_against_tome(cal, chosen, held, rounds))
+        measurements.update(timed_against_tome(cal, chosen, held, rounds, on_step=on_step))
     return Policy(chosen.modes, chosen.r, model_record(cal.model), dict(cal.record, budget=budget.to_dict()),
                   measurements)
 
@@ -147,20 +142,18 @@ def measure(
     rounds = 40
     choices = tuple(k for k in r_choices(r) if k <= max_reduction(tokens0, prefix))
     measured_r = tuple(sorted({r, max(choices)}))  # every mode at r, a subset at the largest (damage.damage_by_r)
-    with torch.no_grad(), _progress(progress) as bar, unpatched(model):
-        task = bar.add_task("unreduced pass", total=1)
+    with torch.no_grad(), tracker("calibrate: unreduced pass", 1, enabled=progress) as bar, unpatched(model):
+        bar.stage("calibrate: unreduced pass (every block's input, the linearity test)", 1)
         tr = trace(model, images, r)
-        bar.update(task, advance=1, description="damage per block, mode and r",
-                   total=1 + depth * (len(REDUCE_MODES) + 2))
+        bar.stage("calibrate: damage per block, mode and r", depth * (len(REDUCE_MODES) + 2))
         by_linearity = linearity_modes(tr.linearity, linearity_threshold)
-        damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn,
-                             on_step=lambda: bar.advance(task))
-        bar.update(task, description="latency per block and mode", completed=0, total=len(counts) * 4 + rounds)
+        damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance)
+        bar.stage("calibrate: latency per block and mode (one-block graphs exported, then timed)",
+                  len(counts) * 4 + rounds)
         latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
-                                        prop_attn=prop_attn, settings=settings, clock=clock,
-                                        on_step=lambda: bar.advance(task))
+                                        prop_attn=prop_attn, settings=settings, clock=clock, on_step=bar.advance)
         baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
-        bar.update(task, description="every mode in every block", completed=0, total=len(REDUCE_MODES))
+        bar.stage("calibrate: every mode in every block", len(REDUCE_MODES))
         # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several
         # times the sum of its single-block damages), so each mode's single-block damages are scaled by its
         # anchor's measured / summed damage before they are added up.
@@ -172,7 +165,7 @@ def measure(
             measured = verify(model, tr, [mode] * depth, uniform_r, prop_attn)
             uniform[mode] = {"r": uniform_r, "predicted_cosine": 1.0 - summed, "measured_cosine": measured,
                              "predicted_ms": ms, "compounding": (1.0 - measured) / max(summed, 1e-12)}
-            bar.advance(task)
+            bar.advance()
     record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out)),
               "tool": f"tofu-export {__version__}", "backend": latency.backend, "threads": threads,
               "prop_attn": prop_attn}

@@ -147,15 +147,22 @@ def choose_measured(listed: Sequence[tuple[str, Candidate]],
     return best.candidate, measured
 
 
-def measured_choice(calibration: Calibration, budget: Budget, rule: str) -> tuple[Candidate, list[dict], dict]:
+def measured_choice(calibration: Calibration, budget: Budget, rule: str,
+                    on_step: Callable[[], None] | None = None) -> tuple[Candidate, list[dict], dict]:
     """A latency ``budget``'s pick under ``rule`` (module docstring): the chosen candidate, its attempt record and
-    the shortlist's record (every candidate's source, predictions and measured cosine) for the policy."""
+    the shortlist's record (every candidate's source, predictions and measured cosine) for the policy. ``on_step``
+    after each candidate measured."""
     c = calibration
     choose(c.fronts[rule], budget, c.baseline_ms)  # an unreachable budget: the error naming the fastest policy
     limit = budget.max_latency_ms if budget.max_latency_ms is not None else c.baseline_ms / budget.speedup
     stepped = stepped_candidates(*search_space(c, rule), limit)
-    chosen, measured = choose_measured(shortlist(rule_fronts(c, rule), stepped, limit),
-                                       lambda x: verify(c.model, c.trace, x.modes, x.r, c.prop_attn))
+    def measure(x: Candidate) -> float:
+        cosine = verify(c.model, c.trace, x.modes, x.r, c.prop_attn)
+        if on_step is not None:
+            on_step()
+        return cosine
+
+    chosen, measured = choose_measured(shortlist(rule_fronts(c, rule), stepped, limit), measure)
     cosine = max(s.measured_cosine for s in measured)
     attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "damage_scale": 1.0,
                  "predicted_cosine": 1.0 - chosen.damage, "measured_cosine": cosine, "predicted_ms": chosen.latency_ms}]

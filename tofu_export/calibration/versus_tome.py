@@ -9,6 +9,7 @@ measured speed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -23,10 +24,11 @@ if TYPE_CHECKING:
     from tofu_export.calibration.state import Calibration
 
 
-def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, rounds: int) -> dict:
+def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, rounds: int,
+                       on_step: Callable[[], None] | None = None) -> dict:
     """The chosen policy timed on its exported graph against the unreduced one and ToMe at two uniform r around
     its predicted latency; ToMe's cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
-    measured speed-up."""
+    measured speed-up. ``on_step`` after each export and timed round."""
     c, model = calibration, calibration.model
     family = family_of(model)
     tokens0, prefix, depth = family.num_tokens(model), family.num_prefix(model), family.depth(model)
@@ -40,7 +42,7 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
     bracket = tome_bracket(tome_ms, chosen.latency_ms, max_reduction(tokens0, prefix), max(2, c.r // 4))
     measured = measure_policy_latency(model, chosen.modes, chosen.r, prop_attn=c.prop_attn, settings=c.settings,
                                       provider=c.provider, threads=c.threads, rounds=rounds, clock=c.clock,
-                                      tome_r=bracket)
+                                      tome_r=bracket, on_step=on_step)
     speedups = [measured.tome_speedup[k] for k in bracket]
     tome: dict = {"r": list(bracket), "measured_speedup": speedups}
     means = ["mean"] * depth

@@ -24,6 +24,7 @@ from tofu_export.dense.plan import BlockPlan, DensePolicy, check_sublayers, plan
 from tofu_export.errors import Hint, UserError
 from tofu_export.models.denoiser_family import LoadedDenoiser, Sampler, load_denoiser_source
 from tofu_export.names import DEFAULT_EXPORTER, ReduceMode
+from tofu_export.progress import tracker
 
 
 @dataclass
@@ -171,15 +172,23 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
     opened = open_denoiser(source, config, trust_pickle, size)
     final = opened.sampler(samples, noise_seed)
 
-    def run(policy: DensePolicy) -> torch.Tensor:
-        opened.patch(policy)
-        return final()
-
     blocks = list(plan_blocks(opened.grids, ratio, "mean", max_downsample, stride, seed, sublayers).blocks)
     wants_cost = speedup is not None or measure
     cost = flop_cost(opened.step, opened.patch, opened.make_inputs(1, 0)) if wants_cost else None
-    result = calibrate_denoiser(run, blocks, ratio, min_psnr=min_psnr, speedup=speedup, cost=cost, stride=stride,
-                                seed=seed, sublayers=sublayers)
+    # every trial is a full sampling run (minutes on a CPU for a real UNet): counted, as their number depends on
+    # what the trials find
+    label = f"denoiser calibration: sampling runs of {samples} samples, {len(blocks)} blocks"
+    with tracker(label, 0) as bar:
+
+        def run(policy: DensePolicy) -> torch.Tensor:
+            opened.patch(policy)
+            samples_out = final()
+            bar.advance()
+            return samples_out
+
+        bar.stage(label, 0)  # said at once: the first run comes after the unreduced reference's
+        result = calibrate_denoiser(run, blocks, ratio, min_psnr=min_psnr, speedup=speedup, cost=cost,
+                                    stride=stride, seed=seed, sublayers=sublayers)
     family = opened.loaded.family
     result.policy.notes |= {"family": family.name, "model": opened.loaded.kind, "samples": samples,
                             "noise_seed": noise_seed, "sampler": family.sampler_text(opened.loaded.model),
