@@ -75,6 +75,14 @@ def test_cuda_graphs_are_refused_off_the_gpu() -> None:
         TorchRunner(nn.Identity(), device="cpu", img_size=IMG, cuda_graphs=True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: the capture would succeed")
+def test_a_failed_capture_is_a_runner_error_that_says_what_to_do() -> None:
+    runner = TorchRunner(tiny_vit(), device="cpu", img_size=IMG)
+    runner.cuda_graphs = True  # past the constructor's check: the capture itself fails (no CUDA here)
+    with pytest.raises(RunnerError, match=r"at batch 1 as a CUDA graph failed \(.*\); time it without CUDA graphs"):
+        runner.run(1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replays_the_static_forward_on_new_inputs() -> None:

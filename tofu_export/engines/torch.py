@@ -87,7 +87,14 @@ class TorchRunner:
             self._forward(batch_size)
             return
         if batch_size not in self._replays:  # captured at the first run of this size (a warm-up run, untimed)
-            self._replays[batch_size] = capture_cuda_graph(self.model, self._batch(batch_size))
+            try:
+                self._replays[batch_size] = capture_cuda_graph(self.model, self._batch(batch_size))
+            except (RuntimeError, AssertionError) as error:  # a host sync, an op graphs cannot hold, no CUDA
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                raise RunnerError(
+                    f"capturing the model's forward at batch {batch_size} as a CUDA graph failed "
+                    f"({type(error).__name__}: {first_line}); time it without CUDA graphs."
+                ) from error
         self._replays[batch_size]()
 
     @torch.inference_mode()
