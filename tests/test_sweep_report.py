@@ -70,6 +70,15 @@ def test_classifier_fidelity_shows_the_unreduced_accuracy_beside_it() -> None:
     assert table_cells(row)[4] == "top-1 71.2% (unreduced 72.0%)"
 
 
+def test_backbone_fidelity_shows_its_cosine_and_names_its_knn_accuracy() -> None:
+    """A headless backbone scored on train/ and test/: its cosine leads, and the accuracy is said to be k-NN (it read
+    "top-1 40.0%" alone, as if a classifier's)."""
+    metrics = {"cosine_mean": 0.99861, "cosine_se": 0.00031, "candidate_knn_top1": 40.0, "reference_knn_top1": 42.0}
+    row = sweep_row(_record("tofu", 16, FAST, metrics), BASE, paired=True)
+    flag_uncertain([row])
+    assert table_cells(row)[4] == "cosine 0.9986 ± 0.0003; k-NN top-1 40.0% (unreduced 42.0%)"
+
+
 def test_progress_lines_carry_elapsed_time_and_eta() -> None:
     now = [0.0]
     stream = io.StringIO()

@@ -43,6 +43,7 @@ def sweep_row(record: dict[str, Any], baseline_ms: Sequence[float] | None, paire
     if accuracy is not None:
         row["accuracy"] = accuracy
         row["reference_accuracy"] = metrics.get("reference_top1", metrics.get("reference_knn_top1"))
+        row["accuracy_metric"] = "top-1" if "candidate_top1" in metrics else "k-NN top-1"  # a backbone's: k-NN
     if "cosine_mean" in metrics:
         row["cosine"] = metrics["cosine_mean"]
         row["cosine_se"] = metrics.get("cosine_se")
@@ -78,15 +79,18 @@ def table_cells(row: dict[str, Any]) -> list[str]:
 
 
 def fidelity_cell(row: dict[str, Any]) -> str:
-    """``cosine 0.9988 ± 0.0001`` or ``top-1 71.2% (unreduced 72.0%)`` (accuracies are in %); ``-`` when nothing
-    was scored."""
-    if "accuracy" in row:
-        reference = row.get("reference_accuracy")
-        return f"top-1 {row['accuracy']:.1f}%" + (f" (unreduced {reference:.1f}%)" if reference is not None else "")
+    """``top-1 71.2% (unreduced 72.0%)`` for a classifier; ``cosine 0.9988 ± 0.0001`` for a backbone, and its
+    ``k-NN top-1 40.0% (unreduced 42.0%)`` where the data had a train split (accuracies in %); ``-`` when nothing was
+    scored."""
+    parts = []
     if "cosine" in row:
         se = row.get("cosine_se")
-        return f"cosine {row['cosine']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-    return "-"
+        parts.append(f"cosine {row['cosine']:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+    if "accuracy" in row:
+        reference = row.get("reference_accuracy")
+        parts.append(f"{row.get('accuracy_metric', 'top-1')} {row['accuracy']:.1f}%"
+                     + (f" (unreduced {reference:.1f}%)" if reference is not None else ""))
+    return "; ".join(parts) or "-"
 
 
 def shown_columns(rows: Sequence[dict[str, Any]]) -> list[int]:
