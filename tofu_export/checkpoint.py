@@ -36,7 +36,7 @@ __all__ = ["CheckpointError", "check_values", "load_state_dict", "read_checkpoin
 logger = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
-_EMA_KEYS = ("model_ema", "state_dict_ema")  # the EMA copy timm's train.py (state_dict_ema) and DeiT's save
+_EMA_KEYS = ("model_ema", "state_dict_ema")  # the EMA copies DeiT's main.py (model_ema) and timm's train.py save
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -58,9 +58,8 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[di
     The format is recognised from the file's first bytes (safetensors header, zip archive or legacy
     pickle), not from its suffix. Wrappers such as ``{"model": sd, "epoch": 3}`` are unwrapped (preferring
     ``model``, then ``state_dict``, then the EMA copies, as timm's ``validate.py`` without ``--use-ema``),
-    non-tensor entries are dropped and ``module.`` /
-    ``_orig_mod.`` prefixes are stripped. Pickled Python objects beyond tensors are refused unless
-    ``trust_pickle=True``.
+    non-tensor entries are dropped and ``module.`` / ``_orig_mod.`` prefixes are stripped. Pickled Python objects
+    beyond tensors are refused unless ``trust_pickle=True``.
     """
     path = Path(path)
     _check_is_readable_file(path)

@@ -157,9 +157,9 @@ def measure_policy_latency(
     """Export the unreduced model, the policy ``(modes, r)`` and ToMe at each uniform r of ``tome_r`` as the user
     would, and time them interleaved on ``clock`` (module docstring); ``on_step`` after each export and round.
     ``model`` is left as it was."""
-    step = on_step or (lambda: None)
     from tofu_export.engines.ort import OrtRunner
 
+    step = on_step or (lambda: None)
     threads = clock_threads(clock, threads)
     settings = settings or ExportSettings()
     family = family_of(model)

@@ -156,6 +156,7 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str,
     choose(c.fronts[rule], budget, c.baseline_ms)  # an unreachable budget: the error naming the fastest policy
     limit = budget.max_latency_ms if budget.max_latency_ms is not None else c.baseline_ms / budget.speedup
     stepped = stepped_candidates(*search_space(c, rule), limit)
+
     def measure(x: Candidate) -> float:
         cosine = verify(c.model, c.trace, x.modes, x.r, c.prop_attn)
         if on_step is not None:

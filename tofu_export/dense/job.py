@@ -186,7 +186,7 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
             bar.advance()
             return samples_out
 
-        bar.stage(label, 0)  # said at once: the first run comes after the unreduced reference's
+        bar.stage(label, 0)  # said at once, not after the first run (the unreduced reference's)
         result = calibrate_denoiser(run, blocks, ratio, min_psnr=min_psnr, speedup=speedup, cost=cost,
                                     stride=stride, seed=seed, sublayers=sublayers)
     family = opened.loaded.family

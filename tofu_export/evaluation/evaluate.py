@@ -71,8 +71,8 @@ class Reference:
         return bool(getattr(self.model, "num_classes", 0))
 
     def outputs(self, loader: torch.utils.data.DataLoader, key: tuple[Any, ...]) -> ReferenceOutputs:
-        """The model's outputs on ``loader``'s images, computed at the first call for ``key`` (the folder and how it
-        is read)."""
+        """The model's outputs on ``loader``'s images, computed at the first call for ``key`` (the folder, then how it
+        is read: limit, batch size)."""
         if key not in self._outputs:
             runner, split = TorchRunner(self.model), f"unreduced, {Path(key[0]).name}"
             if self.classifies:
