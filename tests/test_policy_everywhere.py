@@ -10,15 +10,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tofu_export.config import ExportConfig, ToFuConfig
+from tofu_export.config import ExportConfig, OnnxConfig, ToFuConfig
 from tofu_export.pipeline import run_export
 from tofu_export.policy import Policy, PolicyError, model_record
 from tofu_export.sweep.config import SweepConfig
 from tofu_export.sweep.job import run_sweep_job
 
-pytestmark = pytest.mark.usefixtures("shared_traces")  # one dynamo trace per distinct model (trace_cache)
-
 MODES, R = ("prune", "mlerp"), (3, 2)
+ONNX = OnnxConfig(exporter="torchscript")  # the policy's path is the subject, not the exporter: 5x cheaper
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Policy]:
 
 def test_export_applies_the_policy_and_records_it(tmp_path: Path, checkpoint: tuple[Path, Policy]) -> None:
     path, policy = checkpoint
-    outcome = run_export(path, tmp_path / "out", ExportConfig(tofu=ToFuConfig(policy=policy)))
+    outcome = run_export(path, tmp_path / "out", ExportConfig(tofu=ToFuConfig(policy=policy), onnx=ONNX))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["tofu"]["layer_modes"] == list(MODES)
     assert manifest["tofu"]["r"] == list(R)
@@ -53,7 +52,7 @@ def test_a_foreign_policy_is_refused_before_any_export(tmp_path: Path, checkpoin
 def test_sweep_adds_one_policy_point(tmp_path: Path, checkpoint: tuple[Path, Policy]) -> None:
     path, policy = checkpoint
     run_sweep_job(str(path), tmp_path / "sweep", SweepConfig(r_values=(2,), modes=("tome",), iters=2, threads=1,
-                                                             policy=policy), progress=False)
+                                                             policy=policy, onnx=ONNX), progress=False)
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert [(row["mode"], row["r"]) for row in rows] == [("tome", 2), ("policy", 2)]
     tome, policied = (row["gflops"] for row in rows)
