@@ -45,7 +45,7 @@ def profile(
 
       tofu-export profile artifacts/deit-tofu-r16/model.onnx --batch 1,8 --threads 2
 
-      tofu-export profile model.pth --backend torch --r 16 --mode tofu --device cuda
+      tofu-export profile model.pth --backend torch --r 16 --mode tofu --device cuda --cuda-graphs
 
       tofu-export profile artifacts/deit-tofu-r16-onnx/model.onnx --backend ort-cuda
     """
