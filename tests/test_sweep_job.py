@@ -3,6 +3,7 @@ timed round-robin by default, and the table says speed-up, spread, load and how 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,9 +16,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tofu_export.config import OnnxConfig
+from tofu_export.errors import UserError
 from tofu_export.output_paths import is_tofu_png
 from tofu_export.sweep.config import SweepConfig
-from tofu_export.sweep.job import SweepResult, _load, run_sweep_job
+from tofu_export.sweep.job import SweepResult, _load, plot_note, run_sweep_job
 
 ONNX = OnnxConfig(exporter="torchscript")
 
@@ -99,3 +101,25 @@ def test_a_scored_sweep_reuses_its_exports_and_scores_every_point_against_one_re
     scores = {row["accuracy"] for row in rows.values()}
     same = "no Pareto plot: every point scores the same here (random weights give no front)"
     assert (result.notes == [same]) if len(scores) == 1 else is_tofu_png(out / "pareto.png")
+
+
+def test_a_sweep_times_the_batch_it_is_given_and_reuses_its_exports(
+    swept: tuple[Path, SweepResult, list[str]], tmp_path: Path
+) -> None:
+    """``--batch 4``: the same graphs, timed four images at a time (a GPU pays at larger batches); the caption, the
+    plot note and images/s say it; the batch-1 records are not reused as batch-4 ones; a batch of 0 is refused."""
+    root, _, _ = swept
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    said: list[str] = []
+    config = SweepConfig(r_values=(0, 2), modes=("tome", "tofu"), iters=4, threads=1, onnx=ONNX, batch=4)
+    result = run_sweep_job(str(root / "model.safetensors"), out, config, say=said.append, progress=False)
+    assert said[0].startswith("3 points (0 to export)")
+    assert result.caption[0].startswith("Batch-4 latency on ONNX Runtime CPU")
+    assert plot_note(config, result.rows, [None]).startswith("ONNX Runtime CPU, batch 4, 4 runs round-robin")
+    assert config.measured_as() != dataclasses.replace(config, batch=1).measured_as()  # measured anew
+    for row in result.rows:
+        assert row["images_per_s"] > 4 * 1e3 / row["p90_ms"] * 0.99  # 4 images per run, from the mean
+    with pytest.raises(UserError, match="batch must be at least 1") as refused:
+        SweepConfig(batch=0)
+    assert (refused.value.hint.option, refused.value.hint.value) == ("batch", "1")

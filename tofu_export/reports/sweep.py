@@ -20,12 +20,14 @@ UNCERTAIN = "~"  # the flag: this point's speed-up interval overlaps a neighbour
 COLUMNS = ("point", "GFLOPs", "latency p50 (p10-p90)", "speed-up (p10-p90)", "fidelity", "rank")
 
 
-def sweep_row(record: dict[str, Any], baseline_ms: Sequence[float] | None, paired: bool) -> dict[str, Any]:
+def sweep_row(record: dict[str, Any], baseline_ms: Sequence[float] | None, paired: bool,
+              batch: int = 1) -> dict[str, Any]:
     """The row of one finished sweep record (``sweep.state.run_sweep``); ``baseline_ms``: the baseline's samples
-    (None: no r = 0 point); ``paired``: the samples were taken round-robin, round ``i`` of every point together."""
+    (None: no r = 0 point); ``paired``: the samples were taken round-robin, round ``i`` of every point together;
+    ``batch``: the images each timed run took."""
     latency = record["profile"]
     samples = np.asarray(latency["samples_ms"], dtype=np.float64)  # [rounds]
-    stats = LatencyStats.from_ms(samples.tolist())
+    stats = LatencyStats.from_ms(samples.tolist(), batch)
     p10, p50, p90 = stats.p10_ms, stats.p50_ms, stats.p90_ms
     row: dict[str, Any] = {"mode": record["mode"], "r": record["r"], "gflops": latency["gflops"],
                            "latency_ms": p50, "p10_ms": p10, "p90_ms": p90, "rounds": stats.n,

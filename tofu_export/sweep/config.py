@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tofu_export.config import OnnxConfig, ToFuConfig
+from tofu_export.errors import Hint, UserError
 from tofu_export.jobs.profile import Backend
 from tofu_export.policy import Policy
 from tofu_export.sweep.state import BASELINE, SweepPoint
@@ -23,13 +24,15 @@ class SweepConfig:
     settings shared by all points; ``onnx``), where and how it is timed, and what it is scored on.
 
     ``interleave``: time every point round-robin in one process after all are exported (a slow spell of a shared
-    machine then hits all points alike); off: each point is timed alone, right after its export.
+    machine then hits all points alike); off: each point is timed alone, right after its export. ``batch``: the
+    images per timed run (a GPU's speed-up from fewer tokens shows at larger batches than a CPU's).
     """
 
     r_values: tuple[int, ...] = (0, 4, 8, 12, 16)
     modes: tuple[str, ...] = ("tome", "prune", "mlerp", "tofu")
     backend: Backend = field(default_factory=lambda: Backend("ort"))
     iters: int = 30
+    batch: int = 1
     threads: int | None = None
     spinning: bool = True
     interleave: bool = True
@@ -41,6 +44,11 @@ class SweepConfig:
     arch: str | None = None
     trust_pickle: bool = False
     num_heads: int | None = None  # where the checkpoint does not state them
+
+    def __post_init__(self) -> None:
+        for name, value in (("iters", self.iters), ("batch", self.batch)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}", hint=Hint(name, "1"))
 
     def points(self) -> list[SweepPoint]:
         """One ``baseline`` point for r = 0 (when asked for), each mode's r > 0 points, then the policy's point."""
@@ -69,8 +77,9 @@ class SweepConfig:
         """How finished points were measured: reused only when measured the same way."""
         timing = "interleaved" if self.interleave else f"spinning={self.spinning}"
         graphs = ", CUDA graphs" if self.backend.cuda_graphs else ""  # absent before CUDA graphs: old records match
+        batch = f", batch={self.batch}" if self.batch != 1 else ""  # likewise
         return (f"{self.backend.name}:{self.backend.device}{graphs}, {timing}, threads={self.threads}, "
-                f"iters={self.iters}, data={self.data}, limit={self.limit}")
+                f"iters={self.iters}{batch}, data={self.data}, limit={self.limit}")
 
 
 def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:
@@ -89,6 +98,6 @@ def estimate_seconds(config: SweepConfig, *, to_export: int, forward_ms: float, 
     fixed = (12.0 if config.onnx.exporter == "dynamo" else 4.0) * max(busy, 1.0)
     points = len(config.points())
     export = to_export * (fixed + 40 * forward_ms / 1e3)
-    timing = points * 2 * (config.iters + 5) * forward_ms / 1e3
+    timing = points * 2 * (config.iters + 5) * forward_ms * config.batch / 1e3  # a batch: about batch x the time
     scoring = points * 2 * images * forward_ms / 1e3
     return export + timing + scoring

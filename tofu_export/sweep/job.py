@@ -91,7 +91,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
         result: dict[str, Any] = {"gflops": Manifest.read(onnx_path.parent).gflops.tofu}
         if not config.interleave:  # timed now, alone; else with every other point once all are exported
             with _runner(loaded, config, onnx_path) as runner:
-                result["samples_ms"] = time_alone(runner, iters=config.iters)
+                result["samples_ms"] = time_alone(runner, iters=config.iters, batch=config.batch)
         return result
 
     eval_fn = None
@@ -164,7 +164,7 @@ def _time_together(records: list[dict[str, Any]], loaded: LoadedModel, config: S
         runners = {record["key"]: stack.enter_context(_runner(loaded, config, Path(record["artifact"])))
                    for record in records}
         with tracker(f"timing {len(runners)} points round-robin", config.iters, enabled=progress) as bar:
-            samples = time_interleaved(runners, iters=config.iters, on_round=bar.advance)
+            samples = time_interleaved(runners, iters=config.iters, on_round=bar.advance, batch=config.batch)
     for record in records:
         record["profile"] = {**record["profile"], "samples_ms": samples[record["key"]]}
 
@@ -175,7 +175,7 @@ def _report(source: str, out: Path, config: SweepConfig, records: list[dict[str,
     from tofu_export.reports.plots import plot_latency_vs_r, plot_pareto
 
     base = next((r["profile"]["samples_ms"] for r in records if r["mode"] == BASELINE), None)
-    rows = [sweep_row(record, base, config.interleave) for record in records]
+    rows = [sweep_row(record, base, config.interleave, config.batch) for record in records]
     flag_uncertain(rows)
     caption = sweep_caption(config, rows, loads)
     result = SweepResult(f"ToFu sweep of {source}", rows, caption)
@@ -197,7 +197,8 @@ def plot_note(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[
     """``ONNX Runtime CPU, 30 rounds round-robin, whiskers p10-p90, load 2.1``"""
     load = max((value[0] for value in loads if value), default=None)
     order = "round-robin" if config.interleave else "one point after another"
-    return (f"{config.backend.label}, {rows[0]['rounds'] if rows else 0} runs {order}, whiskers p10-p90"
+    return (f"{config.backend.label}, batch {config.batch}, {rows[0]['rounds'] if rows else 0} runs {order}, "
+            "whiskers p10-p90"
             + (f", load {load:.1f}" if load is not None else ""))
 
 
@@ -207,7 +208,7 @@ def sweep_caption(config: SweepConfig, rows: list[dict[str, Any]], loads: list[l
     how = ("round-robin in one process (a fresh random order every round), speed-ups are per-round ratios"
            if config.interleave else "each point alone, one after another (speed-up spread: unpaired)")
     load = " -> ".join(f"{value[0]:.1f}" for value in loads if value) or "unknown"
-    lines = [f"Batch-1 latency on {config.backend.label}, {rounds} timed runs per point, {how}; "
+    lines = [f"Batch-{config.batch} latency on {config.backend.label}, {rounds} timed runs per point, {how}; "
              f"figures are medians with the 10th-90th percentile; load average {load} (1 min, before -> after "
              "timing)."]
     if any(row["uncertain"] for row in rows):

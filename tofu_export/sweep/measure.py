@@ -17,27 +17,28 @@ from tofu_export.profiling.timing import time_callable
 Runner = Any  # engines.base.Runner
 
 
-def _call(runner: Runner) -> Callable[[], None]:
-    """One batch-1 inference, finished (queued device work synchronised)."""
+def _call(runner: Runner, batch: int) -> Callable[[], None]:
+    """One inference of ``batch`` images, finished (queued device work synchronised)."""
 
     def call() -> None:
-        runner.run(1)
+        runner.run(batch)
         runner.sync()
 
     return call
 
 
 def time_interleaved(
-    runners: Mapping[str, Runner], *, iters: int, warmup: int = 5, on_round: Callable[[], None] | None = None
+    runners: Mapping[str, Runner], *, iters: int, warmup: int = 5, on_round: Callable[[], None] | None = None,
+    batch: int = 1,
 ) -> dict[str, list[float]]:
-    """Per point, ``iters`` batch-1 latencies in ms, round ``i`` of every point taken in the same round."""
-    calls = {key: _call(runner) for key, runner in runners.items()}
+    """Per point, ``iters`` latencies in ms of a ``batch``, round ``i`` of every point taken in the same round."""
+    calls = {key: _call(runner, batch) for key, runner in runners.items()}
     for call in calls.values():
         for _ in range(warmup):
             call()
     return time_round_robin(calls, iters=iters, on_round=on_round)
 
 
-def time_alone(runner: Runner, *, iters: int, warmup: int = 5) -> list[float]:
-    """``iters`` batch-1 latencies in ms of one point timed on its own."""
-    return [s * 1e3 for s in time_callable(_call(runner), warmup=warmup, iters=iters, budget_s=None)]
+def time_alone(runner: Runner, *, iters: int, warmup: int = 5, batch: int = 1) -> list[float]:
+    """``iters`` latencies in ms of a ``batch``, of one point timed on its own."""
+    return [s * 1e3 for s in time_callable(_call(runner, batch), warmup=warmup, iters=iters, budget_s=None)]
