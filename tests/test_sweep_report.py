@@ -9,7 +9,7 @@ import pytest
 
 from tofu_export.errors import UserError
 from tofu_export.jobs.profile import Backend, parse_backend
-from tofu_export.progress import ProgressLog, format_seconds
+from tofu_export.progress import ProgressLog, format_seconds, tracker
 from tofu_export.reports.sweep import COLUMNS, flag_uncertain, shown_columns, sweep_markdown, sweep_row, table_cells
 from tofu_export.sweep.config import SweepConfig, estimate_seconds
 
@@ -156,3 +156,12 @@ def test_estimate_grows_with_exports_points_and_images() -> None:
 
     assert estimate_seconds(big, to_export=5, forward_ms=10, busy=7.0) > 5 * estimate_seconds(big, to_export=5,
                                                                                                forward_ms=10)
+
+
+def test_an_announced_tracker_says_its_first_stage_before_its_first_unit(capsys: pytest.CaptureFixture[str]) -> None:
+    """calibrate's unreduced pass and a denoiser's reference run take minutes before their first unit ends: in a log
+    their line comes at once; an unannounced tracker (an evaluation's batches) stays quiet until there is progress."""
+    with tracker("calibrate: unreduced pass", 1, announce=True):
+        assert capsys.readouterr().err == "calibrate: unreduced pass: 0/1, 0 s elapsed\n"
+    with tracker("extracting features", 4):
+        assert capsys.readouterr().err == ""

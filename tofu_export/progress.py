@@ -91,10 +91,12 @@ class _Bar:
 
 
 @contextmanager
-def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0) -> Iterator[ProgressLog | _Bar]:
+def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0,
+            announce: bool = False) -> Iterator[ProgressLog | _Bar]:
     """Progress of ``total`` units (0: not known in advance): a rich bar when stderr is a terminal, ``ProgressLog``
     lines otherwise, nothing when not ``enabled``. Yields an object with ``status(text)``, ``advance()`` and
-    ``stage(label, total)``."""
+    ``stage(label, total)``. ``announce``: a log gets its first line at once, not after the first unit (which may
+    take minutes); a bar shows from the start anyway."""
     if enabled and sys.stderr.isatty():
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -104,6 +106,8 @@ def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0) 
             yield _Bar(progress, progress.add_task(label, total=total or None))
         return
     log = ProgressLog(label, total, every_s=every_s, stream=None if enabled else _Null())
+    if announce:
+        log.stage(label, total)
     yield log
     log.finish()
 

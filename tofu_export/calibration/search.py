@@ -76,12 +76,13 @@ def choose_policy(calibration: Calibration, budget: Budget, progress: bool = Fal
     its exported graph against the unreduced one and ToMe (``rounds`` interleaved rounds); the measurements are
     recorded beside the predictions. ``rule`` chooses the modes (module docstring)."""
     check_rule(rule)
-    with tracker("calibrate: choosing", 0, enabled=progress) as bar:
-        if budget.min_cosine is None:
-            bar.stage("calibrate: measuring the shortlisted policies on the search images", 0)
+    shortlisted = budget.min_cosine is None
+    searching = ("calibrate: measuring the shortlisted policies on the search images" if shortlisted else
+                 "calibrate: measuring the candidates around the floor")
+    with tracker(searching, 0, enabled=progress, announce=True) as bar:
+        if shortlisted:
             chosen, attempts, choice = measured_choice(calibration, budget, rule, on_step=bar.advance)
         else:
-            bar.stage("calibrate: measuring the candidates around the floor", 0)
             chosen, attempts, choice = floor_choice(calibration, budget, rule, on_step=bar.advance)
         if measure_latency:
             bar.stage("calibrate: the chosen policy's graph exported and timed against the unreduced one and ToMe",
@@ -142,8 +143,8 @@ def measure(
     rounds = 40
     choices = tuple(k for k in r_choices(r) if k <= max_reduction(tokens0, prefix))
     measured_r = tuple(sorted({r, max(choices)}))  # every mode at r, a subset at the largest (damage.damage_by_r)
-    with torch.no_grad(), tracker("calibrate: unreduced pass", 1, enabled=progress) as bar, unpatched(model):
-        bar.stage("calibrate: unreduced pass (every block's input, the linearity test)", 1)
+    first = "calibrate: unreduced pass (every block's input, the linearity test)"
+    with torch.no_grad(), tracker(first, 1, enabled=progress, announce=True) as bar, unpatched(model):
         tr = trace(model, images, r)
         bar.stage("calibrate: damage per block, mode and r", depth * (len(REDUCE_MODES) + 2))
         by_linearity = linearity_modes(tr.linearity, linearity_threshold)

@@ -177,8 +177,8 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
     cost = flop_cost(opened.step, opened.patch, opened.make_inputs(1, 0)) if wants_cost else None
     # every trial is a full sampling run (minutes on a CPU for a real UNet): counted, as their number depends on
     # what the trials find
-    label = f"denoiser calibration: sampling runs of {samples} samples, {len(blocks)} blocks"
-    with tracker(label, 0) as bar:
+    with tracker(f"denoiser calibration: sampling runs of {samples} samples, {len(blocks)} blocks", 0,
+                 announce=True) as bar:  # said at once, not after the first (the reference's) run
 
         def run(policy: DensePolicy) -> torch.Tensor:
             opened.patch(policy)
@@ -186,7 +186,6 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
             bar.advance()
             return samples_out
 
-        bar.stage(label, 0)  # said at once, not after the first run (the unreduced reference's)
         result = calibrate_denoiser(run, blocks, ratio, min_psnr=min_psnr, speedup=speedup, cost=cost,
                                     stride=stride, seed=seed, sublayers=sublayers)
     family = opened.loaded.family

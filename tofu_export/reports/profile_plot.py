@@ -53,8 +53,8 @@ def _latency_panel(axes: Any, results: Sequence[ProfileResult]) -> None:
                           xytext=(6, -10), fontsize="small")
     if any(len(result.batches) > 1 for result in results):
         axes.set_xscale("log", base=2)
-    sizes = sorted({batch.batch_size for result in results for batch in result.batches})
-    axes.set_xticks(sizes, [str(size) for size in sizes])
+    measured = sorted({batch.batch_size for result in results for batch in result.batches})
+    axes.set_xticks(measured, [str(size) for size in measured])
     axes.set(xlabel="batch size", ylabel="latency per batch, p50 (ms)", ylim=(0, None),
              title="Latency and throughput")
     axes.grid(alpha=0.3)
