@@ -37,7 +37,8 @@ class Backend:
     def label(self) -> str:
         """For tables: ``ONNX Runtime CPU``, ``TensorRT engine``, ``PyTorch cuda``..."""
         return {"ort": "ONNX Runtime CPU", "ort-cuda": "ONNX Runtime CUDA", "ort-trt": "ONNX Runtime TensorRT EP",
-                "trt": "TensorRT engine"}.get(self.name, f"PyTorch {self.device}{', CUDA graphs' * self.cuda_graphs}")
+                "trt": "TensorRT engine"}.get(
+            self.name, f"PyTorch {self.device}" + (", CUDA graphs" if self.cuda_graphs else ""))
 
 
 def parse_backend(
