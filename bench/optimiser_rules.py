@@ -2,8 +2,8 @@
 
 torch's dynamo exporter ends with onnxscript's graph optimiser (``optimizer.optimize_ir``). One of its default
 rewrite rules, ``SlicesSplit``, has a two-node pattern, and onnxscript matches such patterns by walking the whole
-graph for every candidate node: for every ``Slice``, every node. ``tofu_export.exporters.dynamo`` leaves that rule
-out (``rewrite_rules_without``). This script exports each model's ToFu graph once without optimisation, then
+graph for every candidate node: for every ``Slice``, every node. ``tofu_export.exporters.optimiser_rules`` leaves that
+rule out (``rewrite_rules_without``). This script exports each model's ToFu graph once without optimisation, then
 optimises copies of it with and without the rule, alternating, ``--rounds`` times each, and reports the CPU
 seconds of each optimisation and whether the two graphs are byte for byte the same.
 
@@ -32,6 +32,7 @@ from onnxscript.optimizer import optimize_ir
 
 from tofu_export import patch
 from tofu_export.exporters import dynamo
+from tofu_export.exporters.optimiser_rules import rewrite_rules_without
 from tofu_export.profiling.device import describe_device
 
 
@@ -57,7 +58,7 @@ def optimise(graph: onnx.ModelProto, skip_rule: bool) -> tuple[bytes, float]:
     model = ir.from_proto(graph)
     start = time.process_time()
     if skip_rule:
-        with dynamo.rewrite_rules_without(dynamo._SKIPPED_RULES):
+        with rewrite_rules_without():
             optimize_ir(model)
     else:
         optimize_ir(model)

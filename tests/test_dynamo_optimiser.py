@@ -1,5 +1,6 @@
-"""torch's graph optimiser without onnxscript's ``SlicesSplit`` rule (``exporters.dynamo``): the rule is left out only
-inside ``rewrite_rules_without``, and a ToFu graph optimised without it is node for node the graph optimised with it."""
+"""torch's graph optimiser without onnxscript's ``SlicesSplit`` rule (``exporters.optimiser_rules``): the rule is left
+out only inside ``rewrite_rules_without``, and a ToFu graph optimised without it is byte for byte the graph optimised
+with it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from onnxscript.optimizer import optimize_ir
 
 from tofu_export import patch
 from tofu_export.exporters import dynamo
+from tofu_export.exporters.optimiser_rules import rewrite_rules_without
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
 
@@ -54,7 +56,7 @@ def test_the_rule_is_left_out_only_inside_the_block() -> None:
     graph = _halves()
     assert _ops(_optimised(graph)).count("Split") == 1  # the rule, as onnxscript applies it
     rules = rewriter._DEFAULT_REWRITE_RULES
-    with dynamo.rewrite_rules_without(dynamo._SKIPPED_RULES):
+    with rewrite_rules_without():
         assert len(rewriter._DEFAULT_REWRITE_RULES) == len(rules) - 1
         inside = _ops(_optimised(graph))
     assert (inside.count("Slice"), inside.count("Split")) == (2, 0)
@@ -68,7 +70,7 @@ def test_a_tofu_graph_is_the_same_without_the_rule(make_vit, make_images) -> Non
     patch(model, r=3, mode="tofu", prune_layers=1, img_size=32)
     graph = _unoptimised(model, make_images(2, 32))
     with_rule = _optimised(graph)
-    with dynamo.rewrite_rules_without(dynamo._SKIPPED_RULES):
+    with rewrite_rules_without():
         without = _optimised(graph)
     assert len(with_rule.graph.node) > 100
     assert with_rule.SerializeToString() == without.SerializeToString()

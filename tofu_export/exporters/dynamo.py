@@ -12,10 +12,8 @@ What this module adds to torch's own exporter, so that its graph is the one ``to
   17 ``layer_norm`` is decomposed (TensorRT 8.5 has no ``LayerNormalization`` importer);
 - torch's exporter works at opset 18: the optimised graph is converted down to the requested opset;
 - torch's ONNX function registry (with these translations) is built once per process, not once per export;
-- torch's graph optimiser (onnxscript's) runs without its ``SlicesSplit`` rule, whose matcher walks the whole graph
-  for every ``Slice`` node: 70% of the optimiser's time on deit_small's ToFu graph (~8 of ~45 CPU-s of its export),
-  and quadratic in the depth. It rewrites two ``Slice`` nodes that halve a last axis into one ``Split`` (rotary
-  embeddings), which no family here writes: the optimised graphs are otherwise node for node the same (tested);
+- torch's graph optimiser (onnxscript's) runs without a rewrite rule that costs most of its time and never fires on
+  torch's graphs (``optimiser_rules``);
 - node names in the TorchScript style, from the module scopes torch records (``/blocks/blocks.3/reduce/GatherND``),
   so that profiles attribute time to blocks and to the token reduction.
 """
@@ -23,10 +21,9 @@ What this module adds to torch's own exporter, so that its graph is the one ``to
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +32,11 @@ import onnx
 import torch
 from torch import nn
 
+from tofu_export.exporters.optimiser_rules import rewrite_rules_without
+
 EXPORT_OPSET = 18  # the lowest opset torch's dynamo exporter translates to; lower ones are converted down
 _METADATA_SCOPES = "pkg.torch.onnx.name_scopes"
 _SET_ASIDE = "tofu_export.set_aside"  # a private domain the opset converter leaves alone
-_SKIPPED_RULES = ("SlicesSplit",)  # torch's optimiser's rewrite rules left out (see the module docstring)
 Value = Any  # an onnxscript (onnx_ir) value while torch's exporter translates a node
 
 
@@ -179,36 +177,18 @@ def _export(model: nn.Module, examples: tuple[torch.Tensor, ...], input_names: l
         rename_axes = ONNXProgram._rename_dynamic_axes  # the symbols torch made (s77) -> the Dim names ("batch")
         registry = _registry(tuple(translations.items()))
     except (ImportError, AttributeError, TypeError):  # torch's internals moved: its public call
-        with rewrite_rules_without(_SKIPPED_RULES):
+        with rewrite_rules_without():
             program = torch.onnx.export(model, examples, dynamo=True, opset_version=EXPORT_OPSET,
                                         input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
                                         optimize=True, verbose=False)
     else:
-        with rewrite_rules_without(_SKIPPED_RULES):
+        with rewrite_rules_without():
             program = _core.export(model, examples, registry=registry, dynamic_shapes=dynamic_shapes,
                                    input_names=input_names, output_names=output_names, optimize=True, verbose=False,
                                    opset_version=EXPORT_OPSET)
         rename_axes(program, dynamic_shapes)
     return program.model_proto
-
-
-@contextlib.contextmanager
-def rewrite_rules_without(names: Sequence[str]) -> Iterator[None]:
-    """Within the block, onnxscript's graph optimiser (``optimizer.optimize_ir``, which torch's exporter calls) applies
-    its default rewrite rules but the ones named. Where onnxscript keeps its rules elsewhere, nothing changes."""
-    try:
-        from onnxscript import rewriter
-
-        rules = rewriter._DEFAULT_REWRITE_RULES
-    except (ImportError, AttributeError):
-        yield
-        return
-    rewriter._DEFAULT_REWRITE_RULES = tuple(rule for rule in rules if getattr(rule, "name", None) not in names)
-    try:
-        yield
-    finally:
-        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 @functools.lru_cache(maxsize=8)
