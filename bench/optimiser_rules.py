@@ -90,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     rows = [measure(name, args.r, args.rounds) for name in args.models.split(",")]
-    command = "python bench/optimiser_rules.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python bench/optimiser_rules.py", *sys.argv[1:]])
     device = describe_device()
     machine = (f"{device.cpu_model}, {device.cpu_cores} cores, Python {platform.python_version()}, torch "
                f"{torch.__version__}, onnxscript {version('onnxscript')}, load average {load_before:.2f} "
