@@ -22,7 +22,8 @@ SKIPPED_RULES = ("SlicesSplit",)
 @contextlib.contextmanager
 def rewrite_rules_without(names: Sequence[str] = SKIPPED_RULES) -> Iterator[None]:
     """Within the block, onnxscript's graph optimiser applies its default rewrite rules but the ones named. Where
-    onnxscript keeps its rules elsewhere, nothing changes."""
+    onnxscript keeps its rules elsewhere, nothing changes. It swaps a module global: a process exports one graph at a
+    time (no export here runs in a thread)."""
     try:
         from onnxscript import rewriter
 
