@@ -156,12 +156,17 @@ def test_damage_by_r_measures_a_subset_at_the_largest_r_and_derives_the_rest(mon
         return truth(i, mode, removed)
 
     def fake_single(model, trace, r, *, modes, prop_attn, on_step):
+        for _ in range(2 * len(modes)):
+            on_step()
         return {m: [truth(i, m, r) for i in range(2)] for m in modes}
 
     monkeypatch.setattr(damage_module, "block_damage", fake_block)
     monkeypatch.setattr(damage_module, "single_block_damage", fake_single)
-    table = damage_module.damage_by_r(None, None, r_choices(4), 4, also=["prune", "mean"])
+    steps, totals = [], []
+    table = damage_module.damage_by_r(None, None, r_choices(4), 4, also=["prune", "mean"],
+                                      on_step=lambda: steps.append(len(calls)), on_total=totals.append)
     assert sorted(calls) == [(0, "mean", 8), (0, "prune", 8), (1, "mean", 8)]  # least damaging + the rule's
+    assert totals == [2 * 3 + 3] and len(steps) == totals[0]  # the progress total, exact once it is known
     for m in scale:
         for i in range(2):
             assert table[m][8][i] == pytest.approx(truth(i, m, 8))  # the block's exponent carries to other modes

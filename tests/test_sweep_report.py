@@ -108,6 +108,8 @@ def test_a_job_of_stages_says_each_stage_as_it_begins_and_counts_unknown_totals(
     log.stage("calibrate: damage", 10)
     now[0] = 106.0
     log.advance(5)
+    log.resize(8)  # the stage's length, known better now: what is done stays
+    assert (log.done, log.total) == (5, 8) and log.line() == "calibrate: damage: 5/8, 6 s elapsed, ETA 4 s"
     log.stage("calibrate: around the floor", 0)
     now[0] = 112.0
     log.advance()

@@ -26,7 +26,8 @@ class ProgressLog:
     """Counts ``done`` of ``total`` units of work and writes a line at most every ``every_s`` seconds (and at the end).
 
     ``stream``: where the lines go (stderr); ``clock``: for tests. Use ``status(text)`` to name the current unit and
-    ``stage(label, total)`` to begin the next stage of a job of several; ``total`` 0: not known in advance.
+    ``stage(label, total)`` to begin the next stage of a job of several, ``resize(total)`` where a stage's total
+    becomes known as it runs; ``total`` 0: not known in advance.
     """
 
     def __init__(self, label: str, total: int, *, every_s: float = 5.0, stream: TextIO | None = None,
@@ -52,6 +53,10 @@ class ProgressLog:
         self.label, self.total, self.done, self.current = label, max(total, 0), 0, ""
         self.started = self.clock()
         self._maybe_write(force=True)
+
+    def resize(self, total: int) -> None:
+        """This stage's ``total``, once it is known better than when the stage began (what is done stays)."""
+        self.total = max(total, 0)
 
     def finish(self) -> None:
         """Write the last count if no line has said it yet (a stage of unknown length ends without a forced line)."""
@@ -89,14 +94,17 @@ class _Bar:
     def stage(self, label: str, total: int) -> None:
         self.progress.reset(self.task, total=total or None, description=label)  # type: ignore[attr-defined]
 
+    def resize(self, total: int) -> None:
+        self.progress.update(self.task, total=total or None)  # type: ignore[attr-defined]
+
 
 @contextmanager
 def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0,
             announce: bool = False) -> Iterator[ProgressLog | _Bar]:
     """Progress of ``total`` units (0: not known in advance): a rich bar when stderr is a terminal, ``ProgressLog``
-    lines otherwise, nothing when not ``enabled``. Yields an object with ``status(text)``, ``advance()`` and
-    ``stage(label, total)``. ``announce``: a log gets its first line at once, not after the first unit (which may
-    take minutes); a bar shows from the start anyway."""
+    lines otherwise, nothing when not ``enabled``. Yields an object with ``status(text)``, ``advance()``,
+    ``stage(label, total)`` and ``resize(total)``. ``announce``: a log gets its first line at once, not after the
+    first unit (which may take minutes); a bar shows from the start anyway."""
     if enabled and sys.stderr.isatty():
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

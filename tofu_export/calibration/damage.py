@@ -84,6 +84,7 @@ def damage_by_r(
     modes: Sequence[str] = REDUCE_MODES,
     prop_attn: bool = True,
     on_step: Callable[[], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> dict[str, dict[int, list[float]]]:
     """``{mode: {removed: [depth] damage}}`` for every positive ``removed`` in ``choices``.
 
@@ -91,16 +92,19 @@ def damage_by_r(
     damaging at ``r`` and the mode ``also[i]`` names (e.g. the linearity rule's). The other modes at the largest
     choice take the block's growth exponent from the measured mode: the pairs removed are the same for every mode
     (matching runs on the keys, before any mode acts), so how fast damage grows with the pairs is the block's. The
-    counts in between (and below r) are derived by ``derive_damage``."""
+    counts in between (and below r) are derived by ``derive_damage``. ``on_step`` is called after each measurement;
+    ``on_total`` with the number of measurements, once the ones at the largest choice are known (after those at r)."""
     at_r = single_block_damage(model, trace, r, modes=modes, prop_attn=prop_attn, on_step=on_step)
     table: dict[str, dict[int, list[float]]] = {m: {r: at_r[m]} for m in modes}
     top = max(choices)
     if top > r:
         depth = len(at_r[modes[0]])
+        at_top = [{min(modes, key=lambda m: at_r[m][i]), *(also[i:i + 1])} for i in range(depth)]  # [depth] modes
+        if on_total is not None:
+            on_total(depth * len(modes) + sum(len(measured) for measured in at_top))
         for m in modes:
             table[m][top] = [0.0] * depth
-        for i in range(depth):
-            measured = {min(modes, key=lambda m: at_r[m][i]), *(also[i:i + 1])}
+        for i, measured in enumerate(at_top):
             for m in measured:
                 table[m][top][i] = block_damage(model, trace, i, m, top, prop_attn)
                 if on_step is not None:

@@ -146,9 +146,11 @@ def measure(
     first = "calibrate: unreduced pass (every block's input, the linearity test)"
     with torch.no_grad(), tracker(first, 1, enabled=progress, announce=True) as bar, unpatched(model):
         tr = trace(model, images, r)
-        bar.stage("calibrate: damage per block, mode and r", depth * (len(REDUCE_MODES) + 2))
+        at_top = 2 if max(choices) > r else 0  # at most two modes a block at the largest r; exact once known
+        bar.stage("calibrate: damage per block, mode and r", depth * (len(REDUCE_MODES) + at_top))
         by_linearity = linearity_modes(tr.linearity, linearity_threshold)
-        damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance)
+        damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance,
+                             on_total=bar.resize)
         bar.stage("calibrate: latency per block and mode (one-block graphs exported, then timed)",
                   len(counts) * 4 + rounds)
         latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
