@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 
 from tofu_export.errors import ExportError
-from tofu_export.exporters.simplify import PROTOBUF_LIMIT
+from tofu_export.exporters.simplify import over_protobuf_limit
 
 
 @contextmanager
@@ -28,9 +28,13 @@ def staged(path: Path) -> Iterator[Path]:
 
 
 def save_graph(graph: onnx.ModelProto, path: Path) -> bool:
-    """Save ``graph``; models over the protobuf limit go to ``<name>.data`` beside it. Returns whether they did."""
-    external = graph.ByteSize() > PROTOBUF_LIMIT
-    onnx.save(graph, str(path), save_as_external_data=external, location=path.name + ".data" if external else None)
+    """Save ``graph`` (in a staging folder: ``staged``); models over the protobuf limit go to ``<name>.data`` beside
+    it, which replaces a data file of an earlier save there (onnx appends to one). Returns whether they did."""
+    external = over_protobuf_limit(graph)
+    data = path.with_name(path.name + ".data")
+    if external:
+        data.unlink(missing_ok=True)
+    onnx.save(graph, str(path), save_as_external_data=external, location=data.name if external else None)
     return external
 
 

@@ -4,14 +4,18 @@ condition."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
 from tofu_export.errors import ExportError
+from tofu_export.exporters.staging import save_graph
 from tofu_export.names import Exporter
 
 
@@ -27,16 +31,25 @@ def trace_graph(
 ) -> None:
     """Export ``model(*examples)`` to ``path`` at ``opset``: the batch axis of every input (``[B, ...]``) and of the
     output dynamic, every other dim static. ``translations``: the dynamo exporter's custom translations (default
-    ``dynamo.translation_table(opset)``, a ViT's). Whatever stops the tracer is an ``ExportError`` naming it."""
-    try:
-        if exporter == "torchscript":
-            _trace_torchscript(model, examples, path, opset, input_names, output_name)
-        else:
-            _trace_dynamo(model, examples, path, opset, input_names, output_name, translations)
-    except ExportError:
-        raise
-    except Exception as error:
-        raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
+    ``dynamo.translation_table(opset)``, a ViT's). Whatever stops the tracer is an ``ExportError`` naming it.
+
+    Beside ``path`` only ``<name>.data`` is written, for a model over protobuf's 2 GB (the TorchScript exporter
+    writes such a model's weights a file per tensor: they are gathered into that one file)."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as scratch:
+        traced = Path(scratch) / path.name
+        try:
+            if exporter == "torchscript":
+                _trace_torchscript(model, examples, traced, opset, input_names, output_name)
+            else:
+                _trace_dynamo(model, examples, traced, opset, input_names, output_name, translations)
+        except ExportError:
+            raise
+        except Exception as error:
+            raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
+        if [p.name for p in Path(scratch).iterdir()] == [traced.name]:
+            os.replace(traced, path)
+        else:  # weights beside the graph: into one file
+            save_graph(onnx.load(str(traced)), path)
 
 
 def _trace_torchscript(
