@@ -35,6 +35,8 @@ def save_graph(graph: onnx.ModelProto, path: Path) -> bool:
     if external:
         data.unlink(missing_ok=True)
     onnx.save(graph, str(path), save_as_external_data=external, location=data.name if external else None)
+    if external:  # onnx creates it readable by its owner alone: the artifact's files share one mode
+        data.chmod(path.stat().st_mode & 0o777)
     return external
 
 
