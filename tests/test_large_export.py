@@ -42,3 +42,16 @@ def test_the_size_is_summed_without_asking_protobuf() -> None:
     graph = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [tensor]))
     assert not simplify.over_protobuf_limit(graph)
     assert simplify.WEIGHTS_LIMIT == 2**31 - 1 - (64 << 20)
+
+
+def test_a_graph_that_fits_once_converted_leaves_no_data_file(make_vit, tmp_path, monkeypatch) -> None:
+    """Over the limit as traced, under it in FP16 (ViT-H/14: 2.5 GB, then 1.3): one file, no stale weights beside."""
+    model = make_vit("deit_tiny_patch16_224", depth=2, img_size=64)
+    patch(model, r=2, mode="tofu", img_size=64)
+    weights = sum(t.numel() * 4 for t in model.state_dict().values())
+    monkeypatch.setattr(simplify, "WEIGHTS_LIMIT", int(weights * 0.7))  # FP32 over it, FP16 under it
+    out = tmp_path / "artifact" / "model.onnx"
+    result = export_onnx(model, out, 64, exporter="dynamo", precision="fp16", opset=17)
+    assert not result.external_data and result.parity.ok
+    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+

@@ -29,11 +29,11 @@ def staged(path: Path) -> Iterator[Path]:
 
 def save_graph(graph: onnx.ModelProto, path: Path) -> bool:
     """Save ``graph`` (in a staging folder: ``staged``); models over the protobuf limit go to ``<name>.data`` beside
-    it, which replaces a data file of an earlier save there (onnx appends to one). Returns whether they did."""
+    it. A data file of an earlier save there goes first (onnx appends to one; a graph now small enough for one
+    file, e.g. after an FP16 conversion, needs none). Returns whether the weights went beside it."""
     external = over_protobuf_limit(graph)
     data = path.with_name(path.name + ".data")
-    if external:
-        data.unlink(missing_ok=True)
+    data.unlink(missing_ok=True)
     onnx.save(graph, str(path), save_as_external_data=external, location=data.name if external else None)
     if external:  # onnx creates it readable by its owner alone: the artifact's files share one mode
         data.chmod(path.stat().st_mode & 0o777)
