@@ -4,6 +4,7 @@ in seconds. Before, any such model ended in an internal ``EncodeError`` from pro
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -37,11 +38,15 @@ def test_a_graph_over_the_limit_keeps_its_weights_in_one_file_beside_it(exporter
     assert "simplification skipped: the model is larger than 2 GB" in " ".join(result.notes)
 
 
-def test_the_size_is_summed_without_asking_protobuf() -> None:
-    tensor = onnx.numpy_helper.from_array(__import__("numpy").zeros(1000, "float32"), "w")
-    graph = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [tensor]))
+def test_the_size_is_the_initializers_bytes(monkeypatch) -> None:
+    """Summed from the initializers, raw or listed (protobuf raises instead of sizing a graph over 2 GB)."""
+    raw = onnx.numpy_helper.from_array(np.zeros(1000, np.float32), "raw")  # 4000 bytes of raw_data
+    listed = onnx.helper.make_tensor("listed", onnx.TensorProto.FLOAT, [250], [0.0] * 250)  # 1000 bytes, float_data
+    graph = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], [raw, listed]))
+    monkeypatch.setattr(simplify, "WEIGHTS_LIMIT", 5000)
     assert not simplify.over_protobuf_limit(graph)
-    assert simplify.WEIGHTS_LIMIT == 2**31 - 1 - (64 << 20)
+    monkeypatch.setattr(simplify, "WEIGHTS_LIMIT", 4999)
+    assert simplify.over_protobuf_limit(graph)
 
 
 def test_a_graph_that_fits_once_converted_leaves_no_data_file(make_vit, tmp_path, monkeypatch) -> None:
