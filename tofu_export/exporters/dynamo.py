@@ -34,6 +34,7 @@ from torch import nn
 
 from tofu_export.exporters.optimiser_rules import rewrite_rules_without
 from tofu_export.exporters.simplify import over_protobuf_limit
+from tofu_export.exporters.staging import save_graph
 
 EXPORT_OPSET = 18  # the lowest opset torch's dynamo exporter translates to; lower ones are converted down
 _METADATA_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -160,8 +161,8 @@ def trace_inputs(
         graph = _export(model, examples, list(input_names), [output_name], tuple({0: batch} for _ in examples),
                         translations)
     _name_by_scope(graph)
-    if over_protobuf_limit(graph):  # protobuf cannot hold it: the weights go to a file beside it, then the rest
-        onnx.save(graph, str(path), save_as_external_data=True, location=path.name + ".data")
+    if over_protobuf_limit(graph):  # protobuf cannot hold it: the weights go beside it, the rest is converted alone
+        save_graph(graph, path)
         graph = onnx.load(str(path), load_external_data=False)
     if opset < EXPORT_OPSET:
         graph = _convert_down(graph, opset)

@@ -23,8 +23,14 @@ def staged(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as workdir:
         yield Path(workdir) / path.name
-        for written in sorted(Path(workdir).iterdir(), key=lambda p: p.suffix != ".data"):  # data first
-            os.replace(written, path.parent / written.name)
+        move_files(Path(workdir), path.parent)
+
+
+def move_files(folder: Path, destination: Path) -> None:
+    """Every file in ``folder`` into ``destination``, a graph's external data before the graph (the graph, once it
+    is there, can be read)."""
+    for written in sorted(folder.iterdir(), key=lambda p: p.suffix != ".data"):
+        os.replace(written, destination / written.name)
 
 
 def save_graph(graph: onnx.ModelProto, path: Path) -> bool:

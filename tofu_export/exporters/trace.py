@@ -4,7 +4,6 @@ condition."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from tofu_export.errors import ExportError
-from tofu_export.exporters.staging import save_graph
+from tofu_export.exporters.staging import move_files, save_graph
 from tofu_export.names import Exporter
 
 
@@ -46,9 +45,9 @@ def trace_graph(
             raise
         except Exception as error:
             raise ExportError(f"tracing to ONNX failed: {type(error).__name__}: {error}") from error
-        if [p.name for p in Path(scratch).iterdir()] == [traced.name]:
-            os.replace(traced, path)
-        else:  # weights beside the graph: into one file
+        if {p.name for p in Path(scratch).iterdir()} <= {traced.name, traced.name + ".data"}:  # weights in one file
+            move_files(Path(scratch), path.parent)
+        else:  # a file per tensor (TorchScript): into one file
             save_graph(onnx.load(str(traced)), path)
 
 
