@@ -20,11 +20,11 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, H, W] -> outputs [B, K]
 
 
-def _with_progress(loader: Batches, description: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _with_progress(loader: Batches, doing: str, label: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Iterate ``loader`` with progress on stderr (long evaluations run for minutes on a CPU): a bar on a terminal,
-    a line with elapsed time and ETA every few seconds in a log."""
+    a line with elapsed time and ETA every few seconds in a log; ``label`` names the model and the images."""
     total = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
-    with tracker(description, total) as progress:
+    with tracker(f"{doing} ({label})" if label else doing, total) as progress:
         for batch in loader:
             yield batch
             progress.advance()
@@ -46,7 +46,7 @@ def classify(
     correct = dict.fromkeys(topk, 0)
     count = 0
     predictions = []
-    for images, labels in _with_progress(loader, f"classifying ({label})" if label else "classifying"):
+    for images, labels in _with_progress(loader, "classifying", label):
         logits = predictor(images)
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
             shape = list(logits.shape)
@@ -72,8 +72,7 @@ def extract_features(predictor: Predictor, loader: Batches, *, label: str = "") 
     """Stack the predictor's outputs and the labels: ``(features [N, D] float32, labels [N] int64)``; ``label``
     names the model and the images in the progress line."""
     features, labels = [], []
-    for images, batch_labels in _with_progress(loader, f"extracting features ({label})" if label else
-                                               "extracting features"):
+    for images, batch_labels in _with_progress(loader, "extracting features", label):
         output = predictor(images)
         if output.ndim != 2:
             raise EvaluationError(
