@@ -90,6 +90,15 @@ def test_res_post_norm_checkpoint_is_refused(tmp_path: Path) -> None:
         load_model(sorted_file)
 
 
+def test_a_config_naming_a_network_that_is_no_vit_is_refused(tmp_path: Path) -> None:
+    """The named model is built on the meta device for its structure (a ViT without weight initialisation; a class
+    without timm ViT's ``weight_init`` argument, like ResNet, as it is)."""
+    sorted_file = _save(_vit(embed_dim=192, num_heads=3), tmp_path / "vit.safetensors")
+    (tmp_path / "vit.json").write_text(json.dumps({"architecture": "resnet18"}))
+    with pytest.raises(CheckpointError, match="names resnet18, whose blocks are ResNet"):
+        load_model(sorted_file)
+
+
 def test_pre_norm_pickle_is_recognised_by_its_key_order(tmp_path: Path) -> None:
     path = tmp_path / "pre.pth"
     torch.save(_vit(embed_dim=192, num_heads=3).state_dict(), path)

@@ -164,13 +164,17 @@ def check_sequential_blocks(state_dict: Mapping[str, torch.Tensor]) -> None:
 
 @functools.lru_cache(maxsize=8)
 def named_timm_model(name: str) -> torch.nn.Module | None:
-    """The timm model ``name`` built on the meta device (no memory, no weights), or None if timm has no such name."""
+    """The timm model ``name`` built on the meta device (no memory, no weights), or None if timm has no such name.
+    Read for its structure only: a ViT skips its weight initialisation (~0.07 -> ~0.01 CPU-s for deit_tiny)."""
     import timm
 
     if not timm.is_model(name):
         return None
     with torch.device("meta"):
-        return timm.create_model(name, pretrained=False)
+        try:
+            return timm.create_model(name, pretrained=False, weight_init="skip")
+        except TypeError:  # a model class without timm ViT's weight_init argument
+            return timm.create_model(name, pretrained=False)
 
 
 def _named_heads(evidence: Evidence, embed_dim: int) -> int | None:
