@@ -372,6 +372,37 @@ def test_strict_controls_missing_keys(tiny_deit: nn.Module) -> None:
     assert guess.notes == ("1 missing keys ignored (strict=False)",)
 
 
+def test_a_taken_state_dict_becomes_the_model_without_a_copy(tiny_deit: nn.Module) -> None:
+    """``take_weights``: the model holds the given tensors (no random init, no second copy), in its own dtypes;
+    without it, or with keys missing, it holds copies."""
+    config = _config("deit_tiny_patch16_224")
+    expected = _outputs(tiny_deit, 64)
+    given = {k: v.clone() for k, v in tiny_deit.state_dict().items()}
+    taken, _ = build_model(given, take_weights=True, evidence=config)
+    assert all(t.data_ptr() == given[k].data_ptr() for k, t in taken.state_dict().items())
+    assert not taken.training and not any(p.is_meta for p in taken.parameters())
+    assert all(p.requires_grad for p in taken.parameters())  # as a built model's
+    torch.testing.assert_close(_outputs(taken, 64), expected, rtol=0, atol=0)
+    copied, _ = build_model(given, evidence=config)
+    assert not any(t.data_ptr() == given[k].data_ptr() for k, t in copied.state_dict().items())
+    half = {k: v.half() for k, v in tiny_deit.state_dict().items()}
+    from_half, _ = build_model(half, take_weights=True, evidence=config)
+    assert {p.dtype for p in from_half.parameters()} == {torch.float32}
+    torch.testing.assert_close(from_half.pos_embed, half["pos_embed"].float(), rtol=0, atol=0)
+    partial = {k: v for k, v in given.items() if k != "head.bias"}  # strict=False: the missing key is initialised
+    model, _ = build_model(partial, strict=False, take_weights=True, evidence=config)
+    assert not model.head.bias.is_meta and model.head.bias.data_ptr() != 0
+    assert model.blocks[0].attn.qkv.weight.data_ptr() != given["blocks.0.attn.qkv.weight"].data_ptr()
+
+
+def test_loading_a_file_takes_its_weights(tiny_deit_file: Path, tiny_deit: nn.Module) -> None:
+    from tofu_export import load_model
+
+    loaded = load_model(tiny_deit_file, num_heads=3)
+    assert not any(t.is_meta for t in loaded.model.state_dict().values())
+    torch.testing.assert_close(_outputs(loaded.model, 64), _outputs(tiny_deit, 64), rtol=0, atol=0)
+
+
 def test_sha256_file_streams(tmp_path: Path) -> None:
     data = os.urandom(10_000)
     path = _write(tmp_path / "blob.bin", data)

@@ -38,7 +38,7 @@ class TimmFamily(ModelFamily):
         state_dict, record = read_checkpoint(path, trust_pickle=trust_pickle)  # names a missing file or a folder
         digest = sha256_file(path)
         model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
-                                   evidence=read_evidence(path, record))
+                                   evidence=read_evidence(path, record), take_weights=True)  # read for it alone
         if "unused_ema" in record:  # said, not chosen silently: a model validated on its EMA weights differs
             used, ema = record["weights"], record["unused_ema"]
             note = (f"{path.name} also holds an EMA copy of the weights under {ema!r}, not used: these are the "
