@@ -12,9 +12,7 @@ Usage: python bench/gc_threshold.py [--model deit_small_patch16_224] [--r 16] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,9 +23,8 @@ from pathlib import Path
 
 import timm
 import torch
+from bench_record import header, machine_line, write_results
 from safetensors.torch import save_file
-
-from tofu_export.profiling.device import describe_device
 
 ENTRY = """import sys
 variant = sys.argv[1]
@@ -79,11 +76,8 @@ def main() -> None:
             same = same and len(set(graphs.values())) == 1
     ratios = [new["cpu_s"] / old["cpu_s"] for new, old in zip(runs["shipped"], runs["python-defaults"], strict=True)]
     command = " ".join(["python bench/gc_threshold.py", *sys.argv[1:]])
-    device = describe_device()
-    machine = (f"{device.cpu_model}, {device.cpu_cores} cores, Python {platform.python_version()}, torch "
-               f"{torch.__version__}, onnxscript {version('onnxscript')}, load average {load_before:.2f} before")
-    lines = ["# The cyclic garbage collector's cost in `tofu-export export` (issue 22)", "",
-             f"Command: `{command}`", f"Machine: {machine}, {os.getloadavg()[0]:.2f} at the end.", "",
+    machine = machine_line(load_before, f"onnxscript {version('onnxscript')}")
+    lines = [*header("The cyclic garbage collector's cost in `tofu-export export` (issue 22)", command, machine),
              f"`tofu-export export <random {args.model}> --arch {args.model} --r {args.r} --no-bench`, each run a "
              "fresh process; `shipped` = the console script as released (youngest generation every 50,000 "
              "allocations), `python-defaults` = the same entry point with Python's 700. Alternating order, "
@@ -98,12 +92,8 @@ def main() -> None:
     lines += ["", "CPU of `shipped` / `python-defaults`, paired by round: "
               + ", ".join(f"{ratio:.3f}" for ratio in ratios) + f" (median {statistics.median(ratios):.3f}). "
               f"Both wrote the same `model.onnx` in every round: {'yes' if same else 'NO'}."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gc_threshold.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (args.out / "gc_threshold.json").write_text(json.dumps({"command": command, "machine": machine, "runs": runs,
-                                                            "cpu_ratios": ratios, "same_graph": same}, indent=1),
-                                                encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, "gc_threshold", lines, {"command": command, "machine": machine, "runs": runs,
+                                                    "cpu_ratios": ratios, "same_graph": same})
 
 
 if __name__ == "__main__":

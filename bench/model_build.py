@@ -12,18 +12,16 @@ Usage: python bench/model_build.py [--models deit_small_patch16_224,vit_large_pa
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
+from bench_record import header, machine_line, write_results
 
 from tofu_export.models.timm_vit_build import build_model
-from tofu_export.profiling.device import describe_device
 
 KINDS = {"copied": False, "taken": True}
 
@@ -59,11 +57,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = [measure(name, args.rounds) for name in args.models.split(",")]
     command = " ".join(["python bench/model_build.py", *sys.argv[1:]])
-    device = describe_device()
-    machine = (f"{device.cpu_model}, {device.cpu_cores} cores, Python {platform.python_version()}, torch "
-               f"{torch.__version__}, timm {timm.__version__}, load average {load_before:.2f} before")
-    lines = ["# Building a timm ViT from a state dict: copied into an initialised model, or taken (issue 22)", "",
-             f"Command: `{command}`", f"Machine: {machine}, {os.getloadavg()[0]:.2f} at the end.", "",
+    machine = machine_line(load_before, f"timm {timm.__version__}")
+    lines = [*header("Building a timm ViT from a state dict: copied into an initialised model, or taken (issue 22)",
+                     command, machine),
              "`build_model(state_dict, arch=name)`: `copied` builds the model with timm's random initialisation "
              "and copies the weights in; `taken` (`take_weights=True`, what loading a checkpoint file does) builds "
              "it on the meta device and gives it the tensors themselves. Each cell lists every round.", "",
@@ -76,11 +72,7 @@ def main() -> None:
                      + f" | {'yes' if row['same_outputs'] else 'NO'} |")
     lines += ["", "Memory: a taken model holds the state dict's own tensors, so the weights are in memory once, not "
               "twice, while the model is built (not measured here)."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model_build.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (args.out / "model_build.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows},
-                                                          indent=1), encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, "model_build", lines, {"command": command, "machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

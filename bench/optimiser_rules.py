@@ -14,9 +14,7 @@ Usage: python bench/optimiser_rules.py [--models deit_small_patch16_224,vit_larg
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,12 +26,12 @@ import onnx
 import onnx_ir as ir
 import timm
 import torch
+from bench_record import header, machine_line, write_results
 from onnxscript.optimizer import optimize_ir
 
 from tofu_export import patch
 from tofu_export.exporters import dynamo
 from tofu_export.exporters.optimiser_rules import rewrite_rules_without
-from tofu_export.profiling.device import describe_device
 
 
 def unoptimised_graph(name: str, r: int) -> onnx.ModelProto:
@@ -91,12 +89,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = [measure(name, args.r, args.rounds) for name in args.models.split(",")]
     command = " ".join(["python bench/optimiser_rules.py", *sys.argv[1:]])
-    device = describe_device()
-    machine = (f"{device.cpu_model}, {device.cpu_cores} cores, Python {platform.python_version()}, torch "
-               f"{torch.__version__}, onnxscript {version('onnxscript')}, load average {load_before:.2f} "
-               "before")
-    lines = ["# onnxscript's SlicesSplit rule: its cost in torch's graph optimiser (issue 22)", "",
-             f"Command: `{command}`", f"Machine: {machine}, {os.getloadavg()[0]:.2f} at the end.", "",
+    machine = machine_line(load_before, f"onnxscript {version('onnxscript')}")
+    lines = [*header("onnxscript's SlicesSplit rule: its cost in torch's graph optimiser (issue 22)", command,
+                     machine),
              "CPU seconds of `onnxscript.optimizer.optimize_ir` on one ToFu graph (dynamo exporter, before "
              "optimisation), with and without the rule, alternating; each cell lists every round.", "",
              "| model | r | nodes before | Slice nodes | with the rule, CPU s | without, CPU s | median ratio | "
@@ -107,11 +102,7 @@ def main() -> None:
                      + " / ".join(f"{s:.2f}" for s in row["with_rule_s"]) + " | "
                      + " / ".join(f"{s:.2f}" for s in row["without_rule_s"]) + f" | {ratio:.2f} | "
                      f"{'yes' if row['same_graph'] else 'NO'} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optimiser_rules.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (args.out / "optimiser_rules.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows},
-                                                              indent=1), encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, "optimiser_rules", lines, {"command": command, "machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":
