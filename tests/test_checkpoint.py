@@ -395,10 +395,21 @@ def test_a_taken_state_dict_becomes_the_model_without_a_copy(tiny_deit: nn.Modul
     assert model.blocks[0].attn.qkv.weight.data_ptr() != given["blocks.0.attn.qkv.weight"].data_ptr()
 
 
-def test_loading_a_file_takes_its_weights(tiny_deit_file: Path, tiny_deit: nn.Module) -> None:
+def test_loading_a_file_takes_its_weights(tiny_deit_file: Path, tiny_deit: nn.Module,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from tofu_export import load_model
+    from tofu_export.models import timm_vit_build
 
+    taken: list[bool] = []
+    with_weights = timm_vit_build._with_weights
+
+    def spy(meta_model: nn.Module, weights: dict, create: Callable[[], nn.Module], take: bool) -> nn.Module:
+        taken.append(take)
+        return with_weights(meta_model, weights, create, take)
+
+    monkeypatch.setattr(timm_vit_build, "_with_weights", spy)
     loaded = load_model(tiny_deit_file, num_heads=3)
+    assert taken == [True]  # the file's tensors are nobody else's
     assert not any(t.is_meta for t in loaded.model.state_dict().values())
     torch.testing.assert_close(_outputs(loaded.model, 64), _outputs(tiny_deit, 64), rtol=0, atol=0)
 

@@ -70,6 +70,7 @@ def build_model(
         reason = f"architecture {arch} given; the checkpoint looks like: {guess.reason}"
     stated = {} if arch is not None or evidence is None else evidence.preprocessing  # config.json's mean, std, ...
     overlay = {"pretrained_cfg_overlay": stated} if stated else {}
+
     def create(device: str) -> nn.Module:
         with torch.device(device):
             return timm.create_model(name, pretrained=False, **kwargs, **overlay)
