@@ -42,8 +42,8 @@ from tofu_export.cli.app import main as _run  # noqa: E402
 def fewer_collections() -> None:
     """The cyclic garbage collector's youngest generation collected every 50,000 allocations instead of Python's
     700: torch.export makes millions of short-lived objects, and an export of deit_small took 0.88-0.91 of the CPU
-    it took with Python's settings, for 1-3% more peak memory (``bench/results/gc_threshold.md``). Set only when
-    this process is the command, never on import."""
+    it took with Python's settings, for 1-3% more peak memory (``bench/results/gc_threshold.md``; ViT-L/16: the
+    same CPU and peak, its time going elsewhere). Set only when this process is the command, never on import."""
     gc.set_threshold(50_000, 20, 10)
 
 
