@@ -35,6 +35,7 @@ from torch import nn
 from tofu_export.exporters.optimiser_rules import rewrite_rules_without
 from tofu_export.exporters.simplify import over_protobuf_limit
 from tofu_export.exporters.staging import save_graph
+from tofu_export.exporters.weights_aside import put_weights_back, set_weights_aside
 
 EXPORT_OPSET = 18  # the lowest opset torch's dynamo exporter translates to; lower ones are converted down
 _METADATA_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -280,7 +281,13 @@ def _convert_down(graph: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         for node in splits:
             node.domain = _SET_ASIDE
         graph.opset_import.append(onnx.helper.make_opsetid(_SET_ASIDE, 1))
-    converted = onnx.version_converter.convert_version(graph, opset)
+    aside = set_weights_aside(graph)  # the converter copies the whole model four times: not its weights
+    try:
+        converted = onnx.version_converter.convert_version(graph, opset)
+    except Exception:
+        put_weights_back(graph, aside)
+        raise
+    put_weights_back(converted, aside)
     for node in converted.graph.node:
         if node.domain == _SET_ASIDE:
             node.domain = ""
