@@ -1,8 +1,9 @@
 """Where does a large model's ONNX export hold its memory? (issue 22)
 
 Runs the steps of the dynamo export one by one on a random-weight timm model with ToFu (torch's translation, its
-graph optimiser, the ONNX proto, the scope names, the opset conversion, onnxslim) and records after each the
-process's resident memory and the highest it reached so far (sampled every 50 ms by a thread).
+graph optimiser, the ONNX proto, the opset conversion with the weights in it as it was done before and with them set
+aside as it is done now, onnxslim) and records after each the process's resident memory and the highest it reached
+during the step (sampled every 50 ms by a thread).
 
 Usage: python bench/export_memory.py [--model vit_large_patch16_224] [--r 16] [--out bench/results]
 """
@@ -17,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+import onnx
 import timm
 import torch
 from bench_record import header, machine_line, write_results
@@ -33,11 +35,14 @@ def resident_gb() -> float:
 
 
 class Peak:
-    """The highest resident memory seen since it started, sampled every 50 ms."""
+    """The highest resident memory seen since it started or was last ``reset``, sampled every 50 ms."""
 
     def __init__(self) -> None:
         self.gb = resident_gb()
         threading.Thread(target=self._sample, daemon=True).start()
+
+    def reset(self) -> None:
+        self.gb = resident_gb()
 
     def _sample(self) -> None:
         while True:
@@ -53,6 +58,7 @@ def measure(name: str, r: int) -> list[dict]:
     def step(what: str) -> None:
         steps.append({"step": what, "resident_gb": resident_gb(), "peak_gb": max(peak.gb, resident_gb())})
         print(steps[-1], flush=True)
+        peak.reset()
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
@@ -73,9 +79,19 @@ def measure(name: str, r: int) -> list[dict]:
     del program
     step("the ONNX proto")
     dynamo._name_by_scope(proto)
+    with_weights = onnx.ModelProto.FromString(proto.SerializeToString())
+    step("a copy of the proto for the conversion as it was")
+    aside = dynamo.set_weights_aside
+    dynamo.set_weights_aside = lambda graph: {}  # the converter given every weight, as before weights_aside.py
+    try:
+        converted = dynamo._convert_down(with_weights, 17)
+    finally:
+        dynamo.set_weights_aside = aside
+    del with_weights, converted
+    step("converted to opset 17 with the weights in it (both dropped)")
     converted = dynamo._convert_down(proto, 17)
     del proto
-    step("converted to opset 17 (the opset-18 proto dropped)")
+    step("converted to opset 17 with the weights set aside (the opset-18 proto dropped)")
     simplify_graph(converted, "onnxslim")
     step("onnxslim (its result dropped)")
     return steps
@@ -95,9 +111,14 @@ def main() -> None:
     lines = [*header("Resident memory through a large model's dynamo export (issue 22)", command, machine),
              f"{args.model} with random weights ({weights_gb:.2f} GB in fp32), ToFu r={args.r}; each step of "
              "`tofu_export.exporters.dynamo`'s export run on its own, then `simplify_graph` with onnxslim. "
-             "Resident memory after each step, and the highest reached up to its end.", "",
-             "| step | resident GB after | peak GB so far |", "|---|---|---|"]
-    lines += [f"| {s['step']} | {s['resident_gb']:.2f} | {s['peak_gb']:.2f} |" for s in steps]
+             "Resident memory after each step, the highest reached during it, and how far that rose above the memory "
+             "the step started from (memory a step frees is mostly kept by the allocator, so later steps start "
+             "higher).", "",
+             "| step | resident GB after | peak GB during the step | rise over the step's start, GB |",
+             "|---|---|---|---|"]
+    before = [steps[0]["resident_gb"], *(s["resident_gb"] for s in steps[:-1])]
+    lines += [f"| {s['step']} | {s['resident_gb']:.2f} | {s['peak_gb']:.2f} | {s['peak_gb'] - b:+.2f} |"
+              for s, b in zip(steps, before, strict=True)]
     write_results(args.out, "export_memory", lines, {"command": command, "machine": machine, "model": args.model,
                                                      "weights_gb": weights_gb, "steps": steps})
 
