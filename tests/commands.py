@@ -179,8 +179,9 @@ if os.environ.get("TOFU_TESTS_TRACE_CACHE", "off") != "off":  # one dynamo trace
     trace_cache.install(trace_cache.Path(os.environ["TOFU_TESTS_TRACE_CACHE"]))
 if os.environ.get("TOFU_TESTS_GC") != "default":  # as conftest.lean_garbage_collector: the children inherit it
     import gc
+    from tofu_export.cli import fewer_collections
     gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
+    fewer_collections()
 
 def vm_bytes():
     line = next(l for l in open("/proc/self/status").read().splitlines() if l.startswith("VmSize"))

@@ -40,15 +40,18 @@ GC_ENV = "TOFU_TESTS_GC"  # "default" keeps Python's collector settings (to comp
 
 
 def lean_garbage_collector() -> None:
-    """Fewer, cheaper cyclic collections in a test process: what is imported so far (torch, timm: ~0.6 M objects)
-    is frozen out of every later collection, and the youngest generation is collected every 50,000 allocations
-    instead of 700. A dynamo export makes millions of short-lived objects: with Python's defaults the collector took
-    ~9% of a tiny ToFu ViT's export, ~2% with these; ``test_cli.py`` and ``test_calibration.py`` in one process used
-    0.89-0.90 of the CPU (3 interleaved pairs). Nothing a test checks depends on when garbage is freed;
-    ``TOFU_TESTS_GC=default`` keeps Python's settings. The fork server does the same (``commands.SERVER``)."""
+    """Fewer, cheaper cyclic collections in a test process: what is imported so far (torch, timm: ~0.6 M objects) is
+    frozen out of every later collection, and the youngest generation is collected as rarely as ``tofu-export``
+    collects it (``cli.fewer_collections``: every 50,000 allocations instead of 700). A dynamo export makes millions
+    of short-lived objects: with Python's defaults the collector took ~9% of a tiny ToFu ViT's export, ~2% with
+    these; ``test_cli.py`` and ``test_calibration.py`` in one process used 0.89-0.90 of the CPU (3 interleaved
+    pairs). Nothing a test checks depends on when garbage is freed; ``TOFU_TESTS_GC=default`` keeps Python's
+    settings. The fork server does the same (``commands.SERVER``)."""
     if os.environ.get(GC_ENV) != "default":
+        from tofu_export.cli import fewer_collections
+
         gc.freeze()
-        gc.set_threshold(50_000, 20, 10)
+        fewer_collections()  # the threshold the command sets for itself
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
