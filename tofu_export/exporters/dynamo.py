@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from tofu_export.exporters.optimiser_rules import rewrite_rules_without
-from tofu_export.exporters.simplify import over_protobuf_limit
 from tofu_export.exporters.staging import save_graph
 from tofu_export.exporters.weights_aside import put_weights_back, set_weights_aside
 
@@ -162,12 +161,9 @@ def trace_inputs(
         graph = _export(model, examples, list(input_names), [output_name], tuple({0: batch} for _ in examples),
                         translations)
     _name_by_scope(graph)
-    if over_protobuf_limit(graph):  # protobuf cannot hold it: the weights go beside it, the rest is converted alone
-        save_graph(graph, path)
-        graph = onnx.load(str(path), load_external_data=False)
     if opset < EXPORT_OPSET:
-        graph = _convert_down(graph, opset)
-    onnx.save(graph, str(path))
+        graph = _convert_down(graph, opset)  # with the weights set aside: a model over 2 GB converts too
+    save_graph(graph, path)  # over protobuf's 2 GB: the weights beside it
 
 
 def _export(model: nn.Module, examples: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
