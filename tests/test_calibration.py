@@ -1,8 +1,9 @@
 """Calibration on tiny random ViTs: the criterion, the cached single-block damage, selection, and the whole run.
 
-One calibration (``measure``) is shared by the tests that read it, its block graphs exported by TorchScript (the
-exporter is not what they test; the dynamo block graph is checked by ``test_block_graph_has_the_reduced_token_count``);
-the test of the chosen policy's timed graphs exports them with the default (dynamo) exporter."""
+One calibration (``measure``) is shared by the tests that read it, its block graphs and the chosen policy's timed
+graphs exported by TorchScript (the exporter is not what they test; a dynamo block graph is checked by
+``test_block_graph_has_the_reduced_token_count``, and that the default settings time the policy on the shipped
+exporter's graph by ``test_the_chosen_policy_is_timed_on_the_graph_the_user_ships``)."""
 
 from __future__ import annotations
 
@@ -143,8 +144,7 @@ def test_block_graphs_are_exported_as_the_user_exports(vit, tmp_path, monkeypatc
 
 def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_images, tmp_path) -> None:
     images = make_images(8, 64)
-    shipped = dataclasses.replace(calibration, settings=ExportSettings())  # the policy's graphs: the default exporter
-    policy = choose_policy(shipped, Budget(min_cosine=0.99))
+    policy = choose_policy(calibration, Budget(min_cosine=0.99))
     assert isinstance(policy, Policy) and not is_patched(vit)
     policy.check_fits(vit, 64)
     m = policy.measurements
@@ -163,7 +163,7 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     assert measured == pytest.approx(m["measured_cosine"], abs=1e-6)
     assert held_out == pytest.approx(m["held_out_cosine"], abs=1e-6)
     timed = m["measured_latency"]  # the chosen policy's exported graph, timed against the unreduced one
-    assert timed["rounds"] == 20 and timed["exporter"] == "dynamo" and timed["opset"] == 17
+    assert timed["rounds"] == 20 and timed["exporter"] == "torchscript" and timed["opset"] == 17  # the fixture's
     gate = timed["export_parity"]  # the policy graph held to the gate `export --policy` applies
     assert set(gate) == {"ok", "min_cosine", "images_within_tolerance", "advice"}
     floor = PARITY_FLOORS["fp32"]
@@ -181,6 +181,26 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     png = plot_policy(policy, tmp_path / "policy.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and is_tofu_png(png)  # a later run may replace it
 
+
+def test_the_chosen_policy_is_timed_on_the_graph_the_user_ships(calibration, monkeypatch) -> None:
+    """Default settings: the policy, the unreduced model and ToMe are timed as ``export`` ships them (dynamo, opset
+    17, simplified by onnxslim), without the parity check (``measure_policy_latency`` holds the policy graph to the
+    export's gate itself)."""
+    from tofu_export.calibration import measured
+
+    seen: list[dict] = []
+
+    def stop(module, path, size, **settings) -> None:
+        seen.append(settings)
+        raise RuntimeError("stop before exporting")
+
+    monkeypatch.setattr(measured, "export_onnx", stop)
+    shipped = dataclasses.replace(calibration, settings=ExportSettings())
+    with pytest.raises(RuntimeError, match="stop before exporting"):
+        choose_policy(shipped, Budget(min_cosine=0.99))
+    keys = ("exporter", "opset", "simplify", "simplifier", "verify")
+    assert len(seen) == 1 and {key: seen[0][key] for key in keys} == {
+        "exporter": "dynamo", "opset": 17, "simplify": True, "simplifier": "onnxslim", "verify": False}
 
 def _plain(model, images):
     unpatched = {"r": list(model._tofu.r), "modes": list(model._tofu.modes)}
