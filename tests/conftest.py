@@ -8,17 +8,18 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import timm
-import torch
-from timm.layers import LayerScale
-from timm.models.vision_transformer import VisionTransformer
-from trace_cache import ENV, cached
+from trace_cache import ENV
 
-VitFactory = Callable[..., VisionTransformer]
-ImageFactory = Callable[..., torch.Tensor]
+if TYPE_CHECKING:  # torch and timm are imported where used: the xdist controller, which runs no test, never loads them
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    VitFactory = Callable[..., VisionTransformer]
+    ImageFactory = Callable[..., torch.Tensor]
+
 _OWN_TRACE_CACHE: list[str] = []  # the trace-cache folder this process made (the xdist controller, or a lone run)
 
 
@@ -27,10 +28,12 @@ def pytest_configure(config: pytest.Config) -> None:
     A pytest-xdist worker with a worker per core runs torch on one intra-op thread: two threads per worker on two
     cores made tiny-model forwards up to ~80x slower on a loaded machine (``single_thread`` does the same for a
     module in a lone run)."""
-    lean_garbage_collector()
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and workers >= (os.cpu_count() or 1):
+        import torch
+
         torch.set_num_threads(1)
+    lean_garbage_collector()
     if not os.environ.get(ENV):
         os.environ[ENV] = tempfile.mkdtemp(prefix="tofu-trace-cache-")
         _OWN_TRACE_CACHE.append(os.environ[ENV])
@@ -67,6 +70,8 @@ def shared_traces() -> Iterator[None]:
     folder = os.environ.get(ENV, "off")
     with pytest.MonkeyPatch.context() as patcher:
         if folder != "off":
+            from trace_cache import cached
+
             from tofu_export.exporters import trace
 
             patcher.setattr(trace, "_trace_dynamo", cached(trace._trace_dynamo, Path(folder)))
@@ -79,6 +84,10 @@ def _build_vit(name: str, seed: int = 0, **kwargs: Any) -> VisionTransformer:
     DINOv2's layer scale starts at 1e-5, which would make every block nearly the identity and every comparison
     between two ways of computing the blocks vacuous.
     """
+    import timm
+    import torch
+    from timm.layers import LayerScale
+
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     for module in model.modules():
@@ -90,6 +99,8 @@ def _build_vit(name: str, seed: int = 0, **kwargs: Any) -> VisionTransformer:
 
 def _images(batch: int, img_size: int, seed: int = 1) -> torch.Tensor:
     """``[batch, 3, img_size, img_size]`` standard-normal images from a fixed seed."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, img_size, img_size, generator=generator)
 
@@ -109,6 +120,8 @@ def make_images() -> ImageFactory:
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """Run a test module on one intra-op thread: on 2 busy cores, two threads make tiny-model ops 20x slower."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -126,6 +139,9 @@ TINY_ARCH, TINY_IMG, TINY_DEPTH, TINY_R = "deit_tiny_patch16_224", 64, 2, 2  # 1
 
 def tiny_state_dict() -> dict[str, torch.Tensor]:
     """The weights of ``deit_tiny_patch16_224`` with 2 blocks at 64 px, random init from seed 0 (1000 classes)."""
+    import timm
+    import torch
+
     torch.manual_seed(0)
     return timm.create_model(TINY_ARCH, pretrained=False, depth=TINY_DEPTH, img_size=TINY_IMG).eval().state_dict()
 
@@ -150,6 +166,10 @@ def mixed_tofu_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``deit_tiny_patch16_224`` (4 blocks, 64 px, random init from seed 0) with ToFu r=3, block 0 pruning and blocks
     1-3 merging (MLERP), exported with the default settings. Its dynamo trace goes through the session's trace cache,
     so the modules that read this graph share one trace whichever worker runs them. Read it; never write beside it."""
+    import timm
+    import torch
+    from trace_cache import cached
+
     from tofu_export import patch
     from tofu_export.exporters import trace
     from tofu_export.exporters.onnx import export_onnx
