@@ -53,6 +53,7 @@ MEMORY_CAP = 3 << 30  # address space a forked case may add to the fork server's
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 SUBCOMMANDS = {"export", "check", "schedule", "profile", "sweep", "eval", "demo", "calibrate"}
 FAST = ("--r", "2", "--no-bench")  # a tiny export, without the quick-look baseline
+pytestmark = pytest.mark.usefixtures("shared_traces")  # the inputs' in-process export traces what the cases export
 
 
 @dataclass(frozen=True)
