@@ -43,7 +43,7 @@ GC_ENV = "TOFU_TESTS_GC"  # "default" keeps Python's collector settings (to comp
 
 
 def lean_garbage_collector() -> None:
-    """Fewer, cheaper cyclic collections in a test process: what is imported so far (torch, timm: ~0.6 M objects) is
+    """Fewer, cheaper cyclic collections in a test process: what is imported so far (in a worker, torch) is
     frozen out of every later collection, and the youngest generation is collected as rarely as ``tofu-export``
     collects it (``cli.fewer_collections``: every 50,000 allocations instead of 700). A dynamo export makes millions
     of short-lived objects: with Python's defaults the collector took ~9% of a tiny ToFu ViT's export, ~2% with

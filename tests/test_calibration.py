@@ -202,6 +202,7 @@ def test_the_chosen_policy_is_timed_on_the_graph_the_user_ships(calibration, mon
     assert len(seen) == 1 and {key: seen[0][key] for key in keys} == {
         "exporter": "dynamo", "opset": 17, "simplify": True, "simplifier": "onnxslim", "verify": False}
 
+
 def _plain(model, images):
     unpatched = {"r": list(model._tofu.r), "modes": list(model._tofu.modes)}
     unpatch(model)
