@@ -50,7 +50,8 @@ class ResolvedToFu:
         export); returns ``self``."""
         from tofu_export.models.family import family_of  # torch: not needed to check a configuration
 
-        family_of(model).patch(model, self.r, self.modes, self.prop_attn, self.img_size if static else None)
+        family_of(model).patch(model, self.r, self.modes, self.prop_attn, self.img_size if static else None,
+                               plan=self.plan if static else None)  # the plan is made once, by resolve
         return self
 
 

@@ -127,7 +127,13 @@ def plan_tokens(
         tokens.append(n)
         removed.append(got)
         n -= got
-    plan = TokenPlan(tokens, removed, list(r))
+    return report_clipping(TokenPlan(tokens, removed, list(r)), num_prefix, strict, warn, stacklevel=3)
+
+
+def report_clipping(plan: TokenPlan, num_prefix: int, strict: bool = False, warn: bool = True,
+                    stacklevel: int = 2) -> TokenPlan:
+    """``plan`` as ``plan_tokens`` reports it: ``ScheduleError`` (``strict``) or a warning (``warn``) when it clipped
+    a block's r; a plan made earlier (``ToFuConfig.resolve``'s) is reported here when a model is patched with it."""
     if plan.clipped:
         first = plan.clipped[0]
         message = (
@@ -140,8 +146,21 @@ def plan_tokens(
         if strict:
             raise ScheduleError(message)
         if warn:
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=stacklevel)
     return plan
+
+
+def planned_for(plan: TokenPlan | None, num_tokens: int, num_prefix: int, r: Sequence[int],
+                strict: bool = False) -> TokenPlan:
+    """The static plan of a model receiving ``num_tokens`` with per-block ``r``: ``plan`` where one was made for
+    exactly these (reported as ``plan_tokens`` would report it), else a new one. A plan made for other tokens or r is a
+    caller's error (``ValueError``)."""
+    if plan is None:
+        plan = plan_tokens(num_tokens, num_prefix, r, warn=False)
+    elif plan.tokens[:1] != [num_tokens] or plan.requested != list(r):
+        raise ValueError(f"a token plan for {plan.tokens[:1]} tokens and r={plan.requested} was handed to a model "
+                         f"receiving {num_tokens} tokens with r={list(r)}")
+    return report_clipping(plan, num_prefix, strict, stacklevel=3)  # the warning names the caller, as plan_tokens'
 
 
 def block_macs(tokens: int, removed: int, dim: int, mlp_hidden: int, num_prefix: int, metric_dim: int) -> int:

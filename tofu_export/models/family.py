@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tofu_export.errors import UserError
 from tofu_export.models.reduction import ToFuState
 from tofu_export.models.registry import instantiate
-from tofu_export.schedule import RSpec
+from tofu_export.schedule import RSpec, TokenPlan
 
 __all__ = ["ArchGuess", "FlopCosts", "LoadedModel", "ModelFamily", "ToFuState", "UnsupportedModelError", "families",
            "family_for_checkpoint", "family_of", "is_patched", "num_tokens", "patch", "patched", "tofu_state",
@@ -155,8 +155,9 @@ class ModelFamily(ABC):
     @abstractmethod
     def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
               img_size: int | Sequence[int] | None = None, *, prune_layers: int | None = None,
-              strict: bool = False) -> nn.Module:
-        """Apply ToFu in place (see ``tofu_export.patch``); patching a patched model replaces its settings."""
+              strict: bool = False, plan: TokenPlan | None = None) -> nn.Module:
+        """Apply ToFu in place (see ``tofu_export.patch``); patching a patched model replaces its settings. ``plan``:
+        the token plan already made for these r at ``img_size`` (``ToFuConfig.resolve``'s), used as it is."""
 
     @abstractmethod
     def unpatch(self, model: nn.Module) -> nn.Module:

@@ -27,7 +27,7 @@ from tofu_export.models import hf_vit_specs as specs
 from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, size_weighted_mean, start_forward
-from tofu_export.schedule import RSpec, layer_modes, parse_r, plan_tokens
+from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
 
 __all__ = ["SUPPORTED", "HFVisionEncoder", "HFVisionFamily", "wrap"]
@@ -190,7 +190,7 @@ class HFVisionFamily(ModelFamily):
     # -- patching -------------------------------------------------------------------------------------------------
     def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
               img_size: int | Sequence[int] | None = None, *, prune_layers: int | None = None,
-              strict: bool = False) -> nn.Module:
+              strict: bool = False, plan: TokenPlan | None = None) -> nn.Module:
         if not self.owns(model):
             raise UnsupportedModelError(f"not a supported transformers vision model: {type(model).__name__}")
         self.unpatch(model)
@@ -198,7 +198,7 @@ class HFVisionFamily(ModelFamily):
         depth, prefix = len(layers), self.num_prefix(model)
         state = ToFuState(r=parse_r(r, depth), modes=layer_modes(mode, depth, prune_layers), prop_attn=prop_attn,
                           num_prefix=prefix, plan=None, img_size=None if img_size is None else as_pair(img_size))
-        plan = plan_tokens(self.num_tokens(model, img_size), prefix, state.r, strict=strict)
+        plan = planned_for(plan, self.num_tokens(model, img_size), prefix, state.r, strict)
         state.plan = plan if img_size is not None else None
         hooks = []
         for index, layer in enumerate(layers):

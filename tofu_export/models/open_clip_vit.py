@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
 from tofu_export.models.reduction import ToFuState, TokenReduction, head_mean_keys, size_weighted_mean, start_forward
-from tofu_export.schedule import RSpec, layer_modes, parse_r, plan_tokens
+from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
 
 __all__ = ["OpenClipFamily"]
@@ -172,13 +172,13 @@ class OpenClipFamily(ModelFamily):
 
     def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
               img_size: int | Sequence[int] | None = None, *, prune_layers: int | None = None,
-              strict: bool = False) -> nn.Module:
+              strict: bool = False, plan: TokenPlan | None = None) -> nn.Module:
         self._check(model)
         self.unpatch(model)
         depth = self.depth(model)
         state = ToFuState(r=parse_r(r, depth), modes=layer_modes(mode, depth, prune_layers), prop_attn=prop_attn,
                           num_prefix=1, plan=None, img_size=None if img_size is None else as_pair(img_size))
-        plan = plan_tokens(self.num_tokens(model, img_size), 1, state.r, strict=strict)
+        plan = planned_for(plan, self.num_tokens(model, img_size), 1, state.r, strict)
         state.plan = plan if img_size is not None else None
         for index, block in enumerate(model.transformer.resblocks):
             block.reduce = TokenReduction(state, index)

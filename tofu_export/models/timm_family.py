@@ -16,7 +16,7 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models import timm_vit
 from tofu_export.models.family import ArchGuess, FlopCosts, LoadedModel, ModelFamily
 from tofu_export.models.reduction import ToFuState, head_mean_keys, start_forward
-from tofu_export.schedule import RSpec
+from tofu_export.schedule import RSpec, TokenPlan
 from tofu_export.sizes import as_pair
 
 
@@ -122,8 +122,9 @@ class TimmFamily(ModelFamily):
     # -- patching -------------------------------------------------------------------------------------------------
     def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
               img_size: int | Sequence[int] | None = None, *, prune_layers: int | None = None,
-              strict: bool = False) -> nn.Module:
-        return timm_vit.patch(model, r, mode, prop_attn, img_size, prune_layers=prune_layers, strict=strict)
+              strict: bool = False, plan: TokenPlan | None = None) -> nn.Module:
+        return timm_vit.patch(model, r, mode, prop_attn, img_size, prune_layers=prune_layers, strict=strict,
+                              plan=plan)
 
     def unpatch(self, model: nn.Module) -> nn.Module:
         return timm_vit.unpatch(model)

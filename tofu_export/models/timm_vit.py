@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tofu_export.models.family import UnsupportedModelError
 from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, start_forward
-from tofu_export.schedule import RSpec, layer_modes, parse_r, plan_tokens
+from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
 
 __all__ = ["ToFuState", "TokenReduction", "UnsupportedModelError", "is_patched", "num_tokens", "patch", "tofu_state",
@@ -94,6 +94,7 @@ def patch(
     *,
     prune_layers: int | None = None,
     strict: bool = False,
+    plan: TokenPlan | None = None,
 ) -> VisionTransformer:
     """Apply Token Fusion to a timm ``VisionTransformer`` in place and return it.
 
@@ -108,6 +109,7 @@ def patch(
         prune_layers: with ``mode="tofu"``, how many leading blocks prune (default 0: measured, see
             ``schedule.DEFAULT_PRUNE_LAYERS``).
         strict: raise instead of warning when a block cannot remove the r asked of it.
+        plan: the token plan already made for these r at this size (``ToFuConfig.resolve``'s), used as it is.
 
     Patching an already patched model replaces its settings.
     """
@@ -124,9 +126,9 @@ def patch(
         img_size=None if img_size is None else as_pair(img_size),
     )
     if img_size is not None:
-        state.plan = plan_tokens(num_tokens(model, img_size), model.num_prefix_tokens, state.r, strict=strict)
+        state.plan = planned_for(plan, num_tokens(model, img_size), model.num_prefix_tokens, state.r, strict)
     else:  # eager: any input size; check the model's own size up front (warns, or raises when strict)
-        plan_tokens(num_tokens(model), model.num_prefix_tokens, state.r, strict=strict)
+        planned_for(plan, num_tokens(model), model.num_prefix_tokens, state.r, strict)
     if model.attn_pool is not None:
         warnings.warn("attention-pool heads see reduced tokens without size weighting", stacklevel=2)
 
