@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from trace_cache import ENV
 
 if TYPE_CHECKING:  # torch and timm are imported where used: the xdist controller, which runs no test, never loads them
     import torch
@@ -20,6 +19,7 @@ if TYPE_CHECKING:  # torch and timm are imported where used: the xdist controlle
     VitFactory = Callable[..., VisionTransformer]
     ImageFactory = Callable[..., torch.Tensor]
 
+ENV = "TOFU_TESTS_TRACE_CACHE"  # the session's trace-cache folder (trace_cache.py), shared by its workers, or "off"
 _OWN_TRACE_CACHE: list[str] = []  # the trace-cache folder this process made (the xdist controller, or a lone run)
 
 

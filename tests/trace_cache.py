@@ -28,13 +28,12 @@ import tempfile
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # imported where used: conftest reads ENV in the xdist controller, which never loads torch
-    import torch
-    from torch import nn
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-ENV = "TOFU_TESTS_TRACE_CACHE"  # a folder shared by the session's workers, or "off"
 _SKIP = {"_parameters", "_buffers", "_modules"}  # walked by name below
 
 
@@ -42,10 +41,6 @@ def _feed(digest: Any, value: Any, depth: int = 0) -> None:
     """Add ``value`` to ``digest``: tensors by dtype, shape and bytes; containers element by element; functions by
     qualified name, what they are bound to and what they captured; other objects by their attributes (a few levels
     deep), else by ``repr``."""
-    import torch
-    from torch import nn
-    from torch.utils.hooks import RemovableHandle
-
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().contiguous()
         digest.update(f"T{data.dtype}{tuple(data.shape)}".encode())
