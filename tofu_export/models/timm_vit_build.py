@@ -106,7 +106,7 @@ def _with_weights(
     (a copy asked for, keys missing under ``strict=False``, a tensor the state dict does not hold) the model
     ``create`` builds and initialises gets a copy."""
     expected = meta_model.state_dict()
-    if take and all(key in weights for key in expected) and _all_in_state_dict(meta_model):
+    if take and all(key in weights for key in expected) and _all_in_state_dict(meta_model, expected):
         own = {key: weights[key].to(expected[key].dtype) for key in expected}
         meta_model.load_state_dict(own, strict=False, assign=True)
         return meta_model
@@ -115,10 +115,10 @@ def _with_weights(
     return model
 
 
-def _all_in_state_dict(model: nn.Module) -> bool:
-    """Whether every parameter and buffer of ``model`` is an entry of its state dict (none shared, none
+def _all_in_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every parameter and buffer of ``model`` is an entry of ``state``, its state dict (none shared, none
     non-persistent), so that a complete state dict replaces all of them."""
-    return len([*model.parameters(), *model.buffers()]) == len(model.state_dict())
+    return len([*model.parameters(), *model.buffers()]) == len(state)
 
 
 def _require_known_timm_name(arch: str, timm: Any) -> None:
