@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -67,6 +68,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def shared_traces() -> Iterator[None]:
     """The module's dynamo traces through the session's trace cache (``trace_cache``): ask for it only in a module
     that changes nothing a trace depends on (no patched model code); its exports still simplify, check and verify."""
+    with traces_through_the_cache():
+        yield
+
+
+@contextlib.contextmanager
+def traces_through_the_cache() -> Iterator[None]:
+    """Inside: ``exporters.trace``'s dynamo trace step goes through the session's trace cache (unless it is off)."""
     folder = os.environ.get(ENV, "off")
     with pytest.MonkeyPatch.context() as patcher:
         if folder != "off":
@@ -168,20 +176,15 @@ def mixed_tofu_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     so the modules that read this graph share one trace whichever worker runs them. Read it; never write beside it."""
     import timm
     import torch
-    from trace_cache import cached
 
     from tofu_export import patch
-    from tofu_export.exporters import trace
     from tofu_export.exporters.onnx import export_onnx
 
     torch.manual_seed(0)
     model = timm.create_model(TINY_ARCH, pretrained=False, depth=4, img_size=TINY_IMG).eval()
     patch(model, r=3, mode="tofu", prune_layers=1, img_size=TINY_IMG)
     path = tmp_path_factory.mktemp("mixed_tofu") / "model.onnx"
-    folder = os.environ.get(ENV, "off")
-    with pytest.MonkeyPatch.context() as patcher:
-        if folder != "off":
-            patcher.setattr(trace, "_trace_dynamo", cached(trace._trace_dynamo, Path(folder)))
+    with traces_through_the_cache():
         export_onnx(model, path, TINY_IMG)
     return path
 
