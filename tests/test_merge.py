@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +20,13 @@ from tofu_export.schedule import max_reduction
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY = {"depth": 4, "img_size": 64}  # 16 patches + prefix tokens entering block 0
+
+
+def _clipping_warned(expected: bool, match: str) -> contextlib.AbstractContextManager:
+    """``pytest.warns`` for a patch whose r a block cannot remove, and a check that nothing warns otherwise."""
+    if expected:
+        return pytest.warns(UserWarning, match=match)
+    return warnings.catch_warnings(action="error")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,7 +136,9 @@ def test_reference_is_sensitive_to_what_it_checks(
     images = make_images(2, TINY["img_size"])
     _, ref_logits = reference_tome(model, images, [4] * 4)
     for kwargs in ({"mode": "tome", "prop_attn": False}, {"mode": "mlerp"}, {"mode": "tome", "r": 3}):
-        patched = patch(copy.deepcopy(model), **{"r": 4, **kwargs})
+        kwargs = {"r": 4, **kwargs}
+        with _clipping_warned(kwargs["r"] == 4, "block 3 can remove"):  # 5 tokens enter block 3: at most 2
+            patched = patch(copy.deepcopy(model), **kwargs)
         with torch.no_grad():
             assert (patched(images) - ref_logits).abs().max() > 1e-4, kwargs
 

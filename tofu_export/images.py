@@ -17,7 +17,9 @@ import fnmatch
 import itertools
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -133,10 +135,21 @@ def _decode_failure(path: str | Path, cause: Exception, error: type[ImageError],
     return error(f"{path} is not a readable image ({type(cause).__name__}: {str(cause)[:160]})", hint=hint)
 
 
+@contextmanager
+def _opened(path: str | Path) -> Iterator[Image.Image]:
+    """``Image.open`` without Pillow's ``DecompressionBombWarning``: every image Pillow warns about is over
+    ``MAX_IMAGE_PIXELS`` too, and ``check_pixels`` refuses it by name, so the warning would only repeat the error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
+        yield image
+
+
 def load_rgb(path: str | Path, *, error: type[ImageError] = ImageError, hint: Hint | None = _DATA) -> Image.Image:
     """The image at ``path`` as RGB, checked for size before decoding; ``error`` naming the file otherwise."""
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
             check_pixels(image, path, error)
             return to_rgb(image, path, error)
     except ImageError:
@@ -148,7 +161,7 @@ def load_rgb(path: str | Path, *, error: type[ImageError] = ImageError, hint: Hi
 def decode_problem(path: str | Path) -> str | None:
     """Why the image at ``path`` cannot be used, or None (a JPEG is decoded at reduced scale: still complete)."""
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
             check_pixels(image, path)
             image.draft("RGB", (64, 64))
             image.load()
