@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tofu_export import (
     MODES,
     ScheduleError,
+    ToFuConfig,
     decreasing_schedule,
     layer_modes,
     parse_r,
@@ -147,6 +148,20 @@ def test_plan_clips_late_blocks_with_a_warning() -> None:
     for n, r in zip(plan.tokens, plan.r, strict=True):
         assert r <= max_reduction(n, 1)
     assert all(b == a - r for (a, b), r in zip(itertools.pairwise(plan.tokens), plan.r, strict=False))
+
+
+@pytest.mark.parametrize("call", ["plan_tokens", "patch", "patch static", "ToFuConfig"])
+def test_a_clipping_warning_names_the_callers_line(make_vit: Callable[..., VisionTransformer], call: str) -> None:
+    """However deep inside tofu_export the plan is made, the warning points at the user's own call."""
+    model = make_vit("deit_tiny_patch16_224", depth=4, img_size=32)  # 5 tokens, 1 protected: at most 2 a block
+    with pytest.warns(UserWarning, match="were clipped") as caught:
+        if call == "plan_tokens":
+            plan_tokens(5, 1, [2] * 4)
+        elif call == "ToFuConfig":
+            ToFuConfig(r=2, img_size=32).patch(model)
+        else:
+            patch(model, r=2, img_size=32 if call == "patch static" else None)
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_plan_clipping_raises_when_strict() -> None:

@@ -6,12 +6,12 @@ Everything here is plain Python on integers, so a static model's token counts ar
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tofu_export.errors import UserError
 from tofu_export.names import MODES, REDUCE_MODES
+from tofu_export.user_warnings import warn_user
 
 # The per-layer reduce mode each uniform user-facing mode expands to.
 _UNIFORM = {"tome": "mean", "prune": "prune", "mlerp": "mlerp"}
@@ -127,11 +127,10 @@ def plan_tokens(
         tokens.append(n)
         removed.append(got)
         n -= got
-    return report_clipping(TokenPlan(tokens, removed, list(r)), num_prefix, strict, warn, stacklevel=3)
+    return report_clipping(TokenPlan(tokens, removed, list(r)), num_prefix, strict, warn)
 
 
-def report_clipping(plan: TokenPlan, num_prefix: int, strict: bool = False, warn: bool = True,
-                    stacklevel: int = 2) -> TokenPlan:
+def report_clipping(plan: TokenPlan, num_prefix: int, strict: bool = False, warn: bool = True) -> TokenPlan:
     """``plan`` as ``plan_tokens`` reports it: ``ScheduleError`` (``strict``) or a warning (``warn``) when it clipped
     a block's r; a plan made earlier (``ToFuConfig.resolve``'s) is reported here when a model is patched with it."""
     if plan.clipped:
@@ -146,7 +145,7 @@ def report_clipping(plan: TokenPlan, num_prefix: int, strict: bool = False, warn
         if strict:
             raise ScheduleError(message)
         if warn:
-            warnings.warn(message, stacklevel=stacklevel)
+            warn_user(message)  # at the user's line that asked for it
     return plan
 
 
@@ -160,7 +159,7 @@ def planned_for(plan: TokenPlan | None, num_tokens: int, num_prefix: int, r: Seq
     elif plan.tokens[:1] != [num_tokens] or plan.requested != list(r):
         raise ValueError(f"a token plan for {plan.tokens[:1]} tokens and r={plan.requested} was handed to a model "
                          f"receiving {num_tokens} tokens with r={list(r)}")
-    return report_clipping(plan, num_prefix, strict, stacklevel=3)  # the warning names the caller, as plan_tokens'
+    return report_clipping(plan, num_prefix, strict)
 
 
 def block_macs(tokens: int, removed: int, dim: int, mlp_hidden: int, num_prefix: int, metric_dim: int) -> int:

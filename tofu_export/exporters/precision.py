@@ -24,6 +24,7 @@ import torch
 
 from tofu_export.errors import Hint, UserError
 from tofu_export.names import PRECISIONS, Precision
+from tofu_export.user_warnings import warn_user
 
 REDUCTION_SCOPE = "/reduce/"  # the static token reduction's module scope (every family names it block.reduce)
 FP32_OPS = frozenset({"LpNormalization", "LayerNormalization", "TopK"})
@@ -217,7 +218,7 @@ def quantize_file(
         pixels = synthetic_images(img_size)
         note = (f"INT8 was calibrated on {len(pixels)} SYNTHETIC random images, not real ones: activation ranges may "
                 "not match real inputs. Pass an image folder (--data) to calibrate on real images.")
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        warn_user(note, RuntimeWarning)
     else:
         pixels = images.float().numpy()
     fp32 = path.with_name(f"fp32-{path.name}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import types
-import warnings
 from collections.abc import Sequence
 
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
@@ -21,6 +20,7 @@ from tofu_export.models.family import UnsupportedModelError
 from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, start_forward
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
+from tofu_export.user_warnings import warn_user
 
 __all__ = ["ToFuState", "TokenReduction", "UnsupportedModelError", "is_patched", "num_tokens", "patch", "tofu_state",
            "unpatch"]
@@ -130,7 +130,7 @@ def patch(
     else:  # eager: any input size; check the model's own size up front (warns, or raises when strict)
         planned_for(plan, num_tokens(model), model.num_prefix_tokens, state.r, strict)
     if model.attn_pool is not None:
-        warnings.warn("attention-pool heads see reduced tokens without size weighting", stacklevel=2)
+        warn_user("attention-pool heads see reduced tokens without size weighting")
 
     model._tofu = state
     model.pool = types.MethodType(_size_weighted_pool, model)

@@ -11,7 +11,6 @@ is set (TensorRT 11 has none); TensorRT 8.x builds weakly typed and is asked for
 from __future__ import annotations
 
 import shlex
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +22,7 @@ from tofu_export.atomic import write_bytes_atomic
 from tofu_export.config import TrtConfig
 from tofu_export.errors import Hint, UserError
 from tofu_export.tensorrt.api import EngineBuildError, TensorRTUnavailable, network_flags, severity, strongly_typed
+from tofu_export.user_warnings import warn_user
 
 GraphPrecision = Literal["fp32", "fp16", "int8"]
 
@@ -214,8 +214,7 @@ def _set_precision(trt: ModuleType, builder: Any, builder_config: Any, config: T
         return
     for flag in _weak_flags(config, precision):  # type: ignore[arg-type]
         if flag == "fp16" and not getattr(builder, "platform_has_fast_fp16", True):
-            warnings.warn("This GPU has no fast FP16: TensorRT may run the FP16 layers in FP32.", RuntimeWarning,
-                          stacklevel=3)  # fmt: skip
+            warn_user("This GPU has no fast FP16: TensorRT may run the FP16 layers in FP32.", RuntimeWarning)
         builder_config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
 
 
@@ -223,9 +222,6 @@ def _load_timing_cache(builder_config: Any, cache_path: Path) -> None:
     """Attach the timing cache at ``cache_path`` (empty when missing) so tactic timings are reused."""
     cache = builder_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
-        warnings.warn(
-            f"Timing cache {cache_path} was made on another GPU or TensorRT version; starting a fresh one.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_user(f"Timing cache {cache_path} was made on another GPU or TensorRT version; starting a fresh one.",
+                  RuntimeWarning)
         builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
