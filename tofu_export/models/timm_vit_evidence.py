@@ -246,7 +246,7 @@ def _heads(state_dict: Mapping[str, torch.Tensor], embed_dim: int, evidence: Evi
         return None
     if "num_heads" in evidence.model_args:
         return named_heads, f"{evidence.source} model_args"
-    return named_heads, f"{evidence.source} architecture {evidence.architecture}"
+    return named_heads, f"{evidence.source}: {evidence.architecture}"
 
 
 def _unstated(embed_dim: int, evidence: Evidence, heads: bool, block: bool, suggestion: str | None) -> CheckpointError:
