@@ -129,8 +129,8 @@ def test_an_unused_ema_copy_is_said_not_chosen_silently(tmp_path: Path, tiny_dei
     arch = load_model(path).arch
     assert arch.provenance["weights"] == "state_dict (not state_dict_ema)"
     assert any("EMA copy" in note and "'state_dict_ema'" in note for note in arch.notes), arch.notes
-    # the advice keeps the architecture the training record names (a bare weights file would be guessed from shapes)
-    assert any("with --arch deit_tiny_patch16_224 " in note for note in arch.notes), arch.notes
+    assert any("tofu-export clean-checkpoint last.pth.tar --use-ema -o last-ema.safetensors" in note
+               for note in arch.notes), arch.notes
     assert "unused_ema" not in read_checkpoint(_save({"model_ema": other}, tmp_path / "ema.pth"))[1]
     assert read_checkpoint(_save({"model": other}, tmp_path / "plain.pth"))[1] == {}
 

@@ -18,11 +18,13 @@ COMMANDS = {
     "calibrate precision": ["calibrate", "model.pth", "data", "--precision", "int8", "-o", "p.json"],
     "export calibration data": ["export", "model.pth", "--calibration-data", "data", "-o", "out"],  # without int8
     "profile": ["profile", "broken.onnx", "--report", "report.md"],  # a graph that does not parse
+    "clean-checkpoint": ["clean-checkpoint", "model.pth", "--use-ema", "-o", "ema.pth"],
     "help": ["--help"],
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "calibrate images": "--images",
         "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
-        "export calibration data": "--precision int8", "profile": "not an ONNX model", "help": ""}
+        "export calibration data": "--precision int8", "profile": "not an ONNX model",
+        "clean-checkpoint": "name the file ema.safetensors", "help": ""}
 
 def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "model.pth").write_bytes(b"")  # never read: the options are refused first
@@ -35,4 +37,5 @@ def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> Non
         assert result.code == (0 if name == "help" else 2), (name, result.stderr)
         assert SAYS[name] in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
         assert not result.torch_loaded, f"{name}: torch was imported to refuse {COMMANDS[name]}"
-    assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png", "report.md"))
+    assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png", "report.md",
+                                                            "ema.pth", "ema.json"))

@@ -4,8 +4,8 @@
 in with ``trust_pickle=True``), unwraps training wrappers (``{"model": sd}``, EMA, DDP ``module.``,
 ``_orig_mod.``) and turns every way a file can be broken into one :class:`CheckpointError`. ``read_checkpoint``
 also returns what a training checkpoint states beside its weights (timm ``train.py``: the model name and its
-``--model-kwargs``). What the weights describe (architecture inference, model building) lives beside each model
-family, under ``tofu_export/models/``.
+``--model-kwargs``; the wrappers themselves are read by ``checkpoint_wrappers.py``). What the weights describe
+(architecture inference, model building) lives beside each model family, under ``tofu_export/models/``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from tofu_export.checkpoint_limits import (
     CheckpointError,
@@ -29,14 +28,13 @@ from tofu_export.checkpoint_limits import (
     inspect_safetensors,
     inspect_torch_file,
 )
+from tofu_export.checkpoint_wrappers import WRAPPER_KEYS, ema_key, training_record, unused_ema, unwrap
 from tofu_export.errors import Hint
 
 __all__ = ["CheckpointError", "check_values", "load_state_dict", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
-_EMA_KEYS = ("model_ema", "state_dict_ema")  # the EMA copies DeiT's main.py (model_ema) and timm's train.py save
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -49,11 +47,13 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     return read_checkpoint(path, trust_pickle=trust_pickle)[0]
 
 
-def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False,
+                    use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a checkpoint file into a flat ``{name: tensor}`` state dict on CPU, plus what the file states about
     its model beside the weights (``{}``, or ``{"architecture": name, "model_args": {...}}``: see
     :func:`training_record`; where the file also holds an EMA copy that was not used, ``"weights"`` names the key
-    the weights came from and ``"unused_ema"`` the EMA copy's key).
+    the weights came from and ``"unused_ema"`` the EMA copy's key). ``use_ema`` takes the EMA copy instead
+    (``"weights"`` names its key; a file without one is a ``CheckpointError``), as timm's ``--use-ema`` does.
 
     The format is recognised from the file's first bytes (safetensors header, zip archive or legacy
     pickle), not from its suffix. Wrappers such as ``{"model": sd, "epoch": 3}`` are unwrapped (preferring
@@ -72,39 +72,12 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[di
         check_views(metas, path)
         check_model_bounds({name: meta.size for name, meta in metas.items()}, stored, path)
         raw = _torch_load(path, trust_pickle=trust_pickle)
-    tensors = _strip_key_prefixes(_tensor_entries(_unwrap(raw), path))
+    ema = ema_key(raw, path) if use_ema else None
+    tensors = _strip_key_prefixes(_tensor_entries(unwrap(raw if ema is None else raw[ema]), path))
     _check_loaded_views(tensors, path)  # what the metadata reader could not see (a pickle it did not parse)
     check_model_bounds({name: tuple(t.shape) for name, t in tensors.items()}, path.stat().st_size, path)
     check_values(tensors, path)
-    return tensors, {**training_record(raw), **_unused_ema(raw)}
-
-
-def _unused_ema(raw: Any) -> dict[str, str]:
-    """``{"weights": key, "unused_ema": ema_key}`` where a training wrapper holds an EMA copy of the weights beside
-    the ones :func:`_unwrap` takes, else ``{}``."""
-    if not isinstance(raw, Mapping):
-        return {}
-    used = _inner_key(raw)
-    if used is None or used in _EMA_KEYS:
-        return {}
-    ema = next((key for key in _EMA_KEYS if isinstance(raw.get(key), Mapping | nn.Module)), None)
-    return {} if ema is None else {"weights": used, "unused_ema": ema}
-
-
-def training_record(raw: Any) -> dict[str, Any]:
-    """The model a training checkpoint names: timm's ``train.py`` (``CheckpointSaver``) saves ``{"arch": args.model,
-    "args": argparse.Namespace, "state_dict": ..., "epoch": ...}``; ``args.model`` is the timm model name and
-    ``args.model_kwargs`` the ``--model-kwargs`` it was created with. Without ``args`` timm stores the class name
-    (``"visiontransformer"``), which names no architecture. ``{}`` when the file states nothing."""
-    if not isinstance(raw, Mapping):
-        return {}
-    args = raw.get("args")
-    fields = args if isinstance(args, Mapping) else vars(args) if isinstance(args, argparse.Namespace) else {}
-    name = fields.get("model") if isinstance(fields.get("model"), str) else raw.get("arch")
-    kwargs = fields.get("model_kwargs")
-    if not isinstance(name, str):
-        return {}
-    return {"architecture": name, "model_args": dict(kwargs) if isinstance(kwargs, Mapping) else {}}
+    return tensors, {**training_record(raw), **(unused_ema(raw) if ema is None else {"weights": ema})}
 
 
 def _safetensors_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
@@ -212,24 +185,6 @@ def _corrupt_file_error(path: Path, err: Exception) -> CheckpointError:
     )
 
 
-def _unwrap(obj: Any) -> Any:
-    """Descend through ``{"model": ...}``-style training wrappers and pickled modules to the state dict."""
-    while True:
-        if isinstance(obj, nn.Module):
-            return obj.state_dict()
-        if not isinstance(obj, Mapping):
-            return obj
-        inner_key = _inner_key(obj)
-        if inner_key is None:
-            return obj
-        obj = obj[inner_key]
-
-
-def _inner_key(wrapper: Mapping) -> str | None:
-    """The first of ``_WRAPPER_KEYS`` that holds a state dict or a module in ``wrapper``, or None."""
-    return next((key for key in _WRAPPER_KEYS if isinstance(wrapper.get(key), Mapping | nn.Module)), None)
-
-
 def _tensor_entries(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(
@@ -241,7 +196,7 @@ def _tensor_entries(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         found = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
         raise CheckpointError(
             f"{path} contains no named tensors (top-level keys: {found}). Expected a state dict, possibly "
-            f"under one of the keys {', '.join(_WRAPPER_KEYS)}; re-save it with "
+            f"under one of the keys {', '.join(WRAPPER_KEYS)}; re-save it with "
             "torch.save(model.state_dict(), ...)."
         )
     return tensors

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tofu_export.cli import calibrate, check, demo, eval, export, profile, schedule, sweep
+from tofu_export.cli import calibrate, check, clean, demo, eval, export, profile, schedule, sweep
 from tofu_export.cli.errors import guarded
 from tofu_export.cli.groups import uses_groups
 
@@ -40,6 +40,7 @@ COMMANDS = {
     "eval": eval.eval_command,
     "demo": demo.demo,
     "calibrate": calibrate.calibrate,
+    "clean-checkpoint": clean.clean_checkpoint,
 }
 from tofu_export.cli import denoiser as _denoiser  # noqa: E402  (dense ToFu for diffusion denoisers)
 

@@ -43,9 +43,8 @@ class TimmFamily(ModelFamily):
             used, ema = record["weights"], record["unused_ema"]
             note = (f"{path.name} also holds an EMA copy of the weights under {ema!r}, not used: these are the "
                     f"weights under {used!r} (as timm's validate.py loads without --use-ema). To export the EMA "
-                    f"weights, save checkpoint[{ema!r}] as a file of its own (.safetensors) and pass that"
-                    + (f" with --arch {record['architecture']} (the architecture this file names, which a bare "
-                       "weights file does not)." if "architecture" in record else "."))
+                    f"weights: tofu-export clean-checkpoint {path.name} --use-ema -o {path.name.split('.')[0]}"
+                    "-ema.safetensors, then pass that file (the architecture this file names goes with it).")
             guess = dataclasses.replace(guess, notes=(*guess.notes, note),
                                         provenance={**guess.provenance, "weights": f"{used} (not {ema})"})
         return LoadedModel(model, guess, path, digest)

@@ -83,9 +83,9 @@ class Statement:
 
 
 def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Evidence:
-    """The checkpoint's own ``record`` (``checkpoint.training_record``) where it names a timm model, else the timm
-    config beside ``path``: ``<stem>.json`` (a converter's sidecar) or ``config.json`` (hub layout); an empty
-    ``Evidence`` when none."""
+    """The checkpoint's own ``record`` (``checkpoint_wrappers.training_record``) where it names a timm model, else the
+    timm config beside ``path``: ``<stem>.json`` (a converter's or ``clean-checkpoint``'s sidecar) or ``config.json``
+    (hub layout); an empty ``Evidence`` when none."""
     if record and isinstance(record.get("architecture"), str) and named_timm_model(record["architecture"]) is not None:
         return Evidence(f"{path.name}'s timm training record (arch, args.model_kwargs)", record["architecture"],
                         dict(record.get("model_args") or {}), checkpoint=path.name)

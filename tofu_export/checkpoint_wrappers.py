@@ -1,0 +1,81 @@
+"""What a training checkpoint wraps around its weights: the wrapper keys (``{"model": sd, "epoch": 3}``, DDP's
+``module``), the EMA copy (timm ``train.py --model-ema``, DeiT's ``main.py``) and the model it names (timm's training
+record). Pure functions of the object ``torch.load`` returned; reading files safely is ``checkpoint.py``'s."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tofu_export.checkpoint_limits import CheckpointError
+
+WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
+EMA_KEYS = ("model_ema", "state_dict_ema")  # the EMA copies DeiT's main.py (model_ema) and timm's train.py save
+
+
+def unwrap(obj: Any) -> Any:
+    """Descend through ``{"model": ...}``-style training wrappers and pickled modules to the state dict (preferring
+    ``model``, then ``state_dict``, then the EMA copies, as timm's ``validate.py`` without ``--use-ema``)."""
+    while True:
+        if isinstance(obj, nn.Module):
+            return obj.state_dict()
+        if not isinstance(obj, Mapping):
+            return obj
+        inner_key = _inner_key(obj)
+        if inner_key is None:
+            return obj
+        obj = obj[inner_key]
+
+
+def _inner_key(wrapper: Mapping) -> str | None:
+    """The first of ``WRAPPER_KEYS`` that holds a state dict or a module in ``wrapper``, or None."""
+    return next((key for key in WRAPPER_KEYS if isinstance(wrapper.get(key), Mapping | nn.Module)), None)
+
+
+def _ema_copy(raw: Any) -> str | None:
+    """The first of ``EMA_KEYS`` under which a training wrapper holds weights, or None."""
+    if not isinstance(raw, Mapping):
+        return None
+    return next((key for key in EMA_KEYS if isinstance(raw.get(key), Mapping | nn.Module)), None)
+
+
+def ema_key(raw: Any, path: Path) -> str:
+    """The key of the EMA copy in a training checkpoint, or a ``CheckpointError`` naming what the file holds."""
+    found = _ema_copy(raw)
+    if found is None:
+        keys = ", ".join(repr(k) for k in list(raw)[:8]) if isinstance(raw, Mapping) else type(raw).__name__
+        raise CheckpointError(f"{path} holds no EMA copy of the weights (looked for {', '.join(EMA_KEYS)}; the "
+                              f"file holds {keys or 'nothing'}): drop --use-ema to read its weights as they are.")
+    return found
+
+
+def unused_ema(raw: Any) -> dict[str, str]:
+    """``{"weights": key, "unused_ema": ema_key}`` where a training wrapper holds an EMA copy of the weights beside
+    the ones :func:`unwrap` takes, else ``{}``."""
+    if not isinstance(raw, Mapping):
+        return {}
+    used = _inner_key(raw)
+    if used is None or used in EMA_KEYS:
+        return {}
+    ema = _ema_copy(raw)
+    return {} if ema is None else {"weights": used, "unused_ema": ema}
+
+
+def training_record(raw: Any) -> dict[str, Any]:
+    """The model a training checkpoint names: timm's ``train.py`` (``CheckpointSaver``) saves ``{"arch": args.model,
+    "args": argparse.Namespace, "state_dict": ..., "epoch": ...}``; ``args.model`` is the timm model name and
+    ``args.model_kwargs`` the ``--model-kwargs`` it was created with. Without ``args`` timm stores the class name
+    (``"visiontransformer"``), which names no architecture. ``{}`` when the file states nothing."""
+    if not isinstance(raw, Mapping):
+        return {}
+    args = raw.get("args")
+    fields = args if isinstance(args, Mapping) else vars(args) if isinstance(args, argparse.Namespace) else {}
+    name = fields.get("model") if isinstance(fields.get("model"), str) else raw.get("arch")
+    kwargs = fields.get("model_kwargs")
+    if not isinstance(name, str):
+        return {}
+    return {"architecture": name, "model_args": dict(kwargs) if isinstance(kwargs, Mapping) else {}}

@@ -1,0 +1,99 @@
+"""A training checkpoint cleaned to what a deployment needs, as timm's ``clean_checkpoint.py`` does: the weights (the
+EMA copy on request) as one ``.safetensors`` file, and beside it ``<stem>.json`` stating the architecture the
+training record named. Every command then reads the result as it reads a timm hub file: the architecture from the
+sidecar, the file's own sha256 as its identity (so a sweep, a calibration or an artifact's manifest never mistakes
+the EMA weights for the others).
+
+Nothing is replaced: an existing file at either path is refused, and a failed write leaves neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tofu_export.atomic import owner_tag, remove_stale, rename_noreplace
+from tofu_export.errors import Hint, UserError
+from tofu_export.hashing import sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+
+class CleanCheckpointError(UserError):
+    """The output paths are unusable (taken, or not a .safetensors name). Exit code 2."""
+
+
+@dataclass(frozen=True)
+class CleanedCheckpoint:
+    """What ``clean_checkpoint`` wrote."""
+
+    weights: Path  # the .safetensors file
+    sidecar: Path | None  # <stem>.json naming the architecture, or None when the checkpoint names none
+    source_key: str  # the wrapper key the weights came from ("state_dict_ema", ...), or "" for a bare state dict
+    architecture: str | None
+    tensors: int
+
+
+def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool = False,
+                     trust_pickle: bool = False) -> CleanedCheckpoint:
+    """Write the weights of ``checkpoint`` (its EMA copy with ``use_ema``) to ``out`` (``.safetensors``) and, where
+    the file names its timm architecture, ``out.with_suffix(".json")`` stating it (``architecture``, ``model_args``)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.suffix != ".safetensors":
+        raise CleanCheckpointError(f"{out}: the cleaned weights are written as .safetensors; name the file "
+                                   f"{out.with_suffix('.safetensors').name}", hint=Hint("out", None, "OUT.safetensors"))
+    sidecar = out.with_suffix(".json")
+    taken = [str(p) for p in (out, sidecar) if os.path.lexists(p)]
+    if taken:
+        verb = "exists" if len(taken) == 1 else "exist"
+        raise CleanCheckpointError(f"{' and '.join(taken)} already {verb}; tofu-export never replaces a file: choose "
+                                   "another name or move it away", hint=Hint("out"))
+    from tofu_export.checkpoint import read_checkpoint  # torch: only once the names are good
+
+    tensors, record = read_checkpoint(checkpoint, trust_pickle=trust_pickle, use_ema=use_ema)
+    source = {"source": checkpoint.name, "source_sha256": sha256_file(checkpoint), "weights": record.get("weights", "")}
+    statement = None
+    if "architecture" in record:
+        statement = {"architecture": record["architecture"], "model_args": record.get("model_args", {}), **source}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_new(out, lambda tmp: _save_safetensors(tensors, tmp, source))
+    try:
+        if statement is not None:
+            _write_new(sidecar, lambda tmp: tmp.write_text(json.dumps(statement, indent=2, default=str) + "\n"))
+    except BaseException:
+        out.unlink(missing_ok=True)  # ours, written a moment ago: nothing half-written stays
+        raise
+    return CleanedCheckpoint(out, None if statement is None else sidecar, source["weights"], record.get("architecture"),
+                             len(tensors))
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, source: dict[str, str]) -> None:
+    """``safetensors`` refuses tensors that share memory (views of one storage): those are copied, the rest not."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    own = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        own[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    save_file(own, str(path), metadata={**source, "written_by": "tofu-export clean-checkpoint"})
+
+
+def _write_new(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a hidden temporary beside ``path``, then move it there without replacing anything."""
+    remove_stale(path.parent, f".{path.name}.", ".tmp")  # left by a killed earlier run
+    tmp = path.parent / f".{path.name}.{owner_tag()}-clean.tmp"
+    try:
+        write(tmp)
+        rename_noreplace(tmp, path)
+    except FileExistsError:
+        raise CleanCheckpointError(f"{path} appeared while it was being written; nothing was replaced") from None
+    finally:
+        tmp.unlink(missing_ok=True)
