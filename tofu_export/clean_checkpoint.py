@@ -39,10 +39,11 @@ class CleanedCheckpoint:
     tensors: int
 
 
-def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool = False,
-                     trust_pickle: bool = False) -> CleanedCheckpoint:
+def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool = False, trust_pickle: bool = False,
+                     step: Callable[[str], None] = lambda stage: None) -> CleanedCheckpoint:
     """Write the weights of ``checkpoint`` (its EMA copy with ``use_ema``) to ``out`` (``.safetensors``) and, where
-    the file names its timm architecture, ``out.with_suffix(".json")`` stating it (``architecture``, ``model_args``)."""
+    the file names its timm architecture, ``out.with_suffix(".json")`` stating it (``architecture``, ``model_args``).
+    The output names are checked before torch is imported; ``step`` hears each stage as it begins."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.suffix != ".safetensors":
         raise CleanCheckpointError(f"{out}: the cleaned weights are written as .safetensors; name the file "
@@ -55,7 +56,9 @@ def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool =
                                    "another name or move it away", hint=Hint("out"))
     from tofu_export.checkpoint import read_checkpoint  # torch: only once the names are good
 
+    step(f"reading {checkpoint.name}")
     tensors, record = read_checkpoint(checkpoint, trust_pickle=trust_pickle, use_ema=use_ema)
+    step(f"writing {out.name}")
     source = {"source": checkpoint.name, "source_sha256": sha256_file(checkpoint), "weights": record.get("weights", "")}
     statement = None
     if "architecture" in record:

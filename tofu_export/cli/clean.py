@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from tofu_export.cli.options import JsonOption
-from tofu_export.cli.output import print_json
+from tofu_export.cli.output import print_json, steps
 
 
 def clean_checkpoint(
@@ -37,7 +37,8 @@ def clean_checkpoint(
     """
     from tofu_export.clean_checkpoint import clean_checkpoint as clean
 
-    result = clean(checkpoint, out, use_ema=use_ema, trust_pickle=trust_pickle)
+    with steps(enabled=not as_json) as step:
+        result = clean(checkpoint, out, use_ema=use_ema, trust_pickle=trust_pickle, step=step)
     if as_json:
         print_json({k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()})
         return
