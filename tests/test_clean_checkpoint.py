@@ -75,6 +75,19 @@ def test_nothing_is_replaced(training_checkpoint, tmp_path, existing: str) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pth.tar", existing])
 
 
+def test_a_failed_write_leaves_nothing(training_checkpoint, tmp_path, monkeypatch) -> None:
+    """The sidecar is written after the weights: when it fails, the weights file written a moment ago goes too."""
+    from tofu_export import clean_checkpoint as module
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.json, "dumps", broken)
+    with pytest.raises(OSError, match="No space left"):
+        clean_checkpoint(training_checkpoint[0], tmp_path / "ema.safetensors", use_ema=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar"]  # no weights, sidecar or temporary
+
+
 def test_the_output_must_be_a_safetensors_name(training_checkpoint, tmp_path) -> None:
     with pytest.raises(CleanCheckpointError, match=r"name the file ema\.safetensors"):
         clean_checkpoint(training_checkpoint[0], tmp_path / "ema.pth", use_ema=True)

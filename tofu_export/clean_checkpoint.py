@@ -34,7 +34,7 @@ class CleanedCheckpoint:
 
     weights: Path  # the .safetensors file
     sidecar: Path | None  # <stem>.json naming the architecture, or None when the checkpoint names none
-    source_key: str  # the wrapper key the weights came from ("state_dict_ema", ...), or "" for a bare state dict
+    source_key: str  # the key of the weights taken where the file holds two sets ("state_dict_ema", ...), else ""
     architecture: str | None
     tensors: int
 

@@ -42,8 +42,8 @@ def clean_checkpoint(
     if as_json:
         print_json({k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()})
         return
-    taken = f"under {result.source_key!r}" if result.source_key else "(a bare state dict)"
-    typer.echo(f"wrote {result.weights}: {result.tensors} tensors, the weights {taken} of {checkpoint.name}")
+    taken = f" under {result.source_key!r}" if result.source_key else ""
+    typer.echo(f"wrote {result.weights}: {result.tensors} tensors, the weights{taken} of {checkpoint.name}")
     if result.sidecar is not None:
         typer.echo(f"wrote {result.sidecar}: architecture {result.architecture}")
     else:
