@@ -6,7 +6,7 @@ import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -22,11 +22,16 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = {"depth": 4, "img_size": 64}  # 16 patches + prefix tokens entering block 0
 
 
-def _clipping_warned(expected: bool, match: str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _clipping_warned(expected: bool, match: str) -> Iterator[None]:
     """``pytest.warns`` for a patch whose r a block cannot remove, and a check that nothing warns otherwise."""
     if expected:
-        return pytest.warns(UserWarning, match=match)
-    return warnings.catch_warnings(action="error")
+        with pytest.warns(UserWarning, match=match):
+            yield
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (catch_warnings' own ``action`` needs Python 3.11)
+            yield
 
 
 # --------------------------------------------------------------------------------------------------------------
