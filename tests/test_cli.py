@@ -56,7 +56,7 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 pytestmark = [pytest.mark.slow,  # end to end: two waves of real exports, sweeps and checks (kept in `make test`)
               pytest.mark.usefixtures("shared_traces")]  # the in-process demo shares the forked exports' traces
 CONSOLE_SCRIPT = shutil.which("tofu-export")
-SUBCOMMANDS = ("export", "check", "schedule", "profile", "sweep", "eval", "demo")
+SUBCOMMANDS = ("export", "check", "schedule", "profile", "sweep", "eval", "demo", "clean-checkpoint")
 FAILURES = ("truncated", "code_os_system", "code_exec", "wrong_arch", "impossible_r", "exists_no_force", "resnet",
             "parity_fail")
 
@@ -652,6 +652,19 @@ def test_subcommand_help_shows_an_example(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert f"tofu-export {command}" in result.output
     assert _example_lines(result.output), result.output
+
+
+def test_no_help_text_holds_a_word_in_angle_brackets() -> None:
+    """The help is rendered as markdown, which drops ``<name>`` as an HTML tag ("a <stem>.json" read "a .json")."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    texts = {}
+    for name, command in group.commands.items():
+        texts[name] = command.help or ""
+        texts |= {f"{name} {param.name}": getattr(param, "help", None) or "" for param in command.params}
+    assert len(group.commands) >= 10 and sum(bool(text) for text in texts.values()) > 100  # every command was read
+    assert {where: text for where, text in texts.items() if re.search(r"<[A-Za-z]", text)} == {}
 
 
 @pytest.mark.skipif(CONSOLE_SCRIPT is None, reason="the tofu-export console script is not on PATH")

@@ -16,8 +16,8 @@ from tofu_export.cli.output import print_json, steps
 def clean_checkpoint(
     checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint (timm train.py's *.pth.tar, DeiT's "
                                                "checkpoint.pth, or any file tofu-export reads).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The weights file to write (.safetensors); its <stem>.json "
-                                      "is written beside it when the checkpoint names its architecture.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The weights file to write, OUT.safetensors; OUT.json is "
+                                      "written beside it when the checkpoint names its architecture.")],
     use_ema: Annotated[bool, typer.Option("--use-ema", help="Take the EMA copy of the weights (state_dict_ema, "
                                           "model_ema) instead of the trained ones, as timm's --use-ema does.")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a checkpoint that contains pickled "
@@ -28,12 +28,13 @@ def clean_checkpoint(
 
     timm's train.py and DeiT's main.py save the trained weights and, with --model-ema, an EMA copy that is often the
     better model. Every tofu-export command reads the trained ones (as timm's validate.py without --use-ema); this
-    writes the ones you pick as a file of their own, with a <stem>.json naming the architecture (the record a bare
-    weights file lacks), so export, calibrate, sweep and eval read them as they read any timm file. Nothing is ever
-    replaced.
+    writes the ones you pick as a file of their own, with OUT.json beside it naming the architecture (the record a
+    bare weights file lacks), so export, calibrate, sweep and eval read them as they read any timm file. Nothing is
+    ever replaced.
 
     Example: tofu-export clean-checkpoint output/train/model_best.pth.tar --use-ema -o ema.safetensors
-             then: tofu-export ema.safetensors --r 16
+
+    then: tofu-export ema.safetensors --r 16
     """
     from tofu_export.clean_checkpoint import clean_checkpoint as clean
 

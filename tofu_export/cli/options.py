@@ -47,7 +47,8 @@ class ModelOptions:
     num_heads: Annotated[
         int | None, typer.Option("--num-heads", help="States that the checkpoint is a timm ViT of plain pre-norm "
                                  "Blocks with this many attention heads (the weights cannot show either); needed "
-                                 "where neither the file, a config.json / <name>.json beside it, nor --arch says.")
+                                 "where neither the file, a config.json / NAME.json beside it (for NAME.pth), nor "
+                                 "--arch says.")
     ] = None
     img_size: Annotated[
         int | None, typer.Option("--img-size", help="Input resolution in pixels; default: the checkpoint's.")
