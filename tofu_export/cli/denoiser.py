@@ -28,8 +28,9 @@ class DenoiserOptions:
     config: Annotated[Path | None, typer.Option("--config", help="The UNet config, when SOURCE is a file.")] = None
     size: Annotated[int | None, typer.Option("--size", help="Sample side for a diffusers model (default: its "
                                              "sample_size).")] = None
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Read pickled diffusers weights "
-                                               "(weights_only).")] = False
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a diffusers folder whose only weights "
+                                               "are pickled (diffusion_pytorch_model.bin; read with weights_only "
+                                               "loading): a pickle can run code, so only for files you trust.")] = False
 
     def kwargs(self) -> dict[str, Any]:
         return {"config": self.config, "size": self.size, "trust_pickle": self.trust_pickle}
