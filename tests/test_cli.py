@@ -621,8 +621,9 @@ def test_schedule_json_for_deit_small(first: dict[str, Run]) -> None:
 
 
 def _example_lines(text: str) -> list[str]:
-    """Lines that show a ``tofu-export ...`` invocation (not the Usage line)."""
-    return [line for line in text.splitlines() if re.match(r"\s*(Examples?:\s*)?tofu-export \S", line)]
+    """Lines that show a ``tofu-export ...`` invocation, bare or after a label ("Example: ", "Latency: "; not the
+    Usage line)."""
+    return [line for line in text.splitlines() if re.match(r"\s*([A-Z][^:]{0,40}:\s*)?tofu-export \S", line)]
 
 
 def test_app_help_lists_commands_and_examples(first: dict[str, Run]) -> None:
@@ -652,6 +653,14 @@ def test_subcommand_help_shows_an_example(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert f"tofu-export {command}" in result.output
     assert _example_lines(result.output), result.output
+
+
+def test_the_top_help_examples_fit_an_80_column_terminal() -> None:
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    lines = result.output.splitlines()
+    examples = [i for i, line in enumerate(lines) if ": tofu-export " in line]
+    assert result.exit_code == 0 and len(examples) >= 5, result.output
+    assert all(not lines[i + 1].strip() for i in examples), result.output  # none wraps onto a second line
 
 
 def test_no_help_text_holds_a_word_in_angle_brackets() -> None:
