@@ -8,6 +8,8 @@ weights) against the same graph with every ``ReduceL2`` written out, on one intr
 calling thread's CPU time, interleaved in shuffled order (``latency_deit_small.thread_cpu_latency_ms``), in
 ``--repeats`` rounds of fresh sessions. The paired ratio is the median over iterations of written-out / ReduceL2.
 
+A third form, ``Sqrt(ReduceSumSquare(x))``, is timed on the op alone.
+
 Usage: python bench/norm_form.py [--iters 100] [--repeats 3] [--out bench/results]
 """
 
@@ -88,6 +90,16 @@ def one_norm(opset: int = 17) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def sum_square_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``one_norm`` as ``Sqrt(ReduceSumSquare(x))``: the square fused into the reduction (no [1, N, C] temporary)."""
+    x, y = model.graph.input[0], model.graph.output[0]
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [-1])
+    nodes = [helper.make_node("ReduceSumSquare", ["x", "axes"], ["total"], name="norm/ReduceSumSquare", keepdims=1),
+             helper.make_node("Sqrt", ["total"], ["y"], name="norm/Sqrt")]
+    graph = helper.make_graph(nodes, "norm", [x], [y], [axes])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])  # axes as an input from opset 18
+
+
 def paired(rounds: list[dict[str, list[float]]], a: str, b: str) -> dict:
     """Median over timed iterations of ``a``'s time / ``b``'s in the same iteration, with a bootstrap interval."""
     per_round = [[x / y for x, y in zip(one[a], one[b], strict=True)] for one in rounds]
@@ -112,12 +124,14 @@ def main() -> None:
         norm = one_norm()
         onnx.save(norm, folder / "op-reduce_l2.onnx")
         onnx.save(write_out_reduce_l2(norm)[0], folder / "op-written_out.onnx")
+        onnx.save(sum_square_form(norm), folder / "op-sum_square.onnx")
         with norms_as_reduce_l2():
             graph_path = build_variants(16, folder, {"tofu-dynamo"})["tofu-dynamo"][0]
         written, count = write_out_reduce_l2(onnx.load(str(graph_path)))
         onnx.save(written, folder / "tofu-dynamo-written_out.onnx")
         parts = {
-            "op": {"reduce_l2": folder / "op-reduce_l2.onnx", "written_out": folder / "op-written_out.onnx"},
+            "op": {"reduce_l2": folder / "op-reduce_l2.onnx", "written_out": folder / "op-written_out.onnx",
+                   "sum_square": folder / "op-sum_square.onnx"},
             "graph": {"reduce_l2": graph_path, "written_out": folder / "tofu-dynamo-written_out.onnx"},
         }
         for part, models in parts.items():
@@ -126,6 +140,8 @@ def main() -> None:
             medians = {name: statistics.median(t for one in rounds for t in one[name]) for name in models}
             result[part] = {name: round(ms, 4) for name, ms in medians.items()}
             result[part]["written_out_over_reduce_l2"] = paired(rounds, "written_out", "reduce_l2")
+            if "sum_square" in models:
+                result[part]["sum_square_over_reduce_l2"] = paired(rounds, "sum_square", "reduce_l2")
     result.update(replaced=count, load_average_before_after=[load_before, os.getloadavg()],
                   machine=describe_device().to_dict(), python=platform.python_version(),
                   onnxruntime=__import__("onnxruntime").__version__)
@@ -148,6 +164,13 @@ def main() -> None:
         ratio = part["written_out_over_reduce_l2"]
         lines.append(f"| {label} | {part['reduce_l2']:.4f} | {part['written_out']:.4f} | {ratio['median']} | "
                      f"{ratio['ci95'][0]}-{ratio['ci95'][1]} | {', '.join(map(str, ratio['per_round']))} |")
+    square, written = op["sum_square_over_reduce_l2"], op["written_out_over_reduce_l2"]
+    faster = square["ci95"][1] < written["ci95"][0]
+    verdict = ("faster than the written-out form: worth writing the graph's norms this way" if faster
+               else "not faster than the written-out form, which the graph keeps")
+    lines += ["", f"The third form, `Sqrt(ReduceSumSquare(x))` (the square fused into the reduction), on the op alone: "
+              f"{op['sum_square']:.4f} ms, {square['median']} of ReduceL2's time (paired; 95% bootstrap "
+              f"{square['ci95'][0]}-{square['ci95'][1]}): {verdict}."]
     (args.out / "norm_form.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
