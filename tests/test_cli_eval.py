@@ -98,3 +98,25 @@ def test_eval_of_an_artifact_needs_its_reference(files: dict[str, Path], tiny_ch
 def test_eval_of_a_missing_folder_is_a_user_error(files: dict[str, Path]) -> None:
     code, output = _invoke("eval", str(files["checkpoint"]), str(files["root"] / "nowhere"))
     assert code == 2 and "nowhere" in output
+
+
+def test_the_artifact_folder_export_printed_is_taken_as_its_graph(files: dict[str, Path], tiny_export: Path,
+                                                                  tmp_path: Path) -> None:
+    """eval, profile and check take the folder ``export`` names ("exported to out"); another folder is a checkpoint
+    folder as before, and a graph the folder lacks is named with what it holds."""
+    from tofu_export.artifacts import graph_in
+    from tofu_export.errors import UserError
+
+    assert graph_in(tiny_export) == tiny_export / "model.onnx" and graph_in(tiny_export / "model.onnx").is_file()
+    assert graph_in(files["root"]) == files["root"]  # not an artifact: a transformers / open_clip folder stays one
+    with pytest.raises(UserError, match=r"artifact folder without model\.engine \(it holds manifest\.json, model"):
+        graph_in(tiny_export, engine=True)
+    code, output = _invoke("eval", str(tiny_export), str(files["data"]), "--json", "--no-compare-tome")
+    assert code == 0, output
+    assert json.loads(output[output.index("{"):])["candidate"] == str(tiny_export / "model.onnx")
+    code, output = _invoke("check", str(tiny_export), "--json")
+    assert code == 0 and json.loads(output)["ok"] is True, output
+    report = tmp_path / "profile.md"
+    code, output = _invoke("profile", str(tiny_export), "--iters", "2", "--warmup", "0", "--no-breakdown", "--report",
+                           str(report))
+    assert code == 0 and f"Latency profile of {tiny_export / 'model.onnx'}" in report.read_text(), output

@@ -31,6 +31,7 @@ from tofu_export.manifest import MANIFEST, TOOL, Manifest, ManifestError
 from tofu_export.output_paths import OutputPathError, check_not_an_input, check_parent
 
 _PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim", "tensorrt")
+ONNX_NAME, ORT_NAME, ENGINE_NAME = "model.onnx", "model.ort.onnx", "model.engine"  # the graphs an artifact holds
 
 
 class ArtifactExistsError(UserError, FileExistsError):
@@ -49,6 +50,21 @@ def is_artifact_folder(folder: Path) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(data, dict) and data.get("tool") == TOOL
+
+
+def graph_in(path: str | Path, *, engine: bool = False) -> Path:
+    """``path`` as given, or, where it is an artifact folder tofu-export wrote, the graph in it: ``model.onnx``
+    (``model.engine`` with ``engine``), so ``profile`` / ``eval`` / ``check`` take the folder ``export`` printed.
+    Any other folder stays as it is (a transformers or open_clip model folder is a checkpoint)."""
+    path = Path(path)
+    if not (path.is_dir() and is_artifact_folder(path)):
+        return path
+    graph = path / (ENGINE_NAME if engine else ONNX_NAME)
+    if not graph.is_file():
+        held = ", ".join(sorted(entry.name for entry in os.scandir(path))) or "nothing"
+        raise UserError(f"{path} is a tofu-export artifact folder without {graph.name} (it holds {held}); pass the "
+                        "file to use")
+    return graph
 
 
 def folder_state(path: Path) -> FolderState:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tofu_export.accounting import TokenSchedule, token_schedule
-from tofu_export.artifacts import check_output, staged_folder, write_manifest
+from tofu_export.artifacts import ENGINE_NAME, ONNX_NAME, ORT_NAME, check_output, staged_folder, write_manifest
 from tofu_export.config import ExportConfig, OnnxConfig, ResolvedToFu, TrtConfig
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.precision import SYNTHETIC_IMAGES
@@ -43,7 +43,7 @@ from tofu_export.tensorrt.check import check_tensorrt_compat
 from tofu_export.tensorrt.ops import ALL_TARGETS
 from tofu_export.tensorrt.targets import export_opset
 
-ONNX_NAME, ORT_NAME, ENGINE_NAME, TIMING_CACHE = "model.onnx", "model.ort.onnx", "model.engine", "timing.cache"
+TIMING_CACHE = "timing.cache"
 Step = Callable[[str], None]
 
 

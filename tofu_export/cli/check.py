@@ -21,7 +21,7 @@ ALL_RELEASES = ("8.5", "10")  # a graph without a tofu-export manifest is checke
 
 
 def check(
-    model: Annotated[Path, typer.Argument(help="An ONNX file.")],
+    model: Annotated[Path, typer.Argument(help="An ONNX file, or an artifact folder (its model.onnx).")],
     trt: Annotated[
         list[str] | None,
         typer.Option("--trt", help="TensorRT releases to check: 8.5, 10 [default: the ones the artifact was "
@@ -49,9 +49,11 @@ def check(
 
     Example: tofu-export check artifacts/deit-tofu-r16-onnx/model.onnx --costs
     """
+    from tofu_export.artifacts import graph_in
     from tofu_export.onnx_file import check_onnx_file
     from tofu_export.tensorrt.check import check_tensorrt_compat
 
+    model = graph_in(model)  # an artifact folder: its model.onnx
     check_onnx_file(model)  # a missing, truncated or non-ONNX file is named here, before the deep checks
     targets, source = default_targets(model, trt)
     report = check_tensorrt_compat(model, targets)

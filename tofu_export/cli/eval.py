@@ -13,7 +13,8 @@ from tofu_export.cli.output import print_json
 
 
 def eval_command(
-    model_path: Annotated[str, typer.Argument(help="Checkpoint (patched in PyTorch), or model.onnx / model.engine.")],
+    model_path: Annotated[str, typer.Argument(help="Checkpoint (patched in PyTorch), or model.onnx / model.engine, "
+                                              "or an artifact folder (its model.onnx).")],
     data: Annotated[Path, typer.Argument(help="ImageFolder (class subfolders), or a folder with train/ and test/.")],
     model: ModelOptions,
     tofu: ToFuOptions,

@@ -132,15 +132,16 @@ def retarget_command(argv: list[str], target: str, out: Path) -> str:
 def report_commands(config: Any, out: Path, checkpoint: Path, quick_look: bool = True) -> Any:
     """The command lines report.md lists (absolute paths: they work from any folder): this export, the graph check,
     a profile, a sweep, and an export per other TensorRT release."""
+    from tofu_export.artifacts import ONNX_NAME
     from tofu_export.reports.artifact import ReportCommands
     from tofu_export.tensorrt.ops import ALL_TARGETS
 
     out, checkpoint = Path(os.path.abspath(out)), Path(os.path.abspath(checkpoint))
     reproduce = {
         "This export" + (", with its quick look" if quick_look else ""): config.command,
-        "The TensorRT check of the graph": shlex.join(["tofu-export", "check", str(out / "model.onnx")]),
+        "The TensorRT check of the graph": shlex.join(["tofu-export", "check", str(out / ONNX_NAME)]),
         "A longer latency profile of the ToFu graph on this machine": shlex.join(
-            ["tofu-export", "profile", str(out / "model.onnx"), "--batch", "1,8"]),
+            ["tofu-export", "profile", str(out / ONNX_NAME), "--batch", "1,8"]),
     }
     if config.tofu.policy is None and isinstance(config.tofu.mode, str):
         r = config.tofu.r if isinstance(config.tofu.r, int) else None

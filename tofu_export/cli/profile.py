@@ -20,7 +20,9 @@ from tofu_export.profiling.device import load_average
 
 
 def profile(
-    artifact: Annotated[str, typer.Argument(help="model.onnx, model.engine, or a checkpoint (profiled in PyTorch).")],
+    artifact: Annotated[str, typer.Argument(help="model.onnx, model.engine, an artifact folder (its model.onnx; "
+                                            "model.engine with --backend trt), or a checkpoint (profiled in "
+                                            "PyTorch).")],
     model: ModelOptions,
     tofu: ToFuOptions,
     runtime: RuntimeOptions,
@@ -49,10 +51,12 @@ def profile(
 
       tofu-export profile artifacts/deit-tofu-r16-onnx/model.onnx --backend ort-cuda
     """
+    from tofu_export.artifacts import graph_in
     from tofu_export.jobs.profile import profile_source
     from tofu_export.reports.profile import write_json, write_markdown
 
     runtime.check()
+    artifact = str(graph_in(artifact, engine=backend.backend == "trt"))  # an artifact folder: the graph in it
     if report is not None:
         from tofu_export.output_paths import (
             FileOutput,

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tofu_export.artifacts import graph_in
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import Hint
 from tofu_export.evaluation import EvaluationError, Reference, evaluate
@@ -34,7 +35,8 @@ def evaluate_model(
     compare_tome: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data``: a checkpoint is patched with ``tofu`` in PyTorch; a deployed artifact
-    (``.onnx``, ``.engine``) is run as is against ``reference`` (default: the checkpoint its manifest records).
+    (``.onnx``, ``.engine``, or the artifact folder: its ``model.onnx``) is run as is against ``reference`` (default:
+    the checkpoint its manifest records).
 
     Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "notes"}``; ``r`` is the
     per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked or
@@ -42,7 +44,7 @@ def evaluate_model(
     """
     from tofu_export.engines.torch import TorchRunner
 
-    model, data = Path(model), Path(data)
+    model, data = graph_in(model), Path(data)  # an artifact folder: its model.onnx
     if not data.is_dir():
         raise EvaluationError(f"{data} is not a folder of images (ImageFolder layout, or train/ and test/)")
     if batch_size < 1:

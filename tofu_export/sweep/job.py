@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from tofu_export import __version__
-from tofu_export.artifacts import cached_artifact
+from tofu_export.artifacts import ENGINE_NAME, ONNX_NAME, cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.config import ExportConfig, ToFuConfig
 from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
 from tofu_export.models.loading import LoadedModel, load_model
 from tofu_export.output_paths import check_output_folder, is_sweep_folder
-from tofu_export.pipeline import ENGINE_NAME, ONNX_NAME, export_model
+from tofu_export.pipeline import export_model
 from tofu_export.profiling.device import load_average
 from tofu_export.progress import format_seconds, tracker
 from tofu_export.reports.sweep import flag_uncertain, sweep_markdown, sweep_row
