@@ -155,8 +155,8 @@ def planned_for(plan: TokenPlan | None, num_tokens: int, num_prefix: int, r: Seq
     exactly these (reported as ``plan_tokens`` would report it), else a new one. A plan made for other tokens or r is a
     caller's error (``ValueError``)."""
     if plan is None:
-        plan = plan_tokens(num_tokens, num_prefix, r, warn=False)
-    elif plan.tokens[:1] != [num_tokens] or plan.requested != list(r):
+        return plan_tokens(num_tokens, num_prefix, r, strict=strict)
+    if plan.tokens[:1] != [num_tokens] or plan.requested != list(r):
         raise ValueError(f"a token plan for {plan.tokens[:1]} tokens and r={plan.requested} was handed to a model "
                          f"receiving {num_tokens} tokens with r={list(r)}")
     return report_clipping(plan, num_prefix, strict)
