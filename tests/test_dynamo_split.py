@@ -102,12 +102,13 @@ def test_timm_packed_swiglu_exports_through_dynamo(opset: int, tmp_path: Path) -
 @pytest.mark.slow
 @pytest.mark.parametrize("opset", [17, 16])
 def test_siglip_exports_through_dynamo(opset: int, tmp_path: Path) -> None:
-    """``SiglipVisionModel`` (attention-pool head) with the default exporter: parity, static ops, TensorRT check."""
+    """``SiglipVisionModel`` (attention-pool head; block 0 prunes, block 1 merges with MLERP) with the default
+    exporter: parity, static ops, TensorRT check."""
     transformers = pytest.importorskip("transformers")
     from tofu_export.models.hf_vit import wrap
 
     torch.manual_seed(0)
-    config = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+    config = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                              intermediate_size=64, image_size=32, patch_size=4)
     model = wrap(transformers.SiglipVisionModel(config))
     patch(model, r=8, mode="tofu", img_size=32, prune_layers=1)
