@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, RuntimeOptions
-from tofu_export.cli.output import print_json
+from tofu_export.cli.output import print_json, print_table
 from tofu_export.errors import Hint, UserError
 
 
@@ -127,9 +127,9 @@ def calibrate(
         table.add_row(str(i), mode if removed else "-", str(removed), *damage, f"{m['linearity'][i]['mean']:.3f}",
                       m["rule_modes"]["linearity"][i])
     console = Console()
-    console.print(table)
+    print_table(console, table)
     console.print(f"wrote {out} and {plot_path}", highlight=False, soft_wrap=True)
-    console.print(comparison_table(m, r))
+    print_table(console, comparison_table(m, r))
     warning = parity_warning(gate, out)
     if warning:
         console.print(warning, highlight=False, soft_wrap=True)

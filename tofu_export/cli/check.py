@@ -11,7 +11,7 @@ import typer
 
 from tofu_export.cli.errors import EXIT_CHECK_FAILED
 from tofu_export.cli.options import JsonOption
-from tofu_export.cli.output import print_json
+from tofu_export.cli.output import print_json, print_table
 
 if TYPE_CHECKING:
     from tofu_export.tensorrt.check import TrtCompatReport
@@ -116,4 +116,4 @@ def print_check(report: TrtCompatReport, source: str) -> None:
         lines = [f"{f['count']} x {f['op_type'] or 'graph'}: {f['message']}" + (" (warning)" if f["severity"] ==
                  "warning" else "") for f in findings if f["target"] == target]
         table.add_row(TARGET_LABELS.get(target, target), "yes" if ok else "NO", "\n".join(lines) or "none")
-    Console().print(table)
+    print_table(Console(), table)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tofu_export.cli.groups import option_group
 from tofu_export.cli.options import ExporterOption, JsonOption, OpsetOption
-from tofu_export.cli.output import print_json
+from tofu_export.cli.output import print_json, print_table
 from tofu_export.names import DEFAULT_EXPORTER
 
 Source = Annotated[str, typer.Argument(help="An OpenAI-UNet checkpoint folder (config.json + model.safetensors), or a "
@@ -81,7 +81,7 @@ def denoiser(
         print_json({"folder": str(done.folder), "files": done.files, "model": done.kind,
                     "policy": json_policy(done.policy), **done.export.to_dict()})
         return
-    Console().print(export_table(done))
+    print_table(Console(), export_table(done))
 
 
 def calibrate_denoiser(
@@ -115,7 +115,7 @@ def calibrate_denoiser(
         print_json({"policy": str(out), "psnr": result.psnr, "ssim": result.ssim, **json_policy(result.policy)})
         return
     console = Console()
-    console.print(calibration_table(source, out, result))
+    print_table(console, calibration_table(source, out, result))
     if result.policy.notes.get("measured_below_budget"):
         console.print(f"note: the measured speed-up ({result.measured.speedup:.3f}x) is below the --speedup budget "
                       f"({speedup:g}x) the FLOP prediction met: on this backend the reduction costs more than its "

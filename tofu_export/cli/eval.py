@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions, ToFuOptions
-from tofu_export.cli.output import print_json
+from tofu_export.cli.output import print_json, print_table
 
 
 def eval_command(
@@ -106,4 +106,4 @@ def print_evaluation(report: dict[str, Any]) -> None:
     table.add_column(report["mode"], justify="right")
     for row in evaluation_rows(report):
         table.add_row(*row)
-    console.print(table)
+    print_table(console, table)

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 console = Console(stderr=True)
 
@@ -30,6 +31,22 @@ def steps(enabled: bool = True) -> Iterator[Callable[[str], None]]:
             console.print(f"[dim]- [{minutes}:{seconds:02d}][/] {name}", highlight=False)
 
         yield step
+
+
+def print_table(out: Console, table: Table) -> None:
+    """Print ``table`` with its title above and its caption below as lines of their own, wrapped to the terminal's
+    width: rich wraps them to the table's, which cut a path in a narrow table's title mid-name
+    (``.../dinov2_vits14_img_focu`` / ``s/vit_small...``)."""
+    title, caption = table.title, table.caption
+    table.title = table.caption = None
+    try:
+        if title:
+            out.print(title, style="table.title", highlight=False)
+        out.print(table)
+        if caption:
+            out.print(caption, style="table.caption", highlight=False)
+    finally:
+        table.title, table.caption = title, caption
 
 
 def print_json(data: Any) -> None:

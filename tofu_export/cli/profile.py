@@ -15,7 +15,7 @@ from tofu_export.cli.options import (
     ToFuOptions,
     parse_int_list,
 )
-from tofu_export.cli.output import library_warnings, print_json, warnings_note
+from tofu_export.cli.output import library_warnings, print_json, print_table, warnings_note
 from tofu_export.profiling.device import load_average
 
 
@@ -131,7 +131,7 @@ def print_profile(result: Any, backend: str, reference: dict[str, Any] | None) -
         for batch in profiled:
             values = [batch.breakdown.by_category_ms.get(name, 0.0) for name in CATEGORIES]
             parts.add_row(str(batch.batch_size), *(f"{v:.2f}" for v in values), f"{batch.breakdown.total_ms:.2f}")
-        console.print(parts)
+        print_table(console, parts)
     load = load_average()
     caption = [f"{backend}, load average {load[0]:.1f} now." if load else f"{backend}.",
                "Spread: p90 and p99 of the timed runs, and their standard deviation."]
@@ -149,4 +149,4 @@ def print_profile(result: Any, backend: str, reference: dict[str, Any] | None) -
         table.add_row(str(lat.batch_size), str(lat.n), f"{lat.p50_ms:.2f}", f"{lat.p90_ms:.2f} / {lat.p99_ms:.2f}",
                       f"{lat.std_ms:.2f}", f"{lat.throughput_ips:.1f}",
                       f"{batch.memory.peak_rss_mib:.0f}" if batch.memory.peak_rss_mib is not None else "-")
-    console.print(table)
+    print_table(console, table)

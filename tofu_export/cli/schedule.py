@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, ToFuOptions
-from tofu_export.cli.output import print_json
+from tofu_export.cli.output import print_json, print_table
 from tofu_export.reports.artifact import clip_notes, compact_r
 
 
@@ -46,4 +46,4 @@ def schedule(
         table.add_column(column, justify="right")
     for i, (n, removed, how) in enumerate(zip(result.tokens, result.r, result.modes, strict=True)):
         table.add_row(str(i), str(n), str(removed), how)
-    console.print(table)
+    print_table(console, table)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.groups import flag_for
+from tofu_export.cli.output import print_table
 from tofu_export.manifest import MANIFEST, Manifest, QuickLook
 from tofu_export.reports.artifact import (
     REPORT,
@@ -28,12 +29,12 @@ def print_summary(outcome: Any, console: Console | None = None) -> None:
     """The export's result on stdout: what was exported, then (last) the quick look that answers what it bought."""
     console = console or Console()
     m = outcome.manifest
-    console.print(_export_table(outcome))
+    print_table(console, _export_table(outcome))
     for line in [*(f"note: {note}" for note in m.notes), *_advice(m)]:
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"report: {outcome.out_dir / REPORT}", highlight=False, soft_wrap=True)
     if m.quick_look:
-        console.print(_quick_look_table(m.quick_look, tofu_label(m)))
+        print_table(console, _quick_look_table(m.quick_look, tofu_label(m)))
 
 
 def _export_table(outcome: Any) -> Table:

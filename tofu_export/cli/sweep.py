@@ -15,7 +15,7 @@ from tofu_export.cli.options import (
     RuntimeOptions,
     parse_int_list,
 )
-from tofu_export.cli.output import console, library_warnings, print_json, warnings_note
+from tofu_export.cli.output import console, library_warnings, print_json, print_table, warnings_note
 
 if TYPE_CHECKING:
     from tofu_export.sweep.job import SweepResult
@@ -116,4 +116,4 @@ def print_sweep(result: SweepResult) -> None:
     for row in result.rows:
         cells = table_cells(row)
         table.add_row(*(cells[index] for index in shown))
-    stdout.print(table)
+    print_table(stdout, table)

@@ -1,0 +1,40 @@
+"""The commands' tables: a title or caption wider than its table wraps at the terminal's width, not the table's."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from typer.testing import CliRunner
+
+from tofu_export.cli import app
+from tofu_export.cli.output import print_table
+
+
+def test_title_and_caption_wrap_at_the_terminal_not_at_the_table() -> None:
+    title = "/a/folder/with/a/long/name/model.safetensors: mode tofu, r per block 16 x12, 224 px"
+    caption = "GFLOPs 6.12 -> 3.72 (1.65x fewer); 65 tokens leave the last block."
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    table.add_column("block")
+    table.add_row("0")
+    out = Console(width=100, record=True, color_system=None)
+    print_table(out, table)
+    lines = out.export_text().splitlines()
+    assert lines[0] == title and lines[-1] == caption  # each on one line, around a table of 9 columns
+    assert len(lines) == 2 + 5 and all(len(line) <= 9 for line in lines[1:-1])
+    assert (table.title, table.caption) == (title, caption)  # the table itself is left as it was
+
+
+def test_schedule_prints_the_checkpoint_path_whole(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """``schedule``'s table is 40 columns wide; its title names the checkpoint, which rich used to cut at 40."""
+    folder = tmp_path / "checkpoints_of_a_project_with_a_long_name"
+    folder.mkdir()
+    for path in (tiny_checkpoint, tiny_checkpoint.parent / "config.json"):
+        shutil.copy(path, folder / path.name)
+    checkpoint = folder / tiny_checkpoint.name
+    result = CliRunner().invoke(app, ["schedule", str(checkpoint), "--r", "2"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert f"{checkpoint}: " in result.output
+    assert "tokens leave the last block." in result.output
