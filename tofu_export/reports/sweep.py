@@ -1,5 +1,5 @@
-"""The sweep's table: one row per point with its latency spread, speed-up over the r = 0 baseline (with the spread of
-the per-round ratios), fidelity (with its standard error), and a flag where the spread makes the ranking uncertain.
+"""The sweep's table: one row per point with its latency spread, speed-up over the r = 0 baseline (interleaved: the
+median and spread of the per-round ratios), fidelity (with its standard error), and a flag where the spread makes the ranking uncertain.
 
 A row is a plain dict (``sweep.json`` carries it as is); ``table_cells`` formats it the same way for sweep.md and the
 terminal, so both say the same thing.
@@ -34,12 +34,11 @@ def sweep_row(record: dict[str, Any], baseline_ms: Sequence[float] | None, paire
                            "images_per_s": stats.throughput_ips}  # fmt: skip
     if baseline_ms is not None:
         base = np.asarray(baseline_ms, dtype=np.float64)
-        row["speedup"] = float(np.median(base)) / p50
-        if paired and base.size == samples.size:
-            low, high = np.percentile(base / samples, [10.0, 90.0])  # per-round ratios
-        else:  # timed apart: the baseline's median over this point's p90 and p10
-            low, high = float(np.median(base)) / p90, float(np.median(base)) / p10
-        row["speedup_p10"], row["speedup_p90"] = float(low), float(high)
+        if paired and base.size == samples.size:  # the per-round ratios: load that hits a whole round cancels
+            low, mid, high = np.percentile(base / samples, [10.0, 50.0, 90.0])
+        else:  # timed apart: the baseline's median over this point's p90, p50 and p10
+            low, mid, high = (float(np.median(base)) / ms for ms in (p90, p50, p10))
+        row["speedup"], row["speedup_p10"], row["speedup_p90"] = float(mid), float(low), float(high)
     metrics = (record.get("eval") or {}).get("metrics", {})
     accuracy = metrics.get("candidate_top1", metrics.get("candidate_knn_top1"))
     if accuracy is not None:
