@@ -1,5 +1,6 @@
 """The sweep's table: one row per point with its latency spread, speed-up over the r = 0 baseline (interleaved: the
-median and spread of the per-round ratios), fidelity (with its standard error), and a flag where the spread makes the ranking uncertain.
+median and spread of the per-round ratios), fidelity (with its standard error), and a flag where the spread makes the
+ranking uncertain.
 
 A row is a plain dict (``sweep.json`` carries it as is); ``table_cells`` formats it the same way for sweep.md and the
 terminal, so both say the same thing.
