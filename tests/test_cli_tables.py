@@ -27,6 +27,16 @@ def test_title_and_caption_wrap_at_the_terminal_not_at_the_table() -> None:
     assert (table.title, table.caption) == (title, caption)  # the table itself is left as it was
 
 
+def test_title_and_caption_are_taken_literally() -> None:
+    """A path may hold square brackets; rich read ``[v2]`` as a style tag and dropped it."""
+    table = Table(title="/data/[v2]/model.pth: mode tofu", caption="from /data/[bold]/images")
+    table.add_column("block")
+    out = Console(width=100, record=True, color_system=None)
+    print_table(out, table)
+    lines = out.export_text().splitlines()
+    assert (lines[0], lines[-1]) == ("/data/[v2]/model.pth: mode tofu", "from /data/[bold]/images")
+
+
 def test_schedule_prints_the_checkpoint_path_whole(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """``schedule``'s table is 40 columns wide; its title names the checkpoint, which rich used to cut at 40."""
     folder = tmp_path / "checkpoints_of_a_project_with_a_long_name"

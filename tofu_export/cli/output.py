@@ -35,16 +35,17 @@ def steps(enabled: bool = True) -> Iterator[Callable[[str], None]]:
 
 def print_table(out: Console, table: Table) -> None:
     """Print ``table`` with its title above and its caption below as lines of their own, wrapped to the terminal's
-    width: rich wraps them to the table's, which cut a path in a narrow table's title mid-name
-    (``.../dinov2_vits14_img_focu`` / ``s/vit_small...``)."""
+    width and taken literally: rich wraps them to the table's width, which cut a path in a narrow table's title
+    mid-name (``.../dinov2_vits14_img_focu`` / ``s/vit_small...``), and reads ``[...]`` in them as markup, which
+    dropped ``[v2]`` from ``/data/[v2]/model.pth``."""
     title, caption = table.title, table.caption
     table.title = table.caption = None
     try:
         if title:
-            out.print(title, style="table.title", highlight=False)
+            out.print(title, style="table.title", highlight=False, markup=False)
         out.print(table)
         if caption:
-            out.print(caption, style="table.caption", highlight=False)
+            out.print(caption, style="table.caption", highlight=False, markup=False)
     finally:
         table.title, table.caption = title, caption
 
