@@ -1,4 +1,5 @@
-"""The commands' tables: a title or caption wider than its table wraps at the terminal's width, not the table's."""
+"""What the commands print: a table's title or caption wider than the table wraps at the terminal's width, not the
+table's; titles, captions, notes and messages are printed literally (a path may hold ``[v2]``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 from tofu_export.cli import app
-from tofu_export.cli.output import print_table
+from tofu_export.cli import output
+from tofu_export.cli.output import print_line, print_table
 
 
 def test_title_and_caption_wrap_at_the_terminal_not_at_the_table() -> None:
@@ -48,3 +50,15 @@ def test_schedule_prints_the_checkpoint_path_whole(tiny_checkpoint: Path, tmp_pa
     assert result.exit_code == 0, result.output
     assert f"{checkpoint}: " in result.output
     assert "tokens leave the last block." in result.output
+
+
+def test_lines_are_printed_literally_after_a_styled_label(monkeypatch) -> None:
+    """Notes, "wrote ..." lines, warnings and errors name paths: rich read ``[v2]`` in them as a style and dropped
+    it; the label before them keeps its style."""
+    out = Console(width=100, record=True, color_system="truecolor")
+    print_line(out, "report: /runs/[v2]/report.md")
+    monkeypatch.setattr(output, "console", out)
+    output.warn("nothing in /data/[bold]/images")
+    assert out.export_text(clear=False).splitlines() == ["report: /runs/[v2]/report.md",
+                                              "warning: nothing in /data/[bold]/images"]
+    assert "\x1b[33mwarning:" in out.export_text(styles=True)  # the label is yellow; the message is plain

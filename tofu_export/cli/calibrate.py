@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, RuntimeOptions
-from tofu_export.cli.output import print_json, print_table
+from tofu_export.cli.output import print_json, print_line, print_table
 from tofu_export.errors import Hint, UserError
 
 
@@ -128,11 +128,11 @@ def calibrate(
                       m["rule_modes"]["linearity"][i])
     console = Console()
     print_table(console, table)
-    console.print(f"wrote {out} and {plot_path}", highlight=False, soft_wrap=True)
+    print_line(console, f"wrote {out} and {plot_path}")
     print_table(console, comparison_table(m, r))
     warning = parity_warning(gate, out)
     if warning:
-        console.print(warning, highlight=False, soft_wrap=True)
+        print_line(console, warning)
 
 
 def parity_warning(gate: dict[str, Any] | None, out: Path) -> str | None:

@@ -11,6 +11,7 @@ import typer
 from tofu_export.cli.errors import console
 from tofu_export.cli.export import BenchOption, LookSecondsOption
 from tofu_export.cli.options import JsonOption
+from tofu_export.cli.output import print_line
 
 
 def demo(
@@ -43,6 +44,6 @@ def demo(
     from tofu_export.jobs.demo import default_checkpoint, demo_images
 
     checkpoint, description = default_checkpoint()
-    console.print(f"default checkpoint: {checkpoint} ({description})", highlight=False)
+    print_line(console, f"default checkpoint: {checkpoint} ({description})")
     quick = dataclasses.replace(demo_images(), budget_s=look_seconds) if bench else None
     export_and_report(checkpoint, out, config, quick, as_json=as_json)

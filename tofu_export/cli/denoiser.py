@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tofu_export.cli.groups import option_group
 from tofu_export.cli.options import ExporterOption, JsonOption, OpsetOption
-from tofu_export.cli.output import print_json, print_table
+from tofu_export.cli.output import print_json, print_line, print_table
 from tofu_export.names import DEFAULT_EXPORTER
 
 Source = Annotated[str, typer.Argument(help="An OpenAI-UNet checkpoint folder (config.json + model.safetensors), or a "
@@ -117,9 +117,9 @@ def calibrate_denoiser(
     console = Console()
     print_table(console, calibration_table(source, out, result))
     if result.policy.notes.get("measured_below_budget"):
-        console.print(f"note: the measured speed-up ({result.measured.speedup:.3f}x) is below the --speedup budget "
-                      f"({speedup:g}x) the FLOP prediction met: on this backend the reduction costs more than its "
-                      "FLOPs say; raise --speedup or --ratio, or time on the target device", highlight=False)
+        print_line(console, f"note: the measured speed-up ({result.measured.speedup:.3f}x) is below the --speedup "
+                   f"budget ({speedup:g}x) the FLOP prediction met: on this backend the reduction costs more than its "
+                   "FLOPs say; raise --speedup or --ratio, or time on the target device")
 
 
 def json_policy(policy: Any) -> dict[str, Any]:

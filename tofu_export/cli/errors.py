@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from tofu_export.cli.groups import flag_for
+from tofu_export.cli.output import print_line
 from tofu_export.cli.signals import describe, quiet_exit_installed, raise_on_signals, second_signal_exits_quietly
 from tofu_export.errors import Hint, ToFuError
 
@@ -99,14 +100,8 @@ def render(error: ToFuError) -> str:
     return f"{first}\n{rest}" if rest else first
 
 
-def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
-    raise typer.Exit(code)
-
-
 def _print_error(message: str) -> None:
-    console.print("[bold red]error:[/] ", end="", highlight=False)
-    console.print(message, highlight=False, soft_wrap=True, markup=False)
+    print_line(console, message, label="[bold red]error:[/] ")
 
 
 def guarded(fn: F) -> F:

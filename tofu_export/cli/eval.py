@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions, ToFuOptions
-from tofu_export.cli.output import print_json, print_table
+from tofu_export.cli.output import print_json, print_line, print_table
 
 
 def eval_command(
@@ -95,7 +95,7 @@ def print_evaluation(report: dict[str, Any]) -> None:
 
     console = Console()
     for note in report.get("notes", []):
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        print_line(console, f"note: {note}")
     r = compact_r(report["r"]) if report["r"] else "unknown"
     images = f"{report['n_eval']} images" + (f" (+{report['n_train']} to fit k-NN)" if report.get("n_train") else "")
     table = Table(title=f"{report['candidate']}: {report['mode']}, r per block {r}", title_justify="left",

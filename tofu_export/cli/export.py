@@ -13,7 +13,7 @@ import typer
 
 from tofu_export.cli.errors import EXIT_ENGINE_NOT_BUILT, console
 from tofu_export.cli.options import JsonOption, ModelOptions, OnnxOptions, ToFuOptions, TrtOptions
-from tofu_export.cli.output import library_warnings, print_json, steps, warnings_note
+from tofu_export.cli.output import library_warnings, print_json, print_line, steps, warnings_note
 
 TargetOption = Annotated[str, typer.Option("--target", "-t", help="onnx | ort | trt", rich_help_panel="Output")]
 OutOption = Annotated[
@@ -164,13 +164,12 @@ def export_and_report(checkpoint: Path, out: Path, config: Any, quick: Any, *, a
         outcome = run_export(checkpoint, out, config, step, quick_look=quick, report_commands=commands)
     note = warnings_note(caught)
     if note and not as_json:
-        console.print(note, highlight=False, soft_wrap=True)
+        print_line(console, note)
     if as_json:
         print_json({"out_dir": str(outcome.out_dir), "engine_error": outcome.engine_error,
                     **outcome.manifest.to_dict()})
     else:
         print_summary(outcome)
     if outcome.engine_error:
-        console.print(f"[bold yellow]TensorRT engine not built:[/] {outcome.engine_error}", highlight=False,
-                      soft_wrap=True)
+        print_line(console, outcome.engine_error, label="[bold yellow]TensorRT engine not built:[/] ")
         raise typer.Exit(EXIT_ENGINE_NOT_BUILT)

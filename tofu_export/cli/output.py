@@ -28,9 +28,17 @@ def steps(enabled: bool = True) -> Iterator[Callable[[str], None]]:
         def step(name: str) -> None:
             progress.update(task, description=name)
             minutes, seconds = divmod(int(time.monotonic() - started), 60)
-            console.print(f"[dim]- [{minutes}:{seconds:02d}][/] {name}", highlight=False)
+            print_line(console, name, label=f"[dim]- \\[{minutes}:{seconds:02d}][/] ")
 
         yield step
+
+
+def print_line(out: Console, text: str, label: str = "") -> None:
+    """One line of plain text, taken literally (a path may hold ``[v2]``, which rich would read as markup and drop),
+    wrapped by the terminal; ``label``: a styled prefix in rich markup (``"[yellow]warning:[/] "``)."""
+    if label:
+        out.print(label, end="", highlight=False)
+    out.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def print_table(out: Console, table: Table) -> None:
@@ -55,7 +63,7 @@ def print_json(data: Any) -> None:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    print_line(console, message, label="[yellow]warning:[/] ")
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, ToFuOptions
-from tofu_export.cli.output import print_json, print_table
+from tofu_export.cli.output import print_json, print_line, print_table
 from tofu_export.reports.artifact import clip_notes, compact_r
 
 
@@ -37,7 +37,7 @@ def schedule(
         return
     console = Console()
     for note in clip_notes(resolved.plan) + [str(w.message) for w in caught if "clipped" not in str(w.message)]:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        print_line(console, f"note: {note}")
     table = Table(title=f"{source}: {resolved.source}, r per block {compact_r(result.r)}, {resolved.img_size} px",
                   title_justify="left", caption_justify="left",
                   caption=f"GFLOPs {result.gflops_original:.2f} -> {result.gflops_reduced:.2f} "

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tofu_export.cli.groups import flag_for
-from tofu_export.cli.output import print_table
+from tofu_export.cli.output import print_line, print_table
 from tofu_export.manifest import MANIFEST, Manifest, QuickLook
 from tofu_export.reports.artifact import (
     REPORT,
@@ -31,8 +31,8 @@ def print_summary(outcome: Any, console: Console | None = None) -> None:
     m = outcome.manifest
     print_table(console, _export_table(outcome))
     for line in [*(f"note: {note}" for note in m.notes), *_advice(m)]:
-        console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"report: {outcome.out_dir / REPORT}", highlight=False, soft_wrap=True)
+        print_line(console, line)
+    print_line(console, f"report: {outcome.out_dir / REPORT}")
     if m.quick_look:
         print_table(console, _quick_look_table(m.quick_look, tofu_label(m)))
 

@@ -15,7 +15,7 @@ from tofu_export.cli.options import (
     RuntimeOptions,
     parse_int_list,
 )
-from tofu_export.cli.output import console, library_warnings, print_json, print_table, warnings_note
+from tofu_export.cli.output import console, library_warnings, print_json, print_line, print_table, warnings_note
 
 if TYPE_CHECKING:
     from tofu_export.sweep.job import SweepResult
@@ -85,7 +85,7 @@ def sweep(
         arch=model.arch,
         num_heads=model.num_heads, trust_pickle=model.trust_pickle,
     )
-    say = (lambda _: None) if as_json else (lambda text: console.print(f"[dim]-[/] {text}", highlight=False))
+    say = (lambda _: None) if as_json else (lambda text: print_line(console, text, label="[dim]-[/] "))
     with library_warnings() as caught:
         result = run_sweep_job(checkpoint, out, config, say=say, progress=not as_json)
     note = warnings_note(caught)
@@ -105,9 +105,9 @@ def print_sweep(result: SweepResult) -> None:
     from tofu_export.reports.sweep import COLUMNS, shown_columns, table_cells
 
     stdout = Console()
-    stdout.print("files: " + ", ".join(str(path) for path in result.files), highlight=False, soft_wrap=True)
+    print_line(stdout, "files: " + ", ".join(str(path) for path in result.files))
     for note in result.notes:
-        stdout.print(f"note: {note}", highlight=False, soft_wrap=True)
+        print_line(stdout, f"note: {note}")
     table = Table(title=result.title, caption=" ".join(result.caption), title_justify="left",
                   caption_justify="left")
     shown = shown_columns(result.rows)
