@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
-from tofu_export.cli import app
-from tofu_export.cli import output
+from tofu_export.cli import app, output
 from tofu_export.cli.output import print_line, print_table
 
 
