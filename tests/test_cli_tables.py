@@ -29,13 +29,17 @@ def test_title_and_caption_wrap_at_the_terminal_not_at_the_table() -> None:
 
 
 def test_title_and_caption_are_taken_literally() -> None:
-    """A path may hold square brackets; rich read ``[v2]`` as a style tag and dropped it."""
-    table = Table(title="/data/[v2]/model.pth: mode tofu", caption="from /data/[bold]/images")
-    table.add_column("block")
+    """A path may hold square brackets; rich read ``[v2]`` as a style tag and dropped it, in a title, a caption or a
+    cell (the export's architecture reason names the checkpoint's sidecar file)."""
+    table = Table(title="/data/[v2]/model.pth: mode tofu", caption="from /data/[bold]/images", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("architecture", "6 heads from model[v2].json")
     out = Console(width=100, record=True, color_system=None)
     print_table(out, table)
     lines = out.export_text().splitlines()
     assert (lines[0], lines[-1]) == ("/data/[v2]/model.pth: mode tofu", "from /data/[bold]/images")
+    assert "6 heads from model[v2].json" in lines[2]
 
 
 def test_schedule_prints_the_checkpoint_path_whole(tiny_checkpoint: Path, tmp_path: Path) -> None:

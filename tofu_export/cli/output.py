@@ -43,15 +43,15 @@ def print_line(out: Console, text: str, label: str = "") -> None:
 
 def print_table(out: Console, table: Table) -> None:
     """Print ``table`` with its title above and its caption below as lines of their own, wrapped to the terminal's
-    width and taken literally: rich wraps them to the table's width, which cut a path in a narrow table's title
-    mid-name (``.../dinov2_vits14_img_focu`` / ``s/vit_small...``), and reads ``[...]`` in them as markup, which
-    dropped ``[v2]`` from ``/data/[v2]/model.pth``."""
+    width, and every text in it taken literally: rich wraps a title to the table's width, which cut a path in a
+    narrow table's title mid-name (``.../dinov2_vits14_img_focu`` / ``s/vit_small...``), and reads ``[...]`` as
+    markup, which dropped ``[v2]`` from ``/data/[v2]/model.pth`` (no table of this tool styles its cells)."""
     title, caption = table.title, table.caption
     table.title = table.caption = None
     try:
         if title:
             out.print(title, style="table.title", highlight=False, markup=False)
-        out.print(table)
+        out.print(table, markup=False)
         if caption:
             out.print(caption, style="table.caption", highlight=False, markup=False)
     finally:
