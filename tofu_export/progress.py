@@ -109,7 +109,8 @@ def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0,
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        description = TextColumn("{task.description}", markup=False)  # a path may hold "[v2]": not markup
+        columns = (description, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=Console(stderr=True)) as progress:
             yield _Bar(progress, progress.add_task(label, total=total or None))
         return

@@ -20,7 +20,7 @@ console = Console(stderr=True)
 def steps(enabled: bool = True) -> Iterator[Callable[[str], None]]:
     """A spinner that shows the current stage of a long job; yields ``step(name)``. Each step also prints one line
     with the time since the job started (``- [0:42] exporting to ONNX``), so a log shows where the time went."""
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn())
     started = time.monotonic()
     with Progress(*columns, console=console, transient=True, disable=not enabled) as progress:
         task = progress.add_task("starting")
