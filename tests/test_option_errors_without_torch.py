@@ -39,3 +39,15 @@ def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> Non
         assert not result.torch_loaded, f"{name}: torch was imported to refuse {COMMANDS[name]}"
     assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png", "report.md",
                                                             "ema.pth", "ema.json"))
+
+
+def test_version_names_the_libraries_without_importing_them(tmp_path: Path) -> None:
+    """``--version`` (for a bug report) answers from installed metadata, also where torch cannot be imported."""
+    from tofu_export import __version__
+
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    (result,) = run_in_one_interpreter([(["--version"], False)], tmp_path, env)
+    assert result.code == 0 and not result.torch_loaded, result
+    assert result.stdout.startswith(f"tofu-export {__version__} (Python "), result.stdout
+    for library in ("torch ", "onnx ", "onnxruntime ", "timm ", "tensorrt "):  # a version or "not installed"
+        assert library in result.stdout, (library, result.stdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -31,6 +32,32 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
+
+def _print_version(asked: bool) -> None:
+    """``--version``: this tool's version and those of the libraries an export depends on, from their installed
+    metadata (nothing is imported: it answers in a fraction of a second), then exit."""
+    if not asked:
+        return
+    import platform
+
+    from tofu_export import __version__
+    from tofu_export.artifacts import package_versions
+
+    libraries = {name: version for name, version in package_versions().items() if name != "tofu-export"}
+    listed = ", ".join(f"{name} {version or 'not installed'}" for name, version in libraries.items())
+    typer.echo(f"tofu-export {__version__} (Python {platform.python_version()}; {listed})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the versions of tofu-export and the libraries it exports "
+                                               "with, then exit.")] = False,
+) -> None:
+    # no docstring: the app's help is the Typer(help=...) above
+    pass
+
 
 COMMANDS = {
     "export": export.export,
