@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -360,6 +361,7 @@ def test_manifest_describes_the_export(work: Path, files: dict[str, Path], first
     assert versions["torch"] == torch.__version__.split("+")[0]
     assert versions["timm"] == timm.__version__
     assert versions["onnxruntime"] == onnxruntime.__version__
+    assert versions["onnxscript"] == importlib.metadata.version("onnxscript")  # the dynamo exporter's translations
     listed = {entry["name"]: entry["sha256"] for entry in manifest["files"]}
     assert listed["model.onnx"] == _sha256(out / "model.onnx")
 

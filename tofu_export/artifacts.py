@@ -30,7 +30,7 @@ from tofu_export.hashing import sha256_file
 from tofu_export.manifest import MANIFEST, TOOL, Manifest, ManifestError
 from tofu_export.output_paths import OutputPathError, check_not_an_input, check_parent
 
-_PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxruntime", "onnxslim", "onnxsim", "tensorrt")
+_PACKAGES = ("tofu-export", "torch", "timm", "onnx", "onnxscript", "onnxruntime", "onnxslim", "onnxsim", "tensorrt")
 ONNX_NAME, ORT_NAME, ENGINE_NAME = "model.onnx", "model.ort.onnx", "model.engine"  # the graphs an artifact holds
 
 
