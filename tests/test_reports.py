@@ -96,6 +96,18 @@ def test_plots_write_png_files(tmp_path: Path) -> None:
         assert is_tofu_png(path)  # every PNG tofu-export writes is marked as its own (reports.png)
 
 
+def test_latency_vs_r_ticks_only_whole_r(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """r is a count of tokens: with r = 0, 2, 4 matplotlib's default ticks fell at 0.5, 1.5, ..."""
+    from tofu_export.reports import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda figure, path: figures.append(figure) or Path(path))
+    plot_latency_vs_r([TradeoffPoint(mode, r, latency_ms=1.0 - r / 10) for mode in ("tome", "tofu") for r in (0, 2, 4)],
+                      tmp_path / "lat.png")
+    ticks = [tick for tick in figures[0].axes[0].get_xticks() if 0 <= tick <= 4]
+    assert len(ticks) >= 3 and all(float(tick).is_integer() for tick in ticks), ticks
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     header = path.read_bytes()[16:24]  # IHDR: width, height
     return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tofu_export.profiling.errors import ProfilerError
 from tofu_export.reports.pareto import TradeoffPoint, _field, pareto_front
@@ -38,6 +39,7 @@ def plot_latency_vs_r(points: Iterable[PointLike], path: str | Path, note: str |
         axes.errorbar([p.r for p in group], [p.latency_ms for p in group], yerr=[low, high], marker="o", capsize=4,
                       label=mode)
     axes.set(xlabel="tokens removed per block (r)", ylabel="latency, median (ms)", ylim=(0, None))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # r is a count: no tick at r = 0.5
     axes.set_title("Latency vs reduction rate" + (f"\n{note}" if note else ""), fontsize="medium")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left")
