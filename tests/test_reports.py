@@ -108,6 +108,27 @@ def test_latency_vs_r_ticks_only_whole_r(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(ticks) >= 3 and all(float(tick).is_integer() for tick in ticks), ticks
 
 
+@pytest.mark.parametrize(("p50", "speedup", "title", "labels"), [
+    ((74.54, 124.72), 1.673, "1.67x faster", ["124.7 ms", "74.5 ms"]),
+    ((0.63, 0.58), 0.92, "1.09x slower", ["0.58 ms", "0.63 ms"]),  # a tiny model: the reduction costs more
+])
+def test_the_quick_look_panel_says_slower_and_keeps_small_latencies_apart(
+    p50: tuple[float, float], speedup: float, title: str, labels: list[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tofu_export.manifest import QuickLatency, Spread
+    from tofu_export.reports import artifact_plot
+
+    figures = []
+    monkeypatch.setattr(artifact_plot, "save_png", lambda figure, path: figures.append(figure) or Path(path))
+    tofu, baseline = (Spread(ms, ms * 0.95, ms * 1.05, ms * 0.9, ms * 1.1, 20) for ms in p50)
+    latency = QuickLatency(baseline, tofu, speedup, {"p10": speedup, "p90": speedup}, load=[1.0, 1.0, 1.0])
+    artifact_plot.plot_artifact(tmp_path / "report.png", [17, 15], latency, "ToFu r=2")
+    panel = figures[0].axes[1]
+    assert panel.get_title().startswith(title)
+    assert [text.get_text() for text in panel.texts if text.get_text().endswith(" ms")] == labels
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     header = path.read_bytes()[16:24]  # IHDR: width, height
     return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
