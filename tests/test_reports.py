@@ -129,6 +129,30 @@ def test_the_quick_look_panel_says_slower_and_keeps_small_latencies_apart(
     assert [text.get_text() for text in panel.texts if text.get_text().endswith(" ms")] == labels
 
 
+def test_the_policy_figure_ticks_whole_blocks_and_tokens_and_keys_its_modes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2-block model's calibration figure put ticks at block 0.25 and at 15.25 tokens; its title's ``pr4 -``
+    said nothing of what ``pr`` and ``-`` are."""
+    from tofu_export.calibration import plot
+    from tofu_export.policy import Policy
+
+    latency = {"block_ms": {"none": [1.0, 0.9], "prune": [1.01, 0.91], "mean": [1.03, 0.93], "mlerp": [1.04, 0.94]},
+               "tokens": [17, 15], "backend": "onnxruntime-cpu", "rounds": 40}
+    measurements = {"r": 2, "damage": {mode: [1e-3, 1e-7] for mode in ("prune", "mean", "mlerp")},
+                    "linearity": [{"mean": 0.014, "p90": 0.027}, {"mean": 0.013, "p90": 0.027}], "latency": latency,
+                    "predicted_cosine": 0.984, "measured_cosine": 0.996, "predicted_speedup": 1.1}
+    model = {"depth": 2, "tokens": 17, "num_prefix": 1, "img_size": [64, 64]}
+    policy = Policy(("prune", "mlerp"), (4, 0), model, {"images": {"count": 12}}, measurements)
+    figures = []
+    monkeypatch.setattr(plot, "save_png", lambda figure, path: figures.append(figure) or Path(path))
+    plot.plot_policy(policy, tmp_path / "policy.png")
+    for axes, (low, high) in zip(figures[0].axes, [(0, 1), (0, 1), (15, 17)], strict=True):
+        ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+        assert ticks and all(float(tick).is_integer() for tick in ticks), (axes.get_title(), ticks)
+    assert "(pr prune, me mean, ml MLERP, - none): pr4 -" in figures[0].get_suptitle()
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     header = path.read_bytes()[16:24]  # IHDR: width, height
     return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tofu_export.policy import Policy
 from tofu_export.reports.png import save_png
@@ -53,7 +54,11 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
                    title=f"Latency a reducing block adds ({lat['backend']}, batch 1, median of {lat['rounds']} rounds)")
     latency_ax.legend(title="mode")
 
+    for axes in (damage_ax, linear_ax, latency_ax):  # blocks and tokens are counts: no tick at block 0.5
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
     chosen = " ".join(f"{mode[:2]}{r}" if r else "-" for mode, r in zip(policy.modes, policy.r, strict=True))
-    figure.suptitle(f"policy: {chosen}\npredicted cosine {m['predicted_cosine']:.5f}, measured "
-                    f"{m['measured_cosine']:.5f}; predicted {m['predicted_speedup']:.2f}x", fontsize=10)
+    figure.suptitle(f"policy, mode and r per block (pr prune, me mean, ml MLERP, - none): {chosen}\n"
+                    f"predicted cosine {m['predicted_cosine']:.5f}, measured {m['measured_cosine']:.5f}; "
+                    f"predicted {m['predicted_speedup']:.2f}x", fontsize=10)
     return save_png(figure, path)
