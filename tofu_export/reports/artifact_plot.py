@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tofu_export.manifest import QuickLatency
 from tofu_export.quicklook import LABEL
@@ -38,6 +39,7 @@ def _tokens_panel(axes: Any, tokens: Sequence[int], label: str) -> None:
     axes.fill_between(blocks, list(tokens), [tokens[0]] * len(tokens), step="mid", color=TOFU_COLOR, alpha=0.12)
     axes.set(xlabel="block", ylabel="tokens entering the block", title="Tokens per block", ylim=(0, tokens[0] * 1.1))
     axes.set_xticks(blocks)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # tokens are counts: a 17-token model had 2.5, 7.5, ...
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left", fontsize="small")
 
