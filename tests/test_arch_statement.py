@@ -178,6 +178,30 @@ def test_timm_training_checkpoint_states_its_model(tmp_path: Path) -> None:
         assert _cosine(loaded.model(images), model(images)) > 0.9999
 
 
+def test_a_pickled_timm_model_states_its_heads(tmp_path: Path) -> None:
+    """``torch.save(model)``, read with ``trust_pickle``: its blocks state their head count (6, where timm's 192-wide
+    models have 3), alone or in a training wrapper; ``create_model``'s ``pretrained_cfg`` names the architecture.
+    It was refused as stating no head count, though the file holds the model itself."""
+    model = _six_head_vit()
+    images = torch.randn(2, 3, IMG, IMG)
+    for path, saved in ((tmp_path / "model.pth", model), (tmp_path / "wrapped.pth", {"model": model, "epoch": 3})):
+        torch.save(saved, path)
+        with pytest.raises(CheckpointError, match="arbitrary code"):  # still only with the opt-in
+            load_model(path)
+        loaded = load_model(path, trust_pickle=True)
+        assert loaded.model.blocks[0].attn.num_heads == HEADS
+        assert loaded.arch.provenance["num_heads"] == f"{path.name}'s pickled timm model (attn.num_heads of its blocks)"
+        with torch.no_grad():
+            assert _cosine(loaded.model(images), model(images)) > 0.9999
+    torch.manual_seed(0)
+    named = timm.create_model("deit_tiny_patch16_224", depth=2, img_size=IMG).eval()
+    torch.save(named, tmp_path / "deit.pth")
+    loaded = load_model(tmp_path / "deit.pth", trust_pickle=True)
+    assert loaded.model.blocks[0].attn.num_heads == 3 and loaded.arch.name == "deit_tiny_patch16_224"
+    with torch.no_grad():
+        assert _cosine(loaded.model(images), named(images)) > 0.9999
+
+
 def test_a_config_of_another_width_is_not_taken_as_evidence(tmp_path: Path) -> None:
     path = _save(_six_head_vit(), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_224"}))  # 384 wide

@@ -69,7 +69,11 @@ def training_record(raw: Any) -> dict[str, Any]:
     """The model a training checkpoint names: timm's ``train.py`` (``CheckpointSaver``) saves ``{"arch": args.model,
     "args": argparse.Namespace, "state_dict": ..., "epoch": ...}``; ``args.model`` is the timm model name and
     ``args.model_kwargs`` the ``--model-kwargs`` it was created with. Without ``args`` timm stores the class name
-    (``"visiontransformer"``), which names no architecture. ``{}`` when the file states nothing."""
+    (``"visiontransformer"``), which names no architecture. A pickled timm ViT (``torch.save(model)``, read with
+    ``--trust-pickle``) states its own model: :func:`pickled_vit_record`. ``{}`` when the file states nothing."""
+    pickled = pickled_vit_record(raw)
+    if pickled:
+        return pickled
     if not isinstance(raw, Mapping):
         return {}
     args = raw.get("args")
@@ -79,3 +83,27 @@ def training_record(raw: Any) -> dict[str, Any]:
     if not isinstance(name, str):
         return {}
     return {"architecture": name, "model_args": dict(kwargs) if isinstance(kwargs, Mapping) else {}}
+
+
+def pickled_vit_record(raw: Any) -> dict[str, Any]:
+    """What a pickled timm ``VisionTransformer`` (alone or in a training wrapper) states of itself: its head count
+    (``blocks[i].attn.num_heads``, the same in every block) where every block is timm's pre-norm ``Block``, the
+    timm name ``create_model`` recorded in its ``pretrained_cfg`` (absent for a class built directly) and that
+    config's preprocessing. ``{}`` for anything else (another block kind is left to the weights' evidence)."""
+    module = raw
+    while isinstance(module, Mapping) and _inner_key(module) is not None:
+        module = module[_inner_key(module)]
+    blocks = list(getattr(module, "blocks", None) or []) if isinstance(module, nn.Module) else []
+    kinds = {(type(block).__module__, type(block).__qualname__) for block in blocks}
+    heads = {getattr(getattr(block, "attn", None), "num_heads", None) for block in blocks}
+    if kinds != {("timm.models.vision_transformer", "Block")} or len(heads) != 1:
+        return {}
+    (num_heads,) = heads
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        return {}
+    config = getattr(module, "pretrained_cfg", None)
+    config = dict(config) if isinstance(config, Mapping) else {}
+    name = config.get("architecture")
+    return {"architecture": name if isinstance(name, str) else None, "model_args": {"num_heads": num_heads},
+            "stated_by": "pickled timm model", "args_source": "(attn.num_heads of its blocks)",
+            "pretrained_cfg": config}

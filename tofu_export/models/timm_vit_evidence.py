@@ -63,6 +63,7 @@ class Evidence:
     built: bool = False  # the named architecture is the model built (the caller's arch): loading checks its shapes
     checkpoint: str = ""  # the checkpoint's file name, for messages
     preprocessing: dict[str, Any] = field(default_factory=dict)  # config.json's pretrained_cfg: mean, std, crop, ...
+    args_source: str = "model_args"  # where in ``source`` the model kwargs are stated, for provenance
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,16 @@ class Statement:
 
 
 def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Evidence:
-    """The checkpoint's own ``record`` (``checkpoint_wrappers.training_record``) where it names a timm model, else the
+    """The checkpoint's own ``record`` (``checkpoint_wrappers.training_record``) where it names a timm model or states
+    its model kwargs (a pickled model's head count), else the
     timm config beside ``path``: ``<stem>.json`` (a converter's or ``clean-checkpoint``'s sidecar) or ``config.json``
     (hub layout); an empty ``Evidence`` when none."""
-    if record and isinstance(record.get("architecture"), str) and named_timm_model(record["architecture"]) is not None:
-        return Evidence(f"{path.name}'s timm training record (arch, args.model_kwargs)", record["architecture"],
-                        dict(record.get("model_args") or {}), checkpoint=path.name)
+    name, args = (record or {}).get("architecture"), (record or {}).get("model_args") or {}
+    if (isinstance(name, str) and named_timm_model(name) is not None) or (name is None and args):
+        stated_by = record.get("stated_by", "timm training record (arch, args.model_kwargs)")
+        return Evidence(f"{path.name}'s {stated_by}", name, dict(args), checkpoint=path.name,
+                        preprocessing=stated_preprocessing(record.get("pretrained_cfg")),
+                        args_source=record.get("args_source", "model_args"))
     for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
         if candidate == path or not candidate.is_file():
             continue
@@ -245,7 +250,7 @@ def _heads(state_dict: Mapping[str, torch.Tensor], embed_dim: int, evidence: Evi
     if named_heads is None:
         return None
     if "num_heads" in evidence.model_args:
-        return named_heads, f"{evidence.source} model_args"
+        return named_heads, f"{evidence.source} {evidence.args_source}"
     return named_heads, f"{evidence.source}: {evidence.architecture}"
 
 
