@@ -103,3 +103,23 @@ def test_the_command_writes_and_says_the_next_step(training_checkpoint, tmp_path
     assert _equal(load_file(out), ema)
     again = CliRunner().invoke(app, ["clean-checkpoint", str(path), "--use-ema", "-o", str(out)])
     assert again.exit_code == 2 and "already exist" in again.output
+
+
+def test_a_pickled_model_is_written_with_its_heads_and_preprocessing(tmp_path, make_vit) -> None:
+    """``torch.save(model)`` of a timm ViT (read with ``--trust-pickle``): the sidecar states the heads the blocks
+    have and the preprocessing the model's ``pretrained_cfg`` holds (a DeiT's ImageNet mean, not a ViT's 0.5), so
+    the bare weights load as that model without the pickle."""
+    model = make_vit(NAME, seed=0, num_heads=6, **KWARGS)  # 6 heads where deit_tiny has 3: only the blocks say so
+    path = tmp_path / "model.pth"
+    torch.save(model, path)
+    result = clean_checkpoint(path, tmp_path / "model.safetensors", trust_pickle=True)
+    stated = json.loads(result.sidecar.read_text())
+    assert (stated["architecture"], stated["model_args"]) == (NAME, {"num_heads": 6})
+    assert stated["pretrained_cfg"]["mean"] == list(model.pretrained_cfg["mean"]) != [0.5, 0.5, 0.5]
+    loaded = load_model(result.weights)
+    assert loaded.model.blocks[0].attn.num_heads == 6 and _equal(loaded.model.state_dict(), model.state_dict())
+    assert tuple(loaded.model.pretrained_cfg["mean"]) == tuple(model.pretrained_cfg["mean"])
+    assert loaded.arch.provenance["preprocessing"].startswith("model.json pretrained_cfg (mean, std")
+    words = CliRunner().invoke(app, ["clean-checkpoint", str(path), "--trust-pickle", "-o",
+                                     str(tmp_path / "again.safetensors")])
+    assert f"architecture {NAME} with model_args {{'num_heads': 6}}" in words.output, words.output

@@ -15,6 +15,7 @@ from tofu_export.checkpoint_limits import CheckpointError
 
 WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
 EMA_KEYS = ("model_ema", "state_dict_ema")  # the EMA copies DeiT's main.py (model_ema) and timm's train.py save
+PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # of a timm pretrained_cfg
 
 
 def unwrap(obj: Any) -> Any:
@@ -89,7 +90,8 @@ def pickled_vit_record(raw: Any) -> dict[str, Any]:
     """What a pickled timm ``VisionTransformer`` (alone or in a training wrapper) states of itself: its head count
     (``blocks[i].attn.num_heads``, the same in every block) where every block is timm's pre-norm ``Block``, the
     timm name ``create_model`` recorded in its ``pretrained_cfg`` (absent for a class built directly) and that
-    config's preprocessing. ``{}`` for anything else (another block kind is left to the weights' evidence)."""
+    config's preprocessing (``PREPROCESSING_KEYS``). ``{}`` for anything else (another block kind is left to the
+    weights' evidence)."""
     module = raw
     while isinstance(module, Mapping) and _inner_key(module) is not None:
         module = module[_inner_key(module)]
@@ -104,6 +106,7 @@ def pickled_vit_record(raw: Any) -> dict[str, Any]:
     config = getattr(module, "pretrained_cfg", None)
     config = dict(config) if isinstance(config, Mapping) else {}
     name = config.get("architecture")
+    preprocessing = {key: config[key] for key in PREPROCESSING_KEYS if key in config}
     return {"architecture": name if isinstance(name, str) else None, "model_args": {"num_heads": num_heads},
             "stated_by": "pickled timm model", "args_source": "(attn.num_heads of its blocks)",
-            "pretrained_cfg": config}
+            "pretrained_cfg": preprocessing}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ class CleanedCheckpoint:
     source_key: str  # the key of the weights taken where the file holds two sets ("state_dict_ema", ...), else ""
     architecture: str | None
     tensors: int
+    model_args: dict = field(default_factory=dict)  # the kwargs the sidecar states beside (or without) the name
 
 
 def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool = False, trust_pickle: bool = False,
@@ -61,8 +62,10 @@ def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool =
     step(f"writing {out.name}")
     source = {"source": checkpoint.name, "source_sha256": sha256_file(checkpoint), "weights": record.get("weights", "")}
     statement = None
-    if "architecture" in record:
+    if "architecture" in record:  # a training record or a pickled timm model (its name may be None, its heads not)
         statement = {"architecture": record["architecture"], "model_args": record.get("model_args", {}), **source}
+        if record.get("pretrained_cfg"):  # the preprocessing it was trained with, read back as from a hub config
+            statement["pretrained_cfg"] = record["pretrained_cfg"]
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_new(out, lambda tmp: _save_safetensors(tensors, tmp, source))
     try:
@@ -72,7 +75,7 @@ def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool =
         out.unlink(missing_ok=True)  # ours, written a moment ago: nothing half-written stays
         raise
     return CleanedCheckpoint(out, None if statement is None else sidecar, source["weights"], record.get("architecture"),
-                             len(tensors))
+                             len(tensors), dict(record.get("model_args") or {}))
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, source: dict[str, str]) -> None:

@@ -46,7 +46,9 @@ def clean_checkpoint(
     taken = f" under {result.source_key!r}" if result.source_key else ""
     typer.echo(f"wrote {result.weights}: {result.tensors} tensors, the weights{taken} of {checkpoint.name}")
     if result.sidecar is not None:
-        typer.echo(f"wrote {result.sidecar}: architecture {result.architecture}")
+        named = f"architecture {result.architecture}" if result.architecture else "a timm VisionTransformer"
+        kwargs = f" with model_args {result.model_args}" if result.model_args else ""
+        typer.echo(f"wrote {result.sidecar}: {named}{kwargs}")
     else:
         typer.echo(f"note: {checkpoint.name} names no architecture; give it with --arch when you export")
     typer.echo(f"next: tofu-export {result.weights} --r 16")
