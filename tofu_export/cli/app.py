@@ -33,6 +33,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
+
 def _print_version(asked: bool) -> None:
     """``--version``: this tool's version and those of the libraries an export depends on, from their installed
     metadata (nothing is imported: it answers in a fraction of a second), then exit."""
