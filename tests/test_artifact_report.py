@@ -98,6 +98,16 @@ def test_quick_look_rows_are_the_manifest_figures() -> None:
     assert rows["top-1 same as baseline"] == ("100%", "85%")
 
 
+def test_latencies_under_10_ms_keep_two_decimals() -> None:
+    """A tiny model's 0.58 and 0.63 ms both read "0.6 ms" beside a 0.92x speed-up."""
+    quick = _quick_look()
+    quick["latency"]["baseline"] |= {"p50_ms": 0.58, "p10_ms": 0.55, "p90_ms": 0.61}
+    quick["latency"]["tofu"] |= {"p50_ms": 0.63, "p10_ms": 0.6, "p90_ms": 12.34}
+    rows = {label: (base, tofu) for label, base, tofu in quick_look_rows(_manifest(quick).quick_look)}
+    assert rows["latency p50"] == ("0.58 ms", "0.63 ms")
+    assert rows["latency p10-p90"] == ("0.55-0.61 ms", "0.60-12.3 ms")
+
+
 def test_the_parity_section_says_when_int8_was_checked_unfused() -> None:
     manifest = _manifest(None)
     assert "Q/DQ unfused" not in render_report(manifest, COMMANDS, FILES)  # ORT's default level: nothing to say

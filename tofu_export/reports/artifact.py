@@ -17,6 +17,7 @@ from typing import Any
 
 from tofu_export.atomic import write_bytes_atomic
 from tofu_export.manifest import MANIFEST, Manifest, ParityRecord, QuickLook
+from tofu_export.profiling.timing import format_ms
 from tofu_export.tensorrt.targets import TargetVerdict, target_verdicts
 
 REPORT, PLOT = "report.md", "report.png"
@@ -120,8 +121,9 @@ def quick_look_rows(quick: QuickLook) -> list[tuple[str, str, str]]:
     if latency:
         base, tofu, per = latency.baseline, latency.tofu, latency.speedup_per_round
         rows += [
-            ("latency p50", f"{base.p50_ms:.1f} ms", f"{tofu.p50_ms:.1f} ms"),
-            ("latency p10-p90", f"{base.p10_ms:.1f}-{base.p90_ms:.1f} ms", f"{tofu.p10_ms:.1f}-{tofu.p90_ms:.1f} ms"),
+            ("latency p50", f"{format_ms(base.p50_ms)} ms", f"{format_ms(tofu.p50_ms)} ms"),
+            ("latency p10-p90", f"{format_ms(base.p10_ms)}-{format_ms(base.p90_ms)} ms",
+             f"{format_ms(tofu.p10_ms)}-{format_ms(tofu.p90_ms)} ms"),
             ("speed-up (p50 / p50)", "1.00x", f"{latency.speedup:.2f}x (per round {per['p10']:.2f}-{per['p90']:.2f}x)"
              + (", not established" if per["p10"] <= 1.0 <= per["p90"] else "")),
         ]

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tofu_export.manifest import QuickLatency
+from tofu_export.profiling.timing import format_ms
 from tofu_export.quicklook import LABEL
 from tofu_export.reports.png import save_png
 
@@ -51,8 +52,8 @@ def _latency_panel(axes: Any, latency: QuickLatency, label: str) -> None:
     whiskers = [[s.p50_ms - s.p10_ms for _, s, _ in sides], [s.p90_ms - s.p50_ms for _, s, _ in sides]]
     bars = axes.bar([name for name, _, _ in sides], p50, yerr=whiskers, capsize=6,
                     color=[color for _, _, color in sides])
-    axes.bar_label(bars, labels=[f"{value:.{1 if value >= 10 else 2}f} ms" for value in p50], label_type="center",
-                   color="white", fontweight="bold")  # sub-10 ms bars with two decimals: 0.58 and 0.63, not 0.6 twice
+    axes.bar_label(bars, labels=[f"{format_ms(value)} ms" for value in p50], label_type="center", color="white",
+                   fontweight="bold")
     load = f", load {latency.load[0]:.1f}" if latency.load else ""
     verdict = f"{latency.speedup:.2f}x faster" if latency.speedup >= 1 else f"{1 / latency.speedup:.2f}x slower"
     axes.set(ylabel=f"latency, batch {latency.batch} (ms)", title=f"{verdict} (p50; whiskers p10-p90{load})")
