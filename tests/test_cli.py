@@ -45,6 +45,7 @@ from typer.testing import CliRunner
 import tofu_export
 from tofu_export.accounting import token_schedule
 from tofu_export.cli import app
+from tofu_export.profiling.timing import format_ms
 
 ARCH, PATCH, IMG, DEPTH, R = "deit_tiny_patch16_224", 16, 64, 2, 2
 TOKENS = (IMG // PATCH) ** 2 + 1  # patches + class token entering block 0
@@ -445,8 +446,8 @@ def test_summary_shows_baseline_and_tofu_side_by_side(work: Path, first: dict[st
     manifest = json.loads((_out(work, "summary") / "manifest.json").read_text())
     latency = manifest["quick_look"]["latency"]
     assert "quick look on this machine, not a benchmark" in run.stdout
-    assert f"{latency['baseline']['p50_ms']:.1f} ms" in run.stdout
-    assert f"{latency['tofu']['p50_ms']:.1f} ms" in run.stdout
+    assert f"{format_ms(latency['baseline']['p50_ms'])} ms" in run.stdout  # two decimals under 10 ms
+    assert f"{format_ms(latency['tofu']['p50_ms'])} ms" in run.stdout
     assert f"{latency['speedup']:.2f}x" in run.stdout
     assert "builds on TensorRT 10 (JetPack 6) (opset 17)" in run.stdout
     assert "FAIL" not in run.stdout
