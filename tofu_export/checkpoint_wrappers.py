@@ -21,27 +21,32 @@ PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  
 def unwrap(obj: Any) -> Any:
     """Descend through ``{"model": ...}``-style training wrappers and pickled modules to the state dict (preferring
     ``model``, then ``state_dict``, then the EMA copies, as timm's ``validate.py`` without ``--use-ema``)."""
-    while True:
-        if isinstance(obj, nn.Module):
-            return obj.state_dict()
-        if not isinstance(obj, Mapping):
-            return obj
-        inner_key = _inner_key(obj)
-        if inner_key is None:
-            return obj
-        obj = obj[inner_key]
+    inner = _innermost(obj)
+    return inner.state_dict() if isinstance(inner, nn.Module) else inner
+
+
+def _innermost(obj: Any) -> Any:
+    """What the training wrappers around ``obj`` hold: a state dict, a pickled module, or ``obj`` itself."""
+    while isinstance(obj, Mapping) and (key := _inner_key(obj)) is not None:
+        obj = obj[key]
+    return obj
+
+
+def _first_holding(wrapper: Any, keys: tuple[str, ...]) -> str | None:
+    """The first of ``keys`` under which ``wrapper`` (a mapping) holds a state dict or a module, or None."""
+    if not isinstance(wrapper, Mapping):
+        return None
+    return next((key for key in keys if isinstance(wrapper.get(key), Mapping | nn.Module)), None)
 
 
 def _inner_key(wrapper: Mapping) -> str | None:
     """The first of ``WRAPPER_KEYS`` that holds a state dict or a module in ``wrapper``, or None."""
-    return next((key for key in WRAPPER_KEYS if isinstance(wrapper.get(key), Mapping | nn.Module)), None)
+    return _first_holding(wrapper, WRAPPER_KEYS)
 
 
 def _ema_copy(raw: Any) -> str | None:
     """The first of ``EMA_KEYS`` under which a training wrapper holds weights, or None."""
-    if not isinstance(raw, Mapping):
-        return None
-    return next((key for key in EMA_KEYS if isinstance(raw.get(key), Mapping | nn.Module)), None)
+    return _first_holding(raw, EMA_KEYS)
 
 
 def ema_key(raw: Any, path: Path) -> str:
@@ -92,9 +97,7 @@ def pickled_vit_record(raw: Any) -> dict[str, Any]:
     timm name ``create_model`` recorded in its ``pretrained_cfg`` (absent for a class built directly) and that
     config's preprocessing (``PREPROCESSING_KEYS``). ``{}`` for anything else (another block kind is left to the
     weights' evidence)."""
-    module = raw
-    while isinstance(module, Mapping) and _inner_key(module) is not None:
-        module = module[_inner_key(module)]
+    module = _innermost(raw)
     blocks = list(getattr(module, "blocks", None) or []) if isinstance(module, nn.Module) else []
     kinds = {(type(block).__module__, type(block).__qualname__) for block in blocks}
     heads = {getattr(getattr(block, "attn", None), "num_heads", None) for block in blocks}
