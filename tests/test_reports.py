@@ -96,12 +96,18 @@ def test_plots_write_png_files(tmp_path: Path) -> None:
         assert is_tofu_png(path)  # every PNG tofu-export writes is marked as its own (reports.png)
 
 
+def _figures_drawn_by(module, monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures ``module`` hands to ``save_png`` from now on, kept instead of written (their axes are read)."""
+    figures: list = []
+    monkeypatch.setattr(module, "save_png", lambda figure, path: figures.append(figure) or Path(path))
+    return figures
+
+
 def test_latency_vs_r_ticks_only_whole_r(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """r is a count of tokens: with r = 0, 2, 4 matplotlib's default ticks fell at 0.5, 1.5, ..."""
     from tofu_export.reports import plots
 
-    figures = []
-    monkeypatch.setattr(plots, "save_png", lambda figure, path: figures.append(figure) or Path(path))
+    figures = _figures_drawn_by(plots, monkeypatch)
     plot_latency_vs_r([TradeoffPoint(mode, r, latency_ms=1.0 - r / 10) for mode in ("tome", "tofu") for r in (0, 2, 4)],
                       tmp_path / "lat.png")
     ticks = [tick for tick in figures[0].axes[0].get_xticks() if 0 <= tick <= 4]
@@ -119,8 +125,7 @@ def test_the_quick_look_panel_says_slower_and_keeps_small_latencies_apart(
     from tofu_export.manifest import QuickLatency, Spread
     from tofu_export.reports import artifact_plot
 
-    figures = []
-    monkeypatch.setattr(artifact_plot, "save_png", lambda figure, path: figures.append(figure) or Path(path))
+    figures = _figures_drawn_by(artifact_plot, monkeypatch)
     tofu, baseline = (Spread(ms, ms * 0.95, ms * 1.05, ms * 0.9, ms * 1.1, 20) for ms in p50)
     latency = QuickLatency(baseline, tofu, speedup, {"p10": speedup, "p90": speedup}, load=[1.0, 1.0, 1.0])
     artifact_plot.plot_artifact(tmp_path / "report.png", [17, 15], latency, "ToFu r=2")
@@ -145,8 +150,7 @@ def test_the_policy_figure_ticks_whole_blocks_and_tokens_and_keys_its_modes(
                     "predicted_cosine": 0.984, "measured_cosine": 0.996, "predicted_speedup": 1.1}
     model = {"depth": 2, "tokens": 17, "num_prefix": 1, "img_size": [64, 64]}
     policy = Policy(("prune", "mlerp"), (4, 0), model, {"images": {"count": 12}}, measurements)
-    figures = []
-    monkeypatch.setattr(plot, "save_png", lambda figure, path: figures.append(figure) or Path(path))
+    figures = _figures_drawn_by(plot, monkeypatch)
     plot.plot_policy(policy, tmp_path / "policy.png")
     for axes, (low, high) in zip(figures[0].axes, [(0, 1), (0, 1), (15, 17)], strict=True):
         ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
