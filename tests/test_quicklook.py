@@ -39,7 +39,7 @@ IMG = 32
 
 def tiny_vit(num_classes: int = 7) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, depth=3,
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, depth=2,
                              num_classes=num_classes).eval()  # fmt: skip
 
 
