@@ -1,17 +1,19 @@
 """The measured choice under a fidelity floor (``calibration.floor``), on synthetic ladders, fronts and
-measurements: the fastest candidate that *measures* at least the floor is chosen, not the one predicted to; the
-prediction is rescaled where the measurements say the floor lies elsewhere; a floor nothing measured meets is an
-error naming the best measured; every candidate measured is recorded. No calibration is run: ``verify`` is
+measurements: the fastest candidate that *measures* at least the floor is chosen, not the one predicted to; after
+the prediction's guess each ladder is bisected between its measured passes and misses; a floor nothing measured
+meets is an error naming the best measured; every candidate measured is recorded. No calibration is run: ``verify`` is
 replaced by a function of the policy."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from synthetic_calibration import block_latency, late_blocks_look_free
 
 from tofu_export.calibration import floor as floor_module
-from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist
+from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist, next_rung
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.search import choose_policy
 from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
@@ -45,9 +47,28 @@ def test_around_floor_takes_the_rungs_nearest_the_predicted_floor_on_both_sides(
     assert around_floor(rungs, 0.002, 2) == [3, 4, 5, 6]  # 0.0008, 0.0016 | 0.0032, 0.0064
     assert around_floor(rungs, 1e-5, 2) == [0, 1]  # nothing predicted to pass: the least damaging
     assert around_floor(rungs, 1.0, 1) == [7]  # everything predicted to pass: the most reducing
-    listed = floor_shortlist([("a", rungs, 1), ("b", rungs[2:], 1), ("c", rungs, 1)], [0.002, 0.002, 0.0002])
-    assert [c.latency_ms for _, c, _ in listed] == [5.0, 6.0, 8.0, 9.0]  # fastest first, a policy listed once
-    assert [(s, k) for s, _, k in listed] == [("a #5", 0), ("a #4", 0), ("c #2", 2), ("c #1", 2)]
+    listed = floor_shortlist([("a", rungs, 1), ("b", rungs[2:], 1), ("c", rungs[:3], 2)], 0.002)
+    assert [c.latency_ms for _, c in listed] == [5.0, 6.0, 8.0, 9.0]  # fastest first, a policy listed once
+    assert [s for s, _ in listed] == ["a #5", "a #4", "c #2", "c #1"]  # b's #3 and #2 are a's #5 and #4
+
+
+def test_a_ladder_lists_the_rung_midway_through_its_measured_bracket() -> None:
+    rungs = _ladder(16)  # rung i: 10 - i ms
+    tried = {}
+
+    def run(i: int, cosine: float) -> None:
+        tried[policy_key(rungs[i])] = floor_module.Tried(floor_module.Shortlisted("x", rungs[i], cosine), 0)
+
+    run(15, 0.5)
+    assert next_rung(rungs, tried, 0.99, math.inf) == 7  # nothing passed: between reducing nothing and the miss
+    run(7, 0.995)
+    assert next_rung(rungs, tried, 0.99, math.inf) == 11  # between the pass and the miss
+    run(12, 0.98)
+    assert next_rung(rungs, tried, 0.99, math.inf) == 9
+    assert next_rung(rungs, tried, 0.99, 0.5) == 10  # a faster pass elsewhere (0.5 ms): rungs 0-9 cannot win
+    run(8, 0.992), run(9, 0.991), run(10, 0.97), run(11, 0.96)
+    assert next_rung(rungs, tried, 0.99, math.inf) is None  # pass at 9, miss at 10: the bracket holds no rung
+    assert next_rung(rungs, tried, 0.99, -1.0) is None  # every rung slower than a pass
 
 
 def test_a_pessimistic_prediction_lets_a_faster_policy_than_predicted_be_chosen() -> None:
@@ -59,12 +80,12 @@ def test_a_pessimistic_prediction_lets_a_faster_policy_than_predicted_be_chosen(
     chosen, tried = choose_floor([("front", rungs, 2)], measure, 0.998)
     assert predicted.latency_ms == 6.0 and chosen.latency_ms == 3.0 and chosen != predicted
     assert [t.candidate.latency_ms for t in tried] == [4.0, 3.0] == [c.latency_ms for c in calls]
-    assert [t.round for t in tried] == [0, 1] and tried[1].damage_scale == pytest.approx(1 / 8)
+    assert [t.round for t in tried] == [0, 1]  # the bracket past the pass at 4 ms holds one rung
 
 
-def test_an_optimistic_prediction_is_rescaled_until_a_policy_measures_the_floor() -> None:
-    """Damage measures ten times the prediction: nothing around the predicted floor passes, the scale rises to the
-    measured / predicted ratio and the next round's less reducing rungs decide."""
+def test_an_optimistic_prediction_is_bisected_until_a_policy_measures_the_floor() -> None:
+    """Damage measures ten times the prediction: nothing around the predicted floor passes, and bisection between
+    reducing nothing and the least reducing miss finds the fastest rung that passes."""
     rungs = _ladder()
     predicted = choose(rungs, Budget(min_cosine=0.998), baseline_ms=11.0)
     measure, calls = _counting(lambda c: 1.0 - 10 * c.damage)
@@ -72,8 +93,28 @@ def test_an_optimistic_prediction_is_rescaled_until_a_policy_measures_the_floor(
     assert 1.0 - 10 * predicted.damage < 0.998  # the predicted pick misses the floor
     assert chosen == rungs[1] and 1.0 - 10 * chosen.damage >= 0.998  # the fastest rung that measures it
     assert all(1.0 - 10 * c.damage < 0.998 for c in calls if c.latency_ms < chosen.latency_ms)
-    assert len(calls) == len({policy_key(c) for c in calls}) <= FLOOR_ROUNDS * 4  # each policy run once
-    assert max(t.round for t in tried) == 1 and tried[-1].damage_scale == pytest.approx(10.0)
+    assert len(calls) == len({policy_key(c) for c in calls}) == 6  # each policy run once
+    assert [rungs.index(c) for c in calls] == [6, 5, 4, 3, 1, 2] and [t.round for t in tried] == [0, 0, 0, 0, 1, 2]
+
+
+def test_a_ladder_whose_most_reducing_rung_misses_far_is_bisected_not_abandoned() -> None:
+    """What a DINOv2-S/14 calibration met: uniform ToMe's stepped ladder, every rung predicted to keep the floor,
+    listed only its most reducing rung, which measured 0.74; rescaling by that miss (88x) sent the ladder to rungs
+    slower than the front's pass, and the choice stayed 1.5x where ToMe itself kept the floor at 1.7x. Bisection
+    finds the ladder's fastest pass."""
+    stepped = [Candidate(("mean",) * 3, (i, i, i), 1e-5 * i, 60.0 - i) for i in range(48)]  # 12-59 ms
+    front = [Candidate(("mlerp",) * 3, (1, 1, 1), 0.004, 50.0), Candidate(("prune",) * 3, (2, 2, 2), 0.006, 49.0)]
+
+    def cosine(c: Candidate) -> float:
+        if c in front:
+            return 0.996 if c == front[0] else 0.99
+        return 0.74 if c.r[0] == 47 else 1.0 - 1e-4 * c.r[0] ** 2 / 4  # stepped: passes up to rung 14 (46 ms)
+
+    measure, calls = _counting(cosine)
+    chosen, tried = choose_floor([("front", front, 2), ("tome", stepped, 1)], measure, 0.995)
+    assert chosen == stepped[14] and cosine(stepped[15]) < 0.995 <= cosine(stepped[14])
+    assert calls[:3] == [stepped[47], front[1], front[0]]  # round 0: the prediction's guesses
+    assert [t.candidate for t in tried] == calls and len(calls) <= 3 + (FLOOR_ROUNDS - 1) * 2
 
 
 def test_a_round_stops_at_the_first_pass_and_a_measured_tie_goes_to_the_higher_cosine() -> None:
@@ -145,14 +186,15 @@ def test_the_policy_is_the_fastest_that_measures_the_floor_and_every_candidate_i
     assert len(candidates) == len(runs) and {(tuple(c["modes"]), tuple(c["r"])) for c in candidates} == set(runs)
     assert all(c["measured_cosine"] == pytest.approx(_in_context(c["modes"], c["r"])) for c in candidates)
     assert {"source", "modes", "r", "predicted_damage", "predicted_ms", "measured_cosine", "round",
-            "damage_scale", "chosen"} == set(candidates[0])
+            "chosen"} == set(candidates[0])
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and (chosen[0]["modes"], chosen[0]["r"]) == (list(policy.modes), list(policy.r))
     assert m["measured_cosine"] == chosen[0]["measured_cosine"] >= 0.996 and m["predicted_ms"] == policy_ms(policy)
     passing = [c for c in candidates if c["measured_cosine"] >= 0.996]
     assert chosen[0]["predicted_ms"] == min(c["predicted_ms"] for c in passing)  # the fastest measured to pass
     assert (list(policy.modes), list(policy.r)) != (list(predicted.modes), list(predicted.r))
-    assert len({c["damage_scale"] for c in candidates if c["round"] == 1}) >= 2  # each ladder rescaled by its own
+    assert {c["round"] for c in candidates} == set(range(max(c["round"] for c in candidates) + 1))
+    assert max(c["round"] for c in candidates) >= 1  # bisection went on after the prediction's guess
     assert m["held_out_cosine"] is None and m["held_out_images"] == 0  # the search images only
 
 
@@ -175,4 +217,4 @@ def test_a_floor_nothing_measured_meets_is_an_error_naming_the_best_measured(cal
     hint = caught.value.hint
     assert hint.option == "min_cosine" and float(hint.value) <= best < float(hint.value) + 1e-4
     assert hint.alternative.option == "r" and hint.alternative.value == "2"
-    assert len(runs) <= FLOOR_ROUNDS * (2 * 2 * 2 + 8 * 2)  # the bound of the module docstring
+    assert len(runs) <= 2 * 2 * 2 + 8 * 2 + (FLOOR_ROUNDS - 1) * (2 + 8)  # the bound of the module docstring

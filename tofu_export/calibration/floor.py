@@ -1,28 +1,27 @@
-"""The measured choice under a fidelity floor: the predictions shortlist around the floor, forwards decide.
+"""The measured choice under a fidelity floor: the predictions guess where the floor lies, forwards bisect.
 
 The additive damage prediction is blind to context (``shortlist``'s docstring has the figures), so the fastest
-candidate *predicted* to keep ``min_cosine`` can miss it, and one predicted to miss can keep it. Here every candidate
-is a rung of a *ladder*, a list ordered by more tokens removed: a front (its reducing candidates by increasing
-predicted damage) or one mode assignment's stepped schedules (``shortlist.stepped_ladders``). Per round:
+candidate *predicted* to keep ``min_cosine`` can miss it, and one predicted to miss can keep it; its error also
+varies along one ladder (on DINOv2-S/14, uniform ToMe measured 1.7x its predicted damage at r=16 and 88x at the most
+reducing stepped schedule). Every candidate is a rung of a *ladder*, a list ordered by more tokens removed: a front
+(its reducing candidates by increasing predicted damage) or one mode assignment's stepped schedules
+(``shortlist.stepped_ladders``). Candidates are run once each on the search images (``damage.verify``), in rounds:
 
-- ``around_floor`` lists each ladder's rungs nearest the floor on both sides (the front's ``FRONT_AROUND`` last
-  predicted to meet it and first predicted to miss it; a stepped ladder's ``STEPPED_AROUND`` of each), at the
-  ladder's ``damage_scale`` (1 in the first round);
-- they are run once each on the search images (``damage.verify``) in order of predicted latency, fastest first,
-  and the round stops at the first that measures at least the floor (after the candidates as fast as it): nothing
-  slower can win;
-- per ladder (``next_scale``), from its rungs measured so far: if none passed, its scale rises to the least
-  measured / predicted damage of those predicted to pass (the next round lists less reducing rungs); if its
-  fastest measured passed, its scale falls to the largest measured / predicted damage of the passes predicted to
-  fail (more reducing rungs); otherwise its measurements bracket the floor and it keeps its scale. The search ends
-  when no ladder moves, or after ``FLOOR_ROUNDS`` rounds. A scale per ladder: the prediction's error is the
-  source's (a front's late-heavy policies are under-predicted several times more than uniform ToMe).
+- round 0, the prediction's guess: ``around_floor`` lists each ladder's rungs nearest the predicted floor on both
+  sides (a front's ``FRONT_AROUND`` last predicted to meet it and first predicted to miss it; a stepped ladder's
+  ``STEPPED_AROUND`` of each);
+- every later round, bisection on what was measured: each ladder lists the rung midway through its open *bracket*
+  (``next_rung``): past its most reducing rung measured to pass (or past its last rung predicted slower than the
+  fastest pass so far: those cannot win) and before its least reducing rung beyond that measured to miss. A ladder
+  whose bracket holds no rung lists nothing. The search ends when no ladder lists a rung, or after ``FLOOR_ROUNDS``;
+- a round runs its rungs fastest predicted first and stops at the first that measures at least the floor (after
+  the candidates as fast as it): nothing slower can win.
 
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
 cosine). A floor nothing measured meets is a ``BudgetError`` naming the best measured cosine and its policy.
-Forwards: at most ``FLOOR_ROUNDS x (fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND)``; on a 12-block
-ViT under the damage rule (2 fronts, 8 stepped ladders) 3 x (8 + 16) = 72, under the linearity rule 3 x (4 + 4) = 24.
-Held-out images never enter.
+Forwards: at most ``fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND`` in round 0 and one per ladder in
+each later round; on a 12-block ViT under the damage rule (2 fronts, 8 stepped ladders) 24 + 7 x 10 = 94, under the
+linearity rule (1 front, 2 stepped ladders) 8 + 7 x 3 = 29. Held-out images never enter.
 """
 
 from __future__ import annotations
@@ -47,19 +46,19 @@ from tofu_export.errors import Hint
 if TYPE_CHECKING:
     from tofu_export.calibration.state import Calibration
 
-FLOOR_ROUNDS = 3
-FRONT_AROUND = 2  # front candidates listed on each side of the floor
-STEPPED_AROUND = 1  # stepped schedules listed on each side of the floor
+FLOOR_ROUNDS = 8  # the guess, then up to 7 bisection steps a ladder (a stepped ladder of a 12-block ViT: 48 rungs)
+FRONT_AROUND = 2  # front candidates listed on each side of the predicted floor in round 0
+STEPPED_AROUND = 1  # stepped schedules listed on each side of the predicted floor in round 0
 Ladder = tuple[str, Sequence[Candidate], int]  # (source, rungs by more tokens removed, rungs listed each side)
+Listing = tuple[str, Candidate]  # (where it came from: "<ladder> #<rung>", the candidate)
 
 
 @dataclass(frozen=True)
 class Tried:
-    """One measured candidate: the round that listed it and the damage scale it was listed at."""
+    """One measured candidate and the round that listed it."""
 
     listed: Shortlisted
     round: int
-    damage_scale: float
 
     @property
     def candidate(self) -> Candidate:
@@ -69,12 +68,8 @@ class Tried:
     def cosine(self) -> float:
         return self.listed.measured_cosine
 
-    def ratio(self) -> float:
-        """Measured over predicted damage."""
-        return (1.0 - self.cosine) / max(self.candidate.damage, 1e-12)
-
     def to_dict(self) -> dict:
-        return self.listed.to_dict() | {"round": self.round, "damage_scale": self.damage_scale}
+        return self.listed.to_dict() | {"round": self.round}
 
 
 def around_floor(rungs: Sequence[Candidate], limit: float, count: int) -> list[int]:
@@ -83,11 +78,11 @@ def around_floor(rungs: Sequence[Candidate], limit: float, count: int) -> list[i
     return list(range(max(first_miss - count, 0), min(first_miss + count, len(rungs))))
 
 
-def floor_shortlist(ladders: Sequence[Ladder], limits: Sequence[float]) -> list[tuple[str, Candidate, int]]:
-    """Every ladder's rungs around its predicted damage limit (``around_floor``) with the ladder's index, by
-    increasing predicted latency (ties: less predicted damage), each policy once (its first source kept)."""
-    listed = [(f"{source} #{i}", rungs[i], k) for k, ((source, rungs, count), limit) in
-              enumerate(zip(ladders, limits, strict=True)) for i in around_floor(rungs, limit, count)]
+def floor_shortlist(ladders: Sequence[Ladder], limit: float) -> list[Listing]:
+    """Round 0: every ladder's rungs around the predicted damage ``limit`` (``around_floor``), by increasing
+    predicted latency (ties: less predicted damage), each policy once (its first source kept)."""
+    listed = [(f"{source} #{i}", rungs[i]) for source, rungs, count in ladders
+              for i in around_floor(rungs, limit, count)]
     return unique(sorted(listed, key=lambda x: (x[1].latency_ms, x[1].damage)))
 
 
@@ -97,22 +92,15 @@ def best_passing(tried: Sequence[Tried], min_cosine: float) -> Tried | None:
     return min(passing, key=lambda t: (t.candidate.latency_ms, -t.cosine)) if passing else None
 
 
-def next_scale(rungs: Sequence[Candidate], tried: Mapping[tuple, Tried], min_cosine: float,
-               scale: float) -> float | None:
-    """A ladder's damage scale for the next round (module docstring) from its rungs measured so far, or None where
-    its measurements bracket the floor (or cannot move it)."""
-    floor = 1.0 - min_cosine
-    mine = [tried[policy_key(c)] for c in rungs if policy_key(c) in tried]
-    if not mine:
-        return None
-    if best_passing(mine, min_cosine) is None:
-        failed = [t.ratio() for t in mine if t.candidate.damage * scale <= floor]  # predicted to pass
-        return max(min(failed), scale * 1.05) if failed else None
-    fastest = min(mine, key=lambda t: t.candidate.latency_ms)
-    if fastest.cosine >= min_cosine and policy_key(fastest.candidate) != policy_key(rungs[-1]):  # it passed
-        passed = [t.ratio() for t in mine if t.cosine >= min_cosine and t.candidate.damage * scale > floor]
-        return min(max(passed), scale / 1.05) if passed else None
-    return None
+def next_rung(rungs: Sequence[Candidate], tried: Mapping[tuple, Tried], min_cosine: float,
+              bound: float) -> int | None:
+    """The rung a ladder lists next (module docstring): midway through its open bracket, or None where the bracket
+    holds no rung. ``bound``: the predicted latency of the fastest pass so far (``math.inf``: none)."""
+    cosines = {i: tried[policy_key(c)].cosine for i, c in enumerate(rungs) if policy_key(c) in tried}
+    lo = max((i for i, cosine in cosines.items() if cosine >= min_cosine), default=-1)
+    lo = max([lo] + [i for i, c in enumerate(rungs) if c.latency_ms > bound])  # slower than a pass: cannot win
+    hi = min((i for i, cosine in cosines.items() if cosine < min_cosine and i > lo), default=len(rungs))
+    return (lo + hi) // 2 if hi - lo > 1 else None
 
 
 def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float], min_cosine: float,
@@ -120,21 +108,22 @@ def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float
     """The fastest predicted candidate measuring at least ``min_cosine`` (None if none did) and every measurement,
     in the order taken (module docstring). ``measure``: one forward on the search images, the mean cosine."""
     tried: dict[tuple, Tried] = {}
-    scales = [1.0] * len(ladders)
+    listed = floor_shortlist(ladders, 1.0 - min_cosine)
     for k in range(rounds):
         best = best_passing(list(tried.values()), min_cosine)
         bound = best.candidate.latency_ms if best else math.inf
-        for source, c, ladder in floor_shortlist(ladders, [(1.0 - min_cosine) / s for s in scales]):
+        for source, c in listed:
             if c.latency_ms > bound:
                 break  # slower than a measured pass: it cannot win
             if policy_key(c) not in tried:
-                tried[policy_key(c)] = Tried(Shortlisted(source, c, measure(c)), k, scales[ladder])
+                tried[policy_key(c)] = Tried(Shortlisted(source, c, measure(c)), k)
                 if tried[policy_key(c)].cosine >= min_cosine:
                     bound = min(bound, c.latency_ms)
-        moved = [next_scale(rungs, tried, min_cosine, s) for (_, rungs, _), s in zip(ladders, scales, strict=True)]
-        if all(m is None for m in moved):
+        steps = [(f"{source} #{i}", rungs[i]) for source, rungs, _ in ladders
+                 if (i := next_rung(rungs, tried, min_cosine, bound)) is not None]
+        listed = unique(sorted(steps, key=lambda x: (x[1].latency_ms, x[1].damage)))
+        if not listed:
             break
-        scales = [s if m is None else m for s, m in zip(scales, moved, strict=True)]
     best = best_passing(list(tried.values()), min_cosine)
     return (best.candidate if best else None), list(tried.values())
 
@@ -176,10 +165,10 @@ def floor_choice(calibration: Calibration, budget: Budget, rule: str,
     if chosen is None:
         raise unreachable(tried, budget.min_cosine, c.baseline_ms, c.r)
     pick = next(t for t in tried if t.candidate == chosen)
-    attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "damage_scale": pick.damage_scale,
-                 "predicted_cosine": 1.0 - chosen.damage * pick.damage_scale, "measured_cosine": pick.cosine,
-                 "predicted_ms": chosen.latency_ms}]
-    record = {"choice": "measured: the candidates around the floor run once each on the search images, fastest "
-                        "predicted first; the fastest measuring at least the floor chosen (calibration.floor)",
+    attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "predicted_cosine": 1.0 - chosen.damage,
+                 "measured_cosine": pick.cosine, "predicted_ms": chosen.latency_ms}]
+    record = {"choice": "measured: the candidates around the predicted floor, then bisection between each ladder's "
+                        "measured passes and misses, run once each on the search images, fastest predicted first; "
+                        "the fastest measuring at least the floor chosen (calibration.floor)",
               "candidates": [t.to_dict() | {"chosen": t.candidate == chosen} for t in tried]}
     return chosen, attempts, record

@@ -2,7 +2,7 @@
 images the search never saw.
 
 - ``split_held_out``: the images are split once, before anything is measured; the search (trace, damage, the
-  verification that rescales predictions) sees only its part; the held-out part is used once, on the final choice.
+  candidates' forwards) sees only its part; the held-out part is used once, on the final choice.
 - ``measure_policy_latency``: the unreduced model and the policy are exported with the settings the user ships
   (``exporters.onnx.export_onnx``: exporter, opset, simplification; parity off, the graphs are not the artifact),
   opened through the engine runner (``engines.ort.OrtRunner``) and timed round-robin in one process

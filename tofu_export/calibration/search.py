@@ -15,9 +15,9 @@ per-block modes and r in {0, r/2, r, 3r/2, 2r} and the budget's pick (``select``
 chosen policy on the images and records the measured cosine beside the predicted one. Under a latency budget the
 prediction only shortlists: the front's nearest candidates and the uniform and stepped policies within the budget
 are each run once on the search images and the best measured wins (``shortlist``). Under a fidelity floor the
-front's and the stepped policies' nearest on both sides of the floor are run, fastest predicted first, and the
-fastest measuring at least the floor wins (``floor``; rescaled by measured / predicted damage and listed again while
-the measurements say the floor lies elsewhere).
+front's and the stepped policies' nearest on both sides of the predicted floor are run, fastest predicted first,
+then each ladder is bisected between its measured passes and misses, and the fastest measuring at least the floor
+wins (``floor``).
 
 Two rules choose a block's mode: ``"damage"`` (the default: the search picks the mode by its measured damage) and
 ``"linearity"`` (the paper's criterion: prune where the block's mean criterion exceeds ``linearity_threshold``,
@@ -71,8 +71,8 @@ def check_rule(rule: str) -> None:
 def choose_policy(calibration: Calibration, budget: Budget, progress: bool = False, *,
                   measure_latency: bool = True, rounds: int = 20, rule: str = "damage") -> Policy:
     """The budget's pick from ``calibration``: under a latency budget the best measured of the shortlist
-    (``shortlist``); under a fidelity floor the fastest predicted of the candidates around it that measures at
-    least the floor (``floor``). Then checked once on the held-out images and, with ``measure_latency``, timed on
+    (``shortlist``); under a fidelity floor the fastest predicted candidate measured to keep the floor
+    (``floor``). Then checked once on the held-out images and, with ``measure_latency``, timed on
     its exported graph against the unreduced one and ToMe (``rounds`` interleaved rounds); the measurements are
     recorded beside the predictions. ``rule`` chooses the modes (module docstring)."""
     check_rule(rule)

@@ -5,8 +5,8 @@ The search space: block i removes one of ``r_choices(r)`` = {0, r/2, r, 3r/2, 2r
 linearity rule, with the one mode the paper's criterion names for it). Two additive predictions score a candidate:
 
 - damage: the sum over reducing blocks of the damage measured when that block alone removes that many tokens with
-  that mode (``1 - cosine``); predicted cosine = ``1 - scale * sum``, ``scale`` 1 unless a fidelity floor's
-  measurements rescale it (``floor``);
+  that mode (``1 - cosine``), each mode's scaled by its compounding factor (``Calibration.scaled_damage``);
+  predicted cosine = ``1 - sum``;
 - latency: ``BlockLatency.predict_ms``, for the token count each block then receives.
 
 Block i's latency depends only on how many tokens it receives, so an exact dynamic program over
@@ -113,22 +113,22 @@ def _prune(points: list[Point]) -> list[Point]:
     return kept
 
 
-def choose(front: list[Candidate], budget: Budget, baseline_ms: float, damage_scale: float = 1.0) -> Candidate:
+def choose(front: list[Candidate], budget: Budget, baseline_ms: float) -> Candidate:
     """The fastest candidate meeting ``min_cosine``, or the most faithful meeting the latency target.
 
-    ``damage_scale`` multiplies predicted damage (a verification's measured / predicted). A budget no candidate
-    that removes tokens meets is a ``BudgetError`` naming what is reachable: the fastest policy for a latency
-    target, the most faithful reducing policy for a fidelity floor (the unreduced model is not an answer).
+    A budget no candidate that removes tokens meets is a ``BudgetError`` naming what is reachable: the fastest
+    policy for a latency target, the most faithful reducing policy for a fidelity floor (the unreduced model is not
+    an answer).
     """
     if budget.min_cosine is not None:
         floor = 1.0 - budget.min_cosine
         reducing = [c for c in front if any(c.r)]
-        meeting = [c for c in reducing if c.damage * damage_scale <= floor]
+        meeting = [c for c in reducing if c.damage <= floor]
         if not meeting:
             if not reducing:
                 raise BudgetError("no policy that removes tokens was found at this r; calibrate with a smaller r",
                                   hint=Hint("r", "8"))
-            best = 1.0 - min(c.damage for c in reducing) * damage_scale
+            best = 1.0 - min(c.damage for c in reducing)
             raise BudgetError(
                 f"no policy that removes tokens keeps min_cosine={budget.min_cosine}: the most faithful one is "
                 f"predicted at cosine {best:.5f}. Ask for at most that, or calibrate with a smaller r.",

@@ -165,8 +165,8 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str,
 
     chosen, measured = choose_measured(shortlist(rule_fronts(c, rule), stepped, limit), measure)
     cosine = max(s.measured_cosine for s in measured)
-    attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "damage_scale": 1.0,
-                 "predicted_cosine": 1.0 - chosen.damage, "measured_cosine": cosine, "predicted_ms": chosen.latency_ms}]
+    attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "predicted_cosine": 1.0 - chosen.damage,
+                 "measured_cosine": cosine, "predicted_ms": chosen.latency_ms}]
     record = {"choice": "measured: each shortlisted candidate run once on the search images, the highest cosine "
                         "chosen (calibration.shortlist)",
               "candidates": [s.to_dict() | {"chosen": s.candidate == chosen} for s in measured]}

@@ -67,8 +67,7 @@ class Calibration:
             "baseline_ms": self.baseline_ms,
             "uniform": self.uniform,
             "prediction": "damage = sum over reducing blocks of single-block damage x the mode's compounding factor "
-                          "(uniform policy measured / summed), x damage_scale where a fidelity floor's "
-                          "measurements rescaled it (calibration.floor)",
+                          "(uniform policy measured / summed)",
             "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in self.front],
             "r_choices": sorted({k for by_r in self.damage.values() for k in by_r} | {0}),
         }
