@@ -140,6 +140,26 @@ def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None
     assert "thread-cpu clock" in text
 
 
+def test_tome_that_measured_as_fast_and_closer_than_the_policy_is_named() -> None:
+    """Figures of a DINOv2-S/14 calibration on 16 images (before the floor search bisected): ToMe r=19, timed in the
+    same rounds, was faster than the policy and closer on the held-out images."""
+    from tofu_export.cli.calibrate import tome_note
+
+    m = {"measured_speedup": 1.511, "measured_cosine": 0.99633, "held_out_cosine": 0.99631, "held_out_images": 4,
+         "tome_at_measured_speedup": {"r": [15, 19], "measured_speedup": [1.448, 1.674],
+                                      "cosine_at_r": [0.99933, 0.99520], "held_out_cosine_at_r": [0.99865, 0.99748]}}
+    text = tome_note(m)
+    assert text is not None and "ToMe r=19" in text and "1.67x (the policy 1.51x)" in text
+    assert "0.99748 on the 4 held-out images (the policy 0.99631)" in text and "--mode tome --r 19" in text
+    slower = {**m, "measured_speedup": 1.70}  # no timed ToMe is as fast: nothing to say
+    assert tome_note(slower) is None
+    closer = {**m, "held_out_cosine": 0.9980}  # the faster ToMe keeps less of the output
+    assert tome_note(closer) is None
+    unheld = {**m, "held_out_cosine": None, "held_out_images": 0, "measured_cosine": 0.9950}  # the search images
+    assert "0.99520 on the calibration images (the policy 0.99500)" in tome_note(unheld)
+    assert tome_note({**m, "tome_at_measured_speedup": None}) is None
+
+
 def test_a_policy_whose_graph_fails_the_export_gate_is_flagged() -> None:
     from tofu_export.cli.calibrate import parity_warning
 

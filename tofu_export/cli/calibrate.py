@@ -130,9 +130,30 @@ def calibrate(
     print_table(console, table)
     print_line(console, f"wrote {out} and {plot_path}")
     print_table(console, comparison_table(m, r))
-    warning = parity_warning(gate, out)
-    if warning:
-        print_line(console, warning)
+    for line in (tome_note(m), parity_warning(gate, out)):
+        if line:
+            print_line(console, line)
+
+
+def tome_note(m: dict[str, Any]) -> str | None:
+    """A note when ToMe at one of the two r timed beside the policy (``m["tome_at_measured_speedup"]``) measured at
+    least as fast and kept more of the output, on the held-out images (the search images where none were held out):
+    the calibration's own measurements say plain ToMe is the better export (with few images, possibly noise)."""
+    tome, speed = m.get("tome_at_measured_speedup"), m.get("measured_speedup")
+    if not tome or speed is None:
+        return None
+    if m.get("held_out_cosine") is not None and "held_out_cosine_at_r" in tome:
+        mine, theirs, images = m["held_out_cosine"], tome["held_out_cosine_at_r"], f"{m['held_out_images']} held-out"
+    else:
+        mine, theirs, images = m["measured_cosine"], tome["cosine_at_r"], "calibration"
+    better = [(k, s, c) for k, s, c in zip(tome["r"], tome["measured_speedup"], theirs, strict=True)
+              if s >= speed and c > mine]
+    if not better:
+        return None
+    k, faster, cosine = max(better, key=lambda x: x[1])
+    return (f"note: ToMe r={k}, timed in the same rounds, measured {faster:.2f}x (the policy {speed:.2f}x) with "
+            f"cosine {cosine:.5f} on the {images} images (the policy {mine:.5f}): plain ToMe is the better export "
+            f"here (--mode tome --r {k}), unless calibrating on more images (--images) says otherwise.")
 
 
 def parity_warning(gate: dict[str, Any] | None, out: Path) -> str | None:
