@@ -79,10 +79,14 @@ def around_floor(rungs: Sequence[Candidate], limit: float, count: int) -> list[i
 
 
 def floor_shortlist(ladders: Sequence[Ladder], limit: float) -> list[Listing]:
-    """Round 0: every ladder's rungs around the predicted damage ``limit`` (``around_floor``), by increasing
-    predicted latency (ties: less predicted damage), each policy once (its first source kept)."""
-    listed = [(f"{source} #{i}", rungs[i]) for source, rungs, count in ladders
-              for i in around_floor(rungs, limit, count)]
+    """Round 0: every ladder's rungs around the predicted damage ``limit`` (``around_floor``), fastest first."""
+    return fastest_first([(f"{source} #{i}", rungs[i]) for source, rungs, count in ladders
+                          for i in around_floor(rungs, limit, count)])
+
+
+def fastest_first(listed: Sequence[Listing]) -> list[Listing]:
+    """``listed`` by increasing predicted latency (ties: less predicted damage), each policy once (its first source
+    kept)."""
     return unique(sorted(listed, key=lambda x: (x[1].latency_ms, x[1].damage)))
 
 
@@ -119,9 +123,8 @@ def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float
                 tried[policy_key(c)] = Tried(Shortlisted(source, c, measure(c)), k)
                 if tried[policy_key(c)].cosine >= min_cosine:
                     bound = min(bound, c.latency_ms)
-        steps = [(f"{source} #{i}", rungs[i]) for source, rungs, _ in ladders
-                 if (i := next_rung(rungs, tried, min_cosine, bound)) is not None]
-        listed = unique(sorted(steps, key=lambda x: (x[1].latency_ms, x[1].damage)))
+        listed = fastest_first([(f"{source} #{i}", rungs[i]) for source, rungs, _ in ladders
+                                if (i := next_rung(rungs, tried, min_cosine, bound)) is not None])
         if not listed:
             break
     best = best_passing(list(tried.values()), min_cosine)
