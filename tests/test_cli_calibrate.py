@@ -60,7 +60,9 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
     assert policy["source"]["checkpoint"]["source"] == "vit_tiny_patch16_224"
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "measured" in result.output and "wrote" in result.output
-    for stage in ("damage per block", "latency per block and mode", "the chosen policy's graph exported and timed"):
+    for stage in ("damage per block", "latency per block and mode: exporting", "latency per block and mode: 40 "
+                  "interleaved rounds", "the chosen policy's graph exported and timed: exporting",
+                  "the chosen policy's graph exported and timed: 20 interleaved rounds"):
         assert f"calibrate: {stage}" in result.output, result.output  # each stage says itself in a log too
     runner, env = CliRunner(), {"COLUMNS": "200", "NO_COLOR": "1"}
     fits = runner.invoke(app, ["schedule", MODEL[0], "--img-size", "64", "--policy", str(out), "--json"], env=env)

@@ -116,10 +116,12 @@ def measure_block_latency(
     settings: ExportSettings | None = None,
     clock: str = "wall",
     on_step: Callable[[], None] | None = None,
+    on_timing: Callable[[], None] | None = None,
 ) -> BlockLatency:
     """Export (``settings``: the user's exporter, opset, simplification) and time the one-block graphs of the module
-    docstring; ``on_step`` after each export and round. The graphs take tokens, not images, so they are opened by
-    the engines' session factory (``engines.ort.create_session``) rather than the image runner."""
+    docstring; ``on_step`` after each export and round, ``on_timing`` once between the two. The graphs take tokens,
+    not images, so they are opened by the engines' session factory (``engines.ort.create_session``) rather than the
+    image runner."""
     family = family_of(model)
     threads = clock_threads(clock, threads)
     depth, prefix = family.depth(model), family.num_prefix(model)
@@ -138,6 +140,8 @@ def measure_block_latency(
             feed = {session.get_inputs()[0].name: _random_input(session)}
             session.run(None, feed)
             runners[name] = lambda s=session, f=feed: s.run(None, f)
+    if on_timing is not None:
+        on_timing()
     samples = round_robin(runners, iters=rounds, clock=clock, on_round=on_step)
 
     def median_iqr(values: Sequence[float]) -> tuple[float, float]:

@@ -153,9 +153,11 @@ def measure_policy_latency(
     clock: str = "wall",
     tome_r: Sequence[int] = (),
     on_step: Callable[[], None] | None = None,
+    on_timing: Callable[[], None] | None = None,
 ) -> PolicyLatency:
     """Export the unreduced model, the policy ``(modes, r)`` and ToMe at each uniform r of ``tome_r`` as the user
-    would, and time them interleaved on ``clock`` (module docstring); ``on_step`` after each export and round.
+    would, and time them interleaved on ``clock`` (module docstring); ``on_step`` after each export and round,
+    ``on_timing`` once between the two.
     ``model`` is left as it was."""
     from tofu_export.engines.ort import OrtRunner
 
@@ -185,6 +187,8 @@ def measure_policy_latency(
                    for name, path in paths.items()}
         for runner in runners.values():
             runner.run(1)  # warm-up outside the timing
+        if on_timing is not None:
+            on_timing()
         samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
                               iters=rounds, clock=clock, on_round=on_step)
 

@@ -84,16 +84,19 @@ def choose_policy(calibration: Calibration, budget: Budget, progress: bool = Fal
             chosen, attempts, choice = measured_choice(calibration, budget, rule, on_step=bar.advance)
         else:
             chosen, attempts, choice = floor_choice(calibration, budget, rule, on_step=bar.advance)
-        if measure_latency:
-            bar.stage("calibrate: the chosen policy's graph exported and timed against the unreduced one and ToMe",
-                      4 + rounds)
-        return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds, bar.advance)
+        if measure_latency:  # the exports take most of the time: a stage each, so that the ETA holds
+            bar.stage("calibrate: the chosen policy's graph exported and timed: exporting it, the unreduced model "
+                      "and ToMe at two r", 4)
+        timing = f"calibrate: the chosen policy's graph exported and timed: {rounds} interleaved rounds"
+        return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds, bar.advance,
+                       lambda: bar.stage(timing, rounds))
 
 
 def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: str, attempts: list[dict],
-            extra: dict, measure_latency: bool, rounds: int, on_step: Callable[[], None] | None = None) -> Policy:
+            extra: dict, measure_latency: bool, rounds: int, on_step: Callable[[], None] | None = None,
+            on_timing: Callable[[], None] | None = None) -> Policy:
     """The chosen policy with its measurements: held-out cosine and, with ``measure_latency``, its exported graph
-    timed against the unreduced one and ToMe (``on_step`` after each export and round)."""
+    timed against the unreduced one and ToMe (``on_step`` after each export and round, ``on_timing`` between)."""
     cal = calibration
     held = cal.held_out if cal.held_out is not None else cal.trace.reference[:0]
     measurements = dict(cal.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
@@ -102,7 +105,7 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
                         held_out_images=len(held), **extra,
                         held_out_cosine=held_out_cosine(cal.model, held, chosen.modes, chosen.r, cal.prop_attn))
     if measure_latency:
-        measurements.update(timed_against_tome(cal, chosen, held, rounds, on_step=on_step))
+        measurements.update(timed_against_tome(cal, chosen, held, rounds, on_step=on_step, on_timing=on_timing))
     return Policy(chosen.modes, chosen.r, model_record(cal.model), dict(cal.record, budget=budget.to_dict()),
                   measurements)
 
@@ -151,10 +154,11 @@ def measure(
         by_linearity = linearity_modes(tr.linearity, linearity_threshold)
         damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance,
                              on_total=bar.resize)
-        bar.stage("calibrate: latency per block and mode (one-block graphs exported, then timed)",
-                  len(counts) * 4 + rounds)
+        bar.stage("calibrate: latency per block and mode: exporting one-block graphs", len(counts) * 4)
+        timing = f"calibrate: latency per block and mode: {rounds} interleaved rounds"
         latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
-                                        prop_attn=prop_attn, settings=settings, clock=clock, on_step=bar.advance)
+                                        prop_attn=prop_attn, settings=settings, clock=clock, on_step=bar.advance,
+                                        on_timing=lambda: bar.stage(timing, rounds))
         baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
         bar.stage("calibrate: every mode in every block", len(REDUCE_MODES))
         # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several

@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 
 
 def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, rounds: int,
-                       on_step: Callable[[], None] | None = None) -> dict:
+                       on_step: Callable[[], None] | None = None,
+                       on_timing: Callable[[], None] | None = None) -> dict:
     """The chosen policy timed on its exported graph against the unreduced one and ToMe at two uniform r around
     its predicted latency; ToMe's cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
-    measured speed-up. ``on_step`` after each export and timed round."""
+    measured speed-up. ``on_step`` after each export and timed round, ``on_timing`` once between the two."""
     c, model = calibration, calibration.model
     family = family_of(model)
     tokens0, prefix, depth = family.num_tokens(model), family.num_prefix(model), family.depth(model)
@@ -42,7 +43,7 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
     bracket = tome_bracket(tome_ms, chosen.latency_ms, max_reduction(tokens0, prefix), max(2, c.r // 4))
     measured = measure_policy_latency(model, chosen.modes, chosen.r, prop_attn=c.prop_attn, settings=c.settings,
                                       provider=c.provider, threads=c.threads, rounds=rounds, clock=c.clock,
-                                      tome_r=bracket, on_step=on_step)
+                                      tome_r=bracket, on_step=on_step, on_timing=on_timing)
     speedups = [measured.tome_speedup[k] for k in bracket]
     tome: dict = {"r": list(bracket), "measured_speedup": speedups}
     means = ["mean"] * depth
