@@ -155,7 +155,36 @@ def test_the_policy_figure_ticks_whole_blocks_and_tokens_and_keys_its_modes(
     for axes, (low, high) in zip(figures[0].axes, [(0, 1), (0, 1), (15, 17)], strict=True):
         ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
         assert ticks and all(float(tick).is_integer() for tick in ticks), (axes.get_title(), ticks)
-    assert "(pr prune, me mean, ml MLERP, - none): pr4 -" in figures[0].get_suptitle()
+    assert "(pr prune, me mean, ml MLERP, - none):\npr4 -\n" in figures[0].get_suptitle()
+
+
+def test_the_policy_figure_of_a_deep_model_keeps_its_titles_inside(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 12-block DINOv2 calibration's title, its policy on one line, ran off both sides of the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tofu_export.calibration import plot
+    from tofu_export.policy import Policy
+
+    depth, tokens = 24, [577, 449, 321]
+    latency = {"block_ms": {mode: [1.0, 0.8, 0.6] for mode in ("none", "prune", "mean", "mlerp")}, "tokens": tokens,
+               "backend": "onnxruntime-tensorrt", "rounds": 40}
+    measurements = {"r": 16, "damage": {mode: [1e-4] * depth for mode in ("prune", "mean", "mlerp")},
+                    "linearity": [{"mean": 0.05, "p90": 0.08}] * depth, "latency": latency,
+                    "predicted_cosine": 0.99826, "measured_cosine": 0.99548, "predicted_speedup": 1.74}
+    model = {"depth": depth, "tokens": 577, "num_prefix": 1, "img_size": [384, 384]}
+    modes = ("mlerp", "mean", "prune") * 8
+    policy = Policy(modes, (24, 16, 0) * 8, model, {"images": {"count": 128}}, measurements)
+    figures = _figures_drawn_by(plot, monkeypatch)
+    plot.plot_policy(policy, tmp_path / "policy.png")
+    figure = figures[0]
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    texts = [figure._suptitle] + [axes.title for axes in figure.axes]
+    assert "ml24 me16 - ml24" in figure.get_suptitle()
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= figure.bbox.width, (text.get_text(), box.x0, box.x1, figure.bbox.width)
 
 
 def _png_size(path: Path) -> tuple[int, int]:

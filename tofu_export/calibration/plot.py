@@ -13,6 +13,7 @@ from tofu_export.reports.png import save_png
 
 _COLORS = {"prune": "tab:red", "mean": "tab:blue", "mlerp": "tab:green"}
 _FLOOR = 1e-7  # damage below this is drawn at the floor of the log axis
+_PER_ROW = 12  # blocks per line of the title's policy
 
 
 def plot_policy(policy: Policy, path: str | Path) -> Path:
@@ -33,7 +34,7 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
                                xytext=(6, 6))
     damage_ax.set_yscale("log")
     damage_ax.set(xlabel="block", ylabel=f"1 - cosine of the output (< {_FLOOR:g} drawn at it)",
-                  title=f"Damage of removing r={m['r']} tokens in one block alone (circled: chosen, at its r; "
+                  title=f"Damage of removing r={m['r']} tokens in one block alone\n(circled: chosen, at its r; "
                         f"{policy.source.get('images', {}).get('count', '?')} images)")
     damage_ax.legend(title="mode")
 
@@ -57,8 +58,9 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
     for axes in (damage_ax, linear_ax, latency_ax):  # blocks and tokens are counts: no tick at block 0.5
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
-    chosen = " ".join(f"{mode[:2]}{r}" if r else "-" for mode, r in zip(policy.modes, policy.r, strict=True))
-    figure.suptitle(f"policy, mode and r per block (pr prune, me mean, ml MLERP, - none): {chosen}\n"
-                    f"predicted cosine {m['predicted_cosine']:.5f}, measured {m['measured_cosine']:.5f}; "
-                    f"predicted {m['predicted_speedup']:.2f}x", fontsize=10)
+    chosen = [f"{mode[:2]}{r}" if r else "-" for mode, r in zip(policy.modes, policy.r, strict=True)]
+    rows = [" ".join(chosen[i:i + _PER_ROW]) for i in range(0, len(chosen), _PER_ROW)]  # a deep model's fit too
+    figure.suptitle("\n".join(["policy, mode and r per block (pr prune, me mean, ml MLERP, - none):", *rows,
+                               f"predicted cosine {m['predicted_cosine']:.5f}, measured {m['measured_cosine']:.5f}; "
+                               f"predicted {m['predicted_speedup']:.2f}x"]), fontsize=10)
     return save_png(figure, path)
