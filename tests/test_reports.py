@@ -184,7 +184,7 @@ def test_the_policy_figure_of_a_deep_model_keeps_its_titles_inside(tmp_path: Pat
     assert "ml24 me16 - ml24" in figure.get_suptitle()
     for text in texts:
         box = text.get_window_extent(renderer)
-        assert 0 <= box.x0 and box.x1 <= figure.bbox.width, (text.get_text(), box.x0, box.x1, figure.bbox.width)
+        assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (text.get_text(), box.x0, box.x1, figure.bbox.width)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
