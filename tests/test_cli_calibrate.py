@@ -150,6 +150,10 @@ def test_tome_that_measured_as_fast_and_closer_than_the_policy_is_named() -> Non
     m = {"measured_speedup": 1.511, "measured_cosine": 0.99633, "held_out_cosine": 0.99631, "held_out_images": 4,
          "tome_at_measured_speedup": {"r": [15, 19], "measured_speedup": [1.448, 1.674],
                                       "cosine_at_r": [0.99933, 0.99520], "held_out_cosine_at_r": [0.99865, 0.99748]}}
+    from tofu_export.calibration.versus_tome import better_tome
+
+    assert better_tome(m) == {"r": 19, "measured_speedup": 1.674, "cosine": 0.99748, "policy_cosine": 0.99631,
+                              "images": "held-out"}  # --json carries it
     text = tome_note(m)
     assert text is not None and "ToMe r=19" in text and "1.67x (the policy 1.51x)" in text
     assert "0.99748 on the 4 held-out images (the policy 0.99631)" in text and "--mode tome --r 19" in text

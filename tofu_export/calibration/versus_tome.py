@@ -9,8 +9,8 @@ measured speed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -55,3 +55,23 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
         tome[f"{key}_at_r"] = values
     return {"measured_latency": measured.to_dict(), "measured_speedup": measured.speedup,
             "tome_at_measured_speedup": tome}
+
+
+def better_tome(m: Mapping[str, Any]) -> dict | None:
+    """ToMe at one of the two r timed beside the policy (``m``: its measurements) that measured at least as fast as
+    the policy and kept more of the output on the held-out images (the search images where none were held out):
+    ``{"r", "measured_speedup", "cosine", "policy_cosine", "images"}`` (the fastest such r), or None. Where it exists
+    the calibration's own measurements say plain ToMe is the better export (with few images, possibly noise)."""
+    tome, speed = m.get("tome_at_measured_speedup"), m.get("measured_speedup")
+    if not tome or speed is None:
+        return None
+    if m.get("held_out_cosine") is not None and "held_out_cosine_at_r" in tome:
+        mine, theirs, images = m["held_out_cosine"], tome["held_out_cosine_at_r"], "held-out"
+    else:
+        mine, theirs, images = m["measured_cosine"], tome["cosine_at_r"], "calibration"
+    better = [(k, s, c) for k, s, c in zip(tome["r"], tome["measured_speedup"], theirs, strict=True)
+              if s >= speed and c > mine]
+    if not better:
+        return None
+    k, faster, cosine = max(better, key=lambda x: x[1])
+    return {"r": k, "measured_speedup": faster, "cosine": cosine, "policy_cosine": mine, "images": images}

@@ -87,6 +87,7 @@ def calibrate(
                        inputs=[checkpoint, data])  # refused before calibrating
     from tofu_export.calibration import calibrate, load_images, plot_policy
     from tofu_export.calibration.measured import ExportSettings
+    from tofu_export.calibration.versus_tome import better_tome
 
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
@@ -114,7 +115,7 @@ def calibrate(
                     "measured_speedup": m.get("measured_speedup"), "held_out_cosine": m.get("held_out_cosine"),
                     "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
                              "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
-                    "tome_at_measured_speedup": m.get("tome_at_measured_speedup"),
+                    "tome_at_measured_speedup": m.get("tome_at_measured_speedup"), "better_tome": better_tome(m),
                     "export_parity": gate})
         return
     table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
@@ -136,24 +137,17 @@ def calibrate(
 
 
 def tome_note(m: dict[str, Any]) -> str | None:
-    """A note when ToMe at one of the two r timed beside the policy (``m["tome_at_measured_speedup"]``) measured at
-    least as fast and kept more of the output, on the held-out images (the search images where none were held out):
-    the calibration's own measurements say plain ToMe is the better export (with few images, possibly noise)."""
-    tome, speed = m.get("tome_at_measured_speedup"), m.get("measured_speedup")
-    if not tome or speed is None:
+    """The note for ``calibration.versus_tome.better_tome``: plain ToMe measured faster and closer than the policy."""
+    from tofu_export.calibration.versus_tome import better_tome
+
+    tome = better_tome(m)
+    if tome is None:
         return None
-    if m.get("held_out_cosine") is not None and "held_out_cosine_at_r" in tome:
-        mine, theirs, images = m["held_out_cosine"], tome["held_out_cosine_at_r"], f"{m['held_out_images']} held-out"
-    else:
-        mine, theirs, images = m["measured_cosine"], tome["cosine_at_r"], "calibration"
-    better = [(k, s, c) for k, s, c in zip(tome["r"], tome["measured_speedup"], theirs, strict=True)
-              if s >= speed and c > mine]
-    if not better:
-        return None
-    k, faster, cosine = max(better, key=lambda x: x[1])
-    return (f"note: ToMe r={k}, timed in the same rounds, measured {faster:.2f}x (the policy {speed:.2f}x) with "
-            f"cosine {cosine:.5f} on the {images} images (the policy {mine:.5f}): plain ToMe is the better export "
-            f"here (--mode tome --r {k}), unless calibrating on more images (--images) says otherwise.")
+    images = f"{m['held_out_images']} held-out" if tome["images"] == "held-out" else "calibration"
+    return (f"note: ToMe r={tome['r']}, timed in the same rounds, measured {tome['measured_speedup']:.2f}x (the policy "
+            f"{m['measured_speedup']:.2f}x) with cosine {tome['cosine']:.5f} on the {images} images (the policy "
+            f"{tome['policy_cosine']:.5f}): plain ToMe is the better export here (--mode tome --r {tome['r']}), "
+            f"unless calibrating on more images (--images) says otherwise.")
 
 
 def parity_warning(gate: dict[str, Any] | None, out: Path) -> str | None:
