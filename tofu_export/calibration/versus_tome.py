@@ -4,7 +4,8 @@ ToMe is exported at two uniform r values around the one whose predicted latency 
 (``measured.tome_bracket``) and timed in the same interleaved rounds as the policy and the unreduced graph
 (``measured.measure_policy_latency``); its cosine (on the search images and on the held-out ones) at those two r is
 interpolated linearly at the policy's measured speed-up (``measured.at_speedup``), so the two are compared at equal
-measured speed.
+measured speed. ``better_tome`` names the one of those two ToMe graphs, if any, that measured at least as fast as the
+policy and closer to the unreduced model.
 """
 
 from __future__ import annotations
