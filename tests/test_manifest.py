@@ -115,4 +115,4 @@ def test_a_quick_look_speedup_whose_rounds_straddle_one_is_not_established() -> 
     quick = QuickLook.from_dict({"label": "q", "machine": {}, "gflops": {"baseline": 2.0, "tofu": 1.0},
                                  "latency": latency})
     rows = {label: ours for label, _, ours in quick_look_rows(quick)}
-    assert rows["speed-up (p50 / p50)"] == "1.03x (per round 0.77-1.40x), not established"
+    assert rows["speed-up per round"] == "1.03x (p10-p90 0.77-1.40x), not established"

@@ -214,7 +214,7 @@ class Spread(Section):
 class QuickLatency(Section):
     baseline: Spread
     tofu: Spread
-    speedup: float  # baseline p50 / ToFu p50
+    speedup: float  # median of the per-round ratios baseline / ToFu
     speedup_per_round: dict[str, float]  # {"p10", "p90"} of the per-round ratios
     batch: int = 1
     provider: str = "CPUExecutionProvider"

@@ -124,7 +124,7 @@ def quick_look_rows(quick: QuickLook) -> list[tuple[str, str, str]]:
             ("latency p50", f"{format_ms(base.p50_ms)} ms", f"{format_ms(tofu.p50_ms)} ms"),
             ("latency p10-p90", f"{format_ms(base.p10_ms)}-{format_ms(base.p90_ms)} ms",
              f"{format_ms(tofu.p10_ms)}-{format_ms(tofu.p90_ms)} ms"),
-            ("speed-up (p50 / p50)", "1.00x", f"{latency.speedup:.2f}x (per round {per['p10']:.2f}-{per['p90']:.2f}x)"
+            ("speed-up per round", "1.00x", f"{latency.speedup:.2f}x (p10-p90 {per['p10']:.2f}-{per['p90']:.2f}x)"
              + (", not established" if per["p10"] <= 1.0 <= per["p90"] else "")),
         ]
     gflops = quick.gflops
@@ -198,8 +198,8 @@ def _quick_look(quick: QuickLook | None, label: str) -> str:
              _table(("", "baseline (r=0)", label), quick_look_rows(quick)), "", f"![tokens and latency]({PLOT})"]
     if quick.latency:
         lines += ["", "Both graphs ran in one process, alternating in a fresh random order every round, each timed "
-                  "run right after an untimed one; the speed-up is the ratio of the medians. A few seconds on a "
-                  "shared machine is a first figure: benchmark on the device before relying on it."]
+                  "run right after an untimed one; the speed-up is the median of the per-round ratios. A few "
+                  "seconds on a shared machine is a first figure: benchmark on the device before relying on it."]
     fidelity = quick.fidelity
     if fidelity:
         source = fidelity.name or fidelity.data
