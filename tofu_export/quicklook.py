@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tofu_export.errors import Hint
@@ -73,11 +72,11 @@ def spread(samples_ms: Sequence[float]) -> dict[str, float]:
 def compare_latency(baseline_ms: Sequence[float], tofu_ms: Sequence[float]) -> dict[str, Any]:
     """Both models' spread and the speed-up: the median and the 10th-90th percentile of the per-round ratios (round
     ``i`` ran both models once, close in time), so the figure always lies inside its own range."""
-    base, tofu = spread(baseline_ms), spread(tofu_ms)
-    ratios = np.asarray(baseline_ms, dtype=np.float64) / np.asarray(tofu_ms, dtype=np.float64)  # [rounds]
-    low, mid, high = np.percentile(ratios, [10.0, 50.0, 90.0])
-    return {"baseline": base, "tofu": tofu, "speedup": float(mid),
-            "speedup_per_round": {"p10": float(low), "p90": float(high)}}
+    from tofu_export.profiling.timing import per_round_speedup
+
+    low, mid, high = per_round_speedup(baseline_ms, tofu_ms)
+    return {"baseline": spread(baseline_ms), "tofu": spread(tofu_ms), "speedup": mid,
+            "speedup_per_round": {"p10": low, "p90": high}}
 
 
 def rounds_for(budget_s: float, round_s: float, min_rounds: int, max_rounds: int) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tofu_export.profiling.timing import LatencyStats
+from tofu_export.profiling.timing import LatencyStats, per_round_speedup
 from tofu_export.sweep.state import BASELINE
 
 UNCERTAIN = "~"  # the flag: this point's speed-up interval overlaps a neighbour's in the ranking
@@ -36,7 +36,7 @@ def sweep_row(record: dict[str, Any], baseline_ms: Sequence[float] | None, paire
     if baseline_ms is not None:
         base = np.asarray(baseline_ms, dtype=np.float64)
         if paired and base.size == samples.size:  # the per-round ratios: load that hits a whole round cancels
-            low, mid, high = np.percentile(base / samples, [10.0, 50.0, 90.0])
+            low, mid, high = per_round_speedup(base, samples)
         else:  # timed apart: the baseline's median over this point's p90, p50 and p10
             low, mid, high = (float(np.median(base)) / ms for ms in (p90, p50, p10))
         row["speedup"], row["speedup_p10"], row["speedup_p90"] = float(mid), float(low), float(high)
