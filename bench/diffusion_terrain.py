@@ -71,9 +71,9 @@ def time_sessions(paths: dict[str, Path], rounds: int, warmup: int = 2) -> dict[
     """ORT CPU, batch 1, one intra-op thread (runs on this thread: the thread-CPU clock sees all of it);
     all graphs interleaved round by round, in a fresh seeded order each round. A graph at ratio R is also compared
     round by round with ToMe for SD (``R/mean``) timed in the same round: the median and quartiles of that ratio."""
-    from tofu_export.calibration.measured import paired_ratio
     from tofu_export.engines.ort import create_session
     from tofu_export.profiling.compare import round_orders
+    from tofu_export.profiling.timing import QUARTILES, per_round_speedup
 
     sessions = {k: create_session(p, threads=1, spinning=False) for k, p in paths.items()}
     feeds = {n: t.numpy() for n, t in zip(NAMES, one_step_inputs(1, 99), strict=True)}
@@ -91,7 +91,7 @@ def time_sessions(paths: dict[str, Path], rounds: int, warmup: int = 2) -> dict[
     for k in sessions:
         tome = f"{k.split('/')[0]}/mean"
         if tome in sessions and k != tome:
-            mid, (q1, q3) = paired_ratio(cpu[k], cpu[tome])
+            q1, mid, q3 = per_round_speedup(cpu[k], cpu[tome], QUARTILES)
             out[k]["cpu_vs_tome_sd"] = {"median": mid, "q1": q1, "q3": q3}
     return out
 

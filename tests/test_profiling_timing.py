@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import pytest
 
 from tofu_export.profiling.errors import ProfilerError
-from tofu_export.profiling.timing import time_callable
+from tofu_export.profiling.timing import QUARTILES, per_round_speedup, time_callable
 
 
 class ScriptedClock:
@@ -64,3 +64,12 @@ def test_real_clock_measures_work() -> None:
 def test_bad_stopping_rules_are_rejected(warmup: int, iters: int | None, budget_s: float | None) -> None:
     with pytest.raises(ProfilerError):
         time_callable(lambda: None, warmup=warmup, iters=iters, budget_s=budget_s)
+
+
+def test_per_round_speedup_is_the_median_of_ratios_with_the_asked_spread() -> None:
+    """Rounds of very different speed: the ratio of medians (20 / 10 = 2.0 here) would differ from every round's
+    own ratio; the speed-up is the median of the per-round ratios, its spread their percentiles (linear)."""
+    baseline, other = [1.0, 10.0, 100.0, 20.0, 30.0], [0.5, 20.0, 50.0, 10.0, 30.0]  # ratios 2, 0.5, 2, 2, 1
+    assert per_round_speedup(baseline, other) == pytest.approx((0.7, 2.0, 2.0))  # 10th, 50th, 90th
+    assert per_round_speedup(baseline, other, QUARTILES) == pytest.approx((1.0, 2.0, 2.0))
+    assert per_round_speedup([3.0], [2.0], QUARTILES) == (1.5, 1.5, 1.5)  # one round: that ratio thrice

@@ -16,7 +16,6 @@ predictions, which ``calibration.measured`` checks on the chosen policy's export
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from tofu_export.calibration.measured import ExportSettings, clock_threads, roun
 from tofu_export.engines.ort import create_session
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.names import REDUCE_MODES
+from tofu_export.profiling.timing import QUARTILES
 from tofu_export.schedule import block_macs, plan_tokens
 
 
@@ -145,7 +145,7 @@ def measure_block_latency(
     samples = round_robin(runners, iters=rounds, clock=clock, on_round=on_step)
 
     def median_iqr(values: Sequence[float]) -> tuple[float, float]:
-        q1, mid, q3 = statistics.quantiles(values, n=4)
+        q1, mid, q3 = np.percentile(values, [QUARTILES[0], 50.0, QUARTILES[1]])  # as every spread of the tool
         return mid, q3 - q1
 
     # A mode's block = the plain block + the median over rounds of (mode - plain) in the same round: pairing by

@@ -32,6 +32,7 @@ from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER
+from tofu_export.profiling.timing import QUARTILES, per_round_speedup
 from tofu_export.schedule import plan_tokens
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
@@ -65,14 +66,6 @@ def round_robin(runners: Mapping[str, Callable[[], object]], *, iters: int, cloc
         if on_round is not None:
             on_round()
     return samples
-
-
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, tuple[float, float]]:
-    """Median and quartiles of the per-round ratios ``numerator[i] / denominator[i]`` of two graphs timed in the same
-    rounds (load that hits both in a round cancels); one round: that ratio thrice."""
-    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    return statistics.median(ratios), (q1, q3)
 
 
 @dataclass(frozen=True)
@@ -192,12 +185,13 @@ def measure_policy_latency(
         samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
                               iters=rounds, clock=clock, on_round=on_step)
 
-    speedup, iqr = paired_ratio(samples["baseline"], samples["policy"])
-    tome = {k: paired_ratio(samples["baseline"], samples[f"tome-r{k}"])[0] for k in tome_r}
+    q1, speedup, q3 = per_round_speedup(samples["baseline"], samples["policy"], QUARTILES)
+    tome = {k: per_round_speedup(samples["baseline"], samples[f"tome-r{k}"])[1] for k in tome_r}
     parity = {"ok": gate.ok, "min_cosine": gate.min_cosine, "images_within_tolerance": gate.images_within_tolerance,
               "advice": None if gate.ok else parity_advice(gate)}
     return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), speedup,
-                         iqr, rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome, parity)
+                         (q1, q3), rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome,
+                         parity)
 
 
 

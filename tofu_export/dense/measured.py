@@ -56,9 +56,9 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
     """Export ``step`` unreduced, patched with ``policy`` and with every policy of ``compare`` (``patch`` applies
     one; the step is left unreduced), then time them interleaved for ``rounds`` rounds on ``make_inputs(1, 0)``
     (module docstring)."""
-    from tofu_export.calibration.measured import clock_threads, paired_ratio, round_robin
+    from tofu_export.calibration.measured import clock_threads, round_robin
     from tofu_export.engines.ort import create_session
-    from tofu_export.profiling.timing import LatencyStats
+    from tofu_export.profiling.timing import QUARTILES, LatencyStats, per_round_speedup
 
     threads = clock_threads(clock, threads)
     feed_inputs = make_inputs(1, 0)
@@ -84,10 +84,14 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
                                for name, session in sessions.items()}, iters=rounds, clock=clock)
         after = os.getloadavg()[0]
 
-    compared = {name: dict(zip(("speedup", "speedup_iqr"), paired_ratio(samples["baseline"], samples[name]),
-                               strict=True), latency=LatencyStats.from_ms(samples[name]).to_dict())
+    def speedup_iqr(name: str) -> tuple[float, tuple[float, float]]:
+        q1, mid, q3 = per_round_speedup(samples["baseline"], samples[name], QUARTILES)
+        return mid, (q1, q3)
+
+    compared = {name: dict(zip(("speedup", "speedup_iqr"), speedup_iqr(name), strict=True),
+                           latency=LatencyStats.from_ms(samples[name]).to_dict())
                 for name in compare or {}}
-    speedup, iqr = paired_ratio(samples["baseline"], samples["policy"])
+    speedup, iqr = speedup_iqr("policy")
     return StepLatency(LatencyStats.from_ms(samples["baseline"]).to_dict(),
                        LatencyStats.from_ms(samples["policy"]).to_dict(), speedup, iqr, rounds, clock, threads,
                        exporter, opset, "onnxruntime-cpu", (before, after), compared)

@@ -19,11 +19,17 @@ def format_ms(ms: float) -> str:
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
-def per_round_speedup(baseline_ms: Sequence[float], other_ms: Sequence[float]) -> tuple[float, float, float]:
-    """10th, 50th and 90th percentile of the per-round ratios ``baseline_ms[i] / other_ms[i]`` of two graphs timed in
-    the same rounds (load that hits a whole round cancels): a speed-up and its spread, the median always inside."""
+QUARTILES = (25.0, 75.0)  # the spread calibration records (``speedup_iqr``)
+
+
+def per_round_speedup(baseline_ms: Sequence[float], other_ms: Sequence[float],
+                      spread: tuple[float, float] = (10.0, 90.0)) -> tuple[float, float, float]:
+    """The ``spread`` percentiles (10th and 90th unless told) around the median of the per-round ratios
+    ``baseline_ms[i] / other_ms[i]`` of two graphs timed in the same rounds (load that hits a whole round cancels):
+    ``(low, median, high)``, a speed-up and its spread, the median always inside. The one per-round ratio of the
+    tool: the quick look, the sweep and calibration (with ``QUARTILES``) all read it."""
     ratios = np.asarray(baseline_ms, dtype=np.float64) / np.asarray(other_ms, dtype=np.float64)  # [rounds]
-    low, mid, high = np.percentile(ratios, [10.0, 50.0, 90.0])
+    low, mid, high = np.percentile(ratios, [spread[0], 50.0, spread[1]])
     return float(low), float(mid), float(high)
 
 
