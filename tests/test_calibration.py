@@ -175,6 +175,9 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     tome = m["tome_at_measured_speedup"]  # ToMe timed in the same rounds at two r, interpolated at the policy's speed
     assert len(tome["r"]) == 2 and sorted(timed["tome_speedup"]) == sorted(str(k) for k in tome["r"])
     assert min(tome["cosine_at_r"]) - 1e-9 <= tome["cosine"] or tome["extrapolated"]
+    lead = m["held_out_vs_tome"]  # image by image against ToMe at the policy's speed: the same mean lead, with its SE
+    assert lead["images"] == 2 and lead["standard_error"] >= 0
+    assert lead["difference"] == pytest.approx(m["held_out_cosine"] - tome["held_out_cosine"], abs=1e-12)
     assert policy.source["images"] == {"path": "random", "count": 8, "held_out": 2}
     assert policy.source["tool"].startswith("tofu-export ")
     assert Policy.load(policy.save(tmp_path / "policy.json")) == policy

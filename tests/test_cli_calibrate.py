@@ -60,6 +60,10 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
     assert policy["source"]["checkpoint"]["source"] == "vit_tiny_patch16_224"
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "measured" in result.output and "wrote" in result.output
+    lead = policy["measurements"]["held_out_vs_tome"]  # 2 held-out images: the note says when they cannot tell
+    assert lead["images"] == 2
+    noise = abs(lead["difference"]) <= 2 * lead["standard_error"]
+    assert ("is within two standard errors" in " ".join(result.output.split())) == noise, result.output
     for stage in ("damage per block", "latency per block and mode: exporting", "latency per block and mode: 40 "
                   "interleaved rounds", "the chosen policy's graph exported and timed: exporting",
                   "the chosen policy's graph exported and timed: 20 interleaved rounds"):
@@ -140,6 +144,33 @@ def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None
     assert "0.99890" in text and "0.99930" in text  # ToMe and the policy on the held-out images
     assert "+0.00040 cosine vs ToMe at the same measured speed" in text
     assert "thread-cpu clock" in text
+    m["held_out_vs_tome"] = {"difference": 0.0004, "standard_error": 0.0001, "images": 16}  # written since
+    console.print(comparison_table(m, 16))
+    text = " ".join(console.export_text().split())
+    assert "+0.00040 cosine vs ToMe at the same measured speed (± 0.00010 SE, 16 images)" in text
+
+
+def test_the_held_out_lead_over_tome_says_whether_it_is_beyond_the_noise() -> None:
+    """The figures of a DINOv2-S/14 calibration on 16 images (4 held out): a lead of -0.00193 with an SE of 0.00336."""
+    from tofu_export.calibration.measured import paired_difference
+    from tofu_export.cli.calibrate import held_out_verdict, noise_note
+
+    lead = paired_difference([0.9, 0.8, 0.7, 0.6], [0.8, 0.7, 0.7, 0.6])  # differences 0.1, 0.1, 0, 0
+    assert lead["difference"] == pytest.approx(0.05) and lead["images"] == 4
+    assert lead["standard_error"] == pytest.approx((4 * 0.05**2 / 3 / 4) ** 0.5)  # sample SD / sqrt(n): 0.0289
+    assert held_out_verdict(0.05, lead) == ("held out: +0.05000 cosine vs ToMe at the same measured speed "
+                                            "(± 0.02887 SE, 4 images)")
+    assert "within two standard errors (0.02887 each)" in noise_note({"held_out_vs_tome": lead})
+    dinov2 = {"difference": -0.00193, "standard_error": 0.00336, "images": 4}
+    assert noise_note({"held_out_vs_tome": dinov2}).startswith(
+        "note: on the 4 held-out images the policy's lead over ToMe at the same speed, -0.00193 cosine, is within")
+    assert noise_note({"held_out_vs_tome": {**lead, "standard_error": 0.02}}) is None  # 0.05 > 2 x 0.02: a lead
+    assert noise_note({"held_out_vs_tome": {**lead, "difference": -0.05, "standard_error": 0.02}}) is None
+    one = paired_difference([0.9], [0.8])
+    assert one["standard_error"] is None and noise_note({"held_out_vs_tome": one}) is None
+    assert held_out_verdict(0.1, one).endswith("at the same measured speed (no error bar, 1 image)")
+    assert noise_note({}) is None  # a policy written before the per-image comparison
+    assert held_out_verdict(0.1, None) == "held out: +0.10000 cosine vs ToMe at the same measured speed"
 
 
 def test_tome_that_measured_as_fast_and_closer_than_the_policy_is_named() -> None:

@@ -96,20 +96,30 @@ def split_held_out(images: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     return images[~held], images[held]
 
 
-def held_out_cosine(
+def held_out_cosines(
     model: nn.Module, images: Tensor, modes: Sequence[str], r: Sequence[int], prop_attn: bool
-) -> float | None:
-    """Mean cosine of the pooled output of ``model`` patched with the policy to the unreduced model's, on
-    ``images`` (``model`` is left as it was); None for no images."""
+) -> list[float]:
+    """Per-image cosine ``[B]`` of the pooled output of ``model`` patched with the policy to the unreduced model's,
+    on ``images [B, 3, H, W]`` (``model`` is left as it was); ``[]`` for no images."""
     if len(images) == 0:
-        return None
+        return []
     family = family_of(model)
     with torch.no_grad(), unpatched(model):
         x0 = torch.cat([family.embed(model, chunk) for chunk in images.split(32)])  # [B, N, C]
         reference = run_from_block(model, x0, 0)
         with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
             output = run_from_block(model, x0, 0)
-    return float(cosine_to(reference, output).mean())
+    return cosine_to(reference, output).tolist()
+
+
+def paired_difference(mine: Sequence[float], theirs: Sequence[float]) -> dict:
+    """``mine - theirs`` over the same images: ``{"difference": mean, "standard_error": SE of that mean (None for
+    one image), "images": n}``. Paired per image, so what makes an image hard for both cancels."""
+    diffs = [a - b for a, b in zip(mine, theirs, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else None
+    return {"difference": mean, "standard_error": se, "images": n}
 
 
 @dataclass(frozen=True)

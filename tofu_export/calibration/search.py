@@ -35,7 +35,7 @@ from tofu_export.calibration.damage import damage_by_r, verify
 from tofu_export.calibration.floor import floor_choice
 from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
 from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
-from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosine, split_held_out
+from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosines, split_held_out
 from tofu_export.calibration.select import Budget, Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import measured_choice
 from tofu_export.calibration.state import Calibration
@@ -99,13 +99,15 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
     timed against the unreduced one and ToMe (``on_step`` after each export and round, ``on_timing`` between)."""
     cal = calibration
     held = cal.held_out if cal.held_out is not None else cal.trace.reference[:0]
+    per_image = held_out_cosines(cal.model, held, chosen.modes, chosen.r, cal.prop_attn)  # [held]
     measurements = dict(cal.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
                         measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
                         predicted_speedup=cal.baseline_ms / chosen.latency_ms, attempts=attempts,
                         held_out_images=len(held), **extra,
-                        held_out_cosine=held_out_cosine(cal.model, held, chosen.modes, chosen.r, cal.prop_attn))
+                        held_out_cosine=sum(per_image) / len(per_image) if per_image else None)
     if measure_latency:
-        measurements.update(timed_against_tome(cal, chosen, held, rounds, on_step=on_step, on_timing=on_timing))
+        measurements.update(timed_against_tome(cal, chosen, held, per_image, rounds, on_step=on_step,
+                                               on_timing=on_timing))
     return Policy(chosen.modes, chosen.r, model_record(cal.model), dict(cal.record, budget=budget.to_dict()),
                   measurements)
 

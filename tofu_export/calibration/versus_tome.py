@@ -4,19 +4,26 @@ ToMe is exported at two uniform r values around the one whose predicted latency 
 (``measured.tome_bracket``) and timed in the same interleaved rounds as the policy and the unreduced graph
 (``measured.measure_policy_latency``); its cosine (on the search images and on the held-out ones) at those two r is
 interpolated linearly at the policy's measured speed-up (``measured.at_speedup``), so the two are compared at equal
-measured speed. ``better_tome`` names the one of those two ToMe graphs, if any, that measured at least as fast as the
-policy and closer to the unreduced model.
+measured speed; on the held-out images the comparison is also made image by image, for the standard error of the
+policy's lead (``held_out_vs_tome``). ``better_tome`` names the one of those two ToMe graphs, if any, that
+measured at least as fast as the policy and closer to the unreduced model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from tofu_export.calibration.damage import verify
-from tofu_export.calibration.measured import at_speedup, held_out_cosine, measure_policy_latency, tome_bracket
+from tofu_export.calibration.measured import (
+    at_speedup,
+    held_out_cosines,
+    measure_policy_latency,
+    paired_difference,
+    tome_bracket,
+)
 from tofu_export.calibration.select import Candidate
 from tofu_export.models.family import family_of
 from tofu_export.schedule import max_reduction, plan_tokens
@@ -25,12 +32,14 @@ if TYPE_CHECKING:
     from tofu_export.calibration.state import Calibration
 
 
-def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, rounds: int,
-                       on_step: Callable[[], None] | None = None,
+def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, held_cosines: Sequence[float],
+                       rounds: int, on_step: Callable[[], None] | None = None,
                        on_timing: Callable[[], None] | None = None) -> dict:
     """The chosen policy timed on its exported graph against the unreduced one and ToMe at two uniform r around
     its predicted latency; ToMe's cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
-    measured speed-up. ``on_step`` after each export and timed round, ``on_timing`` once between the two."""
+    measured speed-up, and on the held-out images the policy's lead over that ToMe image by image
+    (``held_cosines [B']``: the policy's) with its standard error (``held_out_vs_tome``). ``on_step`` after each
+    export and timed round, ``on_timing`` once between the two."""
     c, model = calibration, calibration.model
     family = family_of(model)
     tokens0, prefix, depth = family.num_tokens(model), family.num_prefix(model), family.depth(model)
@@ -49,13 +58,18 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
     tome: dict = {"r": list(bracket), "measured_speedup": speedups}
     means = ["mean"] * depth
     cosines = {"cosine": [verify(model, c.trace, means, tome_r(k), c.prop_attn) for k in bracket]}
+    per_image = [held_out_cosines(model, held, means, tome_r(k), c.prop_attn) for k in bracket]  # 2 x [B']
     if len(held):
-        cosines["held_out_cosine"] = [held_out_cosine(model, held, means, tome_r(k), c.prop_attn) for k in bracket]
+        cosines["held_out_cosine"] = [sum(values) / len(values) for values in per_image]
     for key, values in cosines.items():
         tome[key], tome["extrapolated"] = at_speedup(speedups, values, measured.speedup)
         tome[f"{key}_at_r"] = values
-    return {"measured_latency": measured.to_dict(), "measured_speedup": measured.speedup,
-            "tome_at_measured_speedup": tome}
+    result = {"measured_latency": measured.to_dict(), "measured_speedup": measured.speedup,
+              "tome_at_measured_speedup": tome}
+    if len(held):  # ToMe image by image at the policy's speed (the same line between the two r), then paired
+        at_speed = [at_speedup(speedups, pair, measured.speedup)[0] for pair in zip(*per_image, strict=True)]
+        result["held_out_vs_tome"] = paired_difference(held_cosines, at_speed)
+    return result
 
 
 def better_tome(m: Mapping[str, Any]) -> dict | None:

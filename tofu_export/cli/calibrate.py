@@ -116,7 +116,7 @@ def calibrate(
                     "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
                              "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
                     "tome_at_measured_speedup": m.get("tome_at_measured_speedup"), "better_tome": better_tome(m),
-                    "export_parity": gate})
+                    "held_out_vs_tome": m.get("held_out_vs_tome"), "export_parity": gate})
         return
     table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
                   f"{seconds:.0f} s)", title_justify="left")
@@ -131,7 +131,7 @@ def calibrate(
     print_table(console, table)
     print_line(console, f"wrote {out} and {plot_path}")
     print_table(console, comparison_table(m, r))
-    for line in (tome_note(m), parity_warning(gate, out)):
+    for line in (noise_note(m), tome_note(m), parity_warning(gate, out)):
         if line:
             print_line(console, line)
 
@@ -211,7 +211,27 @@ def comparison_table(m: dict[str, Any], r: int) -> Table:
     verdict = {(True, True): "beats ToMe on both", (True, False): "closer than ToMe, predicted slower",
                (False, True): "faster than ToMe, less close", (False, False): "behind ToMe on both"}[closer, faster]
     if "held_out_cosine" in same and m.get("held_out_cosine") is not None:
-        ahead = m["held_out_cosine"] - same["held_out_cosine"]
-        verdict = f"held out: {ahead:+.5f} cosine vs ToMe at the same measured speed"
+        verdict = held_out_verdict(m["held_out_cosine"] - same["held_out_cosine"], m.get("held_out_vs_tome"))
     row("verdict", "", "", "", verdict)
     return table
+
+
+def held_out_verdict(ahead: float, paired: dict[str, Any] | None) -> str:
+    """The policy's lead over ToMe at its measured speed on the held-out images, with the standard error of the
+    per-image differences (``calibration.measured.paired_difference``; None in a policy written before it)."""
+    if paired is None:
+        return f"held out: {ahead:+.5f} cosine vs ToMe at the same measured speed"
+    n = paired["images"]
+    se = "no error bar" if paired["standard_error"] is None else f"± {paired['standard_error']:.5f} SE"
+    return f"held out: {ahead:+.5f} cosine vs ToMe at the same measured speed ({se}, {n} image{'s' * (n != 1)})"
+
+
+def noise_note(m: dict[str, Any]) -> str | None:
+    """A note when the policy's held-out lead over ToMe at the same speed (``held_out_vs_tome``) is within two
+    standard errors: the images cannot tell the two apart."""
+    paired = m.get("held_out_vs_tome")
+    if not paired or paired["standard_error"] is None or abs(paired["difference"]) > 2 * paired["standard_error"]:
+        return None
+    return (f"note: on the {paired['images']} held-out images the policy's lead over ToMe at the same speed, "
+            f"{paired['difference']:+.5f} cosine, is within two standard errors ({paired['standard_error']:.5f} "
+            "each): noise, not a difference. Calibrate on more --images to tell them apart.")
