@@ -128,7 +128,7 @@ def test_an_existing_file_that_is_not_a_policy_is_left_alone(tmp_path) -> None:
 def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None:
     from rich.console import Console
 
-    from tofu_export.cli.calibrate import comparison_table
+    from tofu_export.cli.calibrate import comparison_table, comparison_verdict
 
     m = {"uniform": {"mean": {"measured_cosine": 0.9990, "predicted_ms": 50.0}}, "baseline_ms": 80.0,
          "latency": {"backend": "onnxruntime-cpu"}, "measured_cosine": 0.9995, "held_out_cosine": 0.9993,
@@ -137,17 +137,22 @@ def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None
                               "clock": "thread-cpu"},
          "tome_at_measured_speedup": {"r": [12, 16], "measured_speedup": [1.4, 1.6], "cosine": 0.9992,
                                       "held_out_cosine": 0.9989, "extrapolated": False}}
-    console = Console(width=220, record=True, file=open(__import__("os").devnull, "w"))  # noqa: SIM115
+    console = Console(width=80, record=True, file=open(__import__("os").devnull, "w"))  # noqa: SIM115
     console.print(comparison_table(m, 16))
-    text = " ".join(console.export_text().split())
-    assert "ToMe, same speed" in text and "r=12 and r=16" in text
-    assert "0.99890" in text and "0.99930" in text  # ToMe and the policy on the held-out images
-    assert "+0.00040 cosine vs ToMe at the same measured speed" in text
-    assert "thread-cpu clock" in text
+    lines = console.export_text().splitlines()
+    text = " ".join(" ".join(lines).split())
+    header = [line.split("┃")[4].strip() for line in lines if line.startswith("┃")]  # "ToMe, same speed", wrapped
+    assert " ".join(header) == "ToMe, same speed" and "r=12 and r=16" in text
+    rows = {line.split("│")[1].strip(): line.split("│")[2:-1] for line in lines if line.startswith("│")}
+    assert [cell.strip() for cell in rows["cosine, 16 held out"]] == ["1", "", "0.99890", "0.99930"]  # ToMe, policy
+    assert [cell.strip() for cell in rows["speed-up, measured"]] == ["1.00x", "", "1.50x", "1.50x"]
+    assert "on the thread-cpu clock" in text
+    assert rows["quartiles over rounds"][-1].strip() == "1.45-1.55x"  # one line a row on an 80-column terminal
+    assert comparison_verdict(m) == "held out: +0.00040 cosine vs ToMe at the same measured speed"
     m["held_out_vs_tome"] = {"difference": 0.0004, "standard_error": 0.0001, "images": 16}  # written since
-    console.print(comparison_table(m, 16))
-    text = " ".join(console.export_text().split())
-    assert "+0.00040 cosine vs ToMe at the same measured speed (± 0.00010 SE, 16 images)" in text
+    assert comparison_verdict(m) == ("held out: +0.00040 cosine vs ToMe at the same measured speed (± 0.00010 SE, "
+                                     "16 images)")
+    assert comparison_verdict({**m, "tome_at_measured_speedup": None}) == "closer than ToMe, predicted slower"
 
 
 def test_the_held_out_lead_over_tome_says_whether_it_is_beyond_the_noise() -> None:
