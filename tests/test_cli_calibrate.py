@@ -173,6 +173,8 @@ def test_the_held_out_lead_over_tome_says_whether_it_is_beyond_the_noise() -> No
     assert noise_note({"held_out_vs_tome": {**lead, "difference": -0.05, "standard_error": 0.02}}) is None
     one = paired_difference([0.9], [0.8])
     assert one["standard_error"] is None and noise_note({"held_out_vs_tome": one}) is None
+    with pytest.raises(ValueError, match="at least one image"):
+        paired_difference([], [])
     assert held_out_verdict(0.1, one).endswith("at the same measured speed (no error bar, 1 image)")
     assert noise_note({}) is None  # a policy written before the per-image comparison
     assert held_out_verdict(0.1, None) == "held out: +0.10000 cosine vs ToMe at the same measured speed"

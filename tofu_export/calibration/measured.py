@@ -117,6 +117,8 @@ def paired_difference(mine: Sequence[float], theirs: Sequence[float]) -> dict:
     one image), "images": n}``. Paired per image, so what makes an image hard for both cancels."""
     diffs = [a - b for a, b in zip(mine, theirs, strict=True)]
     n = len(diffs)
+    if n == 0:
+        raise ValueError("paired_difference needs at least one image")
     mean = sum(diffs) / n
     se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else None
     return {"difference": mean, "standard_error": se, "images": n}
