@@ -13,6 +13,10 @@ COMMANDS = {
     "export": ["export", "model.pth", "--r", "2", "--tolerance", "-1", "-o", "out"],
     "demo": ["demo", "--r", "many", "-o", "demo_out"],
     "sweep": ["sweep", "model.pth", "--r", "a,b", "-o", "sw"],
+    "sweep modes": ["sweep", "model.pth", "--r", "0,2", "--modes", "fuse", "-o", "sw"],
+    "schedule": ["schedule", "model.pth", "--r", "two"],
+    "eval": ["eval", "model.pth", "data", "--mode", "fuse"],
+    "calibrate rule": ["calibrate", "model.pth", "data", "--rule", "coin", "-o", "p.json"],
     "calibrate images": ["calibrate", "model.pth", "data", "--images", "0", "-o", "p.json"],
     "calibrate budget": ["calibrate", "model.pth", "data", "--min-cosine", "2", "-o", "p.json"],
     "calibrate precision": ["calibrate", "model.pth", "data", "--precision", "int8", "-o", "p.json"],
@@ -21,7 +25,9 @@ COMMANDS = {
     "clean-checkpoint": ["clean-checkpoint", "model.pth", "--use-ema", "-o", "ema.pth"],
     "help": ["--help"],
 }
-SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "calibrate images": "--images",
+SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "unknown mode 'fuse'",
+        "schedule": "--r", "eval": "unknown mode 'fuse'", "calibrate rule": "unknown mode rule 'coin'",
+        "calibrate images": "--images",
         "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
         "export calibration data": "--precision int8", "profile": "not an ONNX model",
         "clean-checkpoint": "name the file ema.safetensors", "help": ""}

@@ -36,7 +36,7 @@ from tofu_export.calibration.floor import floor_choice
 from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
 from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
 from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosines, split_held_out
-from tofu_export.calibration.select import Budget, Candidate, pareto_front, r_choices
+from tofu_export.calibration.select import Budget, Candidate, check_rule, pareto_front, r_choices
 from tofu_export.calibration.shortlist import measured_choice
 from tofu_export.calibration.state import Calibration
 from tofu_export.calibration.trace import trace
@@ -48,8 +48,6 @@ from tofu_export.policy import Policy, model_record
 from tofu_export.progress import tracker
 from tofu_export.schedule import max_reduction, plan_tokens
 
-RULES = ("damage", "linearity")
-
 
 def check_images(model: nn.Module, images: Tensor) -> None:
     """``images`` must be ``[B, 3, H, W]`` float at the model's input size."""
@@ -60,12 +58,6 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     if tuple(images.shape[2:]) != size:
         raise UserError(f"calibration images are {list(images.shape[2:])} but the model takes {list(size)}",
                         hint=Hint("img_size", str(images.shape[2])))
-
-
-def check_rule(rule: str) -> None:
-    """``rule`` must be one of ``RULES``."""
-    if rule not in RULES:
-        raise UserError(f"unknown mode rule {rule!r}; choose one of {', '.join(RULES)}", hint=Hint("rule", "damage"))
 
 
 def choose_policy(calibration: Calibration, budget: Budget, progress: bool = False, *,

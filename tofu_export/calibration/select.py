@@ -25,6 +25,14 @@ from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.errors import Hint, UserError
 from tofu_export.schedule import max_reduction
 
+RULES = ("damage", "linearity")  # how a block's mode is chosen: its measured damage, or the paper's linearity test
+
+
+def check_rule(rule: str) -> None:
+    """``rule`` must be one of ``RULES`` (checked before anything is measured)."""
+    if rule not in RULES:
+        raise UserError(f"unknown mode rule {rule!r}; choose one of {', '.join(RULES)}", hint=Hint("rule", "damage"))
+
 
 class BudgetError(UserError):
     """A budget that is malformed, or that no policy in the search space meets."""

@@ -68,7 +68,7 @@ def calibrate(
       tofu-export calibrate deit_small.pth /data/imagenet/train --speedup 1.6 -o deit-policy.json
     """
     from tofu_export.calibration.images import check_image_count
-    from tofu_export.calibration.select import Budget
+    from tofu_export.calibration.select import Budget, check_rule
     from tofu_export.output_paths import FileOutput, check_file_outputs, is_policy_file, is_tofu_png
 
     runtime.check()  # the options first: none of these loads torch
@@ -81,6 +81,7 @@ def calibrate(
     if min_cosine is None and speedup is None and max_latency_ms is None:
         min_cosine = 0.995
     budget = Budget(min_cosine=min_cosine, speedup=speedup, max_latency_ms=max_latency_ms)
+    check_rule(rule)
     check_image_count(images)
     plot_path = out.with_suffix(".png")
     check_file_outputs([FileOutput(out, is_policy_file, "policy"), FileOutput(plot_path, is_tofu_png, "policy plot")],

@@ -43,11 +43,12 @@ def eval_command(
 
       tofu-export eval artifacts/dino-tofu-r16-onnx/model.onnx data/fashion-mnist
     """
+    runtime.check()
+    config = tofu.build(model.img_size)  # every option checked before torch is loaded
     from tofu_export.jobs.evaluate import evaluate_model
 
-    runtime.check()
     report = evaluate_model(
-        model_path, data, tofu=tofu.build(model.img_size), reference=reference, arch=model.arch,
+        model_path, data, tofu=config, reference=reference, arch=model.arch,
         num_heads=model.num_heads, trust_pickle=model.trust_pickle, batch_size=batch_size, limit=limit,
         threads=runtime.threads, compare_tome=compare_tome,
     )

@@ -24,10 +24,10 @@ def schedule(
 
     Example: tofu-export schedule deit_small_patch16_224 --r 16 --mode tofu
     """
+    config = tofu.build(model.img_size)  # every option checked before torch is loaded
     from tofu_export import token_schedule
 
     net = model.load(source).model
-    config = tofu.build(model.img_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resolved = config.patch(net)

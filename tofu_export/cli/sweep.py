@@ -76,7 +76,6 @@ def sweep(
     r_values, template = tuple(parse_int_list(r, "r")), ToFuConfig(prune_layers=prune_layers, prop_attn=prop_attn)
     onnx_config, loaded_policy = onnx.build(), None if policy is None else Policy.load(policy)  # checked before torch
     from tofu_export.sweep.config import SweepConfig
-    from tofu_export.sweep.job import run_sweep_job
 
     config = SweepConfig(
         r_values=r_values, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
@@ -85,6 +84,8 @@ def sweep(
         arch=model.arch,
         num_heads=model.num_heads, trust_pickle=model.trust_pickle,
     )
+    from tofu_export.sweep.job import run_sweep_job  # torch: once every option is known to be good
+
     say = (lambda _: None) if as_json else (lambda text: print_line(console, text, label="[dim]-[/] "))
     with library_warnings() as caught:
         result = run_sweep_job(checkpoint, out, config, say=say, progress=not as_json)

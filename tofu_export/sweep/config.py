@@ -49,6 +49,8 @@ class SweepConfig:
         for name, value in (("iters", self.iters), ("batch", self.batch)):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}", hint=Hint(name, "1"))
+        for mode in self.modes:  # an unknown mode fails here, before anything is loaded, exported or made
+            ToFuConfig(mode=mode)
 
     def points(self) -> list[SweepPoint]:
         """One ``baseline`` point for r = 0 (when asked for), each mode's r > 0 points, then the policy's point."""

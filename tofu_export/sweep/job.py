@@ -56,8 +56,6 @@ class SweepResult:
 def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[[str], None] = lambda _: None,
                   progress: bool = True) -> SweepResult:
     """Run (or resume) the sweep in ``out``; ``say`` is told the run-time estimate before the work starts."""
-    for mode in config.modes:  # an unknown mode fails here, before anything is loaded, exported or made
-        ToFuConfig(mode=mode)
     check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own; no file above it
     loaded = _load(source, config)
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
