@@ -49,6 +49,12 @@ class DenseOptions:
         return {"ratio": self.ratio, "max_downsample": self.max_downsample, "seed": self.seed,
                 "sublayers": self.sublayers.split(",")}
 
+    def check(self, mode: str) -> None:
+        """Refuse a bad ratio, mode, level or sub-layer before torch is loaded (``dense.plan``, torch-free)."""
+        from tofu_export.dense.plan import check_uniform_plan
+
+        check_uniform_plan(self.ratio, mode, self.max_downsample, self.sublayers)
+
 
 @option_group("ONNX")
 class DenoiserOnnxOptions:
@@ -73,6 +79,7 @@ def denoiser(
 
     Example: tofu-export denoiser models/terrain_unet --ratio 0.5 --mode mlerp -o artifacts/terrain
     """
+    dense.check(mode)
     from tofu_export.dense.job import export_denoiser_step
 
     done = export_denoiser_step(source, out, mode=mode, policy=policy, exporter=onnx.exporter, opset=onnx.opset,
@@ -106,6 +113,7 @@ def calibrate_denoiser(
 
     Example: tofu-export calibrate-denoiser models/terrain_unet --ratio 0.75 --min-psnr 35 -o terrain-policy.json
     """
+    dense.check("mean")  # the modes are what calibration chooses
     from tofu_export.dense.job import calibrate_denoiser_policy
 
     result = calibrate_denoiser_policy(source, out, min_psnr=min_psnr, speedup=speedup, samples=samples,

@@ -91,13 +91,21 @@ def check_sublayers(sublayers) -> tuple[str, ...]:
     return tuple(name for name in SUBLAYERS if name in names)
 
 
+def check_uniform_plan(ratio: float, mode: ReduceMode, max_downsample: int = 1,
+                       sublayers=("self",)) -> tuple[str, ...]:
+    """Every setting of ``plan_blocks`` that does not need the model, checked (the CLI does it before torch is
+    loaded): ``UserError`` naming the bad one; the sub-layers in block order."""
+    check_plan(BlockPlan(ratio, mode))
+    if max_downsample < 1:
+        raise UserError(f"max_downsample must be >= 1, not {max_downsample}", hint=Hint("max_downsample", "1"))
+    return check_sublayers(sublayers)
+
+
 def plan_blocks(grids: dict[str, tuple[int, int]], ratio: float, mode: ReduceMode, max_downsample: int = 1,
                 stride: int = 2, seed: int | None = None, sublayers=("self",)) -> DensePolicy:
     """One ratio and mode for every block (``grids``: name -> ``(height, width)``) at most ``max_downsample`` times
     coarser (per side) than the finest grid; coarser blocks are left alone."""
-    check_plan(BlockPlan(ratio, mode))
-    if max_downsample < 1:
-        raise UserError(f"max_downsample must be >= 1, not {max_downsample}", hint=Hint("max_downsample", "1"))
+    sublayers = check_uniform_plan(ratio, mode, max_downsample, sublayers)
     if not grids:
         raise UserError("this model has no block that can reduce tokens")
     finest = max(h * w for h, w in grids.values())
@@ -106,4 +114,4 @@ def plan_blocks(grids: dict[str, tuple[int, int]], ratio: float, mode: ReduceMod
         for name, (h, w) in grids.items()
         if h * w * max_downsample**2 >= finest and min(h, w) >= stride
     }
-    return DensePolicy(chosen, stride, seed, sublayers=check_sublayers(sublayers))
+    return DensePolicy(chosen, stride, seed, sublayers=sublayers)
