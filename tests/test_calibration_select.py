@@ -11,9 +11,10 @@ import torch
 from tofu_export.calibration.damage import derive_damage
 from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.linearity import linearity_modes
-from tofu_export.calibration.measured import at_speedup, clock_threads, tome_bracket
+from tofu_export.calibration.measured import at_speedup, tome_bracket
 from tofu_export.calibration.select import Budget, BudgetError, choose, pareto_front, r_choices
 from tofu_export.errors import UserError
+from tofu_export.profiling.timing import clock_threads
 from tofu_export.schedule import max_reduction, plan_tokens
 
 TOKENS, PREFIX, R = 33, 1, 4  # 32 matchable tokens: blocks can remove 2, 4, 6 or 8

@@ -20,6 +20,8 @@ COMMANDS = {
     "denoiser ratio": ["denoiser", "data", "--ratio", "2", "-o", "out"],
     "denoiser sublayers": ["denoiser", "data", "--sublayers", "self,attn", "-o", "out"],
     "calibrate-denoiser": ["calibrate-denoiser", "data", "--max-downsample", "0", "-o", "p.json"],
+    "calibrate clock": ["calibrate", "model.pth", "data", "--clock", "sundial", "-o", "p.json"],
+    "calibrate-denoiser clock": ["calibrate-denoiser", "data", "--clock", "sundial", "-o", "p.json"],  # not measuring
     "calibrate images": ["calibrate", "model.pth", "data", "--images", "0", "-o", "p.json"],
     "calibrate budget": ["calibrate", "model.pth", "data", "--min-cosine", "2", "-o", "p.json"],
     "calibrate precision": ["calibrate", "model.pth", "data", "--precision", "int8", "-o", "p.json"],
@@ -31,7 +33,8 @@ COMMANDS = {
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "unknown mode 'fuse'",
         "schedule": "--r", "eval": "unknown mode 'fuse'", "calibrate rule": "unknown mode rule 'coin'",
         "denoiser ratio": "ratio 2.0 is out of range", "denoiser sublayers": "unknown sub-layer attn",
-        "calibrate-denoiser": "max_downsample must be >= 1",
+        "calibrate-denoiser": "max_downsample must be >= 1", "calibrate clock": "unknown clock 'sundial'",
+        "calibrate-denoiser clock": "unknown clock 'sundial'",
         "calibrate images": "--images",
         "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
         "export calibration data": "--precision int8", "profile": "not an ONNX model",

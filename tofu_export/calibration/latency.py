@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from tofu_export.calibration.latency_model import NONE, BlockLatency
-from tofu_export.calibration.measured import ExportSettings, clock_threads, round_robin
+from tofu_export.calibration.measured import ExportSettings, round_robin
 from tofu_export.engines.ort import create_session
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.names import REDUCE_MODES
-from tofu_export.profiling.timing import QUARTILES
+from tofu_export.profiling.timing import QUARTILES, clock_threads
 from tofu_export.schedule import block_macs, plan_tokens
 
 

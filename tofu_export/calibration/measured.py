@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,28 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from tofu_export.calibration.damage import cosine_to, run_from_block
-from tofu_export.errors import Hint, UserError
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER
-from tofu_export.profiling.timing import QUARTILES, per_round_speedup
+from tofu_export.profiling.timing import CLOCKS, QUARTILES, clock_threads, per_round_speedup
 from tofu_export.schedule import plan_tokens
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
-
-
-def clock_threads(clock: str, threads: int | None) -> int | None:
-    """The intra-op threads to time on with ``clock``: the thread-CPU clock counts only the calling thread, so it
-    times one thread (``threads`` None or 1); an unknown clock or more threads is a ``UserError``."""
-    if clock not in CLOCKS:
-        raise UserError(f"unknown clock {clock!r}; choose one of {', '.join(CLOCKS)}", hint=Hint("clock", "wall"))
-    if clock == "thread-cpu":
-        if threads not in (None, 1):
-            raise UserError(f"the thread-CPU clock times one intra-op thread (the calling one), got threads={threads}",
-                            hint=Hint("threads", "1"))
-        return 1
-    return threads
 
 
 def round_robin(runners: Mapping[str, Callable[[], object]], *, iters: int, clock: str = "wall", seed: int = 0,

@@ -35,7 +35,7 @@ from tofu_export.calibration.damage import damage_by_r, verify
 from tofu_export.calibration.floor import floor_choice
 from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
 from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
-from tofu_export.calibration.measured import ExportSettings, clock_threads, held_out_cosines, split_held_out
+from tofu_export.calibration.measured import ExportSettings, held_out_cosines, split_held_out
 from tofu_export.calibration.select import Budget, Candidate, check_rule, pareto_front, r_choices
 from tofu_export.calibration.shortlist import measured_choice
 from tofu_export.calibration.state import Calibration
@@ -45,6 +45,7 @@ from tofu_export.errors import Hint, UserError
 from tofu_export.models.family import family_of, unpatched
 from tofu_export.names import REDUCE_MODES
 from tofu_export.policy import Policy, model_record
+from tofu_export.profiling.timing import clock_threads
 from tofu_export.progress import tracker
 from tofu_export.schedule import max_reduction, plan_tokens
 

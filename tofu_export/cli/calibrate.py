@@ -70,8 +70,10 @@ def calibrate(
     from tofu_export.calibration.images import check_image_count
     from tofu_export.calibration.select import Budget, check_rule
     from tofu_export.output_paths import FileOutput, check_file_outputs, is_policy_file, is_tofu_png
+    from tofu_export.profiling.timing import clock_threads
 
     runtime.check()  # the options first: none of these loads torch
+    clock_threads(clock, runtime.threads)
     config = onnx.build()  # how the graphs the latencies are measured on are exported: as the user exports
     if config.precision != "fp32":
         raise UserError(f"calibrate measures FP32 graphs; --precision {config.precision} is not supported here yet: "

@@ -114,6 +114,9 @@ def calibrate_denoiser(
     Example: tofu-export calibrate-denoiser models/terrain_unet --ratio 0.75 --min-psnr 35 -o terrain-policy.json
     """
     dense.check("mean")  # the modes are what calibration chooses
+    from tofu_export.profiling.timing import clock_threads
+
+    clock_threads(clock, None)
     from tofu_export.dense.job import calibrate_denoiser_policy
 
     result = calibrate_denoiser_policy(source, out, min_psnr=min_psnr, speedup=speedup, samples=samples,

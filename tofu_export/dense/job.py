@@ -24,6 +24,7 @@ from tofu_export.dense.plan import BlockPlan, DensePolicy, check_sublayers, plan
 from tofu_export.errors import Hint, UserError
 from tofu_export.models.denoiser_family import LoadedDenoiser, Sampler, load_denoiser_source
 from tofu_export.names import DEFAULT_EXPORTER, ReduceMode
+from tofu_export.profiling.timing import clock_threads
 from tofu_export.progress import tracker
 
 
@@ -165,10 +166,7 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
         raise UserError(f"rounds must be at least 1, got {rounds}", hint=Hint("rounds", "20"))
     sublayers = check_sublayers(sublayers)
     measure = speedup is not None if measure is None else measure
-    if measure:
-        from tofu_export.calibration.measured import clock_threads
-
-        clock_threads(clock, None)  # an unknown clock is refused before the sampling, not after
+    clock_threads(clock, None)  # an unknown clock is refused before the sampling, measured or not
     opened = open_denoiser(source, config, trust_pickle, size)
     final = opened.sampler(samples, noise_seed)
 

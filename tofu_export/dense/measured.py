@@ -56,9 +56,9 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
     """Export ``step`` unreduced, patched with ``policy`` and with every policy of ``compare`` (``patch`` applies
     one; the step is left unreduced), then time them interleaved for ``rounds`` rounds on ``make_inputs(1, 0)``
     (module docstring)."""
-    from tofu_export.calibration.measured import clock_threads, round_robin
+    from tofu_export.calibration.measured import round_robin
     from tofu_export.engines.ort import create_session
-    from tofu_export.profiling.timing import QUARTILES, LatencyStats, per_round_speedup
+    from tofu_export.profiling.timing import QUARTILES, LatencyStats, clock_threads, per_round_speedup
 
     threads = clock_threads(clock, threads)
     feed_inputs = make_inputs(1, 0)

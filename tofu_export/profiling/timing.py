@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tofu_export.errors import Hint, UserError
 from tofu_export.profiling.errors import ProfilerError
 
 
@@ -20,6 +21,21 @@ def format_ms(ms: float) -> str:
 
 
 QUARTILES = (25.0, 75.0)  # the spread calibration records (``speedup_iqr``)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
+
+
+def clock_threads(clock: str, threads: int | None) -> int | None:
+    """The intra-op threads to time on with ``clock`` (a name of ``CLOCKS``): the thread-CPU clock counts only the
+    calling thread, so it times one thread (``threads`` None or 1); an unknown clock or more threads is a
+    ``UserError`` (torch-free: the CLI checks it before loading anything)."""
+    if clock not in CLOCKS:
+        raise UserError(f"unknown clock {clock!r}; choose one of {', '.join(CLOCKS)}", hint=Hint("clock", "wall"))
+    if clock == "thread-cpu":
+        if threads not in (None, 1):
+            raise UserError(f"the thread-CPU clock times one intra-op thread (the calling one), got threads={threads}",
+                            hint=Hint("threads", "1"))
+        return 1
+    return threads
 
 
 def per_round_speedup(baseline_ms: Sequence[float], other_ms: Sequence[float],
