@@ -173,8 +173,9 @@ def budget_text(budget: Any) -> str:
 
 
 def comparison_table(m: dict[str, Any], r: int) -> Table:
-    """The answer: the policy against the unreduced model and ToMe at the same r (cosine measured on the
-    calibration images; latency predicted by the calibration's latency model, on its backend)."""
+    """The answer: the policy against the unreduced model, ToMe at the same r and, where it was timed, ToMe at the
+    policy's measured speed-up (cosine on the search and the held-out images; latency predicted by the calibration's
+    latency model on its backend, and measured on the exported graphs); ``comparison_verdict`` says it in a line."""
     tome = m["uniform"]["mean"]
     base_ms = m["baseline_ms"]
     measured = m.get("measured_latency")

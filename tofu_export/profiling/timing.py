@@ -1,5 +1,5 @@
-"""Wall-clock timing of a callable (warm-up, device synchronization, an iteration or time budget) and the latency
-statistics of the samples."""
+"""Timing of a callable (warm-up, device synchronization, an iteration or time budget; the clocks a comparison may
+time on) and the latency statistics of the samples: percentiles of one graph's, per-round ratios of two graphs'."""
 
 from __future__ import annotations
 
