@@ -64,6 +64,13 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
     assert lead["images"] == 2
     noise = abs(lead["difference"]) <= 2 * lead["standard_error"]
     assert ("is within two standard errors" in " ".join(result.output.split())) == noise, result.output
+    from tofu_export.cli.calibrate import json_answer  # what --json prints, from the policy just written
+    from tofu_export.policy import Policy
+
+    answer = json.loads(json.dumps(json_answer(Policy.load(out), out, out.with_suffix(".png"), 4, 1.0)))
+    assert answer["modes"] == policy["modes"] and answer["r"] == policy["r"] and answer["held_out_vs_tome"] == lead
+    assert answer["export_parity"] == policy["measurements"]["measured_latency"]["export_parity"]
+    assert answer["plot"] == str(out.with_suffix(".png")) and answer["tome"]["r"] == 4
     for stage in ("damage per block", "latency per block and mode: exporting", "latency per block and mode: 40 "
                   "interleaved rounds", "the chosen policy's graph exported and timed: exporting",
                   "the chosen policy's graph exported and timed: 20 interleaved rounds"):

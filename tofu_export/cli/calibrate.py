@@ -90,7 +90,6 @@ def calibrate(
                        inputs=[checkpoint, data])  # refused before calibrating
     from tofu_export.calibration import calibrate, load_images, plot_policy
     from tofu_export.calibration.measured import ExportSettings
-    from tofu_export.calibration.versus_tome import better_tome
 
     loaded = model.load(checkpoint)
     batch, source = load_images(data, loaded.model, images)
@@ -112,14 +111,7 @@ def calibrate(
     m = policy.measurements
     gate = (m.get("measured_latency") or {}).get("export_parity")  # the parity gate `export --policy` applies
     if as_json:
-        print_json({"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),
-                    "predicted_cosine": m["predicted_cosine"], "measured_cosine": m["measured_cosine"],
-                    "predicted_speedup": m["predicted_speedup"], "baseline_ms": m["baseline_ms"], "seconds": seconds,
-                    "measured_speedup": m.get("measured_speedup"), "held_out_cosine": m.get("held_out_cosine"),
-                    "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
-                             "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
-                    "tome_at_measured_speedup": m.get("tome_at_measured_speedup"), "better_tome": better_tome(m),
-                    "held_out_vs_tome": m.get("held_out_vs_tome"), "export_parity": gate})
+        print_json(json_answer(policy, out, plot_path, r, seconds))
         return
     table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
                   f"{seconds:.0f} s)", title_justify="left")
@@ -137,6 +129,23 @@ def calibrate(
     for line in (f"verdict: {comparison_verdict(m)}", noise_note(m), tome_note(m), parity_warning(gate, out)):
         if line:
             print_line(console, line)
+
+
+def json_answer(policy: Any, out: Path, plot_path: Path, r: int, seconds: float) -> dict[str, Any]:
+    """What ``calibrate --json`` prints: the files, the choice, its predicted and measured figures, ToMe at the same r
+    and at the same measured speed, the held-out lead over it (``held_out_vs_tome``) and the export's parity gate."""
+    from tofu_export.calibration.versus_tome import better_tome
+
+    m = policy.measurements
+    return {"policy": str(out), "plot": str(plot_path), "modes": list(policy.modes), "r": list(policy.r),
+            "predicted_cosine": m["predicted_cosine"], "measured_cosine": m["measured_cosine"],
+            "predicted_speedup": m["predicted_speedup"], "baseline_ms": m["baseline_ms"], "seconds": seconds,
+            "measured_speedup": m.get("measured_speedup"), "held_out_cosine": m.get("held_out_cosine"),
+            "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
+                     "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
+            "tome_at_measured_speedup": m.get("tome_at_measured_speedup"), "better_tome": better_tome(m),
+            "held_out_vs_tome": m.get("held_out_vs_tome"),
+            "export_parity": (m.get("measured_latency") or {}).get("export_parity")}
 
 
 def tome_note(m: dict[str, Any]) -> str | None:
