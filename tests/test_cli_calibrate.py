@@ -164,8 +164,8 @@ def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None
 
 def test_the_held_out_lead_over_tome_says_whether_it_is_beyond_the_noise() -> None:
     """The figures of a DINOv2-S/14 calibration on 16 images (4 held out): a lead of -0.00193 with an SE of 0.00336."""
-    from tofu_export.calibration.measured import paired_difference
     from tofu_export.cli.calibrate import held_out_verdict, noise_note
+    from tofu_export.evaluation.metrics import paired_difference
 
     lead = paired_difference([0.9, 0.8, 0.7, 0.6], [0.8, 0.7, 0.7, 0.6])  # differences 0.1, 0.1, 0, 0
     assert lead["difference"] == pytest.approx(0.05) and lead["images"] == 4

@@ -120,3 +120,33 @@ def test_the_artifact_folder_export_printed_is_taken_as_its_graph(files: dict[st
     code, output = _invoke("profile", str(tiny_export), "--iters", "2", "--warmup", "0", "--no-breakdown", "--report",
                            str(report))
     assert code == 0 and f"Latency profile of {tiny_export / 'model.onnx'}" in report.read_text(), output
+
+
+def test_eval_of_a_backbone_pairs_its_cosines_with_tomes_image_by_image(files: dict[str, Path], tmp_path: Path) -> None:
+    """A headless model: the candidate's cosine minus ToMe's on the same images, with the SE of that difference."""
+    import copy
+
+    from tofu_export import patch
+    from tofu_export.evaluation import image_folder, model_transform
+    from tofu_export.evaluation.metrics import cosine_per_image
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=0)
+    save_file(backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    (tmp_path / "backbone.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))
+    code, output = _invoke("eval", str(tmp_path / "backbone.safetensors"), str(files["data"]), "--r", "4", "--json")
+    assert code == 0, output
+    report = json.loads(output[output.index("{"):])
+    paired = report["vs_tome"]
+    assert report["task"] == "fidelity" and paired["images"] == report["n_eval"] == 6
+    images = torch.stack([image for image, _ in image_folder(files["data"], model_transform(backbone))])
+    with torch.no_grad():  # by hand: both reductions against the unreduced backbone, image by image
+        plain = backbone(images)
+        mine = cosine_per_image(plain, patch(copy.deepcopy(backbone), r=4, mode="tofu")(images))
+        tome = cosine_per_image(plain, patch(copy.deepcopy(backbone), r=4, mode="tome")(images))
+    diffs = mine - tome
+    assert paired["difference"] == pytest.approx(float(diffs.mean()), abs=1e-6)
+    assert paired["standard_error"] == pytest.approx(float(diffs.std() / 6**0.5), abs=1e-6)
+    assert paired["difference"] == pytest.approx(report["metrics"]["cosine_mean"] - report["tome"]["cosine_mean"])
+    code, text = _invoke("eval", str(tmp_path / "backbone.safetensors"), str(files["data"]), "--r", "4")
+    assert code == 0 and f"{paired['difference']:+.5f} ± {paired['standard_error']:.5f}" in text, text

@@ -250,6 +250,8 @@ def test_evaluate_fidelity_with_splits_and_classification(tmp_path: Path) -> Non
     other = evaluate(backbone, TorchRunner(tiny_vit(seed=1)), tmp_path / "test", num_workers=0)
     assert other.n_train == 0 and "reference_knn_top1" not in other.metrics
     assert other.metrics["cosine_mean"] < 0.99
+    assert len(other.cosines) == 8 and sum(other.cosines) / 8 == pytest.approx(other.metrics["cosine_mean"])
+    assert "cosines" not in other.to_dict()  # per image: for paired comparisons, not for the report
 
     classifier = tiny_vit(num_classes=2)
     scores = evaluate(classifier, TorchRunner(classifier), tmp_path, num_workers=0).to_dict()

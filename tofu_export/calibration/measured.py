@@ -95,18 +95,6 @@ def held_out_cosines(
     return cosine_to(reference, output).tolist()
 
 
-def paired_difference(mine: Sequence[float], theirs: Sequence[float]) -> dict:
-    """``mine - theirs`` over the same images: ``{"difference": mean, "standard_error": SE of that mean (None for
-    one image), "images": n}``. Paired per image, so what makes an image hard for both cancels."""
-    diffs = [a - b for a, b in zip(mine, theirs, strict=True)]
-    n = len(diffs)
-    if n == 0:
-        raise ValueError("paired_difference needs at least one image")
-    mean = sum(diffs) / n
-    se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else None
-    return {"difference": mean, "standard_error": se, "images": n}
-
-
 @dataclass(frozen=True)
 class PolicyLatency:
     """The policy's exported graph against the unreduced one, timed interleaved (ms, batch 1)."""

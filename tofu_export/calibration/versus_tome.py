@@ -17,14 +17,9 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from tofu_export.calibration.damage import verify
-from tofu_export.calibration.measured import (
-    at_speedup,
-    held_out_cosines,
-    measure_policy_latency,
-    paired_difference,
-    tome_bracket,
-)
+from tofu_export.calibration.measured import at_speedup, held_out_cosines, measure_policy_latency, tome_bracket
 from tofu_export.calibration.select import Candidate
+from tofu_export.evaluation.metrics import paired_difference
 from tofu_export.models.family import family_of
 from tofu_export.schedule import max_reduction, plan_tokens
 

@@ -81,6 +81,10 @@ def evaluation_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
     rows = [("cosine to unreduced (mean ± SE)", "1", cosine(tome), cosine(m)),
             ("cosine, worst image", "1", f"{tome['cosine_min']:.4f}" if tome else none, f"{m['cosine_min']:.4f}")]
+    paired = report.get("vs_tome")
+    if paired:  # the two cosines image by image: the SE of their difference, not of either
+        se = "" if paired["standard_error"] is None else f" ± {paired['standard_error']:.5f}"
+        rows.append(("minus ToMe, same images (± SE)", "", "", f"{paired['difference']:+.5f}{se}"))
     if "candidate_knn_top1" in m:
         rows.append(("k-NN top-1", pct(m, "reference_knn_top1"), pct(tome, "candidate_knn_top1"),
                      pct(m, "candidate_knn_top1")))

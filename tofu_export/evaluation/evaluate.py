@@ -20,6 +20,7 @@ from tofu_export.evaluation.errors import EvaluationError
 from tofu_export.evaluation.metrics import (
     Predictor,
     classify,
+    cosine_per_image,
     cosine_standard_error,
     extract_features,
     feature_cosine,
@@ -36,9 +37,10 @@ class EvaluationReport:
     n_eval: int
     n_train: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    cosines: tuple[float, ...] = ()  # [n_eval] per image (fidelity): for paired comparisons, not in ``to_dict``
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "cosines"}
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,9 @@ def evaluate(
     cosine = feature_cosine(reference_eval, candidate_eval)
     metrics = {f"cosine_{key}": value for key, value in cosine.items()}
     metrics["cosine_se"] = cosine_standard_error(reference_eval, candidate_eval)
+    cosines = tuple(cosine_per_image(reference_eval, candidate_eval).tolist())  # [n_eval]
     if train_dir is None:
-        return EvaluationReport("fidelity", str(data), n_eval, metrics=metrics)
+        return EvaluationReport("fidelity", str(data), n_eval, metrics=metrics, cosines=cosines)
     train_loader, on_train = reference_outputs(train_dir)
     reference_train, train_labels = on_train.features, on_train.labels
     candidate_train, _ = extract_features(candidate, train_loader, label=f"{label}, {train_dir.name}")
@@ -148,4 +151,4 @@ def evaluate(
             train_features, train_labels, eval_features, eval_labels, k=knn_k, temperature=knn_temperature
         )
     n_train = len(train_loader.dataset)  # type: ignore[arg-type]
-    return EvaluationReport("fidelity", str(data), n_eval, n_train, metrics)
+    return EvaluationReport("fidelity", str(data), n_eval, n_train, metrics, cosines)

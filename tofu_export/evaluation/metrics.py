@@ -109,6 +109,19 @@ def cosine_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tenso
     return (dot / norms).clamp(-1.0, 1.0)
 
 
+def paired_difference(mine: Sequence[float], theirs: Sequence[float]) -> dict:
+    """``mine - theirs`` over the same images: ``{"difference": mean, "standard_error": SE of that mean (None for
+    one image), "images": n}``. Paired per image, so what makes an image hard for both cancels: the SE of a
+    difference between two reductions, far below either one's own SE."""
+    diffs = [a - b for a, b in zip(mine, theirs, strict=True)]
+    n = len(diffs)
+    if n == 0:
+        raise ValueError("paired_difference needs at least one image")
+    mean = sum(diffs) / n
+    se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else None
+    return {"difference": mean, "standard_error": se, "images": n}
+
+
 def cosine_standard_error(reference: torch.Tensor, test: torch.Tensor) -> float:
     """The standard error of the mean per-image cosine (sample std / sqrt(N); 0 for one image)."""
     cosine = cosine_per_image(reference, test)

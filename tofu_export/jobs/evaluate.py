@@ -16,6 +16,7 @@ from tofu_export.artifacts import graph_in
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import Hint
 from tofu_export.evaluation import EvaluationError, Reference, evaluate
+from tofu_export.evaluation.metrics import paired_difference
 from tofu_export.jobs.profile import backend_for, open_runner
 from tofu_export.models.loading import load_model, stated_at_export
 
@@ -38,9 +39,10 @@ def evaluate_model(
     (``.onnx``, ``.engine``, or the artifact folder: its ``model.onnx``) is run as is against ``reference`` (default:
     the checkpoint its manifest records).
 
-    Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "notes"}``; ``r`` is the
-    per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked or
-    when the candidate is ToMe).
+    Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "vs_tome", "notes"}``; ``r``
+    is the per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked
+    or when the candidate is ToMe); ``vs_tome`` the candidate's cosine minus ToMe's, image by image, with its
+    standard error (``evaluation.metrics.paired_difference``; a backbone only, else None).
     """
     from tofu_export.engines.torch import TorchRunner
 
@@ -70,15 +72,19 @@ def evaluate_model(
             candidate = TorchRunner(patched, threads=threads)
             description = str(model)
         reference_outputs = Reference.of(reference_model)  # its outputs computed once for both candidates
-        report = evaluate(reference_outputs, candidate, data, batch_size=batch_size, limit=limit, label=mode).to_dict()
-        tome = None
+        scored = evaluate(reference_outputs, candidate, data, batch_size=batch_size, limit=limit, label=mode)
+        tome, vs_tome = None, None
         if compare_tome and mode != "tome" and any(r):
             tome_model = copy.deepcopy(reference_model)
             ToFuConfig(r=r, mode="tome").patch(tome_model, static=False)
-            tome = evaluate(reference_outputs, TorchRunner(tome_model, threads=threads), data, batch_size=batch_size,
-                            limit=limit, label="ToMe").to_dict()["metrics"]
+            tome_scored = evaluate(reference_outputs, TorchRunner(tome_model, threads=threads), data,
+                                   batch_size=batch_size, limit=limit, label="ToMe")
+            tome = tome_scored.metrics
+            if scored.cosines and tome_scored.cosines:  # the same images in the same order: paired
+                vs_tome = paired_difference(scored.cosines, tome_scored.cosines)
     notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
-    return {"candidate": description, "mode": mode, "r": r, **report, "tome": tome, "notes": notes}
+    return {"candidate": description, "mode": mode, "r": r, **scored.to_dict(), "tome": tome, "vs_tome": vs_tome,
+            "notes": notes}
 
 
 def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path, str, list[int]]:
