@@ -239,7 +239,7 @@ def comparison_verdict(m: dict[str, Any]) -> str:
 
 def held_out_verdict(ahead: float, paired: dict[str, Any] | None) -> str:
     """The policy's lead over ToMe at its measured speed on the held-out images, with the standard error of the
-    per-image differences (``calibration.measured.paired_difference``; None in a policy written before it)."""
+    per-image differences (``evaluation.metrics.paired_difference``; None in a policy written before it)."""
     if paired is None:
         return f"held out: {ahead:+.5f} cosine vs ToMe at the same measured speed"
     n = paired["images"]

@@ -112,7 +112,7 @@ def cosine_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tenso
 def paired_difference(mine: Sequence[float], theirs: Sequence[float]) -> dict:
     """``mine - theirs`` over the same images: ``{"difference": mean, "standard_error": SE of that mean (None for
     one image), "images": n}``. Paired per image, so what makes an image hard for both cancels: the SE of a
-    difference between two reductions, far below either one's own SE."""
+    difference between two reductions, not the sum of their own SEs."""
     diffs = [a - b for a, b in zip(mine, theirs, strict=True)]
     n = len(diffs)
     if n == 0:
