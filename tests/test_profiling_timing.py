@@ -67,8 +67,8 @@ def test_bad_stopping_rules_are_rejected(warmup: int, iters: int | None, budget_
 
 
 def test_per_round_speedup_is_the_median_of_ratios_with_the_asked_spread() -> None:
-    """Rounds of very different speed: the ratio of medians (20 / 10 = 2.0 here) would differ from every round's
-    own ratio; the speed-up is the median of the per-round ratios, its spread their percentiles (linear)."""
+    """Rounds of very different speed: the ratio of the medians (20 / 20 = 1.0 here) is not what most rounds say;
+    the speed-up is the median of the per-round ratios (2.0), its spread their percentiles (linear)."""
     baseline, other = [1.0, 10.0, 100.0, 20.0, 30.0], [0.5, 20.0, 50.0, 10.0, 30.0]  # ratios 2, 0.5, 2, 2, 1
     assert per_round_speedup(baseline, other) == pytest.approx((0.7, 2.0, 2.0))  # 10th, 50th, 90th
     assert per_round_speedup(baseline, other, QUARTILES) == pytest.approx((1.0, 2.0, 2.0))
