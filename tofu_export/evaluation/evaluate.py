@@ -138,8 +138,9 @@ def evaluate(
         )
     cosine = feature_cosine(reference_eval, candidate_eval)
     metrics = {f"cosine_{key}": value for key, value in cosine.items()}
-    metrics["cosine_se"] = cosine_standard_error(reference_eval, candidate_eval)
-    cosines = tuple(cosine_per_image(reference_eval, candidate_eval).tolist())  # [n_eval]
+    per_image = cosine_per_image(reference_eval, candidate_eval)  # [n_eval]: once, for the SE and the pairing
+    metrics["cosine_se"] = cosine_standard_error(per_image)
+    cosines = tuple(per_image.tolist())
     if train_dir is None:
         return EvaluationReport("fidelity", str(data), n_eval, metrics=metrics, cosines=cosines)
     train_loader, on_train = reference_outputs(train_dir)

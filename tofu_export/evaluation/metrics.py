@@ -122,9 +122,9 @@ def paired_difference(mine: Sequence[float], theirs: Sequence[float]) -> dict:
     return {"difference": mean, "standard_error": se, "images": n}
 
 
-def cosine_standard_error(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """The standard error of the mean per-image cosine (sample std / sqrt(N); 0 for one image)."""
-    cosine = cosine_per_image(reference, test)
+def cosine_standard_error(cosine: torch.Tensor) -> float:
+    """The standard error of the mean of per-image cosines ``cosine [N]`` (``cosine_per_image``; sample std /
+    sqrt(N); 0 for one image)."""
     return float(cosine.std() / len(cosine) ** 0.5) if len(cosine) > 1 else 0.0
 
 
