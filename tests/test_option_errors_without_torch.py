@@ -16,6 +16,8 @@ COMMANDS = {
     "sweep modes": ["sweep", "model.pth", "--r", "0,2", "--modes", "fuse", "-o", "sw"],
     "schedule": ["schedule", "model.pth", "--r", "two"],
     "eval": ["eval", "model.pth", "data", "--mode", "fuse"],
+    "eval batch": ["eval", "model.pth", "data", "--batch-size", "0"],
+    "eval limit": ["eval", "model.pth", "data", "--limit", "0"],
     "calibrate rule": ["calibrate", "model.pth", "data", "--rule", "coin", "-o", "p.json"],
     "denoiser ratio": ["denoiser", "data", "--ratio", "2", "-o", "out"],
     "denoiser sublayers": ["denoiser", "data", "--sublayers", "self,attn", "-o", "out"],
@@ -31,7 +33,8 @@ COMMANDS = {
     "help": ["--help"],
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "unknown mode 'fuse'",
-        "schedule": "--r", "eval": "unknown mode 'fuse'", "calibrate rule": "unknown mode rule 'coin'",
+        "schedule": "--r", "eval": "unknown mode 'fuse'", "eval batch": "--batch-size 32", "eval limit": "--limit 100",
+        "calibrate rule": "unknown mode rule 'coin'",
         "denoiser ratio": "ratio 2.0 is out of range", "denoiser sublayers": "unknown sub-layer attn",
         "calibrate-denoiser": "max_downsample must be >= 1", "calibrate clock": "unknown clock 'sundial'",
         "calibrate-denoiser clock": "unknown clock 'sundial'",

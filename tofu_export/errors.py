@@ -44,6 +44,11 @@ class ExportError(UserError, RuntimeError):
     """The model could not be exported to a valid ONNX graph that matches PyTorch. Exit code 2."""
 
 
+class EvaluationError(UserError, ValueError):
+    """Unusable evaluation input: a malformed dataset folder, a count below one, or a model whose outputs do not fit
+    the task. Exit code 2. (Here, not in ``evaluation``: ``eval`` refuses its options before torch is imported.)"""
+
+
 class CheckFailed(ToFuError):
     """A verification failed on good input (parity, TensorRT compatibility). Exit code 1."""
 

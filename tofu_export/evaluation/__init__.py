@@ -3,6 +3,7 @@
 The model under test is any callable ``images [B, 3, H, W] -> [B, K]``: a runner from :mod:`tofu_export.engines`.
 """
 
+from tofu_export.errors import EvaluationError
 from tofu_export.evaluation.data import (
     IndexedImageFolder,
     artifact_transform,
@@ -12,7 +13,6 @@ from tofu_export.evaluation.data import (
     model_transform,
     split_folders,
 )
-from tofu_export.evaluation.errors import EvaluationError
 from tofu_export.evaluation.evaluate import EvaluationReport, Reference, evaluate
 from tofu_export.evaluation.metrics import (
     classification_accuracy,

@@ -25,8 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from tofu_export.errors import Hint
-from tofu_export.evaluation.errors import EvaluationError
+from tofu_export.errors import EvaluationError, Hint
 from tofu_export.images import IMAGE_SUFFIXES, ImageError, decode_problem, load_rgb, walk_images
 
 Transform = Callable[[Image.Image], torch.Tensor]

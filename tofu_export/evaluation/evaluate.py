@@ -15,8 +15,8 @@ from typing import Any, Literal
 import torch
 
 from tofu_export.engines.torch import TorchRunner
+from tofu_export.errors import EvaluationError
 from tofu_export.evaluation.data import Transform, make_loader, model_transform, split_folders
-from tofu_export.evaluation.errors import EvaluationError
 from tofu_export.evaluation.metrics import (
     Predictor,
     classify,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from tofu_export.evaluation.errors import EvaluationError
+from tofu_export.errors import EvaluationError
 from tofu_export.progress import tracker
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]

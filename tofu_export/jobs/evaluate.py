@@ -14,11 +14,8 @@ from typing import Any
 
 from tofu_export.artifacts import graph_in
 from tofu_export.config import ToFuConfig
-from tofu_export.errors import Hint
-from tofu_export.evaluation import EvaluationError, Reference, evaluate
-from tofu_export.evaluation.metrics import paired_difference
+from tofu_export.errors import EvaluationError, Hint
 from tofu_export.jobs.profile import backend_for, open_runner
-from tofu_export.models.loading import load_model, stated_at_export
 
 
 def evaluate_model(
@@ -44,8 +41,6 @@ def evaluate_model(
     or when the candidate is ToMe); ``vs_tome`` the candidate's cosine minus ToMe's, image by image, with its
     standard error (``evaluation.metrics.paired_difference``; a backbone only, else None).
     """
-    from tofu_export.engines.torch import TorchRunner
-
     model, data = graph_in(model), Path(data)  # an artifact folder: its model.onnx
     if not data.is_dir():
         raise EvaluationError(f"{data} is not a folder of images (ImageFolder layout, or train/ and test/)")
@@ -53,6 +48,10 @@ def evaluate_model(
         raise EvaluationError(f"the batch size must be at least 1, got {batch_size}", hint=Hint("batch_size", "32"))
     if limit is not None and limit < 1:
         raise EvaluationError(f"the image limit must be at least 1, got {limit}", hint=Hint("limit", "100"))
+    from tofu_export.engines.torch import TorchRunner  # torch and timm: after the checks above
+    from tofu_export.evaluation import Reference, evaluate
+    from tofu_export.evaluation.metrics import paired_difference
+    from tofu_export.models.loading import load_model, stated_at_export
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
