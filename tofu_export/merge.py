@@ -76,20 +76,20 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
     Every count is a Python int derived from ``N``, so an exported graph gets constant TopK sizes.
     """
     num_a, _ = set_sizes(int(metric.shape[1]), num_prefix)
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = _matchable_sets(metric, num_prefix)
-        scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
+    metric = metric.detach()  # no gradient, as under ToMe's no_grad, without a grad-mode switch in exported graphs
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = _matchable_sets(metric, num_prefix)
+    scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
 
-        node_max, node_idx = scores.topk(1, dim=-1)  # [B, Na, 1]: each A token's best B token, one TopK
-        # argsort(descending) written as a full top-k so the exported TopK has a constant K (TensorRT needs one)
-        edge_idx = node_max.topk(num_a, dim=1).indices  # [B, Na, 1]
+    node_max, node_idx = scores.topk(1, dim=-1)  # [B, Na, 1]: each A token's best B token, one TopK
+    # argsort(descending) written as a full top-k so the exported TopK has a constant K (TensorRT needs one)
+    edge_idx = node_max.topk(num_a, dim=1).indices  # [B, Na, 1]
 
-        src_idx, unm_idx = edge_idx.split([r, num_a - r], dim=1)  # [B, r, 1], [B, Na - r, 1]: one Split
-        dst_idx = node_idx.gather(dim=1, index=src_idx)  # [B, r, 1]
-        if num_prefix > 0 and num_a > r:
-            # ToMe keeps the unmerged tokens in their original order when a class token is present.
-            unm_idx = unm_idx.topk(num_a - r, dim=1, largest=False).values
+    src_idx, unm_idx = edge_idx.split([r, num_a - r], dim=1)  # [B, r, 1], [B, Na - r, 1]: one Split
+    dst_idx = node_idx.gather(dim=1, index=src_idx)  # [B, r, 1]
+    if num_prefix > 0 and num_a > r:
+        # ToMe keeps the unmerged tokens in their original order when a class token is present.
+        unm_idx = unm_idx.topk(num_a - r, dim=1, largest=False).values
     return Matching(unm_idx, src_idx, dst_idx)
 
 

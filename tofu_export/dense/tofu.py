@@ -41,20 +41,20 @@ def match_dense(metric: Tensor, layout: WindowLayout, r: int) -> DenseMatching:
     if not 0 <= r <= num_src:
         raise ValueError(f"r={r} is out of range: {num_src} source tokens can be reduced")
     given = metric
-    with torch.no_grad():
-        norms = metric.norm(dim=-1, keepdim=True)  # [B, N, 1]
-        metric = metric / norms.clamp_min(1e-12)
-        src, dst = metric[:, layout.src], metric[:, layout.dst]  # [B, Ns, C], [B, Nd, C]
-        scores = src @ dst.transpose(-1, -2)  # [B, Ns, Nd]
-        node_max, node_idx = scores.max(dim=-1, keepdim=True)  # [B, Ns, 1]
-        edge_idx = node_max.topk(num_src, dim=1).indices  # [B, Ns, 1] sources, most similar first
-        rank = edge_idx.topk(num_src, dim=1, largest=False).indices  # [B, Ns, 1] each source's place in edge_idx
-        src_idx = edge_idx[:, :r]  # [B, r, 1]
-        dst_idx = node_idx.gather(dim=1, index=src_idx)  # [B, r, 1]
-        kept = num_src - r
-        src_map = torch.where(rank < r, node_idx + kept, rank - r)  # [B, Ns, 1]
-        dst_map = (torch.arange(layout.num_dst, device=metric.device) + kept).view(1, -1, 1)  # [1, Nd, 1]
-        token_map = torch.cat([src_map, dst_map.expand(src_map.shape[0], -1, -1)], dim=1)[:, layout.inverse]
+    metric = metric.detach()  # no gradient, without a grad-mode switch in exported graphs (merge.py)
+    norms = metric.norm(dim=-1, keepdim=True)  # [B, N, 1]
+    metric = metric / norms.clamp_min(1e-12)
+    src, dst = metric[:, layout.src], metric[:, layout.dst]  # [B, Ns, C], [B, Nd, C]
+    scores = src @ dst.transpose(-1, -2)  # [B, Ns, Nd]
+    node_max, node_idx = scores.max(dim=-1, keepdim=True)  # [B, Ns, 1]
+    edge_idx = node_max.topk(num_src, dim=1).indices  # [B, Ns, 1] sources, most similar first
+    rank = edge_idx.topk(num_src, dim=1, largest=False).indices  # [B, Ns, 1] each source's place in edge_idx
+    src_idx = edge_idx[:, :r]  # [B, r, 1]
+    dst_idx = node_idx.gather(dim=1, index=src_idx)  # [B, r, 1]
+    kept = num_src - r
+    src_map = torch.where(rank < r, node_idx + kept, rank - r)  # [B, Ns, 1]
+    dst_map = (torch.arange(layout.num_dst, device=metric.device) + kept).view(1, -1, 1)  # [1, Nd, 1]
+    token_map = torch.cat([src_map, dst_map.expand(src_map.shape[0], -1, -1)], dim=1)[:, layout.inverse]
     return DenseMatching(edge_idx[:, r:], src_idx, dst_idx, token_map, given, norms)
 
 
