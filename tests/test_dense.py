@@ -40,6 +40,24 @@ def test_partial_border_windows_are_sources() -> None:
     assert layout.num_dst == 4 and layout.num_src == 21
 
 
+def test_exported_dense_matching_has_no_grad_mode_subgraph() -> None:
+    """Detached, not under ``no_grad``: ``torch.export`` captures a grad-mode switch as a subgraph and traces it
+    again (``test_merge``'s twin); the norms MLERP reuses carry no gradient."""
+    layout = window_layout(4, 4, 2, seed=1)
+
+    class Match(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            matching = match_dense(x, layout, 5)
+            return matching.token_map, matching.norms
+
+    x = torch.randn(2, 16, 8)
+    program = torch.export.export(Match(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if "grad" in t or "higher_order" in t], targets
+    assert any("topk" in t for t in targets)  # the matching was traced, at the top level
+    assert not match_dense(x.requires_grad_(), layout, 5).norms.requires_grad
+
+
 @pytest.mark.parametrize("mode", ["prune", "mean", "mlerp"])
 def test_identity_roundtrip_changes_exactly_the_matched_sources(mode: str) -> None:
     torch.manual_seed(0)
