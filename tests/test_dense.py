@@ -41,8 +41,8 @@ def test_partial_border_windows_are_sources() -> None:
 
 
 def test_exported_dense_matching_has_no_grad_mode_subgraph() -> None:
-    """Detached, not under ``no_grad``: ``torch.export`` captures a grad-mode switch as a subgraph and traces it
-    again (``test_merge``'s twin); the norms MLERP reuses carry no gradient."""
+    """Detached, not under ``no_grad``: ``torch.export`` captures a grad-mode switch as a subgraph, which costs the
+    export time (``test_merge``'s twin); the norms MLERP reuses carry no gradient."""
     layout = window_layout(4, 4, 2, seed=1)
 
     class Match(torch.nn.Module):
