@@ -22,8 +22,8 @@ from tofu_export.evaluation.metrics import (
     classify,
     cosine_per_image,
     cosine_standard_error,
+    cosine_summary,
     extract_features,
-    feature_cosine,
     knn_accuracy,
 )
 
@@ -136,9 +136,8 @@ def evaluate(
             f"The candidate outputs {list(candidate_eval.shape[1:])} per image but the headless reference "
             f"outputs {list(reference_eval.shape[1:])}; export the reduced model headless (num_classes=0)."
         )
-    cosine = feature_cosine(reference_eval, candidate_eval)
-    metrics = {f"cosine_{key}": value for key, value in cosine.items()}
-    per_image = cosine_per_image(reference_eval, candidate_eval)  # [n_eval]: once, for the SE and the pairing
+    per_image = cosine_per_image(reference_eval, candidate_eval)  # [n_eval]: once, for the summary, SE and pairing
+    metrics = {f"cosine_{key}": value for key, value in cosine_summary(per_image).items()}
     metrics["cosine_se"] = cosine_standard_error(per_image)
     cosines = tuple(per_image.tolist())
     if train_dir is None:

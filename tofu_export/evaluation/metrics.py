@@ -87,22 +87,23 @@ def extract_features(predictor: Predictor, loader: Batches, *, label: str = "") 
 
 
 def feature_cosine(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-    """Per-image cosine similarity of ``test [N, D]`` to ``reference [N, D]``: mean, min and 5th percentile.
+    """Per-image cosine similarity of ``test [N, D]`` to ``reference [N, D]``: mean, min and 5th percentile."""
+    return cosine_summary(cosine_per_image(reference, test))
 
-    Computed in float64 as ``<a, b> / sqrt(<a, a> <b, b>)`` so identical rows give exactly 1.0.
-    """
+
+def cosine_summary(cosine: torch.Tensor) -> dict[str, float]:
+    """Mean, min and 5th percentile of per-image cosines ``cosine [N]`` (``cosine_per_image``)."""
+    return {"mean": float(cosine.mean()), "min": float(cosine.min()), "p5": float(torch.quantile(cosine, 0.05))}
+
+
+def cosine_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float64 cosine of each row of ``test [N, D]`` to the same row of ``reference [N, D]``, computed as
+    ``<a, b> / sqrt(<a, a> <b, b>)`` so identical rows give exactly 1.0."""
     if reference.shape != test.shape or reference.ndim != 2:
         raise EvaluationError(
             f"Feature shapes differ: reference {list(reference.shape)} vs test {list(test.shape)}; both "
             "must be [N, D] from the same images, with the same feature width D."
         )
-    cosine = cosine_per_image(reference, test)
-    p5 = torch.quantile(cosine, 0.05)
-    return {"mean": float(cosine.mean()), "min": float(cosine.min()), "p5": float(p5)}
-
-
-def cosine_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
-    """``[N]`` float64 cosine of each row of ``test [N, D]`` to the same row of ``reference [N, D]``."""
     a, b = reference.double(), test.double()
     dot = (a * b).sum(dim=1)
     norms = ((a * a).sum(dim=1) * (b * b).sum(dim=1)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
