@@ -30,7 +30,7 @@ from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER
-from tofu_export.profiling.timing import CLOCKS, QUARTILES, clock_threads, per_round_speedup
+from tofu_export.profiling.timing import CLOCKS, clock_threads, per_round_speedup, speedup_iqr
 from tofu_export.schedule import plan_tokens
 
 
@@ -168,12 +168,12 @@ def measure_policy_latency(
         samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
                               iters=rounds, clock=clock, on_round=on_step)
 
-    q1, speedup, q3 = per_round_speedup(samples["baseline"], samples["policy"], QUARTILES)
+    speedup, iqr = speedup_iqr(samples["baseline"], samples["policy"])
     tome = {k: per_round_speedup(samples["baseline"], samples[f"tome-r{k}"])[1] for k in tome_r}
     parity = {"ok": gate.ok, "min_cosine": gate.min_cosine, "images_within_tolerance": gate.images_within_tolerance,
               "advice": None if gate.ok else parity_advice(gate)}
     return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), speedup,
-                         (q1, q3), rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome,
+                         iqr, rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome,
                          parity)
 
 

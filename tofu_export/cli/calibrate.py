@@ -108,11 +108,11 @@ def calibrate(
     with signals_held():  # the policy and its plot are written as a pair: a Ctrl-C waits until both are
         policy.save(out)
         plot_policy(policy, plot_path)
-    m = policy.measurements
-    gate = (m.get("measured_latency") or {}).get("export_parity")  # the parity gate `export --policy` applies
     if as_json:
         print_json(json_answer(policy, out, plot_path, r, seconds))
         return
+    m = policy.measurements
+    gate = (m.get("measured_latency") or {}).get("export_parity")  # the parity gate `export --policy` applies
     table = Table(title=f"{checkpoint}: per-block choice for {budget_text(budget)} ({source['count']} images, "
                   f"{seconds:.0f} s)", title_justify="left")
     for column in ("block", "mode", "r", "damage prune", "damage mean", "damage mlerp", "linearity",

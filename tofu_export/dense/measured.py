@@ -58,7 +58,7 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
     (module docstring)."""
     from tofu_export.calibration.measured import round_robin
     from tofu_export.engines.ort import create_session
-    from tofu_export.profiling.timing import QUARTILES, LatencyStats, clock_threads, per_round_speedup
+    from tofu_export.profiling.timing import LatencyStats, clock_threads, speedup_iqr
 
     threads = clock_threads(clock, threads)
     feed_inputs = make_inputs(1, 0)
@@ -84,14 +84,12 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
                                for name, session in sessions.items()}, iters=rounds, clock=clock)
         after = os.getloadavg()[0]
 
-    def speedup_iqr(name: str) -> tuple[float, tuple[float, float]]:
-        q1, mid, q3 = per_round_speedup(samples["baseline"], samples[name], QUARTILES)
-        return mid, (q1, q3)
-
-    compared = {name: dict(zip(("speedup", "speedup_iqr"), speedup_iqr(name), strict=True),
-                           latency=LatencyStats.from_ms(samples[name]).to_dict())
-                for name in compare or {}}
-    speedup, iqr = speedup_iqr("policy")
+    compared = {}
+    for name in compare or {}:
+        speedup, iqr = speedup_iqr(samples["baseline"], samples[name])
+        compared[name] = {"speedup": speedup, "speedup_iqr": iqr,
+                          "latency": LatencyStats.from_ms(samples[name]).to_dict()}
+    speedup, iqr = speedup_iqr(samples["baseline"], samples["policy"])
     return StepLatency(LatencyStats.from_ms(samples["baseline"]).to_dict(),
                        LatencyStats.from_ms(samples["policy"]).to_dict(), speedup, iqr, rounds, clock, threads,
                        exporter, opset, "onnxruntime-cpu", (before, after), compared)

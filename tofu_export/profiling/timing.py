@@ -43,10 +43,16 @@ def per_round_speedup(baseline_ms: Sequence[float], other_ms: Sequence[float],
     """The ``spread`` percentiles (10th and 90th unless told) around the median of the per-round ratios
     ``baseline_ms[i] / other_ms[i]`` of two graphs timed in the same rounds (load that hits a whole round cancels):
     ``(low, median, high)``, a speed-up and its spread, the median always inside. The one per-round ratio of the
-    tool: the quick look, the sweep and calibration (with ``QUARTILES``) all read it."""
+    tool: the quick look, the sweep and calibration (``speedup_iqr``) all read it."""
     ratios = np.asarray(baseline_ms, dtype=np.float64) / np.asarray(other_ms, dtype=np.float64)  # [rounds]
     low, mid, high = np.percentile(ratios, [spread[0], 50.0, spread[1]])
     return float(low), float(mid), float(high)
+
+
+def speedup_iqr(baseline_ms: Sequence[float], other_ms: Sequence[float]) -> tuple[float, tuple[float, float]]:
+    """``per_round_speedup`` at ``QUARTILES`` as the measured records keep it: ``(median, (q1, q3))``."""
+    q1, mid, q3 = per_round_speedup(baseline_ms, other_ms, QUARTILES)
+    return mid, (q1, q3)
 
 
 def time_callable(
