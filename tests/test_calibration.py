@@ -172,8 +172,8 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     assert (gate["advice"] is None) == gate["ok"]
     assert m["measured_speedup"] == timed["speedup"] and timed["speedup_iqr"][0] <= timed["speedup"]
     assert m["predicted_speedup"] == pytest.approx(m["baseline_ms"] / m["predicted_ms"])
-    tome = m["tome_at_measured_speedup"]  # ToMe timed in the same rounds at two r, interpolated at the policy's speed
-    assert len(tome["r"]) == 2 and sorted(timed["tome_speedup"]) == sorted(str(k) for k in tome["r"])
+    tome = m["tome_at_measured_speedup"]  # ToMe timed in the same rounds at three r, interpolated at the policy's speed
+    assert len(tome["r"]) == 3 and sorted(timed["tome_speedup"]) == sorted(str(k) for k in tome["r"])
     assert min(tome["cosine_at_r"]) - 1e-9 <= tome["cosine"] or tome["extrapolated"]
     lead = m["held_out_vs_tome"]  # image by image against ToMe at the policy's speed: the same mean lead, with its SE
     assert lead["images"] == 2 and lead["standard_error"] >= 0

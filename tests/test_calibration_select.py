@@ -120,12 +120,20 @@ def test_linearity_rule_prunes_where_the_block_is_non_linear() -> None:
 
 def test_tome_is_bracketed_around_the_policys_latency_and_interpolated_at_its_speedup() -> None:
     predict = lambda k: 100.0 - 3.0 * k  # noqa: E731  ToMe's predicted ms at uniform r=k
-    assert tome_bracket(predict, 70.0, limit=16, width=4) == (8, 12)  # nearest r=10
-    assert tome_bracket(predict, 99.0, limit=16, width=4) == (1, 5)  # clamped at r >= 1
-    assert tome_bracket(predict, 40.0, limit=16, width=4) == (12, 16)  # clamped at the limit
+    assert tome_bracket(predict, 70.0, limit=16, width=4) == (8, 10, 12)  # nearest r=10, and the middle timed too
+    assert tome_bracket(predict, 99.0, limit=16, width=4) == (1, 3, 5)  # clamped at r >= 1
+    assert tome_bracket(predict, 40.0, limit=16, width=4) == (12, 14, 16)  # clamped at the limit
+    assert tome_bracket(predict, 70.0, limit=16, width=2) == (9, 10, 11)
+    assert tome_bracket(predict, 99.0, limit=1, width=2) == (1,)  # a model that can remove one token a block
     assert at_speedup([1.4, 1.6], [0.999, 0.997], 1.5) == (pytest.approx(0.998), False)
     value, extrapolated = at_speedup([1.4, 1.6], [0.999, 0.997], 1.7)
     assert value == pytest.approx(0.996) and extrapolated
+    # Three points of a concave curve: the value between the two nearest, not on the line between the ends
+    speedups, cosines = [1.6, 1.4, 1.5], [0.997, 0.999, 0.9985]  # measured order need not be the r order
+    assert at_speedup(speedups, cosines, 1.45) == (pytest.approx(0.99875), False)
+    assert at_speedup(speedups, cosines, 1.55) == (pytest.approx(0.99775), False)
+    assert at_speedup(speedups, cosines, 1.3) == (pytest.approx(0.9995), True)  # the end segment's line, beyond
+    assert at_speedup(speedups, cosines, 1.7) == (pytest.approx(0.9955), True)
 
 
 def test_the_thread_cpu_clock_times_one_thread() -> None:

@@ -142,14 +142,15 @@ def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None
          "held_out_images": 16, "predicted_ms": 52.0, "predicted_speedup": 1.54, "measured_speedup": 1.50,
          "measured_latency": {"exporter": "dynamo", "opset": 17, "rounds": 20, "speedup_iqr": [1.45, 1.55],
                               "clock": "thread-cpu"},
-         "tome_at_measured_speedup": {"r": [12, 16], "measured_speedup": [1.4, 1.6], "cosine": 0.9992,
+         "tome_at_measured_speedup": {"r": [12, 14, 16], "measured_speedup": [1.4, 1.5, 1.6], "cosine": 0.9992,
                                       "held_out_cosine": 0.9989, "extrapolated": False}}
     console = Console(width=80, record=True, file=open(__import__("os").devnull, "w"))  # noqa: SIM115
     console.print(comparison_table(m, 16))
     lines = console.export_text().splitlines()
     text = " ".join(" ".join(lines).split())
     header = [line.split("┃")[4].strip() for line in lines if line.startswith("┃")]  # "ToMe, same speed", wrapped
-    assert " ".join(header) == "ToMe, same speed" and "r=12 and r=16" in text
+    assert " ".join(header) == "ToMe, same speed" and "r=12, 14 and 16, its cosine interpolated between the two " \
+        "nearest" in text
     rows = {line.split("│")[1].strip(): line.split("│")[2:-1] for line in lines if line.startswith("│")}
     assert [cell.strip() for cell in rows["cosine, 16 held out"]] == ["1", "", "0.99890", "0.99930"]  # ToMe, policy
     assert [cell.strip() for cell in rows["speed-up, measured"]] == ["1.00x", "", "1.50x", "1.50x"]

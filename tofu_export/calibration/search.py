@@ -79,7 +79,7 @@ def choose_policy(calibration: Calibration, budget: Budget, progress: bool = Fal
             chosen, attempts, choice = floor_choice(calibration, budget, rule, on_step=bar.advance)
         if measure_latency:  # the exports take most of the time: a stage each, so that the ETA holds
             bar.stage("calibrate: the chosen policy's graph exported and timed: exporting it, the unreduced model "
-                      "and ToMe at two r", 4)
+                      "and ToMe at three r", 5)
         timing = f"calibrate: the chosen policy's graph exported and timed: {rounds} interleaved rounds"
         return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds, bar.advance,
                        lambda: bar.stage(timing, rounds))

@@ -1,12 +1,12 @@
 """The calibrated policy against ToMe at the policy's own measured latency, not at the same r.
 
-ToMe is exported at two uniform r values around the one whose predicted latency is nearest the policy's
+ToMe is exported at three uniform r values around the one whose predicted latency is nearest the policy's
 (``measured.tome_bracket``) and timed in the same interleaved rounds as the policy and the unreduced graph
-(``measured.measure_policy_latency``); its cosine (on the search images and on the held-out ones) at those two r is
-interpolated linearly at the policy's measured speed-up (``measured.at_speedup``), so the two are compared at equal
-measured speed; on the held-out images the comparison is also made image by image, for the standard error of the
-policy's lead (``held_out_vs_tome``). ``better_tome`` names the one of those two ToMe graphs, if any, that
-measured at least as fast as the policy and closer to the unreduced model.
+(``measured.measure_policy_latency``); its cosine (on the search images and on the held-out ones) at those r is
+interpolated linearly between the two nearest at the policy's measured speed-up (``measured.at_speedup``), so the
+two are compared at equal measured speed; on the held-out images the comparison is also made image by image, for
+the standard error of the policy's lead (``held_out_vs_tome``). ``better_tome`` names the one of those ToMe graphs,
+if any, that measured at least as fast as the policy and closer to the unreduced model.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, held_cosines: Sequence[float],
                        rounds: int, on_step: Callable[[], None] | None = None,
                        on_timing: Callable[[], None] | None = None) -> dict:
-    """The chosen policy timed on its exported graph against the unreduced one and ToMe at two uniform r around
+    """The chosen policy timed on its exported graph against the unreduced one and ToMe at three uniform r around
     its predicted latency; ToMe's cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
     measured speed-up, and on the held-out images the policy's lead over that ToMe image by image
     (``held_cosines [B']``: the policy's) with its standard error (``held_out_vs_tome``). ``on_step`` after each
@@ -53,7 +53,7 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
     tome: dict = {"r": list(bracket), "measured_speedup": speedups}
     means = ["mean"] * depth
     cosines = {"cosine": [verify(model, c.trace, means, tome_r(k), c.prop_attn) for k in bracket]}
-    per_image = [held_out_cosines(model, held, means, tome_r(k), c.prop_attn) for k in bracket]  # 2 x [B']
+    per_image = [held_out_cosines(model, held, means, tome_r(k), c.prop_attn) for k in bracket]  # 3 x [B']
     if len(held):
         cosines["held_out_cosine"] = [sum(values) / len(values) for values in per_image]
     for key, values in cosines.items():
@@ -61,14 +61,14 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
         tome[f"{key}_at_r"] = values
     result = {"measured_latency": measured.to_dict(), "measured_speedup": measured.speedup,
               "tome_at_measured_speedup": tome}
-    if len(held):  # ToMe image by image at the policy's speed (the same line between the two r), then paired
+    if len(held):  # ToMe image by image at the policy's speed (the same lines between the r), then paired
         at_speed = [at_speedup(speedups, pair, measured.speedup)[0] for pair in zip(*per_image, strict=True)]
         result["held_out_vs_tome"] = paired_difference(held_cosines, at_speed)
     return result
 
 
 def better_tome(m: Mapping[str, Any]) -> dict | None:
-    """ToMe at one of the two r timed beside the policy (``m``: its measurements) that measured at least as fast as
+    """ToMe at one of the r timed beside the policy (``m``: its measurements) that measured at least as fast as
     the policy and kept more of the output on the held-out images (the search images where none were held out):
     ``{"r", "measured_speedup", "cosine", "policy_cosine", "images"}`` (the fastest such r), or None. Where it exists
     the calibration's own measurements say plain ToMe is the better export (with few images, possibly noise)."""

@@ -196,9 +196,11 @@ def comparison_table(m: dict[str, Any], r: int) -> Table:
                     f"{measured.get('clock', 'wall')} clock")
     matched = m.get("tome_at_measured_speedup")
     if matched is not None:
-        caption += (f"; ToMe at the policy's measured speed-up: timed in the same rounds at r={matched['r'][0]} and "
-                    f"r={matched['r'][1]}, its cosine interpolated"
-                    + (" (extrapolated: the policy lies outside the two)" if matched.get("extrapolated") else ""))
+        *others, last = [str(k) for k in matched["r"]]
+        at_r = "r=" + (f"{', '.join(others)} and {last}" if others else last)
+        caption += (f"; ToMe at the policy's measured speed-up: timed in the same rounds at {at_r}, its cosine "
+                    "interpolated between the two nearest"
+                    + (" (extrapolated: the policy lies outside them)" if matched.get("extrapolated") else ""))
     table = Table(title="calibrated policy vs ToMe at the same r and at the same measured speed", title_justify="left",
                   caption_justify="left", caption=caption + ".")
     at_speed = "ToMe, same speed" if matched is not None else None
