@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 
 import tofu_export
 from tofu_export.calibration import Budget, BudgetError, choose_policy, load_images, measure
-from tofu_export.calibration.measured import ExportSettings, round_robin
+from tofu_export.calibration.measured import ExportSettings, at_speedup, round_robin
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
 from tofu_export.exporters.onnx import ExportError, export_onnx
@@ -73,12 +73,8 @@ def per_image_cosine(reference: torch.Tensor, test: torch.Tensor) -> np.ndarray:
 def interpolate(points: list[dict], speedup: float, key: str = "cos_fm") -> np.ndarray | None:
     """Per-image cosine of a uniform mode's curve at measured ``speedup`` (linear between its two nearest measured
     points), or None outside the curve's range."""
-    pts = sorted(points, key=lambda p: p["speedup"])
-    for a, b in itertools.pairwise(pts):
-        if a["speedup"] <= speedup <= b["speedup"]:
-            w = (speedup - a["speedup"]) / max(b["speedup"] - a["speedup"], 1e-9)
-            return (1 - w) * a[key] + w * b[key]
-    return None
+    value, outside = at_speedup([p["speedup"] for p in points], [p[key] for p in points], speedup)
+    return None if outside else value
 
 
 def matched_bootstrap(policy: dict, curve: list[dict], policy_rounds: np.ndarray, curve_rounds: list[np.ndarray],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -32,10 +33,10 @@ class BlockLatency:
     def block(self, mode: str, n: int, removed: int | None = None) -> float:
         """ms of a block receiving ``n`` tokens that removes ``removed`` (default ``r``) with ``mode`` (``"none"``:
         removes nothing)."""
-        ms = _interpolate(self.tokens, self.block_ms[mode], n)
+        ms = interpolate_linear(self.tokens, self.block_ms[mode], n)
         if mode == NONE or removed is None or removed == self.r or not self.mlp_ms_per_token:
             return ms
-        return ms + (self.r - removed) * _interpolate(self.tokens, self.mlp_ms_per_token, n)
+        return ms + (self.r - removed) * interpolate_linear(self.tokens, self.mlp_ms_per_token, n)
 
     def predict_ms(self, tokens0: int, num_prefix: int, r: Sequence[int], modes: Sequence[str]) -> float:
         """Predicted latency of a model whose block i removes ``r[i]`` tokens with ``modes[i]``."""
@@ -47,9 +48,12 @@ class BlockLatency:
         return asdict(self)
 
 
-def _interpolate(xs: Sequence[int], ys: Sequence[float], n: int) -> float:
-    """``ys`` at ``n``, linear between the two measured ``xs`` around it (extrapolated at the ends)."""
+def interpolate_linear(xs: Sequence[float], ys: Sequence[Any], x: float) -> Any:
+    """``ys`` (numbers or arrays, one per ascending ``xs``) at ``x``: on the line between the two ``xs`` around it,
+    extrapolated along the end segment's line beyond either end; two equal ``xs`` give their ``ys``' mean."""
     if len(xs) == 1:
         return ys[0]
-    k = min(max(int(np.searchsorted(xs, n)) - 1, 0), len(xs) - 2)
-    return ys[k] + (ys[k + 1] - ys[k]) * (n - xs[k]) / (xs[k + 1] - xs[k])
+    k = min(max(int(np.searchsorted(xs, x)) - 1, 0), len(xs) - 2)
+    if xs[k + 1] == xs[k]:
+        return (ys[k] + ys[k + 1]) / 2
+    return ys[k] + (ys[k + 1] - ys[k]) * (x - xs[k]) / (xs[k + 1] - xs[k])

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tofu_export.calibration.damage import cosine_to, run_from_block
+from tofu_export.calibration.latency_model import interpolate_linear
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
@@ -193,10 +194,6 @@ def at_speedup(speedups: Sequence[float], values: Sequence[float], speedup: floa
     """``values`` (one per measured ``speedups``) at ``speedup``: on the line between the two measured points
     nearest around it (beyond either end, the end segment's line); and whether that was an extrapolation
     (``speedup`` outside the measured ones)."""
-    points = sorted(zip(speedups, values, strict=True))  # by measured speed-up: timing noise may reorder the r
-    i = next((k for k in range(1, len(points) - 1) if speedup <= points[k][0]), len(points) - 1)
-    (s0, v0), (s1, v1) = points[i - 1], points[i]
-    outside = not points[0][0] <= speedup <= points[-1][0]
-    if s1 == s0:
-        return (v0 + v1) / 2, outside
-    return v0 + (speedup - s0) / (s1 - s0) * (v1 - v0), outside
+    order = sorted(range(len(speedups)), key=lambda i: speedups[i])  # timing noise may reorder the r
+    xs, ys = [speedups[i] for i in order], [values[i] for i in order]
+    return interpolate_linear(xs, ys, speedup), not xs[0] <= speedup <= xs[-1]
