@@ -72,7 +72,8 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
     assert answer["export_parity"] == policy["measurements"]["measured_latency"]["export_parity"]
     assert answer["plot"] == str(out.with_suffix(".png")) and answer["tome"]["r"] == 4
     for stage in ("damage per block", "latency per block and mode: exporting", "latency per block and mode: 40 "
-                  "interleaved rounds", "the chosen policy's graph exported and timed: exporting",
+                  "interleaved rounds", "the chosen policy's graph exported and timed: exporting it, the unreduced "
+                  f"model and ToMe at {len(policy['measurements']['tome_at_measured_speedup']['r'])} r",
                   "the chosen policy's graph exported and timed: 20 interleaved rounds"):
         assert f"calibrate: {stage}" in result.output, result.output  # each stage says itself in a log too
     runner, env = CliRunner(), {"COLUMNS": "200", "NO_COLOR": "1"}

@@ -29,12 +29,15 @@ if TYPE_CHECKING:
 
 def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor, held_cosines: Sequence[float],
                        rounds: int, on_step: Callable[[], None] | None = None,
-                       on_timing: Callable[[], None] | None = None) -> dict:
+                       on_timing: Callable[[], None] | None = None,
+                       on_exporting: Callable[[int], None] | None = None) -> dict:
     """The chosen policy timed on its exported graph against the unreduced one and ToMe at three uniform r around
     its predicted latency; ToMe's cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
     measured speed-up, and on the held-out images the policy's lead over that ToMe image by image
-    (``held_cosines [B']``: the policy's) with its standard error (``held_out_vs_tome``). ``on_step`` after each
-    export and timed round, ``on_timing`` once between the two."""
+    (``held_cosines [B']``: the policy's) with its standard error (``held_out_vs_tome``). ``on_exporting`` once
+    with the number of graphs to export (the policy, the unreduced model and ToMe's r: fewer than three where the
+    model cannot remove that many tokens a block), ``on_step`` after each export and timed round, ``on_timing``
+    once between the two."""
     c, model = calibration, calibration.model
     family = family_of(model)
     tokens0, prefix, depth = family.num_tokens(model), family.num_prefix(model), family.depth(model)
@@ -46,6 +49,8 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
         return c.latency.predict_ms(tokens0, prefix, tome_r(k), ["mean"] * depth)
 
     bracket = tome_bracket(tome_ms, chosen.latency_ms, max_reduction(tokens0, prefix), max(2, c.r // 4))
+    if on_exporting is not None:
+        on_exporting(2 + len(bracket))
     measured = measure_policy_latency(model, chosen.modes, chosen.r, prop_attn=c.prop_attn, settings=c.settings,
                                       provider=c.provider, threads=c.threads, rounds=rounds, clock=c.clock,
                                       tome_r=bracket, on_step=on_step, on_timing=on_timing)
