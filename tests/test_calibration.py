@@ -20,7 +20,7 @@ from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.linearity import linearity_ratio
 from tofu_export.calibration.measured import ExportSettings, split_held_out
 from tofu_export.calibration.select import Candidate, choose, pareto_front
-from tofu_export.calibration.shortlist import stepped_candidates
+from tofu_export.calibration.shortlist import budget_stepped
 from tofu_export.calibration.trace import trace
 from tofu_export.errors import UserError
 from tofu_export.exporters.precision import PARITY_FLOORS
@@ -247,8 +247,9 @@ def test_a_latency_budget_is_chosen_by_measurement_among_the_shortlist(calibrati
                     "damage-rule modes": modes["damage"]} if rule == "damage" else
                    {"linearity-rule modes": modes["linearity"]})
     scaled = calibration.scaled_damage()
-    stepped = stepped_candidates(assignments, [0, 2, 4, 6, 8], scaled, calibration.latency, 17, 1, limit)
+    stepped = budget_stepped((assignments, [0, 2, 4, 6, 8], scaled, calibration.latency, 17, 1), limit)
     assert {s.split()[0] for s, _ in stepped} >= ({"tome"} if rule == "damage" else {"linearity-rule"})
+    assert any(s.endswith("one-token steps") for s, _ in stepped)
 
     def key(modes: list[str], r: list[int]) -> tuple:
         return tuple(mo if k else "-" for mo, k in zip(modes, r, strict=True)), tuple(r)

@@ -12,6 +12,7 @@ from synthetic_calibration import block_latency, late_blocks_look_free
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.select import Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import (
+    budget_stepped,
     choose_measured,
     predicted_damage,
     shortlist,
@@ -58,6 +59,28 @@ def test_stepped_candidates_are_the_least_reducing_within_the_budget() -> None:
                                   c.modes) > limit
     nothing = stepped_candidates({"tome": ["mean"] * DEPTH}, r_choices(R), damage, latency, TOKENS, PREFIX, 0.1)
     assert nothing == []
+
+
+def test_the_budget_lists_the_ladders_stepped_one_token_at_a_time_too() -> None:
+    """The r choices are r/2 apart: the shortlist also takes each ladder stepped one token at a time, its
+    least-reducing rung within the budget, named as such."""
+    latency, damage = _latency(), _damage()
+    limit = _baseline() / 1.3
+    space = ({"tome": ["mean"] * DEPTH}, r_choices(R), damage, latency, TOKENS, PREFIX)
+    found = budget_stepped(space, limit)
+    assert [source for source, _ in found] == ["tome first-stepped", "tome last-stepped",
+                                               "tome first-stepped, one-token steps",
+                                               "tome last-stepped, one-token steps"]
+    assert found[:2] == stepped_candidates(*space, limit)
+    for source, c in found[2:]:
+        assert c.latency_ms <= limit and c.damage == pytest.approx(predicted_damage(damage, c.modes, c.r))
+        schedules = stepped_schedules(list(range(2 * R + 1)), DEPTH, "first-stepped" in source)
+        assert any(k % 2 for k in c.r)  # a count between the r choices (0, 2, 4, 6, 8)
+        before = schedules[schedules.index(list(c.r)) - 1]  # one token fewer somewhere, and over the budget
+        assert sum(c.r) - sum(before) == 1
+        assert latency.predict_ms(TOKENS, PREFIX, plan_tokens(TOKENS, PREFIX, before, warn=False).r,
+                                  c.modes) > limit
+    assert budget_stepped(space, 0.1) == []
 
 
 def test_the_largest_schedule_is_clipped_to_what_the_blocks_can_remove() -> None:
