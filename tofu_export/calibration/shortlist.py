@@ -18,7 +18,8 @@ on the search images chooses:
 - the same ladders stepped one token at a time (``a`` and ``b = a + 1``, every count up to the largest choice): the
   r choices are r/2 apart, so the coarse rungs within a budget may stop well short of it. On DINOv2-S/14 at 1.5x
   (1000 held-out Fashion-MNIST images, ``bench/selection_images.py``) the coarse rungs were 0.00027-0.00041 of
-  cosine behind uniform ToMe at their speed and the one-token rungs within 0.00017 of it (two level or ahead).
+  cosine behind uniform ToMe at their speed and the one-token rungs within 0.00017 of it (none ahead beyond its
+  standard error: at 1.5x there, the one-token rungs bring the choice level with ToMe, not ahead).
 
 The candidate measuring the highest cosine wins (ties: the faster predicted). Held-out images never enter.
 """
