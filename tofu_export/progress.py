@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Protocol, TextIO
 
 
 def format_seconds(seconds: float) -> str:
@@ -20,6 +20,19 @@ def format_seconds(seconds: float) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+class Progress(Protocol):
+    """What ``tracker`` yields, a log or a bar: name the current unit, count units, begin the next stage, resize
+    this one."""
+
+    def status(self, text: str) -> None: ...
+
+    def advance(self, units: int = 1) -> None: ...
+
+    def stage(self, label: str, total: int) -> None: ...
+
+    def resize(self, total: int) -> None: ...
 
 
 class ProgressLog:
@@ -100,18 +113,18 @@ class _Bar:
 
 @contextmanager
 def tracker(label: str, total: int, enabled: bool = True, every_s: float = 5.0,
-            announce: bool = False) -> Iterator[ProgressLog | _Bar]:
+            announce: bool = False) -> Iterator[Progress]:
     """Progress of ``total`` units (0: not known in advance): a rich bar when stderr is a terminal, ``ProgressLog``
-    lines otherwise, nothing when not ``enabled``. Yields an object with ``status(text)``, ``advance()``,
-    ``stage(label, total)`` and ``resize(total)``. ``announce``: a log gets its first line at once, not after the
-    first unit (which may take minutes); a bar shows from the start anyway."""
+    lines otherwise, nothing when not ``enabled``; either is a ``Progress``. ``announce``: a log gets its first line
+    at once, not after the first unit (which may take minutes); a bar shows from the start anyway."""
     if enabled and sys.stderr.isatty():
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
         description = TextColumn("{task.description}", markup=False)  # a path may hold "[v2]": not markup
         columns = (description, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True)) as progress:
+        with RichProgress(*columns, console=Console(stderr=True)) as progress:
             yield _Bar(progress, progress.add_task(label, total=total or None))
         return
     log = ProgressLog(label, total, every_s=every_s, stream=None if enabled else _Null())

@@ -26,8 +26,6 @@ MLERP elsewhere; the search then picks only r). The measurements record the mode
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -46,7 +44,7 @@ from tofu_export.models.family import family_of, unpatched
 from tofu_export.names import REDUCE_MODES
 from tofu_export.policy import Policy, model_record
 from tofu_export.profiling.timing import clock_threads
-from tofu_export.progress import tracker
+from tofu_export.progress import Progress, tracker
 from tofu_export.schedule import max_reduction, plan_tokens
 
 
@@ -77,22 +75,13 @@ def choose_policy(calibration: Calibration, budget: Budget, progress: bool = Fal
             chosen, attempts, choice = measured_choice(calibration, budget, rule, on_step=bar.advance)
         else:
             chosen, attempts, choice = floor_choice(calibration, budget, rule, on_step=bar.advance)
-        timed = "calibrate: the chosen policy's graph exported and timed: "
-
-        def exporting(graphs: int) -> None:  # the exports take most of the time: a stage each, so the ETA holds
-            bar.stage(f"{timed}exporting it, the unreduced model and ToMe at {graphs - 2} r", graphs)
-
-        return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds, bar.advance,
-                       lambda: bar.stage(f"{timed}{rounds} interleaved rounds", rounds), exporting)
+        return _finish(calibration, chosen, budget, rule, attempts, choice, measure_latency, rounds, bar)
 
 
 def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: str, attempts: list[dict],
-            extra: dict, measure_latency: bool, rounds: int, on_step: Callable[[], None] | None = None,
-            on_timing: Callable[[], None] | None = None,
-            on_exporting: Callable[[int], None] | None = None) -> Policy:
+            extra: dict, measure_latency: bool, rounds: int, bar: Progress) -> Policy:
     """The chosen policy with its measurements: held-out cosine and, with ``measure_latency``, its exported graph
-    timed against the unreduced one and ToMe (``on_exporting`` with the number of graphs, ``on_step`` after each
-    export and round, ``on_timing`` between)."""
+    timed against the unreduced one and ToMe, ``bar`` following the exports and the timed rounds as two stages."""
     cal = calibration
     held = cal.held_out if cal.held_out is not None else cal.trace.reference[:0]
     per_image = held_out_cosines(cal.model, held, chosen.modes, chosen.r, cal.prop_attn)  # [held]
@@ -102,8 +91,14 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
                         held_out_images=len(held), **extra,
                         held_out_cosine=sum(per_image) / len(per_image) if per_image else None)
     if measure_latency:
-        measurements.update(timed_against_tome(cal, chosen, held, per_image, rounds, on_step=on_step,
-                                               on_timing=on_timing, on_exporting=on_exporting))
+        timed = "calibrate: the chosen policy's graph exported and timed: "
+
+        def exporting(graphs: int) -> None:  # the exports take most of the time: a stage each, so the ETA holds
+            bar.stage(f"{timed}exporting it, the unreduced model and ToMe at {graphs - 2} r", graphs)
+
+        measurements.update(timed_against_tome(
+            cal, chosen, held, per_image, rounds, on_step=bar.advance, on_exporting=exporting,
+            on_timing=lambda: bar.stage(f"{timed}{rounds} interleaved rounds", rounds)))
     return Policy(chosen.modes, chosen.r, model_record(cal.model), dict(cal.record, budget=budget.to_dict()),
                   measurements)
 
