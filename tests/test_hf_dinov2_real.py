@@ -15,6 +15,8 @@ import torch
 
 from tofu_export import load_model
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.merge import Matching, bipartite_soft_matching, split_sets
+from tofu_export.models import reduction
 from tofu_export.models.family import family_of, patched
 from tofu_export.recipes.dinov2_hf import convert as convert_to_hf
 
@@ -76,16 +78,62 @@ def test_both_families_read_the_same_architecture(converted: tuple[torch.nn.Modu
         assert getattr(timm_family, what)(timm_model) == getattr(hf_family, what)(hf_model), what
 
 
+def _matched(model: torch.nn.Module, images: torch.Tensor, mode: str,
+             monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, list[tuple[torch.Tensor, Matching]]]:
+    """``model`` patched at r=16: its features of ``images`` and every block's (metric, matching)."""
+    calls = []
+
+    def recording(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
+        calls.append((metric, bipartite_soft_matching(metric, r, num_prefix)))
+        return calls[-1][1]
+
+    with monkeypatch.context() as m, torch.no_grad(), patched(model, r=R, mode=mode, img_size=IMG):
+        m.setattr(reduction, "bipartite_soft_matching", recording)
+        return model(images), calls
+
+
+def _pairs(matching: Matching, image: int) -> frozenset[tuple[int, int]]:
+    """One image's (source, destination) pairs: what the block reduces, whatever order TopK listed them in."""
+    return frozenset(zip(matching.src_idx[image, :, 0].tolist(), matching.dst_idx[image, :, 0].tolist(), strict=True))
+
+
+def _decision_gap(metric: torch.Tensor, r: int, image: int) -> float:
+    """The smallest score gap one image's matching decided on (``metric [B, N, C]``): its r-th against its
+    (r+1)-th best edge, and each source's best destination against its second best."""
+    m = metric[image:image + 1] / metric[image:image + 1].norm(dim=-1, keepdim=True)
+    _, a, b = split_sets(m, 1)
+    top2 = (a @ b.transpose(-1, -2))[0].topk(2, dim=-1).values  # [Na, 2]
+    order = top2[:, 0].argsort(descending=True)
+    edge = top2[order[r - 1], 0] - top2[order[r], 0]
+    return float(min(edge, (top2[order[:r], 0] - top2[order[:r], 1]).min()))
+
+
 @pytest.mark.parametrize("mode", ["tome", "prune", "mlerp", "tofu"])
 def test_patched_transformers_model_matches_patched_timm_model(
-    converted: tuple[torch.nn.Module, torch.nn.Module, torch.Tensor], unreduced: torch.Tensor, mode: str
+    converted: tuple[torch.nn.Module, torch.nn.Module, torch.Tensor], unreduced: torch.Tensor, mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The two families compute the keys with different matrix products, so the metric agrees to float rounding,
+    not bit for bit: an image whose matching meets a near-tie (a score gap below 1e-5; the rounding is below 1e-6)
+    may reduce other tokens in one family, as it did on an Intel Xeon VM (one image of eight, ToMe, block 3). Every
+    other image must match, and most images must."""
     timm_model, hf_model, images = converted
-    with torch.no_grad(), patched(timm_model, r=R, mode=mode, img_size=IMG), \
-            patched(hf_model, r=R, mode=mode, img_size=IMG):
-        expected, got = timm_model(images), hf_model(images)
+    expected, timm_calls = _matched(timm_model, images, mode, monkeypatch)
+    got, hf_calls = _matched(hf_model, images, mode, monkeypatch)
     scale = float(expected.abs().max())
-    assert float((got - expected).abs().max()) <= 1e-4 * scale
+    assert len(timm_calls) == len(hf_calls) == 12
+    same = []
+    for image in range(len(images)):
+        for (metric, ours), (their_metric, theirs) in zip(timm_calls, hf_calls, strict=True):
+            mine, other = metric[image], their_metric[image]
+            assert float((mine - other).abs().max()) <= 1e-5 * float(mine.abs().max())  # [N, C]: rounding only
+            if _pairs(ours, image) != _pairs(theirs, image):
+                assert _decision_gap(metric, int(ours.src_idx.shape[1]), image) < 1e-5  # a near-tie turned
+                break
+        else:
+            same.append(image)
+            assert float((got[image] - expected[image]).abs().max()) <= 1e-4 * scale
+    assert len(same) >= len(images) - 1
     assert float((expected - unreduced).abs().max()) > 1e-2 * scale  # r=16 really changes the features
 
 
