@@ -15,7 +15,7 @@ import torch
 
 from tofu_export.calibration import Budget, BudgetError, Calibration, calibrate, choose_policy, measure, plot_policy
 from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
-from tofu_export.calibration.latency import block_graph, sample_token_counts
+from tofu_export.calibration.latency import block_graph, block_input, sample_token_counts
 from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.linearity import linearity_ratio
 from tofu_export.calibration.measured import ExportSettings, split_held_out
@@ -123,6 +123,28 @@ def test_block_graph_has_the_reduced_token_count(vit, tmp_path, exporter, opset)
     assert not any(node.op_type.startswith("Scatter") for node in graph.graph.node)
     ops = {node.op_type for node in graph.graph.node}
     assert "Log" in ops  # proportional attention's mask: the block is entered with token sizes
+
+
+def test_the_unsized_block_graph_has_no_proportional_attention_mask(vit, tmp_path) -> None:
+    import onnx
+
+    path = block_graph(vit, NONE, 13, 4, settings=ExportSettings("torchscript", 17), folder=tmp_path, sized=False)
+    assert "Log" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_a_timed_block_is_fed_its_own_input_with_its_tokens_evenly_spread() -> None:
+    block_in = torch.randn(3, 17, 8)  # [B, N, C]
+    fed = block_input(block_in, 1, 9)
+    assert fed.shape == (1, 9, 8) and fed.dtype == block_in.numpy().dtype
+    rows = [next(j for j in range(17) if torch.equal(torch.from_numpy(row), block_in[0, j])) for row in fed[0]]
+    assert rows == [0, 1, 3, 5, 7, 10, 12, 14, 16]  # the first image: its prefix, then 8 of 16 tokens end to end
+    assert block_input(block_in, 1, 17).tolist() == block_in[:1].tolist()  # all the tokens: the input itself
+
+
+def test_the_calibration_times_the_block_without_sizes_too(calibration) -> None:
+    latency = calibration.latency
+    assert len(latency.unsized_ms) == len(latency.tokens) and all(ms > 0 for ms in latency.unsized_ms)
+    assert set(latency.block_ms) == {NONE, "prune", "mean", "mlerp"}  # not a mode: kept apart
 
 
 def test_block_graphs_are_exported_as_the_user_exports(vit, tmp_path, monkeypatch) -> None:

@@ -3,6 +3,7 @@ synthetic measurements (no model, no calibration run), so each case takes millis
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -24,7 +25,8 @@ def _latency() -> BlockLatency:
     tokens = [9, 17, 33]
     none = [n * 0.1 for n in tokens]
     modes = {"prune": [v - 0.02 for v in none], "mean": [v + 0.01 for v in none], "mlerp": [v + 0.02 for v in none]}
-    return BlockLatency(R, tokens, {NONE: none, **modes}, {}, 0.5, 10, "test", [0.06, 0.06, 0.06])
+    unsized = [n * 0.097 for n in tokens]  # proportional attention's mask: 0.003 ms a token
+    return BlockLatency(R, tokens, {NONE: none, **modes}, {}, 0.5, 10, "test", [0.06, 0.06, 0.06], unsized)
 
 
 def _damage(depth: int = 3) -> dict[str, dict[int, list[float]]]:
@@ -45,6 +47,27 @@ def test_latency_prices_a_smaller_r_by_the_mlp_tokens_it_keeps() -> None:
     assert latency.block("prune", 33, 2) == pytest.approx(latency.block("prune", 33) + 2 * 0.06)
     assert latency.block("prune", 33, 8) == pytest.approx(latency.block("prune", 33) - 4 * 0.06)
     assert latency.block(NONE, 33, 0) == latency.block(NONE, 33)
+
+
+def test_blocks_no_merge_reached_yet_are_priced_without_proportional_attentions_mask() -> None:
+    """Token sizes, and with them the mask, exist only after a block merged (pruning leaves none): the unreduced
+    model is priced at the unsized block, and so is every block of a policy before its first merge."""
+    latency = _latency()
+    assert latency.block(NONE, 33) - latency.block(NONE, 33, sized=False) == pytest.approx(0.099)
+    mask = {n: 0.003 * n for n in (33, 29, 25)}  # the tokens blocks 0, 1, 2 receive when each removes R
+
+    def cost(mode: str, n: int) -> float:
+        return latency.block(mode, n)
+
+    assert latency.predict_ms(TOKENS, PREFIX, [0] * 3, ["mean"] * 3) == pytest.approx(0.5 + 3 * (3.3 - 0.099))
+    tome = 0.5 + cost("mean", 33) - mask[33] + cost("mean", 29) + cost("mean", 25)  # sizes from block 1 on
+    assert latency.predict_ms(TOKENS, PREFIX, [R] * 3, ["mean"] * 3) == pytest.approx(tome)
+    prune = 0.5 + sum(cost("prune", n) - mask[n] for n in (33, 29, 25))  # pruning leaves no sizes
+    assert latency.predict_ms(TOKENS, PREFIX, [R] * 3, ["prune"] * 3) == pytest.approx(prune)
+    mixed = 0.5 + cost("prune", 33) - mask[33] + cost("mlerp", 29) - mask[29] + cost("mean", 25)
+    assert latency.predict_ms(TOKENS, PREFIX, [R] * 3, ["prune", "mlerp", "mean"]) == pytest.approx(mixed)
+    unmeasured = dataclasses.replace(latency, unsized_ms=[])  # a latency model from before the unsized block
+    assert unmeasured.predict_ms(TOKENS, PREFIX, [0] * 3, ["mean"] * 3) == pytest.approx(0.5 + 3 * 3.3)
 
 
 def _brute_force(damage, latency, modes_allowed=None) -> list[tuple[float, float]]:

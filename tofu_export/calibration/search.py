@@ -147,11 +147,11 @@ def measure(
         by_linearity = linearity_modes(tr.linearity, linearity_threshold)
         damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance,
                              on_total=bar.resize)
-        bar.stage("calibrate: latency per block and mode: exporting one-block graphs", len(counts) * 4)
+        bar.stage("calibrate: latency per block and mode: exporting one-block graphs", len(counts) * 5)
         timing = f"calibrate: latency per block and mode: {rounds} interleaved rounds"
-        latency = measure_block_latency(model, r, provider=provider, threads=threads, rounds=rounds,
-                                        prop_attn=prop_attn, settings=settings, clock=clock, on_step=bar.advance,
-                                        on_timing=lambda: bar.stage(timing, rounds))
+        latency = measure_block_latency(model, r, tr.inputs[0], images[:1], provider=provider, threads=threads,
+                                        rounds=rounds, prop_attn=prop_attn, settings=settings, clock=clock,
+                                        on_step=bar.advance, on_timing=lambda: bar.stage(timing, rounds))
         baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
         bar.stage("calibrate: every mode in every block", len(REDUCE_MODES))
         # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several

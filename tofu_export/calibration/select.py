@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tofu_export.calibration.latency_model import NONE, BlockLatency
+from tofu_export.calibration.latency_model import NONE, BlockLatency, merges
 from tofu_export.errors import Hint, UserError
 from tofu_export.schedule import max_reduction
 
@@ -95,18 +95,20 @@ def pareto_front(
     depth = len(next(iter(next(iter(damage.values())).values())))
     allowed = [list(damage)] * depth if modes is None else [list(m) for m in modes]
     fallback = [a[0] for a in allowed]  # the mode named where a block removes nothing
-    fronts: dict[int, list[Point]] = {tokens0: [(0.0, latency.stem_ms, (), ())]}  # tokens entering block i -> front
+    # (tokens entering block i, whether token sizes reach it) -> front
+    fronts: dict[tuple[int, bool], list[Point]] = {(tokens0, False): [(0.0, latency.stem_ms, (), ())]}
     for i in range(depth):
-        grown: dict[int, list[Point]] = {}
-        for n, front in fronts.items():
+        grown: dict[tuple[int, bool], list[Point]] = {}
+        for (n, sized), front in fronts.items():
             limit = max_reduction(n, num_prefix)
-            options = [(0.0, latency.block(NONE, n), fallback[i], 0)]
-            options += [(values[i], latency.block(m, n, removed), m, removed)
+            options = [(0.0, latency.block(NONE, n, sized=sized), fallback[i], 0)]
+            options += [(values[i], latency.block(m, n, removed, sized), m, removed)
                         for m in allowed[i] for removed, values in damage[m].items() if 0 < removed <= limit]
             for d, ms, mode, removed in options:
-                grown.setdefault(n - removed, []).extend((fd + d, fms + ms, (*fm, mode), (*fr, removed))
-                                                         for fd, fms, fm, fr in front)
-        fronts = {n: _prune(points) for n, points in grown.items()}
+                key = (n - removed, sized or merges(mode, removed))
+                grown.setdefault(key, []).extend((fd + d, fms + ms, (*fm, mode), (*fr, removed))
+                                                 for fd, fms, fm, fr in front)
+        fronts = {key: _prune(points) for key, points in grown.items()}
     every = _prune([p for front in fronts.values() for p in front])
     return [Candidate(modes, rs, d, ms) for d, ms, modes, rs in every]
 
