@@ -3,6 +3,7 @@ and the chosen policy's latency measured on graphs exported with the user's sett
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,30 @@ def test_policy_latency_is_measured_on_graphs_exported_as_the_user_exports(make_
     assert (result.exporter, result.opset, result.rounds, result.backend) == ("torchscript", 16, 3, "onnxruntime-cpu")
     assert result.speedup_iqr[0] <= result.speedup <= result.speedup_iqr[1]
     assert result.to_dict()["speedup_iqr"] == list(result.speedup_iqr)
+
+
+def test_policy_latency_is_timed_on_the_image_given(make_vit, monkeypatch) -> None:
+    """``calibrate`` times the graphs on a held-out image: noise can cost a reduced graph more than the unreduced."""
+    from tofu_export.engines import ort as ort_module
+
+    fed = []
+
+    class Recording(ort_module.OrtRunner):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            session = self.session
+
+            class Session:
+                def run(self, names, feed):
+                    fed.append(next(iter(feed.values())))
+                    return session.run(names, feed)
+
+            self.session = Session()
+
+    monkeypatch.setattr(ort_module, "OrtRunner", Recording)
+    model = make_vit("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=0)
+    image = torch.rand(1, 3, 32, 32)
+    result = measure_policy_latency(model, ("mean", "mean"), (2, 1), settings=ExportSettings("torchscript"),
+                                    threads=1, rounds=2, tome_r=(1,), image=image)
+    assert len(fed) == 3 * (1 + 2 * 2)  # three graphs: a warm-up, then per round an untimed and a timed run
+    assert all(np.array_equal(x, image.numpy()) for x in fed) and result.rounds == 2

@@ -129,13 +129,15 @@ def measure_policy_latency(
     rounds: int = 20,
     clock: str = "wall",
     tome_r: Sequence[int] = (),
+    image: Tensor | None = None,
     on_step: Callable[[], None] | None = None,
     on_timing: Callable[[], None] | None = None,
 ) -> PolicyLatency:
     """Export the unreduced model, the policy ``(modes, r)`` and ToMe at each uniform r of ``tome_r`` as the user
-    would, and time them interleaved on ``clock`` (module docstring); ``on_step`` after each export and round,
-    ``on_timing`` once between the two.
-    ``model`` is left as it was."""
+    would, and time them interleaved on ``clock`` (module docstring), each run on ``image [1, 3, H, W]`` (None: the
+    runner's seeded noise, which can cost a reduced graph more than the unreduced one: on an Intel Xeon VM DINOv2's
+    ToMe r=16 measured 1.46x on noise and 1.49x on a real image, ``bench/results/latency_prediction.md``);
+    ``on_step`` after each export and round, ``on_timing`` once between the two. ``model`` is left as it was."""
     from tofu_export.engines.ort import OrtRunner
 
     step = on_step or (lambda: None)
@@ -162,12 +164,14 @@ def measure_policy_latency(
                     step()
         runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
                    for name, path in paths.items()}
-        for runner in runners.values():
-            runner.run(1)  # warm-up outside the timing
+        timed = {name: (lambda x=runner: x.run(1)) if image is None else
+                 (lambda x=runner, feed={runner.input.name: image[:1].numpy()}: x.session.run(None, feed))
+                 for name, runner in runners.items()}
+        for run in timed.values():
+            run()  # warm-up outside the timing
         if on_timing is not None:
             on_timing()
-        samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
-                              iters=rounds, clock=clock, on_round=on_step)
+        samples = round_robin(timed, iters=rounds, clock=clock, on_round=on_step)
 
     speedup, iqr = speedup_iqr(samples["baseline"], samples["policy"])
     tome = {k: per_round_speedup(samples["baseline"], samples[f"tome-r{k}"])[1] for k in tome_r}

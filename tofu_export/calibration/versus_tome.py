@@ -32,7 +32,8 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
                        on_timing: Callable[[], None] | None = None,
                        on_exporting: Callable[[int], None] | None = None) -> dict:
     """The chosen policy timed on its exported graph against the unreduced one and ToMe at three uniform r around
-    its predicted latency; ToMe's cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
+    its predicted latency (every graph run on the first held-out image; noise where none is held out); ToMe's
+    cosines (search images; ``held [B', 3, H, W]``) interpolated at the policy's
     measured speed-up, and on the held-out images the policy's lead over that ToMe image by image
     (``held_cosines [B']``: the policy's) with its standard error (``held_out_vs_tome``). ``on_exporting`` once
     with the number of graphs to export (the policy, the unreduced model and ToMe's r: fewer than three where the
@@ -53,7 +54,8 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
         on_exporting(2 + len(bracket))
     measured = measure_policy_latency(model, chosen.modes, chosen.r, prop_attn=c.prop_attn, settings=c.settings,
                                       provider=c.provider, threads=c.threads, rounds=rounds, clock=c.clock,
-                                      tome_r=bracket, on_step=on_step, on_timing=on_timing)
+                                      tome_r=bracket, image=held[:1] if len(held) else None, on_step=on_step,
+                                      on_timing=on_timing)
     speedups = [measured.tome_speedup[k] for k in bracket]
     tome: dict = {"r": list(bracket), "measured_speedup": speedups}
     means = ["mean"] * depth
