@@ -10,8 +10,9 @@ matches is exported unverified and the failure recorded in its row) and the *art
   - latency: batch 1, all artifacts timed in one process, interleaved: every round visits them in a fresh
     shuffled order (tofu_export.calibration.measured.round_robin), by default on the calling thread's CPU clock on
     one ORT intra-op thread (--clock thread-cpu: a busy shared host does not inflate it, so variants at the same r
-    separate); median over rounds, and each variant's per-round speedup over the unreduced artifact (same round)
-    as a range.
+    separate), every run on one Fashion-MNIST test image (--time-on image; noise can cost a reduced graph more
+    than the unreduced one, bench/results/latency_prediction.md); median over rounds, and each variant's per-round
+    speedup over the unreduced artifact (same round) as a range.
 Cosine noise: a bootstrap over test images (resampling images with replacement) of the mean cosine, and of the
 paired per-image difference for the matched-latency comparisons; the standard error is reported.
 Calibrated policies: one ``measure`` at --calib-r on --calib-images Fashion-MNIST *train* images (latencies on the
@@ -99,15 +100,19 @@ def matched_bootstrap(policy: dict, curve: list[dict], policy_rounds: np.ndarray
     return float(np.std(leads)), float(np.mean(np.array(leads) > 0))
 
 
-def time_artifacts(paths: dict[str, Path], *, threads: int, clock: str, rounds: int) -> dict[str, list[float]]:
-    """Per artifact, ``rounds`` batch-1 latencies (ms) timed interleaved in shuffled rounds on ``clock``."""
+def time_artifacts(paths: dict[str, Path], *, threads: int, clock: str, rounds: int,
+                   image: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Per artifact, ``rounds`` batch-1 latencies (ms) timed interleaved in shuffled rounds on ``clock``, each run
+    on ``image [1, 3, H, W]`` (None: the runner's seeded noise)."""
     runners = {name: OrtRunner(path, threads=1 if clock == "thread-cpu" else threads, spinning=False)
                for name, path in paths.items()}
-    for runner in runners.values():
+    timed = {name: (lambda x=runner: x.run(1)) if image is None else
+             (lambda x=runner, feed={runner.input.name: image.numpy()}: x.session.run(None, feed))
+             for name, runner in runners.items()}
+    for run in timed.values():
         for _ in range(3):
-            runner.run(1)
-    return round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()}, iters=rounds,
-                       clock=clock)
+            run()
+    return round_robin(timed, iters=rounds, clock=clock)
 
 
 def main() -> None:
@@ -134,6 +139,9 @@ def main() -> None:
                         help="the exporter of every artifact and of the calibration's one-block graphs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
+    parser.add_argument("--time-on", choices=("image", "noise"), default="image",
+                        help="what every artifact is timed on: the first Fashion-MNIST test image (as calibrate "
+                             "times on a held-out image), or the runners' seeded noise (the runs before this option)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
@@ -213,7 +221,8 @@ def main() -> None:
                     features[name][f"{dataset}/{split}"] = feats
                     labels.setdefault(dataset, {})[split] = labs
             print(f"scored {name}", file=sys.stderr, flush=True)
-        samples = time_artifacts(paths, threads=args.threads, clock=args.clock, rounds=args.rounds)
+        image = next(iter(loaders["fashion-mnist"]["test"]))[0][:1] if args.time_on == "image" else None
+        samples = time_artifacts(paths, threads=args.threads, clock=args.clock, rounds=args.rounds, image=image)
 
     rows = []
     base_rounds = np.array(samples["baseline"])
@@ -298,8 +307,9 @@ def main() -> None:
                         "uniform": calibration.uniform, "policies": {n: p.to_dict() for n, p in policies.items()}},
         "rows": clean, "matched_latency": matched, "default_check": default_check,
         "noise": f"bootstrap over test images, {args.bootstrap} resamples; latency: median of {args.rounds} "
-                 f"interleaved shuffled rounds on the {args.clock} clock, per-round speedup range vs the unreduced "
-                 "artifact",
+                 f"interleaved shuffled rounds on the {args.clock} clock, every run on "
+                 f"{'a Fashion-MNIST test image' if args.time_on == 'image' else 'seeded noise'}, per-round speedup "
+                 "range vs the unreduced artifact",
         "clock": args.clock,
         "load_average_at_start": load_at_start,
         "seconds": round(time.perf_counter() - started, 1),
