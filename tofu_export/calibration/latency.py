@@ -59,7 +59,8 @@ def block_graph(model: nn.Module, mode: str, tokens: int, r: int, prop_attn: boo
     allows) with ``mode`` into ``folder``; returns the ONNX file's path.
 
     The copy is patched as the second of two blocks (the first removes nothing and is never run), so it is
-    entered with token sizes, as every block after the first reduction is."""
+    entered with token sizes, as every block after the first merge is; without ``sized``, with none (no
+    proportional-attention mask), as every block before it."""
     family = family_of(model)
     prefix = family.num_prefix(model)
     skeleton = _skeleton(model, [copy.deepcopy(family.blocks(model)[0]) for _ in range(2)])
@@ -77,7 +78,7 @@ def block_graph(model: nn.Module, mode: str, tokens: int, r: int, prop_attn: boo
 
 class _SizedBlock(nn.Module):
     """A patched two-block skeleton's second block as a graph ``[B, N, C] -> [B, N - r, C]``, entered with token
-    sizes (all 1: the values do not change the work)."""
+    sizes (all 1: the values do not change the work) or, without ``sized``, with none."""
 
     def __init__(self, skeleton: nn.Module, sized: bool = True) -> None:
         super().__init__()
