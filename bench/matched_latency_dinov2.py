@@ -106,13 +106,13 @@ def time_artifacts(paths: dict[str, Path], *, threads: int, clock: str, rounds: 
     on ``image [1, 3, H, W]`` (None: the runner's seeded noise)."""
     runners = {name: OrtRunner(path, threads=1 if clock == "thread-cpu" else threads, spinning=False)
                for name, path in paths.items()}
-    timed = {name: (lambda x=runner: x.run(1)) if image is None else
-             (lambda x=runner, feed={runner.input.name: image.numpy()}: x.session.run(None, feed))
-             for name, runner in runners.items()}
-    for run in timed.values():
+    for runner in runners.values():
+        if image is not None:
+            runner.feed_images(image)
         for _ in range(3):
-            run()
-    return round_robin(timed, iters=rounds, clock=clock)
+            runner.run(1)
+    return round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()}, iters=rounds,
+                       clock=clock)
 
 
 def main() -> None:

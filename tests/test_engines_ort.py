@@ -90,6 +90,17 @@ def test_backend_reads_input_and_runs(onnx_path: Path) -> None:
     assert backend._feed(2)["input"] is backend._feed(2)["input"]  # fixed input, not regenerated per run
 
 
+def test_backend_runs_on_images_it_is_fed(onnx_path: Path) -> None:
+    backend = OrtRunner(onnx_path, threads=1, provider="cpu")
+    images = torch.rand(2, 3, IMG, IMG)
+    backend.feed_images(images)
+    backend.run(2)
+    assert np.array_equal(backend._feed(2)["input"], images.numpy())  # timed and profiled on them, not on noise
+    assert not np.array_equal(backend._feed(1)["input"][0], images[0].numpy())  # other batch sizes: noise still
+    with pytest.raises(RunnerError, match=r"takes images \[3, 64, 64\], got \[1, 3, 16, 16\]"):
+        backend.feed_images(torch.rand(1, 3, 16, 16))
+
+
 def test_static_batch_model_rejects_other_batch_sizes(tmp_path: Path) -> None:
     backend = OrtRunner(export(tiny_vit(depth=1), tmp_path / "b1.onnx", dynamic_batch=False), provider="cpu")
     backend.run(1)

@@ -164,14 +164,14 @@ def measure_policy_latency(
                     step()
         runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
                    for name, path in paths.items()}
-        timed = {name: (lambda x=runner: x.run(1)) if image is None else
-                 (lambda x=runner, feed={runner.input.name: image[:1].numpy()}: x.session.run(None, feed))
-                 for name, runner in runners.items()}
-        for run in timed.values():
-            run()  # warm-up outside the timing
+        for runner in runners.values():
+            if image is not None:
+                runner.feed_images(image[:1])
+            runner.run(1)  # warm-up outside the timing
         if on_timing is not None:
             on_timing()
-        samples = round_robin(timed, iters=rounds, clock=clock, on_round=on_step)
+        samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
+                              iters=rounds, clock=clock, on_round=on_step)
 
     speedup, iqr = speedup_iqr(samples["baseline"], samples["policy"])
     tome = {k: per_round_speedup(samples["baseline"], samples[f"tome-r{k}"])[1] for k in tome_r}

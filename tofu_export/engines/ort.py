@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -162,6 +162,14 @@ class OrtRunner:
             images = self._random.standard_normal((batch_size, *self.input.chw), dtype=np.float32)
             self._feeds[batch_size] = {self.input.name: images.astype(self._dtype)}
         return self._feeds[batch_size]
+
+    def feed_images(self, images: Any) -> None:
+        """Run (and profile) batches of ``len(images)`` on ``images [B, C, H, W]`` (a tensor or an array) from now
+        on, not the seeded noise: a graph's time can depend on its input's values."""
+        array = np.asarray(images, dtype=self._dtype)
+        if tuple(array.shape[1:]) != tuple(self.input.chw):
+            raise RunnerError(f"{self.onnx_path.name} takes images {list(self.input.chw)}, got {list(array.shape)}.")
+        self._feeds[int(array.shape[0])] = {self.input.name: array}
 
     def run(self, batch_size: int) -> None:
         self.session.run(None, self._feed(batch_size))
