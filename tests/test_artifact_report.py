@@ -121,12 +121,14 @@ def test_the_parity_section_says_when_int8_was_checked_unfused() -> None:
 def test_the_caption_names_the_cpu_and_its_vector_extensions() -> None:
     quick = _quick_look()
     assert quick_look_caption(_manifest(quick).quick_look) == (  # a manifest written before they were recorded
-        "quick look on this machine, not a benchmark: Test CPU, 2 cores; ONNX Runtime CPU, batch 1, 30 rounds, "
-        "shuffled round-robin; images: 20 samples")
+        "quick look on this machine, not a benchmark: Test CPU, 2 cores; ONNX Runtime CPU, batch 1 on seeded normal "
+        "noise, 30 rounds, shuffled round-robin; images: 20 samples")  # a manifest from before the first image
     quick["machine"] = {**quick["machine"], "cpu_features": ["avx", "fma", "f16c"]}
     assert "Test CPU, 2 cores, SIMD avx fma f16c; ONNX" in quick_look_caption(_manifest(quick).quick_look)
     quick["machine"]["cpu_features"] = []
     assert "2 cores, SIMD none listed;" in quick_look_caption(_manifest(quick).quick_look)
+    quick["latency"]["timed_on"] = "the first image"
+    assert "batch 1 on the first image, 30 rounds" in quick_look_caption(_manifest(quick).quick_look)
 
 
 def test_backbones_have_no_top1_row_and_untimed_targets_no_latency() -> None:

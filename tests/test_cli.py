@@ -292,6 +292,8 @@ def second(work: Path, files: dict[str, Path], first: dict[str, Run], server: Fo
     runs = _run_all(server, {
         "check_good": [*CLI, "check", model, "--trt", "10"],
         "profile": [*CLI, "profile", model, "--batch", "1", "--iters", "5", "--warmup", "1", "--json"],
+        "profile_images": [*CLI, "profile", model, "--batch", "1,4", "--iters", "2", "--warmup", "1", "--json",
+                           "--no-breakdown", "--data", files["images"]],
         "sweep_again": [*CLI, "sweep", files["model.pth"], "--r", f"0,{R}", "--modes", "tome,tofu", "--iters", "3",
                         "-o", work / "sweep"],
     }, work)
@@ -433,6 +435,7 @@ def test_json_carries_the_quick_look(work: Path, first: dict[str, Run]) -> None:
     latency = quick["latency"]
     assert latency["speedup_per_round"]["p10"] <= latency["speedup"] <= latency["speedup_per_round"]["p90"]
     assert latency["baseline"]["rounds"] == latency["tofu"]["rounds"] == 7  # --look-seconds 0: the minimum
+    assert latency["timed_on"] == "the first image"  # of --data's, not noise
     assert quick["gflops"] == {"baseline": printed["gflops"]["original"], "tofu": printed["gflops"]["tofu"]}
     fidelity = quick["fidelity"]
     assert fidelity["images"] == 6
@@ -449,6 +452,8 @@ def test_summary_shows_baseline_and_tofu_side_by_side(work: Path, first: dict[st
     assert f"{format_ms(latency['baseline']['p50_ms'])} ms" in run.stdout  # two decimals under 10 ms
     assert f"{format_ms(latency['tofu']['p50_ms'])} ms" in run.stdout
     assert f"{latency['speedup']:.2f}x" in run.stdout
+    assert latency["timed_on"] == "seeded normal noise"
+    assert "batch 1 on seeded normal noise" in " ".join(run.stdout.split())  # the caption says it, however wrapped
     assert "builds on TensorRT 10 (JetPack 6) (opset 17)" in run.stdout
     assert "FAIL" not in run.stdout
     assert "note: for TensorRT 8.5 (JetPack 5), export with --trt 8.5 (or --jetpack 5)" in run.stdout
@@ -503,6 +508,7 @@ def test_demo_compares_outputs_on_foolbox_images(
     latency = quick["latency"]
     assert latency["speedup_per_round"]["p10"] <= latency["speedup"] <= latency["speedup_per_round"]["p90"]
     assert latency["baseline"]["rounds"] == latency["tofu"]["rounds"] == 7  # --look-seconds 0: the minimum
+    assert latency["timed_on"] == "the first image"  # of --data's, not noise
     assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "model.ort.onnx").is_file()
 
 
@@ -694,6 +700,15 @@ def test_profile_json_reports_latency_and_token_reduction_time(second: SecondWav
     assert batch[0]["latency"]["n"] == 5
     assert batch[0]["latency"]["p50_ms"] > 0
     assert batch[0]["breakdown"]["by_category_ms"]["token_reduction"] > 0
+    assert json.loads(run.stdout)["timed_on"] == "seeded normal noise"
+
+
+def test_profile_times_on_the_images_given(second: SecondWave, files: dict[str, Path]) -> None:
+    run = second.runs["profile_images"]
+    assert run.returncode == 0, run
+    result = json.loads(run.stdout)
+    assert [entry["batch_size"] for entry in result["batches"]] == [1, 4]
+    assert result["timed_on"] == f"4 images from {files['images']} (the preprocessing its manifest records)"
 
 
 def test_sweep_writes_reports(work: Path, first: dict[str, Run]) -> None:

@@ -96,9 +96,12 @@ def test_backend_runs_on_images_it_is_fed(onnx_path: Path) -> None:
     backend.feed_images(images)
     backend.run(2)
     assert np.array_equal(backend._feed(2)["input"], images.numpy())  # timed and profiled on them, not on noise
-    assert not np.array_equal(backend._feed(1)["input"][0], images[0].numpy())  # other batch sizes: noise still
-    with pytest.raises(RunnerError, match=r"takes images \[3, 64, 64\], got \[1, 3, 16, 16\]"):
+    assert np.array_equal(backend._feed(1)["input"], images[:1].numpy())  # a smaller batch: the first ones
+    assert np.array_equal(backend._feed(3)["input"], images[[0, 1, 0]].numpy())  # a larger one: round again
+    with pytest.raises(RunnerError, match=r"takes images \[3, 64, 64\] to time on, got \[1, 3, 16, 16\]"):
         backend.feed_images(torch.rand(1, 3, 16, 16))
+    with pytest.raises(RunnerError, match=r"got \[0, 3, 64, 64\]"):
+        backend.feed_images(torch.rand(0, 3, IMG, IMG))
 
 
 def test_static_batch_model_rejects_other_batch_sizes(tmp_path: Path) -> None:

@@ -54,6 +54,22 @@ def test_profiling_quiets_the_tracer_unless_the_user_set_its_level(monkeypatch: 
     assert os.environ["KINETO_LOG_LEVEL"] == "2"
 
 
+def test_runner_times_on_the_images_it_is_fed(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = TorchRunner(tiny_vit(), device="cpu", img_size=IMG, threads=1)
+    seen: list[torch.Tensor] = []
+    forward = backend.model.forward
+    monkeypatch.setattr(backend.model, "forward", lambda x: seen.append(x) or forward(x))
+    backend.run(2)
+    images = torch.rand(3, 3, IMG, IMG)
+    backend.feed_images(images)
+    backend.run(2)
+    backend.run(4)
+    assert not torch.equal(seen[0], images[:2]) and torch.equal(seen[1], images[:2])
+    assert torch.equal(seen[2], images[[0, 1, 2, 0]])  # a batch larger than the images: round again
+    with pytest.raises(RunnerError, match=r"takes images \[3, 32, 32\] to time on, got \[2, 3, 16, 16\]"):
+        backend.feed_images(torch.rand(2, 3, 16, 16))
+
+
 def test_patched_model_has_token_reduction_modules() -> None:
     import tofu_export
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tofu_export.engines.base import BackendUnavailableError
+from tofu_export.engines.base import BackendUnavailableError, RunnerError, TimedBatches
 from tofu_export.tensorrt.runner import TrtRunner, layer_profiler
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -64,6 +64,7 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> TrtRunner:
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     runner = TrtRunner(FakeEngine())
     runs: list[int] = []
+    fed: list[torch.Tensor] = []
 
     def infer(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert list(inputs) == ["images"]
@@ -72,12 +73,27 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> TrtRunner:
             for name, ms in LAYERS.items():
                 profiler.report_layer_time(name, ms * (len(runs) + 1))
         runs.append(inputs["images"].shape[0])
+        fed.append(inputs["images"])
         return {"logits": torch.zeros(inputs["images"].shape[0], 10)}
 
     monkeypatch.setattr(runner, "infer", infer)
-    monkeypatch.setattr(runner, "_random", lambda batch: torch.zeros(batch, 3, 8, 8))
+    monkeypatch.setattr(runner, "_batches", TimedBatches((3, 8, 8), seed=0, device="cpu"))  # no GPU here
     runner.runs = runs  # type: ignore[attr-defined]
+    runner.fed = fed  # type: ignore[attr-defined]
     return runner
+
+
+def test_runner_times_on_the_images_it_is_fed(fake_runner: TrtRunner) -> None:
+    fake_runner.run(2)
+    noise = fake_runner.fed[-1]  # type: ignore[attr-defined]
+    images = torch.rand(3, 3, 8, 8)
+    fake_runner.feed_images(images)
+    fake_runner.run(2)
+    fake_runner.run(4)
+    assert torch.equal(fake_runner.fed[-2], images[:2]) and not torch.equal(noise, images[:2])  # type: ignore[attr-defined]
+    assert torch.equal(fake_runner.fed[-1], images[[0, 1, 2, 0]])  # type: ignore[attr-defined]
+    with pytest.raises(RunnerError, match=r"takes images \[3, 8, 8\] to time on"):
+        fake_runner.feed_images(torch.rand(1, 3, 4, 4))
 
 
 def test_runner_reads_the_engine_input(fake_runner: TrtRunner) -> None:

@@ -11,6 +11,7 @@ from tofu_export.engines.base import OpTime, Runner
 from tofu_export.engines.torch import TorchRunner
 from tofu_export.profiling.device import cpu_features_from_cpuinfo, cpu_model_from_cpuinfo, describe_device
 from tofu_export.profiling.errors import ProfilerError
+from tofu_export.profiling.images import TimingImages
 from tofu_export.profiling.profiler import profile
 
 
@@ -23,12 +24,16 @@ class FakeRunner:
     def __init__(self) -> None:
         self.runs: dict[int, int] = {}
         self.profiled: list[tuple[int, int]] = []
+        self.fed: torch.Tensor | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return images.flatten(1)
 
     def run(self, batch_size: int) -> None:
         self.runs[batch_size] = self.runs.get(batch_size, 0) + 1
+
+    def feed_images(self, images: torch.Tensor) -> None:
+        self.fed = images
 
     def sync(self) -> None:
         return None
@@ -51,6 +56,15 @@ def test_profile_runs_each_batch_size_with_warmup_and_iters() -> None:
     assert result.batches[0].memory.peak_rss_mib is not None
     payload = json.loads(json.dumps(result.to_dict()))
     assert payload["backend"] == "fake" and payload["batches"][0]["latency"]["batch_size"] == 1
+
+
+def test_profile_feeds_the_images_and_says_what_it_timed_on() -> None:
+    backend, images = FakeRunner(), torch.rand(2, 3, 8, 8)
+    assert profile(backend, batch_sizes=[1], warmup=0, iters=2).timed_on == "seeded normal noise"
+    assert backend.fed is None
+    result = profile(backend, batch_sizes=[1], warmup=0, iters=2, images=TimingImages(images, "2 images from x"))
+    assert backend.fed is images
+    assert result.timed_on == "2 images from x" and result.to_dict()["timed_on"] == "2 images from x"
 
 
 def test_profile_without_breakdown_skips_op_profiling() -> None:

@@ -92,6 +92,19 @@ def test_timed_run_reports_its_own_medians(graphs: dict[str, Path]) -> None:
     for side in ("baseline", "tofu"):
         stats = result[side]
         assert 0 < stats["min_ms"] <= stats["p10_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["max_ms"]
+    assert result["timed_on"] == "seeded normal noise"
+
+
+def test_both_graphs_are_timed_on_the_image_given(graphs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    fed: list[tuple[str, torch.Tensor]] = []
+    feed = OrtRunner.feed_images
+    monkeypatch.setattr(OrtRunner, "feed_images", lambda self, images: fed.append((self.onnx_path.name, images))
+                        or feed(self, images))
+    image = torch.rand(1, 3, IMG, IMG)
+    settings = QuickLookSettings(budget_s=0.05, min_rounds=2, max_rounds=2, threads=1)
+    result = time_models(graphs["baseline"], graphs["tofu"], settings, image)
+    assert sorted(name for name, _ in fed) == sorted([graphs["baseline"].name, graphs["tofu"].name])
+    assert all(images is image for _, images in fed) and result["timed_on"] == "the first image"
 
 
 @pytest.mark.parametrize(("budget", "round_s", "expected"), [(6.0, 0.5, 12), (6.0, 0.0001, 200), (6.0, 10.0, 7)])

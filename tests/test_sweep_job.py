@@ -58,6 +58,7 @@ def test_the_caption_states_backend_rounds_order_and_load(swept: tuple[Path, Swe
     root, result, _ = swept
     text = (root / "out" / "sweep.md").read_text()
     assert "ONNX Runtime CPU, 4 timed runs per point, round-robin" in text and "load average" in text
+    assert ", on seeded normal noise; figures are medians" in text  # no images given
     assert "| baseline (r=0) |" in text and "n/a" not in text
     assert result.notes == ["no Pareto plot: the points were not scored (give an image folder to score them)"]
     assert not (root / "out" / "pareto.png").exists()
@@ -98,6 +99,8 @@ def test_a_scored_sweep_reuses_its_exports_and_scores_every_point_against_one_re
     assert len({row["reference_accuracy"] for row in rows.values()}) == 1
     assert rows["baseline", 0]["accuracy"] == rows["baseline", 0]["reference_accuracy"]
     assert "(unreduced " in (out / "sweep.md").read_text() and is_tofu_png(out / "latency_vs_r.png")
+    assert f", on 1 image from {tmp_path / 'images'} (the model's eval transform);" in result.caption[0]  # not noise
+    assert config.measured_as() != dataclasses.replace(config, data=None).measured_as()
     scores = {row["accuracy"] for row in rows.values()}
     same = "no Pareto plot: every point scores the same here (random weights give no front)"
     assert (result.notes == [same]) if len(scores) == 1 else is_tofu_png(out / "pareto.png")

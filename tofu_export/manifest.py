@@ -221,6 +221,7 @@ class QuickLatency(Section):
     threads: int | None = None
     order: str = "shuffled round-robin"
     load: list[float] | None = None  # the 1, 5, 15-minute load averages when timing ended
+    timed_on: str = "seeded normal noise"  # engines.base.NOISE, or "the first image" of the quick look's
 
 
 @dataclass

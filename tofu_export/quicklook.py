@@ -2,7 +2,8 @@
 
 It answers what an export bought and what it cost, in a few seconds, as a first figure and not a benchmark:
 
-- latency: both graphs run on ONNX Runtime's CPU provider, batch 1, round-robin in one process in a fresh random
+- latency: both graphs run on ONNX Runtime's CPU provider, batch 1 (the first image where images are at hand, else
+  seeded noise: a graph's time can depend on its input's values), round-robin in one process in a fresh random
   order every round, each timed run right after an untimed one (``profiling.compare.time_round_robin``), so a slow
   spell of a shared machine hits both alike. Per model the median and the 10th-90th percentile of the rounds; the
   speed-up is the median of the per-round ratios (a slow spell cancels within its round), with their 10th-90th
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from tofu_export.engines.base import NOISE
 from tofu_export.errors import Hint
 from tofu_export.images import ImageError, decode_images, evenly_spaced, find_images
 
@@ -84,8 +86,10 @@ def rounds_for(budget_s: float, round_s: float, min_rounds: int, max_rounds: int
     return int(min(max_rounds, max(min_rounds, budget_s // max(round_s, 1e-6))))
 
 
-def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings) -> dict[str, Any]:
-    """Interleaved batch-1 latency of the two ONNX graphs on ONNX Runtime's CPU provider (spinning off)."""
+def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings,
+                image: torch.Tensor | None = None) -> dict[str, Any]:
+    """Interleaved batch-1 latency of the two ONNX graphs on ONNX Runtime's CPU provider (spinning off), on
+    ``image`` ``[1, 3, H, W]`` where given, else on seeded noise."""
     from tofu_export.engines.ort import OrtRunner
     from tofu_export.profiling.compare import time_round_robin
     from tofu_export.profiling.device import load_average
@@ -93,13 +97,16 @@ def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings) -> dict
 
     runners = {name: OrtRunner(path, threads=settings.threads, spinning=False, seed=settings.seed)
                for name, path in (("baseline", baseline), ("tofu", tofu))}
+    if image is not None:
+        for runner in runners.values():
+            runner.feed_images(image)
     calls = {name: (lambda r=runner: r.run(1)) for name, runner in runners.items()}
     warm = {name: min(time_callable(call, warmup=1, iters=2, budget_s=None)) for name, call in calls.items()}
     rounds = rounds_for(settings.budget_s, 2 * sum(warm.values()), settings.min_rounds, settings.max_rounds)
     samples = time_round_robin(calls, iters=rounds, seed=settings.seed)
     return {**compare_latency(samples["baseline"], samples["tofu"]), "batch": 1,
             "provider": "CPUExecutionProvider", "threads": settings.threads, "order": "shuffled round-robin",
-            "load": load_average()}
+            "load": load_average(), "timed_on": NOISE if image is None else "the first image"}
 
 
 
@@ -165,7 +172,8 @@ def run_quick_look(
         result["baseline"] = {"r": 0, "parity_max_abs_diff": None if parity is None else parity.max_abs_diff}
         if settings.timing:
             step(f"quick look: timing baseline vs ToFu, interleaved (~{settings.budget_s:.0f} s)")
-            result["latency"] = time_models(baseline.path, tofu_onnx, settings)
+            result["latency"] = time_models(baseline.path, tofu_onnx, settings,
+                                            None if images is None else images[:1])
         if images is not None:
             step(f"quick look: outputs of {len(images)} images, ToFu vs baseline")
             result["fidelity"] = {**fidelity(baseline.path, tofu_onnx, images, classifier),

@@ -32,6 +32,11 @@ def profile(
     iters: Annotated[int | None, typer.Option(help="Timed runs per batch size.")] = 50,
     budget_s: Annotated[float | None, typer.Option(help="Or: time budget per batch size (seconds).")] = None,
     breakdown: Annotated[bool, typer.Option(help="Per-op breakdown: attention, MLP, token reduction, rest.")] = True,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Time on these images (an image file, or a folder: as many as the largest batch, spread "
+        "evenly; a batch larger than the images repeats them) in the artifact's preprocessing, instead of seeded "
+        "noise. A graph's time can depend on its input's values: on noise a ViT can run slower than on the images "
+        "it will see.")] = None,
     report: Annotated[Path | None, typer.Option(
         help="Also write a Markdown report here, with its .json and a .png figure (latency, throughput and where the "
         "time goes per batch size) beside it.")] = None,
@@ -46,6 +51,8 @@ def profile(
     Examples:
 
       tofu-export profile artifacts/deit-tofu-r16/model.onnx --batch 1,8 --threads 2
+
+      tofu-export profile artifacts/deit-tofu-r16/model.onnx --data images/ (times on your images, not noise)
 
       tofu-export profile model.pth --backend torch --r 16 --mode tofu --device cuda --cuda-graphs
 
@@ -74,7 +81,7 @@ def profile(
     with library_warnings() as caught:
         result = profile_source(
             artifact, batch_sizes=parse_int_list(batch, "batch"), warmup=warmup, iters=iters, budget_s=budget_s,
-            breakdown=breakdown, backend=chosen, threads=runtime.threads, spinning=runtime.spin,
+            breakdown=breakdown, images=data, backend=chosen, threads=runtime.threads, spinning=runtime.spin,
             tofu=tofu.build(model.img_size) if chosen.runtime == "torch" else None, arch=model.arch,
             num_heads=model.num_heads, trust_pickle=model.trust_pickle,
         )
@@ -119,6 +126,7 @@ def print_profile(result: Any, backend: str, reference: dict[str, Any] | None) -
     from rich.console import Console
     from rich.table import Table
 
+    from tofu_export.engines.base import NOISE
     from tofu_export.profiling.breakdown import CATEGORIES
 
     console = Console()
@@ -134,6 +142,7 @@ def print_profile(result: Any, backend: str, reference: dict[str, Any] | None) -
         print_table(console, parts)
     load = load_average()
     caption = [f"{backend}, load average {load[0]:.1f} now." if load else f"{backend}.",
+               f"Timed on {result.timed_on}" + ("" if result.timed_on != NOISE else " (--data: on your images)") + ".",
                "Spread: p90 and p99 of the timed runs, and their standard deviation."]
     if reference is not None:
         then = f" at load {reference['load']:.1f}" if reference.get("load") is not None else ""

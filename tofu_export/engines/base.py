@@ -1,20 +1,23 @@
 """What every runner (one per runtime: torch, ONNX Runtime, TensorRT) offers, and the records they share.
 
 A runner loads one model and serves both users of an engine: evaluation and parity checks call it on images
-(``runner(images)``), the profiler times ``run(batch_size)`` on a cached random batch and asks
-``profile_ops`` for per-op times.
+(``runner(images)``), the profiler times ``run(batch_size)`` on a cached batch (seeded noise, or images given with
+``feed_images``) and asks ``profile_ops`` for per-op times.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from tofu_export.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
+NOISE = "seeded normal noise"  # what ``run`` times on until a runner is fed images (``TimedBatches``)
 
 
 class RunnerError(UserError, ValueError):
@@ -62,7 +65,10 @@ class Runner(Protocol):
         ...
 
     def run(self, batch_size: int) -> None:
-        """Run one inference on a cached random batch of ``batch_size`` images."""
+        """Run one inference on the cached batch of ``batch_size`` images (``TimedBatches``)."""
+
+    def feed_images(self, images: Any) -> None:
+        """Time (and profile) on ``images`` ``[N, C, H, W]`` from now on, not on seeded noise (``TimedBatches``)."""
 
     def sync(self) -> None:
         """Block until all queued device work is done (a no-op for synchronous runtimes)."""
@@ -110,16 +116,51 @@ def run_images(
     return run_in_fixed_batches(run, images, spec.batch)
 
 
-def random_batches(chw: Sequence[int], seed: int, device: str = "cpu") -> Callable[[int], torch.Tensor]:
-    """``batch(B)``: a normal random ``[B, *chw]`` float32 tensor on ``device``, drawn once per batch size."""
-    import torch
+def fill_batch(images: T, batch_size: int) -> T:
+    """The first ``batch_size`` of ``images`` ``[N, ...]`` (numpy or torch), starting over at the first image when
+    the batch is larger than ``N``."""
+    return images[[i % len(images) for i in range(batch_size)]]  # type: ignore[index]
 
-    generator = torch.Generator().manual_seed(seed)
-    cache: dict[int, torch.Tensor] = {}
 
-    def batch(batch_size: int) -> torch.Tensor:
-        if batch_size not in cache:
-            cache[batch_size] = torch.randn((batch_size, *chw), generator=generator).to(device)
-        return cache[batch_size]
+class TimedBatches:
+    """``batches(B)``: the ``[B, *chw]`` float32 batch a runner's ``run(B)`` times on ``device``, made once per batch
+    size, outside any timing: seeded normal noise, or after ``use(images)`` those images (``fill_batch``).
 
-    return batch
+    A graph's time can depend on its input's values: on an Intel Xeon VM a DINOv2 ViT-S/14 block ran 9.1 ms on
+    noise against 6.6 ms on its own input (``bench/results/latency_prediction.md``), so timing on real images gives
+    the figure a deployment sees.
+    """
+
+    def __init__(self, chw: Sequence[int], seed: int, device: str = "cpu") -> None:
+        import torch
+
+        self.chw = tuple(chw)
+        self.device = device
+        self._generator = torch.Generator().manual_seed(seed)
+        self._images: torch.Tensor | None = None
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def use(self, images: Any, source: str) -> None:
+        """Batches from ``images`` ``[N, *chw]`` (a tensor or an array) from now on; ``source`` names the model in
+        the error a wrong shape gets."""
+        import torch
+
+        images = torch.as_tensor(images, dtype=torch.float32)
+        check_timed_images(tuple(images.shape), self.chw, source)
+        self._images = images.to(self.device)
+        self._cache.clear()
+
+    def __call__(self, batch_size: int) -> torch.Tensor:
+        import torch
+
+        if batch_size not in self._cache:
+            self._cache[batch_size] = (
+                torch.randn((batch_size, *self.chw), generator=self._generator).to(self.device)
+                if self._images is None else fill_batch(self._images, batch_size))
+        return self._cache[batch_size]
+
+
+def check_timed_images(shape: Sequence[int], chw: Sequence[int], source: str) -> None:
+    """Refuse images to time on that are not ``[N, *chw]`` with N >= 1."""
+    if len(shape) != 1 + len(chw) or tuple(shape[1:]) != tuple(chw) or shape[0] < 1:
+        raise RunnerError(f"{source} takes images {list(chw)} to time on, got {list(shape)}.")

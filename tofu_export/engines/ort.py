@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import onnxruntime as ort
 
-from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, run_images
+from tofu_export.engines.base import (
+    BackendUnavailableError,
+    InputSpec,
+    OpTime,
+    RunnerError,
+    check_timed_images,
+    fill_batch,
+    run_images,
+)
 from tofu_export.engines.ort_profile import OrtProfile, parse_ort_profile
 from tofu_export.onnx_file import check_onnx_file
 
@@ -139,6 +147,7 @@ class OrtRunner:
             raise RunnerError(f"Input {model_input.name!r} has unsupported type {model_input.type}.")
         self._dtype = _NUMPY_DTYPES[model_input.type]
         self._random = np.random.default_rng(seed)  # numpy's: opening and timing a graph needs no torch
+        self._images: np.ndarray | None = None  # feed_images's, else seeded noise
         self._feeds: dict[int, dict[str, np.ndarray]] = {}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -152,24 +161,26 @@ class OrtRunner:
         return torch.from_numpy(output)
 
     def _feed(self, batch_size: int) -> dict[str, np.ndarray]:
-        """The cached random batch ``[B, C, H, W]`` as a feed (made once per batch size, outside any timing)."""
+        """The batch ``[B, C, H, W]`` ``run`` times, as a feed, made once per batch size outside any timing: seeded
+        normal noise, or the images given to ``feed_images`` (``engines.base.TimedBatches`` says why)."""
         if self.input.batch is not None and batch_size != self.input.batch:
             raise RunnerError(
                 f"{self.onnx_path.name} has a static batch size of {self.input.batch}; cannot run batch "
                 f"{batch_size}. Export one model per batch size, or export with a dynamic batch axis."
             )
         if batch_size not in self._feeds:
-            images = self._random.standard_normal((batch_size, *self.input.chw), dtype=np.float32)
-            self._feeds[batch_size] = {self.input.name: images.astype(self._dtype)}
+            images = (self._random.standard_normal((batch_size, *self.input.chw), dtype=np.float32)
+                      if self._images is None else fill_batch(self._images, batch_size))
+            self._feeds[batch_size] = {self.input.name: images.astype(self._dtype, copy=False)}
         return self._feeds[batch_size]
 
     def feed_images(self, images: Any) -> None:
-        """Run (and profile) batches of ``len(images)`` on ``images [B, C, H, W]`` (a tensor or an array) from now
-        on, not the seeded noise: a graph's time can depend on its input's values."""
+        """Run (and profile) batch B on the first B of ``images`` ``[N, C, H, W]`` (a tensor or an array; repeated
+        when B > N) from now on, not on the seeded noise: a graph's time can depend on its input's values."""
         array = np.asarray(images, dtype=self._dtype)
-        if tuple(array.shape[1:]) != tuple(self.input.chw):
-            raise RunnerError(f"{self.onnx_path.name} takes images {list(self.input.chw)}, got {list(array.shape)}.")
-        self._feeds[int(array.shape[0])] = {self.input.name: array}
+        check_timed_images(array.shape, self.input.chw, self.onnx_path.name)
+        self._images = array
+        self._feeds.clear()
 
     def run(self, batch_size: int) -> None:
         self.session.run(None, self._feed(batch_size))

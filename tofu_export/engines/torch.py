@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches
+from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, TimedBatches
 from tofu_export.sizes import as_pair
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class TorchRunner:
         self.family = _family(model)
         size = img_size if img_size is not None or self.family is None else self.family.img_size(model)
         self.input = None if size is None else InputSpec("images", None, (in_chans, *as_pair(size)))
-        self._random = None if self.input is None else random_batches(self.input.chw, seed, device)
+        self._batches = None if self.input is None else TimedBatches(self.input.chw, seed, device)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,11 +75,20 @@ class TorchRunner:
         family, model = self.family, self.model
         return family.pooled_output(model, family.run_blocks(model, family.embed(model, images), 0)).cpu()
 
+    def _timed(self) -> TimedBatches:
+        if self._batches is None:
+            raise RunnerError("TorchRunner needs img_size to make a batch to time: ToFu does not know this model.")
+        return self._batches
+
     def _batch(self, batch_size: int) -> torch.Tensor:
-        """Cached random batch ``[B, C, H, W]`` on the runner's device."""
-        if self._random is None:
-            raise RunnerError("TorchRunner needs img_size to make a random batch: ToFu does not know this model.")
-        return self._random(batch_size)
+        """The cached batch ``[B, C, H, W]`` ``run`` times, on the runner's device (``TimedBatches``)."""
+        return self._timed()(batch_size)
+
+    def feed_images(self, images: Any) -> None:
+        """Time on ``images`` ``[N, C, H, W]`` from now on (batch B: the first B, repeated when B > N), not on
+        seeded noise; CUDA graphs captured on the old batches are captured again."""
+        self._timed().use(images, type(self.model).__name__)
+        self._replays.clear()
 
     @torch.inference_mode()
     def run(self, batch_size: int) -> None:

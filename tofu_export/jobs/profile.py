@@ -126,9 +126,11 @@ def profile_source(
     iters: int | None = 50,
     budget_s: float | None = None,
     breakdown: bool = True,
+    images: str | Path | None = None,
     **runner_options: Any,
 ) -> Any:
-    """Open the runner for ``source`` and profile it (``ProfileResult``)."""
+    """Open the runner for ``source`` and profile it (``ProfileResult``), on up to ``max(batch_sizes)`` of the
+    images at ``images`` (a file or a folder) where given, else on seeded noise."""
     from tofu_export.profiling.profiler import profile
 
     if any(b < 1 for b in batch_sizes):
@@ -143,4 +145,16 @@ def profile_source(
         for batch in batch_sizes:
             check_batch_fits([batch, *spec.chw], batch, Path(str(source)))
     return profile(runner, batch_sizes=batch_sizes, warmup=warmup, iters=iters, budget_s=budget_s,
-                   breakdown=breakdown)
+                   breakdown=breakdown, images=None if images is None else _timing_images(runner, source, images,
+                                                                                         max(batch_sizes)))
+
+
+def _timing_images(runner: Any, source: str | Path, path: str | Path, count: int) -> Any:
+    """The images to time ``runner`` on: a graph's in its manifest's preprocessing, a PyTorch model's in its own."""
+    from tofu_export.profiling.images import graph_timing_images, model_timing_images
+
+    if getattr(runner, "model", None) is not None:  # PyTorch
+        return model_timing_images(path, count, runner.model)
+    if runner.input is None:
+        raise UserError(f"{source} has more than one input: it cannot be timed on images", hint=Hint("data"))
+    return graph_timing_images(path, count, source, runner.input.chw)

@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tofu_export.engines.base import Runner
+from tofu_export.engines.base import NOISE, Runner
 from tofu_export.profiling.breakdown import Breakdown, summarize
 from tofu_export.profiling.device import DeviceInfo, describe_device
 from tofu_export.profiling.errors import ProfilerError
 from tofu_export.profiling.memory import MemoryReport, measure_memory, reset_peak_memory
 from tofu_export.profiling.tegrastats import PowerReport, TegrastatsMonitor
 from tofu_export.profiling.timing import LatencyStats, time_callable
+
+if TYPE_CHECKING:
+    from tofu_export.profiling.images import TimingImages
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,19 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class ProfileResult:
-    """A backend's results for each requested batch size, and the device they were taken on."""
+    """A backend's results for each requested batch size, the device they were taken on and what the runs were fed."""
 
     backend: str
     device: DeviceInfo
     batches: list[BatchResult]
+    timed_on: str = NOISE
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
             "device": self.device.to_dict(),
             "batches": [batch.to_dict() for batch in self.batches],
+            "timed_on": self.timed_on,
         }
 
 
@@ -63,13 +68,17 @@ def profile(
     breakdown_iters: int = 10,
     top_n: int = 10,
     tegrastats_interval_ms: int = 100,
+    images: TimingImages | None = None,
 ) -> ProfileResult:
-    """Time ``backend.run`` per batch size (see ``time_callable``), then optionally profile its ops.
+    """Time ``backend.run`` per batch size (see ``time_callable``), then optionally profile its ops; on ``images``
+    where given (batch B: the first B of them, repeated when B is larger), else on seeded noise.
 
     Power is sampled only during the timed runs; op profiling runs afterwards so it cannot skew latency.
     """
     if not batch_sizes or any(batch < 1 for batch in batch_sizes):
         raise ProfilerError(f"batch_sizes must be a non-empty list of positive integers, got {batch_sizes}.")
+    if images is not None:
+        backend.feed_images(images.images)
     results = []
     for batch in batch_sizes:
         reset_peak_memory(backend.device)
@@ -89,4 +98,5 @@ def profile(
                 breakdown=parts,
             )
         )
-    return ProfileResult(backend=backend.name, device=describe_device(), batches=results)
+    return ProfileResult(backend=backend.name, device=describe_device(), batches=results,
+                         timed_on=NOISE if images is None else images.description)

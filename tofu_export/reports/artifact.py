@@ -108,7 +108,8 @@ def quick_look_caption(quick: QuickLook) -> str:
     how = "outputs only (this target is not timed on this machine)"
     if latency:
         load = f", load average {latency.load[0]:.1f}" if latency.load else ""
-        how = f"ONNX Runtime CPU, batch {latency.batch}, {latency.baseline.rounds} rounds, {latency.order}{load}"
+        how = (f"ONNX Runtime CPU, batch {latency.batch} on {latency.timed_on}, {latency.baseline.rounds} rounds, "
+               f"{latency.order}{load}")
     fidelity = quick.fidelity
     images = f"; images: {fidelity.name or fidelity.data}" if fidelity else ""
     return f"{quick.label}: {where}; {how}{images}"

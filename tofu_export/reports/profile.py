@@ -50,7 +50,9 @@ def render_breakdown(results: Sequence[ProfileResult]) -> str:
 
 def write_markdown(path: str | Path, results: Sequence[ProfileResult], *, title: str = "Latency profile") -> Path:
     """Report with the device description, the tables of ``render_table`` and the slowest ops per batch."""
-    sections = [f"# {title}", _device_section(results), render_table(results)]
+    inputs = sorted({result.timed_on for result in results})
+    sections = [f"# {title}", _device_section(results), "Timed on: " + "; ".join(inputs) + ".",
+                render_table(results)]
     for result in results:
         for batch in result.batches:
             if batch.breakdown is not None and batch.breakdown.top_ops:

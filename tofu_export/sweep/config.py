@@ -80,8 +80,9 @@ class SweepConfig:
         timing = "interleaved" if self.interleave else f"spinning={self.spinning}"
         graphs = ", CUDA graphs" if self.backend.cuda_graphs else ""  # absent before CUDA graphs: old records match
         batch = f", batch={self.batch}" if self.batch != 1 else ""  # likewise
+        fed = ", timed on its images" if self.data is not None else ""  # before, on noise: those are timed again
         return (f"{self.backend.name}:{self.backend.device}{graphs}, {timing}, threads={self.threads}, "
-                f"iters={self.iters}{batch}, data={self.data}, limit={self.limit}")
+                f"iters={self.iters}{batch}, data={self.data}, limit={self.limit}{fed}")
 
 
 def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:

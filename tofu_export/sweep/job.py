@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,7 @@ from tofu_export import __version__
 from tofu_export.artifacts import ENGINE_NAME, ONNX_NAME, cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.config import ExportConfig, ToFuConfig
+from tofu_export.engines.base import NOISE
 from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
 from tofu_export.models.loading import LoadedModel, load_model
@@ -32,6 +33,9 @@ from tofu_export.reports.sweep import flag_uncertain, sweep_markdown, sweep_row
 from tofu_export.sweep.config import SweepConfig, estimate_seconds, sweep_points
 from tofu_export.sweep.measure import time_alone, time_interleaved
 from tofu_export.sweep.state import BASELINE, SweepError, SweepPoint, point_key, run_sweep
+
+if TYPE_CHECKING:
+    from tofu_export.profiling.images import TimingImages
 
 STATE = "sweep_state.json"
 __all__ = ["SweepConfig", "SweepResult", "run_sweep_job", "sweep_points"]
@@ -85,10 +89,12 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
                 raise SweepError(outcome.engine_error)
         return folder / ONNX_NAME
 
+    timing = _timing_images(loaded, config)
+
     def profile_fn(onnx_path: Path) -> dict[str, Any]:
         result: dict[str, Any] = {"gflops": Manifest.read(onnx_path.parent).gflops.tofu}
         if not config.interleave:  # timed now, alone; else with every other point once all are exported
-            with _runner(loaded, config, onnx_path) as runner:
+            with _runner(loaded, config, onnx_path, timing) as runner:
                 result["samples_ms"] = time_alone(runner, iters=config.iters, batch=config.batch)
         return result
 
@@ -109,8 +115,19 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
                         eval_fn=eval_fn, config_key=f"{config_key} | {config.measured_as()}", progress=progress)
     load_before = load_average()
     if config.interleave:
-        _time_together(records, loaded, config, progress)
-    return _report(source, out, config, records, [load_before, load_average()])
+        _time_together(records, loaded, config, progress, timing)
+    return _report(source, out, config, records, [load_before, load_average()], timing)
+
+
+def _timing_images(loaded: LoadedModel, config: SweepConfig) -> TimingImages | None:
+    """What every point is timed on: a batch's worth of the images scored (their eval split), in the model's
+    eval transform; without images, seeded noise (None)."""
+    if config.data is None:
+        return None
+    from tofu_export.evaluation.data import split_folders
+    from tofu_export.profiling.images import model_timing_images
+
+    return model_timing_images(split_folders(config.data)[1], config.batch, loaded.model)
 
 
 def _load(source: str, config: SweepConfig) -> LoadedModel:
@@ -140,8 +157,9 @@ def _load_text() -> str:
 
 
 @contextlib.contextmanager
-def _runner(loaded: LoadedModel, config: SweepConfig, onnx_path: Path) -> Iterator[Any]:
-    """The runner that times one point on the sweep's backend (PyTorch: the model patched as the manifest says)."""
+def _runner(loaded: LoadedModel, config: SweepConfig, onnx_path: Path, timing: TimingImages | None) -> Iterator[Any]:
+    """The runner that times one point on the sweep's backend (PyTorch: the model patched as the manifest says),
+    fed ``timing``'s images where there are any."""
     backend = config.backend
     if backend.runtime == "torch":
         import copy
@@ -149,17 +167,21 @@ def _runner(loaded: LoadedModel, config: SweepConfig, onnx_path: Path) -> Iterat
         record = Manifest.read(onnx_path.parent).tofu
         model = copy.deepcopy(loaded.model)
         ToFuConfig(r=record.r_requested, mode=record.layer_modes, prop_attn=record.prop_attn).patch(model)
-        yield model_runner(model, backend, threads=config.threads)
-        return
-    path = onnx_path.parent / ENGINE_NAME if backend.name == "trt" else onnx_path
-    spinning = config.spinning and not config.interleave  # spinning workers steal the cores of the next point
-    yield graph_runner(path, backend, threads=config.threads, spinning=spinning)
+        runner = model_runner(model, backend, threads=config.threads)
+    else:
+        path = onnx_path.parent / ENGINE_NAME if backend.name == "trt" else onnx_path
+        spinning = config.spinning and not config.interleave  # spinning workers steal the cores of the next point
+        runner = graph_runner(path, backend, threads=config.threads, spinning=spinning)
+    if timing is not None:
+        runner.feed_images(timing.images)
+    yield runner
 
 
-def _time_together(records: list[dict[str, Any]], loaded: LoadedModel, config: SweepConfig, progress: bool) -> None:
+def _time_together(records: list[dict[str, Any]], loaded: LoadedModel, config: SweepConfig, progress: bool,
+                   timing: TimingImages | None) -> None:
     """Time every point round-robin in one process and put the samples into its record's profile."""
     with contextlib.ExitStack() as stack:
-        runners = {record["key"]: stack.enter_context(_runner(loaded, config, Path(record["artifact"])))
+        runners = {record["key"]: stack.enter_context(_runner(loaded, config, Path(record["artifact"]), timing))
                    for record in records}
         with tracker(f"timing {len(runners)} points round-robin", config.iters, enabled=progress) as bar:
             samples = time_interleaved(runners, iters=config.iters, on_round=bar.advance, batch=config.batch)
@@ -168,14 +190,14 @@ def _time_together(records: list[dict[str, Any]], loaded: LoadedModel, config: S
 
 
 def _report(source: str, out: Path, config: SweepConfig, records: list[dict[str, Any]],
-            loads: list[list[float] | None]) -> SweepResult:
+            loads: list[list[float] | None], timing: TimingImages | None) -> SweepResult:
     """Rows, caption, sweep.md, sweep.json and the plots (a Pareto plot only where there is a front)."""
     from tofu_export.reports.plots import plot_latency_vs_r, plot_pareto
 
     base = next((r["profile"]["samples_ms"] for r in records if r["mode"] == BASELINE), None)
     rows = [sweep_row(record, base, config.interleave, config.batch) for record in records]
     flag_uncertain(rows)
-    caption = sweep_caption(config, rows, loads)
+    caption = sweep_caption(config, rows, loads, NOISE if timing is None else timing.description)
     result = SweepResult(f"ToFu sweep of {source}", rows, caption)
     result.files += [write_text_atomic(out / "sweep.md", sweep_markdown(rows, result.title, caption)),
                      write_json_atomic(out / "sweep.json", {"source": source, **result.to_dict()}),
@@ -200,15 +222,17 @@ def plot_note(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[
             + (f", load {load:.1f}" if load is not None else ""))
 
 
-def sweep_caption(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[float] | None]) -> list[str]:
-    """How the table was measured, in words: backend, rounds, order, spread, load, and what the flag means."""
+def sweep_caption(config: SweepConfig, rows: list[dict[str, Any]], loads: list[list[float] | None],
+                  timed_on: str = NOISE) -> list[str]:
+    """How the table was measured, in words: backend, rounds, order, what the runs were fed, spread, load, and what
+    the flag means."""
     rounds = rows[0]["rounds"] if rows else 0
     how = ("round-robin in one process (a fresh random order every round), speed-ups are per-round ratios"
            if config.interleave else "each point alone, one after another (speed-up spread: unpaired)")
     load = " -> ".join(f"{value[0]:.1f}" for value in loads if value) or "unknown"
-    lines = [f"Batch-{config.batch} latency on {config.backend.label}, {rounds} timed runs per point, {how}; "
-             f"figures are medians with the 10th-90th percentile; load average {load} (1 min, before -> after "
-             "timing)."]
+    lines = [f"Batch-{config.batch} latency on {config.backend.label}, {rounds} timed runs per point, {how}, on "
+             f"{timed_on}; figures are medians with the 10th-90th percentile; load average {load} (1 min, before "
+             "-> after timing)."]
     if any(row["uncertain"] for row in rows):
         lines.append(UNCERTAIN_NOTE)
     return lines

@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-from tofu_export.engines.base import BackendUnavailableError, InputSpec, OpTime, RunnerError, random_batches, run_images
+from tofu_export.engines.base import (
+    BackendUnavailableError,
+    InputSpec,
+    OpTime,
+    RunnerError,
+    TimedBatches,
+    run_images,
+)
 from tofu_export.tensorrt.api import EngineBuildError, import_tensorrt, severity
 from tofu_export.tensorrt.inspect import AttentionFusion, attention_fusion, engine_information
 
@@ -70,7 +77,7 @@ class TrtRunner:
         if len(self.input_names) == 1:
             batch, *chw = (int(d) for d in self.engine.get_tensor_shape(self.input_names[0]))
             self.input = InputSpec(self.input_names[0], batch if batch > 0 else None, (chw[0], chw[1], chw[2]))
-            self._random = random_batches(self.input.chw, seed, "cuda")
+            self._batches = TimedBatches(self.input.chw, seed, "cuda")
 
     def _image_input(self) -> InputSpec:
         if self.input is None:
@@ -111,7 +118,13 @@ class TrtRunner:
 
     def run(self, batch_size: int) -> None:
         spec = self._image_input()
-        self.infer({spec.name: self._random(batch_size)})
+        self.infer({spec.name: self._batches(batch_size)})
+
+    def feed_images(self, images: Any) -> None:
+        """Time on ``images`` ``[N, C, H, W]`` from now on (batch B: the first B, repeated when B > N), not on
+        seeded noise."""
+        self._image_input()
+        self._batches.use(images, Path(self.source).name)
 
     def sync(self) -> None:
         torch.cuda.synchronize()
