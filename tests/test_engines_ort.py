@@ -191,6 +191,15 @@ def test_interleaved_latency_times_every_model(onnx_path: Path, tmp_path: Path) 
     assert all(len(times) == 4 and all(t > 0 for t in times) for times in samples.values())
 
 
+def test_interleaved_latency_times_on_the_images_given(onnx_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fed: list[np.ndarray] = []
+    run = OrtRunner.run
+    monkeypatch.setattr(OrtRunner, "run", lambda self, b: fed.append(self._feed(b)["input"]) or run(self, b))
+    images = torch.rand(1, 3, IMG, IMG)
+    interleaved_latency_ms({"a": onnx_path, "b": onnx_path}, threads=1, warmup=1, iters=2, images=images)
+    assert len(fed) == 2 * (1 + 2 * 2) and all(np.array_equal(batch, images.numpy()) for batch in fed)
+
+
 def test_round_robin_order_is_shuffled_and_reproducible() -> None:
     names = ["baseline", "tome", "tofu"]
     orders = round_orders(names, 30, seed=1)

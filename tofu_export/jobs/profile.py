@@ -144,9 +144,9 @@ def profile_source(
 
         for batch in batch_sizes:
             check_batch_fits([batch, *spec.chw], batch, Path(str(source)))
+    timing = None if images is None else _timing_images(runner, source, images, max(batch_sizes))
     return profile(runner, batch_sizes=batch_sizes, warmup=warmup, iters=iters, budget_s=budget_s,
-                   breakdown=breakdown, images=None if images is None else _timing_images(runner, source, images,
-                                                                                         max(batch_sizes)))
+                   breakdown=breakdown, images=timing)
 
 
 def _timing_images(runner: Any, source: str | Path, path: str | Path, count: int) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.profiling.timing import time_callable
@@ -29,16 +30,20 @@ def interleaved_latency_ms(
     batch_size: int = 1,
     seed: int = 0,
     on_round: Callable[[], None] | None = None,
+    images: Any | None = None,
 ) -> dict[str, list[float]]:
-    """Per model, ``iters`` latencies in ms of ``batch_size`` random images, runs interleaved across models (see
-    the module docstring for the order and the untimed run before each timed one).
+    """Per model, ``iters`` latencies in ms of ``batch_size`` images (``images`` ``[N, C, H, W]`` where given, see
+    ``OrtRunner.feed_images``; else seeded noise), runs interleaved across models (see the module docstring for the
+    order and the untimed run before each timed one).
 
     ``on_round`` is called after each of the ``iters`` rounds (one run of every model), e.g. to advance a progress bar.
     """
     engines = {name: OrtRunner(path, threads=threads, spinning=False, seed=seed) for name, path in models.items()}
     for engine in engines.values():
+        if images is not None:
+            engine.feed_images(images)
         for _ in range(warmup):
-            engine.run(batch_size)  # the runner makes and caches its random batch here, outside any timing
+            engine.run(batch_size)  # the runner makes and caches its batch here, outside any timing
     runners = {name: (lambda e=engine: e.run(batch_size)) for name, engine in engines.items()}
     return time_round_robin(runners, iters=iters, seed=seed, on_round=on_round)
 
