@@ -16,8 +16,9 @@ matches is exported unverified and the failure recorded in its row) and the *art
 Cosine noise: a bootstrap over test images (resampling images with replacement) of the mean cosine, and of the
 paired per-image difference for the matched-latency comparisons; the standard error is reported.
 Calibrated policies: one ``measure`` at --calib-r on --calib-images Fashion-MNIST *train* images (latencies on the
-same clock and thread count as the scoring), then one verified policy per --speedups budget and per --rules mode
-rule (damage: the default; linearity: the paper's criterion), their predicted speed-up beside the one measured here.
+same clock and thread count as the scoring; --confirm-images more train images for the finalists, as calibrate's),
+then one verified policy per --speedups budget and per --rules mode rule (damage: the default; linearity: the
+paper's criterion), their predicted speed-up beside the one measured here.
 Matched latency: each calibrated policy against each uniform mode's curve interpolated at the policy's *measured*
 speed-up, per-image paired differences with a bootstrap SE, on both datasets.
 
@@ -45,6 +46,7 @@ from matplotlib.figure import Figure
 
 import tofu_export
 from tofu_export.calibration import Budget, BudgetError, choose_policy, load_images, measure
+from tofu_export.calibration.images import split_confirm
 from tofu_export.calibration.measured import ExportSettings, at_speedup, round_robin
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200, help="test images per dataset")
     parser.add_argument("--mnist-test", type=int, default=None, help="MNIST test images, when not --test")
     parser.add_argument("--calib-images", type=int, default=64)
+    parser.add_argument("--confirm-images", type=int, default=192,
+                        help="more Fashion-MNIST train images a budget's finalists are run on (calibrate's default)")
     parser.add_argument("--calib-r", type=int, default=24)
     parser.add_argument("--speedups", default="1.2,1.5,1.8,2.2", help="budgets of the calibrated policies")
     parser.add_argument("--rules", default="damage,linearity", help="mode rules of the calibrated policies")
@@ -156,9 +160,11 @@ def main() -> None:
 
     # Calibrated policies (on Fashion-MNIST train images; the scoring below uses test images only).
     t0, c0 = time.perf_counter(), time.process_time()
-    images, source = load_images(DATASETS["fashion-mnist"], model, args.calib_images)
+    images, source = load_images(DATASETS["fashion-mnist"], model, args.calib_images + args.confirm_images)
+    images, confirm = split_confirm(images, args.calib_images)  # as calibrate --confirm-images splits them
+    source = dict(source, count=len(images), confirm=len(confirm))
     calibration = measure(model, images, r=args.calib_r, threads=1 if args.clock == "thread-cpu" else args.threads,
-                          source=source, clock=args.clock, settings=ExportSettings(args.exporter))
+                          source=source, clock=args.clock, settings=ExportSettings(args.exporter), confirm=confirm)
     calib_seconds, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens0, prefix = family_of(model).num_tokens(model), family_of(model).num_prefix(model)
 
@@ -363,7 +369,9 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"{d['cosine_mnist_minus_tome']:+.5f} | {d['latency_ratio_to_tome']:.3f} "
                      f"({d['ratio_min']:.3f}-{d['ratio_max']:.3f}) | {d['meets']} |")
     cal = result["calibration"]
-    lines += ["", f"Calibration (`measure`, r={cal['r']}, {cal['images']['count']} Fashion-MNIST train images): "
+    confirmed = cal["images"].get("confirm")
+    lines += ["", f"Calibration (`measure`, r={cal['r']}, {cal['images']['count']} Fashion-MNIST train images"
+              + (f", {confirmed} more confirm images" if confirmed else "") + "): "
               f"{cal['seconds']:.0f} s wall, {cal['cpu_seconds']:.0f} CPU-s (this process); choosing the "
               f"{len(cal['policies'])} policies (the shortlists' forwards): {cal.get('choice_seconds', 0):.0f} s wall.",
               "", "Uniform variants whose last blocks cannot remove r (clipped by `schedule.plan_tokens`): "

@@ -20,8 +20,8 @@ from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.linearity import linearity_ratio
 from tofu_export.calibration.measured import ExportSettings, split_held_out
 from tofu_export.calibration.select import Candidate, choose, pareto_front
-from tofu_export.calibration.shortlist import budget_stepped
-from tofu_export.calibration.trace import trace
+from tofu_export.calibration.shortlist import CONFIRM_FINALISTS, budget_stepped
+from tofu_export.calibration.trace import reference_pass, trace
 from tofu_export.errors import UserError
 from tofu_export.exporters.precision import PARITY_FLOORS
 from tofu_export.models.timm_vit import is_patched, patch, unpatch
@@ -200,7 +200,7 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     lead = m["held_out_vs_tome"]  # image by image against ToMe at the policy's speed: the same mean lead, with its SE
     assert lead["images"] == 2 and lead["standard_error"] >= 0
     assert lead["difference"] == pytest.approx(m["held_out_cosine"] - tome["held_out_cosine"], abs=1e-12)
-    assert policy.source["images"] == {"path": "random", "count": 8, "held_out": 2}
+    assert policy.source["images"] == {"path": "random", "count": 8, "held_out": 2, "confirm": 0}
     assert policy.source["tool"].startswith("tofu-export ")
     assert Policy.load(policy.save(tmp_path / "policy.json")) == policy
     png = plot_policy(policy, tmp_path / "policy.png")
@@ -244,6 +244,49 @@ def test_calibrate_refuses_bad_input(vit, make_images) -> None:
         calibrate(vit, make_images(8, 64), r=9, progress=False)
     with pytest.raises(UserError, match="unknown mode rule"):  # before any measurement
         calibrate(vit, make_images(8, 64), r=4, rule="coin", progress=False)
+
+
+def test_the_reference_pass_is_the_traces_first_input_and_output(vit, make_images) -> None:
+    images = make_images(3, 64, seed=5)
+    full, lean = trace(vit, images, 4), reference_pass(vit, images)
+    assert torch.equal(lean.inputs[0], full.inputs[0]) and len(lean.inputs) == 1 and not lean.linearity
+    assert torch.allclose(lean.reference, full.reference, atol=1e-5)
+
+
+def test_a_latency_budget_runs_its_finalists_on_the_confirm_images(calibration, vit, make_images) -> None:
+    confirm = reference_pass(vit, make_images(5, 64, seed=7))
+    confirming = dataclasses.replace(calibration, confirm=confirm)
+    limit = calibration.latency.predict_ms(17, 1, [4] * 4, ["mean"] * 4) + 1e-9
+    m = choose_policy(confirming, Budget(max_latency_ms=limit), measure_latency=False).measurements
+    finalists = [c for c in m["candidates"] if "confirm_cosine" in c]
+    assert len(finalists) == min(CONFIRM_FINALISTS, len(m["candidates"]))
+    assert "4 highest also on 5 confirm images" in m["choice"]
+    assert min(c["measured_cosine"] for c in finalists) >= max(
+        c["measured_cosine"] for c in m["candidates"] if "confirm_cosine" not in c)  # the search's best
+    for c in finalists:
+        patch(vit, r=c["r"], mode=c["modes"])
+        with torch.no_grad():
+            output = run_from_block(vit, confirm.inputs[0], 0)
+        unpatch(vit)
+        assert float(cosine_to(confirm.reference, output).mean()) == pytest.approx(c["confirm_cosine"], abs=1e-9)
+        assert c["combined_cosine"] == pytest.approx((6 * c["measured_cosine"] + 5 * c["confirm_cosine"]) / 11)
+    chosen = next(c for c in m["candidates"] if c["chosen"])
+    assert chosen["combined_cosine"] == max(c["combined_cosine"] for c in finalists)
+    assert m["attempts"][-1]["confirm_cosine"] == chosen["confirm_cosine"]
+
+
+def test_a_floors_fastest_passes_are_run_on_the_confirm_images(calibration, vit, make_images) -> None:
+    confirm = reference_pass(vit, make_images(5, 64, seed=7))
+    m = choose_policy(dataclasses.replace(calibration, confirm=confirm), Budget(min_cosine=0.99),
+                      measure_latency=False).measurements
+    confirmed = sorted((c for c in m["candidates"] if "confirm_cosine" in c), key=lambda c: c["predicted_ms"])
+    passes = sorted((c for c in m["candidates"] if c["measured_cosine"] >= 0.99), key=lambda c: c["predicted_ms"])
+    assert 1 <= len(confirmed) <= CONFIRM_FINALISTS and "run again on 5 confirm images" in m["choice"]
+    assert [c["predicted_ms"] for c in confirmed] == [c["predicted_ms"] for c in passes[:len(confirmed)]]
+    chosen = next(c for c in m["candidates"] if c["chosen"])
+    kept = [c for c in confirmed if c["combined_cosine"] >= 0.99]
+    assert chosen == (kept[0] if kept else max(confirmed, key=lambda c: c["combined_cosine"]))
+    assert len(kept) <= 1 and (not kept or kept[0] is confirmed[-1])  # it stops at the first that keeps it
 
 
 def test_an_unreachable_speedup_names_the_fastest_policy(calibration) -> None:

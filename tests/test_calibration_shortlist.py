@@ -12,8 +12,10 @@ from synthetic_calibration import block_latency, late_blocks_look_free
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.select import Candidate, pareto_front, r_choices
 from tofu_export.calibration.shortlist import (
+    Shortlisted,
     budget_stepped,
     choose_measured,
+    confirmed_choice,
     predicted_damage,
     shortlist,
     stepped_candidates,
@@ -137,3 +139,22 @@ def test_a_measured_tie_goes_to_the_faster_candidate() -> None:
     slow, fast = Candidate(("mean",) * 3, (4, 4, 0), 0.001, 9.0), Candidate(("mean",) * 3, (4, 4, 4), 0.002, 8.0)
     chosen, _ = choose_measured([("a", slow), ("b", fast)], lambda c: 0.999)
     assert chosen == fast
+
+
+def test_the_finalists_run_on_the_confirm_images_and_the_best_mean_over_both_wins() -> None:
+    """48 search images rank a first; on 192 confirm images b holds better: b wins on the mean over all 240. Only
+    the finalists run there (e would have won, but measured fifth on the search images)."""
+    a, b, c, d, e = (Candidate(("mean",) * 3, (k, k, 0), 0.001, 9.0 - k) for k in range(5))
+    measured = [Shortlisted("a", a, 0.9990), Shortlisted("b", b, 0.9989), Shortlisted("c", c, 0.9970),
+                Shortlisted("d", d, 0.9985), Shortlisted("e", e, 0.9980)]
+    confirm = {a: 0.9980, b: 0.9992, d: 0.9986, e: 0.9999}
+    calls: list[Candidate] = []
+    chosen, out = confirmed_choice(measured, lambda x: calls.append(x) or confirm[x], 48, 192, finalists=3)
+    assert calls == [a, b, d] and chosen == b
+    assert [s.confirm_cosine for s in out] == [0.9980, 0.9992, None, 0.9986, None]
+    assert out[1].combined_cosine == pytest.approx((0.9989 * 48 + 0.9992 * 192) / 240)
+    assert out[2] is measured[2]  # not a finalist: as measured
+    assert {"confirm_cosine", "combined_cosine"} <= set(out[0].to_dict())
+    assert "confirm_cosine" not in out[2].to_dict()
+    tied = [Shortlisted("slow", a, 0.999), Shortlisted("fast", e, 0.999)]
+    assert confirmed_choice(tied, lambda x: 0.998, 48, 192)[0] == e  # a tie: the faster

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from synthetic_calibration import block_latency, late_blocks_look_free
 from typer.testing import CliRunner
@@ -224,3 +225,22 @@ def test_a_policy_whose_graph_fails_the_export_gate_is_flagged() -> None:
     assert text is not None and "0.9961" in text and "89%" in text and "export --policy p.json" in text
     assert text.endswith("reduce less in the last blocks")
 
+
+
+@pytest.mark.parametrize(("budget", "confirmed"), [(["--speedup", "1.2"], 2), (["--confirm-images", "0"], 0)])
+def test_confirm_images_are_loaded_beyond_the_calibration_ones(tmp_path, tiny_checkpoint, monkeypatch, budget,
+                                                               confirmed) -> None:
+    """``--confirm-images``: loaded beside ``--images`` from the same folder, none of them the measured ones."""
+    data, seen = _images(tmp_path / "data", 12), {}
+
+    def stop(model, images, *, confirm, **_):
+        seen.update(images=images, confirm=confirm)
+        raise search.UserError("stop here")
+
+    monkeypatch.setattr(search, "measure", stop)
+    result = _invoke(tiny_checkpoint, data, *MODEL[1:], "--r", "4", "--images", "8", "--confirm-images", "2",
+                     *budget, "-o", tmp_path / "policy.json")  # the last --confirm-images given counts
+    assert result.exit_code == 2 and "stop here" in result.output, result.output
+    assert len(seen["images"]) == 8 and len(seen["confirm"]) == confirmed
+    flat = [image.flatten() for image in (*seen["images"], *seen["confirm"])]
+    assert all(not torch.equal(a, b) for i, a in enumerate(flat) for b in flat[i + 1:])  # ten distinct images

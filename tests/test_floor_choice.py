@@ -13,6 +13,7 @@ import torch
 from synthetic_calibration import block_latency, late_blocks_look_free
 
 from tofu_export.calibration import floor as floor_module
+from tofu_export.calibration import shortlist as shortlist_module
 from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist, next_rung
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.search import choose_policy
@@ -171,7 +172,7 @@ def runs(monkeypatch) -> list[tuple]:
         calls.append((tuple(modes), tuple(r)))
         return _in_context(modes, r)
 
-    monkeypatch.setattr(floor_module, "verify", verify)
+    monkeypatch.setattr(shortlist_module, "verify", verify)  # every candidate's forward (shortlist.runs_on)
     return calls
 
 
@@ -217,4 +218,57 @@ def test_a_floor_nothing_measured_meets_is_an_error_naming_the_best_measured(cal
     hint = caught.value.hint
     assert hint.option == "min_cosine" and float(hint.value) <= best < float(hint.value) + 1e-4
     assert hint.alternative.option == "r" and hint.alternative.value == "2"
-    assert len(runs) <= 2 * 2 * 2 + 8 * 2 + (FLOOR_ROUNDS - 1) * (2 + 8)  # the bound of the module docstring
+    assert len(runs) <= 2 * 2 * 2 + 16 * 2 + (FLOOR_ROUNDS - 1) * (2 + 16)  # the bound of the module docstring
+
+
+def test_ladders_stepped_one_token_at_a_time_reach_closer_to_the_floor(calibration) -> None:
+    """The r choices are r/2 apart, so the coarse rungs can stop short of the floor: with the same ladders stepped
+    one token at a time every floor's pick is as fast or faster, and floors no coarse rung keeps are met."""
+    ladders = floor_module.floor_ladders(calibration, "damage")
+    fine = [ladder for ladder in ladders if ladder[0].endswith(", one-token steps")]
+    assert {name for name, _, _ in fine} == {f"{a} {d}-stepped, one-token steps" for d in ("first", "last")
+                                             for a in ("tome", "mlerp", "prune", "damage-rule modes")}
+    coarse = [ladder for ladder in ladders if ladder not in fine]
+
+    def measure(c: Candidate) -> float:
+        return _in_context(c.modes, c.r)
+
+    only_fine = []
+    for floor in (0.9997, 0.9995, 0.9991, 0.985):
+        with_fine, _ = choose_floor(ladders, measure, floor)
+        without, _ = choose_floor(coarse, measure, floor)
+        assert with_fine is not None and measure(with_fine) >= floor, floor
+        assert without is None or with_fine.latency_ms <= without.latency_ms, floor
+        only_fine.append(without is None)
+    assert only_fine == [True, True, False, False]  # r=4: one token in block 0 keeps 0.9995, two do not
+
+
+def test_a_rung_slower_than_a_pass_is_left_out_where_it_stands() -> None:
+    """A ladder's latency need not fall at every rung (a block that starts reducing pays for its matching first):
+    the rungs before a slow one stay in the bracket when they are faster than the pass."""
+    latency = [5.6, 5.7, 5.9, 5.6, 5.4, 5.2]  # rung 2 slower than the pass at 5.8 ms, rungs 0-1 faster
+    rungs = [Candidate(("mean",) * 3, (i, 0, 0), 1e-4 * i, ms) for i, ms in enumerate(latency)]
+    miss = floor_module.Tried(floor_module.Shortlisted("x", rungs[3], 0.99), 0)
+    assert next_rung(rungs, {policy_key(rungs[3]): miss}, 0.995, 5.8) == 0  # of rungs 0 and 1: the first
+    assert next_rung(rungs, {policy_key(rungs[3]): miss}, 0.995, 5.65) == 0
+    assert next_rung(rungs, {policy_key(rungs[3]): miss}, 0.995, 5.5) is None
+
+
+def test_the_fastest_passes_run_on_the_confirm_images_until_one_keeps_the_floor_over_both() -> None:
+    """Three candidates keep 0.998 on 48 search images; on 192 confirm images the fastest falls below it over both
+    sets and the next one keeps it: that one is chosen, the slowest never runs there. None keeping it: the one
+    closest to it."""
+    fast, mid, slow, miss = (Candidate(("mean",) * 3, (k, k, 0), 0.001, ms) for k, ms in
+                             ((6, 6.0), (5, 7.0), (4, 8.0), (8, 5.0)))
+    tried = [floor_module.Tried(floor_module.Shortlisted(name, c, cosine), 0) for name, c, cosine in
+             (("slow", slow, 0.9990), ("fast", fast, 0.9981), ("miss", miss, 0.9970), ("mid", mid, 0.9984))]
+    confirm = {fast: 0.9975, mid: 0.9981, slow: 0.9999}
+    calls: list[Candidate] = []
+    chosen, out = floor_module.confirmed_floor(tried, lambda c: calls.append(c) or confirm[c], 0.998, 48, 192)
+    assert calls == [fast, mid] and chosen == mid
+    assert out[3].listed.combined_cosine == pytest.approx((0.9984 * 48 + 0.9981 * 192) / 240)
+    assert out[0] is tried[0] and out[3].round == 0 and "confirm_cosine" in out[1].to_dict()
+    low = {fast: 0.9970, mid: 0.9975, slow: 0.9970}
+    chosen, out = floor_module.confirmed_floor(tried, low.__getitem__, 0.998, 48, 192)
+    assert all(t.listed.combined_cosine < 0.998 for t in out if t.listed.combined_cosine is not None)
+    assert chosen == mid  # nothing keeps 0.998 over both: the highest mean over both (0.99768)

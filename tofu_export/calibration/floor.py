@@ -5,14 +5,16 @@ candidate *predicted* to keep ``min_cosine`` can miss it, and one predicted to m
 varies along one ladder (on DINOv2-S/14, uniform ToMe measured 1.7x its predicted damage at r=16 and 88x at the most
 reducing stepped schedule). Every candidate is a rung of a *ladder*, a list ordered by more tokens removed: a front
 (its reducing candidates by increasing predicted damage) or one mode assignment's stepped schedules
-(``shortlist.stepped_ladders``). Candidates are run once each on the search images (``damage.verify``), in rounds:
+(``shortlist.stepped_ladders``), between the r choices and one token at a time (as a latency budget's shortlist
+has them: the coarse rungs can stop well short of the floor). Candidates are run once each on the search images
+(``damage.verify``), in rounds:
 
 - round 0, the prediction's guess: ``around_floor`` lists each ladder's rungs nearest the predicted floor on both
   sides (a front's ``FRONT_AROUND`` last predicted to meet it and first predicted to miss it; a stepped ladder's
   ``STEPPED_AROUND`` of each);
 - every later round, bisection on what was measured: each ladder lists the rung midway through its open *bracket*
-  (``next_rung``): past its most reducing rung measured to pass (or past its last rung predicted slower than the
-  fastest pass so far: those cannot win) and before its least reducing rung beyond that measured to miss. A ladder
+  (``next_rung``): the rungs past its most reducing rung measured to pass and before its least reducing rung beyond
+  that measured to miss, less those predicted slower than the fastest pass so far (they cannot win). A ladder
   whose bracket holds no rung lists nothing. The search ends when no ladder lists a rung, or after ``FLOOR_ROUNDS``;
 - a round runs its rungs fastest predicted first and stops at the first that measures at least the floor (after
   the candidates as fast as it): nothing slower can win.
@@ -20,8 +22,10 @@ reducing stepped schedule). Every candidate is a rung of a *ladder*, a list orde
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
 cosine). A floor nothing measured meets is a ``BudgetError`` naming the best measured cosine and its policy.
 Forwards: at most ``fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND`` in round 0 and one per ladder in
-each later round; on a 12-block ViT under the damage rule (2 fronts, 8 stepped ladders) 24 + 7 x 10 = 94, under the
-linearity rule (1 front, 2 stepped ladders) 8 + 7 x 3 = 29. Held-out images never enter.
+each later round; on a 12-block ViT under the damage rule (2 fronts, 16 stepped ladders: 8 between the r choices, 8
+one token at a time) 40 + 7 x 18 = 166, under the linearity rule (1 front, 4 stepped ladders) 12 + 7 x 5 = 47; a
+round stops at its first pass and rungs slower than a pass are never run, so far fewer are. Held-out images never
+enter.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tofu_export.calibration.damage import verify
 from tofu_export.calibration.select import Budget, BudgetError, Candidate
 from tofu_export.calibration.shortlist import (
+    CONFIRM_FINALISTS,
     Shortlisted,
+    one_token_steps,
     policy_key,
     rule_fronts,
+    runs_on,
     search_space,
     stepped_ladders,
     unique,
@@ -99,12 +105,14 @@ def best_passing(tried: Sequence[Tried], min_cosine: float) -> Tried | None:
 def next_rung(rungs: Sequence[Candidate], tried: Mapping[tuple, Tried], min_cosine: float,
               bound: float) -> int | None:
     """The rung a ladder lists next (module docstring): midway through its open bracket, or None where the bracket
-    holds no rung. ``bound``: the predicted latency of the fastest pass so far (``math.inf``: none)."""
+    holds no rung. ``bound``: the predicted latency of the fastest pass so far (``math.inf``: none); a rung
+    predicted slower cannot win and is left out wherever it stands (a ladder's latency need not fall at every rung:
+    a block that starts reducing pays for its matching before it saves a token)."""
     cosines = {i: tried[policy_key(c)].cosine for i, c in enumerate(rungs) if policy_key(c) in tried}
     lo = max((i for i, cosine in cosines.items() if cosine >= min_cosine), default=-1)
-    lo = max([lo] + [i for i, c in enumerate(rungs) if c.latency_ms > bound])  # slower than a pass: cannot win
     hi = min((i for i, cosine in cosines.items() if cosine < min_cosine and i > lo), default=len(rungs))
-    return (lo + hi) // 2 if hi - lo > 1 else None
+    bracket = [i for i in range(lo + 1, hi) if rungs[i].latency_ms <= bound]
+    return bracket[(len(bracket) - 1) // 2] if bracket else None
 
 
 def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float], min_cosine: float,
@@ -148,30 +156,57 @@ def unreachable(tried: Sequence[Tried], min_cosine: float, baseline_ms: float, r
     )
 
 
+def floor_ladders(calibration: Calibration, rule: str) -> list[Ladder]:
+    """The ladders a floor bisects (module docstring): the rule's fronts, then per mode assignment and step direction
+    the stepped schedules between the r choices and one token at a time (``"<source>, one-token steps"``)."""
+    assignments, choices, scaled, latency, tokens0, prefix = search_space(calibration, rule)
+    ladders = [(name, [x for x in front if any(x.r)], FRONT_AROUND)
+               for name, front in rule_fronts(calibration, rule).items()]
+    for steps, suffix in ((choices, ""), (one_token_steps(choices), ", one-token steps")):
+        ladders += [(name + suffix, rungs, STEPPED_AROUND)
+                    for name, rungs in stepped_ladders(assignments, steps, scaled, latency, tokens0, prefix)]
+    return ladders
+
+
+def confirmed_floor(tried: Sequence[Tried], confirm: Callable[[Candidate], float], min_cosine: float, searched: int,
+                    confirming: int, finalists: int = CONFIRM_FINALISTS) -> tuple[Candidate, list[Tried]]:
+    """The candidates measured to keep ``min_cosine`` on the ``searched`` search images, fastest predicted first, run
+    on the ``confirming`` confirm images (``confirm``: one forward there, the mean cosine) until one keeps it over
+    both sets (each image weighing the same), at most ``finalists`` of them: that one, else the one with the highest
+    mean over both. Returns it and ``tried`` with the finalists' figures added."""
+    passes = sorted((t for t in tried if t.cosine >= min_cosine), key=lambda t: (t.candidate.latency_ms, -t.cosine))
+    done: dict[int, Tried] = {}
+    for t in passes[:finalists]:
+        extra = confirm(t.candidate)
+        combined = (t.cosine * searched + extra * confirming) / (searched + confirming)
+        done[id(t)] = Tried(Shortlisted(t.listed.source, t.candidate, t.cosine, extra, combined), t.round)
+        if combined >= min_cosine:
+            break
+    kept = [d for d in done.values() if d.listed.combined_cosine >= min_cosine]  # the fastest, if any
+    best = kept[0] if kept else max(done.values(), key=lambda d: d.listed.combined_cosine)
+    return best.candidate, [done.get(id(t), t) for t in tried]
+
+
 def floor_choice(calibration: Calibration, budget: Budget, rule: str,
                  on_step: Callable[[], None] | None = None) -> tuple[Candidate, list[dict], dict]:
     """A fidelity floor's pick under ``rule`` (module docstring): the chosen candidate, its attempt record and the
     record of every candidate measured (source, predictions, measured cosine, round) for the policy."""
     c = calibration
-    assignments, choices, scaled, latency, tokens0, prefix = search_space(c, rule)
-    ladders = [(name, [x for x in front if any(x.r)], FRONT_AROUND) for name, front in rule_fronts(c, rule).items()]
-    ladders += [(name, rungs, STEPPED_AROUND)
-                for name, rungs in stepped_ladders(assignments, choices, scaled, latency, tokens0, prefix)]
-
-    def measure(x: Candidate) -> float:
-        cosine = verify(c.model, c.trace, x.modes, x.r, c.prop_attn)
-        if on_step is not None:
-            on_step()
-        return cosine
-
-    chosen, tried = choose_floor(ladders, measure, budget.min_cosine)
+    chosen, tried = choose_floor(floor_ladders(c, rule), runs_on(c, c.trace, on_step), budget.min_cosine)
     if chosen is None:
         raise unreachable(tried, budget.min_cosine, c.baseline_ms, c.r)
+    how = "the fastest measuring at least the floor chosen"
+    if c.confirm is not None:
+        chosen, tried = confirmed_floor(tried, runs_on(c, c.confirm, on_step), budget.min_cosine,
+                                        len(c.trace.reference), len(c.confirm.reference))
+        how = (f"the fastest of them run again on {len(c.confirm.reference)} confirm images until one keeps the "
+               f"floor over both sets (at most {CONFIRM_FINALISTS}), chosen")
     pick = next(t for t in tried if t.candidate == chosen)
     attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "predicted_cosine": 1.0 - chosen.damage,
-                 "measured_cosine": pick.cosine, "predicted_ms": chosen.latency_ms}]
+                 "measured_cosine": pick.cosine, "predicted_ms": chosen.latency_ms}
+                | ({} if pick.listed.confirm_cosine is None else {"confirm_cosine": pick.listed.confirm_cosine})]
     record = {"choice": "measured: the candidates around the predicted floor, then bisection between each ladder's "
                         "measured passes and misses, run once each on the search images, fastest predicted first; "
-                        "the fastest measuring at least the floor chosen (calibration.floor)",
+                        f"{how} (calibration.floor)",
               "candidates": [t.to_dict() | {"chosen": t.candidate == chosen} for t in tried]}
     return chosen, attempts, record

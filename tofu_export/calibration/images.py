@@ -60,3 +60,14 @@ def load_images(root: str | Path, model: nn.Module, count: int) -> tuple[torch.T
     source = {"path": str(root), "folder": str(folder), "count": len(chosen), "asked": count,
               "available": len(files), "first": str(chosen[0]), "last": str(chosen[-1])}
     return batch, source
+
+
+def split_confirm(images: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images [B, 3, H, W]`` -> (``count`` of them evenly spread, for the measurement and the held-out check; the
+    rest, the confirm images a latency budget's best candidates are run again on). Fewer than ``count``: all are
+    measured, none confirm."""
+    import torch
+
+    chosen = torch.zeros(len(images), dtype=torch.bool)
+    chosen[[i * len(images) // count for i in range(min(count, len(images)))]] = True
+    return images[chosen], images[~chosen]

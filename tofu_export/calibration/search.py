@@ -14,7 +14,8 @@ r/2 and 3r/2 (``damage``); one-block latencies per mode on the backend (``latenc
 per-block modes and r in {0, r/2, r, 3r/2, 2r} and the budget's pick (``select``); and a verification that runs the
 chosen policy on the images and records the measured cosine beside the predicted one. Under a latency budget the
 prediction only shortlists: the front's nearest candidates and the uniform and stepped policies within the budget
-are each run once on the search images and the best measured wins (``shortlist``). Under a fidelity floor the
+are each run once on the search images, the best few again on the confirm images where there are any, and the best
+measured wins (``shortlist``). Under a fidelity floor the
 front's and the stepped policies' nearest on both sides of the predicted floor are run, fastest predicted first,
 then each ladder is bisected between its measured passes and misses, and the fastest measuring at least the floor
 wins (``floor``).
@@ -37,7 +38,7 @@ from tofu_export.calibration.measured import ExportSettings, held_out_cosines, s
 from tofu_export.calibration.select import Budget, Candidate, check_rule, pareto_front, r_choices
 from tofu_export.calibration.shortlist import measured_choice
 from tofu_export.calibration.state import Calibration
-from tofu_export.calibration.trace import trace
+from tofu_export.calibration.trace import reference_pass, trace
 from tofu_export.calibration.versus_tome import timed_against_tome
 from tofu_export.errors import Hint, UserError
 from tofu_export.models.family import family_of, unpatched
@@ -117,17 +118,22 @@ def measure(
     settings: ExportSettings | None = None,
     linearity_threshold: float = LINEARITY_THRESHOLD,
     clock: str = "wall",
+    confirm: Tensor | None = None,
 ) -> Calibration:
     """Measure ``model`` (a plain timm ViT; a patched one is unpatched first) on ``images [B, 3, H, W]``: every
     stage of the module docstring but the choice. ``r`` is the tokens a reducing block removes; ``provider`` and
     ``threads`` choose the ONNX Runtime backend the latencies are measured on; ``source`` describes the images.
     ``holdout`` of the images (an even spread) are kept out of the search and checked once on the final choice;
-    ``settings`` is how the user exports (exporter, opset, simplification), for the measured latency."""
+    ``settings`` is how the user exports (exporter, opset, simplification), for the measured latency. ``confirm``
+    ``[C, 3, H, W]``: more images, on which a latency budget's best few candidates are run again before one is
+    chosen (``shortlist.confirmed_choice``); only their unreduced pass is taken here."""
     from tofu_export import __version__
 
     family = family_of(model)
     model.eval()
     check_images(model, images)
+    if confirm is not None:
+        check_images(model, confirm)
     threads = clock_threads(clock, threads)
     images, held_out = split_held_out(images, holdout)
     depth, prefix, tokens0 = family.depth(model), family.num_prefix(model), family.num_tokens(model)
@@ -153,6 +159,7 @@ def measure(
                                         rounds=rounds, prop_attn=prop_attn, settings=settings, clock=clock,
                                         on_step=bar.advance, on_timing=lambda: bar.stage(timing, rounds))
         baseline_ms = latency.predict_ms(tokens0, prefix, [0] * depth, ["mean"] * depth)
+        confirmed = None if confirm is None or not len(confirm) else reference_pass(model, confirm)
         bar.stage("calibrate: every mode in every block", len(REDUCE_MODES))
         # Anchors: each mode in every block, really run. Damage compounds (pruning in every block does several
         # times the sum of its single-block damages), so each mode's single-block damages are scaled by its
@@ -166,11 +173,14 @@ def measure(
             uniform[mode] = {"r": uniform_r, "predicted_cosine": 1.0 - summed, "measured_cosine": measured,
                              "predicted_ms": ms, "compounding": (1.0 - measured) / max(summed, 1e-12)}
             bar.advance()
-    record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out)),
+    confirm_count = 0 if confirmed is None else len(confirmed.reference)
+    record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out),
+                             confirm=confirm_count),
               "tool": f"tofu-export {__version__}", "backend": latency.backend, "threads": threads,
               "prop_attn": prop_attn}
     calibration = Calibration(model, tr, r, damage, latency, uniform, {}, baseline_ms, prop_attn, record, held_out,
-                              settings or ExportSettings(), provider, threads, measured_r, clock, linearity_threshold)
+                              settings or ExportSettings(), provider, threads, measured_r, clock, linearity_threshold,
+                              confirmed)
     scaled = calibration.scaled_damage()
     calibration.fronts = {"damage": pareto_front(scaled, latency, tokens0, prefix),
                           "linearity": pareto_front(scaled, latency, tokens0, prefix, [[m] for m in by_linearity])}
@@ -193,11 +203,12 @@ def calibrate(
     clock: str = "wall",
     rule: str = "damage",
     linearity_threshold: float = LINEARITY_THRESHOLD,
+    confirm: Tensor | None = None,
 ) -> Policy:
     """``measure`` then ``choose_policy``: the verified ``Policy`` the ``budget`` (default:
     ``min_cosine=0.995``) picks, its latency measured on its exported graph. Writes nothing."""
     check_rule(rule)  # before the measurements, not after them
     calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
                           source=source, progress=progress, holdout=holdout, settings=settings, clock=clock,
-                          linearity_threshold=linearity_threshold)
+                          linearity_threshold=linearity_threshold, confirm=confirm)
     return choose_policy(calibration, budget or Budget(min_cosine=0.995), progress=progress, rule=rule)

@@ -21,7 +21,13 @@ on the search images chooses:
   cosine behind uniform ToMe at their speed and the one-token rungs within 0.00017 of it (none ahead beyond its
   standard error: at 1.5x there, the one-token rungs bring the choice level with ToMe, not ahead).
 
-The candidate measuring the highest cosine wins (ties: the faster predicted). Held-out images never enter.
+The candidate measuring the highest cosine wins (ties: the faster predicted). Where the calibration has *confirm*
+images (``calibrate --confirm-images``, beyond the search and held-out ones), the ``CONFIRM_FINALISTS`` candidates
+measuring highest are run on them too and the highest mean cosine over both sets wins: 48 search images cannot
+separate candidates a few 1e-4 apart. On DINOv2-S/14 at 1.8x (``bench/selection_images.py``, 29 candidates, 1,000
+held-out Fashion-MNIST images, ToMe at the same predicted speed) the choice among them on 48 random images ended
++0.00042 ahead of ToMe on average but behind in 22% of draws, on 256 images +0.00058 and behind in 2%
+(``bench/results/selection_images_1p8x_intel/``). Held-out images never enter.
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from tofu_export.schedule import plan_tokens
 
 if TYPE_CHECKING:
     from tofu_export.calibration.state import Calibration
+    from tofu_export.calibration.trace import Trace
 
 FRONT_COUNT = 3
+CONFIRM_FINALISTS = 4  # the candidates measuring highest on the search images that are run on the confirm images
 SearchSpace = tuple[dict[str, list[str]], list[int], Damage, BlockLatency, int, int]  # stepped_ladders' arguments
 
 
@@ -50,12 +58,16 @@ class Shortlisted:
 
     source: str  # "front #k" | "linearity front #k" | "<assignment> <first|last>-stepped"
     candidate: Candidate
-    measured_cosine: float
+    measured_cosine: float  # on the search images
+    confirm_cosine: float | None = None  # on the confirm images, for the finalists (``confirmed_choice``)
+    combined_cosine: float | None = None  # over both sets, each image weighing the same
 
     def to_dict(self) -> dict:
         c = self.candidate
+        confirmed = {} if self.confirm_cosine is None else {"confirm_cosine": self.confirm_cosine,
+                                                             "combined_cosine": self.combined_cosine}
         return {"source": self.source, "modes": list(c.modes), "r": list(c.r), "predicted_damage": c.damage,
-                "predicted_ms": c.latency_ms, "measured_cosine": self.measured_cosine}
+                "predicted_ms": c.latency_ms, "measured_cosine": self.measured_cosine, **confirmed}
 
 
 def stepped_schedules(choices: Sequence[int], depth: int, first: bool) -> list[list[int]]:
@@ -172,6 +184,36 @@ def choose_measured(listed: Sequence[tuple[str, Candidate]],
     return best.candidate, measured
 
 
+def confirmed_choice(measured: Sequence[Shortlisted], confirm: Callable[[Candidate], float], searched: int,
+                     confirming: int, finalists: int = CONFIRM_FINALISTS) -> tuple[Candidate, list[Shortlisted]]:
+    """The ``finalists`` of ``measured`` measuring highest on the ``searched`` search images, each run on the
+    ``confirming`` confirm images (``confirm``: one forward there, the mean cosine); the one with the highest mean over
+    both sets wins (ties: the faster predicted). Returns it and ``measured`` with the finalists' figures added."""
+    ranked = sorted(measured, key=lambda s: (-s.measured_cosine, s.candidate.latency_ms))[:finalists]
+    done = {}
+    for s in ranked:
+        extra = confirm(s.candidate)
+        combined = (s.measured_cosine * searched + extra * confirming) / (searched + confirming)
+        done[id(s)] = Shortlisted(s.source, s.candidate, s.measured_cosine, extra, combined)
+    best = max(done.values(), key=lambda s: (s.combined_cosine, -s.candidate.latency_ms))
+    return best.candidate, [done.get(id(s), s) for s in measured]
+
+
+def runs_on(calibration: Calibration, images: Trace, on_step: Callable[[], None] | None = None
+            ) -> Callable[[Candidate], float]:
+    """``measure(candidate)``: the candidate's mean cosine on ``images`` (the search images' trace, or the confirm
+    images'), one forward (``damage.verify``); ``on_step`` after each."""
+    c = calibration
+
+    def measure(x: Candidate) -> float:
+        cosine = verify(c.model, images, x.modes, x.r, c.prop_attn)
+        if on_step is not None:
+            on_step()
+        return cosine
+
+    return measure
+
+
 def measured_choice(calibration: Calibration, budget: Budget, rule: str,
                     on_step: Callable[[], None] | None = None) -> tuple[Candidate, list[dict], dict]:
     """A latency ``budget``'s pick under ``rule`` (module docstring): the chosen candidate, its attempt record and
@@ -182,18 +224,18 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str,
     limit = budget.max_latency_ms if budget.max_latency_ms is not None else c.baseline_ms / budget.speedup
     stepped = budget_stepped(search_space(c, rule), limit)
 
-    def measure(x: Candidate) -> float:
-        cosine = verify(c.model, c.trace, x.modes, x.r, c.prop_attn)
-        if on_step is not None:
-            on_step()
-        return cosine
-
-    chosen, measured = choose_measured(shortlist(rule_fronts(c, rule), stepped, limit), measure)
-    cosine = max(s.measured_cosine for s in measured)
+    chosen, measured = choose_measured(shortlist(rule_fronts(c, rule), stepped, limit), runs_on(c, c.trace, on_step))
+    how = "each shortlisted candidate run once on the search images, the highest cosine chosen"
+    if c.confirm is not None:
+        chosen, measured = confirmed_choice(measured, runs_on(c, c.confirm, on_step), len(c.trace.reference),
+                                            len(c.confirm.reference))
+        how = (f"each shortlisted candidate run once on the search images, the {CONFIRM_FINALISTS} highest also on "
+               f"{len(c.confirm.reference)} confirm images, the highest mean over both chosen")
+    pick = next(s for s in measured if s.candidate == chosen)
     attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "predicted_cosine": 1.0 - chosen.damage,
-                 "measured_cosine": cosine, "predicted_ms": chosen.latency_ms}]
-    record = {"choice": "measured: each shortlisted candidate run once on the search images, the highest cosine "
-                        "chosen (calibration.shortlist)",
+                 "measured_cosine": pick.measured_cosine, "predicted_ms": chosen.latency_ms}
+                | ({} if pick.confirm_cosine is None else {"confirm_cosine": pick.confirm_cosine})]
+    record = {"choice": f"measured: {how} (calibration.shortlist)",
               "candidates": [s.to_dict() | {"chosen": s.candidate == chosen} for s in measured]}
     return chosen, attempts, record
 

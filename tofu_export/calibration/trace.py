@@ -60,3 +60,14 @@ def trace(model: nn.Module, images: Tensor, r: int, *, batch_size: int = 32) -> 
                 x = family.mlp_half(model, i, y)
             outputs.append(family.pooled_output(model, x))
     return Trace([torch.cat(t) for t in inputs], torch.cat(outputs), [torch.cat(t) for t in linearity])
+
+
+def reference_pass(model: nn.Module, images: Tensor, *, batch_size: int = 32) -> Trace:
+    """The unreduced pass over ``images [B, 3, H, W]`` that running a policy needs and nothing more: block 0's input
+    and the pooled output (no per-block inputs, no linearity)."""
+    family = family_of(model)
+    with torch.no_grad():
+        x0 = torch.cat([family.embed(model, chunk) for chunk in images.split(batch_size)])  # [B, N, C]
+        reference = torch.cat([pooled_output(model, family.run_blocks(model, chunk, 0))
+                               for chunk in x0.split(batch_size)])  # [B, D]
+    return Trace([x0], reference, [])

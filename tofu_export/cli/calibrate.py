@@ -24,6 +24,11 @@ def calibrate(
     onnx: OnnxOptions,
     r: Annotated[int, typer.Option("--r", "-r", help="Tokens a reducing block removes.")] = 16,
     images: Annotated[int, typer.Option("--images", help="Calibration images, evenly spread over DATA.")] = 64,
+    confirm_images: Annotated[int, typer.Option(
+        "--confirm-images", min=0, help="More images of DATA, beyond --images, on which the few best candidates of "
+        "the search images are run again before one is chosen: the highest mean over both sets under --speedup / "
+        "--max-latency-ms, the fastest keeping --min-cosine over both under a floor (the search images alone cannot "
+        "separate candidates a few 1e-4 of cosine apart); 0: none.")] = 192,
     min_cosine: Annotated[
         float | None, typer.Option("--min-cosine", help="Fastest policy whose output cosine to the unreduced model "
                                    "stays at least this [default: 0.995 when no budget is given].")
@@ -89,16 +94,18 @@ def calibrate(
     check_file_outputs([FileOutput(out, is_policy_file, "policy"), FileOutput(plot_path, is_tofu_png, "policy plot")],
                        inputs=[checkpoint, data])  # refused before calibrating
     from tofu_export.calibration import calibrate, load_images, plot_policy
+    from tofu_export.calibration.images import split_confirm
     from tofu_export.calibration.measured import ExportSettings
 
     loaded = model.load(checkpoint)
-    batch, source = load_images(data, loaded.model, images)
+    batch, source = load_images(data, loaded.model, images + confirm_images)
+    batch, confirm = split_confirm(batch, images)
     start = time.perf_counter()
     settings = ExportSettings(config.exporter, config.opset or 17, config.simplify, config.simplifier,
                               config.tolerance)
     policy = calibrate(loaded.model, batch, r=r, budget=budget, provider=provider, threads=runtime.threads,
                        source=source, settings=settings, clock=clock, rule=rule,
-                       linearity_threshold=linearity_threshold)
+                       linearity_threshold=linearity_threshold, confirm=confirm)
     seconds = time.perf_counter() - start
     checkpoint_record = {"source": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch.name}
     policy = dataclasses.replace(policy, source=dict(policy.source, checkpoint=checkpoint_record,
