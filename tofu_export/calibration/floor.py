@@ -20,7 +20,9 @@ has them: the coarse rungs can stop well short of the floor). Candidates are run
   the candidates as fast as it): nothing slower can win.
 
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
-cosine). A floor nothing measured meets is a ``BudgetError`` naming the best measured cosine and its policy.
+cosine); where the calibration has confirm images, the fastest passes run on them too until one keeps the floor over
+both sets (``confirmed_floor``). A floor nothing measured meets is a ``BudgetError`` naming the best measured
+cosine and its policy.
 Forwards: at most ``fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND`` in round 0 and one per ladder in
 each later round; on a 12-block ViT under the damage rule (2 fronts, 16 stepped ladders: 8 between the r choices, 8
 one token at a time) 40 + 7 x 18 = 166, under the linearity rule (1 front, 4 stepped ladders) 12 + 7 x 5 = 47; a
