@@ -64,7 +64,7 @@ def load_images(root: str | Path, model: nn.Module, count: int) -> tuple[torch.T
 
 def split_confirm(images: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``images [B, 3, H, W]`` -> (``count`` of them evenly spread, for the measurement and the held-out check; the
-    rest, the confirm images a latency budget's best candidates are run again on). Fewer than ``count``: all are
+    rest, the confirm images the search's best candidates are run again on). Fewer than ``count``: all are
     measured, none confirm."""
     import torch
 

@@ -125,8 +125,8 @@ def measure(
     ``threads`` choose the ONNX Runtime backend the latencies are measured on; ``source`` describes the images.
     ``holdout`` of the images (an even spread) are kept out of the search and checked once on the final choice;
     ``settings`` is how the user exports (exporter, opset, simplification), for the measured latency. ``confirm``
-    ``[C, 3, H, W]``: more images, on which a latency budget's best few candidates are run again before one is
-    chosen (``shortlist.confirmed_choice``); only their unreduced pass is taken here."""
+    ``[C, 3, H, W]``: more images, on which the search's best few candidates are run again before one is chosen
+    (``shortlist.confirmed_choice``, ``floor.confirmed_floor``); only their unreduced pass is taken here."""
     from tofu_export import __version__
 
     family = family_of(model)

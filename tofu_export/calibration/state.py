@@ -37,7 +37,7 @@ class Calibration:
     measured_r: tuple[int, ...] = ()  # the counts damage was measured at (the others derived)
     clock: str = "wall"  # how latencies are timed (measured.CLOCKS)
     linearity_threshold: float = LINEARITY_THRESHOLD
-    confirm: Trace | None = None  # more images (block 0's input, the reference) the shortlist's best run again on
+    confirm: Trace | None = None  # more images (block 0's input, the reference) the search's best run again on
 
     @property
     def front(self) -> list[Candidate]:
