@@ -66,6 +66,22 @@ def test_what_tofu_export_did_not_write_is_refused() -> None:
                                                                   "issues": [issue]}})
 
 
+def test_a_manifest_read_if_any_is_none_where_there_is_no_readable_one(tmp_path: Path) -> None:
+    import os
+
+    assert Manifest.read_if_any(tmp_path) is None  # none
+    (tmp_path / MANIFEST).write_text(json.dumps(_data("m", "s")))
+    assert Manifest.read_if_any(tmp_path) == Manifest.from_dict(_data("m", "s"))
+    (tmp_path / MANIFEST).write_text("{not json")
+    assert Manifest.read_if_any(tmp_path) is None  # damaged
+    (tmp_path / MANIFEST).write_text(json.dumps({**_data("m", "s"), "tool": "other"}))
+    assert Manifest.read_if_any(tmp_path) is None  # not tofu-export's
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / MANIFEST)
+    assert Manifest.read_if_any(fifo) is None  # not opened: reading it would block
+
+
 def _artifact(tmp_path: Path, checkpoint: Path, sha256: str | None = None) -> Path:
     folder = tmp_path / "artifact"
     folder.mkdir()

@@ -294,6 +294,17 @@ class Manifest(Section):
             raise ManifestError(f"{path} cannot be read as JSON ({error})") from error
         return cls.from_dict(data)
 
+    @classmethod
+    def read_if_any(cls, folder: str | Path) -> Manifest | None:
+        """The manifest of ``folder`` where it holds a readable one (a regular file: a FIFO would block), else None:
+        for the commands that use a graph without one and only read what its export recorded."""
+        if not (Path(folder) / MANIFEST).is_file():
+            return None
+        try:
+            return cls.read(folder)
+        except ManifestError:
+            return None
+
     def file_sha256(self, name: str) -> str | None:
         """The recorded content hash of one of the folder's files."""
         return next((entry["sha256"] for entry in self.files if entry.get("name") == name), None)

@@ -79,15 +79,12 @@ def default_targets(model: Path, trt: list[str] | None) -> tuple[tuple[str, ...]
     """The releases to check and why: the ones asked for, else the manifest's, else the export's default."""
     if trt:
         return tuple(trt), "asked for"
-    from tofu_export.manifest import MANIFEST, Manifest, ManifestError
+    from tofu_export.manifest import Manifest
 
-    if (model.parent / MANIFEST).is_file():
-        try:
-            requested = Manifest.read(model.parent).tensorrt_check.requested
-        except ManifestError:
-            requested = []
-        if requested:
-            return tuple(requested), "the artifact's manifest"
+    manifest = Manifest.read_if_any(model.parent)
+    requested = [] if manifest is None else manifest.tensorrt_check.requested
+    if requested:
+        return tuple(requested), "the artifact's manifest"
     return ALL_RELEASES, "every release (no tofu-export manifest beside the file)"
 
 

@@ -104,15 +104,10 @@ def profile(
 def export_reference(artifact: str) -> dict[str, Any] | None:
     """The quick look recorded when the artifact was exported (baseline and this graph, batch 1, and the load then):
     the baseline beside today's figure, and a reason when the two differ."""
-    from tofu_export.manifest import MANIFEST, Manifest, ManifestError
+    from tofu_export.manifest import Manifest
 
-    folder = Path(artifact).parent
-    if not (folder / MANIFEST).is_file():
-        return None
-    try:
-        quick = Manifest.read(folder).quick_look
-    except ManifestError:
-        return None
+    manifest = Manifest.read_if_any(Path(artifact).parent)
+    quick = None if manifest is None else manifest.quick_look
     if quick is None or quick.latency is None:
         return None
     latency = quick.latency

@@ -45,14 +45,12 @@ def load_model(
 def stated_at_export(folder: Path) -> tuple[str | None, int | None]:
     """``(arch, num_heads)`` as the export of the artifact in ``folder`` was told them (its manifest's provenance
     says ``--arch NAME`` / ``given``), so its checkpoint is rebuilt as exported; ``(None, None)`` where it was not."""
-    from tofu_export.manifest import MANIFEST, Manifest, ManifestError
+    from tofu_export.manifest import Manifest
 
-    if not (folder / MANIFEST).is_file():
+    manifest = Manifest.read_if_any(folder)
+    if manifest is None:
         return None, None
-    try:
-        record = Manifest.read(folder).arch
-    except ManifestError:
-        return None, None
+    record = manifest.arch
     arch = record.name if str(record.provenance.get("architecture", "")).startswith("--arch") else None
     heads = record.kwargs.get("num_heads") if record.provenance.get("num_heads") == "given" else None
     return arch, heads if isinstance(heads, int) else None

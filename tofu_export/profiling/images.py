@@ -48,15 +48,10 @@ def image_paths(path: str | Path, count: int) -> list[Path]:
 def graph_preprocessing(graph: str | Path, chw: Sequence[int]) -> tuple[dict[str, Any], str]:
     """timm's data config for the graph's input ``chw`` (the size always the graph's own) and where it came from:
     the manifest beside the graph, or ImageNet's mean and std where there is none."""
-    from tofu_export.manifest import MANIFEST, Manifest, ManifestError
+    from tofu_export.manifest import Manifest
 
-    folder = Path(graph).parent
-    recorded = None
-    if (folder / MANIFEST).is_file():
-        try:
-            recorded = Manifest.read(folder).preprocessing
-        except ManifestError:
-            recorded = None
+    manifest = Manifest.read_if_any(Path(graph).parent)
+    recorded = None if manifest is None else manifest.preprocessing
     size = {"input_size": tuple(int(d) for d in chw)}
     if recorded:
         return {**recorded, **size}, "the preprocessing its manifest records"
