@@ -179,10 +179,8 @@ def confirmed_floor(tried: Sequence[Tried], confirm: Callable[[Candidate], float
     passes = sorted((t for t in tried if t.cosine >= min_cosine), key=lambda t: (t.candidate.latency_ms, -t.cosine))
     done: dict[int, Tried] = {}
     for t in passes[:finalists]:
-        extra = confirm(t.candidate)
-        combined = (t.cosine * searched + extra * confirming) / (searched + confirming)
-        done[id(t)] = Tried(Shortlisted(t.listed.source, t.candidate, t.cosine, extra, combined), t.round)
-        if combined >= min_cosine:
+        done[id(t)] = Tried(t.listed.confirmed(confirm(t.candidate), searched, confirming), t.round)
+        if done[id(t)].listed.combined_cosine >= min_cosine:
             break
     kept = [d for d in done.values() if d.listed.combined_cosine >= min_cosine]  # the fastest, if any
     best = kept[0] if kept else max(done.values(), key=lambda d: d.listed.combined_cosine)

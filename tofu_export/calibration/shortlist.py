@@ -62,6 +62,12 @@ class Shortlisted:
     confirm_cosine: float | None = None  # on the confirm images, for the finalists (``confirmed_choice``)
     combined_cosine: float | None = None  # over both sets, each image weighing the same
 
+    def confirmed(self, cosine: float, searched: int, confirming: int) -> Shortlisted:
+        """This candidate with its mean ``cosine`` on ``confirming`` confirm images, and the mean over those and the
+        ``searched`` search images, each image weighing the same."""
+        combined = (self.measured_cosine * searched + cosine * confirming) / (searched + confirming)
+        return Shortlisted(self.source, self.candidate, self.measured_cosine, cosine, combined)
+
     def to_dict(self) -> dict:
         c = self.candidate
         confirmed = {} if self.confirm_cosine is None else {"confirm_cosine": self.confirm_cosine,
@@ -190,11 +196,7 @@ def confirmed_choice(measured: Sequence[Shortlisted], confirm: Callable[[Candida
     ``confirming`` confirm images (``confirm``: one forward there, the mean cosine); the one with the highest mean over
     both sets wins (ties: the faster predicted). Returns it and ``measured`` with the finalists' figures added."""
     ranked = sorted(measured, key=lambda s: (-s.measured_cosine, s.candidate.latency_ms))[:finalists]
-    done = {}
-    for s in ranked:
-        extra = confirm(s.candidate)
-        combined = (s.measured_cosine * searched + extra * confirming) / (searched + confirming)
-        done[id(s)] = Shortlisted(s.source, s.candidate, s.measured_cosine, extra, combined)
+    done = {id(s): s.confirmed(confirm(s.candidate), searched, confirming) for s in ranked}
     best = max(done.values(), key=lambda s: (s.combined_cosine, -s.candidate.latency_ms))
     return best.candidate, [done.get(id(s), s) for s in measured]
 
