@@ -14,7 +14,13 @@ from synthetic_calibration import block_latency, late_blocks_look_free
 
 from tofu_export.calibration import floor as floor_module
 from tofu_export.calibration import shortlist as shortlist_module
-from tofu_export.calibration.floor import FLOOR_ROUNDS, around_floor, choose_floor, floor_shortlist, next_rung
+from tofu_export.calibration.floor import (
+    around_floor,
+    choose_floor,
+    floor_shortlist,
+    forward_bound,
+    next_rung,
+)
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.search import choose_policy
 from tofu_export.calibration.select import Budget, BudgetError, Candidate, choose, pareto_front
@@ -115,7 +121,27 @@ def test_a_ladder_whose_most_reducing_rung_misses_far_is_bisected_not_abandoned(
     chosen, tried = choose_floor([("front", front, 2), ("tome", stepped, 1)], measure, 0.995)
     assert chosen == stepped[14] and cosine(stepped[15]) < 0.995 <= cosine(stepped[14])
     assert calls[:3] == [stepped[47], front[1], front[0]]  # round 0: the prediction's guesses
-    assert [t.candidate for t in tried] == calls and len(calls) <= 3 + (FLOOR_ROUNDS - 1) * 2
+    ladders = [("front", front, 2), ("tome", stepped, 1)]
+    assert [t.candidate for t in tried] == calls and len(calls) <= forward_bound(ladders, 0.005) == 3 + 2 + 6
+
+
+def test_a_ladder_of_hundreds_of_rungs_is_bisected_to_its_fastest_pass_however_many_rounds_it_takes() -> None:
+    """A ladder stepped one token at a time on a 12-block ViT has hundreds of rungs, and a round whose first
+    listing passes skips the slower listings of other ladders. A fixed count of rounds (8, as before) stopped
+    bisecting this ladder two rungs short of its fastest pass; the search now runs until every bracket is closed,
+    within ``forward_bound``."""
+    long = [Candidate(("mlerp",) * 3, (i, i, i), 1e-6 * i, 500.0 - i) for i in range(400)]  # 500 -> 101 ms
+
+    def cosine(c: Candidate) -> float:
+        return 0.999 if c.r[0] <= 297 else 0.99  # the prediction is pessimistic: the floor is crossed at rung 297
+
+    measure, calls = _counting(cosine)
+    chosen, tried = choose_floor([("front", long, 2)], measure, 0.995)
+    assert chosen == long[297] and cosine(long[298]) < 0.995  # the bracket closed on the fastest pass
+    assert max(t.round for t in tried) >= 8  # more rounds than the fixed count allowed
+    early = [t for t in tried if t.round < 8]
+    assert max((t.candidate for t in early if t.cosine >= 0.995), key=lambda c: c.r[0]) != long[297]
+    assert len(calls) == len({policy_key(c) for c in calls}) <= forward_bound([("front", long, 2)], 0.005)
 
 
 def test_a_round_stops_at_the_first_pass_and_a_measured_tie_goes_to_the_higher_cosine() -> None:
@@ -218,7 +244,8 @@ def test_a_floor_nothing_measured_meets_is_an_error_naming_the_best_measured(cal
     hint = caught.value.hint
     assert hint.option == "min_cosine" and float(hint.value) <= best < float(hint.value) + 1e-4
     assert hint.alternative.option == "r" and hint.alternative.value == "2"
-    assert len(runs) <= 2 * 2 * 2 + 16 * 2 + (FLOOR_ROUNDS - 1) * (2 + 16)  # the bound of the module docstring
+    ladders = floor_module.floor_ladders(calibration, "damage")
+    assert len(runs) <= forward_bound(ladders, 1 - 0.9999)  # the bound of the module docstring
 
 
 def test_ladders_stepped_one_token_at_a_time_reach_closer_to_the_floor(calibration) -> None:

@@ -15,7 +15,11 @@ has them: the coarse rungs can stop well short of the floor). Candidates are run
 - every later round, bisection on what was measured: each ladder lists the rung midway through its open *bracket*
   (``next_rung``): the rungs past its most reducing rung measured to pass and before its least reducing rung beyond
   that measured to miss, less those predicted slower than the fastest pass so far (they cannot win). A ladder
-  whose bracket holds no rung lists nothing. The search ends when no ladder lists a rung, or after ``FLOOR_ROUNDS``;
+  whose bracket holds no rung lists nothing. The search ends when no ladder lists a rung: every bracket is closed.
+  It ends: a round's first listing always runs (it is no slower than the fastest pass), so every round measures a
+  rung never measured before. A fixed number of rounds stopped short: a ladder stepped one token at a time has
+  hundreds of rungs, and a round whose first listing passes skips the slower listings of other ladders, so their
+  bisection waits a round;
 - a round runs its rungs fastest predicted first and stops at the first that measures at least the floor (after
   the candidates as fast as it): nothing slower can win.
 
@@ -23,15 +27,15 @@ The choice is the fastest predicted candidate whose measured cosine meets the fl
 cosine); where the calibration has confirm images, the fastest passes run on them too until one keeps the floor over
 both sets (``confirmed_floor``). A floor nothing measured meets is a ``BudgetError`` naming the best measured
 cosine and its policy.
-Forwards: at most ``fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND`` in round 0 and one per ladder in
-each later round; on a 12-block ViT under the damage rule (2 fronts, 16 stepped ladders: 8 between the r choices, 8
-one token at a time) 40 + 7 x 18 = 166, under the linearity rule (1 front, 4 stepped ladders) 12 + 7 x 5 = 47; a
-round stops at its first pass and rungs slower than a pass are never run, so far fewer are. Held-out images never
-enter.
+Forwards: at most ``fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND`` in round 0, then at most
+``bisection_forwards``: a ladder's bracket at least halves with every rung of it measured, so a ladder of n rungs
+runs at most ``n.bit_length()`` of them (``forward_bound``). A round stops at its first pass and rungs slower than a
+pass are never run, so far fewer are. Held-out images never enter.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +58,6 @@ from tofu_export.errors import Hint
 if TYPE_CHECKING:
     from tofu_export.calibration.state import Calibration
 
-FLOOR_ROUNDS = 8  # the guess, then up to 7 bisection steps a ladder (a stepped ladder of a 12-block ViT: 48 rungs)
 FRONT_AROUND = 2  # front candidates listed on each side of the predicted floor in round 0
 STEPPED_AROUND = 1  # stepped schedules listed on each side of the predicted floor in round 0
 Ladder = tuple[str, Sequence[Candidate], int]  # (source, rungs by more tokens removed, rungs listed each side)
@@ -117,13 +120,19 @@ def next_rung(rungs: Sequence[Candidate], tried: Mapping[tuple, Tried], min_cosi
     return bracket[(len(bracket) - 1) // 2] if bracket else None
 
 
-def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float], min_cosine: float,
-                 rounds: int = FLOOR_ROUNDS) -> tuple[Candidate | None, list[Tried]]:
+def forward_bound(ladders: Sequence[Ladder], limit: float) -> int:
+    """The most forwards ``choose_floor`` can run (module docstring): round 0's listings, then ``n.bit_length()``
+    rungs of every ladder of n rungs."""
+    return len(floor_shortlist(ladders, limit)) + sum(len(rungs).bit_length() for _, rungs, _ in ladders)
+
+
+def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float],
+                 min_cosine: float) -> tuple[Candidate | None, list[Tried]]:
     """The fastest predicted candidate measuring at least ``min_cosine`` (None if none did) and every measurement,
     in the order taken (module docstring). ``measure``: one forward on the search images, the mean cosine."""
     tried: dict[tuple, Tried] = {}
     listed = floor_shortlist(ladders, 1.0 - min_cosine)
-    for k in range(rounds):
+    for k in itertools.count():
         best = best_passing(list(tried.values()), min_cosine)
         bound = best.candidate.latency_ms if best else math.inf
         for source, c in listed:
