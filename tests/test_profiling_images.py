@@ -54,3 +54,16 @@ def test_images_take_the_manifests_preprocessing_at_the_graphs_size(
     assert fed.images.shape == (1, 3, 16, 16)  # one file: one image; the graph's size, not the recorded one
     assert torch.allclose(fed.images[0, :, 8, 8], torch.full((3,), (0.4 - 0.5) / 0.5), atol=1e-5)
     assert fed.description == f"1 image from {image} (the preprocessing its manifest records)"
+
+
+def test_a_checkpoint_profiled_in_pytorch_times_on_images_in_its_own_eval_transform(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from tofu_export.jobs.profile import profile_source
+
+    for i in range(3):
+        _png(tmp_path / "data" / f"{i}.png", 40 * i, size=80)
+    result = profile_source(tiny_checkpoint, batch_sizes=[2], warmup=0, iters=1, breakdown=False,
+                            images=tmp_path / "data", backend="torch", threads=1)
+    assert result.timed_on == f"2 images from {tmp_path / 'data'} (the model's eval transform)"
+    assert result.batches[0].latency.n == 1

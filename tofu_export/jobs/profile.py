@@ -127,33 +127,37 @@ def profile_source(
     budget_s: float | None = None,
     breakdown: bool = True,
     images: str | Path | None = None,
+    backend: str | Backend | None = None,
+    device: str = "cpu",
     **runner_options: Any,
 ) -> Any:
-    """Open the runner for ``source`` and profile it (``ProfileResult``), on up to ``max(batch_sizes)`` of the
-    images at ``images`` (a file or a folder) where given, else on seeded noise."""
+    """Open the runner for ``source`` on ``backend`` (``open_runner``) and profile it (``ProfileResult``), on up to
+    ``max(batch_sizes)`` of the images at ``images`` (a file or a folder) where given, else on seeded noise."""
     from tofu_export.profiling.profiler import profile
 
     if any(b < 1 for b in batch_sizes):
         raise UserError(f"batch sizes must be at least 1, got {list(batch_sizes)}", hint=Hint("batch", "1"))
     if warmup < 0 or (iters is not None and iters < 1):
         raise UserError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}", hint=Hint("iters"))
-    runner = open_runner(source, **runner_options)
+    chosen = backend if isinstance(backend, Backend) else parse_backend(backend, device, source)
+    runner = open_runner(source, backend=chosen, **runner_options)
     spec = getattr(runner, "input", None)
     if spec is not None:  # the batch must fit in memory before any input is allocated
         from tofu_export.onnx_file import check_batch_fits
 
         for batch in batch_sizes:
             check_batch_fits([batch, *spec.chw], batch, Path(str(source)))
-    timing = None if images is None else _timing_images(runner, source, images, max(batch_sizes))
+    timing = None if images is None else _timing_images(runner, chosen, source, images, max(batch_sizes))
     return profile(runner, batch_sizes=batch_sizes, warmup=warmup, iters=iters, budget_s=budget_s,
                    breakdown=breakdown, images=timing)
 
 
-def _timing_images(runner: Any, source: str | Path, path: str | Path, count: int) -> Any:
-    """The images to time ``runner`` on: a graph's in its manifest's preprocessing, a PyTorch model's in its own."""
+def _timing_images(runner: Any, backend: Backend, source: str | Path, path: str | Path, count: int) -> Any:
+    """The images to time ``runner`` (opened on ``backend``) on: a graph's in its manifest's preprocessing, a
+    PyTorch model's in its own."""
     from tofu_export.profiling.images import graph_timing_images, model_timing_images
 
-    if getattr(runner, "model", None) is not None:  # PyTorch
+    if backend.runtime == "torch":
         return model_timing_images(path, count, runner.model)
     if runner.input is None:
         raise UserError(f"{source} has more than one input: it cannot be timed on images", hint=Hint("data"))
