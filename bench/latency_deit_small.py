@@ -46,7 +46,6 @@ import platform
 import re
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,7 +65,7 @@ from tofu_export.images import load_rgb
 from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
 from tofu_export.models.timm_vit import TokenReduction
-from tofu_export.profiling.compare import interleaved_latency_ms, round_orders
+from tofu_export.profiling.compare import interleaved_latency_ms
 from tofu_export.profiling.device import describe_device
 from tofu_export.schedule import layer_modes
 
@@ -152,25 +151,6 @@ def feed(session: ort.InferenceSession, image: np.ndarray | None, seed: int) -> 
     shape = [1, *(int(d) for d in model_input.shape[1:])]
     batch = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) if image is None else image
     return {model_input.name: batch}
-
-
-def thread_cpu_latency_ms(models: dict[str, Path], *, warmup: int, iters: int, seed: int,
-                          image: np.ndarray | None = None) -> dict[str, list[float]]:
-    """``interleaved_latency_ms`` on one intra-op thread, each timed run measured by this thread's CPU time."""
-    sessions = {name: create_session(path, threads=1, spinning=False) for name, path in models.items()}
-    feeds = {}
-    for name, session in sessions.items():
-        feeds[name] = feed(session, image, seed)
-        for _ in range(warmup):
-            session.run(None, feeds[name])
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    for order in round_orders(list(sessions), iters, seed):
-        for name in order:
-            sessions[name].run(None, feeds[name])  # untimed: re-warm after whatever ran before
-            start = time.thread_time()
-            sessions[name].run(None, feeds[name])
-            samples[name].append((time.thread_time() - start) * 1e3)
-    return samples
 
 
 _PARTS = (  # (part, pattern on the node name), first match wins
@@ -289,12 +269,8 @@ def main() -> None:
             write_profile(profile, args.out, command, [load_before, [round(v, 2) for v in os.getloadavg()]], stem)
             return
         for seed in range(args.repeats):  # each round its own visiting order
-            if cpu_clock:
-                rounds.append(thread_cpu_latency_ms(paths, warmup=args.warmup, iters=args.iters, seed=seed,
-                                                    image=image))
-            else:
-                rounds.append(interleaved_latency_ms(paths, threads=args.threads, warmup=args.warmup, iters=args.iters,
-                                                     seed=seed, images=image))
+            rounds.append(interleaved_latency_ms(paths, threads=1 if cpu_clock else args.threads, warmup=args.warmup,
+                                                 iters=args.iters, seed=seed, images=image, clock=args.clock))
     # Pooled over the rounds for the headline figures; the per-round speedups show the run-to-run spread.
     samples = {name: [t for one in rounds for t in one[name]] for name in paths}
     round_speedups = {

@@ -8,9 +8,9 @@ matches is exported unverified and the failure recorded in its row) and the *art
   - linear probe top-1: logistic regression (L-BFGS, standardized features) trained once on the UNREDUCED model's
     train features, scored on each variant's test features; k-NN top-1 (k=20) against the same unreduced bank;
   - latency: batch 1, all artifacts timed in one process, interleaved: every round visits them in a fresh
-    shuffled order (tofu_export.calibration.measured.round_robin), by default on the calling thread's CPU clock on
-    one ORT intra-op thread (--clock thread-cpu: a busy shared host does not inflate it, so variants at the same r
-    separate), every run on one Fashion-MNIST test image (--time-on image; noise can cost a reduced graph more
+    shuffled order (tofu_export.profiling.compare.interleaved_latency_ms), by default on the calling thread's CPU
+    clock on one ORT intra-op thread (--clock thread-cpu: a busy shared host does not inflate it, so variants at the
+    same r separate), every run on one Fashion-MNIST test image (--time-on image; noise can cost a reduced graph more
     than the unreduced one, bench/results/latency_prediction.md); median over rounds, and each variant's per-round
     speedup over the unreduced artifact (same round) as a range.
 Cosine noise: a bootstrap over test images (resampling images with replacement) of the mean cosine, and of the
@@ -47,12 +47,13 @@ from matplotlib.figure import Figure
 import tofu_export
 from tofu_export.calibration import Budget, BudgetError, choose_policy, load_images, measure
 from tofu_export.calibration.images import split_confirm
-from tofu_export.calibration.measured import ExportSettings, at_speedup, round_robin
+from tofu_export.calibration.measured import ExportSettings, at_speedup
 from tofu_export.engines.ort import OrtRunner
 from tofu_export.evaluation import extract_features, knn_accuracy, linear_probe_accuracy, make_loader, model_transform
 from tofu_export.exporters.onnx import ExportError, export_onnx
 from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
+from tofu_export.profiling.compare import interleaved_latency_ms
 from tofu_export.profiling.device import describe_device
 from tofu_export.schedule import plan_tokens
 
@@ -106,15 +107,8 @@ def time_artifacts(paths: dict[str, Path], *, threads: int, clock: str, rounds: 
                    image: torch.Tensor | None = None) -> dict[str, list[float]]:
     """Per artifact, ``rounds`` batch-1 latencies (ms) timed interleaved in shuffled rounds on ``clock``, each run
     on ``image [1, 3, H, W]`` (None: the runner's seeded noise)."""
-    runners = {name: OrtRunner(path, threads=1 if clock == "thread-cpu" else threads, spinning=False)
-               for name, path in paths.items()}
-    for runner in runners.values():
-        if image is not None:
-            runner.feed_images(image)
-        for _ in range(3):
-            runner.run(1)
-    return round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()}, iters=rounds,
-                       clock=clock)
+    return interleaved_latency_ms(paths, threads=1 if clock == "thread-cpu" else threads, warmup=3, iters=rounds,
+                                  images=image, clock=clock)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """ONNX Runtime backend on a tiny exported timm ViT: providers, inputs, profile parsing and the breakdown."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,13 @@ def test_each_timed_run_follows_an_untimed_run_of_the_same_model() -> None:
     assert len(calls) == 2 * 3 * 5
     assert all(first == second for first, second in zip(calls[::2], calls[1::2], strict=True))
     assert {name: len(times) for name, times in samples.items()} == {"a": 5, "b": 5, "c": 5}
+
+
+def test_the_thread_cpu_clock_does_not_count_time_the_thread_spends_waiting() -> None:
+    waits = {"sleeps": lambda: time.sleep(0.02)}
+    wall = time_round_robin(waits, iters=2)["sleeps"]
+    cpu = time_round_robin(waits, iters=2, clock="thread-cpu")["sleeps"]
+    assert min(wall) >= 20.0 and max(cpu) < 10.0
 
 
 def test_backend_without_spinning_says_so(onnx_path: Path) -> None:

@@ -90,16 +90,12 @@ def time_models(baseline: Path, tofu: Path, settings: QuickLookSettings,
                 image: torch.Tensor | None = None) -> dict[str, Any]:
     """Interleaved batch-1 latency of the two ONNX graphs on ONNX Runtime's CPU provider (spinning off), on
     ``image`` ``[1, 3, H, W]`` where given, else on seeded noise."""
-    from tofu_export.engines.ort import OrtRunner
-    from tofu_export.profiling.compare import time_round_robin
+    from tofu_export.profiling.compare import open_ort_runners, time_round_robin
     from tofu_export.profiling.device import load_average
     from tofu_export.profiling.timing import time_callable
 
-    runners = {name: OrtRunner(path, threads=settings.threads, spinning=False, seed=settings.seed)
-               for name, path in (("baseline", baseline), ("tofu", tofu))}
-    if image is not None:
-        for runner in runners.values():
-            runner.feed_images(image)
+    runners = open_ort_runners({"baseline": baseline, "tofu": tofu}, threads=settings.threads, warmup=0,
+                               seed=settings.seed, images=image)
     calls = {name: (lambda r=runner: r.run(1)) for name, runner in runners.items()}
     warm = {name: min(time_callable(call, warmup=1, iters=2, budget_s=None)) for name, call in calls.items()}
     rounds = rounds_for(settings.budget_s, 2 * sum(warm.values()), settings.min_rounds, settings.max_rounds)

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from tofu_export.calibration.latency_model import NONE, BlockLatency
-from tofu_export.calibration.measured import ExportSettings, round_robin
+from tofu_export.calibration.measured import ExportSettings
 from tofu_export.engines.ort import create_session
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.names import REDUCE_MODES
+from tofu_export.profiling.compare import time_round_robin
 from tofu_export.profiling.timing import QUARTILES, clock_threads
 from tofu_export.schedule import block_macs, plan_tokens
 
@@ -165,7 +166,7 @@ def measure_block_latency(
             runners[name] = lambda s=session, f=feed: s.run(None, f)
     if on_timing is not None:
         on_timing()
-    samples = round_robin(runners, iters=rounds, clock=clock, on_round=on_step)
+    samples = time_round_robin(runners, iters=rounds, clock=clock, on_round=on_step)
 
     def median_iqr(values: Sequence[float]) -> tuple[float, float]:
         q1, mid, q3 = np.percentile(values, [QUARTILES[0], 50.0, QUARTILES[1]])  # as every spread of the tool

@@ -6,7 +6,7 @@ images the search never saw.
 - ``measure_policy_latency``: the unreduced model and the policy are exported with the settings the user ships
   (``exporters.onnx.export_onnx``: exporter, opset, simplification; parity off, the graphs are not the artifact),
   opened through the engine runner (``engines.ort.OrtRunner``) and timed round-robin in one process
-  (``round_robin``: ``profiling.compare``'s shuffled order, on the wall clock or on the calling thread's CPU clock,
+  (``profiling.compare.time_round_robin``: a shuffled order, on the wall clock or on the calling thread's CPU clock,
   which a busy host does not inflate; ORT then runs on one intra-op thread, the calling one); the speed-up is the
   median of the per-round ratios, so load that hits both in a round cancels. ToMe graphs at the uniform r values
   asked for are timed in the same rounds, so the policy is compared with ToMe at its own measured latency.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,25 +31,8 @@ from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER
-from tofu_export.profiling.timing import CLOCKS, clock_threads, per_round_speedup, speedup_iqr
+from tofu_export.profiling.timing import clock_threads, per_round_speedup, speedup_iqr
 from tofu_export.schedule import plan_tokens
-
-
-def round_robin(runners: Mapping[str, Callable[[], object]], *, iters: int, clock: str = "wall", seed: int = 0,
-                on_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """``profiling.compare.time_round_robin`` (a fresh shuffled order per round, an untimed call before each timed
-    one) on ``CLOCKS[clock]``: per runner, ``iters`` ms."""
-    from tofu_export.profiling.compare import round_orders
-    from tofu_export.profiling.timing import time_callable
-
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for order in round_orders(list(runners), iters, seed):
-        for name in order:
-            samples[name].append(time_callable(runners[name], warmup=1, iters=1, budget_s=None,
-                                               clock=CLOCKS[clock])[0] * 1e3)
-        if on_round is not None:
-            on_round()
-    return samples
 
 
 @dataclass(frozen=True)
@@ -138,7 +121,7 @@ def measure_policy_latency(
     runner's seeded noise, which can cost a reduced graph more than the unreduced one: on an Intel Xeon VM DINOv2's
     ToMe r=16 measured 1.46x on noise and 1.49x on a real image, ``bench/results/latency_prediction.md``);
     ``on_step`` after each export and round, ``on_timing`` once between the two. ``model`` is left as it was."""
-    from tofu_export.engines.ort import OrtRunner
+    from tofu_export.profiling.compare import open_ort_runners, time_round_robin
 
     step = on_step or (lambda: None)
     threads = clock_threads(clock, threads)
@@ -162,16 +145,12 @@ def measure_policy_latency(
                         if name == "policy":  # the gate `tofu-export export --policy` will hold the graph to
                             gate = verify_parity(model, paths[name], size, tolerance=settings.tolerance)
                     step()
-        runners = {name: OrtRunner(path, threads=threads, provider=provider, spinning=False)
-                   for name, path in paths.items()}
-        for runner in runners.values():
-            if image is not None:
-                runner.feed_images(image[:1])
-            runner.run(1)  # warm-up outside the timing
+        runners = open_ort_runners(paths, threads=threads, warmup=1, provider=provider,
+                                   images=None if image is None else image[:1])
         if on_timing is not None:
             on_timing()
-        samples = round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
-                              iters=rounds, clock=clock, on_round=on_step)
+        samples = time_round_robin({name: (lambda x=runner: x.run(1)) for name, runner in runners.items()},
+                                   iters=rounds, clock=clock, on_round=on_step)
 
     speedup, iqr = speedup_iqr(samples["baseline"], samples["policy"])
     tome = {k: per_round_speedup(samples["baseline"], samples[f"tome-r{k}"])[1] for k in tome_r}

@@ -1,7 +1,7 @@
 """A denoiser policy's speed-up, measured: the policy's step and the unreduced step exported as the user exports
 (``dense.export.export_denoiser``: exporter, opset, simplification; parity and the TensorRT check off, these graphs
 are not the artifact), opened with the one ONNX Runtime session factory (``engines.ort.create_session``, no
-spinning) and timed round-robin in one process (``calibration.measured.round_robin``: ``profiling.compare``'s
+spinning) and timed round-robin in one process (``profiling.compare.time_round_robin``: its
 shuffled order, an untimed run before each timed one, on the wall clock or the calling thread's CPU clock).
 ``engines.ort.OrtRunner`` feeds one image input; a denoiser step has two or three, so the session is fed directly.
 
@@ -56,8 +56,8 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
     """Export ``step`` unreduced, patched with ``policy`` and with every policy of ``compare`` (``patch`` applies
     one; the step is left unreduced), then time them interleaved for ``rounds`` rounds on ``make_inputs(1, 0)``
     (module docstring)."""
-    from tofu_export.calibration.measured import round_robin
     from tofu_export.engines.ort import create_session
+    from tofu_export.profiling.compare import time_round_robin
     from tofu_export.profiling.timing import LatencyStats, clock_threads, speedup_iqr
 
     threads = clock_threads(clock, threads)
@@ -80,8 +80,8 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
         for name, session in sessions.items():
             session.run(None, feeds[name])  # warm-up outside the timing
         before = os.getloadavg()[0]
-        samples = round_robin({name: (lambda s=session, f=feeds[name]: s.run(None, f))
-                               for name, session in sessions.items()}, iters=rounds, clock=clock)
+        samples = time_round_robin({name: (lambda s=session, f=feeds[name]: s.run(None, f))
+                                    for name, session in sessions.items()}, iters=rounds, clock=clock)
         after = os.getloadavg()[0]
 
     compared = {}
