@@ -5,10 +5,11 @@ of its kernels in ORT's profile). On one ``[1, N, C]`` token block ORT's ``Reduc
 slower than a ``Mul``, a ``ReduceSum`` and a ``Sqrt``, the three layers TensorRT's importer writes for it anyway.
 This script measures both: the ops alone, and the whole deit_small ToFu graph (dynamo exporter, r = 16, random
 weights) against the same graph with every ``ReduceL2`` written out, on one intra-op thread, each timed run by the
-calling thread's CPU time, interleaved in shuffled order (``latency_deit_small.thread_cpu_latency_ms``), in
+calling thread's CPU time, interleaved in shuffled order (``profiling.compare.time_round_robin``), in
 ``--repeats`` rounds of fresh sessions. The paired ratio is the median over iterations of written-out / ReduceL2.
 
-A third form, ``Sqrt(ReduceSumSquare(x))``, is timed on the op alone.
+A third form, ``Sqrt(ReduceSumSquare(x))``, is timed on the op alone; and MLERP's whole rescale (norm, clamp,
+divide, multiply: 6 nodes) against ONNX's one-node ``LpNormalization`` and a ``Mul``.
 
 Usage: python bench/norm_form.py [--iters 100] [--repeats 3] [--out bench/results]
 """
@@ -31,9 +32,11 @@ import onnx
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency_deit_small import build_variants, thread_cpu_latency_ms
+from latency_deit_small import build_variants
 
+from tofu_export.engines.ort import create_session
 from tofu_export.exporters import dynamo
+from tofu_export.profiling.compare import time_round_robin
 from tofu_export.profiling.device import describe_device
 
 TOKENS, WIDTH = 181, 384  # deit_small's kept rows after the first reduction, its width
@@ -64,6 +67,22 @@ def write_out_reduce_l2(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph.node.extend(nodes)
     onnx.checker.check_model(model)
     return model, count
+
+
+def thread_cpu_latency_ms(models: dict[str, Path], *, warmup: int, iters: int, seed: int) -> dict[str, list[float]]:
+    """Per graph, ``iters`` times (ms) on one intra-op thread by the calling thread's CPU clock, interleaved, each
+    graph fed seeded normal noise of its inputs' shapes at batch 1 (the op graphs take token blocks, not an image:
+    no image runner)."""
+    runs = {}
+    for name, path in models.items():
+        session = create_session(path, threads=1, spinning=False)
+        rng = np.random.default_rng(seed)
+        inputs = {i.name: rng.standard_normal([1, *(int(d) for d in i.shape[1:])], dtype=np.float32)
+                  for i in session.get_inputs()}
+        for _ in range(warmup):
+            session.run(None, inputs)
+        runs[name] = lambda s=session, f=inputs: s.run(None, f)
+    return time_round_robin(runs, iters=iters, seed=seed, clock="thread-cpu")
 
 
 @contextlib.contextmanager
@@ -100,6 +119,26 @@ def sum_square_form(model: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])  # axes as an input from opset 18
 
 
+def rescale_forms() -> dict[str, onnx.ModelProto]:
+    """MLERP's rescale of ``[1, TOKENS, WIDTH]`` rows to norms ``n [1, TOKENS, 1]``, two ways: as the graph writes it
+    (``x * (n / max(Sqrt(ReduceSum(x * x)), eps))``, 6 nodes) and with ONNX's ``LpNormalization`` (``x / ||x||`` in
+    one node, then ``* n``; no epsilon)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, WIDTH])
+    n = helper.make_tensor_value_info("n", TensorProto.FLOAT, [1, TOKENS, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TOKENS, WIDTH])
+    constants = [helper.make_tensor("axes", TensorProto.INT64, [1], [-1]),
+                 helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-6])]
+    written = [helper.make_node("Mul", ["x", "x"], ["square"]),
+               helper.make_node("ReduceSum", ["square", "axes"], ["total"], keepdims=1),
+               helper.make_node("Sqrt", ["total"], ["norm"]), helper.make_node("Max", ["norm", "eps"], ["clamped"]),
+               helper.make_node("Div", ["n", "clamped"], ["factor"]), helper.make_node("Mul", ["x", "factor"], ["y"])]
+    lp = [helper.make_node("LpNormalization", ["x"], ["unit"], axis=-1, p=2),
+          helper.make_node("Mul", ["unit", "n"], ["y"])]
+    return {name: helper.make_model(helper.make_graph(nodes, name, [x, n], [y], constants if name == "written_out"
+                                                      else []), opset_imports=[helper.make_opsetid("", 17)])
+            for name, nodes in (("written_out", written), ("lp_normalization", lp))}
+
+
 def paired(rounds: list[dict[str, list[float]]], a: str, b: str) -> dict:
     """Median over timed iterations of ``a``'s time / ``b``'s in the same iteration, with a bootstrap interval."""
     per_round = [[x / y for x, y in zip(one[a], one[b], strict=True)] for one in rounds]
@@ -125,6 +164,8 @@ def main() -> None:
         onnx.save(norm, folder / "op-reduce_l2.onnx")
         onnx.save(write_out_reduce_l2(norm)[0], folder / "op-written_out.onnx")
         onnx.save(sum_square_form(norm), folder / "op-sum_square.onnx")
+        for name, model in rescale_forms().items():
+            onnx.save(model, folder / f"rescale-{name}.onnx")
         with norms_as_reduce_l2():
             graph_path = build_variants(16, folder, {"tofu-dynamo"})["tofu-dynamo"][0]
         written, count = write_out_reduce_l2(onnx.load(str(graph_path)))
@@ -133,8 +174,16 @@ def main() -> None:
             "op": {"reduce_l2": folder / "op-reduce_l2.onnx", "written_out": folder / "op-written_out.onnx",
                    "sum_square": folder / "op-sum_square.onnx"},
             "graph": {"reduce_l2": graph_path, "written_out": folder / "tofu-dynamo-written_out.onnx"},
+            "rescale": {name: folder / f"rescale-{name}.onnx" for name in ("written_out", "lp_normalization")},
         }
         for part, models in parts.items():
+            if part == "rescale":
+                rounds = [thread_cpu_latency_ms(models, warmup=10, iters=args.iters * 20, seed=seed)
+                          for seed in range(args.repeats)]
+                result[part] = {name: round(statistics.median(t for one in rounds for t in one[name]), 4)
+                                for name in models}
+                result[part]["lp_normalization_over_written_out"] = paired(rounds, "lp_normalization", "written_out")
+                continue
             iters = args.iters * (20 if part == "op" else 1)  # the op alone takes microseconds
             rounds = [thread_cpu_latency_ms(models, warmup=10, iters=iters, seed=seed) for seed in range(args.repeats)]
             medians = {name: statistics.median(t for one in rounds for t in one[name]) for name in models}
@@ -171,6 +220,12 @@ def main() -> None:
     lines += ["", f"The third form, `Sqrt(ReduceSumSquare(x))` (the square fused into the reduction), on the op alone: "
               f"{op['sum_square']:.4f} ms, {square['median']} of ReduceL2's time (paired; 95% bootstrap "
               f"{square['ci95'][0]}-{square['ci95'][1]}): {verdict}."]
+    rescale = result["rescale"]
+    lp = rescale["lp_normalization_over_written_out"]
+    lines += ["", f"MLERP's rescale of [1, {TOKENS}, {WIDTH}] rows to given norms, written out as the graph has it (6 "
+              f"nodes) {rescale['written_out']:.4f} ms, with ONNX's one-node `LpNormalization` then a `Mul` "
+              f"{rescale['lp_normalization']:.4f} ms: {lp['median']} of the written-out time (paired; 95% bootstrap "
+              f"{lp['ci95'][0]}-{lp['ci95'][1]})."]
     (args.out / "norm_form.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
