@@ -180,8 +180,10 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     patch(vit, r=list(policy.r), mode=list(policy.modes))  # the recorded cosines are the policy's real ones
     with torch.no_grad():
         measured = float(cosine_to(_plain(vit, search), vit(search)).mean())
-        held_out = float(cosine_to(_plain(vit, held), vit(held)).mean())
+        held_cosines = cosine_to(_plain(vit, held), vit(held))  # [2]
+        held_out = float(held_cosines.mean())
     unpatch(vit)
+    assert m["held_out_standard_error"] == pytest.approx(float(held_cosines.std() / 2**0.5), abs=1e-6)
     assert measured == pytest.approx(m["measured_cosine"], abs=1e-6)
     assert held_out == pytest.approx(m["held_out_cosine"], abs=1e-6)
     timed = m["measured_latency"]  # the chosen policy's exported graph, timed against the unreduced one

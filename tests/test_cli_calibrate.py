@@ -65,11 +65,14 @@ def test_calibrate_writes_a_policy_and_its_plot(tmp_path) -> None:
     assert lead["images"] == 2
     noise = abs(lead["difference"]) <= 2 * lead["standard_error"]
     assert ("is within two standard errors" in " ".join(result.output.split())) == noise, result.output
+    below = policy["measurements"]["held_out_cosine"] < 0.995  # the default floor, kept on the search images
+    assert ("below the floor 0.995" in " ".join(result.output.split())) == below, result.output
     from tofu_export.cli.calibrate import json_answer  # what --json prints, from the policy just written
     from tofu_export.policy import Policy
 
     answer = json.loads(json.dumps(json_answer(Policy.load(out), out, out.with_suffix(".png"), 4, 1.0)))
     assert answer["modes"] == policy["modes"] and answer["r"] == policy["r"] and answer["held_out_vs_tome"] == lead
+    assert answer["held_out_standard_error"] == policy["measurements"]["held_out_standard_error"] > 0
     assert answer["export_parity"] == policy["measurements"]["measured_latency"]["export_parity"]
     assert answer["plot"] == str(out.with_suffix(".png")) and answer["tome"]["r"] == 4
     for stage in ("damage per block", "latency per block and mode: exporting", "latency per block and mode: 40 "
@@ -163,6 +166,24 @@ def test_the_comparison_table_shows_tome_at_the_policys_measured_speed() -> None
     assert comparison_verdict(m) == ("held out: +0.00040 cosine vs ToMe at the same measured speed (± 0.00010 SE, "
                                      "16 images)")
     assert comparison_verdict({**m, "tome_at_measured_speedup": None}) == "closer than ToMe, predicted slower"
+
+
+def test_a_floor_kept_on_the_search_images_but_missed_held_out_is_said_with_its_error_bar() -> None:
+    """The default DINOv2-S/14 run of this README: 0.99497 on 16 held-out images under the 0.995 floor."""
+    from tofu_export.calibration.select import Budget
+    from tofu_export.cli.calibrate import floor_note
+
+    m = {"held_out_cosine": 0.99497, "held_out_images": 16, "held_out_standard_error": 0.0004}
+    floor = Budget(min_cosine=0.995)
+    said = floor_note(m, floor)
+    assert said.startswith("note: on the 16 held-out images the policy measures 0.99497, 0.00003 below the floor "
+                           "0.995") and "within two standard errors (0.00040 each): these images cannot tell" in said
+    far = floor_note({**m, "held_out_cosine": 0.9930}, floor)
+    assert "0.00200 below" in far and "beyond two standard errors (0.00040 each)" in far
+    assert "no error bar" in floor_note({**m, "held_out_images": 1, "held_out_standard_error": None}, floor)
+    assert floor_note({**m, "held_out_cosine": 0.9951}, floor) is None  # kept held out too
+    assert floor_note(m, Budget(speedup=1.5)) is None  # a latency budget promises no cosine
+    assert floor_note({**m, "held_out_cosine": None, "held_out_images": 0}, floor) is None  # nothing held out
 
 
 def test_the_held_out_lead_over_tome_says_whether_it_is_beyond_the_noise() -> None:

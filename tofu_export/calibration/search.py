@@ -41,6 +41,7 @@ from tofu_export.calibration.state import Calibration
 from tofu_export.calibration.trace import reference_pass, trace
 from tofu_export.calibration.versus_tome import timed_against_tome
 from tofu_export.errors import Hint, UserError
+from tofu_export.evaluation.metrics import cosine_standard_error
 from tofu_export.models.family import family_of, unpatched
 from tofu_export.names import REDUCE_MODES
 from tofu_export.policy import Policy, model_record
@@ -90,7 +91,8 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
                         measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
                         predicted_speedup=cal.baseline_ms / chosen.latency_ms, attempts=attempts,
                         held_out_images=len(held), **extra,
-                        held_out_cosine=sum(per_image) / len(per_image) if per_image else None)
+                        held_out_cosine=sum(per_image) / len(per_image) if per_image else None,
+                        held_out_standard_error=held_out_error(per_image))
     if measure_latency:
         timed = "calibrate: the chosen policy's graph exported and timed: "
 
@@ -102,6 +104,12 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
             on_timing=lambda: bar.stage(f"{timed}{rounds} interleaved rounds", rounds)))
     return Policy(chosen.modes, chosen.r, model_record(cal.model), dict(cal.record, budget=budget.to_dict()),
                   measurements)
+
+
+def held_out_error(per_image: list[float]) -> float | None:
+    """The standard error of the held-out mean cosine (``evaluation.metrics.cosine_standard_error``; None for fewer
+    than two images)."""
+    return cosine_standard_error(torch.tensor(per_image)) if len(per_image) > 1 else None
 
 
 def measure(

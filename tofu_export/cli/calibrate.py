@@ -133,7 +133,8 @@ def calibrate(
     print_table(console, table)
     print_line(console, f"wrote {out} and {plot_path}")
     print_table(console, comparison_table(m, r))
-    for line in (f"verdict: {comparison_verdict(m)}", noise_note(m), tome_note(m), parity_warning(gate, out)):
+    for line in (f"verdict: {comparison_verdict(m)}", noise_note(m), floor_note(m, budget), tome_note(m),
+                 parity_warning(gate, out)):
         if line:
             print_line(console, line)
 
@@ -148,6 +149,7 @@ def json_answer(policy: Any, out: Path, plot_path: Path, r: int, seconds: float)
             "predicted_cosine": m["predicted_cosine"], "measured_cosine": m["measured_cosine"],
             "predicted_speedup": m["predicted_speedup"], "baseline_ms": m["baseline_ms"], "seconds": seconds,
             "measured_speedup": m.get("measured_speedup"), "held_out_cosine": m.get("held_out_cosine"),
+            "held_out_standard_error": m.get("held_out_standard_error"),
             "tome": {"r": r, "measured_cosine": m["uniform"]["mean"]["measured_cosine"],
                      "predicted_ms": m["uniform"]["mean"]["predicted_ms"]},
             "tome_at_measured_speedup": m.get("tome_at_measured_speedup"), "better_tome": better_tome(m),
@@ -254,6 +256,25 @@ def held_out_verdict(ahead: float, paired: dict[str, Any] | None) -> str:
     n = paired["images"]
     se = "no error bar" if paired["standard_error"] is None else f"± {paired['standard_error']:.5f} SE"
     return f"held out: {ahead:+.5f} cosine vs ToMe at the same measured speed ({se}, {n} image{'s' * (n != 1)})"
+
+
+def floor_note(m: dict[str, Any], budget: Any) -> str | None:
+    """A note when a floor's policy, kept on the search images, reads below the floor on the held-out images, with
+    the standard error of that mean (``held_out_standard_error``) saying whether the images can tell."""
+    held = m.get("held_out_cosine")
+    if budget.min_cosine is None or held is None or held >= budget.min_cosine:
+        return None
+    short, se = budget.min_cosine - held, m.get("held_out_standard_error")
+    if se is None:
+        spread = "one image: no error bar"
+    elif short <= 2 * se:
+        spread = f"within two standard errors ({se:.5f} each): these images cannot tell"
+    else:
+        spread = f"beyond two standard errors ({se:.5f} each)"
+    return (f"note: on the {m['held_out_images']} held-out images the policy measures {held:.5f}, {short:.5f} below "
+            f"the floor {budget.min_cosine:g} it kept on the calibration images ({spread}). Images unlike those "
+            "calibrated on read lower: calibrate on images like the ones you will run, or ask for a higher "
+            "--min-cosine.")
 
 
 def noise_note(m: dict[str, Any]) -> str | None:
