@@ -210,10 +210,7 @@ def floor_choice(calibration: Calibration, budget: Budget, rule: str,
                                         len(c.trace.reference), len(c.confirm.reference))
         how = (f"the fastest of them run again on {len(c.confirm.reference)} confirm images until one keeps the "
                f"floor over both sets (at most {CONFIRM_FINALISTS}), chosen")
-    pick = next(t for t in tried if t.candidate == chosen)
-    attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "predicted_cosine": 1.0 - chosen.damage,
-                 "measured_cosine": pick.cosine, "predicted_ms": chosen.latency_ms}
-                | ({} if pick.listed.confirm_cosine is None else {"confirm_cosine": pick.listed.confirm_cosine})]
+    attempts = [next(t for t in tried if t.candidate == chosen).listed.attempt()]
     record = {"choice": "measured: the candidates around the predicted floor, then bisection between each ladder's "
                         "measured passes and misses, run once each on the search images, fastest predicted first; "
                         f"{how} (calibration.floor)",

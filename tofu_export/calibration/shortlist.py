@@ -68,6 +68,13 @@ class Shortlisted:
         combined = (self.measured_cosine * searched + cosine * confirming) / (searched + confirming)
         return Shortlisted(self.source, self.candidate, self.measured_cosine, cosine, combined)
 
+    def attempt(self) -> dict:
+        """The chosen candidate's record in the policy's ``attempts``: its policy, predictions and measured cosines."""
+        c = self.candidate
+        return ({"modes": list(c.modes), "r": list(c.r), "predicted_cosine": 1.0 - c.damage,
+                 "measured_cosine": self.measured_cosine, "predicted_ms": c.latency_ms}
+                | ({} if self.confirm_cosine is None else {"confirm_cosine": self.confirm_cosine}))
+
     def to_dict(self) -> dict:
         c = self.candidate
         confirmed = {} if self.confirm_cosine is None else {"confirm_cosine": self.confirm_cosine,
@@ -233,10 +240,7 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str,
                                             len(c.confirm.reference))
         how = (f"each shortlisted candidate run once on the search images, the {CONFIRM_FINALISTS} highest also on "
                f"{len(c.confirm.reference)} confirm images, the highest mean over both chosen")
-    pick = next(s for s in measured if s.candidate == chosen)
-    attempts = [{"modes": list(chosen.modes), "r": list(chosen.r), "predicted_cosine": 1.0 - chosen.damage,
-                 "measured_cosine": pick.measured_cosine, "predicted_ms": chosen.latency_ms}
-                | ({} if pick.confirm_cosine is None else {"confirm_cosine": pick.confirm_cosine})]
+    attempts = [next(s for s in measured if s.candidate == chosen).attempt()]
     record = {"choice": f"measured: {how} (calibration.shortlist)",
               "candidates": [s.to_dict() | {"chosen": s.candidate == chosen} for s in measured]}
     return chosen, attempts, record
