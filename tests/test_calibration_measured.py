@@ -46,6 +46,20 @@ def test_held_out_images_are_an_even_spread_the_search_never_sees(count: int, fr
         assert ids(held_out) == set(range(step - 1, count, step))
 
 
+@pytest.mark.parametrize(("count", "asked", "measured"), [(256, 64, set(range(0, 256, 4))), (10, 3, {0, 3, 6}),
+                                                      (5, 8, set(range(5))), (4, 4, set(range(4)))])
+def test_confirm_images_are_what_an_even_spread_of_the_measured_ones_leaves(count: int, asked: int,
+                                                                            measured: set[int]) -> None:
+    """``calibrate --images K --confirm-images C`` loads K + C images and measures an even spread of K of them; a
+    folder with fewer than K images is measured whole and confirms nothing."""
+    from tofu_export.calibration.images import split_confirm
+
+    images = torch.arange(count, dtype=torch.float32).view(-1, 1, 1, 1)
+    kept, confirm = split_confirm(images, asked)
+    assert {int(v) for v in kept.flatten()} == measured and len(kept) == len(measured)
+    assert {int(v) for v in confirm.flatten()} == set(range(count)) - measured
+
+
 def test_policy_latency_is_measured_on_graphs_exported_as_the_user_exports(make_vit, monkeypatch) -> None:
     model = make_vit("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=0)  # 5 tokens, 1 protected
     calls = []

@@ -69,5 +69,5 @@ def split_confirm(images: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
     import torch
 
     chosen = torch.zeros(len(images), dtype=torch.bool)
-    chosen[[i * len(images) // count for i in range(min(count, len(images)))]] = True
+    chosen[evenly_spaced(range(len(images)), count)] = True
     return images[chosen], images[~chosen]
