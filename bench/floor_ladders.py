@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from selection_images import calibrated, embed, per_image_cosines, write_report
+from bench_record import write_results
+from selection_images import calibrated, embed, per_image_cosines
 
 from tofu_export.calibration import Budget, load_images
 from tofu_export.calibration import floor as floor_module
@@ -113,7 +114,7 @@ def main() -> None:
               "test": int(test_ref.shape[0]), "test_folder": str(args.test_folder),
               "tome": [{"r": k, "predicted_speedup": s, "held_out_cosine": float(x.mean())} for s, k, x in tome],
               "rows": rows, "wall_s": time.perf_counter() - started}
-    write_report(args.out / "floor_ladders", report, markdown(report))
+    write_results(args.out, "floor_ladders", markdown(report).splitlines(), report)
 
 
 def markdown(report: dict) -> str:

@@ -59,14 +59,13 @@ import torch
 import tofu_export
 from tofu_export.engines.ort import create_session
 from tofu_export.engines.ort_profile import parse_ort_profile
-from tofu_export.evaluation import model_transform
 from tofu_export.exporters.onnx import export_onnx
-from tofu_export.images import load_rgb
 from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
 from tofu_export.models.timm_vit import TokenReduction
 from tofu_export.profiling.compare import interleaved_latency_ms
 from tofu_export.profiling.device import describe_device
+from tofu_export.profiling.images import model_timing_images
 from tofu_export.schedule import layer_modes
 
 MODEL = "deit_small_patch16_224"
@@ -247,7 +246,7 @@ def main() -> None:
     load_before = [round(v, 2) for v in os.getloadavg()]
 
     model = load(args.checkpoint)
-    image = None if args.image is None else model_transform(model)(load_rgb(args.image))[None].numpy()  # [1, 3, H, W]
+    image = None if args.image is None else model_timing_images(args.image, 1, model).images.numpy()  # [1, 3, H, W]
     model_name = MODEL if args.checkpoint is None else args.checkpoint.stem
     stem = "latency_" + ("deit_small" if args.checkpoint is None else re.sub(r"\W+", "_", args.checkpoint.stem))
     inputs = ("seeded normal noise" if image is None else f"the image {args.image}") + (

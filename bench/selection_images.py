@@ -26,7 +26,6 @@ after the calibration. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_record import write_results
 from tqdm import tqdm
 
 from tofu_export.calibration import load_images, measure
@@ -176,15 +176,7 @@ def main() -> None:
             row["most_picked"] = rows[within[row["most_picked"]]]["candidate"]
         report["budgets"].append({"budget": budget, "candidates": rows, "choice": choice})
     report["wall_s"] = time.perf_counter() - started
-    write_report(args.out / "selection_images", report, markdown(report))
-
-
-def write_report(stem: Path, report: dict, text: str) -> None:
-    """``<stem>.json`` (the report) and ``<stem>.md`` (``text``), printed too."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, "selection_images", markdown(report).splitlines(), report)
 
 
 def markdown(report: dict) -> str:
