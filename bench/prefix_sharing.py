@@ -1,0 +1,97 @@
+"""Would a prefix cache pay? How much of a floor search's block work repeats a prefix an earlier candidate ran.
+
+A fidelity floor's search (``calibration.floor``) runs each candidate from block 0 on the search images. Two
+candidates with the same modes and r in their first k blocks compute the same tokens (and sizes) up to block k, so
+a cache of the block-boundary states of the last few candidates could start a candidate where it parts from them.
+This script reads a ``policy.json`` written by ``calibrate --min-cosine`` (its ``measurements.candidates``, in the
+order they ran) and reports, per cache size (how many earlier candidates' states are kept), the share of the
+search's block work such a cache would skip. A block's work is priced by the policy's own latency model: the
+unreduced block's time at the tokens entering it (``measurements.latency.block_ms.none``, linear between the
+measured token counts). The confirm images' forwards run on other images, so no search state serves them; they
+are left out. Nothing is run: this is arithmetic on the recorded order.
+
+Usage: python bench/prefix_sharing.py --policy policy.json [--sizes 1,2,4,8,16,0] [--out bench/results/x]
+(size 0: every earlier candidate kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench_record import write_results
+
+from tofu_export.calibration.latency_model import interpolate_linear
+
+Step = tuple[str, int]  # one block of a candidate: (mode or "-" where it removes nothing, r)
+
+
+def steps(candidate: dict) -> list[Step]:
+    return [(m if k else "-", k) for m, k in zip(candidate["modes"], candidate["r"], strict=True)]
+
+
+def block_costs(candidate: dict, tokens0: int, tokens: Sequence[int], block_ms: Sequence[float]) -> list[float]:
+    """Per block, the unreduced block's time at the tokens entering it (ms)."""
+    costs, n = [], tokens0
+    for k in candidate["r"]:
+        costs.append(interpolate_linear(list(tokens), list(block_ms), n))
+        n -= k
+    return costs
+
+
+def shared_blocks(a: Sequence[Step], b: Sequence[Step]) -> int:
+    """How many leading blocks two candidates run alike."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def skipped_share(candidates: Sequence[dict], size: int, tokens0: int, tokens: Sequence[int],
+                  block_ms: Sequence[float]) -> float:
+    """The share of the candidates' block work a cache of the last ``size`` candidates' states (0: all) skips."""
+    total = skipped = 0.0
+    for i, c in enumerate(candidates):
+        costs = block_costs(c, tokens0, tokens, block_ms)
+        kept = candidates[:i] if size == 0 else candidates[max(0, i - size):i]
+        k = max((shared_blocks(steps(c), steps(p)) for p in kept), default=0)
+        total, skipped = total + sum(costs), skipped + sum(costs[:k])
+    return skipped / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--policy", type=Path, required=True)
+    parser.add_argument("--sizes", default="1,2,4,8,16,0")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/prefix_sharing"))
+    args = parser.parse_args()
+    data = json.loads(args.policy.read_text())
+    m = data["measurements"]
+    candidates, latency = m["candidates"], m["latency"]
+    tokens0 = data["model"]["tokens"]
+    tokens, block_ms = latency["tokens"], latency["block_ms"]["none"]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    shares = {size: skipped_share(candidates, size, tokens0, tokens, block_ms) for size in sizes}
+    images = data["source"]["images"]["count"] - data["source"]["images"].get("held_out", 0)
+    token_rows = [sum(tokens0 - sum(c["r"][:k]) for k in range(len(c["r"]))) for c in candidates]
+    state_mb = images * data["model"]["embed_dim"] * 4 * sum(token_rows) / len(token_rows) / 2**20  # float32
+    command = shlex.join(["python", "bench/prefix_sharing.py", *sys.argv[1:]])
+    lines = ["# A prefix cache for the floor search's forwards: the block work it would skip", "",
+             f"Command: `{command}` (arithmetic on the recorded order; nothing run).", "",
+             f"The policy: {data['source'].get('budget')}, {len(candidates)} search candidates in "
+             f"{1 + max(c.get('round', 0) for c in candidates)} rounds, a calibration of "
+             f"{data['source'].get('seconds')} s. One kept candidate's block-boundary states on the {images} "
+             f"search images: {state_mb:.0f} MiB on average (float32 tokens).", "",
+             "| earlier candidates kept | share of the search's block work skipped |", "|---|---|"]
+    lines += [f"| {'all' if size == 0 else size} | {share:.1%} |" for size, share in shares.items()]
+    record = {"command": command, "policy": str(args.policy), "candidates": len(candidates), "state_mib": state_mb,
+              "skipped_share": {str(size): share for size, share in shares.items()}}
+    write_results(args.out, "prefix_sharing", lines, record)
+
+
+if __name__ == "__main__":
+    main()
