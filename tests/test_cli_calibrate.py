@@ -208,7 +208,28 @@ def test_the_held_out_lead_over_tome_says_whether_it_is_beyond_the_noise() -> No
         paired_difference([], [])
     assert held_out_verdict(0.1, one).endswith("at the same measured speed (no error bar, 1 image)")
     assert noise_note({}) is None  # a policy written before the per-image comparison
+    assert noise_note({"held_out_vs_tome": dinov2}).endswith("Calibrate on more --images to tell them apart.")
     assert held_out_verdict(0.1, None) == "held out: +0.10000 cosine vs ToMe at the same measured speed"
+
+
+def test_the_noise_note_says_how_many_images_would_show_the_lead() -> None:
+    """n (2 SE / |lead|)^2 held-out images: the DINOv2 figures above need 4 x (0.00672 / 0.00193)^2 = 48.5 -> 49,
+    and with 16 calibration images of which 4 are held out, --images 196."""
+    from tofu_export.cli.calibrate import noise_note
+    from tofu_export.evaluation.metrics import images_to_show
+
+    dinov2 = {"difference": -0.00193, "standard_error": 0.00336, "images": 4}
+    assert images_to_show(dinov2) == 49
+    assert images_to_show({**dinov2, "difference": 0.00193}) == 49  # a lag needs as many as a lead
+    assert images_to_show({**dinov2, "standard_error": 0.0005}) == 4  # already beyond two SE: the images at hand
+    assert images_to_show({**dinov2, "difference": 0.0}) is None  # nothing to show
+    assert images_to_show({**dinov2, "standard_error": None, "images": 1}) is None  # no error bar
+    said = noise_note({"held_out_vs_tome": dinov2}, 16)
+    assert said.endswith("A lead this size would stand two standard errors out on about 49 held-out images "
+                         "(--images 196), the spread per image staying as measured here."), said
+    big = {"difference": 0.00048, "standard_error": 0.00197, "images": 16}  # the default run's figures (README)
+    # 16 x (0.00394 / 0.00048)^2 = 1078.03 -> 1079 held out, of 64 images 16 held out: --images 4316
+    assert "about 1,079 held-out images (--images 4,316)" in noise_note({"held_out_vs_tome": big}, 64)
 
 
 def test_tome_that_measured_as_fast_and_closer_than_the_policy_is_named() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -133,8 +134,9 @@ def calibrate(
     print_table(console, table)
     print_line(console, f"wrote {out} and {plot_path}")
     print_table(console, comparison_table(m, r))
-    for line in (f"verdict: {comparison_verdict(m)}", noise_note(m), floor_note(m, budget), tome_note(m),
-                 parity_warning(gate, out)):
+    calibration_images = policy.source["images"]["count"]  # the search and held-out images, not the confirm ones
+    for line in (f"verdict: {comparison_verdict(m)}", noise_note(m, calibration_images), floor_note(m, budget),
+                 tome_note(m), parity_warning(gate, out)):
         if line:
             print_line(console, line)
 
@@ -277,12 +279,21 @@ def floor_note(m: dict[str, Any], budget: Any) -> str | None:
             "--min-cosine.")
 
 
-def noise_note(m: dict[str, Any]) -> str | None:
+def noise_note(m: dict[str, Any], images: int | None = None) -> str | None:
     """A note when the policy's held-out lead over ToMe at the same speed (``held_out_vs_tome``) is within two
-    standard errors: the images cannot tell the two apart."""
+    standard errors: the images cannot tell the two apart. With ``images`` (the calibration's, the held-out ones
+    among them) it says how many would show a lead of this size (``evaluation.metrics.images_to_show``)."""
+    from tofu_export.evaluation.metrics import images_to_show
+
     paired = m.get("held_out_vs_tome")
     if not paired or paired["standard_error"] is None or abs(paired["difference"]) > 2 * paired["standard_error"]:
         return None
-    return (f"note: on the {paired['images']} held-out images the policy's lead over ToMe at the same speed, "
+    note = (f"note: on the {paired['images']} held-out images the policy's lead over ToMe at the same speed, "
             f"{paired['difference']:+.5f} cosine, is within two standard errors ({paired['standard_error']:.5f} "
-            "each): noise, not a difference. Calibrate on more --images to tell them apart.")
+            "each): noise, not a difference.")
+    needed = images_to_show(paired)
+    if needed is None or not images:
+        return note + " Calibrate on more --images to tell them apart."
+    return (note + f" A lead this size would stand two standard errors out on about {needed:,} held-out images "
+            f"(--images {math.ceil(needed * images / paired['images']):,}), the spread per image staying as measured "
+            "here.")

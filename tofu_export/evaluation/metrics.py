@@ -8,6 +8,7 @@ A *loader* is any iterable of ``(images [B, 3, H, W], labels [B])`` (a ``DataLoa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -121,6 +122,16 @@ def paired_difference(mine: Sequence[float], theirs: Sequence[float]) -> dict:
     mean = sum(diffs) / n
     se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else None
     return {"difference": mean, "standard_error": se, "images": n}
+
+
+def images_to_show(paired: dict) -> int | None:
+    """How many images a ``paired_difference`` of this size would need to stand two standard errors from zero, the
+    per-image spread staying as measured: ``n (2 SE / |difference|)^2``, rounded up (at least ``n``). None where there
+    is no difference or no error bar (one image)."""
+    difference, se, n = paired["difference"], paired["standard_error"], paired["images"]
+    if se is None or difference == 0:
+        return None
+    return max(n, math.ceil(n * (2 * se / abs(difference)) ** 2))
 
 
 def cosine_standard_error(cosine: torch.Tensor) -> float:
