@@ -225,7 +225,7 @@ def test_the_noise_note_says_how_many_images_would_show_the_lead() -> None:
     assert images_to_show({**dinov2, "difference": 0.0}) is None  # nothing to show
     assert images_to_show({**dinov2, "standard_error": None, "images": 1}) is None  # no error bar
     said = noise_note({"held_out_vs_tome": dinov2}, 16)
-    assert said.endswith("A lead this size would stand two standard errors out on about 49 held-out images "
+    assert said.endswith("A difference this size would stand two standard errors out on about 49 held-out images "
                          "(--images 196), the spread per image staying as measured here."), said
     big = {"difference": 0.00048, "standard_error": 0.00197, "images": 16}  # the default run's figures (README)
     # 16 x (0.00394 / 0.00048)^2 = 1078.03 -> 1079 held out, of 64 images 16 held out: --images 4316

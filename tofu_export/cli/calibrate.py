@@ -294,6 +294,6 @@ def noise_note(m: dict[str, Any], images: int | None = None) -> str | None:
     needed = images_to_show(paired)
     if needed is None or not images:
         return note + " Calibrate on more --images to tell them apart."
-    return (note + f" A lead this size would stand two standard errors out on about {needed:,} held-out images "
+    return (note + f" A difference this size would stand two standard errors out on about {needed:,} held-out images "
             f"(--images {math.ceil(needed * images / paired['images']):,}), the spread per image staying as measured "
             "here.")
