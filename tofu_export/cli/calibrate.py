@@ -282,7 +282,7 @@ def floor_note(m: dict[str, Any], budget: Any) -> str | None:
 def noise_note(m: dict[str, Any], images: int | None = None) -> str | None:
     """A note when the policy's held-out lead over ToMe at the same speed (``held_out_vs_tome``) is within two
     standard errors: the images cannot tell the two apart. With ``images`` (the calibration's, the held-out ones
-    among them) it says how many would show a lead of this size (``evaluation.metrics.images_to_show``)."""
+    among them) it says how many would show a difference of this size (``evaluation.metrics.images_to_show``)."""
     from tofu_export.evaluation.metrics import images_to_show
 
     paired = m.get("held_out_vs_tome")
