@@ -29,8 +29,10 @@ import torch
 from bench_record import header, machine_line, write_results
 
 from tofu_export import load_model
+from tofu_export.calibration.damage import policy_cosines
 from tofu_export.calibration.images import load_images, split_confirm
-from tofu_export.calibration.measured import held_out_cosines, split_held_out
+from tofu_export.calibration.measured import split_held_out
+from tofu_export.calibration.trace import reference_pass
 from tofu_export.evaluation.metrics import paired_difference
 from tofu_export.models.family import family_of
 from tofu_export.schedule import plan_tokens
@@ -95,7 +97,9 @@ def main() -> None:
 
     cosines: dict[str, dict[str, list[float]]] = {}
     for set_name, x in sets.items():
-        cosines[set_name] = {name: held_out_cosines(model, x, modes, r, True) for name, (modes, r) in policies.items()}
+        reference = reference_pass(model, x)  # the unreduced pass, once for every policy
+        cosines[set_name] = {name: policy_cosines(model, reference, modes, r, True).tolist()
+                             for name, (modes, r) in policies.items()}
         print(f"scored {set_name} ({len(x)} images)", file=sys.stderr, flush=True)
 
     table = {s: {name: {"cosine": sum(c) / len(c), **({} if name == against else

@@ -34,11 +34,17 @@ def run_from_block(model: nn.Module, x: Tensor, start: int, *, batch_size: int =
     return torch.cat(outputs)
 
 
+def policy_cosines(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool) -> Tensor:
+    """Per-image cosine ``[B]`` to the unreduced model of really running the policy ``(modes, r)`` on the traced
+    images (``model`` left unpatched)."""
+    with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
+        return cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0))
+
+
 def verify(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool) -> float:
     """Mean cosine to the unreduced model of really running the policy ``(modes, r)`` on the traced images
-    (``model`` left unpatched)."""
-    with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
-        return float(cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0)).mean())
+    (``policy_cosines``' mean)."""
+    return float(policy_cosines(model, tr, modes, r, prop_attn).mean())
 
 
 def single_block_damage(

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tofu_export.calibration.damage import cosine_to, run_from_block
 from tofu_export.calibration.latency_model import interpolate_linear
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
@@ -61,22 +60,6 @@ def split_held_out(images: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     held = torch.zeros(len(images), dtype=torch.bool)
     held[step - 1 :: step] = True
     return images[~held], images[held]
-
-
-def held_out_cosines(
-    model: nn.Module, images: Tensor, modes: Sequence[str], r: Sequence[int], prop_attn: bool
-) -> list[float]:
-    """Per-image cosine ``[B]`` of the pooled output of ``model`` patched with the policy to the unreduced model's,
-    on ``images [B, 3, H, W]`` (``model`` is left as it was); ``[]`` for no images."""
-    if len(images) == 0:
-        return []
-    family = family_of(model)
-    with torch.no_grad(), unpatched(model):
-        x0 = torch.cat([family.embed(model, chunk) for chunk in images.split(32)])  # [B, N, C]
-        reference = run_from_block(model, x0, 0)
-        with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
-            output = run_from_block(model, x0, 0)
-    return cosine_to(reference, output).tolist()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ choose a policy from it (``shortlist``, ``floor``, ``versus_tome``, ``search.cho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,8 @@ from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
 from tofu_export.calibration.measured import ExportSettings
 from tofu_export.calibration.select import Candidate
-from tofu_export.calibration.trace import Trace
+from tofu_export.calibration.trace import Trace, reference_pass
+from tofu_export.models.family import unpatched
 
 
 @dataclass
@@ -38,6 +40,15 @@ class Calibration:
     clock: str = "wall"  # how latencies are timed (measured.CLOCKS)
     linearity_threshold: float = LINEARITY_THRESHOLD
     confirm: Trace | None = None  # more images (block 0's input, the reference) the search's best run again on
+
+    @cached_property
+    def held_out_reference(self) -> Trace | None:
+        """The unreduced pass over the held-out images (block 0's input and the reference), run once however many
+        policies are checked on them (the choice, ToMe at three r); None where none are held out."""
+        if self.held_out is None or not len(self.held_out):
+            return None
+        with unpatched(self.model):
+            return reference_pass(self.model, self.held_out)
 
     @property
     def front(self) -> list[Candidate]:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from tofu_export.calibration.damage import verify
-from tofu_export.calibration.measured import at_speedup, held_out_cosines, measure_policy_latency, tome_bracket
+from tofu_export.calibration.damage import policy_cosines, verify
+from tofu_export.calibration.measured import at_speedup, measure_policy_latency, tome_bracket
 from tofu_export.calibration.select import Candidate
 from tofu_export.evaluation.metrics import paired_difference
 from tofu_export.models.family import family_of
@@ -60,7 +60,9 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
     tome: dict = {"r": list(bracket), "measured_speedup": speedups}
     means = ["mean"] * depth
     cosines = {"cosine": [verify(model, c.trace, means, tome_r(k), c.prop_attn) for k in bracket]}
-    per_image = [held_out_cosines(model, held, means, tome_r(k), c.prop_attn) for k in bracket]  # 3 x [B']
+    reference = c.held_out_reference  # the held-out images' unreduced pass, shared with the policy's check
+    per_image = [[] if reference is None else policy_cosines(model, reference, means, tome_r(k), c.prop_attn).tolist()
+                 for k in bracket]  # 3 x [B']
     if len(held):
         cosines["held_out_cosine"] = [sum(values) / len(values) for values in per_image]
     for key, values in cosines.items():
