@@ -176,21 +176,14 @@ def main() -> None:
             "graph": {"reduce_l2": graph_path, "written_out": folder / "tofu-dynamo-written_out.onnx"},
             "rescale": {name: folder / f"rescale-{name}.onnx" for name in ("written_out", "lp_normalization")},
         }
+        ratios = {"op": [("written_out", "reduce_l2"), ("sum_square", "reduce_l2")],
+                  "graph": [("written_out", "reduce_l2")], "rescale": [("lp_normalization", "written_out")]}
         for part, models in parts.items():
-            if part == "rescale":
-                rounds = [thread_cpu_latency_ms(models, warmup=10, iters=args.iters * 20, seed=seed)
-                          for seed in range(args.repeats)]
-                result[part] = {name: round(statistics.median(t for one in rounds for t in one[name]), 4)
-                                for name in models}
-                result[part]["lp_normalization_over_written_out"] = paired(rounds, "lp_normalization", "written_out")
-                continue
-            iters = args.iters * (20 if part == "op" else 1)  # the op alone takes microseconds
+            iters = args.iters * (1 if part == "graph" else 20)  # an op alone takes microseconds
             rounds = [thread_cpu_latency_ms(models, warmup=10, iters=iters, seed=seed) for seed in range(args.repeats)]
-            medians = {name: statistics.median(t for one in rounds for t in one[name]) for name in models}
-            result[part] = {name: round(ms, 4) for name, ms in medians.items()}
-            result[part]["written_out_over_reduce_l2"] = paired(rounds, "written_out", "reduce_l2")
-            if "sum_square" in models:
-                result[part]["sum_square_over_reduce_l2"] = paired(rounds, "sum_square", "reduce_l2")
+            result[part] = {name: round(statistics.median(t for one in rounds for t in one[name]), 4)
+                            for name in models}
+            result[part] |= {f"{a}_over_{b}": paired(rounds, a, b) for a, b in ratios[part]}
     result.update(replaced=count, load_average_before_after=[load_before, os.getloadavg()],
                   machine=describe_device().to_dict(), python=platform.python_version(),
                   onnxruntime=__import__("onnxruntime").__version__)
