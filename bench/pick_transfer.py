@@ -55,8 +55,7 @@ def named_policy(spec: str) -> tuple[str, Policy]:
 
 def compact(policy: Policy) -> str:
     """``ml32 ml32 - ... me8``: per block the mode's first letters and r, ``-`` where nothing is removed."""
-    short = {"mean": "me", "mlerp": "ml", "prune": "pr"}
-    return " ".join(f"{short[m]}{k}" if k else "-" for m, k in zip(*policy, strict=True))
+    return " ".join(f"{m[:2]}{k}" if k else "-" for m, k in zip(*policy, strict=True))  # as the policy plot writes it
 
 
 def main() -> None:
