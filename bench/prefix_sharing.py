@@ -26,21 +26,13 @@ from pathlib import Path
 from bench_record import write_results
 
 from tofu_export.calibration.latency_model import interpolate_linear
+from tofu_export.schedule import plan_tokens
 
 Step = tuple[str, int]  # one block of a candidate: (mode or "-" where it removes nothing, r)
 
 
 def steps(candidate: dict) -> list[Step]:
     return [(m if k else "-", k) for m, k in zip(candidate["modes"], candidate["r"], strict=True)]
-
-
-def block_costs(candidate: dict, tokens0: int, tokens: Sequence[int], block_ms: Sequence[float]) -> list[float]:
-    """Per block, the unreduced block's time at the tokens entering it (ms)."""
-    costs, n = [], tokens0
-    for k in candidate["r"]:
-        costs.append(interpolate_linear(list(tokens), list(block_ms), n))
-        n -= k
-    return costs
 
 
 def shared_blocks(a: Sequence[Step], b: Sequence[Step]) -> int:
@@ -51,15 +43,14 @@ def shared_blocks(a: Sequence[Step], b: Sequence[Step]) -> int:
     return k
 
 
-def skipped_share(candidates: Sequence[dict], size: int, tokens0: int, tokens: Sequence[int],
-                  block_ms: Sequence[float]) -> float:
-    """The share of the candidates' block work a cache of the last ``size`` candidates' states (0: all) skips."""
+def skipped_share(candidates: Sequence[dict], costs: Sequence[Sequence[float]], size: int) -> float:
+    """The share of the candidates' block work (``costs``: per candidate, per block) a cache of the last ``size``
+    candidates' states (0: all) skips."""
     total = skipped = 0.0
-    for i, c in enumerate(candidates):
-        costs = block_costs(c, tokens0, tokens, block_ms)
+    for i, (c, block) in enumerate(zip(candidates, costs, strict=True)):
         kept = candidates[:i] if size == 0 else candidates[max(0, i - size):i]
         k = max((shared_blocks(steps(c), steps(p)) for p in kept), default=0)
-        total, skipped = total + sum(costs), skipped + sum(costs[:k])
+        total, skipped = total + sum(block), skipped + sum(block[:k])
     return skipped / total
 
 
@@ -72,13 +63,14 @@ def main() -> None:
     data = json.loads(args.policy.read_text())
     m = data["measurements"]
     candidates, latency = m["candidates"], m["latency"]
-    tokens0 = data["model"]["tokens"]
-    tokens, block_ms = latency["tokens"], latency["block_ms"]["none"]
+    model = data["model"]
+    entering = [plan_tokens(model["tokens"], model["num_prefix"], c["r"], warn=False).tokens for c in candidates]
+    costs = [[interpolate_linear(latency["tokens"], latency["block_ms"]["none"], n) for n in e] for e in entering]
     sizes = [int(x) for x in args.sizes.split(",")]
-    shares = {size: skipped_share(candidates, size, tokens0, tokens, block_ms) for size in sizes}
+    shares = {size: skipped_share(candidates, costs, size) for size in sizes}
     images = data["source"]["images"]["count"] - data["source"]["images"].get("held_out", 0)
-    token_rows = [sum(tokens0 - sum(c["r"][:k]) for k in range(len(c["r"]))) for c in candidates]
-    state_mb = images * data["model"]["embed_dim"] * 4 * sum(token_rows) / len(token_rows) / 2**20  # float32
+    token_rows = sum(sum(e) for e in entering) / len(entering)  # tokens held at the block boundaries, a candidate
+    state_mb = images * model["embed_dim"] * 4 * token_rows / 2**20  # float32
     command = shlex.join(["python", "bench/prefix_sharing.py", *sys.argv[1:]])
     lines = ["# A prefix cache for the floor search's forwards: the block work it would skip", "",
              f"Command: `{command}` (arithmetic on the recorded order; nothing run).", "",
