@@ -47,6 +47,17 @@ def test_stepped_schedules_walk_from_uniform_to_uniform_one_block_at_a_time() ->
     assert all(sum(a) <= sum(b) for a, b in itertools.pairwise(first))  # more tokens asked, step by step
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_filled_in_steps_go_one_token_at_a_time_through_the_coarse_rungs(first: bool) -> None:
+    coarse = stepped_schedules([0, 2, 4], 3, first=first)
+    filled = stepped_schedules([0, 2, 4], 3, first=first, between=True)
+    assert [r for r in filled if r in coarse] == coarse  # every coarse rung, in order
+    assert filled[0] == ([1, 0, 0] if first else [0, 0, 1]) and filled[-1] == [4, 4, 4]
+    for a, b in itertools.pairwise(filled):  # one block, one token more
+        assert [y - x for x, y in zip(a, b, strict=True) if y != x] == [1]
+    assert filled[filled.index([2, 2, 0] if first else [0, 2, 2]) + 1] == ([2, 2, 1] if first else [1, 2, 2])
+
+
 def test_stepped_candidates_are_the_least_reducing_within_the_budget() -> None:
     latency, damage = _latency(), _damage()
     limit = _baseline() / 1.3
@@ -73,7 +84,12 @@ def test_the_budget_lists_the_ladders_stepped_one_token_at_a_time_too() -> None:
     assert [source for source, _ in found] == ["tome first-stepped", "tome last-stepped",
                                                "tome first-stepped, one-token steps",
                                                "tome last-stepped, one-token steps"]
-    assert found[:2] == stepped_candidates(*space, limit)
+    assert found[:2] == stepped_candidates(*space, limit, between=True)  # the coarse ladders' step filled in
+    pairs = list(zip(found[:2], stepped_candidates(*space, limit), strict=True))
+    for (_, filled), (_, coarse) in pairs:
+        assert filled.latency_ms <= limit and filled.damage <= coarse.damage
+        assert all(x <= y for x, y in zip(filled.r, coarse.r, strict=True))
+    assert any(filled.r != coarse.r for (_, filled), (_, coarse) in pairs)  # here last-stepped: (6, 7, 8), not 8
     for source, c in found[2:]:
         assert c.latency_ms <= limit and c.damage == pytest.approx(predicted_damage(damage, c.modes, c.r))
         schedules = stepped_schedules(list(range(2 * R + 1)), DEPTH, "first-stepped" in source)

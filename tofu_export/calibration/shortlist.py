@@ -13,8 +13,11 @@ on the search images chooses:
 - per mode assignment (``assignments``: ToMe, MLERP and prune everywhere and the rule's per-block modes under the
   damage rule; the paper's per-block modes under the linearity rule), the least-reducing *stepped* schedule that
   meets the budget: every block at one r choice ``a``, the first (or the last) j blocks at the next one ``b``
-  (j = 0: uniform ``a``), as ``schedule.plan_tokens`` lets the blocks remove it. A uniform policy the budget allows
-  is in this list, so the choice never measures worse than the uniform policies it could have picked;
+  (j = 0: uniform ``a``) and the block next to them at a count from ``a`` to ``b`` (the step filled in one token at
+  a time), as ``schedule.plan_tokens`` lets the blocks remove it. A uniform policy the budget allows is in this
+  list, so the choice never measures worse than the uniform policies it could have picked. Without the filling,
+  the rung within a budget could stop well short of it (DINOv2-S/14 at 1.8x: MLERP's first-stepped rung at 44.8 ms
+  of 46.1, the one before it over); the filled rung asks no block for more tokens than that rung did;
 - the same ladders stepped one token at a time (``a`` and ``b = a + 1``, every count up to the largest choice): the
   r choices are r/2 apart, so the coarse rungs within a budget may stop well short of it. On DINOv2-S/14 at 1.5x
   (1000 held-out Fashion-MNIST images, ``bench/selection_images.py``) the coarse rungs were 0.00027-0.00041 of
@@ -83,14 +86,17 @@ class Shortlisted:
                 "predicted_ms": c.latency_ms, "measured_cosine": self.measured_cosine, **confirmed}
 
 
-def stepped_schedules(choices: Sequence[int], depth: int, first: bool) -> list[list[int]]:
+def stepped_schedules(choices: Sequence[int], depth: int, first: bool, between: bool = False) -> list[list[int]]:
     """Per-block r in order of more tokens asked for: for each pair of adjacent ``choices`` (ascending) ``a < b``,
     ``j = 0..depth-1`` blocks at ``b`` (the first j, or with ``first`` False the last j) and the rest at ``a``, then
-    every block at the largest choice. ``[depth]`` each; the all-zero schedule is left out."""
+    every block at the largest choice. With ``between``, the block next to step ``j`` also goes from ``a`` to ``b``
+    one token at a time between two such schedules. ``[depth]`` each; the all-zero schedule is left out."""
     out = []
     for a, b in itertools.pairwise(sorted(set(choices))):
         for j in range(depth):
-            out.append([b] * j + [a] * (depth - j) if first else [a] * (depth - j) + [b] * j)
+            for t in range(a, b if between else a + 1):  # the block next to the step: a, then a+1..b-1 between
+                steps = [b] * j + [t] + [a] * (depth - j - 1)
+                out.append(steps if first else steps[::-1])
     out.append([max(choices)] * depth)
     return [r for r in out if any(r)]
 
@@ -116,26 +122,28 @@ def priced(modes: Sequence[str], asked: Sequence[int], damage: Damage, latency: 
 
 def stepped_ladders(
     assignments: Mapping[str, Sequence[str]], choices: Sequence[int], damage: Damage, latency: BlockLatency,
-    tokens0: int, num_prefix: int,
+    tokens0: int, num_prefix: int, between: bool = False,
 ) -> list[tuple[str, list[Candidate]]]:
     """Per mode assignment and step direction (``"<assignment> <first|last>-stepped"``), every stepped schedule in
-    order of more tokens asked for (``stepped_schedules``), its r as ``plan_tokens`` clips it, with predictions."""
+    order of more tokens asked for (``stepped_schedules``, ``between`` as there), its r as ``plan_tokens`` clips it,
+    with predictions."""
     out = []
     for (name, modes), first in itertools.product(assignments.items(), (True, False)):
         rungs = [priced(modes, asked, damage, latency, tokens0, num_prefix)
-                 for asked in stepped_schedules(choices, len(modes), first)]
+                 for asked in stepped_schedules(choices, len(modes), first, between)]
         out.append((f"{name} {'first' if first else 'last'}-stepped", rungs))
     return out
 
 
 def stepped_candidates(
     assignments: Mapping[str, Sequence[str]], choices: Sequence[int], damage: Damage, latency: BlockLatency,
-    tokens0: int, num_prefix: int, limit_ms: float,
+    tokens0: int, num_prefix: int, limit_ms: float, between: bool = False,
 ) -> list[tuple[str, Candidate]]:
     """Per mode assignment and step direction, the least-reducing stepped schedule predicted within ``limit_ms``
-    (module docstring), its r as ``plan_tokens`` clips it; none for an assignment no schedule brings within."""
+    (module docstring; ``between`` as ``stepped_schedules``), its r as ``plan_tokens`` clips it; none for an
+    assignment no schedule brings within."""
     out = []
-    for source, rungs in stepped_ladders(assignments, choices, damage, latency, tokens0, num_prefix):
+    for source, rungs in stepped_ladders(assignments, choices, damage, latency, tokens0, num_prefix, between):
         within = next((c for c in rungs if c.latency_ms <= limit_ms), None)
         if within is not None:
             out.append((source, within))
@@ -149,11 +157,12 @@ def one_token_steps(choices: Sequence[int]) -> list[int]:
 
 def budget_stepped(space: SearchSpace, limit_ms: float) -> list[tuple[str, Candidate]]:
     """The stepped candidates of the shortlist (module docstring) within ``limit_ms``: per mode assignment and step
-    direction, the coarse ladder's (steps between the r choices) and the one-token ladder's
-    (``"<source>, one-token steps"``)."""
+    direction, the coarse ladder's (steps between the r choices, the block at the step filled in one token at a
+    time) and the one-token ladder's (``"<source>, one-token steps"``)."""
     assignments, choices, *rest = space
     fine = stepped_candidates(assignments, one_token_steps(choices), *rest, limit_ms)
-    return stepped_candidates(*space, limit_ms) + [(f"{source}, one-token steps", c) for source, c in fine]
+    coarse = stepped_candidates(*space, limit_ms, between=True)
+    return coarse + [(f"{source}, one-token steps", c) for source, c in fine]
 
 
 def policy_key(c: Candidate) -> tuple[tuple[str, ...], tuple[int, ...]]:
