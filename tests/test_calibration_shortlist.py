@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from synthetic_calibration import block_latency, late_blocks_look_free
 
 from tofu_export.calibration.latency_model import BlockLatency
@@ -20,6 +21,7 @@ from tofu_export.calibration.shortlist import (
     shortlist,
     stepped_candidates,
     stepped_schedules,
+    within_noise,
 )
 from tofu_export.schedule import plan_tokens
 
@@ -32,6 +34,11 @@ def _latency() -> BlockLatency:
 
 def _damage() -> dict[str, dict[int, list[float]]]:
     return late_blocks_look_free(R)
+
+
+def _images(cosine: float, count: int) -> torch.Tensor:
+    """``[count]`` per-image cosines, all ``cosine``."""
+    return torch.full((count,), cosine, dtype=torch.float64)
 
 
 def _baseline() -> float:
@@ -82,15 +89,18 @@ def test_the_budget_lists_the_ladders_stepped_one_token_at_a_time_too() -> None:
     space = ({"tome": ["mean"] * DEPTH}, r_choices(R), damage, latency, TOKENS, PREFIX)
     found = budget_stepped(space, limit)
     assert [source for source, _ in found] == ["tome first-stepped", "tome last-stepped",
+                                               "tome first-stepped, step filled in",
+                                               "tome last-stepped, step filled in",
                                                "tome first-stepped, one-token steps",
                                                "tome last-stepped, one-token steps"]
-    assert found[:2] == stepped_candidates(*space, limit, between=True)  # the coarse ladders' step filled in
-    pairs = list(zip(found[:2], stepped_candidates(*space, limit), strict=True))
+    assert found[:2] == stepped_candidates(*space, limit)
+    assert [c for _, c in found[2:4]] == [c for _, c in stepped_candidates(*space, limit, between=True)]
+    pairs = list(zip(found[2:4], found[:2], strict=True))
     for (_, filled), (_, coarse) in pairs:
         assert filled.latency_ms <= limit and filled.damage <= coarse.damage
         assert all(x <= y for x, y in zip(filled.r, coarse.r, strict=True))
     assert any(filled.r != coarse.r for (_, filled), (_, coarse) in pairs)  # here last-stepped: (6, 7, 8), not 8
-    for source, c in found[2:]:
+    for source, c in found[4:]:
         assert c.latency_ms <= limit and c.damage == pytest.approx(predicted_damage(damage, c.modes, c.r))
         schedules = stepped_schedules(list(range(2 * R + 1)), DEPTH, "first-stepped" in source)
         assert any(k % 2 for k in c.r)  # a count between the r choices (0, 2, 4, 6, 8)
@@ -143,7 +153,7 @@ def test_a_front_pick_that_measures_worse_than_uniform_tome_loses_to_it() -> Non
         return 1.0 - c.damage - 0.1 * context
 
     assert measure(tome) > measure(predicted_first)
-    chosen, measured = choose_measured(listed, measure)
+    chosen, measured = choose_measured(listed, lambda c: torch.tensor([measure(c)], dtype=torch.float64))  # 1 image
     assert chosen == max(listed, key=lambda x: measure(x[1]))[1] and chosen != predicted_first
     assert measure(chosen) >= measure(tome)
     assert [m.measured_cosine for m in measured] == [measure(c) for _, c in listed]
@@ -153,24 +163,47 @@ def test_a_front_pick_that_measures_worse_than_uniform_tome_loses_to_it() -> Non
 
 def test_a_measured_tie_goes_to_the_faster_candidate() -> None:
     slow, fast = Candidate(("mean",) * 3, (4, 4, 0), 0.001, 9.0), Candidate(("mean",) * 3, (4, 4, 4), 0.002, 8.0)
-    chosen, _ = choose_measured([("a", slow), ("b", fast)], lambda c: 0.999)
+    chosen, _ = choose_measured([("a", slow), ("b", fast)], lambda c: _images(0.999, 4))
     assert chosen == fast
+
+
+def test_the_fastest_within_one_paired_standard_error_of_the_best_is_chosen() -> None:
+    """b measures highest; c is 0.0004 lower on average but image by image within one standard error of b: c, the
+    faster, wins. d is as fast as c but clearly lower; e is faster still but further than its error."""
+    base = torch.tensor([0.990, 0.995, 0.985, 0.998, 0.992, 0.989], dtype=torch.float64)
+    b = base + 0.0010
+    c = base + 0.0006 + torch.tensor([0.0016, -0.0016, 0.0012, -0.0012, 0.0008, -0.0008], dtype=torch.float64)
+    d, e = base, base + 0.0002
+    latency = [9.0, 8.0, 7.0, 7.0, 6.0]
+    means = [float(x.mean()) for x in (base, b, c, d, e)]
+    error = float((c - b).std() / 6 ** 0.5)
+    assert means[1] - error <= means[2] < means[1] and means[4] < means[1] - float((e - b).std() / 6 ** 0.5)
+    assert within_noise([base, b, c, d, e], latency) == 2
+    assert within_noise([b, c], [9.0, 8.0]) == 1  # c within b's noise and faster
+    assert within_noise([b, base + 0.0006], [9.0, 8.0]) == 0  # the same 0.0004 lower on every image: no noise
+    assert within_noise([b[-1:], c[-1:]], [9.0, 8.0]) == 0  # one image: no spread, the highest (b)
 
 
 def test_the_finalists_run_on_the_confirm_images_and_the_best_mean_over_both_wins() -> None:
     """48 search images rank a first; on 192 confirm images b holds better: b wins on the mean over all 240. Only
     the finalists run there (e would have won, but measured fifth on the search images)."""
     a, b, c, d, e = (Candidate(("mean",) * 3, (k, k, 0), 0.001, 9.0 - k) for k in range(5))
-    measured = [Shortlisted("a", a, 0.9990), Shortlisted("b", b, 0.9989), Shortlisted("c", c, 0.9970),
-                Shortlisted("d", d, 0.9985), Shortlisted("e", e, 0.9980)]
+    searched = {a: 0.9990, b: 0.9989, c: 0.9970, d: 0.9985, e: 0.9980}
+    measured = [Shortlisted.run(k, x, _images(searched[x], 48)) for k, x in zip("abcde", (a, b, c, d, e), strict=True)]
     confirm = {a: 0.9980, b: 0.9992, d: 0.9986, e: 0.9999}
     calls: list[Candidate] = []
-    chosen, out = confirmed_choice(measured, lambda x: calls.append(x) or confirm[x], 48, 192, finalists=3)
+    chosen, out = confirmed_choice(measured, lambda x: calls.append(x) or _images(confirm[x], 192), 48, 192,
+                                   finalists=3)
     assert calls == [a, b, d] and chosen == b
-    assert [s.confirm_cosine for s in out] == [0.9980, 0.9992, None, 0.9986, None]
+    assert [s.confirm_cosine for s in out] == [pytest.approx(0.9980), pytest.approx(0.9992), None,
+                                               pytest.approx(0.9986), None]
     assert out[1].combined_cosine == pytest.approx((0.9989 * 48 + 0.9992 * 192) / 240)
     assert out[2] is measured[2]  # not a finalist: as measured
     assert {"confirm_cosine", "combined_cosine"} <= set(out[0].to_dict())
-    assert "confirm_cosine" not in out[2].to_dict()
-    tied = [Shortlisted("slow", a, 0.999), Shortlisted("fast", e, 0.999)]
-    assert confirmed_choice(tied, lambda x: 0.998, 48, 192)[0] == e  # a tie: the faster
+    assert "confirm_cosine" not in out[2].to_dict() and out[1].per_image.shape == (240,)
+    tied = [Shortlisted.run("slow", a, _images(0.999, 48)), Shortlisted.run("fast", e, _images(0.999, 48))]
+    assert confirmed_choice(tied, lambda x: _images(0.998, 192), 48, 192)[0] == e  # a tie: the faster
+    noisy = torch.tensor([0.001, -0.001] * 120)  # the faster e within one standard error over both sets: e
+    near = [Shortlisted.run("a", a, 0.9990 + noisy[:48]), Shortlisted.run("e", e, 0.9989 + noisy[:48].flip(0))]
+    confirms = {a: 0.9990 + noisy[48:], e: 0.9989 + noisy[48:].flip(0)}
+    assert confirmed_choice(near, confirms.__getitem__, 48, 192)[0] == e

@@ -194,11 +194,11 @@ def calibration(make_vit) -> Calibration:
 def runs(monkeypatch) -> list[tuple]:
     calls = []
 
-    def verify(model, tr, modes, r, prop_attn) -> float:
+    def policy_cosines(model, tr, modes, r, prop_attn) -> torch.Tensor:
         calls.append((tuple(modes), tuple(r)))
-        return _in_context(modes, r)
+        return torch.tensor([_in_context(modes, r)], dtype=torch.float64)
 
-    monkeypatch.setattr(shortlist_module, "verify", verify)  # every candidate's forward (shortlist.runs_on)
+    monkeypatch.setattr(shortlist_module, "policy_cosines", policy_cosines)  # every forward (shortlist.runs_on)
     return calls
 
 
@@ -291,11 +291,14 @@ def test_the_fastest_passes_run_on_the_confirm_images_until_one_keeps_the_floor_
              (("slow", slow, 0.9990), ("fast", fast, 0.9981), ("miss", miss, 0.9970), ("mid", mid, 0.9984))]
     confirm = {fast: 0.9975, mid: 0.9981, slow: 0.9999}
     calls: list[Candidate] = []
-    chosen, out = floor_module.confirmed_floor(tried, lambda c: calls.append(c) or confirm[c], 0.998, 48, 192)
+    chosen, out = floor_module.confirmed_floor(tried, lambda c: calls.append(c) or torch.tensor([confirm[c]] * 192,
+                                                                                           dtype=torch.float64),
+                                               0.998, 48, 192)
     assert calls == [fast, mid] and chosen == mid
     assert out[3].listed.combined_cosine == pytest.approx((0.9984 * 48 + 0.9981 * 192) / 240)
     assert out[0] is tried[0] and out[3].round == 0 and "confirm_cosine" in out[1].to_dict()
     low = {fast: 0.9970, mid: 0.9975, slow: 0.9970}
-    chosen, out = floor_module.confirmed_floor(tried, low.__getitem__, 0.998, 48, 192)
+    chosen, out = floor_module.confirmed_floor(tried, lambda c: torch.tensor([low[c]], dtype=torch.float64), 0.998,
+                                               48, 192)
     assert all(t.listed.combined_cosine < 0.998 for t in out if t.listed.combined_cosine is not None)
     assert chosen == mid  # nothing keeps 0.998 over both: the highest mean over both (0.99768)

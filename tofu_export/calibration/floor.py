@@ -56,6 +56,8 @@ from tofu_export.calibration.shortlist import (
 from tofu_export.errors import Hint
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from tofu_export.calibration.state import Calibration
 
 FRONT_AROUND = 2  # front candidates listed on each side of the predicted floor in round 0
@@ -179,10 +181,10 @@ def floor_ladders(calibration: Calibration, rule: str) -> list[Ladder]:
     return ladders
 
 
-def confirmed_floor(tried: Sequence[Tried], confirm: Callable[[Candidate], float], min_cosine: float, searched: int,
+def confirmed_floor(tried: Sequence[Tried], confirm: Callable[[Candidate], Tensor], min_cosine: float, searched: int,
                     confirming: int, finalists: int = CONFIRM_FINALISTS) -> tuple[Candidate, list[Tried]]:
     """The candidates measured to keep ``min_cosine`` on the ``searched`` search images, fastest predicted first, run
-    on the ``confirming`` confirm images (``confirm``: one forward there, the mean cosine) until one keeps it over
+    on the ``confirming`` confirm images (``confirm``: one forward there, the cosine per image) until one keeps it over
     both sets (each image weighing the same), at most ``finalists`` of them: that one, else the one with the highest
     mean over both. Returns it and ``tried`` with the finalists' figures added."""
     passes = sorted((t for t in tried if t.cosine >= min_cosine), key=lambda t: (t.candidate.latency_ms, -t.cosine))
@@ -201,7 +203,8 @@ def floor_choice(calibration: Calibration, budget: Budget, rule: str,
     """A fidelity floor's pick under ``rule`` (module docstring): the chosen candidate, its attempt record and the
     record of every candidate measured (source, predictions, measured cosine, round) for the policy."""
     c = calibration
-    chosen, tried = choose_floor(floor_ladders(c, rule), runs_on(c, c.trace, on_step), budget.min_cosine)
+    search = runs_on(c, c.trace, on_step)
+    chosen, tried = choose_floor(floor_ladders(c, rule), lambda x: float(search(x).mean()), budget.min_cosine)
     if chosen is None:
         raise unreachable(tried, budget.min_cosine, c.baseline_ms, c.r)
     how = "the fastest measuring at least the floor chosen"

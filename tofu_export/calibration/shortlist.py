@@ -13,34 +13,42 @@ on the search images chooses:
 - per mode assignment (``assignments``: ToMe, MLERP and prune everywhere and the rule's per-block modes under the
   damage rule; the paper's per-block modes under the linearity rule), the least-reducing *stepped* schedule that
   meets the budget: every block at one r choice ``a``, the first (or the last) j blocks at the next one ``b``
-  (j = 0: uniform ``a``) and the block next to them at a count from ``a`` to ``b`` (the step filled in one token at
-  a time), as ``schedule.plan_tokens`` lets the blocks remove it. A uniform policy the budget allows is in this
-  list, so the choice never measures worse than the uniform policies it could have picked. Without the filling,
-  the rung within a budget could stop well short of it (DINOv2-S/14 at 1.8x: MLERP's first-stepped rung at 44.8 ms
-  of 46.1, the one before it over); the filled rung asks no block for more tokens than that rung did;
+  (j = 0: uniform ``a``), as ``schedule.plan_tokens`` lets the blocks remove it. A uniform policy the budget allows
+  is in this list, so the choice never measures worse than the uniform policies it could have picked;
+- the same ladders with the block next to the step filled in one token at a time (``"..., step filled in"``): the
+  coarse rung within a budget can stop well short of it (DINOv2-S/14 at 1.8x: MLERP's first-stepped rung at 44.8 ms
+  of 46.1, the one before it over); the filled rung asks no block for more tokens than the coarse one;
 - the same ladders stepped one token at a time (``a`` and ``b = a + 1``, every count up to the largest choice): the
   r choices are r/2 apart, so the coarse rungs within a budget may stop well short of it. On DINOv2-S/14 at 1.5x
   (1000 held-out Fashion-MNIST images, ``bench/selection_images.py``) the coarse rungs were 0.00027-0.00041 of
   cosine behind uniform ToMe at their speed and the one-token rungs within 0.00017 of it (none ahead beyond its
   standard error: at 1.5x there, the one-token rungs bring the choice level with ToMe, not ahead).
 
-The candidate measuring the highest cosine wins (ties: the faster predicted). Where the calibration has *confirm*
-images (``calibrate --confirm-images``, beyond the search and held-out ones), the ``CONFIRM_FINALISTS`` candidates
-measuring highest are run on them too and the highest mean cosine over both sets wins: 48 search images cannot
-separate candidates a few 1e-4 apart. On DINOv2-S/14 at 1.8x (``bench/selection_images.py``, 29 candidates, 1,000
-held-out Fashion-MNIST images, ToMe at the same predicted speed) the choice among them on 48 random images ended
-+0.00042 ahead of ToMe on average but behind in 22% of draws, on 256 images +0.00058 and behind in 2%
-(``bench/results/selection_images_1p8x_intel/``). Held-out images never enter.
+Where the calibration has *confirm* images (``calibrate --confirm-images``, beyond the search and held-out ones),
+the ``CONFIRM_FINALISTS`` candidates measuring highest on the search images are run on them too. The choice, on
+the search images or over both sets (each image weighing the same), is the *fastest predicted* candidate whose mean
+cosine is within one standard error of the highest (``within_noise``; the error of the paired, image-by-image
+difference): candidates that close cannot be told apart on these images, and the faster one is worth having. 48
+search images cannot separate candidates a few 1e-4 apart: on DINOv2-S/14 at 1.8x (``bench/selection_images.py``,
+29 candidates, 1,000 held-out Fashion-MNIST images, ToMe at the same predicted speed) the highest on 48 random
+images ended +0.00042 ahead of ToMe on average but behind in 22% of draws, on 256 images +0.00058 and behind in 2%
+(``bench/results/selection_images_1p8x_intel/``). With both coarse and filled rungs listed, choosing the fastest
+within one error instead of the highest moved the mean held-out lead from +0.00080 to +0.00086 (48 + 192/4, 500
+draws; +0.00070 to +0.00097 on 48 images alone), the choice 0.005x faster
+(``bench/results/selection_images_filled_1p8x/``). Held-out images never enter.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from tofu_export.calibration.damage import derive_damage, verify
+import torch
+from torch import Tensor
+
+from tofu_export.calibration.damage import derive_damage, policy_cosines
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.select import Budget, Candidate, Damage, choose
 from tofu_export.models.family import family_of
@@ -64,12 +72,20 @@ class Shortlisted:
     measured_cosine: float  # on the search images
     confirm_cosine: float | None = None  # on the confirm images, for the finalists (``confirmed_choice``)
     combined_cosine: float | None = None  # over both sets, each image weighing the same
+    per_image: Tensor | None = field(default=None, compare=False, repr=False)  # [images] cosines behind the means
 
-    def confirmed(self, cosine: float, searched: int, confirming: int) -> Shortlisted:
-        """This candidate with its mean ``cosine`` on ``confirming`` confirm images, and the mean over those and the
-        ``searched`` search images, each image weighing the same."""
+    @classmethod
+    def run(cls, source: str, candidate: Candidate, cosines: Tensor) -> Shortlisted:
+        """The candidate measured on the search images: ``cosines [S]`` per image."""
+        return cls(source, candidate, float(cosines.mean()), per_image=cosines)
+
+    def confirmed(self, cosines: Tensor, searched: int, confirming: int) -> Shortlisted:
+        """This candidate with its per-image ``cosines [C]`` on ``confirming`` confirm images: their mean, the mean
+        over those and the ``searched`` search images (each image weighing the same) and both sets' per image."""
+        cosine = float(cosines.mean())
         combined = (self.measured_cosine * searched + cosine * confirming) / (searched + confirming)
-        return Shortlisted(self.source, self.candidate, self.measured_cosine, cosine, combined)
+        both = None if self.per_image is None else torch.cat([self.per_image, cosines])
+        return Shortlisted(self.source, self.candidate, self.measured_cosine, cosine, combined, both)
 
     def attempt(self) -> dict:
         """The chosen candidate's record in the policy's ``attempts``: its policy, predictions and measured cosines."""
@@ -157,12 +173,13 @@ def one_token_steps(choices: Sequence[int]) -> list[int]:
 
 def budget_stepped(space: SearchSpace, limit_ms: float) -> list[tuple[str, Candidate]]:
     """The stepped candidates of the shortlist (module docstring) within ``limit_ms``: per mode assignment and step
-    direction, the coarse ladder's (steps between the r choices, the block at the step filled in one token at a
-    time) and the one-token ladder's (``"<source>, one-token steps"``)."""
+    direction, the coarse ladder's (steps between the r choices), the same with the block at the step filled in one
+    token at a time (``"<source>, step filled in"``) and the one-token ladder's (``"<source>, one-token steps"``)."""
     assignments, choices, *rest = space
+    filled = stepped_candidates(*space, limit_ms, between=True)
     fine = stepped_candidates(assignments, one_token_steps(choices), *rest, limit_ms)
-    coarse = stepped_candidates(*space, limit_ms, between=True)
-    return coarse + [(f"{source}, one-token steps", c) for source, c in fine]
+    return (stepped_candidates(*space, limit_ms) + [(f"{source}, step filled in", c) for source, c in filled]
+            + [(f"{source}, one-token steps", c) for source, c in fine])
 
 
 def policy_key(c: Candidate) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -197,34 +214,50 @@ def shortlist(
     return unique(listed + list(stepped))
 
 
+def within_noise(per_image: Sequence[Tensor], latency_ms: Sequence[float]) -> int:
+    """The one-standard-error rule: the index of the fastest predicted candidate whose mean cosine is within one
+    standard error of its paired difference (image by image, ``per_image[k] [B]``, the same images for all) of the
+    highest mean (ties: the higher mean). With one image there is no spread: the highest mean (ties: the faster)."""
+    means = [float(x.mean()) for x in per_image]
+    best = max(range(len(means)), key=lambda k: (means[k], -latency_ms[k]))
+
+    def error(k: int) -> float:
+        difference = per_image[k] - per_image[best]
+        return float(difference.std() / difference.numel() ** 0.5) if difference.numel() > 1 else 0.0
+
+    near = [k for k in range(len(means)) if means[k] >= means[best] - error(k)]
+    return min(near, key=lambda k: (latency_ms[k], -means[k]))
+
+
 def choose_measured(listed: Sequence[tuple[str, Candidate]],
-                    measure: Callable[[Candidate], float]) -> tuple[Candidate, list[Shortlisted]]:
-    """Measure every listed candidate's cosine (``measure``: one forward on the search images) and return the one
-    measuring highest (ties: the faster predicted) with every measurement."""
-    measured = [Shortlisted(source, c, measure(c)) for source, c in listed]
-    best = max(measured, key=lambda s: (s.measured_cosine, -s.candidate.latency_ms))
-    return best.candidate, measured
+                    measure: Callable[[Candidate], Tensor]) -> tuple[Candidate, list[Shortlisted]]:
+    """Measure every listed candidate (``measure``: one forward on the search images, the cosine per image) and
+    return the one ``within_noise`` picks with every measurement."""
+    measured = [Shortlisted.run(source, c, measure(c)) for source, c in listed]
+    best = within_noise([s.per_image for s in measured], [s.candidate.latency_ms for s in measured])
+    return measured[best].candidate, measured
 
 
-def confirmed_choice(measured: Sequence[Shortlisted], confirm: Callable[[Candidate], float], searched: int,
+def confirmed_choice(measured: Sequence[Shortlisted], confirm: Callable[[Candidate], Tensor], searched: int,
                      confirming: int, finalists: int = CONFIRM_FINALISTS) -> tuple[Candidate, list[Shortlisted]]:
     """The ``finalists`` of ``measured`` measuring highest on the ``searched`` search images, each run on the
-    ``confirming`` confirm images (``confirm``: one forward there, the mean cosine); the one with the highest mean over
-    both sets wins (ties: the faster predicted). Returns it and ``measured`` with the finalists' figures added."""
+    ``confirming`` confirm images (``confirm``: one forward there, the cosine per image); ``within_noise`` picks
+    among them on both sets. Returns it and ``measured`` with the finalists' figures added."""
     ranked = sorted(measured, key=lambda s: (-s.measured_cosine, s.candidate.latency_ms))[:finalists]
-    done = {id(s): s.confirmed(confirm(s.candidate), searched, confirming) for s in ranked}
-    best = max(done.values(), key=lambda s: (s.combined_cosine, -s.candidate.latency_ms))
-    return best.candidate, [done.get(id(s), s) for s in measured]
+    done = [s.confirmed(confirm(s.candidate), searched, confirming) for s in ranked]
+    best = done[within_noise([s.per_image for s in done], [s.candidate.latency_ms for s in done])]
+    finals = {id(s): d for s, d in zip(ranked, done, strict=True)}
+    return best.candidate, [finals.get(id(s), s) for s in measured]
 
 
 def runs_on(calibration: Calibration, images: Trace, on_step: Callable[[], None] | None = None
-            ) -> Callable[[Candidate], float]:
-    """``measure(candidate)``: the candidate's mean cosine on ``images`` (the search images' trace, or the confirm
-    images'), one forward (``damage.verify``); ``on_step`` after each."""
+            ) -> Callable[[Candidate], Tensor]:
+    """``measure(candidate)``: the candidate's cosine per image ``[B]`` on ``images`` (the search images' trace, or
+    the confirm images'), one forward (``damage.policy_cosines``); ``on_step`` after each."""
     c = calibration
 
-    def measure(x: Candidate) -> float:
-        cosine = verify(c.model, images, x.modes, x.r, c.prop_attn)
+    def measure(x: Candidate) -> Tensor:
+        cosine = policy_cosines(c.model, images, x.modes, x.r, c.prop_attn).detach()
         if on_step is not None:
             on_step()
         return cosine
@@ -243,12 +276,13 @@ def measured_choice(calibration: Calibration, budget: Budget, rule: str,
     stepped = budget_stepped(search_space(c, rule), limit)
 
     chosen, measured = choose_measured(shortlist(rule_fronts(c, rule), stepped, limit), runs_on(c, c.trace, on_step))
-    how = "each shortlisted candidate run once on the search images, the highest cosine chosen"
+    how = "each shortlisted candidate run once on the search images"
     if c.confirm is not None:
         chosen, measured = confirmed_choice(measured, runs_on(c, c.confirm, on_step), len(c.trace.reference),
                                             len(c.confirm.reference))
-        how = (f"each shortlisted candidate run once on the search images, the {CONFIRM_FINALISTS} highest also on "
-               f"{len(c.confirm.reference)} confirm images, the highest mean over both chosen")
+        how += f", the {CONFIRM_FINALISTS} highest also on {len(c.confirm.reference)} confirm images"
+    how += (", the fastest predicted whose mean cosine is within one paired standard error of the highest chosen "
+            "(shortlist.within_noise)")
     attempts = [next(s for s in measured if s.candidate == chosen).attempt()]
     record = {"choice": f"measured: {how} (calibration.shortlist)",
               "candidates": [s.to_dict() | {"chosen": s.candidate == chosen} for s in measured]}

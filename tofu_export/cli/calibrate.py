@@ -27,9 +27,10 @@ def calibrate(
     images: Annotated[int, typer.Option("--images", help="Calibration images, evenly spread over DATA.")] = 64,
     confirm_images: Annotated[int, typer.Option(
         "--confirm-images", min=0, help="More images of DATA, beyond --images, on which the few best candidates of "
-        "the search images are run again before one is chosen: the highest mean over both sets under --speedup / "
-        "--max-latency-ms, the fastest keeping --min-cosine over both under a floor (the search images alone cannot "
-        "separate candidates a few 1e-4 of cosine apart); 0: none.")] = 192,
+        "the search images are run again before one is chosen: under --speedup / --max-latency-ms the fastest whose "
+        "mean over both sets is within one standard error of the highest, under a floor the fastest keeping "
+        "--min-cosine over both (the search images alone cannot separate candidates a few 1e-4 of cosine apart); "
+        "0: none.")] = 192,
     min_cosine: Annotated[
         float | None, typer.Option("--min-cosine", help="Fastest policy whose output cosine to the unreduced model "
                                    "stays at least this [default: 0.995 when no budget is given].")
