@@ -32,10 +32,10 @@ difference): candidates that close cannot be told apart on these images, and the
 search images cannot separate candidates a few 1e-4 apart: on DINOv2-S/14 at 1.8x (``bench/selection_images.py``,
 29 candidates, 1,000 held-out Fashion-MNIST images, ToMe at the same predicted speed) the highest on 48 random
 images ended +0.00042 ahead of ToMe on average but behind in 22% of draws, on 256 images +0.00058 and behind in 2%
-(``bench/results/selection_images_1p8x_intel/``). With both coarse and filled rungs listed, choosing the fastest
-within one error instead of the highest moved the mean held-out lead from +0.00080 to +0.00086 (48 + 192/4, 500
-draws; +0.00070 to +0.00097 on 48 images alone), the choice 0.005x faster
-(``bench/results/selection_images_filled_1p8x/``). Held-out images never enter.
+(``bench/results/selection_images_1p8x_intel/``). In another calibration there, with both coarse and filled rungs
+listed, choosing the fastest within one error instead of the highest moved the mean held-out lead over ToMe from
++0.00081 to +0.00086 (48 + 192 images, 4 finalists, 500 draws; +0.00072 to +0.00098 on 48 images alone), the
+choice 0.005x faster (``bench/results/selection_images_filled_1p8x/``). Held-out images never enter.
 """
 
 from __future__ import annotations
