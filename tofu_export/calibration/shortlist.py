@@ -14,7 +14,8 @@ on the search images chooses:
   damage rule; the paper's per-block modes under the linearity rule), the least-reducing *stepped* schedule that
   meets the budget: every block at one r choice ``a``, the first (or the last) j blocks at the next one ``b``
   (j = 0: uniform ``a``), as ``schedule.plan_tokens`` lets the blocks remove it. A uniform policy the budget allows
-  is in this list, so the choice never measures worse than the uniform policies it could have picked;
+  is in this list, so the choice never measures worse than the uniform policies it could have picked by more than
+  the standard error the rule below allows;
 - the same ladders with the block next to the step filled in one token at a time (``"..., step filled in"``): the
   coarse rung within a budget can stop well short of it (DINOv2-S/14 at 1.8x: MLERP's first-stepped rung at 44.8 ms
   of 46.1, the one before it over); the filled rung asks no block for more tokens than the coarse one;
