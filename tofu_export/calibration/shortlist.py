@@ -52,6 +52,7 @@ from torch import Tensor
 from tofu_export.calibration.damage import derive_damage, policy_cosines
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.select import Budget, Candidate, Damage, choose
+from tofu_export.evaluation.metrics import paired_difference
 from tofu_export.models.family import family_of
 from tofu_export.schedule import plan_tokens
 
@@ -217,17 +218,17 @@ def shortlist(
 
 def within_noise(per_image: Sequence[Tensor], latency_ms: Sequence[float]) -> int:
     """The one-standard-error rule: the index of the fastest predicted candidate whose mean cosine is within one
-    standard error of its paired difference (image by image, ``per_image[k] [B]``, the same images for all) of the
-    highest mean (ties: the higher mean). With one image there is no spread: the highest mean (ties: the faster)."""
+    standard error of its paired difference (``evaluation.metrics.paired_difference``: image by image,
+    ``per_image[k] [B]``, the same images for all) of the highest mean (ties: the higher mean). With one image there
+    is no spread: the highest mean (ties: the faster)."""
     means = [float(x.mean()) for x in per_image]
     best = max(range(len(means)), key=lambda k: (means[k], -latency_ms[k]))
 
-    def error(k: int) -> float:
-        difference = per_image[k] - per_image[best]
-        return float(difference.std() / difference.numel() ** 0.5) if difference.numel() > 1 else 0.0
+    def near(k: int) -> bool:
+        paired = paired_difference(per_image[k].tolist(), per_image[best].tolist())
+        return paired["difference"] >= -(paired["standard_error"] or 0.0)
 
-    near = [k for k in range(len(means)) if means[k] >= means[best] - error(k)]
-    return min(near, key=lambda k: (latency_ms[k], -means[k]))
+    return min((k for k in range(len(means)) if near(k)), key=lambda k: (latency_ms[k], -means[k]))
 
 
 def choose_measured(listed: Sequence[tuple[str, Candidate]],
