@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tofu_export.calibration.damage import damage_by_r, policy_cosines, verify
+from tofu_export.calibration.damage import damage_by_r, verify
 from tofu_export.calibration.floor import floor_choice
 from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
 from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
@@ -86,9 +86,7 @@ def _finish(calibration: Calibration, chosen: Candidate, budget: Budget, rule: s
     timed against the unreduced one and ToMe, ``bar`` following the exports and the timed rounds as two stages."""
     cal = calibration
     held = cal.held_out if cal.held_out is not None else cal.trace.reference[:0]
-    reference = cal.held_out_reference
-    per_image = [] if reference is None else policy_cosines(cal.model, reference, chosen.modes, chosen.r,
-                                                            cal.prop_attn).tolist()  # [held]
+    per_image = cal.held_out_cosines(chosen.modes, chosen.r)  # [held]
     measurements = dict(cal.measurements(), rule=rule, predicted_cosine=attempts[-1]["predicted_cosine"],
                         measured_cosine=attempts[-1]["measured_cosine"], predicted_ms=chosen.latency_ms,
                         predicted_speedup=cal.baseline_ms / chosen.latency_ms, attempts=attempts,

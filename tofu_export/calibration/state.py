@@ -3,12 +3,14 @@ choose a policy from it (``shortlist``, ``floor``, ``versus_tome``, ``search.cho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
+from tofu_export.calibration.damage import policy_cosines
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
 from tofu_export.calibration.measured import ExportSettings
@@ -49,6 +51,12 @@ class Calibration:
             return None
         with unpatched(self.model):
             return reference_pass(self.model, self.held_out)
+
+    def held_out_cosines(self, modes: Sequence[str], r: Sequence[int]) -> list[float]:
+        """Per-image cosine ``[held]`` of the policy ``(modes, r)`` on the held-out images to the unreduced model
+        (``damage.policy_cosines`` on ``held_out_reference``); ``[]`` where none are held out."""
+        reference = self.held_out_reference
+        return [] if reference is None else policy_cosines(self.model, reference, modes, r, self.prop_attn).tolist()
 
     @property
     def front(self) -> list[Candidate]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from tofu_export.calibration.damage import policy_cosines, verify
+from tofu_export.calibration.damage import verify
 from tofu_export.calibration.measured import at_speedup, measure_policy_latency, tome_bracket
 from tofu_export.calibration.select import Candidate
 from tofu_export.evaluation.metrics import paired_difference
@@ -60,9 +60,7 @@ def timed_against_tome(calibration: Calibration, chosen: Candidate, held: Tensor
     tome: dict = {"r": list(bracket), "measured_speedup": speedups}
     means = ["mean"] * depth
     cosines = {"cosine": [verify(model, c.trace, means, tome_r(k), c.prop_attn) for k in bracket]}
-    reference = c.held_out_reference  # the held-out images' unreduced pass, shared with the policy's check
-    per_image = [[] if reference is None else policy_cosines(model, reference, means, tome_r(k), c.prop_attn).tolist()
-                 for k in bracket]  # 3 x [B']
+    per_image = [c.held_out_cosines(means, tome_r(k)) for k in bracket]  # 3 x [B'], one unreduced pass shared
     if len(held):
         cosines["held_out_cosine"] = [sum(values) / len(values) for values in per_image]
     for key, values in cosines.items():
