@@ -45,22 +45,17 @@ from tofu_export.schedule import plan_tokens
 
 def coarse_ladders(calibration, rule: str) -> list:
     """``floor_ladders`` as it was: the one-token ladders left out."""
-    return [ladder for ladder in ALL_LADDERS(calibration, rule) if not ladder[0].endswith(", one-token steps")]
-
-
-ALL_LADDERS = floor_module.floor_ladders
+    return [ladder for ladder in floor_module.floor_ladders(calibration, rule)
+            if not ladder[0].endswith(", one-token steps")]
 
 
 def floor_pick(calibration, floor: float, ladders, confirm: bool) -> dict:
     """The floor's pick with ``ladders`` (a ``floor_ladders``), with or without the confirm images, its forwards and
     seconds."""
-    floor_module.floor_ladders = ladders
     started = time.perf_counter()
     searched = calibration if confirm else dataclasses.replace(calibration, confirm=None)
-    try:
-        chosen, _, record = floor_module.floor_choice(searched, Budget(min_cosine=floor), "damage")
-    finally:
-        floor_module.floor_ladders = ALL_LADDERS
+    chosen, _, record = floor_module.floor_choice(searched, Budget(min_cosine=floor), "damage",
+                                                  ladders=ladders(calibration, "damage"))
     pick = next(c for c in record["candidates"] if c["chosen"])
     return {"source": pick["source"], "modes": list(chosen.modes), "r": list(chosen.r),
             "predicted_speedup": calibration.baseline_ms / chosen.latency_ms,
@@ -97,9 +92,10 @@ def main() -> None:
     rng = np.random.default_rng(1)
     rows = []
     for floor in (float(f) for f in args.floors.split(",")):
-        searches = [("coarse ladders", coarse_ladders, False), ("with one-token ladders", ALL_LADDERS, False)]
+        every = floor_module.floor_ladders
+        searches = [("coarse ladders", coarse_ladders, False), ("with one-token ladders", every, False)]
         if args.confirm_images:
-            searches.append((f"with one-token ladders and {args.confirm_images} confirm images", ALL_LADDERS, True))
+            searches.append((f"with one-token ladders and {args.confirm_images} confirm images", every, True))
         for name, ladders, confirming in searches:
             row = {"floor": floor, "ladders": name, **floor_pick(c, floor, ladders, confirming)}
             held = per_image_cosines(model, test_x, test_ref, row["modes"], row["r"], c.prop_attn)

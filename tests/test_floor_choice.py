@@ -248,6 +248,17 @@ def test_a_floor_nothing_measured_meets_is_an_error_naming_the_best_measured(cal
     assert len(runs) <= forward_bound(ladders, 1 - 0.9999)  # the bound of the module docstring
 
 
+def test_the_floor_bisects_only_the_ladders_it_is_given(calibration, runs) -> None:
+    """``floor_choice(..., ladders=...)``: a study passes a subset (``bench/floor_ladders.py``) instead of swapping
+    the module's ``floor_ladders``; every candidate measured comes from those ladders."""
+    ladders = [x for x in floor_module.floor_ladders(calibration, "damage") if x[0] == "tome first-stepped"]
+    chosen, _, record = floor_module.floor_choice(calibration, Budget(min_cosine=0.996), "damage", ladders=ladders)
+    rungs = {policy_key(c) for c in ladders[0][1]}
+    assert runs and {policy_key(Candidate(modes, r, 0.0, 0.0)) for modes, r in runs} <= rungs
+    assert all(c["source"].startswith("tome first-stepped #") for c in record["candidates"])
+    assert policy_key(chosen) in rungs and _in_context(chosen.modes, chosen.r) >= 0.996
+
+
 def test_ladders_stepped_one_token_at_a_time_reach_closer_to_the_floor(calibration) -> None:
     """The r choices are r/2 apart, so the coarse rungs can stop short of the floor: with the same ladders stepped
     one token at a time every floor's pick is as fast or faster, and floors no coarse rung keeps are met."""

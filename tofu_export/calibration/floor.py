@@ -198,13 +198,15 @@ def confirmed_floor(tried: Sequence[Tried], confirm: Callable[[Candidate], Tenso
     return best.candidate, [done.get(id(t), t) for t in tried]
 
 
-def floor_choice(calibration: Calibration, budget: Budget, rule: str,
-                 on_step: Callable[[], None] | None = None) -> tuple[Candidate, list[dict], dict]:
+def floor_choice(calibration: Calibration, budget: Budget, rule: str, on_step: Callable[[], None] | None = None,
+                 ladders: Sequence[Ladder] | None = None) -> tuple[Candidate, list[dict], dict]:
     """A fidelity floor's pick under ``rule`` (module docstring): the chosen candidate, its attempt record and the
-    record of every candidate measured (source, predictions, measured cosine, round) for the policy."""
+    record of every candidate measured (source, predictions, measured cosine, round) for the policy. ``ladders``:
+    what it bisects (None: ``floor_ladders``, all of them; a study may pass a subset)."""
     c = calibration
     search = runs_on(c, c.trace, on_step)
-    chosen, tried = choose_floor(floor_ladders(c, rule), lambda x: float(search(x).mean()), budget.min_cosine)
+    ladders = floor_ladders(c, rule) if ladders is None else ladders
+    chosen, tried = choose_floor(ladders, lambda x: float(search(x).mean()), budget.min_cosine)
     if chosen is None:
         raise unreachable(tried, budget.min_cosine, c.baseline_ms, c.r)
     how = "the fastest measuring at least the floor chosen"
