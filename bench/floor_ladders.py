@@ -43,19 +43,17 @@ from tofu_export.profiling.device import describe_device
 from tofu_export.schedule import plan_tokens
 
 
-def coarse_ladders(calibration, rule: str) -> list:
-    """``floor_ladders`` as it was: the one-token ladders left out."""
-    return [ladder for ladder in floor_module.floor_ladders(calibration, rule)
-            if not ladder[0].endswith(", one-token steps")]
+def coarse_ladders(ladders: list) -> list:
+    """``floor_ladders`` as it was: ``ladders`` without the one-token ones."""
+    return [ladder for ladder in ladders if not ladder[0].endswith(", one-token steps")]
 
 
-def floor_pick(calibration, floor: float, ladders, confirm: bool) -> dict:
-    """The floor's pick with ``ladders`` (a ``floor_ladders``), with or without the confirm images, its forwards and
-    seconds."""
+def floor_pick(calibration, floor: float, ladders: list, confirm: bool) -> dict:
+    """The floor's pick bisecting ``ladders`` (``floor_ladders``' or a subset), with or without the confirm images,
+    its forwards and seconds."""
     started = time.perf_counter()
     searched = calibration if confirm else dataclasses.replace(calibration, confirm=None)
-    chosen, _, record = floor_module.floor_choice(searched, Budget(min_cosine=floor), "damage",
-                                                  ladders=ladders(calibration, "damage"))
+    chosen, _, record = floor_module.floor_choice(searched, Budget(min_cosine=floor), "damage", ladders=ladders)
     pick = next(c for c in record["candidates"] if c["chosen"])
     return {"source": pick["source"], "modes": list(chosen.modes), "r": list(chosen.r),
             "predicted_speedup": calibration.baseline_ms / chosen.latency_ms,
@@ -91,9 +89,9 @@ def main() -> None:
     tome.sort(key=lambda t: t[0])
     rng = np.random.default_rng(1)
     rows = []
+    every = floor_module.floor_ladders(c, "damage")  # the same for every floor: priced once
     for floor in (float(f) for f in args.floors.split(",")):
-        every = floor_module.floor_ladders
-        searches = [("coarse ladders", coarse_ladders, False), ("with one-token ladders", every, False)]
+        searches = [("coarse ladders", coarse_ladders(every), False), ("with one-token ladders", every, False)]
         if args.confirm_images:
             searches.append((f"with one-token ladders and {args.confirm_images} confirm images", every, True))
         for name, ladders, confirming in searches:
