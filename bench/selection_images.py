@@ -125,7 +125,8 @@ def embed(model, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor
 
 def parse_size(text: str) -> tuple[int, int, int | None]:
     """``"N"`` (the choice on N images) or ``"S+C/F"`` (on S search images, then the F measuring highest there on C
-    confirm images too, the highest mean over both chosen, as ``shortlist.confirmed_choice``): (S, C, F or None)."""
+    confirm images too, chosen among them over both sets by the rule ``pick`` is given, as
+    ``shortlist.confirmed_choice``): (S, C, F or None)."""
     if "+" not in text:
         return int(text), 0, None
     searched, rest = text.split("+")
