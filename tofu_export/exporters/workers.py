@@ -1,0 +1,264 @@
+"""Independent jobs side by side in forked workers: the graphs a command exports only to time them.
+
+An ONNX export is single-threaded Python for most of its time (``torch.export``, the ONNX translation, onnxslim):
+on a 2-core machine a calibration's one-after-the-other exports left one core idle for a minute. ``run_jobs`` runs
+a list of independent jobs (closures; each writes its own file and may return a small picklable value) in
+``workers`` forked children, each taking the next job as it finishes one. The parent only hands out jobs, counts
+them done (``on_done``), collects their values in job order and re-raises the first error.
+
+Forked, not spawned: a child starts with the parent's model and imports at no cost, and a job may be any closure.
+A child
+- ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C reaches the whole process group, and the parent alone decides; on
+  any error or signal the parent kills its children (SIGKILL) and reaps them before it goes on unwinding, and a
+  child dies with its parent (Linux ``PR_SET_PDEATHSIG``);
+- freezes the objects it inherits (``gc.freeze``): no finalizer of the parent's (a temporary folder's) runs in it;
+- runs torch on one thread: one worker per core;
+- writes nothing to the parent's terminal (its stdout to /dev/null, its stderr to a file the parent reads when the
+  child dies unexpectedly; ``sys.stdout`` and ``sys.stderr`` replaced, as a notebook's streams are sockets) and
+  leaves with ``os._exit``: the parent's buffers and exit handlers stay the parent's.
+
+Where fork is not safe (not Linux), or one worker is asked for or is all that fits, the jobs run in this process,
+one after the other, with the same results. Every job must be independent of the others' side effects: a job's
+changes to Python objects stay in its child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import pickle
+import select
+import signal
+import struct
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+_FRAME = struct.Struct("<q")  # a job index (parent -> child; -1: stop) or a message length (child -> parent)
+_STOP = -1
+# a dynamo export's peak rise over its model's weights (bench/results/export_memory.md: 7.0 GB for 1.13 GB)
+EXPORT_MEMORY_FACTOR = 6
+EXPORT_MEMORY_BASE = 256 << 20  # and what a small graph's export needs besides
+
+
+def can_fork() -> bool:
+    """Whether ``run_jobs`` may fork here: Linux only (macOS's system libraries are not fork-safe with threads)."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can have without swapping (``MemAvailable``); None where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def export_workers(jobs: int, weight_bytes: int, *, cores: int | None = None, memory: int | None = None) -> int:
+    """How many workers ``jobs`` exports of a model with ``weight_bytes`` of weights should use: one per usable core
+    (``cores``), no more than there are jobs, and no more than the available ``memory`` holds at
+    ``EXPORT_MEMORY_FACTOR`` times the weights each (a child shares the parent's model; what it adds is its
+    export's own). At least 1."""
+    cores = usable_cores() if cores is None else cores
+    memory = available_memory() if memory is None else memory
+    fits = cores if memory is None else memory // (EXPORT_MEMORY_FACTOR * weight_bytes + EXPORT_MEMORY_BASE)
+    return max(1, min(jobs, cores, fits))
+
+
+class WorkerDied(RuntimeError):
+    """A worker ended without reporting its job: killed (out of memory, a signal) or crashed."""
+
+
+def run_jobs(jobs: Sequence[Callable[[], Any]], workers: int, on_done: Callable[[], None] | None = None) -> list[Any]:
+    """Run ``jobs`` in ``workers`` forked children (module docstring) and return their values in job order;
+    ``on_done`` after each job, in this process. The first error a job raises is raised here (its child's
+    traceback as a note); the other workers are killed first. With one worker, or where ``can_fork`` is false,
+    the jobs run here one after the other."""
+    done = on_done or (lambda: None)
+    if workers <= 1 or len(jobs) <= 1 or not can_fork():
+        values = []
+        for job in jobs:
+            values.append(job())
+            done()
+        return values
+    for stream in (sys.stdout, sys.stderr):  # a child must not inherit half a line to print again
+        with contextlib.suppress(Exception):
+            stream.flush()
+    pool: list[_Worker] = []
+    values: list[Any] = [None] * len(jobs)
+    try:
+        for _ in range(min(workers, len(jobs))):
+            pool.append(_Worker.start(jobs))
+        pending = iter(range(len(jobs)))
+        for worker in pool:
+            worker.give(next(pending))
+        left = len(jobs)
+        while left:
+            busy = {worker.results: worker for worker in pool if worker.job is not None}
+            for fd in select.select(list(busy), [], [])[0]:
+                index, value = busy[fd].receive()
+                values[index] = value
+                left -= 1
+                done()
+                busy[fd].give(next(pending, _STOP))
+    finally:
+        for worker in pool:
+            worker.end()
+    return values
+
+
+@dataclass
+class _Worker:
+    """One forked child, the two pipes to it, and the file its stderr goes to."""
+
+    pid: int
+    tasks: int  # write end: job indices
+    results: int  # read end: framed pickles (index, value, error, traceback text)
+    stderr: BinaryIO
+    job: int | None = None
+
+    @classmethod
+    def start(cls, jobs: Sequence[Callable[[], Any]]) -> _Worker:
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by end()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.close(task_w)
+                os.close(result_r)
+                _become_worker(parent, stderr.fileno())
+                _serve(jobs, task_r, result_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(task_r)
+        os.close(result_w)
+        return cls(pid, task_w, result_r, stderr)
+
+    def give(self, index: int) -> None:
+        self.job = None if index == _STOP else index
+        try:
+            os.write(self.tasks, _FRAME.pack(index))
+        except BrokenPipeError:
+            if index != _STOP:
+                raise self._died() from None
+
+    def receive(self) -> tuple[int, Any]:
+        """The value of the job this worker was given; its error raised."""
+        head = _read_exactly(self.results, _FRAME.size)
+        if len(head) < _FRAME.size:
+            raise self._died()
+        body = _read_exactly(self.results, _FRAME.unpack(head)[0])
+        index, value, error, text = pickle.loads(body)
+        self.job = None
+        if error is not None:
+            if hasattr(error, "add_note"):
+                error.add_note(f"in an export worker (process {self.pid}):\n{text}")
+            raise error
+        return index, value
+
+    def _died(self) -> WorkerDied:
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        how = (f"was killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
+               else f"exited with code {os.waitstatus_to_exitcode(status)}")
+        self.stderr.seek(0, os.SEEK_END)
+        self.stderr.seek(max(0, self.stderr.tell() - 2000))
+        tail = self.stderr.read().decode(errors="replace").strip()
+        memory = " (out of memory?)" if "SIGKILL" in how else ""
+        return WorkerDied(f"an export worker {how} while running job {self.job}{memory}"
+                          + (f"; its last output:\n{tail}" if tail else ""))
+
+    def end(self) -> None:
+        """Kill the child if it still runs, reap it, close the pipes."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+        for fd in (self.tasks, self.results):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.stderr.close()
+
+
+def _become_worker(parent: int, stderr_fd: int) -> None:
+    """A fresh child's set-up (module docstring)."""
+    gc.freeze()
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # Linux: die with the parent
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(stderr_fd, 2)
+    os.close(null)
+    # Python-level writes too: the inherited stream objects may be a notebook's (a socket) or a live progress bar's
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the child's until os._exit
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _serve(jobs: Sequence[Callable[[], Any]], tasks: int, results: int) -> None:
+    """Run the jobs the parent names until it says stop (or goes away)."""
+    while True:
+        head = _read_exactly(tasks, _FRAME.size)
+        if len(head) < _FRAME.size or (index := _FRAME.unpack(head)[0]) == _STOP:
+            return
+        value = error = None
+        text = ""
+        try:
+            value = jobs[index]()
+        except BaseException as exc:  # every error goes to the parent, which decides
+            error, text = exc, traceback.format_exc()
+        _write_all(results, _message(index, value, error, text))
+
+
+def _message(index: int, value: Any, error: BaseException | None, text: str) -> bytes:
+    """A framed pickle of a job's outcome; an error (or value) that does not survive pickling is sent as a
+    ``RuntimeError`` naming it."""
+    try:
+        body = pickle.dumps((index, value, error, text))
+        pickle.loads(body)  # an exception whose constructor needs more than its args pickles but does not load
+    except Exception as exc:
+        what = error if error is not None else exc
+        body = pickle.dumps((index, None, RuntimeError(f"{type(what).__name__}: {what}"), text))
+    return _FRAME.pack(len(body)) + body
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    """``count`` bytes from ``fd``, or fewer where it ends first."""
+    chunks, left = [], count
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
