@@ -154,6 +154,36 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class CallLog:
+    """Calls recorded across processes: ``spy(fn)`` wraps ``fn`` so that every call, in this process or in a forked
+    export worker (``exporters.workers``), appends its keyword arguments (JSON, other values as text) and its
+    process id to one file; ``calls()`` reads them back in the order they were written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def spy(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        import json
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            with self.path.open("a") as log:  # one short line a call: an append lands whole
+                log.write(json.dumps({"pid": os.getpid(), "kwargs": kwargs}, default=str) + "\n")
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    def calls(self) -> list[dict]:
+        import json
+
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+@pytest.fixture
+def call_log(tmp_path: Path) -> CallLog:
+    """A ``CallLog`` in this test's folder."""
+    return CallLog(tmp_path / "calls.jsonl")
+
+
 # ----------------------------------------------------------------------------------------------------
 # One tiny checkpoint and its export, shared by every test that only reads them
 # ----------------------------------------------------------------------------------------------------

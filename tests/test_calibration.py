@@ -209,25 +209,25 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and is_tofu_png(png)  # a later run may replace it
 
 
-def test_the_chosen_policy_is_timed_on_the_graph_the_user_ships(calibration, monkeypatch) -> None:
+def test_the_chosen_policy_is_timed_on_the_graph_the_user_ships(calibration, monkeypatch, call_log) -> None:
     """Default settings: the policy, the unreduced model and ToMe are timed as ``export`` ships them (dynamo, opset
     17, simplified by onnxslim), without the parity check (``measure_policy_latency`` holds the policy graph to the
-    export's gate itself)."""
+    export's gate itself). The first export stops the run: a worker's error reaches the caller, and at most one
+    export a worker began."""
     from tofu_export.calibration import measured
 
-    seen: list[dict] = []
-
     def stop(module, path, size, **settings) -> None:
-        seen.append(settings)
         raise RuntimeError("stop before exporting")
 
-    monkeypatch.setattr(measured, "export_onnx", stop)
+    monkeypatch.setattr(measured, "export_onnx", call_log.spy(stop))
     shipped = dataclasses.replace(calibration, settings=ExportSettings())
     with pytest.raises(RuntimeError, match="stop before exporting"):
         choose_policy(shipped, Budget(min_cosine=0.99))
     keys = ("exporter", "opset", "simplify", "simplifier", "verify")
-    assert len(seen) == 1 and {key: seen[0][key] for key in keys} == {
-        "exporter": "dynamo", "opset": 17, "simplify": True, "simplifier": "onnxslim", "verify": False}
+    seen = [call["kwargs"] for call in call_log.calls()]
+    assert 1 <= len(seen) <= ExportSettings().workers_for(5, calibration.model)
+    assert all({key: s[key] for key in keys} == {
+        "exporter": "dynamo", "opset": 17, "simplify": True, "simplifier": "onnxslim", "verify": False} for s in seen)
 
 
 def _plain(model, images):

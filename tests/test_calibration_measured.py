@@ -3,6 +3,8 @@ and the chosen policy's latency measured on graphs exported with the user's sett
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -60,24 +62,21 @@ def test_confirm_images_are_what_an_even_spread_of_the_measured_ones_leaves(coun
     assert {int(v) for v in confirm.flatten()} == set(range(count)) - measured
 
 
-def test_policy_latency_is_measured_on_graphs_exported_as_the_user_exports(make_vit, monkeypatch) -> None:
+def test_policy_latency_is_measured_on_graphs_exported_as_the_user_exports(make_vit, monkeypatch, call_log) -> None:
+    """...in two forked workers side by side (``exporters.workers``), the parity gate in this process."""
     model = make_vit("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=0)  # 5 tokens, 1 protected
-    calls = []
-    real_export = measured_module.export_onnx
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real_export(*args, **kwargs)
-
-    monkeypatch.setattr(measured_module, "export_onnx", spy)
+    monkeypatch.setattr(measured_module, "export_onnx", call_log.spy(measured_module.export_onnx))
     tolerances = []  # the policy graph's gate: the user's tolerance, as `export --policy` will apply it
     real_parity = measured_module.verify_parity
     monkeypatch.setattr(measured_module, "verify_parity",
                         lambda *args, **kwargs: tolerances.append(kwargs["tolerance"]) or real_parity(*args, **kwargs))
-    settings = ExportSettings("torchscript", 16, False, "onnxsim", 5e-3)
+    settings = ExportSettings("torchscript", 16, False, "onnxsim", 5e-3, workers=2)
     result = measure_policy_latency(model, ("mlerp", "prune"), (2, 1), settings=settings, threads=1, rounds=3)
-    exported = [(c["exporter"], c["opset"], c["simplify"], c["simplifier"], c["verify"]) for c in calls]
+    calls = call_log.calls()
+    exported = [tuple(c["kwargs"][k] for k in ("exporter", "opset", "simplify", "simplifier", "verify")) for c in calls]
     assert exported == [("torchscript", 16, False, "onnxsim", False)] * 2
+    pids = {c["pid"] for c in calls}
+    assert len(pids) == 2 and os.getpid() not in pids  # one graph in each worker, none here
     assert tolerances == [5e-3]
     assert not hasattr(model, "_tofu")  # the model is left as it was (plain)
     assert (result.exporter, result.opset, result.rounds, result.backend) == ("torchscript", 16, 3, "onnxruntime-cpu")

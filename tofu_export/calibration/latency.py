@@ -23,6 +23,7 @@ import copy
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from torch import nn
 from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.measured import ExportSettings
 from tofu_export.engines.ort import create_session
+from tofu_export.exporters.workers import run_jobs
 from tofu_export.models.family import family_of, num_tokens, patch, tofu_state
 from tofu_export.names import REDUCE_MODES
 from tofu_export.profiling.compare import time_round_robin
@@ -140,7 +142,8 @@ def measure_block_latency(
 ) -> BlockLatency:
     """Export (``settings``: the user's exporter, opset, simplification) and time the one-block graphs of the module
     docstring, fed ``block_input`` of ``block_in [B, N, C]`` (the first block's input in the unreduced pass:
-    ``Trace.inputs[0]``) and the stem graph ``image [1, 3, H, W]``; ``on_step`` after each export and round,
+    ``Trace.inputs[0]``) and the stem graph ``image [1, 3, H, W]``; ``on_step`` after each export (``1 + 5 *
+    points`` of them, side by side in forked workers where cores allow: ``exporters.workers``) and round,
     ``on_timing`` once between the two. The graphs take tokens, not images, so they are opened by the engines'
     session factory (``engines.ort.create_session``) rather than the image runner."""
     family = family_of(model)
@@ -150,12 +153,11 @@ def measure_block_latency(
     variants = {name: (mode, name != UNSIZED) for name, mode in ((NONE, NONE), (UNSIZED, NONE),
                                                                    *((m, m) for m in REDUCE_MODES))}
     with tempfile.TemporaryDirectory(prefix="tofu-calibrate-") as tmp:
-        graphs = {"stem": stem_graph(model, settings, Path(tmp))}
-        for n in counts:
-            for name, (mode, sized) in variants.items():
-                graphs[f"{name}@{n}"] = block_graph(model, mode, n, r, prop_attn, settings, Path(tmp), sized)
-                if on_step is not None:
-                    on_step()
+        jobs = {"stem": partial(stem_graph, model, settings, Path(tmp))}
+        jobs |= {f"{name}@{n}": partial(block_graph, model, mode, n, r, prop_attn, settings, Path(tmp), sized)
+                 for n in counts for name, (mode, sized) in variants.items()}
+        workers = (settings or ExportSettings()).workers_for(len(jobs), model)
+        graphs = dict(zip(jobs, run_jobs(list(jobs.values()), workers, on_step), strict=True))  # side by side
         feeds = {"stem": image[:1].numpy()} | {f"{name}@{n}": block_input(block_in, prefix, n)
                                                 for n in counts for name in variants}
         runners = {}

@@ -4,8 +4,9 @@ images the search never saw.
 - ``split_held_out``: the images are split once, before anything is measured; the search (trace, damage, the
   candidates' forwards) sees only its part; the held-out part is used once, on the final choice.
 - ``measure_policy_latency``: the unreduced model and the policy are exported with the settings the user ships
-  (``exporters.onnx.export_onnx``: exporter, opset, simplification; parity off, the graphs are not the artifact),
-  opened through the engine runner (``engines.ort.OrtRunner``) and timed round-robin in one process
+  (``exporters.onnx.export_onnx``: exporter, opset, simplification; parity off, the graphs are not the artifact;
+  side by side in forked workers, one per core, ``exporters.workers``; the policy graph then held to the export's
+  parity gate here), opened through the engine runner (``engines.ort.OrtRunner``) and timed round-robin in one process
   (``profiling.compare.time_round_robin``: a shuffled order, on the wall clock or on the calling thread's CPU clock,
   which a busy host does not inflate; ORT then runs on one intra-op thread, the calling one); the speed-up is the
   median of the per-round ratios, so load that hits both in a round cancels. ToMe graphs at the uniform r values
@@ -19,6 +20,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from tofu_export.calibration.latency_model import interpolate_linear
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
+from tofu_export.exporters.workers import export_workers, run_jobs
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER
 from tofu_export.profiling.timing import clock_threads, per_round_speedup, speedup_iqr
@@ -43,12 +46,21 @@ class ExportSettings:
     simplify: bool = True
     simplifier: str = DEFAULT_SIMPLIFIER
     tolerance: float = 1e-4  # the parity gate's, as `export --policy --tolerance` will hold the policy graph to it
+    workers: int | None = None  # forked workers the timed graphs are exported in (None: one per core memory allows)
 
     def export(self, module: nn.Module, path: Path, size: tuple[int, int], **extra: Any) -> None:
         """``module`` exported to ``path`` as these settings say, without the parity check (the caller verifies
         what it ships); ``extra``: more ``export_onnx`` arguments (an ``example`` input)."""
         export_onnx(module, path, size, opset=self.opset, simplify=self.simplify, verify=False,
                     exporter=self.exporter, simplifier=self.simplifier, **extra)  # type: ignore[arg-type]
+
+    def workers_for(self, jobs: int, model: nn.Module) -> int:
+        """How many forked workers ``jobs`` exports of ``model`` run in (``exporters.workers.run_jobs``):
+        ``workers`` where set, else one per usable core, as far as the available memory holds their exports."""
+        if self.workers is not None:
+            return max(1, self.workers)
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        return export_workers(jobs, weights)
 
 
 def split_held_out(images: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
@@ -117,17 +129,15 @@ def measure_policy_latency(
                  for k in tome_r}
     with tempfile.TemporaryDirectory(prefix="tofu-calibrate-") as tmp:
         paths = {name: Path(tmp) / f"{name}.onnx" for name in ("baseline", *variants)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with unpatched(model):
-                settings.export(model, paths["baseline"], size)
-                step()
-                for name, (m, k) in variants.items():
-                    with patched(model, r=k, mode=m, prop_attn=prop_attn, img_size=size):
-                        settings.export(model, paths[name], size)
-                        if name == "policy":  # the gate `tofu-export export --policy` will hold the graph to
-                            gate = verify_parity(model, paths[name], size, tolerance=settings.tolerance)
-                    step()
+        jobs = [partial(_export_variant, model, settings, paths[name], size, variants.get(name), prop_attn)
+                for name in paths]
+        with unpatched(model):
+            run_jobs(jobs, settings.workers_for(len(jobs), model), on_done=step)  # side by side where cores allow
+            with warnings.catch_warnings(), patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn,
+                                                    img_size=size):
+                warnings.simplefilter("ignore")
+                # the gate `tofu-export export --policy` will hold the graph to
+                gate = verify_parity(model, paths["policy"], size, tolerance=settings.tolerance)
         runners = open_ort_runners(paths, threads=threads, warmup=1, provider=provider,
                                    images=None if image is None else image[:1])
         if on_timing is not None:
@@ -142,6 +152,20 @@ def measure_policy_latency(
     return PolicyLatency(statistics.median(samples["baseline"]), statistics.median(samples["policy"]), speedup,
                          iqr, rounds, f"onnxruntime-{provider}", settings.exporter, settings.opset, clock, tome,
                          parity)
+
+
+def _export_variant(model: nn.Module, settings: ExportSettings, path: Path, size: tuple[int, int],
+                    variant: tuple[list[str], list[int]] | None, prop_attn: bool) -> None:
+    """One graph ``measure_policy_latency`` times: the plain ``model`` (``variant`` None) or ``model`` patched with
+    ``(modes, r)``, exported to ``path``; the model is left as it was."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if variant is None:
+            settings.export(model, path, size)
+            return
+        modes, r = variant
+        with patched(model, r=r, mode=modes, prop_attn=prop_attn, img_size=size):
+            settings.export(model, path, size)
 
 
 def tome_bracket(predict_ms: Callable[[int], float], target_ms: float, limit: int, width: int) -> tuple[int, ...]:

@@ -161,7 +161,7 @@ def measure(
         by_linearity = linearity_modes(tr.linearity, linearity_threshold)
         damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance,
                              on_total=bar.resize)
-        bar.stage("calibrate: latency per block and mode: exporting one-block graphs", len(counts) * 5)
+        bar.stage("calibrate: latency per block and mode: exporting one-block graphs", 1 + len(counts) * 5)
         timing = f"calibrate: latency per block and mode: {rounds} interleaved rounds"
         latency = measure_block_latency(model, r, tr.inputs[0], images[:1], provider=provider, threads=threads,
                                         rounds=rounds, prop_attn=prop_attn, settings=settings, clock=clock,

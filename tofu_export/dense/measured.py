@@ -1,9 +1,10 @@
 """A denoiser policy's speed-up, measured: the policy's step and the unreduced step exported as the user exports
 (``dense.export.export_denoiser``: exporter, opset, simplification; parity and the TensorRT check off, these graphs
-are not the artifact), opened with the one ONNX Runtime session factory (``engines.ort.create_session``, no
-spinning) and timed round-robin in one process (``profiling.compare.time_round_robin``: its
-shuffled order, an untimed run before each timed one, on the wall clock or the calling thread's CPU clock).
-``engines.ort.OrtRunner`` feeds one image input; a denoiser step has two or three, so the session is fed directly.
+are not the artifact; side by side in forked workers, one per core, ``exporters.workers``), opened with the one ONNX
+Runtime session factory (``engines.ort.create_session``, no spinning) and timed round-robin in one process
+(``profiling.compare.time_round_robin``: its shuffled order, an untimed run before each timed one, on the wall clock
+or the calling thread's CPU clock). ``engines.ort.OrtRunner`` feeds one image input; a denoiser step has two or
+three, so the session is fed directly.
 
 Other policies (calibration passes ToMe for SD at the same ratio) are timed in the same rounds. A speed-up is the
 median of the per-round ratios (load that hits both graphs in a round cancels), with their
@@ -17,12 +18,14 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from torch import nn
 
 from tofu_export.dense.export import export_denoiser
 from tofu_export.dense.plan import DensePolicy
+from tofu_export.exporters.workers import export_workers, run_jobs
 
 Inputs = Callable[[int, int], tuple]
 
@@ -65,13 +68,17 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
     variants = {"baseline": DensePolicy({}, policy.stride, policy.seed), "policy": policy, **(compare or {})}
     with tempfile.TemporaryDirectory(prefix="tofu-denoiser-latency-") as tmp:
         paths = {name: Path(tmp) / f"{i}.onnx" for i, name in enumerate(variants)}
-        try:
+
+        def export(name: str) -> None:  # a job: patches the step it runs on, so the jobs run in any order
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for name, chosen in variants.items():
-                    patch(chosen)
-                    export_denoiser(step, paths[name], make_inputs, input_names, opset=opset, exporter=exporter,
-                                    verify=False, trt_check=False)
+                patch(variants[name])
+                export_denoiser(step, paths[name], make_inputs, input_names, opset=opset, exporter=exporter,
+                                verify=False, trt_check=False)
+
+        weights = sum(t.numel() * t.element_size() for t in (*step.parameters(), *step.buffers()))
+        try:
+            run_jobs([partial(export, name) for name in variants], export_workers(len(variants), weights))
         finally:
             patch(variants["baseline"])
         sessions = {name: create_session(path, threads=threads, spinning=False) for name, path in paths.items()}
