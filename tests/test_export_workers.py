@@ -10,9 +10,11 @@ import time
 import pytest
 
 from tofu_export.errors import Hint, UserError
+from tofu_export.exporters import workers as workers_module
 from tofu_export.exporters.workers import (
     EXPORT_MEMORY_BASE,
     EXPORT_MEMORY_FACTOR,
+    GRACE_S,
     WorkerDied,
     can_fork,
     export_workers,
@@ -100,28 +102,61 @@ def test_a_worker_that_dies_is_reported_with_what_it_last_wrote() -> None:
 
 def test_workers_ignore_the_signals_a_terminal_sends_the_whole_group() -> None:
     def interrupted() -> str:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGHUP):
             os.kill(os.getpid(), signum)
         return "went on"
 
     assert run_jobs([interrupted, interrupted], 2) == ["went on", "went on"]
 
 
-def test_an_error_in_the_caller_kills_and_reaps_its_workers(tmp_path) -> None:
-    """The caller's own interruption (here: raised by its progress callback) kills workers mid-job."""
-    marker = tmp_path / "finished"
+def test_sigterm_stops_a_job_with_its_cleanup_and_is_reported(tmp_path) -> None:
+    cleaned = tmp_path / "cleaned"
+
+    def stopped() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            cleaned.write_text("the job's finally ran")
+
+    with pytest.raises(WorkerDied, match="stopped by SIGTERM while running job 1"):
+        run_jobs([lambda: time.sleep(0.2), stopped], 2)
+    assert cleaned.read_text() == "the job's finally ran" and _no_children_left()
+
+
+def test_an_error_in_the_caller_stops_and_reaps_its_workers(tmp_path, monkeypatch) -> None:
+    """The caller's own interruption (here: raised by its progress callback) stops workers mid-job: a job's cleanup
+    runs (SIGTERM), and one that will not stop is killed after the grace period."""
+    started, finished, cleaned = tmp_path / "started", tmp_path / "finished", tmp_path / "cleaned"
 
     def slow() -> None:
-        time.sleep(30)
-        marker.write_text("a worker outlived its caller")
+        try:
+            started.touch()
+            time.sleep(30)
+            finished.write_text("a worker outlived its caller")
+        finally:
+            cleaned.write_text("cleaned up")
 
-    def interrupt() -> None:
+    def stubborn() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        started.touch()
+        time.sleep(30)
+        finished.write_text("a worker outlived its caller")
+
+    def interrupt() -> None:  # once the slow job runs
+        while not started.exists():
+            time.sleep(0.01)
         raise KeyboardInterrupt
 
-    started = time.monotonic()
+    begun = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         run_jobs([lambda: 0, slow, slow], 2, on_done=interrupt)
-    assert time.monotonic() - started < 25 and _no_children_left() and not marker.exists()
+    assert time.monotonic() - begun < GRACE_S and cleaned.exists() and _no_children_left()
+    started.unlink()
+    monkeypatch.setattr(workers_module, "GRACE_S", 0.5)  # the stubborn one waits out the grace: keep it short here
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs([lambda: 0, stubborn], 2, on_done=interrupt)
+    assert _no_children_left() and not finished.exists()
 
 
 def test_workers_follow_the_cores_the_jobs_and_the_memory() -> None:

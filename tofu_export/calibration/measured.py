@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tofu_export.calibration.latency_model import interpolate_linear
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.parity import parity_advice, verify_parity
-from tofu_export.exporters.workers import export_workers, run_jobs
+from tofu_export.exporters.workers import export_workers, run_jobs, weight_bytes
 from tofu_export.models.family import family_of, patched, unpatched
 from tofu_export.names import DEFAULT_EXPORTER, DEFAULT_SIMPLIFIER
 from tofu_export.profiling.timing import clock_threads, per_round_speedup, speedup_iqr
@@ -59,8 +59,7 @@ class ExportSettings:
         ``workers`` where set, else one per usable core, as far as the available memory holds their exports."""
         if self.workers is not None:
             return max(1, self.workers)
-        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        return export_workers(jobs, weights)
+        return export_workers(jobs, weight_bytes(model))
 
 
 def split_held_out(images: Tensor, fraction: float) -> tuple[Tensor, Tensor]:

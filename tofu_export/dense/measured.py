@@ -25,7 +25,7 @@ from torch import nn
 
 from tofu_export.dense.export import export_denoiser
 from tofu_export.dense.plan import DensePolicy
-from tofu_export.exporters.workers import export_workers, run_jobs
+from tofu_export.exporters.workers import export_workers, run_jobs, weight_bytes
 
 Inputs = Callable[[int, int], tuple]
 
@@ -76,9 +76,8 @@ def measure_step_latency(step: nn.Module, patch: Callable[[DensePolicy], object]
                 export_denoiser(step, paths[name], make_inputs, input_names, opset=opset, exporter=exporter,
                                 verify=False, trt_check=False)
 
-        weights = sum(t.numel() * t.element_size() for t in (*step.parameters(), *step.buffers()))
         try:
-            run_jobs([partial(export, name) for name in variants], export_workers(len(variants), weights))
+            run_jobs([partial(export, name) for name in variants], export_workers(len(variants), weight_bytes(step)))
         finally:
             patch(variants["baseline"])
         sessions = {name: create_session(path, threads=threads, spinning=False) for name, path in paths.items()}

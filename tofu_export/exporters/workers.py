@@ -8,9 +8,11 @@ them done (``on_done``), collects their values in job order and re-raises the fi
 
 Forked, not spawned: a child starts with the parent's model and imports at no cost, and a job may be any closure.
 A child
-- ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C reaches the whole process group, and the parent alone decides; on
-  any error or signal the parent kills its children (SIGKILL) and reaps them before it goes on unwinding, and a
-  child dies with its parent (Linux ``PR_SET_PDEATHSIG``);
+- ignores SIGINT and SIGHUP: a Ctrl-C reaches the whole process group, and the parent alone decides. On any error
+  or signal the parent stops its children before it goes on unwinding: SIGTERM, which a child turns into an
+  exception inside its job, so that the job's own cleanup runs (a staged output folder is removed), then SIGKILL
+  for a child still there after ``GRACE_S``; it reaps them all. A child dies with its parent (Linux
+  ``PR_SET_PDEATHSIG``);
 - freezes the objects it inherits (``gc.freeze``): no finalizer of the parent's (a temporary folder's) runs in it;
 - runs torch on one thread: one worker per core;
 - writes nothing to the parent's terminal (its stdout to /dev/null, its stderr to a file the parent reads when the
@@ -34,6 +36,7 @@ import signal
 import struct
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ from typing import Any, BinaryIO
 
 _FRAME = struct.Struct("<q")  # a job index (parent -> child; -1: stop) or a message length (child -> parent)
 _STOP = -1
+GRACE_S = 5.0  # how long a stopped child may take to clean up before it is killed
 # a dynamo export's peak rise over its model's weights (bench/results/export_memory.md: 7.0 GB for 1.13 GB)
 EXPORT_MEMORY_FACTOR = 6
 EXPORT_MEMORY_BASE = 256 << 20  # and what a small graph's export needs besides
@@ -66,6 +70,11 @@ def available_memory() -> int | None:
     return None
 
 
+def weight_bytes(module: Any) -> int:
+    """The bytes of a torch module's parameters and buffers (what one export of it copies)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def export_workers(jobs: int, weight_bytes: int, *, cores: int | None = None, memory: int | None = None) -> int:
     """How many workers ``jobs`` exports of a model with ``weight_bytes`` of weights should use: one per usable core
     (``cores``), no more than there are jobs, and no more than the available ``memory`` holds at
@@ -79,6 +88,10 @@ def export_workers(jobs: int, weight_bytes: int, *, cores: int | None = None, me
 
 class WorkerDied(RuntimeError):
     """A worker ended without reporting its job: killed (out of memory, a signal) or crashed."""
+
+
+class Stopped(BaseException):
+    """Raised inside a worker's job by SIGTERM (its parent stopping it), so that the job's cleanup runs."""
 
 
 def run_jobs(jobs: Sequence[Callable[[], Any]], workers: int, on_done: Callable[[], None] | None = None) -> list[Any]:
@@ -114,9 +127,23 @@ def run_jobs(jobs: Sequence[Callable[[], Any]], workers: int, on_done: Callable[
                 done()
                 busy[fd].give(next(pending, _STOP))
     finally:
-        for worker in pool:
-            worker.end()
+        _end(pool)
     return values
+
+
+def _end(pool: Sequence[_Worker]) -> None:
+    """Stop every worker still running (SIGTERM; SIGKILL after ``GRACE_S``), reap them, close their pipes. A
+    second signal here cuts the grace short, never the killing."""
+    try:
+        for worker in pool:
+            worker.stop()
+        deadline = time.monotonic() + GRACE_S
+        while any(worker.running() for worker in pool) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        for worker in pool:
+            worker.signal(signal.SIGKILL)
+            worker.close()
 
 
 @dataclass
@@ -165,6 +192,8 @@ class _Worker:
             raise self._died()
         body = _read_exactly(self.results, _FRAME.unpack(head)[0])
         index, value, error, text = pickle.loads(body)
+        if isinstance(error, Stopped):  # someone else stopped it: its job did not run to the end
+            raise WorkerDied(f"an export worker was stopped by SIGTERM while running job {self.job}")
         self.job = None
         if error is not None:
             if hasattr(error, "add_note"):
@@ -184,26 +213,49 @@ class _Worker:
         return WorkerDied(f"an export worker {how} while running job {self.job}{memory}"
                           + (f"; its last output:\n{tail}" if tail else ""))
 
-    def end(self) -> None:
-        """Kill the child if it still runs, reap it, close the pipes."""
+    def stop(self) -> None:
+        """No more jobs (the child waiting for one reads the end of its pipe and leaves), and SIGTERM for the
+        one it runs."""
+        with contextlib.suppress(OSError):
+            os.close(self.tasks)
+        self.tasks = -1
+        self.signal(signal.SIGTERM)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the child if it has not been reaped; after SIGKILL, reap it."""
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signum)
+            if signum == signal.SIGKILL:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+                self.pid = 0
+
+    def running(self) -> bool:
+        """Whether the child still runs (reaped here once it has ended)."""
+        if self.pid:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
+                if os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                    return True
             self.pid = 0
+        return False
+
+    def close(self) -> None:
         for fd in (self.tasks, self.results):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.tasks = self.results = -1
         self.stderr.close()
 
 
 def _become_worker(parent: int, stderr_fd: int) -> None:
     """A fresh child's set-up (module docstring)."""
     gc.freeze()
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    for name in ("SIGINT", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
     with contextlib.suppress(Exception):  # Linux: die with the parent
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the line above
@@ -219,6 +271,10 @@ def _become_worker(parent: int, stderr_fd: int) -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped
+
+
 def _serve(jobs: Sequence[Callable[[], Any]], tasks: int, results: int) -> None:
     """Run the jobs the parent names until it says stop (or goes away)."""
     while True:
@@ -232,6 +288,8 @@ def _serve(jobs: Sequence[Callable[[], Any]], tasks: int, results: int) -> None:
         except BaseException as exc:  # every error goes to the parent, which decides
             error, text = exc, traceback.format_exc()
         _write_all(results, _message(index, value, error, text))
+        if isinstance(error, Stopped):
+            return
 
 
 def _message(index: int, value: Any, error: BaseException | None, text: str) -> bytes:
