@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,12 +13,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import CallLog
 from PIL import Image
 from safetensors.torch import save_file
 
 from tofu_export.config import OnnxConfig
 from tofu_export.errors import UserError
+from tofu_export.exporters.workers import usable_cores
 from tofu_export.output_paths import is_tofu_png
+from tofu_export.sweep import job as sweep_job
 from tofu_export.sweep.config import SweepConfig
 from tofu_export.sweep.job import SweepResult, _load, plot_note, run_sweep_job
 
@@ -33,13 +37,23 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepResult, 
     (root / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))  # heads, block kind
     said: list[str] = []
     config = SweepConfig(r_values=(0, 2), modes=("tome", "tofu"), iters=4, threads=1, onnx=ONNX)
-    result = run_sweep_job(str(root / "model.safetensors"), root / "out", config, say=said.append, progress=False)
+    exports = CallLog(root / "exports.jsonl")  # who exported each point: read by the estimate's test
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep_job, "export_model", exports.spy(sweep_job.export_model))
+        result = run_sweep_job(str(root / "model.safetensors"), root / "out", config, say=said.append, progress=False)
     return root, result, said
 
 
 def test_the_sweep_estimates_before_it_starts(swept: tuple[Path, SweepResult, list[str]]) -> None:
-    _, _, said = swept
-    assert len(said) == 1 and said[0].startswith("3 points (3 to export), estimated ") and "load average" in said[0]
+    """...and says how many of its exports run side by side (forked workers, one per core)."""
+    root, _, said = swept
+    workers = min(3, usable_cores())
+    side = f", {workers} at a time" if workers > 1 else ""
+    assert len(said) == 1 and said[0].startswith(f"3 points (3 to export{side}), estimated ")
+    assert "load average" in said[0]
+    pids = [call["pid"] for call in CallLog(root / "exports.jsonl").calls()]
+    assert len(pids) == 3  # each point exported once: none failed ahead and was exported again in its turn
+    assert (os.getpid() not in pids and len(set(pids)) == workers) if workers > 1 else pids == [os.getpid()] * 3
 
 
 def test_rows_have_speedups_against_the_baseline_with_their_spread(swept: tuple[Path, SweepResult, list[str]]) -> None:

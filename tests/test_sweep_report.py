@@ -161,6 +161,8 @@ def test_estimate_grows_with_exports_points_and_images() -> None:
     small = SweepConfig(r_values=(0, 8), modes=("tome",))
     big = SweepConfig(r_values=(0, 8, 16), modes=("tome", "tofu"))
     assert estimate_seconds(small, to_export=0, forward_ms=10) < estimate_seconds(small, to_export=2, forward_ms=10)
+    assert estimate_seconds(big, to_export=4, forward_ms=10, workers=2) == estimate_seconds(big, to_export=2,
+                                                                                           forward_ms=10)
     assert estimate_seconds(small, to_export=2, forward_ms=10) < estimate_seconds(big, to_export=5, forward_ms=10)
     assert estimate_seconds(big, to_export=0, forward_ms=10) < estimate_seconds(big, to_export=0, forward_ms=10,
                                                                                 images=100)

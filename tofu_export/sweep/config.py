@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,15 +93,16 @@ def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoi
 
 
 def estimate_seconds(config: SweepConfig, *, to_export: int, forward_ms: float, images: int = 0,
-                     busy: float = 1.0) -> float:
+                     busy: float = 1.0, workers: int = 1) -> float:
     """A rough run time: each new export (a fixed cost for tracing and simplifying plus ~40 forward passes for the
-    parity check and shape inference), each point's ``iters`` timed runs and as many untimed ones, and the scoring of
-    ``images`` per point by the graph and the reference. ``forward_ms``: one batch-1 forward pass of the unreduced
-    model measured here, now; ``busy``: the load average per core when it is over 1 (other work shares the cores:
-    the exports' fixed cost slows down by as much; a 2-core machine at load 14 took ~7x the idle time here)."""
+    parity check and shape inference), ``workers`` of them at a time, each point's ``iters`` timed runs and as many
+    untimed ones, and the scoring of ``images`` per point by the graph and the reference. ``forward_ms``: one batch-1
+    forward pass of the unreduced model measured here, now; ``busy``: the load average per core when it is over 1
+    (other work shares the cores: the exports' fixed cost slows down by as much; a 2-core machine at load 14 took
+    ~7x the idle time here)."""
     fixed = (12.0 if config.onnx.exporter == "dynamo" else 4.0) * max(busy, 1.0)
     points = len(config.points())
-    export = to_export * (fixed + 40 * forward_ms / 1e3)
+    export = math.ceil(to_export / max(workers, 1)) * (fixed + 40 * forward_ms / 1e3)
     timing = points * 2 * (config.iters + 5) * forward_ms * config.batch / 1e3  # a batch: about batch x the time
     scoring = points * 2 * images * forward_ms / 1e3
     return export + timing + scoring

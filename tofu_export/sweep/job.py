@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from tofu_export.artifacts import ENGINE_NAME, ONNX_NAME, cached_artifact
 from tofu_export.atomic import write_json_atomic, write_text_atomic
 from tofu_export.config import ExportConfig, ToFuConfig
 from tofu_export.engines.base import NOISE
+from tofu_export.exporters.workers import WorkerDied, export_workers, run_jobs, weight_bytes
 from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
 from tofu_export.models.loading import LoadedModel, load_model
@@ -68,14 +70,18 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     points = config.points()
     folders = {point: out / "artifacts" / point_key(point, config_key)[:16] for point in points}
     graph = ENGINE_NAME if config.backend.name == "trt" else ONNX_NAME
-    to_export = sum(not cached_artifact(folder, graph) for folder in folders.values())
+    to_export = [point for point in points if not cached_artifact(folders[point], graph)]
+    # side by side in forked workers, one per core; a TensorRT engine builds on the GPU, one at a time
+    workers = 1 if graph == ENGINE_NAME else export_workers(len(to_export), weight_bytes(loaded.model))
     forward_ms = _forward_ms(loaded)
     images = 0 if config.data is None else (config.limit or 500)
     load = load_average()
     busy = load[0] / (os.cpu_count() or 1) if load else 1.0
-    estimate = estimate_seconds(config, to_export=to_export, forward_ms=forward_ms, images=images, busy=busy)
+    estimate = estimate_seconds(config, to_export=len(to_export), forward_ms=forward_ms, images=images, busy=busy,
+                                workers=workers)
     plural = "s" if len(points) != 1 else ""
-    say(f"{len(points)} point{plural} ({to_export} to export), estimated {format_seconds(estimate)} "
+    side = f", {workers} at a time" if workers > 1 else ""
+    say(f"{len(points)} point{plural} ({len(to_export)} to export{side}), estimated {format_seconds(estimate)} "
         f"on this machine now (one forward pass {forward_ms:.0f} ms, load average {_load_text()})")
 
     def export_fn(point: SweepPoint) -> Path:
@@ -89,6 +95,8 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
                 raise SweepError(outcome.engine_error)
         return folder / ONNX_NAME
 
+    if workers > 1:
+        _export_ahead(to_export, export_fn, workers, progress)
     timing = _timing_images(loaded, config)
 
     def profile_fn(onnx_path: Path) -> dict[str, Any]:
@@ -117,6 +125,23 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     if config.interleave:
         _time_together(records, loaded, config, progress, timing)
     return _report(source, out, config, records, [load_before, load_average()], timing)
+
+
+def _export_ahead(points: list[SweepPoint], export_fn: Callable[[SweepPoint], Path], workers: int,
+                  progress: bool) -> None:
+    """Export ``points`` side by side in ``workers`` forked workers (``exporters.workers``: an export is
+    single-threaded for most of its time) before the sweep takes them in turn and finds them cached. Best effort:
+    a point whose export fails here, or whose worker dies, is exported again in its turn, where the sweep reports
+    its error as it always has (every earlier point saved first)."""
+    label = f"sweep: exporting {len(points)} points, {workers} at a time"
+    with tracker(label, len(points), enabled=progress) as bar, contextlib.suppress(WorkerDied):
+        run_jobs([partial(_export_or_leave, export_fn, point) for point in points], workers, bar.advance)
+
+
+def _export_or_leave(export_fn: Callable[[SweepPoint], Path], point: SweepPoint) -> None:
+    """``export_fn(point)``; an error leaves the point to the sweep's own turn (an interruption still stops)."""
+    with contextlib.suppress(Exception):
+        export_fn(point)
 
 
 def _timing_images(loaded: LoadedModel, config: SweepConfig) -> TimingImages | None:
