@@ -1,4 +1,4 @@
-"""Independent jobs side by side in forked workers: the graphs a command exports only to time them.
+"""Independent jobs side by side in forked workers: the graphs a calibration times, the points of a sweep.
 
 An ONNX export is single-threaded Python for most of its time (``torch.export``, the ONNX translation, onnxslim):
 on a 2-core machine a calibration's one-after-the-other exports left one core idle for a minute. ``run_jobs`` runs
@@ -31,7 +31,7 @@ import ctypes
 import gc
 import os
 import pickle
-import select
+import selectors
 import signal
 import struct
 import sys
@@ -97,8 +97,8 @@ class Stopped(BaseException):
 def run_jobs(jobs: Sequence[Callable[[], Any]], workers: int, on_done: Callable[[], None] | None = None) -> list[Any]:
     """Run ``jobs`` in ``workers`` forked children (module docstring) and return their values in job order;
     ``on_done`` after each job, in this process. The first error a job raises is raised here (its child's
-    traceback as a note); the other workers are killed first. With one worker, or where ``can_fork`` is false,
-    the jobs run here one after the other."""
+    traceback as a note), once the other workers are stopped (``_end``); so is any error or signal of this
+    process's. With one worker, or where ``can_fork`` is false, the jobs run here one after the other."""
     done = on_done or (lambda: None)
     if workers <= 1 or len(jobs) <= 1 or not can_fork():
         values = []
@@ -118,14 +118,19 @@ def run_jobs(jobs: Sequence[Callable[[], Any]], workers: int, on_done: Callable[
         for worker in pool:
             worker.give(next(pending))
         left = len(jobs)
-        while left:
-            busy = {worker.results: worker for worker in pool if worker.job is not None}
-            for fd in select.select(list(busy), [], [])[0]:
-                index, value = busy[fd].receive()
-                values[index] = value
-                left -= 1
-                done()
-                busy[fd].give(next(pending, _STOP))
+        with selectors.DefaultSelector() as ready:
+            for worker in pool:
+                ready.register(worker.results, selectors.EVENT_READ, worker)
+            while left:
+                for key, _ in ready.select():
+                    worker = key.data
+                    index, value = worker.receive()
+                    values[index] = value
+                    left -= 1
+                    done()
+                    worker.give(next(pending, _STOP))
+                    if worker.job is None:
+                        ready.unregister(worker.results)
     finally:
         _end(pool)
     return values
@@ -160,7 +165,7 @@ class _Worker:
     def start(cls, jobs: Sequence[Callable[[], Any]]) -> _Worker:
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
-        stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by end()
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
