@@ -206,3 +206,27 @@ def test_verdicts_mark_what_was_asked_for() -> None:
     assert verdicts["10"].builds and verdicts["10"].requested and verdicts["10"].errors == []
     assert not verdicts["8.5"].builds and not verdicts["8.5"].requested
     assert verdicts["8.5"].errors == ["LayerNormalization: no importer"] and verdicts["8.5"].jetpack == "5"
+
+
+def test_the_export_and_the_quick_looks_baseline_run_side_by_side(tiny_checkpoint: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch, call_log) -> None:
+    """``pipeline.export_model`` exports the ToFu graph and the quick look's unreduced one at once, in forked workers
+    where two cores are free (``exporters.workers``), each once; the quick look reads the baseline it was given."""
+    from tofu_export import pipeline
+    from tofu_export.config import ExportConfig, OnnxConfig
+    from tofu_export.exporters.workers import usable_cores
+    from tofu_export.manifest import Manifest
+    from tofu_export.models.loading import load_model
+
+    monkeypatch.setattr(pipeline, "export_onnx", call_log.spy(pipeline.export_onnx))
+    monkeypatch.setattr(pipeline, "export_baseline", call_log.spy(pipeline.export_baseline))
+    config = ExportConfig(tofu=ToFuConfig(r=2), onnx=OnnxConfig(exporter="torchscript"))
+    pipeline.export_model(load_model(tiny_checkpoint), tmp_path / "out", config,
+                          quick_look=QuickLookSettings(budget_s=0.3, min_rounds=3))
+    calls = call_log.calls()
+    assert sorted("calibration" in call["kwargs"] for call in calls) == [False, True]  # the baseline, the ToFu graph
+    pids = {call["pid"] for call in calls}
+    side_by_side = usable_cores() >= 2
+    assert (len(pids) == 2 and os.getpid() not in pids) if side_by_side else pids == {os.getpid()}
+    quick = Manifest.read(tmp_path / "out").quick_look
+    assert quick is not None and quick.baseline["r"] == 0 and quick.latency is not None and quick.latency.speedup > 0

@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from tofu_export.artifacts import ENGINE_NAME, ONNX_NAME, ORT_NAME, check_output
 from tofu_export.config import ExportConfig, OnnxConfig, ResolvedToFu, TrtConfig
 from tofu_export.exporters.onnx import export_onnx
 from tofu_export.exporters.precision import SYNTHETIC_IMAGES
+from tofu_export.exporters.workers import export_workers, run_jobs, weight_bytes
 from tofu_export.manifest import (
     ArchRecord,
     EngineRecord,
@@ -37,7 +40,7 @@ from tofu_export.manifest import (
     TofuRecord,
 )
 from tofu_export.models.loading import LoadedModel, load_model
-from tofu_export.quicklook import QuickLookSettings, image_files, load_images, run_quick_look
+from tofu_export.quicklook import QuickLookSettings, export_baseline, image_files, load_images, run_quick_look
 from tofu_export.reports.artifact import ReportCommands, clip_notes, write_report
 from tofu_export.tensorrt.check import check_tensorrt_compat
 from tofu_export.tensorrt.ops import ALL_TARGETS
@@ -112,10 +115,17 @@ def export_model(
                      "int8_symmetric": config.target != "ort"}  # TensorRT builds symmetric INT8 only
 
     engine_error = None
-    with staged_folder(out_dir, force=config.force, expected=out_state) as staging:
-        step("exporting to ONNX and verifying parity")
-        onnx_result = export_onnx(model, staging / ONNX_NAME, resolved.img_size, **onnx_settings,
-                                  calibration=calibration)
+    looking = _quick_look_settings(quick_look, config, images) if baseline is not None else None
+    with staged_folder(out_dir, force=config.force, expected=out_state) as staging, \
+            tempfile.TemporaryDirectory(prefix="tofu-quick-look-") as tmp:
+        jobs = [partial(export_onnx, model, staging / ONNX_NAME, resolved.img_size, **onnx_settings,
+                        calibration=calibration)]
+        if looking is not None:  # the quick look's unreduced graph, exported beside the ToFu one (exporters.workers)
+            jobs.append(partial(export_baseline, baseline, Path(tmp) / "baseline.onnx", resolved.img_size,
+                                **onnx_settings))
+        step("exporting to ONNX and verifying parity" + ("; the unreduced model (r=0) for the quick look beside it"
+                                                         if len(jobs) > 1 else ""))
+        onnx_result, *baseline_export = run_jobs(jobs, export_workers(len(jobs), weight_bytes(model)))
         notes += onnx_result.notes
         step("checking TensorRT compatibility")
         trt_report = check_tensorrt_compat(staging / ONNX_NAME, ALL_TARGETS)  # every release: the report says which
@@ -126,11 +136,10 @@ def export_model(
         elif config.target == "trt":
             step("building TensorRT engine")
             manifest.tensorrt, engine_error = _trt_artifact(staging, out_dir, config.trt)
-        settings = _quick_look_settings(quick_look, config, images)
-        if settings is not None and baseline is not None:
+        if looking is not None and baseline is not None:
             manifest.quick_look = QuickLook.from_dict(run_quick_look(
-                baseline, staging / ONNX_NAME, resolved.img_size, settings, gflops=manifest.gflops.to_dict(),
-                onnx_settings=onnx_settings, images=images, step=step,
+                baseline, staging / ONNX_NAME, resolved.img_size, looking, gflops=manifest.gflops.to_dict(),
+                onnx_settings=onnx_settings, images=images, step=step, exported=baseline_export[0],
             ))
         step("writing report.md")
         write_report(staging, manifest, report_commands)

@@ -153,17 +153,21 @@ def run_quick_look(
     onnx_settings: dict[str, Any],
     images: torch.Tensor | None = None,
     step: Any = lambda _: None,
+    exported: Any = None,
 ) -> dict[str, Any]:
-    """Export the unreduced ``model`` the way ``tofu_onnx`` was, then time both and compare their outputs on
-    ``images`` ``[N, 3, H, W]`` (if any). Returns the manifest's ``quick_look`` section."""
+    """Export the unreduced ``model`` the way ``tofu_onnx`` was (unless ``exported``: its ``export_baseline``, done
+    already), then time both and compare their outputs on ``images`` ``[N, 3, H, W]`` (if any). Returns the
+    manifest's ``quick_look`` section."""
     import tempfile
 
     classifier = is_classifier(model)
     result: dict[str, Any] = {"label": LABEL, "machine": machine(),
                               "gflops": {"baseline": gflops["original"], "tofu": gflops["tofu"]}}
     with tempfile.TemporaryDirectory(prefix="tofu-quick-look-") as tmp:
-        step("quick look: exporting the unreduced model (r=0) the same way")
-        baseline = export_baseline(model, Path(tmp) / "baseline.onnx", img_size, **onnx_settings)
+        baseline = exported
+        if baseline is None:
+            step("quick look: exporting the unreduced model (r=0) the same way")
+            baseline = export_baseline(model, Path(tmp) / "baseline.onnx", img_size, **onnx_settings)
         parity = baseline.parity
         result["baseline"] = {"r": 0, "parity_max_abs_diff": None if parity is None else parity.max_abs_diff}
         if settings.timing:
