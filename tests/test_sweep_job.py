@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from tofu_export.config import OnnxConfig
 from tofu_export.errors import UserError
-from tofu_export.exporters.workers import usable_cores
+from tofu_export.exporters.workers import can_fork, usable_cores
 from tofu_export.output_paths import is_tofu_png
 from tofu_export.sweep import job as sweep_job
 from tofu_export.sweep.config import SweepConfig
@@ -47,7 +47,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SweepResult, 
 def test_the_sweep_estimates_before_it_starts(swept: tuple[Path, SweepResult, list[str]]) -> None:
     """...and says how many of its exports run side by side (forked workers, one per core)."""
     root, _, said = swept
-    workers = min(3, usable_cores())
+    workers = min(3, usable_cores()) if can_fork() else 1
     side = f", {workers} at a time" if workers > 1 else ""
     assert len(said) == 1 and said[0].startswith(f"3 points (3 to export{side}), estimated ")
     assert "load average" in said[0]

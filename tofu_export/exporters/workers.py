@@ -79,7 +79,9 @@ def export_workers(jobs: int, weight_bytes: int, *, cores: int | None = None, me
     """How many workers ``jobs`` exports of a model with ``weight_bytes`` of weights should use: one per usable core
     (``cores``), no more than there are jobs, and no more than the available ``memory`` holds at
     ``EXPORT_MEMORY_FACTOR`` times the weights each (a child shares the parent's model; what it adds is its
-    export's own). At least 1."""
+    export's own). At least 1; 1 where ``can_fork`` is false."""
+    if not can_fork():
+        return 1
     cores = usable_cores() if cores is None else cores
     memory = available_memory() if memory is None else memory
     fits = cores if memory is None else memory // (EXPORT_MEMORY_FACTOR * weight_bytes + EXPORT_MEMORY_BASE)
