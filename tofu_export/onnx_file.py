@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from tofu_export.errors import Hint, UserError
+from tofu_export.profiling.device import available_memory
 
 MAX_INPUT_PIXELS = 64_000_000  # per image (the image module's decode limit)
 ACTIVATION_FACTOR = 32  # a ViT's peak activations over its float32 input, roughly (batch memory estimate)
@@ -103,7 +104,7 @@ def check_batch_fits(shape: list[int | str], batch: int, path: Path) -> None:
     """Refuse a batch whose input alone, times a ViT's usual activation factor, exceeds the memory available now."""
     per_image = 4 * math.prod(int(d) for d in shape[1:])  # float32 [C, H, W]
     need = batch * per_image * ACTIVATION_FACTOR
-    available = _available_bytes()
+    available = available_memory()
     if available is not None and need > available:
         fits = available // (per_image * ACTIVATION_FACTOR)
         what = f"batch {batch} of {path}'s [{', '.join(map(str, shape[1:]))}] input needs about {need / 2**30:.1f} GiB"
@@ -112,12 +113,3 @@ def check_batch_fits(shape: list[int | str], batch: int, path: Path) -> None:
                                 "Re-export the model at its usual image size.")
         raise OnnxFileError(f"{what}; this machine has {available / 2**30:.1f} GiB available",
                             hint=Hint("batch", str(fits), "or less"))
-
-
-def _available_bytes() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo`` (None where there is none)."""
-    try:
-        line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) * 1024

@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from tofu_export.profiling.device import available_memory
+
 _FRAME = struct.Struct("<q")  # a job index (parent -> child; -1: stop) or a message length (child -> parent)
 _STOP = -1
 GRACE_S = 5.0  # how long a stopped child may take to clean up before it is killed
@@ -59,15 +61,6 @@ def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, else the machine's count)."""
     affinity = getattr(os, "sched_getaffinity", None)
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says a new allocation can have without swapping (``MemAvailable``); None where unknown."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def weight_bytes(module: Any) -> int:

@@ -116,3 +116,13 @@ def load_average() -> list[float] | None:
         return [round(value, 2) for value in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes the kernel says a new allocation can have without swapping (``MemAvailable``); None where unknown."""
+    for value in _cpuinfo_values(_read(meminfo), "MemAvailable"):
+        try:
+            return int(value.split()[0]) * 1024  # "123456 kB"
+        except (ValueError, IndexError):
+            return None
+    return None
