@@ -1,0 +1,134 @@
+"""torch's decomposition pass skipped where it changes nothing (``exporters.decompositions``): a ToFu graph exported
+without it is the graph torch's own exporter writes (up to the names of intermediate values), and a graph that holds
+an op to decompose is still decomposed."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tofu_export import patch
+from tofu_export.exporters import decompositions, dynamo
+from tofu_export.exporters.graph_structure import graph_structure
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
+
+
+def _export(model: torch.nn.Module, x: torch.Tensor, path: Path, opset: int = 17) -> onnx.ModelProto:
+    dynamo.trace_inputs(model, (x,), path, opset, ["input"], "output", dynamo.translation_table(opset))
+    return onnx.load(str(path))
+
+
+def _as_torch_exports(model: torch.nn.Module, x: torch.Tensor, path: Path, monkeypatch: pytest.MonkeyPatch,
+                      opset: int = 17) -> onnx.ModelProto:
+    """The graph of torch's exporter as it is, every captured graph decomposed."""
+    with monkeypatch.context() as patched:
+        patched.setattr(dynamo, "decompositions_where_needed", contextlib.nullcontext)
+        return _export(model, x, path, opset)
+
+
+def _decomposed(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Records, per export, the ops ``ops_to_decompose`` found ([] where the second trace was skipped)."""
+    found: list[list[str]] = []
+    original = decompositions.ops_to_decompose
+
+    def spy(program: torch.export.ExportedProgram, registry: object) -> list[str]:
+        found.append(original(program, registry))
+        return found[-1]
+    monkeypatch.setattr(decompositions, "ops_to_decompose", spy)
+    return found
+
+
+@pytest.mark.parametrize("opset", [17, 16])
+def test_a_tofu_graph_is_the_graph_torch_writes_without_the_second_trace(
+    make_vit, make_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opset: int
+) -> None:
+    """Every ToFu mode's reduction (flattened indices, reshapes, the one-hot's dtype cast, norms) in two blocks,
+    pruning in one; at opset 16 LayerNorm written out too."""
+    model = make_vit("deit_tiny_patch16_224", depth=2, img_size=32)
+    with pytest.warns(UserWarning, match=r"blocks \[0, 1\] were clipped"):  # 5 tokens: at most 2 a block
+        patch(model, r=3, mode="tofu", prune_layers=1, img_size=32)
+    x = make_images(2, 32)
+    found = _decomposed(monkeypatch)
+    skipped = _export(model, x, tmp_path / "skipped.onnx", opset)
+    assert found == [[]]  # nothing to decompose: the second trace did not run
+    torch_writes = _as_torch_exports(model, x, tmp_path / "torch.onnx", monkeypatch, opset)
+    assert len(found) == 1  # torch's own path asked nothing
+    assert len(skipped.graph.node) > 100
+    assert graph_structure(skipped) == graph_structure(torch_writes)
+
+
+class _Standardise(torch.nn.Module):
+    """``aten.std`` (decomposed: the registry has no translation), a flatten of the batch axis (no earlier node
+    gives its size) and a cast to the dtype the tensor has (an alias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x - x.mean(dim=-1, keepdim=True)) / x.std(dim=-1, keepdim=True)
+        return y.flatten(0, 1).to(torch.float32).reshape(x.shape)
+
+
+def test_a_graph_with_an_op_to_decompose_is_decomposed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    found = _decomposed(monkeypatch)
+    x = torch.randn(3, 4, 5)
+    graph = _export(_Standardise(), x, tmp_path / "std.onnx")
+    assert found == [["aten.std.dim", "aten.flatten.using_ints", "aten.to.dtype"]]
+    torch_writes = _as_torch_exports(_Standardise(), x, tmp_path / "torch.onnx", monkeypatch)
+    assert graph_structure(graph) == graph_structure(torch_writes)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], _Standardise()(x).numpy(), atol=1e-5)
+
+
+class _Flatten(torch.nn.Module):
+    """A flatten that keeps the batch axis (its size computed before it) and one that flattens it away."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch = x.shape[0]
+        return x.flatten(1) * batch, x.flatten(0, 1) * 2
+
+
+def test_flatten_becomes_the_view_the_second_trace_makes() -> None:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(_Flatten(), (torch.randn(4, 3, 2),), dynamic_shapes=({0: batch},))
+    decompositions.as_the_second_trace_leaves_them(program.graph_module)
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.aten.view.default) == 1  # [batch, 6]: batch from the node before it
+    assert targets.count(torch.ops.aten.flatten.using_ints) == 1  # [batch * 3, 2]: left to the second trace
+    x = torch.randn(5, 3, 2)
+    for got, expected in zip(program.module()(x), _Flatten()(x), strict=True):
+        assert torch.equal(got, expected)
+
+
+class _Tails(torch.nn.Module):
+    """A reshape of a transposed tensor whose -1 stands for a constant, and a flatten that keeps the batch axis, its
+    size computed before it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1) * 2 + x.flatten(1) * x.shape[0]
+
+
+def test_reshaped_and_flattened_tails_are_the_graph_torch_writes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    found = _decomposed(monkeypatch)
+    x = torch.randn(3, 4, 5)
+    graph = _export(_Tails(), x, tmp_path / "tail.onnx")
+    assert found == [[]]
+    torch_writes = _as_torch_exports(_Tails(), x, tmp_path / "torch.onnx", monkeypatch)
+    assert graph_structure(graph) == graph_structure(torch_writes)
+
+
+def test_without_torchs_internals_every_graph_is_decomposed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.onnx._internal.exporter import _fx_passes
+
+    original = _fx_passes.decompose_with_registry
+    with decompositions.decompositions_where_needed():
+        assert _fx_passes.decompose_with_registry is not original
+    assert _fx_passes.decompose_with_registry is original  # restored
+    monkeypatch.delattr(_fx_passes, "decompose_with_registry")
+    with decompositions.decompositions_where_needed():  # nothing to replace: torch's exporter as it is
+        assert not hasattr(_fx_passes, "decompose_with_registry")

@@ -1,0 +1,169 @@
+"""torch's decomposition pass, skipped on the graphs where it would change nothing.
+
+torch's dynamo exporter captures a model with ``torch.export`` and then traces the captured graph a second time to
+decompose what its ONNX registry cannot translate (``ExportedProgram.run_decompositions``), before it translates.
+On the graphs tofu-export exports that second trace costs more than the capture (exporting the DINOv2 ViT-S/14 with
+ToFu at r=16: 8.5 of 21.6 CPU-s, the capture 4.9) and changes little: it turns ``reshape`` and ``flatten`` into
+views (a ``-1`` resolved where it stands for a constant), a ``to.dtype`` into a ``_to_copy``, and drops
+evaluation-mode dropouts and ``contiguous``. ``as_the_second_trace_leaves_them`` makes those rewrites on the
+captured graph and ``TRANSLATIONS`` translates what is left as its replacement would be; the ONNX graph is then the
+graph torch writes, node for node (value names aside): all 62 dynamo exports of the test suite that were compared,
+48 of them with the second trace skipped (``tests/test_dynamo_decompositions.py`` keeps the comparison).
+
+Inside ``decompositions_where_needed()`` the second trace is skipped for a captured graph whose every op is
+
+- an assertion (the exporter removes those next), or arithmetic on symbolic sizes, or
+- translated by the registry, mutates nothing, and is either not a CompositeImplicitAutograd op, or one that
+  the second trace keeps (``_is_preservable_cia_op``), or one rewritten or translated here (a ``to.dtype`` to
+  another dtype; one to its own is an alias the second trace drops), or dropout in evaluation or ``contiguous``.
+
+Any other graph (a ``chunk``, an ``std``, a flatten of the batch axis into another) is decomposed as torch does it;
+where torch keeps these internals elsewhere, every graph is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+Value = Any  # an onnxscript (onnx_ir) value while torch's exporter translates a node
+_ASSERTIONS = ("_assert_scalar.default", "_assert_tensor_metadata.default", "_assert_async.default",
+               "_assert_async.msg", "sym_constrain_range_for_size.default")
+
+
+def _view(x: Value, size: Any) -> Value:
+    """``aten.reshape`` as the second trace leaves it, ``aten.view``: a ``Reshape`` with ``allowzero=1`` (torch's
+    shapes never copy a dim from a 0). For the reshapes ``as_the_second_trace_leaves_them`` cannot rewrite."""
+    from onnxscript.function_libs.torch_lib.ops.core import aten_view
+
+    return aten_view(x, size)
+
+
+def _to_dtype(x: Value, dtype: Any, non_blocking: bool = False, copy: bool = False, memory_format: Any = None) -> Value:
+    """``aten.to.dtype`` as the second trace leaves it, ``aten._to_copy``: a ``Cast``."""
+    from onnxscript.function_libs.torch_lib.ops.core import aten__to_copy
+
+    return aten__to_copy(x, dtype=dtype)
+
+
+TRANSLATIONS: dict = {torch.ops.aten.reshape.default: _view, torch.ops.aten.to.dtype: _to_dtype}
+
+
+def ops_to_decompose(program: torch.export.ExportedProgram, registry: Any) -> list[str]:
+    """The ops of ``program``'s graph that the second trace would change (by the rules of the module docstring),
+    each once, in graph order: an empty list means the graph can be translated as captured."""
+    from torch._export.utils import _is_cia_op, _is_preservable_cia_op
+    from torch.onnx._internal.exporter import _decomp
+
+    translated = set(_decomp.get_onnx_implemented_overloads(registry))
+    found: dict[str, None] = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and not _as_captured(node, translated, _is_cia_op, _is_preservable_cia_op):
+            found[str(node.target)] = None
+    return list(found)
+
+
+def _as_captured(node: torch.fx.Node, translated: set, is_cia: Any, is_preservable_cia: Any) -> bool:
+    """Whether ``node`` translates as captured to what its decomposition would translate to."""
+    target = node.target
+    if _symbolic(target):
+        return True
+    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+        return False
+    name = f"{target._opname}.{target._overloadname}" if target.namespace == "aten" else ""
+    if name in _ASSERTIONS:
+        return True
+    if target not in translated:
+        return False
+    if target is torch.ops.aten.to.dtype:  # to its own dtype: an alias the second trace drops, not a Cast
+        source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        return source is not None and source.dtype != node.args[1]
+    if name in ("dropout.default", "contiguous.default"):  # in evaluation, an identity either way (removed)
+        return name == "contiguous.default" or node.args[2] is False
+    return target in TRANSLATIONS or not is_cia(target) or is_preservable_cia(target)
+
+
+def _symbolic(target: Any) -> bool:
+    """Arithmetic on symbolic sizes (``operator.mul``, ``torch.sym_not``, ``aten.sym_size``), which the exporter
+    translates the same either way."""
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        return True
+    if target is torch.ops.aten.sym_size.int:
+        return True
+    return callable(target) and getattr(torch, getattr(target, "__name__", ""), None) is target and \
+        target.__name__.startswith("sym_")
+
+
+def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
+    """Rewrite what the second trace would rewrite in ``module``'s graph, where it can be done here:
+
+    - an ``aten.flatten.using_ints`` that can be a view becomes ``aten.view`` to its output's sizes, a symbolic
+      size taken from the first node that computes that symbol (the node the second trace takes it from); a
+      flatten whose output has a size no earlier node gives (the batch axis flattened into another) is left;
+    - a ``-1`` in an ``aten.reshape``'s shape becomes the size it stands for where that size is a constant (the
+      second trace resolves it; the graph optimiser then drops a reshape to the shape its input has).
+    """
+    graph, producers = module.graph, {}  # symbol -> the first node that computes it
+    for node in list(graph.nodes):
+        value = node.meta.get("val")
+        if isinstance(value, torch.SymInt):
+            producers.setdefault(value.node.expr, node)
+        elif node.target is torch.ops.aten.reshape.default and isinstance(value, torch.Tensor):
+            shape = [int(dim) if isinstance(given, int) and given == -1 and _static(dim) else given
+                     for given, dim in zip(node.args[1], value.shape, strict=True)]
+            node.args = (node.args[0], shape)
+        elif node.target is torch.ops.aten.flatten.using_ints and isinstance(value, torch.Tensor):
+            size = [int(dim) if _static(dim) else producers.get(dim.node.expr) for dim in value.shape]
+            if any(dim is None for dim in size) or not _viewable(node.args[0], value.shape):
+                continue
+            with graph.inserting_before(node):
+                view = graph.call_function(torch.ops.aten.view.default, (node.args[0], size))
+            view.meta = dict(node.meta)
+            node.replace_all_uses_with(view)
+            graph.erase_node(node)
+    module.recompile()
+
+
+def _viewable(node: Any, shape: torch.Size) -> bool:
+    """Whether the tensor ``node`` computes can be viewed as ``shape`` (a flatten of it needs no copy)."""
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    try:
+        value.view(shape)  # on the capture's fake tensor: computes nothing
+    except Exception:  # not viewable, or not a tensor: left to the second trace
+        return False
+    return True
+
+
+def _static(dim: int | torch.SymInt) -> bool:
+    return isinstance(dim, int) or dim.node.maybe_as_int() is not None
+
+
+@contextlib.contextmanager
+def decompositions_where_needed() -> Iterator[None]:
+    """Within the block, torch's exporter decomposes a captured graph only where ``ops_to_decompose`` finds an op
+    to decompose. It swaps a module global of torch's exporter: a process exports one graph at a time (no export here
+    runs in a thread). The registry must hold ``TRANSLATIONS`` (``exporters.dynamo.translation_table`` does)."""
+    try:
+        from torch.onnx._internal.exporter import _fx_passes
+
+        decompose = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def where_needed(program: torch.export.ExportedProgram, registry: Any) -> torch.export.ExportedProgram:
+        try:
+            as_the_second_trace_leaves_them(program.graph_module)
+            needed = ops_to_decompose(program, registry)
+        except Exception:  # torch's helpers moved or a rewrite failed (each one done is valid): torch's way
+            needed = ["?"]
+        return decompose(program, registry) if needed else program
+
+    _fx_passes.decompose_with_registry = where_needed
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = decompose
