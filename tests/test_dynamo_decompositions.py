@@ -132,3 +132,24 @@ def test_without_torchs_internals_every_graph_is_decomposed(monkeypatch: pytest.
     monkeypatch.delattr(_fx_passes, "decompose_with_registry")
     with decompositions.decompositions_where_needed():  # nothing to replace: torch's exporter as it is
         assert not hasattr(_fx_passes, "decompose_with_registry")
+
+
+def test_the_maintainers_check_exports_both_ways_and_names_a_difference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1``: each dynamo export is made both ways and compared; a graph that is not
+    torch's is an error naming the node where they part."""
+    calls: list[bool] = []
+    export = dynamo._export
+
+    def counted(*args: object, skip: bool = True) -> onnx.ModelProto:
+        calls.append(skip)
+        return export(*args, skip=skip)
+    monkeypatch.setattr(dynamo, "_export", counted)
+    monkeypatch.setenv(decompositions.CHECK, "1")
+    x = torch.randn(3, 4, 5)
+    _export(_Tails(), x, tmp_path / "tails.onnx")  # the same graph both ways: no error
+    assert calls == [True, False]
+    tails, standardised = onnx.load(str(tmp_path / "tails.onnx")), _export(_Standardise(), x, tmp_path / "std.onnx")
+    with pytest.raises(RuntimeError, match=r"not torch's graph: at node \d+ of \d+ / \d+"):
+        decompositions.check_against_torch(tails, standardised)

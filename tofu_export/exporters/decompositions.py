@@ -18,7 +18,8 @@ Inside ``decompositions_where_needed()`` the second trace is skipped for a captu
   another dtype; one to its own is an alias the second trace drops), or dropout in evaluation or ``contiguous``.
 
 Any other graph (a ``chunk``, an ``std``, a flatten of the batch axis into another) is decomposed as torch does it;
-where torch keeps these internals elsewhere, every graph is.
+where torch keeps these internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1 make test`` makes
+every dynamo export of the suite both ways and fails the test whose graph differs (``check_against_torch``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import onnx
 import torch
 
+from tofu_export.exporters.graph_structure import graph_structure
+
+CHECK = "TOFU_EXPORT_CHECK_DECOMPOSITIONS"  # "1": every dynamo export is also made torch's way and compared
 Value = Any  # an onnxscript (onnx_ir) value while torch's exporter translates a node
 _ASSERTIONS = ("_assert_scalar.default", "_assert_tensor_metadata.default", "_assert_async.default",
                "_assert_async.msg", "sym_constrain_range_for_size.default")
@@ -167,3 +172,15 @@ def decompositions_where_needed() -> Iterator[None]:
         yield
     finally:
         _fx_passes.decompose_with_registry = decompose
+
+
+def check_against_torch(graph: onnx.ModelProto, torch_writes: onnx.ModelProto) -> None:
+    """Raise where ``graph`` (exported inside ``decompositions_where_needed``) is not ``torch_writes`` (the same export
+    by torch's exporter as it is) node for node, value names aside. With ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` every
+    dynamo export makes both and calls this: the check to run the test suite under after torch changes."""
+    ours, theirs = graph_structure(graph), graph_structure(torch_writes)
+    if ours != theirs:
+        at = next((i for i, pair in enumerate(zip(ours, theirs, strict=False)) if pair[0] != pair[1]),
+                  min(len(ours), len(theirs)))
+        raise RuntimeError(f"the export without torch's second trace is not torch's graph: at node {at} of "
+                           f"{len(ours)} / {len(theirs)}, {ours[at:at + 1]} against {theirs[at:at + 1]}")

@@ -23,7 +23,9 @@ What this module adds to torch's own exporter, so that its graph is the one ``to
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +36,8 @@ import onnx
 import torch
 from torch import nn
 
+from tofu_export.exporters.decompositions import CHECK, check_against_torch, decompositions_where_needed
 from tofu_export.exporters.decompositions import TRANSLATIONS as AS_DECOMPOSED
-from tofu_export.exporters.decompositions import decompositions_where_needed
 from tofu_export.exporters.optimiser_rules import rewrite_rules_without
 from tofu_export.exporters.staging import save_graph
 from tofu_export.exporters.weights_aside import put_weights_back, set_weights_aside
@@ -163,20 +165,27 @@ def trace_inputs(
     examples = tuple(t.expand(max(2, len(t)), *t.shape[1:]).contiguous() for t in examples)  # a batch of 1 specialises
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opset and deprecation notices; the result is checked after
-        graph = _export(model, examples, list(input_names), [output_name], tuple({0: batch} for _ in examples),
-                        translations)
+        shapes = tuple({0: batch} for _ in examples)
+        graph = _export(model, examples, list(input_names), [output_name], shapes, translations)
+        torch_writes = (_export(model, examples, list(input_names), [output_name], shapes, translations, skip=False)
+                        if os.environ.get(CHECK) == "1" else None)
     _name_by_scope(graph)
+    if torch_writes is not None:  # a maintainer's check (decompositions.CHECK)
+        _name_by_scope(torch_writes)
+        check_against_torch(graph, torch_writes)
     if opset < EXPORT_OPSET:
         graph = _convert_down(graph, opset)  # with the weights set aside: a model over 2 GB converts too
     save_graph(graph, path)  # over protobuf's 2 GB: the weights beside it
 
 
 def _export(model: nn.Module, examples: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
-            dynamic_shapes: tuple, translations: dict) -> onnx.ModelProto:
+            dynamic_shapes: tuple, translations: dict, *, skip: bool = True) -> onnx.ModelProto:
     """torch's dynamo exporter at ``EXPORT_OPSET``, optimised. ``torch.onnx.export`` builds its ONNX function registry
     anew for every export (~0.4 CPU-s, a tenth of a small model's export); here it is built once per process and
     translation table and handed to the exporter it calls (``_core.export``). Where torch's internals are not the
-    ones this was written against, the public ``torch.onnx.export`` does the same work."""
+    ones this was written against, the public ``torch.onnx.export`` does the same work. ``skip``: torch's second
+    trace only where it changes something (``decompositions``); False: on every graph, as torch does."""
+    where_needed = decompositions_where_needed if skip else contextlib.nullcontext
     try:
         from torch.onnx._internal.exporter import _core
         from torch.onnx._internal.exporter._onnx_program import ONNXProgram
@@ -184,13 +193,13 @@ def _export(model: nn.Module, examples: tuple[torch.Tensor, ...], input_names: l
         rename_axes = ONNXProgram._rename_dynamic_axes  # the symbols torch made (s77) -> the Dim names ("batch")
         registry = _registry(tuple(translations.items()))
     except (ImportError, AttributeError, TypeError):  # torch's internals moved: its public call
-        with rewrite_rules_without(), decompositions_where_needed():
+        with rewrite_rules_without(), where_needed():
             program = torch.onnx.export(model, examples, dynamo=True, opset_version=EXPORT_OPSET,
                                         input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
                                         optimize=True, verbose=False)
     else:
-        with rewrite_rules_without(), decompositions_where_needed():
+        with rewrite_rules_without(), where_needed():
             program = _core.export(model, examples, registry=registry, dynamic_shapes=dynamic_shapes,
                                    input_names=input_names, output_names=output_names, optimize=True, verbose=False,
                                    opset_version=EXPORT_OPSET)
