@@ -106,8 +106,9 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
     """Rewrite what the second trace would rewrite in ``module``'s graph, where it can be done here:
 
     - an ``aten.flatten.using_ints`` that can be a view becomes ``aten.view`` to its output's sizes, a symbolic
-      size taken from the first node that computes that symbol (the node the second trace takes it from); a
-      flatten whose output has a size no earlier node gives (the batch axis flattened into another) is left;
+      size taken from the first node that computes that symbol (where the second trace took it on every graph
+      compared); a flatten whose output has a size no earlier node gives (the batch axis flattened into another)
+      is left;
     - a ``-1`` in an ``aten.reshape``'s shape becomes the size it stands for where that size is a constant (the
       second trace resolves it; the graph optimiser then drops a reshape to the shape its input has).
     """
