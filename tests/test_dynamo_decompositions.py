@@ -105,14 +105,15 @@ def test_flatten_becomes_the_view_the_second_trace_makes() -> None:
 
 
 class _Tails(torch.nn.Module):
-    """A reshape of a transposed tensor whose -1 stands for a constant, and a flatten that keeps the batch axis, its
-    size computed before it."""
+    """A reshape of a transposed tensor whose -1 stands for a constant, a flatten that keeps the batch axis, its
+    size computed before it, and a chunk into uneven pieces (5 -> 3, 2)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 2).reshape(x.shape[0], -1) * 2 + x.flatten(1) * x.shape[0]
+        swapped = torch.cat(x.chunk(2, dim=-1)[::-1], dim=-1)
+        return x.transpose(1, 2).reshape(x.shape[0], -1) * 2 + x.flatten(1) * x.shape[0] + swapped.flatten(1)
 
 
-def test_reshaped_and_flattened_tails_are_the_graph_torch_writes(tmp_path: Path,
+def test_reshaped_flattened_and_chunked_tails_are_the_graph_torch_writes(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     found = _decomposed(monkeypatch)
     x = torch.randn(3, 4, 5)

@@ -134,9 +134,10 @@ def test_the_registry_built_once_gives_the_graph_torch_onnx_export_gives() -> No
                         classmethod(lambda cls, *a, **k: built.append(1) or original(cls, *a, **k)))
         ours = dynamo._export(model, (x,), ["input"], ["output"], shapes, table)
         assert built == []  # reused
-        public = torch.onnx.export(model, (x,), dynamo=True, opset_version=dynamo.EXPORT_OPSET, input_names=["input"],
-                                   output_names=["output"], dynamic_shapes=shapes, custom_translation_table=table,
-                                   optimize=True, verbose=False).model_proto
+        with dynamo.decompositions_where_needed():  # the same second-trace rule as dynamo._export's
+            public = torch.onnx.export(model, (x,), dynamo=True, opset_version=dynamo.EXPORT_OPSET,
+                                       input_names=["input"], output_names=["output"], dynamic_shapes=shapes,
+                                       custom_translation_table=table, optimize=True, verbose=False).model_proto
         assert built == [1]  # torch.onnx.export builds one for every export
     for graph in (ours, public):
         graph.ClearField("producer_version")

@@ -5,10 +5,11 @@ decompose what its ONNX registry cannot translate (``ExportedProgram.run_decompo
 On the graphs tofu-export exports that second trace costs more than the capture (exporting the DINOv2 ViT-S/14 with
 ToFu at r=16: 8.5 of 21.6 CPU-s, the capture 4.9) and changes little: it turns ``reshape`` and ``flatten`` into
 views (a ``-1`` resolved where it stands for a constant), a ``to.dtype`` into a ``_to_copy``, and drops
-evaluation-mode dropouts and ``contiguous``. ``as_the_second_trace_leaves_them`` makes those rewrites on the
+evaluation-mode dropouts and ``contiguous`` (and turns a ``chunk`` into the ``split`` it calls).
+``as_the_second_trace_leaves_them`` makes those rewrites on the
 captured graph and ``TRANSLATIONS`` translates what is left as its replacement would be; the ONNX graph is then the
-graph torch writes, node for node (value names aside): all 62 dynamo exports of the test suite that were compared,
-48 of them with the second trace skipped (``tests/test_dynamo_decompositions.py`` keeps the comparison).
+graph torch writes, node for node (value names aside): every dynamo export of the test suite, compared with
+``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` (below; 62 exports, 48 skipped before ``chunk`` was rewritten too).
 
 Inside ``decompositions_where_needed()`` the second trace is skipped for a captured graph whose every op is
 
@@ -17,7 +18,8 @@ Inside ``decompositions_where_needed()`` the second trace is skipped for a captu
   the second trace keeps (``_is_preservable_cia_op``), or one rewritten or translated here (a ``to.dtype`` to
   another dtype; one to its own is an alias the second trace drops), or dropout in evaluation or ``contiguous``.
 
-Any other graph (a ``chunk``, an ``std``, a flatten of the batch axis into another) is decomposed as torch does it;
+Any other graph (an ``std``, a flatten of the batch axis into another, a ``to`` to its own dtype) is decomposed as
+torch does it;
 where torch keeps these internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1 make test`` makes
 every dynamo export of the suite both ways and fails the test whose graph differs (``check_against_torch``).
 """
@@ -110,7 +112,9 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
       compared); a flatten whose output has a size no earlier node gives (the batch axis flattened into another)
       is left;
     - a ``-1`` in an ``aten.reshape``'s shape becomes the size it stands for where that size is a constant (the
-      second trace resolves it; the graph optimiser then drops a reshape to the shape its input has).
+      second trace resolves it; the graph optimiser then drops a reshape to the shape its input has);
+    - an ``aten.chunk`` along an axis of constant size becomes the ``aten.split.Tensor`` torch's ``chunk`` calls
+      (pieces of ``ceil(size / chunks)``).
     """
     graph, producers = module.graph, {}  # symbol -> the first node that computes it
     for node in list(graph.nodes):
@@ -130,7 +134,19 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
             view.meta = dict(node.meta)
             node.replace_all_uses_with(view)
             graph.erase_node(node)
+        elif node.target is torch.ops.aten.chunk.default:
+            _chunk_as_split(node)
     module.recompile()
+
+
+def _chunk_as_split(node: torch.fx.Node) -> None:
+    source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    chunks, axis = node.args[1], node.args[2] if len(node.args) > 2 else 0
+    if node.kwargs or not isinstance(source, torch.Tensor) or not _static(source.shape[axis]):
+        return
+    size = int(source.shape[axis])
+    if size > 0:  # torch splits an empty axis by sizes instead
+        node.target, node.args = torch.ops.aten.split.Tensor, (node.args[0], -(-size // chunks), axis)
 
 
 def _viewable(node: Any, shape: torch.Size) -> bool:
