@@ -4,12 +4,12 @@ torch's dynamo exporter captures a model with ``torch.export`` and then traces t
 decompose what its ONNX registry cannot translate (``ExportedProgram.run_decompositions``), before it translates.
 On the graphs tofu-export exports that second trace costs more than the capture (exporting the DINOv2 ViT-S/14 with
 ToFu at r=16: 8.5 of 21.6 CPU-s, the capture 4.9) and changes little: it turns ``reshape`` and ``flatten`` into
-views (a ``-1`` resolved where it stands for a constant), a ``to.dtype`` into a ``_to_copy``, and drops
-evaluation-mode dropouts and ``contiguous`` (and turns a ``chunk`` into the ``split`` it calls).
-``as_the_second_trace_leaves_them`` makes those rewrites on the
-captured graph and ``TRANSLATIONS`` translates what is left as its replacement would be; the ONNX graph is then the
-graph torch writes, node for node (value names aside): every dynamo export of the test suite, compared with
-``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` (below; 62 exports, 48 skipped before ``chunk`` was rewritten too).
+views (a ``-1`` resolved where it stands for a constant), a ``chunk`` into the ``split`` it calls and a
+``to.dtype`` into a ``_to_copy``, and drops evaluation-mode dropouts and ``contiguous``.
+``as_the_second_trace_leaves_them`` makes those rewrites on the captured graph and ``TRANSLATIONS`` translates what
+is left as its replacement would be; the ONNX graph is then the graph torch writes, node for node (value names
+aside): every dynamo export of the test suite, compared with ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` (below; 62
+exports, 48 skipped before ``chunk`` was rewritten too).
 
 Inside ``decompositions_where_needed()`` the second trace is skipped for a captured graph whose every op is
 
@@ -19,9 +19,9 @@ Inside ``decompositions_where_needed()`` the second trace is skipped for a captu
   another dtype; one to its own is an alias the second trace drops), or dropout in evaluation or ``contiguous``.
 
 Any other graph (an ``std``, a flatten of the batch axis into another, a ``to`` to its own dtype) is decomposed as
-torch does it;
-where torch keeps these internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1 make test`` makes
-every dynamo export of the suite both ways and fails the test whose graph differs (``check_against_torch``).
+torch does it; where torch keeps these internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1
+make test`` makes every dynamo export of the suite both ways and fails the test whose graph differs
+(``check_against_torch``).
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
 
 
 def _chunk_as_split(node: torch.fx.Node) -> None:
+    """``chunk(x, chunks, axis)`` as torch's ``chunk`` computes it: ``split(x, ceil(size / chunks), axis)``."""
     source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
     chunks, axis = node.args[1], node.args[2] if len(node.args) > 2 else 0
     if node.kwargs or not isinstance(source, torch.Tensor) or not _static(source.shape[axis]):
