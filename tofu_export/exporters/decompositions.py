@@ -86,10 +86,12 @@ def _as_captured(node: torch.fx.Node, translated: set, is_cia: Any, is_preservab
     if target not in translated:
         return False
     if target is torch.ops.aten.to.dtype:  # to its own dtype: an alias the second trace drops, not a Cast
-        source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-        return source is not None and source.dtype != node.args[1]
-    if name in ("dropout.default", "contiguous.default"):  # in evaluation, an identity either way (removed)
-        return name == "contiguous.default" or node.args[2] is False
+        source = _value(node.args[0])
+        return isinstance(source, torch.Tensor) and source.dtype != node.args[1]
+    if name == "contiguous.default":  # an identity either way, which the graph optimiser removes
+        return True
+    if name == "dropout.default":  # in evaluation, likewise
+        return node.args[2] is False
     return target in TRANSLATIONS or not is_cia(target) or is_preservable_cia(target)
 
 
@@ -141,7 +143,7 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
 
 def _chunk_as_split(node: torch.fx.Node) -> None:
     """``chunk(x, chunks, axis)`` as torch's ``chunk`` computes it: ``split(x, ceil(size / chunks), axis)``."""
-    source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    source = _value(node.args[0])
     chunks, axis = node.args[1], node.args[2] if len(node.args) > 2 else 0
     if node.kwargs or not isinstance(source, torch.Tensor) or not _static(source.shape[axis]):
         return
@@ -152,12 +154,17 @@ def _chunk_as_split(node: torch.fx.Node) -> None:
 
 def _viewable(node: Any, shape: torch.Size) -> bool:
     """Whether the tensor ``node`` computes can be viewed as ``shape`` (a flatten of it needs no copy)."""
-    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    value = _value(node)
     try:
         value.view(shape)  # on the capture's fake tensor: computes nothing
     except Exception:  # not viewable, or not a tensor: left to the second trace
         return False
     return True
+
+
+def _value(node: Any) -> Any:
+    """What the capture recorded ``node`` computes (a fake tensor, a symbolic int); None for a constant argument."""
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _static(dim: int | torch.SymInt) -> bool:
