@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from tofu_export.calibration import Budget, BudgetError, Calibration, calibrate, choose_policy, measure, plot_policy
-from tofu_export.calibration.damage import cosine_to, run_from_block, single_block_damage
+from tofu_export.calibration.damage import (
+    cosine_to,
+    out_of_reach,
+    policy_cosines,
+    policy_cosines_to_floor,
+    run_from_block,
+    single_block_damage,
+)
 from tofu_export.calibration.latency import block_graph, block_input, sample_token_counts
 from tofu_export.calibration.latency_model import NONE, BlockLatency
 from tofu_export.calibration.linearity import linearity_ratio
@@ -66,6 +73,20 @@ def test_single_block_damage_matches_a_full_run_of_the_patched_model(vit, make_i
         unpatch(vit)
         assert damage[mode][1] == pytest.approx(float(1 - cosine_to(reference, full).mean()), abs=1e-6)
         assert damage[mode][1] > 1e-5  # removing 3 of 16 tokens changes a random ViT's output
+
+
+def test_a_policy_run_to_a_floor_stops_only_once_the_floor_is_out_of_reach(vit, make_images) -> None:
+    tr = reference_pass(vit, make_images(6, 64, seed=3))
+    policy = (["mlerp"] * 4, [4, 4, 0, 0])
+    full = policy_cosines(vit, tr, *policy, True)  # [6]
+    assert not is_patched(vit) and bool((full < 1 - 1e-4).all())  # every image loses something
+    kept = policy_cosines_to_floor(vit, tr, *policy, True, float(full.mean()) - 1e-9, batch_size=2)
+    assert torch.allclose(kept, full, atol=1e-9)  # a pass runs on every image
+    bound = policy_cosines_to_floor(vit, tr, *policy, True, 1.0, batch_size=2)
+    assert torch.allclose(bound, full[:2], atol=1e-9) and not is_patched(vit)  # no mean of 6 reaches 1 after two
+    best = (float(full[:5].sum()) + 1.0) / 6  # the sixth image at 1
+    assert out_of_reach(full[:5], 6, best + 1e-9) and not out_of_reach(full[:5], 6, best - 1e-9)
+    assert not out_of_reach(full[:0], 6, 1.0) and out_of_reach(full, 6, float(full.mean()) + 1e-9)
 
 
 def _latency(r: int = 4) -> BlockLatency:

@@ -1,8 +1,8 @@
 """The measured choice under a fidelity floor (``calibration.floor``), on synthetic ladders, fronts and
 measurements: the fastest candidate that *measures* at least the floor is chosen, not the one predicted to; after
 the prediction's guess each ladder is bisected between its measured passes and misses; a floor nothing measured
-meets is an error naming the best measured; every candidate measured is recorded. No calibration is run: ``verify`` is
-replaced by a function of the policy."""
+meets is an error naming the best measured; every candidate measured is recorded; a certain miss stops early and
+changes no decision. No calibration is run: the forwards are replaced by a function of the policy."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from synthetic_calibration import block_latency, late_blocks_look_free
 
 from tofu_export.calibration import floor as floor_module
 from tofu_export.calibration import shortlist as shortlist_module
+from tofu_export.calibration.damage import out_of_reach
 from tofu_export.calibration.floor import (
     around_floor,
     choose_floor,
@@ -32,6 +33,7 @@ from tofu_export.schedule import plan_tokens
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOKENS, PREFIX, R, DEPTH = 17, 1, 4, 3  # vit_tiny at 64 px: 16 patches and the class token
+IMAGES = 6  # the search images the synthetic forwards measure
 
 
 def _ladder(count: int = 8) -> list[Candidate]:
@@ -181,7 +183,7 @@ def _in_context(modes, r) -> float:
 def calibration(make_vit) -> Calibration:
     model = make_vit("vit_tiny_patch16_224", depth=DEPTH, img_size=64, num_classes=0)
     latency, damage = _latency(), _damage()
-    tr = Trace([], torch.zeros(0, 192), [torch.full((2, R), 0.01)] * DEPTH)
+    tr = Trace([], torch.zeros(IMAGES, 192), [torch.full((2, R), 0.01)] * DEPTH)
     baseline = latency.predict_ms(TOKENS, PREFIX, [0] * DEPTH, ["mean"] * DEPTH)
     uniform = {m: {"compounding": 1.0} for m in damage}
     fronts = {"damage": pareto_front(damage, latency, TOKENS, PREFIX),
@@ -190,15 +192,40 @@ def calibration(make_vit) -> Calibration:
                        measured_r=(4, 8))
 
 
+class Runs(list):
+    """Every forward's ``(modes, r)``; ``complete``: those run on every image (not stopped at the floor)."""
+
+    complete: list[tuple]
+
+
+def _per_image(modes, r) -> torch.Tensor:
+    """A policy's cosine on each of the ``IMAGES`` search images ``[IMAGES]``, a spread with mean ``_in_context``
+    and none above 1."""
+    mean = _in_context(modes, r)
+    spread = torch.linspace(-1.0, 1.0, IMAGES, dtype=torch.float64) * min(1e-4, 1.0 - mean)
+    return mean + spread
+
+
 @pytest.fixture()
-def runs(monkeypatch) -> list[tuple]:
-    calls = []
+def runs(monkeypatch) -> Runs:
+    calls = Runs()
+    calls.complete = []
 
     def policy_cosines(model, tr, modes, r, prop_attn) -> torch.Tensor:
         calls.append((tuple(modes), tuple(r)))
-        return torch.tensor([_in_context(modes, r)], dtype=torch.float64)
+        calls.complete.append((tuple(modes), tuple(r)))
+        return _per_image(modes, r)
+
+    def policy_cosines_to_floor(model, tr, modes, r, prop_attn, floor) -> torch.Tensor:
+        calls.append((tuple(modes), tuple(r)))
+        cosines = _per_image(modes, r)
+        run = next((k for k in range(1, IMAGES + 1) if out_of_reach(cosines[:k], IMAGES, floor)), IMAGES)
+        if run == IMAGES:
+            calls.complete.append((tuple(modes), tuple(r)))
+        return cosines[:run]
 
     monkeypatch.setattr(shortlist_module, "policy_cosines", policy_cosines)  # every forward (shortlist.runs_on)
+    monkeypatch.setattr(shortlist_module, "policy_cosines_to_floor", policy_cosines_to_floor)
     return calls
 
 
@@ -211,9 +238,12 @@ def test_the_policy_is_the_fastest_that_measures_the_floor_and_every_candidate_i
     assert m["choice"].startswith("measured") and "measured_latency" not in m
     candidates = m["candidates"]
     assert len(candidates) == len(runs) and {(tuple(c["modes"]), tuple(c["r"])) for c in candidates} == set(runs)
-    assert all(c["measured_cosine"] == pytest.approx(_in_context(c["modes"], c["r"])) for c in candidates)
-    assert {"source", "modes", "r", "predicted_damage", "predicted_ms", "measured_cosine", "round",
-            "chosen"} == set(candidates[0])
+    keys = {"source", "modes", "r", "predicted_damage", "predicted_ms", "measured_cosine", "round", "chosen"}
+    for c in candidates:
+        cosines = _per_image(c["modes"], c["r"])
+        run = c.get("images_run", IMAGES)  # a certain miss stopped early: the mean of the images it ran
+        assert set(c) == keys | ({"images_run"} if run < IMAGES else set())
+        assert c["measured_cosine"] == pytest.approx(float(cosines[:run].mean()))
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and (chosen[0]["modes"], chosen[0]["r"]) == (list(policy.modes), list(policy.r))
     assert m["measured_cosine"] == chosen[0]["measured_cosine"] >= 0.996 and m["predicted_ms"] == policy_ms(policy)
@@ -245,7 +275,29 @@ def test_a_floor_nothing_measured_meets_is_an_error_naming_the_best_measured(cal
     assert hint.option == "min_cosine" and float(hint.value) <= best < float(hint.value) + 1e-4
     assert hint.alternative.option == "r" and hint.alternative.value == "2"
     ladders = floor_module.floor_ladders(calibration, "damage")
-    assert len(runs) <= forward_bound(ladders, 1 - 0.9999)  # the bound of the module docstring
+    assert len(set(runs)) <= forward_bound(ladders, 1 - 0.9999)  # the bound of the module docstring
+    searched = len(set(runs))  # each candidate once in the search
+    completed = len(runs) - searched  # stopped misses run again on every image, so the best named is exact
+    stopped = searched - (len(runs.complete) - completed)
+    assert 0 < completed < stopped  # only those that could still be the best
+
+
+def test_a_miss_stops_once_the_floor_is_out_of_reach_and_no_decision_changes(calibration, runs, monkeypatch):
+    """The same search with every candidate run on every image measures the same candidates in the same rounds and
+    chooses the same policy; a stopped miss ran fewer images and its recorded mean is below the floor too."""
+    budget = Budget(min_cosine=0.996)
+    chosen, attempts, record = floor_module.floor_choice(calibration, budget, "damage")
+    stopped = [c for c in record["candidates"] if "images_run" in c]
+    assert stopped and all(c["images_run"] < IMAGES and c["measured_cosine"] < 0.996 for c in stopped)
+    assert len(runs) == len(record["candidates"]) > len(runs.complete)
+    monkeypatch.setattr(shortlist_module, "policy_cosines_to_floor",
+                        lambda model, tr, modes, r, prop_attn, floor: _per_image(modes, r))
+    again, attempts_again, record_again = floor_module.floor_choice(calibration, budget, "damage")
+    assert again == chosen and attempts_again == attempts
+    key = ("source", "modes", "r", "round", "chosen")
+    assert [[c[k] for k in key] for c in record_again["candidates"]] == [[c[k] for k in key]
+                                                                         for c in record["candidates"]]
+    assert not any("images_run" in c for c in record_again["candidates"])
 
 
 def test_the_floor_bisects_only_the_ladders_it_is_given(calibration, runs) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tofu_export.calibration.trace import Trace
+from tofu_export.calibration.trace import BATCH, Trace
 from tofu_export.models.family import family_of, patched
 from tofu_export.names import REDUCE_MODES
 
@@ -26,7 +26,7 @@ def cosine_to(reference: Tensor, output: Tensor) -> Tensor:
     return F.cosine_similarity(output.double(), reference.double(), dim=-1)
 
 
-def run_from_block(model: nn.Module, x: Tensor, start: int, *, batch_size: int = 32) -> Tensor:
+def run_from_block(model: nn.Module, x: Tensor, start: int, *, batch_size: int = BATCH) -> Tensor:
     """Run a (patched) model's blocks ``start..`` and head on block ``start``'s input ``x [B, N, C]``: ``[B, D]``."""
     family = family_of(model)
     with torch.no_grad():
@@ -39,6 +39,29 @@ def policy_cosines(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequenc
     images (``model`` left unpatched)."""
     with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
         return cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0))
+
+
+def policy_cosines_to_floor(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool,
+                            floor: float, *, batch_size: int = 8) -> Tensor:
+    """``policy_cosines`` run ``batch_size`` images at a time and stopped once ``out_of_reach``: per-image cosines
+    ``[k]`` of the first ``k <= B`` traced images, ``k < B`` only for a certain miss (its mean over the ``k`` is
+    below ``floor`` too). A candidate that keeps ``floor`` runs on every image, as with ``policy_cosines``."""
+    total = len(tr.reference)
+    cosines = tr.reference.new_zeros(0, dtype=torch.float64)  # [k]
+    with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
+        for start in range(0, total, batch_size):
+            x = tr.inputs[0][start:start + batch_size]  # [b, N, C]
+            cosine = cosine_to(tr.reference[start:start + batch_size], run_from_block(model, x, 0))  # [b]
+            cosines = torch.cat([cosines, cosine])
+            if out_of_reach(cosines, total, floor):
+                break
+    return cosines
+
+
+def out_of_reach(cosines: Tensor, total: int, floor: float) -> bool:
+    """Whether a mean over ``total`` images cannot reach ``floor`` when the first ``len(cosines)`` measured
+    ``cosines [k]``, whatever the others measure (a cosine is at most 1)."""
+    return (float(cosines.sum()) + total - len(cosines)) / total < floor
 
 
 def verify(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool) -> float:

@@ -23,6 +23,16 @@ has them: the coarse rungs can stop well short of the floor). Candidates are run
 - a round runs its rungs fastest predicted first and stops at the first that measures at least the floor (after
   the candidates as fast as it): nothing slower can win.
 
+A candidate runs on the search images 8 at a time and stops as soon as its mean over all of them could not reach
+the floor whatever the images left measure (every cosine is at most 1; ``damage.policy_cosines_to_floor``): a
+certain miss, recorded with the mean of the images it ran (``images_run``), which is below the floor too. Every
+decision is the one a run on all the images makes; a pass always runs on all of them. The predicted floor is often
+far off and bisection visits far misses (in one default DINOv2-S/14 calibration, floor 0.995, 7 of round 0's 12
+candidates and 19 of all 70 measured below 0.95, 30 below 0.985): such misses stop after a batch or two. Batches
+of 8 cost what batches of 32 do and 1.07 of batches of 16 (``trace.BATCH``; ``bench/results/forward_batch/``).
+Where nothing meets the floor, the stopped misses that could still be the best measured are run on every image
+before the error names it (``completed``).
+
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
 cosine); where the calibration has confirm images, the fastest passes run on them too until one keeps the floor over
 both sets (``confirmed_floor``). A floor nothing measured meets is a ``BudgetError`` naming the best measured
@@ -38,7 +48,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tofu_export.calibration.select import Budget, BudgetError, Candidate
@@ -152,6 +162,28 @@ def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float
     return (best.candidate if best else None), list(tried.values())
 
 
+def completed(tried: Sequence[Tried], measure_all: Callable[[Candidate], Tensor], images: int) -> list[Tried]:
+    """``tried`` with the misses stopped early (``images_run``) that could still measure the highest run again on
+    all ``images`` search images (``measure_all``), most promising first, so that the best measured is exact: a
+    stopped miss whose mean could not exceed the best complete one (each cosine at most 1) is left as it is."""
+    done = list(tried)
+    best = max((t.cosine for t in done if t.listed.images_run is None), default=-math.inf)
+
+    def at_most(t: Tried) -> float:  # the highest mean over every image a stopped miss could still have
+        k = t.listed.images_run
+        return (t.cosine * k + images - k) / images
+
+    stopped = sorted((i for i, t in enumerate(done) if t.listed.images_run is not None),
+                     key=lambda i: -at_most(done[i]))
+    for i in stopped:
+        if at_most(done[i]) <= best:
+            break
+        t = done[i]
+        done[i] = Tried(Shortlisted.run(t.listed.source, t.candidate, measure_all(t.candidate)), t.round)
+        best = max(best, done[i].cosine)
+    return done
+
+
 def unreachable(tried: Sequence[Tried], min_cosine: float, baseline_ms: float, r: int) -> BudgetError:
     """The error for a floor no measured candidate met: the best measured cosine and the policy that reaches it."""
     if not tried:
@@ -204,11 +236,22 @@ def floor_choice(calibration: Calibration, budget: Budget, rule: str, on_step: C
     record of every candidate measured (source, predictions, measured cosine, round) for the policy. ``ladders``:
     what it bisects (None: ``floor_ladders``, all of them; a study may pass a subset)."""
     c = calibration
-    search = runs_on(c, c.trace, on_step)
+    search = runs_on(c, c.trace, on_step, floor=budget.min_cosine)
+    ran: dict[tuple, int] = {}  # images each candidate ran on: fewer than the search images for a certain miss
+
+    def measure(x: Candidate) -> float:
+        cosines = search(x)
+        ran[policy_key(x)] = len(cosines)
+        return float(cosines.mean())
+
     ladders = floor_ladders(c, rule) if ladders is None else ladders
-    chosen, tried = choose_floor(ladders, lambda x: float(search(x).mean()), budget.min_cosine)
+    chosen, tried = choose_floor(ladders, measure, budget.min_cosine)
+    images = len(c.trace.reference)
+    tried = [t if ran[policy_key(t.candidate)] == images else
+             Tried(replace(t.listed, images_run=ran[policy_key(t.candidate)]), t.round) for t in tried]
     if chosen is None:
-        raise unreachable(tried, budget.min_cosine, c.baseline_ms, c.r)
+        raise unreachable(completed(tried, runs_on(c, c.trace, on_step), images), budget.min_cosine, c.baseline_ms,
+                          c.r)
     how = "the fastest measuring at least the floor chosen"
     if c.confirm is not None:
         chosen, tried = confirmed_floor(tried, runs_on(c, c.confirm, on_step), budget.min_cosine,
@@ -217,7 +260,8 @@ def floor_choice(calibration: Calibration, budget: Budget, rule: str, on_step: C
                f"floor over both sets (at most {CONFIRM_FINALISTS}), chosen")
     attempts = [next(t for t in tried if t.candidate == chosen).listed.attempt()]
     record = {"choice": "measured: the candidates around the predicted floor, then bisection between each ladder's "
-                        "measured passes and misses, run once each on the search images, fastest predicted first; "
+                        "measured passes and misses, run once each on the search images, fastest predicted first "
+                        "(a miss stopped once its images so far left the floor out of reach: images_run); "
                         f"{how} (calibration.floor)",
               "candidates": [t.to_dict() | {"chosen": t.candidate == chosen} for t in tried]}
     return chosen, attempts, record

