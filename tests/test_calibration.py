@@ -87,6 +87,13 @@ def test_a_policy_run_to_a_floor_stops_only_once_the_floor_is_out_of_reach(vit, 
     best = (float(full[:5].sum()) + 1.0) / 6  # the sixth image at 1
     assert out_of_reach(full[:5], 6, best + 1e-9) and not out_of_reach(full[:5], 6, best - 1e-9)
     assert not out_of_reach(full[:0], 6, 1.0) and out_of_reach(full, 6, float(full.mean()) + 1e-9)
+    order = full.argsort()  # hardest first: every image of a pass, in that order
+    first = policy_cosines_to_floor(vit, tr, *policy, True, float(full.mean()) - 1e-9, order=order, batch_size=2)
+    assert torch.allclose(first, full[order], atol=1e-9)
+    above = float(full.mean() + (1 - full.mean()) / 3)  # a miss: hardest first, certain no later than as traced
+    hard, traced = (policy_cosines_to_floor(vit, tr, *policy, True, above, order=o, batch_size=1)
+                    for o in (order, None))
+    assert len(hard) <= len(traced) < 6 and torch.allclose(hard, full[order][: len(hard)], atol=1e-9)
 
 
 def _latency(r: int = 4) -> BlockLatency:

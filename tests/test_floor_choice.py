@@ -34,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOKENS, PREFIX, R, DEPTH = 17, 1, 4, 3  # vit_tiny at 64 px: 16 patches and the class token
 IMAGES = 6  # the search images the synthetic forwards measure
+SPREAD = torch.tensor([0.4, -1.0, 1.0, -0.2, 0.2, -0.4], dtype=torch.float64)  # per image, times the policy's loss
 
 
 def _ladder(count: int = 8) -> list[Candidate]:
@@ -193,32 +194,34 @@ def calibration(make_vit) -> Calibration:
 
 
 class Runs(list):
-    """Every forward's ``(modes, r)``; ``complete``: those run on every image (not stopped at the floor)."""
+    """Every forward's ``(modes, r)``; ``complete``: those run on every image (not stopped at the floor);
+    ``orders``: the image order each stopping forward was given."""
 
     complete: list[tuple]
+    orders: list[list[int]]
 
 
 def _per_image(modes, r) -> torch.Tensor:
     """A policy's cosine on each of the ``IMAGES`` search images ``[IMAGES]``, a spread with mean ``_in_context``
     and none above 1."""
     mean = _in_context(modes, r)
-    spread = torch.linspace(-1.0, 1.0, IMAGES, dtype=torch.float64) * min(1e-4, 1.0 - mean)
-    return mean + spread
+    return mean + SPREAD * min(1e-4, 1.0 - mean)
 
 
 @pytest.fixture()
 def runs(monkeypatch) -> Runs:
     calls = Runs()
-    calls.complete = []
+    calls.complete, calls.orders = [], []
 
     def policy_cosines(model, tr, modes, r, prop_attn) -> torch.Tensor:
         calls.append((tuple(modes), tuple(r)))
         calls.complete.append((tuple(modes), tuple(r)))
         return _per_image(modes, r)
 
-    def policy_cosines_to_floor(model, tr, modes, r, prop_attn, floor) -> torch.Tensor:
+    def policy_cosines_to_floor(model, tr, modes, r, prop_attn, floor, order) -> torch.Tensor:
         calls.append((tuple(modes), tuple(r)))
-        cosines = _per_image(modes, r)
+        calls.orders.append(order.tolist())
+        cosines = _per_image(modes, r)[order]
         run = next((k for k in range(1, IMAGES + 1) if out_of_reach(cosines[:k], IMAGES, floor)), IMAGES)
         if run == IMAGES:
             calls.complete.append((tuple(modes), tuple(r)))
@@ -239,8 +242,9 @@ def test_the_policy_is_the_fastest_that_measures_the_floor_and_every_candidate_i
     candidates = m["candidates"]
     assert len(candidates) == len(runs) and {(tuple(c["modes"]), tuple(c["r"])) for c in candidates} == set(runs)
     keys = {"source", "modes", "r", "predicted_damage", "predicted_ms", "measured_cosine", "round", "chosen"}
+    order_of = dict(zip(runs, runs.orders, strict=True))  # the image order each candidate ran in
     for c in candidates:
-        cosines = _per_image(c["modes"], c["r"])
+        cosines = _per_image(c["modes"], c["r"])[order_of[(tuple(c["modes"]), tuple(c["r"]))]]
         run = c.get("images_run", IMAGES)  # a certain miss stopped early: the mean of the images it ran
         assert set(c) == keys | ({"images_run"} if run < IMAGES else set())
         assert c["measured_cosine"] == pytest.approx(float(cosines[:run].mean()))
@@ -291,13 +295,23 @@ def test_a_miss_stops_once_the_floor_is_out_of_reach_and_no_decision_changes(cal
     assert stopped and all(c["images_run"] < IMAGES and c["measured_cosine"] < 0.996 for c in stopped)
     assert len(runs) == len(record["candidates"]) > len(runs.complete)
     monkeypatch.setattr(shortlist_module, "policy_cosines_to_floor",
-                        lambda model, tr, modes, r, prop_attn, floor: _per_image(modes, r))
+                        lambda model, tr, modes, r, prop_attn, floor, order: _per_image(modes, r)[order])
     again, attempts_again, record_again = floor_module.floor_choice(calibration, budget, "damage")
     assert again == chosen and attempts_again == attempts
     key = ("source", "modes", "r", "round", "chosen")
     assert [[c[k] for k in key] for c in record_again["candidates"]] == [[c[k] for k in key]
                                                                          for c in record["candidates"]]
     assert not any("images_run" in c for c in record_again["candidates"])
+
+
+def test_the_images_run_hardest_first_once_a_candidate_ran_on_all_of_them(calibration, runs) -> None:
+    """Until a candidate runs on every search image they run as traced; after it, lowest cosine first in its
+    run (here the same for every policy: ``SPREAD``'s order)."""
+    floor_module.floor_choice(calibration, Budget(min_cosine=0.996), "damage")
+    first_complete = next(i for i, call in enumerate(runs) if call in runs.complete)
+    assert runs.orders[: first_complete + 1] == [list(range(IMAGES))] * (first_complete + 1)
+    hardest_first = SPREAD.argsort().tolist()  # [1, 5, 3, 4, 0, 2]
+    assert runs.orders[first_complete + 1:] and all(o == hardest_first for o in runs.orders[first_complete + 1:])
 
 
 def test_the_floor_bisects_only_the_ladders_it_is_given(calibration, runs) -> None:

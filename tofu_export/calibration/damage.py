@@ -42,16 +42,18 @@ def policy_cosines(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequenc
 
 
 def policy_cosines_to_floor(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool,
-                            floor: float, *, batch_size: int = 8) -> Tensor:
-    """``policy_cosines`` run ``batch_size`` images at a time and stopped once ``out_of_reach``: per-image cosines
-    ``[k]`` of the first ``k <= B`` traced images, ``k < B`` only for a certain miss (its mean over the ``k`` is
-    below ``floor`` too). A candidate that keeps ``floor`` runs on every image, as with ``policy_cosines``."""
+                            floor: float, *, order: Tensor | None = None, batch_size: int = 8) -> Tensor:
+    """``policy_cosines`` run ``batch_size`` images at a time, in ``order`` (a permutation of the ``B`` traced
+    images' indices; None: as traced), and stopped once ``out_of_reach``: per-image cosines ``[k]`` of the first
+    ``k <= B`` images in that order, ``k < B`` only for a certain miss (its mean over the ``k`` is below ``floor``
+    too). A candidate that keeps ``floor`` runs on every image, as with ``policy_cosines``."""
     total = len(tr.reference)
+    index = torch.arange(total) if order is None else order  # [B]
     cosines = tr.reference.new_zeros(0, dtype=torch.float64)  # [k]
     with patched(model, r=list(r), mode=list(modes), prop_attn=prop_attn):
         for start in range(0, total, batch_size):
-            x = tr.inputs[0][start:start + batch_size]  # [b, N, C]
-            cosine = cosine_to(tr.reference[start:start + batch_size], run_from_block(model, x, 0))  # [b]
+            chunk = index[start:start + batch_size]  # [b]
+            cosine = cosine_to(tr.reference[chunk], run_from_block(model, tr.inputs[0][chunk], 0))  # [b]
             cosines = torch.cat([cosines, cosine])
             if out_of_reach(cosines, total, floor):
                 break

@@ -259,14 +259,22 @@ def runs_on(calibration: Calibration, images: Trace, on_step: Callable[[], None]
     """``measure(candidate)``: the candidate's cosine per image ``[B]`` on ``images`` (the search images' trace, or
     the confirm images'), one forward (``damage.policy_cosines``); ``on_step`` after each. With ``floor``, a
     candidate is stopped once its mean cannot reach it (``damage.policy_cosines_to_floor``: fewer than ``B``
-    cosines, a certain miss)."""
+    cosines, a certain miss), the images run hardest first: in the order of the last candidate run on all of them,
+    lowest cosine first (an image that loses much under one policy loses much under the next), so that a miss is
+    certain sooner; the order changes no mean."""
     c = calibration
+    hardest_first: Tensor | None = None  # [B] image indices
 
     def measure(x: Candidate) -> Tensor:
+        nonlocal hardest_first
         if floor is None:
             cosine = policy_cosines(c.model, images, x.modes, x.r, c.prop_attn).detach()
         else:
-            cosine = policy_cosines_to_floor(c.model, images, x.modes, x.r, c.prop_attn, floor).detach()
+            order = torch.arange(len(images.reference)) if hardest_first is None else hardest_first
+            cosine = policy_cosines_to_floor(c.model, images, x.modes, x.r, c.prop_attn, floor, order=order).detach()
+            if len(cosine) == len(order):  # ran on every image: back to the traced order, and the next order
+                cosine = cosine.new_empty(len(order)).index_copy_(0, order, cosine)
+                hardest_first = cosine.argsort()
         if on_step is not None:
             on_step()
         return cosine
