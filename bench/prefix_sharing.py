@@ -8,7 +8,8 @@ order they ran) and reports, per cache size (how many earlier candidates' states
 search's block work such a cache would skip. A block's work is priced by the policy's own latency model: the
 unreduced block's time at the tokens entering it (``measurements.latency.block_ms.none``, linear between the
 measured token counts). The confirm images' forwards run on other images, so no search state serves them; they
-are left out. Nothing is run: this is arithmetic on the recorded order.
+are left out. A candidate the floor's early stop cut short (``images_run``) counts the images it ran. Nothing is
+run: this is arithmetic on the recorded order.
 
 Usage: python bench/prefix_sharing.py --policy policy.json [--sizes 1,2,4,8,16,0] [--out bench/results/x]
 (size 0: every earlier candidate kept).
@@ -43,14 +44,18 @@ def shared_blocks(a: Sequence[Step], b: Sequence[Step]) -> int:
     return k
 
 
-def skipped_share(candidates: Sequence[dict], costs: Sequence[Sequence[float]], size: int) -> float:
-    """The share of the candidates' block work (``costs``: per candidate, per block) a cache of the last ``size``
-    candidates' states (0: all) skips."""
+def skipped_share(candidates: Sequence[dict], costs: Sequence[Sequence[float]], size: int, images: int) -> float:
+    """The share of the candidates' block work (``costs``: per candidate, per block and image) a cache of the last
+    ``size`` candidates' states (0: all) skips. A floor's certain miss ran ``images_run`` of the ``images`` search
+    images (``calibration.floor``): its work counts those, and a state kept from an earlier candidate serves as many
+    images as both ran (the images' order is not recorded: as if both ran the same ones, the most it can serve)."""
     total = skipped = 0.0
     for i, (c, block) in enumerate(zip(candidates, costs, strict=True)):
         kept = candidates[:i] if size == 0 else candidates[max(0, i - size):i]
-        k = max((shared_blocks(steps(c), steps(p)) for p in kept), default=0)
-        total, skipped = total + sum(block), skipped + sum(block[:k])
+        ran = c.get("images_run", images)
+        served = [(shared_blocks(steps(c), steps(p)), min(ran, p.get("images_run", images))) for p in kept]
+        total += sum(block) * ran
+        skipped += max((sum(block[:k]) * n for k, n in served), default=0.0)
     return skipped / total
 
 
@@ -67,8 +72,8 @@ def main() -> None:
     entering = [plan_tokens(model["tokens"], model["num_prefix"], c["r"], warn=False).tokens for c in candidates]
     costs = [[interpolate_linear(latency["tokens"], latency["block_ms"]["none"], n) for n in e] for e in entering]
     sizes = [int(x) for x in args.sizes.split(",")]
-    shares = {size: skipped_share(candidates, costs, size) for size in sizes}
     images = data["source"]["images"]["count"] - data["source"]["images"].get("held_out", 0)
+    shares = {size: skipped_share(candidates, costs, size, images) for size in sizes}
     token_rows = sum(sum(e) for e in entering) / len(entering)  # tokens held at the block boundaries, a candidate
     state_mb = images * model["embed_dim"] * 4 * token_rows / 2**20  # float32
     command = shlex.join(["python", "bench/prefix_sharing.py", *sys.argv[1:]])
