@@ -16,6 +16,7 @@ import torch
 from tofu_export.calibration import Budget, BudgetError, Calibration, calibrate, choose_policy, measure, plot_policy
 from tofu_export.calibration.damage import (
     cosine_to,
+    damage_trace,
     out_of_reach,
     policy_cosines,
     policy_cosines_to_floor,
@@ -31,6 +32,7 @@ from tofu_export.calibration.shortlist import CONFIRM_FINALISTS, budget_stepped
 from tofu_export.calibration.trace import reference_pass, trace
 from tofu_export.errors import UserError
 from tofu_export.exporters.precision import PARITY_FLOORS
+from tofu_export.images import evenly_spaced
 from tofu_export.models.timm_vit import is_patched, patch, unpatch
 from tofu_export.output_paths import is_tofu_png
 from tofu_export.policy import Policy
@@ -230,7 +232,7 @@ def test_calibration_returns_a_verified_policy_that_fits(calibration, vit, make_
     lead = m["held_out_vs_tome"]  # image by image against ToMe at the policy's speed: the same mean lead, with its SE
     assert lead["images"] == 2 and lead["standard_error"] >= 0
     assert lead["difference"] == pytest.approx(m["held_out_cosine"] - tome["held_out_cosine"], abs=1e-12)
-    assert policy.source["images"] == {"path": "random", "count": 8, "held_out": 2, "confirm": 0}
+    assert policy.source["images"] == {"path": "random", "count": 8, "held_out": 2, "confirm": 0, "damage": 6}
     assert policy.source["tool"].startswith("tofu-export ")
     assert Policy.load(policy.save(tmp_path / "policy.json")) == policy
     png = plot_policy(policy, tmp_path / "policy.png")
@@ -274,6 +276,33 @@ def test_calibrate_refuses_bad_input(vit, make_images) -> None:
         calibrate(vit, make_images(8, 64), r=9, progress=False)
     with pytest.raises(UserError, match="unknown mode rule"):  # before any measurement
         calibrate(vit, make_images(8, 64), r=4, rule="coin", progress=False)
+
+
+def test_the_damage_is_measured_on_an_even_spread_of_the_search_images(calibration, vit, make_images,
+                                                                      monkeypatch) -> None:
+    """``damage_images`` of the 6 search images: the damage table and the anchors are those of a calibration on
+    just those images; the search still runs every candidate on all 6. No block graph is exported (the fixture's
+    latency model is reused) and 0 damage images is refused before any forward."""
+    from tofu_export.calibration import search
+
+    monkeypatch.setattr(search, "measure_block_latency", lambda *args, **kwargs: calibration.latency)
+    images = make_images(8, 64)
+    subset = measure(vit, images, r=4, threads=1, progress=False, damage_images=3)
+    search_images = split_held_out(images, 0.25)[0]  # [6]
+    assert evenly_spaced(range(6), 3) == [0, 2, 4]
+    alone = measure(vit, search_images[[0, 2, 4]], r=4, threads=1, progress=False, holdout=0)
+    assert subset.damage == alone.damage and subset.record["images"]["damage"] == 3
+    assert {m: u["measured_cosine"] for m, u in subset.uniform.items()} == pytest.approx(
+        {m: u["measured_cosine"] for m, u in alone.uniform.items()}, abs=1e-12)
+    assert len(subset.trace.reference) == 6 and len(subset.trace.inputs) == 1  # the search's images: all of them
+    assert torch.allclose(subset.trace.reference, calibration.trace.reference, atol=1e-6)
+    full = trace(vit, search_images, 4)
+    picked = full.subset([0, 2, 4])
+    assert all(torch.equal(a, b[[0, 2, 4]]) for a, b in zip(picked.inputs, full.inputs, strict=True))
+    assert damage_trace(full, 6) is full and damage_trace(full, None) is full and len(picked.inputs) == 4
+    monkeypatch.setattr(search, "trace", lambda *args, **kwargs: pytest.fail("traced before the check"))
+    with pytest.raises(UserError, match="at least one image, asked for 0"):
+        measure(vit, images, r=4, threads=1, progress=False, damage_images=0)
 
 
 def test_the_reference_pass_is_the_traces_first_input_and_output(vit, make_images) -> None:

@@ -18,6 +18,7 @@ from synthetic_calibration import block_latency, late_blocks_look_free
 from typer.testing import CliRunner
 
 from tofu_export.calibration import search
+from tofu_export.calibration.images import DAMAGE_IMAGES
 from tofu_export.calibration.select import pareto_front
 from tofu_export.calibration.state import Calibration
 from tofu_export.cli.app import app
@@ -269,20 +270,22 @@ def test_a_policy_whose_graph_fails_the_export_gate_is_flagged() -> None:
 
 
 
-@pytest.mark.parametrize(("budget", "confirmed"), [(["--speedup", "1.2"], 2), (["--confirm-images", "0"], 0)])
+@pytest.mark.parametrize(("budget", "confirmed", "damage"), [
+    (["--speedup", "1.2"], 2, DAMAGE_IMAGES), (["--confirm-images", "0", "--damage-images", "5"], 0, 5)])
 def test_confirm_images_are_loaded_beyond_the_calibration_ones(tmp_path, tiny_checkpoint, monkeypatch, budget,
-                                                               confirmed) -> None:
-    """``--confirm-images``: loaded beside ``--images`` from the same folder, none of them the measured ones."""
+                                                               confirmed, damage) -> None:
+    """``--confirm-images``: loaded beside ``--images`` from the same folder, none of them the measured ones;
+    ``--damage-images`` reaches the measurement (its default the library's)."""
     data, seen = _images(tmp_path / "data", 12), {}
 
-    def stop(model, images, *, confirm, **_):
-        seen.update(images=images, confirm=confirm)
+    def stop(model, images, *, confirm, damage_images, **_):
+        seen.update(images=images, confirm=confirm, damage_images=damage_images)
         raise search.UserError("stop here")
 
     monkeypatch.setattr(search, "measure", stop)
     result = _invoke(tiny_checkpoint, data, *MODEL[1:], "--r", "4", "--images", "8", "--confirm-images", "2",
                      *budget, "-o", tmp_path / "policy.json")  # the last --confirm-images given counts
     assert result.exit_code == 2 and "stop here" in result.output, result.output
-    assert len(seen["images"]) == 8 and len(seen["confirm"]) == confirmed
+    assert len(seen["images"]) == 8 and len(seen["confirm"]) == confirmed and seen["damage_images"] == damage
     flat = [image.flatten() for image in (*seen["images"], *seen["confirm"])]
     assert all(not torch.equal(a, b) for i, a in enumerate(flat) for b in flat[i + 1:])  # ten distinct images

@@ -3,7 +3,7 @@
 For block ``i`` and mode ``m`` the model is patched with ``r`` in block ``i`` only (every other block removes
 nothing) and run from the cached input of block ``i`` (``Trace.inputs[i]``): blocks before ``i`` are identical to the
 unreduced model, so they are never run again. Damage is ``1 - mean cosine`` of the pooled output to the
-unreduced model's, over the calibration images.
+unreduced model's, over the damage images: at most ``images.DAMAGE_IMAGES`` of the search images (``damage_trace``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tofu_export.calibration.images import DAMAGE_IMAGES, check_damage_images
 from tofu_export.calibration.trace import BATCH, Trace
+from tofu_export.images import evenly_spaced
 from tofu_export.models.family import family_of, patched
 from tofu_export.names import REDUCE_MODES
+
+
+def damage_trace(tr: Trace, count: int | None = DAMAGE_IMAGES) -> Trace:
+    """The images of ``tr`` the damage per block (and the anchors) are measured on: ``count`` of them evenly spread
+    (``images.evenly_spaced``), all of them where ``count`` is None or not below their number."""
+    check_damage_images(count)
+    total = len(tr.reference)
+    return tr if count is None or count >= total else tr.subset(evenly_spaced(range(total), count))
 
 
 def cosine_to(reference: Tensor, output: Tensor) -> Tensor:

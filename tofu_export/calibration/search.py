@@ -10,12 +10,12 @@
 
 Stages (a progress bar on stderr follows them): one unreduced pass keeping every block's input and the linearity
 criterion (``trace``); the damage of reducing in each block alone per mode, measured at r and 2r and derived at
-r/2 and 3r/2 (``damage``); one-block latencies per mode on the backend (``latency``); the Pareto front over
-per-block modes and r in {0, r/2, r, 3r/2, 2r} and the budget's pick (``select``); and a verification that runs the
-chosen policy on the images and records the measured cosine beside the predicted one. Under a latency budget the
-prediction only shortlists: the front's nearest candidates and the uniform and stepped policies within the budget
-are each run once on the search images, the best few again on the confirm images where there are any, and the best
-measured wins (``shortlist``). Under a fidelity floor the
+r/2 and 3r/2, on at most ``images.DAMAGE_IMAGES`` of the search images (``damage``); one-block latencies per mode
+on the backend (``latency``); the Pareto front over per-block modes and r in {0, r/2, r, 3r/2, 2r} and the budget's
+pick (``select``); and a verification that runs the chosen policy on the images and records the measured cosine
+beside the predicted one. Under a latency budget the prediction only shortlists: the front's nearest candidates and
+the uniform and stepped policies within the budget are each run once on the search images, the best few again on
+the confirm images where there are any, and the best measured wins (``shortlist``). Under a fidelity floor the
 front's and the stepped policies' nearest on both sides of the predicted floor are run, fastest predicted first,
 then each ladder is bisected between its measured passes and misses, and the fastest measuring at least the floor
 wins (``floor``).
@@ -30,8 +30,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tofu_export.calibration.damage import damage_by_r, verify
+from tofu_export.calibration.damage import damage_by_r, damage_trace, verify
 from tofu_export.calibration.floor import floor_choice
+from tofu_export.calibration.images import DAMAGE_IMAGES, check_damage_images
 from tofu_export.calibration.latency import measure_block_latency, sample_token_counts
 from tofu_export.calibration.linearity import LINEARITY_THRESHOLD, linearity_modes
 from tofu_export.calibration.measured import ExportSettings, split_held_out
@@ -127,6 +128,7 @@ def measure(
     linearity_threshold: float = LINEARITY_THRESHOLD,
     clock: str = "wall",
     confirm: Tensor | None = None,
+    damage_images: int | None = DAMAGE_IMAGES,
 ) -> Calibration:
     """Measure ``model`` (a plain timm ViT; a patched one is unpatched first) on ``images [B, 3, H, W]``: every
     stage of the module docstring but the choice. ``r`` is the tokens a reducing block removes; ``provider`` and
@@ -134,7 +136,9 @@ def measure(
     ``holdout`` of the images (an even spread) are kept out of the search and checked once on the final choice;
     ``settings`` is how the user exports (exporter, opset, simplification), for the measured latency. ``confirm``
     ``[C, 3, H, W]``: more images, on which the search's best few candidates are run again before one is chosen
-    (``shortlist.confirmed_choice``, ``floor.confirmed_floor``); only their unreduced pass is taken here."""
+    (``shortlist.confirmed_choice``, ``floor.confirmed_floor``); only their unreduced pass is taken here.
+    ``damage_images``: how many of the search images (an even spread) the damage per block and the anchors are
+    measured on (None: all; ``images.DAMAGE_IMAGES``); every candidate a search runs is run on all of them."""
     from tofu_export import __version__
 
     family = family_of(model)
@@ -143,6 +147,7 @@ def measure(
     if confirm is not None:
         check_images(model, confirm)
     threads = clock_threads(clock, threads)
+    check_damage_images(damage_images)
     images, held_out = split_held_out(images, holdout)
     depth, prefix, tokens0 = family.depth(model), family.num_prefix(model), family.num_tokens(model)
     if not 0 < r <= max_reduction(tokens0, prefix):
@@ -156,10 +161,12 @@ def measure(
     first = "calibrate: unreduced pass (every block's input, the linearity test)"
     with torch.no_grad(), tracker(first, 1, enabled=progress, announce=True) as bar, unpatched(model):
         tr = trace(model, images, r)
+        on = damage_trace(tr, damage_images)  # [D <= B] the damage images, with every block's input
+        tr = tr.first_block_only()  # past the damage, running a policy needs only block 0's input
         at_top = 2 if max(choices) > r else 0  # at most two modes a block at the largest r; exact once known
         bar.stage("calibrate: damage per block, mode and r", depth * (len(REDUCE_MODES) + at_top))
         by_linearity = linearity_modes(tr.linearity, linearity_threshold)
-        damage = damage_by_r(model, tr, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance,
+        damage = damage_by_r(model, on, choices, r, also=by_linearity, prop_attn=prop_attn, on_step=bar.advance,
                              on_total=bar.resize)
         bar.stage("calibrate: latency per block and mode: exporting one-block graphs", 1 + len(counts) * 5)
         timing = f"calibrate: latency per block and mode: {rounds} interleaved rounds"
@@ -177,13 +184,13 @@ def measure(
         for mode in REDUCE_MODES:
             ms = latency.predict_ms(tokens0, prefix, uniform_r, [mode] * depth)
             summed = sum(damage[mode][r][i] for i, k in enumerate(uniform_r) if k)  # at r, as every block is timed
-            measured = verify(model, tr, [mode] * depth, uniform_r, prop_attn)
+            measured = verify(model, on, [mode] * depth, uniform_r, prop_attn)  # on the damage's images
             uniform[mode] = {"r": uniform_r, "predicted_cosine": 1.0 - summed, "measured_cosine": measured,
                              "predicted_ms": ms, "compounding": (1.0 - measured) / max(summed, 1e-12)}
             bar.advance()
     confirm_count = 0 if confirmed is None else len(confirmed.reference)
     record = {"images": dict(source or {}, count=int(images.shape[0]) + len(held_out), held_out=len(held_out),
-                             confirm=confirm_count),
+                             confirm=confirm_count, damage=len(on.reference)),
               "tool": f"tofu-export {__version__}", "backend": latency.backend, "threads": threads,
               "prop_attn": prop_attn}
     calibration = Calibration(model, tr, r, damage, latency, uniform, {}, baseline_ms, prop_attn, record, held_out,
@@ -212,11 +219,12 @@ def calibrate(
     rule: str = "damage",
     linearity_threshold: float = LINEARITY_THRESHOLD,
     confirm: Tensor | None = None,
+    damage_images: int | None = DAMAGE_IMAGES,
 ) -> Policy:
     """``measure`` then ``choose_policy``: the verified ``Policy`` the ``budget`` (default:
     ``min_cosine=0.995``) picks, its latency measured on its exported graph. Writes nothing."""
     check_rule(rule)  # before the measurements, not after them
     calibration = measure(model, images, r=r, provider=provider, threads=threads, prop_attn=prop_attn,
                           source=source, progress=progress, holdout=holdout, settings=settings, clock=clock,
-                          linearity_threshold=linearity_threshold, confirm=confirm)
+                          linearity_threshold=linearity_threshold, confirm=confirm, damage_images=damage_images)
     return choose_policy(calibration, budget or Budget(min_cosine=0.995), progress=progress, rule=rule)

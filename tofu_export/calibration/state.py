@@ -74,7 +74,8 @@ class Calibration:
                                     "(unreduced model)",
             "damage": {m: by_r[self.r] for m, by_r in self.damage.items()},
             "damage_definition": "1 - mean cosine of the pooled output to the unreduced model's when only this "
-                                 "block removes r tokens with this mode",
+                                 "block removes r tokens with this mode, over the damage images (source images "
+                                 "damage: an even spread of the search images)",
             "damage_by_r": {m: {str(k): v for k, v in by_r.items()} for m, by_r in self.damage.items()},
             "damage_measured_at": list(self.measured_r),
             "damage_derived": "every mode measured at r; at the largest count only the mode least damaging at r "
@@ -87,7 +88,7 @@ class Calibration:
             "baseline_ms": self.baseline_ms,
             "uniform": self.uniform,
             "prediction": "damage = sum over reducing blocks of single-block damage x the mode's compounding factor "
-                          "(uniform policy measured / summed)",
+                          "(uniform policy measured / summed, both on the damage images)",
             "front": [{"predicted_damage": c.damage, "predicted_ms": c.latency_ms} for c in self.front],
             "r_choices": sorted({k for by_r in self.damage.values() for k in by_r} | {0}),
         }

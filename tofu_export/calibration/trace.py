@@ -12,6 +12,7 @@ output, the reference every cosine is taken against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,6 +35,16 @@ class Trace:
     inputs: list[Tensor]  # [depth] x [B, N, C]: input of block i
     reference: Tensor  # [B, D] pooled output (pre-logits) of the unreduced model
     linearity: list[Tensor]  # [depth] x [B, r_i]: the criterion on each block's matched pairs
+
+    def subset(self, index: Sequence[int]) -> Trace:
+        """The same view of the images at ``index`` (``[k]`` positions): ``[k, ...]`` everywhere."""
+        keep = torch.as_tensor(list(index), dtype=torch.long)  # [k]
+        return Trace([x[keep] for x in self.inputs], self.reference[keep], [c[keep] for c in self.linearity])
+
+    def first_block_only(self) -> Trace:
+        """What running a policy needs (block 0's input, the reference) and the linearity, without the other blocks'
+        inputs (``[depth - 1, B, N, C]`` floats: 208 MB for 48 DINOv2-S/14 images)."""
+        return Trace(self.inputs[:1], self.reference, self.linearity)
 
 
 def pooled_output(model: nn.Module, x: Tensor) -> Tensor:

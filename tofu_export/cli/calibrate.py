@@ -31,6 +31,10 @@ def calibrate(
         "mean over both sets is within one standard error of the highest, under a floor the fastest keeping "
         "--min-cosine over both (the search images alone cannot separate candidates a few 1e-4 of cosine apart); "
         "0: none.")] = 192,
+    damage_images: Annotated[int, typer.Option(
+        "--damage-images", min=1, help="How many of the search images (evenly spread) the damage per block is "
+        "measured on: the prediction that guides the search, which runs every candidate on all of them. More: a "
+        "steadier prediction, a longer calibration.")] = 32,
     min_cosine: Annotated[
         float | None, typer.Option("--min-cosine", help="Fastest policy whose output cosine to the unreduced model "
                                    "stays at least this [default: 0.995 when no budget is given].")
@@ -107,7 +111,7 @@ def calibrate(
                               config.tolerance)
     policy = calibrate(loaded.model, batch, r=r, budget=budget, provider=provider, threads=runtime.threads,
                        source=source, settings=settings, clock=clock, rule=rule,
-                       linearity_threshold=linearity_threshold, confirm=confirm)
+                       linearity_threshold=linearity_threshold, confirm=confirm, damage_images=damage_images)
     seconds = time.perf_counter() - start
     checkpoint_record = {"source": str(checkpoint), "sha256": loaded.sha256, "arch": loaded.arch.name}
     policy = dataclasses.replace(policy, source=dict(policy.source, checkpoint=checkpoint_record,
