@@ -368,14 +368,42 @@ def test_the_fastest_passes_run_on_the_confirm_images_until_one_keeps_the_floor_
              (("slow", slow, 0.9990), ("fast", fast, 0.9981), ("miss", miss, 0.9970), ("mid", mid, 0.9984))]
     confirm = {fast: 0.9975, mid: 0.9981, slow: 0.9999}
     calls: list[Candidate] = []
-    chosen, out = floor_module.confirmed_floor(tried, lambda c: calls.append(c) or torch.tensor([confirm[c]] * 192,
-                                                                                           dtype=torch.float64),
-                                               0.998, 48, 192)
+    chosen, out = floor_module.confirmed_floor([], tried, pytest.fail, lambda c: calls.append(c) or torch.tensor(
+        [confirm[c]] * 192, dtype=torch.float64), 0.998, 48, 192)  # no ladder: nothing to resume
     assert calls == [fast, mid] and chosen == mid
     assert out[3].listed.combined_cosine == pytest.approx((0.9984 * 48 + 0.9981 * 192) / 240)
     assert out[0] is tried[0] and out[3].round == 0 and "confirm_cosine" in out[1].to_dict()
     low = {fast: 0.9970, mid: 0.9975, slow: 0.9970}
-    chosen, out = floor_module.confirmed_floor(tried, lambda c: torch.tensor([low[c]], dtype=torch.float64), 0.998,
-                                               48, 192)
+    chosen, out = floor_module.confirmed_floor([], tried, pytest.fail, lambda c: torch.tensor([low[c]],
+                                                                                              dtype=torch.float64),
+                                               0.998, 48, 192)
     assert all(t.listed.combined_cosine < 0.998 for t in out if t.listed.combined_cosine is not None)
     assert chosen == mid  # nothing keeps 0.998 over both: the highest mean over both (0.99768)
+
+
+def test_a_pass_the_confirm_images_reject_reopens_the_bisection_above_the_next_pass() -> None:
+    """Rung 5 is the fastest pass on the search images (rung 4, slower, was never run) and misses the floor over
+    both sets: it counts as a miss, the bisection resumes below it and finds rung 4, which keeps the floor over both
+    and is chosen. Confirming only the search's own passes chose rung 5, below the floor over both."""
+    rungs = _ladder()
+    ladders = [("front", rungs, 2)]
+    measure, calls = _counting(lambda c: 1.0 - 4e-4 * c.r[0])
+    chosen, tried = choose_floor(ladders, measure, 0.998)
+    assert chosen == rungs[5] and [t.candidate for t in tried] == [rungs[6], rungs[5]]
+    confirm_cosine, confirmed = {rungs[5]: 0.9970, rungs[4]: 0.9985}, []
+
+    def confirm(c: Candidate) -> torch.Tensor:
+        confirmed.append(c)
+        return torch.full((192,), confirm_cosine[c], dtype=torch.float64)
+
+    chosen, out = floor_module.confirmed_floor(ladders, tried, measure, confirm, 0.998, 48, 192)
+    assert chosen == rungs[4] and confirmed == [rungs[5], rungs[4]]
+    assert [c.r[0] for c in calls] == [6, 5, 2, 3, 4]  # each run once on the search images
+    record = {t.candidate.r[0]: t for t in out}
+    assert record[5].listed.combined_cosine < 0.998 <= record[4].listed.combined_cosine
+    assert [record[k].round for k in (6, 5, 2, 3, 4)] == [0, 0, 1, 2, 3]  # the resumed rounds numbered on
+    never = {rungs[5]: 0.9970, rungs[4]: 0.9970, rungs[3]: 0.9970, rungs[2]: 0.9975, rungs[1]: 0.9999}
+    confirm_cosine, confirmed = never, []
+    chosen, out = floor_module.confirmed_floor(ladders, tried, measure, confirm, 0.998, 48, 192, finalists=4)
+    assert confirmed == [rungs[5], rungs[4], rungs[3], rungs[2]]  # at most four confirm runs, fastest pass first
+    assert chosen == rungs[2]  # none keeps it: the highest mean over both

@@ -34,9 +34,11 @@ after a batch or two. Batches of 8 cost what batches of 32 do and 1.01-1.08 of b
 measured are run on every image before the error names it (``completed``).
 
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
-cosine); where the calibration has confirm images, the fastest passes run on them too until one keeps the floor over
-both sets (``confirmed_floor``). A floor nothing measured meets is a ``BudgetError`` naming the best measured
-cosine and its policy.
+cosine); where the calibration has confirm images, the fastest pass runs on them too, and one that misses the floor
+over both sets counts as a miss: the bisection resumes (the rungs between it and the next pass, skipped as slower
+than it, are listed again), until the fastest pass keeps the floor over both (``confirmed_floor``). A candidate that
+fits the search images by chance then costs the search a few forwards, not the rungs it had closed off. A floor
+nothing measured meets is a ``BudgetError`` naming the best measured cosine and its policy.
 Forwards: at most ``fronts x 2 FRONT_AROUND + stepped ladders x 2 STEPPED_AROUND`` in round 0; after it, a
 ladder's bracket at least halves with every rung of it measured, so a ladder of n rungs runs at most
 ``n.bit_length()`` more (``forward_bound``; 9 for a 12-block ViT's 384 one-token rungs). A round stops at its first
@@ -89,7 +91,10 @@ class Tried:
 
     @property
     def cosine(self) -> float:
-        return self.listed.measured_cosine
+        """What decides pass or miss: the mean over the search and confirm images where the candidate ran on both
+        (``confirmed_floor``), else over the search images."""
+        s = self.listed
+        return s.measured_cosine if s.combined_cosine is None else s.combined_cosine
 
     def to_dict(self) -> dict:
         return self.listed.to_dict() | {"round": self.round}
@@ -138,13 +143,24 @@ def forward_bound(ladders: Sequence[Ladder], limit: float) -> int:
     return len(floor_shortlist(ladders, limit)) + sum(len(rungs).bit_length() for _, rungs, _ in ladders)
 
 
-def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float],
-                 min_cosine: float) -> tuple[Candidate | None, list[Tried]]:
+def next_listing(ladders: Sequence[Ladder], tried: Mapping[tuple, Tried], min_cosine: float) -> list[Listing]:
+    """Every ladder's ``next_rung`` after the measurements ``tried``, fastest first."""
+    best = best_passing(list(tried.values()), min_cosine)
+    bound = best.candidate.latency_ms if best else math.inf
+    return fastest_first([(f"{source} #{i}", rungs[i]) for source, rungs, _ in ladders
+                          if (i := next_rung(rungs, tried, min_cosine, bound)) is not None])
+
+
+def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float], min_cosine: float,
+                 resume: Sequence[Tried] = ()) -> tuple[Candidate | None, list[Tried]]:
     """The fastest predicted candidate measuring at least ``min_cosine`` (None if none did) and every measurement,
-    in the order taken (module docstring). ``measure``: one forward on the search images, the mean cosine."""
-    tried: dict[tuple, Tried] = {}
-    listed = floor_shortlist(ladders, 1.0 - min_cosine)
-    for k in itertools.count():
+    in the order taken (module docstring). ``measure``: one forward on the search images, the mean cosine.
+    ``resume``: the measurements to go on from (``confirmed_floor``: a pass the confirm images rejected now counts as
+    a miss), the bisection continuing from them in rounds numbered on; none: from round 0's guess."""
+    tried = {policy_key(t.candidate): t for t in resume}
+    start = max((t.round for t in resume), default=-1) + 1
+    listed = next_listing(ladders, tried, min_cosine) if tried else floor_shortlist(ladders, 1.0 - min_cosine)
+    for k in itertools.count(start):
         best = best_passing(list(tried.values()), min_cosine)
         bound = best.candidate.latency_ms if best else math.inf
         for source, c in listed:
@@ -154,8 +170,7 @@ def choose_floor(ladders: Sequence[Ladder], measure: Callable[[Candidate], float
                 tried[policy_key(c)] = Tried(Shortlisted(source, c, measure(c)), k)
                 if tried[policy_key(c)].cosine >= min_cosine:
                     bound = min(bound, c.latency_ms)
-        listed = fastest_first([(f"{source} #{i}", rungs[i]) for source, rungs, _ in ladders
-                                if (i := next_rung(rungs, tried, min_cosine, bound)) is not None])
+        listed = next_listing(ladders, tried, min_cosine)
         if not listed:
             break
     best = best_passing(list(tried.values()), min_cosine)
@@ -213,21 +228,27 @@ def floor_ladders(calibration: Calibration, rule: str) -> list[Ladder]:
     return ladders
 
 
-def confirmed_floor(tried: Sequence[Tried], confirm: Callable[[Candidate], Tensor], min_cosine: float, searched: int,
-                    confirming: int, finalists: int = CONFIRM_FINALISTS) -> tuple[Candidate, list[Tried]]:
-    """The candidates measured to keep ``min_cosine`` on the ``searched`` search images, fastest predicted first, run
-    on the ``confirming`` confirm images (``confirm``: one forward there, the cosine per image) until one keeps it over
-    both sets (each image weighing the same), at most ``finalists`` of them: that one, else the one with the highest
-    mean over both. Returns it and ``tried`` with the finalists' figures added."""
-    passes = sorted((t for t in tried if t.cosine >= min_cosine), key=lambda t: (t.candidate.latency_ms, -t.cosine))
-    done: dict[int, Tried] = {}
-    for t in passes[:finalists]:
-        done[id(t)] = Tried(t.listed.confirmed(confirm(t.candidate), searched, confirming), t.round)
-        if done[id(t)].listed.combined_cosine >= min_cosine:
-            break
-    kept = [d for d in done.values() if d.listed.combined_cosine >= min_cosine]  # the fastest, if any
-    best = kept[0] if kept else max(done.values(), key=lambda d: d.listed.combined_cosine)
-    return best.candidate, [done.get(id(t), t) for t in tried]
+def confirmed_floor(ladders: Sequence[Ladder], tried: Sequence[Tried], measure: Callable[[Candidate], float],
+                    confirm: Callable[[Candidate], Tensor], min_cosine: float, searched: int, confirming: int,
+                    finalists: int = CONFIRM_FINALISTS) -> tuple[Candidate, list[Tried]]:
+    """The fastest candidate measured to keep ``min_cosine`` on the ``searched`` search images, run on the
+    ``confirming`` confirm images (``confirm``: one forward there, the cosine per image): where it keeps the floor
+    over both sets (each image weighing the same) it is chosen; where it misses, it counts as a miss from then on and
+    the bisection resumes from ``tried`` (``choose_floor`` with ``measure``: the rungs between it and the next pass,
+    skipped as slower than it, are listed again), and the fastest pass then runs there next; at most ``finalists``
+    confirm runs. None keeping the floor: the confirmed one with the highest mean over both. Returns the choice and
+    every measurement, the confirmed ones with their figures added."""
+    done = list(tried)
+    confirmed: list[Tried] = []
+    while len(confirmed) < finalists and (best := best_passing(done, min_cosine)) is not None:
+        run = Tried(best.listed.confirmed(confirm(best.candidate), searched, confirming), best.round)
+        done = [run if t is best else t for t in done]
+        confirmed.append(run)
+        if run.cosine >= min_cosine:
+            return run.candidate, done
+        if len(confirmed) < finalists:
+            done = choose_floor(ladders, measure, min_cosine, done)[1]  # the bisection above the next pass reopens
+    return max(confirmed, key=lambda t: t.cosine).candidate, done
 
 
 def floor_choice(calibration: Calibration, budget: Budget, rule: str, on_step: Callable[[], None] | None = None,
@@ -244,20 +265,26 @@ def floor_choice(calibration: Calibration, budget: Budget, rule: str, on_step: C
         ran[policy_key(x)] = len(cosines)
         return float(cosines.mean())
 
+    images = len(c.trace.reference)
+
+    def stopped(tried: list[Tried]) -> list[Tried]:  # a certain miss records the images it ran
+        return [t if ran[policy_key(t.candidate)] == images or t.listed.images_run is not None else
+                Tried(replace(t.listed, images_run=ran[policy_key(t.candidate)]), t.round) for t in tried]
+
     ladders = floor_ladders(c, rule) if ladders is None else ladders
     chosen, tried = choose_floor(ladders, measure, budget.min_cosine)
-    images = len(c.trace.reference)
-    tried = [t if ran[policy_key(t.candidate)] == images else
-             Tried(replace(t.listed, images_run=ran[policy_key(t.candidate)]), t.round) for t in tried]
+    tried = stopped(tried)
     if chosen is None:
         raise unreachable(completed(tried, runs_on(c, c.trace, on_step), images), budget.min_cosine, c.baseline_ms,
                           c.r)
     how = "the fastest measuring at least the floor chosen"
     if c.confirm is not None:
-        chosen, tried = confirmed_floor(tried, runs_on(c, c.confirm, on_step), budget.min_cosine,
-                                        len(c.trace.reference), len(c.confirm.reference))
-        how = (f"the fastest of them run again on {len(c.confirm.reference)} confirm images until one keeps the "
-               f"floor over both sets (at most {CONFIRM_FINALISTS}), chosen")
+        chosen, tried = confirmed_floor(ladders, tried, measure, runs_on(c, c.confirm, on_step), budget.min_cosine,
+                                        images, len(c.confirm.reference))
+        tried = stopped(tried)
+        how = (f"the fastest of them run again on {len(c.confirm.reference)} confirm images; one missing the floor "
+               "over both sets counts as a miss and the bisection resumes, until the fastest pass keeps it over both "
+               f"(at most {CONFIRM_FINALISTS} confirm runs), chosen")
     attempts = [next(t for t in tried if t.candidate == chosen).listed.attempt()]
     record = {"choice": "measured: the candidates around the predicted floor, then bisection between each ladder's "
                         "measured passes and misses, run once each on the search images, fastest predicted first "
