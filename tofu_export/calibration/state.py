@@ -74,8 +74,8 @@ class Calibration:
                                     "(unreduced model)",
             "damage": {m: by_r[self.r] for m, by_r in self.damage.items()},
             "damage_definition": "1 - mean cosine of the pooled output to the unreduced model's when only this "
-                                 "block removes r tokens with this mode, over the damage images (source images "
-                                 "damage: an even spread of the search images)",
+                                 "block removes r tokens with this mode, over the damage images (an even spread of "
+                                 "the search images; how many: the source record's images.damage)",
             "damage_by_r": {m: {str(k): v for k, v in by_r.items()} for m, by_r in self.damage.items()},
             "damage_measured_at": list(self.measured_r),
             "damage_derived": "every mode measured at r; at the largest count only the mode least damaging at r "
