@@ -85,37 +85,29 @@ def rebuilt(calibration, cosines, anchors, subset: torch.Tensor, linearity_at_to
     tokens0, prefix = family.num_tokens(model), family.num_prefix(model)
     by_linearity = linearity_modes(c.trace.linearity, c.linearity_threshold)
     choices = sorted(c.damage["mean"])
-    saved = damage_module.block_damage
+    saved, measured = damage_module.block_damage, []
 
-    def looked_up(model, trace, block, mode, removed, prop_attn):
+    def looked_up(model, trace, block, mode, removed, prop_attn):  # damage_by_r's forwards, from the record
+        measured.append(removed)
         return float(1.0 - cosines[block, mode, removed][subset].mean())
 
     damage_module.block_damage = looked_up
-    measured_top = []
     try:
-        counted = damage_module.block_damage
-
-        def counting(*args):
-            measured_top.append(args[2:5])
-            return counted(*args)
-
-        damage_module.block_damage = counting
         table = damage_by_r(model, c.trace, choices, c.r, also=by_linearity if linearity_at_top else ())
     finally:
         damage_module.block_damage = saved
     uniform = {}
     for mode, anchor in c.uniform.items():
         summed = sum(table[mode][c.r][i] for i, k in enumerate(anchor["r"]) if k)
-        measured = float(anchors[mode][subset].mean())
-        uniform[mode] = dict(anchor, predicted_cosine=1.0 - summed, measured_cosine=measured,
-                             compounding=(1.0 - measured) / max(summed, 1e-12))
+        anchored = float(anchors[mode][subset].mean())
+        uniform[mode] = dict(anchor, predicted_cosine=1.0 - summed, measured_cosine=anchored,
+                             compounding=(1.0 - anchored) / max(summed, 1e-12))
     new = dataclasses.replace(c, damage=table, uniform=uniform, fronts={})
     new.__dict__["held_out_reference"] = c.held_out_reference  # the same held-out pass
     scaled = new.scaled_damage()
     new.fronts = {"damage": pareto_front(scaled, c.latency, tokens0, prefix),
                   "linearity": pareto_front(scaled, c.latency, tokens0, prefix, [[m] for m in by_linearity])}
-    forwards = len(REDUCE_MODES) * len(table[REDUCE_MODES[0]][c.r]) + sum(k > c.r for _, _, k in measured_top)
-    return new, forwards
+    return new, len(measured)
 
 
 class SharedForwards:

@@ -21,7 +21,8 @@ MIN_IMAGES = 8  # fewer gives per-block damage too noisy to rank modes by
 DAMAGE_IMAGES = 32  # of the search images, the damage per block is measured on (an even spread): the damage only
 # predicts, and every candidate a search runs is run on all of them. On DINOv2-S/14, 32 of 48 chose the same or a
 # policy predicted within 0.3% as fast and meeting its budget on the search and confirm images, at 2/3 of the stage's
-# time, in six searches (bench/results/damage_images*/)
+# time, in six searches (bench/results/damage_images*/); on 1,000 test images the floors' picks read +0.00073,
+# -0.00012 and -0.00004 against the 48-image ones (standard errors 0.00020, 0.00015, 0.00004)
 
 
 class CalibrationDataError(ImageError):

@@ -32,9 +32,9 @@ def calibrate(
         "--min-cosine over both (the search images alone cannot separate candidates a few 1e-4 of cosine apart); "
         "0: none.")] = 192,
     damage_images: Annotated[int, typer.Option(
-        "--damage-images", min=1, help="How many of the search images (evenly spread) the damage per block is "
-        "measured on: the prediction that guides the search, which runs every candidate on all of them. More: a "
-        "steadier prediction, a longer calibration.")] = 32,
+        "--damage-images", min=1, help="How many of the search images (evenly spread; all where there are fewer) the "
+        "damage per block is measured on: the prediction that guides the search, which runs every candidate on all "
+        "of them. More: a steadier prediction, a longer calibration.")] = 32,
     min_cosine: Annotated[
         float | None, typer.Option("--min-cosine", help="Fastest policy whose output cosine to the unreduced model "
                                    "stays at least this [default: 0.995 when no budget is given].")
