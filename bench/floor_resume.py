@@ -24,13 +24,11 @@ import time
 from pathlib import Path
 
 from bench_record import header, machine_line, write_results
-from damage_images import CHECKPOINT, SharedForwards
+from damage_images import SharedForwards, default_images
 
-from tofu_export.calibration import Budget, load_images, measure
+from tofu_export.calibration import Budget, measure
 from tofu_export.calibration import floor as floor_module
 from tofu_export.calibration import shortlist as shortlist_module
-from tofu_export.calibration.images import split_confirm
-from tofu_export.models.loading import load_model
 
 RESUMING = floor_module.confirmed_floor
 
@@ -69,9 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join(["python", "bench/floor_resume.py", *sys.argv[1:]])
     machine = machine_line(os.getloadavg()[0])
-    model = load_model(CHECKPOINT).model
-    batch, source = load_images(args.data, model, 64 + 192)
-    batch, confirm = split_confirm(batch, 64)
+    model, batch, source, confirm = default_images(args.data)
     started = time.perf_counter()
     calibration = measure(model, batch, r=16, source=source, confirm=confirm)
     measured_s = time.perf_counter() - started
