@@ -158,6 +158,28 @@ def test_the_policy_figure_ticks_whole_blocks_and_tokens_and_keys_its_modes(
     assert "(pr prune, me mean, ml MLERP, - none):\npr4 -\n" in figures[0].get_suptitle()
 
 
+def test_the_damage_panel_names_the_images_the_damage_was_measured_on(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The damage panel said "64 images" (every calibration image, the held-out ones too) where the damage per
+    block is measured on 32 of the 48 search images; a record from before the damage count names the search
+    images."""
+    from tofu_export.calibration import plot
+    from tofu_export.policy import Policy
+
+    latency = {"block_ms": {mode: [1.0, 0.9] for mode in ("none", "prune", "mean", "mlerp")}, "tokens": [17, 15],
+               "backend": "onnxruntime-cpu", "rounds": 40}
+    measurements = {"r": 2, "damage": {mode: [1e-3, 1e-5] for mode in ("prune", "mean", "mlerp")},
+                    "linearity": [{"mean": 0.01, "p90": 0.02}] * 2, "latency": latency,
+                    "predicted_cosine": 0.99, "measured_cosine": 0.99, "predicted_speedup": 1.1}
+    model = {"depth": 2, "tokens": 17, "num_prefix": 1, "img_size": [64, 64]}
+    for images, named in [({"count": 64, "held_out": 16, "confirm": 192, "damage": 32}, "; 32 images)"),
+                          ({"count": 64, "held_out": 16}, "; 48 images)"), ({}, "; ? images)")]:
+        figures = _figures_drawn_by(plot, monkeypatch)
+        plot.plot_policy(Policy(("mean", "mlerp"), (2, 2), model, {"images": images}, measurements),
+                         tmp_path / "policy.png")
+        assert figures[0].axes[0].get_title().endswith(named), (images, figures[0].axes[0].get_title())
+
+
 def test_the_policy_figure_of_a_deep_model_keeps_its_titles_inside(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A 12-block DINOv2 calibration's title, its policy on one line, ran off both sides of the figure."""

@@ -16,6 +16,14 @@ _FLOOR = 1e-7  # damage below this is drawn at the floor of the log axis
 _PER_ROW = 12  # blocks per line of the title's policy
 
 
+def damage_images(images: dict) -> int | str:
+    """How many images the damage per block was measured on, from a policy source's ``images`` record: its
+    ``damage`` count, else (records before it) the search images, ``count`` less ``held_out``; ``"?"`` unknown."""
+    if "damage" in images:
+        return images["damage"]
+    return images["count"] - images.get("held_out", 0) if "count" in images else "?"
+
+
 def plot_policy(policy: Policy, path: str | Path) -> Path:
     """Write the three-panel figure of ``policy.measurements`` to ``path`` (PNG, atomic); returns the path."""
     m = policy.measurements
@@ -35,7 +43,7 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
     damage_ax.set_yscale("log")
     damage_ax.set(xlabel="block", ylabel=f"1 - cosine of the output (< {_FLOOR:g} drawn at it)",
                   title=f"Damage of removing r={m['r']} tokens in one block alone\n(circled: chosen, at its r; "
-                        f"{policy.source.get('images', {}).get('count', '?')} images)")
+                        f"{damage_images(policy.source.get('images', {}))} images)")
     damage_ax.legend(title="mode")
 
     means = [x["mean"] for x in m["linearity"]]
