@@ -12,8 +12,10 @@ every block). From those it rebuilds the damage table each way ``damage.damage_b
 
 - on ``k`` of the search images (an even spread, ``images.evenly_spaced``: ``--subsets``), the anchors'
   compounding on the same ``k``;
-- at 2r either the two modes ``calibrate`` measures (the least damaging at r and the linearity rule's) or only the
-  least damaging (the other modes derived with its growth exponent, as the third already is).
+- at 2r the least damaging mode at r and the linearity rule's (``both``: what ``calibrate`` measured before
+  this script's third way), the rule's only where it is the other kind of reduction, pruning against the merges
+  (``kind``: what ``calibrate`` measures now), or only the least damaging (``none``); the other modes derived with a
+  measured mode's growth exponent.
 
 For each way: the largest and median error of the table against the full one at r and at 2r, the blocks whose least
 damaging mode at r differs, and then the default floor's search (``--min-cosine``) and a latency budget's shortlist
@@ -23,7 +25,7 @@ shared by every way (the early stop is replayed on them in the order the search 
 differ only in what the table predicts.
 
 Usage: python bench/damage_images.py [--data data/fashion-mnist] [--subsets 48,40,32,24] [--min-cosine 0.995]
-       [--speedup 1.5] [--out bench/results/damage_images]
+       [--speedup 1.5] [--ways both,kind,none] [--out bench/results/damage_images]
 """
 
 from __future__ import annotations
@@ -85,9 +87,12 @@ def per_image_damage(calibration, tr, counts: list[int]) -> dict[tuple[int, str,
     return cosines
 
 
-def rebuilt(calibration, cosines, anchors, subset: torch.Tensor, linearity_at_top: bool):
+AT_2R = {"both": {"also_same_kind": True}, "kind": {}, "none": None}  # damage_by_r's ways at the largest count
+
+
+def rebuilt(calibration, cosines, anchors, subset: torch.Tensor, at_2r: str):
     """The calibration with its damage table (and compounding, fronts) as measured on ``subset`` of the search
-    images, the linearity rule's mode measured at the largest count or not."""
+    images, the linearity rule's mode measured at the largest count as ``AT_2R[at_2r]`` says."""
     c = calibration
     model = c.model
     family = family_of(model)
@@ -102,7 +107,8 @@ def rebuilt(calibration, cosines, anchors, subset: torch.Tensor, linearity_at_to
 
     damage_module.block_damage = looked_up
     try:
-        table = damage_by_r(model, c.trace, choices, c.r, also=by_linearity if linearity_at_top else ())
+        way = AT_2R[at_2r]
+        table = damage_by_r(model, c.trace, choices, c.r, also=() if way is None else by_linearity, **(way or {}))
     finally:
         damage_module.block_damage = saved
     uniform = {}
@@ -188,6 +194,7 @@ def main() -> None:
     parser.add_argument("--subsets", default="48,40,32,24")
     parser.add_argument("--min-cosine", type=float, default=0.995)
     parser.add_argument("--speedup", type=float, default=1.5)
+    parser.add_argument("--ways", default="both,kind,none", help="at 2r, comma-separated: " + ", ".join(AT_2R))
     parser.add_argument("--out", type=Path, default=Path("bench/results/damage_images"))
     args = parser.parse_args()
     command = shlex.join(["python", "bench/damage_images.py", *sys.argv[1:]])
@@ -208,18 +215,18 @@ def main() -> None:
     recorded_s = time.perf_counter() - started
     images = len(calibration.trace.reference)
     full_index = torch.arange(images)
-    same, _ = rebuilt(calibration, cosines, anchors, full_index, True)
+    same, _ = rebuilt(calibration, cosines, anchors, full_index, "kind")  # what measure did
     reproduced = table_error(calibration.damage, same.damage, r, top)
     shared = SharedForwards()
     budgets = {"floor": Budget(min_cosine=args.min_cosine), "speedup": Budget(speedup=args.speedup)}
     rows = []
     for k in [int(s) for s in args.subsets.split(",")]:
         subset = torch.tensor(evenly_spaced(range(images), k))  # as calibrate picks its damage images
-        for linearity_at_top in (True, False):
-            new, forwards = rebuilt(calibration, cosines, anchors, subset, linearity_at_top)
-            reference, _ = rebuilt(calibration, cosines, anchors, full_index, True)
+        for at_2r in args.ways.split(","):
+            new, forwards = rebuilt(calibration, cosines, anchors, subset, at_2r)
+            reference, _ = rebuilt(calibration, cosines, anchors, full_index, "both")
             modes_at_r = new.rule_modes()["damage"]
-            row = {"images": len(subset), "linearity_mode_at_2r": linearity_at_top, "damage_forwards": forwards,
+            row = {"images": len(subset), "linearity_mode_at_2r": at_2r, "damage_forwards": forwards,
                    "error": table_error(reference.damage, new.damage, r, top),
                    "modes_differ_at_r": sum(a != b for a, b in zip(modes_at_r, reference.rule_modes()["damage"],
                                                                    strict=True)),
@@ -227,7 +234,7 @@ def main() -> None:
             for name, budget in budgets.items():
                 row[name] = searched(new, budget, shared)
             rows.append(row)
-            print(f"{len(subset)} images, linearity mode at 2r {linearity_at_top}: floor r {row['floor']['r']}, "
+            print(f"{len(subset)} images, linearity mode at 2r {at_2r}: floor r {row['floor']['r']}, "
                   f"speedup r {row['speedup']['r']}", flush=True)
     lines = [*header("Damage per block on fewer images, or without the linearity rule's mode at 2r (DINOv2 "
                      "ViT-S/14, issue 23)", command, machine),
@@ -246,7 +253,7 @@ def main() -> None:
         f, s = row["floor"], row["speedup"]
         error = row["error"]
         lines.append(
-            f"| {row['images']} | {'yes' if row['linearity_mode_at_2r'] else 'no'} | {row['damage_forwards']} | "
+            f"| {row['images']} | {row['linearity_mode_at_2r']} | {row['damage_forwards']} | "
             f"{error[str(r)]['max']:.1e} / {error[str(top)]['max']:.1e} | {row['modes_differ_at_r']} | "
             f"`{f['r']}` | {f['predicted_speedup']:.3f} | {f['search_cosine']:.5f} / "
             f"{f['confirm_cosine'] if f['confirm_cosine'] is None else round(f['confirm_cosine'], 5)} / "

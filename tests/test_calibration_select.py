@@ -204,3 +204,38 @@ def test_damage_by_r_measures_a_subset_at_the_largest_r_and_derives_the_rest(mon
             assert table[m][8][i] == pytest.approx(truth(i, m, 8))  # the block's exponent carries to other modes
             assert table[m][6][i] == pytest.approx(truth(i, m, 6))  # in between: on the power law
             assert table[m][2][i] == pytest.approx(truth(i, m, 2))
+
+
+def test_damage_by_r_measures_the_rules_mode_at_the_largest_r_only_where_it_is_the_other_kind(monkeypatch) -> None:
+    """Mean and MLERP fold the same pairs: at 2r the linearity rule's mode is measured where it prunes and the least
+    damaging mode merges (or the other way round), not where both merge; a derived mode takes the growth of a
+    measured mode of its own kind (pruning's damage grows another way than the merges')."""
+    from tofu_export.calibration import damage as damage_module
+
+    scale = [{"prune": 1.0, "mean": 3.0, "mlerp": 2.0},  # block 0: pruning damages least
+             {"prune": 10.0, "mean": 1.0, "mlerp": 1.2}, {"prune": 10.0, "mean": 1.0, "mlerp": 1.2}]
+    growth = {"prune": 3.0, "mean": 1.5, "mlerp": 1.5}  # per kind
+    truth = lambda i, m, k: 1e-3 * scale[i][m] * (k / 4) ** growth[m]  # noqa: E731
+    calls = []
+
+    def fake_block(model, trace, i, mode, removed, prop_attn):
+        calls.append((i, mode, removed))
+        return truth(i, mode, removed)
+
+    def fake_single(model, trace, r, *, modes, prop_attn, on_step):
+        return {m: [truth(i, m, r) for i in range(3)] for m in modes}
+
+    monkeypatch.setattr(damage_module, "block_damage", fake_block)
+    monkeypatch.setattr(damage_module, "single_block_damage", fake_single)
+    also = ["mlerp", "prune", "mlerp"]  # the linearity rule's modes
+    table = damage_module.damage_by_r(None, None, r_choices(4), 4, also=also)
+    assert sorted(calls) == [(0, "mlerp", 8), (0, "prune", 8), (1, "mean", 8), (1, "prune", 8), (2, "mean", 8)]
+    for i in range(3):
+        for m in growth:
+            if (i, m) == (2, "prune"):  # no pruning measured in block 2: it grows as the block's merges do
+                assert table[m][8][i] == pytest.approx(truth(i, m, 4) * 2 ** growth["mean"])
+            else:  # block 0's mean grows as its MLERP, not as the less damaging pruning
+                assert table[m][8][i] == pytest.approx(truth(i, m, 8)), (i, m)
+    calls.clear()
+    damage_module.damage_by_r(None, None, r_choices(4), 4, also=also, also_same_kind=True)  # as before: any mode
+    assert (2, "mlerp", 8) in calls and len(calls) == 6

@@ -79,8 +79,9 @@ class Calibration:
             "damage_by_r": {m: {str(k): v for k, v in by_r.items()} for m, by_r in self.damage.items()},
             "damage_measured_at": list(self.measured_r),
             "damage_derived": "every mode measured at r; at the largest count only the mode least damaging at r "
-                              "and the linearity rule's, the others with that block's growth exponent; counts in "
-                              "between by a power law through the two nearest, exponent >= 1 "
+                              "and the linearity rule's where it is the other kind (prune against the merges), the "
+                              "others with that block's growth exponent (of their own kind where measured); counts "
+                              "in between by a power law through the two nearest, exponent >= 1 "
                               "(calibration.damage.damage_by_r)",
             "rule_modes": self.rule_modes(),
             "linearity_threshold": self.linearity_threshold,
