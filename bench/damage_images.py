@@ -12,10 +12,10 @@ every block). From those it rebuilds the damage table each way ``damage.damage_b
 
 - on ``k`` of the search images (an even spread, ``images.evenly_spaced``: ``--subsets``), the anchors'
   compounding on the same ``k``;
-- at 2r the least damaging mode at r and the linearity rule's (``both``: what ``calibrate`` measured before
-  this script's third way), the rule's only where it is the other kind of reduction, pruning against the merges
-  (``kind``: what ``calibrate`` measures now), or only the least damaging (``none``); the other modes derived with a
-  measured mode's growth exponent.
+- at 2r the least damaging mode at r and the linearity rule's (``both``: what ``calibrate`` measured until
+  c9322aa), the rule's only where it is the other kind of reduction, pruning against the merges (``kind``: what
+  ``calibrate`` measures since), or only the least damaging (``none``); the other modes derived with a measured
+  mode's growth exponent.
 
 For each way: the largest and median error of the table against the full one at r and at 2r, the blocks whose least
 damaging mode at r differs, and then the default floor's search (``--min-cosine``) and a latency budget's shortlist
