@@ -21,7 +21,7 @@ For each way: the largest and median error of the table against the full one at 
 damaging mode at r differs, and then the default floor's search (``--min-cosine``) and a latency budget's shortlist
 (``--speedup``) run on the rebuilt calibration: their choice, its predicted speed-up, its cosine on the search,
 confirm and held-out images, and the candidates measured. A candidate's per-image cosines are computed once and
-shared by every way (the early stop is replayed on them in the order the search asks for, batches of 8), so the ways
+shared by every way (the early stop is replayed on them in the order the search asks for, in its batches), so the ways
 differ only in what the table predicts.
 
 Usage: python bench/damage_images.py [--data data/fashion-mnist] [--subsets 48,40,32,24] [--min-cosine 0.995]
@@ -45,7 +45,14 @@ from bench_record import header, machine_line, write_results
 from tofu_export.calibration import Budget, load_images, measure
 from tofu_export.calibration import damage as damage_module
 from tofu_export.calibration import shortlist as shortlist_module
-from tofu_export.calibration.damage import cosine_to, damage_by_r, out_of_reach, policy_cosines, run_from_block
+from tofu_export.calibration.damage import (
+    FLOOR_BATCH,
+    cosine_to,
+    damage_by_r,
+    out_of_reach,
+    policy_cosines,
+    run_from_block,
+)
 from tofu_export.calibration.floor import floor_choice
 from tofu_export.calibration.images import split_confirm
 from tofu_export.calibration.linearity import linearity_modes
@@ -144,7 +151,7 @@ class SharedForwards:
         self.images += len(tr.reference)
         return self.cosines(model, tr, modes, r, prop_attn)
 
-    def to_floor(self, model, tr, modes, r, prop_attn, floor, *, order=None, batch_size=8):
+    def to_floor(self, model, tr, modes, r, prop_attn, floor, *, order=None, batch_size=FLOOR_BATCH):
         every = self.cosines(model, tr, modes, r, prop_attn)
         index = torch.arange(len(every)) if order is None else order
         ran = every[index]

