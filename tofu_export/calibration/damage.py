@@ -51,8 +51,9 @@ def policy_cosines(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequenc
         return cosine_to(tr.reference, run_from_block(model, tr.inputs[0], 0))
 
 
-FLOOR_BATCH = 4  # images a floor's candidate runs between two checks of its early stop: a forward of DINOv2-S/14
-# (ToMe r=20) took 0.98 of the time per image at 4 as at 8, and a certain miss stops up to 4 images sooner
+FLOOR_BATCH = 4  # images a floor's candidate runs between two checks of its early stop: DINOv2-S/14 under ToMe
+# r=20 took 1.056 of the time per image at 4 as at 8 (bench/results/forward_batch_4/), but a certain miss stops up to
+# 4 images sooner: the default floor's search ran 0.96-0.98 of its time (bench/results/floor_early_stop_batch4/)
 
 
 def policy_cosines_to_floor(model: nn.Module, tr: Trace, modes: Sequence[str], r: Sequence[int], prop_attn: bool,

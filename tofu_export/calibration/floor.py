@@ -30,9 +30,9 @@ ran (``images_run``), which is below the floor too. Every decision is the one a 
 always runs on all of them. The predicted floor is often far off and bisection visits far misses (in one default
 DINOv2-S/14 calibration, floor 0.995, 7 of round 0's 12 candidates and 19 of all 70 measured below 0.95, 30 below
 0.985): such misses stop after a batch or two. Batches of 8 cost what batches of 32 do and 1.01-1.08 of batches of
-16 (``trace.BATCH``; ``bench/results/forward_batch/``), and batches of 4 what batches of 8 do (``FLOOR_BATCH``).
-Where nothing meets the floor, the stopped misses that could still be the best measured are run on every image
-before the error names it (``completed``).
+16 (``trace.BATCH``; ``bench/results/forward_batch/``), batches of 4 1.06 of batches of 8, which the sooner stops
+repay (``FLOOR_BATCH``). Where nothing meets the floor, the stopped misses that could still be the best measured are
+run on every image before the error names it (``completed``).
 
 The choice is the fastest predicted candidate whose measured cosine meets the floor (ties: the higher measured
 cosine); where the calibration has confirm images, the fastest pass runs on them too, and one that misses the floor
