@@ -66,7 +66,7 @@ def test_a_tofu_graph_is_the_graph_torch_writes_without_the_second_trace(
 
 class _Standardise(torch.nn.Module):
     """``aten.std`` (decomposed: the registry has no translation), a flatten of the batch axis (no earlier node
-    gives its size) and a cast to the dtype the tensor has (an alias)."""
+    gives its size) and a cast to the dtype the tensor has (an alias, removed before the graph is looked at)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x - x.mean(dim=-1, keepdim=True)) / x.std(dim=-1, keepdim=True)
@@ -77,7 +77,7 @@ def test_a_graph_with_an_op_to_decompose_is_decomposed(tmp_path: Path, monkeypat
     found = _decomposed(monkeypatch)
     x = torch.randn(3, 4, 5)
     graph = _export(_Standardise(), x, tmp_path / "std.onnx")
-    assert found == [["aten.std.dim", "aten.flatten.using_ints", "aten.to.dtype"]]
+    assert found == [["aten.std.dim", "aten.flatten.using_ints"]]
     torch_writes = _as_torch_exports(_Standardise(), x, tmp_path / "torch.onnx", monkeypatch)
     assert graph_structure(graph) == graph_structure(torch_writes)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -121,6 +121,74 @@ def test_reshaped_flattened_and_chunked_tails_are_the_graph_torch_writes(tmp_pat
     assert found == [[]]
     torch_writes = _as_torch_exports(_Tails(), x, tmp_path / "torch.onnx", monkeypatch)
     assert graph_structure(graph) == graph_structure(torch_writes)
+
+
+class _Casts(torch.nn.Module):
+    """Casts to the dtype and device a tensor has (aliases: ``to.dtype``, ``to.device`` and ``to.dtype_layout``), a
+    cast that is one (bool to float), and an unflatten that keeps the batch axis, its size computed before it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x > 0).to(x.dtype)
+        y = (x.to(torch.float32) * mask).to(dtype=x.dtype, device=x.device).to(x.device)
+        return y.unflatten(2, (2, -1)).sum(2) * x.shape[0]
+
+
+def test_aliasing_casts_and_unflatten_are_the_graph_torch_writes_without_the_second_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = _decomposed(monkeypatch)
+    x = torch.randn(3, 4, 6)
+    graph = _export(_Casts(), x, tmp_path / "casts.onnx")
+    assert found == [[]]
+    torch_writes = _as_torch_exports(_Casts(), x, tmp_path / "torch.onnx", monkeypatch)
+    assert graph_structure(graph) == graph_structure(torch_writes)
+    casts = [node.input[0] for node in graph.graph.node if node.op_type == "Cast"]
+    assert len(casts) == 2 and "input" not in casts  # the mask's and the batch size's; none of the aliases
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], _Casts()(x).numpy(), atol=1e-6)
+
+
+class _Copy(torch.nn.Module):
+    """A cast to the tensor's own dtype that asks for a copy: not an alias."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32, copy=True) * 2
+
+
+class _CastOut(torch.nn.Module):
+    """An aliasing cast that is the graph's output (the exported program names its outputs by their nodes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 2).to(x.dtype)
+
+
+@pytest.mark.parametrize("module", [_Copy, _CastOut])
+def test_a_cast_that_copies_or_is_an_output_is_left_to_the_second_trace(
+    module: type[torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = _decomposed(monkeypatch)
+    x = torch.randn(3, 4)
+    graph = _export(module(), x, tmp_path / "cast.onnx")
+    assert found == [["aten.to.dtype"]]
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], module()(x).numpy())
+
+
+def test_a_size_the_capture_left_symbolic_though_constant_needs_the_second_trace() -> None:
+    """Exporting a diffusers UNet's cross-attention, a ``view`` to ``-1`` gave a size that is a symbolic
+    expression equal to 128; the second trace makes it 128, and only then does the graph optimiser write that
+    reshape's shape as a constant."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    batch = env.create_symintnode(env.create_symbol(2, ConstantSource("batch"), dynamic_dim=DimDynamic.DYNAMIC),
+                                  hint=2)
+    node = torch.fx.Graph().placeholder("x")
+    for shape, constant in (((batch, (batch * 4096) // (batch * 32)), True), ((batch, 128), False)):
+        recorded = type("Recorded", (torch.Tensor,), {"shape": shape})  # a fake tensor makes such a size a number
+        node.meta["val"] = torch.Tensor._make_subclass(recorded, torch.empty(0))
+        assert decompositions._constant_symbol(node) is constant
 
 
 def test_without_torchs_internals_every_graph_is_decomposed(monkeypatch: pytest.MonkeyPatch) -> None:

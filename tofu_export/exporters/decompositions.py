@@ -3,23 +3,28 @@
 torch's dynamo exporter captures a model with ``torch.export`` and then traces the captured graph a second time to
 decompose what its ONNX registry cannot translate (``ExportedProgram.run_decompositions``), before it translates.
 On the graphs tofu-export exports that second trace costs more than the capture (exporting the DINOv2 ViT-S/14 with
-ToFu at r=16: 8.5 of 21.6 CPU-s, the capture 4.9) and changes little: it turns ``reshape`` and ``flatten`` into
-views (a ``-1`` resolved where it stands for a constant), a ``chunk`` into the ``split`` it calls and a
-``to.dtype`` into a ``_to_copy``, and drops evaluation-mode dropouts and ``contiguous``.
+ToFu at r=16: 8.5 of 21.6 CPU-s, the capture 4.9) and changes little: it turns ``reshape``, ``flatten`` and
+``unflatten`` into views (a ``-1`` resolved where it stands for a constant), a ``chunk`` into the ``split`` it calls
+and a ``to`` to another dtype into a ``_to_copy``, drops a ``to`` that changes nothing (an alias: the transformers
+DINOv2's, open_clip's and diffusers' casts to the dtype a tensor has) and evaluation-mode dropouts and ``contiguous``.
 ``as_the_second_trace_leaves_them`` makes those rewrites on the captured graph and ``TRANSLATIONS`` translates what
 is left as its replacement would be; the ONNX graph is then the graph torch writes, node for node (value names
 aside): every dynamo export of the test suite, compared with ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` (below; 62
-exports, 48 skipped before ``chunk`` was rewritten too).
+exports, 48 skipped before ``chunk`` was rewritten too; of the 39 the test workers export in their own processes, 33
+skip it since the aliases are dropped, 29 before).
 
 Inside ``decompositions_where_needed()`` the second trace is skipped for a captured graph whose every op is
 
 - an assertion (the exporter removes those next), or arithmetic on symbolic sizes, or
 - translated by the registry, mutates nothing, and is either not a CompositeImplicitAutograd op, or one that
   the second trace keeps (``_is_preservable_cia_op``), or one rewritten or translated here (a ``to.dtype`` to
-  another dtype; one to its own is an alias the second trace drops), or dropout in evaluation or ``contiguous``.
+  another dtype), or dropout in evaluation or ``contiguous``,
 
-Any other graph (an ``std``, a flatten of the batch axis into another, a ``to`` to its own dtype) is decomposed as
-torch does it; where torch keeps these internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1
+and whose every output size the capture left symbolic is one that is not a constant (``_constant_symbol``: the
+second trace makes such a size a number, after which the graph optimiser writes a reshape's shape as a constant; a
+diffusers UNet's cross-attention has one). Any other graph (an ``std``, a flatten of the batch axis into another, a
+``to`` that copies, a ``conv2d`` with ``padding="same"``) is decomposed as torch does it; where torch keeps these
+internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1
 make test`` makes every dynamo export of the suite both ways and fails the test whose graph differs
 (``check_against_torch``).
 """
@@ -37,6 +42,8 @@ from tofu_export.exporters.graph_structure import graph_structure
 
 CHECK = "TOFU_EXPORT_CHECK_DECOMPOSITIONS"  # "1": every dynamo export is also made torch's way and compared
 Value = Any  # an onnxscript (onnx_ir) value while torch's exporter translates a node
+_TO = (torch.ops.aten.to.dtype, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout)  # x.to(...) each way
+_VIEWS = (torch.ops.aten.flatten.using_ints, torch.ops.aten.unflatten.int)  # each a view where it can be one
 _ASSERTIONS = ("_assert_scalar.default", "_assert_tensor_metadata.default", "_assert_async.default",
                "_assert_async.msg", "sym_constrain_range_for_size.default")
 
@@ -68,7 +75,8 @@ def ops_to_decompose(program: torch.export.ExportedProgram, registry: Any) -> li
     translated = set(_decomp.get_onnx_implemented_overloads(registry))
     found: dict[str, None] = {}
     for node in program.graph.nodes:
-        if node.op == "call_function" and not _as_captured(node, translated, _is_cia_op, _is_preservable_cia_op):
+        if node.op == "call_function" and (not _as_captured(node, translated, _is_cia_op, _is_preservable_cia_op)
+                                           or _constant_symbol(node)):
             found[str(node.target)] = None
     return list(found)
 
@@ -85,7 +93,7 @@ def _as_captured(node: torch.fx.Node, translated: set, is_cia: Any, is_preservab
         return True
     if target not in translated:
         return False
-    if target is torch.ops.aten.to.dtype:  # to its own dtype: an alias the second trace drops, not a Cast
+    if target is torch.ops.aten.to.dtype:  # to its own dtype: one that copies, or a graph output (_alias)
         source = _value(node.args[0])
         return isinstance(source, torch.Tensor) and source.dtype != node.args[1]
     if name == "contiguous.default":  # an identity either way, which the graph optimiser removes
@@ -93,6 +101,15 @@ def _as_captured(node: torch.fx.Node, translated: set, is_cia: Any, is_preservab
     if name == "dropout.default":  # in evaluation, likewise
         return node.args[2] is False
     return target in TRANSLATIONS or not is_cia(target) or is_preservable_cia(target)
+
+
+def _constant_symbol(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s output has a size the capture left symbolic though it is a constant (a ``view`` to ``-1``
+    after a shape computed through the batch axis can give one): the second trace makes it a number, and the graph
+    optimiser then writes a constant shape where the captured graph computes one."""
+    value = _value(node)
+    return isinstance(value, torch.Tensor) and any(
+        isinstance(dim, torch.SymInt) and dim.node.maybe_as_int() is not None for dim in value.shape)
 
 
 def _symbolic(target: Any) -> bool:
@@ -109,10 +126,12 @@ def _symbolic(target: Any) -> bool:
 def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
     """Rewrite what the second trace would rewrite in ``module``'s graph, where it can be done here:
 
-    - an ``aten.flatten.using_ints`` that can be a view becomes ``aten.view`` to its output's sizes, a symbolic
-      size taken from the first node that computes that symbol (where the second trace took it on every graph
-      compared); a flatten whose output has a size no earlier node gives (the batch axis flattened into another)
-      is left;
+    - an ``aten.flatten.using_ints`` or ``aten.unflatten.int`` that can be a view becomes ``aten.view`` to its
+      output's sizes, a symbolic size taken from the first node that computes that symbol (where the second trace
+      took it on every graph compared); a flatten whose output has a size no earlier node gives (the batch axis
+      flattened into another) is left;
+    - an ``aten.to`` that returns its input itself (``_alias``) is removed, its users given its input, unless it is
+      one of the graph's outputs;
     - a ``-1`` in an ``aten.reshape``'s shape becomes the size it stands for where that size is a constant (the
       second trace resolves it; the graph optimiser then drops a reshape to the shape its input has);
     - an ``aten.chunk`` along an axis of constant size becomes the ``aten.split.Tensor`` torch's ``chunk`` calls
@@ -127,7 +146,10 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
             shape = [int(dim) if isinstance(given, int) and given == -1 and _static(dim) else given
                      for given, dim in zip(node.args[1], value.shape, strict=True)]
             node.args = (node.args[0], shape)
-        elif node.target is torch.ops.aten.flatten.using_ints and isinstance(value, torch.Tensor):
+        elif node.target in _TO and _alias(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target in _VIEWS and isinstance(value, torch.Tensor):
             size = [int(dim) if _static(dim) else producers.get(dim.node.expr) for dim in value.shape]
             if any(dim is None for dim in size) or not _viewable(node.args[0], value.shape):
                 continue
@@ -139,6 +161,32 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
         elif node.target is torch.ops.aten.chunk.default:
             _chunk_as_split(node)
     module.recompile()
+
+
+def _alias(node: torch.fx.Node) -> bool:
+    """Whether ``node`` (an ``aten.to``) returns its input itself: the same dtype, device and layout, no copy asked,
+    the memory format kept (torch's ``to`` then returns ``self``, and the second trace leaves no node)."""
+    source, value = _value(node.args[0]), _value(node)
+    if not isinstance(source, torch.Tensor) or not isinstance(value, torch.Tensor) or _is_output(node):
+        return False
+    same = (source.dtype, source.device, source.layout) == (value.dtype, value.device, value.layout)
+    return same and not _argument(node, "copy", False) and \
+        _argument(node, "memory_format", None) in (None, torch.preserve_format)
+
+
+def _is_output(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is one of its graph's outputs (the exported program names its outputs by their nodes: such a
+    node stays)."""
+    return any(user.op == "output" for user in node.users)
+
+
+def _argument(node: torch.fx.Node, name: str, default: Any) -> Any:
+    """The argument ``name`` of ``node``'s op as the node passes it, by position or by keyword (``default`` where
+    it is not passed)."""
+    for position, argument in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if argument.name == name:
+            return node.args[position] if position < len(node.args) else node.kwargs.get(name, default)
+    return default
 
 
 def _chunk_as_split(node: torch.fx.Node) -> None:
