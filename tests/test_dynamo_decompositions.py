@@ -174,6 +174,24 @@ def test_a_cast_that_copies_or_is_an_output_is_left_to_the_second_trace(
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], module()(x).numpy())
 
 
+@pytest.mark.parametrize(("padding", "decomposed"), [("valid", []), ("same", ["aten.conv2d.padding"])])
+def test_a_valid_padded_convolution_is_the_graph_torch_writes_without_the_second_trace(
+    padding: str, decomposed: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``padding="valid"`` (SigLIP's patch embedding) is padding 0; ``"same"`` is left to the second trace."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=padding).eval()
+    found = _decomposed(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    graph = _export(conv, x, tmp_path / "conv.onnx")
+    assert found == [decomposed]
+    torch_writes = _as_torch_exports(conv, x, tmp_path / "torch.onnx", monkeypatch)
+    assert graph_structure(graph) == graph_structure(torch_writes)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], conv(x).numpy(), atol=1e-5)
+
+
 def test_a_size_the_capture_left_symbolic_though_constant_needs_the_second_trace() -> None:
     """Exporting a diffusers UNet's cross-attention, a ``view`` to ``-1`` gave a size that is a symbolic
     expression equal to 128; the second trace makes it 128, and only then does the graph optimiser write that
@@ -189,6 +207,18 @@ def test_a_size_the_capture_left_symbolic_though_constant_needs_the_second_trace
         recorded = type("Recorded", (torch.Tensor,), {"shape": shape})  # a fake tensor makes such a size a number
         node.meta["val"] = torch.Tensor._make_subclass(recorded, torch.empty(0))
         assert decompositions._constant_symbol(node) is constant
+
+
+def test_node_names_taken_from_value_names_are_set_aside_with_them() -> None:
+    """Two graphs that differ in a node name without a scope path (a later pass named the node after a value) are
+    the same graph; a different scope path is a different graph."""
+    def graph(name: str) -> onnx.ModelProto:
+        node = onnx.helper.make_node("Relu", ["x"], ["y"], name=name)
+        value = [onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, [2]) for v in "xy"]
+        return onnx.helper.make_model(onnx.helper.make_graph([node], "g", value[:1], value[1:]))
+
+    assert graph_structure(graph("view_37")) == graph_structure(graph("view_180"))
+    assert graph_structure(graph("/blocks/blocks.0/Relu")) != graph_structure(graph("/blocks/blocks.1/Relu"))
 
 
 def test_without_torchs_internals_every_graph_is_decomposed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,8 +5,9 @@ decompose what its ONNX registry cannot translate (``ExportedProgram.run_decompo
 On the graphs tofu-export exports that second trace costs more than the capture (exporting the DINOv2 ViT-S/14 with
 ToFu at r=16: 8.5 of 21.6 CPU-s, the capture 4.9) and changes little: it turns ``reshape``, ``flatten`` and
 ``unflatten`` into views (a ``-1`` resolved where it stands for a constant), a ``chunk`` into the ``split`` it calls
-and a ``to`` to another dtype into a ``_to_copy``, drops a ``to`` that changes nothing (an alias: the transformers
-DINOv2's, open_clip's and diffusers' casts to the dtype a tensor has) and evaluation-mode dropouts and ``contiguous``.
+and a ``to`` to another dtype into a ``_to_copy``, writes a ``conv2d`` with ``padding="valid"`` (SigLIP's) as the
+convolution with padding 0, drops a ``to`` that changes nothing (an alias: the transformers DINOv2's, open_clip's
+and diffusers' casts to the dtype a tensor has) and evaluation-mode dropouts and ``contiguous``.
 ``as_the_second_trace_leaves_them`` makes those rewrites on the captured graph and ``TRANSLATIONS`` translates what
 is left as its replacement would be; the ONNX graph is then the graph torch writes, node for node (value names
 aside): every dynamo export of the test suite, compared with ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` (below; 62
@@ -135,7 +136,9 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
     - a ``-1`` in an ``aten.reshape``'s shape becomes the size it stands for where that size is a constant (the
       second trace resolves it; the graph optimiser then drops a reshape to the shape its input has);
     - an ``aten.chunk`` along an axis of constant size becomes the ``aten.split.Tensor`` torch's ``chunk`` calls
-      (pieces of ``ceil(size / chunks)``).
+      (pieces of ``ceil(size / chunks)``);
+    - an ``aten.conv2d.padding`` with ``padding="valid"`` (SigLIP's patch embedding) becomes the ``aten.conv2d`` with
+      padding 0 it computes.
     """
     graph, producers = module.graph, {}  # symbol -> the first node that computes it
     for node in list(graph.nodes):
@@ -160,6 +163,8 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
             graph.erase_node(node)
         elif node.target is torch.ops.aten.chunk.default:
             _chunk_as_split(node)
+        elif node.target is torch.ops.aten.conv2d.padding and _argument(node, "padding", "valid") == "valid":
+            _valid_as_zero_padding(node)
     module.recompile()
 
 
@@ -198,6 +203,16 @@ def _chunk_as_split(node: torch.fx.Node) -> None:
     size = int(source.shape[axis])
     if size > 0:  # torch splits an empty axis by sizes instead
         node.target, node.args = torch.ops.aten.split.Tensor, (node.args[0], -(-size // chunks), axis)
+
+
+def _valid_as_zero_padding(node: torch.fx.Node) -> None:
+    """``conv2d(..., padding="valid")`` as torch's ``conv2d`` computes it: the same convolution with padding 0."""
+    position = 4  # padding's, in both overloads' schemas
+    if len(node.args) > position:
+        node.args = (*node.args[:position], [0, 0], *node.args[position + 1:])
+    else:
+        node.kwargs = {key: value for key, value in node.kwargs.items() if key != "padding"}
+    node.target = torch.ops.aten.conv2d.default
 
 
 def _viewable(node: Any, shape: torch.Size) -> bool:
