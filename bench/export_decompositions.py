@@ -8,13 +8,14 @@ export and whether the two graphs are the same node for node (``graph_structure`
 
 ``--families`` adds models of the other families, random weights at their libraries' sizes, built here (no
 download): ``transformers-dinov2`` (a ``Dinov2Model`` of DINOv2 ViT-S/14's config from a ``save_pretrained`` folder,
-exported at 224 px, ToFu at ``--r``), ``open-clip`` (the ViT-B-32 visual tower from a hub folder, ToFu at ``--r``),
+exported at 224 px, ToFu at ``--r``), ``siglip`` (a ``SiglipVisionModel`` of the default config, ViT-B/16 at 224
+px, attention-pool head, ToFu at ``--r``), ``open-clip`` (the ViT-B-32 visual tower from a hub folder, ToFu at ``--r``),
 and one denoiser step each of ``dit`` (a 12-layer ``DiTTransformer2DModel``, 384 wide, on a 32x32 latent) and
 ``unet`` (a two-level ``UNet2DConditionModel`` with cross-attention) with dense MLERP at ratio 0.5
-(``denoiser_export``: parity and the TensorRT check included).
+(``export_denoiser``: parity and the TensorRT check included).
 
 Usage: python bench/export_decompositions.py [--checkpoint DINOV2.safetensors] [--models deit_small_patch16_224]
-       [--families transformers-dinov2,open-clip,dit,unet] [--r 16] [--pairs 3] [--out ...]
+       [--families transformers-dinov2,siglip,open-clip,dit,unet] [--r 16] [--pairs 3] [--out ...]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ WAYS = ("skipped where nothing to decompose", "torch's own (every graph decompos
 
 
 Export = Callable[[Path], object]  # writes one graph to the path given
+VIT_FAMILIES = ("transformers-dinov2", "siglip", "open-clip")  # patched with ToFu at --r; the others are denoisers
 
 
 def build(source: str, r: int) -> Export:
@@ -65,7 +67,7 @@ def build(source: str, r: int) -> Export:
 def build_family(family: str, r: int, work: Path) -> Export:
     """A random-weight model of ``family`` (module docstring), loaded the way a user's would be, patched."""
     torch.manual_seed(0)
-    if family in ("transformers-dinov2", "open-clip"):
+    if family in VIT_FAMILIES:
         folder = work / family
         folder.mkdir(exist_ok=True)
         if family == "transformers-dinov2":
@@ -74,6 +76,11 @@ def build_family(family: str, r: int, work: Path) -> Export:
             transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=384, num_attention_heads=6,
                                                                intermediate_size=1536)).save_pretrained(folder)
             model, size = load_model(folder, img_size=224).model, 224
+        elif family == "siglip":
+            import transformers
+
+            transformers.SiglipVisionModel(transformers.SiglipVisionConfig()).save_pretrained(folder)
+            model, size = load_model(folder).model, 224
         else:
             import open_clip
             from safetensors.torch import save_file
@@ -102,7 +109,7 @@ def build_family(family: str, r: int, work: Path) -> Export:
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
             norm_num_groups=16)
     else:
-        raise SystemExit(f"unknown family {family!r}: transformers-dinov2, open-clip, dit or unet")
+        raise SystemExit(f"unknown family {family!r}: {', '.join(VIT_FAMILIES)}, dit or unet")
     denoiser.eval()
     make = step_inputs(denoiser, 32)
     grids = token_grids(denoiser, make(1, 0))
@@ -154,7 +161,7 @@ def main() -> None:
     points += [(args.checkpoint, args.r), (args.checkpoint, 0)] if args.checkpoint else []
     with tempfile.TemporaryDirectory() as work:
         rows = [measure(Path(source).name, r, build(source, r), args.pairs, Path(work)) for source, r in points]
-        rows += [measure(family, args.r if family in ("transformers-dinov2", "open-clip") else 0,
+        rows += [measure(family, args.r if family in VIT_FAMILIES else 0,
                          build_family(family, args.r, Path(work)), args.pairs, Path(work))
                  for family in args.families.split(",") if family]
     command = " ".join(["python bench/export_decompositions.py", *sys.argv[1:]])
