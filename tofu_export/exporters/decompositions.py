@@ -11,8 +11,9 @@ and diffusers' casts to the dtype a tensor has) and evaluation-mode dropouts and
 ``as_the_second_trace_leaves_them`` makes those rewrites on the captured graph and ``TRANSLATIONS`` translates what
 is left as its replacement would be; the ONNX graph is then the graph torch writes, node for node (value names
 aside): every dynamo export of the test suite, compared with ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` (below; 62
-exports, 48 skipped before ``chunk`` was rewritten too; of the 39 the test workers export in their own processes, 33
-skip it since the aliases are dropped, 29 before).
+exports, 48 skipped before ``chunk`` was rewritten too; since the aliases, ``unflatten`` and valid padding are
+rewritten as well, of the graphs the test workers export themselves only those with an ``std``, a copying cast, a
+``"same"`` padding or a constant size left symbolic, a cross-attention UNet's and PixArt's, take the second trace).
 
 Inside ``decompositions_where_needed()`` the second trace is skipped for a captured graph whose every op is
 
