@@ -33,6 +33,17 @@ def _as_torch_exports(model: torch.nn.Module, x: torch.Tensor, path: Path, monke
         return _export(model, x, path, opset)
 
 
+def _exported_as_torch_writes_it(module: torch.nn.Module, x: torch.Tensor, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> tuple[onnx.ModelProto, list[str]]:
+    """``module`` exported on ``x`` and the ops found to decompose in it, once its graph is checked to be the one
+    torch's exporter writes as it is."""
+    found = _decomposed(monkeypatch)
+    graph = _export(module, x, tmp_path / "ours.onnx")
+    assert graph_structure(graph) == graph_structure(_as_torch_exports(module, x, tmp_path / "torch.onnx", monkeypatch))
+    assert len(found) == 1  # torch's own path asked nothing
+    return graph, found[0]
+
+
 def _decomposed(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Records, per export, the ops ``ops_to_decompose`` found ([] where the second trace was skipped)."""
     found: list[list[str]] = []
@@ -115,12 +126,8 @@ class _Tails(torch.nn.Module):
 
 def test_reshaped_flattened_and_chunked_tails_are_the_graph_torch_writes(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    found = _decomposed(monkeypatch)
-    x = torch.randn(3, 4, 5)
-    graph = _export(_Tails(), x, tmp_path / "tail.onnx")
-    assert found == [[]]
-    torch_writes = _as_torch_exports(_Tails(), x, tmp_path / "torch.onnx", monkeypatch)
-    assert graph_structure(graph) == graph_structure(torch_writes)
+    _, found = _exported_as_torch_writes_it(_Tails(), torch.randn(3, 4, 5), tmp_path, monkeypatch)
+    assert found == []
 
 
 class _Casts(torch.nn.Module):
@@ -136,12 +143,9 @@ class _Casts(torch.nn.Module):
 def test_aliasing_casts_and_unflatten_are_the_graph_torch_writes_without_the_second_trace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    found = _decomposed(monkeypatch)
     x = torch.randn(3, 4, 6)
-    graph = _export(_Casts(), x, tmp_path / "casts.onnx")
-    assert found == [[]]
-    torch_writes = _as_torch_exports(_Casts(), x, tmp_path / "torch.onnx", monkeypatch)
-    assert graph_structure(graph) == graph_structure(torch_writes)
+    graph, found = _exported_as_torch_writes_it(_Casts(), x, tmp_path, monkeypatch)
+    assert found == []
     casts = [node.input[0] for node in graph.graph.node if node.op_type == "Cast"]
     assert len(casts) == 2 and "input" not in casts  # the mask's and the batch size's; none of the aliases
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -181,12 +185,9 @@ def test_a_valid_padded_convolution_is_the_graph_torch_writes_without_the_second
     """``padding="valid"`` (SigLIP's patch embedding) is padding 0; ``"same"`` is left to the second trace."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=padding).eval()
-    found = _decomposed(monkeypatch)
     x = torch.randn(2, 3, 8, 8)
-    graph = _export(conv, x, tmp_path / "conv.onnx")
-    assert found == [decomposed]
-    torch_writes = _as_torch_exports(conv, x, tmp_path / "torch.onnx", monkeypatch)
-    assert graph_structure(graph) == graph_structure(torch_writes)
+    graph, found = _exported_as_torch_writes_it(conv, x, tmp_path, monkeypatch)
+    assert found == decomposed
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], conv(x).numpy(), atol=1e-5)
