@@ -21,7 +21,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, 
 
 
 def _export(model: torch.nn.Module, x: torch.Tensor, path: Path, opset: int = 17) -> onnx.ModelProto:
-    dynamo.trace_inputs(model, (x,), path, opset, ["input"], "output", dynamo.translation_table(opset))
+    return _export_inputs(model, (x,), path, opset)
+
+
+def _export_inputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
+                   opset: int = 17) -> onnx.ModelProto:
+    names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+    dynamo.trace_inputs(model, inputs, path, opset, names, "output", dynamo.translation_table(opset))
     return onnx.load(str(path))
 
 
@@ -193,21 +199,37 @@ def test_a_valid_padded_convolution_is_the_graph_torch_writes_without_the_second
         np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], conv(x).numpy(), atol=1e-5)
 
 
-def test_a_size_the_capture_left_symbolic_though_constant_needs_the_second_trace() -> None:
-    """Exporting a diffusers UNet's cross-attention, a ``view`` to ``-1`` gave a size that is a symbolic
-    expression equal to 128; the second trace makes it 128, and only then does the graph optimiser write that
-    reshape's shape as a constant."""
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+class _Borrowed(torch.nn.Module):
+    """A ``view`` to ``-1`` with another input's batch size (diffusers' cross-attention, PixArt's caption
+    projection): the capture leaves the ``-1``'s size symbolic though it is the constant 4."""
 
-    env = ShapeEnv()
-    batch = env.create_symintnode(env.create_symbol(2, ConstantSource("batch"), dynamic_dim=DimDynamic.DYNAMIC),
-                                  hint=2)
-    node = torch.fx.Graph().placeholder("x")
-    for shape, constant in (((batch, (batch * 4096) // (batch * 32)), True), ((batch, 128), False)):
-        recorded = type("Recorded", (torch.Tensor,), {"shape": shape})  # a fake tensor makes such a size a number
-        node.meta["val"] = torch.Tensor._make_subclass(recorded, torch.empty(0))
-        assert decompositions._constant_symbol(node) is constant
+    def __init__(self) -> None:
+        super().__init__()
+        self.project = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.project(c).view(x.shape[0], -1, 8).sum(1) + x.sum(1)
+
+
+def test_a_size_left_symbolic_though_constant_is_recorded_as_the_number_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    module, inputs = _Borrowed().eval(), (torch.randn(2, 5, 8), torch.randn(2, 4, 8))
+    found, symbolic = _decomposed(monkeypatch), []
+    rewrite = decompositions.as_the_second_trace_leaves_them
+
+    def recording(graph_module: torch.fx.GraphModule) -> None:
+        symbolic.extend(node.name for node in graph_module.graph.nodes if decompositions._constant_symbol(node))
+        rewrite(graph_module)
+    monkeypatch.setattr(decompositions, "as_the_second_trace_leaves_them", recording)
+    graph = _export_inputs(module, inputs, tmp_path / "ours.onnx")
+    assert symbolic == ["view"] and found == [[]]
+    with monkeypatch.context() as patched:
+        patched.setattr(dynamo, "decompositions_where_needed", contextlib.nullcontext)
+        torch_writes = _export_inputs(module, inputs, tmp_path / "torch.onnx")
+    assert graph_structure(graph) == graph_structure(torch_writes)
+    assert [node.op_type for node in graph.graph.node].count("Concat") == 0  # the view's shape is a constant
 
 
 def test_node_names_taken_from_value_names_are_set_aside_with_them() -> None:

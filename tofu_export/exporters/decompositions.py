@@ -11,9 +11,9 @@ and diffusers' casts to the dtype a tensor has) and evaluation-mode dropouts and
 ``as_the_second_trace_leaves_them`` makes those rewrites on the captured graph and ``TRANSLATIONS`` translates what
 is left as its replacement would be; the ONNX graph is then the graph torch writes, node for node (value names
 aside): every dynamo export of the test suite, compared with ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1`` (below; 62
-exports, 48 skipped before ``chunk`` was rewritten too; since the aliases, ``unflatten`` and valid padding are
-rewritten as well, of the graphs the test workers export themselves only those with an ``std``, a copying cast, a
-``"same"`` padding or a constant size left symbolic, a cross-attention UNet's and PixArt's, take the second trace).
+exports, 48 skipped before ``chunk`` was rewritten too; since the aliases, ``unflatten``, valid padding and
+constant sizes are rewritten as well, of the graphs the test workers export themselves only those with an ``std``,
+a copying cast or a ``"same"`` padding take the second trace).
 
 Inside ``decompositions_where_needed()`` the second trace is skipped for a captured graph whose every op is
 
@@ -22,13 +22,13 @@ Inside ``decompositions_where_needed()`` the second trace is skipped for a captu
   the second trace keeps (``_is_preservable_cia_op``), or one rewritten or translated here (a ``to.dtype`` to
   another dtype), or dropout in evaluation or ``contiguous``,
 
-and whose every output size the capture left symbolic is one that is not a constant (``_constant_symbol``: the
-second trace makes such a size a number, after which the graph optimiser writes a reshape's shape as a constant; a
-diffusers UNet's cross-attention has one). Any other graph (an ``std``, a flatten of the batch axis into another, a
-``to`` that copies, a ``conv2d`` with ``padding="same"``) is decomposed as torch does it; where torch keeps these
-internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1
-make test`` makes every dynamo export of the suite both ways and fails the test whose graph differs
-(``check_against_torch``).
+and whose every output size the capture left symbolic is one that is not a constant (``_constant_symbol``; such
+sizes are recorded as numbers first, as the second trace would: a ``view`` to ``-1`` with another input's batch
+size, as diffusers' cross-attention and PixArt's caption projection write it, leaves one, and only with the number
+does the graph optimiser write that reshape's shape as a constant). Any other graph (an ``std``, a flatten of the
+batch axis into another, a ``to`` that copies, a ``conv2d`` with ``padding="same"``) is decomposed as torch does
+it; where torch keeps these internals elsewhere, every graph is. ``TOFU_EXPORT_CHECK_DECOMPOSITIONS=1 make test``
+makes every dynamo export of the suite both ways and fails the test whose graph differs (``check_against_torch``).
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def _as_captured(node: torch.fx.Node, translated: set, is_cia: Any, is_preservab
 
 def _constant_symbol(node: torch.fx.Node) -> bool:
     """Whether ``node``'s output has a size the capture left symbolic though it is a constant (a ``view`` to ``-1``
-    after a shape computed through the batch axis can give one): the second trace makes it a number, and the graph
-    optimiser then writes a constant shape where the captured graph computes one."""
+    with another input's batch size gives one): the second trace makes it a number, and the graph optimiser then
+    writes a constant shape where the captured graph would compute one (``_sizes_as_numbers`` does it here)."""
     value = _value(node)
     return isinstance(value, torch.Tensor) and any(
         isinstance(dim, torch.SymInt) and dim.node.maybe_as_int() is not None for dim in value.shape)
@@ -139,7 +139,9 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
     - an ``aten.chunk`` along an axis of constant size becomes the ``aten.split.Tensor`` torch's ``chunk`` calls
       (pieces of ``ceil(size / chunks)``);
     - an ``aten.conv2d.padding`` with ``padding="valid"`` (SigLIP's patch embedding) becomes the ``aten.conv2d`` with
-      padding 0 it computes.
+      padding 0 it computes;
+    - an output size or stride the capture left symbolic though it is a constant is recorded as that number
+      (``_sizes_as_numbers``).
     """
     graph, producers = module.graph, {}  # symbol -> the first node that computes it
     for node in list(graph.nodes):
@@ -166,6 +168,8 @@ def as_the_second_trace_leaves_them(module: torch.fx.GraphModule) -> None:
             _chunk_as_split(node)
         elif node.target is torch.ops.aten.conv2d.padding and _argument(node, "padding", "valid") == "valid":
             _valid_as_zero_padding(node)
+        if _constant_symbol(node):
+            _sizes_as_numbers(node)
     module.recompile()
 
 
@@ -204,6 +208,17 @@ def _chunk_as_split(node: torch.fx.Node) -> None:
     size = int(source.shape[axis])
     if size > 0:  # torch splits an empty axis by sizes instead
         node.target, node.args = torch.ops.aten.split.Tensor, (node.args[0], -(-size // chunks), axis)
+
+
+def _sizes_as_numbers(node: torch.fx.Node) -> None:
+    """Record ``node``'s output with the sizes and strides that are constants as numbers, as the second trace does."""
+    value = node.meta["val"]
+
+    def number(dim: Any) -> Any:
+        return int(dim) if isinstance(dim, torch.SymInt) and dim.node.maybe_as_int() is not None else dim
+    with value.fake_mode:
+        node.meta["val"] = torch.empty_strided([number(d) for d in value.shape], [number(d) for d in value.stride()],
+                                               dtype=value.dtype, device=value.device)
 
 
 def _valid_as_zero_padding(node: torch.fx.Node) -> None:
