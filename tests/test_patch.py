@@ -129,6 +129,26 @@ def test_average_pool_weights_tokens_by_size(make_vit: VitFactory, make_images: 
     assert (logits - plain).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_pool_head_counts_each_token_size_times(make_vit: VitFactory, fused: bool) -> None:
+    """A MAP head (SigLIP's attention pool) over tokens of sizes ``s`` computes what it computes over ``s`` copies
+    of each token: proportional attention in the pool's softmax. The class token is not pooled."""
+    model = make_vit("test_vit3", depth=1, img_size=32)  # global_pool="map", one class token
+    model.attn_pool.fused_attn = fused
+    patch(model, r=1, mode="tome")
+    tokens = torch.randn(2, 6, model.embed_dim, generator=torch.Generator().manual_seed(3))  # [B, 1 + 5, C]
+    sizes = torch.tensor([1, 3, 1, 2, 1, 4])  # the class token's first
+    state = tofu_state(model)
+    with torch.no_grad():
+        state.size = sizes.view(1, -1, 1).expand(2, -1, -1).float()  # [B, N, 1]
+        weighted = model.pool(tokens)
+        state.size = None  # nothing merged: timm's own pooling
+        copies = model.pool(tokens.repeat_interleave(sizes, dim=1))  # [B, 12, C] -> pooled
+        unweighted = model.pool(tokens)
+    torch.testing.assert_close(weighted, copies, rtol=0, atol=1e-5)
+    assert (weighted - unweighted).abs().max() > 1e-3
+
+
 # --------------------------------------------------------------------------------------------------------------
 # prefix tokens, token counts and pruning inside a real model
 # --------------------------------------------------------------------------------------------------------------

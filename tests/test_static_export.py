@@ -201,3 +201,22 @@ def test_shape_check_flags_data_dependent_dims() -> None:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     problems = non_static_dims(infer_symbolic(proto))
     assert set(problems) == {"idx", "y"}
+
+
+@pytest.mark.slow
+def test_attention_pool_head_exports_with_its_size_weights(
+    tmp_path: Path, make_vit: Callable[..., VisionTransformer], make_images: Callable[..., Tensor]
+) -> None:
+    """A MAP head (SigLIP's) weighs the merged tokens by size in the exported graph too: ``log(size)`` reaches the
+    pool's attention (a ``Log`` outside the blocks), and ONNX Runtime gives PyTorch's numbers at two batch sizes."""
+    model = make_vit("test_vit3", depth=2, img_size=64)
+    patch(model, r=4, mode="tofu", img_size=64)
+    path = tmp_path / "map.onnx"
+    proto = export(model, make_images(1, 64), path, exporter="dynamo")
+    assert not {node.op_type for node in proto.graph.node} & FORBIDDEN_OPS
+    assert [node.name for node in proto.graph.node if node.op_type == "Log" and not node.name.startswith("/blocks/")]
+    for batch in (1, 3):
+        images = make_images(batch, 64, seed=batch)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        np.testing.assert_allclose(run_ort(path, images), expected, rtol=0, atol=1e-4)

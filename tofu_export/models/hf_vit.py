@@ -26,7 +26,14 @@ from tofu_export.errors import Hint, UserError
 from tofu_export.models import hf_vit_specs as specs
 from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
-from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, size_weighted_mean, start_forward
+from tofu_export.models.reduction import (
+    ToFuState,
+    TokenReduction,
+    proportional_mask,
+    size_bias,
+    size_weighted_mean,
+    start_forward,
+)
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
 
@@ -73,7 +80,7 @@ def _pool_mask_hook(hf: nn.Module) -> Callable:
         if size is None:
             return args, kwargs
         tokens, heads = size.shape[1], module.num_heads
-        mask = size.log().reshape(-1, 1, 1, tokens).expand(-1, heads, 1, tokens).reshape(-1, 1, tokens)
+        mask = size_bias(size).expand(-1, heads, 1, tokens).reshape(-1, 1, tokens)
         return args, {**kwargs, "attn_mask": mask.to(args[0].dtype)}
 
     return hook

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
-from tofu_export.models.reduction import ToFuState, TokenReduction, head_mean_keys, size_weighted_mean, start_forward
+from tofu_export.models.reduction import (
+    ToFuState,
+    TokenReduction,
+    head_mean_keys,
+    size_bias,
+    size_weighted_mean,
+    start_forward,
+)
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
 
@@ -43,7 +50,7 @@ def _mha_mask(state: ToFuState, heads: int) -> Tensor | None:
     if not state.prop_attn or size is None:
         return None
     tokens = int(size.shape[1])
-    return size.log().reshape(-1, 1, 1, tokens).expand(-1, heads, tokens, tokens).reshape(-1, tokens, tokens)
+    return size_bias(size).expand(-1, heads, tokens, tokens).reshape(-1, tokens, tokens)
 
 
 def _attention_half(block: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

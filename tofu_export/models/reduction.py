@@ -103,12 +103,18 @@ def start_forward(state: ToFuState) -> None:
     state.size = state.sample = None
 
 
+def size_bias(size: Tensor) -> Tensor:
+    """``log(size)`` as an additive attention mask over the keys, ``size [B, N, 1]`` -> ``[B, 1, 1, N]``: each key
+    token weighs in the softmax as ``size`` copies of itself would."""
+    return size.log().reshape(-1, 1, 1, size.shape[1])
+
+
 def proportional_mask(state: ToFuState) -> Tensor | None:
     """``[B, 1, 1, N]`` additive attention mask ``log(size)`` for proportional attention, or None."""
     size = state.size
     if not state.prop_attn or size is None:
         return None
-    return size.log().reshape(-1, 1, 1, size.shape[1])
+    return size_bias(size)
 
 
 def size_weighted_mean(x: Tensor, size: Tensor | None) -> Tensor:

@@ -17,10 +17,9 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from tofu_export.models.family import UnsupportedModelError
-from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, start_forward
+from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, size_bias, start_forward
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
-from tofu_export.user_warnings import warn_user
 
 __all__ = ["ToFuState", "TokenReduction", "UnsupportedModelError", "is_patched", "num_tokens", "patch", "tofu_state",
            "unpatch"]
@@ -47,11 +46,15 @@ class ToFuBlock(Block):
 
 
 def _size_weighted_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
-    """Global average pooling that counts each token as many times as the patches it stands for."""
+    """timm's pooling of ``x [B, N, C]``, counting each token as many times as the patches it stands for: average
+    pooling is size-weighted; an attention-pool head (MAP: SigLIP) adds ``log(size)`` to its attention logits,
+    which is what it computes over ``size`` copies of each token. Token pooling takes the class token as it is."""
     size = self._tofu.size
-    if size is None or (pool_type or self.global_pool) != "avg" or self.attn_pool is not None:
-        return type(self).pool(self, x, pool_type)
     p = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    if size is not None and self.attn_pool is not None:
+        return self.attn_pool(x[:, p:], attn_mask=size_bias(size[:, p:]).to(x.dtype))
+    if size is None or (pool_type or self.global_pool) != "avg":
+        return type(self).pool(self, x, pool_type)
     weight = size[:, p:]  # [B, N - p, 1]
     return (x[:, p:] * weight).sum(dim=1) / weight.sum(dim=1)
 
@@ -129,8 +132,6 @@ def patch(
         state.plan = planned_for(plan, num_tokens(model, img_size), model.num_prefix_tokens, state.r, strict)
     else:  # eager: any input size; check the model's own size up front (warns, or raises when strict)
         planned_for(plan, num_tokens(model), model.num_prefix_tokens, state.r, strict)
-    if model.attn_pool is not None:
-        warn_user("attention-pool heads see reduced tokens without size weighting")
 
     model._tofu = state
     model.pool = types.MethodType(_size_weighted_pool, model)
