@@ -124,7 +124,9 @@ def test_another_input_size_resamples_the_positions_as_open_clip_does(files: dic
     ("bare", "open_clip:ViT-B-32", None,
      r"config ViT-B-32.*the weights are width 64, 2 layers, patch 16.*the config width 768, 12 layers", "arch"),
     ("bare", "open_clip:coca_ViT-B-32", None, "pools with attention", "arch"),
-    ("bare", "open_clip:ViT-B-16-SigLIP", None, "timm model vit_base_patch16_siglip_224", "arch"),
+    ("bare", "open_clip:ViT-B-16-SigLIP", None,
+     "does not fit the open_clip config ViT-B-16-SigLIP.*the timm model vit_base_patch16_siglip_224", "arch"),
+    ("bare", "open_clip:vit_medium_patch16_gap_256", None, "followed by a linear projection", "arch"),
     ("hub", None, 70, "multiple of its patch", "img_size"),
 ])
 def test_bad_configs_and_sizes_are_refused_before_reading_weights(

@@ -18,12 +18,15 @@ from typing import Any
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 
-__all__ = ["CONFIG_FILE", "PREFIX", "TowerConfig", "configs_matching", "open_clip_module", "resolve_config"]
+__all__ = ["CONFIG_FILE", "PREFIX", "TowerConfig", "configs_matching", "open_clip_module", "resolve_config",
+           "timm_preprocessing"]
 
 PREFIX = "open_clip:"
 CONFIG_FILE = "open_clip_config.json"
 _BLOCK_FEATURES = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")  # what image_transform reads of preprocess_cfg
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # open_clip's default
+_CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}  # open_clip resize_mode -> timm crop_mode
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,12 @@ class TowerConfig:
     vision: dict[str, Any]  # open_clip's vision_cfg
     quick_gelu: bool = False
     preprocess: dict[str, Any] = field(default_factory=dict)  # mean, std, interpolation, resize_mode
+
+    @property
+    def timm_trunk(self) -> str | None:
+        """The timm model the visual tower wraps (``vision_cfg.timm_model_name``), or None for open_clip's own ViT."""
+        name = self.vision.get("timm_model_name")
+        return str(name) if name else None
 
     @property
     def heads(self) -> int:
@@ -59,6 +68,26 @@ def open_clip_module() -> Any:
         raise CheckpointError("this is an open_clip checkpoint, and open_clip is not installed",
                               hint=Hint("checkpoint", None, "pip install 'tofu-export[openclip]'")) from error
     return open_clip
+
+
+def timm_preprocessing(preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """open_clip's eval transform (``open_clip.image_transform``) in timm's data-config keys: the image resized to
+    the model's size (``resize_mode``: the shorter side then a center crop, a squash, or the longer side then
+    padding) with ``interpolation``, then ``mean`` and ``std``, each as ``preprocess`` (a ``preprocess_cfg``) states
+    it, open_clip's defaults (CLIP's mean and std, bicubic, shorter side) where it does not."""
+    interpolation = preprocess.get("interpolation")
+    return {"mean": tuple(preprocess.get("mean", CLIP_MEAN)), "std": tuple(preprocess.get("std", CLIP_STD)),
+            "crop_pct": 1.0, "crop_mode": _CROP_MODES.get(preprocess.get("resize_mode"), "center"),
+            "interpolation": interpolation if interpolation in ("bicubic", "bilinear") else "bicubic"}
+
+
+def _pretrained_preprocess(open_clip: Any, name: str) -> dict[str, Any]:
+    """The preprocessing open_clip's pretrained weights of config ``name`` are used with, where every tag it lists
+    states the same (SigLIP's: mean and std 0.5, squash); {} where none is listed or they differ."""
+    stated = [{key: cfg[key] for key in _PREPROCESS_KEYS if key in cfg}
+              for tag in open_clip.list_pretrained_tags_by_model(name)
+              if isinstance(cfg := open_clip.get_pretrained_cfg(name, tag), dict)]
+    return stated[0] if stated and all(one == stated[0] for one in stated) else {}
 
 
 def config_beside(path: Path) -> Path | None:
@@ -94,7 +123,7 @@ def _named(name: str) -> tuple[dict[str, Any], dict[str, Any], str]:
         raise CheckpointError(f"open_clip has no model config named {name!r}{said}",
                               hint=Hint("arch", f"open_clip:{close[0] if close else 'ViT-B-32'}",
                                         "or another of open_clip.list_models(), or a config JSON file"))
-    return model_cfg, {}, f"open_clip model config {name} (--arch)"
+    return model_cfg, _pretrained_preprocess(open_clip, name), f"open_clip model config {name} (--arch)"
 
 
 def resolve_config(path: Path, arch: str | None, dims: Mapping[str, int] | None = None) -> TowerConfig:
@@ -120,12 +149,24 @@ def resolve_config(path: Path, arch: str | None, dims: Mapping[str, int] | None 
     return config
 
 
+def _timm_trunk_problem(config: TowerConfig) -> str | None:
+    """Why a tower wrapping a timm model is not that timm model alone (open_clip's ``TimmModel``: a projection or
+    an attention pool after it), or None where it is (SigLIP, SigLIP2: ``timm_proj`` ``"none"``)."""
+    vision, name = config.vision, config.timm_trunk
+    proj, pool = vision.get("timm_proj", "linear"), vision.get("timm_pool", "avg")
+    if proj in ("linear", "mlp"):
+        return (f"its visual tower is the timm model {name} followed by a {proj} projection (ToFu exports the trunk "
+                "alone: save model.visual.trunk.state_dict() and pass that file as a timm checkpoint)")
+    if pool in ("abs_attn", "rot_attn"):
+        return f"its visual tower is the timm model {name} followed by an attention pool ({pool})"
+    return None
+
+
 def _check_supported(config: TowerConfig) -> None:
-    """Refuse towers ToFu does not patch: timm trunks, ResNets, attention pools, custom attention blocks."""
+    """Refuse towers ToFu does not patch: timm models with a head of open_clip's after them, ResNets, attention
+    pools, custom attention blocks. A timm model alone is checked as a timm checkpoint (``open_clip_timm``)."""
     vision = config.vision
-    problem = ("its visual tower is the timm model " + str(vision["timm_model_name"])
-               + " (save model.visual.trunk.state_dict() and pass that file as a timm checkpoint)"
-               if vision.get("timm_model_name") else
+    problem = (_timm_trunk_problem(config) if config.timm_trunk else
                "its visual tower is a ResNet" if isinstance(vision.get("layers"), Sequence) else
                "its visual tower pools with attention (CoCa)" if vision.get("attentional_pool") else
                "its blocks are custom attention blocks (" + ", ".join(k for k in _BLOCK_FEATURES if vision.get(k)) + ")"
@@ -134,7 +175,7 @@ def _check_supported(config: TowerConfig) -> None:
                if vision.get("pos_embed_type", "learnable") != "learnable" else None)
     if problem is not None:
         raise CheckpointError(f"open_clip config {config.name}: {problem}; ToFu patches open_clip ViT towers with "
-                              "standard blocks and token or average pooling",
+                              "standard blocks and token or average pooling, and timm ViTs alone",
                               hint=Hint("arch", None, "with a ViT config such as open_clip:ViT-B-32"))
 
 

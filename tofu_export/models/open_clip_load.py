@@ -7,7 +7,9 @@ into the model (a safetensors file's are not even read; a ``torch.save`` file is
 keys dropped at once). The tower is built on the meta device from the config (``open_clip_config.py``), the
 file's shapes are compared with it before any weight is read, and the weights are then assigned (as float32):
 no random initialisation. At another input size the position embeddings are resampled once, here, as open_clip
-resamples them when it loads a checkpoint at a forced image size (bicubic, antialiased, class token kept).
+resamples them when it loads a checkpoint at a forced image size (bicubic, antialiased, class token kept). A tower
+that is a timm model alone (SigLIP: ``visual.trunk.*``) is read the same way and built as that timm model
+(``open_clip_timm.py``).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def looks_like_open_clip(path: Path) -> bool:
 
 def _dims(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """What the weights show of the tower (for naming configs that fit)."""
-    dims = {"layers": len({n.split(".")[2] for n in shapes if n.startswith("transformer.resblocks.")})}
+    layers = len({n.split(".")[2] for n in shapes if n.startswith("transformer.resblocks.")})
+    dims = {"layers": layers} if layers else {}
     if len(shapes.get("conv1.weight", ())) == 4:
         dims.update(width=shapes["conv1.weight"][0], patch_size=shapes["conv1.weight"][2])
     if len(shapes.get("positional_embedding", ())) == 2:
@@ -134,8 +137,9 @@ def _check_fits(file: Path, config: TowerConfig, expected: dict[str, tuple[int, 
             hint=Hint("arch", f"{PREFIX}{found[0] if found else 'NAME'}", "naming the config it was trained with"))
 
 
-def _read_safetensors(file: Path, names: set[str]) -> dict[str, Tensor] | None:
-    """The tower's tensors of a safetensors file, reading nothing else; None when the file cannot be read so."""
+def _read_safetensors(file: Path, names: set[str] | None) -> dict[str, Tensor] | None:
+    """The tower's tensors ``names`` (None: all) of a safetensors file, reading nothing else; None when the file
+    cannot be read so."""
     from safetensors import SafetensorError, safe_open
 
     if _header_shapes(file) is None:
@@ -143,17 +147,20 @@ def _read_safetensors(file: Path, names: set[str]) -> dict[str, Tensor] | None:
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             keys = {_visual_name(key): key for key in handle.keys()}  # noqa: SIM118 (not iterable)
-            return {name: handle.get_tensor(keys[name]) for name in names if name in keys}
+            keys.pop(None, None)  # the text tower's and the rest
+            return {name: handle.get_tensor(keys[name]) for name in (keys if names is None else names) if name in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None  # load_state_dict names what is wrong with the file
 
 
-def _read_visual(file: Path, names: set[str], trust_pickle: bool) -> dict[str, Tensor]:
-    """The tower's tensors (``visual.`` stripped) as float32; of a safetensors file nothing else is read."""
+def _read_visual(file: Path, names: set[str] | None, trust_pickle: bool) -> dict[str, Tensor]:
+    """The tower's tensors ``names`` (``visual.`` stripped; None: all of them) as float32; of a safetensors file
+    nothing else is read."""
     tensors = _read_safetensors(file, names) if _is_safetensors(file) else None
     if tensors is None:
         everything = load_state_dict(file, trust_pickle=trust_pickle)  # limits, views and values checked
-        tensors = {name: everything.pop(key) for key in list(everything) if (name := _visual_name(key)) in names}
+        tensors = {name: everything.pop(key) for key in list(everything)
+                   if (name := _visual_name(key)) is not None and (names is None or name in names)}
         del everything  # the text tower and the rest
     else:
         check_values(tensors, file)  # what load_state_dict checks (NaN / Inf, complex), on the tensors read here
@@ -193,6 +200,15 @@ def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_
                               hint=Hint("checkpoint", None, "the path of an open_clip checkpoint"))
     header = _header_shapes(file)
     config = resolve_config(path, arch, _dims(header) if header else None)
+    if config.timm_trunk:  # the tower is a timm model alone: built as one
+        from tofu_export.models.open_clip_timm import check_trunk_keys, load_timm_trunk
+
+        if header is not None:
+            check_trunk_keys(file, config, set(header))  # before any weight is read
+        visual = _read_visual(file, None, trust_pickle)
+        check_trunk_keys(file, config, set(visual))
+        return load_timm_trunk(file, path, config, visual, img_size=img_size, num_heads=num_heads,
+                               digest=sha256_file(file))
     if num_heads is not None and num_heads != config.heads:
         raise CheckpointError(f"open_clip config {config.name} has {config.heads} attention heads, not {num_heads}",
                               hint=Hint("num_heads", None, "leave it out: the config states it"))

@@ -31,8 +31,6 @@ from tofu_export.sizes import as_pair
 
 __all__ = ["OpenClipFamily"]
 
-_CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}  # open_clip resize_mode -> timm crop_mode
-
 
 def _keys(block: nn.Module, normed: Tensor) -> Tensor:
     """Per-head keys of the block's attention, ``[B, N, C] -> [B, H, N, D]``, from the packed in-projection."""
@@ -165,16 +163,12 @@ class OpenClipFamily(ModelFamily):
                          head=0 if model.proj is None else model.proj.numel())
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
-        """open_clip's eval transform (``open_clip.image_transform``) in timm's keys: the image resized to the model's
-        size (``resize_mode``: the shorter side then a center crop, a squash, or the longer side then padding) with
-        ``interpolation``, then CLIP's mean and std, each as the tower's ``preprocess_cfg`` states it."""
+        """open_clip's eval transform in timm's keys (``open_clip_config.timm_preprocessing``), as the tower's
+        ``preprocess_cfg`` (open_clip's own, or the hub config's) states it."""
+        from tofu_export.models.open_clip_config import timm_preprocessing
+
         config = super().data_config(model)
-        config.update(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))  # CLIP
-        preprocess = getattr(model, "preprocess_cfg", None) or {}  # open_clip's own, or the hub config's
-        config.update({key: tuple(preprocess[key]) for key in ("mean", "std") if key in preprocess})
-        interpolation = preprocess.get("interpolation")
-        config.update(crop_pct=1.0, crop_mode=_CROP_MODES.get(preprocess.get("resize_mode"), "center"),
-                      interpolation=interpolation if interpolation in ("bicubic", "bilinear") else "bicubic")
+        config.update(timm_preprocessing(getattr(model, "preprocess_cfg", None) or {}))
         return config
 
     def patch(self, model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,
