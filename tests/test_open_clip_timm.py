@@ -115,3 +115,16 @@ def test_open_clips_pretrained_preprocessing_goes_with_a_named_config(tmp_path: 
     config = resolve_config(tmp_path / "model.safetensors", "open_clip:ViT-B-16-SigLIP")
     assert config.timm_trunk == "vit_base_patch16_siglip_224"
     assert config.preprocess["resize_mode"] == "squash" and tuple(config.preprocess["mean"]) == (0.5, 0.5, 0.5)
+
+
+def test_an_eva02_trunk_is_the_timm_eva(tmp_path: Path) -> None:
+    """EVA-02 towers (``timm_pool="token"``, the trunk's own head as the projection) load through the Eva family."""
+    config = {**CONFIG, "embed_dim": 48, "vision_cfg": {"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224",
+                                                        "timm_pool": "token", "timm_proj": None}}
+    torch.manual_seed(0)
+    reference = open_clip.CLIP(**config).eval()
+    loaded = load_model(_hub(tmp_path / "hub", reference.state_dict(), config))
+    assert loaded.family.name == "timm_eva" and loaded.model.global_pool == "token"
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images), reference.encode_image(images), rtol=0, atol=0)

@@ -196,6 +196,7 @@ class ModelFamily(ABC):
 _REGISTRY: tuple[tuple[str, str], ...] = (
     ("tofu_export.models.hf_vit", "HFVisionFamily"),
     ("tofu_export.models.open_clip_vit", "OpenClipFamily"),
+    ("tofu_export.models.timm_eva_family", "TimmEvaFamily"),
     ("tofu_export.models.timm_family", "TimmFamily"),
 )
 _INSTANCES: list[ModelFamily] = []

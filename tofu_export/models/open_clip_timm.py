@@ -6,8 +6,9 @@ the images' preprocessing (``preprocess_cfg``, or the one open_clip's pretrained
 trunk is built as a timm checkpoint whose config names it (``timm_vit_build.build_model``: every size from the
 weights, the head count from the named model, the position embeddings resampled for ``--img-size``), and is then
 patched, exported and calibrated as a timm ``VisionTransformer``: a MAP head (SigLIP) weighs merged tokens by size.
-A timm model the timm family does not patch (EVA, rotary or parallel blocks) is refused with the timm family's
-reason; a projection or attention pool of open_clip's after the trunk is refused by ``open_clip_config``.
+An EVA-02 trunk (a timm ``Eva``) is built by its name (``timm_eva_family.build_eva``). A timm model no family
+patches (parallel blocks, per-block rotations) is refused with its family's reason; a projection or attention pool
+of open_clip's after the trunk is refused by ``open_clip_config``.
 """
 
 from __future__ import annotations
@@ -47,16 +48,24 @@ def load_timm_trunk(file: Path, path: Path, config: TowerConfig, visual: dict[st
                     img_size: int | None, num_heads: int | None, digest: str) -> LoadedModel:
     """The timm model of ``config`` holding the tower's weights ``visual`` (``visual.`` stripped; checked by
     ``check_trunk_keys``), in eval mode, with open_clip's eval transform as its preprocessing."""
+    from tofu_export.models.timm_eva_family import build_eva, names_eva
     from tofu_export.models.timm_vit_build import build_model
     from tofu_export.models.timm_vit_evidence import Evidence
 
-    name = str(config.timm_trunk)
+    name, pool = str(config.timm_trunk), config.vision.get("timm_pool", "avg")
     state = {key[len(TRUNK):]: tensor for key, tensor in visual.items()}
     visual.clear()  # the model takes the tensors themselves
-    evidence = Evidence(f"open_clip config {config.name}", name, checkpoint=file.name,
-                        preprocessing=timm_preprocessing(config.preprocess))
-    model, guess = build_model(state, img_size=img_size, num_heads=num_heads, evidence=evidence, take_weights=True)
-    pool = config.vision.get("timm_pool", "avg")
+    source, preprocessing = f"open_clip config {config.name}", timm_preprocessing(config.preprocess)
+    if names_eva(name):  # EVA-02 towers: a timm Eva, built by its name
+        if num_heads is not None:
+            raise CheckpointError(f"{name} is a timm Eva: its name states the head count",
+                                  hint=Hint("num_heads", None, "leave it out"))
+        model, guess = build_eva(state, name, img_size=img_size, source=source, preprocessing=preprocessing,
+                                 global_pool=pool)
+    else:
+        evidence = Evidence(source, name, checkpoint=file.name, preprocessing=preprocessing)
+        model, guess = build_model(state, img_size=img_size, num_heads=num_heads, evidence=evidence,
+                                   take_weights=True)
     if getattr(model, "global_pool", pool) != pool:
         raise CheckpointError(f"open_clip config {config.name} pools its timm model {name} with {pool!r}; the "
                               f"weights describe {model.global_pool!r} pooling",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tofu_export.merge import bipartite_soft_matching, reduce_tokens, sample_index
+from tofu_export.merge import Matching, bipartite_soft_matching, reduce_tokens, sample_index
 from tofu_export.schedule import TokenPlan, plan_tokens
 
 
@@ -30,6 +30,7 @@ class ToFuState:
     img_size: tuple[int, int] | None
     size: Tensor | None = field(default=None, repr=False)  # [B, N, 1] token sizes of the forward in flight
     sample: Tensor | None = field(default=None, repr=False)  # [B, 1, 1] sample indices, only while exporting
+    rope: Tensor | None = field(default=None, repr=False)  # [B, 1, N - p, 2D] kept tokens' rotations (timm Eva)
 
     @property
     def static(self) -> bool:
@@ -43,6 +44,7 @@ class TokenReduction(nn.Module):
         super().__init__()
         self.state, self.index, self.heads = state, index, heads
         self.metric: Tensor | None = None  # [B, N, head_dim], set by the key hook
+        self.matching: Matching | None = None  # the last forward's, for ``carry``; None where it removed nothing
 
     def capture_keys(self, module: nn.Module, args: tuple, keys: Tensor) -> None:
         """Forward hook on a module whose output is the per-head keys ``[B, H, N, D]`` (timm's ``attn.k_norm``)."""
@@ -59,7 +61,7 @@ class TokenReduction(nn.Module):
     def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes."""
         state, metric = self.state, self.metric
-        self.metric = None
+        self.metric = self.matching = None
         if state.plan is not None:
             expected = state.plan.tokens[self.index]
             if x.shape[1] != expected:
@@ -75,11 +77,22 @@ class TokenReduction(nn.Module):
             return x, size
         if metric is None:
             raise RuntimeError("ToFu found no keys for this block: was attn.k_norm skipped or replaced?")
-        matching = bipartite_soft_matching(metric, r, state.num_prefix)
+        matching = self.matching = bipartite_soft_matching(metric, r, state.num_prefix)
         if torch.onnx.is_in_onnx_export() and state.sample is None:
             state.sample = sample_index(x)  # one batch-size computation in the graph, shared by every block's gathers
         mode = state.modes[self.index]
         return reduce_tokens(x, size, matching, mode, state.num_prefix, static=state.static, sample=state.sample)
+
+    def carry(self, rows: Tensor) -> Tensor:
+        """What the last ``forward`` kept of a per-token tensor ``rows [B, N, D]`` aligned with its tokens: the rows
+        of the tokens it left, a merged token's its destination's (the row gather pruning does), ``[B, N - r, D]``;
+        ``rows`` itself where it removed nothing."""
+        if self.matching is None:
+            return rows
+        state = self.state
+        kept, _ = reduce_tokens(rows, None, self.matching, "prune", state.num_prefix, static=state.static,
+                                sample=state.sample)
+        return kept
 
     def extra_repr(self) -> str:
         plan = self.state.plan
@@ -99,8 +112,8 @@ def head_mean_keys(keys: Tensor) -> Tensor:
 
 
 def start_forward(state: ToFuState) -> None:
-    """A new forward starts: every token stands for one patch, no sample index yet."""
-    state.size = state.sample = None
+    """A new forward starts: every token stands for one patch, no sample index yet, every token at its position."""
+    state.size = state.sample = state.rope = None
 
 
 def size_bias(size: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -20,6 +20,18 @@ from tofu_export.schedule import RSpec, TokenPlan
 from tofu_export.sizes import as_pair
 
 
+def with_keys(block: nn.Module, attention_half: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+    """``attention_half()`` run on ``block`` of a timm model, and the keys its attention computed (caught by a hook
+    on ``attn.k_norm``, as the patch catches them), averaged over heads: ``[B, N, C]``, ``[B, N, D]``."""
+    captured: list[Tensor] = []
+    hook = block.attn.k_norm.register_forward_hook(lambda _m, _a, keys: captured.append(head_mean_keys(keys)))
+    try:
+        y = attention_half()
+    finally:
+        hook.remove()
+    return y, captured[0]
+
+
 class TimmFamily(ModelFamily):
     """timm ``VisionTransformer`` (ViT, DeiT, DINOv2, MAE, ...) with standard pre-norm ``Block``s."""
 
@@ -32,13 +44,23 @@ class TimmFamily(ModelFamily):
 
     def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
              num_heads: int | None = None) -> LoadedModel:
+        from tofu_export.models.timm_eva_family import build_eva, names_eva
         from tofu_export.models.timm_vit_build import build_model
         from tofu_export.models.timm_vit_evidence import read_evidence
 
         state_dict, record = read_checkpoint(path, trust_pickle=trust_pickle)  # names a missing file or a folder
         digest = sha256_file(path)
+        evidence = read_evidence(path, record)
+        if names_eva(arch or evidence.architecture):  # EVA-02, DINOv3: rotary embeddings, built by timm's name
+            if num_heads is not None:
+                raise CheckpointError(f"{arch or evidence.architecture} is a timm Eva: its name states the head count",
+                                      hint=Hint("num_heads", None, "leave it out"))
+            model, guess = build_eva(state_dict, arch or str(evidence.architecture), img_size=img_size,
+                                     source=f"--arch {arch}" if arch else evidence.source,
+                                     preprocessing=None if arch else evidence.preprocessing)
+            return LoadedModel(model, guess, path, digest)
         model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
-                                   evidence=read_evidence(path, record), take_weights=True)  # read for it alone
+                                   evidence=evidence, take_weights=True)  # read for it alone
         if "unused_ema" in record:  # said, not chosen silently: a model validated on its EMA weights differs
             used, ema = record["weights"], record["unused_ema"]
             note = (f"{path.name} also holds an EMA copy of the weights under {ema!r}, not used: these are the "
@@ -142,13 +164,7 @@ class TimmFamily(ModelFamily):
 
     def attention_half(self, model: nn.Module, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
         block = model.blocks[index]
-        captured: list[Tensor] = []
-        hook = block.attn.k_norm.register_forward_hook(lambda _m, _a, keys: captured.append(head_mean_keys(keys)))
-        try:
-            y = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-        finally:
-            hook.remove()
-        return y, captured[0]
+        return with_keys(block, lambda: x + block.drop_path1(block.ls1(block.attn(block.norm1(x)))))
 
     def mlp_half(self, model: nn.Module, index: int, y: Tensor) -> Tensor:
         block = model.blocks[index]

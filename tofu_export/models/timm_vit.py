@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
@@ -68,8 +68,8 @@ def _check_supported(model: nn.Module) -> None:
         if type(block) not in (Block, ToFuBlock) or not isinstance(block.attn, Attention):
             raise UnsupportedModelError(
                 f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; ToFu supports timm's "
-                "standard pre-norm Block with Attention (qkv projection). Parallel, res-post-norm or rotary blocks "
-                "are not supported yet."
+                "standard pre-norm Block with Attention (qkv projection). Parallel and res-post-norm blocks "
+                "are not supported yet (rotary models are timm Eva models: EVA-02, DINOv3)."
             )
     if "attn_mask" not in inspect.signature(Attention.forward).parameters:
         raise UnsupportedModelError("this timm version's Attention takes no attn_mask; install timm>=1.0.20")
@@ -119,33 +119,43 @@ def patch(
     _check_supported(model)
     if is_patched(model):
         unpatch(model)
+    state = new_state(model, r, mode, prop_attn, img_size, prune_layers=prune_layers, strict=strict, plan=plan)
+    install(model, state, ToFuBlock, _size_weighted_pool)
+    return model
+
+
+def new_state(model: nn.Module, r: RSpec, mode: str | Sequence[str], prop_attn: bool,
+              img_size: int | Sequence[int] | None, *, prune_layers: int | None, strict: bool,
+              plan: TokenPlan | None) -> ToFuState:
+    """The patch's state for a timm ViT or Eva ``model`` (``patch``'s arguments); the token plan is made (static
+    path) or checked at the model's own size (eager path: warns, or raises when ``strict``)."""
     depth = len(model.blocks)
-    state = ToFuState(
-        r=parse_r(r, depth),
-        modes=layer_modes(mode, depth, prune_layers),
-        prop_attn=prop_attn,
-        num_prefix=model.num_prefix_tokens,
-        plan=None,
-        img_size=None if img_size is None else as_pair(img_size),
-    )
+    state = ToFuState(r=parse_r(r, depth), modes=layer_modes(mode, depth, prune_layers), prop_attn=prop_attn,
+                      num_prefix=model.num_prefix_tokens, plan=None,
+                      img_size=None if img_size is None else as_pair(img_size))
     if img_size is not None:
         state.plan = planned_for(plan, num_tokens(model, img_size), model.num_prefix_tokens, state.r, strict)
-    else:  # eager: any input size; check the model's own size up front (warns, or raises when strict)
+    else:
         planned_for(plan, num_tokens(model), model.num_prefix_tokens, state.r, strict)
+    return state
 
+
+def install(model: nn.Module, state: ToFuState, block_class: type, pool: Callable[..., Tensor]) -> None:
+    """Put the patch on a timm ViT or Eva ``model``: its ``state``, its size-weighted ``pool`` and, in every block,
+    a ``reduce`` fed the keys by a forward hook on ``attn.k_norm``, the block's class swapped for ``block_class``
+    (``unpatch`` takes all of it off)."""
     model._tofu = state
-    model.pool = types.MethodType(_size_weighted_pool, model)
+    model.pool = types.MethodType(pool, model)
     for index, block in enumerate(model.blocks):
         block._tofu = state
         block._tofu_original_class = type(block)
         block.reduce = TokenReduction(state, index)
         block._tofu_hook = block.attn.k_norm.register_forward_hook(block.reduce.capture_keys)
-        block.__class__ = ToFuBlock
-    return model
+        block.__class__ = block_class
 
 
-def unpatch(model: VisionTransformer) -> VisionTransformer:
-    """Restore a patched model to plain timm (its weights were never touched)."""
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore a patched timm ViT or Eva to plain timm (its weights were never touched)."""
     if not is_patched(model):
         return model
     for block in model.blocks:
