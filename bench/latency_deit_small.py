@@ -30,10 +30,11 @@ The profiler adds a few microseconds to every kernel, so small kernels weigh mor
 --clock thread-cpu times each run by the calling thread's CPU time on one intra-op thread instead (ORT then runs the
 graph on that thread): what a run costs in compute whatever else the host runs, for a host too loaded for wall-clock
 ratios; its results go to latency_deit_small_thread_cpu.{md,json}. With --checkpoint, the files are named after the
-checkpoint instead (latency_<checkpoint stem>[_thread_cpu|_ops]).
+checkpoint instead (latency_<checkpoint stem>[_thread_cpu|_ops]); with --model (another timm model, seeded random
+weights: a timm Eva such as vit_small_patch16_dinov3, whose bound still carries the kept tokens' rotations), after it.
 
 Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--repeats 3] [--clock wall] [--out bench/results]
-       [--variants a,b] [--profile-ops] [--checkpoint model.safetensors --image image.png]
+       [--variants a,b] [--profile-ops] [--checkpoint model.safetensors --image image.png] [--model NAME]
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import tofu_export
 from tofu_export.engines.ort import create_session
 from tofu_export.engines.ort_profile import parse_ort_profile
 from tofu_export.exporters.onnx import export_onnx
+from tofu_export.merge import Matching, set_sizes
 from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
 from tofu_export.models.timm_vit import TokenReduction
@@ -71,12 +73,12 @@ from tofu_export.schedule import layer_modes
 MODEL = "deit_small_patch16_224"
 
 
-def load(checkpoint: Path | None) -> torch.nn.Module:
-    """The checkpoint's model, or deit_small with seeded random weights."""
+def load(checkpoint: Path | None, name: str = MODEL) -> torch.nn.Module:
+    """The checkpoint's model, or the timm model ``name`` with seeded random weights."""
     if checkpoint is not None:
         return load_model(str(checkpoint)).model.eval()
     torch.manual_seed(0)
-    return timm.create_model(MODEL, pretrained=False).eval()
+    return timm.create_model(name, pretrained=False).eval()
 
 
 def build_variants(r: int, folder: Path, only: set[str] | None = None,
@@ -111,7 +113,9 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None,
                 warnings.simplefilter("ignore")  # r=16 is clipped in the last block; that is expected
                 tofu_export.patch(model, r=r, **patch_kwargs)
         path = folder / f"{name}.onnx"
-        result = export_onnx(model, path, size, exporter="dynamo" if name.endswith("-dynamo") else "torchscript")
+        traced = name.endswith("-dynamo") or (name == "baseline" and family_of(model).name == "timm_eva")
+        result = export_onnx(model, path, size, exporter="dynamo" if traced else "torchscript")  # TorchScript
+        # cannot trace timm's unpatched Eva (its attention's is_causal becomes a tensor): its baseline is dynamo's
         assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
         variants[name] = (path, tofu_export.token_schedule(model, size).gflops_reduced)
     # A bound, not a method: every block keeps its first N - r tokens, i.e. token reduction that costs nothing.
@@ -120,7 +124,7 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None,
     for name in ("bound-free-slice", "bound-free-slice-dynamo"):
         if only is not None and name not in only:
             continue
-        with _free_reduction():
+        with _free_reduction(rotations=getattr(model, "rope", None) is not None):
             path = folder / f"{name}.onnx"
             exporter = "dynamo" if name.endswith("-dynamo") else "torchscript"
             export_onnx(model, path, size, verify=False, exporter=exporter)  # it is not meant to match anything
@@ -129,13 +133,20 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None,
 
 
 @contextlib.contextmanager
-def _free_reduction() -> Iterator[None]:
-    """Temporarily replace every block's token reduction by a slice (the speed ceiling of any reduction)."""
+def _free_reduction(rotations: bool = False) -> Iterator[None]:
+    """Temporarily replace every block's token reduction by a slice (the speed ceiling of any reduction). With
+    ``rotations`` (a timm Eva), the blocks still carry as many tokens' rotations as they keep, by the row gather every
+    method pays for them (``TokenReduction.carry``): the bound removes the cost of choosing and merging only."""
     original = TokenReduction.forward
 
     def sliced(self: TokenReduction, x: torch.Tensor, size: torch.Tensor | None) -> tuple:
-        self.metric = None
-        return x[:, : x.shape[1] - self.state.plan.r[self.index]], size
+        self.metric = self.matching = None
+        r = self.state.plan.r[self.index]
+        if rotations and r:
+            num_a, _ = set_sizes(int(x.shape[1]), self.state.num_prefix)
+            keep = torch.arange(num_a - r).view(1, -1, 1) + (x[:, :1, :1].detach() * 0).long()  # [B, Na - r, 1]
+            self.matching = Matching(keep, keep[:, :0], keep[:, :0])  # carry keeps N - r rows, as x does
+        return x[:, : x.shape[1] - r], size
 
     TokenReduction.forward = sliced
     try:
@@ -236,6 +247,8 @@ def main() -> None:
     parser.add_argument("--profile-ops", action="store_true", help="ORT's per-op profile instead of timing")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="real weights (default: deit_small_patch16_224, seeded random weights)")
+    parser.add_argument("--model", default=MODEL,
+                        help="without --checkpoint: this timm model, seeded random weights (vit_small_patch16_dinov3)")
     parser.add_argument("--image", type=Path, default=None,
                         help="time on this image in the model's eval transform (default: seeded normal noise)")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
@@ -245,13 +258,15 @@ def main() -> None:
     cpu_clock = args.clock == "thread-cpu"
     load_before = [round(v, 2) for v in os.getloadavg()]
 
-    model = load(args.checkpoint)
+    model = load(args.checkpoint, args.model)
     image = None if args.image is None else model_timing_images(args.image, 1, model).images.numpy()  # [1, 3, H, W]
-    model_name = MODEL if args.checkpoint is None else args.checkpoint.stem
-    stem = "latency_" + ("deit_small" if args.checkpoint is None else re.sub(r"\W+", "_", args.checkpoint.stem))
+    model_name = args.model if args.checkpoint is None else args.checkpoint.stem
+    named = "deit_small" if model_name == MODEL else re.sub(r"\W+", "_", model_name)
+    stem = "latency_" + named
     inputs = ("seeded normal noise" if image is None else f"the image {args.image}") + (
         ", seeded random weights" if args.checkpoint is None else f", weights {args.checkpoint}")
     options = (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") + (
+        f" --model {args.model}" if args.model != MODEL and args.checkpoint is None else "") + (
         f" --image {args.image}" if args.image else "")
     rounds: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
