@@ -46,8 +46,10 @@ BUILDERS: dict[str, Callable[[str], torch.nn.Module]] = {
     "CLIPVisionModelWithProjection": lambda a: transformers.CLIPVisionModelWithProjection(
         _config(transformers.CLIPVisionConfig, a, projection_dim=16)),
     "SiglipVisionModel": lambda a: transformers.SiglipVisionModel(_config(transformers.SiglipVisionConfig, a)),
+    "DINOv3ViTModel": lambda a: transformers.DINOv3ViTModel(
+        _config(transformers.DINOv3ViTConfig, a, num_register_tokens=2, layerscale_value=1.0)),
 }
-PREFIX = {"Dinov2WithRegistersModel": 3, "SiglipVisionModel": 0}
+PREFIX = {"Dinov2WithRegistersModel": 3, "SiglipVisionModel": 0, "DINOv3ViTModel": 3}
 
 
 def build(name: str, attn: str = "eager") -> HFVisionEncoder:
@@ -92,7 +94,9 @@ def test_calibration_hooks_compute_the_forward(name: str, images: torch.Tensor) 
         x = family.embed(model, images)
         y, metric = family.attention_half(model, 0, x)
         assert metric.shape == (3, x.shape[1], 16)
-        torch.testing.assert_close(family.mlp_half(model, 0, y), layers_of(model)[0](x, None), rtol=0, atol=1e-6)
+        rotary = {"position_embeddings": model.hf.rope_embeddings(images)} if name.startswith("DINOv3") else {}
+        torch.testing.assert_close(family.mlp_half(model, 0, y), layers_of(model)[0](x, None, **rotary), rtol=0,
+                                   atol=1e-6)
         with patched(model, r=6, mode="mlerp"):
             hooks = tail(family.pooled_output(model, family.run_blocks(model, x, 0)))
             torch.testing.assert_close(hooks, model(images), rtol=0, atol=1e-6)
@@ -108,6 +112,47 @@ def test_eager_and_sdpa_agree_with_proportional_attention(name: str, images: tor
         with_prop = eager(images)
         with patched(eager, r=8, mode="tofu", prop_attn=False):
             assert not torch.allclose(eager(images), with_prop, atol=1e-6)  # the log(size) mask is applied
+
+
+def test_dinov3_kept_tokens_keep_their_rotations(images: torch.Tensor) -> None:
+    """Layer 0 prunes; layer 1 of the patched model computes what transformers' own layer 1 computes on the tokens
+    layer 0 kept, each with the ``(cos, sin)`` of its grid position."""
+    model = build("DINOv3ViTModel")
+    layers, prefix = layers_of(model), 3
+    with torch.no_grad():
+        for layer in layers:  # sharper attention than random init gives, so that where a token is matters
+            layer.attention.q_proj.weight.mul_(20)
+            layer.attention.k_proj.weight.mul_(20)
+        family = family_of(model)
+        x = family.embed(model, images)  # [B, N, C]
+        cos, sin = model.hf.rope_embeddings(images)  # [N - p, D] each
+        y0 = layers[0](x, None, position_embeddings=(cos, sin))  # transformers' own
+        with patched(model, r=[5, 0, 0], mode="prune", img_size=IMG):
+            reduced = layers[0](x, None, position_embeddings=(cos, sin))  # [B, N - 5, C]
+            order = torch.arange(x.shape[1]).float().view(1, -1, 1).expand(len(images), -1, 1)
+            kept = layers[0].reduce.carry(order).long().squeeze(-1)  # [B, N - 5]: each kept token's index
+            out = layers[1](reduced, None, position_embeddings=(cos, sin))  # given all: it must use the kept ones
+        rows = kept[:, prefix:] - prefix
+        per_sample = tuple(torch.stack([table[r] for r in rows]).unsqueeze(1) for table in (cos, sin))
+        expected = layers[1](reduced, None, position_embeddings=per_sample)
+        unrotated = layers[1](reduced, None, position_embeddings=(cos[: rows.shape[1]], sin[: rows.shape[1]]))
+    torch.testing.assert_close(reduced, torch.stack([y0[b, kept[b]] for b in range(len(images))]), rtol=0, atol=0)
+    assert kept[:, :prefix].eq(torch.arange(prefix)).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert (out - unrotated).abs().max() > 1e-3
+
+
+def test_dinov3_one_block_latency_graph_gets_its_rotations(tmp_path: Path) -> None:
+    """``calibrate``'s one-block graph of a rotary layer is handed ``(cos, sin)`` for the patch tokens it receives
+    (transformers' DINOv3 attention takes no call without them)."""
+    import onnx
+
+    from tofu_export.calibration.latency import block_graph
+    from tofu_export.calibration.measured import ExportSettings
+
+    path = block_graph(build("DINOv3ViTModel"), "mlerp", 40, 4, settings=ExportSettings("dynamo", 17), folder=tmp_path)
+    dims = [d.dim_value or d.dim_param for d in onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [36, 32]
 
 
 def test_siglip_attention_pool_weighs_tokens_by_size(images: torch.Tensor) -> None:

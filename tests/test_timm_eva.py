@@ -187,3 +187,28 @@ def test_another_input_size_resamples_the_position_embedding_as_timm_loads_it(tm
     images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(images), resized(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", NAMES)
+def test_one_block_latency_graphs_get_their_rotations(key: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``calibrate``'s one-block graphs hand the block the rotations of as many patch tokens as it receives."""
+    import onnx
+
+    from tofu_export.calibration import latency
+    from tofu_export.calibration.measured import ExportSettings
+
+    model = build(key)
+    handed: list[dict] = []
+    original = latency._SizedBlock.forward
+
+    def spy(self: latency._SizedBlock, x: torch.Tensor) -> torch.Tensor:
+        handed.append({name: tuple(value.shape) for name, value in self.inputs.items()})
+        return original(self, x)
+
+    monkeypatch.setattr(latency._SizedBlock, "forward", spy)
+    tokens = family_of(model).num_tokens(model) - 2  # a later block's count
+    path = latency.block_graph(model, "mlerp", tokens, 4, settings=ExportSettings("dynamo", 17), folder=tmp_path)
+    dims = [d.dim_value or d.dim_param for d in onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [tokens - 4, 64]
+    assert handed and handed[-1] == {"rope": (tokens - model.num_prefix_tokens, 64)}  # [N - p, 2D]: D = 32 a head

@@ -75,23 +75,25 @@ def block_graph(model: nn.Module, mode: str, tokens: int, r: int, prop_attn: boo
     state = tofu_state(skeleton)
     state.plan = plan_tokens(tokens, prefix, [0, removed], warn=False)  # this graph's token count, not the model's
     path = Path(folder or tempfile.mkdtemp(prefix="tofu-block-")) / f"{mode}{'' if sized else '-unsized'}@{tokens}.onnx"
-    _export(_SizedBlock(skeleton, sized), torch.zeros(1, tokens, family.embed_dim(model)), path, settings)
+    block = _SizedBlock(skeleton, sized, family.block_inputs(model, tokens))
+    _export(block, torch.zeros(1, tokens, family.embed_dim(model)), path, settings)
     return path
 
 
 class _SizedBlock(nn.Module):
     """A patched two-block skeleton's second block as a graph ``[B, N, C] -> [B, N - r, C]``, entered with token
-    sizes (all 1: the values do not change the work) or, without ``sized``, with none."""
+    sizes (all 1: the values do not change the work) or, without ``sized``, with none, and with what else the
+    block takes (``inputs``: a rotary model's rotations, ``ModelFamily.block_inputs``)."""
 
-    def __init__(self, skeleton: nn.Module, sized: bool = True) -> None:
+    def __init__(self, skeleton: nn.Module, sized: bool = True, inputs: dict | None = None) -> None:
         super().__init__()
-        self.skeleton, self.sized = skeleton, sized
+        self.skeleton, self.sized, self.inputs = skeleton, sized, dict(inputs or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = tofu_state(self.skeleton)
         state.size = x[..., :1] * 0 + 1 if self.sized else None  # [B, N, 1], from x: the batch stays symbolic
-        state.sample = None
-        return family_of(self.skeleton).blocks(self.skeleton)[1](x)
+        state.sample = state.rope = None
+        return family_of(self.skeleton).blocks(self.skeleton)[1](x, **self.inputs)
 
 
 def stem_graph(model: nn.Module, settings: ExportSettings | None = None, folder: Path | None = None) -> Path:

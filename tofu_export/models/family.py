@@ -142,6 +142,11 @@ class ModelFamily(ABC):
         """A name for the architecture, recorded in policies."""
         return type(model).__name__
 
+    def block_inputs(self, model: nn.Module, tokens: int) -> dict[str, Any]:
+        """What one of ``model``'s blocks takes besides ``tokens`` tokens, as keyword arguments: a rotary model's
+        rotations of ``tokens - p`` patch tokens (which ones does not change the work). Default: nothing."""
+        return {}
+
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         """The eval preprocessing in timm's data-config keys (``input_size``, ``mean``, ``std``, ``interpolation``,
         ``crop_pct``); default: timm's ImageNet defaults at the model's input size."""

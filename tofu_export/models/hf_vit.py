@@ -1,5 +1,6 @@
 """The Hugging Face transformers family: ``ViTModel`` / ``ViTForImageClassification``, ``Dinov2Model``,
-``Dinov2WithRegistersModel``, ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` and ``SiglipVisionModel``.
+``Dinov2WithRegistersModel``, ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``, ``SiglipVisionModel`` and
+``DINOv3ViTModel`` (rotary: a kept token keeps its ``(cos, sin)``, a merged one its destination's, as in ``timm_eva``).
 
 Each class is one ``specs.Spec`` row: where its embeddings, layers and block parts live, how many prefix tokens it
 protects and how it pools. The patch (ToMe/tomesd style) swaps each layer's class for a subclass whose forward is
@@ -29,6 +30,7 @@ from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 from tofu_export.models.reduction import (
     ToFuState,
     TokenReduction,
+    kept_rotations,
     proportional_mask,
     size_bias,
     size_weighted_mean,
@@ -50,9 +52,14 @@ def _tofu_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor
     state: ToFuState = self._tofu
     if self.reduce.index == 0:
         start_forward(state)
-    y = specs.attention_half(self, self._tofu_spec, hidden_states, proportional_mask(state))
-    y, state.size = self.reduce(y, state.size)
-    return specs.mlp_half(self, self._tofu_spec, y)
+    rotations = kwargs.get("position_embeddings")  # (cos, sin) [N - p, D] each (DINOv3), the same for every layer
+    if rotations is not None and state.rope is not None:  # after a reduction: the kept tokens' (cos, sin)
+        rotations = state.rope.chunk(2, dim=-1)
+    y = specs.attention_half(self, self._tofu_spec, hidden_states, proportional_mask(state), rotations)
+    reduced, state.size = self.reduce(y, state.size)
+    if rotations is not None and self.reduce.matching is not None:
+        state.rope = kept_rotations(self.reduce, torch.cat(rotations, dim=-1), y)  # [B, 1, N' - p, 2D]
+    return specs.mlp_half(self, self._tofu_spec, reduced)
 
 
 _TOFU_CLASSES: dict[type, type] = {}
@@ -173,8 +180,8 @@ class HFVisionFamily(ModelFamily):
 
     def costs(self, model: nn.Module) -> FlopCosts:
         layer, dim = specs.layers_of(model)[0], self.embed_dim(model)
-        mlp = layer.mlp
-        hidden = mlp.fc1.out_features if hasattr(mlp, "fc1") else int(1.5 * mlp.gate_proj.out_features)  # SwiGLU
+        hidden = sum(m.weight.numel() for m in layer.mlp.modules() if isinstance(m, nn.Linear)) // (2 * dim)  # SwiGLU:
+        # three matrices, counted as 1.5x its hidden width
         attn = specs.attr(layer, specs.spec_of(model).attn)
         conv = next(m for m in specs.core_of(model).embeddings.modules() if isinstance(m, nn.Conv2d))
         tail = [m for name, m in specs.hf_of(model).named_modules() if isinstance(m, nn.Linear)
@@ -252,7 +259,7 @@ class HFVisionFamily(ModelFamily):
                                heads=attn.k_proj.out_features // attn.head_dim)
         hook = attn.k_proj.register_forward_hook(probe.capture_token_keys)
         try:
-            y = specs.attention_half(layer, spec, x, None)
+            y = specs.attention_half(layer, spec, x, None, self._rotations(model, x))
         finally:
             hook.remove()
         return y, probe.metric
@@ -264,9 +271,28 @@ class HFVisionFamily(ModelFamily):
         state = self.state(model)
         if state is not None:
             start_forward(state)
+        rotations = self._rotations(model, x)
+        extra = {} if rotations is None else {"position_embeddings": rotations}
         for layer in specs.layers_of(model)[start:]:
-            x = layer(x, None)  # no attention mask (CLIP layers require the argument)
+            x = layer(x, None, **extra)  # no attention mask (CLIP layers require the argument)
         return x
+
+    def block_inputs(self, model: nn.Module, tokens: int) -> dict[str, Any]:
+        if not specs.spec_of(model).rotary:
+            return {}
+        height, width = self.img_size(model)
+        cos, sin = specs.core_of(model).rope_embeddings(torch.zeros(1, 3, height, width))
+        patches = tokens - self.num_prefix(model)
+        return {"position_embeddings": (cos[:patches], sin[:patches])}
+
+    def _rotations(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """A rotary model's ``(cos, sin)`` for block inputs ``x [B, N, C]`` at its own input size (every token)."""
+        if not specs.spec_of(model).rotary:
+            return None
+        height, width = self.img_size(model)
+        if x.shape[1] != self.num_tokens(model):
+            raise ValueError(f"the calibration hooks take all {self.num_tokens(model)} tokens, got {x.shape[1]}")
+        return specs.core_of(model).rope_embeddings(x.new_zeros(1, 3, height, width))
 
     def pooled_output(self, model: nn.Module, x: Tensor) -> Tensor:
         """The model's pooled feature (pre-logits) from the last layer's tokens ``[B, N', C]``: ``[B, D]``."""
@@ -276,6 +302,8 @@ class HFVisionFamily(ModelFamily):
         if name.startswith("Siglip"):
             x = core.post_layernorm(x)
             return core.head(x) if core.use_head else size_weighted_mean(x, specs.state_size(hf))
+        if name.startswith("DINOv3"):
+            return core.norm(x)[:, 0]
         x = core.layernorm(x)
         pooler = getattr(core, "pooler", None)
         return pooler(x) if pooler is not None else x[:, 0]

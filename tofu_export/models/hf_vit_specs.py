@@ -25,6 +25,7 @@ class Spec:
     pre_norm: str | None = None  # norm applied to the embeddings before layer 0 (CLIP)
     registers: bool = False  # prefix = class token + config.num_register_tokens
     fixed_positions: bool = False  # resamples its position embeddings whenever traced (DINOv2): fix them statically
+    rotary: bool = False  # every layer takes the patch tokens' rotations, position_embeddings=(cos, sin) (DINOv3)
 
 
 _VIT = Spec("", "layers", "layernorm_before", "attention", "layernorm_after", drop="dropout")
@@ -39,6 +40,8 @@ SPECS: dict[str, Spec] = {
     "CLIPVisionModel": _CLIP,
     "CLIPVisionModelWithProjection": Spec(**{**_CLIP.__dict__, "core": "vision_model"}),
     "SiglipVisionModel": Spec("", "encoder.layers", "layer_norm1", "self_attn", "layer_norm2"),
+    "DINOv3ViTModel": Spec("", "model.layer", "norm1", "attention", "norm2", "layer_scale1", "layer_scale2",
+                           "drop_path", registers=True, rotary=True),
 }
 SUPPORTED = tuple(SPECS)
 
@@ -88,9 +91,12 @@ def state_size(hf: nn.Module) -> Tensor | None:
     return None if state is None else state.size
 
 
-def attention_half(layer: nn.Module, spec: Spec, x: Tensor, mask: Tensor | None) -> Tensor:
-    """``x [B, N, C]`` -> ``x + attn(norm1(x))`` with an additive mask ``[B, 1, 1, N]`` or None."""
-    out = attr(layer, spec.attn)(attr(layer, spec.norm1)(x), attention_mask=mask)[0]
+def attention_half(layer: nn.Module, spec: Spec, x: Tensor, mask: Tensor | None,
+                   rotations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``x [B, N, C]`` -> ``x + attn(norm1(x))`` with an additive mask ``[B, 1, 1, N]`` or None, and (rotary layers)
+    the patch tokens' ``(cos, sin)``."""
+    extra = {} if rotations is None else {"position_embeddings": rotations}
+    out = attr(layer, spec.attn)(attr(layer, spec.norm1)(x), attention_mask=mask, **extra)[0]
     if spec.scale1:
         out = attr(layer, spec.scale1)(out)
     if spec.drop:

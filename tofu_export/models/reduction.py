@@ -30,7 +30,7 @@ class ToFuState:
     img_size: tuple[int, int] | None
     size: Tensor | None = field(default=None, repr=False)  # [B, N, 1] token sizes of the forward in flight
     sample: Tensor | None = field(default=None, repr=False)  # [B, 1, 1] sample indices, only while exporting
-    rope: Tensor | None = field(default=None, repr=False)  # [B, 1, N - p, 2D] kept tokens' rotations (timm Eva)
+    rope: Tensor | None = field(default=None, repr=False)  # [B, 1, N - p, 2D] kept tokens' rotations (rotary models)
 
     @property
     def static(self) -> bool:
@@ -98,6 +98,18 @@ class TokenReduction(nn.Module):
         plan = self.state.plan
         r = plan.r[self.index] if plan is not None else self.state.r[self.index]
         return f"r={r}, mode={self.state.modes[self.index]}, static={self.state.static}"
+
+
+def kept_rotations(reduce: TokenReduction, rotations: Tensor, x: Tensor) -> Tensor:
+    """The rotary embeddings of the tokens ``reduce``'s last forward kept, a merged token keeping its destination's:
+    ``rotations`` of the patch tokens (``[N - p, D]``, shared, or ``[B, 1, N - p, D]``), ``x`` the tokens ``[B, N, C]``
+    it reduced -> ``[B, 1, N' - p, D]``, per sample (the layout timm's patch dropout hands its blocks)."""
+    prefix = reduce.state.num_prefix
+    rows = rotations.reshape(-1, int(rotations.shape[-2]), int(rotations.shape[-1]))  # [1 or B, N - p, D]
+    rows = rows + x[:, prefix:, :1].detach() * 0  # [B, N - p, D]: the batch from x (it stays symbolic in a graph)
+    if prefix:  # the prefix tokens have no rotation: zero rows, for alignment (a Concat; ONNX's Pad converts badly)
+        rows = torch.cat([x[:, :prefix, :1].detach() * 0 + rows[:, :1] * 0, rows], dim=1)  # [B, N, D]
+    return reduce.carry(rows)[:, prefix:].unsqueeze(1)
 
 
 def head_mean_keys(keys: Tensor) -> Tensor:

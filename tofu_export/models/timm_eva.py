@@ -6,7 +6,7 @@ they are), proportional attention as an additive ``log(size)`` mask, size-weight
 embeddings add: every patch token has its own rotation (the sin and cos of its grid position, ``[N - p, 2D]``),
 which timm hands every block. A token that survives a reduction keeps its rotation and a merged token keeps its
 destination's: the rotations of the kept tokens are taken with the row gather that pruning does
-(``TokenReduction.carry``) and handed on per sample, ``[B, 1, N' - p, 2D]``, the layout timm's own patch dropout
+(``reduction.kept_rotations``) and handed on per sample, ``[B, 1, N' - p, 2D]``, the layout timm's own patch dropout
 uses (``state.rope``).
 """
 
@@ -14,27 +14,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import Tensor, nn
 
 from tofu_export.models.family import UnsupportedModelError
-from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, size_bias, start_forward
+from tofu_export.models.reduction import (
+    ToFuState,
+    TokenReduction,
+    kept_rotations,
+    proportional_mask,
+    size_bias,
+    start_forward,
+)
 from tofu_export.models.timm_vit import install, is_patched, new_state, num_tokens, tofu_state, unpatch
 from tofu_export.schedule import RSpec, TokenPlan
 
 __all__ = ["is_patched", "num_tokens", "patch", "rope_of", "tofu_state", "unpatch"]
-
-
-def _kept_rotations(reduce: TokenReduction, rope: Tensor, x: Tensor) -> Tensor:
-    """The rotations of the tokens ``reduce`` kept: ``rope [N - p, 2D]`` (shared) or ``[B, 1, N - p, 2D]``, ``x``
-    the block's tokens ``[B, N, C]`` before the reduction -> ``[B, 1, N' - p, 2D]``."""
-    prefix = reduce.state.num_prefix
-    rows = rope.reshape(-1, int(rope.shape[-2]), int(rope.shape[-1]))  # [1 or B, N - p, 2D]
-    rows = rows + x[:, prefix:, :1].detach() * 0  # [B, N - p, 2D]: the batch from x (it stays symbolic in a graph)
-    if prefix:  # the prefix tokens have no rotation: zero rows, for alignment (a Concat; ONNX's Pad converts badly)
-        rows = torch.cat([x[:, :prefix, :1].detach() * 0 + rows[:, :1] * 0, rows], dim=1)  # [B, N, 2D]
-    return reduce.carry(rows)[:, prefix:].unsqueeze(1)
 
 
 class ToFuEvaBlock(EvaBlock):
@@ -56,7 +51,7 @@ class ToFuEvaBlock(EvaBlock):
         x = x + self.drop_path1(x_attn if self.gamma_1 is None else self.gamma_1 * x_attn)
         reduced, state.size = self.reduce(x, state.size)
         if rope is not None and self.reduce.matching is not None:
-            state.rope = _kept_rotations(self.reduce, rope, x)
+            state.rope = kept_rotations(self.reduce, rope, x)
         x_mlp = self.mlp(self.norm2(reduced))
         return reduced + self.drop_path2(x_mlp if self.gamma_2 is None else self.gamma_2 * x_mlp)
 

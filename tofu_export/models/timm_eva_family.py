@@ -114,6 +114,10 @@ class TimmEvaFamily(TimmFamily):
             raise ValueError(f"the calibration hooks take all {grid[0] * grid[1]} patch tokens, got {x.shape[1]}")
         return timm_eva.rope_of(model, grid)
 
+    def block_inputs(self, model: nn.Module, tokens: int) -> dict[str, Any]:
+        rope = timm_eva.rope_of(model, model.patch_embed.grid_size)
+        return {} if rope is None else {"rope": rope[: tokens - model.num_prefix_tokens]}
+
     def embed(self, model: nn.Module, images: Tensor) -> Tensor:
         x, _ = model._pos_embed(model.patch_embed(images))  # [B, N, C]
         return model.norm_pre(x)
