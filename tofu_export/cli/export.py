@@ -59,7 +59,9 @@ _RETARGET_DROP = {"--trt", "--jetpack", "--opset", "--out", "-o"}  # flags (with
 
 
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="timm-format checkpoint: .pth/.pt state dict or .safetensors.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A checkpoint: a timm .pth/.pt/.safetensors file (ViT, or Eva: EVA-02, DINOv3), or a transformers / "
+             "open_clip folder.")],
     model: ModelOptions,
     tofu: ToFuOptions,
     onnx: OnnxOptions,
