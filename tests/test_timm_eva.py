@@ -171,6 +171,14 @@ def test_a_checkpoint_whose_config_names_a_timm_eva_is_that_model(tmp_path: Path
     with pytest.raises(CheckpointError, match="does not fit timm's eva02_small_patch14_224") as caught:
         load_model(tmp_path / "model.safetensors", arch="eva02_small_patch14_224")
     assert caught.value.hint is not None and caught.value.hint.option == "arch"
+    for args, expected in (({"global_pool": "token"}, "token"), ({"no_such_kwarg": 1}, None)):  # the config's kwargs
+        (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_dinov3",
+                                                          "model_args": args}))
+        if expected is None:
+            with pytest.raises(CheckpointError, match="timm could not create vit_small_patch16_dinov3"):
+                load_model(tmp_path / "model.safetensors")
+        else:
+            assert load_model(tmp_path / "model.safetensors").model.global_pool == expected
 
 
 def test_another_input_size_resamples_the_position_embedding_as_timm_loads_it(tmp_path: Path) -> None:

@@ -38,21 +38,27 @@ def names_eva(name: str | None) -> bool:
 
 def build_eva(state_dict: Mapping[str, Tensor], name: str, *, img_size: int | None, source: str,
               preprocessing: Mapping[str, Any] | None = None, global_pool: str | None = None,
-              ) -> tuple[nn.Module, ArchGuess]:
-    """The timm ``Eva`` ``name`` (``source`` named it) holding ``state_dict``, in eval mode; at ``img_size`` with
-    its absolute position embedding resampled (bicubic, as timm's loading does; rotations follow the grid);
-    ``global_pool`` where the source states the pooling (open_clip's ``timm_pool``), else timm's default."""
+              model_args: Mapping[str, Any] | None = None) -> tuple[nn.Module, ArchGuess]:
+    """The timm ``Eva`` ``name`` (``source`` named it, with ``model_args``: a training record's kwargs) holding
+    ``state_dict``, in eval mode; at ``img_size`` with its absolute position embedding resampled (bicubic, as timm's
+    loading does; rotations follow the grid); ``global_pool`` where the source states the pooling (open_clip's
+    ``timm_pool``). The head's width is the weights'."""
     import timm
     from timm.layers import resample_abs_pos_embed
 
     head = state_dict.get("head.weight")
-    kwargs: dict[str, Any] = {"num_classes": int(head.shape[0]) if head is not None else 0}
+    kwargs: dict[str, Any] = {**(model_args or {}), "num_classes": int(head.shape[0]) if head is not None else 0}
     if img_size is not None:
         kwargs["img_size"] = img_size
     if global_pool is not None:
         kwargs["global_pool"] = global_pool
     overlay = {"pretrained_cfg_overlay": dict(preprocessing)} if preprocessing else {}
-    model = timm.create_model(name, pretrained=False, **kwargs, **overlay)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs, **overlay)
+    except (TypeError, ValueError, AssertionError) as error:  # a kwarg the model does not take
+        raise CheckpointError(f"timm could not create {name} with {kwargs} ({source} names it): "
+                              f"{type(error).__name__}: {error}",
+                              hint=Hint("arch", None, "naming the timm model the weights were trained as")) from error
     weights, notes = dict(state_dict), []
     pos = weights.get("pos_embed")
     if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:

@@ -57,10 +57,11 @@ class TimmFamily(ModelFamily):
                                       hint=Hint("num_heads", None, "leave it out"))
             model, guess = build_eva(state_dict, arch or str(evidence.architecture), img_size=img_size,
                                      source=f"--arch {arch}" if arch else evidence.source,
-                                     preprocessing=None if arch else evidence.preprocessing)
-            return LoadedModel(model, guess, path, digest)
-        model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
-                                   evidence=evidence, take_weights=True)  # read for it alone
+                                     preprocessing=None if arch else evidence.preprocessing,
+                                     model_args=None if arch else evidence.model_args)
+        else:
+            model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
+                                       evidence=evidence, take_weights=True)  # read for it alone
         if "unused_ema" in record:  # said, not chosen silently: a model validated on its EMA weights differs
             used, ema = record["weights"], record["unused_ema"]
             note = (f"{path.name} also holds an EMA copy of the weights under {ema!r}, not used: these are the "
