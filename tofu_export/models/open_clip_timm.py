@@ -6,7 +6,7 @@ the images' preprocessing (``preprocess_cfg``, or the one open_clip's pretrained
 trunk is built as a timm checkpoint whose config names it (``timm_vit_build.build_model``: every size from the
 weights, the head count from the named model, the position embeddings resampled for ``--img-size``), and is then
 patched, exported and calibrated as a timm ``VisionTransformer``: a MAP head (SigLIP) weighs merged tokens by size.
-An EVA-02 trunk (a timm ``Eva``) is built by its name (``timm_eva_family.build_eva``). A timm model no family
+An EVA-02 trunk (a timm ``Eva``) is built by its name (``timm_eva_build.build_eva``). A timm model no family
 patches (parallel blocks, per-block rotations) is refused with its family's reason; a projection or attention pool
 of open_clip's after the trunk is refused by ``open_clip_config``.
 """
@@ -48,7 +48,7 @@ def load_timm_trunk(file: Path, path: Path, config: TowerConfig, visual: dict[st
                     img_size: int | None, num_heads: int | None, digest: str) -> LoadedModel:
     """The timm model of ``config`` holding the tower's weights ``visual`` (``visual.`` stripped; checked by
     ``check_trunk_keys``), in eval mode, with open_clip's eval transform as its preprocessing."""
-    from tofu_export.models.timm_eva_family import build_eva, names_eva
+    from tofu_export.models.timm_eva_build import build_eva, names_eva
     from tofu_export.models.timm_vit_build import build_model
     from tofu_export.models.timm_vit_evidence import Evidence
 

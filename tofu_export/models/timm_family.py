@@ -44,7 +44,7 @@ class TimmFamily(ModelFamily):
 
     def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
              num_heads: int | None = None) -> LoadedModel:
-        from tofu_export.models.timm_eva_family import build_eva, names_eva
+        from tofu_export.models.timm_eva_build import build_eva, names_eva
         from tofu_export.models.timm_vit_build import build_model
         from tofu_export.models.timm_vit_evidence import read_evidence
 
