@@ -1,7 +1,8 @@
 """transformers models at an input size of the user's: ``load_model(folder, img_size=N)`` rebuilds the model for N
 with its position embeddings resampled once by its own ``interpolate_pos_encoding``, so that it computes what the
 original computes at N with interpolation (``interpolate_pos_encoding=True``: ViT, CLIP, SigLIP; DINOv2 always
-interpolates and takes no such argument), and its static export at N matches that eager model. Sizes that are not
+interpolates and takes no such argument; DINOv3's rotations follow the grid), and its static export at N matches
+that eager model. Sizes that are not
 a multiple of the patch are refused before any weight is read."""
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ BUILDERS = {
     "CLIPVisionModelWithProjection": lambda: transformers.CLIPVisionModelWithProjection(
         _config(transformers.CLIPVisionConfig, projection_dim=16)),
     "SiglipVisionModel": lambda: transformers.SiglipVisionModel(_config(transformers.SiglipVisionConfig)),
+    "DINOv3ViTModel": lambda: transformers.DINOv3ViTModel(  # rotary: no position table, any size by its grid
+        _config(transformers.DINOv3ViTConfig, num_register_tokens=2)),
 }
 
 

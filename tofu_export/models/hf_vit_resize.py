@@ -4,7 +4,8 @@ transformers resamples a ViT's position embeddings on every call (``interpolate_
 DINOv2): bicubic, antialiased for DINOv2, the class token's kept. A static graph wants that done once: ``resized``
 asks the model's own ``embeddings.interpolate_pos_encoding`` for the table at the new size, builds the same class
 from the same config at that ``image_size`` and loads the weights with that table, so the result computes at the
-new size what the original computes there with interpolation, and its config states the size it takes.
+new size what the original computes there with interpolation, and its config states the size it takes. A rotary
+model (DINOv3) has no table: it is rebuilt at the new size with its weights as they are.
 """
 
 from __future__ import annotations
@@ -49,11 +50,15 @@ def resized(hf: nn.Module, img_size: int) -> nn.Module:
     check_size(int(config.patch_size), int(config.image_size), img_size)
     if img_size == int(config.image_size):
         return hf
+    new_config = copy.deepcopy(config)
+    new_config.image_size = img_size
+    if specs.SPECS[type(hf).__name__].rotary:  # no position table: the rotations follow the grid (DINOv3)
+        rebuilt = type(hf)(new_config)
+        rebuilt.load_state_dict(hf.state_dict(), strict=True)
+        return rebuilt.eval()
     embeddings = specs.attr(hf, specs.SPECS[type(hf).__name__].core).embeddings
     prefix = 0 if type(hf).__name__.startswith("Siglip") else 1  # position rows before the patches' (registers: none)
     table = _positions(embeddings, img_size, prefix, int(config.hidden_size), int(config.patch_size))
-    new_config = copy.deepcopy(config)
-    new_config.image_size = img_size
     rebuilt = type(hf)(new_config)
     state, shapes = hf.state_dict(), {k: v.shape for k, v in rebuilt.state_dict().items()}
     changed = [key for key, value in state.items() if key in shapes and value.shape != shapes[key]]
