@@ -2,8 +2,7 @@
 with its position embeddings resampled once by its own ``interpolate_pos_encoding``, so that it computes what the
 original computes at N with interpolation (``interpolate_pos_encoding=True``: ViT, CLIP, SigLIP; DINOv2 always
 interpolates and takes no such argument; DINOv3's rotations follow the grid), and its static export at N matches
-that eager model. Sizes that are not
-a multiple of the patch are refused before any weight is read."""
+that eager model. Sizes that are not a multiple of the patch are refused before any weight is read."""
 
 from __future__ import annotations
 
