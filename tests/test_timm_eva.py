@@ -4,8 +4,9 @@ identity and the patch comes off cleanly, eager and static agree, a token keeps 
 forward, pooling is size-weighted, the static graph exports with parity and passes the TensorRT check, and a
 checkpoint whose config names a timm Eva is built as that model.
 
-Models are random and small: DINOv3's layout (4 register tokens and a class token, rotary only, average pool) and
-EVA-02's (class token, absolute and rotary positions, SwiGLU MLP), 64 px, 64 wide, 2 heads.
+Models are random and small: DINOv3's layout (4 register tokens and a class token, rotary only, average pool),
+EVA-02's (class token, absolute and rotary positions, SwiGLU MLP) and Perception Encoder's (``AttentionRope``, an
+attention-pool head), 64 px, 64 wide, 2 heads.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tofu_export.models.timm_eva import ToFuEvaBlock, rope_of
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
 
 IMG = 64
-NAMES = {"dinov3": "vit_small_patch16_dinov3", "eva02": "eva02_small_patch14_224"}
+NAMES = {"dinov3": "vit_small_patch16_dinov3", "eva02": "eva02_small_patch14_224", "pe": "vit_pe_core_tiny_patch16_384"}
 
 
 def build(key: str, depth: int = 3) -> torch.nn.Module:
@@ -63,8 +64,9 @@ def test_static_path_equals_eager_path(key: str, mode: str) -> None:
         with patched(model, r=3, mode=mode, img_size=IMG):
             static = model(_images())
         plain = model(_images())
-    torch.testing.assert_close(static, eager, rtol=0, atol=1e-5)
-    assert (eager - plain).abs().max() > 1e-4  # tokens were removed
+    scale = plain.abs().max()  # PE's random init outputs ~1e-5
+    torch.testing.assert_close(static, eager, rtol=0, atol=1e-5 * min(scale.item(), 1.0))
+    assert (eager - plain).abs().max() > 1e-3 * scale  # tokens were removed
 
 
 @pytest.mark.parametrize("key", NAMES)

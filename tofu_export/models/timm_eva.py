@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from timm.layers.attention import AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import Tensor, nn
 
@@ -78,10 +79,10 @@ def _check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError("per-block (mixed) rotary embeddings are not supported: ToFu patches Eva models "
                                     "whose blocks share one rotation per token")
     for i, block in enumerate(model.blocks):
-        if type(block) not in (EvaBlock, ToFuEvaBlock) or not isinstance(block.attn, EvaAttention):
+        if type(block) not in (EvaBlock, ToFuEvaBlock) or not isinstance(block.attn, (EvaAttention, AttentionRope)):
             raise UnsupportedModelError(
                 f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; ToFu supports timm's "
-                "pre-norm EvaBlock with EvaAttention (res-post-norm blocks are not supported)")
+                "pre-norm EvaBlock with EvaAttention or AttentionRope (res-post-norm blocks are not supported)")
 
 
 def rope_of(model: Eva, grid: Sequence[int]) -> Tensor | None:
