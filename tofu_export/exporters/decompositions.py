@@ -110,8 +110,12 @@ def _constant_symbol(node: torch.fx.Node) -> bool:
     with another input's batch size gives one): the second trace makes it a number, and the graph optimiser then
     writes a constant shape where the captured graph would compute one (``_sizes_as_numbers`` does it here)."""
     value = _value(node)
-    return isinstance(value, torch.Tensor) and any(
-        isinstance(dim, torch.SymInt) and dim.node.maybe_as_int() is not None for dim in value.shape)
+    return isinstance(value, torch.Tensor) and any(_known(dim) is not None for dim in value.shape)
+
+
+def _known(dim: Any) -> int | None:
+    """A size the capture left symbolic though it is a constant, as that number; None for any other size."""
+    return dim.node.maybe_as_int() if isinstance(dim, torch.SymInt) else None
 
 
 def _symbolic(target: Any) -> bool:
@@ -215,7 +219,7 @@ def _sizes_as_numbers(node: torch.fx.Node) -> None:
     value = node.meta["val"]
 
     def number(dim: Any) -> Any:
-        return int(dim) if isinstance(dim, torch.SymInt) and dim.node.maybe_as_int() is not None else dim
+        return dim if _known(dim) is None else int(dim)
     with value.fake_mode:
         node.meta["val"] = torch.empty_strided([number(d) for d in value.shape], [number(d) for d in value.stride()],
                                                dtype=value.dtype, device=value.device)

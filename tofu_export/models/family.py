@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +80,23 @@ class FlopCosts:
     metric_dim: int  # D: width of the matching metric (one head's keys)
     embed_per_patch: int  # MACs of the patch embedding per patch
     head: int  # MACs of the head (pooling, projection, classifier) per image
+
+
+def mlp_width(mlp: nn.Module, dim: int) -> int:
+    """The hidden width ``FlopCosts`` counts for ``mlp`` on ``dim``-wide tokens: its matrices' MACs per token over
+    ``2 * dim`` (two matrices: their hidden width; SwiGLU's three: 1.5 times it)."""
+    return sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear)) // (2 * dim)
+
+
+def fit_problems(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], built: str) -> list[str]:
+    """How weights of the shapes ``found`` miss a model whose state dict has the shapes ``expected``: its mis-shaped
+    keys (beside ``built``'s shape: "the config", "the model"), missing and unexpected ones, three of each named; []
+    where they fit."""
+    wrong = [f"{k} {list(found[k])} ({built}: {list(expected[k])})" for k in expected
+             if k in found and tuple(found[k]) != tuple(expected[k])]
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    return [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("mis-shaped", wrong), ("missing", missing), ("unexpected", unexpected)) if keys]
 
 
 class ModelFamily(ABC):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tofu_export.errors import Hint, UserError
 from tofu_export.models import hf_vit_specs as specs
-from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
+from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError, mlp_width
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 from tofu_export.models.reduction import (
     ToFuState,
@@ -57,8 +57,9 @@ def _tofu_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor
         rotations = state.rope.chunk(2, dim=-1)
     y = specs.attention_half(self, self._tofu_spec, hidden_states, proportional_mask(state), rotations)
     reduced, state.size = self.reduce(y, state.size)
-    if rotations is not None and self.reduce.matching is not None:
-        state.rope = kept_rotations(self.reduce, torch.cat(rotations, dim=-1), y)  # [B, 1, N' - p, 2D]
+    if rotations is not None and self.reduce.matching is not None:  # the table in flight, or the model's made one
+        table = state.rope if state.rope is not None else torch.cat(rotations, dim=-1)  # [.., N - p, 2D]
+        state.rope = kept_rotations(self.reduce, table, y)  # [B, 1, N' - p, 2D]
     return specs.mlp_half(self, self._tofu_spec, reduced)
 
 
@@ -180,8 +181,7 @@ class HFVisionFamily(ModelFamily):
 
     def costs(self, model: nn.Module) -> FlopCosts:
         layer, dim = specs.layers_of(model)[0], self.embed_dim(model)
-        hidden = sum(m.weight.numel() for m in layer.mlp.modules() if isinstance(m, nn.Linear)) // (2 * dim)  # SwiGLU:
-        # three matrices, counted as 1.5x its hidden width
+        hidden = mlp_width(layer.mlp, dim)
         attn = specs.attr(layer, specs.spec_of(model).attn)
         conv = next(m for m in specs.core_of(model).embeddings.modules() if isinstance(m, nn.Conv2d))
         tail = [m for name, m in specs.hf_of(model).named_modules() if isinstance(m, nn.Linear)
@@ -280,8 +280,7 @@ class HFVisionFamily(ModelFamily):
     def block_inputs(self, model: nn.Module, tokens: int) -> dict[str, Any]:
         if not specs.spec_of(model).rotary:
             return {}
-        height, width = self.img_size(model)
-        cos, sin = specs.core_of(model).rope_embeddings(torch.zeros(1, 3, height, width))
+        cos, sin = self._rotation_table(model, torch.zeros(()))
         patches = tokens - self.num_prefix(model)
         return {"position_embeddings": (cos[:patches], sin[:patches])}
 
@@ -289,10 +288,14 @@ class HFVisionFamily(ModelFamily):
         """A rotary model's ``(cos, sin)`` for block inputs ``x [B, N, C]`` at its own input size (every token)."""
         if not specs.spec_of(model).rotary:
             return None
-        height, width = self.img_size(model)
         if x.shape[1] != self.num_tokens(model):
             raise ValueError(f"the calibration hooks take all {self.num_tokens(model)} tokens, got {x.shape[1]}")
-        return specs.core_of(model).rope_embeddings(x.new_zeros(1, 3, height, width))
+        return self._rotation_table(model, x)
+
+    def _rotation_table(self, model: nn.Module, like: Tensor) -> tuple[Tensor, Tensor]:
+        """A rotary model's ``(cos, sin)`` ``[N - p, D]`` for its own input size, on ``like``'s device."""
+        height, width = self.img_size(model)
+        return specs.core_of(model).rope_embeddings(like.new_zeros(1, 3, height, width))
 
     def pooled_output(self, model: nn.Module, x: Tensor) -> Tensor:
         """The model's pooled feature (pre-logits) from the last layer's tokens ``[B, N', C]``: ``[B, D]``."""

@@ -25,7 +25,7 @@ from tofu_export.checkpoint import CheckpointError, check_values, load_state_dic
 from tofu_export.checkpoint_limits import MAX_TOKENS, inspect_safetensors, inspect_torch_file
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
-from tofu_export.models.family import ArchGuess, LoadedModel
+from tofu_export.models.family import ArchGuess, LoadedModel, fit_problems
 from tofu_export.models.open_clip_config import CONFIG_FILE, PREFIX, TowerConfig, open_clip_module, resolve_config
 
 __all__ = ["load_open_clip", "looks_like_open_clip"]
@@ -119,12 +119,7 @@ def _build(config: TowerConfig, img_size: int) -> nn.Module:
 def _check_fits(file: Path, config: TowerConfig, expected: dict[str, tuple[int, ...]],
                 shapes: dict[str, tuple[int, ...]]) -> None:
     """The file's tower keys and shapes are those of the config's tower, or an error naming the fix."""
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} {list(shapes[k])} (the config: {list(expected[k])})" for k in expected
-             if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
-    problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for what, keys in (("mis-shaped", wrong), ("missing", missing), ("unexpected", unexpected)) if keys]
+    problems = fit_problems(expected, shapes, "the config")
     if problems:
         from tofu_export.models.open_clip_config import configs_matching
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
-from tofu_export.models.family import ArchGuess
+from tofu_export.models.family import ArchGuess, fit_problems
 
 __all__ = ["build_eva", "names_eva"]
 
@@ -57,12 +57,8 @@ def build_eva(state_dict: Mapping[str, Tensor], name: str, *, img_size: int | No
         weights["pos_embed"] = resample_abs_pos_embed(pos, new_size=model.patch_embed.grid_size,
                                                       num_prefix_tokens=prefix)
         notes.append(f"pos_embed resampled from {tuple(pos.shape)} to {tuple(model.pos_embed.shape)} (bicubic)")
-    expected = model.state_dict()
-    wrong = [f"{key} {list(weights[key].shape)} (the model: {list(expected[key].shape)})" for key in expected
-             if key in weights and weights[key].shape != expected[key].shape]
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for what, keys in (("mis-shaped", wrong), ("missing", missing), ("unexpected", unexpected)) if keys]
+    shapes = {key: tuple(tensor.shape) for key, tensor in weights.items()}
+    problems = fit_problems({key: tuple(t.shape) for key, t in model.state_dict().items()}, shapes, "the model")
     if problems:
         raise CheckpointError(f"the checkpoint does not fit timm's {name} ({source} names it): {'; '.join(problems)}",
                               hint=Hint("arch", None, "naming the timm model the weights were trained as"))

@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tofu_export.models import timm_eva
-from tofu_export.models.family import FlopCosts
+from tofu_export.models.family import FlopCosts, mlp_width
 from tofu_export.models.reduction import start_forward
 from tofu_export.models.timm_family import TimmFamily, with_keys
 from tofu_export.schedule import RSpec, TokenPlan
@@ -35,9 +35,8 @@ class TimmEvaFamily(TimmFamily):
 
     def costs(self, model: nn.Module) -> FlopCosts:
         block, proj, dim = model.blocks[0], model.patch_embed.proj, int(model.embed_dim)
-        mlp_macs = sum(m.weight.numel() for m in block.mlp.modules() if isinstance(m, nn.Linear))  # SwiGLU: 3 mats
         kernel = proj.kernel_size[0] * proj.kernel_size[1]
-        return FlopCosts(dim=dim, hidden=mlp_macs // (2 * dim), metric_dim=dim // int(block.attn.num_heads),
+        return FlopCosts(dim=dim, hidden=mlp_width(block.mlp, dim), metric_dim=dim // int(block.attn.num_heads),
                          embed_per_patch=proj.in_channels * proj.out_channels * kernel,
                          head=dim * getattr(model.head, "out_features", 0))
 
