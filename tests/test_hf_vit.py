@@ -170,6 +170,7 @@ def test_siglip_attention_pool_weighs_tokens_by_size(images: torch.Tensor) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BUILDERS)
 def test_every_class_exports_statically_with_parity(name: str, tmp_path: Path) -> None:
+    from tofu_export.exporters.graph_costs import reduction_costs
     from tofu_export.tensorrt.check import check_tensorrt_compat
 
     model = build(name)
@@ -179,6 +180,8 @@ def test_every_class_exports_statically_with_parity(name: str, tmp_path: Path) -
     assert not set(result.op_counts) & FORBIDDEN_OPS and "TopK" in result.op_counts
     report = check_tensorrt_compat(tmp_path / "model.onnx", ("10",))
     assert report.ok, report.render()
+    costs = reduction_costs(tmp_path / "model.onnx")  # `check --costs` finds each layer's reduce scope
+    assert [block.block for block in costs.blocks] == [0, 1, 2] and all(b.ops["TopK"] >= 2 for b in costs.blocks)
 
 
 @pytest.fixture(scope="module")

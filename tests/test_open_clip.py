@@ -11,6 +11,7 @@ import torch
 
 open_clip_transformer = pytest.importorskip("open_clip.transformer")
 
+from tofu_export.exporters.graph_costs import reduction_costs  # noqa: E402
 from tofu_export.exporters.onnx import export_onnx  # noqa: E402
 from tofu_export.models.family import family_of, is_patched, patch, patched, unpatch  # noqa: E402
 
@@ -74,4 +75,7 @@ def test_static_export_passes_parity(tmp_path: Path) -> None:
     result = export_onnx(model, tmp_path / "model.onnx", 32, exporter="torchscript")
     assert result.parity is not None and result.parity.ok
     assert not set(result.op_counts) & FORBIDDEN_OPS and "TopK" in result.op_counts
+    costs = reduction_costs(tmp_path / "model.onnx")  # `check --costs` finds each resblock's reduce scope
+    assert costs.blocks and [b.block for b in costs.blocks] == list(range(len(costs.blocks)))
+    assert all(b.ops["TopK"] >= 2 for b in costs.blocks)  # the matching's two (a third sorts a prefix's)
     unpatch(model)

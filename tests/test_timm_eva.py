@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import timm
 import torch
@@ -138,6 +139,7 @@ def test_average_pool_is_size_weighted() -> None:
 def test_static_graph_exports_with_parity_and_passes_the_tensorrt_check(key: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 
+    from tofu_export.exporters.graph_costs import reduction_costs
     from tofu_export.exporters.onnx import export_onnx
     from tofu_export.tensorrt import check as trt_check
 
@@ -145,8 +147,13 @@ def test_static_graph_exports_with_parity_and_passes_the_tensorrt_check(key: str
     patch(model, r=4, mode="tofu", img_size=IMG)
     result = export_onnx(model, tmp_path / "eva.onnx", IMG)
     assert result.parity is not None and result.parity.ok
-    proto_ops = {node.op_type for node in __import__("onnx").load(str(tmp_path / "eva.onnx")).graph.node}
-    assert not proto_ops & {"ScatterElements", "ScatterND", "If", "Loop", "NonZero"}
+    nodes = onnx.load(str(tmp_path / "eva.onnx")).graph.node
+    assert not {node.op_type for node in nodes} & {"ScatterElements", "ScatterND", "If", "Loop", "NonZero"}
+    # the kept tokens' rotations are gathered inside block 0's reduce scope, where `check --costs` counts them
+    gathers = [node.name for node in nodes if node.op_type == "GatherND"]  # row gathers (attention's are Gather)
+    assert gathers and all("/reduce/" in name for name in gathers), gathers
+    costs = reduction_costs(tmp_path / "eva.onnx")
+    assert costs.blocks[0].ops["GatherND"] == costs.blocks[1].ops["GatherND"] - 1  # + rotations, - the sizes' 2
     assert trt_check.check_tensorrt_compat(tmp_path / "eva.onnx", targets=("10",)).ok
     session = ort.InferenceSession(str(tmp_path / "eva.onnx"), providers=["CPUExecutionProvider"])
     images = _images(3, seed=5)

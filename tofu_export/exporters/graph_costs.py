@@ -7,10 +7,10 @@ concats) is typically one kernel each. ``reduction_costs`` splits a block's redu
 ``Mul(x, x)`` that only feeds a ``ReduceSum``, and the ``Sqrt`` of that sum, count with the sum: they are the layers
 TensorRT's ONNX importer itself writes for a ``ReduceL2`` (square, sum, square root), which counts as one.
 
-A node belongs to block ``i``'s reduction when its name has the module scope ``blocks.i/reduce`` (both exporters
-name nodes so). Nodes a simplifier renamed without a scope are given the scope of their consumers when those all
-share one. Proportional attention's mask (a ``Log``, a ``Reshape`` and the attention's ``Add``) lives outside the
-``reduce`` scope and is not counted.
+A node belongs to block ``i``'s reduction when its name has the module scope of block ``i``'s ``reduce`` module
+(``blocks.i/reduce`` in timm, ``layer.i/reduce`` in transformers; both exporters name nodes so). Nodes a simplifier
+renamed without a scope are given the scope of their consumers when those all share one. Proportional attention's
+mask (a ``Log``, a ``Reshape`` and the attention's ``Add``) lives outside the ``reduce`` scope and is not counted.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ POINTWISE_OPS = frozenset({
 })  # fmt: skip
 # Ops that only relabel a tensor's shape (no kernel for a contiguous tensor) or are build-time constants.
 SHAPE_OPS = frozenset({"Constant", "Flatten", "Identity", "Reshape", "Shape", "Squeeze", "Unsqueeze"})
-_REDUCE_SCOPE = re.compile(r"(?:^|/)(?:[A-Za-z_]+\.)?blocks\.(\d+)/reduce(?:/|$)")
+# a block's ``reduce`` module: timm's ``blocks.3/reduce``, transformers' ``layer.3/reduce``, open_clip's
+# ``resblocks.3/reduce`` (the block list's name, a dot, the block index)
+_REDUCE_SCOPE = re.compile(r"(?:^|/)[A-Za-z_][\w.]*\.(\d+)/reduce(?:/|$)")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 from tofu_export.models.reduction import (
     ToFuState,
     TokenReduction,
-    kept_rotations,
     proportional_mask,
     size_bias,
     size_weighted_mean,
@@ -56,10 +55,10 @@ def _tofu_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor
     if rotations is not None and state.rope is not None:  # after a reduction: the kept tokens' (cos, sin)
         rotations = state.rope.chunk(2, dim=-1)
     y = specs.attention_half(self, self._tofu_spec, hidden_states, proportional_mask(state), rotations)
-    reduced, state.size = self.reduce(y, state.size)
-    if rotations is not None and self.reduce.matching is not None:  # the table in flight, or the model's made one
-        table = state.rope if state.rope is not None else torch.cat(rotations, dim=-1)  # [.., N - p, 2D]
-        state.rope = kept_rotations(self.reduce, table, y)  # [B, 1, N' - p, 2D]
+    table = None  # the (cos, sin) table in flight, or one made of the model's: [.., N - p, 2D]
+    if rotations is not None:
+        table = state.rope if state.rope is not None else torch.cat(rotations, dim=-1)
+    reduced, state.size = self.reduce(y, state.size, table)  # sets state.rope [B, 1, N' - p, 2D] where it reduces
     return specs.mlp_half(self, self._tofu_spec, reduced)
 
 

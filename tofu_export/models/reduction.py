@@ -58,8 +58,12 @@ class TokenReduction(nn.Module):
         mean = keys.new_full((1, heads), 1.0 / heads) @ per_head  # [B * N, 1, D]
         self.metric = mean.reshape(-1, tokens, width // heads)
 
-    def forward(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes."""
+    def forward(self, x: Tensor, size: Tensor | None, rotations: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x [B, N, C]``, ``size [B, N, 1] | None`` -> reduced ``[B, N - r, C]`` and sizes.
+
+        ``rotations``: a rotary model's embeddings of ``x``'s patch tokens (``[N - p, D]``, shared, or
+        ``[B, 1, N - p, D]``). Where tokens are removed, ``state.rope`` becomes the kept tokens' (``kept_rotations``),
+        here, so that an exported graph's ``reduce`` scope holds all the reduction costs (``check --costs``)."""
         state, metric = self.state, self.metric
         self.metric = self.matching = None
         if state.plan is not None:
@@ -81,7 +85,10 @@ class TokenReduction(nn.Module):
         if torch.onnx.is_in_onnx_export() and state.sample is None:
             state.sample = sample_index(x)  # one batch-size computation in the graph, shared by every block's gathers
         mode = state.modes[self.index]
-        return reduce_tokens(x, size, matching, mode, state.num_prefix, static=state.static, sample=state.sample)
+        reduced = reduce_tokens(x, size, matching, mode, state.num_prefix, static=state.static, sample=state.sample)
+        if rotations is not None:
+            state.rope = kept_rotations(self, rotations, x)
+        return reduced
 
     def carry(self, rows: Tensor) -> Tensor:
         """What the last ``forward`` kept of a per-token tensor ``rows [B, N, D]`` aligned with its tokens: the rows

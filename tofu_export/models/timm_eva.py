@@ -22,7 +22,6 @@ from tofu_export.models.family import UnsupportedModelError
 from tofu_export.models.reduction import (
     ToFuState,
     TokenReduction,
-    kept_rotations,
     proportional_mask,
     size_bias,
     start_forward,
@@ -50,9 +49,7 @@ class ToFuEvaBlock(EvaBlock):
         rope = rope if state.rope is None else state.rope  # after a reduction: the kept tokens' rotations
         x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=proportional_mask(state))
         x = x + self.drop_path1(x_attn if self.gamma_1 is None else self.gamma_1 * x_attn)
-        reduced, state.size = self.reduce(x, state.size)
-        if rope is not None and self.reduce.matching is not None:
-            state.rope = kept_rotations(self.reduce, rope, x)
+        reduced, state.size = self.reduce(x, state.size, rope)  # sets state.rope where it removes tokens
         x_mlp = self.mlp(self.norm2(reduced))
         return reduced + self.drop_path2(x_mlp if self.gamma_2 is None else self.gamma_2 * x_mlp)
 
