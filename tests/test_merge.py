@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from tofu_export import parse_r, patch
-from tofu_export.merge import Matching, bipartite_soft_matching, reduce_tokens
+from tofu_export.merge import Matching, bipartite_soft_matching, kept_patch_rows, reduce_tokens
 from tofu_export.schedule import max_reduction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -277,6 +277,21 @@ def test_bipartite_matching_picks_the_best_scored_a_tokens(num_prefix: int) -> N
         assert sorted(unmerged + chosen) == list(range(len(a_pos)))
         if num_prefix > 0:  # ToMe keeps unmerged tokens in their original order when a class token is present
             assert unmerged == sorted(unmerged)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 5])
+def test_kept_patch_rows_point_at_each_kept_token_in_a_shared_or_per_sample_table(num_prefix: int) -> None:
+    """A rotary model's rotations follow the tokens by these rows: a kept token's own, a merged token's
+    destination's, read off the positions the reduction itself keeps."""
+    batch, num_tokens, r = 3, 20, 4
+    metric = torch.randn(batch, num_tokens, 6, generator=torch.Generator().manual_seed(num_prefix))
+    matching = bipartite_soft_matching(metric, r, num_prefix)
+    positions = torch.arange(num_tokens, dtype=torch.float32).view(1, -1, 1).expand(batch, -1, 1)
+    kept, _ = reduce_tokens(positions, None, matching, "prune", num_prefix)  # a destination keeps its position
+    expected = kept[:, num_prefix:, 0].long() - num_prefix  # [B, N - r - p]: each kept patch token's row
+    assert torch.equal(kept_patch_rows(matching, num_tokens, num_prefix, None, shared=True), expected)
+    per_sample = kept_patch_rows(matching, num_tokens, num_prefix, None, shared=False)
+    assert torch.equal(per_sample, expected + torch.arange(batch).view(-1, 1) * (num_tokens - num_prefix))
 
 
 def test_exported_matching_has_no_grad_mode_subgraph() -> None:

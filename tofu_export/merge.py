@@ -142,6 +142,19 @@ def _row_offsets(x: Tensor, sample: Tensor | None) -> Tensor:
     return sample.reshape(-1, 1) * int(x.shape[1])
 
 
+def kept_patch_rows(matching: Matching, num_tokens: int, num_prefix: int, sample: Tensor | None,
+                    shared: bool) -> Tensor:
+    """``[B, N - r - p]``: where each patch token a reduction kept (a merged one: its destination) sits in a table of
+    per-patch-token rows (patch token ``t`` at row ``t - p``): of ``[N - p, D]`` shared by every sample
+    (``shared``), or of per-sample tables as rows ``[B * (N - p), D]``. The rows the reduction gathered from ``x``
+    (the same nodes in a graph), less the prefix."""
+    sample = sample_index(matching.unm_idx) if sample is None else sample
+    offsets = sample.reshape(-1, 1) * num_tokens  # [B, 1], as _row_offsets
+    kept = _kept_rows(matching.unm_idx, num_tokens, num_prefix, offsets)[:, num_prefix:]  # [B, N - r - p] of B * N
+    table_start = offsets if shared else sample.reshape(-1, 1) * num_prefix  # s * N, or s * N - s * (N - p)
+    return kept - (table_start + num_prefix)
+
+
 def _kept_rows(unm_idx: Tensor, num_tokens: int, num_prefix: int, offsets: Tensor) -> Tensor:
     """Flat rows ``[B, N - r]`` of the output tokens in ToMe's order: prefix, unmerged A, then all of B."""
     a_start, b_start = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1

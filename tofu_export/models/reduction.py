@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tofu_export.merge import Matching, bipartite_soft_matching, reduce_tokens, sample_index
+from tofu_export.merge import Matching, bipartite_soft_matching, kept_patch_rows, reduce_tokens, sample_index
 from tofu_export.schedule import TokenPlan, plan_tokens
 
 
@@ -110,13 +110,14 @@ class TokenReduction(nn.Module):
 def kept_rotations(reduce: TokenReduction, rotations: Tensor, x: Tensor) -> Tensor:
     """The rotary embeddings of the tokens ``reduce``'s last forward kept, a merged token keeping its destination's:
     ``rotations`` of the patch tokens (``[N - p, D]``, shared, or ``[B, 1, N - p, D]``), ``x`` the tokens ``[B, N, C]``
-    it reduced -> ``[B, 1, N' - p, D]``, per sample (the layout timm's patch dropout hands its blocks)."""
-    prefix = reduce.state.num_prefix
-    rows = rotations.reshape(-1, int(rotations.shape[-2]), int(rotations.shape[-1]))  # [1 or B, N - p, D]
-    rows = rows + x[:, prefix:, :1].detach() * 0  # [B, N - p, D]: the batch from x (it stays symbolic in a graph)
-    if prefix:  # the prefix tokens have no rotation: zero rows, for alignment (a Concat; ONNX's Pad converts badly)
-        rows = torch.cat([x[:, :prefix, :1].detach() * 0 + rows[:, :1] * 0, rows], dim=1)  # [B, N, D]
-    return reduce.carry(rows)[:, prefix:].unsqueeze(1)
+    it reduced -> ``[B, 1, N' - p, D]``, per sample (the layout timm's patch dropout hands its blocks). One row
+    gather, at the rows the reduction gathered its tokens from."""
+    prefix, (tokens, dim) = reduce.state.num_prefix, (int(n) for n in rotations.shape[-2:])
+    if tokens != int(x.shape[1]) - prefix or rotations.dim() not in (2, 4):
+        raise ValueError(f"rotations {tuple(rotations.shape)} are not [N - p, D] or [B, 1, N - p, D] for "
+                         f"{int(x.shape[1])} tokens of which {prefix} prefix")
+    rows = kept_patch_rows(reduce.matching, int(x.shape[1]), prefix, reduce.state.sample, rotations.dim() == 2)
+    return rotations.reshape(-1, dim)[rows].unsqueeze(1)  # [B, 1, N' - p, D]
 
 
 def head_mean_keys(keys: Tensor) -> Tensor:
