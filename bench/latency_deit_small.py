@@ -64,7 +64,7 @@ from tofu_export.exporters.onnx import export_onnx
 from tofu_export.merge import Matching, set_sizes
 from tofu_export.models.family import family_of
 from tofu_export.models.loading import load_model
-from tofu_export.models.timm_vit import TokenReduction
+from tofu_export.models.reduction import TokenReduction, kept_rotations
 from tofu_export.profiling.compare import interleaved_latency_ms
 from tofu_export.profiling.device import describe_device
 from tofu_export.profiling.images import model_timing_images
@@ -136,16 +136,18 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None,
 def _free_reduction(rotations: bool = False) -> Iterator[None]:
     """Temporarily replace every block's token reduction by a slice (the speed ceiling of any reduction). With
     ``rotations`` (a timm Eva), the blocks still carry as many tokens' rotations as they keep, by the row gather every
-    method pays for them (``TokenReduction.carry``): the bound removes the cost of choosing and merging only."""
+    method pays for them (``reduction.kept_rotations``): the bound removes the cost of choosing and merging only."""
     original = TokenReduction.forward
 
-    def sliced(self: TokenReduction, x: torch.Tensor, size: torch.Tensor | None) -> tuple:
+    def sliced(self: TokenReduction, x: torch.Tensor, size: torch.Tensor | None,
+               table: torch.Tensor | None = None) -> tuple:
         self.metric = self.matching = None
         r = self.state.plan.r[self.index]
-        if rotations and r:
+        if rotations and r and table is not None:
             num_a, _ = set_sizes(int(x.shape[1]), self.state.num_prefix)
             keep = torch.arange(num_a - r).view(1, -1, 1) + (x[:, :1, :1].detach() * 0).long()  # [B, Na - r, 1]
-            self.matching = Matching(keep, keep[:, :0], keep[:, :0])  # carry keeps N - r rows, as x does
+            self.matching = Matching(keep, keep[:, :0], keep[:, :0])  # N - r rows kept, as x keeps
+            self.state.rope = kept_rotations(self, table, x)
         return x[:, : x.shape[1] - r], size
 
     TokenReduction.forward = sliced
