@@ -1,0 +1,35 @@
+"""The latency bench's bound (``bench/latency_deit_small.py``): every block keeps its first N - r tokens at no cost,
+and a rotary model's blocks still carry as many tokens' rotations as they keep (what every method pays too)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from tofu_export.models.family import patch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "latency_deit_small.py"
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "deit_tiny_patch16_224"])
+def test_the_bound_keeps_n_minus_r_tokens_and_their_rotations(name: str) -> None:
+    spec = importlib.util.spec_from_file_location("latency_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, depth=2, img_size=64, embed_dim=64, num_heads=2).eval()
+    patch(model, r=4, mode="prune", img_size=64)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    seen: list[int] = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    rotary = getattr(model, "rope", None) is not None
+    with torch.no_grad(), bench._free_reduction(rotations=rotary):
+        model(torch.randn(3, 3, 64, 64))
+    assert seen == [tokens - 4]  # block 0 kept its first N - r tokens
+    rope = model._tofu.rope  # the last block's kept rotations: [B, 1, N - 2r - p, D], or none without rotations
+    assert (tuple(rope.shape[:3]) == (3, 1, tokens - 8 - model.num_prefix_tokens)) if rotary else rope is None
