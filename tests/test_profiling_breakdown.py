@@ -33,6 +33,25 @@ from tofu_export.profiling.breakdown import CATEGORIES, categorize, summarize
         ("/blocks.1/mlp/fc1/MatMul + /blocks.1/mlp/act/Mul", "", "mlp"),
         ("{ForeignNode[/blocks.0/attn/Transpose.../blocks.0/attn/proj/MatMul]}", "", "attention"),
         ("Reformatting CopyNode for Input Tensor 0 to /head/Gemm", "", "head"),
+        # transformers (inside HFVisionEncoder's ``hf``) and open_clip, as their exports name them
+        ("/hf/encoder/layers.0/self_attn/k_proj/MatMul", "MatMul", "attention"),  # CLIP, SigLIP
+        ("/hf/encoder/layer.0/attention/attention/query/MatMul", "MatMul", "attention"),
+        ("/hf/encoder/layers.0/mlp/fc1/MatMul", "MatMul", "mlp"),
+        ("/hf/embeddings/patch_embeddings/projection/Conv", "Conv", "embed"),
+        ("/hf/pre_layrnorm/LayerNormalization", "LayerNormalization", "embed"),
+        ("/hf/layernorm/LayerNormalization", "LayerNormalization", "head"),  # ViT, DINOv2
+        ("/hf/norm/LayerNormalization", "LayerNormalization", "head"),  # DINOv3
+        ("/hf/post_layernorm/LayerNormalization", "LayerNormalization", "head"),  # CLIP, SigLIP
+        ("/hf/pooler/dense/Gemm", "Gemm", "head"),
+        ("/hf/head/attention/MatMul", "MatMul", "head"),  # SigLIP's attention pool
+        ("/hf/encoder/layer.0/norm1/LayerNormalization", "LayerNormalization", "other"),
+        ("hf.encoder.layers.0.self_attn", "CLIPAttention", "attention"),
+        ("/transformer/resblocks.0/attn/MatMul", "MatMul", "attention"),
+        ("/transformer/resblocks.0/mlp/c_fc/MatMul", "MatMul", "mlp"),
+        ("/conv1/Conv", "Conv", "embed"),
+        ("/ln_pre/LayerNormalization", "LayerNormalization", "embed"),
+        ("/ln_post/LayerNormalization", "LayerNormalization", "head"),
+        ("/down_blocks.0/resnets.0/conv1/Conv", "Conv", "other"),  # a top-level name only counts at the top
     ],
 )
 def test_categorize(name: str, op_type: str, expected: str) -> None:

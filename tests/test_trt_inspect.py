@@ -23,3 +23,21 @@ def test_layer_names_only_and_empty_information() -> None:
     assert parse_layers(names_only)[0] == {"name": "/blocks/blocks.3/attn/MatMul", "type": "", "tactic": ""}
     assert [(item.block, item.fusion) for item in attention_fusion(names_only)] == [(3, "unfused")]
     assert attention_fusion("{}") == []
+
+
+def test_every_familys_attention_scope_is_a_block() -> None:
+    """transformers' ViT / DINOv2 / DINOv3 (``layer.N/attention/``), CLIP / SigLIP (``layers.N/self_attn/``) and
+    open_clip (``resblocks.N/attn/``) name their attention otherwise than timm."""
+    layers = [
+        "/hf/encoder/layer.0/attention/attention/query/MatMul",
+        "{ForeignNode[/hf/encoder/layer.0/attention/attention/MatMul.../hf/encoder/layer.0/attention/attention/MatMul_1]}",
+        "/hf/encoder/layers.1/self_attn/q_proj/MatMul",
+        "/hf/encoder/layers.1/self_attn/MatMul + /hf/encoder/layers.1/self_attn/Softmax",
+        "/transformer/resblocks.2/attn/MatMul",
+        "/transformer/resblocks.2/attn/Softmax",
+        "/transformer/resblocks.2/mlp/c_fc/MatMul",
+        "/down_blocks.0/attentions.0/proj_in/Conv",  # no block: not a ViT block's attention scope
+    ]
+    report = attention_fusion({"Layers": layers})
+    assert [(item.block, item.fusion) for item in report] == [(0, "one_region"), (1, "one_region"), (2, "unfused")]
+    assert report[2].layers == layers[4:6]

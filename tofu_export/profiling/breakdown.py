@@ -23,7 +23,22 @@ _SCOPE_CATEGORY = {
     "head_drop": "head",
     "fc_norm": "head",
     "attn_pool": "head",
+    "self_attn": "attention",  # transformers' CLIP and SigLIP layers
 }
+# A model's own top-level modules (under transformers' wrapper: ``hf.<name>``): open_clip's ``conv1`` / ``ln_pre`` /
+# ``ln_post``, transformers' ``embeddings`` / ``layernorm`` / ``post_layernorm`` / ``pooler``; timm's final ``norm``.
+_TOP_LEVEL_CATEGORY = {
+    "conv1": "embed",
+    "ln_pre": "embed",
+    "embeddings": "embed",
+    "pre_layrnorm": "embed",  # transformers' CLIP spells it so
+    "norm": "head",
+    "layernorm": "head",
+    "post_layernorm": "head",
+    "ln_post": "head",
+    "pooler": "head",
+}
+_WRAPPER = "hf"  # the transformers model inside ``HFVisionEncoder``
 # Fused ORT/TensorRT kernels that lose their scope in the rename but only occur in one ViT part.
 _UNSCOPED_OP_CATEGORY = {
     "BiasGelu": "mlp",
@@ -41,16 +56,18 @@ def categorize(node_name: str, op_type: str = "") -> str:
 
     Handles ONNX names from the TorchScript exporter (``/blocks.3/attn/qkv/MatMul``), torch module paths
     (``blocks.3.attn``) and fused TensorRT layer names (``/blocks.3/mlp/fc1/MatMul + /blocks.3/mlp/act/...``).
-    A ``reduce`` scope (the ToFu merge submodule inside each block) wins over everything; otherwise the
-    first recognised scope decides; the top-level final ``norm`` counts as ``head``. Unscoped fused kernels
+    A ``reduce`` scope (the ToFu merge submodule inside each block) wins over everything; then a model's top-level
+    module (the final ``norm`` counts as ``head``, open_clip's ``conv1`` as ``embed``); otherwise the first
+    recognised scope decides (timm's, transformers' and open_clip's names). Unscoped fused kernels
     fall back to ``op_type`` (``BiasGelu`` -> ``mlp``, ``MultiHeadAttention`` -> ``attention``); anything
     else (residual adds, layout transposes, the cls-token concat) is ``other``.
     """
     tokens = [token for token in _SEPARATORS.split(node_name) if token]
     if "reduce" in tokens:
         return "token_reduction"
-    if tokens and tokens[0] == "norm":
-        return "head"
+    top = tokens[1:2] if tokens[:1] == [_WRAPPER] else tokens[:1]
+    if top and top[0] in _TOP_LEVEL_CATEGORY:
+        return _TOP_LEVEL_CATEGORY[top[0]]
     for token in tokens:
         if token in _SCOPE_CATEGORY:
             return _SCOPE_CATEGORY[token]

@@ -20,7 +20,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 Fusion = Literal["fused_mha", "one_region", "unfused"]
-_BLOCK = re.compile(r"blocks\.(\d+)/attn/")
+# a block's attention scope: timm's ``blocks.3/attn/``, transformers' ``layer.3/attention/`` (ViT, DINOv2, DINOv3) and
+# ``layers.3/self_attn/`` (CLIP, SigLIP), open_clip's ``resblocks.3/attn/``
+_ATTENTION = r"/(?:attn|attention|self_attn)/"
+_BLOCK = re.compile(r"(?:^|[/\[])[A-Za-z_][\w.]*?\.(\d+)" + _ATTENTION)
+_SCORES = re.compile(_ATTENTION + "MatMul")  # q @ k^T and @ v, directly in the attention's scope
 _MHA = re.compile(r"(?<![a-z])f?mha|multihead|_mha_", re.IGNORECASE)
 
 
@@ -54,13 +58,15 @@ def _verdict(layers: list[dict[str, str]]) -> Fusion:
         return "fused_mha"
     for layer in layers:  # one Myelin region over q @ k^T, Softmax and @ v
         name = layer["name"]
-        if ("ForeignNode" in name and name.count("/attn/MatMul") >= 2) or ("Softmax" in name and "MatMul" in name):
+        one_region = "ForeignNode" in name and len(_SCORES.findall(name)) >= 2
+        if one_region or ("Softmax" in name and "MatMul" in name):
             return "one_region"
     return "unfused"
 
 
 def attention_fusion(information: str | dict[str, Any]) -> list[AttentionFusion]:
-    """Per transformer block (``blocks.N/attn/`` in a layer name), whether its attention became a fused MHA kernel."""
+    """Per transformer block (its attention scope in a layer name: ``blocks.N/attn/``, ``layer.N/attention/``...),
+    whether its attention became a fused MHA kernel."""
     by_block: dict[int, list[dict[str, str]]] = {}
     for layer in parse_layers(information):
         for block in sorted({int(match) for match in _BLOCK.findall(layer["name"])}):
