@@ -33,6 +33,12 @@ IMG = 64
     ("LpNormalization_0", "LpNormalization", True),
     ("/blocks/blocks.0/norm1/ReduceMean", "ReduceMean", True),  # LayerNorm decomposed at opset 16
     ("/norm/LayerNormalization", "LayerNormalization", True),
+    ("/hf/layers.0/layernorm_before/ReduceMean", "ReduceMean", True),  # transformers' ViT, opset 16
+    ("/hf/encoder/layers.0/layer_norm2/Pow", "Pow", True),  # CLIP, SigLIP
+    ("/hf/pre_layrnorm/Sub", "Sub", True),
+    ("/hf/post_layernorm/Sqrt", "Sqrt", True),
+    ("/transformer/resblocks.0/ln_1/ReduceMean", "ReduceMean", True),  # open_clip
+    ("/ln_post/Div", "Div", True),
     ("/blocks/blocks.0/attn/qkv/MatMul", "MatMul", False),
     ("/blocks/blocks.0/attn/Softmax", "Softmax", False),
     ("/blocks/blocks.0/mlp/fc1/MatMul", "MatMul", False),

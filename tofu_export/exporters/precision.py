@@ -28,7 +28,13 @@ from tofu_export.user_warnings import warn_user
 
 REDUCTION_SCOPE = "/reduce/"  # the static token reduction's module scope (every family names it block.reduce)
 FP32_OPS = frozenset({"LpNormalization", "LayerNormalization", "TopK"})
-NORM_SCOPES = frozenset({"norm", "norm1", "norm2", "k_norm", "fc_norm", "norm_pre"})  # LayerNorm decomposed (opset 16)
+# the layer norms' module names, whose LayerNorm is decomposed below opset 17: timm's; transformers' ViT, CLIP and
+# SigLIP (``pre_layrnorm``: CLIP's spelling); open_clip's
+NORM_SCOPES = frozenset({
+    "norm", "norm1", "norm2", "q_norm", "k_norm", "fc_norm", "norm_pre",
+    "layernorm", "layernorm_before", "layernorm_after", "layer_norm1", "layer_norm2", "pre_layrnorm", "post_layernorm",
+    "ln_1", "ln_2", "ln_pre", "ln_post",
+})  # fmt: skip
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 SYNTHETIC_IMAGES = 32
 
