@@ -102,23 +102,37 @@ def traces_through_the_cache() -> Iterator[None]:
         yield
 
 
+_BUILT: dict[str, tuple[Any, Any]] = {}  # a build's arguments -> (the model as built, torch's RNG state after it)
+
+
 def _build_vit(name: str, seed: int = 0, **kwargs: Any) -> VisionTransformer:
     """A random-init timm model in eval mode; layer-scale gammas are drawn from U(0.5, 1.5).
 
     DINOv2's layer scale starts at 1e-5, which would make every block nearly the identity and every comparison
     between two ways of computing the blocks vacuous.
-    """
-    import timm
-    import torch
-    from timm.layers import LayerScale
 
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    for module in model.modules():
-        if isinstance(module, LayerScale):
-            with torch.no_grad():
-                module.gamma.uniform_(0.5, 1.5)
-    return model
+    Each distinct call builds once per process (timm's random initialisation was ~3% of the suite's CPU); every call
+    gets its own deep copy, and leaves torch's random number generator as a fresh build leaves it.
+    """
+    import copy
+
+    import torch
+
+    key = repr((name, seed, sorted(kwargs.items())))
+    if key not in _BUILT:
+        import timm
+        from timm.layers import LayerScale
+
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        for module in model.modules():
+            if isinstance(module, LayerScale):
+                with torch.no_grad():
+                    module.gamma.uniform_(0.5, 1.5)
+        _BUILT[key] = (model, torch.get_rng_state())
+    model, generator_state = _BUILT[key]
+    torch.set_rng_state(generator_state)
+    return copy.deepcopy(model)
 
 
 def _images(batch: int, img_size: int, seed: int = 1) -> torch.Tensor:
