@@ -59,6 +59,17 @@ def test_a_graph_without_reduction_has_no_blocks() -> None:
     nodes = [helper.make_node("Relu", ["x"], ["y"], name="/blocks/blocks.0/mlp/act/Relu")]
     costs = reduction_costs(_graph(nodes))
     assert costs.blocks == [] and costs.total.nodes == 0
+    assert costs.render().startswith("no token reduction found") and "dense ToFu" not in costs.render()
+
+
+def test_a_denoisers_dense_tofu_is_named_not_counted() -> None:
+    """Dense ToFu's scopes hold more than the reduction (an OpenAI UNet's attention runs in them): ``--costs``
+    says they are there and that it does not count them, rather than that there is no token reduction."""
+    nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="/model/blocks.0/attn1/tofu/TopK"),
+             helper.make_node("Relu", ["v"], ["y"], name="/model/blocks.0/attn1/tofu/inner/Relu")]
+    costs = reduction_costs(_graph(nodes))
+    assert costs.blocks == [] and costs.dense_nodes == 2 and costs.to_dict()["dense_tofu_nodes"] == 2
+    assert "2 nodes are in a denoiser's dense ToFu scopes" in costs.render()
 
 
 @pytest.mark.slow

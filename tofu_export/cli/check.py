@@ -68,8 +68,7 @@ def check(
                     **({"reduction_costs": reduction.to_dict()} if reduction else {})})
     else:
         if reduction is not None:
-            typer.echo(reduction.render() if reduction.blocks else "no token reduction found (no <blocks>.N/reduce "
-                       "scope in the node names)")
+            typer.echo(reduction.render())
         print_check(report, source)
     if not report.ok:
         raise typer.Exit(EXIT_CHECK_FAILED)

@@ -55,6 +55,7 @@ class ReductionCosts:
 
     blocks: list[BlockCost]
     graph_nodes: int
+    dense_nodes: int = 0  # nodes in a denoiser's dense ToFu scopes (``.../tofu/``), which are not counted per block
 
     @property
     def total(self) -> BlockCost:
@@ -66,10 +67,15 @@ class ReductionCosts:
 
     def to_dict(self) -> dict:
         return {"graph_nodes": self.graph_nodes, "blocks": [asdict(b) for b in self.blocks],
-                "total": asdict(self.total)}
+                "total": asdict(self.total), "dense_tofu_nodes": self.dense_nodes}
 
     def render(self) -> str:
         """A table a person can read: one row per reducing block, then the total."""
+        if not self.blocks:
+            found = "no token reduction found (no <blocks>.N/reduce scope in the node names)"
+            return found if not self.dense_nodes else (
+                f"{found}; {self.dense_nodes} nodes are in a denoiser's dense ToFu scopes (.../tofu/), whose costs "
+                "are not counted per block (diffusers' blocks match outside them; an OpenAI UNet attends inside them)")
         lines = [f"token reduction: {self.total.nodes} of {self.graph_nodes} nodes in {len(self.blocks)} blocks",
                  "block  nodes  pointwise  shape  other  est. kernels  other ops"]
         for b in [*self.blocks, self.total]:
@@ -89,7 +95,8 @@ def reduction_costs(model: onnx.ModelProto | str | Path) -> ReductionCosts:
     for position, node in enumerate(graph.node):
         if position in block_of:
             by_block.setdefault(block_of[position], []).append(node)
-    return ReductionCosts([_block_cost(i, nodes) for i, nodes in sorted(by_block.items())], len(graph.node))
+    dense = sum("/tofu/" in node.name for node in graph.node)
+    return ReductionCosts([_block_cost(i, nodes) for i, nodes in sorted(by_block.items())], len(graph.node), dense)
 
 
 def _reduction_blocks(graph: onnx.GraphProto) -> dict[int, int]:
