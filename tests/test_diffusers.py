@@ -3,6 +3,8 @@ PixArt transformers; patch / unpatch, and a static export of one UNet2DCondition
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import pytest
 import torch
@@ -11,6 +13,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from tofu_export.dense.export import export_denoiser, static_graph_problems  # noqa: E402
 from tofu_export.dense.plan import plan_blocks  # noqa: E402
+from tofu_export.exporters.graph_costs import reduction_costs  # noqa: E402
+from tofu_export.models.diffusers_blocks import ATTRIBUTES  # noqa: E402
 from tofu_export.models.diffusers_denoiser import input_names, patch, step, step_inputs, token_grids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one intra-op thread
@@ -58,6 +62,11 @@ def test_static_upsample_equals_diffusers_upsample() -> None:
     assert isinstance(holder[0], Upsample2D)
 
 
+def _scope(path: str) -> str:
+    """``down_blocks.0.attentions.0`` -> ``down_blocks.0/attentions.0``: a module path as node names write it."""
+    return re.sub(r"\.(?!\d)", "/", path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("build", "exporter", "opset", "sublayers"), [
     (unet, "dynamo", 17, "self,cross,mlp"), (unet, "torchscript", 16, "self"), (dit, "dynamo", 16, "self,mlp"),
@@ -77,10 +86,16 @@ def test_static_export_passes_the_tensorrt_check(build, exporter: str, opset: in
                              opset=opset)
     graph = onnx.load(str(tmp_path / "step.onnx"))
     assert static_graph_problems(graph) == []
-    assert sum(n.op_type == "TopK" for n in graph.graph.node) == 2 * len(plan_blocks(grids, 0.5, "mlerp").blocks)
+    topk = sum(n.op_type == "TopK" for n in graph.graph.node)
+    assert topk == 2 * len(plan_blocks(grids, 0.5, "mlerp").blocks)
     assert "Resize" not in {n.op_type for n in graph.graph.node}
     assert result.parity.ok, result.parity
     assert result.tensorrt.ok and result.tensorrt.build_for == list(trt_targets_for(opset))
     report = check_tensorrt_compat(tmp_path / "step.onnx", targets=trt_targets_for(opset))
     assert report.ok, report.render()
     assert not [i for i in report.issues if "symbolic shape inference failed" in i.message]
+    costs = reduction_costs(graph)  # `check --costs`: a row per reduced sub-layer, the matching in the first's
+    reduced = {f"model/{_scope(block)}/{ATTRIBUTES[name]}" for block in plan_blocks(grids, 0.5, "mlerp").blocks
+               for name in sublayers.split(",") if getattr(model.get_submodule(block), ATTRIBUTES[name], None)}
+    assert {b.block for b in costs.blocks} == reduced and costs.total.ops["TopK"] == topk
+    assert not any({"Softmax", "Gemm"} & set(b.ops) for b in costs.blocks)  # the sub-layers themselves: not counted

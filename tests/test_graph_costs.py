@@ -58,18 +58,20 @@ def test_a_written_out_l2_norm_costs_what_reduce_l2_costs() -> None:
 def test_a_graph_without_reduction_has_no_blocks() -> None:
     nodes = [helper.make_node("Relu", ["x"], ["y"], name="/blocks/blocks.0/mlp/act/Relu")]
     costs = reduction_costs(_graph(nodes))
-    assert costs.blocks == [] and costs.total.nodes == 0
-    assert costs.render().startswith("no token reduction found") and "dense ToFu" not in costs.render()
+    assert costs.blocks == [] and costs.total.nodes == 0 and costs.render().startswith("no token reduction found")
 
 
-def test_a_denoisers_dense_tofu_is_named_not_counted() -> None:
-    """Dense ToFu's scopes hold more than the reduction (an OpenAI UNet's attention runs in them): ``--costs``
-    says they are there and that it does not count them, rather than that there is no token reduction."""
+def test_a_denoisers_dense_tofu_counts_per_sub_layer_without_the_sub_layer() -> None:
+    """Dense ToFu's own nodes (``.../attn1/tofu/<op>``) count for the sub-layer's path; the sub-layer it runs on the
+    reduced tokens (``tofu/sublayer/...``) does not."""
     nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="/model/blocks.0/attn1/tofu/TopK"),
-             helper.make_node("Relu", ["v"], ["y"], name="/model/blocks.0/attn1/tofu/inner/Relu")]
+             helper.make_node("Softmax", ["v"], ["p"], name="/model/blocks.0/attn1/tofu/sublayer/Softmax"),
+             helper.make_node("GatherND", ["p", "i"], ["y"], name="/model/blocks.0/attn1/tofu/GatherND"),
+             helper.make_node("GatherND", ["y", "i"], ["z"], name="/model/blocks.0/ff/tofu/GatherND")]
     costs = reduction_costs(_graph(nodes))
-    assert costs.blocks == [] and costs.dense_nodes == 2 and costs.to_dict()["dense_tofu_nodes"] == 2
-    assert "2 nodes are in a denoiser's dense ToFu scopes" in costs.render()
+    assert [(b.block, b.ops) for b in costs.blocks] == [("model/blocks.0/attn1", {"TopK": 1, "GatherND": 1}),
+                                                        ("model/blocks.0/ff", {"GatherND": 1})]
+    assert "model/blocks.0/attn1" in costs.render()
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from tofu_export.checkpoint import CheckpointError
 from tofu_export.dense.export import export_denoiser, static_graph_problems
 from tofu_export.dense.plan import BlockPlan, DensePolicy, plan_blocks
 from tofu_export.errors import UserError
+from tofu_export.exporters.graph_costs import reduction_costs
 from tofu_export.models.openai_unet import AttentionBlock
 from tofu_export.models.openai_unet_build import build_model, example_inputs, load_openai_unet
 from tofu_export.models.openai_unet_config import UNetConfig
@@ -104,7 +105,7 @@ def exported(tmp_path_factory):
 
 
 def test_export_is_static_verified_and_trt_clean(exported) -> None:
-    _, path, result = exported
+    model, path, result = exported
     graph = onnx.load(str(path))
     assert static_graph_problems(graph) == []
     ops = {n.op_type for n in graph.graph.node}
@@ -115,6 +116,9 @@ def test_export_is_static_verified_and_trt_clean(exported) -> None:
     assert dims == [["batch", 1, 16, 16], ["batch"], ["batch"]]
     assert result.parity is not None and result.parity.ok and result.parity.max_abs_diff < 1e-4
     assert result.tensorrt is not None and result.tensorrt.ok
+    costs = reduction_costs(graph)  # `check --costs`: a row per reduced attention block, without the attention
+    assert len(costs.blocks) == sum(isinstance(m, AttentionBlock) and m.tofu is not None for m in model.modules())
+    assert all(b.ops["TopK"] == 2 and "Softmax" not in b.ops for b in costs.blocks)
 
 
 def test_export_refuses_a_failed_parity_and_writes_nothing(tmp_path) -> None:

@@ -1,4 +1,8 @@
-"""One block's frozen dense reduction as an ``nn.Module``: its window layout as buffers, its r and mode."""
+"""One block's frozen dense reduction as an ``nn.Module``: its window layout as buffers, its r and mode.
+
+In an exported graph the reduction's nodes (matching, merge, unmerge) are named ``.../tofu/<op>`` and the wrapped
+sub-layer's ``.../tofu/sublayer/...``: ``check --costs`` counts the first per reduced sub-layer.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,25 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from tofu_export.dense.tofu import DenseMatching, dense_tofu, match_dense, reduce_dense, unmerge_dense
+from tofu_export.dense.tofu import DenseMatching, match_dense, reduce_dense, unmerge_dense
 from tofu_export.dense.windows import WindowLayout, window_layout
 from tofu_export.names import REDUCE_MODES, ReduceMode
+
+
+class SharedMatching:
+    """The matching of one block's current forward, shared by its reduced sub-layers (plain Python state: the
+    first reduced sub-layer's ``DenseToFu`` sets it, the block's last sub-layer drops it, so nothing outlives a
+    forward)."""
+
+    def __init__(self) -> None:
+        self.matching: DenseMatching | None = None
+
+
+class SubLayer(nn.Module):
+    """Runs the wrapped sub-layer on the reduced tokens: its own module scope in an exported graph."""
+
+    def forward(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        return fn(x)
 
 
 class DenseToFu(nn.Module):
@@ -30,6 +50,7 @@ class DenseToFu(nn.Module):
         self.register_buffer("src", layout.src, persistent=False)
         self.register_buffer("dst", layout.dst, persistent=False)
         self.register_buffer("inverse", layout.inverse, persistent=False)
+        self.sublayer = SubLayer()
 
     @property
     def layout(self) -> WindowLayout:
@@ -39,14 +60,15 @@ class DenseToFu(nn.Module):
         """The matching of ``r`` tokens for ``metric [B, N, C]``."""
         return match_dense(metric, self.layout, self.r)
 
-    def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor], matching: DenseMatching | None = None) -> Tensor:
-        """``fn`` applied to ``x [B, N, C]`` with ``r`` tokens reduced; returns ``[B, N, C']``. ``matching``
-        (default: matched on ``x``) lets sub-layers of one block share one."""
+    def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor], shared: SharedMatching | None = None) -> Tensor:
+        """``fn`` applied to ``x [B, N, C]`` with ``r`` tokens reduced; returns ``[B, N, C']`` (``tofu.dense_tofu``).
+        ``shared`` lets the sub-layers of one block share one matching: the first matches on its ``x``."""
         if self.r == 0:
-            return fn(x)
-        if matching is None:
-            return dense_tofu(x, self.layout, self.r, self.mode, fn)
-        return unmerge_dense(fn(reduce_dense(x, matching, self.layout, self.mode)), matching)
+            return self.sublayer(fn, x)
+        matching = shared.matching if shared is not None and shared.matching is not None else self.match(x)
+        if shared is not None:
+            shared.matching = matching
+        return unmerge_dense(self.sublayer(fn, reduce_dense(x, matching, self.layout, self.mode)), matching)
 
     def extra_repr(self) -> str:
         return f"{self.height}x{self.width}, r={self.r}, mode={self.mode}, stride={self.stride}, seed={self.seed}"

@@ -8,9 +8,11 @@ concats) is typically one kernel each. ``reduction_costs`` splits a block's redu
 TensorRT's ONNX importer itself writes for a ``ReduceL2`` (square, sum, square root), which counts as one.
 
 A node belongs to block ``i``'s reduction when its name has the module scope of block ``i``'s ``reduce`` module
-(``blocks.i/reduce`` in timm, ``layer.i/reduce`` in transformers; both exporters name nodes so). Nodes a simplifier
-renamed without a scope are given the scope of their consumers when those all share one. Proportional attention's
-mask (a ``Log``, a ``Reshape`` and the attention's ``Add``) lives outside the ``reduce`` scope and is not counted.
+(``blocks.i/reduce`` in timm, ``layer.i/reduce`` in transformers; both exporters name nodes so). In a denoiser, a
+reduction is dense ToFu around one sub-layer (``.../transformer_blocks.0/attn1/tofu``: its matching, merge and
+unmerge, not the sub-layer it runs in ``tofu/sublayer``), named by the sub-layer's path. Nodes a simplifier renamed
+without a scope are given the scope of their consumers when those all share one. Proportional attention's mask (a
+``Log``, a ``Reshape`` and the attention's ``Add``) lives outside the ``reduce`` scope and is not counted.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ SHAPE_OPS = frozenset({"Constant", "Flatten", "Identity", "Reshape", "Shape", "S
 # a block's ``reduce`` module: timm's ``blocks.3/reduce``, transformers' ``layer.3/reduce``, open_clip's
 # ``resblocks.3/reduce`` (the block list's name, a dot, the block index)
 _REDUCE_SCOPE = re.compile(r"(?:^|/)[A-Za-z_][\w.]*\.(\d+)/reduce(?:/|$)")
+_DENSE_SCOPE = "/tofu"  # a denoiser sub-layer's ``dense.module.DenseToFu`` (the sub-layer itself: ``tofu/sublayer``)
 
 
 @dataclass(frozen=True)
 class BlockCost:
     """The reduction's nodes in one block, by kind. ``kernels`` estimates TensorRT launches: every ``other`` node
-    plus one per connected chain of pointwise nodes."""
+    plus one per connected chain of pointwise nodes. ``block``: a ViT block's index, or a denoiser sub-layer's path."""
 
-    block: int
+    block: int | str
     nodes: int
     pointwise: int
     shape: int
@@ -55,7 +58,6 @@ class ReductionCosts:
 
     blocks: list[BlockCost]
     graph_nodes: int
-    dense_nodes: int = 0  # nodes in a denoiser's dense ToFu scopes (``.../tofu/``), which are not counted per block
 
     @property
     def total(self) -> BlockCost:
@@ -67,22 +69,20 @@ class ReductionCosts:
 
     def to_dict(self) -> dict:
         return {"graph_nodes": self.graph_nodes, "blocks": [asdict(b) for b in self.blocks],
-                "total": asdict(self.total), "dense_tofu_nodes": self.dense_nodes}
+                "total": asdict(self.total)}
 
     def render(self) -> str:
         """A table a person can read: one row per reducing block, then the total."""
         if not self.blocks:
-            found = "no token reduction found (no <blocks>.N/reduce scope in the node names)"
-            return found if not self.dense_nodes else (
-                f"{found}; {self.dense_nodes} nodes are in a denoiser's dense ToFu scopes (.../tofu/), whose costs "
-                "are not counted per block (diffusers' blocks match outside them; an OpenAI UNet attends inside them)")
+            return "no token reduction found (no <blocks>.N/reduce or <sub-layer>/tofu scope in the node names)"
+        labels = [str(b.block) for b in self.blocks] + ["total"]
+        width = max(5, *map(len, labels))
         lines = [f"token reduction: {self.total.nodes} of {self.graph_nodes} nodes in {len(self.blocks)} blocks",
-                 "block  nodes  pointwise  shape  other  est. kernels  other ops"]
-        for b in [*self.blocks, self.total]:
-            label = "total" if b.block < 0 else str(b.block)
+                 f"{'block':>{width}}  nodes  pointwise  shape  other  est. kernels  other ops"]
+        for label, b in zip(labels, [*self.blocks, self.total], strict=True):
             other_ops = ", ".join(f"{op} {n}" for op, n in b.ops.items() if op not in POINTWISE_OPS | SHAPE_OPS)
-            lines.append(f"{label:>5}  {b.nodes:>5}  {b.pointwise:>9}  {b.shape:>5}  {b.other:>5}  {b.kernels:>12}  "
-                         f"{other_ops}")
+            lines.append(f"{label:>{width}}  {b.nodes:>5}  {b.pointwise:>9}  {b.shape:>5}  {b.other:>5}  "
+                         f"{b.kernels:>12}  {other_ops}")
         return "\n".join(lines)
 
 
@@ -91,20 +91,29 @@ def reduction_costs(model: onnx.ModelProto | str | Path) -> ReductionCosts:
     left out."""
     graph = (onnx.load(str(model), load_external_data=False) if isinstance(model, str | Path) else model).graph
     block_of = _reduction_blocks(graph)
-    by_block: dict[int, list[onnx.NodeProto]] = {}
+    by_block: dict[int | str, list[onnx.NodeProto]] = {}  # ViT blocks by index, denoiser sub-layers in graph order
     for position, node in enumerate(graph.node):
         if position in block_of:
             by_block.setdefault(block_of[position], []).append(node)
-    dense = sum("/tofu/" in node.name for node in graph.node)
-    return ReductionCosts([_block_cost(i, nodes) for i, nodes in sorted(by_block.items())], len(graph.node), dense)
+    order = sorted(by_block, key=lambda block: block if isinstance(block, int) else -1)  # stable: paths keep order
+    return ReductionCosts([_block_cost(block, by_block[block]) for block in order], len(graph.node))
 
 
-def _reduction_blocks(graph: onnx.GraphProto) -> dict[int, int]:
-    """Node position -> block index for reduction nodes; unscoped nodes inherit their consumers' common scope."""
-    scope: dict[int, int | str | None] = {}  # block index, "" for another named scope, None for no scope
+def _reduction_of(name: str) -> int | str | None:
+    """The reduction a node named ``name`` belongs to: a ViT block's index, a denoiser sub-layer's path, or None."""
+    match = _REDUCE_SCOPE.search(name)
+    if match:
+        return int(match.group(1))
+    scope = name.rsplit("/", 1)[0]
+    return scope[: -len(_DENSE_SCOPE)].strip("/") if scope.endswith(_DENSE_SCOPE) else None
+
+
+def _reduction_blocks(graph: onnx.GraphProto) -> dict[int, int | str]:
+    """Node position -> block for reduction nodes; unscoped nodes inherit their consumers' common scope."""
+    scope: dict[int, int | str | None] = {}  # the node's block, "" for another named scope, None for no scope
     for position, node in enumerate(graph.node):
-        match = _REDUCE_SCOPE.search(node.name)
-        scope[position] = int(match.group(1)) if match else ("" if node.name.startswith("/") else None)
+        block = _reduction_of(node.name)
+        scope[position] = block if block is not None else ("" if node.name.startswith("/") else None)
     consumers: dict[str, list[int]] = {}
     for position, node in enumerate(graph.node):
         for name in node.input:
@@ -114,7 +123,7 @@ def _reduction_blocks(graph: onnx.GraphProto) -> dict[int, int]:
             users = {scope[user] for output in graph.node[position].output for user in consumers.get(output, [])}
             if len(users) == 1:
                 scope[position] = users.pop()
-    return {position: block for position, block in scope.items() if isinstance(block, int)}
+    return {position: block for position, block in scope.items() if block is not None and block != ""}
 
 
 def _block_cost(block: int, nodes: list[onnx.NodeProto]) -> BlockCost:

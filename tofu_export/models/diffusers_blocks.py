@@ -14,18 +14,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tofu_export.dense.module import DenseToFu
-from tofu_export.dense.tofu import DenseMatching
+from tofu_export.dense.module import DenseToFu, SharedMatching
 
 ATTRIBUTES = {"self": "attn1", "cross": "attn2", "mlp": "ff"}  # sub-layer -> BasicTransformerBlock attribute
-
-
-class SharedMatching:
-    """The matching of one block's current forward, shared by its reduced sub-layers (plain Python state: the
-    first reduced sub-layer sets it, the last one drops it, so nothing outlives a forward)."""
-
-    def __init__(self) -> None:
-        self.matching: DenseMatching | None = None
 
 
 class ReducedSubLayer(nn.Module):
@@ -45,9 +36,7 @@ class ReducedSubLayer(nn.Module):
         if context is None and mask is not None:  # self-attention over a token mask: not reducible
             out = self.inner(hidden_states, *args, **kwargs)
         else:
-            if shared.matching is None and self.tofu.r > 0:
-                shared.matching = self.tofu.match(hidden_states)
-            out = self.tofu(hidden_states, lambda t: self.inner(t, *args, **kwargs), shared.matching)
+            out = self.tofu(hidden_states, lambda t: self.inner(t, *args, **kwargs), shared)
         if self.last:
             shared.matching = None
         return out
