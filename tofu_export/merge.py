@@ -151,7 +151,7 @@ def kept_patch_rows(matching: Matching, num_tokens: int, num_prefix: int, sample
     sample = sample_index(matching.unm_idx) if sample is None else sample
     offsets = sample.reshape(-1, 1) * num_tokens  # [B, 1], as _row_offsets
     kept = _kept_rows(matching.unm_idx, num_tokens, num_prefix, offsets)[:, num_prefix:]  # [B, N - r - p] of B * N
-    table_start = offsets if shared else sample.reshape(-1, 1) * num_prefix  # s * N, or s * N - s * (N - p)
+    table_start = offsets if shared else sample.reshape(-1, 1) * num_prefix  # s * N, or s * p: s * N - s * (N - p)
     return kept - (table_start + num_prefix)
 
 

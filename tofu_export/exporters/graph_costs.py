@@ -126,7 +126,7 @@ def _reduction_blocks(graph: onnx.GraphProto) -> dict[int, int | str]:
     return {position: block for position, block in scope.items() if block is not None and block != ""}
 
 
-def _block_cost(block: int, nodes: list[onnx.NodeProto]) -> BlockCost:
+def _block_cost(block: int | str, nodes: list[onnx.NodeProto]) -> BlockCost:
     ops = Counter(node.op_type for node in nodes)
     pointwise = sum(n for op, n in ops.items() if op in POINTWISE_OPS)
     shape = sum(n for op, n in ops.items() if op in SHAPE_OPS)
