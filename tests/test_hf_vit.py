@@ -19,6 +19,7 @@ from tofu_export import load_model  # noqa: E402
 from tofu_export.accounting import token_schedule  # noqa: E402
 from tofu_export.checkpoint import CheckpointError  # noqa: E402
 from tofu_export.exporters.onnx import export_onnx  # noqa: E402
+from tofu_export.merge import reduce_tokens  # noqa: E402
 from tofu_export.models.family import family_of, is_patched, patch, patched, unpatch  # noqa: E402
 from tofu_export.models.hf_vit import HFVisionEncoder, wrap  # noqa: E402
 from tofu_export.models.hf_vit_specs import layers_of  # noqa: E402
@@ -130,7 +131,8 @@ def test_dinov3_kept_tokens_keep_their_rotations(images: torch.Tensor) -> None:
         with patched(model, r=[5, 0, 0], mode="prune", img_size=IMG):
             reduced = layers[0](x, None, position_embeddings=(cos, sin))  # [B, N - 5, C]
             order = torch.arange(x.shape[1]).float().view(1, -1, 1).expand(len(images), -1, 1)
-            kept = layers[0].reduce.carry(order).long().squeeze(-1)  # [B, N - 5]: each kept token's index
+            kept, _ = reduce_tokens(order, None, layers[0].reduce.matching, "prune", prefix)
+            kept = kept.long().squeeze(-1)  # [B, N - 5]: each kept token's index
             out = layers[1](reduced, None, position_embeddings=(cos, sin))  # given all: it must use the kept ones
         rows = kept[:, prefix:] - prefix
         per_sample = tuple(torch.stack([table[r] for r in rows]).unsqueeze(1) for table in (cos, sin))

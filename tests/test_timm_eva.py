@@ -22,6 +22,7 @@ import torch
 
 from tofu_export import load_model
 from tofu_export.checkpoint import CheckpointError
+from tofu_export.merge import reduce_tokens
 from tofu_export.models.family import family_of, is_patched, patch, patched, unpatch
 from tofu_export.models.timm_eva import ToFuEvaBlock, rope_of
 
@@ -90,7 +91,8 @@ def test_kept_tokens_keep_their_rotations(key: str) -> None:
         y0 = model.blocks[0](x, rope=rope)  # timm's own
         with patched(model, r=[5, 0], mode="prune", img_size=IMG):
             reduced = model.blocks[0](x, rope=rope)  # [B, N - 5, C]
-            positions = model.blocks[0].reduce.carry(torch.arange(x.shape[1]).float().view(1, -1, 1).expand(2, -1, 1))
+            order = torch.arange(x.shape[1]).float().view(1, -1, 1).expand(2, -1, 1)
+            positions, _ = reduce_tokens(order, None, model.blocks[0].reduce.matching, "prune", prefix)  # [B, N - 5, 1]
             out = model.blocks[1](reduced, rope=rope)  # handed the full rotations: it must use the kept ones
         kept = positions.long().squeeze(-1)  # [B, N - 5]: original index of every kept token
         torch.testing.assert_close(reduced, torch.stack([y0[b, kept[b]] for b in range(2)]), rtol=0, atol=0)

@@ -44,7 +44,7 @@ class TokenReduction(nn.Module):
         super().__init__()
         self.state, self.index, self.heads = state, index, heads
         self.metric: Tensor | None = None  # [B, N, head_dim], set by the key hook
-        self.matching: Matching | None = None  # the last forward's, for ``carry``; None where it removed nothing
+        self.matching: Matching | None = None  # the last forward's; None where it removed nothing
 
     def capture_keys(self, module: nn.Module, args: tuple, keys: Tensor) -> None:
         """Forward hook on a module whose output is the per-head keys ``[B, H, N, D]`` (timm's ``attn.k_norm``)."""
@@ -89,17 +89,6 @@ class TokenReduction(nn.Module):
         if rotations is not None:
             state.rope = kept_rotations(self, rotations, x)
         return reduced
-
-    def carry(self, rows: Tensor) -> Tensor:
-        """What the last ``forward`` kept of a per-token tensor ``rows [B, N, D]`` aligned with its tokens: the rows
-        of the tokens it left, a merged token's its destination's (the row gather pruning does), ``[B, N - r, D]``;
-        ``rows`` itself where it removed nothing."""
-        if self.matching is None:
-            return rows
-        state = self.state
-        kept, _ = reduce_tokens(rows, None, self.matching, "prune", state.num_prefix, static=state.static,
-                                sample=state.sample)
-        return kept
 
     def extra_repr(self) -> str:
         plan = self.state.plan
