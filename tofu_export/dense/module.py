@@ -6,11 +6,12 @@ sub-layer's ``.../tofu/sublayer/...``: ``check --costs`` counts the first per re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from tofu_export.dense.tofu import DenseMatching, match_dense, reduce_dense, unmerge_dense
+from tofu_export.dense.tofu import DenseMatching, dense_tofu, match_dense
 from tofu_export.dense.windows import WindowLayout, window_layout
 from tofu_export.names import REDUCE_MODES, ReduceMode
 
@@ -63,12 +64,10 @@ class DenseToFu(nn.Module):
     def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor], shared: SharedMatching | None = None) -> Tensor:
         """``fn`` applied to ``x [B, N, C]`` with ``r`` tokens reduced; returns ``[B, N, C']`` (``tofu.dense_tofu``).
         ``shared`` lets the sub-layers of one block share one matching: the first matches on its ``x``."""
-        if self.r == 0:
-            return self.sublayer(fn, x)
-        matching = shared.matching if shared is not None and shared.matching is not None else self.match(x)
-        if shared is not None:
-            shared.matching = matching
-        return unmerge_dense(self.sublayer(fn, reduce_dense(x, matching, self.layout, self.mode)), matching)
+        matching = None
+        if shared is not None and self.r > 0:
+            matching = shared.matching = shared.matching if shared.matching is not None else self.match(x)
+        return dense_tofu(x, self.layout, self.r, self.mode, functools.partial(self.sublayer, fn), matching)
 
     def extra_repr(self) -> str:
         return f"{self.height}x{self.width}, r={self.r}, mode={self.mode}, stride={self.stride}, seed={self.seed}"

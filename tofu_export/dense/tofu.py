@@ -92,10 +92,12 @@ def unmerge_dense(y: Tensor, matching: DenseMatching) -> Tensor:
     return out
 
 
-def dense_tofu(x: Tensor, layout: WindowLayout, r: int, mode: ReduceMode, fn, metric: Tensor | None = None) -> Tensor:
+def dense_tofu(x: Tensor, layout: WindowLayout, r: int, mode: ReduceMode, fn,
+               matching: DenseMatching | None = None) -> Tensor:
     """``fn`` (``[B, M, C] -> [B, M, C']``, token-wise or attention) on ``x [B, N, C]`` reduced by ``r`` tokens,
-    unmerged to ``[B, N, C']``. ``metric`` (default ``x``) decides the matching."""
+    unmerged to ``[B, N, C']``; ``matching`` of ``x`` where one was made (a block's sub-layers share one), else
+    matched on ``x`` here."""
     if r == 0:
         return fn(x)
-    matching = match_dense(x if metric is None else metric, layout, r)
+    matching = match_dense(x, layout, r) if matching is None else matching
     return unmerge_dense(fn(reduce_dense(x, matching, layout, mode)), matching)

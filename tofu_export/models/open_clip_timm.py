@@ -57,11 +57,8 @@ def load_timm_trunk(file: Path, path: Path, config: TowerConfig, visual: dict[st
     visual.clear()  # the model takes the tensors themselves
     source, preprocessing = f"open_clip config {config.name}", timm_preprocessing(config.preprocess)
     if names_eva(name):  # EVA-02 towers: a timm Eva, built by its name
-        if num_heads is not None:
-            raise CheckpointError(f"{name} is a timm Eva: its name states the head count",
-                                  hint=Hint("num_heads", None, "leave it out"))
         model, guess = build_eva(state, name, img_size=img_size, source=source, preprocessing=preprocessing,
-                                 global_pool=pool)
+                                 global_pool=pool, num_heads=num_heads)
     else:
         evidence = Evidence(source, name, checkpoint=file.name, preprocessing=preprocessing)
         model, guess = build_model(state, img_size=img_size, num_heads=num_heads, evidence=evidence,

@@ -24,6 +24,7 @@ from tofu_export.models.reduction import (
     TokenReduction,
     proportional_mask,
     size_bias,
+    size_weighted_mean,
     start_forward,
 )
 from tofu_export.models.timm_vit import install, is_patched, new_state, num_tokens, tofu_state, unpatch
@@ -64,8 +65,7 @@ def _size_weighted_pool(self: Eva, x: Tensor, pool_type: str | None = None) -> T
     if size is None or (pool_type or self.global_pool) != "avg":
         return type(self).pool(self, x, pool_type)
     p = self.num_prefix_tokens
-    weight = size[:, p:]  # [B, N - p, 1]
-    return (x[:, p:] * weight).sum(dim=1) / weight.sum(dim=1)
+    return size_weighted_mean(x[:, p:], size[:, p:])
 
 
 def _check_supported(model: nn.Module) -> None:

@@ -29,14 +29,17 @@ def names_eva(name: str | None) -> bool:
 
 def build_eva(state_dict: Mapping[str, Tensor], name: str, *, img_size: int | None, source: str,
               preprocessing: Mapping[str, Any] | None = None, global_pool: str | None = None,
-              model_args: Mapping[str, Any] | None = None) -> tuple[nn.Module, ArchGuess]:
+              model_args: Mapping[str, Any] | None = None, num_heads: int | None = None) -> tuple[nn.Module, ArchGuess]:
     """The timm ``Eva`` ``name`` (``source`` named it, with ``model_args``: a training record's kwargs) holding
     ``state_dict``, in eval mode; at ``img_size`` with its absolute position embedding resampled (bicubic, as timm's
     loading does; rotations follow the grid); ``global_pool`` where the source states the pooling (open_clip's
-    ``timm_pool``). The head's width is the weights'."""
+    ``timm_pool``). The head's width is the weights'; the head count the name's (a given ``num_heads`` is refused)."""
     import timm
     from timm.layers import resample_abs_pos_embed
 
+    if num_heads is not None:
+        raise CheckpointError(f"{name} is a timm Eva: its name states the head count",
+                              hint=Hint("num_heads", None, "leave it out"))
     head = state_dict.get("head.weight")
     kwargs: dict[str, Any] = {**(model_args or {}), "num_classes": int(head.shape[0]) if head is not None else 0}
     if img_size is not None:

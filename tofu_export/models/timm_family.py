@@ -52,13 +52,10 @@ class TimmFamily(ModelFamily):
         digest = sha256_file(path)
         evidence = read_evidence(path, record)
         if names_eva(arch or evidence.architecture):  # EVA-02, DINOv3: rotary embeddings, built by timm's name
-            if num_heads is not None:
-                raise CheckpointError(f"{arch or evidence.architecture} is a timm Eva: its name states the head count",
-                                      hint=Hint("num_heads", None, "leave it out"))
             model, guess = build_eva(state_dict, arch or str(evidence.architecture), img_size=img_size,
                                      source=f"--arch {arch}" if arch else evidence.source,
                                      preprocessing=None if arch else evidence.preprocessing,
-                                     model_args=None if arch else evidence.model_args)
+                                     model_args=None if arch else evidence.model_args, num_heads=num_heads)
         else:
             model, guess = build_model(state_dict, arch=arch, img_size=img_size, num_heads=num_heads,
                                        evidence=evidence, take_weights=True)  # read for it alone

@@ -17,7 +17,14 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from tofu_export.models.family import UnsupportedModelError
-from tofu_export.models.reduction import ToFuState, TokenReduction, proportional_mask, size_bias, start_forward
+from tofu_export.models.reduction import (
+    ToFuState,
+    TokenReduction,
+    proportional_mask,
+    size_bias,
+    size_weighted_mean,
+    start_forward,
+)
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
 
@@ -55,8 +62,7 @@ def _size_weighted_pool(self: VisionTransformer, x: Tensor, pool_type: str | Non
         return self.attn_pool(x[:, p:], attn_mask=size_bias(size[:, p:]).to(x.dtype))
     if size is None or (pool_type or self.global_pool) != "avg":
         return type(self).pool(self, x, pool_type)
-    weight = size[:, p:]  # [B, N - p, 1]
-    return (x[:, p:] * weight).sum(dim=1) / weight.sum(dim=1)
+    return size_weighted_mean(x[:, p:], size[:, p:])
 
 
 def _check_supported(model: nn.Module) -> None:
