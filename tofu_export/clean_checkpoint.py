@@ -14,14 +14,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tofu_export.atomic import owner_tag, remove_stale, rename_noreplace
 from tofu_export.errors import Hint, UserError
 from tofu_export.hashing import sha256_file
-
-if TYPE_CHECKING:
-    import torch
+from tofu_export.weights_file import save_safetensors, write_new
 
 
 class CleanCheckpointError(UserError):
@@ -67,39 +63,14 @@ def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool =
         if record.get("pretrained_cfg"):  # the preprocessing it was trained with, read back as from a hub config
             statement["pretrained_cfg"] = record["pretrained_cfg"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_new(out, lambda tmp: _save_safetensors(tensors, tmp, source))
+    metadata = {**source, "written_by": "tofu-export clean-checkpoint"}
+    write_new(out, lambda tmp: save_safetensors(tensors, tmp, metadata), CleanCheckpointError, "clean")
     try:
         if statement is not None:
-            _write_new(sidecar, lambda tmp: tmp.write_text(json.dumps(statement, indent=2, default=str) + "\n"))
+            write_new(sidecar, lambda tmp: tmp.write_text(json.dumps(statement, indent=2, default=str) + "\n"),
+                      CleanCheckpointError, "clean")
     except BaseException:
         out.unlink(missing_ok=True)  # ours, written a moment ago: nothing half-written stays
         raise
     return CleanedCheckpoint(out, None if statement is None else sidecar, source["weights"], record.get("architecture"),
                              len(tensors), dict(record.get("model_args") or {}))
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, source: dict[str, str]) -> None:
-    """``safetensors`` refuses tensors that share memory (views of one storage): those are copied, the rest not."""
-    from safetensors.torch import save_file
-
-    seen: set[int] = set()
-    own = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        own[name] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    save_file(own, str(path), metadata={**source, "written_by": "tofu-export clean-checkpoint"})
-
-
-def _write_new(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a hidden temporary beside ``path``, then move it there without replacing anything."""
-    remove_stale(path.parent, f".{path.name}.", ".tmp")  # left by a killed earlier run
-    tmp = path.parent / f".{path.name}.{owner_tag()}-clean.tmp"
-    try:
-        write(tmp)
-        rename_noreplace(tmp, path)
-    except FileExistsError:
-        raise CleanCheckpointError(f"{path} appeared while it was being written; nothing was replaced") from None
-    finally:
-        tmp.unlink(missing_ok=True)
