@@ -58,7 +58,7 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 pytestmark = [pytest.mark.slow,  # end to end: two waves of real exports, sweeps and checks (kept in `make test`)
               pytest.mark.usefixtures("shared_traces")]  # the in-process demo shares the forked exports' traces
 CONSOLE_SCRIPT = shutil.which("tofu-export")
-SUBCOMMANDS = ("export", "check", "schedule", "profile", "sweep", "eval", "demo", "clean-checkpoint")
+SUBCOMMANDS = ("export", "check", "schedule", "profile", "sweep", "eval", "demo", "clean-checkpoint", "finetune")
 FAILURES = ("truncated", "code_os_system", "code_exec", "wrong_arch", "impossible_r", "exists_no_force", "resnet",
             "parity_fail")
 

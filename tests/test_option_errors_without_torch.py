@@ -30,6 +30,8 @@ COMMANDS = {
     "export calibration data": ["export", "model.pth", "--calibration-data", "data", "-o", "out"],  # without int8
     "profile": ["profile", "broken.onnx", "--report", "report.md"],  # a graph that does not parse
     "clean-checkpoint": ["clean-checkpoint", "model.pth", "--use-ema", "-o", "ema.pth"],
+    "finetune steps": ["finetune", "model.pth", "data", "--steps", "0", "-o", "t.safetensors"],
+    "finetune out": ["finetune", "model.pth", "data", "--r", "x", "-o", "t.safetensors"],
     "help": ["--help"],
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "unknown mode 'fuse'",
@@ -41,7 +43,8 @@ SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "
         "calibrate images": "--images",
         "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
         "export calibration data": "--precision int8", "profile": "not an ONNX model",
-        "clean-checkpoint": "name the file ema.safetensors", "help": ""}
+        "clean-checkpoint": "name the file ema.safetensors", "finetune steps": "--steps must be at least 1",
+        "finetune out": "--r", "help": ""}
 
 def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "model.pth").write_bytes(b"")  # never read: the options are refused first
@@ -55,7 +58,7 @@ def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> Non
         assert SAYS[name] in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
         assert not result.torch_loaded, f"{name}: torch was imported to refuse {COMMANDS[name]}"
     assert not any(tmp_path.joinpath(out).exists() for out in ("out", "demo_out", "sw", "p.json", "p.png", "report.md",
-                                                            "ema.pth", "ema.json"))
+                                                            "ema.pth", "ema.json", "t.safetensors"))
 
 
 def test_version_names_the_libraries_without_importing_them(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tofu_export.cli import calibrate, check, clean, demo, eval, export, profile, schedule, sweep
+from tofu_export.cli import calibrate, check, clean, demo, eval, export, finetune, profile, schedule, sweep
 from tofu_export.cli.errors import guarded
 from tofu_export.cli.groups import uses_groups
 
@@ -24,6 +24,7 @@ app = typer.Typer(
         "Latency: tofu-export profile artifacts/model-tofu-r16/model.onnx --batch 1,8\n\n"
         "Speed and fidelity: tofu-export sweep model.pth --r 0,8,16 --data images/\n\n"
         "Your policy: tofu-export calibrate model.pth images/ --speedup 1.5\n\n"
+        "Tuned to its reduction: tofu-export finetune model.pth images/ --r 24\n\n"
         "Exit codes: 0 success, 1 a check failed, 2 bad input, 3 ONNX written but no TensorRT engine built here, "
         "4 internal error, 130 interrupted. Add --debug anywhere for a traceback."
     ),
@@ -70,6 +71,7 @@ COMMANDS = {
     "demo": demo.demo,
     "calibrate": calibrate.calibrate,
     "clean-checkpoint": clean.clean_checkpoint,
+    "finetune": finetune.finetune,
 }
 from tofu_export.cli import denoiser as _denoiser  # noqa: E402  (dense ToFu for diffusion denoisers)
 

@@ -1,0 +1,171 @@
+"""``tofu-export finetune``: self-distillation with the reduction in the loop on a tiny random ViT. The loop lowers
+its loss and trains only what it says; the written checkpoint is read back by every command as the model that was
+scored; outputs that exist and bad settings are refused before any work. In-process (CliRunner)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ARCH, TINY_IMG
+from PIL import Image
+from typer.testing import CliRunner
+
+import tofu_export
+from tofu_export.cli.app import app
+from tofu_export.finetune.distill import DistillSettings, cosine_loss, distill, trained_parameters
+from tofu_export.finetune.job import FinetuneError, held_out_fidelity, outputs_of, split_images
+from tofu_export.models.loading import load_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+R = 2  # the tiny checkpoint: 17 tokens enter block 0
+
+
+def _invoke(*args: str | Path):
+    return CliRunner().invoke(app, ["finetune", *map(str, args)], env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def _folder(folder: Path, count: int = 24, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (folder / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / str(i % 2) / f"{i}.png")
+    return folder
+
+
+def _student_and_targets(make_vit, make_images):
+    teacher = make_vit("vit_tiny_patch16_224", depth=2, img_size=64)
+    images = make_images(12, 64)
+    targets = outputs_of(teacher, images)
+    student = copy.deepcopy(teacher)
+    tofu_export.patch(student, r=4, mode="tofu")
+    return teacher, student, images, targets
+
+
+@pytest.mark.parametrize(("weights", "lr"), [("vectors", 1e-3), ("all", 1e-5)])
+def test_distillation_lowers_its_loss_and_trains_only_what_it_names(make_vit, make_images, weights, lr) -> None:
+    teacher, student, images, targets = _student_and_targets(make_vit, make_images)
+    with torch.no_grad():
+        before = float(cosine_loss(student(images), targets))
+    losses = distill(student, images, targets, DistillSettings(steps=25, batch=12, lr=lr, weights=weights))
+    with torch.no_grad():
+        after = float(cosine_loss(student(images), targets))
+    assert len(losses) == 25 and before > 0
+    assert after < 0.8 * before, (before, after)
+    tuned = dict(student.named_parameters())
+    changed = {name for name, original in teacher.named_parameters() if not torch.equal(original, tuned[name])}
+    vectors = {name for name, p in teacher.named_parameters() if p.ndim == 1}
+    assert vectors <= changed  # every vector trained
+    assert (changed - vectors != set()) == (weights == "all")  # matrices only when asked for
+    assert not student.training and all(p.requires_grad for p in student.parameters())  # as it was given
+
+
+def test_trained_vectors_are_norms_biases_and_layer_scales(make_vit) -> None:
+    model = make_vit("vit_small_patch14_dinov2", depth=2, img_size=56)
+    names = {name for name, _ in trained_parameters(model, "vectors")}
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "blocks.0.ls1.gamma", "norm.bias"} <= names
+    assert not {"blocks.0.attn.qkv.weight", "pos_embed", "cls_token", "patch_embed.proj.weight"} & names
+
+
+def test_held_out_and_training_images_never_overlap(tmp_path) -> None:
+    data = _folder(tmp_path / "data", 30)
+    train, held, folder = split_images(data, 16, 8)
+    assert folder == data and len(train) == 16 and len(held) == 8 and not set(train) & set(held)
+    train, held, _ = split_images(data, 100, 100)  # fewer than asked: all of them, split in two
+    assert len(train) + len(held) == 30 and len(held) == 15 and not set(train) & set(held)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """One fine-tuning through the command: (data folder, tuned weights, its --json report)."""
+    work = tmp_path_factory.mktemp("finetune")
+    data = _folder(work / "data")
+    out = work / "out" / "tuned.safetensors"
+    result = _invoke(tiny_checkpoint, data, "--r", R, "--steps", 12, "--batch", 4, "--lr", "1e-3", "--images", 12,
+                     "--holdout", 8, "--threads", 1, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    return data, out, json.loads(result.stdout)
+
+
+def test_the_command_writes_weights_a_sidecar_and_a_plot(tuned) -> None:
+    _, out, report = tuned
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sidecar["architecture"] == TINY_ARCH and sidecar["model_args"]["img_size"] == TINY_IMG
+    assert sidecar["tuned_for"]["r"] == [R, R] and report["tuned_for"]["modes"] == ["mlerp", "mlerp"]
+    assert report["images"] == 12 and report["held_out"] == 8 and report["settings"]["steps"] == 12
+    assert report["trained_weights"] < report["weights"] / 50  # vectors only
+
+
+def test_the_tuned_checkpoint_is_read_back_as_the_model_that_was_scored(tiny_checkpoint, tuned) -> None:
+    data, out, report = tuned
+    original, loaded = load_model(tiny_checkpoint), load_model(out)  # no --arch: the sidecar states it
+    assert loaded.arch.name == TINY_ARCH
+    before, after = original.model.state_dict(), loaded.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].ndim > 1)
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].ndim == 1)
+    from tofu_export.evaluation.data import model_transform
+    from tofu_export.images import decode_images
+
+    _, held_files, _ = split_images(data, 12, 8)
+    held = decode_images(held_files, model_transform(original.model))
+    targets = outputs_of(original.model, held)
+    tofu_export.patch(loaded.model, r=R, mode="tofu")
+    assert held_out_fidelity(loaded.model, held, targets)["mean"] == pytest.approx(
+        report["held_out_after"]["mean"], abs=1e-6)
+
+
+def test_an_existing_output_is_refused_before_any_work(tuned, tiny_checkpoint) -> None:
+    data, out, _ = tuned
+    sizes = {p: p.stat().st_size for p in out.parent.iterdir()}
+    result = _invoke(tiny_checkpoint, data, "--r", R, "-o", out)
+    assert result.exit_code == 2 and "exists" in result.output and "tuned checkpoint" in result.output
+    assert {p: p.stat().st_size for p in out.parent.iterdir()} == sizes
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--holdout", "3"], "--holdout must be at least 8"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--weights", "matrices"], "--weights must be one of vectors, all"),
+    (["-o", "tuned.pth"], "written as .safetensors"),
+])
+def test_bad_settings_are_refused_before_the_model_is_loaded(tmp_path, monkeypatch, args, words) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(tmp_path / "missing.safetensors", tmp_path, *args)  # a missing model: never reached
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_it_cannot_write_back_is_refused(tmp_path) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    from tofu_export.finetune.job import finetune
+    from tofu_export.models.family import ArchGuess, LoadedModel
+
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    loaded = LoadedModel(model, ArchGuess("ViTModel", {}, "test"), None, None)
+    with pytest.raises(FinetuneError, match="transformers model is not supported"):
+        finetune(loaded, _folder(tmp_path / "data", 16), tofu_export.ToFuConfig(r=2), DistillSettings(steps=1),
+                 tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(("difference", "se", "clear"), [(0.004, 0.001, True), (0.00005, 0.00005, False),
+                                                          (-0.0002, 0.00001, False)])
+def test_a_gain_under_two_standard_errors_is_said_to_be_unclear(tuned, capsys, difference, se, clear) -> None:
+    from tofu_export.cli.finetune import gain_is_clear, print_report
+
+    _, _, report = tuned
+    report = dict(report, gain={"difference": difference, "standard_error": se, "images": 8})
+    assert gain_is_clear(report["gain"]) == clear
+    print_report(report, "--r 2 --mode tofu")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert ("not clearly closer" in printed) != clear
+    assert "next: tofu-export" in printed and "--r 2 --mode tofu" in printed and f"{difference:+.5f}" in printed
