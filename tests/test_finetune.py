@@ -105,6 +105,9 @@ def test_the_tuned_checkpoint_is_read_back_as_the_model_that_was_scored(tiny_che
     data, out, report = tuned
     original, loaded = load_model(tiny_checkpoint), load_model(out)  # no --arch: the sidecar states it
     assert loaded.arch.name == TINY_ARCH
+    assert any("tuned by tofu-export finetune for mode tofu (tokens removed per block 2 x2, mlerp)" in note
+               for note in loaded.arch.notes), loaded.arch.notes  # every command that loads it says so
+    assert not any("tuned" in note for note in original.arch.notes)
     before, after = original.model.state_dict(), loaded.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before if before[k].ndim > 1)

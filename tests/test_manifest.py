@@ -12,7 +12,7 @@ from tofu_export.evaluation import EvaluationError
 from tofu_export.hashing import sha256_file
 from tofu_export.jobs.evaluate import artifact_reference
 from tofu_export.manifest import MANIFEST, Manifest, ManifestError, ParityRecord, QuickLook, TrtCheckRecord
-from tofu_export.reports.artifact import compact_r
+from tofu_export.schedule import compact_r
 from tofu_export.tensorrt.issues import TrtIssue
 
 LAYER_NORM_8_5 = {"severity": "error", "target": "8.5", "op_type": "LayerNormalization", "node": "/blocks.0/norm1",

@@ -176,3 +176,14 @@ def block_macs(tokens: int, removed: int, dim: int, mlp_hidden: int, num_prefix:
         matchable = tokens - num_prefix
         matching = math.ceil(matchable / 2) * (matchable // 2) * metric_dim
     return attention + mlp + matching
+
+
+def compact_r(r: Sequence[int]) -> str:
+    """Per-block r, run-length: ``16 x11, 10`` for [16] * 11 + [10]; the form every command prints."""
+    runs: list[list[int]] = []
+    for value in r:
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += 1
+        else:
+            runs.append([value, 1])
+    return ", ".join(f"{value} x{count}" if count > 1 else str(value) for value, count in runs)

@@ -96,7 +96,7 @@ def print_evaluation(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tofu_export.reports.artifact import compact_r
+    from tofu_export.schedule import compact_r
 
     console = Console()
     for note in report.get("notes", []):

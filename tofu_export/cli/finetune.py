@@ -98,7 +98,7 @@ def print_report(report: dict[str, Any], flags: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tofu_export.reports.artifact import compact_r
+    from tofu_export.schedule import compact_r
 
     before, after, gain = report["held_out_before"], report["held_out_after"], report["gain"]
     table = Table(title=f"{report['architecture']} with {report['tuned_for']['source']}, tokens removed per block "

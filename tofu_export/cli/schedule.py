@@ -11,7 +11,8 @@ from rich.table import Table
 
 from tofu_export.cli.options import JsonOption, ModelOptions, ToFuOptions
 from tofu_export.cli.output import print_json, print_line, print_table
-from tofu_export.reports.artifact import clip_notes, compact_r
+from tofu_export.reports.artifact import clip_notes
+from tofu_export.schedule import compact_r
 
 
 def schedule(

@@ -17,11 +17,11 @@ from tofu_export.manifest import MANIFEST, Manifest, QuickLook
 from tofu_export.reports.artifact import (
     REPORT,
     builds_on,
-    compact_r,
     quick_look_caption,
     quick_look_rows,
     tofu_label,
 )
+from tofu_export.schedule import compact_r
 from tofu_export.tensorrt.targets import TargetVerdict, target_verdicts
 
 

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -16,7 +17,7 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models import timm_vit
 from tofu_export.models.family import ArchGuess, FlopCosts, LoadedModel, ModelFamily
 from tofu_export.models.reduction import ToFuState, head_mean_keys, start_forward
-from tofu_export.schedule import RSpec, TokenPlan
+from tofu_export.schedule import RSpec, TokenPlan, compact_r
 from tofu_export.sizes import as_pair
 
 
@@ -67,6 +68,8 @@ class TimmFamily(ModelFamily):
                     "-ema.safetensors, then pass that file (the architecture this file names goes with it).")
             guess = dataclasses.replace(guess, notes=(*guess.notes, note),
                                         provenance={**guess.provenance, "weights": f"{used} (not {ema})"})
+        if evidence.tuned_for:  # said at every use: the tuning was measured with this reduction only
+            guess = dataclasses.replace(guess, notes=(*guess.notes, tuned_note(path, evidence.tuned_for)))
         return LoadedModel(model, guess, path, digest)
 
     def load_name(self, name: str, *, img_size: int | None, num_heads: int | None = None) -> LoadedModel:
@@ -178,3 +181,12 @@ class TimmFamily(ModelFamily):
 
     def pooled_output(self, model: nn.Module, x: Tensor) -> Tensor:
         return model.forward_head(model.norm(x), pre_logits=True)  # a patched model's pool is size-weighted
+
+
+def tuned_note(path: Path, tuned_for: dict[str, Any]) -> str:
+    """The note for weights `tofu-export finetune` wrote: the reduction they were tuned for."""
+    removes = tuned_for.get("removes") or tuned_for.get("r") or []
+    modes = sorted(set(tuned_for.get("modes") or []))
+    return (f"{path.name} was tuned by tofu-export finetune for {tuned_for.get('source', 'a token reduction')} "
+            f"(tokens removed per block {compact_r(removes)}, {'/'.join(modes) or 'modes not stated'}): export it "
+            "with that reduction; with another, its fidelity was not measured")

@@ -64,6 +64,8 @@ class Evidence:
     checkpoint: str = ""  # the checkpoint's file name, for messages
     preprocessing: dict[str, Any] = field(default_factory=dict)  # config.json's pretrained_cfg: mean, std, crop, ...
     args_source: str = "model_args"  # where in ``source`` the model kwargs are stated, for provenance
+    tuned_for: dict[str, Any] = field(default_factory=dict)  # `tofu-export finetune`'s sidecar: the reduction the
+    # weights were tuned for (r per block, modes, source), {} for any other file
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,11 @@ def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Eviden
         args = data.get("model_args") or data.get("timm_kwargs") or {}
         name = data.get("architecture")
         if isinstance(name, str) or (isinstance(args, dict) and args):
+            tuned = data.get("tuned_for") if data.get("written_by") == "tofu-export finetune" else None
             return Evidence(candidate.name, name if isinstance(name, str) else None,
                             dict(args) if isinstance(args, dict) else {}, checkpoint=path.name,
-                            preprocessing=stated_preprocessing(data.get("pretrained_cfg")))
+                            preprocessing=stated_preprocessing(data.get("pretrained_cfg")),
+                            tuned_for=tuned if isinstance(tuned, dict) else {})
     return Evidence(checkpoint=path.name)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from tofu_export.atomic import write_bytes_atomic
 from tofu_export.manifest import MANIFEST, Manifest, ParityRecord, QuickLook
 from tofu_export.profiling.timing import format_ms
+from tofu_export.schedule import compact_r
 from tofu_export.tensorrt.targets import TargetVerdict, target_verdicts
 
 REPORT, PLOT = "report.md", "report.png"
@@ -58,17 +59,6 @@ def tofu_label(manifest: Manifest) -> str:
     name = {"tofu": "ToFu", "tome": "ToMe"}.get(manifest.tofu.mode, manifest.tofu.mode)
     r = manifest.tofu.r
     return f"{name} r={r[0]}" if len(set(r)) == 1 else f"{name} r={max(r)}..{min(r)}"
-
-
-def compact_r(r: Sequence[int]) -> str:
-    """Per-block r, run-length: ``16 x11, 10`` for [16] * 11 + [10]; the form every command prints."""
-    runs: list[list[int]] = []
-    for value in r:
-        if runs and runs[-1][0] == value:
-            runs[-1][1] += 1
-        else:
-            runs.append([value, 1])
-    return ", ".join(f"{value} x{count}" if count > 1 else str(value) for value, count in runs)
 
 
 def clip_notes(plan: Any) -> list[str]:
