@@ -124,6 +124,7 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
     from tofu_export.evaluation.data import model_transform
     from tofu_export.evaluation.metrics import paired_difference
     from tofu_export.finetune.distill import distill, trained_parameters
+    from tofu_export.models.family import unpatch
     from tofu_export.progress import tracker
 
     check_settings(settings, images, holdout)
@@ -162,9 +163,7 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
     step("scoring the tuned model on the held-out images")
     after = held_out_fidelity(student, held, held_targets)
     gain = paired_difference(after["per_image"], before["per_image"])
-    import tofu_export
-
-    tofu_export.unpatch(student)
+    unpatch(student)  # the weights written are those of the plain model, as it was loaded
     report = {
         "checkpoint": str(loaded.path) if loaded.path else None, "checkpoint_sha256": loaded.sha256,
         "architecture": loaded.arch.name, "data": str(folder),
