@@ -172,3 +172,31 @@ def test_a_gain_under_two_standard_errors_is_said_to_be_unclear(tuned, capsys, d
     printed = " ".join(capsys.readouterr().out.split())
     assert ("not clearly closer" in printed) != clear
     assert "next: tofu-export" in printed and "--r 2 --mode tofu" in printed and f"{difference:+.5f}" in printed
+
+
+def test_a_timm_eva_is_tuned_and_read_back_with_its_rotary_embeddings(tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from tofu_export.finetune.job import finetune
+
+    torch.manual_seed(0)
+    args = {"depth": 2, "img_size": 64, "embed_dim": 64, "num_heads": 2}
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, **args).eval()
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_dinov3", "model_args": args}))
+    loaded = load_model(tmp_path / "model.safetensors")
+    out = tmp_path / "out" / "tuned.safetensors"
+    report = finetune(loaded, _folder(tmp_path / "data", 20), tofu_export.ToFuConfig(r=4),
+                      DistillSettings(steps=4, batch=4, lr=1e-3), out, images=10, holdout=8, progress=False)
+    back = load_model(out)
+    assert back.family.name == "timm_eva" and back.arch.name == "vit_small_patch16_dinov3"
+    assert any("tuned by tofu-export finetune" in note for note in back.arch.notes)
+    from tofu_export.evaluation.data import model_transform
+    from tofu_export.images import decode_images
+
+    _, held_files, _ = split_images(tmp_path / "data", 10, 8)
+    held = decode_images(held_files, model_transform(loaded.model))
+    tofu_export.patch(back.model, r=4, mode="tofu")
+    assert held_out_fidelity(back.model, held, outputs_of(loaded.model, held))["mean"] == pytest.approx(
+        report["held_out_after"]["mean"], abs=1e-6)
