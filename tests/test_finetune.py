@@ -200,3 +200,10 @@ def test_a_timm_eva_is_tuned_and_read_back_with_its_rotary_embeddings(tmp_path) 
     tofu_export.patch(back.model, r=4, mode="tofu")
     assert held_out_fidelity(back.model, held, outputs_of(loaded.model, held))["mean"] == pytest.approx(
         report["held_out_after"]["mean"], abs=1e-6)
+
+
+def test_an_impossible_r_is_refused_before_any_image_is_read(tiny_checkpoint, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()  # read first, it would be refused for holding no images
+    result = _invoke(tiny_checkpoint, tmp_path / "empty", "--r", 40, "-o", tmp_path / "t.safetensors")
+    assert result.exit_code == 2 and "r=40 is impossible" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

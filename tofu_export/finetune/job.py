@@ -135,19 +135,19 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
         raise FinetuneError(f"finetune writes timm checkpoints back; a {family} model is not supported yet "
                             f"(supported: {', '.join(TUNABLE_FAMILIES)})")
     started = time.perf_counter()
+    teacher = loaded.model.eval()
+    student = copy.deepcopy(teacher)
+    with warnings.catch_warnings(record=True) as caught:  # an impossible r is refused here, before any image
+        warnings.simplefilter("always")
+        resolved = tofu.patch(student, static=False)
+    notes = [*clip_notes(resolved.plan), *(str(w.message) for w in caught if "clipped" not in str(w.message))]
     train_files, held_files, folder = split_images(data, images, holdout)
     step(f"reading {len(train_files)} training and {len(held_files)} held-out images from {folder}")
     transform = model_transform(loaded.model)
     train = decode_images(train_files, transform, FinetuneDataError)
     held = decode_images(held_files, transform, FinetuneDataError)
     step("running the unreduced model on them (the targets)")
-    teacher = loaded.model.eval()
     train_targets, held_targets = outputs_of(teacher, train), outputs_of(teacher, held)
-    student = copy.deepcopy(teacher)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resolved = tofu.patch(student, static=False)
-    notes = [*clip_notes(resolved.plan), *(str(w.message) for w in caught if "clipped" not in str(w.message))]
     step("scoring the reduced model on the held-out images")
     before = held_out_fidelity(student, held, held_targets)
     trained = trained_parameters(student, settings.weights)
