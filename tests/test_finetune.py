@@ -207,3 +207,10 @@ def test_an_impossible_r_is_refused_before_any_image_is_read(tiny_checkpoint, tm
     result = _invoke(tiny_checkpoint, tmp_path / "empty", "--r", 40, "-o", tmp_path / "t.safetensors")
     assert result.exit_code == 2 and "r=40 is impossible" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_the_plots_running_mean_averages_the_last_steps() -> None:
+    from tofu_export.finetune.plot import running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0] * 5) == [2.0] * 5
