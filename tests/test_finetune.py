@@ -214,3 +214,26 @@ def test_the_plots_running_mean_averages_the_last_steps() -> None:
 
     assert running_mean([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
     assert running_mean([2.0] * 5) == [2.0] * 5
+
+
+def test_eval_of_a_tuned_checkpoint_compares_with_the_one_it_was_tuned_from(tuned, tiny_checkpoint, tmp_path) -> None:
+    """Its own unreduced outputs moved with its weights: the cost of the reduction is measured against the origin."""
+    import shutil
+
+    from tofu_export.finetune.origin import tuned_origin
+    from tofu_export.jobs.evaluate import evaluate_model, tuned_reference
+
+    data, out, _ = tuned
+    assert tuned_origin(out).path == tiny_checkpoint.resolve() and tuned_origin(tiny_checkpoint) is None
+    report = evaluate_model(out, data, tofu=tofu_export.ToFuConfig(r=R), limit=8, compare_tome=False)
+    assert any("the reference is the checkpoint it was tuned from" in note for note in report["notes"])
+    moved = tmp_path / "moved"  # the same file and sidecar, the origin's bytes changed where it was recorded
+    moved.mkdir()
+    for path in (out, out.with_suffix(".json")):
+        shutil.copy(path, moved / path.name)
+    statement = json.loads((moved / out.with_suffix(".json").name).read_text())
+    statement["checkpoint_sha256"] = "0" * 64
+    (moved / out.with_suffix(".json").name).write_text(json.dumps(statement))
+    notes: list[str] = []
+    assert tuned_reference(moved / out.name, notes) is None
+    assert "pass --reference ORIGINAL" in notes[0]

@@ -21,8 +21,9 @@ def eval_command(
     runtime: RuntimeOptions,
     reference: Annotated[
         str | None,
-        typer.Option(help="For ONNX/engine artifacts: the checkpoint they came from [default: the one their "
-                     "manifest.json records, checked by its sha256]."),
+        typer.Option(help="The unreduced model scored against: for ONNX/engine artifacts the checkpoint they came "
+                     "from [default: the one their manifest.json records, checked by its sha256]; for a checkpoint "
+                     "`tofu-export finetune` tuned, the one it was tuned from [default: the one its sidecar records]."),
     ] = None,
     compare_tome: Annotated[
         bool, typer.Option("--compare-tome/--no-compare-tome", help="Also score ToMe at the same per-block r.")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tofu_export.errors import Hint, UserError
 from tofu_export.finetune.distill import TRAINED_WEIGHTS, DistillSettings
+from tofu_export.finetune.origin import SIDECAR_WRITER
 from tofu_export.images import ImageError, decode_images, evenly_spaced, find_images
 from tofu_export.output_paths import FileOutput, check_file_outputs, is_tofu_png
 from tofu_export.reports.artifact import clip_notes
@@ -165,7 +166,7 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
     gain = paired_difference(after["per_image"], before["per_image"])
     unpatch(student)  # the weights written are those of the plain model, as it was loaded
     report = {
-        "checkpoint": str(loaded.path) if loaded.path else None, "checkpoint_sha256": loaded.sha256,
+        "checkpoint": str(Path(loaded.path).resolve()) if loaded.path else None, "checkpoint_sha256": loaded.sha256,
         "architecture": loaded.arch.name, "data": str(folder),
         "images": len(train_files), "held_out": len(held_files),
         "tuned_for": {"r": resolved.r, "removes": resolved.plan.r, "modes": resolved.modes,
@@ -192,9 +193,9 @@ def write_outputs(model: nn.Module, loaded: LoadedModel, report: dict[str, Any],
     config = model_data_config(loaded.model)
     pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k != "input_size"}
     statement = {"architecture": loaded.arch.name, "model_args": loaded.arch.kwargs,
-                 "pretrained_cfg": pretrained_cfg, "written_by": "tofu-export finetune",
+                 "pretrained_cfg": pretrained_cfg, "written_by": SIDECAR_WRITER,
                  **{k: v for k, v in report.items() if k not in ("loss", "outputs")}}
-    metadata = {"written_by": "tofu-export finetune", "source_sha256": loaded.sha256 or "",
+    metadata = {"written_by": SIDECAR_WRITER, "source_sha256": loaded.sha256 or "",
                 "tuned_for": json.dumps(report["tuned_for"])}
     written: list[Path] = []
     outputs.weights.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 per-block r, on an image folder.
 
 A deployed artifact's reference is the checkpoint its manifest records (checked against the recorded sha256), unless
-the caller names one. Library warnings raised on the way are collected as notes, not printed.
+the caller names one; a checkpoint ``finetune`` wrote, or an artifact exported from one, is compared with the
+checkpoint it was tuned from (its sidecar says which). Library warnings raised on the way are collected as notes,
+not printed.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def evaluate_model(
     compare_tome: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data``: a checkpoint is patched with ``tofu`` in PyTorch; a deployed artifact
-    (``.onnx``, ``.engine``, or the artifact folder: its ``model.onnx``) is run as is against ``reference`` (default:
-    the checkpoint its manifest records).
+    (``.onnx``, ``.engine``, or the artifact folder: its ``model.onnx``) is run as is. Either is compared with
+    ``reference`` (default: the checkpoint itself unreduced, or the one the artifact's manifest records; for a tuned
+    checkpoint, the one it was tuned from), and ToMe at the same r runs on that reference.
 
     Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "vs_tome", "notes"}``; ``r``
     is the per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked
@@ -57,6 +60,8 @@ def evaluate_model(
         warnings.simplefilter("always")
         if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
             reference_path, mode, r = artifact_reference(model, reference)
+            if reference is None:  # exported from a tuned checkpoint: compared with the one it was tuned from
+                reference_path = tuned_reference(reference_path, notes) or reference_path
             if reference is None and arch is None and num_heads is None:  # as the artifact's export was told
                 arch, num_heads = stated_at_export(model.parent)
             reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle,
@@ -64,8 +69,11 @@ def evaluate_model(
             candidate = open_runner(model, threads=threads)
             description = str(model)
         else:
-            reference_model = load_model(model, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads).model
-            patched = copy.deepcopy(reference_model)
+            tuned = load_model(model, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads).model
+            origin = Path(reference) if reference is not None else tuned_reference(model, notes)
+            reference_model = tuned if origin is None else load_model(origin, arch=arch, trust_pickle=trust_pickle,
+                                                                      num_heads=num_heads).model
+            patched = copy.deepcopy(tuned)
             resolved = tofu.patch(patched, static=False)
             mode, r = tofu.label, list(resolved.plan.r)
             candidate = TorchRunner(patched, threads=threads)
@@ -111,3 +119,24 @@ def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path,
         raise EvaluationError(f"{path} is not the checkpoint {model} was exported from (its sha256 differs from the "
                               "manifest's); name the right one", hint=Hint("reference", "CHECKPOINT"))
     return path, mode, r
+
+
+def tuned_reference(checkpoint: Path, notes: list[str]) -> Path | None:
+    """For a checkpoint ``finetune`` wrote, the one it was tuned from (what the reduction's cost is measured
+    against: the tuned model's own unreduced outputs moved with its weights), with a note either way; None for any
+    other checkpoint, or where the origin is not found (then the tuned model is its own reference, and the note
+    says to name the origin)."""
+    from tofu_export.finetune.origin import tuned_origin
+
+    origin = tuned_origin(checkpoint)
+    if origin is None:
+        return None
+    if origin.path is not None:
+        notes.append(f"{checkpoint.name} was tuned by tofu-export finetune: the reference is the checkpoint it was "
+                     f"tuned from, {origin.path} (sha256 checked), unreduced")
+        return origin.path
+    where = f"{origin.recorded} is not there or has changed" if origin.recorded else "it was tuned from a model name"
+    notes.append(f"{checkpoint.name} was tuned by tofu-export finetune, but {where}: the reference is the tuned model "
+                 "itself, unreduced, whose outputs moved with the tuning; pass --reference ORIGINAL to measure "
+                 "against the model it was tuned from")
+    return None
