@@ -29,15 +29,16 @@ class CalibrationDataError(ImageError):
     """The calibration images cannot be read, are too few, or are not images."""
 
 
-def image_files(root: str | Path) -> tuple[Path, list[Path]]:
+def image_files(root: str | Path, error: type[ImageError] = CalibrationDataError,
+                what: str = "calibration data") -> tuple[Path, list[Path]]:
     """The folder images are taken from (``root/train`` if present) and its image files, sorted (class folders
-    first level, or flat)."""
+    first level, or flat); ``error`` (naming the images ``what``) where there are none to take. Calibration's and
+    fine-tuning's DATA alike."""
     root = Path(root)
     if not root.is_dir():
-        raise CalibrationDataError(f"calibration data {root} is not a folder",
-                                   hint=Hint("data", None, "a folder of images, or an ImageFolder"))
+        raise error(f"{what} {root} is not a folder", hint=Hint("data", None, "a folder of images, or an ImageFolder"))
     folder = root / "train" if (root / "train").is_dir() else root
-    return folder, find_images(folder, error=CalibrationDataError)
+    return folder, find_images(folder, error=error)
 
 
 def check_image_count(count: int) -> None:

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tofu_export.errors import Hint, UserError
 from tofu_export.finetune.distill import TRAINED_WEIGHTS, DistillSettings
-from tofu_export.finetune.origin import SIDECAR_WRITER
-from tofu_export.images import ImageError, decode_images, evenly_spaced, find_images
+from tofu_export.images import ImageError, decode_images, evenly_spaced
 from tofu_export.output_paths import FileOutput, check_file_outputs, is_tofu_png
 from tofu_export.reports.artifact import clip_notes
 
@@ -86,11 +85,9 @@ def check_settings(settings: DistillSettings, images: int, holdout: int) -> None
 def split_images(root: str | Path, images: int, holdout: int) -> tuple[list[Path], list[Path], Path]:
     """``(training files, held-out files, folder)``: ``images + holdout`` files evenly spread over ``root``
     (``root/train`` where it exists), the held-out ones evenly spread among them; disjoint by construction."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FinetuneDataError(f"{root} is not a folder", hint=Hint("data", None, "a folder of images"))
-    folder = root / "train" if (root / "train").is_dir() else root
-    files = find_images(folder, error=FinetuneDataError)
+    from tofu_export.calibration.images import image_files
+
+    folder, files = image_files(root, FinetuneDataError, "data")
     if len(files) < 2 * MIN_IMAGES:
         raise FinetuneDataError(f"{folder} holds {len(files)} images; fine-tuning needs at least {2 * MIN_IMAGES} "
                                 f"({MIN_IMAGES} to train on, {MIN_IMAGES} held out)", hint=Hint("data"))
@@ -104,7 +101,7 @@ def outputs_of(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     import torch
 
     with torch.inference_mode():
-        return torch.cat([model(images[i:i + BATCH]).flatten(1) for i in range(0, len(images), BATCH)])
+        return torch.cat([model(chunk).flatten(1) for chunk in images.split(BATCH)])
 
 
 def held_out_fidelity(student: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -188,14 +185,15 @@ def write_outputs(model: nn.Module, loaded: LoadedModel, report: dict[str, Any],
     from tofu_export.atomic import signals_held
     from tofu_export.evaluation.data import model_data_config
     from tofu_export.finetune.plot import plot_loss
+    from tofu_export.models.loading import TUNED_SIDECAR  # the mark the sidecar's reader checks
     from tofu_export.weights_file import save_safetensors, write_new
 
     config = model_data_config(loaded.model)
     pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k != "input_size"}
     statement = {"architecture": loaded.arch.name, "model_args": loaded.arch.kwargs,
-                 "pretrained_cfg": pretrained_cfg, "written_by": SIDECAR_WRITER,
+                 "pretrained_cfg": pretrained_cfg, "written_by": TUNED_SIDECAR,
                  **{k: v for k, v in report.items() if k not in ("loss", "outputs")}}
-    metadata = {"written_by": SIDECAR_WRITER, "source_sha256": loaded.sha256 or "",
+    metadata = {"written_by": TUNED_SIDECAR, "source_sha256": loaded.sha256 or "",
                 "tuned_for": json.dumps(report["tuned_for"])}
     written: list[Path] = []
     outputs.weights.parent.mkdir(parents=True, exist_ok=True)

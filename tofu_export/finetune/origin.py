@@ -1,17 +1,15 @@
-"""The checkpoint a tuned file was tuned from, read from the sidecar ``finetune`` wrote beside it.
+"""The checkpoint a tuned file was tuned from, as the sidecar ``finetune`` wrote beside it records it.
 
 A tuned model's own unreduced outputs are not the ones the user started from (its norms and biases moved too), so
 whatever measures what the reduction costs (``eval``) compares with this origin instead, when it is still there and
-still the same file (its sha256).
+still the same file (its sha256). The sidecar is read as every timm checkpoint's is
+(``models.loading.tuned_statement``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-
-SIDECAR_WRITER = "tofu-export finetune"
 
 
 @dataclass(frozen=True)
@@ -29,22 +27,18 @@ def tuned_origin(checkpoint: str | Path) -> TunedOrigin | None:
     The recorded path is tried, then the same file name beside ``checkpoint``; a file whose sha256 differs from the
     recorded one is not the origin."""
     from tofu_export.hashing import sha256_file
+    from tofu_export.models.loading import tuned_statement
 
     checkpoint = Path(checkpoint)
-    sidecar = checkpoint.with_suffix(".json")
-    if not checkpoint.is_file() or not sidecar.is_file():
-        return None
-    try:
-        statement = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(statement, dict) or statement.get("written_by") != SIDECAR_WRITER:
+    statement = tuned_statement(checkpoint)
+    if not statement:
         return None
     recorded, digest = statement.get("checkpoint"), statement.get("checkpoint_sha256")
+    digest = digest if isinstance(digest, str) and digest else None
     if not isinstance(recorded, str) or not recorded:
         return TunedOrigin("", None, None)  # tuned from a timm name (random weights): nothing to find
     for candidate in (Path(recorded), checkpoint.parent / Path(recorded).name):
         if candidate.is_file() and candidate.resolve() != checkpoint.resolve() and (
-                not digest or sha256_file(candidate) == digest):
+                digest is None or sha256_file(candidate) == digest):
             return TunedOrigin(recorded, digest, candidate)
-    return TunedOrigin(recorded, digest if isinstance(digest, str) else None, None)
+    return TunedOrigin(recorded, digest, None)

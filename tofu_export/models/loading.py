@@ -4,12 +4,14 @@ architecture from evidence) or a timm model name."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 from tofu_export.models.family import LoadedModel, family_for_checkpoint
+from tofu_export.models.timm_vit_evidence import TUNED_SIDECAR, read_evidence
 
-__all__ = ["LoadedModel", "load_model", "stated_at_export"]
+__all__ = ["TUNED_SIDECAR", "LoadedModel", "load_model", "stated_at_export", "tuned_statement"]
 
 
 def load_model(
@@ -54,3 +56,9 @@ def stated_at_export(folder: Path) -> tuple[str | None, int | None]:
     arch = record.name if str(record.provenance.get("architecture", "")).startswith("--arch") else None
     heads = record.kwargs.get("num_heads") if record.provenance.get("num_heads") == "given" else None
     return arch, heads if isinstance(heads, int) else None
+
+
+def tuned_statement(path: Path) -> dict[str, Any]:
+    """The sidecar ``tofu-export finetune`` wrote beside the checkpoint file ``path`` (what it was tuned for, the
+    checkpoint it was tuned from), read as every timm checkpoint's sidecar is; {} for any other checkpoint."""
+    return read_evidence(path).tuned if path.is_file() else {}

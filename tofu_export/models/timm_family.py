@@ -68,8 +68,8 @@ class TimmFamily(ModelFamily):
                     "-ema.safetensors, then pass that file (the architecture this file names goes with it).")
             guess = dataclasses.replace(guess, notes=(*guess.notes, note),
                                         provenance={**guess.provenance, "weights": f"{used} (not {ema})"})
-        if evidence.tuned_for:  # said at every use: the tuning was measured with this reduction only
-            guess = dataclasses.replace(guess, notes=(*guess.notes, tuned_note(path, evidence.tuned_for)))
+        if evidence.tuned:  # said at every use: the tuning was measured with this reduction only
+            guess = dataclasses.replace(guess, notes=(*guess.notes, tuned_note(path, evidence.tuned)))
         return LoadedModel(model, guess, path, digest)
 
     def load_name(self, name: str, *, img_size: int | None, num_heads: int | None = None) -> LoadedModel:
@@ -183,8 +183,10 @@ class TimmFamily(ModelFamily):
         return model.forward_head(model.norm(x), pre_logits=True)  # a patched model's pool is size-weighted
 
 
-def tuned_note(path: Path, tuned_for: dict[str, Any]) -> str:
-    """The note for weights `tofu-export finetune` wrote: the reduction they were tuned for."""
+def tuned_note(path: Path, statement: dict[str, Any]) -> str:
+    """The note for weights `tofu-export finetune` wrote (``statement``: its sidecar): the reduction they were tuned
+    for."""
+    tuned_for = statement.get("tuned_for") if isinstance(statement.get("tuned_for"), dict) else {}
     removes = tuned_for.get("removes") or tuned_for.get("r") or []
     modes = sorted(set(tuned_for.get("modes") or []))
     return (f"{path.name} was tuned by tofu-export finetune for {tuned_for.get('source', 'a token reduction')} "

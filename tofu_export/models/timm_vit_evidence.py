@@ -39,6 +39,8 @@ import torch
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 
+TUNED_SIDECAR = "tofu-export finetune"  # the mark `finetune` writes in its sidecar (``written_by``)
+
 __all__ = ["Evidence", "Statement", "check_float_weights", "check_sequential_blocks", "read_evidence",
            "state_architecture"]
 
@@ -64,8 +66,8 @@ class Evidence:
     checkpoint: str = ""  # the checkpoint's file name, for messages
     preprocessing: dict[str, Any] = field(default_factory=dict)  # config.json's pretrained_cfg: mean, std, crop, ...
     args_source: str = "model_args"  # where in ``source`` the model kwargs are stated, for provenance
-    tuned_for: dict[str, Any] = field(default_factory=dict)  # `tofu-export finetune`'s sidecar: the reduction the
-    # weights were tuned for (r per block, modes, source), {} for any other file
+    tuned: dict[str, Any] = field(default_factory=dict)  # the whole sidecar where `tofu-export finetune` wrote it
+    # (the reduction the weights were tuned for, the checkpoint they were tuned from), {} for any other file
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,10 @@ def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Eviden
         args = data.get("model_args") or data.get("timm_kwargs") or {}
         name = data.get("architecture")
         if isinstance(name, str) or (isinstance(args, dict) and args):
-            tuned = data.get("tuned_for") if data.get("written_by") == "tofu-export finetune" else None
             return Evidence(candidate.name, name if isinstance(name, str) else None,
                             dict(args) if isinstance(args, dict) else {}, checkpoint=path.name,
                             preprocessing=stated_preprocessing(data.get("pretrained_cfg")),
-                            tuned_for=tuned if isinstance(tuned, dict) else {})
+                            tuned=data if data.get("written_by") == TUNED_SIDECAR else {})
     return Evidence(checkpoint=path.name)
 
 
