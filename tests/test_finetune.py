@@ -146,15 +146,15 @@ def test_bad_settings_are_refused_before_the_model_is_loaded(tmp_path, monkeypat
 
 
 def test_a_model_it_cannot_write_back_is_refused(make_vit, tmp_path, monkeypatch) -> None:
-    """The refusal of a family whose weights finetune cannot write (transformers, open_clip, ...), shown on a timm
-    model with timm taken off the list (importing transformers would cost this test ~1.5 s)."""
+    """The refusal of a family whose weights finetune cannot write (open_clip), shown on a timm model with its
+    family's writer taken away (importing open_clip would cost this test seconds)."""
     from tofu_export.finetune import job
-    from tofu_export.models.family import ArchGuess, LoadedModel
+    from tofu_export.models.family import ArchGuess, LoadedModel, family_of
 
-    monkeypatch.setattr(job, "TUNABLE_FAMILIES", ("timm_eva",))
-    loaded = LoadedModel(make_vit("vit_tiny_patch16_224", depth=1, img_size=32), ArchGuess("vit", {}, "test"), None,
-                         None)
-    with pytest.raises(FinetuneError, match="a timm model is not supported yet"):
+    model = make_vit("vit_tiny_patch16_224", depth=1, img_size=32)
+    monkeypatch.setattr(type(family_of(model)), "tuned_layout", "")
+    loaded = LoadedModel(model, ArchGuess("vit", {}, "test"), None, None)
+    with pytest.raises(FinetuneError, match="cannot write a timm model's weights back yet"):
         job.finetune(loaded, _folder(tmp_path / "data", 16), tofu_export.ToFuConfig(r=2), DistillSettings(steps=1),
                      tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
@@ -237,3 +237,90 @@ def test_eval_of_a_tuned_checkpoint_compares_with_the_one_it_was_tuned_from(tune
     notes: list[str] = []
     assert tuned_reference(moved / out.name, notes) is None
     assert "pass --reference ORIGINAL" in notes[0]
+
+
+@pytest.fixture(scope="module")
+def tuned_hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, dict]:
+    """One fine-tuning of a tiny random transformers DINOv2 folder (with a preprocessor config) through the
+    command: (source folder, data folder, tuned folder, its --json report)."""
+    transformers = pytest.importorskip("transformers")
+    work = tmp_path_factory.mktemp("finetune_hf")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=4)
+    source = work / "dinov2"
+    transformers.Dinov2Model(config).eval().save_pretrained(source)
+    (source / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 36},
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "resample": 3,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    data = _folder(work / "data")
+    out = work / "tuned"
+    result = _invoke(source, data, "--r", 4, "--steps", 12, "--batch", 4, "--lr", "1e-3", "--images", 12,
+                     "--holdout", 8, "--threads", 1, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.output and "Writing model shards" not in result.output  # no foreign bars
+    return source, data, out, json.loads(result.stdout)
+
+
+def test_a_transformers_model_is_written_back_as_a_folder_that_loads_as_the_model_scored(tuned_hf) -> None:
+    from tofu_export.evaluation.data import model_transform
+    from tofu_export.finetune.origin import tuned_origin
+    from tofu_export.images import decode_images
+
+    source, data, out, report = tuned_hf
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "loss.png", "model.safetensors",
+                                                    "preprocessor_config.json", "tofu_finetune.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["data", "dinov2", "tuned"]  # no staging folder left
+    assert (out / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
+    statement = json.loads((out / "tofu_finetune.json").read_text())
+    assert statement["written_by"] == "tofu-export finetune" and statement["tuned_for"]["r"] == [4, 4]
+    assert report["outputs"]["checkpoint"] == str(out) and report["architecture"] == "Dinov2Model"
+    original, loaded = load_model(source), load_model(out)
+    assert loaded.family.name == "transformers" and loaded.arch.name == "Dinov2Model"
+    assert any("tuned by tofu-export finetune for mode tofu" in note for note in loaded.arch.notes)
+    assert model_transform(loaded.model).transforms[0].size == model_transform(original.model).transforms[0].size
+    before, after = original.model.state_dict(), loaded.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].ndim > 1)
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].ndim == 1)
+    _, held_files, _ = split_images(data, 12, 8)
+    held = decode_images(held_files, model_transform(original.model))
+    tofu_export.patch(loaded.model, r=4, mode="tofu")
+    assert held_out_fidelity(loaded.model, held, outputs_of(original.model, held))["mean"] == pytest.approx(
+        report["held_out_after"]["mean"], abs=1e-6)
+    assert tuned_origin(out).path == source.resolve()  # eval measures the reduction against the folder tuned from
+
+
+@pytest.mark.parametrize(("name", "words"), [("tuned.safetensors", "written back as a folder"),
+                                             ("tuned", "nothing is replaced")])
+def test_a_transformers_output_that_is_a_file_name_or_exists_is_refused_before_any_work(tuned_hf, name,
+                                                                                        words) -> None:
+    source, data, out, _ = tuned_hf
+    before = sorted(p.name for p in out.parent.iterdir())
+    result = _invoke(source, data, "--r", 4, "-o", out.parent / name)
+    assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "SiglipVisionModel"])
+def test_other_transformers_encoders_are_written_back_and_load_as_tuned(tuned_hf, tmp_path, name) -> None:
+    """CLIP (a class token, a pre-norm) and SigLIP (no prefix token, an attention-pool head) through the job."""
+    import transformers
+
+    from tofu_export.finetune.job import finetune
+
+    _, data, _, _ = tuned_hf
+    torch.manual_seed(0)
+    config = getattr(transformers, name.replace("Model", "Config"))(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=4)
+    getattr(transformers, name)(config).eval().save_pretrained(tmp_path / "source")
+    source = load_model(tmp_path / "source")
+    finetune(source, data, tofu_export.ToFuConfig(r=4), DistillSettings(steps=3, batch=4, lr=1e-2),
+             tmp_path / "tuned", images=8, holdout=8, progress=False)
+    back = load_model(tmp_path / "tuned")
+    assert back.arch.name == name and any("tuned by tofu-export finetune" in note for note in back.arch.notes)
+    before, after = source.model.state_dict(), back.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].ndim > 1)
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].ndim == 1)

@@ -6,6 +6,7 @@ tofu-export wrote (recognised by its content), never through a link or into a sp
   file the recogniser does not claim, two outputs at one path (``-o result.png`` for a policy whose plot is
   ``result.png``), an output that is one of the inputs, a folder above that cannot be made.
 - ``check_output_folder(folder, ours)``: a folder a command adds files to (a sweep): new, empty, or ours.
+- ``check_new_path(path, what)``: an output made whole and moved into place (a tuned model's folder): new only.
 - ``check_not_an_input(out, inputs)``: an output that equals or contains an input is refused.
 
 The recognisers read at most ``_SNIFF_BYTES`` of a file and never follow special files.
@@ -187,6 +188,15 @@ def _check_file_output(output: FileOutput) -> None:
         raise OutputPathError(f"{path} exists and is not a tofu-export {output.what} (it was not written by "
                               "tofu-export), so it is left alone", hint=hint)
     check_parent(path, output.option)
+
+
+def check_new_path(path: Path, what: str, inputs: Sequence[str | Path] = (), option: str = "out") -> None:
+    """An output made whole and moved into place, never added to or replaced: nothing may be at ``path``."""
+    if os.path.lexists(path):
+        raise OutputPathError(f"{path} exists; the {what} is written as a new path and nothing is replaced",
+                              hint=Hint(option, None, "with a new path"))
+    check_parent(path, option)
+    check_not_an_input(path, inputs, option)
 
 
 def check_output_folder(folder: Path, ours: Recogniser, *, what: str, option: str = "out") -> None:

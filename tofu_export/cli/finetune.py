@@ -1,5 +1,6 @@
 """``tofu-export finetune CHECKPOINT DATA``: tune a checkpoint to run with its token reduction, by distilling it
-towards its own unreduced outputs on your images; writes OUT.safetensors, OUT.json and OUT.png."""
+towards its own unreduced outputs on your images; writes OUT.safetensors, OUT.json and OUT.png (a timm model) or
+the folder OUT (a transformers model)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from tofu_export.cli.output import print_json, print_line, print_table, steps
 
 
 def finetune(
-    checkpoint: Annotated[str, typer.Argument(help="The model: a timm checkpoint file (or a timm name: random "
-                                              "weights).")],
+    checkpoint: Annotated[str, typer.Argument(help="The model: a timm checkpoint file, a transformers "
+                                              "save_pretrained folder, or a timm name (random weights).")],
     data: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder, or a dataset root with train/ "
                                          "(used). No labels are needed.")],
     model: ModelOptions,
@@ -29,9 +30,11 @@ def finetune(
     holdout: Annotated[int, typer.Option("--holdout", help="Further images of DATA, never trained on, that the "
                                          "fidelity before and after is measured on.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batches drawn.")] = 0,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Weights to write, OUT.safetensors; OUT.json "
-                                             "(architecture, what they were tuned for) and OUT.png (the loss) go "
-                                             "beside [default: CHECKPOINT-MODE-rR-tuned.safetensors here].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Weights to write. A timm model: OUT.safetensors, "
+                                             "with OUT.json (architecture, what they were tuned for) and OUT.png "
+                                             "(the loss) beside; a transformers model: a new folder OUT (its config, "
+                                             "model.safetensors, tofu_finetune.json, loss.png) [default: "
+                                             "CHECKPOINT-MODE-rR-tuned(.safetensors) here].")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Tune a checkpoint to keep its outputs with ToFu's token reduction in the loop.
@@ -39,7 +42,8 @@ def finetune(
     The unreduced model's outputs on DATA's images are the targets (no labels); a copy patched with the reduction
     you will export (--r, --mode or --policy) learns to match them (1 - cosine), by default in its norms, biases
     and LayerScale only. Fidelity (cosine to the unreduced model) is measured on held-out images before and after.
-    Export the tuned weights with the same reduction.
+    Export the tuned weights with the same reduction. timm ViTs and Eva models are written back as a .safetensors
+    file, transformers vision encoders as a save_pretrained folder; open_clip towers are not written back yet.
 
     Example:
 
@@ -54,9 +58,10 @@ def finetune(
     settings = DistillSettings(steps=steps_, batch=batch, lr=lr, weights=weights, seed=seed)  # type: ignore[arg-type]
     check_settings(settings, images, holdout)
     config = tofu.build(model.img_size)
+    folder = Path(checkpoint).is_dir()  # a transformers folder is written back as a folder
     if out is None:
-        out = Path(f"{Path(checkpoint).name.split('.')[0]}-{tofu.label}-tuned.safetensors")
-    FinetuneOutputs.at(out).check([checkpoint, data])
+        out = Path(f"{Path(checkpoint).name.split('.')[0]}-{tofu.label}-tuned{'' if folder else '.safetensors'}")
+    FinetuneOutputs.at(out, folder=folder).check([checkpoint, data])
     from tofu_export.finetune.job import finetune as run
 
     with steps(enabled=not as_json) as step:
@@ -123,4 +128,5 @@ def print_report(report: dict[str, Any], flags: str) -> None:
         print_line(console, "note: the tuned model is not clearly closer to the unreduced one on the held-out images "
                    "(the gain is under two standard errors); keep the original weights, or tune on more --images. "
                    "Tuning where the reduction costs little can cost fidelity on images unlike DATA (README)")
-    print_line(console, f"next: tofu-export {written['weights']} {flags}   (the reduction the weights were tuned for)")
+    print_line(console, f"next: tofu-export {written['checkpoint']} {flags}   (the reduction the weights were tuned "
+               "for)")

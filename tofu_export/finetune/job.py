@@ -2,9 +2,10 @@
 
 The whole job in order: pick training and held-out images from one folder (disjoint, evenly spread), run the
 unreduced model once on both (the targets), patch a copy with ToFu, score it on the held-out images, distil
-(``finetune.distill``), score it again, and write the tuned weights (``.safetensors``), a sidecar stating the
-architecture and what the weights were tuned for (so every command reads them as it reads a timm hub file), and
-a plot of the loss. Nothing is written until the training is done; no existing file is replaced.
+(``finetune.distill``), score it again, and write the tuned weights where the model's family reads them back (a
+timm model: ``.safetensors`` with a sidecar stating the architecture, read as a timm hub file is; a transformers
+model: a ``save_pretrained`` folder), a statement of what the weights were tuned for, and a plot of the loss.
+Nothing is written until the training is done; nothing existing is replaced.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tofu_export.errors import Hint, UserError
 from tofu_export.finetune.distill import TRAINED_WEIGHTS, DistillSettings
 from tofu_export.images import ImageError, decode_images, evenly_spaced
-from tofu_export.output_paths import FileOutput, check_file_outputs, is_tofu_png
+from tofu_export.output_paths import FileOutput, check_file_outputs, check_new_path, is_tofu_png
 from tofu_export.reports.artifact import clip_notes
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from tofu_export.config import ToFuConfig
     from tofu_export.models.family import LoadedModel
 
-TUNABLE_FAMILIES = ("timm", "timm_eva")  # whose weights are written back as a timm state dict with a sidecar
 MIN_IMAGES = 8  # training images, and held-out images (a standard error over fewer says little)
 BATCH = 32  # images a forward of the targets and the held-out scores takes
 
@@ -46,22 +46,42 @@ class FinetuneDataError(ImageError, FinetuneError):
 
 @dataclass(frozen=True)
 class FinetuneOutputs:
-    """The three files a fine-tuning writes: the weights, the sidecar beside them, the loss plot."""
+    """What a fine-tuning writes: the weights, the statement of what they are, the loss plot. A timm model's as
+    three files (``OUT.safetensors``, ``OUT.json``, ``OUT.png``); a transformers model's inside a new folder ``OUT``
+    (``folder``) that its loader reads, beside its config."""
 
     weights: Path
     sidecar: Path
     plot: Path
+    folder: Path | None = None
 
     @classmethod
-    def at(cls, out: str | Path) -> FinetuneOutputs:
+    def at(cls, out: str | Path, *, folder: bool = False) -> FinetuneOutputs:
+        """The outputs for ``-o out``: files for a timm model, a folder (``folder``) for a transformers one."""
+        from tofu_export.models.loading import FOLDER_STATEMENT
+
         out = Path(out)
+        if folder:
+            if out.suffix == ".safetensors":
+                raise FinetuneError(f"{out}: a transformers model is written back as a folder (config.json, "
+                                    f"model.safetensors, ...); name the folder {out.with_suffix('').name}",
+                                    hint=Hint("out", None, "OUT (a new folder)"))
+            return cls(out / "model.safetensors", out / FOLDER_STATEMENT, out / "loss.png", folder=out)
         if out.suffix != ".safetensors":
             raise FinetuneError(f"{out}: tuned weights are written as .safetensors; name the file "
                                 f"{out.with_suffix('.safetensors').name}", hint=Hint("out", None, "OUT.safetensors"))
         return cls(out, out.with_suffix(".json"), out.with_suffix(".png"))
 
+    @property
+    def checkpoint(self) -> Path:
+        """What a command is given to load the tuned model: the weights file, or the folder."""
+        return self.folder or self.weights
+
     def check(self, inputs: list[str | Path]) -> None:
         """Refuse, before any work, outputs that exist (the plot only where tofu-export did not write it)."""
+        if self.folder is not None:  # a new folder, or nothing: a checkpoint folder is never added to or replaced
+            check_new_path(self.folder, "tuned model folder", inputs)
+            return
         never = lambda path: False  # noqa: E731  (a checkpoint and its sidecar are never replaced)
         check_file_outputs([FileOutput(self.weights, never, "tuned checkpoint"),
                             FileOutput(self.sidecar, never, "checkpoint sidecar"),
@@ -122,16 +142,16 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
     from tofu_export.evaluation.data import model_transform
     from tofu_export.evaluation.metrics import paired_difference
     from tofu_export.finetune.distill import distill, trained_parameters
-    from tofu_export.models.family import unpatch
+    from tofu_export.models.family import families, unpatch
     from tofu_export.progress import tracker
 
     check_settings(settings, images, holdout)
-    outputs = FinetuneOutputs.at(out)
+    if not loaded.family.tuned_layout:
+        writers = [f.name for f in families() if f.tuned_layout]
+        raise FinetuneError(f"finetune cannot write a {loaded.family.name} model's weights back yet (it writes "
+                            f"{', '.join(writers)} models)")
+    outputs = FinetuneOutputs.at(out, folder=loaded.family.tuned_layout == "folder")
     outputs.check([p for p in (loaded.path, data) if p is not None])
-    family = loaded.family.name
-    if family not in TUNABLE_FAMILIES:
-        raise FinetuneError(f"finetune writes timm checkpoints back; a {family} model is not supported yet "
-                            f"(supported: {', '.join(TUNABLE_FAMILIES)})")
     started = time.perf_counter()
     teacher = loaded.model.eval()
     student = copy.deepcopy(teacher)
@@ -173,40 +193,76 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
         "held_out_before": {k: v for k, v in before.items() if k != "per_image"},
         "held_out_after": {k: v for k, v in after.items() if k != "per_image"},
         "gain": gain, "loss": losses, "seconds": round(time.perf_counter() - started, 1),
-        "outputs": {"weights": str(outputs.weights), "sidecar": str(outputs.sidecar), "plot": str(outputs.plot)},
+        "outputs": {"checkpoint": str(outputs.checkpoint), "weights": str(outputs.weights),
+                    "sidecar": str(outputs.sidecar), "plot": str(outputs.plot)},
     }
-    step(f"writing {outputs.weights.name}, {outputs.sidecar.name} and {outputs.plot.name}")
+    step(f"writing {outputs.folder}" if outputs.folder else
+         f"writing {outputs.weights.name}, {outputs.sidecar.name} and {outputs.plot.name}")
     write_outputs(student, loaded, report, outputs)
     return report
 
 
 def write_outputs(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs) -> None:
-    """The weights, then the sidecar, then the plot; a failure removes what this call wrote before it."""
+    """The weights, then the statement, then the plot, as files (a failure removes those this call wrote) or in a
+    hidden folder moved into place whole; never over anything."""
     from tofu_export.atomic import signals_held
-    from tofu_export.evaluation.data import model_data_config
-    from tofu_export.finetune.plot import plot_loss
-    from tofu_export.models.loading import TUNED_SIDECAR  # the mark the sidecar's reader checks
-    from tofu_export.weights_file import save_safetensors, write_new
+    from tofu_export.models.loading import TUNED_SIDECAR  # the mark the statement's readers check
 
-    config = model_data_config(loaded.model)
-    pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k != "input_size"}
-    statement = {"architecture": loaded.arch.name, "model_args": loaded.arch.kwargs,
-                 "pretrained_cfg": pretrained_cfg, "written_by": TUNED_SIDECAR,
-                 **{k: v for k, v in report.items() if k not in ("loss", "outputs")}}
     metadata = {"written_by": TUNED_SIDECAR, "source_sha256": loaded.sha256 or "",
                 "tuned_for": json.dumps(report["tuned_for"])}
-    written: list[Path] = []
-    outputs.weights.parent.mkdir(parents=True, exist_ok=True)
+    said = {"written_by": TUNED_SIDECAR, **{k: v for k, v in report.items() if k not in ("loss", "outputs")}}
+    write = _write_folder if outputs.folder is not None else _write_files
     with signals_held():
-        try:
-            write_new(outputs.weights, lambda tmp: save_safetensors(model.state_dict(), tmp, metadata),
-                      FinetuneError, "finetune")
-            written.append(outputs.weights)
-            text = json.dumps(statement, indent=2, default=str) + "\n"
-            write_new(outputs.sidecar, lambda tmp: tmp.write_text(text, encoding="utf-8"), FinetuneError, "finetune")
-            written.append(outputs.sidecar)
-            plot_loss(report, outputs.plot)
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)  # ours, written a moment ago: nothing half-written stays
-            raise
+        write(model, loaded, report, outputs, metadata, said)
+
+
+def _statement(built: dict[str, Any], said: dict[str, Any]) -> str:
+    return json.dumps({**built, **said}, indent=2, default=str) + "\n"
+
+
+def _write_files(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs,
+                 metadata: dict[str, str], said: dict[str, Any]) -> None:
+    from tofu_export.finetune.plot import plot_loss
+    from tofu_export.weights_file import write_new
+
+    written: list[Path] = []
+    built: dict[str, Any] = {}
+
+    def weights(tmp: Path) -> None:
+        built.update(loaded.family.write_weights(model, loaded, tmp, metadata))
+
+    outputs.weights.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_new(outputs.weights, weights, FinetuneError, "finetune")
+        written.append(outputs.weights)
+        text = _statement(built, said)
+        write_new(outputs.sidecar, lambda tmp: tmp.write_text(text, encoding="utf-8"), FinetuneError, "finetune")
+        written.append(outputs.sidecar)
+        plot_loss(report, outputs.plot)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)  # ours, written a moment ago: nothing half-written stays
+        raise
+
+
+def _write_folder(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs,
+                  metadata: dict[str, str], said: dict[str, Any]) -> None:
+    import shutil
+
+    from tofu_export.atomic import owner_tag, remove_stale, rename_noreplace
+    from tofu_export.finetune.plot import plot_loss
+
+    folder = outputs.checkpoint
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(folder.parent, f".{folder.name}.", ".tmp")  # left by a killed earlier run
+    staging = folder.parent / f".{folder.name}.{owner_tag()}-finetune.tmp"
+    staging.mkdir()
+    try:
+        built = loaded.family.write_weights(model, loaded, staging, metadata)
+        (staging / outputs.sidecar.name).write_text(_statement(built, said), encoding="utf-8")
+        plot_loss(report, staging / outputs.plot.name)
+        rename_noreplace(staging, folder)
+    except FileExistsError:
+        raise FinetuneError(f"{folder} appeared while it was being written; nothing was replaced") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # ours; gone once moved into place

@@ -9,6 +9,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from tofu_export.reports.png import save_png
+from tofu_export.schedule import compact_r
 
 WINDOW = 10  # steps in the running mean
 
@@ -38,7 +39,7 @@ def plot_loss(report: dict[str, Any], path: str | Path) -> Path:
     axes.set_ylabel("1 - cosine to the unreduced model")
     axes.set_ylim(bottom=0)
     tuned = report["tuned_for"]
-    axes.set_title(f"{report['architecture']}: fine-tuned for {tuned['source']}, r {sorted(set(tuned['r']))}",
-                   fontsize=10)
+    axes.set_title(f"{report['architecture']}: fine-tuned for {tuned['source']}, tokens removed per block "
+                   f"{compact_r(tuned['removes'])}", fontsize=10)
     axes.legend(fontsize=8)
     return save_png(figure, path)

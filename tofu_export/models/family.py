@@ -123,6 +123,18 @@ class ModelFamily(ABC):
         where the checkpoint cannot (a family whose checkpoints state it refuses a contradicting one)."""
         raise UserError(f"the {self.name} family does not read checkpoints ({path})")
 
+    # how ``write_weights`` lays out new weights: "file" (a .safetensors file, its statement in a JSON beside it),
+    # "folder" (a folder as ``load`` reads it, the statement inside), "" (this family does not write weights)
+    tuned_layout: str = ""
+
+    def write_weights(self, model: nn.Module, loaded: LoadedModel, target: Path,
+                      metadata: Mapping[str, str]) -> dict[str, Any]:
+        """Write ``model``'s weights (``loaded``'s architecture, unpatched) where ``load`` reads them back: the file
+        ``target``, or into the existing empty folder ``target`` (``tuned_layout``); ``metadata`` goes into a
+        safetensors header where the family writes one. Returns what a statement beside the weights must say for
+        ``load`` to rebuild the model ({} where the written files say it all)."""
+        raise UserError(f"the {self.name} family does not write weights back")
+
     # -- geometry -------------------------------------------------------------------------------------------------
     @abstractmethod
     def owns(self, model: nn.Module) -> bool:

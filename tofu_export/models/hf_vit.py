@@ -16,7 +16,7 @@ or pooled features), which is what export, eval and profiling run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,15 @@ class HFVisionFamily(ModelFamily):
             raise UserError(f"{path / 'config.json'} states {stated} attention heads, not {num_heads}",
                             hint=Hint("num_heads", None, "leave it out: the config states it"))
         return loaded
+
+    tuned_layout = "folder"
+
+    def write_weights(self, model: nn.Module, loaded: LoadedModel, target: Path,
+                      metadata: Mapping[str, str]) -> dict[str, Any]:
+        from tofu_export.models.hf_vit_load import save_folder
+
+        save_folder(specs.hf_of(model), loaded.path, target)
+        return {}
 
     # -- geometry -------------------------------------------------------------------------------------------------
     def owns(self, model: nn.Module) -> bool:

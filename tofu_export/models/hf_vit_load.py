@@ -5,12 +5,17 @@ at ``img_size`` (rebuilt for it by ``hf_vit_resize.resized``).
 The class comes from ``arch`` or the config's ``architectures``; every value of the architecture is the config's
 own (the head count included: ``num_attention_heads``), so the provenance of each is ``config.json``. Weights files
 are checked by ``checkpoint.load_state_dict`` first (its limits and value checks), then transformers reads them
-(it renames the keys of older checkpoints); any missing, unexpected or mis-shaped key is an error.
+(it renames the keys of older checkpoints); any missing, unexpected or mis-shaped key is an error. A folder
+``finetune`` wrote (``save_folder``) holds its statement too (``tuned.FOLDER_STATEMENT``), said at every load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,9 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models.family import ArchGuess, LoadedModel
 from tofu_export.models.hf_vit_resize import check_size, resized
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
+from tofu_export.models.tuned import folder_statement, tuned_note
 
-__all__ = ["load_folder"]
+__all__ = ["folder_digest", "load_folder", "save_folder"]
 
 _SAFE = ("model.safetensors", "model.safetensors.index.json")
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -108,8 +114,9 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
         load_state_dict(path, trust_pickle=trust_pickle)  # limits, dtypes and values checked before transformers
     model_class = getattr(transformers, name)
     try:
-        model, info = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe,
-                                                  output_loading_info=True)
+        with _without_progress_bars():
+            model, info = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe,
+                                                      output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"transformers could not read {folder} as {name}: {error}") from error
     _check_loading(folder, name, info)
@@ -128,7 +135,41 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
         provenance={"architecture": "--arch" if arch else "config.json", **{k: "config.json" for k in values},
                     **({"image_size": "--img-size"} if model.config.image_size != size else {})},
     )
+    statement = folder_statement(folder)
+    if statement:  # said at every use: the tuning was measured with this reduction only
+        guess = dataclasses.replace(guess, notes=(*guess.notes, tuned_note(folder, statement)))
     return LoadedModel(HFVisionEncoder(model.eval(), preprocess), guess, folder, _folder_digest(files, folder))
+
+
+def folder_digest(folder: Path) -> str:
+    """The content hash ``load_folder`` gives the checkpoint ``folder`` (its weights files, listed, not read)."""
+    files, _ = _weights_files(folder, trust_pickle=True)
+    return _folder_digest(files, folder)
+
+
+def save_folder(model: Any, source: Path | None, folder: Path) -> None:
+    """Write the transformers ``model`` into the existing ``folder`` as ``load_folder`` reads it: its config and
+    ``model.safetensors`` (``save_pretrained``), and the preprocessing of the folder it came from (``source``'s
+    ``preprocessor_config.json``) where there was one."""
+    with _without_progress_bars():
+        model.save_pretrained(str(folder), safe_serialization=True)
+    if source is not None and (source / "preprocessor_config.json").is_file():
+        shutil.copyfile(source / "preprocessor_config.json", folder / "preprocessor_config.json")
+
+
+@contextlib.contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """transformers' own bars (loading, writing shards) off: the commands report their steps, and a bar drawn
+    between them breaks their lines."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _check_loading(folder: Path, name: str, info: dict[str, Any]) -> None:

@@ -9,9 +9,11 @@ from typing import Any
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 from tofu_export.models.family import LoadedModel, family_for_checkpoint
-from tofu_export.models.timm_vit_evidence import TUNED_SIDECAR, read_evidence
+from tofu_export.models.timm_vit_evidence import read_evidence
+from tofu_export.models.tuned import FOLDER_STATEMENT, TUNED_SIDECAR, folder_statement
 
-__all__ = ["TUNED_SIDECAR", "LoadedModel", "load_model", "stated_at_export", "tuned_statement"]
+__all__ = ["FOLDER_STATEMENT", "TUNED_SIDECAR", "LoadedModel", "checkpoint_digest", "load_model", "stated_at_export",
+           "tuned_statement"]
 
 
 def load_model(
@@ -59,6 +61,21 @@ def stated_at_export(folder: Path) -> tuple[str | None, int | None]:
 
 
 def tuned_statement(path: Path) -> dict[str, Any]:
-    """The sidecar ``tofu-export finetune`` wrote beside the checkpoint file ``path`` (what it was tuned for, the
-    checkpoint it was tuned from), read as every timm checkpoint's sidecar is; {} for any other checkpoint."""
+    """What ``tofu-export finetune`` stated about the checkpoint ``path`` it wrote (what it was tuned for, the
+    checkpoint it was tuned from): the sidecar beside a file, read as every timm checkpoint's sidecar is, or the
+    statement inside a folder; {} for any other checkpoint."""
+    if path.is_dir():
+        return folder_statement(path)
     return read_evidence(path).tuned if path.is_file() else {}
+
+
+def checkpoint_digest(path: Path) -> str:
+    """The content hash a load of the checkpoint ``path`` records (``LoadedModel.sha256``): a file's sha256, or a
+    transformers folder's (its weights files') hash; nothing is loaded."""
+    if path.is_dir():
+        from tofu_export.models.hf_vit_load import folder_digest
+
+        return folder_digest(path)
+    from tofu_export.hashing import sha256_file
+
+    return sha256_file(path)

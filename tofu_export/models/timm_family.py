@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models import timm_vit
 from tofu_export.models.family import ArchGuess, FlopCosts, LoadedModel, ModelFamily
 from tofu_export.models.reduction import ToFuState, head_mean_keys, start_forward
-from tofu_export.schedule import RSpec, TokenPlan, compact_r
+from tofu_export.models.tuned import tuned_note
+from tofu_export.schedule import RSpec, TokenPlan
 from tofu_export.sizes import as_pair
 
 
@@ -96,6 +97,19 @@ class TimmFamily(ModelFamily):
         provenance = {"architecture": f"timm registry {name}", **({"num_heads": "given"} if num_heads else {})}
         guess = ArchGuess(name=name, kwargs=kwargs, reason="timm model name (random weights)", provenance=provenance)
         return LoadedModel(model, guess, None, None)
+
+    tuned_layout = "file"
+
+    def write_weights(self, model: nn.Module, loaded: LoadedModel, target: Path,
+                      metadata: Mapping[str, str]) -> dict[str, Any]:
+        """A ``.safetensors`` state dict; the statement beside it names the architecture, the arguments it was
+        built with and its preprocessing, as a timm hub ``config.json`` does (``timm_vit_evidence`` reads it)."""
+        from tofu_export.weights_file import save_safetensors
+
+        save_safetensors(model.state_dict(), target, metadata)
+        config = self.data_config(model)
+        pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k != "input_size"}
+        return {"architecture": loaded.arch.name, "model_args": loaded.arch.kwargs, "pretrained_cfg": pretrained_cfg}
 
     # -- geometry -------------------------------------------------------------------------------------------------
     def owns(self, model: nn.Module) -> bool:
@@ -181,14 +195,3 @@ class TimmFamily(ModelFamily):
 
     def pooled_output(self, model: nn.Module, x: Tensor) -> Tensor:
         return model.forward_head(model.norm(x), pre_logits=True)  # a patched model's pool is size-weighted
-
-
-def tuned_note(path: Path, statement: dict[str, Any]) -> str:
-    """The note for weights `tofu-export finetune` wrote (``statement``: its sidecar): the reduction they were tuned
-    for."""
-    tuned_for = statement.get("tuned_for") if isinstance(statement.get("tuned_for"), dict) else {}
-    removes = tuned_for.get("removes") or tuned_for.get("r") or []
-    modes = sorted(set(tuned_for.get("modes") or []))
-    return (f"{path.name} was tuned by tofu-export finetune for {tuned_for.get('source', 'a token reduction')} "
-            f"(tokens removed per block {compact_r(removes)}, {'/'.join(modes) or 'modes not stated'}): export it "
-            "with that reduction; with another, its fidelity was not measured")

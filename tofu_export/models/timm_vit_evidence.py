@@ -38,8 +38,7 @@ import torch
 
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
-
-TUNED_SIDECAR = "tofu-export finetune"  # the mark `finetune` writes in its sidecar (``written_by``)
+from tofu_export.models.tuned import is_tuned_statement
 
 __all__ = ["Evidence", "Statement", "check_float_weights", "check_sequential_blocks", "read_evidence",
            "state_architecture"]
@@ -113,7 +112,7 @@ def read_evidence(path: Path, record: Mapping[str, Any] | None = None) -> Eviden
             return Evidence(candidate.name, name if isinstance(name, str) else None,
                             dict(args) if isinstance(args, dict) else {}, checkpoint=path.name,
                             preprocessing=stated_preprocessing(data.get("pretrained_cfg")),
-                            tuned=data if data.get("written_by") == TUNED_SIDECAR else {})
+                            tuned=data if is_tuned_statement(data) else {})
     return Evidence(checkpoint=path.name)
 
 

@@ -1,0 +1,46 @@
+"""What ``tofu-export finetune`` states about the weights it wrote, as every family reads it back.
+
+A tuned checkpoint carries a JSON statement (what it was tuned for, the checkpoint it was tuned from), marked
+``written_by: TUNED_SIDECAR``: beside a timm ``.safetensors`` file as its ``<stem>.json`` sidecar (read with the
+rest of the file's evidence, ``timm_vit_evidence``), inside a transformers folder as ``FOLDER_STATEMENT``. Every
+command that loads such weights says which reduction they were tuned for (``tuned_note``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tofu_export.schedule import compact_r
+
+TUNED_SIDECAR = "tofu-export finetune"  # the mark `finetune` writes in its statement (``written_by``)
+FOLDER_STATEMENT = "tofu_finetune.json"  # the statement's name inside a folder checkpoint
+
+__all__ = ["FOLDER_STATEMENT", "TUNED_SIDECAR", "folder_statement", "is_tuned_statement", "tuned_note"]
+
+
+def is_tuned_statement(data: object) -> bool:
+    """Whether ``data`` (a parsed JSON file) is a statement ``finetune`` wrote."""
+    return isinstance(data, dict) and data.get("written_by") == TUNED_SIDECAR
+
+
+def folder_statement(folder: Path) -> dict[str, Any]:
+    """The statement ``finetune`` wrote inside the checkpoint folder ``folder``; {} where there is none (or it is
+    not readable JSON, or another tool wrote a file of that name)."""
+    try:
+        data = json.loads((folder / FOLDER_STATEMENT).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if is_tuned_statement(data) else {}
+
+
+def tuned_note(path: Path, statement: dict[str, Any]) -> str:
+    """The note for weights `tofu-export finetune` wrote (``statement``: what it stated): the reduction they were
+    tuned for."""
+    tuned_for = statement.get("tuned_for") if isinstance(statement.get("tuned_for"), dict) else {}
+    removes = tuned_for.get("removes") or tuned_for.get("r") or []
+    modes = sorted(set(tuned_for.get("modes") or []))
+    return (f"{path.name} was tuned by tofu-export finetune for {tuned_for.get('source', 'a token reduction')} "
+            f"(tokens removed per block {compact_r(removes)}, {'/'.join(modes) or 'modes not stated'}): export it "
+            "with that reduction; with another, its fidelity was not measured")
