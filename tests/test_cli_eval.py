@@ -150,3 +150,17 @@ def test_eval_of_a_backbone_pairs_its_cosines_with_tomes_image_by_image(files: d
     assert paired["difference"] == pytest.approx(report["metrics"]["cosine_mean"] - report["tome"]["cosine_mean"])
     code, text = _invoke("eval", str(tmp_path / "backbone.safetensors"), str(files["data"]), "--r", "4")
     assert code == 0 and f"{paired['difference']:+.5f} ± {paired['standard_error']:.5f}" in text, text
+
+
+def test_eval_at_another_input_size_loads_the_checkpoint_at_that_size(files: dict[str, Path]) -> None:
+    """``--img-size`` reaches the load (it was taken by the reduction's plan only: the 64 px model then refused 32 px
+    inputs with an internal error); the reference is the checkpoint at that size too."""
+    from tofu_export.models.loading import load_model
+
+    code, output = _invoke("eval", str(files["checkpoint"]), str(files["data"]), "--img-size", "32", "--r", "1",
+                           "--json", "--no-compare-tome")
+    assert code == 0, output
+    report = json.loads(output[output.index("{"):])
+    assert report["r"] == [1, 1]  # 5 tokens at 32 px: one a block
+    reference = load_model(files["checkpoint"], img_size=32).model
+    assert report["metrics"]["reference_top1"] == pytest.approx(_top1_by_hand(reference, files["data"]))

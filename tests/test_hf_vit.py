@@ -205,6 +205,30 @@ def test_save_pretrained_folder_loads_with_provenance(saved_dinov2: tuple[Path, 
         torch.testing.assert_close(loaded.model(images), original(images), rtol=0, atol=1e-5)  # SDPA vs eager
 
 
+def test_an_artifact_exported_from_a_folder_at_another_size_is_evaluated_against_that_folder(
+        saved_dinov2: tuple[Path, HFVisionEncoder], tmp_path: Path) -> None:
+    """The manifest records the folder (its content hash, not a file's) and the size the graph takes: eval finds the
+    folder and reloads it at that size (a folder was refused as "not there"; the size was the folder's own)."""
+    import numpy as np
+    from PIL import Image
+
+    from tofu_export.config import ExportConfig, OnnxConfig, ToFuConfig
+    from tofu_export.jobs.evaluate import evaluate_model
+    from tofu_export.pipeline import run_export
+
+    folder, _ = saved_dinov2
+    rng = np.random.default_rng(0)
+    for k in range(4):  # an ImageFolder: two classes
+        (tmp_path / "data" / str(k % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "data" / str(k % 2) /
+                                                                               f"{k}.png")
+    out = tmp_path / "artifact"
+    run_export(folder, out, ExportConfig(tofu=ToFuConfig(r=2, img_size=48), onnx=OnnxConfig(exporter="torchscript")))
+    report = evaluate_model(out / "model.onnx", tmp_path / "data", tofu=ToFuConfig(r=2), compare_tome=False)
+    assert report["task"] == "fidelity" and report["n_eval"] == 4 and report["r"] == [2, 2, 2]
+    assert 0.9 < report["metrics"]["cosine_mean"] <= 1.0 + 1e-6
+
+
 def test_pickled_folder_needs_trust(saved_dinov2: tuple[Path, HFVisionEncoder], tmp_path: Path) -> None:
     folder, original = saved_dinov2
     (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())

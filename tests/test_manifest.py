@@ -94,7 +94,7 @@ def _artifact(tmp_path: Path, checkpoint: Path, sha256: str | None = None) -> Pa
 def test_eval_takes_the_reference_from_the_manifest(tmp_path: Path) -> None:
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"weights")
-    path, mode, r = artifact_reference(_artifact(tmp_path, checkpoint), None)
+    path, mode, r, _ = artifact_reference(_artifact(tmp_path, checkpoint), None)
     assert (path, mode, r) == (checkpoint, "tofu", [8, 6])  # the plan's r, not the requested
 
 

@@ -51,7 +51,7 @@ def eval_command(
     report = evaluate_model(
         model_path, data, tofu=config, reference=reference, arch=model.arch,
         num_heads=model.num_heads, trust_pickle=model.trust_pickle, batch_size=batch_size, limit=limit,
-        threads=runtime.threads, compare_tome=compare_tome,
+        threads=runtime.threads, compare_tome=compare_tome, img_size=model.img_size,
     )
     if as_json:
         print_json(report)

@@ -1,10 +1,10 @@
 """Score a ToFu model (PyTorch, ONNX or TensorRT) against its unreduced reference, and against ToMe at the same
 per-block r, on an image folder.
 
-A deployed artifact's reference is the checkpoint its manifest records (checked against the recorded sha256), unless
-the caller names one; a checkpoint ``finetune`` wrote, or an artifact exported from one, is compared with the
-checkpoint it was tuned from (its sidecar says which). Library warnings raised on the way are collected as notes,
-not printed.
+A deployed artifact's reference is the checkpoint its manifest records (a file or a folder, checked against the
+recorded content hash), loaded at the size the artifact was exported at, unless the caller names one; a checkpoint
+``finetune`` wrote, or an artifact exported from one, is compared with the checkpoint it was tuned from (its
+statement says which). Library warnings raised on the way are collected as notes, not printed.
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ def evaluate_model(
     limit: int | None = None,
     threads: int | None = None,
     compare_tome: bool = True,
+    img_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data``: a checkpoint is patched with ``tofu`` in PyTorch; a deployed artifact
     (``.onnx``, ``.engine``, or the artifact folder: its ``model.onnx``) is run as is. Either is compared with
     ``reference`` (default: the checkpoint itself unreduced, or the one the artifact's manifest records; for a tuned
-    checkpoint, the one it was tuned from), and ToMe at the same r runs on that reference.
+    checkpoint, the one it was tuned from), and ToMe at the same r runs on that reference. Checkpoints are loaded at
+    ``img_size`` (default: a checkpoint's own size, an artifact's the size it was exported at), the reference at the
+    candidate's size.
 
     Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "vs_tome", "notes"}``; ``r``
     is the per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked
@@ -59,20 +62,21 @@ def evaluate_model(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
-            reference_path, mode, r = artifact_reference(model, reference)
+            reference_path, mode, r, exported_at = artifact_reference(model, reference)
             if reference is None:  # exported from a tuned checkpoint: compared with the one it was tuned from
                 reference_path = tuned_reference(reference_path, notes) or reference_path
             if reference is None and arch is None and num_heads is None:  # as the artifact's export was told
                 arch, num_heads = stated_at_export(model.parent)
-            reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle,
-                                         num_heads=num_heads).model
+            reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads,
+                                         img_size=img_size or exported_at).model
             candidate = open_runner(model, threads=threads)
             description = str(model)
         else:
-            tuned = load_model(model, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads).model
+            loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads, img_size=img_size)
+            tuned = loaded.model
             origin = Path(reference) if reference is not None else tuned_reference(model, notes)
-            reference_model = tuned if origin is None else load_model(origin, arch=arch, trust_pickle=trust_pickle,
-                                                                      num_heads=num_heads).model
+            reference_model = tuned if origin is None else load_model(
+                origin, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads, img_size=loaded.img_size).model
             patched = copy.deepcopy(tuned)
             resolved = tofu.patch(patched, static=False)
             mode, r = tofu.label, list(resolved.plan.r)
@@ -94,16 +98,19 @@ def evaluate_model(
             "notes": notes}
 
 
-def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path, str, list[int]]:
-    """The checkpoint to compare a deployed artifact with, its mode and the per-block r, from the manifest beside
-    it; a named ``reference`` wins. The recorded sha256 must match the file found."""
-    from tofu_export.hashing import sha256_file
+def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path, str, list[int], int | None]:
+    """The checkpoint to compare a deployed artifact with (a file or a folder), its mode, the per-block r and the
+    input size it was exported at (None: not recorded, or not square), from the manifest beside it; a named
+    ``reference`` wins. The recorded content hash must match the checkpoint found."""
     from tofu_export.manifest import MANIFEST, Manifest
+    from tofu_export.models.loading import checkpoint_digest
 
     manifest = Manifest.read(model.parent) if (model.parent / MANIFEST).is_file() else None
     mode, r = (manifest.tofu.mode, list(manifest.tofu.r)) if manifest else ("unknown", [])
+    size = manifest.img_size if manifest else []
+    exported_at = int(size[0]) if len(size) == 2 and size[0] == size[1] else None
     if reference is not None:
-        return Path(reference), mode, r
+        return Path(reference), mode, r, exported_at
     if manifest is None:
         raise EvaluationError(
             f"{model} is a deployed artifact without a tofu-export manifest beside it: its outputs are compared "
@@ -112,13 +119,13 @@ def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path,
         )
     recorded = Path(manifest.input.path)
     path = recorded if recorded.is_absolute() or recorded.exists() else model.parent / recorded
-    if not path.is_file():
+    if not path.exists():
         raise EvaluationError(f"the checkpoint {recorded} recorded in {model.parent / MANIFEST} is not there (the "
                               "artifact was exported elsewhere); name it", hint=Hint("reference", "CHECKPOINT"))
-    if manifest.input.sha256 and sha256_file(path) != manifest.input.sha256:
+    if manifest.input.sha256 and checkpoint_digest(path) != manifest.input.sha256:
         raise EvaluationError(f"{path} is not the checkpoint {model} was exported from (its sha256 differs from the "
                               "manifest's); name the right one", hint=Hint("reference", "CHECKPOINT"))
-    return path, mode, r
+    return path, mode, r, exported_at
 
 
 def tuned_reference(checkpoint: Path, notes: list[str]) -> Path | None:
