@@ -23,6 +23,7 @@ from tofu_export.merge import reduce_tokens  # noqa: E402
 from tofu_export.models.family import family_of, is_patched, patch, patched, unpatch  # noqa: E402
 from tofu_export.models.hf_vit import HFVisionEncoder, wrap  # noqa: E402
 from tofu_export.models.hf_vit_specs import layers_of  # noqa: E402
+from tofu_export.models.loading import checkpoint_digest  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -201,6 +202,7 @@ def test_save_pretrained_folder_loads_with_provenance(saved_dinov2: tuple[Path, 
     assert isinstance(loaded.model, HFVisionEncoder) and loaded.arch.name == "Dinov2WithRegistersModel"
     assert loaded.arch.kwargs["num_attention_heads"] == 2
     assert loaded.arch.provenance["num_attention_heads"] == "config.json" and len(loaded.sha256) == 64
+    assert checkpoint_digest(folder) == loaded.sha256  # what eval checks an artifact's checkpoint by
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(images), original(images), rtol=0, atol=1e-5)  # SDPA vs eager
 

@@ -97,6 +97,9 @@ def test_hub_folder_is_the_visual_tower_only(files: dict[str, Path], reference: 
     assert len(asked) == len(tower.state_dict())  # every tower tensor, nothing else
     assert loaded.arch.kwargs["heads"] == 2 and "beside the checkpoint" in loaded.arch.provenance["heads"]
     assert loaded.family.data_config(tower)["mean"] == tuple(PREPROCESS["mean"]) and loaded.img_size == IMG
+    from tofu_export.models.loading import checkpoint_digest  # what eval checks an artifact's checkpoint by
+
+    assert checkpoint_digest(files["hub"]) == loaded.sha256
     with torch.no_grad():
         torch.testing.assert_close(tower(_images()), reference.encode_image(_images()), rtol=0, atol=0)
 

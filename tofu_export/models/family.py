@@ -123,6 +123,13 @@ class ModelFamily(ABC):
         where the checkpoint cannot (a family whose checkpoints state it refuses a contradicting one)."""
         raise UserError(f"the {self.name} family does not read checkpoints ({path})")
 
+    def digest(self, path: Path) -> str:
+        """The content hash ``load`` records for the checkpoint ``path`` (``LoadedModel.sha256``), nothing loaded:
+        by default the file's sha256."""
+        from tofu_export.hashing import sha256_file
+
+        return sha256_file(path)
+
     # how ``write_weights`` lays out new weights: "file" (a .safetensors file, its statement in a JSON beside it),
     # "folder" (a folder as ``load`` reads it, the statement inside), "" (this family does not write weights)
     tuned_layout: str = ""

@@ -131,6 +131,11 @@ class HFVisionFamily(ModelFamily):
                             hint=Hint("num_heads", None, "leave it out: the config states it"))
         return loaded
 
+    def digest(self, path: Path) -> str:
+        from tofu_export.models.hf_vit_load import folder_digest
+
+        return folder_digest(path)
+
     tuned_layout = "folder"
 
     def write_weights(self, model: nn.Module, loaded: LoadedModel, target: Path,

@@ -70,12 +70,7 @@ def tuned_statement(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_digest(path: Path) -> str:
-    """The content hash a load of the checkpoint ``path`` records (``LoadedModel.sha256``): a file's sha256, or a
-    transformers folder's (its weights files') hash; nothing is loaded."""
-    if path.is_dir():
-        from tofu_export.models.hf_vit_load import folder_digest
-
-        return folder_digest(path)
-    from tofu_export.hashing import sha256_file
-
-    return sha256_file(path)
+    """The content hash a load of the checkpoint ``path`` records (``LoadedModel.sha256``), as the family that reads
+    it computes it (a file's sha256, a transformers folder's weights files', an open_clip folder's weights file's);
+    nothing is loaded."""
+    return family_for_checkpoint(path).digest(path)

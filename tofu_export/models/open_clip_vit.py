@@ -107,6 +107,12 @@ class OpenClipFamily(ModelFamily):
     def names_arch(self, arch: str) -> bool:
         return arch.startswith("open_clip:")
 
+    def digest(self, path: Path) -> str:
+        from tofu_export.hashing import sha256_file
+        from tofu_export.models.open_clip_load import weights_file
+
+        return sha256_file(weights_file(path))  # a hub folder's weights file, as load_open_clip records it
+
     def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
              num_heads: int | None = None) -> LoadedModel:
         from tofu_export.models.open_clip_load import load_open_clip
