@@ -46,6 +46,27 @@ def _student_and_targets(make_vit, make_images):
     return teacher, student, images, targets
 
 
+def _only_vectors_moved(before: torch.nn.Module, after: torch.nn.Module) -> None:
+    """What ``--weights vectors`` trains, as written back: every matrix as it was, some vector changed."""
+    old, new = before.state_dict(), after.state_dict()
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in old if old[k].ndim > 1)
+    assert any(not torch.equal(old[k], new[k]) for k in old if old[k].ndim == 1)
+
+
+def _rescored(original: torch.nn.Module, tuned: torch.nn.Module, data: Path, r: int, images: int,
+              holdout: int) -> float:
+    """The held-out fidelity of ``tuned`` read back, scored again here: patched with ``r``, against the original's
+    outputs on the held-out images a fine-tuning of ``images`` and ``holdout`` images of ``data`` kept aside."""
+    from tofu_export.evaluation.data import model_transform
+    from tofu_export.images import decode_images
+
+    _, held_files, _ = split_images(data, images, holdout)
+    held = decode_images(held_files, model_transform(original))
+    tofu_export.patch(tuned, r=r, mode="tofu")
+    return held_out_fidelity(tuned, held, outputs_of(original, held))["mean"]
+
+
 @pytest.mark.parametrize(("weights", "lr"), [("vectors", 1e-3), ("all", 1e-5)])
 def test_distillation_lowers_its_loss_and_trains_only_what_it_names(make_vit, make_images, weights, lr) -> None:
     teacher, student, images, targets = _student_and_targets(make_vit, make_images)
@@ -108,19 +129,9 @@ def test_the_tuned_checkpoint_is_read_back_as_the_model_that_was_scored(tiny_che
     assert any("tuned by tofu-export finetune for mode tofu (tokens removed per block 2 x2, mlerp)" in note
                for note in loaded.arch.notes), loaded.arch.notes  # every command that loads it says so
     assert not any("tuned" in note for note in original.arch.notes)
-    before, after = original.model.state_dict(), loaded.model.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before if before[k].ndim > 1)
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].ndim == 1)
-    from tofu_export.evaluation.data import model_transform
-    from tofu_export.images import decode_images
-
-    _, held_files, _ = split_images(data, 12, 8)
-    held = decode_images(held_files, model_transform(original.model))
-    targets = outputs_of(original.model, held)
-    tofu_export.patch(loaded.model, r=R, mode="tofu")
-    assert held_out_fidelity(loaded.model, held, targets)["mean"] == pytest.approx(
-        report["held_out_after"]["mean"], abs=1e-6)
+    _only_vectors_moved(original.model, loaded.model)
+    assert _rescored(original.model, loaded.model, data, R, 12, 8) == pytest.approx(report["held_out_after"]["mean"],
+                                                                                    abs=1e-6)
 
 
 def test_an_existing_output_is_refused_before_any_work(tuned, tiny_checkpoint) -> None:
@@ -192,13 +203,7 @@ def test_a_timm_eva_is_tuned_and_read_back_with_its_rotary_embeddings(tmp_path) 
     back = load_model(out)
     assert back.family.name == "timm_eva" and back.arch.name == "vit_small_patch16_dinov3"
     assert any("tuned by tofu-export finetune" in note for note in back.arch.notes)
-    from tofu_export.evaluation.data import model_transform
-    from tofu_export.images import decode_images
-
-    _, held_files, _ = split_images(tmp_path / "data", 10, 8)
-    held = decode_images(held_files, model_transform(loaded.model))
-    tofu_export.patch(back.model, r=4, mode="tofu")
-    assert held_out_fidelity(back.model, held, outputs_of(loaded.model, held))["mean"] == pytest.approx(
+    assert _rescored(loaded.model, back.model, tmp_path / "data", 4, 10, 8) == pytest.approx(
         report["held_out_after"]["mean"], abs=1e-6)
 
 
@@ -266,7 +271,6 @@ def tuned_hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
 def test_a_transformers_model_is_written_back_as_a_folder_that_loads_as_the_model_scored(tuned_hf) -> None:
     from tofu_export.evaluation.data import model_transform
     from tofu_export.finetune.origin import tuned_origin
-    from tofu_export.images import decode_images
 
     source, data, out, report = tuned_hf
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "loss.png", "model.safetensors",
@@ -280,15 +284,9 @@ def test_a_transformers_model_is_written_back_as_a_folder_that_loads_as_the_mode
     assert loaded.family.name == "transformers" and loaded.arch.name == "Dinov2Model"
     assert any("tuned by tofu-export finetune for mode tofu" in note for note in loaded.arch.notes)
     assert model_transform(loaded.model).transforms[0].size == model_transform(original.model).transforms[0].size
-    before, after = original.model.state_dict(), loaded.model.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before if before[k].ndim > 1)
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].ndim == 1)
-    _, held_files, _ = split_images(data, 12, 8)
-    held = decode_images(held_files, model_transform(original.model))
-    tofu_export.patch(loaded.model, r=4, mode="tofu")
-    assert held_out_fidelity(loaded.model, held, outputs_of(original.model, held))["mean"] == pytest.approx(
-        report["held_out_after"]["mean"], abs=1e-6)
+    _only_vectors_moved(original.model, loaded.model)
+    assert _rescored(original.model, loaded.model, data, 4, 12, 8) == pytest.approx(report["held_out_after"]["mean"],
+                                                                                    abs=1e-6)
     assert tuned_origin(out).path == source.resolve()  # eval measures the reduction against the folder tuned from
 
 
@@ -320,7 +318,4 @@ def test_other_transformers_encoders_are_written_back_and_load_as_tuned(tuned_hf
              tmp_path / "tuned", images=8, holdout=8, progress=False)
     back = load_model(tmp_path / "tuned")
     assert back.arch.name == name and any("tuned by tofu-export finetune" in note for note in back.arch.notes)
-    before, after = source.model.state_dict(), back.model.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before if before[k].ndim > 1)
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].ndim == 1)
+    _only_vectors_moved(source.model, back.model)
