@@ -50,6 +50,10 @@ def finetune(
       tofu-export finetune dinov2.safetensors data/fashion-mnist --r 24 -o dinov2-r24.safetensors
 
     then: tofu-export dinov2-r24.safetensors --r 24
+
+      tofu-export finetune dinov2-hf/ data/fashion-mnist --r 24 -o dinov2-hf-r24
+
+    (a transformers folder in, a folder out: tofu-export dinov2-hf-r24 --r 24)
     """
     from tofu_export.finetune.distill import DistillSettings
     from tofu_export.finetune.job import FinetuneOutputs, check_settings
