@@ -231,6 +231,16 @@ def test_an_artifact_exported_from_a_folder_at_another_size_is_evaluated_against
     assert 0.9 < report["metrics"]["cosine_mean"] <= 1.0 + 1e-6
 
 
+def test_the_sweeps_estimate_times_a_forward_at_the_folders_own_size(saved_dinov2: tuple[Path, HFVisionEncoder]
+                                                                      ) -> None:
+    """The sweep's unit of work (one batch-1 forward) at the size the family states: it read timm's
+    ``patch_embed`` and ended a sweep of any transformers folder with an internal error."""
+    from tofu_export.sweep.job import _forward_ms
+
+    folder, _ = saved_dinov2
+    assert _forward_ms(load_model(folder)) > 0
+
+
 def test_pickled_folder_needs_trust(saved_dinov2: tuple[Path, HFVisionEncoder], tmp_path: Path) -> None:
     folder, original = saved_dinov2
     (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())

@@ -165,7 +165,7 @@ def _load(source: str, config: SweepConfig) -> LoadedModel:
 def _forward_ms(loaded: LoadedModel) -> float:
     """One batch-1 forward pass of the unreduced model in PyTorch, in ms (after one untimed pass): the estimate's
     unit of work."""
-    image = torch.zeros(1, 3, *loaded.model.patch_embed.img_size)
+    image = torch.zeros(1, 3, *loaded.family.img_size(loaded.model))  # any family's own size, not timm's attribute
     times = []
     with torch.inference_mode():
         loaded.model(image)
