@@ -214,7 +214,9 @@ def check_output_folder(folder: Path, ours: Recogniser, *, what: str, option: st
     if not stat.S_ISDIR(mode):
         raise OutputPathError(f"the {what} folder {folder} is {_kind(mode) or 'a file'}, not a folder; tofu-export "
                               "never replaces it", hint=hint)
-    if any(os.scandir(folder)) and not ours(folder):
+    with os.scandir(folder) as entries:  # closed here, not left to the collector (a ResourceWarning otherwise)
+        empty = not any(entries)
+    if not empty and not ours(folder):
         raise OutputPathError(f"{folder} already exists, is not empty and was not made by tofu-export (it is not a "
                               f"{what} folder), so nothing is written into it", hint=hint)
     check_parent(folder / "x", option)
