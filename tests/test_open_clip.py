@@ -79,3 +79,13 @@ def test_static_export_passes_parity(tmp_path: Path) -> None:
     assert costs.blocks and [b.block for b in costs.blocks] == list(range(len(costs.blocks)))
     assert all(b.ops["TopK"] >= 2 for b in costs.blocks)  # the matching's two (a third sorts a prefix's)
     unpatch(model)
+
+
+def test_a_frozen_unpatched_tower_exports_through_torchscript(tmp_path: Path) -> None:
+    """A calibration's one-block graphs: unpatched, no weight needing a gradient. nn.MultiheadAttention then takes
+    its fused kernel, which the TorchScript exporter cannot translate (calibrate --exporter torchscript failed on
+    every open_clip tower); the export turns that path off while it traces, and back on after."""
+    model = tower().requires_grad_(False)
+    result = export_onnx(model, tmp_path / "model.onnx", 32, exporter="torchscript", simplify=False)
+    assert result.parity is not None and result.parity.ok
+    assert torch.backends.mha.get_fastpath_enabled()

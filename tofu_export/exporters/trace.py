@@ -56,10 +56,18 @@ def _trace_torchscript(
     output_name: str,
 ) -> None:  # fmt: skip
     axes = {name: {0: "batch"} for name in [*input_names, output_name]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected: shapes *are* constant
-        torch.onnx.export(model, examples, str(path), dynamo=False, opset_version=opset, input_names=list(input_names),
-                          output_names=[output_name], dynamic_axes=axes, do_constant_folding=True)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention (open_clip's towers) takes its fused kernel when no weight needs a gradient, as in a
+    # calibration's one-block graphs; that kernel has no ONNX translation, the plain path does
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected: shapes *are* constant
+            torch.onnx.export(model, examples, str(path), dynamo=False, opset_version=opset,
+                              input_names=list(input_names), output_names=[output_name], dynamic_axes=axes,
+                              do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _trace_dynamo(
