@@ -165,7 +165,7 @@ def test_a_model_it_cannot_write_back_is_refused(make_vit, tmp_path, monkeypatch
     model = make_vit("vit_tiny_patch16_224", depth=1, img_size=32)
     monkeypatch.setattr(type(family_of(model)), "tuned_layout", "")
     loaded = LoadedModel(model, ArchGuess("vit", {}, "test"), None, None)
-    with pytest.raises(FinetuneError, match="cannot write a timm model's weights back yet"):
+    with pytest.raises(FinetuneError, match="cannot write the weights of timm models back yet"):
         job.finetune(loaded, _folder(tmp_path / "data", 16), tofu_export.ToFuConfig(r=2), DistillSettings(steps=1),
                      tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -148,7 +148,7 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
     check_settings(settings, images, holdout)
     if not loaded.family.tuned_layout:
         writers = [f.name for f in families() if f.tuned_layout]
-        raise FinetuneError(f"finetune cannot write a {loaded.family.name} model's weights back yet (it writes "
+        raise FinetuneError(f"finetune cannot write the weights of {loaded.family.name} models back yet (it writes "
                             f"{', '.join(writers)} models)")
     outputs = FinetuneOutputs.at(out, folder=loaded.family.tuned_layout == "folder")
     outputs.check([p for p in (loaded.path, data) if p is not None])
