@@ -56,8 +56,12 @@ def test_calibrate_then_export_with_the_policy(checkpoint, tmp_path) -> None:
     assert record["parity"]["ok"] and record["tensorrt"]["ok"] and record["input_names"] == ["sample", "sigma",
                                                                                              "label"]
     assert DensePolicy.load(out / "policy.json") == loaded
-    again = runner.invoke(app, ["calibrate-denoiser", str(checkpoint), "-o", str(policy)])
-    assert again.exit_code == 2 and "exists" in again.output
+    DensePolicy.check_output(policy)  # a policy it wrote: a new calibration may replace it
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    again = runner.invoke(app, ["calibrate-denoiser", str(checkpoint), "-o", str(notes)])  # refused before any work
+    assert again.exit_code == 2 and "not a tofu-export denoiser policy" in " ".join(again.output.split())
+    assert notes.read_text() == '{"mine": true}'
 
 
 def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path) -> None:

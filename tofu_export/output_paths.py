@@ -68,6 +68,12 @@ def is_policy_file(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == "tofu-export/policy"
 
 
+def is_dense_policy_file(path: Path) -> bool:
+    """A denoiser policy tofu-export calibrate-denoiser wrote (its ``kind`` record)."""
+    data = _json(path)
+    return isinstance(data, dict) and data.get("kind") == "tofu-dense-policy"
+
+
 def is_profile_markdown(path: Path) -> bool:
     """A profile report (``--report``): a Markdown file headed ``# Latency profile`` with the latency table."""
     head = _head(path) or b""

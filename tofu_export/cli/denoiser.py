@@ -114,9 +114,11 @@ def calibrate_denoiser(
     Example: tofu-export calibrate-denoiser models/terrain_unet --ratio 0.75 --min-psnr 35 -o terrain-policy.json
     """
     dense.check("mean")  # the modes are what calibration chooses
+    from tofu_export.dense.plan import DensePolicy
     from tofu_export.profiling.timing import clock_threads
 
     clock_threads(clock, None)
+    DensePolicy.check_output(out, [source])  # before torch is loaded
     from tofu_export.dense.job import calibrate_denoiser_policy
 
     result = calibrate_denoiser_policy(source, out, min_psnr=min_psnr, speedup=speedup, samples=samples,

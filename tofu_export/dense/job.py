@@ -158,8 +158,7 @@ def calibrate_denoiser_policy(source: str | Path, out: str | Path, *, ratio: flo
     one (``exporter``, ``opset``) and times them interleaved, with ToMe for SD (mean in every candidate block at
     ``ratio``) in the same rounds; the measured speed-ups are recorded beside the predicted one."""
     started, out = time.perf_counter(), Path(out)
-    if out.exists():
-        raise UserError(f"{out} exists; choose another policy path (nothing is overwritten)", hint=Hint("out"))
+    DensePolicy.check_output(out, [p for p in (source, config) if p is not None])
     if samples < 1:
         raise UserError(f"samples must be at least 1, got {samples}", hint=Hint("samples", "2"))
     if rounds < 1:

@@ -13,11 +13,14 @@ sub-layers share one matching per forward, as in ToMe for SD.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tofu_export.atomic import write_text_atomic
 from tofu_export.errors import Hint, UserError
 from tofu_export.names import REDUCE_MODES, ReduceMode
+from tofu_export.output_paths import FileOutput, check_file_outputs, is_dense_policy_file
 
 SUBLAYERS: tuple[str, ...] = ("self", "cross", "mlp")  # in the order a block runs them
 
@@ -52,7 +55,14 @@ class DensePolicy:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the policy to ``path`` whole (a temporary moved into place: never half a file)."""
+        write_text_atomic(path, self.to_json() + "\n")
+
+    @staticmethod
+    def check_output(path: str | Path, inputs: Sequence[str | Path] = ()) -> None:
+        """Refuse, before any work, a policy path that may not be written: anything but a denoiser policy
+        tofu-export wrote (which a new calibration replaces), or one of ``inputs``."""
+        check_file_outputs([FileOutput(Path(path), is_dense_policy_file, "denoiser policy")], inputs=inputs)
 
     @classmethod
     def load(cls, path: str | Path) -> DensePolicy:
