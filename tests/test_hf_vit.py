@@ -241,6 +241,25 @@ def test_the_sweeps_estimate_times_a_forward_at_the_folders_own_size(saved_dinov
     assert _forward_ms(load_model(folder)) > 0
 
 
+def test_a_transformers_classifier_is_evaluated_as_one(tmp_path: Path) -> None:
+    """Its logits get top-1 / top-5, a headless encoder's output cosine: the family says which (eval read timm's
+    ``num_classes`` and scored every transformers classifier's logits as features)."""
+    import numpy as np
+    from PIL import Image
+
+    from tofu_export.evaluation import evaluate
+
+    classifier, encoder = build("ViTForImageClassification"), build("ViTModel")
+    assert family_of(classifier).num_classes(classifier) == 5 and family_of(encoder).num_classes(encoder) == 0
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        (tmp_path / str(k % 2)).mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8)).save(tmp_path / str(k % 2) / f"{k}.png")
+    report = evaluate(classifier, patch(build("ViTForImageClassification"), r=2, mode="tofu"), tmp_path)
+    assert report.task == "classification" and "candidate_top1" in report.metrics
+    assert evaluate(encoder, build("ViTModel"), tmp_path).task == "fidelity"
+
+
 def test_pickled_folder_needs_trust(saved_dinov2: tuple[Path, HFVisionEncoder], tmp_path: Path) -> None:
     folder, original = saved_dinov2
     (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes())

@@ -1,6 +1,7 @@
 """One-call evaluation of a reduced model (ToFu-patched module, ONNX or TensorRT artifact) on an image folder.
 
-* reference has a head (``num_classes > 0``): top-1 / top-5 of the reference and of the candidate, and the share of
+* reference has a head (its family's ``num_classes > 0``: timm's ``num_classes``, a transformers
+  ``*ForImageClassification``): top-1 / top-5 of the reference and of the candidate, and the share of
   images whose top-1 class the candidate keeps (``top1_agreement``, %);
 * headless backbone: cosine similarity of the candidate's pooled features to the unreduced reference's,
   plus DINO-style k-NN top-1 of both backbones when ``data`` has ``train/`` and ``test/`` (or ``val/``).
@@ -70,7 +71,14 @@ class Reference:
 
     @property
     def classifies(self) -> bool:
-        return bool(getattr(self.model, "num_classes", 0))
+        """Whether the model's output is a classifier's logits, as its family says (timm's ``num_classes``, a
+        transformers ``*ForImageClassification``); a model no family owns: its ``num_classes``."""
+        from tofu_export.models.family import UnsupportedModelError, family_of
+
+        try:
+            return family_of(self.model).num_classes(self.model) > 0
+        except UnsupportedModelError:
+            return bool(getattr(self.model, "num_classes", 0))
 
     def outputs(self, loader: torch.utils.data.DataLoader, key: tuple[Any, ...]) -> ReferenceOutputs:
         """The model's outputs on ``loader``'s images, computed at the first call for ``key`` (the folder, then how it

@@ -183,6 +183,11 @@ class ModelFamily(ABC):
         rotations of ``tokens - p`` patch tokens (which ones does not change the work). Default: nothing."""
         return {}
 
+    def num_classes(self, model: nn.Module) -> int:
+        """The classes a classifier's output scores (its logits' width); 0 for a model whose output is a feature or an
+        embedding. Default: timm's ``num_classes``."""
+        return int(getattr(model, "num_classes", 0) or 0)
+
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         """The eval preprocessing in timm's data-config keys (``input_size``, ``mean``, ``std``, ``interpolation``,
         ``crop_pct``); default: timm's ImageNet defaults at the model's input size."""

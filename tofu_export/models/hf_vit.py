@@ -174,6 +174,10 @@ class HFVisionFamily(ModelFamily):
     def embed_dim(self, model: nn.Module) -> int:
         return int(specs.core_of(model).config.hidden_size)
 
+    def num_classes(self, model: nn.Module) -> int:
+        hf = specs.hf_of(model)  # a *ForImageClassification outputs its logits (HFVisionEncoder)
+        return int(hf.config.num_labels) if type(hf).__name__.endswith("ForImageClassification") else 0
+
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return specs.layers_of(model)
 
