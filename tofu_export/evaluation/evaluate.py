@@ -72,13 +72,10 @@ class Reference:
     @property
     def classifies(self) -> bool:
         """Whether the model's output is a classifier's logits, as its family says (timm's ``num_classes``, a
-        transformers ``*ForImageClassification``); a model no family owns: its ``num_classes``."""
-        from tofu_export.models.family import UnsupportedModelError, family_of
+        transformers ``*ForImageClassification``)."""
+        from tofu_export.models.family import num_classes
 
-        try:
-            return family_of(self.model).num_classes(self.model) > 0
-        except UnsupportedModelError:
-            return bool(getattr(self.model, "num_classes", 0))
+        return num_classes(self.model) > 0
 
     def outputs(self, loader: torch.utils.data.DataLoader, key: tuple[Any, ...]) -> ReferenceOutputs:
         """The model's outputs on ``loader``'s images, computed at the first call for ``key`` (the folder, then how it

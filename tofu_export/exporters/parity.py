@@ -113,7 +113,7 @@ def verify_parity(
     diff, scale = np.abs(got - expected), float(np.abs(expected).max())
     within = diff.max(axis=1) <= (floor.relative or tolerance) * max(1.0, scale)
     cosine = row_cosines(got, expected)
-    classifier = bool(getattr(model, "num_classes", 0)) and expected.shape[1] > 1
+    classifier = bool(getattr(model, "num_classes", 0)) and expected.shape[1] > 1  # timm's, HFVisionEncoder's
     top1 = float((got.argmax(1) == expected.argmax(1)).mean()) if classifier else None
     return Parity(
         batch_sizes=[len(b) for b in batches],

@@ -29,8 +29,8 @@ from tofu_export.models.registry import instantiate
 from tofu_export.schedule import RSpec, TokenPlan
 
 __all__ = ["ArchGuess", "FlopCosts", "LoadedModel", "ModelFamily", "ToFuState", "UnsupportedModelError", "families",
-           "family_for_checkpoint", "family_of", "is_patched", "num_tokens", "patch", "patched", "tofu_state",
-           "unpatch", "unpatched"]
+           "family_for_checkpoint", "family_of", "is_patched", "num_classes", "num_tokens", "patch", "patched",
+           "tofu_state", "unpatch", "unpatched"]
 
 
 class UnsupportedModelError(UserError, TypeError):
@@ -265,6 +265,15 @@ def family_of(model: nn.Module) -> ModelFamily:
         f"ToFu cannot patch a {type(model).__module__}.{type(model).__name__}: it patches vision transformers "
         f"with standard pre-norm blocks ({names})."
     )
+
+
+def num_classes(model: nn.Module) -> int:
+    """The classes ``model``'s output scores, as its family says (0: features or embeddings); a model no family owns
+    (a denoiser step, a user's module): its own ``num_classes``, if any."""
+    try:
+        return family_of(model).num_classes(model)
+    except UnsupportedModelError:
+        return int(getattr(model, "num_classes", 0) or 0)
 
 
 def family_for_checkpoint(path: Path, arch: str | None = None) -> ModelFamily:

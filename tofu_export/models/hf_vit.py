@@ -175,8 +175,7 @@ class HFVisionFamily(ModelFamily):
         return int(specs.core_of(model).config.hidden_size)
 
     def num_classes(self, model: nn.Module) -> int:
-        hf = specs.hf_of(model)  # a *ForImageClassification outputs its logits (HFVisionEncoder)
-        return int(hf.config.num_labels) if type(hf).__name__.endswith("ForImageClassification") else 0
+        return specs.labels_of(specs.hf_of(model))  # bare or wrapped
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return specs.layers_of(model)

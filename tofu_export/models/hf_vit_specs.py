@@ -59,6 +59,11 @@ class HFVisionEncoder(nn.Module):
         self.hf = hf
         self.preprocess = dict(preprocess or {})  # timm data-config keys from preprocessor_config.json, when given
 
+    @property
+    def num_classes(self) -> int:
+        """As timm models state it: the classes of the logits it outputs, 0 for features or embeddings."""
+        return labels_of(self.hf)
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         outputs = self.hf(pixel_values=pixel_values)
         if "logits" in outputs:
@@ -68,6 +73,11 @@ class HFVisionEncoder(nn.Module):
         if outputs.get("pooler_output") is not None:
             return outputs["pooler_output"]
         return size_weighted_mean(outputs["last_hidden_state"], state_size(self.hf))  # SigLIP without its head
+
+
+def labels_of(hf: nn.Module) -> int:
+    """A ``*ForImageClassification``'s labels (its output is their logits), else 0."""
+    return int(hf.config.num_labels) if type(hf).__name__.endswith("ForImageClassification") else 0
 
 
 def hf_of(model: nn.Module) -> nn.Module:
