@@ -32,6 +32,9 @@ COMMANDS = {
     "clean-checkpoint": ["clean-checkpoint", "model.pth", "--use-ema", "-o", "ema.pth"],
     "finetune steps": ["finetune", "model.pth", "data", "--steps", "0", "-o", "t.safetensors"],
     "finetune out": ["finetune", "model.pth", "data", "--r", "x", "-o", "t.safetensors"],
+    "finetune suffix": ["finetune", "model.pth", "data", "-o", "t.pth"],
+    "finetune folder": ["finetune", "data", "data", "-o", "t.safetensors"],  # a folder in: a folder out
+    "calibrate-denoiser out": ["calibrate-denoiser", "data", "-o", "model.pth"],  # not a policy it wrote
     "help": ["--help"],
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "unknown mode 'fuse'",
@@ -44,7 +47,9 @@ SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "
         "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
         "export calibration data": "--precision int8", "profile": "not an ONNX model",
         "clean-checkpoint": "name the file ema.safetensors", "finetune steps": "--steps must be at least 1",
-        "finetune out": "--r", "help": ""}
+        "finetune out": "--r", "finetune suffix": "written as .safetensors",
+        "finetune folder": "written back as a folder", "calibrate-denoiser out": "not a tofu-export denoiser policy",
+        "help": ""}
 
 def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "model.pth").write_bytes(b"")  # never read: the options are refused first

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tofu_export.errors import Hint, UserError
 from tofu_export.finetune.distill import TRAINED_WEIGHTS, DistillSettings
 from tofu_export.images import ImageError, decode_images, evenly_spaced
+from tofu_export.models.tuned import FOLDER_STATEMENT, TUNED_SIDECAR  # torch-free: what the families read back
 from tofu_export.output_paths import FileOutput, check_file_outputs, check_new_path, is_tofu_png
 from tofu_export.reports.artifact import clip_notes
 
@@ -58,8 +59,6 @@ class FinetuneOutputs:
     @classmethod
     def at(cls, out: str | Path, *, folder: bool = False) -> FinetuneOutputs:
         """The outputs for ``-o out``: files for a timm model, a folder (``folder``) for a transformers one."""
-        from tofu_export.models.loading import FOLDER_STATEMENT
-
         out = Path(out)
         if folder:
             if out.suffix == ".safetensors":
@@ -206,7 +205,6 @@ def write_outputs(model: nn.Module, loaded: LoadedModel, report: dict[str, Any],
     """The weights, then the statement, then the plot, as files (a failure removes those this call wrote) or in a
     hidden folder moved into place whole; never over anything."""
     from tofu_export.atomic import signals_held
-    from tofu_export.models.loading import TUNED_SIDECAR  # the mark the statement's readers check
 
     metadata = {"written_by": TUNED_SIDECAR, "source_sha256": loaded.sha256 or "",
                 "tuned_for": json.dumps(report["tuned_for"])}

@@ -10,10 +10,9 @@ from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 from tofu_export.models.family import LoadedModel, family_for_checkpoint
 from tofu_export.models.timm_vit_evidence import read_evidence
-from tofu_export.models.tuned import FOLDER_STATEMENT, TUNED_SIDECAR, folder_statement
+from tofu_export.models.tuned import folder_statement
 
-__all__ = ["FOLDER_STATEMENT", "TUNED_SIDECAR", "LoadedModel", "checkpoint_digest", "load_model", "stated_at_export",
-           "tuned_statement"]
+__all__ = ["LoadedModel", "checkpoint_digest", "load_model", "stated_at_export", "tuned_statement"]
 
 
 def load_model(
