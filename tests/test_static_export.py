@@ -220,3 +220,21 @@ def test_attention_pool_head_exports_with_its_size_weights(
         with torch.no_grad():
             expected = model(images).numpy()
         np.testing.assert_allclose(run_ort(path, images), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("exporter", "other"), [("torchscript", "dynamo"), ("dynamo", "torchscript")])
+def test_a_model_an_exporter_cannot_trace_is_an_error_naming_the_other_exporter(tmp_path: Path, exporter: str,
+                                                                                other: str) -> None:
+    """The two exporters trace differently (TorchScript cannot trace timm's unpatched Eva; dynamo refuses other
+    things): a failed trace says to try the other one."""
+    from tofu_export.errors import ExportError
+
+    class Refuses(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise TypeError("argument 'is_causal' must be bool, not Tensor")
+
+    with pytest.raises(ExportError, match="tracing to ONNX failed: TypeError: argument 'is_causal'") as caught:
+        trace_graph(Refuses(), (torch.zeros(2, 3),), tmp_path / "m.onnx", 17, ["input"], "output", exporter)
+    assert caught.value.hint is not None and (caught.value.hint.option, caught.value.hint.value) == ("exporter", other)
+    assert "\x1b[" not in str(caught.value) and len(str(caught.value)) < 200  # the model's error, not torch's pages
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
