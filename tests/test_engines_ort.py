@@ -4,10 +4,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import timm
 import torch
+from onnx import TensorProto, helper
 
 from tofu_export.engines import ort as ort_engine
 from tofu_export.engines.base import BackendUnavailableError, RunnerError
@@ -231,3 +233,34 @@ def test_backend_without_spinning_says_so(onnx_path: Path) -> None:
     assert quiet.name == "onnxruntime[CPU, no spinning]"
     assert OrtRunner(onnx_path, threads=1, provider="cpu").name == "onnxruntime[CPU]"
     quiet.run(1)
+
+
+def _step_graph(path: Path, label_type: int = TensorProto.INT64, label_shape: tuple = ("batch",)) -> Path:
+    """A denoiser step's inputs: ``sample [B, 4, 8, 8]`` float, ``timestep [B]`` and ``label`` ints."""
+    nodes = [helper.make_node("Cast", ["timestep"], ["t"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["t", "axes"], ["t4"]),
+             helper.make_node("Add", ["sample", "t4"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "step",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", 4, 8, 8]),
+         helper.make_tensor_value_info("timestep", TensorProto.INT64, ["batch"]),
+         helper.make_tensor_value_info("label", label_type, list(label_shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_graph_with_inputs_after_the_image_is_timed_and_profiled(tmp_path: Path) -> None:
+    """A denoiser step (``tofu-export profile`` of a ``denoiser`` artifact): its timestep and label are filled too
+    (it was an internal error: 'Required inputs ... are missing')."""
+    runner = OrtRunner(_step_graph(tmp_path / "step.onnx"))
+    runner.run(2)
+    feed = runner._feed(3)
+    assert feed["timestep"].dtype == np.int64 and feed["timestep"].shape == (3,) and not feed["label"].any()
+    assert runner.profile(1, 2).ops
+    for name, label_type, shape in (("string", TensorProto.STRING, ("batch",)),
+                                    ("dynamic", TensorProto.INT64, ("batch", "tokens"))):
+        (tmp_path / name).mkdir()
+        with pytest.raises(RunnerError, match=r"'label'.*cannot be filled"):  # a string; an axis left dynamic
+            OrtRunner(_step_graph(tmp_path / name / "step.onnx", label_type, shape))

@@ -42,6 +42,7 @@ _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_INDEX_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}  # a step's timestep, a class label
 
 
 def create_session(
@@ -146,6 +147,7 @@ class OrtRunner:
         if model_input.type not in _NUMPY_DTYPES:
             raise RunnerError(f"Input {model_input.name!r} has unsupported type {model_input.type}.")
         self._dtype = _NUMPY_DTYPES[model_input.type]
+        self._extra = [_extra_input(spec, self.onnx_path) for spec in self.session.get_inputs()[1:]]
         self._random = np.random.default_rng(seed)  # numpy's: opening and timing a graph needs no torch
         self._images: np.ndarray | None = None  # feed_images's, else seeded noise
         self._feeds: dict[int, dict[str, np.ndarray]] = {}
@@ -171,8 +173,17 @@ class OrtRunner:
         if batch_size not in self._feeds:
             images = (self._random.standard_normal((batch_size, *self.input.chw), dtype=np.float32)
                       if self._images is None else fill_batch(self._images, batch_size))
-            self._feeds[batch_size] = {self.input.name: images.astype(self._dtype, copy=False)}
+            self._feeds[batch_size] = {self.input.name: images.astype(self._dtype, copy=False),
+                                       **{name: self._filled(batch_size, shape, dtype)
+                                          for name, shape, dtype in self._extra}}
         return self._feeds[batch_size]
+
+    def _filled(self, batch_size: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """A graph's further input (a denoiser step's timestep, class label or conditioning) for timing: seeded noise
+        for floats, zeros (the first class, step 0) for integers."""
+        if np.issubdtype(dtype, np.integer):
+            return np.zeros((batch_size, *shape), dtype=dtype)
+        return self._random.standard_normal((batch_size, *shape), dtype=np.float32).astype(dtype, copy=False)
 
     def feed_images(self, images: Any) -> None:
         """Run (and profile) batch B on the first B of ``images`` ``[N, C, H, W]`` (a tensor or an array; repeated
@@ -217,6 +228,17 @@ def _timed_runs(run: Callable[[], object], *, warmup: int, iters: int) -> list[f
         run()
         samples.append(time.perf_counter() - start)
     return samples
+
+
+def _extra_input(spec: Any, path: Path) -> tuple[str, tuple[int, ...], type]:
+    """``(name, shape without the batch axis, numpy dtype)`` of a graph input after the image (a denoiser step's
+    timestep, label, conditioning), which ``run`` and ``profile`` fill: every axis but the batch must be static."""
+    dtype = _NUMPY_DTYPES.get(spec.type) or _INDEX_DTYPES.get(spec.type)
+    if dtype is None or not all(isinstance(dim, int) for dim in spec.shape[1:]):
+        raise RunnerError(f"{path.name}: its input {spec.name!r} ({spec.type}, {list(spec.shape)}) cannot be filled "
+                          "for timing: inputs after the image need a float or integer type and static axes after "
+                          "the batch")
+    return spec.name, tuple(int(dim) for dim in spec.shape[1:]), dtype
 
 
 def _static_input_shape(shape: Sequence[object], path: Path) -> tuple[int | None, tuple[int, int, int]]:
