@@ -132,3 +132,11 @@ def test_a_quick_look_speedup_whose_rounds_straddle_one_is_not_established() -> 
                                  "latency": latency})
     rows = {label: ours for label, _, ours in quick_look_rows(quick)}
     assert rows["speed-up per round"] == "1.03x (p10-p90 0.77-1.40x), not established"
+
+
+def test_a_denoiser_step_folder_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """`tofu-export denoiser` writes a manifest of its own kind: eval and the rest say what the folder holds instead
+    of listing the encoder manifest's missing fields."""
+    (tmp_path / MANIFEST).write_text(json.dumps({"tool": "tofu-export", "kind": "denoiser-step", "files": []}))
+    with pytest.raises(ManifestError, match="holds a denoiser step"):
+        Manifest.read(tmp_path)

@@ -292,6 +292,10 @@ class Manifest(Section):
             raise ManifestError(f"{folder} holds no {MANIFEST}: it is not a tofu-export artifact folder") from error
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ManifestError(f"{path} cannot be read as JSON ({error})") from error
+        if isinstance(data, dict) and data.get("kind") == "denoiser-step":  # `tofu-export denoiser`'s folder
+            raise ManifestError(f"{folder} holds a denoiser step (tofu-export denoiser), not an image encoder's "
+                                "artifact: a step is scored by calibrate-denoiser (PSNR / SSIM of the final samples) "
+                                "and timed by profile on its model.onnx")
         return cls.from_dict(data)
 
     @classmethod
