@@ -76,6 +76,13 @@ def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path) -> None:
     (diffusers_dir / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     refused = runner.invoke(app, ["denoiser", str(diffusers_dir), "-o", str(tmp_path / "c")])
     assert refused.exit_code == 2 and "diffusers" in refused.output
+    encoder = tmp_path / "dinov2"  # an image encoder's folder: sent to the main command, not told it lacks a UNet
+    encoder.mkdir()
+    (encoder / "config.json").write_text('{"architectures": ["Dinov2Model"], "model_type": "dinov2"}')
+    sent = runner.invoke(app, ["denoiser", str(encoder), "-o", str(tmp_path / "d")])
+    said = " ".join(sent.output.split())
+    assert sent.exit_code == 2 and "a transformers Dinov2Model folder: an image encoder" in said
+    assert not (tmp_path / "d").exists()
 
 
 def test_unreachable_speedup_is_an_error_naming_the_reachable_one(checkpoint, tmp_path) -> None:

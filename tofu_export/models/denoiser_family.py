@@ -161,5 +161,30 @@ def load_denoiser_source(source: str | Path, *, config: str | Path | None = None
         raise UserError(f"{path} does not exist", hint=Hint("source", None, "a checkpoint folder or file"))
     if size is not None and size <= 0:
         raise UserError(f"the sample size must be a positive number, got {size}", hint=Hint("size"))
-    family = denoiser_family_for(path) or denoiser_families()[-1]
+    family = denoiser_family_for(path)
+    if family is None and config is None and (encoder := _image_encoder_folder(path)) is not None:
+        raise UserError(f"{path} is {encoder}: an image encoder, which the main command exports with ToFu "
+                        f"(tofu-export {path} --r 16); the denoiser commands take diffusion denoisers",
+                        hint=Hint("source", None, "a denoiser checkpoint folder"))
+    family = family or denoiser_families()[-1]
     return family.load(path, config=Path(config) if config else None, trust_pickle=trust_pickle, size=size)
+
+
+def _image_encoder_folder(path: Path) -> str | None:
+    """What ``path`` is, when it is a folder of an image encoder's checkpoint (a transformers ``save_pretrained``
+    folder, an open_clip hub folder) rather than a denoiser's; None otherwise."""
+    import json
+
+    if not path.is_dir():
+        return None
+    if (path / "open_clip_config.json").is_file():
+        return "an open_clip checkpoint folder"
+    try:
+        stated = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(stated, dict) or "_class_name" in stated:  # diffusers' configs name their class so
+        return None
+    named = stated.get("architectures") if isinstance(stated.get("architectures"), list) else []
+    name = (named[0] if named else None) or stated.get("model_type")
+    return f"a transformers {name} folder" if isinstance(name, str) else None
