@@ -319,3 +319,17 @@ def test_other_transformers_encoders_are_written_back_and_load_as_tuned(tuned_hf
     back = load_model(tmp_path / "tuned")
     assert back.arch.name == name and any("tuned by tofu-export finetune" in note for note in back.arch.notes)
     _only_vectors_moved(source.model, back.model)
+
+
+def test_a_hint_on_a_positional_argument_names_it_as_typed(tiny_checkpoint, tmp_path) -> None:
+    """DATA is an argument of finetune (as of eval and calibrate), not a flag: the hint says 'DATA: ...', where it
+    said 'Use --data ...' (export's --data is a flag and keeps its form)."""
+    from tofu_export.cli.errors import render_hint
+    from tofu_export.errors import Hint
+
+    result = _invoke(tiny_checkpoint, tmp_path / "nowhere", "--r", R, "-o", tmp_path / "t.safetensors")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "DATA: a folder of images" in said and "--data" not in said, said
+    hint = Hint("data", None, "a folder of images", alternative=Hint("reference", "CKPT"))
+    assert render_hint(hint, frozenset({"data"})) == "DATA: a folder of images, or --reference CKPT."
+    assert render_hint(hint) == "Use --data a folder of images, or --reference CKPT."

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from tofu_export.cli.groups import flag_for
+from tofu_export.cli.groups import argument_names, flag_for
 from tofu_export.cli.output import print_line
 from tofu_export.cli.signals import describe, quiet_exit_installed, raise_on_signals, second_signal_exits_quietly
 from tofu_export.errors import Hint, ToFuError
@@ -83,20 +83,27 @@ def debug_enabled() -> bool:
     return os.environ.get("TOFU_EXPORT_DEBUG", "") not in ("", "0")
 
 
-def render_hint(hint: Hint) -> str:
-    """``Hint("r", "8", "or less")`` -> ``"Use --r 8 or less."``"""
-    words = " ".join(part for part in ("Use", flag_for(hint.option), hint.value, hint.text) if part)
+def render_hint(hint: Hint, arguments: frozenset[str] = frozenset()) -> str:
+    """``Hint("r", "8", "or less")`` -> ``"Use --r 8 or less."``; a hint on one of the command's positional
+    ``arguments`` names it as it is typed: ``Hint("data", None, "a folder of images")`` -> ``"DATA: a folder of
+    images."``"""
+    if hint.option in arguments:
+        words = " ".join(part for part in (f"{hint.option.upper()}:", hint.value, hint.text) if part)
+    else:
+        words = " ".join(part for part in ("Use", flag_for(hint.option), hint.value, hint.text) if part)
     if hint.alternative is not None:
-        words = f"{words.rstrip('.')}, or {render_hint(hint.alternative).removeprefix('Use ')}"
+        words = f"{words.rstrip('.')}, or {render_hint(hint.alternative, arguments).removeprefix('Use ')}"
     return words.rstrip(".") + "."
 
 
-def render(error: ToFuError) -> str:
-    """The message, with the hint's flag at the end of its first line (the one line that must say the fix)."""
+def render(error: ToFuError, arguments: frozenset[str] = frozenset()) -> str:
+    """The message, with the hint's flag at the end of its first line (the one line that must say the fix);
+    ``arguments``: the command's positional ones (``render_hint``)."""
     first, _, rest = str(error).partition("\n")
     if error.hint is not None:
         first = first.rstrip()
-        first = f"{first if first.endswith(('.', '!', '?', ':')) else first + '.'} {render_hint(error.hint)}"
+        hint = render_hint(error.hint, arguments)
+        first = f"{first if first.endswith(('.', '!', '?', ':')) else first + '.'} {hint}"
     return f"{first}\n{rest}" if rest else first
 
 
@@ -106,6 +113,7 @@ def _print_error(message: str) -> None:
 
 def guarded(fn: F) -> F:
     """Run a command inside the boundary: typed errors and environment errors become messages and exit codes."""
+    arguments = argument_names(fn)
 
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> Any:
@@ -117,7 +125,7 @@ def guarded(fn: F) -> F:
         except ToFuError as error:
             if debug_enabled():
                 raise
-            _print_error(render(error))
+            _print_error(render(error, arguments))
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:
             second_signal_exits_quietly()

@@ -85,8 +85,16 @@ def uses_groups(fn: F) -> F:
     return typing.cast(F, command)
 
 
+def argument_names(fn: Callable[..., Any]) -> frozenset[str]:
+    """The command's positional arguments (``typer.Argument``: CHECKPOINT, DATA, SOURCE), which a hint names as
+    themselves, not as a flag."""
+    return frozenset(name for name, parameter in inspect.signature(fn).parameters.items()
+                     if any(isinstance(extra, typer.models.ArgumentInfo)
+                            for extra in typing.get_args(parameter.annotation)[1:]))
+
+
 def _positional_first(parameter: inspect.Parameter) -> int:
     return 0 if parameter.kind is not inspect.Parameter.KEYWORD_ONLY else 1
 
 
-__all__ = ["flag_for", "option_group", "typer", "uses_groups"]
+__all__ = ["argument_names", "flag_for", "option_group", "typer", "uses_groups"]
