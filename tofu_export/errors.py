@@ -11,6 +11,7 @@ line flags; the CLI maps a hint's setting to its flag (``r`` -> ``--r``) and eve
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -59,3 +60,14 @@ class EngineNotBuilt(ToFuError):
     """The ONNX artifact is complete, but no TensorRT engine could be built on this machine. Exit code 3."""
 
     exit_code = 3
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what caused it (``raise ... from``) or was being handled when it was raised, and so on down to
+    the exception at the root; each once (a chain that loops back ends there)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

@@ -22,7 +22,7 @@ from rich.console import Console
 from tofu_export.cli.groups import argument_names, flag_for
 from tofu_export.cli.output import print_line
 from tofu_export.cli.signals import describe, quiet_exit_installed, raise_on_signals, second_signal_exits_quietly
-from tofu_export.errors import Hint, ToFuError
+from tofu_export.errors import Hint, ToFuError, exception_chain
 
 EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_ENGINE_NOT_BUILT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,13 +67,9 @@ _OS_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": err
 def os_error_within(error: BaseException) -> OSError | None:
     """The file-system error behind ``error``: one in its cause/context chain, or one a library only quoted in its
     message (protobuf, ONNX and torch rewrap a full disk as their own errors)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
+    for current in exception_chain(error):
         if isinstance(current, OSError) and current.errno in _OS_ADVICE:
             return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
     text = str(error)
     code = next((code for words, code in _OS_WORDS.items() if words in text), None)
     return None if code is None else OSError(code, os.strerror(code))

@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from tofu_export.errors import ExportError, Hint
+from tofu_export.errors import ExportError, Hint, exception_chain
 from tofu_export.exporters.staging import move_files, save_graph
 from tofu_export.names import Exporter
 
@@ -45,22 +45,13 @@ def trace_graph(
             raise
         except Exception as error:
             other = "dynamo" if exporter == "torchscript" else "torchscript"
-            cause = _root_cause(error)  # torch.export wraps the model's own error in pages of advice and colour codes
+            *_, cause = exception_chain(error)  # what the model raised: torch.export wraps it in pages of advice
             raise ExportError(f"tracing to ONNX failed: {type(cause).__name__}: {str(cause).strip()[:600]}",
                               hint=Hint("exporter", other, "instead (it traces the model its own way)")) from error
         if {p.name for p in Path(scratch).iterdir()} <= {traced.name, traced.name + ".data"}:  # weights in one file
             move_files(Path(scratch), path.parent)
         else:  # a file per tensor (TorchScript): into one file
             save_graph(onnx.load(str(traced)), path)
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    """The exception at the bottom of ``error``'s chain (what the model itself raised), cycles guarded."""
-    seen = {id(error)}
-    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        error = inner
-    return error
 
 
 def _trace_torchscript(
