@@ -1,12 +1,14 @@
-"""Weights written as a new ``.safetensors`` file: never over an existing one, never half-written.
+"""Weights written as a new ``.safetensors`` file (or a new checkpoint folder): never over an existing one, never
+half-written.
 
 Shared by the commands that write checkpoints (``clean-checkpoint``, ``finetune``): each writes through a hidden
 temporary beside the target and moves it there without replacing anything, so a killed run leaves either nothing
-or the whole file.
+or the whole file or folder.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,8 +35,9 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
 
 
 def write_new(path: Path, write: Callable[[Path], object], error: type[UserError], tag: str) -> None:
-    """Write ``path`` through a hidden temporary beside it (``write(tmp)``), then move it there without replacing
-    anything; ``error`` is raised if the name was taken meanwhile. ``tag`` names the writer in the temporary."""
+    """Write ``path`` through a hidden temporary beside it (``write(tmp)`` makes a file, or a folder, at ``tmp``),
+    then move it there without replacing anything; ``error`` is raised if the name was taken meanwhile. ``tag``
+    names the writer in the temporary."""
     remove_stale(path.parent, f".{path.name}.", ".tmp")  # left by a killed earlier run
     tmp = path.parent / f".{path.name}.{owner_tag()}-{tag}.tmp"
     try:
@@ -42,5 +45,8 @@ def write_new(path: Path, write: Callable[[Path], object], error: type[UserError
         rename_noreplace(tmp, path)
     except FileExistsError:
         raise error(f"{path} appeared while it was being written; nothing was replaced") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    finally:  # ours, and gone once moved into place
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)

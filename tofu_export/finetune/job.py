@@ -135,9 +135,10 @@ def held_out_fidelity(student: nn.Module, images: torch.Tensor, targets: torch.T
 def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: DistillSettings,
              out: str | Path, *, images: int = 256, holdout: int = 64, progress: bool = True,
              step: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
-    """Tune ``loaded``'s model to run reduced as ``tofu`` says; write ``out`` (``.safetensors``), its sidecar and
-    its loss plot; return the report (held-out fidelity before and after, the loss, what was written). ``step``
-    hears each stage as it begins; ``progress``: a bar (or log lines) over the training steps."""
+    """Tune ``loaded``'s model to run reduced as ``tofu`` says; write ``out`` (``FinetuneOutputs``: a timm model's
+    ``.safetensors`` with its sidecar and loss plot, a transformers model's folder); return the report (held-out
+    fidelity before and after, the loss, what was written). ``step`` hears each stage as it begins; ``progress``: a
+    bar (or log lines) over the training steps."""
     from tofu_export.evaluation.data import model_transform
     from tofu_export.evaluation.metrics import paired_difference
     from tofu_export.finetune.distill import distill, trained_parameters
@@ -245,22 +246,14 @@ def _write_files(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], 
 
 def _write_folder(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs,
                   metadata: dict[str, str], said: dict[str, Any]) -> None:
-    import shutil
-
-    from tofu_export.atomic import owner_tag, remove_stale, rename_noreplace
     from tofu_export.finetune.plot import plot_loss
+    from tofu_export.weights_file import write_new
 
-    folder = outputs.checkpoint
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(folder.parent, f".{folder.name}.", ".tmp")  # left by a killed earlier run
-    staging = folder.parent / f".{folder.name}.{owner_tag()}-finetune.tmp"
-    staging.mkdir()
-    try:
+    def fill(staging: Path) -> None:
+        staging.mkdir()
         built = loaded.family.write_weights(model, loaded, staging, metadata)
         (staging / outputs.sidecar.name).write_text(_statement(built, said), encoding="utf-8")
         plot_loss(report, staging / outputs.plot.name)
-        rename_noreplace(staging, folder)
-    except FileExistsError:
-        raise FinetuneError(f"{folder} appeared while it was being written; nothing was replaced") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # ours; gone once moved into place
+
+    outputs.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    write_new(outputs.checkpoint, fill, FinetuneError, "finetune")
