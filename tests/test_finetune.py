@@ -157,8 +157,8 @@ def test_bad_settings_are_refused_before_the_model_is_loaded(tmp_path, monkeypat
 
 
 def test_a_model_it_cannot_write_back_is_refused(make_vit, tmp_path, monkeypatch) -> None:
-    """The refusal of a family whose weights finetune cannot write (open_clip), shown on a timm model with its
-    family's writer taken away (importing open_clip would cost this test seconds)."""
+    """The refusal of a family whose weights finetune cannot write, shown on a timm model with its family's writer
+    taken away (every image-encoder family has one)."""
     from tofu_export.finetune import job
     from tofu_export.models.family import ArchGuess, LoadedModel, family_of
 
@@ -320,6 +320,133 @@ def test_other_transformers_encoders_are_written_back_and_load_as_tuned(tuned_hf
     assert back.arch.name == name and any("tuned by tofu-export finetune" in note for note in back.arch.notes)
     _only_vectors_moved(source.model, back.model)
 
+
+
+OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+
+
+def _open_clip_hub(folder: Path, config: dict, text_dtype: torch.dtype = torch.float32) -> Path:
+    """A hub folder of a tiny random open_clip CLIP (``config``), its text tower stored as ``text_dtype``."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = open_clip.CLIP(**config).state_dict()
+    folder.mkdir()
+    save_file({k: (v if k.startswith("visual.") else v.to(text_dtype)).contiguous() for k, v in state.items()},
+              folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {
+        "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}))
+    return folder
+
+
+def _open_clip_reads_it_as_loaded(folder: Path) -> None:
+    """open_clip's own ``local-dir:`` loader and tofu-export's read the tuned folder as the same tower."""
+    import open_clip
+
+    loaded = load_model(folder)
+    theirs = open_clip.create_model(f"local-dir:{folder}").eval()
+    images = torch.randn(2, 3, loaded.img_size, loaded.img_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images), theirs.encode_image(images), rtol=0, atol=1e-6)
+    assert any("tuned by tofu-export finetune" in note for note in loaded.arch.notes), loaded.arch.notes
+
+
+@pytest.fixture(scope="module")
+def tuned_open_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, dict]:
+    """One fine-tuning of a tiny random open_clip hub folder (its text tower in float16) through the command:
+    (source folder, data folder, tuned folder, its --json report)."""
+    pytest.importorskip("open_clip")
+    work = tmp_path_factory.mktemp("finetune_open_clip")
+    source = _open_clip_hub(work / "hub", OPEN_CLIP, torch.float16)
+    data = _folder(work / "data")
+    out = work / "tuned"
+    result = _invoke(source, data, "--r", 4, "--steps", 12, "--batch", 4, "--lr", "1e-3", "--images", 12,
+                     "--holdout", 8, "--threads", 1, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    return source, data, out, json.loads(result.stdout)
+
+
+def test_an_open_clip_folder_is_written_back_whole_and_open_clip_loads_it(tuned_open_clip) -> None:
+    """The CLIP model as it was (the text tower's tensors and dtypes), the tuned tower in float32, the same config:
+    open_clip loads it as the tower tofu-export scored."""
+    from safetensors import safe_open
+
+    from tofu_export.finetune.origin import tuned_origin
+
+    source, data, out, report = tuned_open_clip
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "open_clip_config.json",
+                                                    "open_clip_model.safetensors", "tofu_finetune.json"]
+    assert json.loads((out / "open_clip_config.json").read_text()) == json.loads(
+        (source / "open_clip_config.json").read_text())
+    with safe_open(str(source / "open_clip_model.safetensors"), "pt") as old, \
+            safe_open(str(out / "open_clip_model.safetensors"), "pt") as new:
+        assert set(old.keys()) == set(new.keys())
+        text = [k for k in old.keys() if not k.startswith("visual.")]  # noqa: SIM118
+        assert text and all(old.get_tensor(k).dtype == torch.float16 for k in text)
+        assert all(torch.equal(old.get_tensor(k), new.get_tensor(k)) and new.get_tensor(k).dtype == torch.float16
+                   for k in text)
+        assert {new.get_tensor(k).dtype for k in new.keys() if k.startswith("visual.")} == {torch.float32}  # noqa: SIM118
+        assert new.metadata()["written_by"] == "tofu-export finetune"
+    _open_clip_reads_it_as_loaded(out)
+    original, loaded = load_model(source), load_model(out)
+    _only_vectors_moved(original.model, loaded.model)
+    assert _rescored(original.model, loaded.model, data, 4, 12, 8) == pytest.approx(report["held_out_after"]["mean"],
+                                                                                    abs=1e-6)
+    assert tuned_origin(out).path == source.resolve()
+
+
+@pytest.mark.parametrize("kind", ["training checkpoint at another size", "timm trunk"])
+def test_other_open_clip_checkpoints_are_written_back_as_folders_open_clip_loads(tuned_open_clip, tmp_path,
+                                                                                 kind) -> None:
+    """A training ``.pt`` (wrapped, with optimizer state) named by ``--arch`` and tuned at another input size (the
+    config states the new size); a SigLIP-style tower that is a timm model alone (``visual.trunk.*``), which loads
+    as a timm model and goes back as an open_clip folder."""
+    from tofu_export.finetune.job import finetune
+
+    _, data, _, _ = tuned_open_clip
+    if kind == "timm trunk":
+        config = {"embed_dim": 96, "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit3",
+                                                  "timm_model_pretrained": False, "timm_pool": "map",
+                                                  "timm_proj": "none"}, "text_cfg": OPEN_CLIP["text_cfg"]}
+        source = load_model(_open_clip_hub(tmp_path / "hub", config))
+        assert source.family.name == "timm"
+    else:
+        from safetensors.torch import load_file
+
+        hub = _open_clip_hub(tmp_path / "hub", OPEN_CLIP)
+        state = load_file(hub / "open_clip_model.safetensors")
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()},
+                    "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, tmp_path / "epoch_3.pt")
+        (tmp_path / "tiny.json").write_text(json.dumps(OPEN_CLIP))
+        source = load_model(tmp_path / "epoch_3.pt", arch=f"open_clip:{tmp_path / 'tiny.json'}", img_size=48)
+    finetune(source, data, tofu_export.ToFuConfig(r=4), DistillSettings(steps=3, batch=4, lr=1e-2),
+             tmp_path / "tuned", images=8, holdout=8, progress=False)
+    _open_clip_reads_it_as_loaded(tmp_path / "tuned")
+    written = json.loads((tmp_path / "tuned" / "open_clip_config.json").read_text())["model_cfg"]
+    assert written["vision_cfg"]["image_size"] == (160 if kind == "timm trunk" else 48)
+    assert written["text_cfg"] == OPEN_CLIP["text_cfg"]
+
+
+def test_an_open_clip_source_changed_after_loading_is_not_written_beside(tuned_open_clip, tmp_path) -> None:
+    """The text tower is read again when the tuned tower is written: a source whose bytes changed since it was
+    loaded is refused, and nothing is left behind."""
+    import shutil
+
+    from tofu_export.errors import UserError
+    from tofu_export.finetune.job import finetune
+
+    source, data, _, _ = tuned_open_clip
+    shutil.copytree(source, tmp_path / "hub")
+    loaded = load_model(tmp_path / "hub")
+    with open(tmp_path / "hub" / "open_clip_model.safetensors", "ab") as handle:
+        handle.write(b" ")
+    with pytest.raises(UserError, match="changed after it was loaded"):
+        finetune(loaded, data, tofu_export.ToFuConfig(r=4), DistillSettings(steps=1, batch=4), tmp_path / "tuned",
+                 images=8, holdout=8, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
 
 def test_a_hint_on_a_positional_argument_names_it_as_typed(tiny_checkpoint, tmp_path) -> None:
     """DATA is an argument of finetune (as of eval and calibrate), not a flag: the hint says 'DATA: ...', where it

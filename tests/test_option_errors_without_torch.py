@@ -34,6 +34,7 @@ COMMANDS = {
     "finetune out": ["finetune", "model.pth", "data", "--r", "x", "-o", "t.safetensors"],
     "finetune suffix": ["finetune", "model.pth", "data", "-o", "t.pth"],
     "finetune folder": ["finetune", "data", "data", "-o", "t.safetensors"],  # a folder in: a folder out
+    "finetune open_clip": ["finetune", "model.pth", "data", "--arch", "open_clip:ViT-B-32", "-o", "t.safetensors"],
     "calibrate-denoiser out": ["calibrate-denoiser", "data", "-o", "model.pth"],  # not a policy it wrote
     "help": ["--help"],
 }
@@ -48,7 +49,8 @@ SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "
         "export calibration data": "--precision int8", "profile": "not an ONNX model",
         "clean-checkpoint": "name the file ema.safetensors", "finetune steps": "--steps must be at least 1",
         "finetune out": "--r", "finetune suffix": "written as .safetensors",
-        "finetune folder": "written back as a folder", "calibrate-denoiser out": "not a tofu-export denoiser policy",
+        "finetune folder": "written back as a folder", "finetune open_clip": "written back as a folder",
+        "calibrate-denoiser out": "not a tofu-export denoiser policy",
         "help": ""}
 
 def test_bad_options_are_refused_before_torch_is_imported(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """``tofu-export finetune CHECKPOINT DATA``: tune a checkpoint to run with its token reduction, by distilling it
 towards its own unreduced outputs on your images; writes OUT.safetensors, OUT.json and OUT.png (a timm model) or
-the folder OUT (a transformers model)."""
+the folder OUT (a transformers or open_clip model)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from tofu_export.cli.output import print_json, print_line, print_table, steps
 
 def finetune(
     checkpoint: Annotated[str, typer.Argument(help="The model: a timm checkpoint file, a transformers "
-                                              "save_pretrained folder, or a timm name (random weights).")],
+                                              "save_pretrained folder, an open_clip checkpoint (a hub folder, or a "
+                                              "file with --arch open_clip:NAME), or a timm name (random weights).")],
     data: Annotated[Path, typer.Argument(help="Images: a folder, an ImageFolder, or a dataset root with train/ "
                                          "(used). No labels are needed.")],
     model: ModelOptions,
@@ -32,8 +33,9 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batches drawn.")] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Weights to write. A timm model: OUT.safetensors, "
                                              "with OUT.json (architecture, what they were tuned for) and OUT.png "
-                                             "(the loss) beside; a transformers model: a new folder OUT (its config, "
-                                             "model.safetensors, tofu_finetune.json, loss.png) [default: "
+                                             "(the loss) beside; a transformers or open_clip model: a new folder "
+                                             "OUT as its loader reads it (config, weights, tofu_finetune.json, "
+                                             "loss.png) [default: "
                                              "CHECKPOINT-MODE-rR-tuned(.safetensors) here].")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -43,7 +45,8 @@ def finetune(
     you will export (--r, --mode or --policy) learns to match them (1 - cosine), by default in its norms, biases
     and LayerScale only. Fidelity (cosine to the unreduced model) is measured on held-out images before and after.
     Export the tuned weights with the same reduction. timm ViTs and Eva models are written back as a .safetensors
-    file, transformers vision encoders as a save_pretrained folder; open_clip towers are not written back yet.
+    file, transformers vision encoders as a save_pretrained folder, open_clip towers as a hub folder holding the
+    whole CLIP model (the text tower as it was; open_clip loads it with create_model("local-dir:OUT")).
 
     Example:
 
@@ -57,12 +60,13 @@ def finetune(
     """
     from tofu_export.finetune.distill import DistillSettings
     from tofu_export.finetune.job import FinetuneOutputs, check_settings
+    from tofu_export.models.tuned import written_as_folder
 
     runtime.check()  # every option before torch is loaded
     settings = DistillSettings(steps=steps_, batch=batch, lr=lr, weights=weights, seed=seed)  # type: ignore[arg-type]
     check_settings(settings, images, holdout)
     config = tofu.build(model.img_size)
-    folder = Path(checkpoint).is_dir()  # a transformers folder is written back as a folder
+    folder = written_as_folder(Path(checkpoint), model.arch)  # transformers, open_clip: as a folder
     if out is None:
         out = Path(f"{Path(checkpoint).name.split('.')[0]}-{tofu.label}-tuned{'' if folder else '.safetensors'}")
     FinetuneOutputs.at(out, folder=folder).check([checkpoint, data])
@@ -127,7 +131,11 @@ def print_report(report: dict[str, Any], flags: str) -> None:
         print_line(console, f"note: {note}")
     print_table(console, table)
     written = report["outputs"]
-    print_line(console, f"wrote {written['weights']}, {written['sidecar']} and {written['plot']}")
+    if Path(written["weights"]).is_dir():  # a folder checkpoint: the files its loader reads, and ours
+        files = ", ".join(sorted(path.name for path in Path(written["weights"]).iterdir()))
+        print_line(console, f"wrote the folder {written['checkpoint']} ({files})")
+    else:
+        print_line(console, f"wrote {written['weights']}, {written['sidecar']} and {written['plot']}")
     if not gain_is_clear(gain):
         print_line(console, "note: the tuned model is not clearly closer to the unreduced one on the held-out images "
                    "(the gain is under two standard errors); keep the original weights, or tune on more --images. "

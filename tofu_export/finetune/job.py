@@ -2,9 +2,10 @@
 
 The whole job in order: pick training and held-out images from one folder (disjoint, evenly spread), run the
 unreduced model once on both (the targets), patch a copy with ToFu, score it on the held-out images, distil
-(``finetune.distill``), score it again, and write the tuned weights where the model's family reads them back (a
-timm model: ``.safetensors`` with a sidecar stating the architecture, read as a timm hub file is; a transformers
-model: a ``save_pretrained`` folder), a statement of what the weights were tuned for, and a plot of the loss.
+(``finetune.distill``), score it again, and write the tuned weights where the family that read the checkpoint reads
+them back (a timm model: ``.safetensors`` with a sidecar stating the architecture, read as a timm hub file is; a
+transformers model: a ``save_pretrained`` folder; an open_clip tower: a hub folder of the whole CLIP model), a
+statement of what the weights were tuned for, and a plot of the loss.
 Nothing is written until the training is done; nothing existing is replaced.
 """
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from tofu_export.config import ToFuConfig
-    from tofu_export.models.family import LoadedModel
+    from tofu_export.models.family import LoadedModel, ModelFamily
 
 MIN_IMAGES = 8  # training images, and held-out images (a standard error over fewer says little)
 BATCH = 32  # images a forward of the targets and the held-out scores takes
@@ -48,8 +49,8 @@ class FinetuneDataError(ImageError, FinetuneError):
 @dataclass(frozen=True)
 class FinetuneOutputs:
     """What a fine-tuning writes: the weights, the statement of what they are, the loss plot. A timm model's as
-    three files (``OUT.safetensors``, ``OUT.json``, ``OUT.png``); a transformers model's inside a new folder ``OUT``
-    (``folder``) that its loader reads, beside its config."""
+    three files (``OUT.safetensors``, ``OUT.json``, ``OUT.png``); a model read from a folder (transformers,
+    open_clip) inside a new folder ``OUT`` (``folder``, then also ``weights``) laid out as its loader reads it."""
 
     weights: Path
     sidecar: Path
@@ -58,14 +59,15 @@ class FinetuneOutputs:
 
     @classmethod
     def at(cls, out: str | Path, *, folder: bool = False) -> FinetuneOutputs:
-        """The outputs for ``-o out``: files for a timm model, a folder (``folder``) for a transformers one."""
+        """The outputs for ``-o out``: files for a timm model, a folder (``folder``) for a transformers or
+        open_clip one."""
         out = Path(out)
         if folder:
             if out.suffix == ".safetensors":
-                raise FinetuneError(f"{out}: a transformers model is written back as a folder (config.json, "
-                                    f"model.safetensors, ...); name the folder {out.with_suffix('').name}",
+                raise FinetuneError(f"{out}: a model read from a folder (transformers, open_clip) is written back as "
+                                    f"a folder, as it was read; name the folder {out.with_suffix('').name}",
                                     hint=Hint("out", None, "OUT (a new folder)"))
-            return cls(out / "model.safetensors", out / FOLDER_STATEMENT, out / "loss.png", folder=out)
+            return cls(out, out / FOLDER_STATEMENT, out / "loss.png", folder=out)
         if out.suffix != ".safetensors":
             raise FinetuneError(f"{out}: tuned weights are written as .safetensors; name the file "
                                 f"{out.with_suffix('.safetensors').name}", hint=Hint("out", None, "OUT.safetensors"))
@@ -136,21 +138,22 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
              out: str | Path, *, images: int = 256, holdout: int = 64, progress: bool = True,
              step: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
     """Tune ``loaded``'s model to run reduced as ``tofu`` says; write ``out`` (``FinetuneOutputs``: a timm model's
-    ``.safetensors`` with its sidecar and loss plot, a transformers model's folder); return the report (held-out
-    fidelity before and after, the loss, what was written). ``step`` hears each stage as it begins; ``progress``: a
-    bar (or log lines) over the training steps."""
+    ``.safetensors`` with its sidecar and loss plot, a transformers or open_clip model's folder); return the report
+    (held-out fidelity before and after, the loss, what was written). ``step`` hears each stage as it begins;
+    ``progress``: a bar (or log lines) over the training steps."""
     from tofu_export.evaluation.data import model_transform
     from tofu_export.evaluation.metrics import paired_difference
     from tofu_export.finetune.distill import distill, trained_parameters
-    from tofu_export.models.family import families, unpatch
+    from tofu_export.models.family import families, unpatch, weights_writer
     from tofu_export.progress import tracker
 
     check_settings(settings, images, holdout)
-    if not loaded.family.tuned_layout:
+    writer = weights_writer(loaded)
+    if not writer.tuned_layout:
         writers = [f.name for f in families() if f.tuned_layout]
-        raise FinetuneError(f"finetune cannot write the weights of {loaded.family.name} models back yet (it writes "
+        raise FinetuneError(f"finetune cannot write the weights of {writer.name} models back yet (it writes "
                             f"{', '.join(writers)} models)")
-    outputs = FinetuneOutputs.at(out, folder=loaded.family.tuned_layout == "folder")
+    outputs = FinetuneOutputs.at(out, folder=writer.tuned_layout == "folder")
     outputs.check([p for p in (loaded.path, data) if p is not None])
     started = time.perf_counter()
     teacher = loaded.model.eval()
@@ -198,13 +201,14 @@ def finetune(loaded: LoadedModel, data: str | Path, tofu: ToFuConfig, settings: 
     }
     step(f"writing {outputs.folder}" if outputs.folder else
          f"writing {outputs.weights.name}, {outputs.sidecar.name} and {outputs.plot.name}")
-    write_outputs(student, loaded, report, outputs)
+    write_outputs(student, loaded, report, outputs, writer)
     return report
 
 
-def write_outputs(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs) -> None:
-    """The weights, then the statement, then the plot, as files (a failure removes those this call wrote) or in a
-    hidden folder moved into place whole; never over anything."""
+def write_outputs(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs,
+                  writer: ModelFamily) -> None:
+    """The weights (``writer``: the family that reads them back), then the statement, then the plot, as files (a
+    failure removes those this call wrote) or in a hidden folder moved into place whole; never over anything."""
     from tofu_export.atomic import signals_held
 
     metadata = {"written_by": TUNED_SIDECAR, "source_sha256": loaded.sha256 or "",
@@ -212,15 +216,15 @@ def write_outputs(model: nn.Module, loaded: LoadedModel, report: dict[str, Any],
     said = {"written_by": TUNED_SIDECAR, **{k: v for k, v in report.items() if k not in ("loss", "outputs")}}
     write = _write_folder if outputs.folder is not None else _write_files
     with signals_held():
-        write(model, loaded, report, outputs, metadata, said)
+        write(model, loaded, writer, report, outputs, metadata, said)
 
 
 def _statement(built: dict[str, Any], said: dict[str, Any]) -> str:
     return json.dumps({**built, **said}, indent=2, default=str) + "\n"
 
 
-def _write_files(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs,
-                 metadata: dict[str, str], said: dict[str, Any]) -> None:
+def _write_files(model: nn.Module, loaded: LoadedModel, writer: ModelFamily, report: dict[str, Any],
+                 outputs: FinetuneOutputs, metadata: dict[str, str], said: dict[str, Any]) -> None:
     from tofu_export.finetune.plot import plot_loss
     from tofu_export.weights_file import write_new
 
@@ -228,7 +232,7 @@ def _write_files(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], 
     built: dict[str, Any] = {}
 
     def weights(tmp: Path) -> None:
-        built.update(loaded.family.write_weights(model, loaded, tmp, metadata))
+        built.update(writer.write_weights(model, loaded, tmp, metadata))
 
     outputs.weights.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -244,14 +248,14 @@ def _write_files(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], 
         raise
 
 
-def _write_folder(model: nn.Module, loaded: LoadedModel, report: dict[str, Any], outputs: FinetuneOutputs,
-                  metadata: dict[str, str], said: dict[str, Any]) -> None:
+def _write_folder(model: nn.Module, loaded: LoadedModel, writer: ModelFamily, report: dict[str, Any],
+                  outputs: FinetuneOutputs, metadata: dict[str, str], said: dict[str, Any]) -> None:
     from tofu_export.finetune.plot import plot_loss
     from tofu_export.weights_file import write_new
 
     def fill(staging: Path) -> None:
         staging.mkdir()
-        built = loaded.family.write_weights(model, loaded, staging, metadata)
+        built = writer.write_weights(model, loaded, staging, metadata)
         (staging / outputs.sidecar.name).write_text(_statement(built, said), encoding="utf-8")
         plot_loss(report, staging / outputs.plot.name)
 

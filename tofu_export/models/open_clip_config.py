@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tofu_export.checkpoint import CheckpointError
+from tofu_export.checkpoint_limits import CheckpointError
 from tofu_export.errors import Hint
 
-__all__ = ["CONFIG_FILE", "PREFIX", "TowerConfig", "configs_matching", "open_clip_module", "resolve_config",
-           "timm_preprocessing"]
+__all__ = ["CONFIG_FILE", "PREFIX", "TowerConfig", "configs_matching", "hub_config", "open_clip_module",
+           "resolve_config", "timm_preprocessing"]
 
 PREFIX = "open_clip:"
 CONFIG_FILE = "open_clip_config.json"
@@ -126,27 +126,42 @@ def _named(name: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     return model_cfg, _pretrained_preprocess(open_clip, name), f"open_clip model config {name} (--arch)"
 
 
-def resolve_config(path: Path, arch: str | None, dims: Mapping[str, int] | None = None) -> TowerConfig:
-    """The config for the checkpoint ``path``: ``arch`` (``open_clip:NAME``) first, else the config beside it.
-    ``dims`` (what the weights show, see ``configs_matching``) names candidates when neither says."""
+def _model_config(path: Path, arch: str | None,
+                  dims: Mapping[str, int] | None) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """``(model_cfg, preprocess_cfg, name, source)`` for the checkpoint ``path``: ``arch`` first, else the config
+    beside it; ``dims`` names candidates when neither says."""
     if arch:
         name = arch[len(PREFIX):] if arch.startswith(PREFIX) else arch
         model_cfg, preprocess, source = _named(name)
-    elif (beside := config_beside(path)) is not None:
+        return model_cfg, preprocess, name, source
+    beside = config_beside(path)
+    if beside is not None:
         model_cfg, preprocess = _read_json(beside)
-        name, source = str(beside), f"{CONFIG_FILE} beside the checkpoint"
-    else:
-        found = configs_matching(dims) if dims else []
-        said = f" (its shapes fit {', '.join(found[:4])})" if found else ""
-        raise CheckpointError(
-            f"{path} is an open_clip checkpoint; the model config it was trained with is not in the weights{said}",
-            hint=Hint("arch", f"open_clip:{found[0] if found else 'ViT-B-32'}",
-                      f"naming its open_clip model config, or put its {CONFIG_FILE} beside the file"))
+        return model_cfg, preprocess, str(beside), f"{CONFIG_FILE} beside the checkpoint"
+    found = configs_matching(dims) if dims else []
+    said = f" (its shapes fit {', '.join(found[:4])})" if found else ""
+    raise CheckpointError(
+        f"{path} is an open_clip checkpoint; the model config it was trained with is not in the weights{said}",
+        hint=Hint("arch", f"open_clip:{found[0] if found else 'ViT-B-32'}",
+                  f"naming its open_clip model config, or put its {CONFIG_FILE} beside the file"))
+
+
+def resolve_config(path: Path, arch: str | None, dims: Mapping[str, int] | None = None) -> TowerConfig:
+    """The config for the checkpoint ``path``: ``arch`` (``open_clip:NAME``) first, else the config beside it.
+    ``dims`` (what the weights show, see ``configs_matching``) names candidates when neither says."""
+    model_cfg, preprocess, name, source = _model_config(path, arch, dims)
     config = TowerConfig(name=name, source=source, embed_dim=int(model_cfg.get("embed_dim", 512)),
                          vision=dict(model_cfg["vision_cfg"]), quick_gelu=bool(model_cfg.get("quick_gelu", False)),
                          preprocess={k: preprocess[k] for k in _PREPROCESS_KEYS if k in preprocess})
     _check_supported(config)
     return config
+
+
+def hub_config(path: Path, arch: str | None) -> dict[str, Any]:
+    """The config of the checkpoint ``path`` as ``resolve_config`` finds it (``arch`` first), whole (the text
+    tower's too), as an ``open_clip_config.json`` holds it: ``{"model_cfg": ..., "preprocess_cfg": ...}``."""
+    model_cfg, preprocess, _, _ = _model_config(path, arch, None)
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
 def _timm_trunk_problem(config: TowerConfig) -> str | None:

@@ -14,6 +14,7 @@ that is a timm model alone (SigLIP: ``visual.trunk.*``) is read the same way and
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,68 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from tofu_export.checkpoint import CheckpointError, check_values, load_state_dict
-from tofu_export.checkpoint_limits import MAX_TOKENS, inspect_safetensors, inspect_torch_file
+from tofu_export.checkpoint_limits import MAX_TOKENS
 from tofu_export.errors import Hint
 from tofu_export.hashing import sha256_file
 from tofu_export.models.family import ArchGuess, LoadedModel, fit_problems
-from tofu_export.models.open_clip_config import CONFIG_FILE, PREFIX, TowerConfig, open_clip_module, resolve_config
+from tofu_export.models.open_clip_config import PREFIX, TowerConfig, open_clip_module, resolve_config
+from tofu_export.models.open_clip_files import VISUAL, header_shapes, is_safetensors, visual_name, weights_file
+from tofu_export.models.tuned import folder_statement, tuned_note
 
-__all__ = ["load_open_clip", "looks_like_open_clip"]
-
-FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                  "open_clip_pytorch_model.pth")
-_WRAPPERS = ("state_dict", "model", "module", "_orig_mod")  # open_clip training saves {"state_dict": {"module.*"}}
-_VISUAL = "visual."
-
-
-def weights_file(path: Path) -> Path:
-    """The weights file of a checkpoint: ``path`` itself, or the open_clip weights in the folder ``path``."""
-    if not path.is_dir():
-        return path
-    found = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
-    if found is None:
-        raise CheckpointError(f"{path} has an {CONFIG_FILE} but none of {', '.join(FOLDER_WEIGHTS)}",
-                              hint=Hint("checkpoint", None, "naming the folder that holds the open_clip weights"))
-    return found
-
-
-def _visual_name(key: str) -> str | None:
-    """``"state_dict.module.visual.conv1.weight"`` -> ``"conv1.weight"``; None for a key outside the tower."""
-    parts = key.split(".")
-    while len(parts) > 1 and parts[0] in _WRAPPERS:
-        parts = parts[1:]
-    key = ".".join(parts)
-    return key[len(_VISUAL):] if key.startswith(_VISUAL) else None
-
-
-def _is_safetensors(file: Path) -> bool:
-    with open(file, "rb") as handle:
-        return handle.read(9)[8:9] == b"{"  # an 8-byte header length, then the JSON header
-
-
-def _header_shapes(file: Path) -> dict[str, tuple[int, ...]] | None:
-    """The tower's ``name -> shape`` from the file's header (no tensor read), or None where it cannot be read."""
-    try:
-        if _is_safetensors(file):
-            shapes = inspect_safetensors(file)[0]
-        else:
-            shapes = {name: meta.size for name, meta in inspect_torch_file(file)[0].items()}
-    except (OSError, ValueError, CheckpointError, UnicodeDecodeError, EOFError):
-        return None
-    visual = {name: tuple(shape) for key, shape in shapes.items() if (name := _visual_name(key)) is not None}
-    return visual or None
-
-
-def looks_like_open_clip(path: Path) -> bool:
-    """A hub folder with an ``open_clip_config.json``, or a file whose keys hold an open_clip ViT tower (or a timm
-    trunk, refused later with its own message). Cheap: headers only; never raises."""
-    if path.is_dir():
-        return (path / CONFIG_FILE).is_file()
-    if not path.is_file():
-        return False
-    shapes = _header_shapes(path) or {}
-    return "conv1.weight" in shapes or any(name.startswith("trunk.") for name in shapes)
-
+__all__ = ["load_open_clip"]
 
 def _dims(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """What the weights show of the tower (for naming configs that fit)."""
@@ -137,11 +85,11 @@ def _read_safetensors(file: Path, names: set[str] | None) -> dict[str, Tensor] |
     cannot be read so."""
     from safetensors import SafetensorError, safe_open
 
-    if _header_shapes(file) is None:
+    if header_shapes(file) is None:
         return None
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            keys = {_visual_name(key): key for key in handle.keys()}  # noqa: SIM118 (not iterable)
+            keys = {visual_name(key): key for key in handle.keys()}  # noqa: SIM118 (not iterable)
             keys.pop(None, None)  # the text tower's and the rest
             return {name: handle.get_tensor(keys[name]) for name in (keys if names is None else names) if name in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError):
@@ -151,11 +99,11 @@ def _read_safetensors(file: Path, names: set[str] | None) -> dict[str, Tensor] |
 def _read_visual(file: Path, names: set[str] | None, trust_pickle: bool) -> dict[str, Tensor]:
     """The tower's tensors ``names`` (``visual.`` stripped; None: all of them) as float32; of a safetensors file
     nothing else is read."""
-    tensors = _read_safetensors(file, names) if _is_safetensors(file) else None
+    tensors = _read_safetensors(file, names) if is_safetensors(file) else None
     if tensors is None:
         everything = load_state_dict(file, trust_pickle=trust_pickle)  # limits, views and values checked
         tensors = {name: everything.pop(key) for key in list(everything)
-                   if (name := _visual_name(key)) is not None and (names is None or name in names)}
+                   if (name := visual_name(key)) is not None and (names is None or name in names)}
         del everything  # the text tower and the rest
     else:
         check_values(tensors, file)  # what load_state_dict checks (NaN / Inf, complex), on the tensors read here
@@ -170,9 +118,9 @@ def _resize_positions(state: dict[str, Tensor], tower: nn.Module) -> None:
     """``positional_embedding [1 + g*g, C]`` -> ``[1 + gh*gw, C]`` for ``tower``'s grid, by open_clip's own code."""
     from open_clip.model import resize_pos_embed
 
-    wrapped = {f"{_VISUAL}positional_embedding": state["positional_embedding"]}
+    wrapped = {f"{VISUAL}positional_embedding": state["positional_embedding"]}
     resize_pos_embed(wrapped, SimpleNamespace(visual=tower))
-    state["positional_embedding"] = wrapped[f"{_VISUAL}positional_embedding"]
+    state["positional_embedding"] = wrapped[f"{VISUAL}positional_embedding"]
 
 
 def _target_size(config: TowerConfig, img_size: int | None) -> int:
@@ -188,12 +136,23 @@ def _target_size(config: TowerConfig, img_size: int | None) -> int:
 def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
                    num_heads: int | None = None) -> LoadedModel:
     """The visual tower of the open_clip checkpoint ``path`` (a file or a hub folder), weights loaded, eval mode;
-    at ``img_size`` when given (position embeddings resampled), else at the config's size."""
+    at ``img_size`` when given (position embeddings resampled), else at the config's size. A folder ``finetune``
+    wrote is said to be tuned (``tuned.tuned_note``)."""
+    loaded = _load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
+    statement = folder_statement(path) if path.is_dir() else {}
+    if not statement:
+        return loaded
+    guess = dataclasses.replace(loaded.arch, notes=(*loaded.arch.notes, tuned_note(path, statement)))
+    return dataclasses.replace(loaded, arch=guess)
+
+
+def _load(path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
+          num_heads: int | None) -> LoadedModel:
     file = weights_file(path)
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {file} does not exist",
                               hint=Hint("checkpoint", None, "the path of an open_clip checkpoint"))
-    header = _header_shapes(file)
+    header = header_shapes(file)
     config = resolve_config(path, arch, _dims(header) if header else None)
     if config.timm_trunk:  # the tower is a timm model alone: built as one
         from tofu_export.models.open_clip_timm import check_trunk_keys, load_timm_trunk

@@ -10,7 +10,7 @@ N]``; average pooling (``pool_type="avg"``) is size-weighted. Attention-pool (Co
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class OpenClipFamily(ModelFamily):
 
     # -- checkpoints (open_clip_load.py) ------------------------------------------------------------------------
     def recognises(self, path: Path) -> bool:
-        from tofu_export.models.open_clip_load import looks_like_open_clip
+        from tofu_export.models.open_clip_files import looks_like_open_clip
 
         return looks_like_open_clip(path)
 
@@ -109,7 +109,7 @@ class OpenClipFamily(ModelFamily):
 
     def digest(self, path: Path) -> str:
         from tofu_export.hashing import sha256_file
-        from tofu_export.models.open_clip_load import weights_file
+        from tofu_export.models.open_clip_files import weights_file
 
         return sha256_file(weights_file(path))  # a hub folder's weights file, as load_open_clip records it
 
@@ -118,6 +118,17 @@ class OpenClipFamily(ModelFamily):
         from tofu_export.models.open_clip_load import load_open_clip
 
         return load_open_clip(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
+
+    tuned_layout = "folder"
+
+    def write_weights(self, model: nn.Module, loaded: LoadedModel, target: Path,
+                      metadata: Mapping[str, str]) -> dict[str, Any]:
+        """The source checkpoint with its visual tower replaced, as a hub folder (``open_clip_save``): open_clip's
+        own ViT, or a timm trunk (SigLIP) this family read."""
+        from tofu_export.models.open_clip_save import save_folder
+
+        save_folder(model, loaded, target, dict(metadata), open_clip_vit=self.owns(model))
+        return {}
 
     # -- geometry -------------------------------------------------------------------------------------------------
     def owns(self, model: nn.Module) -> bool:

@@ -2,7 +2,8 @@
 
 A tuned checkpoint carries a JSON statement (what it was tuned for, the checkpoint it was tuned from), marked
 ``written_by: TUNED_SIDECAR``: beside a timm ``.safetensors`` file as its ``<stem>.json`` sidecar (read with the
-rest of the file's evidence, ``timm_vit_evidence``), inside a transformers folder as ``FOLDER_STATEMENT``. Every
+rest of the file's evidence, ``timm_vit_evidence``), inside a transformers or open_clip folder as
+``FOLDER_STATEMENT``. Every
 command that loads such weights says which reduction they were tuned for (``tuned_note``).
 """
 
@@ -17,7 +18,8 @@ from tofu_export.schedule import compact_r
 TUNED_SIDECAR = "tofu-export finetune"  # the mark `finetune` writes in its statement (``written_by``)
 FOLDER_STATEMENT = "tofu_finetune.json"  # the statement's name inside a folder checkpoint
 
-__all__ = ["FOLDER_STATEMENT", "TUNED_SIDECAR", "folder_statement", "is_tuned_statement", "tuned_note"]
+__all__ = ["FOLDER_STATEMENT", "TUNED_SIDECAR", "folder_statement", "is_tuned_statement", "tuned_note",
+           "written_as_folder"]
 
 
 def is_tuned_statement(data: object) -> bool:
@@ -44,3 +46,14 @@ def tuned_note(path: Path, statement: dict[str, Any]) -> str:
     return (f"{path.name} was tuned by tofu-export finetune for {tuned_for.get('source', 'a token reduction')} "
             f"(tokens removed per block {compact_r(removes)}, {'/'.join(modes) or 'modes not stated'}): export it "
             "with that reduction; with another, its fidelity was not measured")
+
+
+def written_as_folder(checkpoint: Path, arch: str | None) -> bool:
+    """Whether ``finetune`` writes the tuned weights of ``checkpoint`` (``--arch arch``) as a folder, decided from
+    headers without torch so that a bad ``-o`` is refused before it loads: a folder checkpoint (transformers,
+    open_clip) or an open_clip file is written back as a folder; a timm file as a file (``ModelFamily.tuned_layout``
+    says the same once the model is loaded)."""
+    from tofu_export.models.open_clip_config import PREFIX
+    from tofu_export.models.open_clip_files import looks_like_open_clip
+
+    return checkpoint.is_dir() or bool(arch and arch.startswith(PREFIX)) or looks_like_open_clip(checkpoint)
