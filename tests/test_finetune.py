@@ -54,6 +54,15 @@ def _only_vectors_moved(before: torch.nn.Module, after: torch.nn.Module) -> None
     assert any(not torch.equal(old[k], new[k]) for k in old if old[k].ndim == 1)
 
 
+def _usual_mode(*paths: Path) -> bool:
+    """Every file has the permissions a new file gets here (safetensors' writer makes its files private)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return all(path.stat().st_mode & 0o777 == 0o666 & ~umask for path in paths)
+
+
 def _rescored(original: torch.nn.Module, tuned: torch.nn.Module, data: Path, r: int, images: int,
               holdout: int) -> float:
     """The held-out fidelity of ``tuned`` read back, scored again here: patched with ``r``, against the original's
@@ -120,6 +129,7 @@ def test_the_command_writes_weights_a_sidecar_and_a_plot(tuned) -> None:
     assert sidecar["tuned_for"]["r"] == [R, R] and report["tuned_for"]["modes"] == ["mlerp", "mlerp"]
     assert report["images"] == 12 and report["held_out"] == 8 and report["settings"]["steps"] == 12
     assert report["trained_weights"] < report["weights"] / 50  # vectors only
+    assert _usual_mode(out, out.with_suffix(".json"), out.with_suffix(".png"))
 
 
 def test_the_tuned_checkpoint_is_read_back_as_the_model_that_was_scored(tiny_checkpoint, tuned) -> None:
@@ -277,6 +287,7 @@ def test_a_transformers_model_is_written_back_as_a_folder_that_loads_as_the_mode
                                                     "preprocessor_config.json", "tofu_finetune.json"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["data", "dinov2", "tuned"]  # no staging folder left
     assert (out / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
+    assert _usual_mode(*out.iterdir())
     statement = json.loads((out / "tofu_finetune.json").read_text())
     assert statement["written_by"] == "tofu-export finetune" and statement["tuned_for"]["r"] == [4, 4]
     assert report["outputs"]["checkpoint"] == str(out) and report["architecture"] == "Dinov2Model"
@@ -379,6 +390,7 @@ def test_an_open_clip_folder_is_written_back_whole_and_open_clip_loads_it(tuned_
     source, data, out, report = tuned_open_clip
     assert sorted(p.name for p in out.iterdir()) == ["loss.png", "open_clip_config.json",
                                                     "open_clip_model.safetensors", "tofu_finetune.json"]
+    assert _usual_mode(*out.iterdir())
     assert json.loads((out / "open_clip_config.json").read_text()) == json.loads(
         (source / "open_clip_config.json").read_text())
     with safe_open(str(source / "open_clip_model.safetensors"), "pt") as old, \

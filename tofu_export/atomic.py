@@ -28,6 +28,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give a file that was created private (``mkstemp``, safetensors' writer: 0600) the permissions any new file
+    gets here (0666 less the umask): weights and artifacts are meant to be shared."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
     target = Path(path)
@@ -42,7 +48,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        usual_permissions(tmp_name)  # mkstemp creates 0600
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

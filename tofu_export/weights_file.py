@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tofu_export.atomic import owner_tag, remove_stale, rename_noreplace
+from tofu_export.atomic import owner_tag, remove_stale, rename_noreplace, usual_permissions
 from tofu_export.errors import UserError
 
 if TYPE_CHECKING:
@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """``safetensors`` refuses tensors that share memory (views of one storage): those are copied, the rest not."""
+    """``safetensors`` refuses tensors that share memory (views of one storage): those are copied, the rest not.
+    The file gets the usual permissions (safetensors makes it private)."""
     from safetensors.torch import save_file
+
 
     seen: set[int] = set()
     own = {}
@@ -32,6 +34,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
         own[name] = tensor.clone() if pointer in seen else tensor
         seen.add(pointer)
     save_file(own, str(path), metadata=dict(metadata))
+    usual_permissions(path)
 
 
 def write_new(path: Path, write: Callable[[Path], object], error: type[UserError], tag: str) -> None:

@@ -67,13 +67,14 @@ def _random_reference(path: Path) -> Path:
     sidecar = path.with_suffix(".json")
     if not path.exists():
         import timm
-        from safetensors.torch import save_file
+
+        from tofu_export.weights_file import save_safetensors
 
         torch.manual_seed(0)
         model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file(model.state_dict(), str(tmp))
+        save_safetensors(model.state_dict(), tmp, {})
         tmp.replace(path)
     if not sidecar.exists():
         from tofu_export.atomic import write_json_atomic

@@ -151,8 +151,12 @@ def save_folder(model: Any, source: Path | None, folder: Path) -> None:
     """Write the transformers ``model`` into the existing ``folder`` as ``load_folder`` reads it: its config and
     ``model.safetensors`` (``save_pretrained``), and the preprocessing of the folder it came from (``source``'s
     ``preprocessor_config.json``) where there was one."""
+    from tofu_export.atomic import usual_permissions
+
     with _without_progress_bars():
         model.save_pretrained(str(folder), safe_serialization=True)
+    for weights in folder.glob("*.safetensors"):  # safetensors makes its files private
+        usual_permissions(weights)
     if source is not None and (source / "preprocessor_config.json").is_file():
         shutil.copyfile(source / "preprocessor_config.json", folder / "preprocessor_config.json")
 

