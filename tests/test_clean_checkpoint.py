@@ -123,3 +123,18 @@ def test_a_pickled_model_is_written_with_its_heads_and_preprocessing(tmp_path, m
     words = CliRunner().invoke(app, ["clean-checkpoint", str(path), "--trust-pickle", "-o",
                                      str(tmp_path / "again.safetensors")])
     assert f"architecture {NAME} with model_args {{'num_heads': 6}}" in words.output, words.output
+
+
+@pytest.mark.parametrize(("config", "words"), [("open_clip_config.json", "which every command reads as it is"),
+                                               ("", "it holds last.pth.tar")])
+def test_a_folder_is_refused_with_what_to_do_instead(tmp_path, config, words) -> None:
+    """A checkpoint folder (transformers, open_clip) needs no cleaning; a folder of training checkpoints, one of
+    them named."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "last.pth.tar").write_bytes(b"")
+    if config:
+        (folder / config).write_text("{}")
+    with pytest.raises(CleanCheckpointError, match=words):
+        clean_checkpoint(folder, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

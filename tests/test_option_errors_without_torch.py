@@ -30,6 +30,7 @@ COMMANDS = {
     "export calibration data": ["export", "model.pth", "--calibration-data", "data", "-o", "out"],  # without int8
     "profile": ["profile", "broken.onnx", "--report", "report.md"],  # a graph that does not parse
     "clean-checkpoint": ["clean-checkpoint", "model.pth", "--use-ema", "-o", "ema.pth"],
+    "clean-checkpoint folder": ["clean-checkpoint", "data", "-o", "data.safetensors"],
     "finetune steps": ["finetune", "model.pth", "data", "--steps", "0", "-o", "t.safetensors"],
     "finetune out": ["finetune", "model.pth", "data", "--r", "x", "-o", "t.safetensors"],
     "finetune suffix": ["finetune", "model.pth", "data", "-o", "t.pth"],
@@ -47,7 +48,8 @@ SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "
         "calibrate images": "--images",
         "calibrate budget": "--min-cosine", "calibrate precision": "calibrate measures FP32 graphs",
         "export calibration data": "--precision int8", "profile": "not an ONNX model",
-        "clean-checkpoint": "name the file ema.safetensors", "finetune steps": "--steps must be at least 1",
+        "clean-checkpoint": "name the file ema.safetensors",
+        "clean-checkpoint folder": "takes one training checkpoint file", "finetune steps": "--steps must be at least 1",
         "finetune out": "--r", "finetune suffix": "written as .safetensors",
         "finetune folder": "written back as a folder", "finetune open_clip": "written back as a folder",
         "calibrate-denoiser out": "not a tofu-export denoiser policy",

@@ -21,7 +21,25 @@ from tofu_export.weights_file import save_safetensors, write_new
 
 
 class CleanCheckpointError(UserError):
-    """The output paths are unusable (taken, or not a .safetensors name). Exit code 2."""
+    """The output paths are unusable (taken, or not a .safetensors name), or the checkpoint is a folder. Exit code 2."""
+
+
+_FOLDER_CONFIGS = ("config.json", "open_clip_config.json")  # a transformers / diffusers or an open_clip folder's
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")
+
+
+def _folder_error(folder: Path) -> CleanCheckpointError:
+    """What to do with a folder: a checkpoint folder is read as it is; a folder of training checkpoints names them."""
+    if any((folder / name).is_file() for name in _FOLDER_CONFIGS):
+        return CleanCheckpointError(
+            f"{folder} is a checkpoint folder (its config beside its weights), which every command reads as it is: "
+            f"tofu-export {folder} --r 16. clean-checkpoint takes one training checkpoint file (weights with "
+            "optimizer state or an EMA copy) and writes its weights as a .safetensors file",
+            hint=Hint("checkpoint", None, "a training checkpoint file"))
+    inside = sorted(p.name for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))[:4]
+    said = f"; it holds {', '.join(inside)}" if inside else ""
+    return CleanCheckpointError(f"{folder} is a folder: clean-checkpoint takes one training checkpoint file{said}",
+                                hint=Hint("checkpoint", None, str(folder / inside[0]) if inside else "a file"))
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,8 @@ def clean_checkpoint(checkpoint: str | Path, out: str | Path, *, use_ema: bool =
         verb = "exists" if len(taken) == 1 else "exist"
         raise CleanCheckpointError(f"{' and '.join(taken)} already {verb}; tofu-export never replaces a file: choose "
                                    "another name or move it away", hint=Hint("out"))
+    if checkpoint.is_dir():
+        raise _folder_error(checkpoint)
     from tofu_export.checkpoint import read_checkpoint  # torch: only once the names are good
 
     step(f"reading {checkpoint.name}")
