@@ -70,11 +70,12 @@ class DenoiserFamily(ABC):
         return f"a {self.name} checkpoint"
 
     def main_command_error(self, path: Path) -> UserError:
-        """The one-line error the main command (vision transformers) gives for this family's checkpoint."""
+        """The one-line error every image-encoder command (export, eval, calibrate, finetune, ...) gives for this
+        family's checkpoint."""
         needs = f"; reading it needs {self.needs}" if self.needs else ""
-        return UserError(f"{path} is {self.describe(path)}: a diffusion denoiser, which the main command (vision "
-                         "transformers) does not export; the `denoiser` command exports it with dense ToFu "
-                         f"(`tofu-export denoiser {path} -o OUT`{needs})")
+        return UserError(f"{path} is {self.describe(path)}: a diffusion denoiser, and this command takes vision "
+                         "transformers; the `denoiser` command exports it with dense ToFu (`tofu-export denoiser "
+                         f"{path} -o OUT`{needs}) and `calibrate-denoiser` measures its policy")
 
     @abstractmethod
     def load(self, path: Path, *, config: Path | None, trust_pickle: bool, size: int | None) -> LoadedDenoiser:
