@@ -69,16 +69,18 @@ def save_folder(tower: nn.Module, loaded: LoadedModel, folder: Path, metadata: d
     ``open_clip_config.json``. ``open_clip_vit``: the tower is open_clip's own ViT, else a timm trunk."""
     from tofu_export.weights_file import save_safetensors
 
-    source_path = Path(str(loaded.path))
-    file = weights_file(source_path)
+    if loaded.path is None:
+        raise CheckpointError("an open_clip tower is written back beside the checkpoint it was read from; this one "
+                              "names none")
+    file = weights_file(Path(loaded.path))
     if loaded.sha256 and sha256_file(file) != loaded.sha256:  # the text tower must come from the weights tuned
         raise CheckpointError(f"{file} changed after it was loaded; the tuned tower was not written beside its "
                               "new contents")
-    config: dict[str, Any] = hub_config(source_path, loaded.arch.name)
-    vision, size = config["model_cfg"]["vision_cfg"], family_of(tower).img_size(tower)
-    stated = vision.get("image_size", 224)
-    resized = as_pair(stated) != size
-    config["model_cfg"]["vision_cfg"] = {**vision, "image_size": size[0] if size[0] == size[1] else list(size)}
+    stated = hub_config(Path(loaded.path), loaded.arch.name)
+    vision, size = stated["model_cfg"]["vision_cfg"], family_of(tower).img_size(tower)
+    resized = as_pair(vision.get("image_size", 224)) != size
+    config: dict[str, Any] = {**stated, "model_cfg": {**stated["model_cfg"], "vision_cfg": {
+        **vision, "image_size": size[0] if size[0] == size[1] else list(size)}}}
     source = _source_tensors(file)
     tuned = _tower_tensors(tower, open_clip_vit)
     _check_same_tower(file, source, tuned, resized)
