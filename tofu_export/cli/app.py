@@ -15,8 +15,9 @@ from tofu_export.cli.groups import uses_groups
 app = typer.Typer(
     name="tofu-export",
     help=(
-        "Token Fusion (ToFu) for pretrained ViTs: patch a timm checkpoint, export a static-shape ONNX graph "
-        "verified against PyTorch, and build ONNX Runtime / TensorRT artifacts.\n\n"
+        "Token Fusion (ToFu) for pretrained ViTs: patch a checkpoint (timm, transformers or open_clip; diffusion "
+        "denoisers through the denoiser command), export a static-shape ONNX graph verified against PyTorch, and "
+        "build ONNX Runtime / TensorRT artifacts.\n\n"
         "Examples:\n\n"
         "Export (the default command): tofu-export model.pth --r 16 --target trt\n\n"
         "Tokens and GFLOPs: tofu-export schedule deit_small_patch16_224 --r 16\n\n"
