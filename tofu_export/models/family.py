@@ -284,13 +284,13 @@ def family_for_checkpoint(path: Path, arch: str | None = None) -> ModelFamily:
     return next(iter(named), None) or next((f for f in registered if f.recognises(path)), registered[-1])
 
 
-
 def weights_writer(loaded: LoadedModel) -> ModelFamily:
     """The family that writes ``loaded``'s tuned weights back where it reads them: the one that read its checkpoint
     (an open_clip folder whose tower is a timm model is written back as an open_clip folder), else the model's."""
     if loaded.path is None:
         return loaded.family
     return family_for_checkpoint(Path(loaded.path), loaded.arch.name)
+
 
 # -- module-level helpers: the family of the model does the work -----------------------------------------------------
 def patch(model: nn.Module, r: RSpec = 16, mode: str | Sequence[str] = "tofu", prop_attn: bool = True,

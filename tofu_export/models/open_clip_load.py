@@ -9,7 +9,8 @@ file's shapes are compared with it before any weight is read, and the weights ar
 no random initialisation. At another input size the position embeddings are resampled once, here, as open_clip
 resamples them when it loads a checkpoint at a forced image size (bicubic, antialiased, class token kept). A tower
 that is a timm model alone (SigLIP: ``visual.trunk.*``) is read the same way and built as that timm model
-(``open_clip_timm.py``).
+(``open_clip_timm.py``). Which files and keys a checkpoint holds is read from headers by ``open_clip_files.py``; a
+tuned tower is written back by ``open_clip_save.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tofu_export.models.open_clip_files import VISUAL, header_shapes, is_safeten
 from tofu_export.models.tuned import folder_statement, tuned_note
 
 __all__ = ["load_open_clip"]
+
 
 def _dims(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """What the weights show of the tower (for naming configs that fit)."""
@@ -148,6 +150,7 @@ def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_
 
 def _load(path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
           num_heads: int | None) -> LoadedModel:
+    """``load_open_clip`` without the tuned note: the config resolved, the shapes checked, the weights assigned."""
     file = weights_file(path)
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {file} does not exist",

@@ -87,4 +87,3 @@ def save_folder(tower: nn.Module, loaded: LoadedModel, folder: Path, metadata: d
     save_safetensors({**{k: v for k, v in source.items() if not k.startswith(VISUAL)}, **tuned}, folder / WEIGHTS,
                      metadata)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-

@@ -3,8 +3,8 @@
 A tuned checkpoint carries a JSON statement (what it was tuned for, the checkpoint it was tuned from), marked
 ``written_by: TUNED_SIDECAR``: beside a timm ``.safetensors`` file as its ``<stem>.json`` sidecar (read with the
 rest of the file's evidence, ``timm_vit_evidence``), inside a transformers or open_clip folder as
-``FOLDER_STATEMENT``. Every
-command that loads such weights says which reduction they were tuned for (``tuned_note``).
+``FOLDER_STATEMENT``. Every command that loads such weights says which reduction they were tuned for (``tuned_note``).
+``written_as_folder`` says, before torch loads, which of the two layouts ``finetune`` writes for a checkpoint.
 """
 
 from __future__ import annotations
