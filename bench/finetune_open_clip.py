@@ -89,7 +89,8 @@ def main() -> None:
             "tower_max_abs_diff_open_clip_vs_tofu_export": tower, "text_max_abs_diff_vs_source": texts,
             "text_tensors_written_as_they_were": same, "text_tensors": len(kept), "visual_dtypes": dtypes,
         }
-    lines = header(f"finetune writes open_clip {args.config} back whole", command, machine) + [
+    lines = [
+        *header(f"finetune writes open_clip {args.config} back whole", command, machine),
         "| what | value |", "|---|---|",
         f"| parameters (both towers) | {record['parameters']:,} |",
         f"| source `.bin` (float16) / written `open_clip_model.safetensors` | {record['source_bytes'] / 1e6:.0f} MB / "
