@@ -30,15 +30,26 @@ WEIGHTS = FOLDER_WEIGHTS[0]  # open_clip_model.safetensors
 _POSITIONS = {f"{VISUAL}positional_embedding", f"{VISUAL}trunk.pos_embed"}  # resampled for another input size
 
 
-def _source_tensors(file: Path) -> dict[str, Tensor]:
-    """Every tensor of the checkpoint ``file`` under the name open_clip's model gives it (wrappers stripped),
-    as stored. A pickle is read as plain weights only (``weights_only``)."""
+def _read_source(file: Path) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
+    """Of the checkpoint ``file``, under the names open_clip's model gives them (wrappers stripped): every tensor
+    outside the visual tower, as stored, and the visual tower's shapes. A safetensors file's visual tensors are not
+    read; a pickle is read whole, as plain weights only (``weights_only``)."""
     if not is_safetensors(file):
-        return {canonical_name(key): tensor for key, tensor in load_state_dict(file).items()}
+        everything = {canonical_name(key): tensor for key, tensor in load_state_dict(file).items()}
+        shapes = {name: tuple(tensor.shape) for name, tensor in everything.items() if name.startswith(VISUAL)}
+        return {name: tensor for name, tensor in everything.items() if name not in shapes}, shapes
     from safetensors import safe_open
 
+    rest: dict[str, Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     with safe_open(str(file), framework="pt", device="cpu") as handle:
-        return {canonical_name(key): handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
+        for key in handle.keys():  # noqa: SIM118 (not iterable)
+            name = canonical_name(key)
+            if name.startswith(VISUAL):
+                shapes[name] = tuple(handle.get_slice(key).get_shape())
+            else:
+                rest[name] = handle.get_tensor(key)
+    return rest, shapes
 
 
 def _tower_tensors(tower: nn.Module, open_clip_vit: bool) -> dict[str, Tensor]:
@@ -47,12 +58,11 @@ def _tower_tensors(tower: nn.Module, open_clip_vit: bool) -> dict[str, Tensor]:
     return {f"{prefix}{name}": tensor.detach().float() for name, tensor in tower.state_dict().items()}
 
 
-def _check_same_tower(file: Path, source: dict[str, Tensor], tuned: dict[str, Tensor], resized: bool) -> None:
-    """The tuned tensors are the source's visual tensors, name for name and shape for shape (the position
-    embeddings excepted where the tower was tuned at another size), or an error saying what differs."""
-    theirs = {name for name in source if name.startswith(VISUAL)}
-    missing, extra = sorted(theirs - set(tuned)), sorted(set(tuned) - theirs)
-    shaped = sorted(name for name in theirs & set(tuned) if tuple(source[name].shape) != tuple(tuned[name].shape)
+def _check_same_tower(file: Path, shapes: dict[str, tuple[int, ...]], tuned: dict[str, Tensor], resized: bool) -> None:
+    """The tuned tensors are the source's visual tensors (``shapes``), name for name and shape for shape (the
+    position embeddings excepted where the tower was tuned at another size), or an error saying what differs."""
+    missing, extra = sorted(set(shapes) - set(tuned)), sorted(set(tuned) - set(shapes))
+    shaped = sorted(name for name in set(shapes) & set(tuned) if shapes[name] != tuple(tuned[name].shape)
                     and not (resized and name in _POSITIONS))
     problems = [f"{what}: {', '.join(names[:3])}" for what, names in
                 (("not in the tuned tower", missing), ("not in the source", extra), ("shaped differently", shaped))
@@ -81,9 +91,8 @@ def save_folder(tower: nn.Module, loaded: LoadedModel, folder: Path, metadata: d
     resized = as_pair(vision.get("image_size", 224)) != size
     config: dict[str, Any] = {**stated, "model_cfg": {**stated["model_cfg"], "vision_cfg": {
         **vision, "image_size": size[0] if size[0] == size[1] else list(size)}}}
-    source = _source_tensors(file)
+    rest, shapes = _read_source(file)
     tuned = _tower_tensors(tower, open_clip_vit)
-    _check_same_tower(file, source, tuned, resized)
-    save_safetensors({**{k: v for k, v in source.items() if not k.startswith(VISUAL)}, **tuned}, folder / WEIGHTS,
-                     metadata)
+    _check_same_tower(file, shapes, tuned, resized)
+    save_safetensors({**rest, **tuned}, folder / WEIGHTS, metadata)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
