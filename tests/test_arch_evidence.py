@@ -158,3 +158,29 @@ def test_config_json_pretrained_cfg_states_the_preprocessing(tmp_path: Path) -> 
     # malformed values are not taken: a non-positive std, a crop over 1, non-numbers
     assert stated_preprocessing({"mean": ["a"], "std": [0.5, 0, 0.5], "crop_pct": 1.5, "crop_mode": 3}) == {}
     assert stated_preprocessing(["not", "a", "dict"]) == {}
+
+
+def test_a_timm_hub_folder_is_its_weights_file(tmp_path: Path) -> None:
+    """A folder as timm's hub gives it (config.json naming an architecture, model.safetensors) loads as the file in
+    it with that config, by the timm family (not as a transformers folder); finetune writes it back as a file; a
+    folder of timm's config without weights says what it lacks."""
+    from tofu_export.models.loading import checkpoint_digest
+    from tofu_export.models.tuned import written_as_folder
+
+    folder = tmp_path / "vit_tiny_patch16_224.hub"
+    folder.mkdir()
+    _save(_vit(embed_dim=192, num_heads=3), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 0,
+                                                    "model_args": {"depth": 1, "img_size": 32, "num_classes": 0},
+                                                    "pretrained_cfg": {"mean": [0.1, 0.2, 0.3]}}))
+    loaded, as_file = load_model(folder), load_model(folder / "model.safetensors")
+    assert loaded.family.name == "timm" and loaded.arch.name == as_file.arch.name == "vit_tiny_patch16_224"
+    assert loaded.path == folder / "model.safetensors" and loaded.sha256 == checkpoint_digest(folder)
+    assert loaded.model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(images), as_file.model(images))
+    assert not written_as_folder(folder, None) and written_as_folder(tmp_path, None)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"holds timm's config\.json but none of model\.safetensors"):
+        load_model(folder)

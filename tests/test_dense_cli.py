@@ -83,6 +83,12 @@ def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path) -> None:
     said = " ".join(sent.output.split())
     assert sent.exit_code == 2 and "a transformers Dinov2Model folder: an image encoder" in said
     assert not (tmp_path / "d").exists()
+    timm_hub = tmp_path / "vit"  # timm's hub layout: its config names one architecture
+    timm_hub.mkdir()
+    (timm_hub / "config.json").write_text('{"architecture": "vit_small_patch16_224", "num_classes": 1000}')
+    sent = runner.invoke(app, ["denoiser", str(timm_hub), "-o", str(tmp_path / "e")])
+    said = " ".join(sent.output.split())
+    assert sent.exit_code == 2 and "a timm vit_small_patch16_224 folder: an image encoder" in said
 
 
 def test_unreachable_speedup_is_an_error_naming_the_reachable_one(checkpoint, tmp_path) -> None:

@@ -186,6 +186,8 @@ def _image_encoder_folder(path: Path) -> str | None:
         return None
     if not isinstance(stated, dict) or "_class_name" in stated:  # diffusers' configs name their class so
         return None
+    if isinstance(stated.get("architecture"), str):  # timm's hub config
+        return f"a timm {stated['architecture']} folder"
     named = stated.get("architectures") if isinstance(stated.get("architectures"), list) else []
     name = (named[0] if named else None) or stated.get("model_type")
     return f"a transformers {name} folder" if isinstance(name, str) else None

@@ -35,6 +35,7 @@ from tofu_export.models.reduction import (
     size_weighted_mean,
     start_forward,
 )
+from tofu_export.models.timm_hub import is_timm_hub_folder
 from tofu_export.schedule import RSpec, TokenPlan, layer_modes, parse_r, planned_for
 from tofu_export.sizes import as_pair
 
@@ -118,7 +119,7 @@ class HFVisionFamily(ModelFamily):
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def recognises(self, path: Path) -> bool:
-        return path.is_dir() and (path / "config.json").is_file()
+        return path.is_dir() and (path / "config.json").is_file() and not is_timm_hub_folder(path)  # timm's own
 
     def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
              num_heads: int | None = None) -> LoadedModel:

@@ -17,6 +17,7 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models import timm_vit
 from tofu_export.models.family import ArchGuess, FlopCosts, LoadedModel, ModelFamily
 from tofu_export.models.reduction import ToFuState, head_mean_keys, start_forward
+from tofu_export.models.timm_hub import hub_weights_file, is_timm_hub_folder
 from tofu_export.models.tuned import tuned_note
 from tofu_export.schedule import RSpec, TokenPlan
 from tofu_export.sizes import as_pair
@@ -42,7 +43,11 @@ class TimmFamily(ModelFamily):
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def recognises(self, path: Path) -> bool:
-        return not path.is_dir()  # any file: the fallback, which names what it cannot read
+        """Any file (the fallback, which names what it cannot read), and a timm hub folder (``timm_hub``)."""
+        return not path.is_dir() or is_timm_hub_folder(path)
+
+    def digest(self, path: Path) -> str:
+        return sha256_file(hub_weights_file(path) if path.is_dir() else path)  # a hub folder's: its weights file's
 
     def load(self, path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
              num_heads: int | None = None) -> LoadedModel:
@@ -50,6 +55,8 @@ class TimmFamily(ModelFamily):
         from tofu_export.models.timm_vit_build import build_model
         from tofu_export.models.timm_vit_evidence import read_evidence
 
+        if is_timm_hub_folder(path):  # read as its weights file, with the folder's config.json beside it
+            path = hub_weights_file(path)
         state_dict, record = read_checkpoint(path, trust_pickle=trust_pickle)  # names a missing file or a folder
         digest = sha256_file(path)
         evidence = read_evidence(path, record)

@@ -51,9 +51,11 @@ def tuned_note(path: Path, statement: dict[str, Any]) -> str:
 def written_as_folder(checkpoint: Path, arch: str | None) -> bool:
     """Whether ``finetune`` writes the tuned weights of ``checkpoint`` (``--arch arch``) as a folder, decided from
     headers without torch so that a bad ``-o`` is refused before it loads: a folder checkpoint (transformers,
-    open_clip) or an open_clip file is written back as a folder; a timm file as a file (``ModelFamily.tuned_layout``
-    says the same once the model is loaded)."""
+    open_clip) or an open_clip file is written back as a folder; a timm file (or a timm hub folder, which is its
+    weights file) as a file (``ModelFamily.tuned_layout`` says the same once the model is loaded)."""
     from tofu_export.models.open_clip_config import PREFIX
     from tofu_export.models.open_clip_files import looks_like_open_clip
+    from tofu_export.models.timm_hub import is_timm_hub_folder
 
-    return checkpoint.is_dir() or bool(arch and arch.startswith(PREFIX)) or looks_like_open_clip(checkpoint)
+    folder = checkpoint.is_dir() and not is_timm_hub_folder(checkpoint)  # a timm hub folder is its weights file
+    return folder or bool(arch and arch.startswith(PREFIX)) or looks_like_open_clip(checkpoint)
