@@ -333,6 +333,50 @@ def test_other_transformers_encoders_are_written_back_and_load_as_tuned(tuned_hf
 
 
 
+def test_a_two_tower_transformers_model_is_written_back_whole(tuned_hf, tmp_path) -> None:
+    """A CLIPModel folder (what openai/clip-vit-* holds) is tuned as its vision tower and written back as the whole
+    CLIPModel: its text tower's tensors as they were, transformers' CLIPModel reads the tuned image tower that
+    tofu-export scored and the source's text features."""
+    import transformers
+    from safetensors import safe_open
+
+    from tofu_export.finetune.job import finetune
+
+    _, data, _, _ = tuned_hf
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=4)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    full = transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text,
+                                                          projection_dim=16)).eval()
+    full.save_pretrained(tmp_path / "clip")
+    (tmp_path / "clip" / "tokenizer_config.json").write_text("{}")  # a companion file goes back with the weights
+    source = load_model(tmp_path / "clip")
+    assert source.arch.name == "CLIPVisionModelWithProjection"
+    finetune(source, data, tofu_export.ToFuConfig(r=4), DistillSettings(steps=3, batch=4, lr=1e-2),
+             tmp_path / "tuned", images=8, holdout=8, progress=False)
+    assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == [
+        "config.json", "loss.png", "model.safetensors", "tofu_finetune.json", "tokenizer_config.json"]
+    back, whole = load_model(tmp_path / "tuned"), transformers.CLIPModel.from_pretrained(tmp_path / "tuned").eval()
+    assert any("tuned by tofu-export finetune" in note for note in back.arch.notes)
+    _only_vectors_moved(source.model, back.model)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[0, 5, 7, 1]])
+    with torch.no_grad():
+        embeds = whole.get_image_features(pixel_values=images)
+        embeds = embeds if isinstance(embeds, torch.Tensor) else embeds.pooler_output
+        torch.testing.assert_close(back.model(images), embeds, rtol=0, atol=1e-6)
+        original = transformers.CLIPModel.from_pretrained(tmp_path / "clip").eval()  # read as the tuned one is
+        texts = [m.get_text_features(input_ids=ids) for m in (whole, original)]
+        texts = [t if isinstance(t, torch.Tensor) else t.pooler_output for t in texts]
+        torch.testing.assert_close(texts[0], texts[1], rtol=0, atol=0)
+    with safe_open(str(tmp_path / "clip" / "model.safetensors"), "pt") as old, \
+            safe_open(str(tmp_path / "tuned" / "model.safetensors"), "pt") as new:
+        assert set(old.keys()) == set(new.keys())
+        kept = [k for k in old.keys() if k.startswith(("text_model.", "text_projection", "logit_scale"))]  # noqa: SIM118
+        assert kept and all(torch.equal(old.get_tensor(k), new.get_tensor(k)) for k in kept)
+
 OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
                                              "head_width": 16},
              "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}

@@ -318,3 +318,39 @@ def test_the_image_processor_config_is_the_eval_transform(saved_dinov2: tuple[Pa
     theirs = torch.from_numpy(hf_processor(images=image, return_tensors="np")["pixel_values"][0])
     assert ours.shape == theirs.shape == (3, IMG, IMG)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-2)  # one 8-bit level / std: resize rounding (seen 0.018)
+
+
+def _two_towers(name: str, folder: Path) -> torch.nn.Module:
+    """A tiny random ``CLIPModel`` / ``SiglipModel`` saved to ``folder`` with a preprocessor config; the model."""
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMG,
+                  patch_size=4)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    extra = {"projection_dim": 16} if name == "CLIPModel" else {}
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(getattr(transformers, name.replace("Model", "Config"))(
+        vision_config=vision, text_config=text, **extra)).eval()
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
+    return model
+
+
+def image_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A two-tower model's image embedding (a tensor in older transformers, an output object in newer)."""
+    out = model.get_image_features(pixel_values=images)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@pytest.mark.parametrize(("name", "vision"), [("CLIPModel", "CLIPVisionModelWithProjection"),
+                                              ("SiglipModel", "SiglipVisionModel")])
+def test_a_two_tower_folder_is_read_as_its_vision_tower(name: str, vision: str, tmp_path: Path,
+                                                         images: torch.Tensor) -> None:
+    """What openai/clip-vit-* and google/siglip-* hold: the vision class, built from the full config's vision_config,
+    with the full checkpoint's vision keys; its image embedding is the full model's."""
+    full = _two_towers(name, tmp_path / "full")
+    loaded = load_model(tmp_path / "full")
+    assert loaded.family.name == "transformers" and loaded.arch.name == vision
+    assert "the vision tower of the " + name in loaded.arch.reason and loaded.arch.kwargs["hidden_size"] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images), image_features(full, images), rtol=0, atol=0)
+    assert loaded.model.preprocess["mean"] == [0.5, 0.5, 0.5]

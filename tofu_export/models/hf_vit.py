@@ -143,7 +143,7 @@ class HFVisionFamily(ModelFamily):
                       metadata: Mapping[str, str]) -> dict[str, Any]:
         from tofu_export.models.hf_vit_load import save_folder
 
-        save_folder(specs.hf_of(model), loaded.path, target)
+        save_folder(specs.hf_of(model), loaded.path, target, loaded.sha256)
         return {}
 
     # -- geometry -------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 ``pytorch_model.bin`` only with ``trust_pickle``) into a wrapped, eval-mode model, at the config's input size or
 at ``img_size`` (rebuilt for it by ``hf_vit_resize.resized``).
 
-The class comes from ``arch`` or the config's ``architectures``; every value of the architecture is the config's
+The class comes from ``arch`` or the config's ``architectures`` (a two-tower ``CLIPModel`` / ``SiglipModel``: its
+vision class, ``hf_vit_towers``); every value of the architecture is the config's
 own (the head count included: ``num_attention_heads``), so the provenance of each is ``config.json``. Weights files
 are checked by ``checkpoint.load_state_dict`` first (its limits and value checks), then transformers reads them
 (it renames the keys of older checkpoints); any missing, unexpected or mis-shaped key is an error. A folder
@@ -25,6 +26,7 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models.family import ArchGuess, LoadedModel
 from tofu_export.models.hf_vit_resize import check_size, resized
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
+from tofu_export.models.hf_vit_towers import load_vision_tower, save_whole, vision_class
 from tofu_export.models.tuned import folder_statement, tuned_note
 
 __all__ = ["folder_digest", "load_folder", "save_folder"]
@@ -64,7 +66,7 @@ def _class_name(folder: Path, config: dict[str, Any], arch: str | None) -> str:
     said = f"--arch {arch}" if arch else f"config.json names {named or 'no architecture'}"
     raise CheckpointError(
         f"{folder}: {said}; tofu-export reads the transformers vision classes {', '.join(SUPPORTED)}",
-        hint=Hint("arch", "Dinov2Model", "one of these class names"),
+        hint=Hint("arch", None, "with one of these class names"),
     )
 
 
@@ -103,33 +105,47 @@ def _folder_digest(files: list[Path], folder: Path) -> str:
 
 
 def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool) -> LoadedModel:
-    """The model ``folder`` holds, wrapped in ``HFVisionEncoder``, eval mode."""
+    """The model ``folder`` holds, wrapped in ``HFVisionEncoder``, eval mode; of a two-tower model (``CLIPModel``,
+    ``SiglipModel``) its vision tower (``hf_vit_towers``)."""
     config = _read_config(folder)
-    name = _class_name(folder, config, arch)
+    own = vision_class(config)  # (the two-tower class, its vision class) the folder holds, or None
+    towers = vision_class({"architectures": [arch]}) if arch else own  # --arch CLIPModel, or the config's
+    if towers is None and own is not None and arch == own[1]:  # --arch CLIPVisionModelWithProjection on a CLIPModel
+        towers = own
+    name = towers[1] if towers else _class_name(folder, config, arch)
     transformers = _transformers()
-    if img_size is not None and isinstance(config.get("patch_size"), int) and isinstance(config.get("image_size"), int):
-        check_size(config["patch_size"], config["image_size"], img_size, str(folder))  # before reading weights
+    stated = config.get("vision_config") if towers else config  # the vision tower's own values
+    stated = stated if isinstance(stated, dict) else {}
+    if img_size is not None and isinstance(stated.get("patch_size"), int) and isinstance(stated.get("image_size"), int):
+        check_size(stated["patch_size"], stated["image_size"], img_size, str(folder))  # before reading weights
     files, safe = _weights_files(folder, trust_pickle)
     for path in files:
         load_state_dict(path, trust_pickle=trust_pickle)  # limits, dtypes and values checked before transformers
-    model_class = getattr(transformers, name)
-    try:
+    if towers:
         with _without_progress_bars():
-            model, info = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe,
-                                                      output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"transformers could not read {folder} as {name}: {error}") from error
-    _check_loading(folder, name, info)
+            model = load_vision_tower(folder, towers[0], files, trust_pickle)
+    else:
+        model_class = getattr(transformers, name)
+        try:
+            with _without_progress_bars():
+                model, info = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe,
+                                                          output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"transformers could not read {folder} as {name}: {error}") from error
+        _check_loading(folder, name, info)
     size = model.config.image_size
     if img_size is not None and img_size != size:
         model = resized(model, img_size)  # position embeddings resampled once, as transformers does per call
     preprocess = _preprocess(folder)
-    values = {key: config[key] for key in _ARCH_FIELDS if key in config}
+    values = {key: stated[key] for key in _ARCH_FIELDS if key in stated}
+    if towers and "projection_dim" in config:
+        values["projection_dim"] = config["projection_dim"]
     values["image_size"] = model.config.image_size
+    source = (f"the vision tower of the {towers[0]} config.json names (its text tower not loaded)" if towers else
+              f"{name} from {'--arch' if arch else 'config.json architectures'}")
     guess = ArchGuess(
         name=name, kwargs=values,
-        reason=f"{name} from {'--arch' if arch else 'config.json architectures'}, every value from config.json "
-               f"({values.get('num_attention_heads', '?')} attention heads)",
+        reason=f"{source}, every value from config.json ({values.get('num_attention_heads', '?')} attention heads)",
         notes=(f"position embeddings resampled from {size} to {img_size} px (bicubic, as transformers' "
                "interpolate_pos_encoding)",) if model.config.image_size != size else (),
         provenance={"architecture": "--arch" if arch else "config.json", **{k: "config.json" for k in values},
@@ -147,12 +163,21 @@ def folder_digest(folder: Path) -> str:
     return _folder_digest(files, folder)
 
 
-def save_folder(model: Any, source: Path | None, folder: Path) -> None:
+def save_folder(model: Any, source: Path | None, folder: Path, digest: str | None = None) -> None:
     """Write the transformers ``model`` into the existing ``folder`` as ``load_folder`` reads it: its config and
     ``model.safetensors`` (``save_pretrained``), and the preprocessing of the folder it came from (``source``'s
-    ``preprocessor_config.json``) where there was one."""
+    ``preprocessor_config.json``) where there was one. The vision tower of a two-tower ``source`` goes back into
+    the whole model (``hf_vit_towers.save_whole``); ``source`` must still be what was loaded (``digest``)."""
     from tofu_export.atomic import usual_permissions
 
+    towers = vision_class(_read_config(source)) if source is not None else None
+    if towers and source is not None:
+        files, _ = _weights_files(source, trust_pickle=True)  # read as plain weights only
+        if digest and _folder_digest(files, source) != digest:  # the text tower must come from the weights tuned
+            raise CheckpointError(f"{source} changed after it was loaded; the tuned tower was not written beside "
+                                  "its new contents")
+        save_whole(model, towers[0], source, folder, files)
+        return
     with _without_progress_bars():
         model.save_pretrained(str(folder), safe_serialization=True)
     for weights in folder.glob("*.safetensors"):  # safetensors makes its files private

@@ -1,0 +1,106 @@
+"""A transformers model of two towers (``CLIPModel``, ``SiglipModel``: what ``openai/clip-vit-*``, ``laion/*`` and
+``google/siglip-*`` hold) read as its vision tower, and a tuned tower written back into the whole model.
+
+The vision class (``CLIPVisionModelWithProjection``, ``SiglipVisionModel``) is built from the full config's
+``vision_config`` (CLIP's projection width from the top level), and takes the full checkpoint's vision keys
+(``vision_model.*``, CLIP's ``visual_projection.*``), which are its own names: nothing else is read into it, and any
+vision key missing, unexpected or mis-shaped is an error. Written back (``finetune``), the folder is the whole
+model again: the source's ``config.json`` and its processor's and tokenizer's files, and
+``model.safetensors`` with every tensor of the source as it was, the vision tower's replaced by the tuned ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from tofu_export.checkpoint import CheckpointError, load_state_dict
+
+__all__ = ["TWO_TOWERS", "load_vision_tower", "save_whole", "vision_class"]
+
+# the two-tower class -> (its vision class, the prefixes of the vision tower's keys in the full checkpoint)
+TWO_TOWERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "CLIPModel": ("CLIPVisionModelWithProjection", ("vision_model.", "visual_projection.")),
+    "SiglipModel": ("SiglipVisionModel", ("vision_model.",)),
+}
+# what goes back beside the weights: the config, and the files its processor and tokenizer read
+_COMPANIONS = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "spiece.model")
+
+
+def vision_class(config: dict[str, Any]) -> tuple[str, str] | None:
+    """``(two-tower class, vision class)`` where ``config`` (a ``config.json``) names a two-tower model, else None."""
+    named = config.get("architectures") or []
+    name = named[0] if isinstance(named, list) and named else None
+    return (name, TWO_TOWERS[name][0]) if name in TWO_TOWERS else None
+
+
+def _is_vision_key(name: str, two_towers: str) -> bool:
+    return name.startswith(TWO_TOWERS[two_towers][1])
+
+
+def _outer_prefix(tower: Any) -> str:
+    """What the full checkpoint puts before the vision class's own key names: nothing where the class keeps its
+    ``vision_model.`` (CLIP's), ``vision_model.`` where it does not (SigLIP's)."""
+    return "" if any(name.startswith("vision_model.") for name in tower.state_dict()) else "vision_model."
+
+
+def load_vision_tower(folder: Path, two_towers: str, files: list[Path], trust_pickle: bool) -> Any:
+    """The vision tower of the ``two_towers`` model in ``folder`` (weights ``files``), float32, eval mode."""
+    import transformers
+
+    config = getattr(transformers, two_towers.replace("Model", "Config")).from_pretrained(str(folder))
+    vision = config.vision_config
+    if hasattr(config, "projection_dim"):  # CLIP: the projection's width is the full model's
+        vision.projection_dim = config.projection_dim
+    model = getattr(transformers, TWO_TOWERS[two_towers][0])(vision)
+    outer = _outer_prefix(model)
+    state: dict[str, Tensor] = {}
+    for path in files:
+        state.update({name.removeprefix(outer): tensor
+                      for name, tensor in load_state_dict(path, trust_pickle=trust_pickle).items()
+                      if _is_vision_key(name, two_towers)})
+    expected = model.state_dict()
+    problems = [f"{what}: {', '.join(sorted(names)[:3])}" for what, names in (
+        ("missing", set(expected) - set(state)), ("unexpected", set(state) - set(expected)),
+        ("mis-shaped", {n for n in set(state) & set(expected) if state[n].shape != expected[n].shape})) if names]
+    if problems:
+        raise CheckpointError(f"{folder}'s vision tower does not fit {TWO_TOWERS[two_towers][0]} built from its "
+                              f"config.json: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)  # copied into the float32 parameters
+    return model.eval()
+
+
+def save_whole(tower: Any, two_towers: str, source: Path, folder: Path, files: list[Path]) -> None:
+    """Write the tuned vision ``tower`` back into the whole ``two_towers`` model of ``source`` (weights ``files``),
+    in the existing empty ``folder``: the source's other files copied, ``model.safetensors`` its tensors with the
+    vision tower's replaced (float32)."""
+    from tofu_export.weights_file import save_safetensors
+
+    rest: dict[str, Tensor] = {}
+    theirs: set[str] = set()
+    for path in files:
+        for name, tensor in load_state_dict(path).items():
+            if _is_vision_key(name, two_towers):
+                theirs.add(name)
+            else:
+                rest[name] = tensor
+    outer = _outer_prefix(tower)
+    tuned = {f"{outer}{name}": tensor.detach().float() for name, tensor in tower.state_dict().items()}
+    if set(tuned) != theirs:
+        differ = sorted(set(tuned) ^ theirs)[:3]
+        raise CheckpointError(f"the tuned tower does not map back onto the vision weights of {source} (keys "
+                              f"{', '.join(differ)}), so it was not written")
+    save_safetensors({**rest, **tuned}, folder / "model.safetensors", {"format": "pt"})
+    for name in _COMPANIONS:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    size = tower.config.image_size
+    if config.get("vision_config", {}).get("image_size") != size:  # tuned at another input size
+        config["vision_config"] = {**config.get("vision_config", {}), "image_size": size}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
