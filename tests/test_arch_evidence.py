@@ -181,6 +181,9 @@ def test_a_timm_hub_folder_is_its_weights_file(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded.model(images), as_file.model(images))
     assert not written_as_folder(folder, None) and written_as_folder(tmp_path, None)
+    (folder / "open_clip_config.json").write_text("{}")  # timm's CLIP uploads hold open_clip's files too: read first
+    assert written_as_folder(folder, None)
+    (folder / "open_clip_config.json").unlink()
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"holds timm's config\.json but none of model\.safetensors"):
         load_model(folder)

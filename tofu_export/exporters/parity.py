@@ -82,9 +82,11 @@ def side_by_side(
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``[n]``: the cosine similarity of each row of ``a`` ``[n, k]`` with the same row of ``b`` (0 for a zero row)."""
+    """``[n]``: the cosine similarity of each row of ``a`` ``[n, k]`` with the same row of ``b``: 0 where one row
+    is zero and the other not, 1 where both are (the same output; a zero-initialised head's, say)."""
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(axis=1) / np.maximum(norms, 1e-30)
+    both_zero = ~a.any(axis=1) & ~b.any(axis=1)
+    return np.where(both_zero, 1.0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30))
 
 
 def verify_parity(

@@ -18,6 +18,7 @@ from tofu_export.models import timm_vit
 from tofu_export.models.family import ArchGuess, FlopCosts, LoadedModel, ModelFamily
 from tofu_export.models.reduction import ToFuState, head_mean_keys, start_forward
 from tofu_export.models.timm_hub import hub_weights_file, is_timm_hub_folder
+from tofu_export.models.timm_vit_torchvision import is_torchvision_vit, torchvision_as_timm
 from tofu_export.models.tuned import tuned_note
 from tofu_export.schedule import RSpec, TokenPlan
 from tofu_export.sizes import as_pair
@@ -60,6 +61,8 @@ class TimmFamily(ModelFamily):
         state_dict, record = read_checkpoint(path, trust_pickle=trust_pickle)  # names a missing file or a folder
         digest = sha256_file(path)
         evidence = read_evidence(path, record)
+        if is_torchvision_vit(state_dict):  # torchvision's ViT is timm's of the same shape, under other names
+            state_dict, evidence = torchvision_as_timm(state_dict, evidence, path.name)
         if names_eva(arch or evidence.architecture):  # EVA-02, DINOv3: rotary embeddings, built by timm's name
             model, guess = build_eva(state_dict, arch or str(evidence.architecture), img_size=img_size,
                                      source=f"--arch {arch}" if arch else evidence.source,

@@ -57,5 +57,6 @@ def written_as_folder(checkpoint: Path, arch: str | None) -> bool:
     from tofu_export.models.open_clip_files import looks_like_open_clip
     from tofu_export.models.timm_hub import is_timm_hub_folder
 
-    folder = checkpoint.is_dir() and not is_timm_hub_folder(checkpoint)  # a timm hub folder is its weights file
-    return folder or bool(arch and arch.startswith(PREFIX)) or looks_like_open_clip(checkpoint)
+    if bool(arch and arch.startswith(PREFIX)) or looks_like_open_clip(checkpoint):  # open_clip reads it first
+        return True
+    return checkpoint.is_dir() and not is_timm_hub_folder(checkpoint)  # a timm hub folder is its weights file
