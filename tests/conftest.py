@@ -259,3 +259,34 @@ def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("tiny_export") / "artifact"
     run_export(tiny_checkpoint, out, ExportConfig(tofu=ToFuConfig(r=TINY_R)))
     return out
+
+
+@pytest.fixture
+def safetensors_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key of every tensor read whole through ``safetensors.safe_open`` during the test, in order (a header's
+    shapes and slices are not reads)."""
+    import safetensors
+
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Recording:  # safe_open, recording every tensor read
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self) -> Recording:
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.__exit__(*exc)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key: str) -> object:
+            read.append(key)
+            return self.handle.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    return read

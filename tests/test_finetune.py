@@ -487,41 +487,19 @@ def test_other_open_clip_checkpoints_are_written_back_as_folders_open_clip_loads
 
 
 def test_writing_an_open_clip_folder_back_reads_no_visual_weight_of_a_safetensors_source(tuned_open_clip, tmp_path,
-                                                                                       monkeypatch) -> None:
+                                                                                       safetensors_reads) -> None:
     """The tuned tower replaces the source's: of a safetensors source only the other tensors are read (the visual
     ones' shapes come from its header), so the old tower is never held beside the new one."""
-    import safetensors
-
     from tofu_export.finetune.job import finetune
 
     source, data, _, _ = tuned_open_clip
     loaded = load_model(source)
-    read: list[str] = []
-    real_open = safetensors.safe_open
-
-    class Recording:  # safe_open, recording every tensor read whole
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self) -> Recording:
-            self.handle = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.inner.__exit__(*exc)
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.handle, name)
-
-        def get_tensor(self, key: str) -> torch.Tensor:
-            read.append(key)
-            return self.handle.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    safetensors_reads.clear()  # the load reads the tower; what follows is the job's writing
     finetune(loaded, data, tofu_export.ToFuConfig(r=4), DistillSettings(steps=1, batch=4), tmp_path / "tuned",
              images=8, holdout=8, progress=False)
-    assert read and not [key for key in read if key.startswith("visual.")], read
+    assert safetensors_reads and not [key for key in safetensors_reads if key.startswith("visual.")]
     _open_clip_reads_it_as_loaded(tmp_path / "tuned")
+
 
 def test_an_open_clip_source_changed_after_loading_is_not_written_beside(tuned_open_clip, tmp_path) -> None:
     """The text tower is read again when the tuned tower is written: a source whose bytes changed since it was

@@ -63,31 +63,8 @@ def _images(size: int = IMG) -> torch.Tensor:
 
 
 def test_hub_folder_is_the_visual_tower_only(files: dict[str, Path], reference: torch.nn.Module,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors
-
-    asked: list[str] = []
-    real_open = safetensors.safe_open
-
-    class Recording:  # safe_open, recording every tensor read
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self) -> Recording:
-            self.handle = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.inner.__exit__(*exc)
-
-        def keys(self) -> list[str]:
-            return self.handle.keys()
-
-        def get_tensor(self, key: str) -> torch.Tensor:
-            asked.append(key)
-            return self.handle.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+                                             monkeypatch: pytest.MonkeyPatch, safetensors_reads: list[str]) -> None:
+    asked = safetensors_reads
     monkeypatch.setattr(open_clip_load, "load_state_dict", None)  # the whole-file reader is not used
     assert family_for_checkpoint(files["hub"]).name == "open_clip"
     loaded = load_model(files["hub"])

@@ -77,8 +77,8 @@ def load_vision_tower(folder: Path, two_towers: str, files: list[Path], trust_pi
 
 def save_whole(tower: Any, two_towers: str, source: Path, folder: Path, files: list[Path]) -> None:
     """Write the tuned vision ``tower`` back into the whole ``two_towers`` model of ``source`` (weights ``files``),
-    in the existing empty ``folder``: the source's other files copied, ``model.safetensors`` its tensors with the
-    vision tower's replaced (float32)."""
+    in the existing empty ``folder``: ``model.safetensors`` (the source's tensors, the vision tower's replaced, in
+    float32), the source's config (its vision image size the tower's) and its processor's and tokenizer's files."""
     from tofu_export.weights_file import save_safetensors
 
     rest: dict[str, Tensor] = {}
