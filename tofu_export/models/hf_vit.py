@@ -1,6 +1,7 @@
 """The Hugging Face transformers family: ``ViTModel`` / ``ViTForImageClassification``, ``Dinov2Model``,
-``Dinov2WithRegistersModel``, ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``, ``SiglipVisionModel`` and
-``DINOv3ViTModel`` (rotary: a kept token keeps its ``(cos, sin)``, a merged one its destination's, as in ``timm_eva``).
+``Dinov2WithRegistersModel``, ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``,
+``DINOv3ViTModel`` (rotary: a kept token keeps its ``(cos, sin)``, a merged one its destination's, as in ``timm_eva``)
+and ``DeiTModel`` / ``DeiTForImageClassificationWithTeacher`` (a class and a distillation token, both protected).
 
 Each class is one ``specs.Spec`` row: where its embeddings, layers and block parts live, how many prefix tokens it
 protects and how it pools. The patch (ToMe/tomesd style) swaps each layer's class for a subclass whose forward is
@@ -158,7 +159,8 @@ class HFVisionFamily(ModelFamily):
         name, config = type(specs.hf_of(model)).__name__, specs.core_of(model).config
         if name.startswith("Siglip"):
             return 0
-        return 1 + (int(config.num_register_tokens) if specs.spec_of(model).registers else 0)
+        spec = specs.spec_of(model)
+        return 1 + int(spec.distilled) + (int(config.num_register_tokens) if spec.registers else 0)
 
     def img_size(self, model: nn.Module) -> tuple[int, int]:
         return as_pair(specs.core_of(model).config.image_size)
@@ -326,7 +328,10 @@ class HFVisionFamily(ModelFamily):
             return core.norm(x)[:, 0]
         x = core.layernorm(x)
         pooler = getattr(core, "pooler", None)
-        return pooler(x) if pooler is not None else x[:, 0]
+        if pooler is not None:
+            return pooler(x)
+        return torch.cat([x[:, 0], x[:, 1]], dim=-1) if specs.spec_of(model).distilled else x[:, 0]  # both heads'
+        # tokens (DeiT's class and distillation tokens)
 
 
 def wrap(hf: nn.Module) -> HFVisionEncoder:

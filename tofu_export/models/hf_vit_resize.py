@@ -57,7 +57,8 @@ def resized(hf: nn.Module, img_size: int) -> nn.Module:
         rebuilt.load_state_dict(hf.state_dict(), strict=True)
         return rebuilt.eval()
     embeddings = specs.attr(hf, specs.SPECS[type(hf).__name__].core).embeddings
-    prefix = 0 if type(hf).__name__.startswith("Siglip") else 1  # position rows before the patches' (registers: none)
+    spec = specs.SPECS[type(hf).__name__]  # position rows before the patches': the class (and distillation) token's
+    prefix = 0 if type(hf).__name__.startswith("Siglip") else 1 + int(spec.distilled)  # (registers have none)
     table = _positions(embeddings, img_size, prefix, int(config.hidden_size), int(config.patch_size))
     rebuilt = type(hf)(new_config)
     state, shapes = hf.state_dict(), {k: v.shape for k, v in rebuilt.state_dict().items()}

@@ -26,6 +26,7 @@ class Spec:
     registers: bool = False  # prefix = class token + config.num_register_tokens
     fixed_positions: bool = False  # resamples its position embeddings whenever traced (DINOv2): fix them statically
     rotary: bool = False  # every layer takes the patch tokens' rotations, position_embeddings=(cos, sin) (DINOv3)
+    distilled: bool = False  # a distillation token after the class token, read by a head of its own (DeiT)
 
 
 _VIT = Spec("", "layers", "layernorm_before", "attention", "layernorm_after", drop="dropout")
@@ -42,6 +43,8 @@ SPECS: dict[str, Spec] = {
     "SiglipVisionModel": Spec("", "encoder.layers", "layer_norm1", "self_attn", "layer_norm2"),
     "DINOv3ViTModel": Spec("", "model.layer", "norm1", "attention", "norm2", "layer_scale1", "layer_scale2",
                            "drop_path", registers=True, rotary=True),
+    "DeiTModel": Spec(**{**_VIT.__dict__, "distilled": True}),
+    "DeiTForImageClassificationWithTeacher": Spec(**{**_VIT.__dict__, "core": "deit", "distilled": True}),
 }
 SUPPORTED = tuple(SPECS)
 
@@ -76,8 +79,8 @@ class HFVisionEncoder(nn.Module):
 
 
 def labels_of(hf: nn.Module) -> int:
-    """A ``*ForImageClassification``'s labels (its output is their logits), else 0."""
-    return int(hf.config.num_labels) if type(hf).__name__.endswith("ForImageClassification") else 0
+    """A ``*ForImageClassification*``'s labels (its output is their logits), else 0."""
+    return int(hf.config.num_labels) if "ForImageClassification" in type(hf).__name__ else 0
 
 
 def hf_of(model: nn.Module) -> nn.Module:
