@@ -7,13 +7,12 @@ vision class, ``hf_vit_towers``); every value of the architecture is the config'
 own (the head count included: ``num_attention_heads``), so the provenance of each is ``config.json``. Weights files
 are checked by ``checkpoint.load_state_dict`` first (its limits and value checks), then transformers reads them
 (it renames the keys of older checkpoints); any missing, unexpected or mis-shaped key is an error. A folder
-``finetune`` wrote (``save_folder``) holds its statement too (``tuned.FOLDER_STATEMENT``), said at every load.
+``finetune`` wrote (``save_folder``) holds its statement too (``tuned.FOLDER_STATEMENT``), which ``loading`` notes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ from tofu_export.models.family import ArchGuess, LoadedModel
 from tofu_export.models.hf_vit_resize import check_size, resized
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 from tofu_export.models.hf_vit_towers import load_vision_tower, save_whole, vision_class
-from tofu_export.models.tuned import folder_statement, tuned_note
 
 __all__ = ["folder_digest", "load_folder", "save_folder"]
 
@@ -151,9 +149,6 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
         provenance={"architecture": "--arch" if arch else "config.json", **{k: "config.json" for k in values},
                     **({"image_size": "--img-size"} if model.config.image_size != size else {})},
     )
-    statement = folder_statement(folder)
-    if statement:  # said at every use: the tuning was measured with this reduction only
-        guess = dataclasses.replace(guess, notes=(*guess.notes, tuned_note(folder, statement)))
     return LoadedModel(HFVisionEncoder(model.eval(), preprocess), guess, folder, _folder_digest(files, folder))
 
 

@@ -3,6 +3,7 @@ architecture from evidence) or a timm model name."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
 from tofu_export.models.family import LoadedModel, family_for_checkpoint
 from tofu_export.models.timm_vit_evidence import read_evidence
-from tofu_export.models.tuned import folder_statement
+from tofu_export.models.tuned import folder_statement, tuned_note
 
 __all__ = ["LoadedModel", "checkpoint_digest", "load_model", "stated_at_export", "tuned_statement"]
 
@@ -26,7 +27,8 @@ def load_model(
 ) -> LoadedModel:
     """Load ``source``: a checkpoint file or ``save_pretrained`` folder, or (``allow_timm_name``) a timm model name
     with random weights, which is fine for counting tokens and timing but not for accuracy. ``num_heads`` states
-    the head count where the checkpoint cannot (the summary says where every value came from)."""
+    the head count where the checkpoint cannot (the summary says where every value came from). Weights
+    ``finetune`` wrote carry a note of the reduction they were tuned for (``tuned_statement``)."""
     if img_size is not None and img_size <= 0:
         raise CheckpointError(f"the input size must be a positive number of pixels, got {img_size}",
                               hint=Hint("img_size", None, "with the checkpoint's size, e.g. 224"))
@@ -39,7 +41,11 @@ def load_model(
             raise denoiser.main_command_error(path)
     if path.exists() or not allow_timm_name:
         family = family_for_checkpoint(path, arch)
-        return family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
+        loaded = family.load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
+        statement = tuned_statement(path) if path.exists() else {}
+        if statement:  # said at every use, whatever the family: the tuning was measured with this reduction only
+            loaded.arch = dataclasses.replace(loaded.arch, notes=(*loaded.arch.notes, tuned_note(path, statement)))
+        return loaded
     from tofu_export.models.timm_family import TimmFamily
 
     return TimmFamily().load_name(str(source), img_size=img_size, num_heads=num_heads)

@@ -15,7 +15,6 @@ tuned tower is written back by ``open_clip_save.py``.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +29,6 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models.family import ArchGuess, LoadedModel, fit_problems
 from tofu_export.models.open_clip_config import PREFIX, TowerConfig, open_clip_module, resolve_config
 from tofu_export.models.open_clip_files import VISUAL, header_shapes, is_safetensors, visual_name, weights_file
-from tofu_export.models.tuned import folder_statement, tuned_note
 
 __all__ = ["load_open_clip"]
 
@@ -138,19 +136,7 @@ def _target_size(config: TowerConfig, img_size: int | None) -> int:
 def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
                    num_heads: int | None = None) -> LoadedModel:
     """The visual tower of the open_clip checkpoint ``path`` (a file or a hub folder), weights loaded, eval mode;
-    at ``img_size`` when given (position embeddings resampled), else at the config's size. A folder ``finetune``
-    wrote is said to be tuned (``tuned.tuned_note``)."""
-    loaded = _load(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
-    statement = folder_statement(path) if path.is_dir() else {}
-    if not statement:
-        return loaded
-    guess = dataclasses.replace(loaded.arch, notes=(*loaded.arch.notes, tuned_note(path, statement)))
-    return dataclasses.replace(loaded, arch=guess)
-
-
-def _load(path: Path, *, arch: str | None, img_size: int | None, trust_pickle: bool,
-          num_heads: int | None) -> LoadedModel:
-    """``load_open_clip`` without the tuned note: the config resolved, the shapes checked, the weights assigned."""
+    at ``img_size`` when given (position embeddings resampled), else at the config's size."""
     file = weights_file(path)
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {file} does not exist",

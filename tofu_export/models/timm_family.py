@@ -19,7 +19,6 @@ from tofu_export.models.family import ArchGuess, FlopCosts, LoadedModel, ModelFa
 from tofu_export.models.reduction import ToFuState, head_mean_keys, start_forward
 from tofu_export.models.timm_hub import hub_weights_file, is_timm_hub_folder
 from tofu_export.models.timm_vit_torchvision import is_torchvision_vit, torchvision_as_timm
-from tofu_export.models.tuned import tuned_note
 from tofu_export.schedule import RSpec, TokenPlan
 from tofu_export.sizes import as_pair
 
@@ -79,8 +78,6 @@ class TimmFamily(ModelFamily):
                     "-ema.safetensors, then pass that file (the architecture this file names goes with it).")
             guess = dataclasses.replace(guess, notes=(*guess.notes, note),
                                         provenance={**guess.provenance, "weights": f"{used} (not {ema})"})
-        if evidence.tuned:  # said at every use: the tuning was measured with this reduction only
-            guess = dataclasses.replace(guess, notes=(*guess.notes, tuned_note(path, evidence.tuned)))
         return LoadedModel(model, guess, path, digest)
 
     def load_name(self, name: str, *, img_size: int | None, num_heads: int | None = None) -> LoadedModel:
