@@ -176,18 +176,21 @@ def _image_encoder_folder(path: Path) -> str | None:
     folder, an open_clip hub folder) rather than a denoiser's; None otherwise."""
     import json
 
+    from tofu_export.models.open_clip_files import looks_like_open_clip
+    from tofu_export.models.timm_hub import is_timm_config
+
     if not path.is_dir():
         return None
-    if (path / "open_clip_config.json").is_file():
+    if looks_like_open_clip(path):
         return "an open_clip checkpoint folder"
     try:
         stated = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if is_timm_config(stated):
+        return f"a timm {stated['architecture']} folder"
     if not isinstance(stated, dict) or "_class_name" in stated:  # diffusers' configs name their class so
         return None
-    if isinstance(stated.get("architecture"), str):  # timm's hub config
-        return f"a timm {stated['architecture']} folder"
     named = stated.get("architectures") if isinstance(stated.get("architectures"), list) else []
     name = (named[0] if named else None) or stated.get("model_type")
     return f"a transformers {name} folder" if isinstance(name, str) else None

@@ -16,19 +16,25 @@ from pathlib import Path
 from tofu_export.checkpoint_limits import CheckpointError
 from tofu_export.errors import Hint
 
-__all__ = ["HUB_WEIGHTS", "hub_weights_file", "is_timm_hub_folder"]
+__all__ = ["HUB_WEIGHTS", "hub_weights_file", "is_timm_config", "is_timm_hub_folder"]
 
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's push_to_hub writes, preferred first
 
 
+def is_timm_config(data: object) -> bool:
+    """Whether ``data`` (a parsed ``config.json``) is timm's: it names one ``architecture``, and none of the keys
+    transformers' and diffusers' configs hold."""
+    return (isinstance(data, dict) and isinstance(data.get("architecture"), str)
+            and not ({"architectures", "model_type", "_class_name"} & set(data)))
+
+
 def is_timm_hub_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder whose ``config.json`` is timm's (it names an ``architecture``). Never raises."""
+    """Whether ``path`` is a folder whose ``config.json`` is timm's (``is_timm_config``). Never raises."""
     try:
         data = json.loads((path / "config.json").read_text(encoding="utf-8")) if path.is_dir() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return (isinstance(data, dict) and isinstance(data.get("architecture"), str)
-            and not ({"architectures", "model_type", "_class_name"} & set(data)))
+    return is_timm_config(data)
 
 
 def hub_weights_file(folder: Path) -> Path:
