@@ -172,6 +172,12 @@ def check_views(tensors: Mapping[str, TensorMeta], path: Path) -> None:
                 "take far more memory than the file. Save real weights (tensor.contiguous()) and pass that file.")
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether the file ``path`` is a safetensors file (an 8-byte header length, then the JSON header)."""
+    with open(path, "rb") as handle:
+        return handle.read(9)[8:9] == b"{"
+
+
 def inspect_safetensors(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
     """``(name -> shape, stored bytes)`` from a safetensors header; shapes must fit the data they point at."""
     size = path.stat().st_size

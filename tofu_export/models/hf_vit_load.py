@@ -26,6 +26,7 @@ from tofu_export.models.family import ArchGuess, LoadedModel
 from tofu_export.models.hf_vit_resize import check_size, resized
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 from tofu_export.models.hf_vit_towers import load_vision_tower, save_whole, vision_class
+from tofu_export.models.write_back import check_unchanged
 
 __all__ = ["folder_digest", "load_folder", "save_folder"]
 
@@ -168,9 +169,7 @@ def save_folder(model: Any, source: Path | None, folder: Path, digest: str | Non
     towers = vision_class(_read_config(source)) if source is not None else None
     if towers and source is not None:
         files, _ = _weights_files(source, trust_pickle=True)  # read as plain weights only
-        if digest and _folder_digest(files, source) != digest:  # the text tower must come from the weights tuned
-            raise CheckpointError(f"{source} changed after it was loaded; the tuned tower was not written beside "
-                                  "its new contents")
+        check_unchanged(source, _folder_digest(files, source), digest)  # the text tower: from the weights tuned
         save_whole(model, towers[0], source, folder, files)
         return
     with _without_progress_bars():

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.models.write_back import check_maps_back, read_rest
 
 __all__ = ["TWO_TOWERS", "load_vision_tower", "save_whole", "vision_class"]
 
@@ -81,26 +82,17 @@ def save_whole(tower: Any, two_towers: str, source: Path, folder: Path, files: l
     float32), the source's config (its vision image size the tower's) and its processor's and tokenizer's files."""
     from tofu_export.weights_file import save_safetensors
 
-    rest: dict[str, Tensor] = {}
-    theirs: set[str] = set()
-    for path in files:
-        for name, tensor in load_state_dict(path).items():
-            if _is_vision_key(name, two_towers):
-                theirs.add(name)
-            else:
-                rest[name] = tensor
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    vision, size = config.get("vision_config", {}), tower.config.image_size
+    rest, shapes = read_rest(files, lambda name: _is_vision_key(name, two_towers))
     outer = _outer_prefix(tower)
     tuned = {f"{outer}{name}": tensor.detach().float() for name, tensor in tower.state_dict().items()}
-    if set(tuned) != theirs:
-        differ = sorted(set(tuned) ^ theirs)[:3]
-        raise CheckpointError(f"the tuned tower does not map back onto the vision weights of {source} (keys "
-                              f"{', '.join(differ)}), so it was not written")
+    resized = vision.get("image_size") != size  # tuned at another input size: its position table resampled
+    check_maps_back(source, shapes, tuned, {key for key in shapes if ".embeddings.position" in key} if resized else ())
     save_safetensors({**rest, **tuned}, folder / "model.safetensors", {"format": "pt"})
     for name in _COMPANIONS:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
-    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    size = tower.config.image_size
-    if config.get("vision_config", {}).get("image_size") != size:  # tuned at another input size
-        config["vision_config"] = {**config.get("vision_config", {}), "image_size": size}
+    if resized:
+        config["vision_config"] = {**vision, "image_size": size}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tofu_export.checkpoint_limits import CheckpointError, inspect_safetensors, inspect_torch_file
+from tofu_export.checkpoint_limits import CheckpointError, inspect_safetensors, inspect_torch_file, is_safetensors
 from tofu_export.errors import Hint
 from tofu_export.models.open_clip_config import CONFIG_FILE
 
@@ -47,11 +47,6 @@ def visual_name(key: str) -> str | None:
     """``"state_dict.module.visual.conv1.weight"`` -> ``"conv1.weight"``; None for a key outside the tower."""
     key = canonical_name(key)
     return key[len(VISUAL):] if key.startswith(VISUAL) else None
-
-
-def is_safetensors(file: Path) -> bool:
-    with open(file, "rb") as handle:
-        return handle.read(9)[8:9] == b"{"  # an 8-byte header length, then the JSON header
 
 
 def header_shapes(file: Path) -> dict[str, tuple[int, ...]] | None:
