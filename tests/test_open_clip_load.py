@@ -23,7 +23,7 @@ from tofu_export.checkpoint import CheckpointError  # noqa: E402
 from tofu_export.models import open_clip_load  # noqa: E402
 from tofu_export.models.family import family_for_checkpoint, patched  # noqa: E402
 
-pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.usefixtures("single_thread", "shared_traces"), pytest.mark.filterwarnings("ignore")]
 
 IMG = 64
 CONFIG = {"embed_dim": 32,
@@ -112,7 +112,7 @@ def test_another_input_size_resamples_the_positions_as_open_clip_does(files: dic
 def test_bad_configs_and_sizes_are_refused_before_reading_weights(
         files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, which: str, arch: str | None, img_size: int | None,
         message: str, option: str) -> None:
-    monkeypatch.setattr(open_clip_load, "_read_visual", None)  # reading a weight would fail the test
+    monkeypatch.setattr(open_clip_load, "read_tower", None)  # reading a weight would fail the test
     with pytest.raises(CheckpointError, match=message) as caught:
         load_model(files[which], arch=arch, img_size=img_size)
     assert caught.value.hint is not None and caught.value.hint.option == option

@@ -98,7 +98,7 @@ def test_a_head_of_open_clips_after_the_trunk_is_refused_before_reading_weights(
         message: str) -> None:
     hub = _hub(tmp_path / "hub", {"visual.trunk.cls_token": torch.zeros(1, 1, 96)},
                {**CONFIG, "vision_cfg": {**TRUNK, **change}})
-    monkeypatch.setattr(open_clip_load, "_read_visual", None)  # reading a weight would fail the test
+    monkeypatch.setattr(open_clip_load, "read_tower", None)  # reading a weight would fail the test
     with pytest.raises(CheckpointError, match=message) as caught:
         load_model(hub)
     assert caught.value.hint is not None and caught.value.hint.option == "arch"

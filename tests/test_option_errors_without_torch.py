@@ -18,6 +18,8 @@ COMMANDS = {
     "eval": ["eval", "model.pth", "data", "--mode", "fuse"],
     "eval batch": ["eval", "model.pth", "data", "--batch-size", "0"],
     "eval limit": ["eval", "model.pth", "data", "--limit", "0"],
+    "eval prompt": ["eval", "model.pth", "data", "--zero-shot", "--prompt", "a photo"],
+    "eval prompt alone": ["eval", "model.pth", "data", "--prompt", "a photo of a {}"],
     "calibrate rule": ["calibrate", "model.pth", "data", "--rule", "coin", "-o", "p.json"],
     "denoiser ratio": ["denoiser", "data", "--ratio", "2", "-o", "out"],
     "denoiser sublayers": ["denoiser", "data", "--sublayers", "self,attn", "-o", "out"],
@@ -41,6 +43,7 @@ COMMANDS = {
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "unknown mode 'fuse'",
         "schedule": "--r", "eval": "unknown mode 'fuse'", "eval batch": "--batch-size 32", "eval limit": "--limit 100",
+        "eval prompt": "must hold {} once", "eval prompt alone": "it needs --zero-shot",
         "calibrate rule": "unknown mode rule 'coin'",
         "denoiser ratio": "ratio 2.0 is out of range", "denoiser sublayers": "unknown sub-layer attn",
         "calibrate-denoiser": "max_downsample must be >= 1", "calibrate clock": "unknown clock 'sundial'",

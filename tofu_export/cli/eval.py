@@ -8,8 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
+from tofu_export.class_names import DEFAULT_PROMPT, ZeroShot
 from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions, ToFuOptions
 from tofu_export.cli.output import print_json, print_line, print_table
+from tofu_export.errors import Hint, UserError
 
 
 def eval_command(
@@ -30,33 +32,66 @@ def eval_command(
     ] = True,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     limit: Annotated[int | None, typer.Option(help="Use at most this many images per split.")] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="Classify with the checkpoint's text tower (CLIP, SigLIP: an open_clip "
+                           "checkpoint, a transformers CLIPModel / SiglipModel folder): each class named in the "
+                           "prompts, an image's class the nearest by cosine; top-1/top-5 instead of the cosine to "
+                           "the unreduced embeddings.")
+    ] = False,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(metavar="TEMPLATE", help="With --zero-shot: a prompt, {} where the class name goes; repeat it "
+                     "for CLIP's prompt ensemble. [default: \"a photo of a {}.\"]"),
+    ] = None,
+    class_names: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="With --zero-shot: the class names in index order (a JSON list, a JSON "
+                     "object keyed 0..K-1, or one name a line) [default: labels.json in DATA, else the class "
+                     "folders' names]."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Score a reduced model on real images against the unreduced model and ToMe at the same r.
 
     Classifiers: top-1/top-5 and the share of images whose top-1 class is kept. Backbones (no classifier head):
     the cosine similarity of their pooled features to the unreduced model's (± standard error), and k-NN accuracy
-    on a labelled folder with train/ and test/ splits.
+    on a labelled folder with train/ and test/ splits. CLIP and SigLIP with --zero-shot: top-1/top-5 against the
+    text tower's embedding of each class name.
 
     Examples:
 
       tofu-export eval deit_small.pth /data/imagenet/val --r 16 --mode tofu
 
       tofu-export eval artifacts/dino-tofu-r16-onnx/model.onnx data/fashion-mnist
+
+      tofu-export eval clip-vit-b-32/ data/fashion-mnist --zero-shot --prompt "a photo of a {}, a type of clothing."
     """
     runtime.check()
     config = tofu.build(model.img_size)  # every option checked before torch is loaded
+    zero = zero_shot_options(zero_shot, prompt, class_names)
     from tofu_export.jobs.evaluate import evaluate_model
 
     report = evaluate_model(
         model_path, data, tofu=config, reference=reference, arch=model.arch,
         num_heads=model.num_heads, trust_pickle=model.trust_pickle, batch_size=batch_size, limit=limit,
-        threads=runtime.threads, compare_tome=compare_tome, img_size=model.img_size,
+        threads=runtime.threads, compare_tome=compare_tome, img_size=model.img_size, zero_shot=zero,
     )
     if as_json:
         print_json(report)
     else:
         print_evaluation(report)
+
+
+def zero_shot_options(zero_shot: bool, prompts: list[str] | None, class_names: Path | None) -> ZeroShot | None:
+    """``--zero-shot``'s settings, checked (before torch loads); None without it. Its options alone are refused."""
+    if not zero_shot:
+        named = [flag for flag, value in (("--prompt", prompts), ("--class-names", class_names)) if value]
+        if named:
+            them = "them" if len(named) > 1 else "it"
+            raise UserError(f"{' and '.join(named)} {'set' if len(named) > 1 else 'sets'} how --zero-shot "
+                            "classifies: it needs --zero-shot", hint=Hint("zero_shot", None, f"or leave {them} out"))
+        return None
+    return ZeroShot(tuple(prompts) if prompts else (DEFAULT_PROMPT,), class_names)
 
 
 def evaluation_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -104,7 +139,8 @@ def print_evaluation(report: dict[str, Any]) -> None:
         print_line(console, f"note: {note}")
     r = compact_r(report["r"]) if report["r"] else "unknown"
     images = f"{report['n_eval']} images" + (f" (+{report['n_train']} to fit k-NN)" if report.get("n_train") else "")
-    table = Table(title=f"{report['candidate']}: {report['mode']}, r per block {r}", title_justify="left",
+    task = ", zero-shot" if report.get("zero_shot") else ""
+    table = Table(title=f"{report['candidate']}: {report['mode']}, r per block {r}{task}", title_justify="left",
                   caption=f"{images} from {report['data']}", caption_justify="left")
     table.add_column("")
     table.add_column("unreduced", justify="right")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tofu_export.artifacts import graph_in
+from tofu_export.class_names import ZeroShot, class_names, read_class_names
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import EvaluationError, Hint
 from tofu_export.jobs.profile import backend_for, open_runner
@@ -34,6 +35,7 @@ def evaluate_model(
     threads: int | None = None,
     compare_tome: bool = True,
     img_size: int | None = None,
+    zero_shot: ZeroShot | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data``: a checkpoint is patched with ``tofu`` in PyTorch; a deployed artifact
     (``.onnx``, ``.engine``, or the artifact folder: its ``model.onnx``) is run as is. Either is compared with
@@ -42,10 +44,12 @@ def evaluate_model(
     ``img_size`` (default: a checkpoint's own size, an artifact's the size it was exported at), the reference at the
     candidate's size.
 
-    Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "vs_tome", "notes"}``; ``r``
+    Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "vs_tome", "zero_shot",
+    "notes"}``; ``r``
     is the per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked
     or when the candidate is ToMe); ``vs_tome`` the candidate's cosine minus ToMe's, image by image, with its
-    standard error (``evaluation.metrics.paired_difference``; a backbone only, else None).
+    standard error (``evaluation.metrics.paired_difference``; a backbone only, else None); ``zero_shot`` the
+    classes, where their names came from and the prompts (None without ``zero_shot``).
     """
     model, data = graph_in(model), Path(data)  # an artifact folder: its model.onnx
     if not data.is_dir():
@@ -54,11 +58,17 @@ def evaluate_model(
         raise EvaluationError(f"the batch size must be at least 1, got {batch_size}", hint=Hint("batch_size", "32"))
     if limit is not None and limit < 1:
         raise EvaluationError(f"the image limit must be at least 1, got {limit}", hint=Hint("limit", "100"))
+    if zero_shot is not None and zero_shot.names_file is not None:
+        read_class_names(zero_shot.names_file)  # a file that names no classes: said before any model is loaded
     from tofu_export.engines.torch import TorchRunner  # torch and timm: after the checks above
-    from tofu_export.evaluation import Reference, evaluate
-    from tofu_export.evaluation.metrics import paired_difference
-    from tofu_export.models.loading import load_model, stated_at_export
+    from tofu_export.evaluation import Reference, evaluate, model_transform, split_folders
+    from tofu_export.evaluation.metrics import Predictor, paired_difference
+    from tofu_export.evaluation.zero_shot import ZeroShotClassifier, class_embeddings, zero_shot_predictor
+    from tofu_export.models.loading import load_model, stated_at_export, text_encoder
     notes: list[str] = []
+    if zero_shot is not None:  # the class names before any model is loaded
+        names, names_from = class_names(data, split_folders(data)[1], zero_shot.names_file)
+        notes.append(zero_shot_note(zero_shot, len(names), names_from))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
@@ -69,6 +79,7 @@ def evaluate_model(
                 arch, num_heads = stated_at_export(model.parent)
             reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads,
                                          img_size=img_size or exported_at).model
+            text_from = reference_path
             candidate = open_runner(model, threads=threads)
             description = str(model)
         else:
@@ -77,25 +88,45 @@ def evaluate_model(
             origin = Path(reference) if reference is not None else tuned_reference(model, notes)
             reference_model = tuned if origin is None else load_model(
                 origin, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads, img_size=loaded.img_size).model
+            text_from = Path(model) if origin is None else origin
             patched = copy.deepcopy(tuned)
             resolved = tofu.patch(patched, static=False)
             mode, r = tofu.label, list(resolved.plan.r)
             candidate = TorchRunner(patched, threads=threads)
             description = str(model)
-        reference_outputs = Reference.of(reference_model)  # its outputs computed once for both candidates
-        scored = evaluate(reference_outputs, candidate, data, batch_size=batch_size, limit=limit, label=mode)
+        if zero_shot is None:
+            reference_outputs = Reference.of(reference_model)  # its outputs computed once for both candidates
+        else:  # every model scored classifies against the same class embeddings, from the reference's text tower
+            classes = class_embeddings(text_encoder(text_from, arch=arch, trust_pickle=trust_pickle), names, zero_shot)
+            reference_outputs = Reference(ZeroShotClassifier(reference_model, classes),
+                                          model_transform(reference_model))
+
+        def scored_as(predictor: Predictor) -> Predictor:
+            return predictor if zero_shot is None else zero_shot_predictor(predictor, classes)
+
+        scored = evaluate(reference_outputs, scored_as(candidate), data, batch_size=batch_size, limit=limit, label=mode)
         tome, vs_tome = None, None
         if compare_tome and mode != "tome" and any(r):
             tome_model = copy.deepcopy(reference_model)
             ToFuConfig(r=r, mode="tome").patch(tome_model, static=False)
-            tome_scored = evaluate(reference_outputs, TorchRunner(tome_model, threads=threads), data,
+            tome_scored = evaluate(reference_outputs, scored_as(TorchRunner(tome_model, threads=threads)), data,
                                    batch_size=batch_size, limit=limit, label="ToMe")
             tome = tome_scored.metrics
             if scored.cosines and tome_scored.cosines:  # the same images in the same order: paired
                 vs_tome = paired_difference(scored.cosines, tome_scored.cosines)
     notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+    classified = None if zero_shot is None else {"classes": names, "class_names": names_from,
+                                                 "prompts": list(zero_shot.prompts), "text_tower": str(text_from)}
     return {"candidate": description, "mode": mode, "r": r, **scored.to_dict(), "tome": tome, "vs_tome": vs_tome,
-            "notes": notes}
+            "zero_shot": classified, "notes": notes}
+
+
+def zero_shot_note(zero_shot: ZeroShot, classes: int, names_from: str) -> str:
+    """What a zero-shot score is: how many classes, named from where, in which prompts."""
+    prompts = len(zero_shot.prompts)
+    return (f"zero-shot: {classes} classes named from {names_from}, each in {prompts} prompt{'s' * (prompts > 1)} "
+            f"({zero_shot.prompts[0]!r}{', ...' * (prompts > 1)}), scored by the cosine of the image embedding to "
+            "each class's text embedding")
 
 
 def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path, str, list[int], int | None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +28,16 @@ from tofu_export.models.reduction import ToFuState
 from tofu_export.models.registry import instantiate
 from tofu_export.schedule import RSpec, TokenPlan
 
-__all__ = ["ArchGuess", "FlopCosts", "LoadedModel", "ModelFamily", "ToFuState", "UnsupportedModelError", "families",
-           "family_for_checkpoint", "family_of", "is_patched", "num_classes", "num_tokens", "patch", "patched",
-           "tofu_state", "unpatch", "unpatched"]
+__all__ = ["ArchGuess", "FlopCosts", "LoadedModel", "ModelFamily", "TextEncoder", "ToFuState", "UnsupportedModelError",
+           "families", "family_for_checkpoint", "family_of", "is_patched", "num_classes", "num_tokens", "patch",
+           "patched", "tofu_state", "unpatch", "unpatched"]
 
 
 class UnsupportedModelError(UserError, TypeError):
     """The model is not one whose blocks a registered family knows how to patch."""
+
+
+TextEncoder = Callable[[Sequence[str]], Tensor]  # prompts [K] -> their text embeddings [K, D] (not normalised)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,14 @@ class ModelFamily(ABC):
         safetensors header where the family writes one. Returns what a statement beside the weights must say for
         ``load`` to rebuild the model ({} where the written files say it all)."""
         raise UserError(f"the {self.name} family does not write weights back")
+
+    def text_encoder(self, path: Path, *, arch: str | None, trust_pickle: bool) -> TextEncoder:
+        """The text tower of the two-tower checkpoint ``path`` (CLIP, SigLIP) as a function of prompts, to classify
+        with the image tower zero-shot; its weights read as safely as ``load`` reads the image tower's."""
+        raise UserError(f"{path} is a {self.name} checkpoint without a text tower: zero-shot classification needs a "
+                        "two-tower model (an open_clip checkpoint, a transformers CLIPModel or SiglipModel folder); "
+                        "an image encoder alone is scored without text: by the cosine of its embeddings to the "
+                        "unreduced model's, and by k-NN accuracy given train/ and test/")
 
     # -- geometry -------------------------------------------------------------------------------------------------
     @abstractmethod

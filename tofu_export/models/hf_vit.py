@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from tofu_export.errors import Hint, UserError
 from tofu_export.models import hf_vit_specs as specs
-from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError, mlp_width
+from tofu_export.models.family import (
+    FlopCosts,
+    LoadedModel,
+    ModelFamily,
+    TextEncoder,
+    UnsupportedModelError,
+    mlp_width,
+)
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
 from tofu_export.models.reduction import (
     ToFuState,
@@ -132,6 +139,12 @@ class HFVisionFamily(ModelFamily):
             raise UserError(f"{path / 'config.json'} states {stated} attention heads, not {num_heads}",
                             hint=Hint("num_heads", None, "leave it out: the config states it"))
         return loaded
+
+    def text_encoder(self, path: Path, *, arch: str | None, trust_pickle: bool) -> TextEncoder:
+        from tofu_export.models.hf_vit_load import load_text
+
+        encoder = load_text(path, trust_pickle=trust_pickle)  # None: a vision model alone
+        return encoder or super().text_encoder(path, arch=arch, trust_pickle=trust_pickle)
 
     def digest(self, path: Path) -> str:
         from tofu_export.models.hf_vit_load import folder_digest

@@ -25,10 +25,10 @@ from tofu_export.hashing import sha256_file
 from tofu_export.models.family import ArchGuess, LoadedModel
 from tofu_export.models.hf_vit_resize import check_size, resized
 from tofu_export.models.hf_vit_specs import SUPPORTED, HFVisionEncoder
-from tofu_export.models.hf_vit_towers import load_vision_tower, save_whole, vision_class
+from tofu_export.models.hf_vit_towers import load_text_tower, load_vision_tower, save_whole, vision_class
 from tofu_export.models.write_back import check_unchanged
 
-__all__ = ["folder_digest", "load_folder", "save_folder"]
+__all__ = ["folder_digest", "load_folder", "load_text", "save_folder"]
 
 _SAFE = ("model.safetensors", "model.safetensors.index.json")
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -151,6 +151,17 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
                     **({"image_size": "--img-size"} if model.config.image_size != size else {})},
     )
     return LoadedModel(HFVisionEncoder(model.eval(), preprocess), guess, folder, _folder_digest(files, folder))
+
+
+def load_text(folder: Path, *, trust_pickle: bool) -> Any:
+    """The text tower of the two-tower model in ``folder`` as ``prompts [K] -> embeddings [K, D]``
+    (``hf_vit_towers.load_text_tower``), or None where the folder holds a vision model alone."""
+    towers = vision_class(_read_config(folder))
+    if towers is None:
+        return None
+    files, _ = _weights_files(folder, trust_pickle)
+    with _without_progress_bars():
+        return load_text_tower(folder, towers[0], files, trust_pickle)
 
 
 def folder_digest(folder: Path) -> str:

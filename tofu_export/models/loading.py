@@ -9,11 +9,11 @@ from typing import Any
 
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.errors import Hint
-from tofu_export.models.family import LoadedModel, family_for_checkpoint
+from tofu_export.models.family import LoadedModel, TextEncoder, family_for_checkpoint
 from tofu_export.models.timm_vit_evidence import read_evidence
 from tofu_export.models.tuned import folder_statement, tuned_note
 
-__all__ = ["LoadedModel", "checkpoint_digest", "load_model", "stated_at_export", "tuned_statement"]
+__all__ = ["LoadedModel", "checkpoint_digest", "load_model", "stated_at_export", "text_encoder", "tuned_statement"]
 
 
 def load_model(
@@ -79,3 +79,12 @@ def checkpoint_digest(path: Path) -> str:
     it computes it (a file's sha256, a transformers folder's weights files', an open_clip folder's weights file's);
     nothing is loaded."""
     return family_for_checkpoint(path).digest(path)
+
+
+def text_encoder(path: Path, *, arch: str | None = None, trust_pickle: bool = False) -> TextEncoder:
+    """The text tower of the two-tower checkpoint ``path`` (CLIP, SigLIP: an open_clip checkpoint, a transformers
+    ``CLIPModel`` / ``SiglipModel`` folder) as ``prompts [K] -> embeddings [K, D]``, read by the family that reads
+    its image tower; an error naming what to do for any other checkpoint."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist", hint=Hint("checkpoint", None, "its path"))
+    return family_for_checkpoint(path, arch).text_encoder(path, arch=arch, trust_pickle=trust_pickle)

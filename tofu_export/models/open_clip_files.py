@@ -15,12 +15,14 @@ from tofu_export.errors import Hint
 from tofu_export.models.open_clip_config import CONFIG_FILE
 
 __all__ = ["FOLDER_WEIGHTS", "VISUAL", "canonical_name", "header_shapes", "is_safetensors", "looks_like_open_clip",
-           "visual_name", "weights_file"]
+           "text_name", "visual_name", "weights_file"]
 
 FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                   "open_clip_pytorch_model.pth")
 WRAPPERS = ("state_dict", "model", "module", "_orig_mod")  # open_clip training saves {"state_dict": {"module.*"}}
 VISUAL = "visual."
+TEXT = "text."  # a custom text tower's keys (SigLIP's); CLIP's own keeps its modules at the top level
+_NEITHER = ("logit_scale", "logit_bias")  # the two towers' shared scale and bias
 
 
 def weights_file(path: Path) -> Path:
@@ -47,6 +49,15 @@ def visual_name(key: str) -> str | None:
     """``"state_dict.module.visual.conv1.weight"`` -> ``"conv1.weight"``; None for a key outside the tower."""
     key = canonical_name(key)
     return key[len(VISUAL):] if key.startswith(VISUAL) else None
+
+
+def text_name(key: str) -> str | None:
+    """``"state_dict.module.token_embedding.weight"`` -> ``"token_embedding.weight"``, ``"text.ln_final.bias"`` ->
+    ``"ln_final.bias"``; None for a key outside the text tower (the visual tower's, the logit scale and bias)."""
+    key = canonical_name(key)
+    if key.startswith(TEXT):
+        return key[len(TEXT):]
+    return None if key.startswith(VISUAL) or key in _NEITHER else key
 
 
 def header_shapes(file: Path) -> dict[str, tuple[int, ...]] | None:

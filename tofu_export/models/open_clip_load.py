@@ -15,6 +15,7 @@ tuned tower is written back by ``open_clip_save.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +31,7 @@ from tofu_export.models.family import ArchGuess, LoadedModel, fit_problems
 from tofu_export.models.open_clip_config import PREFIX, TowerConfig, open_clip_module, resolve_config
 from tofu_export.models.open_clip_files import VISUAL, header_shapes, is_safetensors, visual_name, weights_file
 
-__all__ = ["load_open_clip"]
+__all__ = ["load_open_clip", "read_tower"]
 
 
 def _dims(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -80,31 +81,34 @@ def _check_fits(file: Path, config: TowerConfig, expected: dict[str, tuple[int, 
             hint=Hint("arch", f"{PREFIX}{found[0] if found else 'NAME'}", "naming the config it was trained with"))
 
 
-def _read_safetensors(file: Path, names: set[str] | None) -> dict[str, Tensor] | None:
-    """The tower's tensors ``names`` (None: all) of a safetensors file, reading nothing else; None when the file
-    cannot be read so."""
+def _read_safetensors(file: Path, names: set[str] | None, name_of: Callable[[str], str | None]
+                      ) -> dict[str, Tensor] | None:
+    """The tower's tensors ``names`` (None: all; ``name_of`` names a key in the tower, None outside it) of a
+    safetensors file, reading nothing else; None when the file cannot be read so."""
     from safetensors import SafetensorError, safe_open
 
     if header_shapes(file) is None:
         return None
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            keys = {visual_name(key): key for key in handle.keys()}  # noqa: SIM118 (not iterable)
-            keys.pop(None, None)  # the text tower's and the rest
+            keys = {name_of(key): key for key in handle.keys()}  # noqa: SIM118 (not iterable)
+            keys.pop(None, None)  # the other tower's and the rest
             return {name: handle.get_tensor(keys[name]) for name in (keys if names is None else names) if name in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None  # load_state_dict names what is wrong with the file
 
 
-def _read_visual(file: Path, names: set[str] | None, trust_pickle: bool) -> dict[str, Tensor]:
-    """The tower's tensors ``names`` (``visual.`` stripped; None: all of them) as float32; of a safetensors file
+def read_tower(file: Path, names: set[str] | None, trust_pickle: bool,
+               name_of: Callable[[str], str | None] = visual_name) -> dict[str, Tensor]:
+    """A tower's tensors ``names`` as float32 (None: all of them), each under the name ``name_of`` gives its key
+    (default: the visual tower's, ``visual.`` stripped; None for a key outside the tower); of a safetensors file
     nothing else is read."""
-    tensors = _read_safetensors(file, names) if is_safetensors(file) else None
+    tensors = _read_safetensors(file, names, name_of) if is_safetensors(file) else None
     if tensors is None:
         everything = load_state_dict(file, trust_pickle=trust_pickle)  # limits, views and values checked
         tensors = {name: everything.pop(key) for key in list(everything)
-                   if (name := visual_name(key)) is not None and (names is None or name in names)}
-        del everything  # the text tower and the rest
+                   if (name := name_of(key)) is not None and (names is None or name in names)}
+        del everything  # the other tower and the rest
     else:
         check_values(tensors, file)  # what load_state_dict checks (NaN / Inf, complex), on the tensors read here
     bad = [name for name, tensor in tensors.items() if not tensor.is_floating_point()]
@@ -148,7 +152,7 @@ def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_
 
         if header is not None:
             check_trunk_keys(file, config, set(header))  # before any weight is read
-        visual = _read_visual(file, None, trust_pickle)
+        visual = read_tower(file, None, trust_pickle)
         check_trunk_keys(file, config, set(visual))
         return load_timm_trunk(file, path, config, visual, img_size=img_size, num_heads=num_heads,
                                digest=sha256_file(file))
@@ -160,7 +164,7 @@ def load_open_clip(path: Path, *, arch: str | None, img_size: int | None, trust_
     expected = {name: tuple(tensor.shape) for name, tensor in native.state_dict().items()}
     if header is not None:
         _check_fits(file, config, expected, header)  # before any weight is read
-    state = _read_visual(file, set(expected), trust_pickle)
+    state = read_tower(file, set(expected), trust_pickle)
     _check_fits(file, config, expected, {name: tuple(t.shape) for name, t in state.items()})
     tower = _build(config, size) if size != config.image_size else native
     if size != config.image_size:

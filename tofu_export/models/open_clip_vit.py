@@ -17,7 +17,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, UnsupportedModelError
+from tofu_export.models.family import FlopCosts, LoadedModel, ModelFamily, TextEncoder, UnsupportedModelError
 from tofu_export.models.reduction import (
     ToFuState,
     TokenReduction,
@@ -118,6 +118,11 @@ class OpenClipFamily(ModelFamily):
         from tofu_export.models.open_clip_load import load_open_clip
 
         return load_open_clip(path, arch=arch, img_size=img_size, trust_pickle=trust_pickle, num_heads=num_heads)
+
+    def text_encoder(self, path: Path, *, arch: str | None, trust_pickle: bool) -> TextEncoder:
+        from tofu_export.models.open_clip_text import load_open_clip_text
+
+        return load_open_clip_text(path, arch=arch, trust_pickle=trust_pickle)
 
     tuned_layout = "folder"
 
