@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ["demo", "--r", "many", "-o", "demo_out"],
     "sweep": ["sweep", "model.pth", "--r", "a,b", "-o", "sw"],
     "sweep modes": ["sweep", "model.pth", "--r", "0,2", "--modes", "fuse", "-o", "sw"],
+    "sweep zero-shot": ["sweep", "model.pth", "--zero-shot", "-o", "sw"],  # scores on no images
     "schedule": ["schedule", "model.pth", "--r", "two"],
     "eval": ["eval", "model.pth", "data", "--mode", "fuse"],
     "eval batch": ["eval", "model.pth", "data", "--batch-size", "0"],
@@ -42,7 +43,8 @@ COMMANDS = {
     "help": ["--help"],
 }
 SAYS = {"export": "--tolerance", "demo": "--r", "sweep": "--r", "sweep modes": "unknown mode 'fuse'",
-        "schedule": "--r", "eval": "unknown mode 'fuse'", "eval batch": "--batch-size 32", "eval limit": "--limit 100",
+        "sweep zero-shot": "--data FOLDER", "schedule": "--r", "eval": "unknown mode 'fuse'",
+        "eval batch": "--batch-size 32", "eval limit": "--limit 100",
         "eval prompt": "must hold {} once", "eval prompt alone": "it needs --zero-shot",
         "calibrate rule": "unknown mode rule 'coin'",
         "denoiser ratio": "ratio 2.0 is out of range", "denoiser sublayers": "unknown sub-layer attn",

@@ -121,11 +121,22 @@ def _top1(logits_of: Any, data: Path, transform: Any) -> float:
     return 100.0 * sum(hits) / len(hits)
 
 
+def _open_clip_top1(full: Any, names: list[str], data: Path, transform: Any) -> tuple[float, torch.Tensor]:
+    """open_clip's own zero-shot top-1 in % of the full model on ``data`` (``names`` in ``PROMPTS``: its image and
+    text encoders, its logit scale), and its class embeddings ``[K, D]``."""
+    model, tokenize = full
+    with torch.no_grad():
+        texts = torch.stack([F.normalize(F.normalize(model.encode_text(tokenize(
+            [prompt.replace("{}", name) for prompt in PROMPTS])), dim=-1).mean(0), dim=0) for name in names])
+    top1 = _top1(lambda images: model.logit_scale.exp() * model.encode_image(images, normalize=True) @ texts.T,
+                 data, transform)
+    return top1, texts
+
+
 def test_eval_scores_what_the_full_model_scores(files: dict[str, Path], full: Any) -> None:
     """``eval --zero-shot`` (classes named by their folders, two prompts): the unreduced top-1 is open_clip's own
     zero-shot top-1 (its image and text encoders, its logit scale); ToFu's is the patched tower's; ToMe is scored
     against the same classes; the report says what the classes and prompts were."""
-    model, tokenize = full
     code, output = _invoke("eval", str(files["hub"]), str(files["data"]), "--zero-shot", "--prompt", PROMPTS[0],
                            "--prompt", PROMPTS[1], "--r", "2", "--json")
     assert code == 0, output[-3000:]
@@ -135,16 +146,11 @@ def test_eval_scores_what_the_full_model_scores(files: dict[str, Path], full: An
     assert report["zero_shot"]["prompts"] == PROMPTS and "class folders" in report["zero_shot"]["class_names"]
     assert any(note.startswith("zero-shot: 3 classes") for note in report["notes"])
     tower = load_model(files["hub"]).model
-    transform = model_transform(tower)
-    with torch.no_grad():
-        texts = torch.stack([F.normalize(F.normalize(model.encode_text(tokenize(
-            [prompt.replace("{}", name) for prompt in PROMPTS])), dim=-1).mean(0), dim=0)
-            for name in report["zero_shot"]["classes"]])
-    unreduced = _top1(lambda images: model.logit_scale.exp() * model.encode_image(images, normalize=True) @ texts.T,
-                      files["data"], transform)
+    unreduced, texts = _open_clip_top1(full, report["zero_shot"]["classes"], files["data"], model_transform(tower))
     assert report["metrics"]["reference_top1"] == pytest.approx(unreduced)
     with patched(tower, r=2, mode="tofu"):
-        reduced = _top1(lambda images: F.normalize(tower(images), dim=-1) @ texts.T, files["data"], transform)
+        reduced = _top1(lambda images: F.normalize(tower(images), dim=-1) @ texts.T, files["data"],
+                        model_transform(tower))
     assert report["metrics"]["candidate_top1"] == pytest.approx(reduced)
     assert report["tome"]["candidate_top1"] is not None and report["vs_tome"] is None  # accuracies: nothing paired
 
@@ -166,6 +172,26 @@ def test_an_exported_tower_is_scored_with_its_checkpoints_text_tower(files: dict
     assert artifact["metrics"]["reference_top1"] == checkpoint["metrics"]["reference_top1"]
     assert artifact["metrics"]["top1_agreement"] >= 100.0 * 11 / 12  # float32 ORT vs PyTorch: one tie may flip
     assert abs(artifact["metrics"]["candidate_top1"] - checkpoint["metrics"]["candidate_top1"]) <= 100.0 / 12 + 1e-9
+
+
+def test_a_sweep_scores_every_point_zero_shot(files: dict[str, Path], full: Any, tmp_path: Path) -> None:
+    """``sweep --zero-shot``: each point's ONNX graph classifies against the checkpoint's text tower; the unreduced
+    accuracy beside it is open_clip's own zero-shot top-1; the JSON says how the points were scored. Without an
+    image folder it is refused before anything is loaded."""
+    code, output = _invoke("sweep", str(files["hub"]), "--r", "2", "--modes", "tofu", "--data", str(files["data"]),
+                           "--zero-shot", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--iters", "2",
+                           "-o", str(tmp_path / "sweep"), "--json")
+    assert code == 0, output[-3000:]
+    result = json.loads(output[output.index("{"):])
+    (row,) = result["rows"]
+    unreduced, _ = _open_clip_top1(full, ["fire truck", "golden retriever", "tabby cat"], files["data"],
+                                   model_transform(load_model(files["hub"]).model))
+    assert row["accuracy_metric"] == "top-1" and row["reference_accuracy"] == pytest.approx(unreduced)
+    assert 0 <= row["accuracy"] <= 100 and result["notes"][0].startswith("zero-shot: 3 classes")
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert saved["notes"][0] == result["notes"][0]
+    code, output = _invoke("sweep", str(files["hub"]), "--r", "2", "--zero-shot", "-o", str(tmp_path / "none"))
+    assert code == 2 and "--data" in output and not (tmp_path / "none").exists()
 
 
 def _word_tokenizer(folder: Path) -> None:

@@ -44,6 +44,13 @@ class ZeroShot:
             raise EvaluationError(f"the class names file {self.names_file} does not exist",
                                   hint=Hint("class_names", "FILE", _FILE_KINDS))
 
+    def note(self, classes: int, names_from: str) -> str:
+        """What a zero-shot score is: how many classes, named from where, in which prompts."""
+        count = len(self.prompts)
+        return (f"zero-shot: {classes} classes named from {names_from}, each in {count} prompt{'s' * (count > 1)} "
+                f"({self.prompts[0]!r}{', ...' * (count > 1)}), scored by the cosine of the image embedding to each "
+                "class's text embedding")
+
     def texts(self, names: Sequence[str]) -> list[str]:
         """Every prompt for every class, class by class: ``[K * P]``."""
         return [prompt.replace("{}", name) for name in names for prompt in self.prompts]

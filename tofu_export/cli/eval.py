@@ -8,10 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from tofu_export.class_names import DEFAULT_PROMPT, ZeroShot
-from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions, ToFuOptions
+from tofu_export.cli.options import JsonOption, ModelOptions, RuntimeOptions, ToFuOptions, ZeroShotOptions
 from tofu_export.cli.output import print_json, print_line, print_table
-from tofu_export.errors import Hint, UserError
 
 
 def eval_command(
@@ -21,6 +19,7 @@ def eval_command(
     model: ModelOptions,
     tofu: ToFuOptions,
     runtime: RuntimeOptions,
+    zero_shot: ZeroShotOptions,
     reference: Annotated[
         str | None,
         typer.Option(help="The unreduced model scored against: for ONNX/engine artifacts the checkpoint they came "
@@ -32,23 +31,6 @@ def eval_command(
     ] = True,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     limit: Annotated[int | None, typer.Option(help="Use at most this many images per split.")] = None,
-    zero_shot: Annotated[
-        bool, typer.Option("--zero-shot", help="Classify with the checkpoint's text tower (CLIP, SigLIP: an open_clip "
-                           "checkpoint, a transformers CLIPModel / SiglipModel folder): each class named in the "
-                           "prompts, an image's class the nearest by cosine; top-1/top-5 instead of the cosine to "
-                           "the unreduced embeddings.")
-    ] = False,
-    prompt: Annotated[
-        list[str] | None,
-        typer.Option(metavar="TEMPLATE", help="With --zero-shot: a prompt, {} where the class name goes; repeat it "
-                     "for CLIP's prompt ensemble. [default: \"a photo of a {}.\"]"),
-    ] = None,
-    class_names: Annotated[
-        Path | None,
-        typer.Option(metavar="FILE", help="With --zero-shot: the class names in index order (a JSON list, a JSON "
-                     "object keyed 0..K-1, or one name a line) [default: labels.json in DATA, else the class "
-                     "folders' names]."),
-    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Score a reduced model on real images against the unreduced model and ToMe at the same r.
@@ -68,7 +50,7 @@ def eval_command(
     """
     runtime.check()
     config = tofu.build(model.img_size)  # every option checked before torch is loaded
-    zero = zero_shot_options(zero_shot, prompt, class_names)
+    zero = zero_shot.build()
     from tofu_export.jobs.evaluate import evaluate_model
 
     report = evaluate_model(
@@ -80,18 +62,6 @@ def eval_command(
         print_json(report)
     else:
         print_evaluation(report)
-
-
-def zero_shot_options(zero_shot: bool, prompts: list[str] | None, class_names: Path | None) -> ZeroShot | None:
-    """``--zero-shot``'s settings, checked (before torch loads); None without it. Its options alone are refused."""
-    if not zero_shot:
-        named = [flag for flag, value in (("--prompt", prompts), ("--class-names", class_names)) if value]
-        if named:
-            them = "them" if len(named) > 1 else "it"
-            raise UserError(f"{' and '.join(named)} {'set' if len(named) > 1 else 'sets'} how --zero-shot "
-                            "classifies: it needs --zero-shot", hint=Hint("zero_shot", None, f"or leave {them} out"))
-        return None
-    return ZeroShot(tuple(prompts) if prompts else (DEFAULT_PROMPT,), class_names)
 
 
 def evaluation_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -219,3 +219,39 @@ class BackendOptions:
         from tofu_export.jobs.profile import parse_backend
 
         return parse_backend(self.backend, self.device, path, self.cuda_graphs)
+
+
+@option_group("Zero-shot")
+class ZeroShotOptions:
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="Classify with the checkpoint's text tower (CLIP, SigLIP: an open_clip "
+                           "checkpoint, a transformers CLIPModel / SiglipModel folder): each class named in the "
+                           "prompts, an image's class the nearest by cosine; top-1/top-5 instead of the cosine to "
+                           "the unreduced embeddings.")
+    ] = False
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", metavar="TEMPLATE", help="With --zero-shot: a prompt, {} where the class name goes; "
+                     "repeat it for CLIP's prompt ensemble. [default: \"a photo of a {}.\"]"),
+    ] = None
+    class_names: Annotated[
+        Path | None,
+        typer.Option("--class-names", metavar="FILE", help="With --zero-shot: the class names in index order (a JSON "
+                     "list, a JSON object keyed 0..K-1, or one name a line) [default: labels.json in the image "
+                     "folder, else its class folders' names]."),
+    ] = None
+
+    def build(self) -> Any:
+        """The ``class_names.ZeroShot`` (checked before torch loads), or None without ``--zero-shot``; its other
+        options alone are refused."""
+        from tofu_export.class_names import DEFAULT_PROMPT, ZeroShot
+
+        if not self.zero_shot:
+            named = [flag for flag, value in (("--prompt", self.prompt), ("--class-names", self.class_names)) if value]
+            if named:
+                them = "them" if len(named) > 1 else "it"
+                raise UserError(f"{' and '.join(named)} {'set' if len(named) > 1 else 'sets'} how --zero-shot "
+                                "classifies: it needs --zero-shot",
+                                hint=Hint("zero_shot", None, f"or leave {them} out"))
+            return None
+        return ZeroShot(tuple(self.prompt) if self.prompt else (DEFAULT_PROMPT,), self.class_names)

@@ -13,6 +13,7 @@ from tofu_export.cli.options import (
     ModelOptions,
     OnnxOptions,
     RuntimeOptions,
+    ZeroShotOptions,
     parse_int_list,
 )
 from tofu_export.cli.output import console, library_warnings, print_json, print_line, print_table, warnings_note
@@ -27,6 +28,7 @@ def sweep(
     onnx: OnnxOptions,
     runtime: RuntimeOptions,
     backend: BackendOptions,
+    zero_shot: ZeroShotOptions,
     r: Annotated[str, typer.Option("--r", help="r values, comma-separated (0: the unreduced baseline).")] = "0,8,16",
     modes: Annotated[str, typer.Option(help="Modes, comma-separated.")] = "tome,tofu",
     prune_layers: Annotated[
@@ -68,6 +70,8 @@ def sweep(
       tofu-export sweep model.pth --r 0,8,16 --modes tome,tofu --data data/fashion-mnist --limit 500
 
       tofu-export sweep model.pth --backend ort-cuda --r 0,16 --iters 100 --batch 64
+
+      tofu-export sweep clip-vit-b-32/ --r 0,4,8 --data data/fashion-mnist --zero-shot --limit 500
     """
     from tofu_export.config import ToFuConfig
     from tofu_export.policy import Policy
@@ -82,7 +86,7 @@ def sweep(
         backend=backend.build(), iters=iters, batch=batch, threads=runtime.threads, spinning=runtime.spin,
         interleave=interleave, data=data, limit=limit, template=template, policy=loaded_policy, onnx=onnx_config,
         arch=model.arch,
-        num_heads=model.num_heads, trust_pickle=model.trust_pickle,
+        num_heads=model.num_heads, trust_pickle=model.trust_pickle, zero_shot=zero_shot.build(),
     )
     from tofu_export.sweep.job import run_sweep_job  # torch: once every option is known to be good
 

@@ -14,10 +14,12 @@ from torch import Tensor, nn
 
 from tofu_export.class_names import ZeroShot
 from tofu_export.errors import EvaluationError
+from tofu_export.evaluation.data import model_transform
+from tofu_export.evaluation.evaluate import Reference
 from tofu_export.evaluation.metrics import Predictor
 from tofu_export.progress import tracker
 
-__all__ = ["ZeroShotClassifier", "class_embeddings", "zero_shot_logits", "zero_shot_predictor"]
+__all__ = ["ZeroShotClassifier", "class_embeddings", "zero_shot_logits", "zero_shot_predictor", "zero_shot_reference"]
 
 _CLASSES_AT_ONCE = 32  # classes whose prompts go to the text tower in one call
 
@@ -61,3 +63,12 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return zero_shot_logits(self.tower(images), self.classes)
+
+
+def zero_shot_reference(model: nn.Module, encode: Callable[[Sequence[str]], Tensor], names: Sequence[str],
+                        zero_shot: ZeroShot) -> tuple[Reference, Tensor]:
+    """The unreduced image tower ``model`` as the zero-shot classifier every reduced model is scored against (its
+    images transformed as the tower's own), and the class embeddings ``[K, D]`` the reduced ones classify with
+    (``zero_shot_predictor``)."""
+    classes = class_embeddings(encode, names, zero_shot)
+    return Reference(ZeroShotClassifier(model, classes), model_transform(model)), classes

@@ -61,14 +61,14 @@ def evaluate_model(
     if zero_shot is not None and zero_shot.names_file is not None:
         read_class_names(zero_shot.names_file)  # a file that names no classes: said before any model is loaded
     from tofu_export.engines.torch import TorchRunner  # torch and timm: after the checks above
-    from tofu_export.evaluation import Reference, evaluate, model_transform, split_folders
+    from tofu_export.evaluation import Reference, evaluate, split_folders
     from tofu_export.evaluation.metrics import Predictor, paired_difference
-    from tofu_export.evaluation.zero_shot import ZeroShotClassifier, class_embeddings, zero_shot_predictor
+    from tofu_export.evaluation.zero_shot import zero_shot_predictor, zero_shot_reference
     from tofu_export.models.loading import load_model, stated_at_export, text_encoder
     notes: list[str] = []
     if zero_shot is not None:  # the class names before any model is loaded
         names, names_from = class_names(data, split_folders(data)[1], zero_shot.names_file)
-        notes.append(zero_shot_note(zero_shot, len(names), names_from))
+        notes.append(zero_shot.note(len(names), names_from))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if backend_for(model, None) != "torch":  # a deployed artifact (.onnx, .engine)
@@ -97,9 +97,8 @@ def evaluate_model(
         if zero_shot is None:
             reference_outputs = Reference.of(reference_model)  # its outputs computed once for both candidates
         else:  # every model scored classifies against the same class embeddings, from the reference's text tower
-            classes = class_embeddings(text_encoder(text_from, arch=arch, trust_pickle=trust_pickle), names, zero_shot)
-            reference_outputs = Reference(ZeroShotClassifier(reference_model, classes),
-                                          model_transform(reference_model))
+            encode = text_encoder(text_from, arch=arch, trust_pickle=trust_pickle)
+            reference_outputs, classes = zero_shot_reference(reference_model, encode, names, zero_shot)
 
         def scored_as(predictor: Predictor) -> Predictor:
             return predictor if zero_shot is None else zero_shot_predictor(predictor, classes)
@@ -119,14 +118,6 @@ def evaluate_model(
                                                  "prompts": list(zero_shot.prompts), "text_tower": str(text_from)}
     return {"candidate": description, "mode": mode, "r": r, **scored.to_dict(), "tome": tome, "vs_tome": vs_tome,
             "zero_shot": classified, "notes": notes}
-
-
-def zero_shot_note(zero_shot: ZeroShot, classes: int, names_from: str) -> str:
-    """What a zero-shot score is: how many classes, named from where, in which prompts."""
-    prompts = len(zero_shot.prompts)
-    return (f"zero-shot: {classes} classes named from {names_from}, each in {prompts} prompt{'s' * (prompts > 1)} "
-            f"({zero_shot.prompts[0]!r}{', ...' * (prompts > 1)}), scored by the cosine of the image embedding to "
-            "each class's text embedding")
 
 
 def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path, str, list[int], int | None]:

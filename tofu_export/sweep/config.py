@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tofu_export.class_names import ZeroShot
 from tofu_export.config import OnnxConfig, ToFuConfig
 from tofu_export.errors import Hint, UserError
 from tofu_export.jobs.profile import Backend
@@ -45,8 +46,12 @@ class SweepConfig:
     arch: str | None = None
     trust_pickle: bool = False
     num_heads: int | None = None  # where the checkpoint does not state them
+    zero_shot: ZeroShot | None = None  # score the points as zero-shot classifiers (a two-tower checkpoint)
 
     def __post_init__(self) -> None:
+        if self.zero_shot is not None and self.data is None:
+            raise UserError("zero-shot classification scores every point on images: it needs an image folder",
+                            hint=Hint("data", "FOLDER"))
         for name, value in (("iters", self.iters), ("batch", self.batch)):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}", hint=Hint(name, "1"))
@@ -82,8 +87,10 @@ class SweepConfig:
         graphs = ", CUDA graphs" if self.backend.cuda_graphs else ""  # absent before CUDA graphs: old records match
         batch = f", batch={self.batch}" if self.batch != 1 else ""  # likewise
         fed = ", timed on its images" if self.data is not None else ""  # before, on noise: those are timed again
+        zero = self.zero_shot
+        scored = "" if zero is None else f", zero-shot {list(zero.prompts)} names={zero.names_file}"  # likewise
         return (f"{self.backend.name}:{self.backend.device}{graphs}, {timing}, threads={self.threads}, "
-                f"iters={self.iters}{batch}, data={self.data}, limit={self.limit}{fed}")
+                f"iters={self.iters}{batch}, data={self.data}, limit={self.limit}{fed}{scored}")
 
 
 def sweep_points(modes: Sequence[str], r_values: Sequence[int]) -> list[SweepPoint]:

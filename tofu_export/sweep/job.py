@@ -26,7 +26,7 @@ from tofu_export.engines.base import NOISE
 from tofu_export.exporters.workers import WorkerDied, export_workers, run_jobs, weight_bytes
 from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
-from tofu_export.models.loading import LoadedModel, load_model
+from tofu_export.models.loading import LoadedModel, load_model, text_encoder
 from tofu_export.output_paths import check_output_folder, is_sweep_folder
 from tofu_export.pipeline import export_model
 from tofu_export.profiling.device import load_average
@@ -63,6 +63,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
                   progress: bool = True) -> SweepResult:
     """Run (or resume) the sweep in ``out``; ``say`` is told the run-time estimate before the work starts."""
     check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own; no file above it
+    names = _class_names(config)  # zero-shot: named before anything is loaded
     loaded = _load(source, config)
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
     stated = f"{config.arch}:{config.num_heads}"  # what the caller said the checkpoint is
@@ -112,9 +113,16 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
         from tofu_export.evaluation import Reference, evaluate
 
         reference = Reference.of(loaded.model)  # the unreduced model's outputs, computed once for every point
+        from tofu_export.evaluation.zero_shot import zero_shot_predictor, zero_shot_reference
+
+        classes = None
+        if config.zero_shot is not None:  # classified against its own text tower's class embeddings, every point
+            encode = text_encoder(Path(source), arch=config.arch, trust_pickle=config.trust_pickle)
+            reference, classes = zero_shot_reference(loaded.model, encode, names[0], config.zero_shot)
 
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
             runner = OrtRunner(onnx_path, threads=config.threads)
+            runner = runner if classes is None else zero_shot_predictor(runner, classes)
             tofu = Manifest.read(onnx_path.parent).tofu  # the point, for the progress line
             label = f"{tofu.mode} r={max(tofu.r, default=0)}" if any(tofu.r) else "baseline"
             return evaluate(reference, runner, config.data, limit=config.limit, label=label).to_dict()
@@ -124,7 +132,18 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     load_before = load_average()
     if config.interleave:
         _time_together(records, loaded, config, progress, timing)
-    return _report(source, out, config, records, [load_before, load_average()], timing)
+    scored = [] if config.zero_shot is None else [config.zero_shot.note(len(names[0]), names[1])]
+    return _report(source, out, config, records, [load_before, load_average()], timing, scored)
+
+
+def _class_names(config: SweepConfig) -> tuple[list[str], str]:
+    """``(names, where from)`` of the classes a zero-shot sweep scores; ``([], "")`` for any other sweep."""
+    if config.zero_shot is None or config.data is None:
+        return [], ""
+    from tofu_export.class_names import class_names
+    from tofu_export.evaluation.data import split_folders
+
+    return class_names(config.data, split_folders(config.data)[1], config.zero_shot.names_file)
 
 
 def _export_ahead(points: list[SweepPoint], export_fn: Callable[[SweepPoint], Path], workers: int,
@@ -215,15 +234,16 @@ def _time_together(records: list[dict[str, Any]], loaded: LoadedModel, config: S
 
 
 def _report(source: str, out: Path, config: SweepConfig, records: list[dict[str, Any]],
-            loads: list[list[float] | None], timing: TimingImages | None) -> SweepResult:
-    """Rows, caption, sweep.md, sweep.json and the plots (a Pareto plot only where there is a front)."""
+            loads: list[list[float] | None], timing: TimingImages | None, notes: list[str]) -> SweepResult:
+    """Rows, caption, sweep.md, sweep.json (with ``notes``: how the points were scored) and the plots (a Pareto plot
+    only where there is a front)."""
     from tofu_export.reports.plots import plot_latency_vs_r, plot_pareto
 
     base = next((r["profile"]["samples_ms"] for r in records if r["mode"] == BASELINE), None)
     rows = [sweep_row(record, base, config.interleave, config.batch) for record in records]
     flag_uncertain(rows)
     caption = sweep_caption(config, rows, loads, NOISE if timing is None else timing.description)
-    result = SweepResult(f"ToFu sweep of {source}", rows, caption)
+    result = SweepResult(f"ToFu sweep of {source}", rows, caption, notes=list(notes))
     result.files += [write_text_atomic(out / "sweep.md", sweep_markdown(rows, result.title, caption)),
                      write_json_atomic(out / "sweep.json", {"source": source, **result.to_dict()}),
                      plot_latency_vs_r(rows, out / "latency_vs_r.png", note=plot_note(config, rows, loads))]
