@@ -121,13 +121,14 @@ def _top1(logits_of: Any, data: Path, transform: Any) -> float:
     return 100.0 * sum(hits) / len(hits)
 
 
-def _open_clip_top1(full: Any, names: list[str], data: Path, transform: Any) -> tuple[float, torch.Tensor]:
-    """open_clip's own zero-shot top-1 in % of the full model on ``data`` (``names`` in ``PROMPTS``: its image and
+def _open_clip_top1(full: Any, names: list[str], data: Path, transform: Any,
+                    prompts: list[str] = PROMPTS) -> tuple[float, torch.Tensor]:
+    """open_clip's own zero-shot top-1 in % of the full model on ``data`` (``names`` in ``prompts``: its image and
     text encoders, its logit scale), and its class embeddings ``[K, D]``."""
     model, tokenize = full
     with torch.no_grad():
         texts = torch.stack([F.normalize(F.normalize(model.encode_text(tokenize(
-            [prompt.replace("{}", name) for prompt in PROMPTS])), dim=-1).mean(0), dim=0) for name in names])
+            [prompt.replace("{}", name) for prompt in prompts])), dim=-1).mean(0), dim=0) for name in names])
     top1 = _top1(lambda images: model.logit_scale.exp() * model.encode_image(images, normalize=True) @ texts.T,
                  data, transform)
     return top1, texts
@@ -172,6 +173,37 @@ def test_an_exported_tower_is_scored_with_its_checkpoints_text_tower(files: dict
     assert artifact["metrics"]["reference_top1"] == checkpoint["metrics"]["reference_top1"]
     assert artifact["metrics"]["top1_agreement"] >= 100.0 * 11 / 12  # float32 ORT vs PyTorch: one tie may flip
     assert abs(artifact["metrics"]["candidate_top1"] - checkpoint["metrics"]["candidate_top1"]) <= 100.0 / 12 + 1e-9
+
+
+def test_clips_imagenet_protocol_is_named(files: dict[str, Path], full: Any) -> None:
+    """``--class-names open_clip:imagenet --prompt open_clip:imagenet-simple``: CLIP's names of ImageNet's 1,000
+    classes and its prompts, as open_clip ships them; ImageNet-indexed class folders (foolbox's samples' layout)
+    are scored over all 1,000 classes, as open_clip's own model scores them. An unknown set is refused."""
+    from open_clip import zero_shot_metadata
+
+    from tofu_export.class_names import read_class_names
+
+    simple = ZeroShot(("open_clip:imagenet-simple",))
+    assert simple.templates == tuple(make("{}") for make in zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES)
+    assert len(ZeroShot(("open_clip:imagenet", "a {}")).templates) == 81
+    names = read_class_names(Path("open_clip:imagenet"))
+    assert names == list(zero_shot_metadata.IMAGENET_CLASSNAMES) and len(names) == 1000
+    with pytest.raises(EvaluationError, match="open_clip has no prompt set 'open_clip:cifar'"):
+        ZeroShot(("open_clip:cifar",))
+    data = files["root"] / "imagenet"
+    for index, source in (("0022", "fire_truck"), ("0243", "tabby_cat")):  # 22: "bald eagle", 243: "Bullmastiff"
+        (data / index).mkdir(parents=True)
+        for image in sorted((files["data"] / source).iterdir())[:2]:
+            (data / index / image.name).write_bytes(image.read_bytes())
+    code, output = _invoke("eval", str(files["hub"]), str(data), "--zero-shot", "--class-names", "open_clip:imagenet",
+                           "--prompt", "open_clip:imagenet-simple", "--r", "2", "--no-compare-tome", "--json")
+    assert code == 0, output[-3000:]
+    report = json.loads(output[output.index("{"):])
+    assert report["zero_shot"]["classes"] == names and report["zero_shot"]["prompts"] == list(simple.templates)
+    assert "each in 7 prompts (open_clip:imagenet-simple)" in report["notes"][0]
+    unreduced, _ = _open_clip_top1(full, names, data, model_transform(load_model(files["hub"]).model),
+                                   list(simple.templates))
+    assert report["metrics"]["reference_top1"] == pytest.approx(unreduced)
 
 
 def test_a_sweep_scores_every_point_zero_shot(files: dict[str, Path], full: Any, tmp_path: Path) -> None:

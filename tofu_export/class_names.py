@@ -6,22 +6,45 @@ their index order: a JSON list of names, a JSON object ``{"0": "T-shirt/top", ..
 line. Without a file given, ``labels.json`` in the data folder is read where there is one (``scripts/prepare_data.py``
 writes it for Fashion-MNIST and MNIST, whose class folders are numbers). Each name goes into every prompt in place
 of ``{}`` (CLIP's ensemble: the prompts' embeddings are averaged per class).
+
+CLIP's own ImageNet protocol is named rather than written out: ``open_clip:imagenet`` as the class names is the
+1,000 names CLIP's authors wrote for ImageNet's classes (in index order, which is also the sorted order of the
+synset folders of ImageNet's ``val/``), and as a prompt their 80 templates (``open_clip:imagenet-simple``: the 7
+that do as well); open_clip ships both (``open_clip.zero_shot_metadata``), read when first used.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tofu_export.errors import EvaluationError, Hint
 
-__all__ = ["DEFAULT_PROMPT", "LABELS_FILE", "ZeroShot", "class_names", "read_class_names"]
+__all__ = ["DEFAULT_PROMPT", "LABELS_FILE", "NAMED_CLASSES", "NAMED_PROMPTS", "ZeroShot", "class_names",
+           "read_class_names"]
 
 DEFAULT_PROMPT = "a photo of a {}."  # CLIP's own, for ImageNet
 LABELS_FILE = "labels.json"
-_FILE_KINDS = "(a JSON list or object, or one name a line)"
+_FILE_KINDS = "(a JSON list or object, or one name a line, or open_clip:imagenet)"
+# a name -> the list of open_clip.zero_shot_metadata it stands for
+NAMED_CLASSES = {"open_clip:imagenet": "IMAGENET_CLASSNAMES"}
+NAMED_PROMPTS = {"open_clip:imagenet": "OPENAI_IMAGENET_TEMPLATES",
+                 "open_clip:imagenet-simple": "SIMPLE_IMAGENET_TEMPLATES"}
+
+
+def _open_clip_list(name: str) -> list[Any]:
+    """open_clip's ``zero_shot_metadata.<name>``, or an error naming the extra."""
+    try:
+        from open_clip import zero_shot_metadata
+    except ImportError as error:
+        raise EvaluationError("open_clip's ImageNet class names and prompts come with open_clip, which is not "
+                              "installed", hint=Hint("checkpoint", None, "pip install 'tofu-export[openclip]'")
+                              ) from error
+    return list(getattr(zero_shot_metadata, name))
 
 
 @dataclass(frozen=True)
@@ -37,28 +60,41 @@ class ZeroShot:
             raise EvaluationError("zero-shot classification needs at least one prompt",
                                   hint=Hint("prompt", f'"{DEFAULT_PROMPT}"'))
         for prompt in self.prompts:
-            if prompt.count("{}") != 1:
+            if prompt.startswith("open_clip:") and prompt not in NAMED_PROMPTS:
+                raise EvaluationError(f"open_clip has no prompt set {prompt!r}; it has {', '.join(NAMED_PROMPTS)}",
+                                      hint=Hint("prompt", "open_clip:imagenet"))
+            if prompt not in NAMED_PROMPTS and prompt.count("{}") != 1:
                 raise EvaluationError(f"the prompt {prompt!r} must hold {{}} once, where the class name goes",
                                       hint=Hint("prompt", f'"{DEFAULT_PROMPT}"'))
-        if self.names_file is not None and not self.names_file.is_file():
+        named = self.names_file is not None and str(self.names_file) in NAMED_CLASSES
+        if self.names_file is not None and not named and not self.names_file.is_file():
             raise EvaluationError(f"the class names file {self.names_file} does not exist",
                                   hint=Hint("class_names", "FILE", _FILE_KINDS))
 
+    @functools.cached_property
+    def templates(self) -> tuple[str, ...]:
+        """The prompts, a named set's written out (``{}`` where the class name goes)."""
+        return tuple(template for prompt in self.prompts for template in (
+            [make("{}") for make in _open_clip_list(NAMED_PROMPTS[prompt])] if prompt in NAMED_PROMPTS else [prompt]))
+
     def note(self, classes: int, names_from: str) -> str:
         """What a zero-shot score is: how many classes, named from where, in which prompts."""
-        count = len(self.prompts)
+        count = len(self.templates)
+        said = (", ".join(self.prompts) if any(prompt in NAMED_PROMPTS for prompt in self.prompts) else
+                repr(self.templates[0]) + ", ..." * (count > 1))
         return (f"zero-shot: {classes} classes named from {names_from}, each in {count} prompt{'s' * (count > 1)} "
-                f"({self.prompts[0]!r}{', ...' * (count > 1)}), scored by the cosine of the image embedding to each "
-                "class's text embedding")
+                f"({said}), scored by the cosine of the image embedding to each class's text embedding")
 
     def texts(self, names: Sequence[str]) -> list[str]:
         """Every prompt for every class, class by class: ``[K * P]``."""
-        return [prompt.replace("{}", name) for name in names for prompt in self.prompts]
+        return [template.replace("{}", name) for name in names for template in self.templates]
 
 
 def read_class_names(file: Path) -> list[str]:
     """The class names ``file`` lists in index order: a JSON list, a JSON object keyed ``"0"`` to ``"K-1"``, or
-    text, one name a line (blank lines skipped)."""
+    text, one name a line (blank lines skipped); a name of ``NAMED_CLASSES``: that list."""
+    if str(file) in NAMED_CLASSES:
+        return _open_clip_list(NAMED_CLASSES[str(file)])
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

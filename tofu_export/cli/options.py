@@ -232,13 +232,15 @@ class ZeroShotOptions:
     prompt: Annotated[
         list[str] | None,
         typer.Option("--prompt", metavar="TEMPLATE", help="With --zero-shot: a prompt, {} where the class name goes; "
-                     "repeat it for CLIP's prompt ensemble. [default: \"a photo of a {}.\"]"),
+                     "repeat it for CLIP's prompt ensemble; open_clip:imagenet is CLIP's 80 ImageNet prompts "
+                     "(open_clip:imagenet-simple: 7 of them). [default: \"a photo of a {}.\"]"),
     ] = None
     class_names: Annotated[
         Path | None,
         typer.Option("--class-names", metavar="FILE", help="With --zero-shot: the class names in index order (a JSON "
-                     "list, a JSON object keyed 0..K-1, or one name a line) [default: labels.json in the image "
-                     "folder, else its class folders' names]."),
+                     "list, a JSON object keyed 0..K-1, or one name a line; open_clip:imagenet is CLIP's names of "
+                     "ImageNet's 1,000 classes) [default: labels.json in the image folder, else its class folders' "
+                     "names]."),
     ] = None
 
     def build(self) -> Any:

@@ -27,7 +27,7 @@ _CLASSES_AT_ONCE = 32  # classes whose prompts go to the text tower in one call
 def class_embeddings(encode: Callable[[Sequence[str]], Tensor], names: Sequence[str], zero_shot: ZeroShot) -> Tensor:
     """``[K, D]``: class ``k``'s prompts (``zero_shot.texts``) encoded by ``encode`` (``prompts -> [P, D]``), each
     normalised, averaged and normalised again."""
-    per_class = len(zero_shot.prompts)
+    per_class = len(zero_shot.templates)
     chunks = []
     with tracker(f"encoding {len(names)} class names x {per_class} prompts", len(names)) as progress:
         for start in range(0, len(names), _CLASSES_AT_ONCE):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tofu_export.artifacts import graph_in
-from tofu_export.class_names import ZeroShot, class_names, read_class_names
+from tofu_export.class_names import NAMED_CLASSES, ZeroShot, class_names, read_class_names
 from tofu_export.config import ToFuConfig
 from tofu_export.errors import EvaluationError, Hint
 from tofu_export.jobs.profile import backend_for, open_runner
@@ -58,8 +58,8 @@ def evaluate_model(
         raise EvaluationError(f"the batch size must be at least 1, got {batch_size}", hint=Hint("batch_size", "32"))
     if limit is not None and limit < 1:
         raise EvaluationError(f"the image limit must be at least 1, got {limit}", hint=Hint("limit", "100"))
-    if zero_shot is not None and zero_shot.names_file is not None:
-        read_class_names(zero_shot.names_file)  # a file that names no classes: said before any model is loaded
+    if zero_shot is not None and zero_shot.names_file is not None and str(zero_shot.names_file) not in NAMED_CLASSES:
+        read_class_names(zero_shot.names_file)  # a file that names no classes: said before torch is loaded
     from tofu_export.engines.torch import TorchRunner  # torch and timm: after the checks above
     from tofu_export.evaluation import Reference, evaluate, split_folders
     from tofu_export.evaluation.metrics import Predictor, paired_difference
@@ -115,7 +115,7 @@ def evaluate_model(
                 vs_tome = paired_difference(scored.cosines, tome_scored.cosines)
     notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     classified = None if zero_shot is None else {"classes": names, "class_names": names_from,
-                                                 "prompts": list(zero_shot.prompts), "text_tower": str(text_from)}
+                                                 "prompts": list(zero_shot.templates), "text_tower": str(text_from)}
     return {"candidate": description, "mode": mode, "r": r, **scored.to_dict(), "tome": tome, "vs_tome": vs_tome,
             "zero_shot": classified, "notes": notes}
 
