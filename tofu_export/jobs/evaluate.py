@@ -45,11 +45,11 @@ def evaluate_model(
     candidate's size.
 
     Returns ``{"candidate", "r", "task", "data", "n_eval", "n_train", "metrics", "tome", "vs_tome", "zero_shot",
-    "notes"}``; ``r``
-    is the per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r (None when not asked
-    or when the candidate is ToMe); ``vs_tome`` the candidate's cosine minus ToMe's, image by image, with its
-    standard error (``evaluation.metrics.paired_difference``; a backbone only, else None); ``zero_shot`` the
-    classes, where their names came from and the prompts (None without ``zero_shot``).
+    "notes"}``; ``r`` is the per-block r the model really removes; ``tome`` the same evaluation of ToMe at that r
+    (None when not asked or when the candidate is ToMe); ``vs_tome`` the candidate's cosine minus ToMe's, image by
+    image, with its standard error (``evaluation.metrics.paired_difference``; a backbone only, else None);
+    ``zero_shot`` the classes, where their names came from, the prompts written out and the checkpoint whose text
+    tower embedded them (None without ``zero_shot``).
     """
     model, data = graph_in(model), Path(data)  # an artifact folder: its model.onnx
     if not data.is_dir():

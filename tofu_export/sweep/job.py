@@ -63,7 +63,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
                   progress: bool = True) -> SweepResult:
     """Run (or resume) the sweep in ``out``; ``say`` is told the run-time estimate before the work starts."""
     check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own; no file above it
-    names = _class_names(config)  # zero-shot: named before anything is loaded
+    names, names_from = _class_names(config)  # zero-shot: named before anything is loaded
     loaded = _load(source, config)
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
     stated = f"{config.arch}:{config.num_heads}"  # what the caller said the checkpoint is
@@ -118,7 +118,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
         classes = None
         if config.zero_shot is not None:  # classified against its own text tower's class embeddings, every point
             encode = text_encoder(Path(source), arch=config.arch, trust_pickle=config.trust_pickle)
-            reference, classes = zero_shot_reference(loaded.model, encode, names[0], config.zero_shot)
+            reference, classes = zero_shot_reference(loaded.model, encode, names, config.zero_shot)
 
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
             runner = OrtRunner(onnx_path, threads=config.threads)
@@ -132,7 +132,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     load_before = load_average()
     if config.interleave:
         _time_together(records, loaded, config, progress, timing)
-    scored = [] if config.zero_shot is None else [config.zero_shot.note(len(names[0]), names[1])]
+    scored = [] if config.zero_shot is None else [config.zero_shot.note(len(names), names_from)]
     return _report(source, out, config, records, [load_before, load_average()], timing, scored)
 
 
