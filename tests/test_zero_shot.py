@@ -4,7 +4,8 @@ prompt ensemble, the scores what the full model scores; class names come from a 
 folders; and what cannot be classified zero-shot is refused with what to do, before any model is loaded.
 
 The models are tiny random ones: an open_clip ``CLIP`` (open_clip's own BPE vocabulary, so its tokenizer is the
-real one), and transformers ``CLIPModel`` / ``SiglipModel`` with a word-level tokenizer saved beside them.
+real one), and transformers ``CLIPModel`` / ``SiglipModel`` with a word-level tokenizer and SigLIP's own
+(sentencepiece) tokenizer saved beside them.
 """
 
 from __future__ import annotations
@@ -246,23 +247,40 @@ def _text_features(model: torch.nn.Module, tokens: dict[str, torch.Tensor]) -> t
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _sentencepiece_tokenizer(folder: Path) -> None:
+    """A SigLIP tokenizer (transformers' ``SiglipTokenizer``, sentencepiece's model trained here on a few prompts)
+    saved in ``folder`` as ``google/siglip-*`` holds it: ``spiece.model`` and its configs."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    lines = ["a photo of a golden retriever.", "a blurry photo of the tabby cat", "fire truck", "itap of a dog"] * 20
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=40,
+                                             model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                             minloglevel=2, hard_vocab_limit=False)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    transformers.SiglipTokenizer(vocab_file=str(folder / "spiece.model")).save_pretrained(folder)
+
+
 @pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
 def test_a_two_tower_transformers_folder_encodes_text_as_get_text_features(name: str, tmp_path: Path) -> None:
     """A ``CLIPModel`` / ``SiglipModel`` folder: the text tower built from its config, its text keys read, prompts
-    tokenized by the folder's tokenizer (SigLIP's padded to the full length) give the full model's
-    ``get_text_features``."""
+    tokenized by the folder's tokenizer (SigLIP's own sentencepiece tokenizer, its prompts padded to the full
+    length) give the full model's ``get_text_features``."""
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
                   patch_size=16)
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=20,
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=40,
                 max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     extra = {"projection_dim": 16} if name == "CLIPModel" else {}
     torch.manual_seed(0)
     model = getattr(transformers, name)(getattr(transformers, name.replace("Model", "Config"))(
         vision_config=vision, text_config=text, **extra)).eval()
     model.save_pretrained(tmp_path)
-    _word_tokenizer(tmp_path)
+    (_word_tokenizer if name == "CLIPModel" else _sentencepiece_tokenizer)(tmp_path)
     prompts = ["a photo of a golden retriever .", "a blurry photo of the tabby cat"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (type(tokenizer).__name__ == "SiglipTokenizer") == (name == "SiglipModel")
     padding = "max_length" if name == "SiglipModel" else True
     tokens = tokenizer(prompts, padding=padding, truncation=True, max_length=8, return_tensors="pt")
     with torch.no_grad():
