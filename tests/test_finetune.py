@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TINY_ARCH, TINY_IMG
 from PIL import Image
+from two_towers import tiny_two_towers
 from typer.testing import CliRunner
 
 import tofu_export
@@ -343,14 +344,7 @@ def test_a_two_tower_transformers_model_is_written_back_whole(tuned_hf, tmp_path
     from tofu_export.finetune.job import finetune
 
     _, data, _, _ = tuned_hf
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=4)
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99,
-                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    torch.manual_seed(0)
-    full = transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text,
-                                                          projection_dim=16)).eval()
-    full.save_pretrained(tmp_path / "clip")
+    tiny_two_towers("CLIPModel", tmp_path / "clip")
     (tmp_path / "clip" / "tokenizer_config.json").write_text("{}")  # a companion file goes back with the weights
     source = load_model(tmp_path / "clip")
     assert source.arch.name == "CLIPVisionModelWithProjection"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from two_towers import tiny_two_towers
 
 transformers = pytest.importorskip("transformers")
 
@@ -329,15 +330,7 @@ def test_the_image_processor_config_is_the_eval_transform(saved_dinov2: tuple[Pa
 
 def _two_towers(name: str, folder: Path) -> torch.nn.Module:
     """A tiny random ``CLIPModel`` / ``SiglipModel`` saved to ``folder`` with a preprocessor config; the model."""
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMG,
-                  patch_size=4)
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99,
-                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    extra = {"projection_dim": 16} if name == "CLIPModel" else {}
-    torch.manual_seed(0)
-    model = getattr(transformers, name)(getattr(transformers, name.replace("Model", "Config"))(
-        vision_config=vision, text_config=text, **extra)).eval()
-    model.save_pretrained(folder)
+    model = tiny_two_towers(name, folder)
     (folder / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
     return model
 

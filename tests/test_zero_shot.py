@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from two_towers import tiny_two_towers
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -268,15 +269,7 @@ def test_a_two_tower_transformers_folder_encodes_text_as_get_text_features(name:
     """A ``CLIPModel`` / ``SiglipModel`` folder: the text tower built from its config, its text keys read, prompts
     tokenized by the folder's tokenizer (SigLIP's own sentencepiece tokenizer, its prompts padded to the full
     length) give the full model's ``get_text_features``."""
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=16)
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=40,
-                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    extra = {"projection_dim": 16} if name == "CLIPModel" else {}
-    torch.manual_seed(0)
-    model = getattr(transformers, name)(getattr(transformers, name.replace("Model", "Config"))(
-        vision_config=vision, text_config=text, **extra)).eval()
-    model.save_pretrained(tmp_path)
+    model = tiny_two_towers(name, tmp_path)
     (_word_tokenizer if name == "CLIPModel" else _sentencepiece_tokenizer)(tmp_path)
     prompts = ["a photo of a golden retriever .", "a blurry photo of the tabby cat"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
