@@ -21,11 +21,13 @@ if TYPE_CHECKING:  # torch and timm are imported where used: the xdist controlle
     ImageFactory = Callable[..., torch.Tensor]
 
 ENV = "TOFU_TESTS_TRACE_CACHE"  # the session's trace-cache folder (trace_cache.py), shared by its workers, or "off"
-_OWN_TRACE_CACHE: list[str] = []  # the trace-cache folder this process made (the xdist controller, or a lone run)
+CLASS_CACHE_ENV = "TOFU_EXPORT_CLASS_CACHE"  # evaluation.class_cache's folder
+_OWN_FOLDERS: dict[str, str] = {}  # env name -> the folder this process made (the xdist controller, or a lone run)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One trace-cache folder for the session, inherited by its workers and their fork servers (``trace_cache``).
+    """One trace-cache folder for the session, inherited by its workers and their fork servers (``trace_cache``), and
+    one for zero-shot's class embeddings (``evaluation.class_cache``: the tests never write the user's ~/.cache).
     A pytest-xdist worker with a worker per core runs torch on one intra-op thread: two threads per worker on two
     cores made tiny-model forwards up to ~80x slower on a loaded machine (``single_thread`` does the same for a
     module in a lone run)."""
@@ -35,9 +37,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
         torch.set_num_threads(1)
     lean_garbage_collector()
+    if not os.environ.get(CLASS_CACHE_ENV):  # zero-shot's class embeddings: kept for the session, not in ~/.cache
+        os.environ[CLASS_CACHE_ENV] = _OWN_FOLDERS[CLASS_CACHE_ENV] = tempfile.mkdtemp(prefix="tofu-class-cache-")
     if not os.environ.get(ENV):
-        os.environ[ENV] = tempfile.mkdtemp(prefix="tofu-trace-cache-")
-        _OWN_TRACE_CACHE.append(os.environ[ENV])
+        os.environ[ENV] = _OWN_FOLDERS[ENV] = tempfile.mkdtemp(prefix="tofu-trace-cache-")
 
 
 GC_ENV = "TOFU_TESTS_GC"  # "default" keeps Python's collector settings (to compare against)
@@ -59,9 +62,9 @@ def lean_garbage_collector() -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    for folder in _OWN_TRACE_CACHE:
+    for name, folder in _OWN_FOLDERS.items():
         shutil.rmtree(folder, ignore_errors=True)
-        os.environ.pop(ENV, None)
+        os.environ.pop(name, None)
     if os.environ.get(GC_ENV) != "default":
         one_final_collection(config)
 

@@ -208,6 +208,40 @@ def test_clips_imagenet_protocol_is_named(files: dict[str, Path], full: Any) -> 
     assert report["metrics"]["reference_top1"] == pytest.approx(unreduced)
 
 
+def test_class_embeddings_are_kept_for_the_next_command(files: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second eval of the same checkpoint, names and prompts reads the class embeddings an earlier one kept (its
+    text tower not loaded) and scores the same; other prompts, or an entry that is not readable, are encoded again;
+    ``TOFU_EXPORT_CLASS_CACHE=off`` keeps nothing."""
+    from tofu_export.models import loading
+
+    monkeypatch.setenv("TOFU_EXPORT_CLASS_CACHE", str(tmp_path / "cache"))
+    args = ["eval", str(files["hub"]), str(files["data"]), "--zero-shot", "--r", "2", "--no-compare-tome", "--json"]
+
+    def run(*extra: str) -> dict[str, Any]:
+        code, output = _invoke(*args, *extra)
+        assert code == 0, output[-3000:]
+        return json.loads(output[output.index("{"):])
+
+    first = run()
+    (entry,) = (tmp_path / "cache").iterdir()
+    encoder = loading.text_encoder
+    monkeypatch.setattr(loading, "text_encoder", None)  # loading the text tower would fail the command
+    second = run()
+    assert second["metrics"] == first["metrics"] and any(str(entry) in note for note in second["notes"])
+    assert not any("read from" in note for note in first["notes"])
+    monkeypatch.setattr(loading, "text_encoder", encoder)
+    run("--prompt", "a blurry photo of the {}")  # other prompts: another entry
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    entry.write_bytes(b"not safetensors")
+    again = run()
+    assert again["metrics"] == first["metrics"] and not any("read from" in note for note in again["notes"])
+    assert entry.read_bytes() != b"not safetensors"  # replaced by the embeddings computed again
+    monkeypatch.setenv("TOFU_EXPORT_CLASS_CACHE", "off")
+    run("--prompt", "art of the {}")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
 def test_a_sweep_scores_every_point_zero_shot(files: dict[str, Path], full: Any, tmp_path: Path) -> None:
     """``sweep --zero-shot``: each point's ONNX graph classifies against the checkpoint's text tower; the unreduced
     accuracy beside it is open_clip's own zero-shot top-1; the JSON says how the points were scored. Without an

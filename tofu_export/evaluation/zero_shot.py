@@ -65,10 +65,7 @@ class ZeroShotClassifier(nn.Module):
         return zero_shot_logits(self.tower(images), self.classes)
 
 
-def zero_shot_reference(model: nn.Module, encode: Callable[[Sequence[str]], Tensor], names: Sequence[str],
-                        zero_shot: ZeroShot) -> tuple[Reference, Tensor]:
-    """The unreduced image tower ``model`` as the zero-shot classifier every reduced model is scored against (its
-    images transformed as the tower's own), and the class embeddings ``[K, D]`` the reduced ones classify with
-    (``zero_shot_predictor``)."""
-    classes = class_embeddings(encode, names, zero_shot)
-    return Reference(ZeroShotClassifier(model, classes), model_transform(model)), classes
+def zero_shot_reference(model: nn.Module, classes: Tensor) -> Reference:
+    """The unreduced image tower ``model`` as the zero-shot classifier of ``classes [K, D]`` that every reduced model
+    is scored against (``zero_shot_predictor``), its images transformed as the tower's own."""
+    return Reference(ZeroShotClassifier(model, classes), model_transform(model))

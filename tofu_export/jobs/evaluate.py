@@ -64,7 +64,7 @@ def evaluate_model(
     from tofu_export.evaluation import Reference, evaluate, split_folders
     from tofu_export.evaluation.metrics import Predictor, paired_difference
     from tofu_export.evaluation.zero_shot import zero_shot_predictor, zero_shot_reference
-    from tofu_export.models.loading import load_model, stated_at_export, text_encoder
+    from tofu_export.models.loading import load_model, stated_at_export
     notes: list[str] = []
     if zero_shot is not None:  # the class names before any model is loaded
         names, names_from = class_names(data, split_folders(data)[1], zero_shot.names_file)
@@ -97,8 +97,8 @@ def evaluate_model(
         if zero_shot is None:
             reference_outputs = Reference.of(reference_model)  # its outputs computed once for both candidates
         else:  # every model scored classifies against the same class embeddings, from the reference's text tower
-            encode = text_encoder(text_from, arch=arch, trust_pickle=trust_pickle)
-            reference_outputs, classes = zero_shot_reference(reference_model, encode, names, zero_shot)
+            classes = zero_shot_classes(text_from, names, zero_shot, arch=arch, trust_pickle=trust_pickle, notes=notes)
+            reference_outputs = zero_shot_reference(reference_model, classes)
 
         def scored_as(predictor: Predictor) -> Predictor:
             return predictor if zero_shot is None else zero_shot_predictor(predictor, classes)
@@ -118,6 +118,25 @@ def evaluate_model(
                                                  "prompts": list(zero_shot.templates), "text_tower": str(text_from)}
     return {"candidate": description, "mode": mode, "r": r, **scored.to_dict(), "tome": tome, "vs_tome": vs_tome,
             "zero_shot": classified, "notes": notes}
+
+
+def zero_shot_classes(checkpoint: Path, names: list[str], zero_shot: ZeroShot, *, arch: str | None,
+                      trust_pickle: bool, notes: list[str]) -> Any:
+    """The class embeddings ``[K, D]`` of ``names`` in ``zero_shot``'s prompts by the text tower of ``checkpoint``
+    (``evaluation.zero_shot.class_embeddings``), read from the class cache where an earlier command kept them (a
+    note says so), else computed (the text tower loaded only then) and kept."""
+    from tofu_export.evaluation.class_cache import cached_class_embeddings
+    from tofu_export.evaluation.zero_shot import class_embeddings
+    from tofu_export.models.loading import checkpoint_digest, text_encoder
+
+    def compute() -> Any:
+        return class_embeddings(text_encoder(checkpoint, arch=arch, trust_pickle=trust_pickle), names, zero_shot)
+
+    classes, kept = cached_class_embeddings(checkpoint_digest(checkpoint), names, zero_shot.templates, compute)
+    if kept is not None:
+        notes.append(f"zero-shot: the class embeddings were read from {kept}, kept by an earlier command for this "
+                     "checkpoint, these names and prompts")
+    return classes
 
 
 def artifact_reference(model: Path, reference: str | Path | None) -> tuple[Path, str, list[int], int | None]:

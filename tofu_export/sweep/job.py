@@ -26,7 +26,7 @@ from tofu_export.engines.base import NOISE
 from tofu_export.exporters.workers import WorkerDied, export_workers, run_jobs, weight_bytes
 from tofu_export.jobs.profile import graph_runner, model_runner
 from tofu_export.manifest import Manifest
-from tofu_export.models.loading import LoadedModel, load_model, text_encoder
+from tofu_export.models.loading import LoadedModel, load_model
 from tofu_export.output_paths import check_output_folder, is_sweep_folder
 from tofu_export.pipeline import export_model
 from tofu_export.profiling.device import load_average
@@ -64,6 +64,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     """Run (or resume) the sweep in ``out``; ``say`` is told the run-time estimate before the work starts."""
     check_output_folder(out, is_sweep_folder, what="sweep")  # new, empty, or a sweep's own; no file above it
     names, names_from = _class_names(config)  # zero-shot: named before anything is loaded
+    scoring = [] if config.zero_shot is None else [config.zero_shot.note(len(names), names_from)]
     loaded = _load(source, config)
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
     stated = f"{config.arch}:{config.num_heads}"  # what the caller said the checkpoint is
@@ -117,8 +118,11 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
 
         classes = None
         if config.zero_shot is not None:  # classified against its own text tower's class embeddings, every point
-            encode = text_encoder(Path(source), arch=config.arch, trust_pickle=config.trust_pickle)
-            reference, classes = zero_shot_reference(loaded.model, encode, names, config.zero_shot)
+            from tofu_export.jobs.evaluate import zero_shot_classes
+
+            classes = zero_shot_classes(Path(source), names, config.zero_shot, arch=config.arch,
+                                        trust_pickle=config.trust_pickle, notes=scoring)
+            reference = zero_shot_reference(loaded.model, classes)
 
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
             runner = OrtRunner(onnx_path, threads=config.threads)
@@ -132,8 +136,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     load_before = load_average()
     if config.interleave:
         _time_together(records, loaded, config, progress, timing)
-    scored = [] if config.zero_shot is None else [config.zero_shot.note(len(names), names_from)]
-    return _report(source, out, config, records, [load_before, load_average()], timing, scored)
+    return _report(source, out, config, records, [load_before, load_average()], timing, scoring)
 
 
 def _class_names(config: SweepConfig) -> tuple[list[str], str]:
