@@ -85,6 +85,9 @@ def text_encoder(path: Path, *, arch: str | None = None, trust_pickle: bool = Fa
     """The text tower of the two-tower checkpoint ``path`` (CLIP, SigLIP: an open_clip checkpoint, a transformers
     ``CLIPModel`` / ``SiglipModel`` folder) as ``prompts [K] -> embeddings [K, D]``, read by the family that reads
     its image tower; an error naming what to do for any other checkpoint."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist", hint=Hint("checkpoint", None, "its path"))
+    if not path.exists():  # a timm name, or a path that is not there
+        raise CheckpointError(f"{path} is not a checkpoint file or folder: zero-shot classification reads the text "
+                              "tower of a two-tower checkpoint (a model name has random weights and no text tower)",
+                              hint=Hint("checkpoint", None, "the path of an open_clip checkpoint or a transformers "
+                                        "CLIPModel / SiglipModel folder"))
     return family_for_checkpoint(path, arch).text_encoder(path, arch=arch, trust_pickle=trust_pickle)

@@ -66,6 +66,12 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     names, names_from = _class_names(config)  # zero-shot: named before anything is loaded
     scoring = [] if config.zero_shot is None else [config.zero_shot.note(len(names), names_from)]
     loaded = _load(source, config)
+    classes = None
+    if config.zero_shot is not None:  # classified against its own text tower's class embeddings, every point
+        from tofu_export.jobs.evaluate import zero_shot_classes
+
+        classes = zero_shot_classes(Path(source), names, config.zero_shot, arch=config.arch,
+                                    trust_pickle=config.trust_pickle, notes=scoring)  # before any export
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
     stated = f"{config.arch}:{config.num_heads}"  # what the caller said the checkpoint is
     config_key = f"{digest}:{stated}:{config.export_key()}:tofu-export {__version__}"  # a new release re-exports
@@ -112,17 +118,10 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     if config.data is not None:
         from tofu_export.engines.ort import OrtRunner
         from tofu_export.evaluation import Reference, evaluate
-
-        reference = Reference.of(loaded.model)  # the unreduced model's outputs, computed once for every point
         from tofu_export.evaluation.zero_shot import zero_shot_predictor, zero_shot_reference
 
-        classes = None
-        if config.zero_shot is not None:  # classified against its own text tower's class embeddings, every point
-            from tofu_export.jobs.evaluate import zero_shot_classes
-
-            classes = zero_shot_classes(Path(source), names, config.zero_shot, arch=config.arch,
-                                        trust_pickle=config.trust_pickle, notes=scoring)
-            reference = zero_shot_reference(loaded.model, classes)
+        # the unreduced model's outputs, computed once for every point (zero-shot: as a classifier of the classes)
+        reference = Reference.of(loaded.model) if classes is None else zero_shot_reference(loaded.model, classes)
 
         def eval_fn(onnx_path: Path) -> dict[str, Any]:
             runner = OrtRunner(onnx_path, threads=config.threads)
