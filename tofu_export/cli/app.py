@@ -24,6 +24,7 @@ app = typer.Typer(
         "TensorRT verdict: tofu-export check artifacts/model-tofu-r16/model.onnx\n\n"
         "Latency: tofu-export profile artifacts/model-tofu-r16/model.onnx --batch 1,8\n\n"
         "Speed and fidelity: tofu-export sweep model.pth --r 0,8,16 --data images/\n\n"
+        "What it costs: tofu-export eval model.pth images/ --r 16 (CLIP: --zero-shot)\n\n"
         "Your policy: tofu-export calibrate model.pth images/ --speedup 1.5\n\n"
         "Tuned to its reduction: tofu-export finetune model.pth images/ --r 24\n\n"
         "Exit codes: 0 success, 1 a check failed, 2 bad input, 3 ONNX written but no TensorRT engine built here, "
