@@ -39,6 +39,9 @@ TEXT_TOWERS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "CLIPModel": ("CLIPTextModelWithProjection", ("text_model.", "text_projection."), "text_embeds"),
     "SiglipModel": ("SiglipTextModel", ("text_model.",), "pooler_output"),
 }
+# a tokenizer's vocabulary, one of which a folder holds for transformers to tokenize as the model was trained (without
+# any, transformers 5 makes a tokenizer of the special tokens alone, and every word would be unknown)
+_VOCABULARIES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
 # what goes back beside the weights: the config, and the files its processor and tokenizer read
 _COMPANIONS = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "spiece.model")
@@ -99,6 +102,10 @@ def load_text_tower(folder: Path, two_towers: str, files: list[Path], trust_pick
     ``prompts [K] -> embeddings [K, D]`` (the full model's ``get_text_features``)."""
     from transformers import AutoTokenizer
 
+    if not any((folder / name).is_file() for name in _VOCABULARIES):  # transformers would make an empty one
+        raise CheckpointError(f"{folder} has no tokenizer transformers can read (none of {', '.join(_VOCABULARIES)}), "
+                              "and its prompts need the model's own: copy the tokenizer's files from the model's hub "
+                              "folder beside its config.json")
     model = _tower(folder, two_towers, "text", files, trust_pickle)
     output = TEXT_TOWERS[two_towers][2]
     try:
