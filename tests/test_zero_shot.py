@@ -353,13 +353,22 @@ def test_class_names_come_from_a_file_labels_json_or_the_folders(tmp_path: Path)
 def test_a_model_without_a_text_tower_is_refused_with_what_to_do(tiny_checkpoint: Path, files: dict[str, Path],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A timm checkpoint has no text tower: the error says what zero-shot needs and how an image encoder is scored
-    instead; a CLIPModel folder without its tokenizer's files says so. Numbered folders without names are refused
+    instead; a CLIPModel folder, or an open_clip folder naming a Hugging Face tokenizer, without the tokenizer's
+    files says so. Numbered folders without names are refused
     before any model is loaded."""
     with pytest.raises(UserError, match="without a text tower: zero-shot classification needs a two-tower model"):
         text_encoder(tiny_checkpoint)
     tiny_two_towers("CLIPModel", files["root"] / "no_tokenizer")  # weights and config, no tokenizer files
     with pytest.raises(UserError, match="has no tokenizer transformers can read"):
         text_encoder(files["root"] / "no_tokenizer")
+    named = files["root"] / "named_tokenizer"  # an open_clip folder whose config names a Hugging Face tokenizer
+    named.mkdir()
+    config = json.loads((files["custom"] / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    (named / "open_clip_config.json").write_text(json.dumps(config))
+    (named / "open_clip_model.safetensors").symlink_to(files["custom"] / "open_clip_model.safetensors")
+    with pytest.raises(UserError, match="tokenizes with the Hugging Face tokenizer timm/ViT-B-16-SigLIP, whose files"):
+        text_encoder(named)
     numbered = files["root"] / "numbered"
     (numbered / "0").mkdir(parents=True)
     from tofu_export.models import loading

@@ -27,7 +27,7 @@ from torch import Tensor
 from tofu_export.checkpoint import CheckpointError, load_state_dict
 from tofu_export.models.write_back import check_maps_back, read_rest
 
-__all__ = ["TWO_TOWERS", "load_text_tower", "load_vision_tower", "save_whole", "vision_class"]
+__all__ = ["TWO_TOWERS", "VOCABULARIES", "load_text_tower", "load_vision_tower", "save_whole", "vision_class"]
 
 # the two-tower class -> (its vision class, the prefixes of the vision tower's keys in the full checkpoint)
 TWO_TOWERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -41,7 +41,7 @@ TEXT_TOWERS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 # a tokenizer's vocabulary, one of which a folder holds for transformers to tokenize as the model was trained (without
 # any, transformers 5 makes a tokenizer of the special tokens alone, and every word would be unknown)
-_VOCABULARIES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
+VOCABULARIES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
 # what goes back beside the weights: the config, and the files its processor and tokenizer read
 _COMPANIONS = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "spiece.model")
@@ -102,8 +102,8 @@ def load_text_tower(folder: Path, two_towers: str, files: list[Path], trust_pick
     ``prompts [K] -> embeddings [K, D]`` (the full model's ``get_text_features``)."""
     from transformers import AutoTokenizer
 
-    if not any((folder / name).is_file() for name in _VOCABULARIES):  # transformers would make an empty one
-        raise CheckpointError(f"{folder} has no tokenizer transformers can read (none of {', '.join(_VOCABULARIES)}), "
+    if not any((folder / name).is_file() for name in VOCABULARIES):  # transformers would make an empty one
+        raise CheckpointError(f"{folder} has no tokenizer transformers can read (none of {', '.join(VOCABULARIES)}), "
                               "and its prompts need the model's own: copy the tokenizer's files from the model's hub "
                               "folder beside its config.json")
     model = _tower(folder, two_towers, "text", files, trust_pickle)

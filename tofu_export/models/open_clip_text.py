@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tofu_export.checkpoint import CheckpointError
 from tofu_export.models.family import TextEncoder, fit_problems
+from tofu_export.models.hf_vit_towers import VOCABULARIES
 from tofu_export.models.open_clip_config import PREFIX, config_beside, hub_config, open_clip_module
 from tofu_export.models.open_clip_files import text_name, weights_file
 from tofu_export.models.open_clip_load import read_tower
@@ -34,6 +35,11 @@ def _tokenizer(path: Path, arch: str | None, text_cfg: dict[str, Any]) -> Callab
     name = arch.removeprefix(PREFIX) if arch else None
     folder = None if name else (path if path.is_dir() else path.parent if config_beside(path) else None)
     where = f"open_clip config {name}" if name else str(folder or path)
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if folder is not None and hf_name and not any((folder / file).is_file() for file in VOCABULARIES):
+        raise CheckpointError(f"{folder}'s config tokenizes with the Hugging Face tokenizer {hf_name}, whose files are "
+                              f"not in the folder (none of {', '.join(VOCABULARIES)}): copy them there from its hub "
+                              "folder")  # else transformers makes a tokenizer of the special tokens alone
     try:
         if name in open_clip.list_models():
             return open_clip.get_tokenizer(name)
@@ -62,6 +68,7 @@ def load_open_clip_text(path: Path, *, arch: str | None, trust_pickle: bool) -> 
         raise CheckpointError(f"the text tower of {path} is the Hugging Face model {text_cfg['hf_model_name']}, "
                               "which open_clip downloads to build: zero-shot classification reads open_clip's own "
                               "text towers only")
+    tokenize = _tokenizer(path, arch, text_cfg)  # before any weight is read
     tower = _build_text_tower(int(model_cfg.get("embed_dim", 512)), text_cfg,
                               quick_gelu=bool(model_cfg.get("quick_gelu", False)))
     expected = {name: tuple(tensor.shape) for name, tensor in tower.state_dict().items()}
@@ -72,7 +79,6 @@ def load_open_clip_text(path: Path, *, arch: str | None, trust_pickle: bool) -> 
         raise CheckpointError(f"the text tower in {file} does not fit its open_clip config: {'; '.join(problems)}")
     tower.load_state_dict(state, strict=True)
     tower.eval()
-    tokenize = _tokenizer(path, arch, text_cfg)
 
     @torch.no_grad()
     def encode(prompts: Sequence[str]) -> Tensor:
