@@ -211,7 +211,8 @@ def test_clips_imagenet_protocol_is_named(files: dict[str, Path], full: Any) -> 
 def test_class_embeddings_are_kept_for_the_next_command(files: dict[str, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A second eval of the same checkpoint, names and prompts reads the class embeddings an earlier one kept (its
-    text tower not loaded) and scores the same; other prompts, or an entry that is not readable, are encoded again;
+    text tower not loaded) and scores the same; other prompts, the weights built from a named config, or an entry
+    that is not readable, are encoded again;
     ``TOFU_EXPORT_CLASS_CACHE=off`` keeps nothing."""
     from tofu_export.models import loading
 
@@ -232,14 +233,15 @@ def test_class_embeddings_are_kept_for_the_next_command(files: dict[str, Path], 
     assert not any("read from" in note for note in first["notes"])
     monkeypatch.setattr(loading, "text_encoder", encoder)
     run("--prompt", "a blurry photo of the {}")  # other prompts: another entry
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    run("--arch", f"open_clip:{files['json']}")  # the same weights built from a config named: another entry
+    assert len(list((tmp_path / "cache").iterdir())) == 3
     entry.write_bytes(b"not safetensors")
     again = run()
     assert again["metrics"] == first["metrics"] and not any("read from" in note for note in again["notes"])
     assert entry.read_bytes() != b"not safetensors"  # replaced by the embeddings computed again
     monkeypatch.setenv("TOFU_EXPORT_CLASS_CACHE", "off")
     run("--prompt", "art of the {}")
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 3
 
 
 def test_a_sweep_scores_every_point_zero_shot(files: dict[str, Path], full: Any, tmp_path: Path) -> None:

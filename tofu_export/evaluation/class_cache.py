@@ -2,11 +2,12 @@
 classes reads them instead of running its text tower again (CLIP's 80 ImageNet prompts for 1,000 classes: minutes
 on a CPU, every time).
 
-An entry is a function of what the embeddings are computed from: the checkpoint's content hash, the class names in
-order, the prompts written out, and the tool's version (whose text side may change between releases). It is a
-safetensors file ``[K, D]`` under ``$XDG_CACHE_HOME/tofu-export/class_embeddings/`` (``~/.cache`` without it), named
-by the hash of that key, written atomically; one that cannot be read, or does not hold ``K`` finite rows, is
-computed again and replaced. ``TOFU_EXPORT_CLASS_CACHE`` names another folder, or ``off``.
+An entry is a function of what the embeddings are computed from: the checkpoint's content hash and the config it was
+built with (``--arch``), the class names in order, the prompts written out, and the tool's version (whose text side
+may change between releases). It is a safetensors file ``[K, D]`` under
+``$XDG_CACHE_HOME/tofu-export/class_embeddings/`` (``~/.cache`` without it), named by the hash of that key, written
+atomically; one that cannot be read, or does not hold ``K`` finite rows, is computed again and replaced.
+``TOFU_EXPORT_CLASS_CACHE`` names another folder, or ``off``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _read(path: Path, classes: int) -> Tensor | None:
 
 def cached_class_embeddings(digest: str, names: Sequence[str], templates: Sequence[str],
                             compute: Callable[[], Tensor]) -> tuple[Tensor, Path | None]:
-    """The class embeddings ``[K, D]`` of ``names`` in ``templates`` from the checkpoint of content hash ``digest``:
-    read from the cache where an entry is there (and its path returned), else ``compute()``d and kept (None)."""
+    """The class embeddings ``[K, D]`` of ``names`` in ``templates`` from the checkpoint ``digest`` names (its content
+    hash, and how it was built): read from the cache where an entry is there (and its path returned), else
+    ``compute()``d and kept (None)."""
     folder = cache_folder()
     if folder is None:
         return compute(), None

@@ -134,7 +134,8 @@ def zero_shot_classes(checkpoint: Path, names: list[str], zero_shot: ZeroShot, *
 
     if not checkpoint.exists():  # a model name, or a path not there: text_encoder says why there is no text tower
         text_encoder(checkpoint, arch=arch, trust_pickle=trust_pickle)
-    classes, kept = cached_class_embeddings(checkpoint_digest(checkpoint), names, zero_shot.templates, compute)
+    built_as = f"{checkpoint_digest(checkpoint)} --arch {arch}"  # the same weights under another config: another tower
+    classes, kept = cached_class_embeddings(built_as, names, zero_shot.templates, compute)
     if kept is not None:
         notes.append(f"zero-shot: the class embeddings were read from {kept}, kept by an earlier command for this "
                      "checkpoint, these names and prompts")
