@@ -105,14 +105,19 @@ def test_the_open_clip_text_tower_is_open_clips_encode_text(files: dict[str, Pat
 
 def test_class_embeddings_are_clips_prompt_ensemble(files: dict[str, Path], full: Any) -> None:
     """Each class: its prompts' embeddings normalised, averaged, normalised again; one row per class, in order."""
-    model, tokenize = full
     names = ["golden retriever", "tabby cat", "fire truck"]
     got = class_embeddings(text_encoder(files["hub"]), names, ZeroShot(tuple(PROMPTS)))
-    with torch.no_grad():
-        expected = torch.stack([F.normalize(F.normalize(model.encode_text(tokenize(
-            [prompt.replace("{}", name) for prompt in PROMPTS])), dim=-1).mean(0), dim=0) for name in names])
+    expected = _open_clip_classes(full, names, PROMPTS)
     assert got.shape == (3, CONFIG["embed_dim"])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def _open_clip_classes(full: Any, names: list[str], prompts: list[str]) -> torch.Tensor:
+    """``[K, D]``: CLIP's prompt ensemble by open_clip's own model and tokenizer, written out here."""
+    model, tokenize = full
+    with torch.no_grad():
+        return torch.stack([F.normalize(F.normalize(model.encode_text(tokenize(
+            [prompt.replace("{}", name) for prompt in prompts])), dim=-1).mean(0), dim=0) for name in names])
 
 
 def _top1(logits_of: Any, data: Path, transform: Any) -> float:
@@ -127,10 +132,7 @@ def _open_clip_top1(full: Any, names: list[str], data: Path, transform: Any,
                     prompts: list[str] = PROMPTS) -> tuple[float, torch.Tensor]:
     """open_clip's own zero-shot top-1 in % of the full model on ``data`` (``names`` in ``prompts``: its image and
     text encoders, its logit scale), and its class embeddings ``[K, D]``."""
-    model, tokenize = full
-    with torch.no_grad():
-        texts = torch.stack([F.normalize(F.normalize(model.encode_text(tokenize(
-            [prompt.replace("{}", name) for prompt in prompts])), dim=-1).mean(0), dim=0) for name in names])
+    model, texts = full[0], _open_clip_classes(full, names, prompts)
     top1 = _top1(lambda images: model.logit_scale.exp() * model.encode_image(images, normalize=True) @ texts.T,
                  data, transform)
     return top1, texts
