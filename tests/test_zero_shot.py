@@ -248,8 +248,9 @@ def test_class_embeddings_are_kept_for_the_next_command(files: dict[str, Path], 
 
 def test_a_sweep_scores_every_point_zero_shot(files: dict[str, Path], full: Any, tmp_path: Path) -> None:
     """``sweep --zero-shot``: each point's ONNX graph classifies against the checkpoint's text tower; the unreduced
-    accuracy beside it is open_clip's own zero-shot top-1; the JSON says how the points were scored. Without an
-    image folder it is refused before anything is loaded, and a model name (no text tower) before any export."""
+    accuracy beside it is open_clip's own zero-shot top-1; the JSON and the Markdown say how the points were scored.
+    Without an image folder it is refused before anything is loaded, and a model name (no text tower) before any
+    export."""
     code, output = _invoke("sweep", str(files["hub"]), "--r", "2", "--modes", "tofu", "--data", str(files["data"]),
                            "--zero-shot", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--iters", "2",
                            "-o", str(tmp_path / "sweep"), "--json")
@@ -262,6 +263,7 @@ def test_a_sweep_scores_every_point_zero_shot(files: dict[str, Path], full: Any,
     assert 0 <= row["accuracy"] <= 100 and result["notes"][0].startswith("zero-shot: 3 classes")
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert saved["notes"][0] == result["notes"][0]
+    assert f"Scored: {result['notes'][0]}" in (tmp_path / "sweep" / "sweep.md").read_text()
     code, output = _invoke("sweep", str(files["hub"]), "--r", "2", "--zero-shot", "-o", str(tmp_path / "none"))
     assert code == 2 and "--data" in output and not (tmp_path / "none").exists()
     code, output = _invoke("sweep", "deit_tiny_patch16_224", "--r", "2", "--data", str(files["data"]), "--zero-shot",

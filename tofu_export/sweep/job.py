@@ -246,7 +246,8 @@ def _report(source: str, out: Path, config: SweepConfig, records: list[dict[str,
     flag_uncertain(rows)
     caption = sweep_caption(config, rows, loads, NOISE if timing is None else timing.description)
     result = SweepResult(f"ToFu sweep of {source}", rows, caption, notes=list(notes))
-    result.files += [write_text_atomic(out / "sweep.md", sweep_markdown(rows, result.title, caption)),
+    how_scored = [f"Scored: {note}" for note in notes]  # a person reads the .md: how the accuracies were measured
+    result.files += [write_text_atomic(out / "sweep.md", sweep_markdown(rows, result.title, [*caption, *how_scored])),
                      write_json_atomic(out / "sweep.json", {"source": source, **result.to_dict()}),
                      plot_latency_vs_r(rows, out / "latency_vs_r.png", note=plot_note(config, rows, loads))]
     scores = [row.get("accuracy", row.get("cosine")) for row in rows]
