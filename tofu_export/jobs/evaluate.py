@@ -77,8 +77,8 @@ def evaluate_model(
                 reference_path = tuned_reference(reference_path, notes) or reference_path
             if reference is None and arch is None and num_heads is None:  # as the artifact's export was told
                 arch, num_heads = stated_at_export(model.parent)
-            reference_model = load_model(reference_path, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads,
-                                         img_size=img_size or exported_at).model
+            reference_loaded = load_model(reference_path, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads,
+                                          img_size=img_size or exported_at)
             text_from = reference_path
             candidate = open_runner(model, threads=threads)
             description = str(model)
@@ -86,18 +86,20 @@ def evaluate_model(
             loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads, img_size=img_size)
             tuned = loaded.model
             origin = Path(reference) if reference is not None else tuned_reference(model, notes)
-            reference_model = tuned if origin is None else load_model(
-                origin, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads, img_size=loaded.img_size).model
+            reference_loaded = loaded if origin is None else load_model(
+                origin, arch=arch, trust_pickle=trust_pickle, num_heads=num_heads, img_size=loaded.img_size)
             text_from = Path(model) if origin is None else origin
             patched = copy.deepcopy(tuned)
             resolved = tofu.patch(patched, static=False)
             mode, r = tofu.label, list(resolved.plan.r)
             candidate = TorchRunner(patched, threads=threads)
             description = str(model)
+        reference_model = reference_loaded.model
         if zero_shot is None:
             reference_outputs = Reference.of(reference_model)  # its outputs computed once for both candidates
         else:  # every model scored classifies against the same class embeddings, from the reference's text tower
-            classes = zero_shot_classes(text_from, names, zero_shot, arch=arch, trust_pickle=trust_pickle, notes=notes)
+            classes = zero_shot_classes(text_from, reference_loaded.sha256, names, zero_shot, arch=arch,
+                                        trust_pickle=trust_pickle, notes=notes)
             reference_outputs = zero_shot_reference(reference_model, classes)
 
         def scored_as(predictor: Predictor) -> Predictor:
@@ -120,21 +122,22 @@ def evaluate_model(
             "zero_shot": classified, "notes": notes}
 
 
-def zero_shot_classes(checkpoint: Path, names: list[str], zero_shot: ZeroShot, *, arch: str | None,
-                      trust_pickle: bool, notes: list[str]) -> Any:
+def zero_shot_classes(checkpoint: Path, digest: str | None, names: list[str], zero_shot: ZeroShot, *,
+                      arch: str | None, trust_pickle: bool, notes: list[str]) -> Any:
     """The class embeddings ``[K, D]`` of ``names`` in ``zero_shot``'s prompts by the text tower of ``checkpoint``
     (``evaluation.zero_shot.class_embeddings``), read from the class cache where an earlier command kept them (a
-    note says so), else computed (the text tower loaded only then) and kept."""
+    note says so), else computed (the text tower loaded only then) and kept. ``digest`` is the checkpoint's content
+    hash as its load recorded it (``LoadedModel.sha256``; None for a model name): not computed again here."""
     from tofu_export.evaluation.class_cache import cached_class_embeddings
     from tofu_export.evaluation.zero_shot import class_embeddings
-    from tofu_export.models.loading import checkpoint_digest, text_encoder
+    from tofu_export.models.loading import text_encoder
 
     def compute() -> Any:
         return class_embeddings(text_encoder(checkpoint, arch=arch, trust_pickle=trust_pickle), names, zero_shot)
 
-    if not checkpoint.exists():  # a model name, or a path not there: text_encoder says why there is no text tower
-        text_encoder(checkpoint, arch=arch, trust_pickle=trust_pickle)
-    built_as = f"{checkpoint_digest(checkpoint)} --arch {arch}"  # the same weights under another config: another tower
+    if digest is None or not checkpoint.exists():  # a model name (no hash), or a path not there: no text tower
+        text_encoder(checkpoint, arch=arch, trust_pickle=trust_pickle)  # says why
+    built_as = f"{digest} --arch {arch}"  # the same weights under another config: another tower
     classes, kept = cached_class_embeddings(built_as, names, zero_shot.templates, compute)
     if kept is not None:
         notes.append(f"zero-shot: the class embeddings were read from {kept}, kept by an earlier command for this "

@@ -118,12 +118,12 @@ def load_folder(folder: Path, *, arch: str | None, img_size: int | None, trust_p
     if img_size is not None and isinstance(stated.get("patch_size"), int) and isinstance(stated.get("image_size"), int):
         check_size(stated["patch_size"], stated["image_size"], img_size, str(folder))  # before reading weights
     files, safe = _weights_files(folder, trust_pickle)
-    for path in files:
-        load_state_dict(path, trust_pickle=trust_pickle)  # limits, dtypes and values checked before transformers
-    if towers:
+    if towers:  # its weights read once, by load_state_dict (limits, dtypes and values checked)
         with _without_progress_bars():
             model = load_vision_tower(folder, towers[0], files, trust_pickle)
     else:
+        for path in files:
+            load_state_dict(path, trust_pickle=trust_pickle)  # limits, dtypes and values checked before transformers
         model_class = getattr(transformers, name)
         try:
             with _without_progress_bars():

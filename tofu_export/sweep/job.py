@@ -70,7 +70,7 @@ def run_sweep_job(source: str, out: Path, config: SweepConfig, *, say: Callable[
     if config.zero_shot is not None:  # classified against its own text tower's class embeddings, every point
         from tofu_export.jobs.evaluate import zero_shot_classes
 
-        classes = zero_shot_classes(Path(source), names, config.zero_shot, arch=config.arch,
+        classes = zero_shot_classes(Path(source), loaded.sha256, names, config.zero_shot, arch=config.arch,
                                     trust_pickle=config.trust_pickle, notes=scoring)  # before any export
     digest = loaded.sha256 or f"timm:{source}:seed{RANDOM_SEED}"
     stated = f"{config.arch}:{config.num_heads}"  # what the caller said the checkpoint is
