@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from tofu_export.checkpoint import CheckpointError, load_state_dict
+from tofu_export.models.family import fit_problems
 from tofu_export.models.write_back import check_maps_back, read_rest
 
 __all__ = ["TWO_TOWERS", "VOCABULARIES", "load_text_tower", "load_vision_tower", "save_whole", "vision_class"]
@@ -81,10 +82,8 @@ def _tower(folder: Path, two_towers: str, half: str, files: list[Path], trust_pi
         state.update({name.removeprefix(outer): tensor
                       for name, tensor in load_state_dict(path, trust_pickle=trust_pickle).items()
                       if name.startswith(prefixes)})
-    expected = model.state_dict()
-    problems = [f"{what}: {', '.join(sorted(names)[:3])}" for what, names in (
-        ("missing", set(expected) - set(state)), ("unexpected", set(state) - set(expected)),
-        ("mis-shaped", {n for n in set(state) & set(expected) if state[n].shape != expected[n].shape})) if names]
+    problems = fit_problems({name: tensor.shape for name, tensor in model.state_dict().items()},
+                            {name: tensor.shape for name, tensor in state.items()}, tower_class)
     if problems:
         raise CheckpointError(f"{folder}'s {half} tower does not fit {tower_class} built from its config.json: "
                               f"{'; '.join(problems)}")
@@ -106,13 +105,13 @@ def load_text_tower(folder: Path, two_towers: str, files: list[Path], trust_pick
         raise CheckpointError(f"{folder} has no tokenizer transformers can read (none of {', '.join(VOCABULARIES)}), "
                               "and its prompts need the model's own: copy the tokenizer's files from the model's hub "
                               "folder beside its config.json")
-    model = _tower(folder, two_towers, "text", files, trust_pickle)
-    output = TEXT_TOWERS[two_towers][2]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # before any weight is read
     except (OSError, ValueError, TypeError, ImportError) as error:
         raise CheckpointError(f"{folder} has no tokenizer transformers can read (its tokenizer's files are needed to "
                               f"classify zero-shot): {str(error).splitlines()[0]}") from error
+    model = _tower(folder, two_towers, "text", files, trust_pickle)
+    output = TEXT_TOWERS[two_towers][2]
     padding = "max_length" if two_towers == "SiglipModel" else True  # SigLIP was trained on prompts padded in full
     length = model.config.max_position_embeddings
 
