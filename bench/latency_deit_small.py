@@ -18,8 +18,12 @@ Variants:
   tofu-mean     ToFu's split with ToMe's average instead of MLERP (static): what MLERP's norms cost
   tofu-noprop   ToFu without proportional attention (static): what the log(size) attention mask costs
   prune         every block prunes (static): ToMe's matching plus one row gather, i.e. what matching alone costs
+  floor-sizes   not a method (dynamo only): every block prunes but counts the sources into their destinations'
+                sizes, which proportional attention reads: the matching, sizes and attention mask that ToMe and
+                ToFu both pay in these graphs before any merge arithmetic
   bound-free-slice  not a method: each block keeps its first N - r tokens, the speed ceiling of any reduction
-  baseline-dynamo, tome-scatter-dynamo, tome-dynamo, tofu-dynamo, prune-dynamo, bound-free-slice-dynamo
+  baseline-dynamo, tome-scatter-dynamo, tome-dynamo, tofu-dynamo, prune-dynamo, tofu-noprop-dynamo,
+  floor-sizes-dynamo, bound-free-slice-dynamo
                 the same models exported by the dynamo exporter (exporter="dynamo"), to choose the default exporter
 
 --profile-ops instead profiles each variant with ONNX Runtime's own profiler (one intra-op thread, per-kernel times
@@ -58,6 +62,7 @@ import timm
 import torch
 
 import tofu_export
+from tofu_export import merge
 from tofu_export.engines.ort import create_session
 from tofu_export.engines.ort_profile import parse_ort_profile
 from tofu_export.exporters.onnx import export_onnx
@@ -103,6 +108,8 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None,
         ("tome-dynamo", dict(mode="tome", img_size=size)),
         ("tofu-dynamo", dict(mode="tofu", img_size=size)),
         ("prune-dynamo", dict(mode="prune", img_size=size)),
+        ("tofu-noprop-dynamo", dict(mode="tofu", prop_attn=False, img_size=size)),
+        ("floor-sizes-dynamo", dict(mode="tome", img_size=size)),  # exported under _sizes_only_fold
     ]
     for name, patch_kwargs in setups:
         if only is not None and name not in only and name != "baseline":
@@ -114,9 +121,11 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None,
                 tofu_export.patch(model, r=r, **patch_kwargs)
         path = folder / f"{name}.onnx"
         traced = name.endswith("-dynamo") or (name == "baseline" and family_of(model).name == "timm_eva")
-        result = export_onnx(model, path, size, exporter="dynamo" if traced else "torchscript")  # TorchScript
-        # cannot trace timm's unpatched Eva (its attention's is_causal becomes a tensor): its baseline is dynamo's
-        assert result.parity is not None and result.parity.ok, f"{name}: parity failed"
+        floor = name.startswith("floor")
+        with _sizes_only_fold() if floor else contextlib.nullcontext():  # TorchScript cannot trace timm's
+            # unpatched Eva (its attention's is_causal becomes a tensor): its baseline is dynamo's
+            result = export_onnx(model, path, size, exporter="dynamo" if traced else "torchscript", verify=not floor)
+        assert floor or (result.parity is not None and result.parity.ok), f"{name}: parity failed"
         variants[name] = (path, tofu_export.token_schedule(model, size).gflops_reduced)
     # A bound, not a method: every block keeps its first N - r tokens, i.e. token reduction that costs nothing.
     tofu_export.unpatch(model)
@@ -155,6 +164,27 @@ def _free_reduction(rotations: bool = False) -> Iterator[None]:
         yield
     finally:
         TokenReduction.forward = original
+
+
+@contextlib.contextmanager
+def _sizes_only_fold() -> Iterator[None]:
+    """Temporarily fold only sizes: every block prunes its sources' tokens but counts them into their destinations'
+    sizes, which proportional attention then reads. Not a method: what a merge that tracks sizes and attends
+    proportionally pays in these graphs on top of pruning (the one-hot count, the sizes' gathers, ``log(size)`` and
+    the attention mask) without any arithmetic on the tokens themselves."""
+    original = merge.fold_sources
+
+    def sizes_only(dst: torch.Tensor, dst_size: torch.Tensor | None, src: torch.Tensor, src_size: torch.Tensor | None,
+                   one_hot: torch.Tensor, mode: str, norms: tuple | None = None) -> tuple:
+        to_dst = one_hot if src_size is None else one_hot * src_size  # [B, M, r]
+        base = 1 if dst_size is None else dst_size
+        return dst, base + to_dst.sum(dim=-1, keepdim=True)
+
+    merge.fold_sources = sizes_only
+    try:
+        yield
+    finally:
+        merge.fold_sources = original
 
 
 def feed(session: ort.InferenceSession, image: np.ndarray | None, seed: int) -> dict[str, np.ndarray]:
