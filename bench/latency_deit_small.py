@@ -120,10 +120,11 @@ def build_variants(r: int, folder: Path, only: set[str] | None = None,
                 warnings.simplefilter("ignore")  # r=16 is clipped in the last block; that is expected
                 tofu_export.patch(model, r=r, **patch_kwargs)
         path = folder / f"{name}.onnx"
+        # TorchScript cannot trace timm's unpatched Eva (its attention's is_causal becomes a tensor): its baseline
+        # is dynamo's
         traced = name.endswith("-dynamo") or (name == "baseline" and family_of(model).name == "timm_eva")
-        floor = name.startswith("floor")
-        with _sizes_only_fold() if floor else contextlib.nullcontext():  # TorchScript cannot trace timm's
-            # unpatched Eva (its attention's is_causal becomes a tensor): its baseline is dynamo's
+        floor = name.startswith("floor")  # not a method: no parity to verify
+        with _sizes_only_fold() if floor else contextlib.nullcontext():
             result = export_onnx(model, path, size, exporter="dynamo" if traced else "torchscript", verify=not floor)
         assert floor or (result.parity is not None and result.parity.ok), f"{name}: parity failed"
         variants[name] = (path, tofu_export.token_schedule(model, size).gflops_reduced)

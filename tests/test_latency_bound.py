@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 
+from tofu_export import merge
 from tofu_export.models.family import patch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "latency_deit_small.py"
@@ -45,8 +46,6 @@ def test_the_bound_keeps_n_minus_r_tokens_and_their_rotations(name: str) -> None
 
 @pytest.mark.parametrize("with_sizes", [False, True])
 def test_the_sizes_floor_prunes_tokens_but_counts_sizes_as_a_merge_does(with_sizes: bool) -> None:
-    from tofu_export import merge
-
     bench = _load_bench()
     torch.manual_seed(0)
     x, metric = torch.randn(2, 17, 8), torch.randn(2, 17, 4)
