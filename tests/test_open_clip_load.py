@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from two_towers import OPEN_CLIP_IMG, OPEN_CLIP_PREPROCESS, OPEN_CLIP_VISION
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -25,11 +26,10 @@ from tofu_export.models.family import family_for_checkpoint, patched  # noqa: E4
 
 pytestmark = [pytest.mark.usefixtures("single_thread", "shared_traces"), pytest.mark.filterwarnings("ignore")]
 
-IMG = 64
-CONFIG = {"embed_dim": 32,
-          "vision_cfg": {"image_size": IMG, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+IMG = OPEN_CLIP_IMG
+CONFIG = {"embed_dim": 32, "vision_cfg": OPEN_CLIP_VISION,
           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
-PREPROCESS = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+PREPROCESS = OPEN_CLIP_PREPROCESS
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from two_towers import tiny_two_towers
+from two_towers import OPEN_CLIP_IMG, OPEN_CLIP_PREPROCESS, OPEN_CLIP_VISION, tiny_two_towers
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -36,11 +36,10 @@ from tofu_export.models.loading import load_model, text_encoder  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("single_thread", "shared_traces"), pytest.mark.filterwarnings("ignore")]
 
-IMG = 64
-CONFIG = {"embed_dim": 32,
-          "vision_cfg": {"image_size": IMG, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+IMG = OPEN_CLIP_IMG
+CONFIG = {"embed_dim": 32, "vision_cfg": OPEN_CLIP_VISION,  # the visual tower test_open_clip_load exports too
           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-PREPROCESS = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}  # the tower and its export those of test_open_clip_load
+PREPROCESS = OPEN_CLIP_PREPROCESS
 CLASSES = ("golden_retriever", "tabby_cat", "fire_truck")
 PROMPTS = ["a photo of a {}.", "a blurry photo of the {}"]
 
