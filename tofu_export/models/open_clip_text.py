@@ -45,14 +45,14 @@ def _tokenizer(path: Path, arch: str | None, text_cfg: dict[str, Any]) -> Callab
             return open_clip.get_tokenizer(name)
         if folder is not None:  # the config beside the weights, and a named tokenizer's files with it
             return open_clip.get_tokenizer(f"local-dir:{folder}")
-        if not text_cfg.get("hf_tokenizer_name"):
+        if not hf_name:
             from open_clip.tokenizer import SimpleTokenizer
 
             return SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)))
     except Exception as error:  # open_clip and the tokenizer libraries raise many kinds
         said = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"open_clip could not make the tokenizer of {where}: {said}") from error
-    raise CheckpointError(f"{where} names the Hugging Face tokenizer {text_cfg['hf_tokenizer_name']}, whose files are "
+    raise CheckpointError(f"{where} names the Hugging Face tokenizer {hf_name}, whose files are "
                           "not here: put the config and the tokenizer's files in a hub folder beside the weights")
 
 
