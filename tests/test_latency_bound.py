@@ -1,13 +1,14 @@
 """The latency bench's bound (``bench/latency_deit_small.py``): every block keeps its first N - r tokens at no cost,
 and a rotary model's blocks still carry as many tokens' rotations as they keep (what every method pays too); and its
-sizes floor: tokens pruned, sizes counted as a merge counts them."""
+sizes floor: tokens pruned, sizes counted as a merge counts them; and the batch its profile feeds."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -59,3 +60,14 @@ def test_the_sizes_floor_prunes_tokens_but_counts_sizes_as_a_merge_does(with_siz
     assert merged_size.sum() == (2 * 17 if size is None else size.sum())  # nothing counted twice or lost
     merged, _ = merge.reduce_tokens(x, size, matching, "mean", 1, static=True)  # the fold is itself again after
     assert not torch.equal(merged, pruned)
+
+
+def test_the_profiled_feed_has_the_batch_asked_for() -> None:
+    bench = _load_bench()
+    session = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="pixels", shape=["batch", 3, 8, 8])])
+    noise = bench.feed(session, None, 0, batch=3)["pixels"]
+    assert noise.shape == (3, 3, 8, 8) and not np.array_equal(noise[0], noise[1])  # three different noise images
+    image = np.arange(3 * 8 * 8, dtype=np.float32).reshape(1, 3, 8, 8)
+    repeated = bench.feed(session, image, 0, batch=2)["pixels"]
+    assert repeated.shape == (2, 3, 8, 8) and all(np.array_equal(one, image[0]) for one in repeated)
+    assert bench.feed(session, None, 0)["pixels"].shape == (1, 3, 8, 8)  # batch 1 unless asked
