@@ -310,7 +310,8 @@ def main() -> None:
         ", seeded random weights" if args.checkpoint is None else f", weights {args.checkpoint}")
     options = (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") + (
         f" --model {args.model}" if args.model != MODEL and args.checkpoint is None else "") + (
-        f" --image {args.image}" if args.image else "") + (f" --batch {args.batch}" if args.batch != 1 else "")
+        f" --image {args.image}" if args.image else "") + (f" --batch {args.batch}" if args.batch != 1 else "") + (
+        f" --warmup {args.warmup}" if args.warmup != parser.get_default("warmup") else "")
     rounds: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = build_variants(args.r, Path(tmp), only, model)
