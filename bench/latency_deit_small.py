@@ -269,6 +269,13 @@ def _times(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio}x"
 
 
+def _per_round_ratios(round_medians: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
+    """Per variant, ``reference``'s median over the variant's in each round (a speed-up against the baseline, a share
+    of the bound's speed-up against the bound)."""
+    return {name: [ref / median for ref, median in zip(round_medians[reference], medians, strict=True)]
+            for name, medians in round_medians.items()}
+
+
 def _range(values: list[float]) -> str:
     return f"{min(values)}-{max(values)}" if values else "-"
 
@@ -332,18 +339,15 @@ def main() -> None:
                                                  clock=args.clock))
     # Pooled over the rounds for the headline figures; the per-round speedups show the run-to-run spread.
     samples = {name: [t for one in rounds for t in one[name]] for name in paths}
-    round_speedups = {
-        name: [statistics.median(one["baseline"]) / statistics.median(one[name]) for one in rounds] for name in paths
-    }
+    round_medians = {name: [statistics.median(one[name]) for one in rounds] for name in paths}
+    round_speedups = _per_round_ratios(round_medians, "baseline")
     base = statistics.median(samples["baseline"])
     bound_name = next((n for n in ("bound-free-slice-dynamo", "bound-free-slice") if n in samples), None)
     # Per timed iteration every variant ran once (interleaved), so bound / variant pairs runs made close in time.
     paired = {name: statistics.median(b / t for one in rounds for b, t in zip(one[bound_name], one[name], strict=True))
               for name in paths} if bound_name else {}
     bound = statistics.median(samples[bound_name]) if bound_name else None  # the dynamo bound when timed
-    round_medians = {name: [statistics.median(one[name]) for one in rounds] for name in paths}
-    round_shares = {name: [b / t for b, t in zip(round_medians[bound_name], medians, strict=True)]
-                    for name, medians in round_medians.items()} if bound_name else {}
+    round_shares = _per_round_ratios(round_medians, bound_name) if bound_name else {}
     rows = []
     for name, times in samples.items():
         median = statistics.median(times)
